@@ -1,0 +1,166 @@
+"""Device handling: NumPy on the CPU, CuPy on a CUDA GPU.
+
+Device names are ``"cpu"``, ``"gpu"`` (``"cuda"`` is accepted too) and ``"auto"``. The default is
+``"auto"`` unless the environment variable ``GPUNET_DEVICE`` says otherwise. Which array module (``xp``)
+a computation uses is always read off its arrays (:func:`get_array_module`), so NumPy and CuPy networks
+can live in one process; the default device only decides where *new* arrays are created.
+
+This module imports nothing else of gpunet.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+ENV_VAR = "GPUNET_DEVICE"
+_NAMES = {"cpu": "cpu", "numpy": "cpu", "gpu": "gpu", "cuda": "gpu", "cupy": "gpu", "auto": "auto"}
+
+
+class DeviceError(RuntimeError):
+    """A GPU was asked for explicitly but none is usable; the message names the cause."""
+
+
+_probe_result: tuple | None = None  # (cupy module or None, reason or None, exception or None)
+_default: str | None = None
+
+
+def _explain(exc: BaseException) -> str:
+    """Turn whatever the CuPy probe raised into the cause a user can act on."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    low = text.lower()
+    if isinstance(exc, ImportError) and "cupy" in low and "no module named" in low:
+        return "CuPy is not installed (pip install 'gpunet[cuda12]' or 'gpunet[cuda13]')"
+    if "libcuda" in low or "insufficientdriver" in low or "driver" in low:
+        return f"no usable NVIDIA driver ({text})"
+    if "nodevice" in low or "no cuda-capable device" in low or "devices unavailable" in low:
+        return f"no CUDA device ({text})"
+    if "nvrtc" in low or "compile" in low or "cuda_fp16" in low or "include" in low:
+        return f"broken CUDA toolkit: CuPy cannot compile kernels ({text})"
+    return f"CuPy is installed but the GPU check failed ({text})"
+
+
+def _probe():
+    """Import CuPy and run a real elementwise kernel and a matmul; cached after the first call."""
+    global _probe_result
+    if _probe_result is None:
+        try:
+            import cupy
+
+            a_host = np.arange(16, dtype=np.float32).reshape(4, 4)
+            a = cupy.asarray(a_host)
+            twice = cupy.ElementwiseKernel("float32 x", "float32 y", "y = 2.0f * x + 1.0f", "gpunet_probe")
+            got = cupy.asnumpy(twice(a) @ a)
+            want = (2.0 * a_host + 1.0) @ a_host
+            if not np.allclose(got, want, rtol=1e-3):
+                raise RuntimeError("the GPU returned a wrong result for a 4x4 matmul")
+            _probe_result = (cupy, None, None)
+        except Exception as exc:  # any failure (ImportError, CUDA runtime, NVRTC, ...) means: no GPU
+            _probe_result = (None, _explain(exc), exc)
+    return _probe_result
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and a kernel and a matmul ran on a CUDA device."""
+    return _probe()[0] is not None
+
+
+def gpu_unavailable_reason() -> str | None:
+    """Why the GPU is not used (``None`` when it is usable)."""
+    return _probe()[1]
+
+
+def normalize_device(name: str | None) -> str:
+    """Map a user's device name to ``"cpu"``, ``"gpu"`` or ``"auto"``; ``None`` means the default."""
+    if name is None:
+        name = _default or os.environ.get(ENV_VAR) or "auto"
+    key = str(name).strip().lower()
+    if key.startswith("cuda:") or key.startswith("gpu:"):
+        key = key.split(":")[0]
+    if key not in _NAMES:
+        raise ValueError(f"device: expected one of 'cpu', 'gpu', 'cuda' or 'auto', got {name!r}")
+    return _NAMES[key]
+
+
+def resolve_device(name: str | None = None) -> str:
+    """Resolve a device name to ``"cpu"`` or ``"gpu"``.
+
+    ``"auto"`` falls back to the CPU when no GPU is usable; ``"gpu"`` raises :class:`DeviceError`
+    naming the cause.
+    """
+    dev = normalize_device(name)
+    if dev == "auto":
+        return "gpu" if gpu_available() else "cpu"
+    if dev == "gpu" and not gpu_available():
+        _, reason, exc = _probe()
+        raise DeviceError(f"device 'gpu' was requested but no GPU is usable: {reason}") from exc
+    return dev
+
+
+def set_default_device(name: str | None) -> None:
+    """Set the device where new arrays are created (``None`` restores ``GPUNET_DEVICE``/auto)."""
+    global _default
+    _default = None if name is None else normalize_device(name)
+
+
+def describe_device(name: str | None = None) -> dict:
+    """What ``name`` resolves to and why: a dict for ``gpunet info`` and ``metrics.json``."""
+    requested = normalize_device(name)
+    info = {"requested": requested, "device": resolve_device(requested), "reason": gpu_unavailable_reason()}
+    info["backend"] = "cupy" if info["device"] == "gpu" else "numpy"
+    if info["device"] == "gpu":
+        cupy = _probe()[0]
+        dev = cupy.cuda.Device()
+        props = cupy.cuda.runtime.getDeviceProperties(dev.id)
+        name_ = props["name"]
+        info["gpu_name"] = name_.decode() if isinstance(name_, bytes) else str(name_)
+        info["gpu_memory_bytes"] = int(props["totalGlobalMem"])
+        info["cuda_runtime"] = int(cupy.cuda.runtime.runtimeGetVersion())
+        info["cupy_version"] = cupy.__version__
+    return info
+
+
+def _is_cupy(a) -> bool:
+    return type(a).__module__.partition(".")[0] == "cupy"
+
+
+def get_array_module(*arrays):
+    """The array module (``numpy`` or ``cupy``) that owns ``arrays``; NumPy for plain Python values."""
+    for a in arrays:
+        if _is_cupy(a):
+            import cupy
+
+            return cupy
+    return np
+
+
+def xp_for(device: str | None = None):
+    """The array module for a device name (resolving ``"auto"``)."""
+    return _probe()[0] if resolve_device(device) == "gpu" else np
+
+
+def device_of(a) -> str:
+    """``"gpu"`` for a CuPy array, ``"cpu"`` otherwise."""
+    return "gpu" if _is_cupy(a) else "cpu"
+
+
+def to_device(a, device: str | None = None):
+    """Move (or keep) an array on ``device``; no copy when it is already there."""
+    if resolve_device(device) == "gpu":
+        return _probe()[0].asarray(a)
+    return to_numpy(a)
+
+
+def to_numpy(a) -> np.ndarray:
+    """Bring any array (NumPy, CuPy, list, scalar) back to the host as a NumPy array."""
+    if _is_cupy(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def synchronize(a=None) -> None:
+    """Wait for queued GPU work (for timing); a no-op on the CPU."""
+    if a is None or _is_cupy(a):
+        probe = _probe_result
+        if probe is not None and probe[0] is not None:
+            probe[0].cuda.get_current_stream().synchronize()

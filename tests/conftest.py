@@ -1,0 +1,74 @@
+"""Shared fixtures: the device list, the real MNIST folder, and helpers that compare on the host."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpunet import backend
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def gpu_skip_reason():
+    """None when a GPU is usable, else why not (shown in pytest's skip summary)."""
+    if backend.gpu_available():
+        return None
+    return f"no usable GPU: {backend.gpu_unavailable_reason()}"
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = None
+    for item in items:
+        if "gpu" in item.keywords:
+            if reason is None:
+                reason = gpu_skip_reason() or ""
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# One checker, two entry points: tests take `device` and run once per device.
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def assert_allclose(actual, desired, rtol=1e-7, atol=0.0, err_msg=""):
+    """np.testing.assert_allclose after bringing both sides to the host."""
+    np.testing.assert_allclose(
+        backend.to_numpy(actual), backend.to_numpy(desired), rtol=rtol, atol=atol, err_msg=err_msg
+    )
+
+
+def _find_mnist_dir():
+    candidates = [os.environ.get("GPUNET_DATA"), str(ROOT.parent / "shared" / "data" / "mnist")]
+    for c in candidates:
+        if c and all((Path(c) / f).exists() or (Path(c) / (f + ".gz")).exists() for f in MNIST_FILES):
+            return Path(c)
+    return None
+
+
+@pytest.fixture(scope="session")
+def mnist_dir():
+    """The real MNIST folder (GPUNET_DATA, else ../shared/data/mnist).
+
+    Skips without it, unless GPUNET_REQUIRE_DATA=1 (set by .ci/run), where a missing folder fails.
+    """
+    found = _find_mnist_dir()
+    if found is None:
+        msg = "real MNIST files not found (set GPUNET_DATA to the folder holding them)"
+        if os.environ.get("GPUNET_REQUIRE_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return found
