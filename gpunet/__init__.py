@@ -1,2 +1,23 @@
-"""gpunet: feed-forward networks with hand-written matrix backpropagation on NumPy or CuPy."""
+"""gpunet: feed-forward networks with hand-written matrix backpropagation on NumPy (CPU) or CuPy (GPU).
+
+    import gpunet as gn
+    net = gn.mlp([784, 512, 512, 10], seed=0)
+    opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9)
+    loss = gn.SoftmaxCrossEntropy()
+"""
+from .backend import (DeviceError, describe_device, get_array_module, gpu_available, gpu_unavailable_reason,
+                      resolve_device, set_default_device, to_device, to_numpy)
+from .gradcheck import gradcheck, numerical_gradient
+from .layers import Dropout, Layer, Linear, Parameter, ReLU, Sigmoid, Softmax, Tanh
+from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
+from .network import Sequential, load, mlp
+from .optimizers import SGD, Momentum
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "DeviceError", "describe_device", "get_array_module", "gpu_available", "gpu_unavailable_reason",
+    "resolve_device", "set_default_device", "to_device", "to_numpy", "gradcheck", "numerical_gradient",
+    "Dropout", "Layer", "Linear", "Parameter", "ReLU", "Sigmoid", "Softmax", "Tanh", "MAELoss", "MSELoss",
+    "SoftmaxCrossEntropy", "Sequential", "load", "mlp", "SGD", "Momentum",
+]

@@ -29,7 +29,7 @@ def _explain(exc: BaseException) -> str:
     """Turn whatever the CuPy probe raised into the cause a user can act on."""
     text = f"{type(exc).__name__}: {exc}".strip()
     low = text.lower()
-    if isinstance(exc, ImportError) and "cupy" in low and "no module named" in low:
+    if isinstance(exc, ImportError) and getattr(exc, "name", None) == "cupy":
         return "CuPy is not installed (pip install 'gpunet[cuda12]' or 'gpunet[cuda13]')"
     if "libcuda" in low or "insufficientdriver" in low or "driver" in low:
         return f"no usable NVIDIA driver ({text})"

@@ -1,0 +1,134 @@
+"""Loss functions: ``forward(pred, target)`` returns the mean loss as a 0-d array on the predictions'
+device (reading it as a Python float is the caller's choice, since on a GPU that waits for the device);
+``backward()`` returns the gradient with respect to ``pred``.
+
+Formulas (course notes, point 7 and "Cross entropy"), with N rows and K outputs:
+
+- SoftmaxCrossEntropy: ``L = mean_i(logsumexp(z_i) - z_i[y_i])``; ``dL/dz = (softmax(z) - onehot) / N``
+- MSELoss: ``L = sum((p - t)**2) / (N*K)``; ``dL/dp = 2 (p - t) / (N*K)``
+- MAELoss: ``L = sum(|p - t|) / (N*K)``; ``dL/dp = sign(p - t) / (N*K)``
+"""
+from __future__ import annotations
+
+from . import kernels
+from .backend import device_of, get_array_module
+
+
+def _check_pair(pred, target):
+    if not hasattr(pred, "dtype") or pred.dtype.kind != "f":
+        raise TypeError(f"pred: expected a floating-point array, got {getattr(pred, 'dtype', type(pred).__name__)}")
+    if not hasattr(target, "shape"):
+        raise TypeError(f"target: expected an array, got {type(target).__name__}")
+    if device_of(pred) != device_of(target):
+        raise TypeError(f"target: expected an array on the {device_of(pred)} like the predictions, "
+                        f"got one on the {device_of(target)}")
+    if target.shape[:1] != pred.shape[:1]:
+        raise ValueError(f"target: expected {pred.shape[0]} rows to match the predictions, got {target.shape[0]}")
+
+
+class Loss:
+    def __call__(self, pred, target):
+        return self.forward(pred, target)
+
+    def config(self) -> dict:
+        return {"type": type(self).__name__}
+
+
+class SoftmaxCrossEntropy(Loss):
+    """Softmax followed by cross-entropy, fused for stability and speed.
+
+    ``logits`` (N, C) float; ``target`` either integer labels (N,) in ``[0, C)`` or one-hot /
+    probability rows (N, C) float. ``check=False`` skips the label-range check (the training loop checks
+    the whole label set once, so that a GPU step does not wait for the host).
+    """
+
+    def __init__(self):
+        self._grad = None
+        self._rows = None
+
+    def forward(self, logits, target, check: bool = True):
+        _check_pair(logits, target)
+        if logits.ndim != 2:
+            raise ValueError(f"logits: expected shape (batch, classes), got {tuple(logits.shape)}")
+        xp = get_array_module(logits)
+        n, c = logits.shape
+        if self._grad is None or self._grad.shape != logits.shape or self._grad.dtype != logits.dtype \
+                or get_array_module(self._grad) is not xp:
+            self._grad = xp.empty_like(logits)
+            self._rows = xp.empty(n, dtype=logits.dtype)
+        if target.ndim == 1:
+            if target.dtype.kind not in "iu":
+                raise TypeError(f"target: expected integer class labels, got dtype {target.dtype}")
+            if check and n:
+                lo, hi = int(target.min()), int(target.max())
+                if lo < 0 or hi >= c:
+                    raise ValueError(f"target: expected labels in [0, {c - 1}] for {c} classes, "
+                                     f"got values from {lo} to {hi}")
+            kernels.softmax_xent(logits, target, self._grad, self._rows)
+        elif target.shape == logits.shape:
+            if target.dtype != logits.dtype:
+                raise TypeError(f"target: expected dtype {logits.dtype} for one-hot rows, got {target.dtype}")
+            # general targets (rows of probabilities): L = -sum t * log_softmax(z); dL/dz = softmax * sum(t) - t
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            logsum = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+            logp = shifted - logsum
+            self._rows[...] = -(target * logp).sum(axis=1)
+            xp.exp(logp, out=self._grad)
+            self._grad *= target.sum(axis=1, keepdims=True)
+            self._grad -= target
+            self._grad *= logits.dtype.type(1.0 / n)
+        else:
+            raise ValueError(f"target: expected labels of shape ({n},) or one-hot rows of shape {tuple(logits.shape)}, "
+                             f"got {tuple(target.shape)}")
+        return self._rows.mean()
+
+    def backward(self):
+        if self._grad is None:
+            raise RuntimeError("backward() called before forward()")
+        return self._grad
+
+
+class _Regression(Loss):
+    def _diff(self, pred, target):
+        _check_pair(pred, target)
+        if target.shape != pred.shape:
+            if target.ndim == 1 and pred.ndim == 2 and pred.shape[1] == 1:
+                target = target.reshape(-1, 1)
+            else:
+                raise ValueError(f"target: expected shape {tuple(pred.shape)} like the predictions, "
+                                 f"got {tuple(target.shape)}")
+        if target.dtype != pred.dtype:
+            raise TypeError(f"target: expected dtype {pred.dtype} like the predictions, got {target.dtype}")
+        self._d = pred - target
+        self._scale = pred.dtype.type(1.0 / max(pred.size, 1))
+        return self._d
+
+    def backward(self):
+        if getattr(self, "_d", None) is None:
+            raise RuntimeError("backward() called before forward()")
+        return self._grad()
+
+
+class MSELoss(_Regression):
+    """Mean squared error over all N*K entries (the notes' C_MSE)."""
+
+    def forward(self, pred, target):
+        d = self._diff(pred, target)
+        return (d * d).sum() * self._scale
+
+    def _grad(self):
+        return self._d * (2 * self._scale)
+
+
+class MAELoss(_Regression):
+    """Mean absolute error over all N*K entries; the gradient at exactly 0 is taken as 0."""
+
+    def forward(self, pred, target):
+        d = self._diff(pred, target)
+        return get_array_module(d).abs(d).sum() * self._scale
+
+    def _grad(self):
+        return get_array_module(self._d).sign(self._d) * self._scale
+
+
+LOSSES = {cls.__name__: cls for cls in (SoftmaxCrossEntropy, MSELoss, MAELoss)}

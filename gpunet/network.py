@@ -1,0 +1,243 @@
+"""Networks: ``Sequential`` chains layers; ``mlp`` builds the usual multilayer perceptron.
+
+The forward pass is the notes' ``y^s = f(b^s + y^(s-1) @ W^s)`` layer after layer; the backward pass
+walks the layers in reverse, each turning the delta of its output into the delta of its input. Between
+layers the network owns the intermediate arrays, so activations run in place on them, and a Linear
+followed by a ReLU is fused (bias + ReLU in one step).
+
+A model file (``save``/``load``) is one ``.npz`` holding the architecture as JSON and every weight as a
+NumPy array, so a network trained on a GPU loads on a machine without CuPy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import OrderedDict
+
+import numpy as np
+
+from .backend import device_of, get_array_module, resolve_device, to_device, to_numpy
+from .layers import ACTIVATIONS, LAYERS, Dropout, Layer, Linear, ReLU, _Activation, _check_float_input
+from .init import make_rng
+
+FORMAT = "gpunet-sequential"
+FORMAT_VERSION = 1
+
+
+class Sequential(Layer):
+    """A chain of layers; itself a layer (``forward``/``backward``/``parameters``)."""
+
+    def __init__(self, *layers: Layer):
+        if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+            layers = tuple(layers[0])
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"layers[{i}]: expected a gpunet layer, got {type(layer).__name__}")
+        if not layers:
+            raise ValueError("layers: expected at least one layer, got none")
+        self.layers = list(layers)
+
+    # --- structure ----------------------------------------------------------------------------------
+    def parameters(self) -> list:
+        return [p for layer in self.layers for p in layer.parameters()]
+
+    def named_parameters(self) -> list:
+        return [(f"{i}.{p.name}", p) for i, layer in enumerate(self.layers) for p in layer.parameters()]
+
+    @property
+    def in_features(self):
+        first = next((l for l in self.layers if isinstance(l, Linear)), None)
+        return None if first is None else first.in_features
+
+    @property
+    def out_features(self):
+        last = next((l for l in reversed(self.layers) if isinstance(l, Linear)), None)
+        return None if last is None else last.out_features
+
+    @property
+    def device(self) -> str:
+        params = self.parameters()
+        return device_of(params[0].data) if params else "cpu"
+
+    @property
+    def dtype(self):
+        params = self.parameters()
+        return params[0].data.dtype if params else np.dtype(np.float32)
+
+    def train(self, mode: bool = True):
+        self.training = bool(mode)
+        for layer in self.layers:
+            layer.train(mode)
+        return self
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad[...] = 0
+
+    def config(self) -> dict:
+        return {"type": "Sequential", "layers": [layer.config() for layer in self.layers]}
+
+    def __repr__(self):
+        inner = "".join(f"\n  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
+        return f"Sequential({inner}\n)"
+
+    # --- passes -------------------------------------------------------------------------------------
+    def forward(self, x):
+        """x (N, in_features) -> output (N, out_features), on the network's device and dtype."""
+        _check_float_input(x)
+        if x.ndim != 2:
+            raise ValueError(f"x: expected a 2-D array (batch, features), got shape {tuple(x.shape)}")
+        layers, n = self.layers, len(self.layers)
+        owned = False  # the caller's x is never modified in place
+        i = 0
+        while i < n:
+            layer = layers[i]
+            if isinstance(layer, Linear):
+                if i + 1 < n and type(layers[i + 1]) is ReLU:
+                    x = layers[i + 1].adopt(layer.forward(x, fuse_relu=True))
+                    i += 2
+                else:
+                    x = layer.forward(x)
+                    i += 1
+                owned = True
+            elif isinstance(layer, _Activation):
+                x = layer.forward_(x) if owned else layer.forward(x)
+                owned = True
+                i += 1
+            else:
+                x = layer.forward(x)
+                i += 1
+        return x
+
+    def backward(self, dy, need_input_grad: bool = True):
+        """dy (N, out_features) -> dx (N, in_features); fills every ``param.grad``.
+
+        ``need_input_grad=False`` returns None and skips the first layer's ``dy @ W.T`` (training needs
+        no gradient for the data).
+        """
+        owned = False  # dy belongs to the loss: copy before the first in-place step
+        first_linear = next((i for i, l in enumerate(self.layers) if isinstance(l, Linear)), None)
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            if isinstance(layer, Linear):
+                need = need_input_grad or i != first_linear
+                dy = layer.backward(dy, need_dx=need)
+                if dy is None:
+                    return None
+                owned = True
+            elif isinstance(layer, _Activation):
+                dy = layer.backward_(dy) if owned else layer.backward(dy)
+                owned = True
+            else:
+                dy = layer.backward(dy)
+        return dy
+
+    # --- devices and weights ------------------------------------------------------------------------
+    def to(self, device: str | None):
+        """Move every parameter to ``device`` ("cpu", "gpu", "auto"); returns self."""
+        dev = resolve_device(device)
+        for p in self.parameters():
+            p.data = to_device(p.data, dev)
+            p.grad = get_array_module(p.data).zeros_like(p.data)
+        return self
+
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """Host (NumPy) copies of every parameter, in the order of ``parameters()``."""
+        return OrderedDict((name, to_numpy(p.data).copy()) for name, p in self.named_parameters())
+
+    def load_state_dict(self, state: dict) -> None:
+        """Write ``state`` into the parameters in place (keys, shapes and dtypes must match)."""
+        named = self.named_parameters()
+        missing = [k for k, _ in named if k not in state]
+        unexpected = [k for k in state if k not in dict(named)]
+        if missing or unexpected:
+            raise KeyError(f"state: expected keys {[k for k, _ in named]}, missing {missing}, unexpected {unexpected}")
+        for name, p in named:
+            value = state[name]
+            if tuple(value.shape) != tuple(p.data.shape):
+                raise ValueError(f"state[{name!r}]: expected shape {tuple(p.data.shape)}, got {tuple(value.shape)}")
+            if value.dtype != p.data.dtype:
+                raise TypeError(f"state[{name!r}]: expected dtype {p.data.dtype}, got {value.dtype}")
+            p.data[...] = to_device(value, device_of(p.data))
+
+    def save(self, path) -> None:
+        """Write architecture and weights to one ``.npz`` file (atomically: a crash leaves no half file)."""
+        path = os.fspath(path)
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": str(self.dtype), "network": self.config()}
+        arrays = dict(self.state_dict())
+        arrays["__gpunet__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".gpunet-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def _build_layer(cfg: dict, dtype, device):
+    kind = cfg.get("type")
+    if kind == "Linear":
+        return Linear(cfg["in_features"], cfg["out_features"], init=cfg.get("init", "he"), rng=0,
+                      dtype=dtype, device=device)
+    if kind == "Dropout":
+        return Dropout(cfg["p"])
+    if kind in LAYERS:
+        return LAYERS[kind]()
+    raise ValueError(f"unknown layer type {kind!r}; expected one of {sorted(LAYERS)}")
+
+
+def load(path, device: str | None = None) -> Sequential:
+    """Rebuild a network (architecture and weights) from a file written by ``Sequential.save``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(arrays.pop("__gpunet__").tobytes().decode())
+    except Exception as exc:
+        raise ValueError(f"{path}: not a gpunet model file ({type(exc).__name__}: {exc})") from exc
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: expected format {FORMAT} version {FORMAT_VERSION}, "
+                         f"got {meta.get('format')} version {meta.get('version')}")
+    dtype = np.dtype(meta["dtype"])
+    dev = resolve_device(device)
+    net = Sequential(*[_build_layer(c, dtype, dev) for c in meta["network"]["layers"]])
+    net.load_state_dict(arrays)
+    return net
+
+
+def mlp(sizes, activation="relu", init=None, dropout: float = 0.0, seed=None, dtype=np.float32,
+        device: str | None = None) -> Sequential:
+    """A multilayer perceptron: ``sizes = [784, 512, 512, 10]`` gives Linear-act-Linear-act-Linear.
+
+    ``activation`` is one name ("relu", "sigmoid", "tanh") or one per hidden layer. ``init`` defaults to
+    He for ReLU layers and Xavier for sigmoid/tanh and the output layer. ``dropout`` follows each hidden
+    activation. The output layer emits logits (pair it with ``SoftmaxCrossEntropy``).
+    """
+    sizes = list(sizes)
+    if len(sizes) < 2:
+        raise ValueError(f"sizes: expected at least [inputs, outputs], got {sizes}")
+    hidden = len(sizes) - 2
+    acts = [activation] * hidden if isinstance(activation, str) else list(activation)
+    if len(acts) != hidden:
+        raise ValueError(f"activation: expected one name or {hidden} names (one per hidden layer), got {len(acts)}")
+    for a in acts:
+        if a not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {a!r}")
+    rng = make_rng(seed)
+    dev = resolve_device(device)
+    layers = []
+    for i, act in enumerate(acts):
+        layer_init = init or ("he" if act == "relu" else "xavier")
+        layers.append(Linear(sizes[i], sizes[i + 1], init=layer_init, rng=rng, dtype=dtype, device=dev))
+        layers.append(ACTIVATIONS[act]())
+        if dropout:
+            layers.append(Dropout(dropout, seed=None if seed is None else int(rng.integers(2**31))))
+    layers.append(Linear(sizes[-2], sizes[-1], init=init or "xavier", rng=rng, dtype=dtype, device=dev))
+    return Sequential(*layers)

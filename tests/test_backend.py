@@ -1,0 +1,132 @@
+"""Device selection: names, the GPUNET_DEVICE override, the CuPy probe and its fallback reasons."""
+import importlib.util
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from gpunet import backend
+from gpunet.backend import DeviceError
+
+
+def test_device_names_and_env_override(monkeypatch):
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    assert backend.normalize_device(None) == "auto"
+    assert backend.normalize_device("CUDA") == "gpu"
+    assert backend.normalize_device("cuda:0") == "gpu"
+    assert backend.normalize_device("cpu") == "cpu"
+    monkeypatch.setenv(backend.ENV_VAR, "cpu")
+    assert backend.normalize_device(None) == "cpu"
+    assert backend.resolve_device(None) == "cpu"
+    with pytest.raises(ValueError, match="device: expected one of .* got 'tpu'"):
+        backend.normalize_device("tpu")
+
+
+def test_set_default_device(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "auto")
+    backend.set_default_device("cpu")
+    try:
+        assert backend.normalize_device(None) == "cpu"
+    finally:
+        backend.set_default_device(None)
+    assert backend.normalize_device(None) == "auto"
+
+
+def test_array_helpers_on_cpu():
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert backend.get_array_module(a) is np
+    assert backend.get_array_module(1.0, [1, 2]) is np
+    assert backend.device_of(a) == "cpu"
+    assert backend.to_device(a, "cpu") is a          # no copy when already there
+    assert isinstance(backend.to_numpy([1, 2]), np.ndarray)
+
+
+@pytest.mark.gpu
+def test_array_helpers_on_gpu():
+    import cupy
+
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    g = backend.to_device(a, "gpu")
+    assert backend.get_array_module(g) is cupy and backend.device_of(g) == "gpu"
+    back = backend.to_numpy(g)
+    assert isinstance(back, np.ndarray) and np.array_equal(back, a)
+    info = backend.describe_device("gpu")
+    assert info["backend"] == "cupy" and info["gpu_memory_bytes"] > 0
+
+
+def _fake_probe(monkeypatch, module):
+    """Run the probe against a stand-in for ``cupy`` (None blocks the import)."""
+    monkeypatch.setattr(backend, "_probe_result", None)
+    monkeypatch.setitem(sys.modules, "cupy", module)
+
+
+def test_probe_without_cupy(monkeypatch):
+    _fake_probe(monkeypatch, None)
+    assert backend.resolve_device("auto") == "cpu"
+    assert "CuPy is not installed" in backend.gpu_unavailable_reason()
+    with pytest.raises(DeviceError, match="no GPU is usable: CuPy is not installed") as err:
+        backend.resolve_device("gpu")
+    assert isinstance(err.value.__cause__, ImportError)
+
+
+@pytest.mark.parametrize("message, cause", [
+    ("CUDA driver version is insufficient for CUDA runtime version (cudaErrorInsufficientDriver)", "NVIDIA driver"),
+    ("cudaErrorNoDevice: no CUDA-capable device is detected", "no CUDA device"),
+    ("NVRTC_ERROR_COMPILATION: catastrophic error: cannot open source file \"cuda_fp16.h\"", "broken CUDA toolkit"),
+])
+def test_probe_names_the_cause(monkeypatch, message, cause):
+    fake = types.ModuleType("cupy")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(message)
+
+    fake.asarray = fail
+    _fake_probe(monkeypatch, fake)
+    assert backend.resolve_device("auto") == "cpu"
+    with pytest.raises(DeviceError, match=cause):
+        backend.resolve_device("gpu")
+
+
+def test_probe_rejects_wrong_matmul(monkeypatch):
+    """A GPU that computes garbage is not chosen."""
+    fake = types.ModuleType("cupy")
+    fake.asarray = lambda a: np.asarray(a)
+    fake.asnumpy = lambda a: np.asarray(a) * 0
+    fake.ElementwiseKernel = lambda *a, **k: (lambda x: 2 * x + 1)
+    _fake_probe(monkeypatch, fake)
+    assert backend.resolve_device("auto") == "cpu"
+    assert "wrong result" in backend.gpu_unavailable_reason()
+
+
+def test_real_cupy_falls_back_on_a_machine_without_gpu():
+    """With a real CuPy wheel installed but no usable GPU, auto falls back and gpu raises.
+
+    .ci/run installs CuPy on the GPU-less CI machine and sets GPUNET_REQUIRE_CUPY=1, so there this test
+    cannot skip. It runs in a fresh interpreter so no earlier probe result is reused.
+    """
+    if importlib.util.find_spec("cupy") is None:
+        if os.environ.get("GPUNET_REQUIRE_CUPY") == "1":
+            pytest.fail("GPUNET_REQUIRE_CUPY=1 but CuPy is not installed")
+        pytest.skip("CuPy is not installed here")
+    code = (
+        "import gpunet.backend as b\n"
+        "if b.gpu_available(): print('GPU'); raise SystemExit(0)\n"
+        "assert b.resolve_device('auto') == 'cpu'\n"
+        "print('REASON', b.gpu_unavailable_reason())\n"
+        "try:\n"
+        "    b.resolve_device('gpu')\n"
+        "except b.DeviceError as e:\n"
+        "    assert e.__cause__ is not None\n"
+        "    print('ERROR', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GPUNET_DEVICE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.startswith("GPU"):
+        pytest.skip("a GPU is usable here: the fallback path cannot be shown")
+    lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
+    assert lines["REASON"] and "not installed" not in lines["REASON"], lines
+    assert "no GPU is usable" in lines["ERROR"] and lines["REASON"] in lines["ERROR"]

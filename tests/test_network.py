@@ -1,0 +1,162 @@
+"""Networks: learning XOR, save/load round trips, and the errors users get for wrong inputs."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gpunet as gn
+
+
+def test_xor_learns_on_each_device(device):
+    """One hidden layer, full batch, momentum: 100% accuracy on XOR."""
+    x = gn.to_device(np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.float32), device)
+    y = gn.to_device(np.array([0, 1, 1, 0]), device)
+    net = gn.mlp([2, 8, 2], activation="tanh", seed=0, device=device)
+    opt = gn.Momentum(net.parameters(), lr=0.1, momentum=0.9)
+    loss = gn.SoftmaxCrossEntropy()
+    for _ in range(300):
+        value = loss.forward(net.forward(x), y)
+        net.backward(loss.backward(), need_input_grad=False)
+        opt.step()
+    pred = gn.to_numpy(net.forward(x).argmax(axis=1))
+    assert pred.tolist() == [0, 1, 1, 0]
+    assert float(value) < 0.05
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path, device):
+    net = gn.mlp([6, 5, 4, 3], activation=["sigmoid", "relu"], dropout=0.25, seed=3, device=device)
+    # train a step so that the biases are non-zero
+    opt = gn.SGD(net.parameters(), lr=0.1)
+    loss = gn.SoftmaxCrossEntropy()
+    x = gn.to_device(np.random.default_rng(0).random((8, 6), dtype=np.float32), device)
+    loss.forward(net.forward(x), gn.to_device(np.arange(8) % 3, device))
+    net.backward(loss.backward())
+    opt.step()
+
+    path = tmp_path / "model.npz"
+    net.save(path)
+    assert sorted(os.listdir(tmp_path)) == ["model.npz"]  # no temp file left behind
+    loaded = gn.load(path, device=device)
+    assert loaded.config() == net.config()
+    for (k1, a), (k2, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
+        assert k1 == k2 and a.dtype == b.dtype and np.array_equal(a, b)
+    net.eval(), loaded.eval()
+    assert np.array_equal(gn.to_numpy(net(x)), gn.to_numpy(loaded(x)))
+
+    fresh = gn.mlp([6, 5, 4, 3], activation=["sigmoid", "relu"], dropout=0.25, seed=99, device=device)
+    fresh.load_state_dict(net.state_dict())
+    for a, b in zip(net.state_dict().values(), fresh.state_dict().values()):
+        assert np.array_equal(a, b)
+
+
+LOAD_WITHOUT_CUPY = """
+import sys
+sys.modules['cupy'] = None  # any 'import cupy' now fails, as on a laptop without CuPy
+import numpy as np, gpunet as gn
+net = gn.load(sys.argv[1])
+assert net.device == 'cpu' and gn.resolve_device('auto') == 'cpu'
+print(repr(float(np.asarray(net.state_dict()['0.W']).sum())))
+"""
+
+
+def check_loads_without_cupy(tmp_path, device):
+    net = gn.mlp([5, 4, 2], seed=1, device=device)
+    path = tmp_path / "m.npz"
+    net.save(path)
+    out = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_CUPY, str(path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) == float(net.state_dict()["0.W"].sum())
+
+
+def test_saved_file_loads_without_cupy(tmp_path):
+    check_loads_without_cupy(tmp_path, "cpu")
+
+
+@pytest.mark.gpu
+def test_gpu_saved_file_loads_without_cupy(tmp_path):
+    check_loads_without_cupy(tmp_path, "gpu")
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        gn.load(tmp_path / "missing.npz")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="not a gpunet model file"):
+        gn.load(bad)
+    net = gn.mlp([3, 2], seed=0, device="cpu")
+    with pytest.raises(KeyError, match="missing"):
+        net.load_state_dict({})
+    state = net.state_dict()
+    state["0.W"] = state["0.W"][:, :1]
+    with pytest.raises(ValueError, match=r"state\['0.W'\]: expected shape \(3, 2\), got \(3, 1\)"):
+        net.load_state_dict(state)
+
+
+def test_same_seed_same_weights_and_dtype():
+    a = gn.mlp([10, 7, 3], seed=5, device="cpu").state_dict()
+    b = gn.mlp([10, 7, 3], seed=5, device="cpu").state_dict()
+    c = gn.mlp([10, 7, 3], seed=6, device="cpu").state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["0.W"], c["0.W"])
+    assert all(v.dtype == np.float32 for v in a.values())
+    assert np.all(a["0.W"] != 0)  # small, random, non-zero
+
+
+@pytest.mark.parametrize("init", ["he", "xavier", "uniform"])
+def test_initialisers_have_the_documented_scale(init):
+    layer = gn.Linear(400, 300, init=init, rng=0, device="cpu")
+    w = layer.W.data
+    expected_std = {"he": np.sqrt(2 / 400), "xavier": np.sqrt(6 / 700) / np.sqrt(3), "uniform": 0.05 / np.sqrt(3)}[init]
+    assert w.std() == pytest.approx(expected_std, rel=0.02)
+    assert not np.any(layer.b.data)
+
+
+def test_input_errors_name_expected_and_actual():
+    net = gn.mlp([4, 3, 2], seed=0, device="cpu")
+    loss = gn.SoftmaxCrossEntropy()
+    with pytest.raises(ValueError, match=r"x: expected shape \(batch, 4\) .* got \(5, 3\)"):
+        net(np.zeros((5, 3), np.float32))
+    with pytest.raises(TypeError, match="x: expected floating-point data .* got uint8"):
+        net(np.zeros((5, 4), np.uint8))
+    with pytest.raises(TypeError, match="x: expected dtype float32 .* got float64"):
+        net(np.zeros((5, 4)))
+    with pytest.raises(ValueError, match=r"x: expected a 2-D array"):
+        net(np.zeros(4, np.float32))
+    out = net(np.zeros((5, 4), np.float32))
+    with pytest.raises(ValueError, match=r"target: expected labels in \[0, 1\] for 2 classes, got values from 0 to 7"):
+        loss(out, np.array([0, 1, 0, 1, 7]))
+    with pytest.raises(ValueError, match="target: expected 5 rows to match the predictions, got 4"):
+        loss(out, np.array([0, 1, 0, 1]))
+    with pytest.raises(TypeError, match="target: expected integer class labels"):
+        loss(out, np.zeros(5, np.float32))
+    with pytest.raises(ValueError, match=r"target: expected shape \(5, 2\)"):
+        gn.MSELoss()(out, np.zeros((5, 3), np.float32))
+    with pytest.raises(ValueError, match="in_features: expected a positive integer, got 0"):
+        gn.Linear(0, 3)
+    with pytest.raises(ValueError, match="init: expected one of he, xavier, uniform, got 'zeros'"):
+        gn.Linear(3, 3, init="zeros")
+    with pytest.raises(ValueError, match=r"p: expected a dropout probability in \[0, 1\), got 1.5"):
+        gn.Dropout(1.5)
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        gn.mlp([3, 2, 2], activation="swish")
+
+
+def test_forward_does_not_modify_the_callers_input():
+    net = gn.Sequential(gn.Tanh(), gn.Linear(3, 2, rng=0, device="cpu"), gn.Sigmoid())
+    x = np.linspace(-2, 2, 6, dtype=np.float32).reshape(2, 3)
+    keep = x.copy()
+    net(x)
+    assert np.array_equal(x, keep)
+
+
+def test_train_eval_modes_switch_dropout():
+    net = gn.mlp([20, 50, 2], dropout=0.5, seed=0, device="cpu")
+    x = np.ones((4, 20), np.float32)
+    net.eval()
+    assert np.array_equal(net(x), net(x))
+    net.train()
+    assert not np.array_equal(net(x), net(x))
