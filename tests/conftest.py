@@ -72,3 +72,27 @@ def mnist_dir():
             pytest.fail(msg)
         pytest.skip(msg)
     return found
+
+
+def make_fake_mnist(folder, n_train=600, n_test=200, seed=0, gz=True):
+    """Tiny MNIST-compatible files: each class is a fixed random 28x28 pattern plus noise, so a small
+    net can learn it in a few epochs. Returns the folder."""
+    from gpunet.data import MNIST_FILES, write_idx
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    protos = rng.integers(0, 256, size=(10, 28, 28))
+    suffix = ".gz" if gz else ""
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        noise = rng.integers(-60, 61, size=(n, 28, 28))
+        images = np.clip(protos[labels] + noise, 0, 255).astype(np.uint8)
+        write_idx(folder / (MNIST_FILES[f"{split}_images"] + suffix), images)
+        write_idx(folder / (MNIST_FILES[f"{split}_labels"] + suffix), labels)
+    return folder
+
+
+@pytest.fixture
+def fake_mnist(tmp_path):
+    return make_fake_mnist(tmp_path / "fake-mnist")

@@ -1,0 +1,533 @@
+"""Tests of gpunet.data: IDX reading and writing, the MNIST loader and downloader, splits, image files."""
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import http.server
+import socket
+import struct
+import threading
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpunet import data
+from gpunet.data import DataError
+
+NAMES = list(data.MNIST_FILES.values())
+
+
+def listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------- IDX
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])
+def test_idx_round_trip(tmp_path, suffix, dtype):
+    rng = np.random.default_rng(0)
+    array = (rng.standard_normal((3, 4, 5)) * 100).astype(dtype)
+    path = tmp_path / f"a.idx{suffix}"
+    data.write_idx(path, array)
+    back = data.read_idx(path)
+    assert back.dtype == np.dtype(dtype) and back.dtype.isnative
+    assert back.shape == (3, 4, 5)
+    np.testing.assert_array_equal(back, array)
+    assert listing(tmp_path) == [path.name]  # no temp file left beside it
+
+
+@pytest.mark.parametrize("dtype, code", [(np.int32, 0x0C), (np.float32, 0x0D), (np.int16, 0x0B)])
+def test_idx_multibyte_is_big_endian_on_disk(tmp_path, dtype, code):
+    array = np.array([[1, 2, 3], [4, 5, 258]], dtype=dtype)
+    data.write_idx(tmp_path / "raw", array)
+    data.write_idx(tmp_path / "packed.gz", array)
+    raw = (tmp_path / "raw").read_bytes()
+    assert raw[:4] == bytes([0, 0, code, 2])
+    assert struct.unpack(">2I", raw[4:12]) == (2, 3)
+    assert raw[12:] == array.astype(np.dtype(dtype).newbyteorder(">")).tobytes()
+    assert gzip.decompress((tmp_path / "packed.gz").read_bytes()) == raw
+    assert (tmp_path / "packed.gz").read_bytes()[:2] == b"\x1f\x8b"
+
+
+def test_idx_hand_built_bytes_and_gzip_detected_by_content(tmp_path):
+    payload = struct.pack(">4i", -1, 0, 7, 2**31 - 1)
+    blob = bytes([0, 0, 0x0C, 1]) + struct.pack(">I", 4) + payload
+    (tmp_path / "ints.idx").write_bytes(gzip.compress(blob))  # gzipped although no .gz suffix
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "ints.idx"), [-1, 0, 7, 2**31 - 1])
+    (tmp_path / "ints.gz").write_bytes(blob)  # raw although it ends in .gz
+    assert data.read_idx(tmp_path / "ints.gz").tolist() == [-1, 0, 7, 2**31 - 1]
+
+
+def test_idx_zero_items_allowed(tmp_path):
+    data.write_idx(tmp_path / "empty.gz", np.zeros((0, 28, 28), np.uint8))
+    assert data.read_idx(tmp_path / "empty.gz").shape == (0, 28, 28)
+    assert data.load_idx_images(tmp_path / "empty.gz").shape == (0, 784)
+
+
+def idx_bytes(code=0x08, dims=(2, 3), payload=None):
+    header = bytes([0, 0, code, len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
+    return header + (bytes(i % 251 for i in range(int(np.prod(dims)))) if payload is None else payload)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+@pytest.mark.parametrize("blob, problem", [
+    (b"\x08\x03\x00\x00" + bytes(20), "bad magic number"),
+    (idx_bytes(code=0x0A), "unknown IDX type code 0x0A"),
+    (bytes([0, 0, 8, 5]) + bytes(40), "dimension count 5"),
+    (bytes([0, 0, 8, 0]), "dimension count 0"),
+    (idx_bytes(dims=(2, 0), payload=b""), "must be > 0"),
+    (idx_bytes(payload=bytes(4)), "truncated: expected 6 bytes of data, found 4"),
+    (idx_bytes(payload=bytes(9)), "has 3 unexpected trailing bytes"),
+    (b"\x00\x00", "truncated"),
+    (bytes([0, 0, 8, 3, 0, 0]), "truncated"),
+])
+def test_idx_errors_name_file_and_problem(tmp_path, blob, problem, gz):
+    path = tmp_path / "broken-idx1-ubyte"
+    path.write_bytes(gzip.compress(blob) if gz else blob)
+    with pytest.raises(DataError, match=problem) as info:
+        data.read_idx(path)
+    assert path.name in str(info.value)
+
+
+def test_truncated_and_corrupt_gzip_stream(tmp_path):
+    good = gzip.compress(idx_bytes(dims=(50, 8, 5)))
+    cut = tmp_path / "cut.gz"
+    cut.write_bytes(good[: len(good) - 12])
+    with pytest.raises(DataError, match="gzip") as info:
+        data.read_idx(cut)
+    assert "cut.gz" in str(info.value)
+    with pytest.raises(DataError, match="gzip"):
+        data.load_idx_images(tmp_path / "cut.gz")
+
+    bad_crc = bytearray(good)
+    bad_crc[-8] ^= 0xFF  # the CRC32 field of the trailer
+    (tmp_path / "crc.gz").write_bytes(bytes(bad_crc))
+    with pytest.raises(DataError, match="crc.gz.*gzip"):
+        data.read_idx(tmp_path / "crc.gz")
+
+
+def test_missing_file_is_data_error(tmp_path):
+    with pytest.raises(DataError, match="nothere"):
+        data.read_idx(tmp_path / "nothere")
+
+
+def test_absurd_header_sizes(tmp_path):
+    huge = bytes([0, 0, 8, 3]) + struct.pack(">3I", 2**32 - 1, 2**32 - 1, 2**32 - 1) + bytes(10)
+    (tmp_path / "huge").write_bytes(huge)  # raw: the file size gives it away before any allocation
+    with pytest.raises(DataError, match="huge: truncated: expected .* found 10"):
+        data.read_idx(tmp_path / "huge")
+    (tmp_path / "huge.gz").write_bytes(gzip.compress(huge))
+    for reader in (data.read_idx, data.load_idx_images):
+        with pytest.raises(DataError, match="huge.gz"):
+            reader(tmp_path / "huge.gz")
+
+
+def test_write_idx_is_atomic(tmp_path, monkeypatch):
+    calls, real_replace = [], data.os.replace
+
+    def spy(src, dst):
+        calls.append((src, dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(data.os, "replace", spy)
+    data.write_idx(tmp_path / "a.gz", np.zeros(3, np.uint8))
+    [(src, dst)] = calls
+    assert Path(src).parent == tmp_path and Path(dst) == tmp_path / "a.gz"
+
+    def crash(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data.os, "replace", crash)
+    with pytest.raises(DataError, match="b.gz.*No space left"):
+        data.write_idx(tmp_path / "b.gz", np.zeros(3, np.uint8))
+    assert listing(tmp_path) == ["a.gz"]
+
+
+def test_load_idx_images_and_labels(tmp_path):
+    images = np.arange(5 * 3 * 2, dtype=np.uint8).reshape(5, 3, 2) * 8
+    data.write_idx(tmp_path / "img.gz", images)
+    x = data.load_idx_images(tmp_path / "img.gz")
+    assert x.shape == (5, 6) and x.dtype == np.float32
+    np.testing.assert_allclose(x, images.reshape(5, 6) / 255.0, rtol=1e-6)
+    assert data.load_idx_images(tmp_path / "img.gz", dtype=np.float64).dtype == np.float64
+
+    data.write_idx(tmp_path / "lab", np.array([3, 0, 9], np.uint8))
+    y = data.load_idx_labels(tmp_path / "lab")
+    assert y.dtype == np.int64 and y.tolist() == [3, 0, 9]
+    data.write_idx(tmp_path / "neg", np.array([1, -2], np.int8))
+    with pytest.raises(DataError, match="neg.*non-negative"):
+        data.load_idx_labels(tmp_path / "neg")
+
+
+def test_load_idx_images_chunked_truncation(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_CHUNK_ROWS", 3)  # several chunks, truncation inside the second
+    blob = idx_bytes(dims=(7, 2, 2), payload=bytes(range(20)))
+    (tmp_path / "img.gz").write_bytes(gzip.compress(blob))
+    with pytest.raises(DataError, match="img.gz: truncated: expected 28 bytes of data, found 20"):
+        data.load_idx_images(tmp_path / "img.gz")
+    (tmp_path / "ok.gz").write_bytes(gzip.compress(idx_bytes(dims=(7, 2, 2), payload=bytes(range(28)))))
+    np.testing.assert_allclose(data.load_idx_images(tmp_path / "ok.gz").ravel() * 255, range(28), atol=1e-4)
+
+
+@pytest.mark.parametrize("array", [np.zeros((4, 784), np.uint8), np.zeros((2, 3, 3), np.float32)])
+def test_images_must_be_3d_uint8(tmp_path, array):
+    data.write_idx(tmp_path / "flat-images", array)
+    with pytest.raises(DataError, match="flat-images.*3-D uint8 images"):
+        data.load_idx_images(tmp_path / "flat-images")
+
+
+def test_write_idx_rejects_unstorable(tmp_path):
+    with pytest.raises(DataError, match="x: IDX stores.*not int64"):
+        data.write_idx(tmp_path / "x", np.zeros(3, np.int64))
+    with pytest.raises(DataError, match="1 to 4.*shape \\(1, 1, 1, 1, 1\\)"):
+        data.write_idx(tmp_path / "x", np.zeros((1,) * 5, np.uint8))
+    assert listing(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------- load_mnist
+def make_fake_mnist(folder, n_train=20, n_test=5, gz=(True, True, True, True), seed=0):
+    """Write tiny MNIST-compatible files; return the decompressed bytes of each by name."""
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for n in (n_train, n_test):
+        arrays += [rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)]
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = {}
+    for name, array, zipped in zip(NAMES, arrays, gz):
+        data.write_idx(folder / (name + ".gz" if zipped else name), array)
+        raw[name] = data.read_idx(folder / (name + ".gz" if zipped else name))
+    return raw
+
+
+def check_fake(result, raw):
+    (x_train, y_train), (x_test, y_test) = result
+    assert x_train.shape == (20, 784) and x_test.shape == (5, 784)
+    assert x_train.dtype == np.float32 and y_train.dtype == np.int64 and y_test.dtype == np.int64
+    assert 0.0 <= x_train.min() and x_train.max() <= 1.0
+    np.testing.assert_allclose(x_train * 255, raw[NAMES[0]].reshape(20, 784), atol=1e-3)
+    np.testing.assert_array_equal(y_test, raw[NAMES[3]])
+
+
+def test_load_mnist_from_argument(tmp_path):
+    raw = make_fake_mnist(tmp_path / "fake")
+    check_fake(data.load_mnist(tmp_path / "fake", download=False), raw)
+    check_fake(data.load_mnist(str(tmp_path / "fake"), download=True), raw)  # nothing to download
+
+
+def test_load_mnist_from_env(tmp_path, monkeypatch):
+    raw = make_fake_mnist(tmp_path / "env")
+    monkeypatch.setenv("GPUNET_DATA", str(tmp_path / "env"))
+    assert data.default_data_dir() == tmp_path / "env"
+    check_fake(data.load_mnist(download=False), raw)
+
+
+def test_load_mnist_mixed_raw_and_gz(tmp_path):
+    raw = make_fake_mnist(tmp_path, gz=(False, True, True, False))
+    found = data.find_mnist_files(tmp_path)
+    assert found["train_images"].name == NAMES[0] and found["train_labels"].name == NAMES[1] + ".gz"
+    check_fake(data.load_mnist(tmp_path, download=False), raw)
+    # with both present the raw file wins
+    data.write_idx(tmp_path / (NAMES[0] + ".gz"), np.zeros((1, 28, 28), np.uint8))
+    assert data.find_mnist_files(tmp_path)["train_images"].name == NAMES[0]
+
+
+def test_load_mnist_count_mismatch(tmp_path):
+    make_fake_mnist(tmp_path)
+    data.write_idx(tmp_path / (NAMES[1] + ".gz"), np.zeros(19, np.uint8))
+    with pytest.raises(DataError) as info:
+        data.load_mnist(tmp_path, download=False)
+    msg = str(info.value)
+    assert NAMES[0] in msg and NAMES[1] in msg and "20" in msg and "19" in msg
+
+
+def test_load_mnist_missing_without_download(tmp_path):
+    make_fake_mnist(tmp_path)
+    (tmp_path / (NAMES[2] + ".gz")).unlink()
+    (tmp_path / (NAMES[3] + ".gz")).unlink()
+    with pytest.raises(DataError) as info:
+        data.load_mnist(tmp_path, download=False)
+    msg = str(info.value)
+    assert f"{tmp_path}: {NAMES[2]}, {NAMES[3]}." in msg  # the folder and exactly the missing names
+    assert "GPUNET_DATA" in msg and "--data-dir" in msg
+    with pytest.raises(DataError, match="missing"):
+        data.find_mnist_files(tmp_path)
+
+
+def test_load_mnist_downloads_missing(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_download(folder):
+        calls.append(folder)
+        make_fake_mnist(folder)
+        return folder
+
+    monkeypatch.setattr(data, "download_mnist", fake_download)
+    (x_train, _), _ = data.load_mnist(tmp_path / "new")
+    assert calls == [tmp_path / "new"] and x_train.shape == (20, 784)
+
+
+def test_verify(tmp_path, monkeypatch):
+    raw = make_fake_mnist(tmp_path, gz=(True, False, True, False))
+    with pytest.raises(DataError, match=f"{NAMES[0]}.gz: MD5 .* expected {data.MNIST_MD5[NAMES[0]]}"):
+        data.load_mnist(tmp_path, download=False, verify=True)
+    fake_md5 = {name: hashlib.md5(idx_file_bytes(raw[name])).hexdigest() for name in NAMES}
+    monkeypatch.setattr(data, "MNIST_MD5", fake_md5)
+    check_fake(data.load_mnist(tmp_path, download=False, verify=True), raw)
+    fake_md5[NAMES[3]] = "0" * 32
+    with pytest.raises(DataError, match=f"{NAMES[3]}: MD5"):
+        data.load_mnist(tmp_path, download=False, verify=True)
+
+
+def idx_file_bytes(array):
+    """The decompressed bytes of `array` as an IDX file, built by hand."""
+    code = {np.dtype(np.uint8): 0x08}[array.dtype]
+    return bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def test_default_data_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("GPUNET_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert data.default_data_dir() == tmp_path / "gpunet" / "mnist"
+    monkeypatch.setenv("GPUNET_DATA", "")
+    assert data.default_data_dir() == tmp_path / "gpunet" / "mnist"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert data.default_data_dir().parts[-3:] == (".cache", "gpunet", "mnist")
+    assert data.resolve_data_dir(tmp_path / "x") == tmp_path / "x"
+    assert data.resolve_data_dir() == data.default_data_dir()
+
+
+def test_constants():
+    assert set(data.MNIST_FILES) == {"train_images", "train_labels", "test_images", "test_labels"}
+    assert set(data.MNIST_MD5) == set(NAMES)
+    assert data.MNIST_MIRRORS[0].startswith("https://ossci-datasets") and len(data.MNIST_MIRRORS) == 3
+
+
+# ------------------------------------------------------------------------------------ download_mnist
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def mirrors(tmp_path_factory, monkeypatch):
+    """A local HTTP server on 127.0.0.1 serving good/ (fake MNIST .gz), bad/ (corrupt payloads), empty/."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    root = tmp_path_factory.mktemp("srv")
+    raw = make_fake_mnist(root / "good")
+    (root / "bad").mkdir()
+    (root / "empty").mkdir()
+    for name in NAMES:
+        corrupt = bytearray(raw[name].tobytes())
+        corrupt[-1] ^= 1
+        (root / "bad" / (name + ".gz")).write_bytes(gzip.compress(bytes(corrupt)))
+    md5 = {}
+    for name in NAMES:
+        payload = gzip.decompress((root / "good" / (name + ".gz")).read_bytes())
+        md5[name] = hashlib.md5(payload).hexdigest()
+    handler = functools.partial(QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    yield {"good": base + "good/", "bad": base + "bad/", "404": base + "empty/",
+           "closed": f"http://127.0.0.1:{closed}/", "md5": md5, "raw": raw}
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_download_skips_404_and_closed_port(tmp_path, mirrors):
+    dest = tmp_path / "a" / "b"  # created on demand
+    out = data.download_mnist(dest, mirrors=(mirrors["404"], mirrors["closed"], mirrors["good"]),
+                              timeout=5, md5=mirrors["md5"])
+    assert out == dest
+    assert listing(dest) == sorted(n + ".gz" for n in NAMES)
+    (x_train, y_train), (x_test, _) = data.load_mnist(dest, download=False)
+    assert x_train.shape == (20, 784) and x_test.shape == (5, 784)
+    np.testing.assert_array_equal(y_train, mirrors["raw"][NAMES[1]])
+
+
+def test_download_skips_corrupt_mirror_and_keeps_present_files(tmp_path, mirrors):
+    data.write_idx(tmp_path / NAMES[0], np.zeros((20, 28, 28), np.uint8))  # present: not fetched again
+    data.download_mnist(tmp_path, mirrors=(mirrors["bad"], mirrors["good"]), timeout=5, md5=mirrors["md5"])
+    assert listing(tmp_path) == sorted([NAMES[0]] + [n + ".gz" for n in NAMES[1:]])
+    assert data.read_idx(tmp_path / NAMES[0]).max() == 0
+    for name in NAMES[1:]:
+        np.testing.assert_array_equal(data.read_idx(tmp_path / (name + ".gz")), mirrors["raw"][name])
+
+
+def test_download_all_mirrors_fail(tmp_path, mirrors):
+    with pytest.raises(DataError) as info:
+        data.download_mnist(tmp_path, mirrors=(mirrors["404"], mirrors["bad"], mirrors["closed"]),
+                            timeout=5, md5=mirrors["md5"])
+    msg = str(info.value)
+    assert "failed" in msg and NAMES[0] in msg and "404" in msg and "MD5 mismatch" in msg
+    assert str(tmp_path) in msg and all(n in msg for n in NAMES)
+    assert "GPUNET_DATA" in msg and "--data-dir" in msg
+    assert listing(tmp_path) == []  # no temp or partial files
+
+
+def test_download_write_failure_leaves_nothing(tmp_path, mirrors, monkeypatch):
+    def crash(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data.os, "replace", crash)
+    with pytest.raises(DataError, match="No space left"):
+        data.download_mnist(tmp_path, mirrors=(mirrors["good"],), timeout=5, md5=mirrors["md5"])
+    assert listing(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------- split_validation
+def test_split_tail_views():
+    x, y = np.arange(20.0).reshape(10, 2), np.arange(10)
+    (xt, yt), (xv, yv) = data.split_validation(x, y, 3)
+    assert xt.shape == (7, 2) and xv.shape == (3, 2) and yv.tolist() == [7, 8, 9]
+    assert np.shares_memory(xt, x) and np.shares_memory(xv, x) and np.shares_memory(yv, y)
+    (xt, _), (xv, yv) = data.split_validation(x, y, 0.2)
+    assert len(xt) == 8 and len(xv) == 2
+    (xt, _), (xv, yv) = data.split_validation(x, y, 0)
+    assert len(xt) == 10 and xv.shape == (0, 2) and yv.shape == (0,)
+    (xt, _), (xv, _) = data.split_validation(x, y, np.int64(9))
+    assert len(xt) == 1
+
+
+def test_split_seeded_deterministic_disjoint():
+    x, y = np.arange(200).reshape(100, 2), np.arange(100)
+    (xt, yt), (xv, yv) = data.split_validation(x, y, 0.25, seed=7)
+    (_, yt2), (_, yv2) = data.split_validation(x, y, 0.25, seed=7)
+    (_, _), (_, yv3) = data.split_validation(x, y, 0.25, seed=8)
+    assert len(yv) == 25 and len(yt) == 75
+    np.testing.assert_array_equal(yv, yv2)
+    np.testing.assert_array_equal(yt, yt2)
+    assert not np.array_equal(yv, yv3)
+    assert not set(yt) & set(yv) and sorted(set(yt) | set(yv)) == list(range(100))
+    assert yv.tolist() != list(range(75, 100))  # random, not the tail
+    np.testing.assert_array_equal(xv[:, 0], yv * 2)  # rows stay paired with their labels
+
+
+@pytest.mark.parametrize("bad", [-1, 10, 11, 1.0, -0.1, 1.5, True, "3", None])
+def test_split_bad_val_size(bad):
+    with pytest.raises(ValueError, match=r"val_size.*\[0, 10\).*\[0, 1\)") as info:
+        data.split_validation(np.zeros((10, 2)), np.zeros(10), bad)
+    assert repr(bad) in str(info.value)
+
+
+# --------------------------------------------------------------------------------------- load_images
+def test_load_png_inverted_and_resized(tmp_path):
+    image_mod = pytest.importorskip("PIL.Image")
+    draw_mod = pytest.importorskip("PIL.ImageDraw")
+    img = image_mod.new("RGB", (56, 40), "white")
+    draw_mod.Draw(img).rectangle((20, 8, 34, 30), fill="black")
+    img.save(tmp_path / "digit.png")
+    img.convert("LA").save(tmp_path / "grey-alpha.png")
+    x = data.load_images([tmp_path / "digit.png", str(tmp_path / "grey-alpha.png")])
+    assert x.shape == (2, 784) and x.dtype == np.float32
+    pic = x[0].reshape(28, 28)
+    assert pic[0, 0] < 0.05 and pic[-1, -1] < 0.05  # white paper became ~0
+    assert pic[14, 14] > 0.9  # black ink became ~1
+    np.testing.assert_allclose(x[1], x[0], atol=1e-6)
+    assert data.load_images(tmp_path / "digit.png").shape == (1, 784)
+
+
+def test_load_image_transparent_background(tmp_path):
+    image_mod = pytest.importorskip("PIL.Image")
+    img = image_mod.new("RGBA", (28, 28), (0, 0, 0, 0))  # transparent black paper
+    img.paste((0, 0, 0, 255), (10, 5, 18, 23))  # opaque black ink
+    img.save(tmp_path / "t.png")
+    pic = data.load_images([tmp_path / "t.png"]).reshape(28, 28)
+    assert pic[0, 0] < 0.05 and pic[14, 14] > 0.95
+
+
+def test_load_unreadable_image(tmp_path):
+    pytest.importorskip("PIL")
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="junk.png"):
+        data.load_images([tmp_path / "junk.png"])
+
+
+def test_load_image_without_pillow(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pil(name, *args, **kwargs):
+        if name == "PIL" or name.startswith("PIL."):
+            raise ImportError("No module named 'PIL'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pil)
+    with pytest.raises(DataError, match=r"d\.png.*pip install pillow"):
+        data.load_images([tmp_path / "d.png"])
+
+
+@pytest.mark.parametrize("shape, n", [((28, 28), 1), ((784,), 1), ((3, 28, 28), 3), ((4, 784), 4)])
+def test_load_npy_shapes(tmp_path, shape, n):
+    rng = np.random.default_rng(1)
+    u8 = rng.integers(0, 256, shape, dtype=np.uint8)
+    np.save(tmp_path / "u8.npy", u8)
+    np.save(tmp_path / "f.npy", u8 / 255.0)
+    np.save(tmp_path / "f255.npy", u8.astype(np.float32))
+    x = data.load_images([tmp_path / "u8.npy", tmp_path / "f.npy", tmp_path / "f255.npy"])
+    assert x.shape == (3 * n, 784) and x.dtype == np.float32
+    expected = u8.reshape(n, 784) / 255.0
+    for part in np.split(x, 3):
+        np.testing.assert_allclose(part, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(27, 28), (783,), (2, 28, 27), (2, 2, 28, 28)])
+def test_load_npy_bad_shape(tmp_path, shape):
+    np.save(tmp_path / "bad.npy", np.zeros(shape, np.uint8))
+    with pytest.raises(DataError, match="bad.npy.*shape"):
+        data.load_images([tmp_path / "bad.npy"])
+
+
+def test_load_images_bad_inputs(tmp_path):
+    np.save(tmp_path / "big.npy", np.full((28, 28), 300.0))
+    with pytest.raises(DataError, match="big.npy.*\\[0, 1\\]"):
+        data.load_images([tmp_path / "big.npy"])
+    (tmp_path / "notes.txt").write_text("7")
+    with pytest.raises(DataError, match="notes.txt.*unknown file type"):
+        data.load_images([tmp_path / "notes.txt"])
+    (tmp_path / "junk.npy").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="junk.npy"):
+        data.load_images([tmp_path / "junk.npy"])
+    assert data.load_images([]).shape == (0, 784)
+
+
+# ------------------------------------------------------------------------------------------ real MNIST
+@pytest.mark.slow
+def test_real_mnist(mnist_dir):
+    (x_train, y_train), (x_test, y_test) = data.load_mnist(mnist_dir, download=False, verify=True)
+    assert x_train.shape == (60000, 784) and x_test.shape == (10000, 784)
+    assert x_train.dtype == np.float32 and y_train.dtype == np.int64 and y_test.dtype == np.int64
+    assert np.unique(y_train).tolist() == list(range(10)) and np.unique(y_test).tolist() == list(range(10))
+    assert x_train.min() == 0.0 and x_train.max() == 1.0
+    total = total_sq = 0.0
+    for chunk in np.array_split(x_train, 10):  # float64 sums without a float64 copy of the set
+        total += chunk.sum(dtype=np.float64)
+        total_sq += np.square(chunk, dtype=np.float64).sum()
+    mean = total / x_train.size
+    std = np.sqrt(total_sq / x_train.size - mean**2)
+    assert abs(mean - 0.1307) < 5e-4 and abs(std - 0.3081) < 5e-4
+
+
+@pytest.mark.slow
+def test_real_mnist_images_memory(mnist_dir):
+    path = data.find_mnist_files(mnist_dir)["train_images"]
+    output_bytes = 60000 * 784 * 4  # 188,160,000
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        x = data.load_idx_images(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert x.nbytes == output_bytes
+    assert peak < 1.25 * output_bytes, f"peak {peak / 1e6:.1f} MB for a {output_bytes / 1e6:.1f} MB output"

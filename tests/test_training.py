@@ -1,0 +1,137 @@
+"""The training loop: batch modes, stopping rules, schedules, determinism and batched evaluation."""
+import numpy as np
+import pytest
+
+import gpunet as gn
+from gpunet.schedules import Cosine, Step, make_schedule
+from gpunet.training import evaluate, fit, predict, predict_proba
+
+XOR_X = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.float32)
+XOR_Y = np.array([0, 1, 1, 0])
+
+
+def blobs(n=400, seed=0, classes=3, dim=5):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(scale=3.0, size=(classes, dim))
+    y = rng.integers(0, classes, size=n)
+    return (centers[y] + rng.normal(size=(n, dim))).astype(np.float32), y
+
+
+def setup(device, sizes=(5, 16, 3), seed=0, lr=0.05, **kw):
+    net = gn.mlp(list(sizes), seed=seed, device=device, **kw)
+    return net, gn.Momentum(net.parameters(), lr=lr, momentum=0.9), gn.SoftmaxCrossEntropy()
+
+
+@pytest.mark.parametrize("batch_size", [1, None])
+def test_xor_online_and_full_batch(device, batch_size):
+    net = gn.mlp([2, 8, 2], activation="tanh", seed=0, device=device)
+    opt = gn.Momentum(net.parameters(), lr=0.05 if batch_size == 1 else 0.1, momentum=0.9)
+    hist = fit(net, gn.SoftmaxCrossEntropy(), opt, XOR_X, XOR_Y, epochs=300, batch_size=batch_size, seed=1)
+    assert gn.to_numpy(predict(net, XOR_X)).tolist() == [0, 1, 1, 0]
+    assert hist["accuracy"][-1] == 1.0
+
+
+def test_history_records_every_epoch(device):
+    x, y = blobs()
+    net, opt, loss = setup(device)
+    hist = fit(net, loss, opt, x[:300], y[:300], epochs=4, batch_size=32, validation=(x[300:], y[300:]))
+    assert len(hist) == 4 and hist.stop_reason == "max_epochs"
+    for i, rec in enumerate(hist.epochs):
+        assert rec["epoch"] == i + 1
+        assert set(rec) >= {"loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"}
+        assert rec["seconds"] > 0 and 0 <= rec["accuracy"] <= 1
+    assert hist["loss"][-1] < hist["loss"][0]
+    assert hist["val_accuracy"][-1] > 0.9
+
+
+def test_target_loss_stops_early():
+    x, y = blobs()
+    net, opt, loss = setup("cpu")
+    hist = fit(net, loss, opt, x, y, epochs=200, batch_size=32, target_loss=0.05)
+    assert hist.stop_reason == "target_loss"
+    assert hist["loss"][-1] < 0.05 and all(l >= 0.05 for l in hist["loss"][:-1])
+    assert len(hist) < 200
+
+
+def test_early_stopping_restores_the_best_weights():
+    """Validation labels contradict training labels, so validation loss rises once training works:
+    training must stop after `patience` bad epochs and put back the weights of the best epoch."""
+    x, y = blobs(seed=3)
+    net, opt, loss = setup("cpu", lr=0.02)
+    snapshots = {}
+    hist = fit(net, loss, opt, x, y, epochs=50, batch_size=32, validation=(x[:100], (y[:100] + 1) % 3),
+               patience=3, callback=lambda rec: snapshots.__setitem__(rec["epoch"], net.state_dict()))
+    assert hist.stop_reason == "early_stopping"
+    best = hist.best_epoch
+    assert best == int(np.argmin(hist["val_loss"])) + 1
+    assert len(hist) == best + 3
+    final = net.state_dict()
+    assert all(np.array_equal(final[k], snapshots[best][k]) for k in final)
+    assert not all(np.array_equal(final[k], snapshots[len(hist)][k]) for k in final)
+
+
+def test_schedules():
+    s = Step(0.1, step_size=2, gamma=0.5)
+    assert [s(e) for e in range(5)] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025])
+    c = Cosine(0.1, epochs=4, min_lr=0.0)
+    assert [c(e) for e in range(4)] == pytest.approx([0.1, 0.1 * (1 + np.cos(np.pi / 4)) / 2, 0.05,
+                                                      0.1 * (1 + np.cos(3 * np.pi / 4)) / 2])
+    w = Cosine(0.1, epochs=10, warmup=1)
+    assert w(0) == pytest.approx(0.05) and w(1) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="schedule: expected one of constant, step, cosine, got 'linear'"):
+        make_schedule("linear", 0.1, 5)
+    x, y = blobs()
+    net, opt, loss = setup("cpu")
+    hist = fit(net, loss, opt, x, y, epochs=4, schedule=c)
+    assert hist["lr"] == pytest.approx([c(e) for e in range(4)])
+
+
+def test_same_seed_same_run_and_different_seed_differs():
+    x, y = blobs()
+    runs = []
+    for seed in (5, 5, 6):
+        net, opt, loss = setup("cpu")
+        fit(net, loss, opt, x, y, epochs=2, batch_size=16, seed=seed)
+        runs.append(net.state_dict())
+    assert all(np.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not np.array_equal(runs[0]["0.W"], runs[2]["0.W"])
+
+
+def test_regression_with_mse(device):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, size=(256, 2)).astype(np.float32)
+    t = (np.sin(2 * x[:, :1]) + x[:, 1:] ** 2).astype(np.float32)
+    net = gn.mlp([2, 32, 1], activation="tanh", seed=0, device=device)
+    opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9)
+    hist = fit(net, gn.MSELoss(), opt, x, t, epochs=150, batch_size=32)
+    assert hist["accuracy"][-1] is None
+    assert hist["loss"][-1] < 0.01 < hist["loss"][0]
+
+
+def test_batched_evaluation_equals_one_pass(device):
+    x, y = blobs(n=103)
+    net, _, loss = setup(device)
+    full = gn.to_numpy(net.forward(gn.to_device(x, device)))
+    probs = gn.to_numpy(predict_proba(net, x, batch_size=10))
+    e = np.exp(full - full.max(1, keepdims=True))
+    np.testing.assert_allclose(probs, e / e.sum(1, keepdims=True), rtol=1e-5, atol=1e-7)
+    r1, r2 = evaluate(net, loss, x, y, batch_size=7, metrics=True), evaluate(net, loss, x, y, batch_size=1000)
+    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5) and r1["accuracy"] == r2["accuracy"]
+    assert sum(map(sum, r1["confusion_matrix"])) == 103
+
+
+def test_fit_argument_errors():
+    x, y = blobs(n=20)
+    net, opt, loss = setup("cpu")
+    with pytest.raises(ValueError, match="epochs: expected a positive integer, got 0"):
+        fit(net, loss, opt, x, y, epochs=0)
+    with pytest.raises(ValueError, match="batch_size: expected a positive integer or None"):
+        fit(net, loss, opt, x, y, batch_size=0)
+    with pytest.raises(ValueError, match="patience: .* no validation set"):
+        fit(net, loss, opt, x, y, patience=2)
+    with pytest.raises(ValueError, match=r"y: expected labels in \[0, 2\], got values from 0 to 5"):
+        fit(net, loss, opt, x, np.where(y == 1, 5, y))
+    with pytest.raises(ValueError, match="x: expected as many targets as rows, got 20 rows and 19 targets"):
+        fit(net, loss, opt, x, y[:19])
+    with pytest.raises(TypeError, match="x: expected floating-point features"):
+        fit(net, loss, opt, (x * 10).astype(np.int32), y)
