@@ -1,0 +1,154 @@
+"""The command line, run for real through its entry points (`python -m gpunet` and the `gpunet` script)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpunet as gn
+from gpunet import backend
+
+SCRIPT = Path(sys.executable).with_name("gpunet")
+
+
+def run(*args, env_extra=None, timeout=600):
+    env = dict(os.environ, **(env_extra or {}))
+    env.pop("GPUNET_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "gpunet", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One small training run on fake MNIST-format files, shared by the tests below."""
+    from conftest import make_fake_mnist
+
+    root = tmp_path_factory.mktemp("cli")
+    data = make_fake_mnist(root / "data")
+    out = root / "run"
+    res = run("train", "--data-dir", data, "--hidden", 32, "--epochs", 3, "--batch-size", 32, "--val-size", 100,
+              "--out", out, "--seed", 0, "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    return data, out, res
+
+
+def test_info_text_and_json():
+    res = run("info")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("gpunet ")
+    assert "numpy" in res.stdout and "device: " in res.stdout
+    if not backend.gpu_available():
+        assert "GPU not used: " + backend.gpu_unavailable_reason() in res.stdout
+    info = json.loads(run("info", "--json").stdout)
+    assert info["versions"]["numpy"] == np.__version__
+    assert info["device"] in ("cpu", "gpu") and info["backend"] in ("numpy", "cupy")
+
+
+def test_console_script_and_help():
+    if not SCRIPT.exists():
+        pytest.skip(f"the console script is not installed next to {sys.executable}")
+    res = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "train" in res.stdout and "predict" in res.stdout
+    res = run("train", "--help")
+    for flag in ("--data-dir", "--hidden", "--activation", "--epochs", "--batch-size", "--lr", "--momentum",
+                 "--nesterov", "--weight-decay", "--dropout", "--init", "--schedule", "--val-size", "--patience",
+                 "--target-loss", "--seed", "--device", "--out"):
+        assert flag in res.stdout, flag
+
+
+def test_train_writes_model_metrics_and_pictures(trained):
+    _, out, res = trained
+    lines = [l for l in res.stdout.splitlines() if l.startswith("epoch ")]
+    assert len(lines) == 3  # no TTY here: one line per epoch
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["device"] == "cpu" and m["backend"] == "numpy"
+    assert m["config"]["hidden"] == [32] and m["config"]["epochs"] == 3
+    assert len(m["history"]) == 3
+    for rec in m["history"]:
+        assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"} <= set(rec)
+    assert m["test_accuracy"] > 0.9  # the fake classes are well separated
+    assert len(m["per_class"]["f1"]) == 10 and len(m["confusion_matrix"]) == 10
+    assert sum(map(sum, m["confusion_matrix"])) == 200 and m["wall_seconds"] > 0
+    assert "numpy" in m["versions"]
+    assert (out / "model.npz").exists()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in res.stdout
+    else:
+        for name in ("curves.png", "confusion.png", "misclassified.png"):
+            assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_text_and_json(trained):
+    data, out, _ = trained
+    res = run("evaluate", out / "model.npz", "--data-dir", data)
+    assert res.returncode == 0, res.stderr
+    assert "accuracy: " in res.stdout and "confusion matrix" in res.stdout and "macro" in res.stdout
+    rep = json.loads(run("evaluate", out / "model.npz", "--data-dir", data, "--json").stdout)
+    assert rep["accuracy"] == pytest.approx(json.loads((out / "metrics.json").read_text())["test_accuracy"])
+
+
+def test_predict_images_and_npy(trained, tmp_path):
+    from gpunet.data import load_mnist
+
+    Image = pytest.importorskip("PIL.Image")
+    data, out, _ = trained
+    _, (x_test, _) = load_mnist(data, download=False)
+    big = Image.fromarray((x_test[0].reshape(28, 28) * 255).astype(np.uint8)).resize((56, 56))
+    big.save(tmp_path / "digit.png")
+    np.save(tmp_path / "three.npy", x_test[1:4].reshape(3, 28, 28))
+    res = run("predict", out / "model.npz", tmp_path / "digit.png", tmp_path / "three.npy", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert [r["file"].split(os.sep)[-1] for r in rows] == ["digit.png", "three.npy[0]", "three.npy[1]", "three.npy[2]"]
+    net = gn.load(out / "model.npz", device="cpu")
+    expected = gn.to_numpy(gn.training.predict(net, x_test[1:4]))
+    assert [r["digit"] for r in rows[1:]] == expected.tolist()
+    assert all(abs(sum(r["probabilities"]) - 1) < 1e-4 for r in rows)
+    text = run("predict", out / "model.npz", tmp_path / "digit.png")
+    assert text.returncode == 0 and text.stdout.startswith(str(tmp_path / "digit.png") + ": ")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--data-dir", "/nonexistent/mnist"], "data folder not found: /nonexistent/mnist"),
+    (["train", "--epochs", "-3"], "argument --epochs: expected a positive integer, got '-3'"),
+    (["train", "--lr", "fast"], "argument --lr: expected a positive number, got 'fast'"),
+    (["train", "--momentum", "1.5"], r"argument --momentum: expected a number in [0, 1), got '1.5'"),
+    (["train", "--batch-size", "0"], "argument --batch-size: expected a positive integer, got '0'"),
+    (["train", "--device", "tpu"], "device: expected one of 'cpu', 'gpu', 'cuda' or 'auto', got 'tpu'"),
+    (["evaluate", "/nonexistent/model.npz"], "model file not found: /nonexistent/model.npz"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_user_mistakes_print_one_line(args, message):
+    res = run(*args)
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert message in res.stderr, res.stderr
+
+
+def test_more_user_mistakes(trained, tmp_path):
+    data, out, _ = trained
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"\x00" * 100)
+    (tmp_path / "notes.txt").write_text("hello")
+    cases = [
+        (["evaluate", garbage, "--data-dir", data], "cannot read model file"),
+        (["predict", out / "model.npz", tmp_path / "missing.png"], "missing.png"),
+        (["predict", out / "model.npz", tmp_path / "notes.txt"], "notes.txt"),
+        (["train", "--data-dir", data, "--val-size", "100000", "--out", tmp_path / "o"], "--val-size: expected fewer than 600"),
+        (["train", "--data-dir", tmp_path, "--out", tmp_path / "o"], "missing"),
+        (["train", "--data-dir", data, "--hidden", "8", "8", "--activation", "relu", "tanh", "relu"],
+         "--activation: expected 1 or 2 names"),
+    ]
+    if not backend.gpu_available():
+        cases.append((["train", "--data-dir", data, "--device", "gpu"], "no GPU is usable"))
+    for args, message in cases:
+        res = run(*args)
+        assert res.returncode == 2, (args, res.stderr)
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+        assert message in res.stderr, (args, res.stderr)
