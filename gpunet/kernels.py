@@ -167,9 +167,9 @@ def momentum_update_xp(w, g, v, lr, gamma, wd, nesterov, tmp):
     if wd:
         xp.multiply(w, wd, out=tmp)
         tmp += g
+        tmp *= lr                  # tmp = lr * d
     else:
-        tmp[...] = g
-    tmp *= lr                      # tmp = lr * d
+        xp.multiply(g, lr, out=tmp)
     v *= gamma
     v += tmp
     if nesterov:                   # w -= gamma*v + lr*d, without a temporary

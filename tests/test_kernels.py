@@ -1,0 +1,174 @@
+"""Fused kernels against their plain xp twins, and the twins against the formulas written naively.
+
+CPU: twin vs naive NumPy float64 formulas. GPU: the CUDA kernel vs the twin on the same CuPy arrays,
+and a whole training step with fused kernels on vs off. Tolerances: float32 elementwise results differ
+only by operation order and exp/log implementations, a few ulps: rtol 1e-5, atol 1e-6.
+"""
+import numpy as np
+import pytest
+
+import gpunet as gn
+from gpunet import kernels
+from conftest import assert_allclose
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def data(seed=0, n=37, c=10, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    z = (rng.normal(size=(n, c)) * 5).astype(dtype)
+    labels = rng.integers(0, c, size=n)
+    return z, labels, rng
+
+
+def naive_xent(z, labels):
+    z = z.astype(np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    loss = -np.log(p[np.arange(len(z)), labels])
+    return (p - np.eye(z.shape[1])[labels]) / len(z), loss
+
+
+def test_twins_match_naive_formulas():
+    z, labels, rng = data()
+    grad, rows = kernels.softmax_xent_xp(z, labels, np.empty_like(z), np.empty(len(z), np.float32))
+    g_ref, l_ref = naive_xent(z, labels)
+    assert_allclose(grad, g_ref, RTOL, ATOL)
+    assert_allclose(rows, l_ref, RTOL, ATOL)
+
+    b = rng.normal(size=10).astype(np.float32)
+    y = z.copy()
+    kernels.bias_relu_xp(y, b)
+    assert_allclose(y, np.maximum(z + b, 0))
+
+    dy = rng.normal(size=z.shape).astype(np.float32)
+    out = kernels.relu_backward_xp(dy.copy(), y)
+    assert_allclose(out, dy * (y > 0))
+
+    for nesterov, wd in [(False, 0.0), (True, 0.01)]:
+        w, g, v = (rng.normal(size=1000).astype(np.float32) for _ in range(3))
+        lr, gamma = np.float32(0.1), np.float32(0.9)
+        d = g + wd * w
+        v_ref = gamma * v.astype(np.float64) + lr * d
+        w_ref = w - (gamma * v_ref + lr * d if nesterov else v_ref)
+        kernels.momentum_update_xp(w, g, v, lr, gamma, np.float32(wd), nesterov, np.empty_like(w))
+        assert_allclose(v, v_ref, RTOL, ATOL)
+        assert_allclose(w, w_ref, RTOL, ATOL)
+
+
+def test_softmax_xent_is_stable_for_huge_logits():
+    z = np.array([[1000.0, 0.0, -1000.0], [-5e4, 5e4, 0.0]], np.float32)
+    grad, rows = kernels.softmax_xent_xp(z, np.array([0, 0]), np.empty_like(z), np.empty(2, np.float32))
+    assert np.all(np.isfinite(grad)) and np.all(np.isfinite(rows))
+    assert rows[0] == pytest.approx(0.0, abs=1e-6) and rows[1] == pytest.approx(1e5, rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cuda_kernels_match_twins(dtype):
+    import cupy
+
+    z, labels, rng = data(dtype=dtype)
+    zg, lg = cupy.asarray(z), cupy.asarray(labels)
+    g1, r1 = cupy.empty_like(zg), cupy.empty(len(z), dtype)
+    g2, r2 = cupy.empty_like(zg), cupy.empty(len(z), dtype)
+    assert kernels.ENABLED, "fused kernels must be on for this test (unset GPUNET_FUSED)"
+    kernels.softmax_xent(zg, lg, g1, r1)          # the CUDA kernel
+    kernels.softmax_xent_xp(zg, lg, g2, r2)       # its twin, on the same GPU arrays
+    assert_allclose(g1, g2, RTOL, ATOL)
+    assert_allclose(r1, r2, RTOL, ATOL)
+
+    b = cupy.asarray(rng.normal(size=10).astype(dtype))
+    y1, y2 = zg.copy(), zg.copy()
+    kernels.bias_relu(y1, b)
+    kernels.bias_relu_xp(y2, b)
+    assert_allclose(y1, y2, RTOL, ATOL)
+
+    dy = cupy.asarray(rng.normal(size=z.shape).astype(dtype))
+    assert_allclose(kernels.relu_backward(dy.copy(), y1), kernels.relu_backward_xp(dy.copy(), y1), RTOL, ATOL)
+
+    for nesterov, wd in [(False, 0.0), (True, 0.01)]:
+        w, g, v = (cupy.asarray(rng.normal(size=100_003).astype(dtype)) for _ in range(3))
+        w2, v2 = w.copy(), v.copy()
+        t = dtype
+        kernels.momentum_update(w, g, v, t(0.1), t(0.9), t(wd), nesterov, cupy.empty_like(w))
+        kernels.momentum_update_xp(w2, g, v2, t(0.1), t(0.9), t(wd), nesterov, cupy.empty_like(w))
+        assert_allclose(w, w2, RTOL, ATOL)
+        assert_allclose(v, v2, RTOL, ATOL)
+
+
+def run_steps(device, steps=3):
+    rng = np.random.default_rng(1)
+    x = gn.to_device(rng.random((64, 50), dtype=np.float32), device)
+    y = gn.to_device(rng.integers(0, 10, size=64), device)
+    net = gn.mlp([50, 40, 30, 10], seed=3, device=device)
+    opt = gn.Momentum(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    loss = gn.SoftmaxCrossEntropy()
+    for _ in range(steps):
+        loss.forward(net.forward(x), y)
+        net.backward(loss.backward(), need_input_grad=False)
+        opt.step()
+    return net.state_dict()
+
+
+@pytest.mark.gpu
+def test_fused_step_matches_plain_step(monkeypatch):
+    """Three whole training steps with fused kernels on, then off (the twins), on the GPU."""
+    fused = run_steps("gpu")
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    plain = run_steps("gpu")
+    for k in fused:
+        assert_allclose(fused[k], plain[k], RTOL, ATOL, err_msg=k)
+
+
+def test_fast_cpu_step_matches_per_parameter_formulas():
+    """The CPU fast path (flat buffer, in-place ops, fused bias+ReLU) against per-parameter updates."""
+    fast = run_steps("cpu")
+    rng = np.random.default_rng(1)
+    x = rng.random((64, 50), dtype=np.float32).astype(np.float64)
+    y = rng.integers(0, 10, size=64)
+    W = [a.astype(np.float64) for a in gn.mlp([50, 40, 30, 10], seed=3, device="cpu").state_dict().values()]
+    v = [np.zeros_like(a) for a in W]
+    for _ in range(3):
+        hs = [x]
+        for i in range(2):
+            hs.append(np.maximum(hs[-1] @ W[2 * i] + W[2 * i + 1], 0))
+        z = hs[-1] @ W[4] + W[5]
+        delta, _ = naive_xent(z, y)
+        grads = [None] * 6
+        for i in (2, 1, 0):
+            grads[2 * i], grads[2 * i + 1] = hs[i].T @ delta, delta.sum(0)
+            if i:
+                delta = (delta @ W[2 * i].T) * (hs[i] > 0)
+        for i in range(6):
+            d = grads[i] + 1e-3 * W[i]
+            v[i] = 0.9 * v[i] + 0.1 * d
+            W[i] = W[i] - (0.9 * v[i] + 0.1 * d)
+    for (k, a), b in zip(fast.items(), W):
+        assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.gpu
+def test_tf32_is_opt_in():
+    """Off by default: a float32 matmul matches float64 to float32 accuracy; on: only to ~1e-3."""
+    import cupy
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((512, 512)), rng.random((512, 512))
+    exact = a @ b
+    ga, gb = cupy.asarray(a, np.float32), cupy.asarray(b, np.float32)
+    assert_allclose(ga @ gb, exact, rtol=1e-5)
+    gn.backend.set_tf32(True)
+    try:
+        err = float(np.abs(gn.to_numpy(ga @ gb) - exact).max() / np.abs(exact).max())
+    finally:
+        gn.backend.set_tf32(False)
+    assert_allclose(ga @ gb, exact, rtol=1e-5)
+    assert err < 1e-2  # TF32 still close; on GPUs without tensor cores it is simply exact
+
+
+def test_tf32_without_gpu_names_the_cause():
+    if gn.gpu_available():
+        pytest.skip("a GPU is usable here")
+    with pytest.raises(gn.DeviceError, match="set_tf32 needs a usable GPU"):
+        gn.backend.set_tf32(True)
