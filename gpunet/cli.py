@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--momentum", type=unit_interval, default=0.9, help="momentum gamma, 0 for plain SGD (default: 0.9)")
     t.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     t.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="L2 weight decay (default: 0)")
-    t.add_argument("--dropout", type=unit_interval, default=0.0, help="dropout after each hidden layer (default: 0)")
+    t.add_argument("--dropout", type=unit_interval, default=0.2, help="dropout after each hidden layer (default: 0.2)")
     t.add_argument("--init", choices=INITIALIZERS, default=None, help="weight initialiser (default: he for relu, xavier otherwise)")
     t.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule (default: cosine)")
     t.add_argument("--step-size", type=positive_int, default=5, help="epochs per decay for --schedule step (default: 5)")

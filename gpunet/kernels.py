@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as _np
+
 from .backend import get_array_module
 
 ENABLED = os.environ.get("GPUNET_FUSED", "1") != "0"
@@ -115,9 +117,11 @@ def softmax_xent_xp(z, labels, grad, loss_rows):
     xp.log(s[:, 0], out=loss_rows)
     loss_rows += m[:, 0]
     loss_rows -= z[rows, labels]
-    grad /= s
-    grad[rows, labels] -= 1
-    grad *= grad.dtype.type(1.0 / n)
+    inv_n = grad.dtype.type(1.0 / n)
+    s = xp.reciprocal(s, out=s)
+    s *= inv_n
+    grad *= s                      # softmax / N in one pass
+    grad[rows, labels] -= inv_n    # minus onehot / N
     return grad, loss_rows
 
 
@@ -182,39 +186,104 @@ def momentum_update_xp(w, g, v, lr, gamma, wd, nesterov, tmp):
 
 
 def momentum_update(w, g, v, lr, gamma, wd, nesterov, tmp):
-    """Momentum step over flat buffers, in place; one launch on the GPU, all cores on the CPU."""
+    """Momentum step over flat buffers, in place: one launch on the GPU; on the CPU, BLAS level-1 calls
+    on NumPy's own OpenBLAS threads where available, else the twin block by block."""
     if _fused(w):
         _momentum_kernel()(g, lr, gamma, wd, bool(nesterov), w, v)
-        return w, v
-    split(lambda w_, g_, v_, t_: momentum_update_xp(w_, g_, v_, lr, gamma, wd, nesterov, t_), w, g, v, tmp)
+    elif not _blas_momentum(w, g, v, lr, gamma, wd, nesterov):
+        _blocked(lambda w_, g_, v_, t_: momentum_update_xp(w_, g_, v_, lr, gamma, wd, nesterov, t_), w, g, v, tmp)
     return w, v
 
 
-# --- CPU: one elementwise twin over flat buffers, split across cores ----------------------------------
+def sgd_update(w, g, lr, wd, tmp):
+    """``w -= lr * (g + wd * w)`` over flat buffers, in place."""
+    blas = _cpu_blas(w)
+    if blas is not None:
+        scal, axpy = blas
+        n = w.shape[0]
+        if wd:
+            scal(n, 1.0 - float(lr) * float(wd), w.ctypes.data, 1)
+        axpy(n, -float(lr), g.ctypes.data, 1, w.ctypes.data, 1)
+        return w
+    xp = get_array_module(w)
+    if wd:
+        xp.multiply(w, wd, out=tmp)
+        tmp += g
+        tmp *= lr
+    else:
+        xp.multiply(g, lr, out=tmp)
+    w -= tmp
+    return w
 
-_CPU_THREADS = max(1, min(4, int(os.environ.get("GPUNET_CPU_THREADS", os.cpu_count() or 1))))
-_MIN_CHUNK = 1 << 17  # below ~128k elements a thread hand-off costs more than it saves
-_pool = None
+
+# --- CPU: BLAS level-1 fast path and cache blocking ----------------------------------------------------
+
+_BLOCK = 1 << 16  # 64k floats: the four 256 KiB slices of one block stay in a core's L2 cache
 
 
-def split(fn, *arrays):
-    """Run ``fn(*chunks)`` on equal slices of the 1-D ``arrays`` across CPU threads.
-
-    NumPy ufuncs release the GIL, so the slices run in parallel; elementwise work over a whole parameter
-    buffer (about 0.7M floats for 784-512-512-10) is then bounded by memory bandwidth, not by one core.
-    """
-    global _pool
+def _blocked(fn, *arrays):
+    """Apply ``fn`` block by block, so each array streams from memory once instead of once per pass."""
     n = arrays[0].shape[0]
-    parts = min(_CPU_THREADS, n // _MIN_CHUNK)
-    if parts < 2 or get_array_module(arrays[0]).__name__ != "numpy":
-        return fn(*arrays)
-    if _pool is None:
-        from concurrent.futures import ThreadPoolExecutor
+    for start in range(0, n, _BLOCK):
+        fn(*(a[start:start + _BLOCK] for a in arrays))
 
-        _pool = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="gpunet-cpu")
-    bounds = [n * i // parts for i in range(parts + 1)]
-    chunks = [tuple(a[bounds[i]:bounds[i + 1]] for a in arrays) for i in range(parts)]
-    futures = [_pool.submit(fn, *c) for c in chunks[1:]]
-    fn(*chunks[0])
-    for f in futures:
-        f.result()
+
+@functools.lru_cache(maxsize=None)
+def _openblas(dtype_char: str):
+    """(scal, axpy) from the OpenBLAS inside NumPy's wheel, or None (other builds: MKL, Accelerate).
+
+    Why: after each matmul OpenBLAS keeps its worker threads spinning for a moment. Elementwise NumPy work
+    then competes with them for the cores, while BLAS level-1 calls run on those same, already awake
+    threads: the parameter update takes about half the time (see BENCHMARKS.md).
+    """
+    if os.environ.get("GPUNET_CPU_BLAS", "1") == "0":
+        return None
+    try:
+        import ctypes
+        import glob
+
+        import numpy
+
+        libs = glob.glob(os.path.join(os.path.dirname(numpy.__file__) + ".libs", "libscipy_openblas64_*.so"))
+        if not libs:
+            return None
+        lib = ctypes.CDLL(libs[0])
+        real = ctypes.c_float if dtype_char == "s" else ctypes.c_double
+        scal = getattr(lib, f"scipy_cblas_{dtype_char}scal64_")
+        axpy = getattr(lib, f"scipy_cblas_{dtype_char}axpy64_")
+        scal.restype = axpy.restype = None
+        scal.argtypes = [ctypes.c_int64, real, ctypes.c_void_p, ctypes.c_int64]
+        axpy.argtypes = [ctypes.c_int64, real, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+        return scal, axpy
+    except Exception:  # any surprise in a foreign library means: use the NumPy twin
+        return None
+
+
+def _cpu_blas(a):
+    """The BLAS pair for a contiguous 1-D NumPy float32/float64 array large enough to gain from it."""
+    if not isinstance(a, _np.ndarray) or a.ndim != 1 or a.shape[0] < 4096 or not a.flags.c_contiguous:
+        return None
+    char = {"float32": "s", "float64": "d"}.get(a.dtype.name)
+    return _openblas(char) if char else None
+
+
+def _blas_momentum(w, g, v, lr, gamma, wd, nesterov) -> bool:
+    """The momentum rule as scal/axpy calls; False when no BLAS path applies."""
+    blas = _cpu_blas(w)
+    if blas is None:
+        return False
+    scal, axpy = blas
+    n, pw, pg, pv = w.shape[0], w.ctypes.data, g.ctypes.data, v.ctypes.data
+    lr, gamma, wd = float(lr), float(gamma), float(wd)
+    scal(n, gamma, pv, 1)                # v = gamma * v
+    axpy(n, lr, pg, 1, pv, 1)            #   + lr * g
+    if wd:
+        axpy(n, lr * wd, pw, 1, pv, 1)   #   + lr * wd * w
+    if not nesterov:
+        axpy(n, -1.0, pv, 1, pw, 1)      # w = w - v
+        return True
+    if wd:
+        scal(n, 1.0 - lr * wd, pw, 1)    # w = w - lr * wd * w
+    axpy(n, -gamma, pv, 1, pw, 1)        #   - gamma * v
+    axpy(n, -lr, pg, 1, pw, 1)           #   - lr * g
+    return True

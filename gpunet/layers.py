@@ -122,23 +122,28 @@ class Linear(Layer):
                 f"{device_of(x)}; move it with gpunet.backend.to_device(x, {device_of(W)!r})"
             )
 
-    def forward(self, x, fuse_relu: bool = False):
-        """x (N, in) -> y (N, out). ``fuse_relu`` returns ``max(x @ W + b, 0)`` in one fused step."""
-        self._check(x)
+    def forward(self, x, fuse_relu: bool = False, out=None, check: bool = True):
+        """x (N, in) -> y (N, out). ``fuse_relu`` returns ``max(x @ W + b, 0)`` in one fused step.
+
+        ``out`` (N, out) receives the result (a network passes its own reusable buffers); ``check=False``
+        skips the input checks when the caller has already made them.
+        """
+        if check:
+            self._check(x)
         self._x = x
         xp = get_array_module(x)
-        y = xp.matmul(x, self.W.data)
+        y = xp.matmul(x, self.W.data, out=out)
         if fuse_relu:
             return kernels.bias_relu(y, self.b.data)
         y += self.b.data
         return y
 
-    def backward(self, dy, need_dx: bool = True):
+    def backward(self, dy, need_dx: bool = True, out=None):
         """dy (N, out) -> dx (N, in); writes W.grad and b.grad. ``need_dx=False`` skips the dx matmul."""
         xp = get_array_module(dy)
         xp.matmul(self._x.T, dy, out=self.W.grad)
         dy.sum(axis=0, out=self.b.grad)
-        return xp.matmul(dy, self.W.data.T) if need_dx else None
+        return xp.matmul(dy, self.W.data.T, out=out) if need_dx else None
 
 
 class _Activation(Layer):

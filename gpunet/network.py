@@ -36,7 +36,15 @@ class Sequential(Layer):
                 raise TypeError(f"layers[{i}]: expected a gpunet layer, got {type(layer).__name__}")
         if not layers:
             raise ValueError("layers: expected at least one layer, got none")
+        width = None
+        for i, layer in enumerate(layers):
+            if isinstance(layer, Linear):
+                if width is not None and layer.in_features != width:
+                    raise ValueError(f"layers[{i}]: expected in_features={width} to match the previous Linear's "
+                                     f"out_features, got {layer.in_features}")
+                width = layer.out_features
         self.layers = list(layers)
+        self._workspace = {}
 
     # --- structure ----------------------------------------------------------------------------------
     def parameters(self) -> list:
@@ -89,16 +97,24 @@ class Sequential(Layer):
         if x.ndim != 2:
             raise ValueError(f"x: expected a 2-D array (batch, features), got shape {tuple(x.shape)}")
         layers, n = self.layers, len(self.layers)
+        last = max((j for j, l in enumerate(layers) if isinstance(l, Linear)), default=-1)
         owned = False  # the caller's x is never modified in place
+        checked = False  # Linear widths were matched at construction: only the first input needs checking
         i = 0
         while i < n:
             layer = layers[i]
             if isinstance(layer, Linear):
-                if i + 1 < n and type(layers[i + 1]) is ReLU:
-                    x = layers[i + 1].adopt(layer.forward(x, fuse_relu=True))
+                # hidden outputs go into reusable buffers while training; the final output is always new,
+                # so what a caller keeps is never overwritten by the next call
+                out = self._buffer(i, "y", (x.shape[0], layer.out_features), x) if self.training and i != last else None
+                fuse = i + 1 < n and type(layers[i + 1]) is ReLU
+                y = layer.forward(x, fuse_relu=fuse, out=out, check=not checked)
+                checked = True
+                if fuse:
+                    x = layers[i + 1].adopt(y)
                     i += 2
                 else:
-                    x = layer.forward(x)
+                    x = y
                     i += 1
                 owned = True
             elif isinstance(layer, _Activation):
@@ -122,7 +138,10 @@ class Sequential(Layer):
             layer = self.layers[i]
             if isinstance(layer, Linear):
                 need = need_input_grad or i != first_linear
-                dy = layer.backward(dy, need_dx=need)
+                out = self._buffer(i, "dx", (dy.shape[0], layer.in_features), dy) if need and self.training else None
+                if out is not None and i == first_linear:
+                    out = None  # the input gradient goes to the caller: a new array
+                dy = layer.backward(dy, need_dx=need, out=out)
                 if dy is None:
                     return None
                 owned = True
@@ -133,10 +152,19 @@ class Sequential(Layer):
                 dy = layer.backward(dy)
         return dy
 
+    def _buffer(self, i, kind, shape, like):
+        """A reusable work array for layer ``i`` (allocated once per batch shape, dtype and device)."""
+        buf = self._workspace.get((i, kind))
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or type(buf) is not type(like):
+            buf = get_array_module(like).empty(shape, dtype=like.dtype)
+            self._workspace[(i, kind)] = buf
+        return buf
+
     # --- devices and weights ------------------------------------------------------------------------
     def to(self, device: str | None):
         """Move every parameter to ``device`` ("cpu", "gpu", "auto"); returns self."""
         dev = resolve_device(device)
+        self._workspace = {}
         for p in self.parameters():
             p.data = to_device(p.data, dev)
             p.grad = get_array_module(p.data).zeros_like(p.data)

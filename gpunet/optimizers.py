@@ -99,14 +99,7 @@ class SGD(Optimizer):
     def step(self):
         self._check_views()
         lr, wd = self._scalars()
-        xp = get_array_module(self._w)
-        if wd:
-            xp.multiply(self._w, wd, out=self._tmp)
-            self._tmp += self._g
-            self._tmp *= lr
-        else:
-            xp.multiply(self._g, lr, out=self._tmp)
-        self._w -= self._tmp
+        kernels.sgd_update(self._w, self._g, lr, wd, self._tmp)
 
 
 class Momentum(Optimizer):

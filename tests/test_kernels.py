@@ -172,3 +172,26 @@ def test_tf32_without_gpu_names_the_cause():
         pytest.skip("a GPU is usable here")
     with pytest.raises(gn.DeviceError, match="set_tf32 needs a usable GPU"):
         gn.backend.set_tf32(True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nesterov, wd", [(False, 0.0), (False, 1e-3), (True, 0.0), (True, 1e-3)])
+def test_cpu_update_fast_path_matches_twin(dtype, nesterov, wd):
+    """The CPU optimizer path (OpenBLAS scal/axpy where NumPy ships OpenBLAS, else the blocked twin)
+    against the plain twin, over a buffer large enough to take the fast path. Different operation
+    order: a few ulps, rtol 1e-5 for float32 and 1e-12 for float64."""
+    rng = np.random.default_rng(0)
+    n = 200_003
+    w, g, v = (rng.normal(size=n).astype(dtype) for _ in range(3))
+    w2, v2 = w.copy(), v.copy()
+    t = np.dtype(dtype).type
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    for _ in range(3):
+        kernels.momentum_update(w, g, v, t(0.05), t(0.9), t(wd), nesterov, np.empty_like(w))
+        kernels.momentum_update_xp(w2, g, v2, t(0.05), t(0.9), t(wd), nesterov, np.empty_like(w))
+    assert w.dtype == dtype and v.dtype == dtype
+    assert_allclose(v, v2, rtol, rtol)
+    assert_allclose(w, w2, rtol, rtol)
+    w3 = w.copy()
+    kernels.sgd_update(w3, g, t(0.05), t(wd), np.empty_like(w))
+    assert_allclose(w3, w - 0.05 * (g + wd * w), rtol, rtol)
