@@ -121,7 +121,10 @@ def describe_device(name: str | None = None) -> dict:
 
 
 def _is_cupy(a) -> bool:
-    return type(a).__module__.partition(".")[0] == "cupy"
+    t = type(a)
+    if t is np.ndarray:  # the common case, answered without string work (called several times a step)
+        return False
+    return t.__module__.partition(".")[0] == "cupy"
 
 
 def get_array_module(*arrays):
