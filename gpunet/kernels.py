@@ -31,7 +31,7 @@ def _fused(a) -> bool:
 def _bias_relu_kernel():
     import cupy
 
-    return cupy.ElementwiseKernel("T b", "T y", "y = max(y + b, (T)0)", "gpunet_bias_relu")
+    return cupy.ElementwiseKernel("T b", "T y", "T t = y + b; y = t > (T)0 ? t : (T)0;", "gpunet_bias_relu")
 
 
 def bias_relu_xp(y, b):
@@ -85,11 +85,11 @@ extern "C" __global__ void gpunet_softmax_xent(const T* z, const long long* y, T
     T m = zi[0];
     for (int j = 1; j < c; ++j) m = zi[j] > m ? zi[j] : m;
     T s = 0;
-    for (int j = 0; j < c; ++j) { T e = exp(zi[j] - m); gi[j] = e; s += e; }
+    for (int j = 0; j < c; ++j) { T e = EXP(zi[j] - m); gi[j] = e; s += e; }
     const long long t = y[i];
     const T inv_s = (T)1 / s;
     for (int j = 0; j < c; ++j) gi[j] = (gi[j] * inv_s - (j == t ? (T)1 : (T)0)) * inv_n;
-    loss[i] = log(s) + m - zi[t];
+    loss[i] = LOG(s) + m - zi[t];
 }
 """
 
@@ -98,7 +98,10 @@ extern "C" __global__ void gpunet_softmax_xent(const T* z, const long long* y, T
 def _xent_kernel(ctype: str):
     import cupy
 
-    return cupy.RawKernel(f"typedef {ctype} T;\n" + _XENT_SRC, "gpunet_softmax_xent")
+    # expf/logf for float, exp/log for double: no reliance on C++ overloads under NVRTC
+    fn = {"float": ("expf", "logf"), "double": ("exp", "log")}[ctype]
+    head = f"typedef {ctype} T;\n#define EXP {fn[0]}\n#define LOG {fn[1]}\n"
+    return cupy.RawKernel(head + _XENT_SRC, "gpunet_softmax_xent")
 
 
 def softmax_xent_xp(z, labels, grad, loss_rows):
