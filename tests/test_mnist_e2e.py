@@ -39,3 +39,14 @@ def test_command_line_on_real_mnist(mnist_dir, tmp_path):
                          str(mnist_dir), "--json"], capture_output=True, text=True, timeout=600)
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["accuracy"] == pytest.approx(metrics["test_accuracy"])
+
+
+def test_default_recipe_reaches_98_3_percent(mnist_dir, tmp_path):
+    """`gpunet train` with no flags but the data folder (and an output folder) is a good MNIST recipe."""
+    out = tmp_path / "default"
+    res = subprocess.run([sys.executable, "-m", "gpunet", "train", "--data-dir", str(mnist_dir), "--out", str(out)],
+                         capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["epochs"] == 20 and metrics["config"]["hidden"] == [512, 512]
+    assert metrics["test_accuracy"] >= 0.983, metrics["test_accuracy"]
