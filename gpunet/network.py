@@ -189,6 +189,11 @@ class Sequential(Layer):
                 raise TypeError(f"state[{name!r}]: expected dtype {p.data.dtype}, got {value.dtype}")
             p.data[...] = to_device(value, device_of(p.data))
 
+    @classmethod
+    def load(cls, path, device: str | None = None) -> "Sequential":
+        """Rebuild a network from a file written by :meth:`save` (same as ``gpunet.load``)."""
+        return load(path, device=device)
+
     def save(self, path) -> None:
         """Write architecture and weights to one ``.npz`` file (atomically: a crash leaves no half file)."""
         path = os.fspath(path)

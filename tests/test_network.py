@@ -39,6 +39,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, device):
     net.save(path)
     assert sorted(os.listdir(tmp_path)) == ["model.npz"]  # no temp file left behind
     loaded = gn.load(path, device=device)
+    assert gn.Sequential.load(path, device=device).config() == net.config()
     assert loaded.config() == net.config()
     for (k1, a), (k2, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
         assert k1 == k2 and a.dtype == b.dtype and np.array_equal(a, b)

@@ -1,0 +1,168 @@
+"""Where does a gpunet CPU training step spend its time outside the matrix products?
+
+Replays the body of ``gpunet.training.fit`` (gather, forward, loss, backward, update, loss/accuracy
+accumulation) with a clock around each phase, and counts the time spent inside ``numpy.matmul`` by
+wrapping it for the duration of the run (gpunet calls ``xp.matmul`` through the module, so the wrapper
+sees every product). Phase time minus matmul time is the non-GEMM cost of the phase. Then it runs
+cProfile over the same steps and lists the functions with the largest own time (matmul excluded).
+
+    python benchmarks/profile_step.py --data-dir /work/shared/data/mnist [--batch 128 32] [--steps 300]
+
+Numbers are microseconds per step, means over ``--steps`` steps after ``--warmup`` steps.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import numpy as np
+
+import gpunet
+from gpunet.data import load_mnist
+
+
+class MatmulClock:
+    """Replace ``numpy.matmul`` by a timed wrapper while active; ``seconds`` accumulates."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.calls = 0
+        self._orig = np.matmul
+
+    def __enter__(self):
+        orig, clock = self._orig, time.perf_counter
+
+        def timed(*a, **k):
+            t0 = clock()
+            r = orig(*a, **k)
+            self.seconds += clock() - t0
+            self.calls += 1
+            return r
+
+        np.matmul = timed
+        return self
+
+    def __exit__(self, *exc):
+        np.matmul = self._orig
+
+
+def build(sizes, lr=0.01):
+    net = gpunet.mlp(sizes, seed=0, device="cpu")
+    return net, gpunet.SoftmaxCrossEntropy(), gpunet.Momentum(net.parameters(), lr=lr, momentum=0.9)
+
+
+def phases(x, y, sizes, bs, steps, warmup):
+    """Mean microseconds per step of each phase, and of the matmuls inside it."""
+    net, loss, opt = build(sizes)
+    order = np.random.default_rng(0).permutation(len(x))
+    xb_buf = np.empty((bs, x.shape[1]), x.dtype)
+    yb_buf = np.empty((bs,), y.dtype)
+    loss_sum, correct = np.zeros((), np.float64), np.zeros((), np.int64)
+    names = ("take", "forward", "loss.forward", "loss.backward", "net.backward", "opt.step", "loss_sum", "argmax+correct")
+    total = dict.fromkeys(names, 0.0)
+    gemm = dict.fromkeys(names, 0.0)
+    clock = time.perf_counter
+    with MatmulClock() as mm:
+        for s in range(warmup + steps):
+            lo = (s * bs) % (len(x) - bs)
+            record = s >= warmup
+            marks = []
+
+            def mark(name, t0, g0):
+                if record:
+                    total[name] += clock() - t0
+                    gemm[name] += mm.seconds - g0
+
+            t, g = clock(), mm.seconds
+            idx = order[lo:lo + bs]
+            xb, yb = np.take(x, idx, axis=0, out=xb_buf), np.take(y, idx, axis=0, out=yb_buf)
+            mark("take", t, g)
+            t, g = clock(), mm.seconds
+            out = net.forward(xb)
+            mark("forward", t, g)
+            t, g = clock(), mm.seconds
+            value = loss.forward(out, yb, check=False)
+            mark("loss.forward", t, g)
+            t, g = clock(), mm.seconds
+            d = loss.backward()
+            mark("loss.backward", t, g)
+            t, g = clock(), mm.seconds
+            net.backward(d, need_input_grad=False)
+            mark("net.backward", t, g)
+            t, g = clock(), mm.seconds
+            opt.step()
+            mark("opt.step", t, g)
+            t, g = clock(), mm.seconds
+            loss_sum += value * bs
+            mark("loss_sum", t, g)
+            t, g = clock(), mm.seconds
+            correct += (out.argmax(axis=1) == yb).sum()
+            mark("argmax+correct", t, g)
+            del marks
+    return {k: (1e6 * total[k] / steps, 1e6 * gemm[k] / steps) for k in names}
+
+
+def profile(x, y, sizes, bs, steps, top=15):
+    """cProfile over ``steps`` steps of ``fit``'s body; the top functions by own time."""
+    net, loss, opt = build(sizes)
+    order = np.random.default_rng(0).permutation(len(x))
+    xb_buf = np.empty((bs, x.shape[1]), x.dtype)
+    yb_buf = np.empty((bs,), y.dtype)
+
+    def run():
+        loss_sum, correct = np.zeros((), np.float64), np.zeros((), np.int64)
+        for s in range(steps):
+            lo = (s * bs) % (len(x) - bs)
+            idx = order[lo:lo + bs]
+            xb, yb = np.take(x, idx, axis=0, out=xb_buf), np.take(y, idx, axis=0, out=yb_buf)
+            out = net.forward(xb)
+            value = loss.forward(out, yb, check=False)
+            net.backward(loss.backward(), need_input_grad=False)
+            opt.step()
+            loss_sum += value * bs
+            correct += (out.argmax(axis=1) == yb).sum()
+
+    run()  # warm-up
+    prof = cProfile.Profile()
+    prof.enable()
+    run()
+    prof.disable()
+    buf = io.StringIO()
+    st = pstats.Stats(prof, stream=buf)
+    rows = []
+    for (file, line, fn), (cc, nc, tt, ct, callers) in st.stats.items():
+        where = f"{file.rsplit('/', 2)[-2:][-1] if '/' in file else file}:{line}({fn})"
+        rows.append((tt / steps * 1e6, ct / steps * 1e6, nc / steps, where))
+    rows.sort(reverse=True)
+    return rows[:top]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--batch", type=int, nargs="+", default=[128, 32])
+    p.add_argument("--sizes", default="784-512-512-10")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=30)
+    args = p.parse_args()
+    sizes = [int(s) for s in args.sizes.split("-")]
+    (x, y), _ = load_mnist(args.data_dir, download=False)
+    for bs in args.batch:
+        res = phases(x, y, sizes, bs, args.steps, args.warmup)
+        tot = sum(v[0] for v in res.values())
+        gem = sum(v[1] for v in res.values())
+        print(f"\n{args.sizes}, batch {bs}: {tot:.0f} us/step, of which matmul {gem:.0f} us, "
+              f"outside matmul {tot - gem:.0f} us ({100 * (tot - gem) / tot:.0f}%)")
+        print(f"  {'phase':16s} {'total us':>9s} {'matmul us':>9s} {'other us':>9s}")
+        for k, (t, g) in res.items():
+            print(f"  {k:16s} {t:9.1f} {g:9.1f} {t - g:9.1f}")
+        print(f"  cProfile, top own time per step (us own, us cumulative, calls/step):")
+        for tt, ct, nc, where in profile(x, y, sizes, bs, args.steps):
+            print(f"    {tt:8.1f} {ct:8.1f} {nc:6.1f}  {where}")
+
+
+if __name__ == "__main__":
+    main()
