@@ -68,7 +68,7 @@ def _tables(results):
                  f"{_f(c['gpunet_warmup_s'])} / {_f(c.get('torch_warmup_s'))}"] for c in train]
         tables.append(("Training: median seconds per epoch (rounds 2..E)", header, rows))
         header = ["config", "steps", "us/step gpunet", "us/step torch", "us/step floor", "test acc gpunet",
-                  "test acc torch", "ep1 acc gpunet / torch", "max|dW| ep1", "GEMM GFLOP/s gpunet / floor"]
+                  "test acc torch", "ep1 acc gpunet / torch", "max abs dW ep1", "GEMM GFLOP/s gpunet / floor"]
         rows = []
         for c in train:
             us = c["us_per_step"]
