@@ -7,7 +7,9 @@ cached (CuPy also caches the binaries on disk).
 
 Why fuse: on a GPU each elementwise operation is a kernel launch that reads and writes the whole array;
 for MNIST-sized layers the launches, not the arithmetic, dominate. On the CPU the twins use ``out=`` so
-no temporaries are allocated.
+no temporaries are allocated, and the optimizers' parameter updates go through BLAS level-1 calls
+(``scal``/``axpy``) on NumPy's own OpenBLAS when NumPy ships one (``GPUNET_CPU_BLAS=0`` disables that;
+tests check it against the twin too).
 """
 from __future__ import annotations
 
