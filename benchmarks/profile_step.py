@@ -159,7 +159,7 @@ def main():
         print(f"  {'phase':16s} {'total us':>9s} {'matmul us':>9s} {'other us':>9s}")
         for k, (t, g) in res.items():
             print(f"  {k:16s} {t:9.1f} {g:9.1f} {t - g:9.1f}")
-        print(f"  cProfile, top own time per step (us own, us cumulative, calls/step):")
+        print("  cProfile, top own time per step (us own, us cumulative, calls/step):")
         for tt, ct, nc, where in profile(x, y, sizes, bs, args.steps):
             print(f"    {tt:8.1f} {ct:8.1f} {nc:6.1f}  {where}")
 

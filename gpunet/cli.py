@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, backend, plots
+from . import __version__, backend, kernels, plots
 from .backend import DeviceError
 from .data import DataError, default_data_dir, load_images, load_mnist, split_validation
 from .init import INITIALIZERS
@@ -291,7 +291,7 @@ def cmd_info(args):
     info = backend.describe_device(args.device)
     data_dir = default_data_dir()
     result = {"versions": versions(), "platform": platform.platform(), **info, "data_dir": str(data_dir),
-              "fused_kernels": __import__("gpunet.kernels", fromlist=["ENABLED"]).ENABLED}
+              "fused_kernels": kernels.ENABLED}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

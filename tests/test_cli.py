@@ -1,7 +1,6 @@
 """The command line, run for real through its entry points (`python -m gpunet` and the `gpunet` script)."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
