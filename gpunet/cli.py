@@ -19,8 +19,7 @@ import numpy as np
 from . import __version__, backend, kernels, plots
 from .backend import DeviceError
 from .data import DataError, default_data_dir, load_images, load_mnist, split_validation
-from .init import INITIALIZERS
-from .layers import ACTIVATIONS
+from .layers import ACTIVATIONS, INITIALIZERS
 from .losses import SoftmaxCrossEntropy
 from .metrics import format_report
 from .network import load, mlp

@@ -18,8 +18,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .backend import device_of, get_array_module, resolve_device, to_device, to_numpy
-from .layers import ACTIVATIONS, LAYERS, Dropout, Layer, Linear, ReLU, _Activation, _check_float_input
-from .init import make_rng
+from .layers import ACTIVATIONS, LAYERS, Dropout, Layer, Linear, ReLU, _Activation, _check_float_input, make_rng
 
 FORMAT = "gpunet-sequential"
 FORMAT_VERSION = 1
