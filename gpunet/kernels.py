@@ -204,7 +204,7 @@ def sgd_update(w, g, lr, wd, tmp):
     """``w -= lr * (g + wd * w)`` over flat buffers, in place."""
     blas = _cpu_blas(w)
     if blas is not None:
-        scal, axpy = blas
+        scal, axpy, _ = blas
         n = w.shape[0]
         if wd:
             scal(n, 1.0 - float(lr) * float(wd), w.ctypes.data, 1)
@@ -235,7 +235,7 @@ def _blocked(fn, *arrays):
 
 @functools.lru_cache(maxsize=None)
 def _openblas(dtype_char: str):
-    """(scal, axpy) from the OpenBLAS inside NumPy's wheel, or None (other builds: MKL, Accelerate).
+    """(scal, axpy, gemm) from the OpenBLAS inside NumPy's wheel, or None (other builds: MKL, Accelerate).
 
     Why: after each matmul OpenBLAS keeps its worker threads spinning for a moment. Elementwise NumPy work
     then competes with them for the cores, while BLAS level-1 calls run on those same, already awake
@@ -256,10 +256,13 @@ def _openblas(dtype_char: str):
         real = ctypes.c_float if dtype_char == "s" else ctypes.c_double
         scal = getattr(lib, f"scipy_cblas_{dtype_char}scal64_")
         axpy = getattr(lib, f"scipy_cblas_{dtype_char}axpy64_")
-        scal.restype = axpy.restype = None
-        scal.argtypes = [ctypes.c_int64, real, ctypes.c_void_p, ctypes.c_int64]
-        axpy.argtypes = [ctypes.c_int64, real, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
-        return scal, axpy
+        gemm = getattr(lib, f"scipy_cblas_{dtype_char}gemm64_")
+        scal.restype = axpy.restype = gemm.restype = None
+        i64, ptr, enum = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        scal.argtypes = [i64, real, ptr, i64]
+        axpy.argtypes = [i64, real, ptr, i64, ptr, i64]
+        gemm.argtypes = [enum, enum, enum, i64, i64, i64, real, ptr, i64, ptr, i64, real, ptr, i64]
+        return scal, axpy, gemm
     except Exception:  # any surprise in a foreign library means: use the NumPy twin
         return None
 
@@ -277,7 +280,7 @@ def _blas_momentum(w, g, v, lr, gamma, wd, nesterov) -> bool:
     blas = _cpu_blas(w)
     if blas is None:
         return False
-    scal, axpy = blas
+    scal, axpy, _ = blas
     n, pw, pg, pv = w.shape[0], w.ctypes.data, g.ctypes.data, v.ctypes.data
     lr, gamma, wd = float(lr), float(gamma), float(wd)
     scal(n, gamma, pv, 1)                # v = gamma * v
@@ -292,3 +295,48 @@ def _blas_momentum(w, g, v, lr, gamma, wd, nesterov) -> bool:
     axpy(n, -gamma, pv, 1, pw, 1)        #   - gamma * v
     axpy(n, -lr, pg, 1, pw, 1)           #   - lr * g
     return True
+
+
+# --- CPU: the weight gradient folded into the momentum update ------------------------------------------
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
+
+
+def gemm_update_xp(c, a, b, alpha, beta):
+    """Twin: ``c = beta * c + alpha * a.T @ b``; a (K, M), b (K, N), c (M, N)."""
+    c *= beta
+    c += alpha * (a.T @ b)
+    return c
+
+
+def gemm_update(c, a, b, alpha, beta):
+    """``c = beta * c + alpha * a.T @ b`` in place: one BLAS sgemm where NumPy ships OpenBLAS, else the twin.
+
+    With c a velocity, a a layer's input and b its output delta, this is the notes' momentum rule
+    ``v = gamma * v + lr * dW`` with ``dW = x.T @ dy`` never written out: two passes over the weights
+    fewer than computing dW and then updating.
+    """
+    blas = _cpu_blas(c.reshape(-1)) if c.flags.c_contiguous else None
+    if blas is None or not (a.flags.c_contiguous and b.flags.c_contiguous and a.dtype == b.dtype == c.dtype):
+        return gemm_update_xp(c, a, b, alpha, beta)
+    k, m = a.shape
+    n = b.shape[1]
+    blas[2](_ROW_MAJOR, _TRANS, _NO_TRANS, m, n, k, float(alpha), a.ctypes.data, m, b.ctypes.data, n,
+            float(beta), c.ctypes.data, n)
+    return c
+
+
+def axpy(alpha, x, y):
+    """``y += alpha * x`` in place over same-shaped contiguous arrays (BLAS where available)."""
+    fx, fy = x.reshape(-1), y.reshape(-1)
+    blas = _cpu_blas(fy) if x.flags.c_contiguous and y.flags.c_contiguous and x.dtype == y.dtype else None
+    if blas is None:
+        y += y.dtype.type(alpha) * x
+        return y
+    blas[1](fy.shape[0], float(alpha), fx.ctypes.data, 1, fy.ctypes.data, 1)
+    return y
+
+
+def cpu_gemm_available(a) -> bool:
+    """True when :func:`gemm_update` runs as one BLAS call for arrays like ``a``."""
+    return _cpu_blas(a.reshape(-1)) is not None if get_array_module(a) is _np else False

@@ -181,12 +181,20 @@ class Linear(Layer):
         y += self.b.data
         return y
 
-    def backward(self, dy, need_dx: bool = True, out=None):
-        """dy (N, out) -> dx (N, in); writes W.grad and b.grad. ``need_dx=False`` skips the dx matmul."""
+    def backward(self, dy, need_dx: bool = True, out=None, update=None):
+        """dy (N, out) -> dx (N, in); writes W.grad and b.grad. ``need_dx=False`` skips the dx matmul.
+
+        ``update(layer, x, dy)``, if given, replaces writing the gradients: an optimizer applies its
+        step right here (see ``Momentum.fused_update``); dx is computed first, from the old W.
+        """
         xp = get_array_module(dy)
-        xp.matmul(self._x.T, dy, out=self.W.grad)
-        dy.sum(axis=0, out=self.b.grad)
-        return xp.matmul(dy, self.W.data.T, out=out) if need_dx else None
+        dx = xp.matmul(dy, self.W.data.T, out=out) if need_dx else None
+        if update is not None:
+            update(self, self._x, dy)
+        else:
+            xp.matmul(self._x.T, dy, out=self.W.grad)
+            dy.sum(axis=0, out=self.b.grad)
+        return dx
 
 
 class _Activation(Layer):

@@ -125,11 +125,11 @@ class Sequential(Layer):
                 i += 1
         return x
 
-    def backward(self, dy, need_input_grad: bool = True):
+    def backward(self, dy, need_input_grad: bool = True, update=None):
         """dy (N, out_features) -> dx (N, in_features); fills every ``param.grad``.
 
         ``need_input_grad=False`` returns None and skips the first layer's ``dy @ W.T`` (training needs
-        no gradient for the data).
+        no gradient for the data). ``update`` is passed to each Linear (an optimizer's fused step).
         """
         owned = False  # dy belongs to the loss: copy before the first in-place step
         first_linear = next((i for i, l in enumerate(self.layers) if isinstance(l, Linear)), None)
@@ -140,7 +140,7 @@ class Sequential(Layer):
                 out = self._buffer(i, "dx", (dy.shape[0], layer.in_features), dy) if need and self.training else None
                 if out is not None and i == first_linear:
                     out = None  # the input gradient goes to the caller: a new array
-                dy = layer.backward(dy, need_dx=need, out=out)
+                dy = layer.backward(dy, need_dx=need, out=out, update=update)
                 if dy is None:
                     return None
                 owned = True

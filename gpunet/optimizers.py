@@ -132,5 +132,44 @@ class Momentum(Optimizer):
         gamma = self._w.dtype.type(self.momentum)
         kernels.momentum_update(self._w, self._g, self._v, lr, gamma, wd, self.nesterov, self._tmp)
 
+    def fused_update(self, net):
+        """A callback for ``net.backward(dy, update=...)`` that replaces ``backward`` + ``step``, or None.
+
+        Each Linear layer is updated as soon as its delta is known: ``v = gamma*v + lr*(x.T @ dy)`` is one
+        BLAS GEMM into the velocity (the weight gradient is never written out), then ``W -= v`` while W is
+        still in cache. Same rule, same result up to float32 rounding; ``param.grad`` is not filled on
+        this path. Available on the CPU with NumPy's OpenBLAS, without Nesterov, when this optimizer holds
+        exactly the network's parameters, all of them in Linear layers.
+        """
+        params = net.parameters()
+        if (self.nesterov or len(params) != len(self.params) or any(p is not q for p, q in zip(params, self.params))
+                or not kernels.cpu_gemm_available(self._w)
+                or any(layer.parameters() and type(layer).__name__ != "Linear" for layer in net.layers)):
+            return None
+        vel = [self.velocity(i) for i in range(len(self.params))]
+        # each Linear with the position of its W in params (its b follows), in layer order
+        linears = [(layer, next(j for j, p in enumerate(self.params) if p is layer.W))
+                   for layer in net.layers if layer.parameters()]
+
+        def update(layer, x, dy):
+            self._check_views()
+            i = next(j for lay, j in linears if lay is layer)
+            t = self._w.dtype.type
+            lr, gamma, wd = t(self.lr), t(self.momentum), t(self.weight_decay)
+            v_w, v_b = vel[i], vel[i + 1]
+            W, b = layer.W.data, layer.b.data
+            kernels.gemm_update(v_w, x, dy, lr, gamma)      # v = gamma*v + lr * x.T @ dy
+            if wd:
+                kernels.axpy(lr * wd, W, v_w)               #   + lr * wd * W
+            kernels.axpy(-1.0, v_w, W)                      # W -= v
+            g_b = dy.sum(axis=0)
+            if wd:
+                g_b += wd * b
+            v_b *= gamma
+            v_b += lr * g_b
+            b -= v_b
+
+        return update
+
 
 OPTIMIZERS = {"sgd": SGD, "momentum": Momentum}

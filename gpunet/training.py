@@ -99,6 +99,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     bs = _batch_size(batch_size, n)
     steps = (n + bs - 1) // bs
     rng = np.random.default_rng(seed) if xp is np else xp.random.default_rng(seed)
+    fused = optimizer.fused_update(net) if hasattr(optimizer, "fused_update") else None
     xb_buf = xp.empty((bs,) + x.shape[1:], dtype=x.dtype)
     yb_buf = xp.empty((bs,) + y.shape[1:], dtype=y.dtype)
     history, best, wait = History(), None, 0
@@ -123,8 +124,11 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
                 xb, yb = x[idx], y[idx]
             out = net.forward(xb)
             value = loss.forward(out, yb, check=False) if classify else loss.forward(out, yb)
-            net.backward(loss.backward(), need_input_grad=False)
-            optimizer.step()
+            if fused is None:
+                net.backward(loss.backward(), need_input_grad=False)
+                optimizer.step()
+            else:  # backward and update in one walk (CPU fast path; param.grad is not filled)
+                net.backward(loss.backward(), need_input_grad=False, update=fused)
             loss_sum += value * (hi - lo)
             if classify:
                 correct += (out.argmax(axis=1) == yb).sum()

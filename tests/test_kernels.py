@@ -195,3 +195,56 @@ def test_cpu_update_fast_path_matches_twin(dtype, nesterov, wd):
     w3 = w.copy()
     kernels.sgd_update(w3, g, t(0.05), t(wd), np.empty_like(w))
     assert_allclose(w3, w - 0.05 * (g + wd * w), rtol, rtol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_update_and_axpy_match_twins(dtype):
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(64, 300)).astype(dtype), rng.normal(size=(64, 200)).astype(dtype)
+    c = rng.normal(size=(300, 200)).astype(dtype)
+    c1, c2 = c.copy(), c.copy()
+    t = np.dtype(dtype).type
+    kernels.gemm_update(c1, a, b, t(0.05), t(0.9))
+    kernels.gemm_update_xp(c2, a, b, t(0.05), t(0.9))
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    assert c1.dtype == dtype
+    assert_allclose(c1, c2, rtol, rtol)
+    assert_allclose(c1, 0.9 * c + 0.05 * a.T.astype(np.float64) @ b, rtol * 10, rtol * 10)
+    y = c.copy()
+    kernels.axpy(-0.5, c1, y)
+    assert_allclose(y, c - 0.5 * c1, rtol, rtol)
+
+
+def fit_weights(monkeypatch, fused, **opt_kwargs):
+    from gpunet.training import fit
+
+    if not fused:  # no BLAS: the plain backward + step path
+        monkeypatch.setattr(kernels, "_cpu_blas", lambda a: None)
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 20), dtype=np.float32)
+    y = rng.integers(0, 4, size=300)
+    net = gn.mlp([20, 32, 16, 4], seed=1, device="cpu")
+    opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9, **opt_kwargs)
+    assert (opt.fused_update(net) is not None) == fused
+    fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, epochs=2, batch_size=32, seed=0)
+    monkeypatch.undo()
+    return net.state_dict()
+
+
+@pytest.mark.parametrize("wd", [0.0, 1e-3])
+def test_fused_cpu_training_matches_plain_path(monkeypatch, wd):
+    """fit's CPU fast path (GEMM folded into the momentum update) against backward + step: 20 steps,
+    float32, so the two orders of rounding may drift a few ulps per step: rtol 1e-4."""
+    if not kernels.cpu_gemm_available(np.zeros(8, np.float32)):
+        pytest.skip("NumPy here ships no OpenBLAS: the fused path does not exist")
+    fused = fit_weights(monkeypatch, True, weight_decay=wd)
+    plain = fit_weights(monkeypatch, False, weight_decay=wd)
+    for k in fused:
+        assert_allclose(fused[k], plain[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_fused_update_is_refused_where_it_does_not_apply():
+    net = gn.mlp([5, 4, 3], seed=0, device="cpu")
+    assert gn.Momentum(net.parameters(), lr=0.1, nesterov=True).fused_update(net) is None
+    net2 = gn.mlp([5, 4, 3], seed=0, device="cpu")
+    assert gn.Momentum(net2.parameters()[:2], lr=0.1).fused_update(net2) is None  # a subset: plain path
