@@ -74,7 +74,9 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     after that many epochs without a val-loss improvement larger than ``min_delta`` and restores the best
     weights. ``target_loss`` stops once the epoch's training loss is below it. ``schedule(epoch)`` sets
     ``optimizer.lr`` before each epoch. ``callback(record)`` runs after each epoch; ``on_batch(epoch,
-    done, total)`` after each batch (no device sync).
+    done, total)`` after each batch (no device sync). Where the optimizer offers a fused update
+    (``Momentum.fused_update``: CPU, OpenBLAS), backward and update run in one walk and ``param.grad``
+    is not filled.
     """
     if not isinstance(epochs, (int, np.integer)) or epochs < 1:
         raise ValueError(f"epochs: expected a positive integer, got {epochs!r}")
