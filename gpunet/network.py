@@ -137,9 +137,9 @@ class Sequential(Layer):
             layer = self.layers[i]
             if isinstance(layer, Linear):
                 need = need_input_grad or i != first_linear
-                out = self._buffer(i, "dx", (dy.shape[0], layer.in_features), dy) if need and self.training else None
-                if out is not None and i == first_linear:
-                    out = None  # the input gradient goes to the caller: a new array
+                # reuse a buffer for dx between layers; the input gradient goes to the caller: a new array
+                reuse = need and self.training and i != first_linear
+                out = self._buffer(i, "dx", (dy.shape[0], layer.in_features), dy) if reuse else None
                 dy = layer.backward(dy, need_dx=need, out=out, update=update)
                 if dy is None:
                     return None

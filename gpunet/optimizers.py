@@ -144,6 +144,7 @@ class Momentum(Optimizer):
         params = net.parameters()
         if (self.nesterov or len(params) != len(self.params) or any(p is not q for p, q in zip(params, self.params))
                 or not kernels.cpu_gemm_available(self._w)
+                # by name: optimizers import only the backend and kernels, never the layers module
                 or any(layer.parameters() and type(layer).__name__ != "Linear" for layer in net.layers)):
             return None
         vel = [self.velocity(i) for i in range(len(self.params))]
