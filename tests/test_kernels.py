@@ -223,7 +223,7 @@ def fit_weights(monkeypatch, fused, **opt_kwargs):
     rng = np.random.default_rng(0)
     x = rng.random((300, 20), dtype=np.float32)
     y = rng.integers(0, 4, size=300)
-    net = gn.mlp([20, 32, 16, 4], seed=1, device="cpu")
+    net = gn.mlp([20, 128, 64, 4], seed=1, device="cpu")  # > 4096 parameters: large enough for BLAS
     opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9, **opt_kwargs)
     assert (opt.fused_update(net) is not None) == fused
     fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, epochs=2, batch_size=32, seed=0)
@@ -235,7 +235,7 @@ def fit_weights(monkeypatch, fused, **opt_kwargs):
 def test_fused_cpu_training_matches_plain_path(monkeypatch, wd):
     """fit's CPU fast path (GEMM folded into the momentum update) against backward + step: 20 steps,
     float32, so the two orders of rounding may drift a few ulps per step: rtol 1e-4."""
-    if not kernels.cpu_gemm_available(np.zeros(8, np.float32)):
+    if not kernels.cpu_gemm_available(np.zeros(1 << 16, np.float32)):
         pytest.skip("NumPy here ships no OpenBLAS: the fused path does not exist")
     fused = fit_weights(monkeypatch, True, weight_decay=wd)
     plain = fit_weights(monkeypatch, False, weight_decay=wd)
