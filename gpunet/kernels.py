@@ -268,7 +268,7 @@ def _openblas(dtype_char: str):
 
 
 def _cpu_blas(a):
-    """The BLAS pair for a contiguous 1-D NumPy float32/float64 array large enough to gain from it."""
+    """(scal, axpy, gemm) for a contiguous 1-D NumPy float32/float64 array large enough to gain from it."""
     if not isinstance(a, _np.ndarray) or a.ndim != 1 or a.shape[0] < 4096 or not a.flags.c_contiguous:
         return None
     char = {"f": "s", "d": "d"}.get(a.dtype.char)  # dtype.char, not dtype.name: a per-step hot path

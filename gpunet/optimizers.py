@@ -122,9 +122,13 @@ class Momentum(Optimizer):
 
     def velocity(self, i: int):
         """The velocity of ``params[i]``, shaped like it (a view)."""
+        return self._view(self._v, i)
+
+    def _view(self, flat, i: int):
+        """The slice of a flat buffer that belongs to ``params[i]``, shaped like it."""
         start = sum(int(p.data.size) for p in self.params[:i])
         p = self.params[i]
-        return self._v[start:start + p.data.size].reshape(p.data.shape)
+        return flat[start:start + p.data.size].reshape(p.data.shape)
 
     def step(self):
         self._check_views()
@@ -148,6 +152,7 @@ class Momentum(Optimizer):
                 or any(layer.parameters() and type(layer).__name__ != "Linear" for layer in net.layers)):
             return None
         vel = [self.velocity(i) for i in range(len(self.params))]
+        tmp = [self._view(self._tmp, i) for i in range(len(self.params))]
         # each Linear with the position of its W in params (its b follows), in layer order
         linears = [(layer, next(j for j, p in enumerate(self.params) if p is layer.W))
                    for layer in net.layers if layer.parameters()]
@@ -163,12 +168,8 @@ class Momentum(Optimizer):
             if wd:
                 kernels.axpy(lr * wd, W, v_w)               #   + lr * wd * W
             kernels.axpy(-1.0, v_w, W)                      # W -= v
-            g_b = dy.sum(axis=0)
-            if wd:
-                g_b += wd * b
-            v_b *= gamma
-            v_b += lr * g_b
-            b -= v_b
+            # the bias is small: its gradient is formed, then the usual rule (weight decay included)
+            kernels.momentum_update_xp(b, dy.sum(axis=0), v_b, lr, gamma, wd, False, tmp[i + 1])
 
         return update
 

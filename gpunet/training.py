@@ -85,7 +85,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
                          + ("" if validation is not None else " and no validation set"))
     _check_dataset(x, y, "x")
     device = net.device
-    xp = np if device == "cpu" else get_array_module(net.parameters()[0].data)
+    xp = get_array_module(net.parameters()[0].data)
     x, y = to_device(x, device), to_device(y, device)
     classify = isinstance(loss, SoftmaxCrossEntropy)
     if classify:
