@@ -174,8 +174,7 @@ class Linear(Layer):
         if check:
             self._check(x)
         self._x = x
-        xp = get_array_module(x)
-        y = xp.matmul(x, self.W.data, out=out)
+        y = get_array_module(x).matmul(x, self.W.data, out=out)
         if fuse_relu:
             return kernels.bias_relu(y, self.b.data)
         y += self.b.data
@@ -221,8 +220,7 @@ class _Activation(Layer):
 
 class ReLU(_Activation):
     def forward_(self, x):
-        get_array_module(x).maximum(x, 0, out=x)
-        self._y = x
+        self._y = kernels.relu_xp(x)
         return x
 
     def adopt(self, y):

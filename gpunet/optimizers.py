@@ -139,9 +139,11 @@ class Momentum(Optimizer):
     def fused_update(self, net):
         """A callback for ``net.backward(dy, update=...)`` that replaces ``backward`` + ``step``, or None.
 
-        Each Linear layer is updated as soon as its delta is known: ``v = gamma*v + lr*(x.T @ dy)`` is one
-        BLAS GEMM into the velocity (the weight gradient is never written out), then ``W -= v`` while W is
-        still in cache. Same rule, same result up to float32 rounding; ``param.grad`` is not filled on
+        Each Linear layer is updated as soon as its delta is known, by a ``kernels.LinearMomentum`` step:
+        ``v = gamma*v + lr*(x.T @ dy)`` is one BLAS GEMM into the weight velocity and
+        ``v_b = gamma*v_b + lr*dy.sum(0)`` one GEMV into the bias velocity, so the gradients are never
+        written out; then one ``axpy`` applies ``w -= v`` to W and b together (they lie side by side in
+        the flat buffer). Same rule, same result up to float32 rounding; ``param.grad`` is not filled on
         this path. Available on the CPU with NumPy's OpenBLAS, without Nesterov, when this optimizer holds
         exactly the network's parameters, all of them in Linear layers.
         """
@@ -151,25 +153,20 @@ class Momentum(Optimizer):
                 # by name: optimizers import only the backend and kernels, never the layers module
                 or any(layer.parameters() and type(layer).__name__ != "Linear" for layer in net.layers)):
             return None
-        vel = [self.velocity(i) for i in range(len(self.params))]
-        tmp = [self._view(self._tmp, i) for i in range(len(self.params))]
-        # each Linear with the position of its W in params (its b follows), in layer order
-        linears = [(layer, next(j for j, p in enumerate(self.params) if p is layer.W))
-                   for layer in net.layers if layer.parameters()]
+        # per Linear, in layer order: the layer and its prepared step over its slice (W then b) of the buffers
+        steps, start = [], 0
+        for layer in net.layers:
+            if layer.parameters():
+                stop = start + layer.W.data.size + layer.b.data.size
+                steps.append((layer, kernels.LinearMomentum(self._w[start:stop], self._v[start:stop],
+                                                            layer.in_features, layer.out_features)))
+                start = stop
 
         def update(layer, x, dy):
-            self._check_views()
-            i = next(j for lay, j in linears if lay is layer)
-            t = self._w.dtype.type
-            lr, gamma, wd = t(self.lr), t(self.momentum), t(self.weight_decay)
-            v_w, v_b = vel[i], vel[i + 1]
-            W, b = layer.W.data, layer.b.data
-            kernels.gemm_update(v_w, x, dy, lr, gamma)      # v = gamma*v + lr * x.T @ dy
-            if wd:
-                kernels.axpy(lr * wd, W, v_w)               #   + lr * wd * W
-            kernels.axpy(-1.0, v_w, W)                      # W -= v
-            # the bias is small: its gradient is formed, then the usual rule (weight decay included)
-            kernels.momentum_update_xp(b, dy.sum(axis=0), v_b, lr, gamma, wd, False, tmp[i + 1])
+            if layer is steps[-1][0]:  # the first layer updated in each step
+                self._check_views()
+            step = next(s for lay, s in steps if lay is layer)
+            step(x, dy, self.lr, self.momentum, self.weight_decay)
 
         return update
 

@@ -120,7 +120,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
                 xb, yb = x[lo:hi], y[lo:hi]
             elif hi - lo == bs:
                 idx = order[lo:hi]
-                xb, yb = xp.take(x, idx, axis=0, out=xb_buf), xp.take(y, idx, axis=0, out=yb_buf)
+                xb, yb = xp.take(x, idx, axis=0, out=xb_buf, mode='clip'), xp.take(y, idx, axis=0, out=yb_buf, mode='clip')
             else:
                 idx = order[lo:hi]
                 xb, yb = x[idx], y[idx]

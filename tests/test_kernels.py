@@ -4,6 +4,8 @@ CPU: twin vs naive NumPy float64 formulas. GPU: the CUDA kernel vs the twin on t
 and a whole training step with fused kernels on vs off. Tolerances: float32 elementwise results differ
 only by operation order and exp/log implementations, a few ulps: rtol 1e-5, atol 1e-6.
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -111,14 +113,56 @@ def run_steps(device, steps=3):
     return net.state_dict()
 
 
-@pytest.mark.gpu
-def test_fused_step_matches_plain_step(monkeypatch):
-    """Three whole training steps with fused kernels on, then off (the twins), on the GPU."""
-    fused = run_steps("gpu")
+def test_fused_step_matches_plain_step(device, monkeypatch):
+    """Three whole training steps with fused kernels on (CUDA on the GPU; numba on the CPU when
+    installed), then off (the twins). Same float32 operations in another order: rtol 1e-5."""
+    fused = run_steps(device)
     monkeypatch.setattr(kernels, "ENABLED", False)
-    plain = run_steps("gpu")
+    plain = run_steps(device)
     for k in fused:
         assert_allclose(fused[k], plain[k], RTOL, ATOL, err_msg=k)
+
+
+def compiled_kernels():
+    """gpunet.cpu_kernels, or skip (fail where CI requires numba: GPUNET_REQUIRE_NUMBA=1)."""
+    compiled = kernels._numba_kernels()
+    if compiled is None:
+        if os.environ.get("GPUNET_REQUIRE_NUMBA") == "1":
+            pytest.fail("GPUNET_REQUIRE_NUMBA=1 but the compiled CPU kernels are unavailable (numba missing?)")
+        pytest.skip("numba is not installed: the CPU runs the NumPy twins")
+    return compiled
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_cpu_kernels_match_twins(dtype):
+    """The numba kernels against their NumPy twins on the same host arrays (rtol 1e-5 for float32:
+    one pass instead of several, and another exp/log; 1e-12 for float64)."""
+    compiled_kernels()
+    rtol, atol = (RTOL, ATOL) if dtype == np.float32 else (1e-12, 1e-14)
+    z, labels, rng = data(dtype=dtype, n=130)
+    g1, r1, g2, r2 = np.empty_like(z), np.empty(len(z), dtype), np.empty_like(z), np.empty(len(z), dtype)
+    kernels.softmax_xent(z, labels, g1, r1)
+    kernels.softmax_xent_xp(z, labels, g2, r2)
+    assert_allclose(g1, g2, rtol, atol)
+    assert_allclose(r1, r2, rtol, atol)
+
+    b = rng.normal(size=10).astype(dtype)
+    y1, y2 = z.copy(), z.copy()
+    kernels.bias_relu(y1, b)
+    kernels.bias_relu_xp(y2, b)
+    assert_allclose(y1, y2, rtol, atol)
+    dy = rng.normal(size=z.shape).astype(dtype)
+    assert_allclose(kernels.relu_backward(dy.copy(), y1), kernels.relu_backward_xp(dy.copy(), y1), rtol, atol)
+
+
+def test_compiled_softmax_xent_is_stable_and_checks_labels():
+    compiled_kernels()
+    z = np.array([[1000.0, 0.0, -1000.0], [-5e4, 5e4, 0.0]], np.float32)
+    grad, rows = kernels.softmax_xent(z, np.array([0, 0]), np.empty_like(z), np.empty(2, np.float32))
+    assert np.all(np.isfinite(grad)) and np.all(np.isfinite(rows))
+    assert rows[0] == pytest.approx(0.0, abs=1e-6) and rows[1] == pytest.approx(1e5, rel=1e-6)
+    with pytest.raises(IndexError, match="label"):  # compiled code has no bounds checks of its own
+        kernels.softmax_xent(z, np.array([0, 3]), np.empty_like(z), np.empty(2, np.float32))
 
 
 def test_fast_cpu_step_matches_per_parameter_formulas():
@@ -198,28 +242,52 @@ def test_cpu_update_fast_path_matches_twin(dtype, nesterov, wd):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_gemm_update_and_axpy_match_twins(dtype):
+@pytest.mark.parametrize("wd", [0.0, 1e-3])
+@pytest.mark.parametrize("layout", ["C", "F"])
+def test_linear_momentum_step_matches_formulas(dtype, wd, layout):
+    """kernels.LinearMomentum (sgemm + sgemv + axpy on one layer's slice of the flat buffers; an input
+    in Fortran order takes the twin) against the notes' rule in float64, two steps. rtol 1e-5 for
+    float32 (K = 64 products summed in another order), 1e-12 for float64."""
+    if not kernels.cpu_gemm_available(np.zeros(1 << 16, dtype)):
+        pytest.skip("NumPy here ships no OpenBLAS: the fused path does not exist")
     rng = np.random.default_rng(3)
-    a, b = rng.normal(size=(64, 300)).astype(dtype), rng.normal(size=(64, 200)).astype(dtype)
-    c = rng.normal(size=(300, 200)).astype(dtype)
-    c1, c2 = c.copy(), c.copy()
-    t = np.dtype(dtype).type
-    kernels.gemm_update(c1, a, b, t(0.05), t(0.9))
-    kernels.gemm_update_xp(c2, a, b, t(0.05), t(0.9))
+    n_in, n_out, k = 300, 20, 64
+    flat_w, flat_v = rng.normal(size=(2, 7 + n_in * n_out + n_out + 5)).astype(dtype)
+    wb, v_wb = flat_w[7:-5], flat_v[7:-5]   # a slice in the middle, like a hidden layer's
+    step = kernels.LinearMomentum(wb, v_wb, n_in, n_out)
+    W, b = wb[:-n_out].reshape(n_in, n_out).astype(np.float64), wb[-n_out:].astype(np.float64)
+    vW, vb = v_wb[:-n_out].reshape(n_in, n_out).astype(np.float64), v_wb[-n_out:].astype(np.float64)
+    before = flat_w.copy()
+    for _ in range(2):
+        x = np.asarray(rng.normal(size=(k, n_in)).astype(dtype), order=layout)
+        dy = rng.normal(size=(k, n_out)).astype(dtype)
+        step(x, dy, 0.05, 0.9, wd)
+        x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+        vW = 0.9 * vW + 0.05 * (x64.T @ dy64 + wd * W)
+        vb = 0.9 * vb + 0.05 * (dy64.sum(0) + wd * b)
+        W, b = W - vW, b - vb
     rtol = 1e-5 if dtype == np.float32 else 1e-12
-    assert c1.dtype == dtype
-    assert_allclose(c1, c2, rtol, rtol)
-    assert_allclose(c1, 0.9 * c + 0.05 * a.T.astype(np.float64) @ b, rtol * 10, rtol * 10)
-    y = c.copy()
-    kernels.axpy(-0.5, c1, y)
-    assert_allclose(y, c - 0.5 * c1, rtol, rtol)
+    assert wb.dtype == dtype
+    assert_allclose(v_wb, np.concatenate([vW.ravel(), vb]), rtol, rtol)
+    assert_allclose(wb, np.concatenate([W.ravel(), b]), rtol, rtol)
+    assert np.array_equal(flat_w[:7], before[:7]) and np.array_equal(flat_w[-5:], before[-5:])  # neighbours intact
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_axpy_matches_twin(dtype):
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(2, 300, 200)).astype(dtype)
+    y1 = y.copy()
+    kernels.axpy(-0.5, x, y1)
+    rtol = 1e-6 if dtype == np.float32 else 1e-14
+    assert_allclose(y1, y - 0.5 * x.astype(np.float64), rtol, rtol)
 
 
 def fit_weights(monkeypatch, fused, **opt_kwargs):
     from gpunet.training import fit
 
     if not fused:  # no BLAS: the plain backward + step path
-        monkeypatch.setattr(kernels, "_cpu_blas", lambda a: None)
+        monkeypatch.setattr(kernels, "_cpu_blas", lambda a, min_size=4096: None)
     rng = np.random.default_rng(0)
     x = rng.random((300, 20), dtype=np.float32)
     y = rng.integers(0, 4, size=300)

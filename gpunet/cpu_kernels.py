@@ -1,0 +1,58 @@
+"""Compiled CPU twins of the fused elementwise steps (numba), used by :mod:`gpunet.kernels`.
+
+Optional: imported only when numba is installed (``pip install gpunet[numba]``) and fused kernels are on.
+Why: one NumPy call costs a few microseconds however small its array, and each elementwise step of a
+layer is two or three such calls, each a full pass over the array. A compiled loop does the step in one
+pass and one call: for a 128 x 512 batch, bias + ReLU drops from about 40 us to 7 us, the ReLU backward
+from 25 us to 8 us, softmax cross-entropy over 128 x 10 from about 80 us to 9 us (BENCHMARKS.md).
+
+Each kernel works in place on C-contiguous arrays of one float dtype (float32 or float64); the formulas
+are those of the twins in :mod:`gpunet.kernels`. Compiled on first use per dtype and cached on disk.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+
+
+@_jit
+def bias_relu(y, b):
+    """y (N, C) = max(y + b, 0); b (C,)."""
+    zero = y.dtype.type(0)
+    for i in range(y.shape[0]):
+        for j in range(y.shape[1]):
+            t = y[i, j] + b[j]
+            y[i, j] = t if t > zero else zero
+
+
+@_jit
+def relu_backward(dy, y):
+    """dy (N, C) = dy * (y > 0), with y the ReLU output."""
+    zero = dy.dtype.type(0)
+    for i in range(dy.shape[0]):
+        for j in range(dy.shape[1]):
+            dy[i, j] = dy[i, j] if y[i, j] > zero else zero
+
+
+@_jit
+def softmax_xent(z, labels, grad, loss_rows, inv_n):
+    """Per row i: loss_rows[i] = logsumexp(z[i]) - z[i, labels[i]]; grad[i] = (softmax(z[i]) - onehot) * inv_n."""
+    for i in range(z.shape[0]):
+        m = z[i, 0]
+        for j in range(1, z.shape[1]):
+            m = max(m, z[i, j])
+        s = z.dtype.type(0)
+        for j in range(z.shape[1]):
+            e = np.exp(z[i, j] - m)   # <= 1: the stable log-sum-exp, never exp of a large number
+            grad[i, j] = e
+            s += e
+        scale = inv_n / s
+        for j in range(z.shape[1]):
+            grad[i, j] *= scale
+        t = labels[i]
+        if t < 0 or t >= z.shape[1]:  # no bounds checks in compiled code: never write outside grad
+            raise IndexError("softmax_xent: a label lies outside [0, classes)")
+        grad[i, t] -= inv_n
+        loss_rows[i] = np.log(s) + m - z[i, t]
