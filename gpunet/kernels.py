@@ -91,7 +91,7 @@ def bias_relu(y, b):
 def _relu_backward_kernel():
     import cupy
 
-    return cupy.ElementwiseKernel("T y", "T dy", "dy = y > (T)0 ? dy : (T)0", "gpunet_relu_backward")
+    return cupy.ElementwiseKernel("T y", "T dy", "dy = y > (T)0 ? dy : (T)0;", "gpunet_relu_backward")
 
 
 def relu_backward_xp(dy, y):
