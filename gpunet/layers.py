@@ -308,7 +308,13 @@ class Dropout(_Activation):
             return x
         xp = get_array_module(x)
         keep = 1.0 - self.p
-        mask = self._rng(xp).random(x.shape, dtype=x.dtype) < keep
+        rng = self._rng(xp)
+        if xp is np:
+            # 16 random bits per unit rather than a float draw: 3x faster with NumPy (96 us instead of 310 us
+            # for 128 x 512); the keep probability is rounded to a multiple of 2**-16
+            mask = rng.integers(0, 1 << 16, size=x.shape, dtype=np.uint16) < min(round(keep * 65536), 65535)
+        else:  # CuPy's Generator draws integers only as int32/int64: a float draw costs the same there
+            mask = rng.random(x.shape, dtype=x.dtype) < keep
         scale = x.dtype.type(1.0 / keep)
         self._mask = mask * scale  # float mask, already scaled: backward is one multiply
         x *= self._mask

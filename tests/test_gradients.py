@@ -128,6 +128,17 @@ def test_dropout_gradient_with_its_mask():
     assert np.array_equal(drop.forward(x), x)
 
 
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.9])
+def test_dropout_keeps_the_right_fraction(device, p):
+    """Over 65,536 units the kept fraction has a standard deviation of at most 0.002: 0.01 is 5 sigma."""
+    drop = gn.Dropout(p, seed=1)
+    x = gn.to_device(np.ones((128, 512), np.float32), device)
+    y = gn.to_numpy(drop.forward(x))
+    kept = float((y != 0).mean())
+    assert abs(kept - (1 - p)) < 0.01
+    np.testing.assert_allclose(y[y != 0], 1 / (1 - p), rtol=1e-6)
+
+
 def test_gradcheck_catches_a_wrong_backward():
     """The checker must be able to fail: a layer with a sign error in its derivative is reported."""
 
