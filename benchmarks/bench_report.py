@@ -121,7 +121,8 @@ def _describe(results) -> str:
     dev = results["device"]
     gpu = f", GPU {m['gpu'].get('gpu_name')}" if dev == "gpu" and m.get("gpu") else ""
     return (f"{m['date']}; {m['cpu_model']} ({m['cores_usable']} cores usable){gpu}; Python {m['python']}, "
-            f"NumPy {m['numpy']} ({m.get('blas_numpy')}), torch {m['torch']}, gpunet {m['gpunet']}; "
+            f"NumPy {m['numpy']} ({m.get('blas_numpy')}), torch {m['torch']}, gpunet {m['gpunet']} "
+            f"(CPU kernels: {m.get('cpu_kernels', 'NumPy twins')}); "
             f"device {dev}, {s['threads']} threads, {s['epochs']} rounds per config (round 1 warm-up), "
             f"lr {s['lr']}, momentum {s['momentum']}")
 
