@@ -1,9 +1,9 @@
 """Where does a gpunet CPU training step spend its time outside the matrix products?
 
-Replays the body of ``gpunet.training.fit`` (gather, forward, loss, backward, update, loss/accuracy
-accumulation) with a clock around each phase, and counts the time spent inside ``numpy.matmul`` by
-wrapping it for the duration of the run (gpunet calls ``xp.matmul`` through the module, so the wrapper
-sees every product). Phase time minus matmul time is the non-GEMM cost of the phase. Then it runs
+Replays the body of ``gpunet.training.fit`` (gather, forward, loss, backward with the fused update where
+``fit`` uses it, loss/accuracy accumulation) with a clock around each phase, and counts the time spent in
+matrix products by wrapping ``numpy.matmul`` and the BLAS ``gemm`` of the fused update for the duration of
+the run (gpunet calls both through attributes, so the wrappers see every product). Phase time minus matmul time is the non-GEMM cost of the phase. Then it runs
 cProfile over the same steps and lists the functions with the largest own time (matmul excluded).
 
     python benchmarks/profile_step.py --data-dir /work/shared/data/mnist [--batch 128 32] [--steps 300]
@@ -21,32 +21,43 @@ import time
 import numpy as np
 
 import gpunet
+from gpunet import kernels
 from gpunet.data import load_mnist
 
 
 class MatmulClock:
-    """Replace ``numpy.matmul`` by a timed wrapper while active; ``seconds`` accumulates."""
+    """Time every matrix product while active: ``numpy.matmul``, and the BLAS ``gemm`` that fit's fused
+    update calls through ctypes (``kernels.LinearMomentum``); ``seconds`` accumulates."""
 
     def __init__(self):
         self.seconds = 0.0
         self.calls = 0
         self._orig = np.matmul
+        self._blas = kernels._openblas("s")  # the float32 routines, shared by every LinearMomentum
 
-    def __enter__(self):
-        orig, clock = self._orig, time.perf_counter
+    def _timed(self, fn):
+        clock = time.perf_counter
 
         def timed(*a, **k):
             t0 = clock()
-            r = orig(*a, **k)
+            r = fn(*a, **k)
             self.seconds += clock() - t0
             self.calls += 1
             return r
 
-        np.matmul = timed
+        return timed
+
+    def __enter__(self):
+        np.matmul = self._timed(self._orig)
+        if self._blas is not None:
+            self._orig_gemm = self._blas.gemm
+            self._blas.gemm = self._timed(self._orig_gemm)
         return self
 
     def __exit__(self, *exc):
         np.matmul = self._orig
+        if self._blas is not None:
+            self._blas.gemm = self._orig_gemm
 
 
 def build(sizes, lr=0.01):
@@ -57,6 +68,7 @@ def build(sizes, lr=0.01):
 def phases(x, y, sizes, bs, steps, warmup):
     """Mean microseconds per step of each phase, and of the matmuls inside it."""
     net, loss, opt = build(sizes)
+    fused = opt.fused_update(net)  # as in fit: the CPU update folded into backward, where available
     order = np.random.default_rng(0).permutation(len(x))
     xb_buf = np.empty((bs, x.shape[1]), x.dtype)
     yb_buf = np.empty((bs,), y.dtype)
@@ -78,7 +90,7 @@ def phases(x, y, sizes, bs, steps, warmup):
 
             t, g = clock(), mm.seconds
             idx = order[lo:lo + bs]
-            xb, yb = np.take(x, idx, axis=0, out=xb_buf), np.take(y, idx, axis=0, out=yb_buf)
+            xb, yb = np.take(x, idx, axis=0, out=xb_buf, mode="clip"), np.take(y, idx, axis=0, out=yb_buf, mode="clip")
             mark("take", t, g)
             t, g = clock(), mm.seconds
             out = net.forward(xb)
@@ -90,10 +102,11 @@ def phases(x, y, sizes, bs, steps, warmup):
             d = loss.backward()
             mark("loss.backward", t, g)
             t, g = clock(), mm.seconds
-            net.backward(d, need_input_grad=False)
+            net.backward(d, need_input_grad=False, update=fused)
             mark("net.backward", t, g)
             t, g = clock(), mm.seconds
-            opt.step()
+            if fused is None:
+                opt.step()
             mark("opt.step", t, g)
             t, g = clock(), mm.seconds
             loss_sum += value * bs
@@ -108,6 +121,7 @@ def phases(x, y, sizes, bs, steps, warmup):
 def profile(x, y, sizes, bs, steps, top=15):
     """cProfile over ``steps`` steps of ``fit``'s body; the top functions by own time."""
     net, loss, opt = build(sizes)
+    fused = opt.fused_update(net)  # as in fit: the CPU update folded into backward, where available
     order = np.random.default_rng(0).permutation(len(x))
     xb_buf = np.empty((bs, x.shape[1]), x.dtype)
     yb_buf = np.empty((bs,), y.dtype)
@@ -117,11 +131,12 @@ def profile(x, y, sizes, bs, steps, top=15):
         for s in range(steps):
             lo = (s * bs) % (len(x) - bs)
             idx = order[lo:lo + bs]
-            xb, yb = np.take(x, idx, axis=0, out=xb_buf), np.take(y, idx, axis=0, out=yb_buf)
+            xb, yb = np.take(x, idx, axis=0, out=xb_buf, mode="clip"), np.take(y, idx, axis=0, out=yb_buf, mode="clip")
             out = net.forward(xb)
             value = loss.forward(out, yb, check=False)
-            net.backward(loss.backward(), need_input_grad=False)
-            opt.step()
+            net.backward(loss.backward(), need_input_grad=False, update=fused)
+            if fused is None:
+                opt.step()
             loss_sum += value * bs
             correct += (out.argmax(axis=1) == yb).sum()
 
