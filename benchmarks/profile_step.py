@@ -3,8 +3,9 @@
 Replays the body of ``gpunet.training.fit`` (gather, forward, loss, backward with the fused update where
 ``fit`` uses it, loss/accuracy accumulation) with a clock around each phase, and counts the time spent in
 matrix products by wrapping ``numpy.matmul`` and the BLAS ``gemm`` of the fused update for the duration of
-the run (gpunet calls both through attributes, so the wrappers see every product). Phase time minus matmul time is the non-GEMM cost of the phase. Then it runs
-cProfile over the same steps and lists the functions with the largest own time (matmul excluded).
+the run (gpunet calls both through attributes, so the wrappers see every product). Phase time minus matmul
+time is the non-GEMM cost of the phase. Then it runs cProfile over the same steps and lists the functions
+with the largest own time (matmul excluded).
 
     python benchmarks/profile_step.py --data-dir /work/shared/data/mnist [--batch 128 32] [--steps 300]
 
@@ -21,19 +22,19 @@ import time
 import numpy as np
 
 import gpunet
-from gpunet import kernels
+from gpunet import blas
 from gpunet.data import load_mnist
 
 
 class MatmulClock:
     """Time every matrix product while active: ``numpy.matmul``, and the BLAS ``gemm`` that fit's fused
-    update calls through ctypes (``kernels.LinearMomentum``); ``seconds`` accumulates."""
+    update calls through ctypes (``blas.LinearMomentum``); ``seconds`` accumulates."""
 
     def __init__(self):
         self.seconds = 0.0
         self.calls = 0
         self._orig = np.matmul
-        self._blas = kernels._openblas("s")  # the float32 routines, shared by every LinearMomentum
+        self._blas = blas._openblas("s")  # the float32 routines, shared by every LinearMomentum
 
     def _timed(self, fn):
         clock = time.perf_counter

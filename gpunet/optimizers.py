@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from . import kernels
+from . import blas, kernels
 from .backend import get_array_module
 
 
@@ -139,7 +139,7 @@ class Momentum(Optimizer):
     def fused_update(self, net):
         """A callback for ``net.backward(dy, update=...)`` that replaces ``backward`` + ``step``, or None.
 
-        Each Linear layer is updated as soon as its delta is known, by a ``kernels.LinearMomentum`` step:
+        Each Linear layer is updated as soon as its delta is known, by a ``blas.LinearMomentum`` step:
         ``v = gamma*v + lr*(x.T @ dy)`` is one BLAS GEMM into the weight velocity and
         ``v_b = gamma*v_b + lr*dy.sum(0)`` one GEMV into the bias velocity, so the gradients are never
         written out; then one ``axpy`` applies ``w -= v`` to W and b together (they lie side by side in
@@ -149,7 +149,7 @@ class Momentum(Optimizer):
         """
         params = net.parameters()
         if (self.nesterov or len(params) != len(self.params) or any(p is not q for p, q in zip(params, self.params))
-                or not kernels.cpu_gemm_available(self._w)
+                or not blas.gemm_available(self._w)
                 # by name: optimizers import only the backend and kernels, never the layers module
                 or any(layer.parameters() and type(layer).__name__ != "Linear" for layer in net.layers)):
             return None
@@ -158,7 +158,7 @@ class Momentum(Optimizer):
         for layer in net.layers:
             if layer.parameters():
                 stop = start + layer.W.data.size + layer.b.data.size
-                steps.append((layer, kernels.LinearMomentum(self._w[start:stop], self._v[start:stop],
+                steps.append((layer, blas.LinearMomentum(self._w[start:stop], self._v[start:stop],
                                                             layer.in_features, layer.out_features)))
                 start = stop
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gpunet as gn
-from gpunet import kernels
+from gpunet import blas, kernels
 from conftest import assert_allclose
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -245,16 +245,16 @@ def test_cpu_update_fast_path_matches_twin(dtype, nesterov, wd):
 @pytest.mark.parametrize("wd", [0.0, 1e-3])
 @pytest.mark.parametrize("layout", ["C", "F"])
 def test_linear_momentum_step_matches_formulas(dtype, wd, layout):
-    """kernels.LinearMomentum (sgemm + sgemv + axpy on one layer's slice of the flat buffers; an input
+    """blas.LinearMomentum (sgemm + sgemv + axpy on one layer's slice of the flat buffers; an input
     in Fortran order takes the twin) against the notes' rule in float64, two steps. rtol 1e-5 for
     float32 (K = 64 products summed in another order), 1e-12 for float64."""
-    if not kernels.cpu_gemm_available(np.zeros(1 << 16, dtype)):
+    if not blas.gemm_available(np.zeros(1 << 16, dtype)):
         pytest.skip("NumPy here ships no OpenBLAS: the fused path does not exist")
     rng = np.random.default_rng(3)
     n_in, n_out, k = 300, 20, 64
     flat_w, flat_v = rng.normal(size=(2, 7 + n_in * n_out + n_out + 5)).astype(dtype)
     wb, v_wb = flat_w[7:-5], flat_v[7:-5]   # a slice in the middle, like a hidden layer's
-    step = kernels.LinearMomentum(wb, v_wb, n_in, n_out)
+    step = blas.LinearMomentum(wb, v_wb, n_in, n_out)
     W, b = wb[:-n_out].reshape(n_in, n_out).astype(np.float64), wb[-n_out:].astype(np.float64)
     vW, vb = v_wb[:-n_out].reshape(n_in, n_out).astype(np.float64), v_wb[-n_out:].astype(np.float64)
     before = flat_w.copy()
@@ -278,7 +278,7 @@ def test_axpy_matches_twin(dtype):
     rng = np.random.default_rng(4)
     x, y = rng.normal(size=(2, 300, 200)).astype(dtype)
     y1 = y.copy()
-    kernels.axpy(-0.5, x, y1)
+    blas.axpy(-0.5, x, y1)
     rtol = 1e-6 if dtype == np.float32 else 1e-14
     assert_allclose(y1, y - 0.5 * x.astype(np.float64), rtol, rtol)
 
@@ -287,7 +287,7 @@ def fit_weights(monkeypatch, fused, **opt_kwargs):
     from gpunet.training import fit
 
     if not fused:  # no BLAS: the plain backward + step path
-        monkeypatch.setattr(kernels, "_cpu_blas", lambda a, min_size=4096: None)
+        monkeypatch.setattr(blas, "routines", lambda a, min_size=4096: None)
     rng = np.random.default_rng(0)
     x = rng.random((300, 20), dtype=np.float32)
     y = rng.integers(0, 4, size=300)
@@ -303,7 +303,7 @@ def fit_weights(monkeypatch, fused, **opt_kwargs):
 def test_fused_cpu_training_matches_plain_path(monkeypatch, wd):
     """fit's CPU fast path (GEMM folded into the momentum update) against backward + step: 20 steps,
     float32, so the two orders of rounding may drift a few ulps per step: rtol 1e-4."""
-    if not kernels.cpu_gemm_available(np.zeros(1 << 16, np.float32)):
+    if not blas.gemm_available(np.zeros(1 << 16, np.float32)):
         pytest.skip("NumPy here ships no OpenBLAS: the fused path does not exist")
     fused = fit_weights(monkeypatch, True, weight_decay=wd)
     plain = fit_weights(monkeypatch, False, weight_decay=wd)
