@@ -501,6 +501,11 @@ def run_train_config(name, sizes, bs, data, device, args, xp):
                           "gpunet": 1e6 * res["gpunet_s"] / res["steps_per_epoch"]}
     if t is not None:
         res["us_per_step"]["torch"] = 1e6 * res["torch_s"] / res["steps_per_epoch"]
+    # the same ratios round by round (each round's sides ran seconds apart): their spread shows the noise
+    timed = rounds[1:] or rounds
+    res["gpunet_over_floor_by_round"] = [r["gpunet"]["seconds"] / r["floor"] for r in timed]
+    if t is not None:
+        res["gpunet_over_torch_by_round"] = [r["gpunet"]["seconds"] / r["torch"]["seconds"] for r in timed]
     res["gpunet_gemm_gflops"] = floor.flops / res["gpunet_s"] / 1e9
     res["floor_gflops"] = floor.flops / res["floor_s"] / 1e9
     res["process_peak_rss_mib"] = peak_rss_kib() / 1024  # cumulative for this process (see README)

@@ -80,6 +80,10 @@ def _tables(results):
                          f"{_f(c['gpunet_gemm_gflops'], '{:.1f}')} / {_f(c['floor_gflops'], '{:.1f}')}"])
         tables.append(("Training: per step, accuracy after the last epoch, same-work check after epoch 1",
                        header, rows))
+        header = ["config", "gpunet/floor by round", "gpunet/torch by round"]
+        rows = [[c["name"], " ".join(f"{v:.2f}" for v in c.get("gpunet_over_floor_by_round", [])),
+                 " ".join(f"{v:.2f}" for v in c.get("gpunet_over_torch_by_round", []))] for c in train]
+        tables.append(("Training: the ratios round by round (rounds 2..E), for the spread of the noise", header, rows))
     if infer:
         header = ["config", "images", "gpunet ms", "torch ms", "gpunet/torch", "floor ms", "floor/gpunet",
                   "floor/torch", "predictions agree"]
