@@ -124,7 +124,7 @@ os.environ.setdefault("CUPY_TF32", "0")
 import numpy as np  # noqa: E402
 
 import gpunet  # noqa: E402
-from gpunet import backend  # noqa: E402
+from gpunet import backend, kernels  # noqa: E402
 from gpunet.data import load_mnist  # noqa: E402
 from gpunet.training import evaluate, fit, predict  # noqa: E402
 
@@ -213,7 +213,7 @@ def machine_info(device: str) -> dict:
         "numpy": np.__version__, "gpunet": gpunet.__version__,
         "torch": None if torch is None else torch.__version__,
         "blas_numpy": _numpy_blas(),
-        "cpu_kernels": _cpu_kernels(),
+        "cpu_kernels": kernels.cpu_kernels_status(),
         "threads_env": {v: os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
                         if os.environ.get(v)},
     }
@@ -225,17 +225,6 @@ def machine_info(device: str) -> dict:
         if torch is not None and torch.cuda.is_available():
             info["torch_cuda"] = torch.version.cuda
     return info
-
-
-def _cpu_kernels() -> str:
-    """Which elementwise kernels gpunet's CPU path runs: compiled (numba) or the NumPy twins."""
-    from gpunet import kernels
-
-    if kernels._numba_kernels() is None:
-        return "NumPy twins (numba not installed or GPUNET_NUMBA=0)"
-    import numba
-
-    return f"numba {numba.__version__}"
 
 
 def _numpy_blas():
@@ -607,7 +596,6 @@ def memory_child(side: str, data_dir) -> dict:
         # numba, when installed, is one of gpunet's libraries as torch is torch's: its import and the one-time
         # load of the compiled float32 kernels (a fixed ~70 MB of LLVM, whatever the data) go in the baseline;
         # "baseline_before_jit_kib" keeps the figure without them
-        from gpunet import kernels
         z, labels = np.zeros((2, 2), np.float32), np.zeros(2, np.int64)
         kernels.bias_relu(z, z[0])
         kernels.relu_backward(z, z.copy())

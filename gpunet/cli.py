@@ -122,7 +122,7 @@ def _version(dist):
 
 def versions() -> dict:
     out = {"gpunet": __version__, "python": platform.python_version(), "numpy": np.__version__}
-    for dist in ("cupy-cuda12x", "cupy-cuda13x", "cupy", "tqdm", "matplotlib", "pillow"):
+    for dist in ("cupy-cuda12x", "cupy-cuda13x", "cupy", "numba", "tqdm", "matplotlib", "pillow"):
         v = _version(dist)
         if v:
             out[dist] = v
@@ -290,7 +290,7 @@ def cmd_info(args):
     info = backend.describe_device(args.device)
     data_dir = default_data_dir()
     result = {"versions": versions(), "platform": platform.platform(), **info, "data_dir": str(data_dir),
-              "fused_kernels": kernels.ENABLED}
+              "fused_kernels": kernels.ENABLED, "cpu_kernels": kernels.cpu_kernels_status()}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -302,6 +302,7 @@ def cmd_info(args):
     else:
         why = f"GPU not used: {info['reason']}" if info["reason"] else "requested"
         print(f"device: cpu, NumPy backend ({why})")
+    print(f"CPU elementwise kernels: {result['cpu_kernels']}")
     print(f"requested: {info['requested']} (set GPUNET_DEVICE or --device to change)")
     print(f"data folder: {data_dir} (set GPUNET_DATA or --data-dir to change)")
     return 0

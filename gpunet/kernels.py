@@ -29,16 +29,32 @@ def _fused(a) -> bool:
     return ENABLED and get_array_module(a).__name__ == "cupy"
 
 
+_numba_why = []  # why the compiled CPU kernels are off, once known
+
+
 @functools.lru_cache(maxsize=None)
 def _numba_kernels():
     """The module of compiled CPU kernels (:mod:`gpunet.cpu_kernels`), or None without numba."""
     if os.environ.get("GPUNET_NUMBA", "1") == "0":
+        _numba_why.append("GPUNET_NUMBA=0")
         return None
     try:
         from . import cpu_kernels
-    except Exception:  # numba missing or unusable here: the NumPy twins serve
+    except Exception as exc:  # numba missing or unusable here: the NumPy twins serve
+        _numba_why.append(f"{type(exc).__name__}: {exc}; pip install 'gpunet[numba]' for compiled ones")
         return None
     return cpu_kernels
+
+
+def cpu_kernels_status() -> str:
+    """Which elementwise kernels the CPU runs, in words (``gpunet info`` prints it)."""
+    if not ENABLED:
+        return "NumPy twins (GPUNET_FUSED=0)"
+    if _numba_kernels() is None:
+        return f"NumPy twins ({_numba_why[-1]})"
+    import numba
+
+    return f"compiled with numba {numba.__version__}"
 
 
 def _compiled(*arrays):

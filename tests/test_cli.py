@@ -45,6 +45,9 @@ def test_info_text_and_json():
     info = json.loads(run("info", "--json").stdout)
     assert info["versions"]["numpy"] == np.__version__
     assert info["device"] in ("cpu", "gpu") and info["backend"] in ("numpy", "cupy")
+    assert "CPU elementwise kernels: " + info["cpu_kernels"] in res.stdout
+    off = run("info", env_extra={"GPUNET_NUMBA": "0"})
+    assert "CPU elementwise kernels: NumPy twins (GPUNET_NUMBA=0)" in off.stdout, off.stdout
 
 
 def test_console_script_and_help():
