@@ -150,7 +150,7 @@ class Momentum(Optimizer):
         params = net.parameters()
         if (self.nesterov or len(params) != len(self.params) or any(p is not q for p, q in zip(params, self.params))
                 or not blas.gemm_available(self._w)
-                # by name: optimizers import only the backend and kernels, never the layers module
+                # by name: optimizers import only the backend and the kernels (blas), never the layers module
                 or any(layer.parameters() and type(layer).__name__ != "Linear" for layer in net.layers)):
             return None
         # per Linear, in layer order: the layer and its prepared step over its slice (W then b) of the buffers
@@ -159,7 +159,7 @@ class Momentum(Optimizer):
             if layer.parameters():
                 stop = start + layer.W.data.size + layer.b.data.size
                 steps.append((layer, blas.LinearMomentum(self._w[start:stop], self._v[start:stop],
-                                                            layer.in_features, layer.out_features)))
+                                                         layer.in_features, layer.out_features)))
                 start = stop
 
         def update(layer, x, dy):

@@ -102,6 +102,9 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     steps = (n + bs - 1) // bs
     rng = np.random.default_rng(seed) if xp is np else xp.random.default_rng(seed)
     fused = optimizer.fused_update(net) if hasattr(optimizer, "fused_update") else None
+    # NumPy's default mode="raise" copies through a new temporary (300 -> 100 us a step here); the indices
+    # are a permutation, always in range. CuPy's take has no mode argument.
+    gather = {"mode": "clip"} if xp is np else {}
     xb_buf = xp.empty((bs,) + x.shape[1:], dtype=x.dtype)
     yb_buf = xp.empty((bs,) + y.shape[1:], dtype=y.dtype)
     history, best, wait = History(), None, 0
@@ -120,7 +123,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
                 xb, yb = x[lo:hi], y[lo:hi]
             elif hi - lo == bs:
                 idx = order[lo:hi]
-                xb, yb = xp.take(x, idx, axis=0, out=xb_buf, mode='clip'), xp.take(y, idx, axis=0, out=yb_buf, mode='clip')
+                xb, yb = xp.take(x, idx, axis=0, out=xb_buf, **gather), xp.take(y, idx, axis=0, out=yb_buf, **gather)
             else:
                 idx = order[lo:hi]
                 xb, yb = x[idx], y[idx]
