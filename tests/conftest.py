@@ -26,13 +26,26 @@ def gpu_skip_reason():
 
 
 def pytest_collection_modifyitems(config, items):
+    """GPU tests skip with the reason where no GPU is usable; with GPUNET_REQUIRE_GPU=1 (on a machine that
+    must have one) they fail with it instead, so a broken GPU setup cannot pass as skipped."""
     reason = None
+    require = os.environ.get("GPUNET_REQUIRE_GPU") == "1"
     for item in items:
         if "gpu" in item.keywords:
             if reason is None:
                 reason = gpu_skip_reason() or ""
             if reason:
-                item.add_marker(pytest.mark.skip(reason=reason))
+                if require:
+                    item.add_marker(pytest.mark.usefixtures("_require_gpu"))
+                else:
+                    item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def _require_gpu():
+    reason = gpu_skip_reason()
+    if reason:
+        pytest.fail(f"GPUNET_REQUIRE_GPU=1 but {reason}")
 
 
 # One checker, two entry points: tests take `device` and run once per device.
