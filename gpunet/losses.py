@@ -26,6 +26,15 @@ def _check_pair(pred, target):
         raise ValueError(f"target: expected {pred.shape[0]} rows to match the predictions, got {target.shape[0]}")
 
 
+def check_labels(labels, classes: int, name: str) -> None:
+    """Raise a ValueError naming ``name`` unless every integer label lies in [0, classes)."""
+    if labels.ndim == 1 and len(labels):
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= classes:
+            raise ValueError(f"{name}: expected labels in [0, {classes - 1}] for {classes} classes, "
+                             f"got values from {lo} to {hi}")
+
+
 class Loss:
     def __call__(self, pred, target):
         return self.forward(pred, target)
@@ -59,11 +68,8 @@ class SoftmaxCrossEntropy(Loss):
         if target.ndim == 1:
             if target.dtype.kind not in "iu":
                 raise TypeError(f"target: expected integer class labels, got dtype {target.dtype}")
-            if check and n:
-                lo, hi = int(target.min()), int(target.max())
-                if lo < 0 or hi >= c:
-                    raise ValueError(f"target: expected labels in [0, {c - 1}] for {c} classes, "
-                                     f"got values from {lo} to {hi}")
+            if check:
+                check_labels(target, c, "target")
             kernels.softmax_xent(logits, target, self._grad, self._rows)
         elif target.shape == logits.shape:
             if target.dtype != logits.dtype:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import get_array_module, synchronize, to_device, to_numpy
-from .losses import SoftmaxCrossEntropy
+from .losses import SoftmaxCrossEntropy, check_labels
 from .metrics import confusion_counts, report
 
 
@@ -42,13 +42,6 @@ def _check_dataset(x, y, name):
         raise TypeError(f"{name}: expected floating-point features, got {x.dtype}; scale pixels with x.astype(np.float32) / 255")
     if len(y) != len(x):
         raise ValueError(f"{name}: expected as many targets as rows, got {len(x)} rows and {len(y)} targets")
-
-
-def _check_labels(y, classes, name):
-    if y.ndim == 1 and len(y):
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= classes:
-            raise ValueError(f"{name}: expected labels in [0, {classes - 1}], got values from {lo} to {hi}")
 
 
 def _batch_size(batch_size, n):
@@ -89,12 +82,12 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     x, y = to_device(x, device), to_device(y, device)
     classify = isinstance(loss, SoftmaxCrossEntropy)
     if classify:
-        _check_labels(y, net.out_features, "y")
+        check_labels(y, net.out_features, "y")
     if validation is not None:
         xv, yv = validation
         _check_dataset(xv, yv, "validation x")
         if classify:
-            _check_labels(yv, net.out_features, "validation y")
+            check_labels(yv, net.out_features, "validation y")
         validation = (to_device(xv, device), to_device(yv, device))
 
     n = len(x)

@@ -129,7 +129,7 @@ def test_fit_argument_errors():
         fit(net, loss, opt, x, y, batch_size=0)
     with pytest.raises(ValueError, match="patience: .* no validation set"):
         fit(net, loss, opt, x, y, patience=2)
-    with pytest.raises(ValueError, match=r"y: expected labels in \[0, 2\], got values from 0 to 5"):
+    with pytest.raises(ValueError, match=r"y: expected labels in \[0, 2\] for 3 classes, got values from 0 to 5"):
         fit(net, loss, opt, x, np.where(y == 1, 5, y))
     with pytest.raises(ValueError, match="x: expected as many targets as rows, got 20 rows and 19 targets"):
         fit(net, loss, opt, x, y[:19])
