@@ -201,8 +201,8 @@ def softmax_xent(z, labels, grad, loss_rows):
              cupy.int32(n), cupy.int32(c), z.dtype.type(1.0 / n)),
         )
         return grad, loss_rows
-    compiled = _compiled(z, grad) if z.ndim == 2 and z.shape == grad.shape else None
-    if (compiled is not None and _compiled(loss_rows) is compiled and loss_rows.dtype == z.dtype
+    compiled = _compiled(z, grad, loss_rows) if z.ndim == 2 and z.shape == grad.shape else None
+    if (compiled is not None
             and type(labels) is _np.ndarray and labels.dtype.kind in "iu" and labels.flags.c_contiguous):
         compiled.softmax_xent(z, labels, grad, loss_rows, z.dtype.type(1.0 / z.shape[0]))
         return grad, loss_rows
@@ -227,6 +227,18 @@ def _momentum_kernel():
     )
 
 
+def _scaled_direction(w, g, lr, wd, tmp):
+    """``tmp = lr * (g + wd * w)`` in place, without temporaries; returns tmp."""
+    xp = get_array_module(w)
+    if wd:
+        xp.multiply(w, wd, out=tmp)
+        tmp += g
+        tmp *= lr
+    else:
+        xp.multiply(g, lr, out=tmp)
+    return tmp
+
+
 def momentum_update_xp(w, g, v, lr, gamma, wd, nesterov, tmp):
     """Twin of the notes' rule ``v = gamma*v + lr*(g + wd*w); w -= v`` (Nesterov: ``w -= gamma*v + lr*d``).
 
@@ -234,12 +246,7 @@ def momentum_update_xp(w, g, v, lr, gamma, wd, nesterov, tmp):
     have the arrays' dtype so that nothing is promoted.
     """
     xp = get_array_module(w)
-    if wd:
-        xp.multiply(w, wd, out=tmp)
-        tmp += g
-        tmp *= lr                  # tmp = lr * d
-    else:
-        xp.multiply(g, lr, out=tmp)
+    _scaled_direction(w, g, lr, wd, tmp)   # tmp = lr * d
     v *= gamma
     v += tmp
     if nesterov:                   # w -= gamma*v + lr*d, without a temporary
@@ -269,12 +276,5 @@ def sgd_update(w, g, lr, wd, tmp):
             routines.scal(w.shape[0], 1.0 - float(lr) * float(wd), w.ctypes.data, 1)
         blas.axpy(-float(lr), g, w)
         return w
-    xp = get_array_module(w)
-    if wd:
-        xp.multiply(w, wd, out=tmp)
-        tmp += g
-        tmp *= lr
-    else:
-        xp.multiply(g, lr, out=tmp)
-    w -= tmp
+    w -= _scaled_direction(w, g, lr, wd, tmp)
     return w

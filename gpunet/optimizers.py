@@ -24,8 +24,7 @@ def _check_number(name, value, low, high=math.inf, low_open=False):
     ok = ok and (value > low if low_open else value >= low) and value < high
     if not ok:
         lo = "(" if low_open else "["
-        hi = ")" if high != math.inf else ")"
-        raise ValueError(f"{name}: expected a number in {lo}{low}, {high}{hi}, got {value!r}")
+        raise ValueError(f"{name}: expected a number in {lo}{low}, {high}), got {value!r}")
     return float(value)
 
 
@@ -121,14 +120,10 @@ class Momentum(Optimizer):
         self._v = get_array_module(self._w).zeros_like(self._w)
 
     def velocity(self, i: int):
-        """The velocity of ``params[i]``, shaped like it (a view)."""
-        return self._view(self._v, i)
-
-    def _view(self, flat, i: int):
-        """The slice of a flat buffer that belongs to ``params[i]``, shaped like it."""
+        """The velocity of ``params[i]``, shaped like it (a view into the flat buffer)."""
         start = sum(int(p.data.size) for p in self.params[:i])
         p = self.params[i]
-        return flat[start:start + p.data.size].reshape(p.data.shape)
+        return self._v[start:start + p.data.size].reshape(p.data.shape)
 
     def step(self):
         self._check_views()
