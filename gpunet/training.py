@@ -114,12 +114,10 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
             lo, hi = b * bs, min(n, (b + 1) * bs)
             if order is None:
                 xb, yb = x[lo:hi], y[lo:hi]
-            elif hi - lo == bs:
+            else:  # into the reused buffers (their first rows, for a last partial batch)
                 idx = order[lo:hi]
-                xb, yb = xp.take(x, idx, axis=0, out=xb_buf, **gather), xp.take(y, idx, axis=0, out=yb_buf, **gather)
-            else:
-                idx = order[lo:hi]
-                xb, yb = x[idx], y[idx]
+                xb = xp.take(x, idx, axis=0, out=xb_buf[:hi - lo], **gather)
+                yb = xp.take(y, idx, axis=0, out=yb_buf[:hi - lo], **gather)
             out = net.forward(xb)
             value = loss.forward(out, yb, check=False) if classify else loss.forward(out, yb)
             if fused is None:
