@@ -51,3 +51,20 @@ def test_quick_run_writes_consistent_results(tmp_path):
     assert floor_target["measured"] == b128["gpunet_over_floor"]
     assert floor_target["pass"] == (b128["gpunet_over_floor"] <= 1.15)
     assert "gpunet/floor by round" in (tmp_path / "r.md").read_text()
+
+
+def test_ablation_compiles_fits_own_work(tmp_path):
+    """benchmarks/ablate_step.py times a compiled copy of fit's CPU step; it must do fit's very work (the
+    script compares the weights after one epoch from the same start and stops if they differ)."""
+    pytest.importorskip("numba")
+    data = make_fake_mnist(tmp_path / "mnist", n_train=600, n_test=200)  # last batch of 88 rows
+    out = tmp_path / "ablate.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ablate_step.py"), "--data-dir", str(data), "--sizes",
+         "784-32-16-10", "--rounds", "1", "--pause", "0", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["same_work_max_weight_diff"] < 1e-4
+    assert set(res["median_over_floor"]) == {"fit", "gemm", "+gather", "+elem", "full"}
+    assert len(res["rounds"]) == 2 and all(v > 0 for row in res["rounds"] for v in row.values())
