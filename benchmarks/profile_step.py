@@ -66,85 +66,75 @@ def build(sizes, lr=0.01):
     return net, gpunet.SoftmaxCrossEntropy(), gpunet.Momentum(net.parameters(), lr=lr, momentum=0.9)
 
 
-def phases(x, y, sizes, bs, steps, warmup):
-    """Mean microseconds per step of each phase, and of the matmuls inside it."""
+PHASES = ("take", "forward", "loss.forward", "loss.backward", "net.backward", "opt.step", "loss_sum",
+          "argmax+correct")
+
+
+def step_loop(x, y, sizes, bs):
+    """The body of ``fit``'s step on a fresh network, replayable: ``run(count, mark)`` runs ``count`` steps
+    and calls ``mark(phase)`` after each phase of each step (one of ``PHASES``)."""
     net, loss, opt = build(sizes)
     fused = opt.fused_update(net)  # as in fit: the CPU update folded into backward, where available
     order = np.random.default_rng(0).permutation(len(x))
     xb_buf = np.empty((bs, x.shape[1]), x.dtype)
     yb_buf = np.empty((bs,), y.dtype)
     loss_sum, correct = np.zeros((), np.float64), np.zeros((), np.int64)
-    names = ("take", "forward", "loss.forward", "loss.backward", "net.backward", "opt.step", "loss_sum", "argmax+correct")
-    total = dict.fromkeys(names, 0.0)
-    gemm = dict.fromkeys(names, 0.0)
-    clock = time.perf_counter
-    with MatmulClock() as mm:
-        for s in range(warmup + steps):
+    done = 0
+
+    def run(count, mark=lambda phase: None):
+        nonlocal loss_sum, correct, done
+        for s in range(done, done + count):
             lo = (s * bs) % (len(x) - bs)
-            record = s >= warmup
-            marks = []
-
-            def mark(name, t0, g0):
-                if record:
-                    total[name] += clock() - t0
-                    gemm[name] += mm.seconds - g0
-
-            t, g = clock(), mm.seconds
             idx = order[lo:lo + bs]
             xb, yb = np.take(x, idx, axis=0, out=xb_buf, mode="clip"), np.take(y, idx, axis=0, out=yb_buf, mode="clip")
-            mark("take", t, g)
-            t, g = clock(), mm.seconds
+            mark("take")
             out = net.forward(xb)
-            mark("forward", t, g)
-            t, g = clock(), mm.seconds
+            mark("forward")
             value = loss.forward(out, yb, check=False)
-            mark("loss.forward", t, g)
-            t, g = clock(), mm.seconds
+            mark("loss.forward")
             d = loss.backward()
-            mark("loss.backward", t, g)
-            t, g = clock(), mm.seconds
+            mark("loss.backward")
             net.backward(d, need_input_grad=False, update=fused)
-            mark("net.backward", t, g)
-            t, g = clock(), mm.seconds
+            mark("net.backward")
             if fused is None:
                 opt.step()
-            mark("opt.step", t, g)
-            t, g = clock(), mm.seconds
+            mark("opt.step")
             loss_sum += value * bs
-            mark("loss_sum", t, g)
-            t, g = clock(), mm.seconds
+            mark("loss_sum")
             correct += (out.argmax(axis=1) == yb).sum()
-            mark("argmax+correct", t, g)
-            del marks
-    return {k: (1e6 * total[k] / steps, 1e6 * gemm[k] / steps) for k in names}
+            mark("argmax+correct")
+        done += count
+
+    return run
+
+
+def phases(x, y, sizes, bs, steps, warmup):
+    """Mean microseconds per step of each phase, and of the matmuls inside it."""
+    run = step_loop(x, y, sizes, bs)
+    total = dict.fromkeys(PHASES, 0.0)
+    gemm = dict.fromkeys(PHASES, 0.0)
+    clock = time.perf_counter
+    with MatmulClock() as mm:
+        run(warmup)
+        last = [clock(), mm.seconds]  # the clock and the matmul seconds at the end of the previous phase
+
+        def mark(phase):
+            now, g = clock(), mm.seconds
+            total[phase] += now - last[0]
+            gemm[phase] += g - last[1]
+            last[:] = clock(), mm.seconds  # the marks' own cost is left out
+
+        run(steps, mark)
+    return {k: (1e6 * total[k] / steps, 1e6 * gemm[k] / steps) for k in PHASES}
 
 
 def profile(x, y, sizes, bs, steps, top=15):
     """cProfile over ``steps`` steps of ``fit``'s body; the top functions by own time."""
-    net, loss, opt = build(sizes)
-    fused = opt.fused_update(net)  # as in fit: the CPU update folded into backward, where available
-    order = np.random.default_rng(0).permutation(len(x))
-    xb_buf = np.empty((bs, x.shape[1]), x.dtype)
-    yb_buf = np.empty((bs,), y.dtype)
-
-    def run():
-        loss_sum, correct = np.zeros((), np.float64), np.zeros((), np.int64)
-        for s in range(steps):
-            lo = (s * bs) % (len(x) - bs)
-            idx = order[lo:lo + bs]
-            xb, yb = np.take(x, idx, axis=0, out=xb_buf, mode="clip"), np.take(y, idx, axis=0, out=yb_buf, mode="clip")
-            out = net.forward(xb)
-            value = loss.forward(out, yb, check=False)
-            net.backward(loss.backward(), need_input_grad=False, update=fused)
-            if fused is None:
-                opt.step()
-            loss_sum += value * bs
-            correct += (out.argmax(axis=1) == yb).sum()
-
-    run()  # warm-up
+    run = step_loop(x, y, sizes, bs)
+    run(steps)  # warm-up
     prof = cProfile.Profile()
     prof.enable()
-    run()
+    run(steps)
     prof.disable()
     buf = io.StringIO()
     st = pstats.Stats(prof, stream=buf)
