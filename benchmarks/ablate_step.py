@@ -109,7 +109,7 @@ class Compiled:
         total = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
         self.w, self.v = np.empty(total, np.float32), np.zeros(total, np.float32)
         Ws, bias, vWs, vbs, wbs, vwbs, off = [], [], [], [], [], [], 0
-        for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for a, b in zip(sizes[:-1], sizes[1:]):
             end = off + a * b
             Ws.append(self.w[off:end].reshape(a, b))
             vWs.append(self.v[off:end].reshape(a, b))
@@ -118,20 +118,19 @@ class Compiled:
             wbs.append(self.w[off:end + b])
             vwbs.append(self.v[off:end + b])
             off = end + b
+        self.Ws, self.bias = Ws, bias
         self.load(state)
         hs = tuple(np.zeros((bs, s), np.float32) for s in sizes)
         ds = tuple(np.zeros((bs, s), np.float32) for s in sizes)
         self.arrays = (tuple(Ws), tuple(bias), tuple(vWs), tuple(vbs), tuple(wbs), tuple(vwbs), hs, ds,
                        np.ones(bs, np.float32), np.float32(lr), np.float32(momentum))
-        self.Ws, self.bias = Ws, bias
 
-    def load(self, state, v=None):
-        off = 0
-        for k, (a, b) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
-            self.w[off:off + a * b] = state[f"{2 * k}.W"].reshape(-1)
-            self.w[off + a * b:off + a * b + b] = state[f"{2 * k}.b"]
-            off += a * b + b
-        self.v[:] = 0 if v is None else v
+    def load(self, state):
+        """Weights from a gpunet ``state_dict`` (Linear layers at 0, 2, 4, ...); velocities back to zero."""
+        for k, (W, b) in enumerate(zip(self.Ws, self.bias)):
+            W[...] = state[f"{2 * k}.W"]
+            b[...] = state[f"{2 * k}.b"]
+        self.v[:] = 0
 
     def state(self):
         return {f"{2 * k}.{name}": arr.copy() for k, (W, b) in enumerate(zip(self.Ws, self.bias))
