@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import numba
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_mlp  # noqa: E402  (Floor, settle, machine_info)
+import bench_mlp  # noqa: E402  (Floor, the batch order, medians, settle, machine_info)
 
 import gpunet  # noqa: E402
 from gpunet import blas  # noqa: E402
@@ -166,7 +165,7 @@ def main():
 
     # Same work: one epoch each from the same weights on fit's batch order (seed 0), weights compared.
     t0 = time.perf_counter()
-    _, acc = comp.run(x, y, np.random.default_rng(0).permutation(n))
+    _, acc = comp.run(x, y, bench_mlp.gpunet_order("cpu", 0, n))
     compile_s = time.perf_counter() - t0
     rec = fit(net, loss, opt, x, y, epochs=1, batch_size=bs, seed=0).epochs[0]
     diff = max(float(np.max(np.abs(comp.state()[k] - v))) for k, v in net.state_dict().items())
@@ -179,7 +178,7 @@ def main():
     names = ["fit"] + [v[0] for v in VARIANTS]
     rounds = []
     for r in range(args.rounds + 1):
-        order = np.random.default_rng(r + 1).permutation(n)
+        order = bench_mlp.gpunet_order("cpu", r + 1, n)  # the order fit draws below, with seed r + 1
         row = {}
         bench_mlp.settle(args.pause)
         row["floor"] = floor.run(lambda: None)
@@ -192,13 +191,12 @@ def main():
         rounds.append(row)
         print(f"round {r + 1}{' (warm-up)' if r == 0 else ''}: floor {row['floor']:.3f}s  "
               + "  ".join(f"{k} {row[k] / row['floor']:.3f}" for k in names), flush=True)
-    timed = rounds[1:]
-    medians = {k: statistics.median(row[k] / row["floor"] for row in timed) for k in names}
-    steps = -(-n // bs)
+    medians = {k: bench_mlp.median_after_warmup([row[k] / row["floor"] for row in rounds]) for k in names}
+    steps = len(bench_mlp.batch_bounds(n, bs))
     # fit minus the compiled full step, same round: what Python costs per step (same BLAS calls, same bits)
-    python_us = statistics.median(1e6 * (row["fit"] - row["full"]) / steps for row in timed)
+    python_us = bench_mlp.median_after_warmup([1e6 * (row["fit"] - row["full"]) / steps for row in rounds])
     print("median over rounds of time / floor: " + "  ".join(f"{k} {v:.3f}" for k, v in medians.items()))
-    floor_us = 1e6 * statistics.median(row["floor"] for row in timed) / steps
+    floor_us = 1e6 * bench_mlp.median_after_warmup([row["floor"] for row in rounds]) / steps
     print(f"median fit - full: {python_us:.0f} us per step (floor: {floor_us:.0f} us per step)")
     if args.json:
         out = {"machine": bench_mlp.machine_info("cpu"), "sizes": sizes, "batch": bs, "rounds": rounds,
