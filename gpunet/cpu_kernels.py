@@ -56,3 +56,15 @@ def softmax_xent(z, labels, grad, loss_rows, inv_n):
             raise IndexError("softmax_xent: a label lies outside [0, classes)")
         grad[i, t] -= inv_n
         loss_rows[i] = np.log(s) + m - z[i, t]
+
+
+@_jit
+def gather_scaled(src, idx, out, divisor):
+    """out[k] = src[idx[k]] / divisor for k < len(idx); src (N, F) integers (uint8 pixels), out (>=K, F) float."""
+    n = src.shape[0]
+    for k in range(idx.shape[0]):
+        row = idx[k]
+        if row < 0 or row >= n:  # no bounds checks in compiled code: never read outside src
+            raise IndexError("gather_scaled: an index lies outside [0, rows)")
+        for j in range(src.shape[1]):
+            out[k, j] = out.dtype.type(src[row, j]) / divisor

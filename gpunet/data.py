@@ -171,14 +171,15 @@ def write_idx(path, array) -> None:
 
 
 def load_idx_images(path, dtype=np.float32) -> np.ndarray:
-    """Read a 3-D uint8 IDX file (N, rows, cols) as an array (N, rows*cols) of `dtype` in [0, 1].
+    """Read a 3-D uint8 IDX file (N, rows, cols) as an array (N, rows*cols) of `dtype` in [0, 1], or of
+    the raw 0..255 bytes for ``dtype=np.uint8`` (wrap those in :class:`gpunet.pixels.Pixels` to train).
 
     The output is allocated once and filled chunk by chunk while the file streams in, so the peak memory
     is the output plus a few MB (never a float64 copy nor the whole uint8 payload).
     """
     path, dtype = Path(path), np.dtype(dtype)
-    if dtype.kind != "f":
-        raise ValueError(f"dtype must be a floating type, got {dtype}")
+    if dtype.kind != "f" and dtype != np.uint8:
+        raise ValueError(f"dtype: expected a floating type or uint8 (raw pixels), got {dtype}")
     with _open_idx(path) as (stream, item, dims, expected):
         if len(dims) != 3 or item != np.uint8:
             raise DataError(f"{path}: expected 3-D uint8 images (N, rows, cols), "
@@ -190,8 +191,10 @@ def load_idx_images(path, dtype=np.float32) -> np.ndarray:
             rows = min(_CHUNK_ROWS, n - start)
             if (got := _fill(stream, chunk[:rows])) < rows * pixels:
                 _check_size(path, expected, start * pixels + got)
-            # dtype= pins the arithmetic to the output type: no float64 temporaries
-            np.divide(chunk[:rows], 255, out=out[start:start + rows], dtype=dtype)
+            if dtype == np.uint8:
+                out[start:start + rows] = chunk[:rows]
+            else:  # dtype= pins the arithmetic to the output type: no float64 temporaries
+                np.divide(chunk[:rows], 255, out=out[start:start + rows], dtype=dtype)
         _finish(stream, path, expected, expected)
     return out
 
@@ -246,8 +249,8 @@ def _md5_of(path: Path) -> str:
 def load_mnist(data_dir=None, *, download=True, verify=False, dtype=np.float32):
     """Load MNIST, or any dataset stored under its file names, from :func:`resolve_data_dir`.
 
-    Returns ``((x_train, y_train), (x_test, y_test))``: x of `dtype` (N, rows*cols) in [0, 1], y int64
-    (N,). Missing files are downloaded if `download`; `verify` checks the files against MNIST_MD5.
+    Returns ``((x_train, y_train), (x_test, y_test))``: x of `dtype` (N, rows*cols) in [0, 1] (or the raw
+    0..255 bytes for ``dtype=np.uint8``, to wrap in :class:`gpunet.pixels.Pixels`), y int64 (N,). Missing files are downloaded if `download`; `verify` checks the files against MNIST_MD5.
     """
     folder = resolve_data_dir(data_dir)
     if (missing := _missing(folder)) and not download:

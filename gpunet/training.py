@@ -18,6 +18,7 @@ import numpy as np
 from .backend import get_array_module, synchronize, to_device, to_numpy
 from .losses import SoftmaxCrossEntropy, check_labels
 from .metrics import confusion_counts, report
+from .pixels import Pixels
 
 
 @dataclass
@@ -42,6 +43,20 @@ def _check_dataset(x, y, name):
         raise TypeError(f"{name}: expected floating-point features, got {x.dtype}; scale pixels with x.astype(np.float32) / 255")
     if len(y) != len(x):
         raise ValueError(f"{name}: expected as many targets as rows, got {len(x)} rows and {len(y)} targets")
+
+
+def _on_device(x, device):
+    """Features on ``device``: an array, or :class:`Pixels` (kept as bytes there)."""
+    return x.to(device) if isinstance(x, Pixels) else to_device(x, device)
+
+
+def _rows(x, idx, out, xp, gather):
+    """Rows ``idx`` (a slice, or the batch's indices gathered into ``out``) of the features ``x``."""
+    if isinstance(x, Pixels):
+        return x.take(idx, out)
+    if isinstance(idx, slice):
+        return x[idx]
+    return xp.take(x, idx, axis=0, out=out[:len(idx)], **gather)
 
 
 def _batch_size(batch_size, n):
@@ -79,7 +94,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     _check_dataset(x, y, "x")
     device = net.device
     xp = get_array_module(net.parameters()[0].data)
-    x, y = to_device(x, device), to_device(y, device)
+    x, y = _on_device(x, device), to_device(y, device)
     classify = isinstance(loss, SoftmaxCrossEntropy)
     if classify:
         check_labels(y, net.out_features, "y")
@@ -88,7 +103,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
         _check_dataset(xv, yv, "validation x")
         if classify:
             check_labels(yv, net.out_features, "validation y")
-        validation = (to_device(xv, device), to_device(yv, device))
+        validation = (_on_device(xv, device), to_device(yv, device))
 
     n = len(x)
     bs = _batch_size(batch_size, n)
@@ -113,10 +128,10 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
         for b in range(steps):
             lo, hi = b * bs, min(n, (b + 1) * bs)
             if order is None:
-                xb, yb = x[lo:hi], y[lo:hi]
+                xb, yb = _rows(x, slice(lo, hi), xb_buf, xp, gather), y[lo:hi]
             else:  # into the reused buffers (their first rows, for a last partial batch)
                 idx = order[lo:hi]
-                xb = xp.take(x, idx, axis=0, out=xb_buf[:hi - lo], **gather)
+                xb = _rows(x, idx, xb_buf, xp, gather)
                 yb = xp.take(y, idx, axis=0, out=yb_buf[:hi - lo], **gather)
             out = net.forward(xb)
             value = loss.forward(out, yb, check=False) if classify else loss.forward(out, yb)
@@ -169,8 +184,8 @@ def predict_proba(net, x, batch_size: int = 4096):
     """Class probabilities (N, C) on the network's device, computed batch by batch in eval mode."""
     was_training = net.training
     net.eval()
-    x = to_device(x, net.device)
-    xp = get_array_module(x)
+    x = _on_device(x, net.device)
+    xp = get_array_module(net.parameters()[0].data)
     out = None
     for start, xb in _batches(x, batch_size):
         z = net.forward(xb)
@@ -196,8 +211,8 @@ def evaluate(net, loss, x, y, batch_size: int = 4096, metrics: bool = False) -> 
     """
     was_training = net.training
     net.eval()
-    x, y = to_device(x, net.device), to_device(y, net.device)
-    xp = get_array_module(x)
+    x, y = _on_device(x, net.device), to_device(y, net.device)
+    xp = get_array_module(y)
     classify = isinstance(loss, SoftmaxCrossEntropy)
     classes = net.out_features
     loss_sum = xp.zeros((), dtype=np.float64)

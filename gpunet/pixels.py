@@ -1,0 +1,87 @@
+"""Images kept as bytes: a uint8 array read as floats in [0, 1], batch by batch.
+
+MNIST's 60,000 training images take 188 MB as float32 and 47 MB as uint8. ``Pixels`` keeps the bytes and
+converts only the rows a batch needs, ``float32(pixel) / float32(255)``: bit for bit the values
+``load_mnist`` returns as float32, so training on ``Pixels`` gives the same weights as training on the
+float32 set. Why: a quarter of the memory, and each shuffled batch gathers a quarter of the bytes from a
+set far larger than the caches (on the CPU the gather and the scaling are one compiled pass).
+
+    (x, y), (x_test, y_test) = load_mnist(dtype=np.uint8)
+    fit(net, loss, opt, Pixels(x), y, validation=(Pixels(x_test), y_test))
+
+``fit``, ``evaluate``, ``predict`` and ``predict_proba`` accept a ``Pixels`` wherever they accept features.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import kernels
+from .backend import device_of, get_array_module, to_device
+
+
+class Pixels:
+    """A (N, features) uint8 array ``raw`` that reads as ``raw / 255`` in ``dtype`` (float32 by default).
+
+    ``shape``, ``ndim``, ``dtype`` and ``len()`` describe the float array it stands for; ``x[lo:hi]`` is
+    that array's rows as a new float array; ``take(idx, out)`` writes rows ``idx`` into ``out``.
+    """
+
+    divisor = 255
+
+    def __init__(self, raw, dtype=np.float32):
+        if not hasattr(raw, "dtype") or not hasattr(raw, "shape"):
+            raise TypeError(f"raw: expected a NumPy or CuPy uint8 array, got {type(raw).__name__}")
+        if raw.dtype != np.uint8 or raw.ndim != 2:
+            raise TypeError(f"raw: expected a 2-D uint8 array (N, features) of 0..255 pixels, "
+                            f"got {raw.ndim}-D {raw.dtype}")
+        dtype = np.dtype(dtype)
+        if dtype.kind != "f":
+            raise TypeError(f"dtype: expected a floating type, got {dtype}")
+        xp = get_array_module(raw)
+        self.raw = xp.ascontiguousarray(raw)
+        self.dtype = dtype
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.raw.shape)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def __len__(self) -> int:
+        return self.raw.shape[0]
+
+    @property
+    def device(self) -> str:
+        return device_of(self.raw)
+
+    def to(self, device) -> Pixels:
+        """The same pixels on ``device`` (no copy when they are already there)."""
+        raw = to_device(self.raw, device)
+        return self if raw is self.raw else Pixels(raw, self.dtype)
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice):
+            raise TypeError(f"key: expected a slice of rows, got {type(key).__name__}; use take() for indices")
+        xp = get_array_module(self.raw)
+        return xp.divide(self.raw[key], self.dtype.type(self.divisor), dtype=self.dtype)
+
+    def take(self, idx, out):
+        """Rows ``idx`` ((K,) integers, or a slice of K rows) as floats, written into ``out[:K]``
+        ((>= K, features), ``dtype``); returns ``out[:K]``."""
+        k = len(range(*idx.indices(len(self)))) if isinstance(idx, slice) else len(idx)
+        if out.dtype != self.dtype or tuple(out.shape[1:]) != self.shape[1:] or out.shape[0] < k:
+            raise ValueError(f"out: expected a ({k}+, {self.shape[1]}) {self.dtype} array, "
+                             f"got {tuple(out.shape)} {out.dtype}")
+        if isinstance(idx, slice):
+            xp = get_array_module(self.raw)
+            return xp.divide(self.raw[idx], self.dtype.type(self.divisor), out=out[:k], dtype=self.dtype)
+        return kernels.gather_scaled(self.raw, idx, out, self.divisor)
+
+    def numpy(self) -> np.ndarray:
+        """The whole float array on the host (N, features): what ``load_mnist`` returns as float32."""
+        return np.divide(to_device(self.raw, "cpu"), self.dtype.type(self.divisor), dtype=self.dtype)
+
+    def __repr__(self):
+        return f"Pixels(shape={self.shape}, dtype={self.dtype}, device={self.device})"
