@@ -75,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--pause", type=float, default=0.1,
                    help="seconds of sleep before each timed phase, so the other library's idle BLAS/OpenMP "
                         "threads stop spinning")
+    p.add_argument("--pixels", choices=("uint8", "float32"), default="uint8",
+                   help="how both sides hold the images: uint8 bytes scaled to float32 batch by batch "
+                        "(gpunet.Pixels; torch index_select then div), or one float32 array")
     p.add_argument("--no-torch", action="store_true", help="time gpunet alone even when torch is installed")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--quick", action="store_true",
@@ -372,14 +375,20 @@ class TorchSide:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum)
         x, y, xt, yt = data
         # Tensors made once; on the CPU from_numpy shares gpunet's arrays (no copy at all).
-        self.X, self.Y = self._tensor(x), self._tensor(y)
-        self.Xt, self.Yt = self._tensor(xt), self._tensor(yt)
+        # Pixels: torch holds the same uint8 bytes and scales each batch (_features), as gpunet's fit does
+        self.pixels = isinstance(x, gpunet.Pixels)
+        self.X, self.Y = self._tensor(x.raw if self.pixels else x), self._tensor(y)
+        self.Xt, self.Yt = self._tensor(xt.raw if self.pixels else xt), self._tensor(yt)
         self.n = len(self.X)
 
     def _tensor(self, a):
         if self.device == "gpu":
             return torch.from_dlpack(a) if not isinstance(a, np.ndarray) else torch.from_numpy(a).to(self.tdev)
         return torch.from_numpy(np.ascontiguousarray(backend.to_numpy(a)))
+
+    def _features(self, xb):
+        """A batch of features as float32: uint8 pixels divided by 255 (float32 true division)."""
+        return torch.div(xb, 255) if self.pixels else xb
 
     def _order(self, seed):
         if self.device == "cpu":
@@ -397,7 +406,7 @@ class TorchSide:
         correct = torch.zeros((), dtype=torch.int64, device=self.tdev)
         for lo in range(0, n, bs):
             idx = order[lo:lo + bs]
-            xb, yb = X.index_select(0, idx), Y.index_select(0, idx)
+            xb, yb = self._features(X.index_select(0, idx)), Y.index_select(0, idx)
             out = model(xb)
             loss = F.cross_entropy(out, yb)
             opt.zero_grad(set_to_none=True)
@@ -414,7 +423,7 @@ class TorchSide:
     @torch.no_grad() if torch is not None else (lambda f: f)
     def predict(self, X, batch_size=4096):
         self.model.eval()
-        outs = [self.model(X[lo:lo + batch_size]).argmax(dim=1) for lo in range(0, len(X), batch_size)]
+        outs = [self.model(self._features(X[lo:lo + batch_size])).argmax(dim=1) for lo in range(0, len(X), batch_size)]
         self.model.train()
         return torch.cat(outs)
 
@@ -582,7 +591,7 @@ def gpu_matmul_rate(n=8192, repeats=5) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- memory
-def memory_child(side: str, data_dir) -> dict:
+def memory_child(side: str, data_dir, pixels: str) -> dict:
     """Runs in its own process: load MNIST and train one epoch (784-512-512-10, batch 128); RSS figures.
 
     The baseline is the RSS right after the imports (``numpy``, ``gpunet`` and, for torch, ``torch``) and,
@@ -600,9 +609,10 @@ def memory_child(side: str, data_dir) -> dict:
         kernels.bias_relu(z, z[0])
         kernels.relu_backward(z, z.copy())
         kernels.softmax_xent(z, labels, np.empty_like(z), np.empty(2, np.float32))
+        kernels.gather_scaled(np.zeros((2, 2), np.uint8), labels, np.empty_like(z), 255)
     base = rss_kib()
     base_peak = peak_rss_kib()
-    (x, y), (xt, yt) = load_mnist(data_dir, download=False)
+    (x, y), (xt, yt) = load_data(argparse.Namespace(data_dir=data_dir, pixels=pixels), "cpu")
     after_load = rss_kib()
     args = argparse.Namespace(seed=0, lr=0.01, momentum=0.9)
     g = GpunetSide(MEMORY_SIZES, MEMORY_BATCH, (x, y, xt, yt), "cpu", args)
@@ -616,12 +626,13 @@ def memory_child(side: str, data_dir) -> dict:
         t.epoch(0, Sync("cpu"))
     peak = peak_rss_kib()
     ru_maxrss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # for the record: see peak_rss_kib
-    train_bytes = int(x.nbytes)
+    train_bytes = len(x) * x.shape[1] * 4  # the float32 training set, however the images are held
     reference = train_bytes + params
     growth = peak - base
-    return {"side": side, "baseline_before_jit_kib": before_jit, "baseline_kib": base, "baseline_peak_kib": base_peak, "after_load_kib": after_load,
-            "peak_kib": peak, "ru_maxrss_kib": ru_maxrss, "growth_kib": growth, "train_set_bytes": train_bytes, "test_set_bytes": int(xt.nbytes),
-            "model_bytes": int(params), "reference_bytes": int(reference),
+    return {"side": side, "baseline_before_jit_kib": before_jit, "baseline_kib": base, "baseline_peak_kib": base_peak,
+            "after_load_kib": after_load, "peak_kib": peak, "ru_maxrss_kib": ru_maxrss, "growth_kib": growth,
+            "train_set_bytes": train_bytes, "pixels": pixels, "model_bytes": int(params),
+            "reference_bytes": int(reference),
             "ratio_growth_over_reference": growth * 1024 / reference}
 
 
@@ -630,7 +641,7 @@ def run_memory(args) -> dict:
     out = {}
     sides = ["gpunet"] + (["torch"] if torch is not None and not args.no_torch else [])
     for side in sides:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", side]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", side, "--pixels", args.pixels]
         if args.data_dir:
             cmd += ["--data-dir", args.data_dir]
         if args.threads is not None:
@@ -652,14 +663,18 @@ def run_memory(args) -> dict:
 
 # --------------------------------------------------------------------------------------------- main
 def load_data(args, device):
-    """MNIST through gpunet's own data setting (``--data-dir``, else ``$GPUNET_DATA``), on ``device``."""
+    """MNIST through gpunet's own data setting (``--data-dir``, else ``$GPUNET_DATA``), on ``device``:
+    (x, y, x_test, y_test), the images as ``gpunet.Pixels`` with ``--pixels uint8``."""
     try:
-        (x, y), (xt, yt) = load_mnist(args.data_dir, download=False)
+        (x, y), (xt, yt) = load_mnist(args.data_dir, download=False,
+                                      dtype=np.uint8 if args.pixels == "uint8" else np.float32)
     except Exception as exc:
         sys.exit(f"bench_mlp: cannot load MNIST: {exc}")
     if device == "gpu":
         # moved once: fit's own to_device is then a no-op, so no epoch pays a host-to-device copy
         x, y, xt, yt = (gpunet.to_device(a, "gpu") for a in (x, y, xt, yt))
+    if args.pixels == "uint8":
+        x, xt = gpunet.Pixels(x), gpunet.Pixels(xt)
     return x, y, xt, yt
 
 
@@ -682,7 +697,8 @@ def main(args) -> int:
     results = {"machine": machine_info(device), "device": device,
                "settings": {"epochs": args.epochs, "warmup_rounds": 1 if args.epochs > 1 else 0,
                             "inference_runs": args.inference_runs, "lr": args.lr, "momentum": args.momentum,
-                            "seed": args.seed, "threads": threads, "pause_s": args.pause, "quick": args.quick,
+                            "seed": args.seed, "threads": threads, "pixels": args.pixels, "pause_s": args.pause,
+                            "quick": args.quick,
                             "torch": torch is not None and not args.no_torch},
                "configs": [], "memory": None, "gpu_peak": None}
     print(f"bench_mlp: device {device}, {threads} threads, {args.epochs} rounds per config "
@@ -726,6 +742,6 @@ if __name__ == "__main__":
             torch.set_num_threads(ARGS.threads)
         elif torch is not None:
             torch.set_num_threads(_cores())
-        print(json.dumps(memory_child(ARGS.memory_child, ARGS.data_dir)))
+        print(json.dumps(memory_child(ARGS.memory_child, ARGS.data_dir, ARGS.pixels)))
         sys.exit(0)
     sys.exit(main(ARGS))

@@ -128,7 +128,7 @@ def _describe(results) -> str:
             f"NumPy {m['numpy']} ({m.get('blas_numpy')}), torch {m['torch']}, gpunet {m['gpunet']} "
             f"(CPU kernels: {m.get('cpu_kernels', 'NumPy twins')}); "
             f"device {dev}, {s['threads']} threads, {s['epochs']} rounds per config (round 1 warm-up), "
-            f"lr {s['lr']}, momentum {s['momentum']}")
+            f"lr {s['lr']}, momentum {s['momentum']}, images held as {s.get('pixels', 'float32')}")
 
 
 def render_text(results) -> str:

@@ -38,9 +38,11 @@ class History:
 
 def _check_dataset(x, y, name):
     if not hasattr(x, "shape") or x.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D array of features (N, features), got {getattr(x, 'shape', type(x).__name__)}")
+        got = getattr(x, "shape", type(x).__name__)
+        raise ValueError(f"{name}: expected a 2-D array of features (N, features), got {got}")
     if x.dtype.kind != "f":
-        raise TypeError(f"{name}: expected floating-point features, got {x.dtype}; scale pixels with x.astype(np.float32) / 255")
+        raise TypeError(f"{name}: expected floating-point features, got {x.dtype}; wrap uint8 images in "
+                        f"gpunet.Pixels(x), or scale them with x.astype(np.float32) / 255")
     if len(y) != len(x):
         raise ValueError(f"{name}: expected as many targets as rows, got {len(x)} rows and {len(y)} targets")
 
