@@ -294,27 +294,44 @@ class Floor:
         rows_used = sorted({hi - lo for lo, hi in batch_bounds(n, bs)})
         self.acts = {r: [xp.asarray(rng.standard_normal((r, s), dtype=np.float32)) for s in sizes] for r in rows_used}
         self.deltas = {r: [xp.asarray(rng.standard_normal((r, s), dtype=np.float32)) for s in sizes] for r in rows_used}
-        self.calls = []  # precomputed (a, b, out) triples: the timed loop is just the matmuls
+        self.steps = []  # per step, precomputed (a, b, out) triples: the timed loop is just the matmuls
         for lo, hi in batch_bounds(n, bs):
             r = hi - lo
             h, d = self.acts[r], self.deltas[r]
+            calls = []
             for i in range(len(sizes) - 1):
                 W, G = self.weights[i], self.grads[i]
-                self.calls.append((h[i], W, h[i + 1]))                 # forward
+                calls.append((h[i], W, h[i + 1]))                 # forward
                 if train:
-                    self.calls.append((h[i].T, d[i + 1], G))           # dW
+                    calls.append((h[i].T, d[i + 1], G))           # dW
                     if i > 0:
-                        self.calls.append((d[i + 1], W.T, d[i]))       # dx
+                        calls.append((d[i + 1], W.T, d[i]))       # dx
+            self.steps.append(calls)
+        self.calls = [c for calls in self.steps for c in calls]
         assert len(self.calls) == len(self.plan)
 
-    def run(self, sync) -> float:
-        matmul = self.xp.matmul
+    def run(self, sync, stamps=None) -> float:
+        """Seconds for the epoch's matmuls; ``stamps`` (a list, CPU only) gets the clock after each step."""
+        matmul, clock = self.xp.matmul, time.perf_counter
         sync()
-        start = time.perf_counter()
-        for a, b, out in self.calls:
-            matmul(a, b, out=out)
+        start = clock()
+        if stamps is None:
+            for a, b, out in self.calls:
+                matmul(a, b, out=out)
+        else:
+            stamps.append(start)
+            for calls in self.steps:
+                for a, b, out in calls:
+                    matmul(a, b, out=out)
+                stamps.append(clock())
         sync()
-        return time.perf_counter() - start
+        return clock() - start
+
+
+def step_median(stamps) -> float | None:
+    """The median step time from per-step clock stamps (None without them). A burst of noise from other
+    tenants of the machine slows a few steps, which the median ignores; an epoch's total keeps it."""
+    return float(np.median(np.diff(stamps))) if stamps and len(stamps) > 2 else None
 
 
 # ---------------------------------------------------------------------------------------- the sides
@@ -330,16 +347,24 @@ class GpunetSide:
         self.x, self.y, self.xt, self.yt = data
 
     def epoch(self, seed, sync) -> dict:
+        # on the CPU, the clock after each step through fit's on_batch hook (a GPU step is only queued then)
+        stamps, on_batch = None, None
+        if self.device == "cpu":
+            stamps = []
+
+            def on_batch(epoch, done, total, clock=time.perf_counter, stamp=stamps.append):
+                stamp(clock())
         sync()
         start = time.perf_counter()
         hist = fit(self.net, self.loss, self.opt, self.x, self.y, epochs=1, batch_size=self.bs,
-                   shuffle=True, seed=seed)
+                   shuffle=True, seed=seed, on_batch=on_batch)
         sync()
         wall = time.perf_counter() - start
         rec = hist.epochs[0]
         # "seconds" is fit's own epoch clock (from the permutation to the last step, synchronised);
         # wall adds fit's per-call set-up (label-range check, buffers), reported for transparency.
-        return {"seconds": rec["seconds"], "wall": wall, "train_loss": rec["loss"], "train_acc": rec["accuracy"]}
+        return {"seconds": rec["seconds"], "wall": wall, "train_loss": rec["loss"], "train_acc": rec["accuracy"],
+                "step_median": step_median(stamps)}
 
     def test_accuracy(self) -> float:
         return float(evaluate(self.net, self.loss, self.xt, self.yt)["accuracy"])
@@ -404,6 +429,7 @@ class TorchSide:
         order = self._order(seed)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.tdev)
         correct = torch.zeros((), dtype=torch.int64, device=self.tdev)
+        stamps, clock = ([] if self.device == "cpu" else None), time.perf_counter
         for lo in range(0, n, bs):
             idx = order[lo:lo + bs]
             xb, yb = self._features(X.index_select(0, idx)), Y.index_select(0, idx)
@@ -415,10 +441,12 @@ class TorchSide:
             with torch.no_grad():
                 loss_sum += loss.detach() * len(idx)
                 correct += (out.argmax(dim=1) == yb).sum()
+            if stamps is not None:
+                stamps.append(clock())
         sync()
         seconds = time.perf_counter() - start
         return {"seconds": seconds, "wall": seconds, "train_loss": float(loss_sum) / n,
-                "train_acc": float(correct) / n}
+                "train_acc": float(correct) / n, "step_median": step_median(stamps)}
 
     @torch.no_grad() if torch is not None else (lambda f: f)
     def predict(self, X, batch_size=4096):
@@ -456,9 +484,10 @@ def run_train_config(name, sizes, bs, data, device, args, xp):
     check = {}
     for r in range(args.epochs):
         seed = r  # a fresh seed per epoch: both sides see permutation(seed) for this round
-        row = {}
+        row, stamps = {}, ([] if device == "cpu" else None)
         settle(args.pause)
-        row["floor"] = floor.run(sync)
+        row["floor"] = floor.run(sync, stamps)
+        row["floor_step_median"] = step_median(stamps)
         settle(args.pause)
         row["gpunet"] = g.epoch(seed, sync)
         if t is not None:
@@ -504,6 +533,13 @@ def run_train_config(name, sizes, bs, data, device, args, xp):
     res["gpunet_over_floor_by_round"] = [r["gpunet"]["seconds"] / r["floor"] for r in timed]
     if t is not None:
         res["gpunet_over_torch_by_round"] = [r["gpunet"]["seconds"] / r["torch"]["seconds"] for r in timed]
+    if device == "cpu":  # the same ratios from per-step medians: what they are without the noise's bursts
+        res["step_median_over_floor"] = {
+            side: median_after_warmup([r[side]["step_median"] / r["floor_step_median"] for r in rounds])
+            for side in ("gpunet", "torch") if side in rounds[0]}
+        if t is not None:
+            res["step_median_gpunet_over_torch"] = median_after_warmup(
+                [r["gpunet"]["step_median"] / r["torch"]["step_median"] for r in rounds])
     res["gpunet_gemm_gflops"] = floor.flops / res["gpunet_s"] / 1e9
     res["floor_gflops"] = floor.flops / res["floor_s"] / 1e9
     res["process_peak_rss_mib"] = peak_rss_kib() / 1024  # cumulative for this process (see README)

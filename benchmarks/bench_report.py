@@ -83,7 +83,17 @@ def _tables(results):
         header = ["config", "gpunet/floor by round", "gpunet/torch by round"]
         rows = [[c["name"], " ".join(f"{v:.2f}" for v in c.get("gpunet_over_floor_by_round", [])),
                  " ".join(f"{v:.2f}" for v in c.get("gpunet_over_torch_by_round", []))] for c in train]
-        tables.append(("Training: the ratios round by round (rounds 2..E), for the spread of the noise", header, rows))
+        tables.append(("Training: the ratios round by round (rounds 2..E), for the spread of the noise",
+                       header, rows))
+        if any("step_median_over_floor" in c for c in train):
+            header = ["config", "gpunet/floor", "torch/floor", "gpunet/torch"]
+            rows = [[c["name"], _f(c["step_median_over_floor"].get("gpunet"), "{:.2f}"),
+                     _f(c["step_median_over_floor"].get("torch"), "{:.2f}"),
+                     _f(c.get("step_median_gpunet_over_torch"), "{:.2f}")]
+                    for c in train if "step_median_over_floor" in c]
+            tables.append(("Training: the same ratios from each epoch's median step time (median over rounds "
+                           "2..E); a burst of noise slows a few steps, which a median step ignores",
+                           header, rows))
     if infer:
         header = ["config", "images", "gpunet ms", "torch ms", "gpunet/torch", "floor ms", "floor/gpunet",
                   "floor/torch", "predictions agree"]
