@@ -24,6 +24,7 @@ from .losses import SoftmaxCrossEntropy
 from .metrics import format_report
 from .network import load, mlp
 from .optimizers import SGD, Momentum
+from .pixels import Pixels
 from .schedules import SCHEDULES, make_schedule
 from .training import evaluate, fit, predict, predict_proba
 
@@ -135,7 +136,8 @@ def _load_data(args, need_train=True):
         raise UserError(f"data folder not found: {folder} (pass --download to fetch MNIST into it)")
     explicit = folder is not None or bool(os.environ.get("GPUNET_DATA"))
     download = getattr(args, "download", False) or not explicit
-    return load_mnist(folder, download=download)
+    # the images stay bytes (a quarter of float32's memory), read as float32 batch by batch: see pixels.py
+    return load_mnist(folder, download=download, dtype=np.uint8)
 
 
 def _progress(total_epochs):
@@ -183,6 +185,7 @@ def cmd_train(args):
     if args.val_size >= len(x_train):
         raise UserError(f"--val-size: expected fewer than {len(x_train)} (the training set), got {args.val_size}")
     (x_tr, y_tr), (x_val, y_val) = split_validation(x_train, y_train, args.val_size)
+    x_tr, x_val, x_test_px = Pixels(x_tr), Pixels(x_val), Pixels(x_test)
     if args.patience and not len(x_val):
         raise UserError("--patience: needs a validation set, but --val-size is 0")
     classes = int(max(y_train.max(), y_test.max())) + 1
@@ -206,7 +209,7 @@ def cmd_train(args):
     history = fit(net, loss, opt, x_tr, y_tr, epochs=args.epochs, batch_size=args.batch_size,
                   validation=(x_val, y_val) if len(x_val) else None, seed=args.seed, target_loss=args.target_loss,
                   patience=args.patience, schedule=schedule, callback=on_epoch, on_batch=on_batch)
-    test = evaluate(net, loss, x_test, y_test, metrics=True)
+    test = evaluate(net, loss, x_test_px, y_test, metrics=True)
     wall = time.perf_counter() - started
     model_path = out / "model.npz"
     net.save(model_path)
@@ -228,7 +231,7 @@ def cmd_train(args):
     else:
         plots.curves(history.epochs, out / "curves.png")
         plots.confusion(test["confusion_matrix"], out / "confusion.png")
-        pred = backend.to_numpy(predict(net, x_test))
+        pred = backend.to_numpy(predict(net, x_test_px))
         plots.misclassified(x_test, y_test, pred, out / "misclassified.png")
         pictures = ["curves.png", "confusion.png", "misclassified.png"]
     result["pictures"] = pictures
@@ -254,7 +257,7 @@ def cmd_evaluate(args):
     _, (x_test, y_test) = _load_data(args)
     if x_test.shape[1] != net.in_features:
         raise UserError(f"{args.model}: the model expects {net.in_features} inputs, the data have {x_test.shape[1]}")
-    rep = evaluate(net, SoftmaxCrossEntropy(), x_test, y_test, metrics=True)
+    rep = evaluate(net, SoftmaxCrossEntropy(), Pixels(x_test), y_test, metrics=True)
     if args.json:
         print(json.dumps(rep, indent=2))
     else:
