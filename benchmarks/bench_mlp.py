@@ -648,7 +648,7 @@ def memory_child(side: str, data_dir, pixels: str) -> dict:
         kernels.gather_scaled(np.zeros((2, 2), np.uint8), labels, np.empty_like(z), 255)
     base = rss_kib()
     base_peak = peak_rss_kib()
-    (x, y), (xt, yt) = load_data(argparse.Namespace(data_dir=data_dir, pixels=pixels), "cpu")
+    x, y, xt, yt = load_data(argparse.Namespace(data_dir=data_dir, pixels=pixels), "cpu")
     after_load = rss_kib()
     args = argparse.Namespace(seed=0, lr=0.01, momentum=0.9)
     g = GpunetSide(MEMORY_SIZES, MEMORY_BATCH, (x, y, xt, yt), "cpu", args)

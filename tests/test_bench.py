@@ -45,12 +45,29 @@ def test_quick_run_writes_consistent_results(tmp_path):
         assert c["gpunet_over_floor"] == pytest.approx(c["gpunet_s"] / c["floor_s"])
         assert c["gpunet_over_floor_by_round"] == pytest.approx([rounds[1]["gpunet"]["seconds"] / rounds[1]["floor"]])
         assert 0.0 <= c["gpunet_test_acc"] <= 1.0
-    assert res["machine"]["cpu_kernels"]
+        # per-step medians: 5 steps give 4 intervals per side, and the ratio is that of round 2
+        assert c["step_median_over_floor"]["gpunet"] == pytest.approx(
+            rounds[1]["gpunet"]["step_median"] / rounds[1]["floor_step_median"])
+        assert 0 < rounds[1]["floor_step_median"] < rounds[1]["floor"]
+    assert res["settings"]["pixels"] == "uint8" and res["machine"]["cpu_kernels"]
     floor_target = next(t for t in bench_report.evaluate_targets(res) if "b128: gpunet / floor" in t["target"])
     b128 = next(c for c in train if c["name"] == "784-512-512-10/b128")
     assert floor_target["measured"] == b128["gpunet_over_floor"]
     assert floor_target["pass"] == (b128["gpunet_over_floor"] <= 1.15)
     assert "gpunet/floor by round" in (tmp_path / "r.md").read_text()
+    assert "median step time" in (tmp_path / "r.md").read_text()
+
+
+@pytest.mark.parametrize("pixels", ["uint8", "float32"])
+def test_memory_child_measures_against_the_float32_train_set(tmp_path, pixels):
+    data = make_fake_mnist(tmp_path / "mnist", n_train=300, n_test=50)
+    m = bench_mlp.memory_child("gpunet", str(data), pixels)
+    sizes = bench_mlp.MEMORY_SIZES
+    model = 4 * sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    assert m["pixels"] == pixels and m["train_set_bytes"] == 300 * 784 * 4 and m["model_bytes"] == model
+    assert m["reference_bytes"] == 300 * 784 * 4 + model
+    assert m["peak_kib"] >= m["baseline_kib"] > 0
+    assert m["ratio_growth_over_reference"] == pytest.approx(m["growth_kib"] * 1024 / m["reference_bytes"])
 
 
 def test_ablation_compiles_fits_own_work(tmp_path):
