@@ -1,6 +1,7 @@
 """Data: IDX files (the MNIST format), the MNIST loader and downloader, validation splits, image files.
 
-Images come out as float32 (N, rows*cols) in [0, 1], labels as int64 (N,). Any folder holding the four
+Images come out as float32 (N, rows*cols) in [0, 1] (or as the raw uint8 bytes, for
+:class:`gpunet.pixels.Pixels`), labels as int64 (N,). Any folder holding the four
 MNIST file names (raw or .gz) loads the same way, so Fashion-MNIST and the like work unchanged. Imports
 only NumPy and the standard library (Pillow lazily), no other gpunet module. Data problems raise DataError.
 """
