@@ -225,7 +225,7 @@ def gather_scaled_xp(src, idx, out, divisor):
 
 def gather_scaled(src, idx, out, divisor):
     """Rows ``idx`` of the integer array ``src``, divided by ``divisor``, into the first rows of ``out``
-    (one compiled pass on the CPU: a gather reads a quarter of the bytes of a float32 one); returns them."""
+    (one compiled pass on the CPU, else the twin); returns them."""
     if (ENABLED and type(src) is _np.ndarray and type(idx) is _np.ndarray and type(out) is _np.ndarray
             and src.ndim == 2 and out.ndim == 2 and src.dtype == _np.uint8 and out.dtype.char in "fd"
             and idx.dtype.kind in "iu" and src.flags.c_contiguous and out.flags.c_contiguous
