@@ -4,6 +4,8 @@
 """
 import argparse
 
+import numpy as np
+
 import gpunet as gn
 from gpunet.data import load_mnist, split_validation
 from gpunet.metrics import format_report
@@ -19,8 +21,10 @@ def main():
     p.add_argument("--out", default="mnist_model.npz")
     args = p.parse_args()
 
-    (x_train, y_train), (x_test, y_test) = load_mnist(args.data_dir)
+    # uint8 bytes (a quarter of float32's memory), read as float32 / 255 batch by batch through gn.Pixels
+    (x_train, y_train), (x_test, y_test) = load_mnist(args.data_dir, dtype=np.uint8)
     (x_tr, y_tr), (x_val, y_val) = split_validation(x_train, y_train, 5000)
+    x_tr, x_val, x_test = gn.Pixels(x_tr), gn.Pixels(x_val), gn.Pixels(x_test)
     net = gn.mlp([784, 256, 128, 10], activation=["relu", "relu"], dropout=0.1, seed=0, device=args.device)
     print(net)
     opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
