@@ -62,11 +62,14 @@ class Pixels:
         raw = to_device(self.raw, device)
         return self if raw is self.raw else Pixels(raw, self.dtype)
 
+    def _scaled(self, rows, out=None):
+        """``rows / 255`` computed in ``dtype`` (no float64 step), into ``out`` or a new array."""
+        return get_array_module(rows).divide(rows, self.dtype.type(self.divisor), out=out, dtype=self.dtype)
+
     def __getitem__(self, key):
         if not isinstance(key, slice):
             raise TypeError(f"key: expected a slice of rows, got {type(key).__name__}; use take() for indices")
-        xp = get_array_module(self.raw)
-        return xp.divide(self.raw[key], self.dtype.type(self.divisor), dtype=self.dtype)
+        return self._scaled(self.raw[key])
 
     def take(self, idx, out):
         """Rows ``idx`` ((K,) integers, or a slice of K rows) as floats, written into ``out[:K]``
@@ -76,13 +79,12 @@ class Pixels:
             raise ValueError(f"out: expected a ({k}+, {self.shape[1]}) {self.dtype} array, "
                              f"got {tuple(out.shape)} {out.dtype}")
         if isinstance(idx, slice):
-            xp = get_array_module(self.raw)
-            return xp.divide(self.raw[idx], self.dtype.type(self.divisor), out=out[:k], dtype=self.dtype)
+            return self._scaled(self.raw[idx], out[:k])
         return kernels.gather_scaled(self.raw, idx, out, self.divisor)
 
     def numpy(self) -> np.ndarray:
         """The whole float array on the host (N, features): what ``load_mnist`` returns as float32."""
-        return np.divide(to_device(self.raw, "cpu"), self.dtype.type(self.divisor), dtype=self.dtype)
+        return self._scaled(to_device(self.raw, "cpu"))
 
     def __repr__(self):
         return f"Pixels(shape={self.shape}, dtype={self.dtype}, device={self.device})"
