@@ -307,22 +307,24 @@ class Floor:
                     if i > 0:
                         calls.append((d[i + 1], W.T, d[i]))       # dx
             self.steps.append(calls)
-        self.calls = [c for calls in self.steps for c in calls]
         assert len(self.calls) == len(self.plan)
+
+    @property
+    def calls(self) -> list:
+        """Every (a, b, out) triple of the epoch, in order."""
+        return [c for calls in self.steps for c in calls]
 
     def run(self, sync, stamps=None) -> float:
         """Seconds for the epoch's matmuls; ``stamps`` (a list, CPU only) gets the clock after each step."""
         matmul, clock = self.xp.matmul, time.perf_counter
         sync()
         start = clock()
-        if stamps is None:
-            for a, b, out in self.calls:
-                matmul(a, b, out=out)
-        else:
+        if stamps is not None:
             stamps.append(start)
-            for calls in self.steps:
-                for a, b, out in calls:
-                    matmul(a, b, out=out)
+        for calls in self.steps:
+            for a, b, out in calls:
+                matmul(a, b, out=out)
+            if stamps is not None:
                 stamps.append(clock())
         sync()
         return clock() - start
