@@ -40,8 +40,12 @@ def _numba_kernels():
         return None
     try:
         from . import cpu_kernels
-    except Exception as exc:  # numba missing or unusable here: the NumPy twins serve
+    except ImportError as exc:  # numba missing: the NumPy twins serve
         _numba_why.append(f"{type(exc).__name__}: {exc}; pip install 'gpunet[numba]' for compiled ones")
+        return None
+    except Exception as exc:  # numba unusable here, e.g. no writable folder for its on-disk cache
+        hint = "; set NUMBA_CACHE_DIR to a writable folder" if "cannot cache" in str(exc) else ""
+        _numba_why.append(f"{type(exc).__name__}: {exc}{hint}")
         return None
     return cpu_kernels
 

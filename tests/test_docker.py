@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -266,6 +266,10 @@ def test_dockerfile_cupy_comes_from_the_cuda12_extra(dockerfile):
     for extras in via_extra:
         unknown = extras - extras_known
         assert not unknown, f"docker/Dockerfile installs extras pyproject.toml lacks: {sorted(unknown)}"
+    assert any("numba" in e for e in via_extra), (
+        "docker/Dockerfile should install the `numba` extra: without it a container with no GPU runs the "
+        "NumPy twins of the CPU kernels"
+    )
     assert any("cuda12" in e for e in via_extra) or pinned, (
         "docker/Dockerfile installs neither the project's `cuda12` extra nor a pinned cupy-cuda12x"
     )
@@ -368,13 +372,20 @@ def test_data_volume_cache_and_environment(dockerfile):
         if kw == "ENV":
             env.update(_key_values(a))
     assert env.get("GPUNET_DATA") == "/data", f"ENV GPUNET_DATA should be /data, got {env.get('GPUNET_DATA')}"
-    cache = env.get("CUPY_CACHE_DIR")
-    assert cache and cache.startswith("/"), "ENV CUPY_CACHE_DIR should point to a writable folder"
     runs = " ".join(a for kw, a in stage if kw == "RUN")
-    assert re.search(r"mkdir\b[^&;]*(\$\{?CUPY_CACHE_DIR\}?|" + re.escape(cache) + ")", runs), (
-        "the CuPy kernel cache folder is never created"
-    )
-    assert re.search(r"chown\b", runs), "the kernel cache must belong to the image's user (chown)"
+    # numba cannot write its cache next to gpunet's root-owned code; without a folder it compiles nothing
+    for var in ("CUPY_CACHE_DIR", "NUMBA_CACHE_DIR"):
+        cache = env.get(var)
+        assert cache and cache.startswith("/"), f"ENV {var} should point to a writable folder"
+        named = r"(\$\{?" + var + r"\}?|" + re.escape(cache) + ")"
+        assert re.search(r"mkdir\b[^&;]*" + named, runs), f"the {var} folder is never created"
+        # chown -R of the folder or of a folder holding it, below /home
+        holders = [cache] + [str(d) for d in PurePosixPath(cache).parents if len(d.parts) > 2]
+        owned = r"(\$\{?" + var + r"\}?|" + "|".join(re.escape(h) for h in holders) + r")(\s|\"|$)"
+        assert re.search(r"chown\s+-R\b[^&;]*" + owned, runs), f"the {var} folder must belong to the image's user"
+        assert re.search(r"chmod\s+1777\b[^&;]*" + named, runs), (
+            f"the {var} folder must stay writable under --user (chmod 1777)"
+        )
     assert "/opt/venv" in env.get("PATH", "") or env.get("VIRTUAL_ENV") == "/opt/venv", (
         "the virtual environment /opt/venv should be on PATH"
     )

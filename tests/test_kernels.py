@@ -5,6 +5,7 @@ and a whole training step with fused kernels on vs off. Tolerances: float32 elem
 only by operation order and exp/log implementations, a few ulps: rtol 1e-5, atol 1e-6.
 """
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -163,6 +164,40 @@ def test_compiled_softmax_xent_is_stable_and_checks_labels():
     assert rows[0] == pytest.approx(0.0, abs=1e-6) and rows[1] == pytest.approx(1e5, rel=1e-6)
     with pytest.raises(IndexError, match="label"):  # compiled code has no bounds checks of its own
         kernels.softmax_xent(z, np.array([0, 3]), np.empty_like(z), np.empty(2, np.float32))
+
+
+class _FailingImport:
+    """A meta-path finder that makes ``import gpunet.cpu_kernels`` raise ``error``."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "gpunet.cpu_kernels":
+            raise self.error
+        return None
+
+
+@pytest.mark.parametrize("error, says, not_says", [
+    (ImportError("No module named 'numba'"), "pip install 'gpunet[numba]'", "NUMBA_CACHE_DIR"),
+    # what numba raises at decoration time when no folder for its on-disk cache is writable
+    (RuntimeError("cannot cache function 'bias_relu': no locator available for file 'x.py'"),
+     "set NUMBA_CACHE_DIR to a writable folder", "pip install"),
+    (OSError("libllvmlite.so: cannot open shared object file"), "libllvmlite.so", "pip install"),
+])
+def test_compiled_kernels_fall_back_to_twins_and_say_why(monkeypatch, error, says, not_says):
+    """Without usable compiled kernels the twins serve, and ``gpunet info`` gives the cause and the cure
+    that fits it: a pip hint only when numba is missing."""
+    import gpunet
+
+    monkeypatch.delitem(sys.modules, "gpunet.cpu_kernels", raising=False)
+    monkeypatch.delattr(gpunet, "cpu_kernels", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_FailingImport(error)] + sys.meta_path)
+    monkeypatch.setattr(kernels, "_numba_why", [])
+    assert kernels._numba_kernels.__wrapped__() is None
+    why = kernels._numba_why[-1]
+    assert type(error).__name__ in why and str(error) in why, why
+    assert says in why and not_says not in why, why
 
 
 def test_fast_cpu_step_matches_per_parameter_formulas():
