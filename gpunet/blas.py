@@ -4,9 +4,9 @@
 NumPy build (MKL, Accelerate), another dtype, or ``GPUNET_CPU_BLAS=0``. Every caller keeps a NumPy twin for
 that case, and tests check each path against its twin.
 
-- ``momentum_update``: the optimizers' rule over the flat buffer as scal/axpy calls.
+- ``sgd_update``, ``momentum_update``: the optimizers' rules over the flat buffer as scal/axpy calls.
 - ``LinearMomentum``: fit's fused update, the weight and bias gradients folded into the velocities.
-- ``axpy``, ``blocked``: small helpers.
+- ``blocked``: a small helper for the twins.
 """
 from __future__ import annotations
 
@@ -75,6 +75,18 @@ def routines(a, min_size=4096):
         return None
     char = {"f": "s", "d": "d"}.get(a.dtype.char)  # dtype.char, not dtype.name: a per-step hot path
     return _openblas(char) if char else None
+
+
+def sgd_update(w, g, lr, wd) -> bool:
+    """The rule ``w -= lr * (g + wd * w)`` as scal/axpy calls; False when no BLAS path applies."""
+    blas = routines(w)
+    if blas is None:
+        return False
+    n, pw, lr = w.shape[0], w.ctypes.data, float(lr)
+    if wd:
+        blas.scal(n, 1.0 - lr * float(wd), pw, 1)  # w = (1 - lr * wd) * w
+    blas.axpy(n, -lr, g.ctypes.data, 1, pw, 1)      #   - lr * g
+    return True
 
 
 def momentum_update(w, g, v, lr, gamma, wd, nesterov) -> bool:
@@ -174,17 +186,6 @@ class LinearMomentum:
         if wd:
             self.v_wb += t(lr) * t(wd) * self.wb
         self.wb -= self.v_wb
-
-
-def axpy(alpha, x, y):
-    """``y += alpha * x`` in place over same-shaped contiguous arrays (BLAS where available)."""
-    fx, fy = x.reshape(-1), y.reshape(-1)
-    blas = routines(fy) if x.flags.c_contiguous and y.flags.c_contiguous and x.dtype == y.dtype else None
-    if blas is None:
-        y += y.dtype.type(alpha) * x
-        return y
-    blas.axpy(fy.shape[0], float(alpha), fx.ctypes.data, 1, fy.ctypes.data, 1)
-    return y
 
 
 def gemm_available(a) -> bool:

@@ -301,12 +301,8 @@ def momentum_update(w, g, v, lr, gamma, wd, nesterov, tmp):
 
 
 def sgd_update(w, g, lr, wd, tmp):
-    """``w -= lr * (g + wd * w)`` over flat buffers, in place."""
-    routines = blas.routines(w)
-    if routines is not None:
-        if wd:
-            routines.scal(w.shape[0], 1.0 - float(lr) * float(wd), w.ctypes.data, 1)
-        blas.axpy(-float(lr), g, w)
-        return w
-    w -= _scaled_direction(w, g, lr, wd, tmp)
+    """``w -= lr * (g + wd * w)`` over flat buffers, in place: BLAS level-1 calls on the CPU where
+    available, else the twin."""
+    if not blas.sgd_update(w, g, lr, wd):
+        w -= _scaled_direction(w, g, lr, wd, tmp)
     return w

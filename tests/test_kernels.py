@@ -309,13 +309,24 @@ def test_linear_momentum_step_matches_formulas(dtype, wd, layout):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_axpy_matches_twin(dtype):
+def test_blas_sgd_update_matches_formula(dtype):
+    """blas.sgd_update (one axpy, and one scal with weight decay) against the rule in float64, where
+    NumPy ships OpenBLAS; where no BLAS path applies it says so and leaves w alone. Tolerances: one
+    rounding per call on values of order 1: 1e-6 (float32) and 1e-14 (float64), doubled for the two
+    calls with weight decay."""
     rng = np.random.default_rng(4)
-    x, y = rng.normal(size=(2, 300, 200)).astype(dtype)
-    y1 = y.copy()
-    blas.axpy(-0.5, x, y1)
-    rtol = 1e-6 if dtype == np.float32 else 1e-14
-    assert_allclose(y1, y - 0.5 * x.astype(np.float64), rtol, rtol)
+    g, w = rng.normal(size=(2, 60_000)).astype(dtype)
+    if blas.routines(w) is None:
+        pytest.skip("NumPy here ships no OpenBLAS: the BLAS path does not exist")
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    w1 = w.copy()
+    assert blas.sgd_update(w1, g, 0.5, 0.0)
+    assert_allclose(w1, w - 0.5 * g.astype(np.float64), tol, tol)
+    w2 = w.copy()
+    assert blas.sgd_update(w2, g, 0.5, 1e-2)
+    assert_allclose(w2, (1 - 0.5 * 1e-2) * w.astype(np.float64) - 0.5 * g, 2 * tol, 2 * tol)
+    small = w[:100].copy()
+    assert not blas.sgd_update(small, g[:100], 0.5, 0.0) and np.array_equal(small, w[:100])
 
 
 def fit_weights(monkeypatch, fused, **opt_kwargs):
