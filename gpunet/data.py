@@ -187,15 +187,15 @@ def load_idx_images(path, dtype=np.float32) -> np.ndarray:
                             f"got {len(dims)}-D {item.name} data of shape {dims}")
         n, pixels = dims[0], dims[1] * dims[2]
         out = _alloc((n, pixels), dtype, path)
-        chunk = np.empty((min(n, _CHUNK_ROWS), pixels), np.uint8)
+        # raw bytes stream straight into the output; floats go through a small uint8 chunk
+        chunk = None if dtype == np.uint8 else np.empty((min(n, _CHUNK_ROWS), pixels), np.uint8)
         for start in range(0, n, _CHUNK_ROWS):
             rows = min(_CHUNK_ROWS, n - start)
-            if (got := _fill(stream, chunk[:rows])) < rows * pixels:
+            dest = out[start:start + rows] if chunk is None else chunk[:rows]
+            if (got := _fill(stream, dest)) < rows * pixels:
                 _check_size(path, expected, start * pixels + got)
-            if dtype == np.uint8:
-                out[start:start + rows] = chunk[:rows]
-            else:  # dtype= pins the arithmetic to the output type: no float64 temporaries
-                np.divide(chunk[:rows], 255, out=out[start:start + rows], dtype=dtype)
+            if chunk is not None:  # dtype= pins the arithmetic to the output type: no float64 temporaries
+                np.divide(dest, 255, out=out[start:start + rows], dtype=dtype)
         _finish(stream, path, expected, expected)
     return out
 

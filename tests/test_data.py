@@ -162,14 +162,20 @@ def test_load_idx_images_and_labels(tmp_path):
         data.load_idx_labels(tmp_path / "neg")
 
 
-def test_load_idx_images_chunked_truncation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])  # uint8: the bytes stream straight into the output
+def test_load_idx_images_chunked_truncation(tmp_path, monkeypatch, dtype):
     monkeypatch.setattr(data, "_CHUNK_ROWS", 3)  # several chunks, truncation inside the second
     blob = idx_bytes(dims=(7, 2, 2), payload=bytes(range(20)))
     (tmp_path / "img.gz").write_bytes(gzip.compress(blob))
     with pytest.raises(DataError, match="img.gz: truncated: expected 28 bytes of data, found 20"):
-        data.load_idx_images(tmp_path / "img.gz")
+        data.load_idx_images(tmp_path / "img.gz", dtype=dtype)
     (tmp_path / "ok.gz").write_bytes(gzip.compress(idx_bytes(dims=(7, 2, 2), payload=bytes(range(28)))))
-    np.testing.assert_allclose(data.load_idx_images(tmp_path / "ok.gz").ravel() * 255, range(28), atol=1e-4)
+    x = data.load_idx_images(tmp_path / "ok.gz", dtype=dtype)
+    assert x.shape == (7, 4) and x.dtype == dtype
+    if dtype == np.uint8:
+        assert np.array_equal(x.ravel(), np.arange(28))
+    else:
+        np.testing.assert_allclose(x.ravel() * 255, range(28), atol=1e-4)
 
 
 @pytest.mark.parametrize("array", [np.zeros((4, 784), np.uint8), np.zeros((2, 3, 3), np.float32)])
