@@ -57,6 +57,13 @@ def device(request):
     return request.param
 
 
+def optional(module: str, extra: str):
+    """Import ``module``, a part that is optional for users, or skip saying so (the test extra installs
+    every such part, so on README's Quick start path nothing skips for this reason)."""
+    return pytest.importorskip(module, reason=f"{module} is optional for users (pip install 'gpunet[{extra}]') "
+                                              f"and not installed here; pip install -e '.[test]' brings it")
+
+
 def assert_allclose(actual, desired, rtol=1e-7, atol=0.0, err_msg=""):
     """np.testing.assert_allclose after bringing both sides to the host."""
     np.testing.assert_allclose(

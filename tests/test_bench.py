@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_fake_mnist
+from conftest import ROOT, make_fake_mnist, optional
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_mlp  # noqa: E402
@@ -73,7 +73,7 @@ def test_memory_child_measures_against_the_float32_train_set(tmp_path, pixels):
 def test_ablation_compiles_fits_own_work(tmp_path):
     """benchmarks/ablate_step.py times a compiled copy of fit's CPU step; it must do fit's very work (the
     script compares the weights after one epoch from the same start and stops if they differ)."""
-    pytest.importorskip("numba")
+    optional("numba", "numba")
     data = make_fake_mnist(tmp_path / "mnist", n_train=600, n_test=200)  # last batch of 88 rows
     out = tmp_path / "ablate.json"
     proc = subprocess.run(

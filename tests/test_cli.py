@@ -10,6 +10,7 @@ import pytest
 
 import gpunet as gn
 from gpunet import backend
+from conftest import optional
 
 SCRIPT = Path(sys.executable).with_name("gpunet")
 
@@ -98,7 +99,7 @@ def test_evaluate_text_and_json(trained):
 def test_predict_images_and_npy(trained, tmp_path):
     from gpunet.data import load_mnist
 
-    Image = pytest.importorskip("PIL.Image")
+    Image = optional("PIL.Image", "cli")
     data, out, _ = trained
     _, (x_test, _) = load_mnist(data, download=False)
     big = Image.fromarray((x_test[0].reshape(28, 28) * 255).astype(np.uint8)).resize((56, 56))

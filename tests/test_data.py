@@ -16,6 +16,7 @@ import pytest
 
 from gpunet import data
 from gpunet.data import DataError
+from conftest import optional
 
 NAMES = list(data.MNIST_FILES.values())
 
@@ -427,8 +428,8 @@ def test_split_bad_val_size(bad):
 
 # --------------------------------------------------------------------------------------- load_images
 def test_load_png_inverted_and_resized(tmp_path):
-    image_mod = pytest.importorskip("PIL.Image")
-    draw_mod = pytest.importorskip("PIL.ImageDraw")
+    image_mod = optional("PIL.Image", "cli")
+    draw_mod = optional("PIL.ImageDraw", "cli")
     img = image_mod.new("RGB", (56, 40), "white")
     draw_mod.Draw(img).rectangle((20, 8, 34, 30), fill="black")
     img.save(tmp_path / "digit.png")
@@ -443,7 +444,7 @@ def test_load_png_inverted_and_resized(tmp_path):
 
 
 def test_load_image_transparent_background(tmp_path):
-    image_mod = pytest.importorskip("PIL.Image")
+    image_mod = optional("PIL.Image", "cli")
     img = image_mod.new("RGBA", (28, 28), (0, 0, 0, 0))  # transparent black paper
     img.paste((0, 0, 0, 255), (10, 5, 18, 23))  # opaque black ink
     img.save(tmp_path / "t.png")
@@ -452,7 +453,7 @@ def test_load_image_transparent_background(tmp_path):
 
 
 def test_load_unreadable_image(tmp_path):
-    pytest.importorskip("PIL")
+    optional("PIL", "cli")
     (tmp_path / "junk.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="junk.png"):
         data.load_images([tmp_path / "junk.png"])

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from importlib.util import find_spec
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -84,6 +84,16 @@ def _not_source(folder: str, names: list[str]) -> set[str]:
     }
 
 
+def _installed(dist: str) -> bool:
+    """Whether the distribution ``dist`` is installed. Asked of the package metadata, not of sys.path,
+    where the ``build/`` folder that ``pip install .`` leaves in the source tree looks like a package."""
+    try:
+        metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A scratch folder that is surely outside the source tree."""
@@ -119,7 +129,7 @@ def installed(workdir):
     src = workdir / "src"
     shutil.copytree(ROOT, src, ignore=_not_source)
     dist = workdir / "dist"
-    if find_spec("build") is not None:
+    if _installed("build"):
         cmd = [sys.executable, "-m", "build", "--wheel", "--outdir", dist, src]
     else:  # no `build` package: pip builds the wheel (also in an isolated environment)
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", dist, src]

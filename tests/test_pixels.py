@@ -9,7 +9,7 @@ import pytest
 import gpunet as gn
 from gpunet import data, kernels
 from gpunet.training import evaluate, fit, predict, predict_proba
-from conftest import assert_allclose, make_fake_mnist
+from conftest import assert_allclose, make_fake_mnist, optional
 
 
 def pixels(n=300, f=784, seed=0):
@@ -34,7 +34,7 @@ def test_gather_scaled_compiled_and_twin_match_formula():
 
 
 def test_compiled_gather_checks_indices():
-    pytest.importorskip("numba")
+    optional("numba", "numba")
     if kernels._numba_kernels() is None:
         pytest.skip("compiled CPU kernels unavailable")
     with pytest.raises(IndexError, match="outside"):
