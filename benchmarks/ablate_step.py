@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_mlp  # noqa: E402  (Floor, the batch order, medians, settle, machine_info)
 
 import gpunet  # noqa: E402
-from gpunet import blas  # noqa: E402
+from gpunet.fast import blas  # noqa: E402
 from gpunet.data import load_mnist  # noqa: E402
 from gpunet.training import fit  # noqa: E402
 
@@ -152,7 +152,7 @@ def main():
     p.add_argument("--json", default=None, help="write the per-round times and medians here")
     args = p.parse_args()
     if _B is None:
-        sys.exit("ablate_step.py needs the OpenBLAS inside NumPy's PyPI wheel (gpunet.blas found none)")
+        sys.exit("ablate_step.py needs the OpenBLAS inside NumPy's PyPI wheel (gpunet.fast.blas found none)")
     sizes, bs = [int(s) for s in args.sizes.split("-")], args.batch
     (x, y), _ = load_mnist(args.data_dir, download=False)
     n = len(x)

@@ -127,7 +127,8 @@ os.environ.setdefault("CUPY_TF32", "0")
 import numpy as np  # noqa: E402
 
 import gpunet  # noqa: E402
-from gpunet import backend, kernels  # noqa: E402
+from gpunet import backend  # noqa: E402
+from gpunet.fast import ops as fast_ops  # noqa: E402
 from gpunet.data import load_mnist  # noqa: E402
 from gpunet.training import evaluate, fit, predict  # noqa: E402
 
@@ -216,7 +217,7 @@ def machine_info(device: str) -> dict:
         "numpy": np.__version__, "gpunet": gpunet.__version__,
         "torch": None if torch is None else torch.__version__,
         "blas_numpy": _numpy_blas(),
-        "cpu_kernels": kernels.cpu_kernels_status(),
+        "cpu_kernels": fast_ops.numba_status(),
         "threads_env": {v: os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
                         if os.environ.get(v)},
     }
@@ -241,14 +242,10 @@ def _numpy_blas():
 
 # ------------------------------------------------------------------------------------- batch order
 def gpunet_order(device, seed, n, xp=np):
-    """The permutation ``fit(..., epochs=1, seed=seed)`` draws for its (only) epoch.
-
-    Mirrors ``gpunet.training._permutation``: NumPy ``default_rng(seed).permutation(n)`` on the CPU,
-    ``argsort(default_rng(seed).random(n, float32))`` with CuPy on the GPU.
-    """
-    if device == "cpu":
-        return np.random.default_rng(seed).permutation(n)
-    return xp.argsort(xp.random.default_rng(seed).random(n, dtype=xp.float32))
+    """The permutation ``fit(..., epochs=1, seed=seed)`` draws for its (only) epoch: NumPy's
+    ``default_rng(seed).permutation(n)`` on the host, moved to the device (as ``gpunet.training.fit`` does)."""
+    order = np.random.default_rng(seed).permutation(n)
+    return order if device == "cpu" else xp.asarray(order)
 
 
 def batch_bounds(n, bs):
@@ -644,10 +641,10 @@ def memory_child(side: str, data_dir, pixels: str) -> dict:
         # load of the compiled float32 kernels (a fixed ~70 MB of LLVM, whatever the data) go in the baseline;
         # "baseline_before_jit_kib" keeps the figure without them
         z, labels = np.zeros((2, 2), np.float32), np.zeros(2, np.int64)
-        kernels.bias_relu(z, z[0])
-        kernels.relu_backward(z, z.copy())
-        kernels.softmax_xent(z, labels, np.empty_like(z), np.empty(2, np.float32))
-        kernels.gather_scaled(np.zeros((2, 2), np.uint8), labels, np.empty_like(z), 255)
+        fast_ops.bias_relu(z, z[0])
+        fast_ops.relu_backward(z, z.copy())
+        fast_ops.softmax_xent(z, labels, np.empty_like(z), np.empty(2, np.float32))
+        fast_ops.gather_scaled(np.zeros((2, 2), np.uint8), labels, np.empty_like(z), 255)
     base = rss_kib()
     base_peak = peak_rss_kib()
     x, y, xt, yt = load_data(argparse.Namespace(data_dir=data_dir, pixels=pixels), "cpu")
@@ -730,7 +727,7 @@ def main(args) -> int:
         if device == "gpu":
             torch.backends.cuda.matmul.allow_tf32 = False  # float32 products, like gpunet's
             torch.backends.cudnn.allow_tf32 = False
-    xp = backend.xp_for(device)
+    xp = backend.get_array_module(backend.to_device(np.zeros(1), device))
     data = load_data(args, device)
     results = {"machine": machine_info(device), "device": device,
                "settings": {"epochs": args.epochs, "warmup_rounds": 1 if args.epochs > 1 else 0,

@@ -8,11 +8,11 @@
 from .backend import (DeviceError, describe_device, get_array_module, gpu_available, gpu_unavailable_reason,
                       resolve_device, set_default_device, to_device, to_numpy)
 from .gradcheck import gradcheck, numerical_gradient
+from .batches import Pixels, Rows
 from .layers import Dropout, Layer, Linear, Parameter, ReLU, Sigmoid, Softmax, Tanh
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .network import Sequential, load, mlp
 from .optimizers import SGD, Momentum
-from .pixels import Pixels
 
 __version__ = "0.1.0"
 
@@ -20,5 +20,5 @@ __all__ = [
     "DeviceError", "describe_device", "get_array_module", "gpu_available", "gpu_unavailable_reason",
     "resolve_device", "set_default_device", "to_device", "to_numpy", "gradcheck", "numerical_gradient",
     "Dropout", "Layer", "Linear", "Parameter", "ReLU", "Sigmoid", "Softmax", "Tanh", "MAELoss", "MSELoss",
-    "SoftmaxCrossEntropy", "Sequential", "load", "mlp", "SGD", "Momentum", "Pixels",
+    "SoftmaxCrossEntropy", "Sequential", "load", "mlp", "SGD", "Momentum", "Pixels", "Rows",
 ]

@@ -137,11 +137,6 @@ def get_array_module(*arrays):
     return np
 
 
-def xp_for(device: str | None = None):
-    """The array module for a device name (resolving ``"auto"``)."""
-    return _probe()[0] if resolve_device(device) == "gpu" else np
-
-
 def device_of(a) -> str:
     """``"gpu"`` for a CuPy array, ``"cpu"`` otherwise."""
     return "gpu" if _is_cupy(a) else "cpu"

@@ -1,4 +1,5 @@
-"""The ``gpunet`` command: train, evaluate, predict, info.
+"""The ``gpunet`` command: train, evaluate, predict, info. A thin face: flags in, printing out; the work
+lives in the library (``recipe.train`` for a training run).
 
 A user mistake (missing folder, bad flag value, unreadable model file) prints one line and exits with
 status 2; nothing here is imported by the library.
@@ -10,23 +11,21 @@ import json
 import os
 import platform
 import sys
-import time
-from importlib import metadata
-from pathlib import Path
+from dataclasses import fields
 
 import numpy as np
 
-from . import __version__, backend, kernels, plots
+from . import __version__, backend, fast, recipe
 from .backend import DeviceError
-from .data import DataError, default_data_dir, load_images, load_mnist, split_validation
+from .batches import Pixels
+from .data import DataError, default_data_dir, load_images
 from .layers import ACTIVATIONS, INITIALIZERS
 from .losses import SoftmaxCrossEntropy
 from .metrics import format_report
-from .network import load, mlp
-from .optimizers import SGD, Momentum
-from .pixels import Pixels
-from .schedules import SCHEDULES, make_schedule
-from .training import evaluate, fit, predict, predict_proba
+from .network import load
+from .recipe import TrainConfig, load_data, train
+from .schedules import SCHEDULES
+from .training import evaluate, predict_proba
 
 USER_ERRORS = (DataError, DeviceError, ValueError, TypeError, KeyError, OSError)
 
@@ -114,32 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
-def _version(dist):
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def versions() -> dict:
-    out = {"gpunet": __version__, "python": platform.python_version(), "numpy": np.__version__}
-    for dist in ("cupy-cuda12x", "cupy-cuda13x", "cupy", "numba", "tqdm", "matplotlib", "pillow"):
-        v = _version(dist)
-        if v:
-            out[dist] = v
-    return out
-
-
-def _load_data(args, need_train=True):
-    folder = Path(args.data_dir).expanduser() if args.data_dir else None
-    if folder is not None and not folder.is_dir() and not getattr(args, "download", False):
-        raise UserError(f"data folder not found: {folder} (pass --download to fetch MNIST into it)")
-    explicit = folder is not None or bool(os.environ.get("GPUNET_DATA"))
-    download = getattr(args, "download", False) or not explicit
-    # the images stay bytes (a quarter of float32's memory), read as float32 batch by batch: see pixels.py
-    return load_mnist(folder, download=download, dtype=np.uint8)
-
-
 def _progress(total_epochs):
     """A tqdm bar over each epoch's batches on a terminal, else one line per epoch."""
     use_bar = sys.stderr.isatty()
@@ -173,73 +146,10 @@ def _progress(total_epochs):
 
 # --- commands --------------------------------------------------------------------------------------------
 def cmd_train(args):
-    device = backend.resolve_device(args.device)
-    hidden = list(args.hidden)
-    acts = args.activation[0] if len(args.activation) == 1 else args.activation
-    if not isinstance(acts, str) and len(acts) != len(hidden):
-        raise UserError(f"--activation: expected 1 or {len(hidden)} names (one per hidden layer), got {len(acts)}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    (x_train, y_train), (x_test, y_test) = _load_data(args)
-    if args.val_size >= len(x_train):
-        raise UserError(f"--val-size: expected fewer than {len(x_train)} (the training set), got {args.val_size}")
-    (x_tr, y_tr), (x_val, y_val) = split_validation(x_train, y_train, args.val_size)
-    x_tr, x_val, x_test_px = Pixels(x_tr), Pixels(x_val), Pixels(x_test)
-    if args.patience and not len(x_val):
-        raise UserError("--patience: needs a validation set, but --val-size is 0")
-    classes = int(max(y_train.max(), y_test.max())) + 1
-    net = mlp([x_train.shape[1], *hidden, classes], activation=acts, init=args.init, dropout=args.dropout,
-              seed=args.seed, device=device)
-    if args.momentum > 0:
-        opt = Momentum(net.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
-                       weight_decay=args.weight_decay)
-    else:
-        if args.nesterov:
-            raise UserError("--nesterov: needs --momentum > 0")
-        opt = SGD(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    schedule = make_schedule(args.schedule, args.lr, args.epochs,
-                             **({"step_size": args.step_size, "gamma": 0.1} if args.schedule == "step" else {}))
-    loss = SoftmaxCrossEntropy()
-    info = backend.describe_device(device)
-    note = f" ({info['gpu_name']})" if device == "gpu" else (f" (GPU not used: {info['reason']})" if info["reason"] else "")
-    print(f"gpunet {__version__}: training {' -> '.join(map(str, [x_train.shape[1], *hidden, classes]))} "
-          f"on {device}{note}; {len(x_tr)} train / {len(x_val)} validation / {len(x_test)} test examples", flush=True)
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "plots"},
+                         plots=not args.no_plots)
     on_batch, on_epoch = _progress(args.epochs)
-    history = fit(net, loss, opt, x_tr, y_tr, epochs=args.epochs, batch_size=args.batch_size,
-                  validation=(x_val, y_val) if len(x_val) else None, seed=args.seed, target_loss=args.target_loss,
-                  patience=args.patience, schedule=schedule, callback=on_epoch, on_batch=on_batch)
-    test = evaluate(net, loss, x_test_px, y_test, metrics=True)
-    wall = time.perf_counter() - started
-    model_path = out / "model.npz"
-    net.save(model_path)
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
-    result = {
-        "config": config, "device": device, "backend": info["backend"], "device_info": info, "versions": versions(),
-        "history": history.epochs, "stop_reason": history.stop_reason, "best_epoch": history.best_epoch,
-        "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-        "per_class": {k: test[k] for k in ("precision", "recall", "f1", "support")},
-        "macro": {k: test["macro_" + k] for k in ("precision", "recall", "f1")},
-        "confusion_matrix": test["confusion_matrix"], "wall_seconds": wall,
-        "mean_epoch_seconds": float(np.mean([h["seconds"] for h in history.epochs])), "model": str(model_path),
-    }
-    pictures = []
-    if args.no_plots:
-        pass
-    elif not plots.available():
-        print("note: matplotlib is not installed, so no pictures were drawn (pip install 'gpunet[cli]')")
-    else:
-        plots.curves(history.epochs, out / "curves.png")
-        plots.confusion(test["confusion_matrix"], out / "confusion.png")
-        pred = backend.to_numpy(predict(net, x_test_px))
-        plots.misclassified(x_test, y_test, pred, out / "misclassified.png")
-        pictures = ["curves.png", "confusion.png", "misclassified.png"]
-    result["pictures"] = pictures
-    with open(out / "metrics.json", "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}); stopped by {history.stop_reason}; "
-          f"{result['mean_epoch_seconds']:.2f}s per epoch, {wall:.1f}s in all")
-    print(f"wrote {model_path}, {out / 'metrics.json'}" + "".join(f", {out / p}" for p in pictures))
+    train(config, args.out, on_epoch=on_epoch, on_batch=on_batch, log=lambda line: print(line, flush=True))
     return 0
 
 
@@ -254,7 +164,7 @@ def _load_model(path, device):
 
 def cmd_evaluate(args):
     net = _load_model(args.model, args.device)
-    _, (x_test, y_test) = _load_data(args)
+    _, (x_test, y_test) = load_data(args.data_dir)
     if x_test.shape[1] != net.in_features:
         raise UserError(f"{args.model}: the model expects {net.in_features} inputs, the data have {x_test.shape[1]}")
     rep = evaluate(net, SoftmaxCrossEntropy(), Pixels(x_test), y_test, metrics=True)
@@ -292,8 +202,8 @@ def cmd_predict(args):
 def cmd_info(args):
     info = backend.describe_device(args.device)
     data_dir = default_data_dir()
-    result = {"versions": versions(), "platform": platform.platform(), **info, "data_dir": str(data_dir),
-              "fused_kernels": kernels.ENABLED, "cpu_kernels": kernels.cpu_kernels_status()}
+    result = {"versions": recipe.versions(), "platform": platform.platform(), **info, "data_dir": str(data_dir),
+              "fast_path": fast.status()}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -305,7 +215,9 @@ def cmd_info(args):
     else:
         why = f"GPU not used: {info['reason']}" if info["reason"] else "requested"
         print(f"device: cpu, NumPy backend ({why})")
-    print(f"CPU elementwise kernels: {result['cpu_kernels']}")
+    fp = result["fast_path"]
+    print(f"fast path: {'on' if fp['enabled'] else 'off (GPUNET_FAST=0)'}; CPU kernels {fp['cpu_kernels']}; "
+          f"CPU folded update {fp['cpu_blas_update']}")
     print(f"requested: {info['requested']} (set GPUNET_DEVICE or --device to change)")
     print(f"data folder: {data_dir} (set GPUNET_DATA or --data-dir to change)")
     return 0

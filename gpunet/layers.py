@@ -2,32 +2,22 @@
 
 Contract: ``forward(x)`` returns the output and caches what ``backward`` needs; ``backward(dy)`` takes
 the gradient of the loss with respect to the output and returns the gradient with respect to the input,
-storing parameter gradients *in place* in ``param.grad`` (the gradient of the last batch: nothing is
-accumulated). The array module ``xp`` is read off the arrays, so one layer class serves NumPy and CuPy.
+writing parameter gradients *in place* into ``param.grad`` (the last batch's gradient: nothing
+accumulates). The array module ``xp`` is read off the arrays, so one class serves NumPy and CuPy.
 
-Formulas (course notes, "Layers"):
-
-- Linear: ``y = x @ W + b``; ``dW = x.T @ dy``, ``db = dy.sum(0)``, ``dx = dy @ W.T``
-- ReLU: ``y = max(0, x)``; ``dx = dy * (x > 0)``
-- Sigmoid: ``y = 1 / (1 + exp(-x))``; ``dx = dy * y * (1 - y)``
-- Tanh: ``y = tanh(x)``; ``dx = dy * (1 - y**2)``
-- Softmax: ``y = exp(x - max) / sum``; ``dx = y * (dy - sum(dy * y, axis=1))``
+These are the notes' formulas, each written once and plainly; they are what runs when the fast path
+(:mod:`gpunet.fast`) is off or does not apply, and the reference that the fast path is tested against.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import kernels
 from .backend import device_of, get_array_module, to_device
 
-
-# --- weight initialisers ------------------------------------------------------------------------
-# Weight initialisers, drawn on the host with NumPy.
-#
+# --- weights start small, random and non-zero (course notes, point 6) --------------------------------
 # Every draw happens in float64 on the host from a seeded ``numpy.random.Generator`` and is then cast and
 # moved, so a CPU network and a GPU network (or a float32 and a float64 one) built from the same seed start
-# from the same weights. Weights are small, random and non-zero: all-zero weights give all-zero hidden
-# gradients and the network never learns (course notes, point 6).
+# from the same weights. All-zero weights give all-zero hidden gradients: the network would never learn.
 
 INITIALIZERS = ("he", "xavier", "uniform")
 
@@ -76,11 +66,12 @@ class Parameter:
         self.name = name
 
     def __repr__(self):
-        return f"Parameter({self.name!r}, shape={tuple(self.data.shape)}, dtype={self.data.dtype}, device={device_of(self.data)})"
+        return (f"Parameter({self.name!r}, shape={tuple(self.data.shape)}, dtype={self.data.dtype}, "
+                f"device={device_of(self.data)})")
 
 
 class Layer:
-    """Base class: no parameters, identity config, training mode on."""
+    """Base class: no parameters, training mode on."""
 
     training = True
 
@@ -112,14 +103,13 @@ class Layer:
         return f"{type(self).__name__}({args})"
 
 
-def _check_float_input(x, name="x"):
+def check_float_input(x, name="x"):
+    """Raise a TypeError naming ``name`` unless ``x`` is a NumPy or CuPy floating-point array."""
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
         raise TypeError(f"{name}: expected a NumPy or CuPy array, got {type(x).__name__}")
     if x.dtype.kind != "f":
-        raise TypeError(
-            f"{name}: expected floating-point data (float32), got {x.dtype}; "
-            f"convert first, e.g. x.astype(np.float32) / 255 for pixels"
-        )
+        raise TypeError(f"{name}: expected floating-point data (float32), got {x.dtype}; "
+                        f"convert first, e.g. x.astype(np.float32) / 255 for pixels")
 
 
 class Linear(Layer):
@@ -149,181 +139,127 @@ class Linear(Layer):
         return {"type": "Linear", "in_features": self.in_features, "out_features": self.out_features,
                 "init": self.init}
 
-    def _check(self, x):
-        _check_float_input(x)
+    def check_input(self, x):
+        """Raise naming the expected and the actual shape, dtype or device of ``x``."""
+        check_float_input(x)
         W = self.W.data
         if x.ndim != 2 or x.shape[1] != self.in_features:
-            raise ValueError(
-                f"x: expected shape (batch, {self.in_features}) for Linear({self.in_features}, "
-                f"{self.out_features}), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"x: expected shape (batch, {self.in_features}) for Linear({self.in_features}, "
+                             f"{self.out_features}), got {tuple(x.shape)}")
         if x.dtype != W.dtype:
             raise TypeError(f"x: expected dtype {W.dtype} (the layer's), got {x.dtype}; cast with x.astype(...)")
         if device_of(x) != device_of(W):
-            raise TypeError(
-                f"x: expected an array on the {device_of(W)} (where the layer lives), got one on the "
-                f"{device_of(x)}; move it with gpunet.backend.to_device(x, {device_of(W)!r})"
-            )
-
-    def forward(self, x, fuse_relu: bool = False, out=None, check: bool = True):
-        """x (N, in) -> y (N, out). ``fuse_relu`` returns ``max(x @ W + b, 0)`` in one fused step.
-
-        ``out`` (N, out) receives the result (a network passes its own reusable buffers); ``check=False``
-        skips the input checks when the caller has already made them.
-        """
-        if check:
-            self._check(x)
-        self._x = x
-        y = get_array_module(x).matmul(x, self.W.data, out=out)
-        if fuse_relu:
-            return kernels.bias_relu(y, self.b.data)
-        y += self.b.data
-        return y
-
-    def backward(self, dy, need_dx: bool = True, out=None, update=None):
-        """dy (N, out) -> dx (N, in); writes W.grad and b.grad. ``need_dx=False`` skips the dx matmul.
-
-        ``update(layer, x, dy)``, if given, replaces writing the gradients: an optimizer applies its
-        step right here (see ``Momentum.fused_update``); dx is computed first, from the old W.
-        """
-        xp = get_array_module(dy)
-        dx = xp.matmul(dy, self.W.data.T, out=out) if need_dx else None
-        if update is not None:
-            update(self, self._x, dy)
-        else:
-            xp.matmul(self._x.T, dy, out=self.W.grad)
-            dy.sum(axis=0, out=self.b.grad)
-        return dx
-
-
-class _Activation(Layer):
-    """Elementwise activation that caches its *output* (enough for all derivatives used here)."""
-
-    def __init__(self):
-        self._y = None
+            raise TypeError(f"x: expected an array on the {device_of(W)} (where the layer lives), got one on "
+                            f"the {device_of(x)}; move it with gpunet.backend.to_device(x, {device_of(W)!r})")
 
     def forward(self, x):
-        _check_float_input(x)
-        return self.forward_(x.copy())
-
-    def forward_(self, x):
-        """Forward in place on ``x`` (an array the caller owns); returns it."""
-        raise NotImplementedError
+        """x (N, in) -> y = x @ W + b (N, out)."""
+        self.check_input(x)
+        self._x = x
+        return x @ self.W.data + self.b.data
 
     def backward(self, dy):
-        return self.backward_(dy.copy())
-
-    def backward_(self, dy):
-        """Backward in place on ``dy``; returns it."""
-        raise NotImplementedError
-
-
-class ReLU(_Activation):
-    def forward_(self, x):
-        self._y = kernels.relu_xp(x)
-        return x
-
-    def adopt(self, y):
-        """Cache ``y``, already computed by a fused ``Linear.forward(..., fuse_relu=True)``."""
-        self._y = y
-        return y
-
-    def backward_(self, dy):
-        # y > 0 exactly where x > 0, so the cached output serves as the mask of the notes' dy * (x > 0)
-        return kernels.relu_backward(dy, self._y)
+        """dy (N, out) -> dx = dy @ W.T (N, in); writes dW = x.T @ dy and db = dy.sum(0)."""
+        self.W.grad[...] = self._x.T @ dy
+        self.b.grad[...] = dy.sum(axis=0)
+        return dy @ self.W.data.T
 
 
-class Sigmoid(_Activation):
-    def forward_(self, x):
-        xp = get_array_module(x)
-        # sigmoid(x) = (1 + tanh(x/2)) / 2: no overflow of exp(-x) for large negative x
-        x *= x.dtype.type(0.5)
-        xp.tanh(x, out=x)
-        x += 1
-        x *= x.dtype.type(0.5)
-        self._y = x
-        return x
+class ReLU(Layer):
+    """``y = max(x, 0)``; ``dx = dy * (x > 0)``."""
 
-    def backward_(self, dy):
-        y = self._y
-        dy *= y
-        dy *= 1 - y
-        return dy
+    def forward(self, x):
+        check_float_input(x)
+        self._x = x
+        return get_array_module(x).maximum(x, x.dtype.type(0))
+
+    def backward(self, dy):
+        return dy * (self._x > 0)
 
 
-class Tanh(_Activation):
-    def forward_(self, x):
-        get_array_module(x).tanh(x, out=x)
-        self._y = x
-        return x
+class Sigmoid(Layer):
+    """``y = 1 / (1 + exp(-x))``; ``dx = dy * y * (1 - y)``."""
 
-    def backward_(self, dy):
-        y = self._y
-        dy *= 1 - y * y
-        return dy
+    def forward(self, x):
+        check_float_input(x)
+        half = x.dtype.type(0.5)
+        # the same function written as (1 + tanh(x/2)) / 2: exp(-x) would overflow for large negative x
+        self._y = half * (1 + get_array_module(x).tanh(half * x))
+        return self._y
 
-
-class Softmax(_Activation):
-    """Row-wise softmax, for probability outputs (use SoftmaxCrossEntropy on logits for training)."""
-
-    def forward_(self, x):
-        xp = get_array_module(x)
-        x -= x.max(axis=1, keepdims=True)
-        xp.exp(x, out=x)
-        x /= x.sum(axis=1, keepdims=True)
-        self._y = x
-        return x
-
-    def backward_(self, dy):
-        y = self._y
-        dy -= (dy * y).sum(axis=1, keepdims=True)
-        dy *= y
-        return dy
+    def backward(self, dy):
+        return dy * self._y * (1 - self._y)
 
 
-class Dropout(_Activation):
-    """Inverted dropout: in training mode zero each unit with probability ``p`` and scale the rest by
-    ``1 / (1 - p)``; in eval mode the identity. Masks are drawn on the array's own device."""
+class Tanh(Layer):
+    """``y = tanh(x)``; ``dx = dy * (1 - y**2)``."""
+
+    def forward(self, x):
+        check_float_input(x)
+        self._y = get_array_module(x).tanh(x)
+        return self._y
+
+    def backward(self, dy):
+        return dy * (1 - self._y * self._y)
+
+
+class Softmax(Layer):
+    """Row-wise ``y = exp(x - max) / sum``; ``dx = y * (dy - sum(dy * y, axis=1))``. For probability
+    outputs; train with ``SoftmaxCrossEntropy`` on logits instead."""
+
+    def forward(self, x):
+        check_float_input(x)
+        e = get_array_module(x).exp(x - x.max(axis=1, keepdims=True))
+        self._y = e / e.sum(axis=1, keepdims=True)
+        return self._y
+
+    def backward(self, dy):
+        return self._y * (dy - (dy * self._y).sum(axis=1, keepdims=True))
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training mode ``y = x * mask``, where the mask zeroes each unit with
+    probability ``p`` and scales the rest by ``1 / (1 - p)``; ``dx = dy * mask``. The identity in eval
+    mode. Masks are drawn on the array's own device from a generator seeded with ``seed``."""
 
     def __init__(self, p: float = 0.5, seed: int | None = None):
-        super().__init__()
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
             raise ValueError(f"p: expected a dropout probability in [0, 1), got {p!r}")
         self.p = float(p)
         self.seed = seed
-        self._rngs = {}
+        self.generators = {}  # one per array module ("numpy", "cupy"), made on first use
         self._mask = None
 
     def config(self):
         return {"type": "Dropout", "p": self.p}
 
-    def _rng(self, xp):
-        if xp.__name__ not in self._rngs:
-            self._rngs[xp.__name__] = xp.random.default_rng(self.seed)
-        return self._rngs[xp.__name__]
+    def generator(self, xp):
+        """This layer's random generator for the array module ``xp``."""
+        if xp.__name__ not in self.generators:
+            self.generators[xp.__name__] = xp.random.default_rng(self.seed)
+        return self.generators[xp.__name__]
 
-    def forward_(self, x):
+    def new_mask(self, x):
+        """A fresh scaled keep-mask shaped and typed like ``x`` (entries 0 or 1/(1-p)), or None when
+        dropout is off (eval mode, p = 0)."""
         if not self.training or self.p == 0.0:
-            self._mask = None
-            return x
-        xp = get_array_module(x)
-        keep = 1.0 - self.p
-        rng = self._rng(xp)
+            return None
+        xp, keep = get_array_module(x), 1.0 - self.p
         if xp is np:
-            # 16 random bits per unit rather than a float draw: 3x faster with NumPy (96 us instead of 310 us
-            # for 128 x 512); the keep probability is rounded to a multiple of 2**-16
-            mask = rng.integers(0, 1 << 16, size=x.shape, dtype=np.uint16) < min(round(keep * 65536), 65535)
+            # 16 random bits per unit rather than a float draw: faster with NumPy (BENCHMARKS.md); the keep
+            # probability is rounded to a multiple of 2**-16
+            kept = self.generator(xp).integers(0, 1 << 16, size=x.shape, dtype=np.uint16) < min(round(keep * 65536), 65535)
         else:  # CuPy's Generator draws integers only as int32/int64: a float draw costs the same there
-            mask = rng.random(x.shape, dtype=x.dtype) < keep
-        scale = x.dtype.type(1.0 / keep)
-        self._mask = mask * scale  # float mask, already scaled: backward is one multiply
-        x *= self._mask
-        return x
+            kept = self.generator(xp).random(x.shape, dtype=x.dtype) < keep
+        return kept * x.dtype.type(1.0 / keep)
 
-    def backward_(self, dy):
-        if self._mask is not None:
-            dy *= self._mask
-        return dy
+    def forward(self, x):
+        check_float_input(x)
+        self._mask = self.new_mask(x)
+        return x if self._mask is None else x * self._mask
+
+    def backward(self, dy):
+        return dy if self._mask is None else dy * self._mask
 
 
 LAYERS = {cls.__name__: cls for cls in (Linear, ReLU, Sigmoid, Tanh, Softmax, Dropout)}

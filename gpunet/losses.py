@@ -1,16 +1,18 @@
 """Loss functions: ``forward(pred, target)`` returns the mean loss as a 0-d array on the predictions'
-device (reading it as a Python float is the caller's choice, since on a GPU that waits for the device);
-``backward()`` returns the gradient with respect to ``pred``.
+device (reading it as a Python float is the caller's choice: on a GPU that waits for the device);
+``backward()`` returns the gradient with respect to ``pred``. ``classifies`` says whether the targets
+are class labels (so that accuracy means something).
 
 Formulas (course notes, point 7 and "Cross entropy"), with N rows and K outputs:
 
-- SoftmaxCrossEntropy: ``L = mean_i(logsumexp(z_i) - z_i[y_i])``; ``dL/dz = (softmax(z) - onehot) / N``
+- SoftmaxCrossEntropy: ``L = mean_i(logsumexp(z_i) - z_i[y_i])``; ``dL/dz = (softmax(z) - onehot) / N``.
+  This is the notes' output delta ``delta^L = y^D - y^L`` with the sign flipped (we subtract the update)
+  and divided by N (the cost is a mean over the batch).
 - MSELoss: ``L = sum((p - t)**2) / (N*K)``; ``dL/dp = 2 (p - t) / (N*K)``
 - MAELoss: ``L = sum(|p - t|) / (N*K)``; ``dL/dp = sign(p - t) / (N*K)``
 """
 from __future__ import annotations
 
-from . import kernels
 from .backend import device_of, get_array_module
 
 
@@ -36,6 +38,8 @@ def check_labels(labels, classes: int, name: str) -> None:
 
 
 class Loss:
+    classifies = False
+
     def __call__(self, pred, target):
         return self.forward(pred, target)
 
@@ -44,16 +48,14 @@ class Loss:
 
 
 class SoftmaxCrossEntropy(Loss):
-    """Softmax followed by cross-entropy, fused for stability and speed.
+    """Softmax followed by cross-entropy, fused: the stable log-sum-exp, and the simple gradient.
 
     ``logits`` (N, C) float; ``target`` either integer labels (N,) in ``[0, C)`` or one-hot /
-    probability rows (N, C) float. ``check=False`` skips the label-range check (the training loop checks
-    the whole label set once, so that a GPU step does not wait for the host).
+    probability rows (N, C) of the logits' dtype. ``check=False`` skips the label-range check (the
+    training loop checks the whole label set once, so that a GPU step does not wait for the host).
     """
 
-    def __init__(self):
-        self._grad = None
-        self._rows = None
+    classifies = True
 
     def forward(self, logits, target, check: bool = True):
         _check_pair(logits, target)
@@ -61,35 +63,29 @@ class SoftmaxCrossEntropy(Loss):
             raise ValueError(f"logits: expected shape (batch, classes), got {tuple(logits.shape)}")
         xp = get_array_module(logits)
         n, c = logits.shape
-        if self._grad is None or self._grad.shape != logits.shape or self._grad.dtype != logits.dtype \
-                or get_array_module(self._grad) is not xp:
-            self._grad = xp.empty_like(logits)
-            self._rows = xp.empty(n, dtype=logits.dtype)
         if target.ndim == 1:
             if target.dtype.kind not in "iu":
                 raise TypeError(f"target: expected integer class labels, got dtype {target.dtype}")
             if check:
                 check_labels(target, c, "target")
-            kernels.softmax_xent(logits, target, self._grad, self._rows)
+            onehot = xp.zeros_like(logits)
+            onehot[xp.arange(n), target] = 1
         elif target.shape == logits.shape:
             if target.dtype != logits.dtype:
                 raise TypeError(f"target: expected dtype {logits.dtype} for one-hot rows, got {target.dtype}")
-            # general targets (rows of probabilities): L = -sum t * log_softmax(z); dL/dz = softmax * sum(t) - t
-            shifted = logits - logits.max(axis=1, keepdims=True)
-            logsum = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
-            logp = shifted - logsum
-            self._rows[...] = -(target * logp).sum(axis=1)
-            xp.exp(logp, out=self._grad)
-            self._grad *= target.sum(axis=1, keepdims=True)
-            self._grad -= target
-            self._grad *= logits.dtype.type(1.0 / n)
+            onehot = target
         else:
-            raise ValueError(f"target: expected labels of shape ({n},) or one-hot rows of shape {tuple(logits.shape)}, "
-                             f"got {tuple(target.shape)}")
-        return self._rows.sum() * logits.dtype.type(1.0 / max(n, 1))  # stays float32; cheaper than mean()
+            raise ValueError(f"target: expected labels of shape ({n},) or one-hot rows of shape "
+                             f"{tuple(logits.shape)}, got {tuple(target.shape)}")
+        shifted = logits - logits.max(axis=1, keepdims=True)     # exp of at most 0: never overflows
+        logsumexp = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+        log_softmax = shifted - logsumexp
+        # rows of probabilities need not sum to 1: dL/dz = softmax * sum(t) - t, which for one-hot is the above
+        self._grad = (xp.exp(log_softmax) * onehot.sum(axis=1, keepdims=True) - onehot) / logits.dtype.type(n)
+        return -(onehot * log_softmax).sum() / logits.dtype.type(n)
 
     def backward(self):
-        if self._grad is None:
+        if getattr(self, "_grad", None) is None:
             raise RuntimeError("backward() called before forward()")
         return self._grad
 
@@ -106,7 +102,7 @@ class _Regression(Loss):
         if target.dtype != pred.dtype:
             raise TypeError(f"target: expected dtype {pred.dtype} like the predictions, got {target.dtype}")
         self._d = pred - target
-        self._scale = pred.dtype.type(1.0 / max(pred.size, 1))
+        self._nk = pred.dtype.type(max(pred.size, 1))
         return self._d
 
     def backward(self):
@@ -120,10 +116,10 @@ class MSELoss(_Regression):
 
     def forward(self, pred, target):
         d = self._diff(pred, target)
-        return (d * d).sum() * self._scale
+        return (d * d).sum() / self._nk
 
     def _grad(self):
-        return self._d * (2 * self._scale)
+        return 2 * self._d / self._nk
 
 
 class MAELoss(_Regression):
@@ -131,10 +127,7 @@ class MAELoss(_Regression):
 
     def forward(self, pred, target):
         d = self._diff(pred, target)
-        return get_array_module(d).abs(d).sum() * self._scale
+        return get_array_module(d).abs(d).sum() / self._nk
 
     def _grad(self):
-        return get_array_module(self._d).sign(self._d) * self._scale
-
-
-LOSSES = {cls.__name__: cls for cls in (SoftmaxCrossEntropy, MSELoss, MAELoss)}
+        return get_array_module(self._d).sign(self._d) / self._nk

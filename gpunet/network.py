@@ -1,24 +1,23 @@
 """Networks: ``Sequential`` chains layers; ``mlp`` builds the usual multilayer perceptron.
 
 The forward pass is the notes' ``y^s = f(b^s + y^(s-1) @ W^s)`` layer after layer; the backward pass
-walks the layers in reverse, each turning the delta of its output into the delta of its input. Between
-layers the network owns the intermediate arrays, so activations run in place on them, and a Linear
-followed by a ReLU is fused (bias + ReLU in one step).
+walks the layers in reverse, each turning the delta of its output into the delta of its input.
 
 A model file (``save``/``load``) is one ``.npz`` holding the architecture as JSON and every weight as a
 NumPy array, so a network trained on a GPU loads on a machine without CuPy.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 from collections import OrderedDict
 
 import numpy as np
 
 from .backend import device_of, get_array_module, resolve_device, to_device, to_numpy
-from .layers import ACTIVATIONS, LAYERS, Dropout, Layer, Linear, ReLU, _Activation, _check_float_input, make_rng
+from .layers import ACTIVATIONS, LAYERS, Dropout, Layer, Linear, check_float_input, make_rng
+from .files import atomic_write
 
 FORMAT = "gpunet-sequential"
 FORMAT_VERSION = 1
@@ -43,7 +42,22 @@ class Sequential(Layer):
                                      f"out_features, got {layer.in_features}")
                 width = layer.out_features
         self.layers = list(layers)
-        self._workspace = {}
+
+    # --- the two passes -----------------------------------------------------------------------------
+    def forward(self, x):
+        """x (N, in_features) -> output (N, out_features), on the network's device and dtype."""
+        check_float_input(x)
+        if x.ndim != 2:
+            raise ValueError(f"x: expected a 2-D array (batch, features), got shape {tuple(x.shape)}")
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy):
+        """dy (N, out_features) -> dx (N, in_features); fills every ``param.grad``."""
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
 
     # --- structure ----------------------------------------------------------------------------------
     def parameters(self) -> list:
@@ -78,10 +92,6 @@ class Sequential(Layer):
             layer.train(mode)
         return self
 
-    def zero_grad(self):
-        for p in self.parameters():
-            p.grad[...] = 0
-
     def config(self) -> dict:
         return {"type": "Sequential", "layers": [layer.config() for layer in self.layers]}
 
@@ -89,81 +99,11 @@ class Sequential(Layer):
         inner = "".join(f"\n  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
         return f"Sequential({inner}\n)"
 
-    # --- passes -------------------------------------------------------------------------------------
-    def forward(self, x):
-        """x (N, in_features) -> output (N, out_features), on the network's device and dtype."""
-        _check_float_input(x)
-        if x.ndim != 2:
-            raise ValueError(f"x: expected a 2-D array (batch, features), got shape {tuple(x.shape)}")
-        layers, n = self.layers, len(self.layers)
-        last = max((j for j, l in enumerate(layers) if isinstance(l, Linear)), default=-1)
-        owned = False  # the caller's x is never modified in place
-        checked = False  # Linear widths were matched at construction: only the first input needs checking
-        i = 0
-        while i < n:
-            layer = layers[i]
-            if isinstance(layer, Linear):
-                # hidden outputs go into reusable buffers while training; the final output is always new,
-                # so what a caller keeps is never overwritten by the next call
-                out = self._buffer(i, "y", (x.shape[0], layer.out_features), x) if self.training and i != last else None
-                fuse = i + 1 < n and type(layers[i + 1]) is ReLU
-                y = layer.forward(x, fuse_relu=fuse, out=out, check=not checked)
-                checked = True
-                if fuse:
-                    x = layers[i + 1].adopt(y)
-                    i += 2
-                else:
-                    x = y
-                    i += 1
-                owned = True
-            elif isinstance(layer, _Activation):
-                x = layer.forward_(x) if owned else layer.forward(x)
-                owned = True
-                i += 1
-            else:
-                x = layer.forward(x)
-                i += 1
-        return x
-
-    def backward(self, dy, need_input_grad: bool = True, update=None):
-        """dy (N, out_features) -> dx (N, in_features); fills every ``param.grad``.
-
-        ``need_input_grad=False`` returns None and skips the first layer's ``dy @ W.T`` (training needs
-        no gradient for the data). ``update`` is passed to each Linear (an optimizer's fused step).
-        """
-        owned = False  # dy belongs to the loss: copy before the first in-place step
-        first_linear = next((i for i, l in enumerate(self.layers) if isinstance(l, Linear)), None)
-        for i in range(len(self.layers) - 1, -1, -1):
-            layer = self.layers[i]
-            if isinstance(layer, Linear):
-                need = need_input_grad or i != first_linear
-                # reuse a buffer for dx between layers; the input gradient goes to the caller: a new array
-                reuse = need and self.training and i != first_linear
-                out = self._buffer(i, "dx", (dy.shape[0], layer.in_features), dy) if reuse else None
-                dy = layer.backward(dy, need_dx=need, out=out, update=update)
-                if dy is None:
-                    return None
-                owned = True
-            elif isinstance(layer, _Activation):
-                dy = layer.backward_(dy) if owned else layer.backward(dy)
-                owned = True
-            else:
-                dy = layer.backward(dy)
-        return dy
-
-    def _buffer(self, i, kind, shape, like):
-        """A reusable work array for layer ``i`` (allocated once per batch shape, dtype and device)."""
-        buf = self._workspace.get((i, kind))
-        if buf is None or buf.shape != shape or buf.dtype != like.dtype or type(buf) is not type(like):
-            buf = get_array_module(like).empty(shape, dtype=like.dtype)
-            self._workspace[(i, kind)] = buf
-        return buf
-
     # --- devices and weights ------------------------------------------------------------------------
     def to(self, device: str | None):
-        """Move every parameter to ``device`` ("cpu", "gpu", "auto"); returns self."""
+        """Move every parameter to ``device`` ("cpu", "gpu", "auto"); returns self. Build the optimizer
+        after this: its velocities live beside the parameters."""
         dev = resolve_device(device)
-        self._workspace = {}
         for p in self.parameters():
             p.data = to_device(p.data, dev)
             p.grad = get_array_module(p.data).zeros_like(p.data)
@@ -188,27 +128,14 @@ class Sequential(Layer):
                 raise TypeError(f"state[{name!r}]: expected dtype {p.data.dtype}, got {value.dtype}")
             p.data[...] = to_device(value, device_of(p.data))
 
-    @classmethod
-    def load(cls, path, device: str | None = None) -> "Sequential":
-        """Rebuild a network from a file written by :meth:`save` (same as ``gpunet.load``)."""
-        return load(path, device=device)
-
     def save(self, path) -> None:
-        """Write architecture and weights to one ``.npz`` file (atomically: a crash leaves no half file)."""
-        path = os.fspath(path)
+        """Write architecture and weights to one ``.npz`` file, atomically (see :func:`files.atomic_write`)."""
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": str(self.dtype), "network": self.config()}
         arrays = dict(self.state_dict())
         arrays["__gpunet__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".gpunet-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write(path, buf.getvalue())
 
 
 def _build_layer(cfg: dict, dtype, device):

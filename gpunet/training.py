@@ -4,9 +4,11 @@ For a number of epochs, or until the epoch's cost falls under a threshold: for e
 forward, cost, backward, update. Batch size 1 is online learning, ``None`` (or the set's size) the full
 batch. Early stopping on the validation loss, with patience, restores the best weights.
 
-The data are moved to the network's device once; each epoch draws one permutation on that device and
-every batch is gathered there. Loss and accuracy are summed on the device and read back once per epoch,
-so a GPU step never waits for the host.
+The data are moved to the network's device once; each epoch's order is drawn on the host from a seeded
+NumPy generator (so a CPU and a GPU run see the same batches) and every batch is gathered on the device.
+Loss and accuracy are summed on the device and read back once per epoch, so a GPU step never waits for
+the host. Where :mod:`gpunet.fast` knows the network, its fused step replaces the core's; else the core's
+``forward``/``backward``/``step`` run (``fit(..., fast=False)`` asks for the core).
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import fast as fast_path
 from .backend import get_array_module, synchronize, to_device, to_numpy
-from .losses import SoftmaxCrossEntropy, check_labels
+from .batches import as_rows
+from .losses import check_labels
 from .metrics import confusion_counts, report
-from .pixels import Pixels
 
 
 @dataclass
@@ -36,32 +39,38 @@ class History:
         return len(self.epochs)
 
 
-def _check_dataset(x, y, name):
-    if not hasattr(x, "shape") or x.ndim != 2:
-        got = getattr(x, "shape", type(x).__name__)
-        raise ValueError(f"{name}: expected a 2-D array of features (N, features), got {got}")
-    if x.dtype.kind != "f":
-        raise TypeError(f"{name}: expected floating-point features, got {x.dtype}; wrap uint8 images in "
-                        f"gpunet.Pixels(x), or scale them with x.astype(np.float32) / 255")
-    if len(y) != len(x):
-        raise ValueError(f"{name}: expected as many targets as rows, got {len(x)} rows and {len(y)} targets")
+class EarlyStopping:
+    """Stop after ``patience`` epochs without a validation loss ``min_delta`` below the best; keeps the
+    best epoch's weights (host copies) for ``restore``."""
+
+    def __init__(self, patience: int, min_delta: float = 0.0):
+        self.patience, self.min_delta = patience, min_delta
+        self.best_loss, self.best_epoch, self.best_state, self.wait = None, None, None, 0
+
+    def should_stop(self, epoch: int, val_loss: float, net) -> bool:
+        if self.best_loss is None or val_loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_epoch, self.best_state, self.wait = val_loss, epoch, net.state_dict(), 0
+            return False
+        self.wait += 1
+        return self.wait >= self.patience
+
+    def restore(self, net) -> None:
+        if self.best_state is not None:
+            net.load_state_dict(self.best_state)
 
 
-def _on_device(x, device):
-    """Features on ``device``: an array, or :class:`Pixels` (kept as bytes there)."""
-    return x.to(device) if isinstance(x, Pixels) else to_device(x, device)
+def core_step(net, loss, optimizer):
+    """The notes' step, in the core's own terms: ``step(x, y) -> (mean loss, output)``."""
+    def step(x, y):
+        out = net.forward(x)
+        value = loss.forward(out, y, check=False) if loss.classifies else loss.forward(out, y)
+        net.backward(loss.backward())
+        optimizer.step()
+        return value, out
+    return step
 
 
-def _rows(x, idx, out, xp, gather):
-    """Rows ``idx`` (a slice, or the batch's indices gathered into ``out``) of the features ``x``."""
-    if isinstance(x, Pixels):
-        return x.take(idx, out)
-    if isinstance(idx, slice):
-        return x[idx]
-    return xp.take(x, idx, axis=0, out=out[:len(idx)], **gather)
-
-
-def _batch_size(batch_size, n):
+def batch_size_for(batch_size, n) -> int:
     if batch_size is None or batch_size == "full":
         return max(n, 1)
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
@@ -69,110 +78,94 @@ def _batch_size(batch_size, n):
     return int(min(batch_size, max(n, 1)))
 
 
-def _permutation(xp, rng, n):
-    if xp is np:
-        return rng.permutation(n)
-    return xp.argsort(rng.random(n, dtype=xp.float32))  # drawn and sorted on the GPU: no host round trip
+def _dataset(x, y, device, name, net, classify):
+    x = as_rows(x)
+    if len(y) != len(x):
+        raise ValueError(f"{name}: expected as many targets as rows, got {len(x)} rows and {len(y)} targets")
+    y = to_device(y, device)
+    if classify:
+        check_labels(y, net.out_features, name.replace("x", "y"))
+    return x.to(device), y
 
 
 def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validation=None, shuffle: bool = True,
         seed: int | None = 0, target_loss: float | None = None, patience: int | None = None,
-        min_delta: float = 0.0, schedule=None, callback=None, on_batch=None, eval_batch_size: int = 4096) -> History:
-    """Train ``net`` on ``x`` (N, features) float and ``y`` (N,) int labels or (N, outputs) float targets.
+        min_delta: float = 0.0, schedule=None, callback=None, on_batch=None, eval_batch_size: int = 4096,
+        fast: bool = True) -> History:
+    """Train ``net`` on ``x`` (N, features) float array or ``Pixels``, and ``y`` (N,) int labels or
+    (N, outputs) float targets.
 
     ``validation=(x_val, y_val)`` is evaluated after each epoch. ``patience`` (needs validation) stops
     after that many epochs without a val-loss improvement larger than ``min_delta`` and restores the best
     weights. ``target_loss`` stops once the epoch's training loss is below it. ``schedule(epoch)`` sets
     ``optimizer.lr`` before each epoch. ``callback(record)`` runs after each epoch; ``on_batch(epoch,
-    done, total)`` after each batch (no device sync). Where the optimizer offers a fused update
-    (``Momentum.fused_update``: CPU, OpenBLAS), backward and update run in one walk and ``param.grad``
-    is not filled.
+    done, total)`` after each batch (no device sync).
+
+    After ``fit``, ``param.grad`` holds the last step's gradients, except where the fast path folded them
+    into the update (the CPU with OpenBLAS): call ``net.forward``, ``loss.forward`` and ``net.backward``
+    yourself to see them, or pass ``fast=False``.
     """
     if not isinstance(epochs, (int, np.integer)) or epochs < 1:
         raise ValueError(f"epochs: expected a positive integer, got {epochs!r}")
     if patience is not None and (validation is None or patience < 1):
         raise ValueError(f"patience: expected a positive integer together with a validation set, got {patience!r}"
                          + ("" if validation is not None else " and no validation set"))
-    _check_dataset(x, y, "x")
-    device = net.device
-    xp = get_array_module(net.parameters()[0].data)
-    x, y = _on_device(x, device), to_device(y, device)
-    classify = isinstance(loss, SoftmaxCrossEntropy)
-    if classify:
-        check_labels(y, net.out_features, "y")
+    device, classify = net.device, loss.classifies
+    x, y = _dataset(x, y, device, "x", net, classify)
     if validation is not None:
-        xv, yv = validation
-        _check_dataset(xv, yv, "validation x")
-        if classify:
-            check_labels(yv, net.out_features, "validation y")
-        validation = (_on_device(xv, device), to_device(yv, device))
+        validation = _dataset(*validation, device, "validation x", net, classify)
+    xp = get_array_module(net.parameters()[0].data)
 
     n = len(x)
-    bs = _batch_size(batch_size, n)
+    bs = batch_size_for(batch_size, n)
     steps = (n + bs - 1) // bs
-    rng = np.random.default_rng(seed) if xp is np else xp.random.default_rng(seed)
-    fused = optimizer.fused_update(net) if hasattr(optimizer, "fused_update") else None
-    # NumPy's default mode="raise" copies through a new temporary (300 -> 100 us a step here); the indices
-    # are a permutation, always in range. CuPy's take has no mode argument.
-    gather = {"mode": "clip"} if xp is np else {}
+    order_rng = np.random.default_rng(seed)
+    step = (fast and fast_path.select(net, loss, optimizer, y)) or core_step(net, loss, optimizer)
     xb_buf = xp.empty((bs,) + x.shape[1:], dtype=x.dtype)
     yb_buf = xp.empty((bs,) + y.shape[1:], dtype=y.dtype)
-    history, best, wait = History(), None, 0
+    history = History()
+    stopper = EarlyStopping(patience, min_delta) if patience is not None else None
 
     for epoch in range(epochs):
         if schedule is not None:
             optimizer.lr = schedule(epoch)
         net.train()
         start = time.perf_counter()
-        order = _permutation(xp, rng, n) if shuffle and bs < n else None
+        order = to_device(order_rng.permutation(n), device) if shuffle and bs < n else None
         loss_sum = xp.zeros((), dtype=np.float64)
         correct = xp.zeros((), dtype=np.int64)
         for b in range(steps):
             lo, hi = b * bs, min(n, (b + 1) * bs)
             if order is None:
-                xb, yb = _rows(x, slice(lo, hi), xb_buf, xp, gather), y[lo:hi]
-            else:  # into the reused buffers (their first rows, for a last partial batch)
+                xb, yb = x[lo:hi], y[lo:hi]
+            else:  # gathered into the reused buffers (their first rows, for a last partial batch)
                 idx = order[lo:hi]
-                xb = _rows(x, idx, xb_buf, xp, gather)
-                yb = xp.take(y, idx, axis=0, out=yb_buf[:hi - lo], **gather)
-            out = net.forward(xb)
-            value = loss.forward(out, yb, check=False) if classify else loss.forward(out, yb)
-            if fused is None:
-                net.backward(loss.backward(), need_input_grad=False)
-                optimizer.step()
-            else:  # backward and update in one walk (CPU fast path; param.grad is not filled)
-                net.backward(loss.backward(), need_input_grad=False, update=fused)
+                xb, yb = x.take(idx, xb_buf), xp.take(y, idx, axis=0, out=yb_buf[:hi - lo])
+            value, out = step(xb, yb)
             loss_sum += value * (hi - lo)
             if classify:
                 correct += (out.argmax(axis=1) == yb).sum()
             if on_batch is not None:
                 on_batch(epoch, b + 1, steps)
         synchronize(loss_sum)
-        seconds = time.perf_counter() - start
         record = {"epoch": epoch + 1, "loss": float(loss_sum) / n,
-                  "accuracy": float(correct) / n if classify else None,
-                  "val_loss": None, "val_accuracy": None, "lr": optimizer.lr, "seconds": seconds}
+                  "accuracy": float(correct) / n if classify else None, "val_loss": None, "val_accuracy": None,
+                  "lr": optimizer.lr, "seconds": time.perf_counter() - start}
         if validation is not None:
             val = evaluate(net, loss, *validation, batch_size=eval_batch_size)
             record["val_loss"], record["val_accuracy"] = val["loss"], val.get("accuracy")
         history.epochs.append(record)
         if callback is not None:
             callback(record)
-
-        if patience is not None:
-            if best is None or record["val_loss"] < best[0] - min_delta:
-                best, wait = (record["val_loss"], net.state_dict()), 0
-                history.best_epoch = epoch + 1
-            else:
-                wait += 1
-                if wait >= patience:
-                    history.stop_reason = "early_stopping"
-                    break
+        if stopper is not None and stopper.should_stop(epoch + 1, record["val_loss"], net):
+            history.stop_reason = "early_stopping"
+            break
         if target_loss is not None and record["loss"] < target_loss:
             history.stop_reason = "target_loss"
             break
-    if best is not None:
-        net.load_state_dict(best[1])  # the weights of the best validation epoch
+    if stopper is not None:
+        history.best_epoch = stopper.best_epoch
+        stopper.restore(net)  # the weights of the best validation epoch
     net.eval()
     return history
 
@@ -186,13 +179,12 @@ def predict_proba(net, x, batch_size: int = 4096):
     """Class probabilities (N, C) on the network's device, computed batch by batch in eval mode."""
     was_training = net.training
     net.eval()
-    x = _on_device(x, net.device)
+    x = as_rows(x).to(net.device)
     xp = get_array_module(net.parameters()[0].data)
     out = None
     for start, xb in _batches(x, batch_size):
         z = net.forward(xb)
-        z = z - z.max(axis=1, keepdims=True)
-        p = xp.exp(z)
+        p = xp.exp(z - z.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
         if out is None:
             out = xp.empty((len(x), p.shape[1]), dtype=p.dtype)
@@ -213,16 +205,15 @@ def evaluate(net, loss, x, y, batch_size: int = 4096, metrics: bool = False) -> 
     """
     was_training = net.training
     net.eval()
-    x, y = _on_device(x, net.device), to_device(y, net.device)
+    classify, classes = loss.classifies, net.out_features
+    x, y = _dataset(x, y, net.device, "x", net, classify)
     xp = get_array_module(y)
-    classify = isinstance(loss, SoftmaxCrossEntropy)
-    classes = net.out_features
     loss_sum = xp.zeros((), dtype=np.float64)
     counts = xp.zeros((classes, classes), dtype=np.int64) if classify else None
     for start, xb in _batches(x, batch_size):
         yb = y[start:start + len(xb)]
         out = net.forward(xb)
-        loss_sum += loss.forward(out, yb) * len(xb)
+        loss_sum += (loss.forward(out, yb, check=False) if classify else loss.forward(out, yb)) * len(xb)
         if classify:
             counts += confusion_counts(yb, out.argmax(axis=1), classes)
     net.train(was_training)

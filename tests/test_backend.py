@@ -8,8 +8,10 @@ import types
 import numpy as np
 import pytest
 
+import gpunet as gn
 from gpunet import backend
 from gpunet.backend import DeviceError
+from conftest import assert_allclose
 
 
 def test_device_names_and_env_override(monkeypatch):
@@ -130,3 +132,29 @@ def test_real_cupy_falls_back_on_a_machine_without_gpu():
     lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
     assert lines["REASON"] and "not installed" not in lines["REASON"], lines
     assert "no GPU is usable" in lines["ERROR"] and lines["REASON"] in lines["ERROR"]
+
+
+@pytest.mark.gpu
+def test_tf32_is_opt_in():
+    """Off by default: a float32 matmul matches float64 to float32 accuracy; on: only to ~1e-3."""
+    import cupy
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((512, 512)), rng.random((512, 512))
+    exact = a @ b
+    ga, gb = cupy.asarray(a, np.float32), cupy.asarray(b, np.float32)
+    assert_allclose(ga @ gb, exact, rtol=1e-5)
+    gn.backend.set_tf32(True)
+    try:
+        err = float(np.abs(gn.to_numpy(ga @ gb) - exact).max() / np.abs(exact).max())
+    finally:
+        gn.backend.set_tf32(False)
+    assert_allclose(ga @ gb, exact, rtol=1e-5)
+    assert err < 1e-2  # TF32 still close; on GPUs without tensor cores it is simply exact
+
+
+def test_tf32_without_gpu_names_the_cause():
+    if gn.gpu_available():
+        pytest.skip("a GPU is usable here")
+    with pytest.raises(gn.DeviceError, match="set_tf32 needs a usable GPU"):
+        gn.backend.set_tf32(True)

@@ -46,9 +46,10 @@ def test_info_text_and_json():
     info = json.loads(run("info", "--json").stdout)
     assert info["versions"]["numpy"] == np.__version__
     assert info["device"] in ("cpu", "gpu") and info["backend"] in ("numpy", "cupy")
-    assert "CPU elementwise kernels: " + info["cpu_kernels"] in res.stdout
+    assert "CPU kernels " + info["fast_path"]["cpu_kernels"] in res.stdout
     off = run("info", env_extra={"GPUNET_NUMBA": "0"})
-    assert "CPU elementwise kernels: NumPy twins (GPUNET_NUMBA=0)" in off.stdout, off.stdout
+    assert "CPU kernels in-place NumPy (GPUNET_NUMBA=0)" in off.stdout, off.stdout
+    assert "fast path: off (GPUNET_FAST=0)" in run("info", env_extra={"GPUNET_FAST": "0"}).stdout
 
 
 def test_console_script_and_help():

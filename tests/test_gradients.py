@@ -143,9 +143,8 @@ def test_gradcheck_catches_a_wrong_backward():
     """The checker must be able to fail: a layer with a sign error in its derivative is reported."""
 
     class BrokenTanh(gn.Tanh):
-        def backward_(self, dy):
-            dy *= 1 + self._y * self._y  # wrong: should be 1 - y**2
-            return dy
+        def backward(self, dy):
+            return dy * (1 + self._y * self._y)  # wrong: should be 1 - y**2
 
     net = gn.Sequential(gn.Linear(3, 4, rng=0, dtype=np.float64, device="cpu"), BrokenTanh(),
                         gn.Linear(4, 2, rng=1, dtype=np.float64, device="cpu"))

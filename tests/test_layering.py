@@ -1,55 +1,83 @@
-"""Imports flow one way (the brief): the backend imports nothing of gpunet; kernels only the backend and
-the BLAS paths; layers, losses, optimizers and the data wrappers only those; the network only the layers;
-training sits above them; the command line on top, imported by nothing but ``python -m gpunet``."""
+"""Imports flow one way (the brief), and only the imports that exist and are intended are allowed.
+
+backend, files and schedules import nothing of gpunet; the core (layers, losses, optimizers, network) only
+the backend and each other as the notes stack them, and nothing of the fast path; the fast path may import
+the core, never the reverse; data sits on the IDX format; training sits on the core, the fast path, the
+batches and the metrics; the recipe on training; the command line on top, imported by nothing.
+"""
 import ast
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gpunet"
-BASE = {"backend"}
-KERNELS = BASE | {"blas", "cpu_kernels", "kernels"}
+CORE = {"layers", "losses", "optimizers", "network"}
 ALLOWED = {
-    "backend": set(), "blas": set(), "cpu_kernels": set(), "data": set(), "plots": set(), "schedules": set(),
-    "kernels": BASE | {"blas", "cpu_kernels"},
-    "gradcheck": BASE, "metrics": BASE,
-    "layers": KERNELS, "losses": KERNELS, "optimizers": KERNELS, "pixels": KERNELS,
-    "network": KERNELS | {"layers"},
-    "training": KERNELS | {"layers", "network", "losses", "optimizers", "data", "metrics", "pixels"},
+    "backend": set(), "files": set(), "schedules": set(), "plots": set(),
+    "layers": {"backend"}, "losses": {"backend"}, "optimizers": {"backend"},
+    "network": {"backend", "layers", "files"},
+    "gradcheck": {"backend"}, "metrics": {"backend"},
+    "idx": {"files"}, "data": {"idx"},
+    "fast": {"backend", "layers", "losses", "optimizers"},
+    "batches": {"backend", "fast"},
+    "training": {"backend", "fast", "batches", "losses", "metrics"},
+    "recipe": {"__init__", "backend", "fast", "files", "plots", "batches", "data", "losses", "network",
+               "optimizers", "schedules", "training"},
 }
 TOP = {"cli", "__init__", "__main__"}
 
 
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem  # a subpackage counts as one module
+
+
 def gpunet_imports(path: Path) -> set:
-    """The gpunet modules a file imports (relative imports, or absolute ``gpunet.x``)."""
-    found = set()
+    """The top-level gpunet modules a file imports (relative or absolute), its own subpackage excepted."""
+    here, found = module_name(path), set()
+    inside = path.parent != PACKAGE
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:
-                found.update(alias.name for alias in node.names)
-            elif node.module and node.module.split(".")[0] == "gpunet":
-                parts = node.module.split(".")
-                found.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
+            parts = node.module.split(".") if node.module else []
+            if node.level == 0:
+                if parts[:1] == ["gpunet"]:
+                    found.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
+            elif node.level - inside == 1:  # relative to the package (from a subpackage: "..")
+                found.update([parts[0]] if parts else [a.name for a in node.names])
         elif isinstance(node, ast.Import):
             found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("gpunet."))
-    return found - {"__version__"}
+    return {"__init__" if name == "__version__" else name for name in found} - {here}
 
 
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
+FILES = sorted(PACKAGE.rglob("*.py"))
+MODULES = sorted({module_name(p) for p in FILES})
 
 
 def test_every_module_has_a_place():
     assert set(MODULES) == set(ALLOWED) | TOP
 
 
-@pytest.mark.parametrize("module", [m for m in MODULES if m not in TOP])
-def test_imports_flow_one_way(module):
-    got = gpunet_imports(PACKAGE / f"{module}.py")
-    assert got <= ALLOWED[module], f"gpunet/{module}.py imports {sorted(got - ALLOWED[module])}"
+@pytest.mark.parametrize("path", [p for p in FILES if module_name(p) not in TOP], ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_flow_one_way(path):
+    module = module_name(path)
+    got = gpunet_imports(path)
+    assert got <= ALLOWED[module], f"gpunet/{path.relative_to(PACKAGE)} imports {sorted(got - ALLOWED[module])}"
 
 
 def test_nothing_imports_the_command_line():
-    users = [m for m in MODULES if m != "__main__" and "cli" in gpunet_imports(PACKAGE / f"{m}.py")]
+    users = [str(p) for p in FILES if module_name(p) != "__main__" and "cli" in gpunet_imports(p)]
     assert users == []
+
+
+@pytest.mark.parametrize("module", sorted(CORE))
+def test_the_core_tests_no_type_by_its_name_and_loads_no_fast_code(module):
+    """The core's formulas do not branch on class names (``type(x).__name__ == ...``) nor reach for fast code
+    (numba, ctypes/BLAS, CUDA kernels), directly or through an import."""
+    text = (PACKAGE / f"{module}.py").read_text()
+    tree = ast.parse(text)
+    names = [n for c in ast.walk(tree) if isinstance(c, ast.Compare) for n in ast.walk(c)
+             if isinstance(n, ast.Attribute) and n.attr == "__name__" and isinstance(n.value, ast.Call)
+             and getattr(n.value.func, "id", "") == "type"]
+    assert not names, f"gpunet/{module}.py tests a type by its name"
+    for word in ("numba", "ctypes", "ElementwiseKernel", "RawKernel", "cblas"):
+        assert word not in text, f"gpunet/{module}.py mentions {word}: fast code belongs in gpunet/fast"

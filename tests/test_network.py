@@ -18,7 +18,7 @@ def test_xor_learns_on_each_device(device):
     loss = gn.SoftmaxCrossEntropy()
     for _ in range(300):
         value = loss.forward(net.forward(x), y)
-        net.backward(loss.backward(), need_input_grad=False)
+        net.backward(loss.backward())
         opt.step()
     pred = gn.to_numpy(net.forward(x).argmax(axis=1))
     assert pred.tolist() == [0, 1, 1, 0]
@@ -39,7 +39,6 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, device):
     net.save(path)
     assert sorted(os.listdir(tmp_path)) == ["model.npz"]  # no temp file left behind
     loaded = gn.load(path, device=device)
-    assert gn.Sequential.load(path, device=device).config() == net.config()
     assert loaded.config() == net.config()
     for (k1, a), (k2, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
         assert k1 == k2 and a.dtype == b.dtype and np.array_equal(a, b)

@@ -1,13 +1,12 @@
-"""Compiled CPU twins of the fused elementwise steps (numba), used by :mod:`gpunet.kernels`.
+"""Compiled CPU kernels of the fast path (numba): the elementwise work of one step in one pass.
 
-Optional: imported only when numba is installed (``pip install gpunet[numba]``) and fused kernels are on.
+Optional: imported only when numba is installed (``pip install gpunet[numba]``) and the fast path is on.
 Why: one NumPy call costs a few microseconds however small its array, and each elementwise step of a
-layer is two or three such calls, each a full pass over the array. A compiled loop does the step in one
-pass and one call: for a 128 x 512 batch, bias + ReLU drops from about 40 us to 7 us, the ReLU backward
-from 25 us to 8 us, softmax cross-entropy over 128 x 10 from about 80 us to 9 us (BENCHMARKS.md).
+layer is two or three such calls, each a full pass over the array; a compiled loop does it in one pass
+and one call (timings in BENCHMARKS.md).
 
 Each kernel works in place on C-contiguous arrays of one float dtype (float32 or float64); the formulas
-are those of the twins in :mod:`gpunet.kernels`. Compiled on first use per dtype and cached on disk.
+are the core's, and tests check each kernel against them. Compiled on first use per dtype, cached on disk.
 """
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Images kept as bytes: a uint8 array read as floats in [0, 1], batch by batch.
+"""Features read batch by batch, through one interface: ``Rows`` for a float array, ``Pixels`` for images
+kept as bytes. Both give ``len()``, ``shape``, ``dtype``, ``to(device)``, ``x[lo:hi]`` (a new float
+array) and ``take(idx, out)`` (rows ``idx`` written into a reused buffer); ``as_rows(x)`` wraps an array.
+
+Pixels: a uint8 array read as floats in [0, 1].
 
 MNIST's 60,000 training images take 188 MB as float32 and 47 MB as uint8. ``Pixels`` keeps the bytes and
 converts only the rows a batch needs, ``float32(pixel) / float32(255)``: bit for bit the values
@@ -16,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import kernels
 from .backend import device_of, get_array_module, to_device
+from .fast import gather_scaled
 
 
 class Pixels:
@@ -80,7 +84,7 @@ class Pixels:
                              f"got {tuple(out.shape)} {out.dtype}")
         if isinstance(idx, slice):
             return self._scaled(self.raw[idx], out[:k])
-        return kernels.gather_scaled(self.raw, idx, out, self.divisor)
+        return gather_scaled(self.raw, idx, out, self.divisor)
 
     def numpy(self) -> np.ndarray:
         """The whole float array on the host (N, features): what ``load_mnist`` returns as float32."""
@@ -88,3 +92,49 @@ class Pixels:
 
     def __repr__(self):
         return f"Pixels(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+
+
+class Rows:
+    """A float array ``data`` (N, features) behind the same interface as :class:`Pixels`."""
+
+    def __init__(self, data):
+        if not hasattr(data, "shape") or not hasattr(data, "dtype") or data.ndim != 2:
+            got = getattr(data, "shape", type(data).__name__)
+            raise ValueError(f"x: expected a 2-D array of features (N, features), got {got}")
+        if data.dtype.kind != "f":
+            raise TypeError(f"x: expected floating-point features, got {data.dtype}; wrap uint8 images in "
+                            f"gpunet.Pixels(x), or scale them with x.astype(np.float32) / 255")
+        self.data = data
+
+    shape = property(lambda self: tuple(self.data.shape))
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: 2)
+    device = property(lambda self: device_of(self.data))
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def to(self, device) -> Rows:
+        data = to_device(self.data, device)
+        return self if data is self.data else Rows(data)
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice):
+            raise TypeError(f"key: expected a slice of rows, got {type(key).__name__}; use take() for indices")
+        return self.data[key]
+
+    def take(self, idx, out):
+        """Rows ``idx`` ((K,) integers) written into ``out[:K]``; returns ``out[:K]``."""
+        xp = get_array_module(self.data)
+        # NumPy's default mode="raise" copies through a new temporary; the indices are a permutation, always
+        # in range (CuPy's take has no mode argument)
+        extra = {"mode": "clip"} if xp is np else {}
+        return xp.take(self.data, idx, axis=0, out=out[:len(idx)], **extra)
+
+    def numpy(self) -> np.ndarray:
+        return to_device(self.data, "cpu")
+
+
+def as_rows(x):
+    """``x`` itself if it is ``Rows`` or ``Pixels``, else a float array wrapped in ``Rows``."""
+    return x if isinstance(x, (Rows, Pixels)) else Rows(x)

@@ -1,4 +1,5 @@
-"""Pixels (uint8 images read as floats batch by batch) against the float32 arrays they stand for.
+"""gpunet.batches: Pixels (uint8 images read as floats batch by batch) against the float32 arrays they
+stand for, and Rows, the same interface over a float array.
 
 The conversion is float32(pixel) / float32(255) on every path (the loader, the compiled gather, the twin,
 CuPy), a single correctly rounded division: results are compared for exact equality, not a tolerance.
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 import gpunet as gn
-from gpunet import data, kernels
+from gpunet import data
+from gpunet.fast import ops
 from gpunet.training import evaluate, fit, predict, predict_proba
 from conftest import assert_allclose, make_fake_mnist, optional
 
@@ -20,25 +22,27 @@ def as_float(raw, dtype=np.float32):
     return raw.astype(dtype) / dtype(255)
 
 
-def test_gather_scaled_compiled_and_twin_match_formula():
+def test_gather_scaled_compiled_and_numpy_match_formula(monkeypatch):
     raw, idx = pixels(), np.random.default_rng(1).permutation(300)[:37]
     expected = as_float(raw)[idx]
     out = np.full((40, 784), np.nan, np.float32)
-    got = kernels.gather_scaled(raw, idx, out, 255)          # compiled where numba is installed
+    got = ops.gather_scaled(raw, idx, out, 255)          # compiled where numba is installed
     assert got.shape == (37, 784) and np.array_equal(got, expected)
     assert np.isnan(out[37:]).all(), "rows past len(idx) must stay untouched"
-    twin = kernels.gather_scaled_xp(raw, idx, np.empty((37, 784), np.float32), 255)
+    with monkeypatch.context() as m:
+        m.setattr(ops, "numba_kernels", lambda: None)
+        twin = ops.gather_scaled(raw, idx, np.empty((37, 784), np.float32), 255)
     assert np.array_equal(twin, expected)
-    out64 = kernels.gather_scaled(raw, idx, np.empty((37, 784), np.float64), 255)
+    out64 = ops.gather_scaled(raw, idx, np.empty((37, 784), np.float64), 255)
     assert out64.dtype == np.float64 and np.array_equal(out64, as_float(raw, np.float64)[idx])
 
 
 def test_compiled_gather_checks_indices():
     optional("numba", "numba")
-    if kernels._numba_kernels() is None:
+    if ops.numba_kernels() is None:
         pytest.skip("compiled CPU kernels unavailable")
     with pytest.raises(IndexError, match="outside"):
-        kernels.gather_scaled(pixels(n=5), np.array([0, 5]), np.empty((2, 784), np.float32), 255)
+        ops.gather_scaled(pixels(n=5), np.array([0, 5]), np.empty((2, 784), np.float32), 255)
 
 
 def check_pixels_read_as_floats(device):
@@ -132,5 +136,6 @@ def test_training_on_pixels_equals_floats_gpu(tmp_path):
 def test_pixels_without_compiled_kernels_give_the_same_batches(monkeypatch):
     raw, idx = pixels(), np.arange(0, 300, 7)
     fast = gn.Pixels(raw).take(idx, np.empty((len(idx), 784), np.float32)).copy()
-    monkeypatch.setattr(kernels, "ENABLED", False)
+    monkeypatch.setenv("GPUNET_FAST", "0")
+    monkeypatch.setattr(ops, "numba_kernels", lambda: None)
     assert np.array_equal(gn.Pixels(raw).take(idx, np.empty((len(idx), 784), np.float32)), fast)

@@ -1,0 +1,58 @@
+"""The fast path, beside the core: the one place that decides when a faster step replaces the core's.
+
+``select(net, loss, optimizer, y)`` returns a fused step (:class:`gpunet.fast.step.FusedStep`) for the
+training runs it can speed up (``Linear [ReLU] [Dropout]`` chains, ``SoftmaxCrossEntropy`` on integer
+labels, ``SGD``/``Momentum`` holding exactly the network's parameters), or None, and then the core's
+``forward``/``backward``/``step`` run. ``GPUNET_FAST=0`` turns the fast path off everywhere;
+``GPUNET_NUMBA=0`` only its compiled CPU kernels, ``GPUNET_CPU_BLAS=0`` only its folded CPU update.
+
+The core (layers, losses, optimizers, network) imports nothing from here; this package imports the core.
+"""
+from __future__ import annotations
+
+import os
+
+from ..losses import SoftmaxCrossEntropy
+from ..optimizers import SGD, Momentum
+from . import blas, ops
+from .ops import gather_scaled
+from .step import FusedStep, plan
+
+ENV_VAR = "GPUNET_FAST"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_VAR, "1") != "0"
+
+
+def why_not(net, loss, optimizer, y) -> str | None:
+    """None when the fused step applies to this run, else the reason, in words."""
+    if not enabled():
+        return f"{ENV_VAR}=0"
+    if type(loss) is not SoftmaxCrossEntropy:
+        return f"the loss is {type(loss).__name__}, not SoftmaxCrossEntropy"
+    if getattr(y, "ndim", None) != 1 or y.dtype.kind not in "iu":
+        return "the targets are not integer class labels"
+    if type(optimizer) not in (SGD, Momentum):
+        return f"the optimizer is {type(optimizer).__name__}, not SGD or Momentum"
+    params = net.parameters()
+    if len(params) != len(optimizer.params) or any(p is not q for p, q in zip(params, optimizer.params)):
+        return "the optimizer does not hold exactly the network's parameters, in order"
+    blocks = plan(net)
+    return blocks if isinstance(blocks, str) else None
+
+
+def select(net, loss, optimizer, y):
+    """A fused step for this training run, or None (then the core runs)."""
+    if why_not(net, loss, optimizer, y) is not None:
+        return None
+    return FusedStep(optimizer, plan(net))
+
+
+def status() -> dict:
+    """What the fast path runs on this machine, for ``gpunet info`` and metrics.json."""
+    return {"enabled": enabled(), "cpu_kernels": ops.numba_status(), "cpu_blas_update": blas.status(),
+            "gpu_kernels": "CUDA kernels through CuPy (when the device is a GPU)"}
+
+
+__all__ = ["select", "why_not", "status", "enabled", "gather_scaled", "FusedStep", "plan"]

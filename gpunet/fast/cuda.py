@@ -1,0 +1,107 @@
+"""CUDA kernels of the fast path: each fuses the elementwise work of one step of the notes into a single
+launch. Built once per process on first use (CuPy caches the compiled code on disk).
+
+Why: on a GPU every elementwise operation is a kernel launch that reads and writes the whole array; for
+MNIST-sized layers the launches, not the arithmetic, dominate. The formulas are the core's
+(:mod:`gpunet.layers`, :mod:`gpunet.losses`, :mod:`gpunet.optimizers`); tests check each kernel
+against them. The sources are plain module constants so that CI can compile every one with NVRTC on a
+machine without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+# (in_params, out_params, operation, name) of each cupy.ElementwiseKernel
+BIAS_RELU = ("T b", "T y", "T t = y + b; y = t > (T)0 ? t : (T)0;", "gpunet_bias_relu")
+RELU_BACKWARD = ("T y", "T dy", "dy = y > (T)0 ? dy : (T)0;", "gpunet_relu_backward")
+MOMENTUM = ("T g, T lr, T gamma, T wd, bool nesterov", "T w, T v",
+            "T d = g + wd * w; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d : v;",
+            "gpunet_momentum")
+SGD = ("T g, T lr, T wd", "T w", "w -= lr * (g + wd * w);", "gpunet_sgd")
+ELEMENTWISE = {"bias_relu": BIAS_RELU, "relu_backward": RELU_BACKWARD, "momentum": MOMENTUM, "sgd": SGD}
+
+# softmax cross-entropy, forward and gradient in one pass: one thread per row (MNIST has 10 classes, so a
+# row fits in registers). T, EXP and LOG are defined per dtype by softmax_xent_source.
+SOFTMAX_XENT = r"""
+extern "C" __global__ void gpunet_softmax_xent(const T* z, const long long* y, T* grad, T* loss,
+                                                 const int n, const int c, const T inv_n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const T* zi = z + (long long)i * c;
+    T* gi = grad + (long long)i * c;
+    T m = zi[0];
+    for (int j = 1; j < c; ++j) m = zi[j] > m ? zi[j] : m;
+    T s = 0;
+    for (int j = 0; j < c; ++j) { T e = EXP(zi[j] - m); gi[j] = e; s += e; }
+    const long long t = y[i];
+    const T inv_s = (T)1 / s;
+    for (int j = 0; j < c; ++j) gi[j] = (gi[j] * inv_s - (j == t ? (T)1 : (T)0)) * inv_n;
+    loss[i] = LOG(s) + m - zi[t];
+}
+"""
+CTYPES = {"float32": "float", "float64": "double"}
+
+
+def softmax_xent_source(ctype: str) -> str:
+    """The complete CUDA source for ``ctype`` ("float" or "double"): expf/logf or exp/log, chosen here
+    rather than left to C++ overloads under NVRTC."""
+    fn = {"float": ("expf", "logf"), "double": ("exp", "log")}[ctype]
+    return f"typedef {ctype} T;\n#define EXP {fn[0]}\n#define LOG {fn[1]}\n" + SOFTMAX_XENT
+
+
+@functools.lru_cache(maxsize=None)
+def _elementwise(name: str):
+    import cupy
+
+    return cupy.ElementwiseKernel(*ELEMENTWISE[name])
+
+
+@functools.lru_cache(maxsize=None)
+def _softmax_xent(ctype: str):
+    import cupy
+
+    return cupy.RawKernel(softmax_xent_source(ctype), "gpunet_softmax_xent")
+
+
+def bias_relu(y, b):
+    """``y = max(y + b, 0)`` in place; y (N, C), b (C,)."""
+    return _elementwise("bias_relu")(b, y)
+
+
+def relu_backward(dy, y):
+    """``dy = dy * (y > 0)`` in place, with ``y`` the ReLU output (y > 0 exactly where x > 0)."""
+    return _elementwise("relu_backward")(y, dy)
+
+
+def momentum(w, g, v, lr, gamma, wd, nesterov):
+    """The momentum rule on one parameter, in place (scalars in w's dtype)."""
+    _elementwise("momentum")(g, lr, gamma, wd, bool(nesterov), w, v)
+
+
+def sgd(w, g, lr, wd):
+    """``w -= lr * (g + wd * w)`` in place."""
+    _elementwise("sgd")(g, lr, wd, w)
+
+
+def softmax_xent(z, labels, grad, loss_rows):
+    """Per row: ``loss_rows = logsumexp(z) - z[label]``, ``grad = (softmax(z) - onehot) / N``.
+
+    z (N, C) and grad (N, C) C-contiguous float32/float64, loss_rows (N,) of z's dtype. The kernel reads
+    its arrays as dense rows: labels are made contiguous int64 here (a strided view, such as ``y[::2]``,
+    would otherwise be read as if it were dense).
+    """
+    import cupy
+
+    n, c = z.shape
+    if not (z.flags.c_contiguous and grad.flags.c_contiguous and loss_rows.flags.c_contiguous
+            and grad.shape == z.shape and grad.dtype == z.dtype == loss_rows.dtype):
+        raise ValueError("softmax_xent: expected C-contiguous z, grad and loss_rows of one float dtype, got "
+                         f"{z.dtype}/{grad.dtype}/{loss_rows.dtype} with shapes {z.shape}/{grad.shape}")
+    labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
+    threads = 128
+    _softmax_xent(CTYPES[z.dtype.name])(
+        ((n + threads - 1) // threads,), (threads,),
+        (z, labels, grad, loss_rows, np.int32(n), np.int32(c), z.dtype.type(1.0 / n)))
+    return grad, loss_rows

@@ -1,0 +1,112 @@
+"""The elementwise steps of the fast path, each picked by where its arrays live: the CUDA kernel for
+CuPy arrays, the numba kernel for NumPy arrays when numba is installed, else in-place NumPy.
+
+All work in place on arrays the fast step owns (C-contiguous, one float dtype). Their formulas are the
+core's: ``max(x @ W + b, 0)``, ``dy * (x > 0)``, ``(softmax(z) - onehot) / N`` (tests compare them).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+from ..backend import get_array_module
+from . import cuda
+
+_numba_why = []  # why the compiled CPU kernels are off, once known
+
+
+@functools.lru_cache(maxsize=None)
+def numba_kernels():
+    """The module of compiled CPU kernels (:mod:`gpunet.fast.numba_kernels`), or None."""
+    if os.environ.get("GPUNET_NUMBA", "1") == "0":
+        _numba_why.append("GPUNET_NUMBA=0")
+        return None
+    try:
+        from . import numba_kernels as compiled
+    except ImportError as exc:  # numba missing: in-place NumPy serves
+        _numba_why.append(f"{type(exc).__name__}: {exc}; pip install 'gpunet[numba]' for compiled ones")
+        return None
+    except Exception as exc:  # numba unusable here, e.g. no writable folder for its on-disk cache
+        hint = "; set NUMBA_CACHE_DIR to a writable folder" if "cannot cache" in str(exc) else ""
+        _numba_why.append(f"{type(exc).__name__}: {exc}{hint}")
+        return None
+    return compiled
+
+
+def numba_status() -> str:
+    """Which kernels the CPU's elementwise steps run, in words."""
+    if numba_kernels() is None:
+        return f"in-place NumPy ({_numba_why[-1]})"
+    import numba
+
+    return f"compiled with numba {numba.__version__}"
+
+
+def _cpu_kernels(*arrays):
+    """The numba kernels if every array is a C-contiguous NumPy array of the first one's dtype."""
+    dtype = arrays[0].dtype
+    if all(type(a) is np.ndarray and a.flags.c_contiguous and a.dtype == dtype for a in arrays):
+        return numba_kernels()
+    return None
+
+
+def bias_relu(y, b):
+    """``y = max(y + b, 0)`` in place; y (N, C), b (C,); returns y."""
+    if get_array_module(y) is not np:
+        return cuda.bias_relu(y, b)
+    if (compiled := _cpu_kernels(y, b)) is not None:
+        compiled.bias_relu(y, b)
+        return y
+    y += b
+    # against a zero row rather than the scalar 0: NumPy's loop with a scalar operand is not vectorised
+    return np.maximum(y, np.zeros(y.shape[-1:], y.dtype), out=y)
+
+
+def relu_backward(dy, y):
+    """``dy = dy * (y > 0)`` in place, ``y`` the ReLU output; returns dy."""
+    if get_array_module(dy) is not np:
+        return cuda.relu_backward(dy, y)
+    if (compiled := _cpu_kernels(dy, y)) is not None:
+        compiled.relu_backward(dy, y)
+        return dy
+    return np.multiply(dy, y > 0, out=dy)
+
+
+def softmax_xent(z, labels, grad, loss_rows):
+    """Per row ``loss_rows = logsumexp(z) - z[label]`` and ``grad = (softmax(z) - onehot) / N``.
+
+    z, grad (N, C) and loss_rows (N,) C-contiguous of one float dtype; labels (N,) integers in [0, C).
+    """
+    if get_array_module(z) is not np:
+        return cuda.softmax_xent(z, labels, grad, loss_rows)
+    n = z.shape[0]
+    if (compiled := _cpu_kernels(z, grad, loss_rows)) is not None:
+        compiled.softmax_xent(z, np.ascontiguousarray(labels), grad, loss_rows, z.dtype.type(1.0 / n))
+        return grad, loss_rows
+    rows = np.arange(n)
+    m = z.max(axis=1, keepdims=True)
+    np.subtract(z, m, out=grad)
+    np.exp(grad, out=grad)
+    s = grad.sum(axis=1, keepdims=True)
+    np.log(s[:, 0], out=loss_rows)
+    loss_rows += m[:, 0]
+    loss_rows -= z[rows, labels]
+    inv_n = grad.dtype.type(1.0 / n)
+    grad *= np.reciprocal(s, out=s) * inv_n
+    grad[rows, labels] -= inv_n
+    return grad, loss_rows
+
+
+def gather_scaled(src, idx, out, divisor):
+    """``out[:K] = src[idx] / divisor`` in ``out``'s dtype; src (N, F) uint8, idx (K,) integers, out
+    (>= K, F) float; returns ``out[:K]``. One compiled pass on the CPU where numba is installed."""
+    dst = out[:idx.shape[0]]
+    if (type(src) is np.ndarray and type(idx) is np.ndarray and type(out) is np.ndarray and src.dtype == np.uint8
+            and idx.dtype.kind in "iu" and src.flags.c_contiguous and out.flags.c_contiguous
+            and out.dtype.char in "fd" and (compiled := numba_kernels()) is not None):
+        compiled.gather_scaled(src, idx, out, out.dtype.type(divisor))
+        return dst
+    xp = get_array_module(src)
+    return xp.divide(xp.take(src, idx, axis=0), out.dtype.type(divisor), out=dst, dtype=out.dtype)

@@ -1,0 +1,128 @@
+"""One fused training step (forward, cost, backward, update) for the networks the fast path knows:
+chains of ``Linear [ReLU] [Dropout]`` blocks ending in a Linear, with ``SoftmaxCrossEntropy`` on integer
+labels, and ``SGD`` or ``Momentum``.
+
+Same formulas as the core, with the speed-ups: work buffers allocated once per batch shape, bias + ReLU
+in one pass, the softmax cross-entropy forward and gradient in one pass, dx computed into a buffer, each
+layer updated as soon as its delta is known (dx first, from the old W), and on the CPU with NumPy's
+OpenBLAS the gradient folded into the update (:mod:`gpunet.fast.blas`), so that ``param.grad`` is not
+written there. Dropout masks come from the Dropout layer itself (the core's draws, in the same order).
+"""
+from __future__ import annotations
+
+from ..backend import get_array_module
+from ..layers import Dropout, Linear, ReLU
+from ..optimizers import Momentum
+from . import blas, cuda, ops
+
+
+def plan(net):
+    """``[(linear, relu, dropout), ...]`` for a chain the fast step knows, else a string saying why not."""
+    blocks, layers, i = [], list(net.layers), 0
+    while i < len(layers):
+        if type(layers[i]) is not Linear:
+            return f"layer {i} is {type(layers[i]).__name__}, where a Linear was expected"
+        linear, relu, dropout = layers[i], False, None
+        i += 1
+        if i < len(layers) and type(layers[i]) is ReLU:
+            relu, i = True, i + 1
+        if i < len(layers) and type(layers[i]) is Dropout:
+            dropout, i = layers[i], i + 1
+        blocks.append((linear, relu, dropout))
+    last = blocks[-1]
+    if last[1] or last[2] is not None:
+        return "the network does not end with a Linear (its logits)"
+    return blocks
+
+
+class FusedStep:
+    """``step(x, y) -> (mean loss as a 0-d array, logits)`` for x (N, in) float, y (N,) integer labels.
+
+    The optimizer must hold exactly the network's parameters, in order (``select`` checks it), so its
+    velocities line up with the blocks: W then b of each Linear.
+    """
+
+    def __init__(self, optimizer, blocks):
+        self.blocks, self.optimizer = blocks, optimizer
+        self.momentum = isinstance(optimizer, Momentum)
+        W0 = blocks[0][0].W.data
+        self.xp = get_array_module(W0)
+        self.on_cpu = self.xp.__name__ == "numpy"
+        params = optimizer.params
+        velocities = optimizer.velocities if self.momentum else [None] * len(params)
+        # on the CPU with OpenBLAS (and not Nesterov) the gradient folds into the update
+        self.fold = (self.on_cpu and blas.routines(W0.dtype) is not None
+                     and not (self.momentum and optimizer.nesterov)
+                     and all(p.data.flags.c_contiguous for p in params))
+        self.pairs = [((params[2 * i], velocities[2 * i]), (params[2 * i + 1], velocities[2 * i + 1]))
+                      for i in range(len(blocks))]
+        self.folded = [blas.LinearUpdate(W.data, b.data, vW, vb) for (W, vW), (b, vb) in self.pairs] if self.fold else None
+        self._buffers = {}
+
+    def _buffer(self, key, shape, dtype):
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != shape:
+            buf = self._buffers[key] = self.xp.empty(shape, dtype=dtype)
+        return buf
+
+    def _update(self, i, x, dy):
+        """Block i's W and b, whose gradients are x.T @ dy and dy.sum(0): folded into the update on the
+        CPU with OpenBLAS; else written into ``grad`` and, on the GPU, applied by one kernel each (on the
+        CPU the core optimizer steps once the walk is over)."""
+        opt = self.optimizer
+        if self.fold:
+            self.folded[i](x, dy, opt.lr, opt.momentum if self.momentum else 0.0, opt.weight_decay)
+            return
+        (W, vW), (b, vb) = self.pairs[i]
+        self.xp.matmul(x.T, dy, out=W.grad)
+        dy.sum(axis=0, out=b.grad)
+        if self.on_cpu:
+            return
+        t = W.data.dtype.type
+        lr, wd = t(opt.lr), t(opt.weight_decay)
+        for p, v in ((W, vW), (b, vb)):
+            if self.momentum:
+                cuda.momentum(p.data, p.grad, v, lr, t(opt.momentum), wd, opt.nesterov)
+            else:
+                cuda.sgd(p.data, p.grad, lr, wd)
+
+    def __call__(self, x, y):
+        xp, n = self.xp, x.shape[0]
+        x = xp.ascontiguousarray(x)
+        inputs, masks = [], []
+        for i, (linear, relu, dropout) in enumerate(self.blocks):
+            inputs.append(x)
+            W = linear.W.data
+            y_ = xp.matmul(x, W, out=self._buffer(("y", i), (n, W.shape[1]), W.dtype))
+            if relu:
+                ops.bias_relu(y_, linear.b.data)
+            else:
+                y_ += linear.b.data
+            mask = dropout.new_mask(y_) if dropout is not None else None
+            if mask is not None:
+                y_ *= mask
+            masks.append(mask)
+            x = y_
+        logits = x
+        grad = self._buffer("grad", logits.shape, logits.dtype)
+        rows = self._buffer("rows", (n,), logits.dtype)
+        ops.softmax_xent(logits, y, grad, rows)
+        value = rows.sum() * logits.dtype.type(1.0 / n)
+
+        dy = grad
+        for i in range(len(self.blocks) - 1, -1, -1):
+            linear = self.blocks[i][0]
+            dx = None
+            if i > 0:  # the delta of the layer below, from the weights before this step's update
+                dx = xp.matmul(dy, linear.W.data.T, out=self._buffer(("dx", i), inputs[i].shape, dy.dtype))
+            self._update(i, inputs[i], dy)
+            if i > 0:
+                _, relu, _ = self.blocks[i - 1]
+                if masks[i - 1] is not None:
+                    dx *= masks[i - 1]
+                if relu:
+                    ops.relu_backward(dx, inputs[i])
+                dy = dx
+        if self.on_cpu and not self.fold:
+            self.optimizer.step()  # the core rule, on the gradients written above
+        return value, logits

@@ -1,0 +1,53 @@
+"""Files that appear whole or not at all: every file gpunet writes (model, checkpoint, metrics, pictures).
+
+``atomic_write(path, data)`` writes to a temporary file in the same folder, flushes it to disk (fsync),
+gives it the permissions the user's umask allows (``mkstemp`` would leave 0600), and renames it over
+``path``. A crash, or SIGKILL, at any moment leaves either the old file or the new one, never half of one.
+This module imports nothing of gpunet.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (threads may be writing too)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, data) -> None:
+    """Write ``data`` (bytes, or a callable that writes to a binary file) to ``path`` atomically."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -1,0 +1,170 @@
+"""The training run behind ``gpunet train``: MNIST (or any IDX dataset) in, model, metrics and pictures out.
+
+``train(config, out)`` does the work: load the data (as bytes, read as float32 batch by batch), hold out
+a validation set, build the MLP and its optimizer and schedule, ``fit``, evaluate on the test set, and write
+``model.npz``, ``metrics.json`` and the pictures into ``out``. The command line only turns flags into a
+:class:`TrainConfig` and prints; API users can call ``train`` directly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, backend, fast, files, plots
+from .batches import Pixels
+from .data import DataError, load_mnist, split_validation
+from .losses import SoftmaxCrossEntropy
+from .network import mlp
+from .optimizers import SGD, Momentum
+from .schedules import make_schedule
+from .training import evaluate, fit, predict
+
+
+class ConfigError(ValueError):
+    """A training setting that cannot work (names the setting, the expected and the given value)."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; the defaults are the recipe measured in README.md."""
+
+    data_dir: str | None = None
+    download: bool = False
+    hidden: list = field(default_factory=lambda: [512, 512])
+    activation: list = field(default_factory=lambda: ["relu"])
+    epochs: int = 20
+    batch_size: int | None = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    dropout: float = 0.2
+    init: str | None = None
+    schedule: str = "cosine"
+    step_size: int = 5
+    val_size: int = 5000
+    patience: int | None = None
+    target_loss: float | None = None
+    seed: int = 0
+    device: str | None = None
+    plots: bool = True
+
+
+def versions() -> dict:
+    """Versions of Python, NumPy, gpunet and the optional libraries that are installed."""
+    out = {"gpunet": __version__, "python": platform.python_version(), "numpy": np.__version__}
+    for dist in ("cupy-cuda12x", "cupy-cuda13x", "cupy", "numba", "tqdm", "matplotlib", "pillow"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def load_data(data_dir=None, download=False):
+    """MNIST as uint8 images and int64 labels: ``((x_train, y_train), (x_test, y_test))``.
+
+    ``data_dir`` (else ``GPUNET_DATA``, else the cache folder); a folder that was not named explicitly is
+    downloaded into when files are missing, a named one only with ``download``.
+    """
+    folder = Path(data_dir).expanduser() if data_dir else None
+    if folder is not None and not folder.is_dir() and not download:
+        raise DataError(f"data folder not found: {folder} (pass --download to fetch MNIST into it)")
+    explicit = folder is not None or bool(os.environ.get("GPUNET_DATA"))
+    # the images stay bytes (a quarter of float32's memory), read as float32 batch by batch: see batches.py
+    return load_mnist(folder, download=download or not explicit, dtype=np.uint8)
+
+
+def check(config: TrainConfig) -> None:
+    """Refuse settings that cannot work together, before any data is read."""
+    if len(config.activation) not in (1, len(config.hidden)):
+        raise ConfigError(f"--activation: expected 1 or {len(config.hidden)} names (one per hidden layer), "
+                          f"got {len(config.activation)}")
+    if config.nesterov and config.momentum == 0:
+        raise ConfigError("--nesterov: needs --momentum > 0, got --momentum 0")
+    if config.patience and not config.val_size:
+        raise ConfigError("--patience: needs a validation set, but --val-size is 0")
+
+
+def build(config: TrainConfig, in_features: int, classes: int, device: str):
+    """The network, optimizer and schedule that ``config`` describes (checked by :func:`check`)."""
+    hidden = list(config.hidden)
+    acts = config.activation[0] if len(config.activation) == 1 else list(config.activation)
+    net = mlp([in_features, *hidden, classes], activation=acts, init=config.init, dropout=config.dropout,
+              seed=config.seed, device=device)
+    if config.momentum > 0:
+        opt = Momentum(net.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                       weight_decay=config.weight_decay)
+    else:
+        opt = SGD(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    extra = {"step_size": config.step_size, "gamma": 0.1} if config.schedule == "step" else {}
+    return net, opt, make_schedule(config.schedule, config.lr, config.epochs, **extra)
+
+
+def write_json(path, obj) -> None:
+    """Strict JSON (no NaN or Infinity), written atomically."""
+    files.atomic_write(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
+
+
+def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print) -> dict:
+    """Run the recipe; write model.npz, metrics.json and the pictures into ``out``; return the metrics."""
+    check(config)
+    device = backend.resolve_device(config.device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    (x_train, y_train), (x_test, y_test) = load_data(config.data_dir, config.download)
+    if config.val_size >= len(x_train):
+        raise ConfigError(f"--val-size: expected fewer than {len(x_train)} (the training set), got {config.val_size}")
+    (x_tr, y_tr), (x_val, y_val) = split_validation(x_train, y_train, config.val_size)
+    x_tr, x_val, x_test_px = Pixels(x_tr), Pixels(x_val), Pixels(x_test)
+    classes = int(max(y_train.max(), y_test.max())) + 1
+    net, opt, schedule = build(config, x_train.shape[1], classes, device)
+    loss = SoftmaxCrossEntropy()
+    info = backend.describe_device(device)
+    note = f" ({info['gpu_name']})" if device == "gpu" else (f" (GPU not used: {info['reason']})" if info["reason"] else "")
+    sizes = [x_train.shape[1], *config.hidden, classes]
+    log(f"gpunet {__version__}: training {' -> '.join(map(str, sizes))} on {device}{note}; "
+        f"{len(x_tr)} train / {len(x_val)} validation / {len(x_test)} test examples")
+    history = fit(net, loss, opt, x_tr, y_tr, epochs=config.epochs, batch_size=config.batch_size,
+                  validation=(x_val, y_val) if len(x_val) else None, seed=config.seed,
+                  target_loss=config.target_loss, patience=config.patience, schedule=schedule,
+                  callback=on_epoch, on_batch=on_batch)
+    test = evaluate(net, loss, x_test_px, y_test, metrics=True)
+    wall = time.perf_counter() - started
+    model_path = out / "model.npz"
+    net.save(model_path)
+    result = {
+        "config": asdict(config), "device": device, "backend": info["backend"], "device_info": info,
+        "fast_path": fast.status(), "versions": versions(),
+        "history": history.epochs, "stop_reason": history.stop_reason, "best_epoch": history.best_epoch,
+        "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+        "per_class": {k: test[k] for k in ("precision", "recall", "f1", "support")},
+        "macro": {k: test["macro_" + k] for k in ("precision", "recall", "f1")},
+        "confusion_matrix": test["confusion_matrix"], "wall_seconds": wall,
+        "mean_epoch_seconds": float(np.mean([h["seconds"] for h in history.epochs])), "model": str(model_path),
+    }
+    pictures = []
+    if not config.plots:
+        pass
+    elif not plots.available():
+        log("note: matplotlib is not installed, so no pictures were drawn (pip install 'gpunet[cli]')")
+    else:
+        plots.curves(history.epochs, out / "curves.png")
+        plots.confusion(test["confusion_matrix"], out / "confusion.png")
+        pred = backend.to_numpy(predict(net, x_test_px))
+        plots.misclassified(x_test, y_test, pred, out / "misclassified.png")
+        pictures = ["curves.png", "confusion.png", "misclassified.png"]
+    result["pictures"] = pictures
+    write_json(out / "metrics.json", result)
+    log(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}); stopped by {history.stop_reason}; "
+        f"{result['mean_epoch_seconds']:.2f}s per epoch, {wall:.1f}s in all")
+    log(f"wrote {model_path}, {out / 'metrics.json'}" + "".join(f", {out / p}" for p in pictures))
+    return result

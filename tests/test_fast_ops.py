@@ -1,0 +1,134 @@
+"""The fast path's elementwise steps (gpunet.fast.ops: numba kernels, in-place NumPy, CUDA kernels)
+against the core's formulas (gpunet.layers, gpunet.losses) on the same arrays.
+
+One checker, entry points per device and per CPU kernel kind. Tolerances: the same float32 operations in
+another order, or another exp/log implementation, differ by a few ulps: rtol 1e-5, atol 1e-6 (float64:
+1e-12, 1e-13). bias + ReLU and the ReLU backward have one rounding each, so they must agree exactly.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import gpunet as gn
+from gpunet.fast import ops
+from conftest import assert_allclose
+
+TOL = {np.float32: (1e-5, 1e-6), np.float64: (1e-12, 1e-13)}
+
+
+def arrays(device, dtype, n=37, c=10, seed=0):
+    rng = np.random.default_rng(seed)
+    z = gn.to_device((rng.normal(size=(n, c)) * 5).astype(dtype), device)
+    labels = gn.to_device(rng.integers(0, c, size=n), device)
+    return z, labels, rng
+
+
+def check_ops_match_core(device, dtype):
+    rtol, atol = TOL[dtype]
+    z, labels, rng = arrays(device, dtype)
+    xp = gn.get_array_module(z)
+    # bias + ReLU: max(y + b, 0), as the core's Linear (+ b) then ReLU
+    b = gn.to_device(rng.normal(size=z.shape[1]).astype(dtype), device)
+    relu = gn.ReLU()
+    want = relu.forward(z + b)
+    got = ops.bias_relu(z.copy(), b)
+    assert xp.array_equal(got, want)
+    # ReLU backward from the output: dy * (x > 0)
+    dy = gn.to_device(rng.normal(size=z.shape).astype(dtype), device)
+    assert xp.array_equal(ops.relu_backward(dy.copy(), got), relu.backward(dy))
+    # softmax cross-entropy: per-row losses averaged, and (softmax - onehot) / N
+    loss = gn.SoftmaxCrossEntropy()
+    value = loss.forward(z, labels)
+    grad, rows = xp.empty_like(z), xp.empty(len(z), dtype)
+    ops.softmax_xent(z, labels, grad, rows)
+    assert_allclose(grad, loss.backward(), rtol, atol)
+    assert_allclose(rows.mean(), value, rtol, atol)
+    # strided labels (a view such as y[::2]) must be read as the values they hold, not as dense memory
+    z2, grad2, rows2 = z[:19].copy(), xp.empty_like(z[:19]), xp.empty(19, dtype)
+    ops.softmax_xent(z2, labels[::2], grad2, rows2)
+    loss.forward(z2, labels[::2].copy())
+    assert_allclose(grad2, loss.backward(), rtol, atol)
+
+
+def compiled_kernels():
+    """gpunet.fast.numba_kernels, or skip (fail where CI requires numba: GPUNET_REQUIRE_NUMBA=1)."""
+    compiled = ops.numba_kernels()
+    if compiled is None:
+        if os.environ.get("GPUNET_REQUIRE_NUMBA") == "1":
+            pytest.fail("GPUNET_REQUIRE_NUMBA=1 but the compiled CPU kernels are unavailable (numba missing?)")
+        pytest.skip("numba is optional for users (pip install 'gpunet[numba]') and not installed here")
+    return compiled
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_kernels_match_the_core(dtype):
+    compiled_kernels()
+    check_ops_match_core("cpu", dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_ops_match_the_core(dtype, monkeypatch):
+    monkeypatch.setattr(ops, "numba_kernels", lambda: None)
+    check_ops_match_core("cpu", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cuda_kernels_match_the_core(dtype):
+    check_ops_match_core("gpu", dtype)
+
+
+@pytest.mark.parametrize("numba", [True, False], ids=["numba", "numpy"])
+def test_softmax_xent_is_stable_for_huge_logits(numba, monkeypatch):
+    if numba:
+        compiled_kernels()
+    else:
+        monkeypatch.setattr(ops, "numba_kernels", lambda: None)
+    z = np.array([[1000.0, 0.0, -1000.0], [-1e4, 1e4, 0.0]], np.float32)
+    grad, rows = np.empty_like(z), np.empty(2, np.float32)
+    ops.softmax_xent(z, np.array([0, 0]), grad, rows)
+    assert np.isfinite(grad).all() and np.isfinite(rows).all()
+    np.testing.assert_allclose(rows, [0.0, 2e4], rtol=1e-6)
+
+
+def test_compiled_softmax_xent_checks_labels():
+    compiled_kernels()
+    z = np.zeros((2, 3), np.float32)
+    with pytest.raises(IndexError, match="label"):
+        ops.softmax_xent(z, np.array([0, 3]), np.empty_like(z), np.empty(2, np.float32))
+
+
+class _FailingImport:
+    """A meta-path finder that makes ``import gpunet.fast.numba_kernels`` raise ``error``."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "gpunet.fast.numba_kernels":
+            raise self.error
+        return None
+
+
+@pytest.mark.parametrize("error, says, not_says", [
+    (ImportError("No module named 'numba'"), "pip install 'gpunet[numba]'", "NUMBA_CACHE_DIR"),
+    # what numba raises at decoration time when no folder for its on-disk cache is writable
+    (RuntimeError("cannot cache function 'bias_relu': no locator available for file 'x.py'"),
+     "set NUMBA_CACHE_DIR to a writable folder", "pip install"),
+    (OSError("libllvmlite.so: cannot open shared object file"), "libllvmlite.so", "pip install"),
+])
+def test_compiled_kernels_fall_back_and_say_why(monkeypatch, error, says, not_says):
+    """Without usable compiled kernels in-place NumPy serves, and ``gpunet info`` gives the cause and
+    the cure that fits it: a pip hint only when numba is missing."""
+    import gpunet.fast
+
+    monkeypatch.delitem(sys.modules, "gpunet.fast.numba_kernels", raising=False)
+    monkeypatch.delattr(gpunet.fast, "numba_kernels", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_FailingImport(error)] + sys.meta_path)
+    monkeypatch.setattr(ops, "_numba_why", [])
+    assert ops.numba_kernels.__wrapped__() is None
+    why = ops._numba_why[-1]
+    assert type(error).__name__ in why and str(error) in why, why
+    assert says in why and not_says not in why, why

@@ -1,0 +1,129 @@
+"""The fused training step (gpunet.fast) against the core's step (forward, cost, backward, update),
+step by step, and the choice of one or the other.
+
+Tolerance: per step, float32 weights agree within rtol 1e-5, atol 1e-6 (the same operations in another
+order, the gradient folded into the update with one rounding fewer); after several steps and epochs of
+training the differences grow through the dynamics, so whole runs compare at rtol 1e-4, atol 1e-5.
+"""
+import numpy as np
+import pytest
+
+import gpunet as gn
+from gpunet import fast
+from gpunet.fast import blas, ops
+from gpunet.training import core_step, fit
+from conftest import assert_allclose
+
+STEP_TOL = dict(rtol=1e-5, atol=1e-6)
+RUN_TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def problem(device, n=64, sizes=(50, 40, 30, 10), dropout=0.0, seed=3):
+    rng = np.random.default_rng(1)
+    x = gn.to_device(rng.random((n, sizes[0]), dtype=np.float32), device)
+    y = gn.to_device(rng.integers(0, sizes[-1], size=n), device)
+    return x, y, lambda: gn.mlp(list(sizes), dropout=dropout, seed=seed, device=device)
+
+
+OPTIMIZERS = {
+    "sgd": lambda p: gn.SGD(p, lr=0.1),
+    "sgd-wd": lambda p: gn.SGD(p, lr=0.1, weight_decay=1e-3),
+    "momentum": lambda p: gn.Momentum(p, lr=0.1, momentum=0.9),
+    "momentum-wd": lambda p: gn.Momentum(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    "nesterov": lambda p: gn.Momentum(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+}
+
+
+def check_fused_step_is_the_core_step(device, opt_name, dropout, fold):
+    x, y, make = problem(device, dropout=dropout)
+    runs = {}
+    for kind in ("core", "fast"):
+        net, loss = make(), gn.SoftmaxCrossEntropy()
+        opt = OPTIMIZERS[opt_name](net.parameters())
+        step = core_step(net, loss, opt) if kind == "core" else fast.select(net, loss, opt, y)
+        assert step is not None
+        if kind == "fast":
+            assert step.fold == fold, f"expected fold={fold} here"
+        trace = []
+        for _ in range(3):
+            value, logits = step(x, y)
+            trace.append((float(value), gn.to_numpy(logits).copy(), net.state_dict()))
+        runs[kind] = trace
+    for i, (core, fused) in enumerate(zip(runs["core"], runs["fast"])):
+        assert abs(core[0] - fused[0]) <= 1e-5 * abs(core[0]), f"loss of step {i}"
+        assert_allclose(fused[1], core[1], err_msg=f"logits of step {i}", **STEP_TOL)
+        for k in core[2]:
+            assert_allclose(fused[2][k], core[2][k], err_msg=f"{k} after step {i}", **STEP_TOL)
+
+
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_step_is_the_core_step_cpu(opt_name, dropout):
+    fold = blas.routines(np.float32) is not None and opt_name != "nesterov"
+    check_fused_step_is_the_core_step("cpu", opt_name, dropout, fold)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd-wd", "momentum-wd"])
+def test_fused_step_without_blas_or_numba_is_the_core_step(opt_name, monkeypatch):
+    monkeypatch.setattr(blas, "routines", lambda dtype: None)
+    monkeypatch.setattr(ops, "numba_kernels", lambda: None)
+    check_fused_step_is_the_core_step("cpu", opt_name, 0.3, fold=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_step_is_the_core_step_gpu(opt_name, dropout):
+    check_fused_step_is_the_core_step("gpu", opt_name, dropout, fold=False)
+
+
+def test_fit_fast_and_core_agree_and_keep_the_last_gradients(device):
+    """Nesterov is never folded: after fit, param.grad holds the last step's gradients on either path."""
+    x, y, make = problem(device, n=200, dropout=0.2)
+    weights = {}
+    for fast_on in (True, False):
+        net = make()
+        opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+        fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, epochs=3, batch_size=32, seed=5, fast=fast_on)
+        weights[fast_on] = (net.state_dict(), [gn.to_numpy(p.grad).copy() for p in net.parameters()])
+        assert all(np.abs(g).max() > 0 for g in weights[fast_on][1])
+    for k in weights[True][0]:
+        assert_allclose(weights[True][0][k], weights[False][0][k], err_msg=k, **RUN_TOL)
+    for g_fast, g_core in zip(weights[True][1], weights[False][1]):
+        assert_allclose(g_fast, g_core, **RUN_TOL)
+
+
+def test_fit_fast_folded_and_core_agree_cpu():
+    x, y, make = problem("cpu", n=200, dropout=0.2)
+    weights = []
+    for fast_on in (True, False):
+        net = make()
+        opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        h = fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, epochs=3, batch_size=32, seed=5, fast=fast_on)
+        weights.append((net.state_dict(), h["loss"]))
+    for k in weights[0][0]:
+        assert_allclose(weights[0][0][k], weights[1][0][k], err_msg=k, **RUN_TOL)
+    np.testing.assert_allclose(weights[0][1], weights[1][1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda net, loss, opt, y: ("off", loss, opt, y), "GPUNET_FAST=0"),
+    (lambda net, loss, opt, y: (net, gn.MSELoss(), opt, y), "MSELoss"),
+    (lambda net, loss, opt, y: (net, loss, gn.SGD(net.parameters()[:2], lr=0.1), y), "exactly the network's"),
+    (lambda net, loss, opt, y: (net, loss, opt, np.eye(10, dtype=np.float32)[y]), "integer class labels"),
+    (lambda net, loss, opt, y: (gn.Sequential(gn.Linear(50, 10), gn.Sigmoid(), gn.Linear(10, 10)), loss,
+                                None, y), "Sigmoid"),
+    (lambda net, loss, opt, y: (gn.Sequential(gn.Linear(50, 10), gn.ReLU()), loss, None, y), "does not end"),
+])
+def test_select_says_why_it_does_not_apply(change, reason, monkeypatch):
+    x, y, make = problem("cpu")
+    net = make()
+    net, loss, opt, y = change(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.1), y)
+    if net == "off":
+        monkeypatch.setenv("GPUNET_FAST", "0")
+        net = make()
+        opt = gn.SGD(net.parameters(), lr=0.1)
+    if opt is None:
+        opt = gn.SGD(net.parameters(), lr=0.1)
+    assert reason in fast.why_not(net, loss, opt, y)
+    assert fast.select(net, loss, opt, y) is None
