@@ -1,6 +1,6 @@
 """Imports flow one way (the brief): the backend imports nothing of gpunet; kernels only the backend and
 the BLAS paths; layers, losses, optimizers and the data wrappers only those; the network only the layers;
-training sits above them; the command line on top, imported by nothing but ``python -m gpunet``."""
+training sits above them, and so does explain (layers, losses, optimizers and the network, never training); the command line on top, imported by nothing but ``python -m gpunet``."""
 import ast
 from pathlib import Path
 
@@ -16,6 +16,7 @@ ALLOWED = {
     "layers": KERNELS, "losses": KERNELS, "optimizers": KERNELS, "pixels": KERNELS,
     "network": KERNELS | {"layers"},
     "training": KERNELS | {"layers", "network", "losses", "optimizers", "data", "metrics", "pixels"},
+    "explain": BASE | {"layers", "losses", "optimizers", "network"},
 }
 TOP = {"cli", "__init__", "__main__"}
 
