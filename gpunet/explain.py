@@ -387,10 +387,11 @@ def _steps(r):
         for i in st["layers"]:
             if i == st["linear"]:
                 continue
-            name, f_txt, f_tex, _, _ = _ACTS.get(layers[i]["type"], (layers[i]["type"], "f(z)", "f(z)", None, None))
+            name, f_txt, f_tex, _, _ = _act(layers[i], r["training"])
             last = i == st["layers"][-1] and not (s == L and ce)
-            out.append(("eq", (f"y^{S} = " if last else "") + f"f(z^{S}), f = {name}: {f_txt}",
-                        (f"y^{{{S}}} = " if last else "") + rf"f(z^{{{S}}}),\ f(z) = {f_tex}", layers[i]["output"]))
+            arg, arg_tex = (f"z^{S}", f"z^{{{S}}}") if i == st["layers"][0] + 1 else ("line above", r"\cdot")
+            out.append(("eq", (f"y^{S} = " if last else "") + f"f({arg}), f = {name}: {f_txt}",
+                        (f"y^{{{S}}} = " if last else "") + rf"f({arg_tex}),\ f(z) = {f_tex}", layers[i]["output"]))
         if s == L and ce:
             out.append(("eq", f"y^L = softmax(z^L) = e^z_j / sum_k e^z_k (inside the cost)",
                         r"y^{L} = \mathrm{softmax}(z^{L})_j = \frac{e^{z_j}}{\sum_k e^{z_k}}", r["y_L"]))
@@ -402,6 +403,7 @@ def _steps(r):
     what = f"class {', '.join(map(str, target.tolist()))}, one-hot" if target.ndim == 1 else "target rows"
     out.append(("eq", f"y^D ({what})", rf"y^{{D}} \ (\text{{{what}}})", r["y_D"]))
     out.append(("eq", f"C = {cost_txt}", f"C = {cost_tex}", loss["value"]))
+    out.append(("eq", "prediction = argmax_j y^L_j", r"\text{prediction} = \arg\max_j y^{L}_{j}", r["prediction"]))
 
     out.append(("h", "3. Backward pass, from the output to the input"))
     for st in reversed(stages):
@@ -417,7 +419,7 @@ def _steps(r):
             out.append(("eq", f"sum_k delta_k^{n1} w_jk^{n1} = delta^{n1} (W^{n1})^T",
                         rf"\sum_k \delta_k^{{{n1}}} w_{{jk}}^{{{n1}}} = \delta^{{{n1}}} (W^{{{n1}}})^{{T}}", back))
         for a in acts:
-            name, _, _, d_txt, d_tex = _ACTS.get(a["type"], (a["type"], None, None, None, None))
+            name, _, _, d_txt, d_tex = _act(a, r["training"])
             if a["derivative"] is not None:
                 out.append(("eq", f"f'(z^{S}) = {d_txt} ({name})", rf"f'(z^{{{S}}}) = {d_tex} \ (\text{{{name}}})",
                             a["derivative"]))
@@ -479,6 +481,13 @@ def _steps(r):
     return out
 
 
+def _act(rec, training):
+    """(name, f, f in LaTeX, f', f' in LaTeX) for a layer after a Linear."""
+    if rec["type"] == "Dropout" and not training:
+        return "dropout (off in eval mode)", "z", "z", "1", "1"
+    return _ACTS.get(rec["type"], (rec["type"], "f(z)", "f(z)", None, None))
+
+
 def _short(rec):
     """``Linear(2, 3)``, ``Sigmoid``, ``Dropout(p=0.2)``: a layer's name in a sentence."""
     if rec["type"] == "Linear":
@@ -502,8 +511,8 @@ def _num(v, digits):
 
 
 def _small(a) -> bool:
-    """Small enough to print whole: at most 64 entries and 10 columns."""
-    return a.size <= 64 and (a.ndim < 2 or a.shape[-1] <= 10)
+    """Small enough to print whole: at most 64 entries and 16 columns."""
+    return a.size <= 64 and (a.ndim < 2 or a.shape[-1] <= 16)
 
 
 def _brief(a, digits=6):
