@@ -341,9 +341,11 @@ def cmd_explain(args):
     if (args.input is None) == (args.image is None):
         raise UserError(f"--input: expected the instance's values or --image FILE, got {'both' if args.image else 'neither'}")
     x = load_images([args.image]) if args.image else np.array(args.input)
-    if x.size % net.in_features or x.size == 0:
-        raise UserError(f"--{'image' if args.image else 'input'}: expected {net.in_features} values (one per input of "
-                        f"the network) or a multiple, got {x.size}")
+    if args.image and x.shape[1] != net.in_features:
+        raise UserError(f"--image: expected {net.in_features} pixels (the network's inputs), got {x.shape[1]}")
+    if x.size % net.in_features:
+        raise UserError(f"--input: expected {net.in_features} values (one per input of the network) or a multiple, "
+                        f"got {x.size}")
     x = x.reshape(-1, net.in_features).astype(dtype)
     if args.target is None and not args.model:
         raise UserError(f"--target: expected a class or {net.out_features} desired outputs per instance, got none")
