@@ -425,3 +425,18 @@ def test_real_subprocess(weights_file):
     bad = subprocess_run("--weights", weights_file, "--sizes", 2, 3, 2, "--input", *X, "--target", 9)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr == "gpunet explain: error: --sizes: expected 2 2 2 to match the weights file, got 2 3 2\n"
+
+
+def test_readme_shows_the_real_output(tmp_path, capsys):
+    """The README's "One step, explained" prints what the command prints, from the weights it shows."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## One step, explained")[1]
+    weights = json.loads(section.split("```json\n")[1].split("```")[0])
+    assert weights == MAZUR
+    command = section.split("`gpunet explain ")[1].split("`")[0].split()
+    shown = section.split("```text\n")[1].split("```")[0]
+    path = tmp_path / "mazur.json"
+    path.write_text(json.dumps(weights))
+    rc, out, err = run_main([str(path) if a == "mazur.json" else a for a in command], capsys)
+    assert rc == 0, err
+    assert out == shown
