@@ -147,6 +147,13 @@ def test_record_equals_the_training_path(sizes, act, loss_cls, opt_kind, n, dtyp
             np.testing.assert_allclose(W["velocity"], 0.9 * W["velocity_before"] + np.float64(0.1) * W["grad"], **tol)
             np.testing.assert_allclose(W["after"], W["before"] - W["velocity"], **tol)
     assert np.any(rec["layers"][0]["params"]["W"]["velocity_before"]) == isinstance(opt, gn.Momentum)
+    text, md = render_text(rec), render_markdown(rec)
+    balanced_displays(md)
+    rule = {"sgd": "W^1 (new) = W^1 - alpha dC/dW^1", "sgd_wd": "W^1 (new) = W^1 - alpha (dC/dW^1 + lambda W^1)",
+            "momentum": "W^1 (new) = W^1 - v", "nesterov": "W^1 (new) = W^1 - (gamma v + alpha dC/dW^1) (Nesterov)"}
+    assert rule[opt_kind] in text
+    assert {"SoftmaxCrossEntropy": "delta^L = y^D - y^L", "MSELoss": "delta^L = y^D - y^L (no output activation",
+            "MAELoss": "delta^L = sign(y^D - y^L)"}[loss_cls.__name__] in text
 
 
 def test_layers_are_copies_and_the_caller_arrays_untouched():
@@ -209,12 +216,18 @@ def test_text_prints_the_library_numbers():
         assert phrase in text, phrase
 
 
-def check_markdown(md):
+def balanced_displays(md):
+    """The $$ ... $$ displays of a markdown report, each checked for balanced braces and matrices."""
     displays = re.findall(r"\$\$(.*?)\$\$", md, flags=re.S)
     assert md.count("$$") == 2 * len(displays) and len(displays) > 20
     for d in displays:
         assert d.count("{") == d.count("}"), d
         assert d.count(r"\begin{bmatrix}") == d.count(r"\end{bmatrix}"), d
+    return displays
+
+
+def check_markdown(md):
+    displays = balanced_displays(md)
     for formula in (r"\delta^{L} = y^{D} - y^{L}", r"z^{1} = b^{1} + y^{0} W^{1}",
                     r"\frac{\partial C}{\partial W^{1}}", r"W^{1}_{\text{new}}", r"\mathrm{softmax}"):
         assert formula in md, formula
