@@ -349,7 +349,7 @@ def cmd_explain(args):
     x = x.reshape(-1, net.in_features).astype(dtype)
     if args.target is None and not args.model:
         raise UserError(f"--target: expected a class or {net.out_features} desired outputs per instance, got none")
-    target = predict(net, x).astype(float) if args.target is None else args.target
+    target = backend.to_numpy(predict(net, x)).astype(float) if args.target is None else args.target
     y = _flag(explain.make_target, target, len(x), net.out_features, args.loss, dtype)
     if args.optimizer == "sgd" and args.momentum is not None:
         raise UserError("--momentum: only used with --optimizer momentum")

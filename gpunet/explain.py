@@ -87,8 +87,8 @@ def explain_step(net, loss, optimizer, x, y) -> dict:
     slot = {id(p): i for i, p in enumerate(optimizer.params)}
     params = net.parameters()
     if len(params) != len(optimizer.params) or any(id(p) not in slot for p in params):
-        raise ValueError("optimizer: expected it to hold exactly the network's parameters "
-                         f"({len(params)}), got {len(optimizer.params)} others")
+        raise ValueError(f"optimizer: expected it to hold exactly the network's {len(params)} parameters, "
+                         f"got {len(optimizer.params)} parameters that are not the same set")
     dtype, device = params[0].data.dtype, device_of(params[0].data)
     x, target = _prepare(x, y, dtype, device, linears[0].in_features)
 
