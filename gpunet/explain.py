@@ -346,8 +346,9 @@ def _steps(r):
     layers, opt, loss = r["layers"], r["optimizer"], r["loss"]
     cost_name, cost_txt, cost_tex, c_txt = _COSTS[loss["type"]]
     ce = loss["type"] == "SoftmaxCrossEntropy"
-    lr, gamma = opt["lr"], opt["momentum"]
-    sup = lambda s: "L" if s == L else str(s)  # noqa: E731 (the notes call the last layer L)
+    gamma = opt["momentum"]
+    def sup(s):  # the notes call the last layer L
+        return "L" if s == L else str(s)
 
     out = [("h", "Network"),
            ("p", f"{'-'.join(map(str, r['sizes']))} network: " + " -> ".join(map(_short, layers))
@@ -393,7 +394,7 @@ def _steps(r):
             out.append(("eq", (f"y^{S} = " if last else "") + f"f({arg}), f = {name}: {f_txt}",
                         (f"y^{{{S}}} = " if last else "") + rf"f({arg_tex}),\ f(z) = {f_tex}", layers[i]["output"]))
         if s == L and ce:
-            out.append(("eq", f"y^L = softmax(z^L) = e^z_j / sum_k e^z_k (inside the cost)",
+            out.append(("eq", "y^L = softmax(z^L) = e^z_j / sum_k e^z_k (inside the cost)",
                         r"y^{L} = \mathrm{softmax}(z^{L})_j = \frac{e^{z_j}}{\sum_k e^{z_k}}", r["y_L"]))
         elif s == L and len(st["layers"]) == 1:
             out.append(("eq", "y^L = z^L (no output activation)", "y^{L} = z^{L}", r["y_L"]))
@@ -434,7 +435,7 @@ def _steps(r):
                 else:
                     txt, tex = f"delta^L = {core} (no output activation: f' = 1)", rf"\delta^{{L}} = {core_tex} \quad (f' = 1)"
                 if loss["type"] == "MAELoss":
-                    txt, tex = txt + " [MAE: not in the notes, the same rule]", tex
+                    txt += " [MAE: not in the notes, the same rule]"
         else:
             txt = f"delta^{s} = f'(z^{s}) * sum_k delta_k^{sup(s + 1)} w_jk^{sup(s + 1)}"
             tex = rf"\delta^{{{s}}} = f'(z^{{{s}}}) \odot \sum_k \delta_k^{{{sup(s + 1)}}} w_{{jk}}^{{{sup(s + 1)}}}"
@@ -492,7 +493,7 @@ def _short(rec):
     """``Linear(2, 3)``, ``Sigmoid``, ``Dropout(p=0.2)``: a layer's name in a sentence."""
     if rec["type"] == "Linear":
         return "Linear({}, {})".format(*rec["params"]["W"]["before"].shape)
-    return rec["name"][:-2] if rec["name"].endswith("()") else rec["name"]
+    return rec["name"].removesuffix("()")
 
 
 def _opt_text(opt):

@@ -54,8 +54,10 @@ def check_against_hand(rec):
     """rec: a record or its JSON (lists); float64 throughout."""
     hand = hand_step()
     st, lay = rec["stages"], rec["layers"]
-    close = lambda got, want: np.testing.assert_allclose(np.asarray(got, dtype=np.float64).reshape(np.shape(want)),  # noqa: E731
-                                                         want, rtol=0, atol=1e-9)
+
+    def close(got, want):
+        np.testing.assert_allclose(np.asarray(got, dtype=np.float64).reshape(np.shape(want)), want, rtol=0, atol=1e-9)
+
     close(st[0]["z"], [hand["z1"]])
     close(st[0]["y"], [hand["y1"]])
     close(st[1]["z"], [hand["z2"]])
