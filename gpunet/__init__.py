@@ -7,6 +7,7 @@
 """
 from .backend import (DeviceError, describe_device, get_array_module, gpu_available, gpu_unavailable_reason,
                       resolve_device, set_default_device, to_device, to_numpy)
+from .explain import explain_step
 from .gradcheck import gradcheck, numerical_gradient
 from .batches import Pixels, Rows
 from .layers import Dropout, Layer, Linear, Parameter, ReLU, Sigmoid, Softmax, Tanh
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DeviceError", "describe_device", "get_array_module", "gpu_available", "gpu_unavailable_reason",
-    "resolve_device", "set_default_device", "to_device", "to_numpy", "gradcheck", "numerical_gradient",
+    "resolve_device", "set_default_device", "to_device", "to_numpy", "explain_step", "gradcheck", "numerical_gradient",
     "Dropout", "Layer", "Linear", "Parameter", "ReLU", "Sigmoid", "Softmax", "Tanh", "MAELoss", "MSELoss",
     "SoftmaxCrossEntropy", "Sequential", "load", "mlp", "SGD", "Momentum", "Pixels", "Rows",
 ]

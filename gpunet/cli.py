@@ -1,5 +1,5 @@
-"""The ``gpunet`` command: train, evaluate, predict, info. A thin face: flags in, printing out; the work
-lives in the library (``recipe.train`` for a training run).
+"""The ``gpunet`` command: train, evaluate, predict, explain, info. A thin face: flags in, printing out;
+the work lives in the library (``recipe.train`` for a training run, ``explain.explain_step`` for one step).
 
 A user mistake (missing folder, bad flag value, unreadable model file) prints one line and exits with
 status 2; nothing here is imported by the library.
@@ -12,20 +12,22 @@ import os
 import platform
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 
-from . import __version__, backend, fast, recipe
+from . import __version__, backend, explain, fast, recipe
 from .backend import DeviceError
 from .batches import Pixels
 from .data import DataError, default_data_dir, load_images
 from .layers import ACTIVATIONS, INITIALIZERS
-from .losses import SoftmaxCrossEntropy
+from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .metrics import format_report
 from .network import load
+from .optimizers import SGD, Momentum
 from .recipe import TrainConfig, load_data, train
 from .schedules import SCHEDULES
-from .training import evaluate, predict_proba
+from .training import evaluate, predict, predict_proba
 
 USER_ERRORS = (DataError, DeviceError, ValueError, TypeError, KeyError, OSError)
 
@@ -52,6 +54,7 @@ non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = _number(float, lambda v: v > 0 and np.isfinite(v), "a positive number")
 non_negative_float = _number(float, lambda v: v >= 0 and np.isfinite(v), "a number >= 0")
 unit_interval = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+finite_float = _number(float, np.isfinite, "a finite number")
 
 
 def batch_size_arg(text):
@@ -105,6 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("files", nargs="+", metavar="FILE")
     r.add_argument("--device", default=None, help="cpu, gpu or auto")
     r.add_argument("--json", action="store_true", help="print JSON")
+
+    x = sub.add_parser("explain", help="one training step of a small network, formula by formula, in the course notes' notation")
+    x.add_argument("--sizes", type=positive_int, nargs="+", metavar="N", help="layer sizes, inputs to outputs (default: 2 2 2, or those of --weights)")
+    x.add_argument("--activation", nargs="+", choices=sorted(ACTIVATIONS), help="hidden activation, one or one per hidden layer (default: sigmoid)")
+    x.add_argument("--loss", choices=("ce", "mse", "mae"), default="ce", help="softmax cross-entropy, mean squared or absolute error (default: ce)")
+    x.add_argument("--optimizer", choices=("sgd", "momentum"), default="sgd", help="default: sgd")
+    x.add_argument("--lr", type=positive_float, default=0.5, help="learning rate alpha (default: 0.5)")
+    x.add_argument("--momentum", type=unit_interval, default=None, help="gamma for --optimizer momentum (default: 0.9)")
+    x.add_argument("--input", type=finite_float, nargs="+", metavar="X", help="the instance x (several instances back to back make a batch)")
+    x.add_argument("--target", type=finite_float, nargs="+", metavar="T", help="a class per instance, or the desired outputs y^D (default with --model: the prediction)")
+    x.add_argument("--seed", type=int, default=0, help="seed for the starting weights (default: 0)")
+    x.add_argument("--weights", metavar="FILE.json", help='starting weights: {"layers": [{"W": [[...], ...], "b": [...]}, ...]}, W (inputs, outputs)')
+    x.add_argument("--model", help="a model file written by gpunet train (dropout off: the prediction's forward pass)")
+    x.add_argument("--image", metavar="FILE", help="the input from an image or .npy file (as for gpunet predict)")
+    x.add_argument("--json", action="store_true", help="print every quantity as JSON (schema gpunet-explain/1)")
+    x.add_argument("--format", choices=("text", "markdown"), default="text", help="text, or markdown with LaTeX (default: text)")
+    x.add_argument("--float64", action="store_true", help="compute in float64, for hand checks to many digits")
 
     i = sub.add_parser("info", help="versions, the chosen device and why")
     i.add_argument("--device", default=None, help="device to describe (default: $GPUNET_DEVICE, else auto)")
@@ -199,6 +219,61 @@ def cmd_predict(args):
     return 0
 
 
+def _flag(call, *args, **kwargs):
+    """explain's helpers name their parameter first ("sizes: ..."); here that parameter is a flag."""
+    try:
+        return call(*args, **kwargs)
+    except ValueError as exc:
+        raise UserError(f"--{exc}") from exc
+
+
+def cmd_explain(args):
+    dtype = np.float64 if args.float64 else np.float32
+    if args.json and args.format != "text":
+        raise UserError(f"--json: prints JSON, so --format {args.format} does not apply")
+    if args.model:
+        given = [f for f in ("sizes", "weights", "activation") if getattr(args, f)]
+        if given:
+            raise UserError(f"--{given[0]}: not used with --model (the model file holds the network)")
+        net = _load_model(args.model, "cpu").eval()
+        for p in net.parameters():  # before any optimizer gathers them
+            p.data, p.grad = p.data.astype(dtype), np.zeros(p.data.shape, dtype)
+    else:
+        doc = None
+        if args.weights:
+            if not os.path.isfile(args.weights):
+                raise UserError(f"--weights: file not found: {args.weights}")
+            try:
+                doc = json.loads(Path(args.weights).read_text())
+            except json.JSONDecodeError as exc:
+                raise UserError(f"--weights: {args.weights} is not valid JSON ({exc})") from None
+        acts = args.activation or ["sigmoid"]
+        net = _flag(explain.build_network, args.sizes or (None if doc else [2, 2, 2]), doc,
+                    acts[0] if len(acts) == 1 else acts, args.seed, dtype)
+    if (args.input is None) == (args.image is None):
+        raise UserError(f"--input: expected the instance's values or --image FILE, got {'both' if args.image else 'neither'}")
+    x = load_images([args.image]) if args.image else np.array(args.input)
+    if args.image and x.shape[1] != net.in_features:
+        raise UserError(f"--image: expected {net.in_features} pixels (the network's inputs), got {x.shape[1]}")
+    if x.size % net.in_features:
+        raise UserError(f"--input: expected {net.in_features} values (one per input of the network) or a multiple, "
+                        f"got {x.size}")
+    x = x.reshape(-1, net.in_features).astype(dtype)
+    if args.target is None and not args.model:
+        raise UserError(f"--target: expected a class or {net.out_features} desired outputs per instance, got none")
+    target = backend.to_numpy(predict(net, x)).astype(float) if args.target is None else args.target
+    y = _flag(explain.make_target, target, len(x), net.out_features, args.loss, dtype)
+    if args.optimizer == "sgd" and args.momentum is not None:
+        raise UserError("--momentum: only used with --optimizer momentum")
+    opt = (SGD(net.parameters(), lr=args.lr) if args.optimizer == "sgd" else
+           Momentum(net.parameters(), lr=args.lr, momentum=0.9 if args.momentum is None else args.momentum))
+    loss = {"ce": SoftmaxCrossEntropy, "mse": MSELoss, "mae": MAELoss}[args.loss]()
+    record = explain.explain_step(net, loss, opt, x, y)
+    render = explain.render_json if args.json else (explain.render_markdown if args.format == "markdown" else explain.render_text)
+    print(render(record), end="")
+    return 0
+
+
 def cmd_info(args):
     info = backend.describe_device(args.device)
     data_dir = default_data_dir()
@@ -223,7 +298,7 @@ def cmd_info(args):
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain, "info": cmd_info}
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,8 @@
 backend, files and schedules import nothing of gpunet; the core (layers, losses, optimizers, network) only
 the backend and each other as the notes stack them, and nothing of the fast path; the fast path may import
 the core, never the reverse; data sits on the IDX format; training sits on the core, the fast path, the
-batches and the metrics; the recipe on training; the command line on top, imported by nothing.
+batches and the metrics; the recipe on training; explain on the core alone (the numbers it shows are the
+core's own, never a second implementation); the command line on top, imported by nothing.
 """
 import ast
 from pathlib import Path
@@ -21,6 +22,7 @@ ALLOWED = {
     "fast": {"backend", "layers", "losses", "optimizers"},
     "batches": {"backend", "fast"},
     "training": {"backend", "fast", "batches", "losses", "metrics"},
+    "explain": {"backend", "layers", "losses", "optimizers", "network"},
     "recipe": {"__init__", "backend", "fast", "files", "plots", "batches", "data", "losses", "network",
                "optimizers", "schedules", "training"},
 }

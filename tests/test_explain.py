@@ -1,0 +1,457 @@
+"""gpunet explain: the recorded numbers are the training path's, a textbook step worked out by hand agrees,
+and the command line takes every option and refuses every bad input in one line."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpunet as gn
+from gpunet import cli
+from gpunet.explain import SCHEMA, build_network, render_json, render_markdown, render_text, to_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The classic 2-2-2 worked example (Mazur, "A step by step backpropagation example"): W (inputs, outputs)
+MAZUR = {"layers": [{"W": [[0.15, 0.25], [0.20, 0.30]], "b": [0.35, 0.35]},
+                    {"W": [[0.40, 0.50], [0.45, 0.55]], "b": [0.60, 0.60]}]}
+X, CLASS, ALPHA = [0.05, 0.10], 1, 0.5
+
+
+def hand_step():
+    """One SGD step of MAZUR with a sigmoid hidden layer and softmax cross-entropy, by hand, scalar by scalar,
+    in the notes' notation (delta^L = y^D - y^L; Delta w_ij = alpha y_i delta_j; w = w + Delta w)."""
+    (W1, b1), (W2, b2) = [(layer["W"], layer["b"]) for layer in MAZUR["layers"]]
+    x = X
+    # forward, layer 1: z_j = b_j + sum_i x_i w_ij, y_j = 1 / (1 + e^-z_j)
+    z1 = [b1[j] + x[0] * W1[0][j] + x[1] * W1[1][j] for j in range(2)]
+    assert z1[0] == pytest.approx(0.3775, abs=1e-15) and z1[1] == pytest.approx(0.3925, abs=1e-15)
+    y1 = [1 / (1 + math.exp(-z)) for z in z1]
+    # forward, layer 2 (output): z_j = b_j + sum_i y_i w_ij, y^L = softmax(z)
+    z2 = [b2[j] + y1[0] * W2[0][j] + y1[1] * W2[1][j] for j in range(2)]
+    e = [math.exp(z) for z in z2]
+    yL = [v / sum(e) for v in e]
+    yD = [1.0 if j == CLASS else 0.0 for j in range(2)]
+    cost = -sum(d * math.log(p) for d, p in zip(yD, yL))
+    # backward: output delta, then the hidden delta f'(z) * sum_k delta_k w_jk with f' = y (1 - y)
+    d2 = [yD[j] - yL[j] for j in range(2)]
+    d1 = [y1[j] * (1 - y1[j]) * sum(d2[k] * W2[j][k] for k in range(2)) for j in range(2)]
+    # corrections and the update (N = 1, so the notes' rule is the library's step)
+    W2_new = [[W2[i][j] + ALPHA * y1[i] * d2[j] for j in range(2)] for i in range(2)]
+    b2_new = [b2[j] + ALPHA * d2[j] for j in range(2)]
+    W1_new = [[W1[i][j] + ALPHA * x[i] * d1[j] for j in range(2)] for i in range(2)]
+    b1_new = [b1[j] + ALPHA * d1[j] for j in range(2)]
+    return {"z1": z1, "y1": y1, "z2": z2, "yL": yL, "cost": cost, "d2": d2, "d1": d1,
+            "W1": W1_new, "b1": b1_new, "W2": W2_new, "b2": b2_new}
+
+
+def check_against_hand(rec):
+    """rec: a record or its JSON (lists); float64 throughout."""
+    hand = hand_step()
+    st, lay = rec["stages"], rec["layers"]
+
+    def close(got, want):
+        np.testing.assert_allclose(np.asarray(got, dtype=np.float64).reshape(np.shape(want)), want, rtol=0, atol=1e-9)
+
+    close(st[0]["z"], [hand["z1"]])
+    close(st[0]["y"], [hand["y1"]])
+    close(st[1]["z"], [hand["z2"]])
+    close(rec["y_L"], [hand["yL"]])
+    close(rec["loss"]["value"], hand["cost"])
+    close(st[1]["delta"], [hand["d2"]])
+    close(st[0]["delta"], [hand["d1"]])
+    close(lay[0]["params"]["W"]["after"], hand["W1"])
+    close(lay[0]["params"]["b"]["after"], hand["b1"])
+    close(lay[2]["params"]["W"]["after"], hand["W2"])
+    close(lay[2]["params"]["b"]["after"], hand["b2"])
+
+
+def test_textbook_step_by_hand_float64():
+    hand = hand_step()
+    assert hand["y1"][0] == pytest.approx(0.593269992, abs=1e-9)  # the textbook's out_h1
+    net = build_network(weights=MAZUR, activation="sigmoid", dtype=np.float64)
+    rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=ALPHA), X, [CLASS])
+    assert rec["dtype"] == "float64" and rec["sizes"] == [2, 2, 2] and rec["batch"] == 1
+    check_against_hand(rec)
+    check_against_hand(json.loads(render_json(rec)))
+
+
+def clone(net):
+    twin = gn.Sequential(*[type(l)(l.in_features, l.out_features, dtype=l.W.data.dtype) if isinstance(l, gn.Linear)
+                           else type(l)() for l in net.layers])
+    twin.load_state_dict(net.state_dict())
+    return twin
+
+
+CASES = [  # sizes, activation, loss, optimizer, batch
+    ([2, 2, 2], "sigmoid", gn.SoftmaxCrossEntropy, "sgd", 1),
+    ([3, 5, 4, 3], ["relu", "tanh"], gn.SoftmaxCrossEntropy, "momentum", 4),
+    ([4, 6, 2], "relu", gn.MSELoss, "nesterov", 3),
+    ([2, 3, 2], "tanh", gn.MAELoss, "sgd_wd", 2),
+]
+
+
+def make_opt(kind, params):
+    return {"sgd": lambda: gn.SGD(params, lr=0.3),
+            "sgd_wd": lambda: gn.SGD(params, lr=0.3, weight_decay=0.01),
+            "momentum": lambda: gn.Momentum(params, lr=0.1, momentum=0.9),
+            "nesterov": lambda: gn.Momentum(params, lr=0.1, momentum=0.8, nesterov=True)}[kind]()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("sizes, act, loss_cls, opt_kind, n", CASES, ids=[c[3] + "-" + c[2].__name__ for c in CASES])
+def test_record_equals_the_training_path(sizes, act, loss_cls, opt_kind, n, dtype):
+    """explain_step on one network, Sequential.forward/backward + step on an identical one: same numbers,
+    twice in a row (so that the second step starts from a non-zero momentum velocity)."""
+    rng = np.random.default_rng(1)
+    net = gn.mlp(sizes, activation=act, seed=5, dtype=dtype, device="cpu")
+    twin = clone(net)
+    opt, opt2 = make_opt(opt_kind, net.parameters()), make_opt(opt_kind, twin.parameters())
+    loss, loss2 = loss_cls(), loss_cls()
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-14)
+    for _ in range(2):
+        x = rng.normal(size=(n, sizes[0])).astype(dtype)
+        y = (rng.integers(0, sizes[-1], n) if loss_cls is gn.SoftmaxCrossEntropy
+             else rng.normal(size=(n, sizes[-1])).astype(dtype))
+        rec = gn.explain_step(net, loss, opt, x, y)
+        out = twin.forward(x)
+        value = loss2.forward(out, y)
+        dx = twin.backward(loss2.backward())
+        grads = [p.grad.copy() for p in twin.parameters()]
+        opt2.step()
+        doc = json.loads(render_json(rec))
+        for r in (rec, doc):  # the record and its JSON
+            np.testing.assert_allclose(np.asarray(r["layers"][-1]["output"], dtype), out, **tol)
+            np.testing.assert_allclose(r["loss"]["value"], float(value), **tol)
+            np.testing.assert_allclose(np.asarray(r["layers"][0]["grad_input"], dtype), dx, **tol)
+            recorded = [lay["params"][k] for lay in r["layers"] if lay["params"] for k in ("W", "b")]
+            params = twin.parameters()
+            assert len(recorded) == len(params)
+            for i, (got, p, g) in enumerate(zip(recorded, params, grads)):
+                np.testing.assert_allclose(np.asarray(got["grad"], dtype), g, **tol)
+                np.testing.assert_allclose(np.asarray(got["after"], dtype), p.data, **tol)
+                if isinstance(opt2, gn.Momentum):
+                    np.testing.assert_allclose(np.asarray(got["velocity"], dtype), opt2.velocity(i), **tol)
+                else:
+                    assert got["velocity"] is None
+        # the notes' output delta: y^D - y^L (cross-entropy, MSE with no output activation), sign(...) for MAE
+        diff = rec["y_D"] - rec["y_L"]
+        want = np.sign(diff) if loss_cls is gn.MAELoss else diff
+        np.testing.assert_allclose(rec["stages"][-1]["delta"], want, **tol)
+        # momentum as the notes write it: v = gamma v + alpha grad; w = w - v
+        if opt_kind == "momentum":
+            W = rec["layers"][0]["params"]["W"]
+            np.testing.assert_allclose(W["velocity"], 0.9 * W["velocity_before"] + np.float64(0.1) * W["grad"], **tol)
+            np.testing.assert_allclose(W["after"], W["before"] - W["velocity"], **tol)
+    assert np.any(rec["layers"][0]["params"]["W"]["velocity_before"]) == isinstance(opt, gn.Momentum)
+    text, md = render_text(rec), render_markdown(rec)
+    balanced_displays(md)
+    rule = {"sgd": "W^1 (new) = W^1 - alpha dC/dW^1", "sgd_wd": "W^1 (new) = W^1 - alpha (dC/dW^1 + lambda W^1)",
+            "momentum": "W^1 (new) = W^1 - v", "nesterov": "W^1 (new) = W^1 - (gamma v + alpha dC/dW^1) (Nesterov)"}
+    assert rule[opt_kind] in text
+    assert {"SoftmaxCrossEntropy": "delta^L = y^D - y^L", "MSELoss": "delta^L = y^D - y^L (no output activation",
+            "MAELoss": "delta^L = sign(y^D - y^L)"}[loss_cls.__name__] in text
+
+
+def test_layers_are_copies_and_the_caller_arrays_untouched():
+    net = gn.mlp([3, 4, 2], activation="relu", seed=0, device="cpu")
+    x = np.ones((2, 3), np.float32)
+    rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.1), x, np.array([0, 1]))
+    assert (x == 1).all()
+    before = rec["layers"][0]["params"]["W"]["before"]
+    assert not np.shares_memory(before, net.layers[0].W.data)
+    assert not np.array_equal(before, net.layers[0].W.data)  # the step moved the weights, not the record
+    np.testing.assert_array_equal(rec["layers"][0]["params"]["W"]["after"], net.layers[0].W.data)
+    # relu's derivative as the library applies it: 1 where z > 0
+    np.testing.assert_array_equal(rec["layers"][1]["derivative"], (rec["layers"][0]["output"] > 0).astype(np.float32))
+
+
+def test_json_schema_and_exact_float32_values():
+    net = build_network(weights=MAZUR)
+    rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.Momentum(net.parameters(), lr=0.5, momentum=0.9), X, 1)
+    doc = json.loads(render_json(rec))
+    assert doc["schema"] == SCHEMA == "gpunet-explain/1"
+    assert set(doc) == {"schema", "dtype", "device", "batch", "sizes", "training", "input", "target", "y_D", "y_L",
+                        "prediction", "loss", "optimizer", "layers", "stages"}
+    assert set(doc["loss"]) == {"type", "value", "gradient", "delta_scale"}
+    assert doc["optimizer"] == {"type": "Momentum", "lr": 0.5, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}
+    assert [l["type"] for l in doc["layers"]] == ["Linear", "Sigmoid", "Linear"]
+    assert set(doc["layers"][0]) == {"index", "type", "name", "input", "output", "grad_output", "grad_input",
+                                     "derivative", "params"}
+    assert set(doc["layers"][0]["params"]["W"]) == {"before", "grad", "after", "change", "velocity_before", "velocity"}
+    assert [s["layers"] for s in doc["stages"]] == [[0, 1], [2]] and doc["stages"][0]["activations"] == ["Sigmoid"]
+    assert doc["target"] == [1] and doc["y_D"] == [[0.0, 1.0]]
+    # every float reads back as the very float32 the library held
+    after = np.asarray(doc["layers"][2]["params"]["W"]["after"], dtype=np.float32)
+    np.testing.assert_array_equal(after, net.layers[2].W.data)
+    assert to_json(rec) == doc
+
+
+def numbers_after(text, label):
+    """The numbers printed for the formula ``label`` (on its line, or on the matrix lines below it)."""
+    lines = text.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.strip().startswith(label))
+    block = [lines[i][lines[i].index(label) + len(label):]]
+    for line in lines[i + 1:]:
+        if not line.startswith("      "):
+            break
+        block.append(line)
+    return [float(v) for v in re.findall(r"-?\d+\.?\d*(?:e[-+]\d+)?", " ".join(block))]
+
+
+def test_text_prints_the_library_numbers():
+    net = build_network(weights=MAZUR, dtype=np.float64)
+    rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=ALPHA), X, [CLASS])
+    text = render_text(rec)
+    hand = hand_step()
+    assert numbers_after(text, "C = -(1/n) sum_i sum_j y^D_ij log y^L_ij") == pytest.approx([hand["cost"]], abs=1e-11)
+    assert numbers_after(text, "delta^L = y^D - y^L") == pytest.approx(hand["d2"], abs=1e-11)
+    assert numbers_after(text, "W^1 (new) = W^1 - alpha dC/dW^1") == pytest.approx(sum(hand["W1"], []), abs=1e-11)
+    assert numbers_after(text, "W^L (new) = W^L - alpha dC/dW^L") == pytest.approx(sum(hand["W2"], []), abs=1e-11)
+    for phrase in ("Sign convention", "delta^1 = f'(z^1) * sum_k delta_k^L w_jk^L", "f'(z^1) = y (1 - y)",
+                   "z^1 = b^1 + y^0 W^1", "y^L = softmax(z^L)", "Delta w_ij = (alpha/c) sum_n y_i^0 delta_j^1"):
+        assert phrase in text, phrase
+
+
+def balanced_displays(md):
+    """The $$ ... $$ displays of a markdown report, each checked for balanced braces and matrices."""
+    displays = re.findall(r"\$\$(.*?)\$\$", md, flags=re.S)
+    assert md.count("$$") == 2 * len(displays) and len(displays) > 20
+    for d in displays:
+        assert d.count("{") == d.count("}"), d
+        assert d.count(r"\begin{bmatrix}") == d.count(r"\end{bmatrix}"), d
+    return displays
+
+
+def check_markdown(md):
+    displays = balanced_displays(md)
+    for formula in (r"\delta^{L} = y^{D} - y^{L}", r"z^{1} = b^{1} + y^{0} W^{1}",
+                    r"\frac{\partial C}{\partial W^{1}}", r"W^{1}_{\text{new}}", r"\mathrm{softmax}"):
+        assert formula in md, formula
+    return displays
+
+
+def test_markdown_has_the_formulas_in_latex():
+    net = build_network(weights=MAZUR)
+    md = render_markdown(gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.5), X, 1))
+    assert md.startswith("# One training step, explained")
+    displays = check_markdown(md)
+    assert any(r"\begin{bmatrix} 0.15 & 0.25 \\ 0.2 & 0.3 \end{bmatrix}" in d for d in displays)
+
+
+def test_large_matrices_are_summarised():
+    net = gn.mlp([784, 16, 10], seed=0, device="cpu")
+    x = np.random.default_rng(0).random((1, 784)).astype(np.float32)
+    rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.1), x, [3])
+    text = render_text(rec)
+    assert "shape (784, 16), min " in text and "largest |entries|" in text
+    assert len(max(text.splitlines(), key=len)) < 400
+    assert r"\text{shape (784, 16)" in render_markdown(rec)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda net, opt: gn.explain_step(net, gn.SoftmaxCrossEntropy(), opt, [1.0, 2.0, 3.0], [0]),
+     r"x: expected shape \(N, 2\) or \(2,\), got \(1, 3\)"),
+    (lambda net, opt: gn.explain_step(net, gn.SoftmaxCrossEntropy(), opt, [1.0, 2.0], [0, 1]),
+     "y: expected 1 targets"),
+    (lambda net, opt: gn.explain_step(net, gn.SoftmaxCrossEntropy(), opt, [1.0, 2.0], [7]),
+     r"target: expected labels in \[0, 1\]"),
+    (lambda net, opt: gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(gn.mlp([2, 2]).parameters(), lr=0.1),
+                                      [1.0, 2.0], [0]), "optimizer: expected it to hold exactly"),
+    (lambda net, opt: build_network(sizes=[2, 3, 2], weights=MAZUR), "sizes: expected 2 2 2 to match"),
+    (lambda net, opt: build_network(weights={"layers": [{"W": [[1, 2]], "b": [0]}]}), r"layers\[0\]\.b: expected 2"),
+    (lambda net, opt: build_network(weights={"layers": [{"W": [[1], [2]], "b": [0]}, {"W": [[1], [1]], "b": [0]}]}),
+     r"layers\[1\]\.W: expected 1 rows \(the previous layer's outputs\), got 2"),
+    (lambda net, opt: build_network(weights=[1, 2]), "weights: expected"),
+])
+def test_api_errors_name_the_argument(call, message):
+    net = gn.mlp([2, 2, 2], seed=0, device="cpu")
+    with pytest.raises(ValueError, match=message):
+        call(net, gn.SGD(net.parameters(), lr=0.1))
+
+
+# --- the command line ------------------------------------------------------------------------------------
+def run_main(args, capsys):
+    """``gpunet explain ...`` in process: (exit status, stdout, stderr)."""
+    try:
+        rc = cli.main(["explain", *map(str, args)])
+    except SystemExit as exc:  # argparse's own errors
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    path = tmp_path / "mazur.json"
+    path.write_text(json.dumps(MAZUR))
+    return path
+
+
+def test_cli_textbook_step_json_float64(weights_file, capsys):
+    rc, out, err = run_main(["--weights", weights_file, "--input", *X, "--target", CLASS, "--lr", ALPHA,
+                             "--float64", "--json"], capsys)
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["sizes"] == [2, 2, 2] and doc["dtype"] == "float64"
+    check_against_hand(doc)
+
+
+def test_cli_text_default_network(capsys):
+    rc, out, err = run_main(["--input", 0.05, 0.1, "--target", 1], capsys)
+    assert rc == 0, err
+    assert "2-2-2 network: Linear(2, 2) -> Sigmoid -> Linear(2, 2)" in out and "alpha = 0.5" in out
+    assert "float32" in out and "delta^L = y^D - y^L" in out
+    # the same numbers as the API on the network the defaults describe
+    net = gn.mlp([2, 2, 2], activation="sigmoid", seed=0, device="cpu")
+    rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.5), [0.05, 0.1], 1)
+    assert out == render_text(rec)
+
+
+def test_cli_every_option_against_the_api(capsys):
+    args = ["--sizes", 3, 4, 4, 2, "--activation", "relu", "tanh", "--loss", "mse", "--optimizer", "momentum",
+            "--lr", 0.1, "--momentum", 0.5, "--seed", 3, "--input", 1, 2, 3, 4, 5, 6, "--target", 0.5, -1, 2, 0,
+            "--json"]
+    rc, out, err = run_main(args, capsys)
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["batch"] == 2 and doc["loss"]["type"] == "MSELoss" and doc["loss"]["delta_scale"] == 2.0
+    assert doc["optimizer"] == {"type": "Momentum", "lr": 0.1, "momentum": 0.5, "nesterov": False, "weight_decay": 0.0}
+    assert [l["type"] for l in doc["layers"]] == ["Linear", "ReLU", "Linear", "Tanh", "Linear"]
+    net = gn.mlp([3, 4, 4, 2], activation=["relu", "tanh"], seed=3, device="cpu")
+    rec = gn.explain_step(net, gn.MSELoss(), gn.Momentum(net.parameters(), lr=0.1, momentum=0.5),
+                          np.arange(1, 7, dtype=np.float32).reshape(2, 3), np.array([[0.5, -1], [2, 0]], np.float32))
+    assert doc == json.loads(render_json(rec))
+    # a different seed, a different start
+    reseeded = [4 if a == 3 and args[i - 1] == "--seed" else a for i, a in enumerate(args)]
+    _, other, _ = run_main(reseeded, capsys)
+    assert json.loads(other)["layers"][0]["params"]["W"]["before"] != doc["layers"][0]["params"]["W"]["before"]
+
+
+def test_cli_mae_sgd_class_target_and_markdown(capsys):
+    rc, out, err = run_main(["--sizes", 2, 3, "--loss", "mae", "--input", 1, 1, "--target", 2, "--json"], capsys)
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["y_D"] == [[0.0, 0.0, 1.0]] and doc["loss"]["type"] == "MAELoss"  # a class becomes one-hot for MAE
+    rc, md, err = run_main(["--input", 0.05, 0.1, "--target", 1, "--format", "markdown"], capsys)
+    assert rc == 0, err
+    check_markdown(md)
+    rc, out, err = run_main(["--input", 0.05, 0.1, "--target", 0.25, 0.75, "--json"], capsys)
+    assert rc == 0 and json.loads(out)["y_D"] == [[0.25, 0.75]]  # cross-entropy with a probability row
+
+
+@pytest.fixture(scope="module")
+def model_and_image(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("explain-model")
+    net = gn.mlp([784, 16, 10], dropout=0.2, seed=0, device="cpu")
+    net.save(folder / "model.npz")
+    image = np.zeros((28, 28), np.float32)
+    image[6:22, 12:16] = 1.0  # a vertical stroke: a "1" of sorts
+    np.save(folder / "digit.npy", image)
+    return folder / "model.npz", folder / "digit.npy"
+
+
+def test_cli_model_and_image(model_and_image, capsys):
+    model, image = model_and_image
+    rc, out, err = run_main(["--model", model, "--image", image, "--json"], capsys)
+    assert rc == 0, err
+    doc = json.loads(out)
+    net = gn.load(model, device="cpu").eval()
+    x = gn.data.load_images([image])
+    expected = int(gn.training.predict(net, x)[0])
+    assert doc["target"] == [expected] == doc["prediction"]  # no --target: the network's own prediction
+    assert doc["training"] is False and [l["type"] for l in doc["layers"]][2] == "Dropout"
+    np.testing.assert_allclose(np.asarray(doc["y_L"], np.float32), gn.to_numpy(gn.training.predict_proba(net, x)),
+                               rtol=1e-5, atol=1e-7)
+    rc, out, err = run_main(["--model", model, "--image", image, "--target", 3, "--float64", "--optimizer",
+                             "momentum"], capsys)
+    assert rc == 0, err
+    assert "y^D (class 3, one-hot)" in out and "float64" in out and "dropout (off in eval mode)" in out
+    assert "shape (784, 16)" in out
+
+
+BAD = [  # arguments, the one-line message
+    (["--sizes", 2, 3, 2, "--weights", "WEIGHTS", "--input", 1, 2, "--target", 0],
+     "--sizes: expected 2 2 2 to match the weights file, got 2 3 2"),
+    (["--input", 1, 2, "--target", 5], "--target: expected a class in [0, 1] for 2 outputs, got 5"),
+    (["--input", 1, 2, "--target", -1], "--target: expected a class in [0, 1] for 2 outputs, got -1"),
+    (["--input", 1, 2, "--target", 0.5], "--target: expected a class in [0, 1] for 2 outputs, got 0.5"),
+    (["--input", 1, 2, "--target", 1, 2, 3], "--target: expected 1 class(es) in [0, 1] or 2 values"),
+    (["--input", 1, 2, "--target", 0.5, 0.6], "--target: expected 2 probabilities summing to 1"),
+    (["--input", 1, 2, 3, "--target", 0], "--input: expected 2 values (one per input of the network) or a multiple, got 3"),
+    (["--input", 1, 2], "--target: expected a class or 2 desired outputs per instance, got none"),
+    (["--target", 1], "--input: expected the instance's values or --image FILE, got neither"),
+    (["--weights", "BROKEN", "--input", 1, 2, "--target", 0], "is not valid JSON"),
+    (["--weights", "/nonexistent/w.json", "--input", 1, 2, "--target", 0], "--weights: file not found: /nonexistent/w.json"),
+    (["--weights", "RAGGED", "--input", 1, 2, "--target", 0], "--weights: layers[0]: expected numbers in W"),
+    (["--weights", "SHORT_B", "--input", 1, 2, "--target", 0], "--weights: layers[0].b: expected 2 values"),
+    (["--sizes", 2, 2, 2, "--activation", "relu", "tanh", "--input", 1, 2, "--target", 0], "--activation: expected one name"),
+    (["--optimizer", "sgd", "--momentum", 0.5, "--input", 1, 2, "--target", 0], "--momentum: only used with --optimizer momentum"),
+    (["--json", "--format", "markdown", "--input", 1, 2, "--target", 0], "--json: prints JSON"),
+    (["--model", "/nonexistent/model.npz", "--input", 1, 2], "model file not found: /nonexistent/model.npz"),
+    (["--model", "MODEL", "--sizes", 784, 10, "--input", 1, 2], "--sizes: not used with --model"),
+    (["--model", "MODEL", "--input", 1, 2], "--input: expected 784 values"),
+    (["--image", "IMAGE", "--target", 0], "--image: expected 2 pixels (the network's inputs), got 784"),
+    (["--input", 1, 2, "--target", 0, "--lr", -1], "argument --lr: expected a positive number, got '-1'"),
+    (["--input", 1, "nan", "--target", 0], "argument --input: expected a finite number, got 'nan'"),
+    (["--loss", "hinge", "--input", 1, 2, "--target", 0], "argument --loss: invalid choice: 'hinge'"),
+    (["--sizes", 2, "--input", 1, 2, "--target", 0], "--sizes: expected at least [inputs, outputs]"),
+]
+
+
+def resolve(args, tmp_path, model_and_image):
+    files = {"WEIGHTS": json.dumps(MAZUR), "BROKEN": '{"layers": [', "RAGGED": '{"layers": [{"W": [[1, 2], [3]], "b": [0, 0]}]}',
+             "SHORT_B": '{"layers": [{"W": [[1, 2], [3, 4]], "b": [0]}]}'}
+    out = []
+    for a in args:
+        if a in files:
+            (tmp_path / f"{a}.json").write_text(files[a])
+            a = tmp_path / f"{a}.json"
+        a = {"MODEL": model_and_image[0], "IMAGE": model_and_image[1]}.get(a, a)
+        out.append(a)
+    return out
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[m[:40] for _, m in BAD])
+def test_cli_bad_input_is_one_line(args, message, tmp_path, model_and_image, capsys, monkeypatch):
+    monkeypatch.delenv("GPUNET_DEBUG", raising=False)
+    rc, out, err = run_main(resolve(args, tmp_path, model_and_image), capsys)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("gpunet explain: error: "), err
+    assert message in err, err
+
+
+def subprocess_run(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # this checkout's gpunet, whatever is installed
+    env.pop("GPUNET_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "gpunet", "explain", *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_real_subprocess(weights_file):
+    res = subprocess_run("--weights", weights_file, "--input", *X, "--target", CLASS, "--float64", "--json")
+    assert res.returncode == 0, res.stderr
+    check_against_hand(json.loads(res.stdout))
+    bad = subprocess_run("--weights", weights_file, "--sizes", 2, 3, 2, "--input", *X, "--target", 9)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr == "gpunet explain: error: --sizes: expected 2 2 2 to match the weights file, got 2 3 2\n"
+
+
+def test_readme_shows_the_real_output(tmp_path, capsys):
+    """The README's "One step, explained" prints what the command prints, from the weights it shows."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## One step, explained")[1]
+    weights = json.loads(section.split("```json\n")[1].split("```")[0])
+    assert weights == MAZUR
+    command = section.split("`gpunet explain ")[1].split("`")[0].split()
+    shown = section.split("```text\n")[1].split("```")[0]
+    path = tmp_path / "mazur.json"
+    path.write_text(json.dumps(weights))
+    rc, out, err = run_main([str(path) if a == "mazur.json" else a for a in command], capsys)
+    assert rc == 0, err
+    assert out == shown
