@@ -228,6 +228,7 @@ class Dropout(Layer):
         self.p = float(p)
         self.seed = seed
         self.generators = {}  # one per array module ("numpy", "cupy"), made on first use
+        self.gpu_draws = []   # [shape, count] of every CuPy mask drawn since seeding: how to replay them
         self._mask = None
 
     def config(self):
@@ -251,7 +252,38 @@ class Dropout(Layer):
             kept = self.generator(xp).integers(0, 1 << 16, size=x.shape, dtype=np.uint16) < min(round(keep * 65536), 65535)
         else:  # CuPy's Generator draws integers only as int32/int64: a float draw costs the same there
             kept = self.generator(xp).random(x.shape, dtype=x.dtype) < keep
+            self._count_gpu_draw(list(x.shape), x.dtype.name)
         return kept * x.dtype.type(1.0 / keep)
+
+    def _count_gpu_draw(self, shape, dtype):
+        if self.gpu_draws and self.gpu_draws[-1][:2] == [shape, dtype]:
+            self.gpu_draws[-1][2] += 1
+        else:
+            self.gpu_draws.append([shape, dtype, 1])
+
+    def random_state(self) -> dict:
+        """Where this layer's random draws stand, as plain JSON data: NumPy's generator state exactly;
+        for CuPy, whose generator state stays on the device, the draws made since seeding."""
+        gen = self.generators.get("numpy")
+        return {"seed": self.seed, "numpy": None if gen is None else gen.bit_generator.state,
+                "gpu_draws": [list(d) for d in self.gpu_draws]}
+
+    def set_random_state(self, state: dict) -> None:
+        """Continue exactly where :meth:`random_state` was taken (the CuPy draws are replayed)."""
+        if state.get("seed") != self.seed:
+            raise ValueError(f"state: expected a dropout state for seed {self.seed}, got seed {state.get('seed')}")
+        self.generators = {}
+        if state.get("numpy") is not None:
+            self.generator(np).bit_generator.state = state["numpy"]
+        self.gpu_draws = []
+        if state.get("gpu_draws"):
+            import cupy  # only a GPU run leaves CuPy draws to replay
+
+            gen = self.generator(cupy)
+            for shape, dtype, count in state["gpu_draws"]:
+                for _ in range(count):
+                    gen.random(tuple(shape), dtype=dtype)
+            self.gpu_draws = [list(d) for d in state["gpu_draws"]]
 
     def forward(self, x):
         check_float_input(x)

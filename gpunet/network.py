@@ -92,6 +92,17 @@ class Sequential(Layer):
             layer.train(mode)
         return self
 
+    def random_state(self) -> list:
+        """Each layer's random state (``None`` for layers that draw nothing), as JSON data."""
+        return [layer.random_state() if hasattr(layer, "random_state") else None for layer in self.layers]
+
+    def set_random_state(self, states: list) -> None:
+        if len(states) != len(self.layers):
+            raise ValueError(f"states: expected {len(self.layers)} entries (one per layer), got {len(states)}")
+        for layer, state in zip(self.layers, states):
+            if state is not None:
+                layer.set_random_state(state)
+
     def config(self) -> dict:
         return {"type": "Sequential", "layers": [layer.config() for layer in self.layers]}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import get_array_module
+from .backend import device_of, get_array_module, to_device, to_numpy
 
 
 def _check_number(name, value, low, high=math.inf, low_open=False):
@@ -53,9 +53,36 @@ class Optimizer:
     def step(self):
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs: hyperparameters and, for momentum, host copies of the velocities."""
+        state = {"kind": self.kind, "lr": self.lr, "weight_decay": self.weight_decay}
+        if hasattr(self, "velocities"):
+            state.update(momentum=self.momentum, nesterov=self.nesterov,
+                         velocities=[to_numpy(v).copy() for v in self.velocities])
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s values in place (same optimizer type, shapes and dtypes)."""
+        if state.get("kind") != self.kind:
+            raise ValueError(f"state: expected the state of a {self.kind} optimizer, got {state.get('kind')!r}")
+        velocities = state.get("velocities", [])
+        if hasattr(self, "velocities"):
+            got = [tuple(v.shape) for v in velocities]
+            want = [tuple(v.shape) for v in self.velocities]
+            if got != want:
+                raise ValueError(f"state: expected velocities shaped {want}, got {got}")
+            for v, value in zip(self.velocities, velocities):
+                if value.dtype != v.dtype:
+                    raise TypeError(f"state: expected velocities of dtype {v.dtype}, got {value.dtype}")
+                v[...] = to_device(value, device_of(v))
+            self.momentum, self.nesterov = state["momentum"], state["nesterov"]
+        self.lr, self.weight_decay = state["lr"], state["weight_decay"]
+
 
 class SGD(Optimizer):
     """Plain gradient descent ``w = w - lr * (grad + weight_decay * w)``."""
+
+    kind = "sgd"
 
     def step(self):
         for p in self.params:
@@ -68,6 +95,8 @@ class Momentum(Optimizer):
     ``momentum`` (the notes' gamma) lies in [0, 1); ``nesterov=True`` looks ahead,
     ``w = w - (momentum * v + lr * grad)``. Velocities start at zero, beside each parameter.
     """
+
+    kind = "momentum"
 
     def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = False,
                  weight_decay: float = 0.0):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import checkpoint
 from . import fast as fast_path
 from .backend import get_array_module, synchronize, to_device, to_numpy
 from .batches import as_rows
@@ -31,6 +32,7 @@ class History:
     epochs: list = field(default_factory=list)
     stop_reason: str = "max_epochs"
     best_epoch: int | None = None
+    diverged_epoch: int | None = None
 
     def __getitem__(self, key):
         return [e[key] for e in self.epochs]
@@ -88,10 +90,72 @@ def _dataset(x, y, device, name, net, classify):
     return x.to(device), y
 
 
+class Interrupted(Exception):
+    """Training stopped at a step boundary because ``interrupt()`` said so; the state reached is in the
+    checkpoint (when ``fit`` was given one): ``epoch`` epochs and ``step`` steps of the next are done."""
+
+    def __init__(self, epoch: int, step: int, checkpoint):
+        super().__init__(f"interrupted after {epoch} epochs and {step} steps of the next")
+        self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
+
+
+def _finite(value: float) -> bool:
+    return value == value and value not in (float("inf"), float("-inf"))
+
+
+class _Run:
+    """The state of one ``fit`` that a checkpoint carries, and the two ways it moves: out to a file
+    (``save``) and back in (``restore``)."""
+
+    def __init__(self, net, optimizer, order_rng, history, stopper, extra):
+        self.net, self.optimizer, self.order_rng = net, optimizer, order_rng
+        self.history, self.stopper, self.extra = history, stopper, extra
+
+    def save(self, path, epoch, step, epoch_rng, partial=None, finished=False):
+        opt = self.optimizer.state_dict()
+        arrays = {f"net/{k}": v for k, v in self.net.state_dict().items()}
+        arrays.update({f"velocity/{i}": v for i, v in enumerate(opt.pop("velocities", []))})
+        stopper = None
+        if self.stopper is not None:
+            s = self.stopper
+            stopper = {"best_loss": s.best_loss, "best_epoch": s.best_epoch, "wait": s.wait}
+            arrays.update({f"best/{k}": v for k, v in (s.best_state or {}).items()})
+        checkpoint.save(path, {
+            "run": self.extra, "network": self.net.config(), "epoch": epoch, "step": step, "finished": finished,
+            "order_rng": epoch_rng, "random": self.net.random_state(), "optimizer": opt,
+            "history": self.history.epochs, "stop_reason": self.history.stop_reason,
+            "best_epoch": self.history.best_epoch, "early_stopping": stopper, "partial": partial}, arrays)
+
+    def restore(self, path):
+        meta, arrays = checkpoint.load(path)
+        if meta["network"] != self.net.config():
+            raise checkpoint.CheckpointError(f"{path}: holds a different network ({meta['network']['layers']}) "
+                                             f"than the one given ({self.net.config()['layers']})")
+        try:
+            self.net.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("net/")})
+            opt = dict(meta["optimizer"])
+            if "momentum" in opt:
+                opt["velocities"] = [arrays[f"velocity/{i}"] for i in range(len(self.optimizer.params))]
+            self.optimizer.load_state_dict(opt)
+            self.net.set_random_state(meta["random"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise checkpoint.CheckpointError(f"{path}: does not fit this run ({exc})") from None
+        self.order_rng.bit_generator.state = meta["order_rng"]
+        self.history.epochs = list(meta["history"])
+        self.history.stop_reason, self.history.best_epoch = meta["stop_reason"], meta["best_epoch"]
+        if self.stopper is not None and meta["early_stopping"] is not None:
+            es = meta["early_stopping"]
+            self.stopper.best_loss, self.stopper.best_epoch, self.stopper.wait = es["best_loss"], es["best_epoch"], es["wait"]
+            best = {k[5:]: v for k, v in arrays.items() if k.startswith("best/")}
+            self.stopper.best_state = best or None
+        return meta
+
+
 def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validation=None, shuffle: bool = True,
         seed: int | None = 0, target_loss: float | None = None, patience: int | None = None,
         min_delta: float = 0.0, schedule=None, callback=None, on_batch=None, eval_batch_size: int = 4096,
-        fast: bool = True) -> History:
+        fast: bool = True, checkpoint_path=None, resume: bool = False, checkpoint_every: int = 1,
+        interrupt=None, run_info: dict | None = None) -> History:
     """Train ``net`` on ``x`` (N, features) float array or ``Pixels``, and ``y`` (N,) int labels or
     (N, outputs) float targets.
 
@@ -100,6 +164,13 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     weights. ``target_loss`` stops once the epoch's training loss is below it. ``schedule(epoch)`` sets
     ``optimizer.lr`` before each epoch. ``callback(record)`` runs after each epoch; ``on_batch(epoch,
     done, total)`` after each batch (no device sync).
+
+    Long runs: ``checkpoint_path`` receives a checkpoint every ``checkpoint_every`` epochs and at the end;
+    ``resume=True`` continues from it exactly (bit for bit on the same device); ``interrupt()``, checked
+    after every step, stops the run there: the state reached goes to the checkpoint and
+    :class:`Interrupted` is raised. ``run_info`` (JSON data) is stored in the checkpoint for the caller.
+    If the training loss of an epoch is NaN or infinite, the weights of the last finished epoch are
+    restored and the run stops with ``history.stop_reason == "diverged"``.
 
     After ``fit``, ``param.grad`` holds the last step's gradients, except where the fast path folded them
     into the update (the CPU with OpenBLAS): call ``net.forward``, ``loss.forward`` and ``net.backward``
@@ -110,6 +181,8 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     if patience is not None and (validation is None or patience < 1):
         raise ValueError(f"patience: expected a positive integer together with a validation set, got {patience!r}"
                          + ("" if validation is not None else " and no validation set"))
+    if resume and checkpoint_path is None:
+        raise ValueError("resume: expected a checkpoint_path to resume from, got none")
     device, classify = net.device, loss.classifies
     x, y = _dataset(x, y, device, "x", net, classify)
     if validation is not None:
@@ -125,16 +198,25 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     yb_buf = xp.empty((bs,) + y.shape[1:], dtype=y.dtype)
     history = History()
     stopper = EarlyStopping(patience, min_delta) if patience is not None else None
+    run = _Run(net, optimizer, order_rng, history, stopper, run_info)
+    first_epoch, first_step, partial = 0, 0, None
+    if resume:
+        meta = run.restore(checkpoint_path)
+        first_epoch, first_step, partial = meta["epoch"], meta["step"], meta["partial"]
+    last_good = (net.state_dict(), optimizer.state_dict())  # what a divergence falls back to
 
-    for epoch in range(epochs):
+    for epoch in range(first_epoch, epochs):
         if schedule is not None:
             optimizer.lr = schedule(epoch)
         net.train()
         start = time.perf_counter()
+        epoch_rng = order_rng.bit_generator.state  # the permutation below is drawn from here
         order = to_device(order_rng.permutation(n), device) if shuffle and bs < n else None
-        loss_sum = xp.zeros((), dtype=np.float64)
-        correct = xp.zeros((), dtype=np.int64)
-        for b in range(steps):
+        b0 = first_step if epoch == first_epoch else 0
+        loss_sum = xp.asarray(partial["loss_sum"] if b0 else 0.0, dtype=np.float64)
+        correct = xp.asarray(partial["correct"] if b0 else 0, dtype=np.int64)
+        earlier = partial["seconds"] if b0 else 0.0
+        for b in range(b0, steps):
             lo, hi = b * bs, min(n, (b + 1) * bs)
             if order is None:
                 xb, yb = x[lo:hi], y[lo:hi]
@@ -147,24 +229,41 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
                 correct += (out.argmax(axis=1) == yb).sum()
             if on_batch is not None:
                 on_batch(epoch, b + 1, steps)
+            if interrupt is not None and interrupt():
+                if checkpoint_path is not None:
+                    sums = {"loss_sum": float(loss_sum), "correct": int(correct),
+                            "seconds": earlier + time.perf_counter() - start}
+                    run.save(checkpoint_path, epoch, b + 1, epoch_rng, sums)
+                raise Interrupted(epoch, b + 1, checkpoint_path)
         synchronize(loss_sum)
         record = {"epoch": epoch + 1, "loss": float(loss_sum) / n,
                   "accuracy": float(correct) / n if classify else None, "val_loss": None, "val_accuracy": None,
-                  "lr": optimizer.lr, "seconds": time.perf_counter() - start}
+                  "lr": optimizer.lr, "seconds": earlier + time.perf_counter() - start}
+        if not _finite(record["loss"]):  # checked once per epoch, on the sum read back anyway
+            history.epochs.append(record)
+            history.stop_reason, history.diverged_epoch = "diverged", epoch + 1
+            net.load_state_dict(last_good[0])
+            optimizer.load_state_dict(last_good[1])
+            break
         if validation is not None:
             val = evaluate(net, loss, *validation, batch_size=eval_batch_size)
             record["val_loss"], record["val_accuracy"] = val["loss"], val.get("accuracy")
         history.epochs.append(record)
         if callback is not None:
             callback(record)
+        done = epoch + 1 == epochs
         if stopper is not None and stopper.should_stop(epoch + 1, record["val_loss"], net):
-            history.stop_reason = "early_stopping"
-            break
-        if target_loss is not None and record["loss"] < target_loss:
-            history.stop_reason = "target_loss"
+            history.stop_reason, done = "early_stopping", True
+        elif target_loss is not None and record["loss"] < target_loss:
+            history.stop_reason, done = "target_loss", True
+        if stopper is not None:
+            history.best_epoch = stopper.best_epoch
+        if checkpoint_path is not None and (done or (epoch + 1) % checkpoint_every == 0):
+            run.save(checkpoint_path, epoch + 1, 0, order_rng.bit_generator.state, finished=done)
+        last_good = (net.state_dict(), optimizer.state_dict())
+        if done:
             break
     if stopper is not None:
-        history.best_epoch = stopper.best_epoch
         stopper.restore(net)  # the weights of the best validation epoch
     net.eval()
     return history
