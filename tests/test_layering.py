@@ -1,6 +1,7 @@
 """Imports flow one way (the brief): the backend imports nothing of gpunet; kernels only the backend and
 the BLAS paths; layers, losses, optimizers and the data wrappers only those; the network only the layers;
-training sits above them; the command line on top, imported by nothing but ``python -m gpunet``."""
+training sits above them; the pictures (images) beside the data; the web server (serve) above training;
+the command line on top, imported by nothing but ``python -m gpunet``."""
 import ast
 from pathlib import Path
 
@@ -16,6 +17,10 @@ ALLOWED = {
     "layers": KERNELS, "losses": KERNELS, "optimizers": KERNELS, "pixels": KERNELS,
     "network": KERNELS | {"layers"},
     "training": KERNELS | {"layers", "network", "losses", "optimizers", "data", "metrics", "pixels"},
+    "images": BASE | {"data"},
+    # the web server sits beside the command line (only cli imports it), above what it serves with
+    "serve": KERNELS | {"layers", "network", "losses", "optimizers", "data", "metrics", "pixels", "training",
+                        "images"},
 }
 TOP = {"cli", "__init__", "__main__"}
 
