@@ -313,7 +313,8 @@ def _save_inputs(folder, names, x, size):
     folder.mkdir(parents=True, exist_ok=True)
     paths, used = [], set()
     for name, row in zip(names, x):
-        stem = Path(name.replace("[", "-").rstrip("]")).stem
+        file, _, index = name.partition("[")  # "digits.npy[3]" -> digits-3.png
+        stem = Path(file).stem + (f"-{index.rstrip(']')}" if index else "")
         path, k = folder / f"{stem}.png", 1
         while path in used:  # two inputs of the same name (from different folders)
             k += 1

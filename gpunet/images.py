@@ -135,10 +135,12 @@ def _paper(rgb: np.ndarray) -> np.ndarray:
         coef = np.linalg.solve(ak.T @ ak + 1e-9 * np.eye(terms), ak.T @ b[keep])  # (terms, 3)
         resid = np.abs(b - a @ coef).max(axis=1)
         keep = resid <= max(3 * 1.4826 * float(np.median(resid)), 0.02)
-    coef = np.vstack([coef, np.zeros((6 - terms, 3))]).astype(np.float32)
-    surface = (coef[0] + x[..., None] * coef[1] + y[..., None] * coef[2] + (x * y)[..., None] * coef[3]
-               + (x * x)[..., None] * coef[4] + (y * y)[..., None] * coef[5])
-    return surface.astype(np.float32)
+    c = np.vstack([coef, np.zeros((6 - terms, 3))]).astype(np.float32)
+    # c0 + c1 x + c2 y + c3 xy + c4 x^2 + c5 y^2, grouped as a(y) + b(y) x + c4 x^2: two full-size passes
+    a_y = (c[0] + y * c[2] + y * y * c[5])[:, None, :]  # (H, 1, 3)
+    b_y = (c[1] + y * c[3])[:, None, :]                # (H, 1, 3)
+    xs = x[0][None, :, None]                            # (1, W, 1)
+    return a_y + b_y * xs + xs * xs * c[4]
 
 
 def _ink(rgb: np.ndarray) -> tuple[np.ndarray, float]:
@@ -149,8 +151,8 @@ def _ink(rgb: np.ndarray) -> tuple[np.ndarray, float]:
     marks themselves for mid-grey paper). Taking the largest channel keeps blue ink on yellow paper.
     """
     paper = _paper(rgb)
-    darker = (paper - rgb).max(axis=2)
-    lighter = (rgb - paper).max(axis=2)
+    diff = rgb - paper
+    darker, lighter = -diff.min(axis=2), diff.max(axis=2)
     luma = float(paper.mean())
     if luma > 0.65:
         ink = darker

@@ -120,6 +120,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "gpunet-serve"
     sys_version = ""
     protocol_version = "HTTP/1.1"  # keep-alive: the page sends a request per change while drawing
+    default_request_version = "HTTP/1.0"  # a malformed request line still gets a status line and JSON
     timeout = 30  # seconds a silent client may hold a thread
 
     # -- answers ------------------------------------------------------------------------------

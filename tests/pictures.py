@@ -19,14 +19,14 @@ EXIF_ORIENTATION = 0x0112
 
 def photographed(digits: np.ndarray, labels: np.ndarray, seed: int = 0):
     """MNIST digits (N, 28, 28) float32 in [0, 1] made into pictures a person might take of them:
-    enlarged 3-8x, dark ink on tinted paper, shifted in a larger canvas, under uneven light, some blurred,
+    enlarged 2.5-5x, dark ink on tinted paper, shifted in a larger canvas, under uneven light, some blurred,
     with sensor noise; the last field of each item says which file form it takes (see `encode`)."""
     rng = np.random.default_rng(seed)
     items = []
     for i, (digit, label) in enumerate(zip(digits, labels)):
-        side = int(28 * rng.uniform(3, 8))
+        side = int(28 * rng.uniform(2.5, 5))
         big = Image.fromarray((digit * 255).astype(np.uint8)).resize((side, side), Image.Resampling.BICUBIC)
-        h, w = int(side * rng.uniform(1.2, 2.2)), int(side * rng.uniform(1.2, 2.2))
+        h, w = int(side * rng.uniform(1.2, 1.8)), int(side * rng.uniform(1.2, 1.8))
         canvas = np.zeros((h, w), np.float32)
         y0, x0 = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
         canvas[y0:y0 + side, x0:x0 + side] = np.asarray(big, np.float32) / 255
@@ -57,7 +57,7 @@ def font_paths():
     return sorted(glob.glob("/usr/share/fonts/**/*.ttf", recursive=True))
 
 
-def typed(seed: int = 1, size: int = 200):
+def typed(seed: int = 1, size: int = 120):
     """Digits 0-9 typed in every font found: dark on white or tinted paper, of varied size and place."""
     rng = np.random.default_rng(seed)
     fonts = font_paths() or [None]
