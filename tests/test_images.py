@@ -18,6 +18,7 @@ import gpunet as gn  # noqa: E402
 from gpunet import images  # noqa: E402
 from gpunet.data import DataError  # noqa: E402
 from gpunet.images import image_size, load_image_file, load_images, mnist_style  # noqa: E402
+from gpunet.training import predict  # noqa: E402
 
 import pictures  # noqa: E402  (tests/pictures.py)
 
@@ -311,7 +312,7 @@ def test_predict_blank_picture_is_one_line(tmp_path):
 
 # ------------------------------------------------------------------------ measured: before and after
 def accuracy(net, x, y):
-    return float((gn.to_numpy(gn.training.predict(net, np.asarray(x, np.float32))) == np.asarray(y)).mean())
+    return float((gn.to_numpy(predict(net, np.asarray(x, np.float32))) == np.asarray(y)).mean())
 
 
 @pytest.mark.slow

@@ -58,3 +58,8 @@ def test_imports_flow_one_way(module):
 def test_nothing_imports_the_command_line():
     users = [m for m in MODULES if m != "__main__" and "cli" in gpunet_imports(PACKAGE / f"{m}.py")]
     assert users == []
+
+
+def test_only_the_command_line_imports_the_server():
+    users = [m for m in MODULES if m not in ("cli", "serve") and "serve" in gpunet_imports(PACKAGE / f"{m}.py")]
+    assert users == []

@@ -23,7 +23,7 @@ Image = pytest.importorskip("PIL.Image")
 import gpunet as gn  # noqa: E402
 from gpunet import images, serve  # noqa: E402
 from gpunet.images import mnist_style  # noqa: E402
-from gpunet.training import predict_proba  # noqa: E402
+from gpunet.training import predict, predict_proba  # noqa: E402
 
 import pictures  # noqa: E402  (tests/pictures.py)
 
@@ -250,7 +250,7 @@ def test_many_requests_at_once_all_answered_correctly(mnist_model):
             assert doc["digit"] == int(want.argmax())
             np.testing.assert_allclose(doc["probabilities"], want, atol=1e-3)  # the input was rounded
         read = np.mean([doc["digit"] == label for (_, _, doc), label in zip(answers, labels)])
-        direct = np.mean(gn.to_numpy(gn.training.predict(mnist_model.net, mnist_model.x_test[:64])) == labels)
+        direct = np.mean(gn.to_numpy(predict(mnist_model.net, mnist_model.x_test[:64])) == labels)
         assert read >= direct - 2 / 64, (read, direct)
     finally:
         running.close()
