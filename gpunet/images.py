@@ -22,6 +22,7 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".w
 WORK_SIDE = 256        # pictures are shrunk to this long side first: speed, and it averages JPEG noise away
 MAX_PIXELS = 50_000_000  # larger pictures are refused before decoding (a decompression bomb, or a mistake)
 MNIST_STROKE = 2.6     # median stroke width of MNIST's digits in pixels of 28x28 (measured: ink > 0.5)
+THIN = 0.5             # strokes thinner than this share of MNIST_STROKE are widened to it
 _BOX = 20 / 28         # the digit's box as a share of the field (20 of 28 in MNIST)
 
 
@@ -172,17 +173,11 @@ def _box_mean3(a: np.ndarray) -> np.ndarray:
     return sum(p[i:i + a.shape[0], j:j + a.shape[1]] for i in range(3) for j in range(3)) / np.float32(9)
 
 
-def _grey_morph(a: np.ndarray, steps: int, dilate: bool) -> np.ndarray:
-    """Grey dilation (max) or erosion (min) over a 3x3 square, `steps` times: each step widens or
-    narrows a stroke by two pixels."""
-    op = np.maximum if dilate else np.minimum
+def _dilate(a: np.ndarray, steps: int) -> np.ndarray:
+    """Grey dilation (H, W) -> (H, W): a 3x3 maximum, `steps` times; each widens a stroke by 2 pixels."""
     for _ in range(steps):
-        p = np.pad(a, 1)  # outside is paper (0): erosion eats strokes from the crop's edge too
-        out = a.copy()
-        for i in range(3):
-            for j in range(3):
-                out = op(out, p[i:i + a.shape[0], j:j + a.shape[1]])
-        a = out
+        p = np.pad(a, 1)
+        a = np.max([p[i:i + a.shape[0], j:j + a.shape[1]] for i in range(3) for j in range(3)], axis=0)
     return a
 
 
@@ -236,7 +231,7 @@ def mnist_style(picture, size=(28, 28)) -> tuple[np.ndarray, list[str]]:
     0..255). `size`: the model's image size (rows, cols). Returns the image and a list of warnings (plain
     sentences, e.g. when the ink forms several separate blobs). Steps: paper from the border (tint and
     uneven light removed), ink stretched to full range and cleaned of noise and specks, cropped to the
-    ink, stroke width brought near MNIST's, scaled to fit a 20/28 box keeping the aspect ratio, and
+    ink, thin strokes widened to MNIST's width, scaled to fit a 20/28 box keeping the aspect ratio, and
     placed with its centre of mass at the field's centre. Raises DataError when the picture has no ink.
     """
     rows, cols = (int(size[0]), int(size[1]))
@@ -272,7 +267,7 @@ def mnist_style(picture, size=(28, 28)) -> tuple[np.ndarray, list[str]]:
                         f"more than one mark in the picture (the model reads them as one digit)")
     if not keep.all():
         kept = np.isin(labels, np.flatnonzero(keep) + 1)
-        grown = _grey_morph(kept.astype(np.float32), 1, dilate=True)  # keep the blobs' soft edges
+        grown = _dilate(kept.astype(np.float32), 1)  # keep the blobs' soft edges
         ink = ink * np.repeat(np.repeat(grown, k, axis=0), k, axis=1)[:ink.shape[0], :ink.shape[1]]
 
     # crop to the ink
@@ -291,14 +286,14 @@ def mnist_style(picture, size=(28, 28)) -> tuple[np.ndarray, list[str]]:
         k = 4 * box / long_side
         crop = _resize(crop, (max(1, round(crop.shape[0] * k)), max(1, round(crop.shape[1] * k))))
         crop = np.clip(crop / max(float(np.percentile(crop[crop > 0.5 * crop.max()], 75)), 1e-6), 0, 1)
+    # A thin line (a pen on a big sheet) would fade to a faint trace at 20x20: widen it to MNIST's stroke.
+    # Thick strokes are left alone: MNIST has thick digits too, and thinning them (erosion) cost 1.2
+    # points on MNIST digits put through this recipe (measured: 97.15% -> 96.0%, the model read 97.4%).
     scale = box / max(crop.shape)  # working pixels -> output pixels
     width = _stroke_width(crop > 0.5) * scale
     target = MNIST_STROKE * min(rows, cols) / 28
-    if 0 < width < 0.7 * target or width > 1.6 * target:
-        steps = round(abs(target - width) / (2 * scale))
-        if steps:
-            pad = steps if width < target else 0
-            crop = _grey_morph(np.pad(crop, pad), steps, dilate=width < target)
+    if 0 < width < THIN * target and (steps := round((target - width) / (2 * scale))):
+        crop = _dilate(np.pad(crop, steps), steps)
 
     # fit the box keeping the aspect ratio, then centre by mass
     h, w = crop.shape
