@@ -241,18 +241,23 @@ def mnist_style(picture, size=(28, 28)) -> tuple[np.ndarray, list[str]]:
         rgb = _from_pil(picture)
     else:
         rgb = _shrink(_from_array(picture))
-    ink, noise = _ink(rgb)
-    warnings: list[str] = []
+    ink, warnings = _clean(*_ink(rgb))
+    crop, edge = _crop(ink)
+    if edge:
+        warnings.append("the ink touches the edge of the picture: the digit may be cut off")
+    return _place(crop, rows, cols), warnings
 
+
+def _clean(ink: np.ndarray, noise: float) -> tuple[np.ndarray, list[str]]:
+    """Ink strength (H, W) -> ink in [0, 1] (solid ink 1, paper 0) without specks, and warnings."""
     # contrast: the strongest ink (3x3 means, so one hot pixel is not "ink"), against the paper's noise
     smooth = _box_mean3(ink) if min(ink.shape) >= 3 else ink
     peak = float(smooth.max())
     if peak < max(0.08, 6 * noise):
         raise DataError(f"no ink found: the picture is one flat shade (strongest mark {peak:.2f} against "
                         f"paper noise {noise:.2f}; a digit needs dark marks on light paper or the reverse)")
-    core = ink[ink > 0.5 * peak]
-    high = float(np.percentile(core, 75))  # solid ink: most of the strong pixels become 1
-    low = max(4 * noise, 0.15 * high)      # below this: paper, JPEG ringing, shadows of dust
+    high = float(np.percentile(ink[ink > 0.5 * peak], 75))  # solid ink: most of the strong pixels become 1
+    low = max(4 * noise, 0.15 * high)  # below this: paper, JPEG ringing, shadows of dust
     ink = np.clip((ink - low) / max(high - low, 1e-6), 0, 1)
 
     # blobs: specks (< 3% of the ink) are dropped; several large ones get a warning
@@ -261,29 +266,34 @@ def mnist_style(picture, size=(28, 28)) -> tuple[np.ndarray, list[str]]:
     if count == 0:
         raise DataError("no ink found: the marks are too faint or too small to be a digit")
     mass = np.bincount(labels.ravel(), weights=_blocks(ink, k, np.sum).ravel(), minlength=count + 1)[1:]
+    warnings = []
+    if (big := int((mass >= 0.10 * mass.sum()).sum())) > 1:
+        warnings.append(f"several blobs of ink ({big}): a broken digit, or more than one mark in the "
+                        f"picture (the model reads them as one digit)")
     keep = mass >= 0.03 * mass.sum()
-    if (mass >= 0.10 * mass.sum()).sum() > 1:
-        warnings.append(f"several blobs of ink ({int((mass >= 0.10 * mass.sum()).sum())}): a broken digit, or "
-                        f"more than one mark in the picture (the model reads them as one digit)")
     if not keep.all():
-        kept = np.isin(labels, np.flatnonzero(keep) + 1)
-        grown = _dilate(kept.astype(np.float32), 1)  # keep the blobs' soft edges
+        grown = _dilate(np.isin(labels, np.flatnonzero(keep) + 1).astype(np.float32), 1)  # keep soft edges
         ink = ink * np.repeat(np.repeat(grown, k, axis=0), k, axis=1)[:ink.shape[0], :ink.shape[1]]
+    return ink, warnings
 
-    # crop to the ink
+
+def _crop(ink: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The ink's bounding box (h, w), and whether it touches the picture's edge."""
     ys, xs = np.nonzero(ink > 0.05)
     if len(ys) == 0:
         raise DataError("no ink found: the marks are too faint or too small to be a digit")
     top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    if top == 0 or left == 0 or bottom == ink.shape[0] or right == ink.shape[1]:
-        warnings.append("the ink touches the edge of the picture: the digit may be cut off")
-    crop = ink[top:bottom, left:right]
+    edge = top == 0 or left == 0 or bottom == ink.shape[0] or right == ink.shape[1]
+    return ink[top:bottom, left:right], edge
 
+
+def _place(crop: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """The cropped ink (h, w) -> float32 (rows, cols): thin strokes widened, fitted to the 20/28 box
+    keeping the aspect ratio, and moved so that its centre of mass is at the field's centre."""
     # work at 4x the box, where the stroke width can be measured and adjusted in whole pixels
     box = max(2, round(_BOX * min(rows, cols)))
-    long_side = max(crop.shape)
-    if long_side > 4 * box:
-        k = 4 * box / long_side
+    if max(crop.shape) > 4 * box:
+        k = 4 * box / max(crop.shape)
         crop = _resize(crop, (max(1, round(crop.shape[0] * k)), max(1, round(crop.shape[1] * k))))
         crop = np.clip(crop / max(float(np.percentile(crop[crop > 0.5 * crop.max()], 75)), 1e-6), 0, 1)
     # A thin line (a pen on a big sheet) would fade to a faint trace at 20x20: widen it to MNIST's stroke.
@@ -295,7 +305,6 @@ def mnist_style(picture, size=(28, 28)) -> tuple[np.ndarray, list[str]]:
     if 0 < width < THIN * target and (steps := round((target - width) / (2 * scale))):
         crop = _dilate(np.pad(crop, steps), steps)
 
-    # fit the box keeping the aspect ratio, then centre by mass
     h, w = crop.shape
     k = box / max(h, w)
     small = np.clip(_resize(crop, (max(1, round(h * k)), max(1, round(w * k)))), 0, 1)
@@ -309,7 +318,7 @@ def mnist_style(picture, size=(28, 28)) -> tuple[np.ndarray, list[str]]:
     ox = int(np.clip(round(cols / 2 - cx), 0, cols - small.shape[1]))
     out = np.zeros((rows, cols), np.float32)
     out[oy:oy + small.shape[0], ox:ox + small.shape[1]] = small
-    return out, warnings
+    return out
 
 
 def _blocks(a: np.ndarray, k: int, reduce) -> np.ndarray:
