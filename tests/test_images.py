@@ -319,14 +319,16 @@ def accuracy(net, x, y):
 @pytest.mark.slow
 def test_mnist_digits_made_into_pictures(mnist_model, tmp_path):
     """300 MNIST test digits re-photographed (see pictures.photographed): after the recipe, the model reads
-    them within 1 point of how it reads the same digits straight from the test set."""
-    pick = np.random.default_rng(0).choice(len(mnist_model.y_test), 300, replace=False)
+    them within 1 point of how it reads the same digits straight from the test set.
+    GPUNET_PICTURE_DIGITS=2000 measures on more digits (a minute or two; README quotes both)."""
+    n = int(os.environ.get("GPUNET_PICTURE_DIGITS", "300"))
+    pick = np.random.default_rng(0).choice(len(mnist_model.y_test), n, replace=False)
     digits, labels = mnist_model.x_test[pick].reshape(-1, 28, 28), mnist_model.y_test[pick]
     files = pictures.save_set(pictures.photographed(digits, labels), tmp_path / "photos")
     before = accuracy(mnist_model.net, [pictures.old_loader(p) for p, _ in files], labels)
     after = accuracy(mnist_model.net, [load_image_file(p)[0][0] for p, _ in files], labels)
     direct = accuracy(mnist_model.net, mnist_model.x_test[pick], labels)
-    print(f"\nMNIST digits as pictures: before {before:.3f}, after {after:.3f}; the same digits from the test "
+    print(f"\n{n} MNIST digits as pictures: before {before:.3f}, after {after:.3f}; the same digits from the test "
           f"set {direct:.3f}; the model on all 10,000 test digits {mnist_model.accuracy:.4f}")
     assert after >= direct - 0.01, (after, direct)
     assert before < 0.5  # what the issue reported: the old loader is near chance
