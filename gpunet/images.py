@@ -44,10 +44,11 @@ def _from_pil(img) -> np.ndarray:
     img = ImageOps.exif_transpose(img)  # a phone photo's pixels lie on their side; its EXIF tag says so
     if max(img.size) > 2 * WORK_SIDE:  # draft() lets JPEG decode at 1/2..1/8 scale: big photos stay cheap
         img.draft("RGB", (WORK_SIDE, WORK_SIDE))
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit or 32-bit grey: scale by the type's range
-        arr = np.asarray(img).astype(np.float32)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        img = Image.fromarray((np.clip(arr / top, 0, 1) * 255 + 0.5).astype(np.uint8), "L")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit or 32-bit grey: kept as floats, all levels
+        arr = np.asarray(img, dtype=np.float32)
+        peak = arr.max(initial=0)
+        top = 1.0 if img.mode == "F" and peak <= 1.5 else 65535.0 if img.mode.startswith("I;16") or peak > 255 else 255.0
+        return _shrink(_from_array(np.clip(arr / np.float32(top), 0, 1)))
     has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
     img = img.convert("RGBA" if has_alpha else "RGB")
     if max(img.size) > WORK_SIDE:
@@ -147,21 +148,14 @@ def _paper(rgb: np.ndarray) -> np.ndarray:
 def _ink(rgb: np.ndarray) -> tuple[np.ndarray, float]:
     """Ink strength (H, W) float32 >= 0 and the noise level of the paper, from a (H, W, 3) picture.
 
-    The ink is the channel that departs most from the paper, in the direction that holds the stronger
-    marks: darker than light paper, lighter than dark paper (chosen by the paper's brightness, or by the
-    marks themselves for mid-grey paper). Taking the largest channel keeps blue ink on yellow paper.
+    The ink is the channel that departs most from the paper (so blue ink on yellow paper counts), in the
+    direction of the stronger marks: darker than the paper or lighter. The paper's brightness alone would
+    misjudge a dim photo of white paper (grey paper, darker ink) and light paper under a dark lamp.
     """
-    paper = _paper(rgb)
-    diff = rgb - paper
-    darker, lighter = -diff.min(axis=2), diff.max(axis=2)
-    luma = float(paper.mean())
-    if luma > 0.65:
-        ink = darker
-    elif luma < 0.35:
-        ink = lighter
-    else:
-        ink = darker if np.percentile(darker, 99.5) >= np.percentile(lighter, 99.5) else lighter
-    ink = np.maximum(ink, 0)
+    diff = rgb - _paper(rgb)
+    darker, lighter = np.maximum(-diff.min(axis=2), 0), np.maximum(diff.max(axis=2), 0)
+    # the strongest 3x3 mean of each: one hot pixel of noise does not decide
+    ink = darker if _box_mean3(darker).max() >= _box_mean3(lighter).max() else lighter
     border = ink[_border_mask(ink.shape)]
     noise = float(1.4826 * np.median(np.abs(border - np.median(border))))
     return ink.astype(np.float32), noise

@@ -69,10 +69,12 @@ def test_light_and_dark_paper_tints_and_uneven_light_agree():
     inverted, _ = mnist_style(seven(paper="black", ink="white"))
     tinted, _ = mnist_style(seven(paper=(250, 235, 190), ink=(20, 40, 140)))  # blue ink, cream paper
     grey, _ = mnist_style(seven(paper=(120, 120, 120), ink=(20, 20, 20)))  # mid-grey paper
+    dim, _ = mnist_style(seven(paper=(60, 55, 50), ink=(10, 10, 10)))  # white paper photographed in dim light
+    glare, _ = mnist_style(seven(paper=(230, 230, 230), ink=(255, 255, 255)))  # light ink on lighter paper
     arr = np.asarray(seven(), np.float32) / 255
     light = np.linspace(1.0, 0.55, arr.shape[1], dtype=np.float32)[None, :, None]  # a lamp on the left
     shaded, _ = mnist_style(arr * light)
-    for other in (inverted, tinted, grey, shaded):
+    for other in (inverted, tinted, grey, dim, glare, shaded):
         assert close(base, other), float(np.abs(base - other).mean())
 
 
@@ -105,7 +107,8 @@ def test_picture_modes_agree():
     cases = {"L": base.convert("L"), "LA": base.convert("LA"), "1": base.convert("1"), "P": pal,
              "CMYK": base.convert("CMYK"), "RGBA": Image.fromarray(rgba, "RGBA"), "P+transparency": pal_transparent,
              "white RGBA": Image.fromarray(white_rgba, "RGBA"), "I;16": grey16,
-             "uint16 array": np.asarray(grey16), "float array": np.asarray(base, np.float32) / 255,
+             "uint16 array": np.asarray(grey16), "F": Image.fromarray(np.asarray(base.convert("L"), np.float32) / 255, "F"),
+             "I;16, a fifth of the range": Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 50 + 1000), "float array": np.asarray(base, np.float32) / 255,
              "0..255 float array": np.asarray(base, np.float32), "bool array": np.asarray(base.convert("L")) > 128}
     want, _ = mnist_style(base)
     for name, pic in cases.items():
