@@ -47,7 +47,10 @@ def _from_pil(img) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit or 32-bit grey: kept as floats, all levels
         arr = np.asarray(img, dtype=np.float32)
         peak = arr.max(initial=0)
-        top = 1.0 if img.mode == "F" and peak <= 1.5 else 65535.0 if img.mode.startswith("I;16") or peak > 255 else 255.0
+        if img.mode == "F" and peak <= 1.5:
+            top = 1.0  # floats already in [0, 1]
+        else:
+            top = 65535.0 if img.mode.startswith("I;16") or peak > 255 else 255.0
         return _shrink(_from_array(np.clip(arr / np.float32(top), 0, 1)))
     has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
     img = img.convert("RGBA" if has_alpha else "RGB")

@@ -107,8 +107,10 @@ def test_picture_modes_agree():
     cases = {"L": base.convert("L"), "LA": base.convert("LA"), "1": base.convert("1"), "P": pal,
              "CMYK": base.convert("CMYK"), "RGBA": Image.fromarray(rgba, "RGBA"), "P+transparency": pal_transparent,
              "white RGBA": Image.fromarray(white_rgba, "RGBA"), "I;16": grey16,
-             "uint16 array": np.asarray(grey16), "F": Image.fromarray(np.asarray(base.convert("L"), np.float32) / 255, "F"),
-             "I;16, a fifth of the range": Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 50 + 1000), "float array": np.asarray(base, np.float32) / 255,
+             "uint16 array": np.asarray(grey16),
+             "F": Image.fromarray(np.asarray(base.convert("L"), np.float32) / 255, "F"),
+             "I;16, a fifth of the range": Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 50 + 1000),
+             "float array": np.asarray(base, np.float32) / 255,
              "0..255 float array": np.asarray(base, np.float32), "bool array": np.asarray(base.convert("L")) > 128}
     want, _ = mnist_style(base)
     for name, pic in cases.items():

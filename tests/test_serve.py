@@ -164,7 +164,8 @@ def test_bad_bodies(tiny, body, kind, status, message):
 
 
 def test_json_pixels_that_are_fine(tiny):  # the control for the table above
-    status, _, _ = tiny.request("POST", "/predict", json.dumps({"pixels": PIXELS_OK}), {"Content-Type": "application/json"})
+    body = json.dumps({"pixels": PIXELS_OK})
+    status, _, _ = tiny.request("POST", "/predict", body, {"Content-Type": "application/json"})
     assert status == 200
 
 
