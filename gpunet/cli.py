@@ -1,4 +1,4 @@
-"""The ``gpunet`` command: train, evaluate, predict, explain, info. A thin face: flags in, printing out;
+"""The ``gpunet`` command: train, evaluate, predict, explain, serve, info. A thin face: flags in, printing out;
 the work lives in the library (``recipe.train`` for a training run, ``explain.explain_step`` for one step).
 
 A user mistake (missing folder, bad flag value, unreadable model file) prints one line and exits with
@@ -19,7 +19,8 @@ import numpy as np
 from . import __version__, backend, explain, fast, recipe
 from .backend import DeviceError
 from .batches import Pixels
-from .data import DataError, default_data_dir, load_images
+from .data import DataError, default_data_dir
+from .images import image_size, load_image_file, load_images
 from .layers import ACTIVATIONS, INITIALIZERS
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .metrics import format_report
@@ -107,7 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("model", help="model file written by gpunet train")
     r.add_argument("files", nargs="+", metavar="FILE")
     r.add_argument("--device", default=None, help="cpu, gpu or auto")
-    r.add_argument("--json", action="store_true", help="print JSON")
+    r.add_argument("--json", action="store_true", help="print JSON (with each file's warnings)")
+    r.add_argument("--save-inputs", metavar="DIR", help="write each input the model saw as a PNG into DIR")
+
+    v = sub.add_parser("serve", help="serve a draw-a-digit page and a JSON API for a model")
+    v.add_argument("model", help="model file written by gpunet train")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    v.add_argument("--port", type=non_negative_int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    v.add_argument("--device", default=None, help="cpu, gpu or auto")
 
     x = sub.add_parser("explain", help="one training step of a small network, formula by formula, in the course notes' notation")
     x.add_argument("--sizes", type=positive_int, nargs="+", metavar="N", help="layer sizes, inputs to outputs (default: 2 2 2, or those of --weights)")
@@ -198,25 +206,60 @@ def cmd_evaluate(args):
 
 def cmd_predict(args):
     net = _load_model(args.model, args.device)
-    names, batches = [], []
+    size = image_size(net.in_features)  # from the model file: a model trained on other IDX sizes works too
+    names, batches, notes = [], [], []
     for f in args.files:
-        x = load_images([f])
+        x, warnings = load_image_file(f, size)
         batches.append(x)
         names += [f] if len(x) == 1 else [f"{f}[{i}]" for i in range(len(x))]
+        notes += [warnings] * len(x)
     x = np.concatenate(batches).astype(net.dtype, copy=False)
-    if x.shape[1] != net.in_features:
-        raise UserError(f"{args.model}: the model expects {net.in_features} inputs, the images give {x.shape[1]}")
+    saved = _save_inputs(args.save_inputs, names, x, size) if args.save_inputs else [None] * len(x)
     probs = backend.to_numpy(predict_proba(net, x))
-    rows = [{"file": n, "digit": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]}
-            for n, p in zip(names, probs)]
+    rows = []
+    for n, p, w, path in zip(names, probs, notes, saved):
+        top = [{"digit": int(k), "probability": round(float(p[k]), 6)} for k in np.argsort(-p, kind="stable")[:3]]
+        rows.append({"file": n, "digit": int(p.argmax()), "top3": top,
+                     "probabilities": [round(float(v), 6) for v in p], "warnings": w,
+                     **({"input": str(path)} if path else {})})
     if args.json:
         print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            top = sorted(range(len(r["probabilities"])), key=lambda k: -r["probabilities"][k])[:3]
-            alts = ", ".join(f"{k}: {r['probabilities'][k]:.3f}" for k in top)
-            print(f"{r['file']}: {r['digit']}  ({alts})")
+        return 0
+    for r in rows:
+        alts = ", ".join(f"{t['digit']}: {t['probability']:.3f}" for t in r["top3"])
+        print(f"{r['file']}: {r['digit']}  ({alts})")
+        for w in r["warnings"]:
+            print(f"gpunet predict: warning: {r['file']}: {w}", file=sys.stderr)
     return 0
+
+
+def _save_inputs(folder, names, x, size):
+    """Write each row of x (N, rows*cols) as a grey PNG in `folder`, named after its file; the paths."""
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise UserError("--save-inputs: needs Pillow: pip install pillow (or gpunet[cli])") from exc
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, used = [], set()
+    for name, row in zip(names, x):
+        file, _, index = name.partition("[")  # "digits.npy[3]" -> digits-3.png
+        stem = Path(file).stem + (f"-{index.rstrip(']')}" if index else "")
+        path, k = folder / f"{stem}.png", 1
+        while path in used:  # two inputs of the same name (from different folders)
+            k += 1
+            path = folder / f"{stem}-{k}.png"
+        used.add(path)
+        Image.fromarray((np.clip(row.reshape(size), 0, 1) * 255 + 0.5).astype(np.uint8), "L").save(path)
+        paths.append(path)
+    return paths
+
+
+def cmd_serve(args):
+    from . import serve  # the web server is loaded only for this command
+
+    net = _load_model(args.model, args.device)
+    return serve.run(net, host=args.host, port=args.port, name=Path(args.model).name)
 
 
 def _flag(call, *args, **kwargs):
@@ -298,7 +341,8 @@ def cmd_info(args):
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
+            "info": cmd_info, "serve": cmd_serve}
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,7 @@ loading them, and splitting off a validation set.
 Any folder holding the four MNIST file names (raw or .gz) loads the same way, so Fashion-MNIST and the
 like work unchanged. The file format itself is :mod:`gpunet.idx`. Imports only NumPy, the standard library
 and gpunet's IDX and files modules (Pillow lazily). Data problems raise DataError.
+Pictures for prediction (image files) are in :mod:`gpunet.images`.
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def download_mnist(data_dir=None, *, mirrors=MNIST_MIRRORS, timeout=30.0, md5=MN
     return folder
 
 
-# ------------------------------------------------------------------------------------ splits, images
+# ------------------------------------------------------------------------------------------- splits
 def split_validation(x, y, val_size, *, seed=None):
     """Hold out `val_size` rows (an int count, or a float fraction in [0, 1)) as a validation set.
 
@@ -152,67 +153,3 @@ def split_validation(x, y, val_size, *, seed=None):
     order = np.random.default_rng(seed).permutation(n)
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     return (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx])
-
-
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def _load_picture(path: Path, size) -> np.ndarray:
-    try:
-        from PIL import Image
-    except ImportError as exc:
-        raise DataError(f"{path}: reading images needs Pillow: pip install pillow (or gpunet[cli])") from exc
-    try:  # Pillow raises many exception types for broken files
-        with Image.open(path) as img:
-            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-                # transparent pixels are paper (white), whatever colour hides under them
-                rgba = img.convert("RGBA")
-                img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-            grey = img.convert("L").resize((size[1], size[0]), getattr(Image, "Resampling", Image).LANCZOS)
-            pixels = np.asarray(grey, dtype=np.float32) / np.float32(255)
-    except Exception as exc:
-        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
-    if pixels.mean() > 0.5:  # dark ink on light paper; MNIST digits are light on dark
-        pixels = 1.0 - pixels
-    return pixels.reshape(1, -1)
-
-
-def _load_npy(path: Path, size) -> np.ndarray:
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read .npy file ({exc})") from exc
-    (rows, cols), pixels = size, size[0] * size[1]
-    if arr.shape not in ((rows, cols), (pixels,)) and arr.shape[1:] not in ((rows, cols), (pixels,)):
-        raise DataError(f"{path}: array of shape {arr.shape} is not ({rows}, {cols}), ({pixels},), "
-                        f"(N, {rows}, {cols}) or (N, {pixels})")
-    arr = arr.reshape(-1, pixels)
-    if arr.dtype.kind not in "uifb":
-        raise DataError(f"{path}: unsupported dtype {arr.dtype} (use uint8 0..255 or floats in [0, 1])")
-    out = arr.astype(np.float32)
-    # integers are 0..255; floats above 1.5 can only be on that scale too
-    if arr.dtype.kind in "ui" or (arr.dtype.kind == "f" and out.size and out.max() > 1.5):
-        out /= np.float32(255)
-    if out.size and (not np.isfinite(out).all() or out.min() < -0.01 or out.max() > 1.01):
-        raise DataError(f"{path}: pixel values must lie in [0, 1] or 0..255, found {out.min()}..{out.max()}")
-    return out
-
-
-def load_images(paths, size=(28, 28)) -> np.ndarray:
-    """Load image files for prediction as a float32 array (N, size[0]*size[1]) in [0, 1].
-
-    Pictures (PNG, JPEG, ...; any size or mode, via Pillow) become grey, resized, and inverted when they
-    look like dark ink on light paper. ``.npy`` files hold (rows, cols), (rows*cols,), (N, rows, cols) or
-    (N, rows*cols) arrays: integers are scaled by 1/255, floats kept (or scaled if on a 0..255 scale).
-    """
-    parts = []
-    for path in map(Path, [paths] if isinstance(paths, (str, os.PathLike)) else paths):
-        suffix = path.suffix.lower()
-        if suffix == ".npy":
-            parts.append(_load_npy(path, size))
-        elif suffix in _IMAGE_SUFFIXES:
-            parts.append(_load_picture(path, size))
-        else:
-            raise DataError(f"{path}: unknown file type {suffix or '(no extension)'!r}; "
-                            f"expected .npy or an image ({', '.join(_IMAGE_SUFFIXES)})")
-    return np.concatenate(parts) if parts else np.empty((0, size[0] * size[1]), np.float32)

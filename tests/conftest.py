@@ -117,3 +117,31 @@ def make_fake_mnist(folder, n_train=600, n_test=200, seed=0, gz=True):
 @pytest.fixture
 def fake_mnist(tmp_path):
     return make_fake_mnist(tmp_path / "fake-mnist")
+
+
+@pytest.fixture(scope="session")
+def mnist_model(mnist_dir, tmp_path_factory):
+    """A small MLP (784-128-10, 3 epochs, a few seconds on 2 cores) trained on the real MNIST through the
+    public API, for the picture, server and browser tests. A namespace: path (the saved .npz), net (on
+    the CPU), accuracy (on the 10,000 test digits), x_test float32 (N, 784), y_test int64 (N,)."""
+    import contextlib
+    import types
+
+    import gpunet as gn
+    from gpunet.data import load_mnist
+    from gpunet.training import fit, predict
+
+    try:  # scikit-learn (the test extra) brings threadpoolctl
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        threadpool_limits = contextlib.nullcontext
+    (x_train, y_train), (x_test, y_test) = load_mnist(mnist_dir, download=False)
+    net = gn.mlp([784, 128, 10], seed=0, device="cpu")
+    opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9)
+    # One BLAS thread: these small GEMMs took 2 s that way but 26 s with two threads on a busy 2-core box
+    with threadpool_limits(1):
+        fit(net, gn.SoftmaxCrossEntropy(), opt, x_train, y_train, epochs=3, batch_size=128, seed=0)
+    path = tmp_path_factory.mktemp("model") / "mnist-128.npz"
+    net.save(path)
+    accuracy = float((gn.to_numpy(predict(net, x_test)) == y_test).mean())
+    return types.SimpleNamespace(path=path, net=net, accuracy=accuracy, x_test=x_test, y_test=y_test)

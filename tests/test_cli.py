@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import gpunet as gn
+import gpunet.training  # noqa: F401  (gn.training below)
 from gpunet import backend
 from conftest import optional
 

@@ -15,7 +15,6 @@ import pytest
 
 from gpunet import data, idx
 from gpunet.data import DataError
-from conftest import optional
 
 NAMES = list(data.MNIST_FILES.values())
 
@@ -254,88 +253,6 @@ def test_split_bad_val_size(bad):
     with pytest.raises(ValueError, match=r"val_size.*\[0, 10\).*\[0, 1\)") as info:
         data.split_validation(np.zeros((10, 2)), np.zeros(10), bad)
     assert repr(bad) in str(info.value)
-
-
-# --------------------------------------------------------------------------------------- load_images
-def test_load_png_inverted_and_resized(tmp_path):
-    image_mod = optional("PIL.Image", "cli")
-    draw_mod = optional("PIL.ImageDraw", "cli")
-    img = image_mod.new("RGB", (56, 40), "white")
-    draw_mod.Draw(img).rectangle((20, 8, 34, 30), fill="black")
-    img.save(tmp_path / "digit.png")
-    img.convert("LA").save(tmp_path / "grey-alpha.png")
-    x = data.load_images([tmp_path / "digit.png", str(tmp_path / "grey-alpha.png")])
-    assert x.shape == (2, 784) and x.dtype == np.float32
-    pic = x[0].reshape(28, 28)
-    assert pic[0, 0] < 0.05 and pic[-1, -1] < 0.05  # white paper became ~0
-    assert pic[14, 14] > 0.9  # black ink became ~1
-    np.testing.assert_allclose(x[1], x[0], atol=1e-6)
-    assert data.load_images(tmp_path / "digit.png").shape == (1, 784)
-
-
-def test_load_image_transparent_background(tmp_path):
-    image_mod = optional("PIL.Image", "cli")
-    img = image_mod.new("RGBA", (28, 28), (0, 0, 0, 0))  # transparent black paper
-    img.paste((0, 0, 0, 255), (10, 5, 18, 23))  # opaque black ink
-    img.save(tmp_path / "t.png")
-    pic = data.load_images([tmp_path / "t.png"]).reshape(28, 28)
-    assert pic[0, 0] < 0.05 and pic[14, 14] > 0.95
-
-
-def test_load_unreadable_image(tmp_path):
-    optional("PIL", "cli")
-    (tmp_path / "junk.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match="junk.png"):
-        data.load_images([tmp_path / "junk.png"])
-
-
-def test_load_image_without_pillow(tmp_path, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_pil(name, *args, **kwargs):
-        if name == "PIL" or name.startswith("PIL."):
-            raise ImportError("No module named 'PIL'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_pil)
-    with pytest.raises(DataError, match=r"d\.png.*pip install pillow"):
-        data.load_images([tmp_path / "d.png"])
-
-
-@pytest.mark.parametrize("shape, n", [((28, 28), 1), ((784,), 1), ((3, 28, 28), 3), ((4, 784), 4)])
-def test_load_npy_shapes(tmp_path, shape, n):
-    rng = np.random.default_rng(1)
-    u8 = rng.integers(0, 256, shape, dtype=np.uint8)
-    np.save(tmp_path / "u8.npy", u8)
-    np.save(tmp_path / "f.npy", u8 / 255.0)
-    np.save(tmp_path / "f255.npy", u8.astype(np.float32))
-    x = data.load_images([tmp_path / "u8.npy", tmp_path / "f.npy", tmp_path / "f255.npy"])
-    assert x.shape == (3 * n, 784) and x.dtype == np.float32
-    expected = u8.reshape(n, 784) / 255.0
-    for part in np.split(x, 3):
-        np.testing.assert_allclose(part, expected, atol=1e-6)
-
-
-@pytest.mark.parametrize("shape", [(27, 28), (783,), (2, 28, 27), (2, 2, 28, 28)])
-def test_load_npy_bad_shape(tmp_path, shape):
-    np.save(tmp_path / "bad.npy", np.zeros(shape, np.uint8))
-    with pytest.raises(DataError, match="bad.npy.*shape"):
-        data.load_images([tmp_path / "bad.npy"])
-
-
-def test_load_images_bad_inputs(tmp_path):
-    np.save(tmp_path / "big.npy", np.full((28, 28), 300.0))
-    with pytest.raises(DataError, match="big.npy.*\\[0, 1\\]"):
-        data.load_images([tmp_path / "big.npy"])
-    (tmp_path / "notes.txt").write_text("7")
-    with pytest.raises(DataError, match="notes.txt.*unknown file type"):
-        data.load_images([tmp_path / "notes.txt"])
-    (tmp_path / "junk.npy").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="junk.npy"):
-        data.load_images([tmp_path / "junk.npy"])
-    assert data.load_images([]).shape == (0, 784)
 
 
 # ------------------------------------------------------------------------------------------ real MNIST

@@ -4,7 +4,8 @@ backend, files and schedules import nothing of gpunet; the core (layers, losses,
 the backend and each other as the notes stack them, and nothing of the fast path; the fast path may import
 the core, never the reverse; data sits on the IDX format; training sits on the core, the fast path, the
 batches and the metrics; the recipe on training; explain on the core alone (the numbers it shows are the
-core's own, never a second implementation); the command line on top, imported by nothing.
+core's own, never a second implementation); the pictures (images) beside the data; the web server (serve) above training, imported only by the
+command line; the command line on top, imported by nothing.
 """
 import ast
 from pathlib import Path
@@ -26,6 +27,8 @@ ALLOWED = {
     "explain": {"backend", "layers", "losses", "optimizers", "network"},
     "recipe": {"__init__", "backend", "fast", "files", "plots", "batches", "data", "losses", "network",
                "optimizers", "schedules", "training"},
+    "images": {"data"},
+    "serve": {"backend", "data", "images", "training"},
 }
 TOP = {"cli", "__init__", "__main__"}
 
@@ -84,3 +87,8 @@ def test_the_core_tests_no_type_by_its_name_and_loads_no_fast_code(module):
     assert not names, f"gpunet/{module}.py tests a type by its name"
     for word in ("numba", "ctypes", "ElementwiseKernel", "RawKernel", "cblas"):
         assert word not in text, f"gpunet/{module}.py mentions {word}: fast code belongs in gpunet/fast"
+
+
+def test_only_the_command_line_imports_the_server():
+    users = [str(p) for p in FILES if module_name(p) not in ("cli", "serve") and "serve" in gpunet_imports(p)]
+    assert users == []

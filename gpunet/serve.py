@@ -1,0 +1,283 @@
+"""``gpunet serve``: a draw-a-digit page and a JSON API for one model, on the standard library's
+threading HTTP server (one thread per connection; nothing fetched from the internet, ever).
+
+    GET  /          the page (gpunet/page.html: a canvas, the predicted digit, ten bars, the input seen)
+    GET  /health    {"status": "ok", "model": NAME, "inputs": 784, "classes": 10, "image_size": [28, 28]}
+    POST /predict   body: PNG/JPEG bytes (any picture Pillow reads; made MNIST-style, see gpunet.images)
+                    or JSON {"pixels": [[...], ...]} (rows x cols numbers in [0, 1] or 0..255, used as is)
+                    -> {"digit": d, "probabilities": [C floats], "input": [[rows x cols]], "warnings": [...]}
+
+Every error is JSON {"error": "one line"} with its status (400 bad body, 404, 405, 411 no length, 413 too
+large, 500 a bug); no traceback reaches a client or the log. Only the command line imports this module.
+"""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import sys
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+
+import numpy as np
+
+from .backend import to_numpy
+from .data import DataError
+from .images import image_size, mnist_style
+from .training import predict_proba
+
+MAX_BODY = 8 * 2**20  # bytes: a phone photo fits; anything bigger is refused (413) before it is read
+DRAIN_LIMIT = 64 * 2**20  # bytes of a too-large body read and dropped so that the client sees the 413
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class BadRequest(ValueError):
+    """The request body cannot be used; the message is the one line the client gets (status 400)."""
+
+
+class Predictor:
+    """One loaded network, shared by every request thread.
+
+    Pictures are prepared in the calling thread (in parallel); the forward pass itself takes a lock,
+    because ``predict_proba`` switches the network's train/eval mode and layers keep per-call buffers.
+    """
+
+    def __init__(self, net, name: str = "model"):
+        self.net, self.name = net, name
+        self.size = image_size(net.in_features)
+        self.classes = net.out_features
+        self._lock = threading.Lock()
+
+    def info(self) -> dict:
+        return {"status": "ok", "model": self.name, "inputs": int(self.net.in_features),
+                "classes": self.classes, "image_size": list(self.size)}
+
+    def from_picture(self, body: bytes) -> dict:
+        """PNG/JPEG (or any Pillow-readable) bytes -> the prediction dict (see the module docstring)."""
+        if min(self.size) < 4:
+            raise BadRequest(f"this model takes {self.net.in_features} inputs, not a square image: "
+                             f"send JSON pixels instead of a picture")
+        from PIL import Image  # Pillow is needed for pictures only
+
+        try:
+            img = Image.open(io.BytesIO(body))
+        except Exception as exc:  # Pillow raises many types for bytes that are no picture
+            raise BadRequest(f"the body is not a picture Pillow can read ({type(exc).__name__}); send PNG or "
+                             f"JPEG bytes, or JSON {{\"pixels\": [[...]]}} with Content-Type: application/json")
+        try:
+            with img:
+                pixels, warnings = mnist_style(img, self.size)
+        except DataError as exc:
+            raise BadRequest(str(exc)) from exc
+        except Exception as exc:  # a truncated or corrupt picture fails while decoding
+            raise BadRequest(f"cannot decode the picture ({type(exc).__name__}: {exc})") from exc
+        return self.predict(pixels, warnings)
+
+    def from_json(self, body: bytes) -> dict:
+        """JSON {"pixels": rows x cols numbers} -> the prediction dict; the pixels are used as they are."""
+        try:
+            doc = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadRequest(f"the body is not valid JSON ({exc})") from exc
+        if not isinstance(doc, dict) or "pixels" not in doc:
+            raise BadRequest(f"expected a JSON object {{\"pixels\": [[...]]}}, got {type(doc).__name__}"
+                             + (f" with keys {sorted(doc)}" if isinstance(doc, dict) else ""))
+        rows, cols = self.size
+        try:
+            arr = np.array(doc["pixels"], dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(f"pixels: expected {rows} rows of {cols} numbers, got ragged or non-numeric "
+                             f"values") from exc
+        if arr.shape not in ((rows, cols), (rows * cols,)):
+            raise BadRequest(f"pixels: expected {rows} rows of {cols} numbers, got an array of shape {arr.shape}")
+        if not np.isfinite(arr).all():
+            raise BadRequest("pixels: expected finite numbers, got NaN or infinity")
+        if arr.max(initial=0) > 1.5:  # on a 0..255 scale, like the bytes of an MNIST file
+            arr = arr / 255
+        if arr.min(initial=0) < -0.01 or arr.max(initial=0) > 1.01:
+            raise BadRequest(f"pixels: expected values in [0, 1] or 0..255, got {arr.min():g}..{arr.max() * 255:g}")
+        return self.predict(np.clip(arr, 0, 1).astype(np.float32).reshape(rows, cols), [])
+
+    def predict(self, pixels: np.ndarray, warnings: list) -> dict:
+        """pixels float32 (rows, cols) -> {"digit", "probabilities", "input", "warnings"}."""
+        x = pixels.reshape(1, -1).astype(self.net.dtype, copy=False)
+        with self._lock:
+            probs = to_numpy(predict_proba(self.net, x))[0]
+        return {"digit": int(probs.argmax()), "probabilities": [round(float(p), 6) for p in probs],
+                "input": np.round(pixels, 3).tolist(), "warnings": list(warnings)}
+
+
+def page() -> bytes:
+    """The self-contained page (HTML, CSS and JavaScript in one file, no external resources)."""
+    return resources.files(__package__).joinpath("page.html").read_bytes()
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes the three paths; every answer is JSON except the page."""
+
+    server_version = "gpunet-serve"
+    sys_version = ""
+    protocol_version = "HTTP/1.1"  # keep-alive: the page sends a request per change while drawing
+    default_request_version = "HTTP/1.0"  # a malformed request line still gets a status line and JSON
+    timeout = 30  # seconds a silent client may hold a thread
+
+    # -- answers ------------------------------------------------------------------------------
+    def _send(self, status: int, body: bytes, content_type: str, extra=()):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for key, value in extra:
+            self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, doc: dict, extra=()):
+        self._send(status, json.dumps(doc).encode(), "application/json", extra)
+
+    def send_error(self, code, message=None, explain=None):
+        """The base class's own errors (malformed request line, headers too long, ...) as JSON too."""
+        self.close_connection = True
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        self._json(code, {"error": message or phrase})
+
+    def log_message(self, format, *args):  # one line per request, unless the server is quiet
+        if not getattr(self.server, "quiet", False):
+            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
+
+    # -- routes -------------------------------------------------------------------------------
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        path = self.path.split("?", 1)[0]
+        if path in ("/", "/index.html"):
+            self._send(200, page(), "text/html; charset=utf-8")
+        elif path == "/health":
+            self._json(200, self.server.predictor.info())
+        elif path == "/predict":
+            self._json(405, {"error": "/predict takes POST with a picture or JSON pixels"}, [("Allow", "POST")])
+        else:
+            self._json(404, {"error": f"no such page: {path} (try /, /health or POST /predict)"})
+
+    def do_POST(self):
+        if self.path.split("?", 1)[0] != "/predict":
+            self.close_connection = True  # the body is not read: the connection cannot carry on
+            self._json(404, {"error": f"no such endpoint: POST {self.path} (POST /predict)"})
+            return
+        body = self._read_body()
+        if body is None:
+            return
+        kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        predictor = self.server.predictor
+        try:
+            if kind == "application/json" or (not kind and body.lstrip()[:1] == b"{"):
+                result = predictor.from_json(body)
+            else:
+                result = predictor.from_picture(body)
+        except BadRequest as exc:
+            self._json(400, {"error": " ".join(str(exc).split())})
+            return
+        except Exception as exc:  # a bug: say so in one line, never a traceback
+            sys.stderr.write(f"gpunet serve: internal error on POST /predict: {type(exc).__name__}: {exc}\n")
+            self._json(500, {"error": f"internal error ({type(exc).__name__})"})
+            return
+        self._json(200, result)
+
+    def _not_allowed(self):
+        self.close_connection = True
+        self._json(405, {"error": f"method {self.command} not allowed (GET /, GET /health, POST /predict)"},
+                   [("Allow", "GET, HEAD, POST")])
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+    def _read_body(self):
+        """The request body, or None after answering 411/400/413."""
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.close_connection = True
+            kind = "chunked bodies are not supported: " if self.headers.get("Transfer-Encoding") else ""
+            self._json(411, {"error": f"{kind}send a Content-Length header with the body"})
+            return None
+        try:
+            n = int(length)
+            if n < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            self._json(400, {"error": f"Content-Length: expected a non-negative integer, got {length!r}"})
+            return None
+        if n > self.server.max_body:
+            self.close_connection = True
+            self._json(413, {"error": f"body of {n} bytes is too large (at most {self.server.max_body})"})
+            self._discard(n)
+            return None
+        if n == 0:
+            self._json(400, {"error": "empty body: send PNG or JPEG bytes, or JSON {\"pixels\": [[...]]}"})
+            return None
+        body = self.rfile.read(n)
+        if len(body) < n:  # the client hung up mid-body: nobody to answer
+            self.close_connection = True
+            return None
+        return body
+
+    def _discard(self, n: int) -> None:
+        """Read and drop up to DRAIN_LIMIT bytes of an unwanted body. Closing a socket with unread bytes
+        resets the connection, and a client still sending would see a broken pipe instead of our 413."""
+        left = min(n, DRAIN_LIMIT)
+        try:
+            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                left -= len(chunk)
+        except OSError:  # the client gave up or went silent (the handler's timeout)
+            pass
+
+
+class Server(ThreadingHTTPServer):
+    """A ThreadingHTTPServer holding the predictor; errors escaping a request are one line, not a traceback."""
+
+    daemon_threads = True  # Ctrl+C does not wait for idle keep-alive connections
+
+    def __init__(self, address, predictor: Predictor, max_body: int = MAX_BODY, quiet: bool = False):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.predictor, self.max_body, self.quiet = predictor, max_body, quiet
+        super().__init__(address, Handler)
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, (ConnectionError, TimeoutError)):  # clients hanging up are not news
+            sys.stderr.write(f"gpunet serve: error with {client_address[0]}: {type(exc).__name__}: {exc}\n")
+
+
+def make_server(net, host: str = "127.0.0.1", port: int = 8000, *, name: str = "model",
+                max_body: int = MAX_BODY, quiet: bool = False) -> Server:
+    """A server for `net`, bound and ready (call ``serve_forever``); port 0 picks a free port."""
+    try:
+        return Server((host, port), Predictor(net, name), max_body=max_body, quiet=quiet)
+    except OSError as exc:
+        raise OSError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from exc
+
+
+def run(net, host: str = "127.0.0.1", port: int = 8000, *, name: str = "model") -> int:
+    """Serve until Ctrl+C; prints the address first. Returns 0."""
+    server = make_server(net, host, port, name=name)
+    bound_host, bound_port = server.server_address[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    print(f"gpunet serve: {name} on http://{shown}:{bound_port}/ (Ctrl+C to stop)", flush=True)
+    if host not in LOOPBACK:
+        print(f"gpunet serve: note: listening on {host}, so other machines can reach this page", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("gpunet serve: stopped", flush=True)
+    finally:
+        server.server_close()
+    return 0
