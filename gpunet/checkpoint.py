@@ -30,6 +30,7 @@ def save(path, meta: dict, arrays: dict) -> None:
     record = {"format": FORMAT, "version": VERSION, **meta}
     payload = dict(arrays)
     payload[_META] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, **payload)
     atomic_write(path, buf.getvalue())
@@ -43,7 +44,12 @@ def load(path) -> tuple[dict, dict]:
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
+        if _META not in arrays:
+            raise CheckpointError(f"{path} is not a gpunet checkpoint (it holds {', '.join(sorted(arrays)[:4])}"
+                                  f"{', ...' if len(arrays) > 4 else ''}; a model file, perhaps)")
         meta = json.loads(arrays.pop(_META).tobytes().decode())
+    except CheckpointError:
+        raise
     except Exception as exc:  # zip, npy and JSON errors of a damaged or foreign file
         raise CheckpointError(f"{path} is not a readable gpunet checkpoint ({type(exc).__name__}: {exc})") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:

@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 import platform
+import shlex
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -28,7 +30,7 @@ from .network import load
 from .optimizers import SGD, Momentum
 from .recipe import TrainConfig, load_data, train
 from .schedules import SCHEDULES
-from .training import evaluate, predict, predict_proba
+from .training import Interrupted, evaluate, predict, predict_proba
 
 USER_ERRORS = (DataError, DeviceError, ValueError, TypeError, KeyError, OSError)
 
@@ -97,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu, gpu (cuda) or auto (default: $GPUNET_DEVICE, else auto)")
     t.add_argument("--out", default="runs/mnist", help="output folder (default: runs/mnist)")
     t.add_argument("--no-plots", action="store_true", help="skip the pictures")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.npz (same flags; --epochs may be raised)")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="N", help="write checkpoint.npz every N epochs (default: 1; an interrupt always writes one)")
 
     e = sub.add_parser("evaluate", help="accuracy, per-class table and confusion matrix of a model on the test set")
     e.add_argument("model", help="model file written by gpunet train")
@@ -173,11 +178,63 @@ def _progress(total_epochs):
 
 
 # --- commands --------------------------------------------------------------------------------------------
+class StopOnSignal:
+    """SIGINT and SIGTERM ask training to stop at the end of the current step (``stop()`` turns true);
+    a second one aborts at once. Installed only while a training run is in progress."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self._old = None, {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # the second signal: no more waiting
+            raise Aborted(signum)
+        self.signum = signum
+        print(f"\ngpunet train: {signal.Signals(signum).name}: stopping at the end of this step "
+              f"(again to abort at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Aborted(Exception):
+    """A second SIGINT or SIGTERM during training: stop now, without a new checkpoint."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def cmd_train(args):
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "plots"},
                          plots=not args.no_plots)
     on_batch, on_epoch = _progress(args.epochs)
-    train(config, args.out, on_epoch=on_epoch, on_batch=on_batch, log=lambda line: print(line, flush=True))
+    with StopOnSignal() as stop:
+        try:
+            result = train(config, args.out, on_epoch=on_epoch, on_batch=on_batch, resume=args.resume,
+                           overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, interrupt=stop,
+                           log=lambda line: print(line, flush=True))
+        except Interrupted as exc:
+            again = " ".join(shlex.quote(a) for a in args.argv if a not in ("--resume", "--overwrite"))
+            print(f"gpunet train: {signal.Signals(stop.signum).name}: stopped after {exc.epoch} epochs and "
+                  f"{exc.step} steps; the state is in {exc.checkpoint}; continue with: gpunet {again} --resume",
+                  file=sys.stderr, flush=True)
+            return 128 + stop.signum
+    if result["stop_reason"] == "diverged":
+        print(f"gpunet train: diverged: the loss became NaN or infinite in epoch {result['diverged_epoch']}; "
+              f"the last finished epoch's weights were saved; try a lower --lr (now {config.lr}) or some "
+              f"--weight-decay", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -346,12 +403,17 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("gpunet: interrupted", file=sys.stderr)
         return 130
+    except Aborted as exc:
+        print(f"gpunet {args.command}: {exc}: aborted at once; the last checkpoint is as it was", file=sys.stderr)
+        return 128 + exc.signum
     except (UserError, *USER_ERRORS) as exc:
         if os.environ.get("GPUNET_DEBUG") == "1":  # developers want the traceback
             raise

@@ -5,7 +5,11 @@ matplotlib can be imported, so callers can print a note instead.
 """
 from __future__ import annotations
 
+import io
+
 import numpy as np
+
+from .files import atomic_write
 
 
 def available() -> bool:
@@ -25,6 +29,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path) -> None:
+    """The figure as a PNG at ``path``, written atomically (never half a picture), then closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
 def curves(history: list, path) -> None:
     """Loss and accuracy per epoch, training and validation, side by side."""
     plt = _pyplot()
@@ -39,8 +51,7 @@ def curves(history: list, path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def confusion(cm, path, title: str = "confusion matrix (test set)") -> None:
@@ -61,8 +72,7 @@ def confusion(cm, path, title: str = "confusion matrix (test set)") -> None:
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="log(1 + count)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def misclassified(images, true, pred, path, limit: int = 36, side: int = 28) -> int:
@@ -79,6 +89,5 @@ def misclassified(images, true, pred, path, limit: int = 36, side: int = 28) -> 
         ax.set_title(f"{true[i]} -> {pred[i]}", fontsize=9, color="crimson")
     fig.suptitle("misclassified test digits (true -> predicted)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return len(wrong)

@@ -8,16 +8,18 @@ a validation set, build the MLP and its optimizer and schedule, ``fit``, evaluat
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__, backend, fast, files, plots
+from . import __version__, backend, checkpoint, fast, files, plots
 from .batches import Pixels
 from .data import DataError, load_mnist, split_validation
 from .losses import SoftmaxCrossEntropy
@@ -29,6 +31,15 @@ from .training import evaluate, fit, predict
 
 class ConfigError(ValueError):
     """A training setting that cannot work (names the setting, the expected and the given value)."""
+
+
+class ResourceError(ValueError):
+    """The run ran out of memory; the message names the batch size, the memory asked for and the cure."""
+
+
+CHECKPOINT = "checkpoint.npz"
+# settings a resumed run may change: how long, where, and what is drawn; every other one changes the run
+MAY_CHANGE_ON_RESUME = {"epochs", "device", "data_dir", "download", "plots"}
 
 
 @dataclass
@@ -108,19 +119,90 @@ def build(config: TrainConfig, in_features: int, classes: int, device: str):
     return net, opt, make_schedule(config.schedule, config.lr, config.epochs, **extra)
 
 
+def strict(obj):
+    """``obj`` with every NaN or infinite float replaced by None, so that it is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj) -> None:
-    """Strict JSON (no NaN or Infinity), written atomically."""
-    files.atomic_write(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
+    """Strict JSON (a non-finite number becomes null), written atomically."""
+    files.atomic_write(path, (json.dumps(strict(obj), indent=2, allow_nan=False) + "\n").encode())
 
 
-def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print) -> dict:
-    """Run the recipe; write model.npz, metrics.json and the pictures into ``out``; return the metrics."""
+def fingerprint(x_train, y_train, x_test) -> dict:
+    """Enough of the data to tell whether a resumed run reads the same set (cheap: no full hash)."""
+    return {"train": list(x_train.shape), "test": list(x_test.shape),
+            "labels_crc32": zlib.crc32(np.ascontiguousarray(y_train).tobytes()),
+            "images_crc32": zlib.crc32(np.ascontiguousarray(x_train[:1000]).tobytes())}
+
+
+def check_out_folder(out: Path, config: TrainConfig, resume: bool, overwrite: bool) -> dict | None:
+    """Before anything is loaded: the checkpoint's record when resuming (checked against ``config``), or
+    None for a new run; refuses to mix a new run into a folder that holds another."""
+    ckpt = out / CHECKPOINT
+    if resume:
+        if not ckpt.is_file():
+            raise ConfigError(f"--resume: no checkpoint in {out} (expected {ckpt}); start without --resume")
+        meta = checkpoint.read_meta(ckpt)
+        saved = (meta.get("run") or {}).get("config")
+        if not isinstance(saved, dict):
+            raise checkpoint.CheckpointError(f"{ckpt} was not written by gpunet train (no run settings in it)")
+        given = asdict(config)
+        for key in given:
+            if key not in MAY_CHANGE_ON_RESUME and saved.get(key) != given[key]:
+                flag = "--" + key.replace("_", "-")
+                raise ConfigError(f"{flag}: the checkpoint in {out} was trained with {saved.get(key)!r}, "
+                                  f"got {given[key]!r}; resume with the same value, or start a new run")
+        if config.epochs < meta["epoch"]:
+            raise ConfigError(f"--epochs: the checkpoint has already finished {meta['epoch']} epochs, "
+                              f"got {config.epochs}")
+        if meta["finished"] and (meta["stop_reason"] != "max_epochs" or config.epochs == meta["epoch"]):
+            why = (f"stopped by {meta['stop_reason']}" if meta["stop_reason"] != "max_epochs"
+                   else f"finished all {meta['epoch']} epochs; raise --epochs to train longer")
+            raise ConfigError(f"--resume: the run in {out} is complete ({why})")
+        return meta
+    held = [name for name in ("metrics.json", CHECKPOINT) if (out / name).exists()]
+    if held and not overwrite:
+        raise ConfigError(f"--out: {out} already holds a run ({', '.join(held)}); pass --resume to continue "
+                          f"it or --overwrite to replace it")
+    if overwrite and (out / CHECKPOINT).exists():
+        (out / CHECKPOINT).unlink()  # a new run must not resume into the old one's state
+    return None
+
+
+def _out_of_memory(exc, config, ckpt) -> ResourceError:
+    asked = " ".join(str(exc).split()) or type(exc).__name__
+    kept = f"the last checkpoint is kept in {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
+    return ResourceError(f"out of memory with --batch-size {config.batch_size or 'full'} ({asked}); try a smaller "
+                         f"--batch-size or a smaller network; {kept}")
+
+
+def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, resume=False, overwrite=False,
+          checkpoint_every: int = 1, interrupt=None) -> dict:
+    """Run the recipe; write model.npz, metrics.json and the pictures into ``out``; return the metrics.
+
+    ``out/checkpoint.npz`` is written every ``checkpoint_every`` epochs; ``resume=True`` continues from it
+    (settings checked against it); ``interrupt()`` stops the run at a step boundary (``training.Interrupted``
+    is raised after the checkpoint is written). A diverged run returns with ``stop_reason == "diverged"``.
+    """
     check(config)
     device = backend.resolve_device(config.device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT
+    meta = check_out_folder(out, config, resume, overwrite)
     started = time.perf_counter()
     (x_train, y_train), (x_test, y_test) = load_data(config.data_dir, config.download)
+    data = fingerprint(x_train, y_train, x_test)
+    if meta is not None and meta["run"].get("data") != data:
+        raise ConfigError(f"--data-dir: the checkpoint in {out} was trained on other data "
+                          f"({meta['run'].get('data')}), got {data}; resume with the same files")
     if config.val_size >= len(x_train):
         raise ConfigError(f"--val-size: expected fewer than {len(x_train)} (the training set), got {config.val_size}")
     (x_tr, y_tr), (x_val, y_val) = split_validation(x_train, y_train, config.val_size)
@@ -131,12 +213,22 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print) 
     info = backend.describe_device(device)
     note = f" ({info['gpu_name']})" if device == "gpu" else (f" (GPU not used: {info['reason']})" if info["reason"] else "")
     sizes = [x_train.shape[1], *config.hidden, classes]
+    where = f"; resuming after epoch {meta['epoch']}, step {meta['step']}" if meta else ""
     log(f"gpunet {__version__}: training {' -> '.join(map(str, sizes))} on {device}{note}; "
-        f"{len(x_tr)} train / {len(x_val)} validation / {len(x_test)} test examples")
-    history = fit(net, loss, opt, x_tr, y_tr, epochs=config.epochs, batch_size=config.batch_size,
-                  validation=(x_val, y_val) if len(x_val) else None, seed=config.seed,
-                  target_loss=config.target_loss, patience=config.patience, schedule=schedule,
-                  callback=on_epoch, on_batch=on_batch)
+        f"{len(x_tr)} train / {len(x_val)} validation / {len(x_test)} test examples{where}")
+    try:
+        history = fit(net, loss, opt, x_tr, y_tr, epochs=config.epochs, batch_size=config.batch_size,
+                      validation=(x_val, y_val) if len(x_val) else None, seed=config.seed,
+                      target_loss=config.target_loss, patience=config.patience, schedule=schedule,
+                      callback=on_epoch, on_batch=on_batch, checkpoint_path=ckpt, resume=meta is not None,
+                      checkpoint_every=checkpoint_every, interrupt=interrupt,
+                      run_info={"config": asdict(config), "data": data})
+    except MemoryError as exc:
+        raise _out_of_memory(exc, config, ckpt) from exc
+    except Exception as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # CuPy's, tested by name: CuPy may not be installed
+            raise
+        raise _out_of_memory(exc, config, ckpt) from exc
     test = evaluate(net, loss, x_test_px, y_test, metrics=True)
     wall = time.perf_counter() - started
     model_path = out / "model.npz"
@@ -145,6 +237,7 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print) 
         "config": asdict(config), "device": device, "backend": info["backend"], "device_info": info,
         "fast_path": fast.status(), "versions": versions(),
         "history": history.epochs, "stop_reason": history.stop_reason, "best_epoch": history.best_epoch,
+        "diverged_epoch": history.diverged_epoch, "checkpoint": str(ckpt),
         "test_loss": test["loss"], "test_accuracy": test["accuracy"],
         "per_class": {k: test[k] for k in ("precision", "recall", "f1", "support")},
         "macro": {k: test["macro_" + k] for k in ("precision", "recall", "f1")},
@@ -164,6 +257,9 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print) 
         pictures = ["curves.png", "confusion.png", "misclassified.png"]
     result["pictures"] = pictures
     write_json(out / "metrics.json", result)
+    if history.stop_reason == "diverged":
+        log(f"the training loss became NaN or infinite in epoch {history.diverged_epoch}: the weights of the last "
+            f"finished epoch were kept")
     log(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}); stopped by {history.stop_reason}; "
         f"{result['mean_epoch_seconds']:.2f}s per epoch, {wall:.1f}s in all")
     log(f"wrote {model_path}, {out / 'metrics.json'}" + "".join(f", {out / p}" for p in pictures))

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 import gpunet as gn
+import gpunet.images
+import gpunet.training  # noqa: F401  (gn.training below)
 from gpunet import cli
 from gpunet.explain import SCHEMA, build_network, render_json, render_markdown, render_text, to_json
 
@@ -362,7 +364,7 @@ def test_cli_model_and_image(model_and_image, capsys):
     assert rc == 0, err
     doc = json.loads(out)
     net = gn.load(model, device="cpu").eval()
-    x = gn.data.load_images([image])
+    x = gpunet.images.load_images([image])
     expected = int(gn.training.predict(net, x)[0])
     assert doc["target"] == [expected] == doc["prediction"]  # no --target: the network's own prediction
     assert doc["training"] is False and [l["type"] for l in doc["layers"]][2] == "Dropout"

@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "gpunet"
 CORE = {"layers", "losses", "optimizers", "network"}
 ALLOWED = {
-    "backend": set(), "files": set(), "schedules": set(), "plots": set(),
+    "backend": set(), "files": set(), "schedules": set(), "plots": {"files"},
     "layers": {"backend"}, "losses": {"backend"}, "optimizers": {"backend"},
     "network": {"backend", "layers", "files"},
     "gradcheck": {"backend"}, "metrics": {"backend"},
@@ -25,8 +25,8 @@ ALLOWED = {
     "checkpoint": {"files"},
     "training": {"backend", "fast", "batches", "losses", "metrics", "checkpoint"},
     "explain": {"backend", "layers", "losses", "optimizers", "network"},
-    "recipe": {"__init__", "backend", "fast", "files", "plots", "batches", "data", "losses", "network",
-               "optimizers", "schedules", "training"},
+    "recipe": {"__init__", "backend", "checkpoint", "fast", "files", "plots", "batches", "data", "losses",
+               "network", "optimizers", "schedules", "training"},
     "images": {"data"},
     "serve": {"backend", "data", "images", "training"},
 }

@@ -1,0 +1,171 @@
+"""Exact resume through the API: fit interrupted at a step (or after an epoch) and resumed from its
+checkpoint ends with the very bits of an uninterrupted run, weights, velocities and history (all but
+``seconds``), with and without dropout, with each schedule and with early stopping. Plus the state dicts,
+divergence and damaged checkpoint files."""
+import json
+
+import numpy as np
+import pytest
+
+import gpunet as gn
+from gpunet import checkpoint, schedules
+from gpunet.training import Interrupted, fit
+
+SCHEDULES = {"none": lambda: None, "constant": lambda: schedules.Constant(0.05),
+             "step": lambda: schedules.Step(0.05, step_size=2), "cosine": lambda: schedules.Cosine(0.05, epochs=5)}
+
+
+def data(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    protos = rng.random((4, 20), dtype=np.float32)
+    y = rng.integers(0, 4, size=n)
+    x = (protos[y] + 0.3 * rng.random((n, 20), dtype=np.float32)).astype(np.float32)
+    return x[:250], y[:250], x[250:], y[250:]
+
+
+def run(tmp_path, dropout, schedule, patience, interrupt_at=None, optimizer="momentum", fast=True, epochs=5):
+    """One run, optionally stopped at global step ``interrupt_at`` and resumed (possibly several times)."""
+    x, y, xv, yv = data()
+    path = tmp_path / f"ck-{dropout}-{schedule}-{patience}-{optimizer}-{fast}.npz"
+
+    def make():
+        net = gn.mlp([20, 16, 12, 4], dropout=dropout, seed=7, device="cpu")
+        opt = (gn.Momentum(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4) if optimizer == "momentum"
+               else gn.SGD(net.parameters(), lr=0.05))
+        return net, opt
+
+    kwargs = dict(epochs=epochs, batch_size=16, validation=(xv, yv), seed=3, schedule=SCHEDULES[schedule](),
+                  patience=patience, fast=fast, checkpoint_path=path)
+    stops = list(interrupt_at or [])
+    resume, counter = False, {"n": 0}
+    while True:
+        net, opt = make()
+
+        def interrupt():
+            counter["n"] += 1
+            return bool(stops) and counter["n"] == stops[0]
+        try:
+            hist = fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, resume=resume, interrupt=interrupt, **kwargs)
+            return net, opt, hist, path
+        except Interrupted as exc:
+            assert exc.checkpoint == path and path.exists()
+            stops.pop(0)
+            resume = True
+
+
+def same_run(a, b):
+    (net_a, opt_a, hist_a, _), (net_b, opt_b, hist_b, _) = a, b
+    for (k, va), vb in zip(net_a.state_dict().items(), net_b.state_dict().values()):
+        assert np.array_equal(va, vb), f"{k} differs"
+    for va, vb in zip(getattr(opt_a, "velocities", []), getattr(opt_b, "velocities", [])):
+        assert np.array_equal(va, vb)
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h.epochs]
+    assert strip(hist_a) == strip(hist_b)
+    assert (hist_a.stop_reason, hist_a.best_epoch) == (hist_b.stop_reason, hist_b.best_epoch)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_resume_mid_epoch_is_bit_exact(tmp_path, dropout, schedule):
+    rng = np.random.default_rng(hash((dropout, schedule)) % 2**32)
+    stops = sorted(rng.choice(np.arange(1, 80), size=2, replace=False).tolist())  # 16 steps per epoch
+    stops = [stops[0], stops[1] - stops[0]]  # the second counts steps of the resumed process
+    same_run(run(tmp_path / "a", dropout, schedule, None), run(tmp_path / "b", dropout, schedule, None, stops))
+
+
+@pytest.mark.parametrize("optimizer, fast", [("sgd", True), ("momentum", False)])
+def test_resume_is_bit_exact_with_sgd_and_with_the_core_step(tmp_path, optimizer, fast):
+    same_run(run(tmp_path / "a", 0.3, "cosine", None, optimizer=optimizer, fast=fast),
+             run(tmp_path / "b", 0.3, "cosine", None, [23], optimizer=optimizer, fast=fast))
+
+
+def test_resume_with_early_stopping_is_bit_exact(tmp_path):
+    full = run(tmp_path / "a", 0.3, "constant", 1, epochs=12)
+    assert full[2].stop_reason == "early_stopping", "the test needs a run that stops early"
+    stop_epoch = len(full[2])
+    same_run(full, run(tmp_path / "b", 0.3, "constant", 1, [16 * (stop_epoch - 2) + 5], epochs=12))
+
+
+def test_a_stopped_run_cannot_pass_as_a_finished_one(tmp_path):
+    """The check can fail: resuming from another step's checkpoint (a lost step) gives other bits."""
+    a = run(tmp_path / "a", 0.3, "cosine", None)
+    net, opt, hist, path = run(tmp_path / "b", 0.3, "cosine", None, [30])
+    meta, arrays = checkpoint.load(path)
+    assert meta["finished"] and meta["epoch"] == 5
+    x, y, xv, yv = data()
+    net2 = gn.mlp([20, 16, 12, 4], dropout=0.3, seed=7, device="cpu")
+    opt2 = gn.Momentum(net2.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    with pytest.raises(Interrupted):  # stop at step 30, then skip one step by editing the checkpoint
+        fit(net2, gn.SoftmaxCrossEntropy(), opt2, x, y, epochs=5, batch_size=16, validation=(xv, yv), seed=3,
+            schedule=SCHEDULES["cosine"](), checkpoint_path=path, interrupt=iter([False] * 29 + [True]).__next__)
+    meta, arrays = checkpoint.load(path)
+    meta["step"] += 1
+    checkpoint.save(path, {k: v for k, v in meta.items() if k not in ("format", "version")}, arrays)
+    net3 = gn.mlp([20, 16, 12, 4], dropout=0.3, seed=7, device="cpu")
+    opt3 = gn.Momentum(net3.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    hist3 = fit(net3, gn.SoftmaxCrossEntropy(), opt3, x, y, epochs=5, batch_size=16, validation=(xv, yv), seed=3,
+                schedule=SCHEDULES["cosine"](), checkpoint_path=path, resume=True)
+    with pytest.raises(AssertionError):
+        same_run(a, (net3, opt3, hist3, path))
+
+
+def test_optimizer_state_dicts_round_trip():
+    net = gn.mlp([5, 4, 3], seed=0, device="cpu")
+    opt = gn.Momentum(net.parameters(), lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.01)
+    for v in opt.velocities:
+        v[...] = np.random.default_rng(0).random(v.shape)
+    state = opt.state_dict()
+    net2 = gn.mlp([5, 4, 3], seed=1, device="cpu")
+    opt2 = gn.Momentum(net2.parameters(), lr=0.5)
+    opt2.load_state_dict(state)
+    assert (opt2.lr, opt2.momentum, opt2.nesterov, opt2.weight_decay) == (0.1, 0.8, True, 0.01)
+    assert all(np.array_equal(a, b) for a, b in zip(opt.velocities, opt2.velocities))
+    with pytest.raises(ValueError, match="momentum optimizer, got 'sgd'"):
+        opt2.load_state_dict(gn.SGD(net.parameters(), lr=0.1).state_dict())
+    sgd = gn.SGD(net2.parameters(), lr=0.3)
+    sgd.load_state_dict(gn.SGD(net.parameters(), lr=0.2, weight_decay=0.1).state_dict())
+    assert (sgd.lr, sgd.weight_decay) == (0.2, 0.1)
+
+
+def test_divergence_restores_the_last_finished_epoch(tmp_path):
+    x, y, xv, yv = data()
+    net = gn.mlp([20, 16, 12, 4], seed=7, device="cpu")
+    opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9)
+    fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, epochs=1, batch_size=16, seed=3)
+    good = net.state_dict()
+    opt.lr = 1e38  # certain to overflow within the next epoch
+    hist = fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, epochs=3, batch_size=16, seed=4)
+    assert hist.stop_reason == "diverged" and hist.diverged_epoch == 1 and len(hist) == 1
+    assert not np.isfinite(hist.epochs[0]["loss"])
+    for k, v in net.state_dict().items():
+        assert np.array_equal(v, good[k]), k
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"not a zip file at all", "not a readable gpunet checkpoint"),
+    ("model", "is not a gpunet checkpoint .*a model file"),
+    ("foreign", "expected a gpunet-checkpoint version 1 file, got 'other'"),
+])
+def test_damaged_or_foreign_checkpoints_are_named(tmp_path, content, says):
+    path = tmp_path / "checkpoint.npz"
+    if content == "model":  # a model file is a valid npz, but not a checkpoint
+        gn.mlp([3, 2], seed=0, device="cpu").save(path)
+    elif content == "foreign":
+        np.savez(path, __checkpoint__=np.frombuffer(b'{"format": "other", "version": 1}', np.uint8))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(checkpoint.CheckpointError, match=says):
+        checkpoint.load(path)
+
+
+def test_checkpoint_of_another_network_is_refused(tmp_path):
+    x, y, xv, yv = data()
+    net, opt = gn.mlp([20, 8, 4], seed=0, device="cpu"), None
+    opt = gn.SGD(net.parameters(), lr=0.1)
+    fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, epochs=1, checkpoint_path=tmp_path / "c.npz")
+    other = gn.mlp([20, 9, 4], seed=0, device="cpu")
+    with pytest.raises(checkpoint.CheckpointError, match="different network"):
+        fit(other, gn.SoftmaxCrossEntropy(), gn.SGD(other.parameters(), lr=0.1), x, y, epochs=2,
+            checkpoint_path=tmp_path / "c.npz", resume=True)
+    meta = checkpoint.read_meta(tmp_path / "c.npz")
+    json.dumps(meta)  # the record is plain JSON data
