@@ -39,6 +39,7 @@ class ResourceError(ValueError):
 
 CHECKPOINT = "checkpoint.npz"
 # settings a resumed run may change: how long, where, and what is drawn; every other one changes the run
+OUTPUTS = ("model.npz", "metrics.json", CHECKPOINT, "curves.png", "confusion.png", "misclassified.png")
 MAY_CHANGE_ON_RESUME = {"epochs", "device", "data_dir", "download", "plots"}
 
 
@@ -146,6 +147,9 @@ def check_out_folder(out: Path, config: TrainConfig, resume: bool, overwrite: bo
     """Before anything is loaded: the checkpoint's record when resuming (checked against ``config``), or
     None for a new run; refuses to mix a new run into a folder that holds another."""
     ckpt = out / CHECKPOINT
+    for name in OUTPUTS:  # half files of a process killed while writing (files.atomic_write names them so)
+        for stale in out.glob(f".{name}.*.part"):
+            stale.unlink(missing_ok=True)
     if resume:
         if not ckpt.is_file():
             raise ConfigError(f"--resume: no checkpoint in {out} (expected {ckpt}); start without --resume")
