@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, backend, explain, fast, recipe
+from . import __version__, backend, explain, fast, parallel, recipe
 from .backend import DeviceError
 from .batches import Pixels
 from .data import DataError, default_data_dir
@@ -32,7 +32,7 @@ from .recipe import TrainConfig, load_data, train
 from .schedules import SCHEDULES
 from .training import Interrupted, evaluate, predict, predict_proba
 
-USER_ERRORS = (DataError, DeviceError, ValueError, TypeError, KeyError, OSError)
+USER_ERRORS = (DataError, DeviceError, ValueError, TypeError, KeyError, OSError, parallel.ParallelError)
 
 
 class UserError(Exception):
@@ -184,8 +184,8 @@ class StopOnSignal:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
-        self.signum, self._old = None, {}
+    def __init__(self, quiet: bool = False):
+        self.signum, self._old, self.quiet = None, {}, quiet
 
     def __call__(self) -> bool:
         return self.signum is not None
@@ -194,8 +194,9 @@ class StopOnSignal:
         if self.signum is not None:  # the second signal: no more waiting
             raise Aborted(signum)
         self.signum = signum
-        print(f"\ngpunet train: {signal.Signals(signum).name}: stopping at the end of this step "
-              f"(again to abort at once)", file=sys.stderr, flush=True)
+        if not self.quiet:
+            print(f"\ngpunet train: {signal.Signals(signum).name}: stopping at the end of this step "
+                  f"(again to abort at once)", file=sys.stderr, flush=True)
 
     def __enter__(self):
         for sig in self.SIGNALS:
@@ -218,19 +219,24 @@ class Aborted(Exception):
 def cmd_train(args):
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "plots"},
                          plots=not args.no_plots)
-    on_batch, on_epoch = _progress(args.epochs)
-    with StopOnSignal() as stop:
+    lead = parallel.launched_rank() == 0  # in an mpiexec job rank 0 alone speaks
+    on_batch, on_epoch = _progress(args.epochs) if lead else (None, None)
+    with StopOnSignal(quiet=not lead) as stop:
         try:
             result = train(config, args.out, on_epoch=on_epoch, on_batch=on_batch, resume=args.resume,
                            overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, interrupt=stop,
                            log=lambda line: print(line, flush=True))
         except Interrupted as exc:
+            if not lead:
+                return 128 + stop.signum
             again = " ".join(shlex.quote(a) for a in args.argv if a not in ("--resume", "--overwrite"))
             print(f"gpunet train: {signal.Signals(stop.signum).name}: stopped after {exc.epoch} epochs and "
                   f"{exc.step} steps; the state is in {exc.checkpoint}; continue with: gpunet {again} --resume",
                   file=sys.stderr, flush=True)
             return 128 + stop.signum
     if result["stop_reason"] == "diverged":
+        if not lead:
+            return 3
         print(f"gpunet train: diverged: the loss became NaN or infinite in epoch {result['diverged_epoch']}; "
               f"the last finished epoch's weights were saved; try a lower --lr (now {config.lr}) or some "
               f"--weight-decay", file=sys.stderr)
@@ -406,20 +412,31 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    where = f" (rank {parallel.launched_rank()})" if parallel.launched_size() > 1 else ""
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("gpunet: interrupted", file=sys.stderr)
-        return 130
+        print(f"gpunet: interrupted{where}", file=sys.stderr)
+        return _end(130)
     except Aborted as exc:
-        print(f"gpunet {args.command}: {exc}: aborted at once; the last checkpoint is as it was", file=sys.stderr)
-        return 128 + exc.signum
+        print(f"gpunet {args.command}{where}: {exc}: aborted at once; the last checkpoint is as it was",
+              file=sys.stderr)
+        return _end(128 + exc.signum)
     except (UserError, *USER_ERRORS) as exc:
         if os.environ.get("GPUNET_DEBUG") == "1":  # developers want the traceback
             raise
         message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"gpunet {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        print(f"gpunet {args.command}{where}: error: {message}", file=sys.stderr, flush=True)
+        return _end(2)
+
+
+def _end(code: int) -> int:
+    """In an mpiexec job, a rank that stops on an error ends every rank (none waits on a collective)."""
+    if parallel.launched_size() > 1:
+        comm = parallel.world()
+        sys.stderr.flush()
+        comm.abort(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, backend, checkpoint, fast, files, plots
+from . import __version__, backend, checkpoint, fast, files, parallel, plots
 from .batches import Pixels
 from .data import DataError, load_mnist, split_validation
 from .losses import SoftmaxCrossEntropy
@@ -143,11 +143,11 @@ def fingerprint(x_train, y_train, x_test) -> dict:
             "images_crc32": zlib.crc32(np.ascontiguousarray(x_train[:1000]).tobytes())}
 
 
-def check_out_folder(out: Path, config: TrainConfig, resume: bool, overwrite: bool) -> dict | None:
+def check_out_folder(out: Path, config: TrainConfig, resume: bool, overwrite: bool, lead: bool = True) -> dict | None:
     """Before anything is loaded: the checkpoint's record when resuming (checked against ``config``), or
     None for a new run; refuses to mix a new run into a folder that holds another."""
     ckpt = out / CHECKPOINT
-    for name in OUTPUTS:  # half files of a process killed while writing (files.atomic_write names them so)
+    for name in OUTPUTS if lead else ():  # half files of a killed write (files.atomic_write names them so)
         for stale in out.glob(f".{name}.*.part"):
             stale.unlink(missing_ok=True)
     if resume:
@@ -175,7 +175,7 @@ def check_out_folder(out: Path, config: TrainConfig, resume: bool, overwrite: bo
     if held and not overwrite:
         raise ConfigError(f"--out: {out} already holds a run ({', '.join(held)}); pass --resume to continue "
                           f"it or --overwrite to replace it")
-    if overwrite and (out / CHECKPOINT).exists():
+    if overwrite and lead and (out / CHECKPOINT).exists():
         (out / CHECKPOINT).unlink()  # a new run must not resume into the old one's state
     return None
 
@@ -196,14 +196,24 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     is raised after the checkpoint is written). A diverged run returns with ``stop_reason == "diverged"``.
     """
     check(config)
+    comm = parallel.world()  # under mpiexec: this process's place among the ranks
+    lead = comm is None or comm.rank == 0  # rank 0 alone prints, draws and writes
+    if comm is not None:
+        comm.same_everywhere("the training settings", {**asdict(config), "resume": resume, "overwrite": overwrite,
+                                                        "out": str(Path(out).resolve())})
+        if backend.resolve_device(config.device) == "gpu":
+            comm.use_local_gpu()
+    log = log if lead else (lambda line: None)
     device = backend.resolve_device(config.device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT
-    meta = check_out_folder(out, config, resume, overwrite)
+    meta = check_out_folder(out, config, resume, overwrite, lead)
     started = time.perf_counter()
     (x_train, y_train), (x_test, y_test) = load_data(config.data_dir, config.download)
     data = fingerprint(x_train, y_train, x_test)
+    if comm is not None:
+        comm.same_everywhere("the data", data)
     if meta is not None and meta["run"].get("data") != data:
         raise ConfigError(f"--data-dir: the checkpoint in {out} was trained on other data "
                           f"({meta['run'].get('data')}), got {data}; resume with the same files")
@@ -218,6 +228,7 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     note = f" ({info['gpu_name']})" if device == "gpu" else (f" (GPU not used: {info['reason']})" if info["reason"] else "")
     sizes = [x_train.shape[1], *config.hidden, classes]
     where = f"; resuming after epoch {meta['epoch']}, step {meta['step']}" if meta else ""
+    where += f"; {comm.size} processes, each global batch split across them" if comm is not None else ""
     log(f"gpunet {__version__}: training {' -> '.join(map(str, sizes))} on {device}{note}; "
         f"{len(x_tr)} train / {len(x_val)} validation / {len(x_test)} test examples{where}")
     try:
@@ -226,17 +237,18 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
                       target_loss=config.target_loss, patience=config.patience, schedule=schedule,
                       callback=on_epoch, on_batch=on_batch, checkpoint_path=ckpt, resume=meta is not None,
                       checkpoint_every=checkpoint_every, interrupt=interrupt,
-                      run_info={"config": asdict(config), "data": data})
+                      run_info={"config": asdict(config), "data": data}, comm=comm)
     except MemoryError as exc:
         raise _out_of_memory(exc, config, ckpt) from exc
     except Exception as exc:
         if type(exc).__name__ != "OutOfMemoryError":  # CuPy's, tested by name: CuPy may not be installed
             raise
         raise _out_of_memory(exc, config, ckpt) from exc
-    test = evaluate(net, loss, x_test_px, y_test, metrics=True)
+    test = evaluate(net, loss, x_test_px, y_test, metrics=True, comm=comm)
     wall = time.perf_counter() - started
     model_path = out / "model.npz"
-    net.save(model_path)
+    if lead:
+        net.save(model_path)
     result = {
         "config": asdict(config), "device": device, "backend": info["backend"], "device_info": info,
         "fast_path": fast.status(), "versions": versions(),
@@ -249,7 +261,7 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
         "mean_epoch_seconds": float(np.mean([h["seconds"] for h in history.epochs])), "model": str(model_path),
     }
     pictures = []
-    if not config.plots:
+    if not config.plots or not lead:
         pass
     elif not plots.available():
         log("note: matplotlib is not installed, so no pictures were drawn (pip install 'gpunet[cli]')")
@@ -260,7 +272,10 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
         plots.misclassified(x_test, y_test, pred, out / "misclassified.png")
         pictures = ["curves.png", "confusion.png", "misclassified.png"]
     result["pictures"] = pictures
-    write_json(out / "metrics.json", result)
+    if comm is not None:
+        result["processes"] = comm.size
+    if lead:
+        write_json(out / "metrics.json", result)
     if history.stop_reason == "diverged":
         log(f"the training loss became NaN or infinite in epoch {history.diverged_epoch}: the weights of the last "
             f"finished epoch were kept")

@@ -62,11 +62,14 @@ class EarlyStopping:
 
 
 def core_step(net, loss, optimizer):
-    """The notes' step, in the core's own terms: ``step(x, y) -> (mean loss, output)``."""
-    def step(x, y):
+    """The notes' step, in the core's own terms: ``step(x, y, reduce=None) -> (mean loss, output)``;
+    ``reduce()`` runs between the gradients and the update (a distributed run sums them there)."""
+    def step(x, y, reduce=None):
         out = net.forward(x)
         value = loss.forward(out, y, check=False) if loss.classifies else loss.forward(out, y)
         net.backward(loss.backward())
+        if reduce is not None:
+            reduce()
         optimizer.step()
         return value, out
     return step
@@ -107,11 +110,18 @@ class _Run:
     """The state of one ``fit`` that a checkpoint carries, and the two ways it moves: out to a file
     (``save``) and back in (``restore``)."""
 
-    def __init__(self, net, optimizer, order_rng, history, stopper, extra):
+    def __init__(self, net, optimizer, order_rng, history, stopper, extra, comm=None):
         self.net, self.optimizer, self.order_rng = net, optimizer, order_rng
-        self.history, self.stopper, self.extra = history, stopper, extra
+        self.history, self.stopper, self.extra, self.comm = history, stopper, extra, comm
+
+    def _per_rank(self, value) -> list:
+        """``value`` of every rank, in rank order (a collective call in a distributed run)."""
+        return [value] if self.comm is None else self.comm.allgather(value)
 
     def save(self, path, epoch, step, epoch_rng, partial=None, finished=False):
+        random, partial = self._per_rank(self.net.random_state()), self._per_rank(partial)
+        if self.comm is not None and self.comm.rank != 0:
+            return  # rank 0 alone writes
         opt = self.optimizer.state_dict()
         arrays = {f"net/{k}": v for k, v in self.net.state_dict().items()}
         arrays.update({f"velocity/{i}": v for i, v in enumerate(opt.pop("velocities", []))})
@@ -122,7 +132,7 @@ class _Run:
             arrays.update({f"best/{k}": v for k, v in (s.best_state or {}).items()})
         checkpoint.save(path, {
             "run": self.extra, "network": self.net.config(), "epoch": epoch, "step": step, "finished": finished,
-            "order_rng": epoch_rng, "random": self.net.random_state(), "optimizer": opt,
+            "order_rng": epoch_rng, "random": random, "optimizer": opt, "ranks": len(random),
             "history": self.history.epochs, "stop_reason": self.history.stop_reason,
             "best_epoch": self.history.best_epoch, "early_stopping": stopper, "partial": partial}, arrays)
 
@@ -137,7 +147,11 @@ class _Run:
             if "momentum" in opt:
                 opt["velocities"] = [arrays[f"velocity/{i}"] for i in range(len(self.optimizer.params))]
             self.optimizer.load_state_dict(opt)
-            self.net.set_random_state(meta["random"])
+            rank, size = (0, 1) if self.comm is None else (self.comm.rank, self.comm.size)
+            if meta["ranks"] != size:
+                raise ValueError(f"it was written by {meta['ranks']} processes, this run has {size}; "
+                                 f"resume with the same number")
+            self.net.set_random_state(meta["random"][rank])
         except (KeyError, ValueError, TypeError) as exc:
             raise checkpoint.CheckpointError(f"{path}: does not fit this run ({exc})") from None
         self.order_rng.bit_generator.state = meta["order_rng"]
@@ -148,6 +162,10 @@ class _Run:
             self.stopper.best_loss, self.stopper.best_epoch, self.stopper.wait = es["best_loss"], es["best_epoch"], es["wait"]
             best = {k[5:]: v for k, v in arrays.items() if k.startswith("best/")}
             self.stopper.best_state = best or None
+        if meta["partial"][0] is not None:
+            meta["partial"] = meta["partial"][0 if self.comm is None else self.comm.rank]
+        else:
+            meta["partial"] = None
         return meta
 
 
@@ -155,7 +173,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
         seed: int | None = 0, target_loss: float | None = None, patience: int | None = None,
         min_delta: float = 0.0, schedule=None, callback=None, on_batch=None, eval_batch_size: int = 4096,
         fast: bool = True, checkpoint_path=None, resume: bool = False, checkpoint_every: int = 1,
-        interrupt=None, run_info: dict | None = None) -> History:
+        interrupt=None, run_info: dict | None = None, comm=None) -> History:
     """Train ``net`` on ``x`` (N, features) float array or ``Pixels``, and ``y`` (N,) int labels or
     (N, outputs) float targets.
 
@@ -169,6 +187,9 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     ``resume=True`` continues from it exactly (bit for bit on the same device); ``interrupt()``, checked
     after every step, stops the run there: the state reached goes to the checkpoint and
     :class:`Interrupted` is raised. ``run_info`` (JSON data) is stored in the checkpoint for the caller.
+    Data-parallel: with ``comm`` (:func:`gpunet.parallel.world` under ``mpiexec``) each global batch is
+    split across the ranks, their gradients summed before every update (so every rank holds the same
+    weights), and the epoch's sums and the validation reduced over the ranks; rank 0 writes checkpoints.
     If the training loss of an epoch is NaN or infinite, the weights of the last finished epoch are
     restored and the run stops with ``history.stop_reason == "diverged"``.
 
@@ -193,12 +214,17 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     bs = batch_size_for(batch_size, n)
     steps = (n + bs - 1) // bs
     order_rng = np.random.default_rng(seed)
-    step = (fast and fast_path.select(net, loss, optimizer, y)) or core_step(net, loss, optimizer)
+    distributed = comm is not None and comm.size > 1
+    step = (fast and fast_path.select(net, loss, optimizer, y, distributed)) or core_step(net, loss, optimizer)
+    if distributed:
+        from .parallel import GradientSum, shard
+
+        gradient_sum = GradientSum(comm, optimizer.params)
     xb_buf = xp.empty((bs,) + x.shape[1:], dtype=x.dtype)
     yb_buf = xp.empty((bs,) + y.shape[1:], dtype=y.dtype)
     history = History()
     stopper = EarlyStopping(patience, min_delta) if patience is not None else None
-    run = _Run(net, optimizer, order_rng, history, stopper, run_info)
+    run = _Run(net, optimizer, order_rng, history, stopper, run_info, comm if distributed else None)
     first_epoch, first_step, partial = 0, 0, None
     if resume:
         meta = run.restore(checkpoint_path)
@@ -218,26 +244,46 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
         earlier = partial["seconds"] if b0 else 0.0
         for b in range(b0, steps):
             lo, hi = b * bs, min(n, (b + 1) * bs)
+            batch_rows = hi - lo
+            if distributed:  # this rank's part of the global batch
+                lo, hi = shard(lo, hi, comm.rank, comm.size)
             if order is None:
                 xb, yb = x[lo:hi], y[lo:hi]
             else:  # gathered into the reused buffers (their first rows, for a last partial batch)
                 idx = order[lo:hi]
                 xb, yb = x.take(idx, xb_buf), xp.take(y, idx, axis=0, out=yb_buf[:hi - lo])
-            value, out = step(xb, yb)
-            loss_sum += value * (hi - lo)
-            if classify:
-                correct += (out.argmax(axis=1) == yb).sum()
+            if not distributed:
+                value, out = step(xb, yb)
+                stop = interrupt is not None and interrupt()
+            elif hi > lo:
+                flag = {}
+                value, out = step(xb, yb, reduce=lambda: flag.update(stop=gradient_sum(
+                    hi - lo, batch_rows, interrupt is not None and interrupt())))
+                stop = flag["stop"]
+            else:  # fewer rows than ranks in this batch: nothing to compute here, but the sum and update
+                for p in optimizer.params:
+                    p.grad[...] = 0
+                stop = gradient_sum(0, batch_rows, interrupt is not None and interrupt())
+                optimizer.step()
+                value = None
+            if value is not None:
+                loss_sum += value * (hi - lo)
+                if classify:
+                    correct += (out.argmax(axis=1) == yb).sum()
             if on_batch is not None:
                 on_batch(epoch, b + 1, steps)
-            if interrupt is not None and interrupt():
+            if stop:
                 if checkpoint_path is not None:
                     sums = {"loss_sum": float(loss_sum), "correct": int(correct),
                             "seconds": earlier + time.perf_counter() - start}
                     run.save(checkpoint_path, epoch, b + 1, epoch_rng, sums)
                 raise Interrupted(epoch, b + 1, checkpoint_path)
         synchronize(loss_sum)
-        record = {"epoch": epoch + 1, "loss": float(loss_sum) / n,
-                  "accuracy": float(correct) / n if classify else None, "val_loss": None, "val_accuracy": None,
+        total_loss, total_correct = float(loss_sum), int(correct)
+        if distributed:
+            total_loss, total_correct = _sum_over_ranks(comm, total_loss, total_correct)
+        record = {"epoch": epoch + 1, "loss": total_loss / n,
+                  "accuracy": total_correct / n if classify else None, "val_loss": None, "val_accuracy": None,
                   "lr": optimizer.lr, "seconds": earlier + time.perf_counter() - start}
         if not _finite(record["loss"]):  # checked once per epoch, on the sum read back anyway
             history.epochs.append(record)
@@ -246,7 +292,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
             optimizer.load_state_dict(last_good[1])
             break
         if validation is not None:
-            val = evaluate(net, loss, *validation, batch_size=eval_batch_size)
+            val = evaluate(net, loss, *validation, batch_size=eval_batch_size, comm=comm if distributed else None)
             record["val_loss"], record["val_accuracy"] = val["loss"], val.get("accuracy")
         history.epochs.append(record)
         if callback is not None:
@@ -267,6 +313,13 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
         stopper.restore(net)  # the weights of the best validation epoch
     net.eval()
     return history
+
+
+def _sum_over_ranks(comm, *values):
+    """Each value summed over the ranks (one small all-reduce, in float64: exact for counts below 2**53)."""
+    buf = np.array(values, dtype=np.float64)
+    comm.allreduce(buf)
+    return [type(v)(s) for v, s in zip(values, buf)]
 
 
 def _batches(x, batch_size):
@@ -297,15 +350,22 @@ def predict(net, x, batch_size: int = 4096):
     return predict_proba(net, x, batch_size).argmax(axis=1)
 
 
-def evaluate(net, loss, x, y, batch_size: int = 4096, metrics: bool = False) -> dict:
+def evaluate(net, loss, x, y, batch_size: int = 4096, metrics: bool = False, comm=None) -> dict:
     """Mean loss (and, for classification, accuracy) over ``x`` in batches, in eval mode.
 
     ``metrics=True`` adds per-class precision/recall/F1 and the confusion matrix (see ``metrics.report``).
+    With ``comm`` each rank evaluates its share of the rows and the sums are reduced over the ranks.
     """
     was_training = net.training
     net.eval()
     classify, classes = loss.classifies, net.out_features
     x, y = _dataset(x, y, net.device, "x", net, classify)
+    n_all = len(x)
+    if comm is not None and comm.size > 1:
+        from .parallel import shard
+
+        lo, hi = shard(0, n_all, comm.rank, comm.size)
+        x, y = as_rows(x[lo:hi]), y[lo:hi]
     xp = get_array_module(y)
     loss_sum = xp.zeros((), dtype=np.float64)
     counts = xp.zeros((classes, classes), dtype=np.int64) if classify else None
@@ -316,10 +376,15 @@ def evaluate(net, loss, x, y, batch_size: int = 4096, metrics: bool = False) -> 
         if classify:
             counts += confusion_counts(yb, out.argmax(axis=1), classes)
     net.train(was_training)
-    result = {"loss": float(loss_sum) / max(len(x), 1)}
+    total, cm = float(loss_sum), to_numpy(counts) if classify else None
+    if comm is not None and comm.size > 1:
+        buf = np.concatenate([[total], cm.reshape(-1) if classify else []]).astype(np.float64)
+        comm.allreduce(buf)
+        total = float(buf[0])
+        cm = buf[1:].reshape(classes, classes).astype(np.int64) if classify else None
+    result = {"loss": total / max(n_all, 1)}
     if classify:
-        cm = to_numpy(counts)
-        result["accuracy"] = float(np.trace(cm)) / max(len(x), 1)
+        result["accuracy"] = float(np.trace(cm)) / max(n_all, 1)
         if metrics:
             result.update(report(cm))
     return result

@@ -14,9 +14,9 @@ import pytest
 
 from conftest import ROOT
 
-# Imported by some tests, yet not in the test extra on purpose: CuPy is a GPU extra (CI installs it as a
-# CI-only step); tomli is the fallback for Python < 3.11; packaging has a fallback beside its import.
-NOT_IN_TEST_EXTRA = {"cupy", "tomli", "packaging"}
+# Imported by some tests, yet not in the test extra on purpose: CuPy (a GPU extra) and mpi4py (the mpi extra)
+# are installed by CI as CI-only steps; tomli is the fallback for Python < 3.11; packaging has a fallback beside its import.
+NOT_IN_TEST_EXTRA = {"cupy", "tomli", "packaging", "mpi4py"}
 MODULE_TO_DIST = {"PIL": "pillow", "sklearn": "scikit-learn"}
 
 

@@ -42,11 +42,12 @@ def why_not(net, loss, optimizer, y) -> str | None:
     return blocks if isinstance(blocks, str) else None
 
 
-def select(net, loss, optimizer, y):
-    """A fused step for this training run, or None (then the core runs)."""
+def select(net, loss, optimizer, y, distributed: bool = False):
+    """A fused step for this training run, or None (then the core runs). ``distributed``: the gradients
+    are written out and summed over the ranks (``step(x, y, reduce)``) before the update."""
     if why_not(net, loss, optimizer, y) is not None:
         return None
-    return FusedStep(optimizer, plan(net))
+    return FusedStep(optimizer, plan(net), distributed)
 
 
 def status() -> dict:

@@ -36,13 +36,14 @@ def plan(net):
 
 
 class FusedStep:
-    """``step(x, y) -> (mean loss as a 0-d array, logits)`` for x (N, in) float, y (N,) integer labels.
+    """``step(x, y, reduce=None) -> (mean loss as a 0-d array, logits)`` for x (N, in) float, y (N,)
+    integer labels; ``reduce()``, if given, runs between the gradients and the update (``distributed``).
 
     The optimizer must hold exactly the network's parameters, in order (``select`` checks it), so its
     velocities line up with the blocks: W then b of each Linear.
     """
 
-    def __init__(self, optimizer, blocks):
+    def __init__(self, optimizer, blocks, distributed: bool = False):
         self.blocks, self.optimizer = blocks, optimizer
         self.momentum = isinstance(optimizer, Momentum)
         W0 = blocks[0][0].W.data
@@ -51,7 +52,9 @@ class FusedStep:
         params = optimizer.params
         velocities = optimizer.velocities if self.momentum else [None] * len(params)
         # on the CPU with OpenBLAS (and not Nesterov) the gradient folds into the update
-        self.fold = (self.on_cpu and blas.routines(W0.dtype) is not None
+        # distributed: the gradients must exist, to be summed over the ranks before the update
+        self.deferred = self.on_cpu or distributed
+        self.fold = (self.on_cpu and not distributed and blas.routines(W0.dtype) is not None
                      and not (self.momentum and optimizer.nesterov)
                      and all(p.data.flags.c_contiguous for p in params))
         self.pairs = [((params[2 * i], velocities[2 * i]), (params[2 * i + 1], velocities[2 * i + 1]))
@@ -76,7 +79,7 @@ class FusedStep:
         (W, vW), (b, vb) = self.pairs[i]
         self.xp.matmul(x.T, dy, out=W.grad)
         dy.sum(axis=0, out=b.grad)
-        if self.on_cpu:
+        if self.deferred:
             return
         t = W.data.dtype.type
         lr, wd = t(opt.lr), t(opt.weight_decay)
@@ -86,7 +89,7 @@ class FusedStep:
             else:
                 cuda.sgd(p.data, p.grad, lr, wd)
 
-    def __call__(self, x, y):
+    def __call__(self, x, y, reduce=None):
         xp, n = self.xp, x.shape[0]
         x = xp.ascontiguousarray(x)
         inputs, masks = [], []
@@ -123,6 +126,8 @@ class FusedStep:
                 if relu:
                     ops.relu_backward(dx, inputs[i])
                 dy = dx
-        if self.on_cpu and not self.fold:
+        if reduce is not None:
+            reduce()  # e.g. the sum over the ranks of a distributed run
+        if self.deferred and not self.fold:
             self.optimizer.step()  # the core rule, on the gradients written above
         return value, logits

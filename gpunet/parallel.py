@@ -1,0 +1,145 @@
+"""Data-parallel training over MPI (mpi4py), with NCCL for the GPUs' all-reduce.
+
+``mpiexec -n K gpunet train ...`` starts K processes; :func:`world` gives each a :class:`Comm` (None in
+a plain run, and mpi4py is not even imported then). Every rank holds the whole model and reads the
+whole data set; each global batch of the same seeded order is split across the ranks (``shard``); each
+rank's gradients, weighted by its share of the batch, are summed by one all-reduce of one flat buffer
+per step (:class:`GradientSum`), so that every rank applies the same update to the same weights.
+
+On the CPU the buffer goes through MPI; on GPUs (one per rank, chosen from the rank on its node)
+through NCCL (``cupy.cuda.nccl``), its unique id sent through MPI. This module imports nothing of gpunet
+but the backend.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .backend import get_array_module
+
+# how launchers tell a process its place: MPICH/Hydra (PMI), Open MPI, Slurm
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+_LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "PMIX_LOCAL_RANK", "SLURM_LOCALID")
+
+
+class ParallelError(RuntimeError):
+    """Distributed training cannot start or go on; the message names the cause."""
+
+
+def launched_size() -> int:
+    """How many processes the launcher started (1 outside mpiexec)."""
+    for var in _SIZE_VARS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher tells it (0 outside mpiexec)."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def world():
+    """The :class:`Comm` of this ``mpiexec`` job, or None for a single process."""
+    if launched_size() <= 1:
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ParallelError(f"started by mpiexec with {launched_size()} processes, but mpi4py is missing "
+                            f"({exc}); pip install 'gpunet[mpi]'") from exc
+    return Comm(MPI)
+
+
+class Comm:
+    """The ranks of one job: ``rank``, ``size``, collective operations, and the GPU each rank uses."""
+
+    def __init__(self, MPI):
+        self.MPI, self.comm = MPI, MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.local_rank = next((int(os.environ[v]) for v in _LOCAL_RANK_VARS if os.environ.get(v, "").isdigit()),
+                               self.rank)
+        self._nccl = None
+
+    def use_local_gpu(self) -> None:
+        """One GPU per rank: rank i on its node takes device i (modulo the devices there)."""
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+        cupy.cuda.Device(self.local_rank % count).use()
+
+    def allreduce(self, buf) -> None:
+        """Sum ``buf`` (a contiguous NumPy or CuPy array) over the ranks, in place."""
+        if get_array_module(buf) is np:
+            self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+            return
+        from cupy.cuda import nccl
+
+        if self._nccl is None:  # one NCCL communicator, its id made by rank 0 and sent through MPI
+            uid = self.comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
+            self._nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
+        import cupy
+
+        kind = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64}[buf.dtype.name]
+        self._nccl.allReduce(buf.data.ptr, buf.data.ptr, buf.size, kind, nccl.NCCL_SUM,
+                             cupy.cuda.get_current_stream().ptr)
+
+    def allgather(self, obj) -> list:
+        return self.comm.allgather(obj)
+
+    def same_everywhere(self, what: str, value) -> None:
+        """Raise ParallelError on every rank unless ``value`` (JSON data) is equal on all of them."""
+        text = json.dumps(value, sort_keys=True, default=str)
+        values = self.allgather(text)
+        for r, other in enumerate(values):
+            if other != text:
+                mine, theirs = json.loads(text), json.loads(other)
+                keys = [k for k in mine if mine.get(k) != theirs.get(k)] if isinstance(mine, dict) else []
+                detail = f" ({', '.join(f'{k}: {mine[k]!r} here, {theirs.get(k)!r} there' for k in keys)})" if keys else ""
+                raise ParallelError(f"{what} differs between rank {self.rank} and rank {r}{detail}; "
+                                    f"every rank must be started with the same settings")
+
+    def abort(self, code: int) -> None:
+        """End every rank now (after a rank's error, so that no other waits on a collective forever)."""
+        self.comm.Abort(code)
+
+
+def shard(lo: int, hi: int, rank: int, size: int) -> tuple[int, int]:
+    """This rank's rows of the batch [lo, hi): near-equal consecutive parts, in rank order."""
+    n = hi - lo
+    return lo + rank * n // size, lo + (rank + 1) * n // size
+
+
+class GradientSum:
+    """After each rank's backward pass: ``grad = sum over ranks of (rows_r / rows) * grad_r``, the global
+    batch's mean gradient, through one all-reduce of one flat buffer that also carries a stop flag."""
+
+    def __init__(self, comm: Comm, params):
+        self.comm, self.params = comm, list(params)
+        xp, dtype = get_array_module(self.params[0].data), self.params[0].data.dtype
+        self.flat = xp.empty(sum(int(p.data.size) for p in self.params) + 1, dtype=dtype)
+
+    def __call__(self, rows: int, batch_rows: int, stop: bool) -> bool:
+        """Sum the gradients in place; True when any rank asked to stop after this step."""
+        weight, start = self.flat.dtype.type(rows / batch_rows), 0
+        for p in self.params:
+            n = int(p.grad.size)
+            dst = self.flat[start:start + n]
+            if rows:
+                get_array_module(dst).multiply(p.grad.reshape(-1), weight, out=dst)
+            else:  # no rows here this step (a last batch smaller than the ranks): nothing to add
+                dst[...] = 0
+            start += n
+        self.flat[-1] = 1 if stop else 0
+        self.comm.allreduce(self.flat)
+        start = 0
+        for p in self.params:
+            n = int(p.grad.size)
+            p.grad[...] = self.flat[start:start + n].reshape(p.grad.shape)
+            start += n
+        return bool(self.flat[-1] > 0)
