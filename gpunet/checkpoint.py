@@ -8,13 +8,9 @@ hyperparameters and the caller's description of the run. It is written atomicall
 """
 from __future__ import annotations
 
-import io
-import json
 import os
 
-import numpy as np
-
-from .files import atomic_write
+from .files import read_npz, write_npz
 
 FORMAT = "gpunet-checkpoint"
 VERSION = 1
@@ -27,13 +23,8 @@ class CheckpointError(ValueError):
 
 def save(path, meta: dict, arrays: dict) -> None:
     """Write ``meta`` (JSON data) and ``arrays`` (name -> NumPy array) to ``path``, atomically."""
-    record = {"format": FORMAT, "version": VERSION, **meta}
-    payload = dict(arrays)
-    payload[_META] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(buf, **payload)
-    atomic_write(path, buf.getvalue())
+    write_npz(path, arrays, _META, {"format": FORMAT, "version": VERSION, **meta})
 
 
 def load(path) -> tuple[dict, dict]:
@@ -42,16 +33,12 @@ def load(path) -> tuple[dict, dict]:
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        if _META not in arrays:
-            raise CheckpointError(f"{path} is not a gpunet checkpoint (it holds {', '.join(sorted(arrays)[:4])}"
-                                  f"{', ...' if len(arrays) > 4 else ''}; a model file, perhaps)")
-        meta = json.loads(arrays.pop(_META).tobytes().decode())
-    except CheckpointError:
-        raise
+        meta, arrays = read_npz(path, _META)
     except Exception as exc:  # zip, npy and JSON errors of a damaged or foreign file
         raise CheckpointError(f"{path} is not a readable gpunet checkpoint ({type(exc).__name__}: {exc})") from None
+    if meta is None:
+        raise CheckpointError(f"{path} is not a gpunet checkpoint (it holds {', '.join(sorted(arrays)[:4])}"
+                              f"{', ...' if len(arrays) > 4 else ''}; a model file, perhaps)")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: expected a {FORMAT} version {VERSION} file, "
                               f"got {meta.get('format')!r} version {meta.get('version')!r}")

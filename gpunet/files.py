@@ -1,4 +1,5 @@
-"""Files that appear whole or not at all: every file gpunet writes (model, checkpoint, metrics, pictures).
+"""Files that appear whole or not at all: every file gpunet writes (model, checkpoint, metrics, pictures);
+and the one ``.npz`` layout (arrays plus a JSON record) that model files and checkpoints share.
 
 ``atomic_write(path, data)`` writes to a temporary file in the same folder, flushes it to disk (fsync),
 gives it the permissions the user's umask allows (``mkstemp`` would leave 0600), and renames it over
@@ -8,8 +9,12 @@ This module imports nothing of gpunet.
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import tempfile
+
+import numpy as np
 
 
 def _umask() -> int:
@@ -51,3 +56,22 @@ def atomic_write(path, data) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def write_npz(path, arrays: dict, key: str, record: dict) -> None:
+    """One ``.npz`` of NumPy ``arrays`` plus a JSON ``record`` stored as the bytes of array ``key``,
+    written atomically (model files and checkpoints are both made so)."""
+    payload = dict(arrays)
+    payload[key] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **payload)
+    atomic_write(path, buf.getvalue())
+
+
+def read_npz(path, key: str) -> tuple[dict | None, dict]:
+    """``(record, arrays)`` from a file of :func:`write_npz` (record None when ``key`` is absent); NumPy's,
+    zip's and JSON's errors pass through for the caller to name."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    raw = arrays.pop(key, None)
+    return (None if raw is None else json.loads(raw.tobytes().decode())), arrays

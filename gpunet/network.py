@@ -8,8 +8,6 @@ NumPy array, so a network trained on a GPU loads on a machine without CuPy.
 """
 from __future__ import annotations
 
-import io
-import json
 import os
 from collections import OrderedDict
 
@@ -17,7 +15,7 @@ import numpy as np
 
 from .backend import device_of, get_array_module, resolve_device, to_device, to_numpy
 from .layers import ACTIVATIONS, LAYERS, Dropout, Layer, Linear, check_float_input, make_rng
-from .files import atomic_write
+from .files import read_npz, write_npz
 
 FORMAT = "gpunet-sequential"
 FORMAT_VERSION = 1
@@ -142,11 +140,7 @@ class Sequential(Layer):
     def save(self, path) -> None:
         """Write architecture and weights to one ``.npz`` file, atomically (see :func:`files.atomic_write`)."""
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": str(self.dtype), "network": self.config()}
-        arrays = dict(self.state_dict())
-        arrays["__gpunet__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        atomic_write(path, buf.getvalue())
+        write_npz(path, self.state_dict(), "__gpunet__", meta)
 
 
 def _build_layer(cfg: dict, dtype, device):
@@ -167,11 +161,11 @@ def load(path, device: str | None = None) -> Sequential:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        meta = json.loads(arrays.pop("__gpunet__").tobytes().decode())
-    except Exception as exc:
+        meta, arrays = read_npz(path, "__gpunet__")
+    except Exception as exc:  # zip, npy and JSON errors of a damaged or foreign file
         raise ValueError(f"{path}: not a gpunet model file ({type(exc).__name__}: {exc})") from exc
+    if meta is None:
+        raise ValueError(f"{path}: not a gpunet model file (no architecture record in it; a checkpoint, perhaps)")
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: expected format {FORMAT} version {FORMAT_VERSION}, "
                          f"got {meta.get('format')} version {meta.get('version')}")
