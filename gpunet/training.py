@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, parallel
 from . import fast as fast_path
 from .backend import get_array_module, synchronize, to_device, to_numpy
 from .batches import as_rows
@@ -216,10 +216,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     order_rng = np.random.default_rng(seed)
     distributed = comm is not None and comm.size > 1
     step = (fast and fast_path.select(net, loss, optimizer, y, distributed)) or core_step(net, loss, optimizer)
-    if distributed:
-        from .parallel import GradientSum, shard
-
-        gradient_sum = GradientSum(comm, optimizer.params)
+    take_step = _stepper(step, optimizer, interrupt, comm if distributed else None)
     xb_buf = xp.empty((bs,) + x.shape[1:], dtype=x.dtype)
     yb_buf = xp.empty((bs,) + y.shape[1:], dtype=y.dtype)
     history = History()
@@ -246,26 +243,13 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
             lo, hi = b * bs, min(n, (b + 1) * bs)
             batch_rows = hi - lo
             if distributed:  # this rank's part of the global batch
-                lo, hi = shard(lo, hi, comm.rank, comm.size)
+                lo, hi = parallel.shard(lo, hi, comm.rank, comm.size)
             if order is None:
                 xb, yb = x[lo:hi], y[lo:hi]
             else:  # gathered into the reused buffers (their first rows, for a last partial batch)
                 idx = order[lo:hi]
                 xb, yb = x.take(idx, xb_buf), xp.take(y, idx, axis=0, out=yb_buf[:hi - lo])
-            if not distributed:
-                value, out = step(xb, yb)
-                stop = interrupt is not None and interrupt()
-            elif hi > lo:
-                flag = {}
-                value, out = step(xb, yb, reduce=lambda: flag.update(stop=gradient_sum(
-                    hi - lo, batch_rows, interrupt is not None and interrupt())))
-                stop = flag["stop"]
-            else:  # fewer rows than ranks in this batch: nothing to compute here, but the sum and update
-                for p in optimizer.params:
-                    p.grad[...] = 0
-                stop = gradient_sum(0, batch_rows, interrupt is not None and interrupt())
-                optimizer.step()
-                value = None
+            value, out, stop = take_step(xb, yb, hi - lo, batch_rows)
             if value is not None:
                 loss_sum += value * (hi - lo)
                 if classify:
@@ -315,6 +299,33 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     return history
 
 
+def _stepper(step, optimizer, interrupt, comm):
+    """``take_step(x, y, rows, batch_rows) -> (mean loss or None, output, stop)``: one training step and
+    whether to stop after it; in a distributed run the gradients are summed over the ranks (with the
+    stop requests, so that every rank stops at the same step)."""
+    def wants_stop():
+        return interrupt is not None and bool(interrupt())
+
+    if comm is None:
+        def take_step(x, y, rows, batch_rows):
+            value, out = step(x, y)
+            return value, out, wants_stop()
+        return take_step
+    gradient_sum = parallel.GradientSum(comm, optimizer.params)
+
+    def take_step(x, y, rows, batch_rows):
+        if rows == 0:  # fewer rows than ranks in this batch: nothing to compute here, but the sum and update
+            for p in optimizer.params:
+                p.grad[...] = 0
+            stop = gradient_sum(0, batch_rows, wants_stop())
+            optimizer.step()
+            return None, None, stop
+        flag = {}
+        value, out = step(x, y, reduce=lambda: flag.update(stop=gradient_sum(rows, batch_rows, wants_stop())))
+        return value, out, flag["stop"]
+    return take_step
+
+
 def _sum_over_ranks(comm, *values):
     """Each value summed over the ranks (one small all-reduce, in float64: exact for counts below 2**53)."""
     buf = np.array(values, dtype=np.float64)
@@ -362,9 +373,7 @@ def evaluate(net, loss, x, y, batch_size: int = 4096, metrics: bool = False, com
     x, y = _dataset(x, y, net.device, "x", net, classify)
     n_all = len(x)
     if comm is not None and comm.size > 1:
-        from .parallel import shard
-
-        lo, hi = shard(0, n_all, comm.rank, comm.size)
+        lo, hi = parallel.shard(0, n_all, comm.rank, comm.size)
         x, y = as_rows(x[lo:hi]), y[lo:hi]
     xp = get_array_module(y)
     loss_sum = xp.zeros((), dtype=np.float64)
