@@ -109,7 +109,7 @@ def test_a_typo_in_the_raw_kernel_fails(nvrtc):
         cc.compile_program(typo, "typo", "90")
 
 
-def test_a_declared_type_that_does_not_fit_the_arguments_fails():
+def test_a_declared_type_that_does_not_fit_the_arguments_fails(nvrtc):
     """SGD declaring its gradient float64 while gpunet passes float32: CuPy's own type decision refuses it
     (on a GPU this is the error the first training step would raise)."""
     spec, args = _launch("gpunet_sgd")
