@@ -16,7 +16,7 @@ from conftest import ROOT
 
 # Imported by some tests, yet not in the test extra on purpose: CuPy is a GPU extra (CI installs it as a
 # CI-only step); tomli is the fallback for Python < 3.11; packaging has a fallback beside its import.
-NOT_IN_TEST_EXTRA = {"cupy", "tomli", "packaging"}
+NOT_IN_TEST_EXTRA = {"cupy", "cupyx", "tomli", "packaging"}  # cupyx ships inside the CuPy wheel
 MODULE_TO_DIST = {"PIL": "pillow", "sklearn": "scikit-learn"}
 
 
