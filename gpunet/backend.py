@@ -35,9 +35,19 @@ def _explain(exc: BaseException) -> str:
         return f"no usable NVIDIA driver ({text})"
     if "nodevice" in low or "no cuda-capable device" in low or "devices unavailable" in low:
         return f"no CUDA device ({text})"
+    if "failed to find cuda headers" in low or "vector_types.h" in low or "cuda_runtime" in low:
+        # CuPy 14 says this when NVRTC loads but no CUDA runtime headers are found (CUDA_PATH, NVIDIA's wheels)
+        return ("broken CUDA toolkit: CuPy finds no CUDA runtime headers to compile kernels with; install "
+                "them (apt package cuda-cudart-dev-12-X, or pip install nvidia-cuda-runtime-cu12 / "
+                f"'cupy-cuda12x[ctk]'), or set CUDA_PATH to a toolkit that has include/ ({text})")
     if "nvrtc" in low or "compile" in low or "cuda_fp16" in low or "include" in low:
         return f"broken CUDA toolkit: CuPy cannot compile kernels ({text})"
     return f"CuPy is installed but the GPU check failed ({text})"
+
+
+# The probe's kernel (in_params, out_params, operation, name), compiled in CI like the fast path's kernels:
+# a typo here would silently turn every GPU into "no GPU".
+PROBE_KERNEL = ("float32 x", "float32 y", "y = 2.0f * x + 1.0f", "gpunet_probe")
 
 
 def _probe():
@@ -49,7 +59,7 @@ def _probe():
 
             a_host = np.arange(16, dtype=np.float32).reshape(4, 4)
             a = cupy.asarray(a_host)
-            twice = cupy.ElementwiseKernel("float32 x", "float32 y", "y = 2.0f * x + 1.0f", "gpunet_probe")
+            twice = cupy.ElementwiseKernel(*PROBE_KERNEL)
             got = cupy.asnumpy(twice(a) @ a)
             want = (2.0 * a_host + 1.0) @ a_host
             if not np.allclose(got, want, rtol=1e-3):
@@ -70,43 +80,58 @@ def gpu_unavailable_reason() -> str | None:
     return _probe()[1]
 
 
-def normalize_device(name: str | None) -> str:
-    """Map a user's device name to ``"cpu"``, ``"gpu"`` or ``"auto"``; ``None`` means the default."""
+def _split(name: str | None) -> tuple[str, int | None]:
+    """``(device key, GPU index or None)`` of a user's device name; ``None`` means the default."""
     if name is None:
         name = _default or os.environ.get(ENV_VAR) or "auto"
-    key = str(name).strip().lower()
-    if key.startswith("cuda:") or key.startswith("gpu:"):
-        key = key.split(":")[0]
-    if key not in _NAMES:
-        raise ValueError(f"device: expected one of 'cpu', 'gpu', 'cuda' or 'auto', got {name!r}")
-    return _NAMES[key]
+    key, sep, index = str(name).strip().lower().partition(":")
+    if key not in _NAMES or (sep and (_NAMES[key] != "gpu" or not index.isdigit())):
+        raise ValueError(f"device: expected one of 'cpu', 'gpu', 'cuda', 'cuda:N' or 'auto', got {name!r}")
+    return _NAMES[key], int(index) if sep else None
+
+
+def normalize_device(name: str | None) -> str:
+    """Map a user's device name to ``"cpu"``, ``"gpu"`` or ``"auto"``; ``None`` means the default.
+    ``"cuda:N"`` (or ``"gpu:N"``) is ``"gpu"``; :func:`resolve_device` selects GPU N."""
+    return _split(name)[0]
 
 
 def resolve_device(name: str | None = None) -> str:
     """Resolve a device name to ``"cpu"`` or ``"gpu"``.
 
     ``"auto"`` falls back to the CPU when no GPU is usable; ``"gpu"`` raises :class:`DeviceError`
-    naming the cause.
+    naming the cause. ``"gpu"`` means CuPy's current CUDA device (0 unless changed); ``"cuda:N"`` makes
+    GPU N the current device of this thread (``cupy.cuda.Device(N).use()``), so that arrays created for
+    ``"gpu"`` from then on live there, or raises :class:`DeviceError` when there is no GPU N.
     """
-    dev = normalize_device(name)
+    dev, index = _split(name)
     if dev == "auto":
         return "gpu" if gpu_available() else "cpu"
     if dev == "gpu" and not gpu_available():
         _, reason, exc = _probe()
-        raise DeviceError(f"device 'gpu' was requested but no GPU is usable: {reason}") from exc
+        shown = "gpu" if name is None else str(name)
+        raise DeviceError(f"device {shown!r} was requested but no GPU is usable: {reason}") from exc
+    if index is not None:
+        cuda = _probe()[0].cuda
+        count = cuda.runtime.getDeviceCount()
+        if index >= count:
+            raise DeviceError(f"device: expected a GPU index below {count} (the CUDA devices this process "
+                              f"sees), got {name!r}")
+        cuda.Device(index).use()
     return dev
 
 
 def set_default_device(name: str | None) -> None:
     """Set the device where new arrays are created (``None`` restores ``GPUNET_DEVICE``/auto)."""
     global _default
-    _default = None if name is None else normalize_device(name)
+    if name is not None:
+        normalize_device(name)  # raises on a bad name now rather than at first use
+    _default = name
 
 
 def describe_device(name: str | None = None) -> dict:
     """What ``name`` resolves to and why: a dict for ``gpunet info`` and ``metrics.json``."""
-    requested = normalize_device(name)
-    info = {"requested": requested, "device": resolve_device(requested), "reason": gpu_unavailable_reason()}
+    info = {"requested": normalize_device(name), "device": resolve_device(name), "reason": gpu_unavailable_reason()}
     info["backend"] = "cupy" if info["device"] == "gpu" else "numpy"
     if info["device"] == "gpu":
         cupy = _probe()[0]

@@ -235,9 +235,15 @@ class Dropout(Layer):
         return {"type": "Dropout", "p": self.p}
 
     def generator(self, xp):
-        """This layer's random generator for the array module ``xp``."""
+        """This layer's random generator for the array module ``xp``: NumPy's default (PCG64), or on
+        CuPy a Philox4x32-10 one. CuPy's default (XORWOW) sets up one state per GPU thread at creation
+        through a slow skip-ahead, queued asynchronously, so it would land in the first epoch's timing;
+        Philox's per-thread setup is a counter offset, cheap."""
         if xp.__name__ not in self.generators:
-            self.generators[xp.__name__] = xp.random.default_rng(self.seed)
+            if xp is np:
+                self.generators[xp.__name__] = np.random.default_rng(self.seed)
+            else:
+                self.generators[xp.__name__] = xp.random.default_rng(xp.random.Philox4x3210(self.seed))
         return self.generators[xp.__name__]
 
     def new_mask(self, x):

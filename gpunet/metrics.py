@@ -12,18 +12,34 @@ from .backend import get_array_module, to_numpy
 
 
 def confusion_counts(y_true, y_pred, num_classes: int):
-    """Device array (C, C) int64 of counts for one batch; sum these over batches."""
+    """Device array (C, C) int64 of counts for one batch; sum these over batches.
+
+    y_true, y_pred (B,) integer labels in [0, C) on one device (labels outside are not counted: the
+    callers check them). Counted as ``onehot(y_true).T @ onehot(y_pred)`` in float64, with no host
+    synchronisation (``bincount`` reads its input's maximum back to the host); exact, since every count
+    is a sum of ones far below 2**53.
+    """
     xp = get_array_module(y_true, y_pred)
     if y_true.shape != y_pred.shape:
         raise ValueError(f"y_pred: expected shape {tuple(y_true.shape)} like y_true, got {tuple(y_pred.shape)}")
-    codes = y_true.astype(xp.int64) * num_classes + y_pred.astype(xp.int64)
-    return xp.bincount(codes, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    classes = xp.arange(num_classes)
+    true_hot = (y_true[:, None] == classes).astype(xp.float64)
+    pred_hot = (y_pred[:, None] == classes).astype(xp.float64)
+    return (true_hot.T @ pred_hot).astype(xp.int64)
 
 
 def confusion_matrix(y_true, y_pred, num_classes: int | None = None, batch_size: int = 65536) -> np.ndarray:
     """Host (C, C) int64 confusion matrix of label arrays on any device, counted in batches."""
-    if num_classes is None:
-        num_classes = int(max(int(y_true.max()), int(y_pred.max()))) + 1 if len(y_true) else 1
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"y_pred: expected {len(y_true)} labels like y_true, got {len(y_pred)}")
+    if len(y_true):
+        lo, hi = min(int(y_true.min()), int(y_pred.min())), max(int(y_true.max()), int(y_pred.max()))
+        if num_classes is None:
+            num_classes = hi + 1
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"y_true, y_pred: expected labels in [0, {num_classes - 1}], got values from {lo} to {hi}")
+    elif num_classes is None:
+        num_classes = 1
     total = None
     for start in range(0, len(y_true), batch_size):
         part = confusion_counts(y_true[start:start + batch_size], y_pred[start:start + batch_size], num_classes)

@@ -85,3 +85,102 @@ def test_device_matches_numpy_reference(device):
         opt.step()
     for (name, p), w in zip(net.named_parameters(), ref["weights"]):
         close(p.data, w, f"{name} after {STEPS} momentum steps")
+
+
+# ------------------------------------------------------------------------ agreement as a user sees it
+# fit, evaluate, predict, save and load, on the CPU and the GPU, from the same weights and the same batch
+# order (drawn on the host, so identical). No dropout: its masks come from each device's own generator.
+#
+# Tolerances: every float32 trajectory here stays within about 1e-6 (relative to each array's largest entry)
+# of the float64 trajectory from the same weights; measured on the CPU: 5e-7 for the weights after 40
+# momentum steps with the fast path, 1.2e-6 with the core's, 1e-7 for the losses. The CPU and GPU sum in
+# other orders (OpenBLAS and the numba kernels against cuBLAS and the CUDA kernels), so each lands somewhere
+# in that band. We allow 1e-4: a hundred times the band, and far below what a wrong formula, a skipped
+# update or a wrong batch order gives (1e-2 and more). Counts (accuracy, confusion, predicted classes) may
+# flip only on an example at a near tie: at most one per epoch and 0.5% of predictions.
+FIT_SIZES, FIT_EPOCHS, FIT_TOL = [784, 64, 32, 10], 4, 1e-4
+
+
+def fit_problem():
+    """1,200 noisy examples of 10 random prototypes: hard enough that the loss stays well above zero."""
+    rng = np.random.default_rng(0)
+    protos = rng.random((10, 784))
+    y = rng.integers(0, 10, 1200)
+    x = np.clip(protos[y] + rng.normal(0, 2.0, (1200, 784)), 0, 1).astype(np.float32)
+    return x[:1000], y[:1000], x[1000:], y[1000:]
+
+
+def fit_on(device, dtype=np.float32):
+    """The same network (float32 initial weights, seed 1) trained with ``fit`` on ``device``."""
+    from gpunet.training import fit
+
+    x, y, xv, yv = fit_problem()
+    net = gn.mlp(FIT_SIZES, seed=1, device=device, dtype=dtype)
+    net.load_state_dict({k: v.astype(dtype) for k, v in gn.mlp(FIT_SIZES, seed=1, device="cpu").state_dict().items()})
+    opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9)
+    history = fit(net, gn.SoftmaxCrossEntropy(), opt, x.astype(dtype), y, epochs=FIT_EPOCHS, batch_size=100,
+                  validation=(xv.astype(dtype), yv), seed=3)
+    return net, history
+
+
+def assert_same_training(a, b, what):
+    """Two (net, history) pairs trained alike agree within FIT_TOL, counts within one example per epoch."""
+    (net_a, hist_a), (net_b, hist_b) = a, b
+    for (name, wa), wb in zip(net_a.state_dict().items(), net_b.state_dict().values()):
+        close_to(wa, wb, f"{what}: {name} after {FIT_EPOCHS} epochs")
+    assert len(hist_a) == len(hist_b) == FIT_EPOCHS
+    for ea, eb in zip(hist_a.epochs, hist_b.epochs):
+        for key in ("loss", "val_loss"):
+            assert ea[key] == pytest.approx(eb[key], rel=FIT_TOL), f"{what}: epoch {ea['epoch']} {key}"
+        assert abs(ea["accuracy"] - eb["accuracy"]) <= 1 / 1000 and abs(ea["val_accuracy"] - eb["val_accuracy"]) <= 1 / 200
+        assert ea["lr"] == eb["lr"]
+
+
+def close_to(actual, expected, what):
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = float(np.abs(expected).max()) or 1.0
+    assert_allclose(actual, expected, rtol=FIT_TOL, atol=FIT_TOL * scale, err_msg=what)
+
+
+def test_fit_in_float32_follows_float64(device):
+    """The band the tolerances rest on, on each device: float32 ``fit`` against float64 ``fit`` on the CPU."""
+    assert_same_training(fit_on(device), fit_on("cpu", np.float64), f"float32 on {device} vs float64")
+
+
+@pytest.mark.gpu
+def test_fit_evaluate_predict_agree_between_cpu_and_gpu():
+    from gpunet.training import evaluate, predict, predict_proba
+
+    cpu, gpu = fit_on("cpu"), fit_on("gpu")
+    assert gpu[0].device == "gpu" and cpu[0].device == "cpu"
+    assert_same_training(gpu, cpu, "gpu vs cpu")
+    _, _, xv, yv = fit_problem()
+    loss = gn.SoftmaxCrossEntropy()
+    rep_c, rep_g = (evaluate(n, loss, xv, yv, metrics=True) for n, _ in (cpu, gpu))
+    assert rep_g["loss"] == pytest.approx(rep_c["loss"], rel=FIT_TOL)
+    assert np.abs(np.array(rep_g["confusion_matrix"]) - rep_c["confusion_matrix"]).sum() <= 2
+    proba_c, proba_g = (predict_proba(n, xv) for n, _ in (cpu, gpu))
+    close_to(proba_g, proba_c, "predict_proba")
+    agree = (gn.to_numpy(predict(gpu[0], xv)) == gn.to_numpy(predict(cpu[0], xv))).mean()
+    assert agree >= 0.995
+
+
+@pytest.mark.gpu
+def test_a_cpu_model_loads_on_the_gpu_and_back(tmp_path):
+    """Saved on the CPU, loaded on the GPU: the same weights bit for bit and the same predictions; saved
+    there and loaded on the CPU again: still the same bits."""
+    from gpunet.training import predict_proba
+
+    net, _ = fit_on("cpu")
+    net.save(tmp_path / "cpu.npz")
+    on_gpu = gn.load(tmp_path / "cpu.npz", device="gpu")
+    assert on_gpu.device == "gpu"
+    for (name, a), b in zip(net.state_dict().items(), on_gpu.state_dict().values()):
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    _, _, xv, _ = fit_problem()
+    close_to(predict_proba(on_gpu, xv), predict_proba(net, xv), "predictions of the loaded model")
+    on_gpu.save(tmp_path / "gpu.npz")
+    back = gn.load(tmp_path / "gpu.npz", device="cpu")
+    for (name, a), b in zip(net.state_dict().items(), back.state_dict().values()):
+        assert np.array_equal(a, b), name
+    assert repr(back) == repr(net)

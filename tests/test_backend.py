@@ -25,6 +25,26 @@ def test_device_names_and_env_override(monkeypatch):
     assert backend.resolve_device(None) == "cpu"
     with pytest.raises(ValueError, match="device: expected one of .* got 'tpu'"):
         backend.normalize_device("tpu")
+    for bad in ("cpu:0", "cuda:x", "cuda:-1", "auto:1"):
+        with pytest.raises(ValueError, match=f"expected one of .*'cuda:N'.* got '{bad}'"):
+            backend.normalize_device(bad)
+
+
+def test_a_gpu_index_is_honoured_or_refused(monkeypatch):
+    """``cuda:N`` selects GPU N (cupy.cuda.Device(N).use()) and refuses an index the process cannot see;
+    it never silently runs on device 0."""
+    used = []
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 2),
+        Device=lambda i: types.SimpleNamespace(use=lambda: used.append(i))))
+    monkeypatch.setattr(backend, "_probe_result", (fake, None, None))
+    assert backend.resolve_device("cuda:1") == "gpu" and used == [1]
+    assert backend.resolve_device("gpu") == "gpu" and used == [1]   # plain "gpu": the current device
+    with pytest.raises(DeviceError, match=r"expected a GPU index below 2 .* got 'cuda:2'"):
+        backend.resolve_device("cuda:2")
+    monkeypatch.setattr(backend, "_probe_result", (None, "no CUDA device", None))
+    with pytest.raises(DeviceError, match="device 'cuda:1' was requested but no GPU is usable: no CUDA device"):
+        backend.resolve_device("cuda:1")
 
 
 def test_set_default_device(monkeypatch):
@@ -78,6 +98,9 @@ def test_probe_without_cupy(monkeypatch):
     ("CUDA driver version is insufficient for CUDA runtime version (cudaErrorInsufficientDriver)", "NVIDIA driver"),
     ("cudaErrorNoDevice: no CUDA-capable device is detected", "no CUDA device"),
     ("NVRTC_ERROR_COMPILATION: catastrophic error: cannot open source file \"cuda_fp16.h\"", "broken CUDA toolkit"),
+    # CuPy 14, NVRTC found but no runtime headers: the fix is named
+    ("Failed to find CUDA headers. Please install the CUDA Toolkit or set CUDA_PATH",
+     "broken CUDA toolkit: .*no CUDA runtime headers.*cuda-cudart-dev.*nvidia-cuda-runtime-cu12"),
 ])
 def test_probe_names_the_cause(monkeypatch, message, cause):
     fake = types.ModuleType("cupy")

@@ -125,7 +125,7 @@ def test_predict_images_and_npy(trained, tmp_path):
     (["train", "--lr", "fast"], "argument --lr: expected a positive number, got 'fast'"),
     (["train", "--momentum", "1.5"], r"argument --momentum: expected a number in [0, 1), got '1.5'"),
     (["train", "--batch-size", "0"], "argument --batch-size: expected a positive integer, got '0'"),
-    (["train", "--device", "tpu"], "device: expected one of 'cpu', 'gpu', 'cuda' or 'auto', got 'tpu'"),
+    (["train", "--device", "tpu"], "device: expected one of 'cpu', 'gpu', 'cuda', 'cuda:N' or 'auto', got 'tpu'"),
     (["evaluate", "/nonexistent/model.npz"], "model file not found: /nonexistent/model.npz"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import gpunet as gn
-from gpunet.metrics import accuracy, confusion_matrix, format_report, report
+from gpunet.metrics import accuracy, confusion_counts, confusion_matrix, format_report, report
 
 import sklearn.metrics as sk  # test-only: the test extra installs scikit-learn
 
@@ -47,5 +47,38 @@ def test_report_text_lists_every_class():
 
 
 def test_mismatched_lengths_are_refused():
-    with pytest.raises(ValueError, match="y_pred: expected shape"):
+    with pytest.raises(ValueError, match="y_pred: expected 3 labels like y_true, got 4"):
         confusion_matrix(np.zeros(3, int), np.zeros(4, int), 2)
+    with pytest.raises(ValueError, match="y_pred: expected shape"):
+        confusion_counts(np.zeros(3, int), np.zeros(4, int), 2)
+
+
+def test_labels_outside_the_classes_are_refused():
+    with pytest.raises(ValueError, match=r"expected labels in \[0, 2\], got values from 0 to 3"):
+        confusion_matrix(np.array([0, 1, 2]), np.array([0, 3, 1]), 3)
+
+
+def test_confusion_counts_match_bincount():
+    rng = np.random.default_rng(5)
+    y_true, y_pred = rng.integers(0, 7, size=100_000), rng.integers(0, 7, size=100_000).astype(np.int32)
+    cm = confusion_counts(y_true, y_pred, 7)
+    assert cm.dtype == np.int64
+    np.testing.assert_array_equal(cm, np.bincount(y_true * 7 + y_pred, minlength=49).reshape(7, 7))
+
+
+@pytest.mark.gpu
+def test_confusion_counts_never_wait_for_the_host():
+    """evaluate sums these per batch: no device-to-host read may hide inside (bincount reads its max)."""
+    import warnings
+
+    import cupy
+    import cupyx
+
+    y_true, y_pred = labels(3)
+    yt, yp = cupy.asarray(y_true), cupy.asarray(y_pred)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # allow_synchronize is deprecated, still works
+        with cupyx.allow_synchronize(False):
+            counts = confusion_counts(yt, yp, 10)
+            counts = counts + confusion_counts(yt, yp, 10)
+    np.testing.assert_array_equal(counts.get(), 2 * sk.confusion_matrix(y_true, y_pred, labels=range(10)))

@@ -160,3 +160,19 @@ def test_train_eval_modes_switch_dropout():
     assert np.array_equal(net(x), net(x))
     net.train()
     assert not np.array_equal(net(x), net(x))
+
+
+def test_dropout_draws_from_philox_on_cupy_and_pcg64_on_numpy():
+    """On CuPy the masks come from a Philox4x32-10 generator (cheap setup), not CuPy's default XORWOW whose
+    per-thread setup lands in the first epoch; NumPy keeps its default. Checked with a stand-in module."""
+    import types
+
+    made = []
+    fake = types.ModuleType("cupy")
+    fake.random = types.SimpleNamespace(
+        Philox4x3210=lambda seed: ("philox", seed),
+        default_rng=lambda seed: made.append(seed) or "generator")
+    drop = gn.Dropout(0.5, seed=7)
+    assert drop.generator(fake) == "generator" and made == [("philox", 7)]
+    assert drop.generator(fake) == "generator" and len(made) == 1       # made once, then reused
+    assert isinstance(drop.generator(np).bit_generator, np.random.PCG64)

@@ -14,9 +14,10 @@ import pytest
 
 from conftest import ROOT
 
-# Imported by some tests, yet not in the test extra on purpose: CuPy (a GPU extra) and mpi4py (the mpi extra)
-# are installed by CI as CI-only steps; tomli is the fallback for Python < 3.11; packaging has a fallback beside its import.
-NOT_IN_TEST_EXTRA = {"cupy", "tomli", "packaging", "mpi4py"}
+# Imported by some tests, yet not in the test extra on purpose: CuPy (a GPU extra; cupyx ships inside its
+# wheel) and mpi4py (the mpi extra) are installed by CI as CI-only steps; tomli is the fallback for
+# Python < 3.11; packaging has a fallback beside its import.
+NOT_IN_TEST_EXTRA = {"cupy", "cupyx", "tomli", "packaging", "mpi4py"}
 MODULE_TO_DIST = {"PIL": "pillow", "sklearn": "scikit-learn"}
 
 
@@ -66,7 +67,8 @@ def test_ci_runs_the_readme_lines_and_nothing_else_as_set_up():
         assert "pytest" not in line, f".ci/run runs pytest itself: {line!r}"
         assert not re.search(r"pip install[^\n]*\s(-e\s+)?['\"]?\.(\[|\s|$|['\"])", line), \
             f".ci/run installs the project itself: {line!r}"
-    for flag in ("GPUNET_REQUIRE_DATA", "GPUNET_REQUIRE_CUPY", "GPUNET_REQUIRE_NUMBA", "GPUNET_REQUIRE_TOOLS"):
+    for flag in ("GPUNET_REQUIRE_DATA", "GPUNET_REQUIRE_CUPY", "GPUNET_REQUIRE_NUMBA", "GPUNET_REQUIRE_TOOLS",
+                 "GPUNET_REQUIRE_NVRTC"):
         assert f"export {flag}=1" in run, f".ci/run no longer sets {flag}=1"
     assert re.search(r'export GPUNET_DATA=.*shared/data/mnist', run), ".ci/run does not point GPUNET_DATA at ../shared"
 

@@ -41,6 +41,7 @@ extern "C" __global__ void gpunet_softmax_xent(const T* z, const long long* y, T
     loss[i] = LOG(s) + m - zi[t];
 }
 """
+SOFTMAX_XENT_NAME = "gpunet_softmax_xent"
 CTYPES = {"float32": "float", "float64": "double"}
 
 
@@ -62,7 +63,7 @@ def _elementwise(name: str):
 def _softmax_xent(ctype: str):
     import cupy
 
-    return cupy.RawKernel(softmax_xent_source(ctype), "gpunet_softmax_xent")
+    return cupy.RawKernel(softmax_xent_source(ctype), SOFTMAX_XENT_NAME)
 
 
 def bias_relu(y, b):
@@ -94,14 +95,21 @@ def softmax_xent(z, labels, grad, loss_rows):
     """
     import cupy
 
-    n, c = z.shape
-    if not (z.flags.c_contiguous and grad.flags.c_contiguous and loss_rows.flags.c_contiguous
-            and grad.shape == z.shape and grad.dtype == z.dtype == loss_rows.dtype):
+    if not (z.ndim == 2 and z.flags.c_contiguous and grad.flags.c_contiguous and loss_rows.flags.c_contiguous
+            and grad.shape == z.shape and loss_rows.shape == z.shape[:1]
+            and grad.dtype == z.dtype == loss_rows.dtype):
         raise ValueError("softmax_xent: expected C-contiguous z, grad and loss_rows of one float dtype, got "
-                         f"{z.dtype}/{grad.dtype}/{loss_rows.dtype} with shapes {z.shape}/{grad.shape}")
+                         f"{z.dtype}/{grad.dtype}/{loss_rows.dtype} with shapes {z.shape}/{grad.shape}/{loss_rows.shape}")
     labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
-    threads = 128
-    _softmax_xent(CTYPES[z.dtype.name])(
-        ((n + threads - 1) // threads,), (threads,),
-        (z, labels, grad, loss_rows, np.int32(n), np.int32(c), z.dtype.type(1.0 / n)))
+    _softmax_xent(CTYPES[z.dtype.name])(*softmax_xent_launch(z, labels, grad, loss_rows))
     return grad, loss_rows
+
+
+def softmax_xent_launch(z, labels, grad, loss_rows):
+    """``(grid, block, args)`` of the softmax_xent kernel: one thread per row, and the arguments in the
+    kernel's parameter order, each of the C type it declares (z, labels as int64, grad, loss_rows, n and c
+    as int32, 1/n in z's dtype; CI checks the kernel's signature against these)."""
+    n, c = z.shape
+    threads = 128
+    return (((n + threads - 1) // threads,), (threads,),
+            (z, labels, grad, loss_rows, np.int32(n), np.int32(c), z.dtype.type(1.0 / n)))

@@ -1,0 +1,213 @@
+"""Every CUDA kernel of gpunet, as CuPy would build it on a GPU, compiled with NVRTC on a machine without one.
+
+How CuPy builds a kernel (CuPy 13/14: cupy/_core/_kernel.pyx, cupy/_core/core.pyx, cupy/cuda/compiler.py):
+
+* ``ElementwiseKernel.__call__`` decides the type map from the arguments' dtypes (``_decide_params_type``,
+  which raises "Type is mismatched" where a declared type does not fit an argument), broadcasts the arrays,
+  merges contiguous dimensions (``_reduce_dims``), describes every argument (``_ArgInfo``: an array as
+  ``CArray<type, ndim, c_contiguous, 32-bit index>``, a scalar as its C type, the loop as ``CIndexer``) and
+  generates the source with ``_get_elementwise_kernel_code``; ``compile_with_cache`` puts CuPy's headers in
+  front (``#include <cupy/complex.cuh>``, ...).
+* ``RawKernel`` compiles its source as it is.
+* The options: ``assemble_cupy_compiler_options`` (CuPy's CCCL and include folders, ``--std=c++17``, the CUDA
+  runtime headers it finds through CUDA_PATH or NVIDIA's wheels), then ``-ftz=true``, ``-arch=sm_XX`` (a
+  cubin) and ``--device-as-default-execution-space``.
+
+Here all of that is CuPy's own code, called without a device, except two steps that need one in CuPy and are
+mirrored: the broadcast and dimension merge (for the 1-D and 2-D layouts gpunet launches; anything else is
+refused) and the ``-arch`` option (CuPy reads the device's compute capability; here each arch is named).
+On a GPU, tests/test_cuda_compile.py compares these sources with the ones CuPy compiled there.
+NVRTC comes from NVIDIA's wheel nvidia-cuda-nvrtc-cu12 and the headers from nvidia-cuda-runtime-cu12.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from gpunet import backend
+from gpunet.fast import cuda
+
+ARCHS = ("80", "90", "120")  # Ampere, Hopper, Blackwell (consumer); 120 needs NVRTC >= 12.8
+DTYPES = ("float32", "float64")
+# cupy/_core/_kernel.pxd, enum _ArgKind (not exposed to Python); tests check the code they produce
+ARG_NDARRAY, ARG_INDEXER, ARG_SCALAR = 1, 2, 3
+
+
+class Unavailable(RuntimeError):
+    """NVRTC or the CUDA runtime headers cannot be used here; the message says which and how to get them."""
+
+
+class CompileError(RuntimeError):
+    """NVRTC rejected a program; the message holds NVRTC's log."""
+
+
+def toolchain() -> dict:
+    """NVRTC's version, the CUDA header folder CuPy would use, and the archs to compile; raises Unavailable."""
+    hint = "pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12 (NVIDIA's wheels; no GPU needed)"
+    try:
+        from cupy._core import core
+        from cupy.cuda import compiler, nvrtc
+    except ImportError as exc:
+        raise Unavailable(f"CuPy is not installed ({exc}); pip install 'gpunet[cuda12]'") from exc
+    try:
+        version = tuple(nvrtc.getVersion())
+        options = core.assemble_cupy_compiler_options(())
+    except Exception as exc:  # the NVRTC library or the headers are missing
+        raise Unavailable(f"NVRTC is not usable ({type(exc).__name__}: {exc}); {hint}") from exc
+    headers = [o[2:] for o in options if o.startswith("-I") and (Path(o[2:]) / "cuda_runtime_api.h").exists()]
+    if not headers:
+        raise Unavailable(f"CuPy finds no CUDA runtime headers (cuda_runtime_api.h) in {options}; {hint}")
+    found = re.search(r"#define\s+CUDART_VERSION\s+(\d+)", (Path(headers[0]) / "cuda_runtime_api.h").read_text())
+    cudart = int(found.group(1)) if found else 0
+    if cudart // 1000 != version[0]:
+        raise Unavailable(f"the CUDA headers in {headers[0]} are CUDA {cudart // 1000}.{cudart % 1000 // 10} but "
+                          f"NVRTC is {version[0]}.{version[1]}: install the runtime-headers wheel of NVRTC's "
+                          f"major version; {hint}")
+    top = int(compiler._get_max_compute_capability())  # CuPy's own table of what each NVRTC version knows
+    return {"nvrtc": version, "headers": headers[0], "cudart": cudart,
+            "archs": tuple(a for a in ARCHS if int(a) <= top)}
+
+
+def options(arch: str, kernel_options: tuple = ()) -> tuple:
+    """CuPy's NVRTC options for a kernel built for compute capability ``arch`` (e.g. "90")."""
+    from cupy._core import core
+
+    return core.assemble_cupy_compiler_options(tuple(kernel_options)) + (
+        "-ftz=true", f"-arch=sm_{arch}", "--device-as-default-execution-space")
+
+
+def compile_program(source: str, name: str, arch: str, kernel_options: tuple = ()) -> bytes:
+    """Compile ``source`` with NVRTC through CuPy's own program wrapper; the cubin, or CompileError."""
+    from cupy.cuda import compiler
+
+    try:
+        cubin, _ = compiler._NVRTCProgram(source, f"{name}.cu", method="cubin").compile(
+            options(arch, kernel_options))
+    except compiler.CompileException as exc:
+        raise CompileError(f"{name} (sm_{arch}): {exc}") from exc
+    return cubin
+
+
+# ----------------------------------------------------------------------------------- elementwise kernels
+def launch_all(dtype: str, xp=np) -> None:
+    """Call each of gpunet.fast.cuda's elementwise wrappers as gpunet.fast.step does, on MNIST-sized arrays of
+    ``xp`` in ``dtype``: activations (128, 512) and (1, 512) (online learning: another layout), W (784, 512)
+    and b (512,), momentum with and without Nesterov, SGD."""
+    t = np.dtype(dtype).type
+    y, b, W = xp.zeros((128, 512), dtype), xp.zeros(512, dtype), xp.zeros((784, 512), dtype)
+    cuda.bias_relu(y, b)
+    cuda.bias_relu(xp.zeros((1, 512), dtype), b)
+    cuda.relu_backward(y.copy(), y)
+    for p in (W, b):
+        for nesterov in (False, True):
+            cuda.momentum(p, p.copy(), p.copy(), t(0.05), t(0.9), t(1e-4), nesterov)
+        cuda.sgd(p, p.copy(), t(0.05), t(1e-4))
+
+
+def elementwise_launches(dtype: str) -> list:
+    """``(spec, args)`` of each ElementwiseKernel launch gpunet makes, with NumPy arrays standing in for
+    CuPy's; ``spec`` is (in_params, out_params, operation, name). Recorded from :func:`launch_all` with the
+    kernel factory of gpunet.fast.cuda swapped for a recorder; the backend's probe kernel (float32 only,
+    on a (4, 4) array) comes first."""
+    calls = []
+    if dtype == "float32":
+        calls.append((backend.PROBE_KERNEL, (np.zeros((4, 4), np.float32),)))
+    real = cuda._elementwise
+    cuda._elementwise = lambda name: (lambda *args: calls.append((cuda.ELEMENTWISE[name], args)))
+    try:
+        launch_all(dtype)
+    finally:
+        cuda._elementwise = real
+    return calls
+
+
+def _kernel_layout(arrays: list) -> tuple[list, int]:
+    """CuPy's ``_broadcast`` and ``_reduce_dims`` for these arrays (None for a scalar): the (ndim,
+    c_contiguous) each array is described with, and the loop's ndim."""
+    shape = np.broadcast_shapes(*[a.shape for a in arrays if a is not None])
+    views = [None if a is None else np.broadcast_to(a, shape) for a in arrays]
+    contiguous = all(v.flags.c_contiguous for v in views if v is not None)
+    if len(shape) > 1 and contiguous:  # every array C-contiguous: one flat loop
+        return [None if v is None else (1, True) for v in views], 1
+    if len(shape) > 2:
+        raise NotImplementedError(f"layout {shape} with a broadcast or strided array: not mirrored here "
+                                  "(gpunet launches only 1-D and 2-D ones)")
+    return [None if v is None else (v.ndim, bool(v.flags.c_contiguous)) for v in views], len(shape)
+
+
+def elementwise_program(spec: tuple, args: tuple) -> tuple[str, str, tuple]:
+    """``(name, source, kernel options)`` that CuPy compiles when ``ElementwiseKernel(*spec)`` is called
+    with ``args`` (NumPy arrays stand for CuPy arrays; Python and NumPy scalars for scalars). A declared
+    type that does not fit the arguments raises CuPy's TypeError ("Type is mismatched")."""
+    import cupy
+    from cupy._core import _carray, _kernel, _scalar, core
+
+    kernel = cupy.ElementwiseKernel(*spec)
+    ins, outs = list(args[:kernel.nin]), list(args[kernel.nin:])
+    in_dtypes = tuple(a.dtype if isinstance(a, np.ndarray) else None for a in ins)
+    in_types, out_types, type_map = kernel._decide_params_type(in_dtypes, tuple(a.dtype for a in outs))
+    arrays = [a if isinstance(a, np.ndarray) else None for a in ins]
+    if not outs:  # CuPy allocates the outputs, C-contiguous in the broadcast shape
+        shape = np.broadcast_shapes(*[a.shape for a in arrays if a is not None])
+        outs = [np.empty(shape, t) for t in out_types]
+    layout, loop_ndim = _kernel_layout(arrays + outs)
+    infos = []
+    for i, (a, lay) in enumerate(zip(arrays + outs, layout)):
+        if lay is None:  # a scalar takes its parameter's type (CScalar.apply_dtype)
+            infos.append(_kernel._ArgInfo(ARG_SCALAR, _scalar.CScalar, np.dtype(in_types[i]), 0, True, True))
+        else:  # 32-bit indexing: every array here is far below 2**31 elements, as gpunet's are
+            infos.append(_kernel._ArgInfo(ARG_NDARRAY, cupy.ndarray, a.dtype, lay[0], lay[1], True))
+    infos.append(_kernel._ArgInfo(ARG_INDEXER, _carray.Indexer, None, loop_ndim, True, True))
+    code = _kernel._get_elementwise_kernel_code(tuple(infos), type_map, kernel.params, kernel.operation,
+                                                kernel.name, kernel.preamble, **kernel.kwargs)
+    header = "".join(f"#include <{h}>\n" for h in core._cupy_header_list)
+    return kernel.name, header + code, tuple(kernel.kwargs.get("options", ()))
+
+
+# ------------------------------------------------------------------------------------------- raw kernels
+def _ctype(dtype) -> str:
+    from cupy._core._scalar import get_typename
+
+    return get_typename(np.dtype(dtype))
+
+
+def signature_check(kernel_name: str, args: tuple) -> str:
+    """C++ appended to a RawKernel's source: a static_assert that the kernel's parameters have the C types
+    of the arguments its launch passes (pointers to the arrays' dtypes, the scalars' own types; const on the
+    pointee is the kernel's business). RawKernel passes raw bytes, so CuPy itself checks none of this."""
+    expected = ", ".join(f"{_ctype(a.dtype)}*" if isinstance(a, np.ndarray) else _ctype(a.dtype) for a in args)
+    return f"""
+template <class T> struct gpunet_bare {{ typedef T type; }};
+template <class T> struct gpunet_bare<const T*> {{ typedef T* type; }};
+template <class A, class B> struct gpunet_same {{ enum {{ value = 0 }}; }};
+template <class A> struct gpunet_same<A, A> {{ enum {{ value = 1 }}; }};
+template <class F> struct gpunet_params;
+template <class... A> struct gpunet_params<void(A...)> {{ typedef void type(typename gpunet_bare<A>::type...); }};
+static_assert(gpunet_same<gpunet_params<decltype({kernel_name})>::type, void({expected})>::value,
+              "{kernel_name}: its parameters are not of the types its launch passes: ({expected})");
+"""
+
+
+def raw_programs(dtype: str, source: str | None = None) -> list:
+    """``(name, source)`` of gpunet's RawKernel for ``dtype``: the exact source CuPy compiles, then the
+    same with :func:`signature_check` against the arguments ``cuda.softmax_xent_launch`` passes."""
+    ctype = cuda.CTYPES[dtype]
+    source = cuda.softmax_xent_source(ctype) if source is None else source
+    z, labels = np.zeros((128, 10), dtype), np.zeros(128, np.int64)
+    _, _, args = cuda.softmax_xent_launch(z, labels, np.zeros_like(z), np.zeros(128, dtype))
+    name = cuda.SOFTMAX_XENT_NAME
+    return [(name, source), (f"{name}_signature", source + signature_check(name, args))]
+
+
+def programs(dtype: str) -> list:
+    """Every distinct ``(name, source, kernel options)`` gpunet has CuPy compile in ``dtype``, the RawKernel's
+    signature check included."""
+    seen, out = set(), []
+    for spec, args in elementwise_launches(dtype):
+        program = elementwise_program(spec, args)
+        if program[:2] not in seen:
+            seen.add(program[:2])
+            out.append(program)
+    return out + [(name, source, ()) for name, source in raw_programs(dtype)]
