@@ -344,9 +344,10 @@ def predict_proba(net, x, batch_size: int = 4096):
     net.eval()
     x = as_rows(x).to(net.device)
     xp = get_array_module(net.parameters()[0].data)
+    forward = fast_path.forward_for(net) or net.forward
     out = None
     for start, xb in _batches(x, batch_size):
-        z = net.forward(xb)
+        z = forward(xb)
         p = xp.exp(z - z.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
         if out is None:
@@ -376,12 +377,15 @@ def evaluate(net, loss, x, y, batch_size: int = 4096, metrics: bool = False, com
         lo, hi = parallel.shard(0, n_all, comm.rank, comm.size)
         x, y = as_rows(x[lo:hi]), y[lo:hi]
     xp = get_array_module(y)
+    forward = fast_path.forward_for(net) or net.forward
+    mean_loss = fast_path.loss_for(loss, y) or (
+        (lambda z, t: loss.forward(z, t, check=False)) if classify else loss.forward)
     loss_sum = xp.zeros((), dtype=np.float64)
     counts = xp.zeros((classes, classes), dtype=np.int64) if classify else None
     for start, xb in _batches(x, batch_size):
         yb = y[start:start + len(xb)]
-        out = net.forward(xb)
-        loss_sum += (loss.forward(out, yb, check=False) if classify else loss.forward(out, yb)) * len(xb)
+        out = forward(xb)
+        loss_sum += mean_loss(out, yb) * len(xb)
         if classify:
             counts += confusion_counts(yb, out.argmax(axis=1), classes)
     net.train(was_training)

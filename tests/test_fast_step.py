@@ -127,3 +127,35 @@ def test_select_says_why_it_does_not_apply(change, reason, monkeypatch):
         opt = gn.SGD(net.parameters(), lr=0.1)
     assert reason in fast.why_not(net, loss, opt, y)
     assert fast.select(net, loss, opt, y) is None
+
+
+def test_fused_forward_and_loss_are_the_core_ones(device):
+    """Inference and evaluation take the fused forward pass and loss; on the CPU the forward is the same
+    float operations as the core's (bit for bit), the loss agrees to float32 rounding."""
+    x, y, make = problem(device, dropout=0.3)
+    net = make().eval()
+    fused = fast.forward_for(net)
+    assert fused is not None and fast.forward_for(make()) is None  # a training-mode network: the core
+    want = net.forward(x)
+    if device == "cpu":
+        assert np.array_equal(fused(x), want)
+    assert_allclose(fused(x), want, **STEP_TOL)
+    assert_allclose(fast.loss_for(gn.SoftmaxCrossEntropy(), y)(want, y), gn.SoftmaxCrossEntropy().forward(want, y),
+                    **STEP_TOL)
+    assert fast.loss_for(gn.MSELoss(), y) is None
+    with pytest.raises(ValueError, match=r"x: expected shape \(batch, 50\)"):
+        fused(x[:, :10])
+
+
+def test_predict_and_evaluate_agree_with_the_fast_path_off(monkeypatch):
+    from gpunet.training import evaluate, predict_proba
+
+    x, y, make = problem("cpu", n=300, dropout=0.3)
+    net = make()
+    fit(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.1), x, y, epochs=2, batch_size=32)
+    on = predict_proba(net, x), evaluate(net, gn.SoftmaxCrossEntropy(), x, y, batch_size=64, metrics=True)
+    monkeypatch.setenv("GPUNET_FAST", "0")
+    off = predict_proba(net, x), evaluate(net, gn.SoftmaxCrossEntropy(), x, y, batch_size=64, metrics=True)
+    assert_allclose(on[0], off[0], **STEP_TOL)
+    assert on[1]["confusion_matrix"] == off[1]["confusion_matrix"]
+    np.testing.assert_allclose(on[1]["loss"], off[1]["loss"], rtol=1e-6)

@@ -16,7 +16,7 @@ from ..losses import SoftmaxCrossEntropy
 from ..optimizers import SGD, Momentum
 from . import blas, ops
 from .ops import gather_scaled
-from .step import FusedStep, plan
+from .step import FusedForward, FusedStep, mean_softmax_xent, plan
 
 ENV_VAR = "GPUNET_FAST"
 
@@ -50,10 +50,28 @@ def select(net, loss, optimizer, y, distributed: bool = False):
     return FusedStep(optimizer, plan(net), distributed)
 
 
+def forward_for(net):
+    """A fused eval-mode forward pass for ``net`` (see :class:`FusedForward`), or None (then the core's
+    ``net.forward`` runs): the fast path must be on, the network a chain it knows, in eval mode."""
+    if not enabled() or net.training:
+        return None
+    blocks = plan(net)
+    return None if isinstance(blocks, str) else FusedForward(blocks)
+
+
+def loss_for(loss, y):
+    """``mean_loss(z, y)`` through the fused softmax cross-entropy for integer labels, or None (then the
+    core loss runs)."""
+    if not enabled() or type(loss) is not SoftmaxCrossEntropy or y.ndim != 1 or y.dtype.kind not in "iu":
+        return None
+    return mean_softmax_xent
+
+
 def status() -> dict:
     """What the fast path runs on this machine, for ``gpunet info`` and metrics.json."""
     return {"enabled": enabled(), "cpu_kernels": ops.numba_status(), "cpu_blas_update": blas.status(),
             "gpu_kernels": "CUDA kernels through CuPy (when the device is a GPU)"}
 
 
-__all__ = ["select", "why_not", "status", "enabled", "gather_scaled", "FusedStep", "plan"]
+__all__ = ["select", "why_not", "forward_for", "loss_for", "status", "enabled", "gather_scaled", "FusedStep",
+           "FusedForward", "plan"]

@@ -131,3 +131,31 @@ class FusedStep:
         if self.deferred and not self.fold:
             self.optimizer.step()  # the core rule, on the gradients written above
         return value, logits
+
+
+class FusedForward:
+    """``forward(x) -> logits`` in eval mode for a chain ``plan`` knows: one matmul per layer, bias + ReLU
+    in one pass on its output (dropout is the identity in eval mode). For predict and evaluate."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def __call__(self, x):
+        self.blocks[0][0].check_input(x)  # the core's own checks, once: the widths match after it
+        xp = get_array_module(x)
+        for linear, relu, _ in self.blocks:
+            y = xp.matmul(x, linear.W.data)
+            if relu:
+                ops.bias_relu(y, linear.b.data)
+            else:
+                y += linear.b.data
+            x = y
+        return x
+
+
+def mean_softmax_xent(z, labels):
+    """The mean softmax cross-entropy of logits z (N, C) and integer labels (N,), as a 0-d array."""
+    xp = get_array_module(z)
+    z = xp.ascontiguousarray(z)
+    _, rows = ops.softmax_xent(z, labels, xp.empty_like(z), xp.empty(z.shape[0], dtype=z.dtype))
+    return rows.sum() * z.dtype.type(1.0 / max(z.shape[0], 1))
