@@ -195,3 +195,20 @@ def test_settings_that_differ_between_ranks_are_refused(data, tmp_path):
     assert "the training settings differs between rank" in res.stderr and "lr: 0.05 here, 0.1 there" in res.stderr \
         or "lr: 0.1 here, 0.05 there" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.gpu
+def test_two_gpus_train_the_model_of_one(data, tmp_path):
+    """The GPU twin: one GPU per rank, the gradient sum through NCCL (NCCL refuses two ranks on one GPU,
+    so this needs two). Same tolerance as on the CPU: the sum in another order, float32 rounding."""
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs (NCCL runs one rank per GPU)")
+    flags = [a if a != "cpu" else "gpu" for a in FLAGS]
+    for k in (1, 2):
+        res = train("--data-dir", data, "--out", tmp_path / f"k{k}", *flags, n=k)
+        assert res.returncode == 0, res.stderr
+    one, two = weights(tmp_path / "k1" / "model.npz"), weights(tmp_path / "k2" / "model.npz")
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
