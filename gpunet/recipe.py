@@ -80,15 +80,21 @@ def versions() -> dict:
     return out
 
 
+def data_folder(data_dir, download: bool) -> Path | None:
+    """The folder named by ``data_dir`` (None if none was), refused if it is missing and not to be made."""
+    folder = Path(data_dir).expanduser() if data_dir else None
+    if folder is not None and not folder.is_dir() and not download:
+        raise DataError(f"data folder not found: {folder} (pass --download to fetch MNIST into it)")
+    return folder
+
+
 def load_data(data_dir=None, download=False):
     """MNIST as uint8 images and int64 labels: ``((x_train, y_train), (x_test, y_test))``.
 
     ``data_dir`` (else ``GPUNET_DATA``, else the cache folder); a folder that was not named explicitly is
     downloaded into when files are missing, a named one only with ``download``.
     """
-    folder = Path(data_dir).expanduser() if data_dir else None
-    if folder is not None and not folder.is_dir() and not download:
-        raise DataError(f"data folder not found: {folder} (pass --download to fetch MNIST into it)")
+    folder = data_folder(data_dir, download)
     explicit = folder is not None or bool(os.environ.get("GPUNET_DATA"))
     # the images stay bytes (a quarter of float32's memory), read as float32 batch by batch: see batches.py
     return load_mnist(folder, download=download or not explicit, dtype=np.uint8)
@@ -103,6 +109,7 @@ def check(config: TrainConfig) -> None:
         raise ConfigError("--nesterov: needs --momentum > 0, got --momentum 0")
     if config.patience and not config.val_size:
         raise ConfigError("--patience: needs a validation set, but --val-size is 0")
+    data_folder(config.data_dir, config.download)
 
 
 def build(config: TrainConfig, in_features: int, classes: int, device: str):

@@ -147,11 +147,11 @@ def test_more_user_mistakes(trained, tmp_path):
         (["predict", out / "model.npz", tmp_path / "notes.txt"], "notes.txt"),
         (["train", "--data-dir", data, "--val-size", "100000", "--out", tmp_path / "o"], "--val-size: expected fewer than 600"),
         (["train", "--data-dir", tmp_path, "--out", tmp_path / "o"], "missing"),
-        (["train", "--data-dir", data, "--hidden", "8", "8", "--activation", "relu", "tanh", "relu"],
-         "--activation: expected 1 or 2 names"),
+        (["train", "--data-dir", data, "--hidden", "8", "8", "--activation", "relu", "tanh", "relu",
+          "--out", tmp_path / "o"], "--activation: expected 1 or 2 names"),
     ]
     if not backend.gpu_available():
-        cases.append((["train", "--data-dir", data, "--device", "gpu"], "no GPU is usable"))
+        cases.append((["train", "--data-dir", data, "--device", "gpu", "--out", tmp_path / "o"], "no GPU is usable"))
     for args, message in cases:
         res = run(*args)
         assert res.returncode == 2, (args, res.stderr)
