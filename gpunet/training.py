@@ -256,6 +256,9 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
                     correct += (out.argmax(axis=1) == yb).sum()
             if on_batch is not None:
                 on_batch(epoch, b + 1, steps)
+            # a single process: a signal that came during this step or its on_batch stops it here (ranks
+            # of a distributed run agreed on stopping through the gradient sum instead)
+            stop = stop or (not distributed and interrupt is not None and bool(interrupt()))
             if stop:
                 if checkpoint_path is not None:
                     sums = {"loss_sum": float(loss_sum), "correct": int(correct),
@@ -300,16 +303,16 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
 
 
 def _stepper(step, optimizer, interrupt, comm):
-    """``take_step(x, y, rows, batch_rows) -> (mean loss or None, output, stop)``: one training step and
-    whether to stop after it; in a distributed run the gradients are summed over the ranks (with the
-    stop requests, so that every rank stops at the same step)."""
+    """``take_step(x, y, rows, batch_rows) -> (mean loss or None, output, stop)``: one training step; in a
+    distributed run the gradients are summed over the ranks together with their stop requests, so that
+    every rank stops at the same step (``stop``, always False for a single process)."""
     def wants_stop():
         return interrupt is not None and bool(interrupt())
 
-    if comm is None:
+    if comm is None:  # a single process asks interrupt() itself, after on_batch
         def take_step(x, y, rows, batch_rows):
             value, out = step(x, y)
-            return value, out, wants_stop()
+            return value, out, False
         return take_step
     gradient_sum = parallel.GradientSum(comm, optimizer.params)
 

@@ -114,14 +114,18 @@ def reference(data, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGINT", 130)])
-def test_signal_at_a_random_step_then_resume_is_bit_exact(data, kill_at, reference, tmp_path, signame, code):
-    when = int(np.random.default_rng().integers(1, 4 * STEPS_PER_EPOCH))
+@pytest.mark.parametrize("signame, code, when", [
+    ("SIGTERM", 143, None), ("SIGINT", 130, None),
+    ("SIGTERM", 143, 2 * STEPS_PER_EPOCH),  # the last step of an epoch: stop before its validation pass
+])
+def test_signal_at_a_random_step_then_resume_is_bit_exact(data, kill_at, reference, tmp_path, signame, code, when):
+    when = when or int(np.random.default_rng().integers(1, 4 * STEPS_PER_EPOCH))
     out = tmp_path / "run"
     res = stopped(kill_at, when, signame, data, out)
     assert res.returncode == code, (when, res.stderr)
     last = res.stderr.strip().splitlines()[-1]
-    assert f"gpunet train: {signame}: stopped after {(when - 1) // STEPS_PER_EPOCH} epochs" in last, last
+    epochs, steps = (when - 1) // STEPS_PER_EPOCH, (when - 1) % STEPS_PER_EPOCH + 1
+    assert f"gpunet train: {signame}: stopped after {epochs} epochs and {steps} steps;" in last, (when, last)
     assert last.endswith("--resume") and "continue with: gpunet train" in last
     assert not (out / "metrics.json").exists() and (out / "checkpoint.npz").exists()
     res = gpunet("train", "--data-dir", data, "--out", out, *FLAGS, "--resume")
