@@ -8,11 +8,13 @@ change: the process sends itself the signal after global step K, through the rea
 """
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -270,3 +272,28 @@ def test_out_of_memory_is_one_line_and_keeps_the_checkpoint(data, tmp_path, monk
     rc = cli.main(["train", "--data-dir", str(data), "--out", str(out), *FLAGS, "--resume"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "1,073,741,824 bytes" in err[-1] and "--batch-size 20" in err[-1]
+
+
+def test_sigterm_to_pid_1_as_docker_stop_sends_it(data, tmp_path):
+    """In a container gpunet is PID 1 (the image's ENTRYPOINT), and the kernel delivers no signal to PID 1
+    that it has no handler for. Here gpunet runs as PID 1 of a new PID namespace (unshare, as root) and
+    gets SIGTERM from outside it, as from `docker stop`: it must stop with a checkpoint, not ignore it."""
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs root and util-linux's unshare to make a PID namespace")
+    out = tmp_path / "run"
+    proc = subprocess.Popen([unshare, "--pid", "--fork", "--mount-proc", sys.executable, "-m", "gpunet", "train",
+                             "--data-dir", str(data), "--out", str(out), *FLAGS, "--epochs", "400"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if "training" not in line:
+        proc.kill()
+        pytest.skip(f"unshare cannot make a PID namespace here: {proc.stderr.read()[-300:]}")
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(children) == 1, children
+    time.sleep(0.5)
+    os.kill(int(children[0]), signal.SIGTERM)  # gpunet, PID 1 inside its namespace
+    _, err = proc.communicate(timeout=120)
+    assert "SIGTERM: stopped after" in err and err.strip().endswith("--resume"), err
+    meta = json.loads(arrays(out / "checkpoint.npz")["__checkpoint__"].tobytes())
+    assert not meta["finished"]
