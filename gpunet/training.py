@@ -137,7 +137,9 @@ class _Run:
             "best_epoch": self.history.best_epoch, "early_stopping": stopper, "partial": partial}, arrays)
 
     def restore(self, path):
+        """Load the checkpoint at ``path`` into the run; returns its record, with this rank's partial sums."""
         meta, arrays = checkpoint.load(path)
+        rank, size = (0, 1) if self.comm is None else (self.comm.rank, self.comm.size)
         if meta["network"] != self.net.config():
             raise checkpoint.CheckpointError(f"{path}: holds a different network ({meta['network']['layers']}) "
                                              f"than the one given ({self.net.config()['layers']})")
@@ -147,7 +149,6 @@ class _Run:
             if "momentum" in opt:
                 opt["velocities"] = [arrays[f"velocity/{i}"] for i in range(len(self.optimizer.params))]
             self.optimizer.load_state_dict(opt)
-            rank, size = (0, 1) if self.comm is None else (self.comm.rank, self.comm.size)
             if meta["ranks"] != size:
                 raise ValueError(f"it was written by {meta['ranks']} processes, this run has {size}; "
                                  f"resume with the same number")
@@ -162,10 +163,7 @@ class _Run:
             self.stopper.best_loss, self.stopper.best_epoch, self.stopper.wait = es["best_loss"], es["best_epoch"], es["wait"]
             best = {k[5:]: v for k, v in arrays.items() if k.startswith("best/")}
             self.stopper.best_state = best or None
-        if meta["partial"][0] is not None:
-            meta["partial"] = meta["partial"][0 if self.comm is None else self.comm.rank]
-        else:
-            meta["partial"] = None
+        meta["partial"] = meta["partial"][rank]  # None after a finished epoch
         return meta
 
 

@@ -35,6 +35,15 @@ def plan(net):
     return blocks
 
 
+def _affine(x, linear, relu, out=None):
+    """``x @ W + b``, then ReLU if ``relu``, with the bias and ReLU in one pass over the product."""
+    y = get_array_module(x).matmul(x, linear.W.data, out=out)
+    if relu:
+        return ops.bias_relu(y, linear.b.data)
+    y += linear.b.data
+    return y
+
+
 class FusedStep:
     """``step(x, y, reduce=None) -> (mean loss as a 0-d array, logits)`` for x (N, in) float, y (N,)
     integer labels; ``reduce()``, if given, runs between the gradients and the update (``distributed``).
@@ -96,11 +105,7 @@ class FusedStep:
         for i, (linear, relu, dropout) in enumerate(self.blocks):
             inputs.append(x)
             W = linear.W.data
-            y_ = xp.matmul(x, W, out=self._buffer(("y", i), (n, W.shape[1]), W.dtype))
-            if relu:
-                ops.bias_relu(y_, linear.b.data)
-            else:
-                y_ += linear.b.data
+            y_ = _affine(x, linear, relu, out=self._buffer(("y", i), (n, W.shape[1]), W.dtype))
             mask = dropout.new_mask(y_) if dropout is not None else None
             if mask is not None:
                 y_ *= mask
@@ -115,7 +120,6 @@ class FusedStep:
         dy = grad
         for i in range(len(self.blocks) - 1, -1, -1):
             linear = self.blocks[i][0]
-            dx = None
             if i > 0:  # the delta of the layer below, from the weights before this step's update
                 dx = xp.matmul(dy, linear.W.data.T, out=self._buffer(("dx", i), inputs[i].shape, dy.dtype))
             self._update(i, inputs[i], dy)
@@ -142,14 +146,8 @@ class FusedForward:
 
     def __call__(self, x):
         self.blocks[0][0].check_input(x)  # the core's own checks, once: the widths match after it
-        xp = get_array_module(x)
         for linear, relu, _ in self.blocks:
-            y = xp.matmul(x, linear.W.data)
-            if relu:
-                ops.bias_relu(y, linear.b.data)
-            else:
-                y += linear.b.data
-            x = y
+            x = _affine(x, linear, relu)
         return x
 
 
