@@ -22,6 +22,7 @@ ALLOWED = {
     "idx": {"files"}, "data": {"idx"},
     "fast": {"backend", "layers", "losses", "optimizers"},
     "batches": {"backend", "fast"},
+    "augment": {"backend", "fast"},
     "checkpoint": {"files"},
     "training": {"backend", "fast", "batches", "losses", "metrics", "checkpoint", "parallel"},
     "parallel": {"backend"},
