@@ -98,7 +98,7 @@ def launch_all(dtype: str, xp=np) -> None:
     """Call each of gpunet.fast.cuda's elementwise wrappers as gpunet.fast.step does, on MNIST-sized arrays of
     ``xp`` in ``dtype``: activations (128, 512) and (1, 512) (online learning: another layout), W (784, 512)
     and b (512,), momentum with and without Nesterov, SGD, Adam and AdamW (their scalars from
-    gpunet.fast.step.adam_scalars, as the fused step passes them)."""
+    gpunet.fast.step.adam_scalars, as the fused step passes them), dropout."""
     t = np.dtype(dtype).type
     y, b, W = xp.zeros((128, 512), dtype), xp.zeros(512, dtype), xp.zeros((784, 512), dtype)
     cuda.bias_relu(y, b)
@@ -113,6 +113,7 @@ def launch_all(dtype: str, xp=np) -> None:
         cuda.sgd(p, p.copy(), t(0.05), t(1e-4))
         for opt in adams:
             cuda.adam(p, p.copy(), p.copy(), p.copy(), adam_scalars(opt, dtype))
+    cuda.dropout(y, y.copy(), 2**63 - 1, 52429, 1 / 0.8)
 
 
 def elementwise_launches(dtype: str) -> list:
