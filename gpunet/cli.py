@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--weights", metavar="FILE.json", help='starting weights: {"layers": [{"W": [[...], ...], "b": [...]}, ...]}, W (inputs, outputs)')
     x.add_argument("--model", help="a model file written by gpunet train (dropout off: the prediction's forward pass)")
     x.add_argument("--image", metavar="FILE", help="the input from an image or .npy file (as for gpunet predict)")
-    x.add_argument("--json", action="store_true", help="print every quantity as JSON (schema gpunet-explain/1)")
+    x.add_argument("--json", action="store_true", help="print every quantity as JSON (schema gpunet-explain/2)")
     x.add_argument("--format", choices=("text", "markdown"), default="text", help="text, or markdown with LaTeX (default: text)")
     x.add_argument("--float64", action="store_true", help="compute in float64, for hand checks to many digits")
 

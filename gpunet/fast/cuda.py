@@ -14,8 +14,10 @@ import functools
 import numpy as np
 
 # (in_params, out_params, operation, name) of each cupy.ElementwiseKernel
-BIAS_RELU = ("T b", "T y", "T t = y + b; y = t > (T)0 ? t : (T)0;", "gpunet_bias_relu")
-RELU_BACKWARD = ("T y", "T dy", "dy = y > (T)0 ? dy : (T)0;", "gpunet_relu_backward")
+# NaN passes through both, as through the core's maximum(x, 0) and dy * (x > 0): a diverging run must
+# reach the loss as NaN on every path, or the divergence guard misses it.
+BIAS_RELU = ("T b", "T y", "T t = y + b; y = t < (T)0 ? (T)0 : t;", "gpunet_bias_relu")
+RELU_BACKWARD = ("T y", "T dy", "dy = y > (T)0 ? dy : dy * (T)0;", "gpunet_relu_backward")
 MOMENTUM = ("T g, T lr, T gamma, T wd, bool nesterov", "T w, T v",
             "T d = g + wd * w; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d : v;",
             "gpunet_momentum")
