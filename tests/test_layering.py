@@ -30,7 +30,8 @@ ALLOWED = {
     "recipe": {"__init__", "backend", "checkpoint", "fast", "files", "parallel", "plots", "batches", "data", "losses",
                "network", "optimizers", "schedules", "training"},
     "images": {"data"},
-    "serve": {"backend", "data", "images", "training"},
+    "predictions": set(),
+    "serve": {"backend", "data", "images", "predictions", "training"},
 }
 TOP = {"cli", "__init__", "__main__"}
 
