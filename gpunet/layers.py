@@ -217,79 +217,79 @@ class Softmax(Layer):
         return self._y * (dy - (dy * self._y).sum(axis=1, keepdims=True))
 
 
+# --- dropout's random bits: a counter-based draw, computed where the data lives ------------------------
+# A mask keyed k gives unit i the 16-bit lane (i % 4) of word (i // 4) of SplitMix64's output stream
+# started at k: word j is mix(k + (j + 1) * GOLDEN), with mix SplitMix64's finaliser. The key comes from the
+# layer's NumPy generator on the host, one per mask, so a CPU and a GPU run draw the same masks, the state
+# to checkpoint is the host generator's alone, and no device generator (sized to the GPU) exists at all.
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def dropout_bits(xp, key: int, size: int):
+    """(size,) uint16 uniform random bits of the mask keyed ``key`` (see above), on ``xp``'s device."""
+    u = xp.uint64
+    x = xp.arange(1, (size + 3) // 4 + 1, dtype=u)
+    x *= u(GOLDEN)  # unsigned arithmetic wraps modulo 2**64, as SplitMix64 means it to
+    x += u(key)
+    x ^= x >> u(30)
+    x *= u(MIX1)
+    x ^= x >> u(27)
+    x *= u(MIX2)
+    x ^= x >> u(31)
+    return x.astype("<u8", copy=False).view("<u2")[:size]  # little-endian: lane 0 is the low 16 bits
+
+
 class Dropout(Layer):
     """Inverted dropout: in training mode ``y = x * mask``, where the mask zeroes each unit with
     probability ``p`` and scales the rest by ``1 / (1 - p)``; ``dx = dy * mask``. The identity in eval
-    mode. Masks are drawn on the array's own device from a generator seeded with ``seed``."""
+    mode. A unit is kept when its 16 random bits (:func:`dropout_bits`) lie below ``threshold``, i.e.
+    with probability ``1 - p`` rounded to a multiple of 2**-16; each mask's key is drawn from a NumPy
+    generator seeded with ``seed``, on the host, whatever the device."""
+
+    STREAM = "splitmix64-lanes16"  # the draw above, named in checkpoints: another draw cannot continue one
 
     def __init__(self, p: float = 0.5, seed: int | None = None):
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
             raise ValueError(f"p: expected a dropout probability in [0, 1), got {p!r}")
         self.p = float(p)
         self.seed = seed
-        self.generators = {}  # one per array module ("numpy", "cupy"), made on first use
-        self.gpu_draws = []   # [shape, count] of every CuPy mask drawn since seeding: how to replay them
+        self.rng = np.random.default_rng(seed)
+        self.threshold = min(round((1.0 - self.p) * 65536), 65535)
         self._mask = None
 
     def config(self):
         return {"type": "Dropout", "p": self.p}
 
-    def generator(self, xp):
-        """This layer's random generator for the array module ``xp``: NumPy's default (PCG64), or on
-        CuPy a Philox4x32-10 one. CuPy's default (XORWOW) sets up one state per GPU thread at creation
-        through a slow skip-ahead, queued asynchronously, so it would land in the first epoch's timing;
-        Philox's per-thread setup is a counter offset, cheap."""
-        if xp.__name__ not in self.generators:
-            if xp is np:
-                self.generators[xp.__name__] = np.random.default_rng(self.seed)
-            else:
-                self.generators[xp.__name__] = xp.random.default_rng(xp.random.Philox4x3210(self.seed))
-        return self.generators[xp.__name__]
+    def active(self) -> bool:
+        return self.training and self.p > 0.0
+
+    def next_key(self) -> int:
+        """The key of the next mask (a draw from the host generator)."""
+        return int(self.rng.integers(0, 2**63))
 
     def new_mask(self, x):
         """A fresh scaled keep-mask shaped and typed like ``x`` (entries 0 or 1/(1-p)), or None when
         dropout is off (eval mode, p = 0)."""
-        if not self.training or self.p == 0.0:
+        if not self.active():
             return None
-        xp, keep = get_array_module(x), 1.0 - self.p
-        if xp is np:
-            # 16 random bits per unit rather than a float draw: faster with NumPy (BENCHMARKS.md); the keep
-            # probability is rounded to a multiple of 2**-16
-            kept = self.generator(xp).integers(0, 1 << 16, size=x.shape, dtype=np.uint16) < min(round(keep * 65536), 65535)
-        else:  # CuPy's Generator draws integers only as int32/int64: a float draw costs the same there
-            kept = self.generator(xp).random(x.shape, dtype=x.dtype) < keep
-            self._count_gpu_draw(list(x.shape), x.dtype.name)
-        return kept * x.dtype.type(1.0 / keep)
-
-    def _count_gpu_draw(self, shape, dtype):
-        if self.gpu_draws and self.gpu_draws[-1][:2] == [shape, dtype]:
-            self.gpu_draws[-1][2] += 1
-        else:
-            self.gpu_draws.append([shape, dtype, 1])
+        xp = get_array_module(x)
+        kept = dropout_bits(xp, self.next_key(), x.size).reshape(x.shape) < self.threshold
+        return kept * x.dtype.type(1.0 / (1.0 - self.p))
 
     def random_state(self) -> dict:
-        """Where this layer's random draws stand, as plain JSON data: NumPy's generator state exactly;
-        for CuPy, whose generator state stays on the device, the draws made since seeding."""
-        gen = self.generators.get("numpy")
-        return {"seed": self.seed, "numpy": None if gen is None else gen.bit_generator.state,
-                "gpu_draws": [list(d) for d in self.gpu_draws]}
+        """Where this layer's draws stand, as plain JSON data (the host generator's state): the same on
+        every device, so a run resumes exactly on the CPU or a GPU, whichever wrote it."""
+        return {"seed": self.seed, "stream": self.STREAM, "numpy": self.rng.bit_generator.state}
 
     def set_random_state(self, state: dict) -> None:
-        """Continue exactly where :meth:`random_state` was taken (the CuPy draws are replayed)."""
+        """Continue exactly where :meth:`random_state` was taken."""
         if state.get("seed") != self.seed:
             raise ValueError(f"state: expected a dropout state for seed {self.seed}, got seed {state.get('seed')}")
-        self.generators = {}
-        if state.get("numpy") is not None:
-            self.generator(np).bit_generator.state = state["numpy"]
-        self.gpu_draws = []
-        if state.get("gpu_draws"):
-            import cupy  # only a GPU run leaves CuPy draws to replay
-
-            gen = self.generator(cupy)
-            for shape, dtype, count in state["gpu_draws"]:
-                for _ in range(count):
-                    gen.random(tuple(shape), dtype=dtype)
-            self.gpu_draws = [list(d) for d in state["gpu_draws"]]
+        if state.get("stream") != self.STREAM:
+            raise ValueError(f"state: expected dropout draws of the {self.STREAM} stream, got "
+                             f"{state.get('stream', 'an older gpunet')}'s; start the run anew")
+        self.rng = np.random.Generator(np.random.PCG64())
+        self.rng.bit_generator.state = state["numpy"]
 
     def forward(self, x):
         check_float_input(x)

@@ -22,7 +22,13 @@ FORMAT_VERSION = 1
 
 
 class Sequential(Layer):
-    """A chain of layers; itself a layer (``forward``/``backward``/``parameters``)."""
+    """A chain of layers; itself a layer (``forward``/``backward``/``parameters``).
+
+    ``classifies``: whether the outputs are class scores (``fit`` sets it from its loss; model files keep
+    it); ``None`` until known, and then ``predict`` takes a network of more than one output for a classifier.
+    """
+
+    classifies = None
 
     def __init__(self, *layers: Layer):
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
@@ -139,7 +145,8 @@ class Sequential(Layer):
 
     def save(self, path) -> None:
         """Write architecture and weights to one ``.npz`` file, atomically (see :func:`files.atomic_write`)."""
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": str(self.dtype), "network": self.config()}
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": str(self.dtype), "network": self.config(),
+                "classifies": self.classifies}
         write_npz(path, self.state_dict(), "__gpunet__", meta)
 
 
@@ -173,6 +180,7 @@ def load(path, device: str | None = None) -> Sequential:
     dev = resolve_device(device)
     net = Sequential(*[_build_layer(c, dtype, dev) for c in meta["network"]["layers"]])
     net.load_state_dict(arrays)
+    net.classifies = meta.get("classifies")  # absent from older files: None, unknown
     return net
 
 

@@ -196,8 +196,8 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     if comm is not None:
         comm.same_everywhere("the training settings", {**asdict(config), "resume": resume, "overwrite": overwrite,
                                                         "out": str(Path(out).resolve())})
-        if backend.resolve_device(config.device) == "gpu":
-            comm.use_local_gpu()
+        if backend.normalize_device(config.device) != "cpu":
+            comm.use_local_gpu()  # before resolve_device's probe touches a GPU
     log = log if lead else (lambda line: None)
     device = backend.resolve_device(config.device)
     out = Path(out)

@@ -94,7 +94,7 @@ def compile_program(source: str, name: str, arch: str, kernel_options: tuple = (
 def launch_all(dtype: str, xp=np) -> None:
     """Call each of gpunet.fast.cuda's elementwise wrappers as gpunet.fast.step does, on MNIST-sized arrays of
     ``xp`` in ``dtype``: activations (128, 512) and (1, 512) (online learning: another layout), W (784, 512)
-    and b (512,), momentum with and without Nesterov, SGD."""
+    and b (512,), momentum with and without Nesterov, SGD, dropout."""
     t = np.dtype(dtype).type
     y, b, W = xp.zeros((128, 512), dtype), xp.zeros(512, dtype), xp.zeros((784, 512), dtype)
     cuda.bias_relu(y, b)
@@ -104,6 +104,7 @@ def launch_all(dtype: str, xp=np) -> None:
         for nesterov in (False, True):
             cuda.momentum(p, p.copy(), p.copy(), t(0.05), t(0.9), t(1e-4), nesterov)
         cuda.sgd(p, p.copy(), t(0.05), t(1e-4))
+    cuda.dropout(y, y.copy(), 2**63 - 1, 52429, 1 / 0.8)
 
 
 def elementwise_launches(dtype: str) -> list:

@@ -55,7 +55,7 @@ def run(tmp_path, dropout, schedule, patience, interrupt_at=None, optimizer="mom
 
 
 def test_resume_mid_epoch_is_bit_exact_on_each_device(tmp_path, device):
-    """The GPU twin: same device, same bits (CuPy's dropout draws are replayed on resume)."""
+    """The GPU twin: same device, same bits (dropout keys are host draws, checkpointed with the run)."""
     same_run(run(tmp_path / "a", 0.3, "cosine", None, device=device),
              run(tmp_path / "b", 0.3, "cosine", None, [21, 30], device=device))
 

@@ -32,12 +32,15 @@ def check_ops_match_core(device, dtype):
     # bias + ReLU: max(y + b, 0), as the core's Linear (+ b) then ReLU
     b = gn.to_device(rng.normal(size=z.shape[1]).astype(dtype), device)
     relu = gn.ReLU()
-    want = relu.forward(z + b)
-    got = ops.bias_relu(z.copy(), b)
-    assert xp.array_equal(got, want)
-    # ReLU backward from the output: dy * (x > 0)
+    pre = z.copy()
+    pre[0, :3] = xp.asarray([np.nan, np.inf, -np.inf], dtype=dtype)  # NaN and inf pass as in the core
+    want = relu.forward(pre + b)
+    got = ops.bias_relu(pre.copy(), b)
+    assert xp.array_equal(got, want, equal_nan=True) and bool(xp.isnan(got[0, 0]))
+    # ReLU backward from the output: dy * (x > 0), NaN and inf in dy kept where the core's product keeps them
     dy = gn.to_device(rng.normal(size=z.shape).astype(dtype), device)
-    assert xp.array_equal(ops.relu_backward(dy.copy(), got), relu.backward(dy))
+    dy[1, :3] = xp.asarray([np.nan, np.inf, -np.inf], dtype=dtype)
+    assert xp.array_equal(ops.relu_backward(dy.copy(), got), relu.backward(dy), equal_nan=True)
     # softmax cross-entropy: per-row losses averaged, and (softmax - onehot) / N
     loss = gn.SoftmaxCrossEntropy()
     value = loss.forward(z, labels)

@@ -159,3 +159,40 @@ def test_predict_and_evaluate_agree_with_the_fast_path_off(monkeypatch):
     assert_allclose(on[0], off[0], **STEP_TOL)
     assert on[1]["confusion_matrix"] == off[1]["confusion_matrix"]
     np.testing.assert_allclose(on[1]["loss"], off[1]["loss"], rtol=1e-6)
+
+
+def check_nan_diverges_on_every_path(device):
+    """A NaN reaching the network must reach the loss on the fused path as on the core's (maximum(x, 0)
+    keeps NaN), so that the divergence guard stops both runs at the same epoch. Here one feature of one training
+    row is NaN: both runs stop as "diverged" in epoch 1, with the initial weights restored."""
+    x, y, make = problem(device)
+    x[5, 3] = np.nan
+    histories = {}
+    for fast_on in (False, True):
+        net = make()
+        opt = gn.Momentum(net.parameters(), lr=0.1)
+        start = net.state_dict()
+        h = fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, epochs=4, batch_size=16, fast=fast_on)
+        histories[fast_on] = h
+        assert h.stop_reason == "diverged" and h.diverged_epoch == 1, (fast_on, h.stop_reason, h["loss"])
+        for k, v in net.state_dict().items():  # the last finished epoch is none: the initial weights
+            np.testing.assert_array_equal(v, start[k])
+    assert len(histories[True]) == len(histories[False])
+
+
+def test_nan_diverges_on_every_path_cpu():
+    check_nan_diverges_on_every_path("cpu")
+
+
+@pytest.mark.parametrize("kernels", ["numpy", "numba"])
+def test_nan_diverges_on_every_cpu_kernel(monkeypatch, kernels):
+    if kernels == "numba" and ops.numba_kernels() is None:
+        pytest.skip("numba is not installed")
+    if kernels == "numpy":
+        monkeypatch.setattr(ops, "numba_kernels", lambda: None)
+    check_nan_diverges_on_every_path("cpu")
+
+
+@pytest.mark.gpu
+def test_nan_diverges_on_every_path_gpu():
+    check_nan_diverges_on_every_path("gpu")

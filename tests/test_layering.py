@@ -22,9 +22,10 @@ ALLOWED = {
     "gradcheck": {"backend"}, "metrics": {"backend"},
     "idx": {"files"}, "data": {"idx"},
     "fast": {"backend", "layers", "losses", "optimizers"},
-    "batches": {"backend", "fast"},
+    "inputs": {"backend"},
+    "batches": {"backend", "fast", "inputs"},
     "checkpoint": {"files"},
-    "training": {"backend", "fast", "batches", "losses", "metrics", "checkpoint", "parallel"},
+    "training": {"backend", "fast", "batches", "inputs", "losses", "metrics", "checkpoint", "parallel"},
     "parallel": {"backend"},
     "explain": {"backend", "files", "layers", "losses", "optimizers"},
     "explain_inputs": {"layers", "network"},
@@ -32,7 +33,8 @@ ALLOWED = {
     "recipe": {"__init__", "backend", "checkpoint", "fast", "files", "parallel", "plots", "batches", "data", "losses",
                "network", "optimizers", "schedules", "training"},
     "images": {"data"},
-    "serve": {"backend", "data", "images", "training"},
+    "predictions": set(),
+    "serve": {"backend", "data", "images", "predictions", "training"},
 }
 TOP = {"cli", "__init__", "__main__"}
 

@@ -18,21 +18,22 @@ _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
 @_jit
 def bias_relu(y, b):
-    """y (N, C) = max(y + b, 0); b (C,)."""
+    """y (N, C) = max(y + b, 0); b (C,). NaN stays NaN, as with the core's maximum."""
     zero = y.dtype.type(0)
     for i in range(y.shape[0]):
         for j in range(y.shape[1]):
             t = y[i, j] + b[j]
-            y[i, j] = t if t > zero else zero
+            y[i, j] = zero if t < zero else t
 
 
 @_jit
 def relu_backward(dy, y):
-    """dy (N, C) = dy * (y > 0), with y the ReLU output."""
+    """dy (N, C) = dy * (y > 0), with y the ReLU output (a NaN or inf in dy stays NaN where y <= 0, as
+    in the core's product)."""
     zero = dy.dtype.type(0)
     for i in range(dy.shape[0]):
         for j in range(dy.shape[1]):
-            dy[i, j] = dy[i, j] if y[i, j] > zero else zero
+            dy[i, j] = dy[i, j] if y[i, j] > zero else dy[i, j] * zero
 
 
 @_jit

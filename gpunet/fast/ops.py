@@ -74,6 +74,18 @@ def relu_backward(dy, y):
     return np.multiply(dy, y > 0, out=dy)
 
 
+def dropout(layer, y, mask):
+    """Layer ``layer``'s next mask applied to y (N, C) in place; returns the mask (``mask``, a buffer
+    shaped like y, on the GPU, where one kernel draws, scales and applies it; the core's own on the CPU,
+    whose NumPy draw is as fast)."""
+    if get_array_module(y) is not np:
+        cuda.dropout(y, mask, layer.next_key(), layer.threshold, 1.0 / (1.0 - layer.p))
+        return mask
+    mask = layer.new_mask(y)
+    y *= mask
+    return mask
+
+
 def softmax_xent(z, labels, grad, loss_rows):
     """Per row ``loss_rows = logsumexp(z) - z[label]`` and ``grad = (softmax(z) - onehot) / N``.
 

@@ -6,7 +6,8 @@ Same formulas as the core, with the speed-ups: work buffers allocated once per b
 in one pass, the softmax cross-entropy forward and gradient in one pass, dx computed into a buffer, each
 layer updated as soon as its delta is known (dx first, from the old W), and on the CPU with NumPy's
 OpenBLAS the gradient folded into the update (:mod:`gpunet.fast.blas`), so that ``param.grad`` is not
-written there. Dropout masks come from the Dropout layer itself (the core's draws, in the same order).
+written there. Dropout masks are the Dropout layer's own (its keys, in the same order; on the GPU one
+kernel draws, scales and applies each).
 """
 from __future__ import annotations
 
@@ -106,9 +107,9 @@ class FusedStep:
             inputs.append(x)
             W = linear.W.data
             y_ = _affine(x, linear, relu, out=self._buffer(("y", i), (n, W.shape[1]), W.dtype))
-            mask = dropout.new_mask(y_) if dropout is not None else None
-            if mask is not None:
-                y_ *= mask
+            mask = None
+            if dropout is not None and dropout.active():
+                mask = ops.dropout(dropout, y_, self._buffer(("mask", i), y_.shape, y_.dtype))
             masks.append(mask)
             x = y_
         logits = x
