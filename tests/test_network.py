@@ -211,6 +211,33 @@ def test_dropout_masks_gpu():
     check_dropout_masks("gpu")
 
 
+def test_batchnorm_network_saves_its_running_statistics(tmp_path, device):
+    """A model file keeps BatchNorm's configuration and running statistics: after training batches the
+    loaded network's eval-mode output is bit for bit the original's."""
+    net = gn.mlp([6, 5, 4, 3], batch_norm=True, dropout=0.1, seed=3, device=device)
+    assert [type(l).__name__ for l in net.layers] == ["Linear", "BatchNorm", "ReLU", "Dropout", "Linear",
+                                                      "BatchNorm", "ReLU", "Dropout", "Linear"]
+    opt = gn.Adam(net.parameters(), lr=0.01)
+    loss = gn.SoftmaxCrossEntropy()
+    x = gn.to_device(np.random.default_rng(0).random((8, 6), dtype=np.float32), device)
+    for _ in range(3):
+        loss.forward(net.forward(x), gn.to_device(np.arange(8) % 3, device))
+        net.backward(loss.backward())
+        opt.step()
+    state = net.state_dict()
+    assert list(state)[-4:] == ["1.running_mean", "1.running_var", "5.running_mean", "5.running_var"]
+    assert not np.array_equal(state["1.running_var"], np.ones(5, np.float32))
+    net.save(tmp_path / "model.npz")
+    loaded = gn.load(tmp_path / "model.npz", device=device)
+    assert loaded.config() == net.config()
+    assert loaded.layers[1].config() == {"type": "BatchNorm", "features": 5, "momentum": 0.1, "eps": 1e-5}
+    for (k, a), b in zip(state.items(), loaded.state_dict().values()):
+        assert np.array_equal(a, b), k
+    net.eval(), loaded.eval()
+    assert np.array_equal(gn.to_numpy(net(x)), gn.to_numpy(loaded(x)))
+    moved = gn.load(tmp_path / "model.npz", device="cpu").to(device)
+    assert gn.backend.device_of(moved.layers[1].running_mean) == gn.backend.device_of(moved.layers[1].gamma.data)
+
 
 # --- layers of the user's own: registered, they save and load; unregistered, save refuses before writing
 class Scale(gn.Layer):

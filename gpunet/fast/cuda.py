@@ -22,6 +22,12 @@ MOMENTUM = ("T g, T lr, T gamma, T wd, bool nesterov", "T w, T v",
             "T d = g + wd * w; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d : v;",
             "gpunet_momentum")
 SGD = ("T g, T lr, T wd", "T w", "w -= lr * (g + wd * w);", "gpunet_sgd")
+# Adam and AdamW in one kernel: wd is Adam's L2 term (0 for AdamW), decay AdamW's factor 1 - lr*wd (1 for
+# Adam); c1 = 1 - b1, c2 = 1 - b2, step = lr / (1 - b1^t), root_c2 = sqrt(1 - b2^t), computed on the host
+ADAM = ("T g, T b1, T b2, T c1, T c2, T step, T root_c2, T eps, T wd, T decay", "T w, T m, T v",
+        "T d = g + wd * w; w *= decay; m = b1 * m + c1 * d; v = b2 * v + c2 * d * d; "
+        "w -= step * (m / (sqrt(v) / root_c2 + eps));",
+        "gpunet_adam")
 # Dropout's draw, scale and mask in one launch: the bits of gpunet.layers.dropout_bits (SplitMix64 word
 # i / 4 of the stream keyed ``key``, 16-bit lane i % 4; i is the flat C-order index), the scaled keep-mask
 # kept for backward, and y *= mask.
@@ -31,7 +37,7 @@ DROPOUT = ("uint64 key, uint32 threshold, T scale", "T y, T mask",
            " x ^= x >> 31; unsigned int bits = (unsigned int)(x >> (16 * (i % 4))) & 0xFFFFu;"
            " mask = bits < threshold ? scale : (T)0; y = y * mask;", "gpunet_dropout")
 ELEMENTWISE = {"bias_relu": BIAS_RELU, "relu_backward": RELU_BACKWARD, "momentum": MOMENTUM, "sgd": SGD,
-               "dropout": DROPOUT}
+               "adam": ADAM, "dropout": DROPOUT}
 
 # softmax cross-entropy, forward and gradient in one pass: one thread per row (MNIST has 10 classes, so a
 # row fits in registers). T, EXP and LOG are defined per dtype by softmax_xent_source.
@@ -95,6 +101,12 @@ def momentum(w, g, v, lr, gamma, wd, nesterov):
 def sgd(w, g, lr, wd):
     """``w -= lr * (g + wd * w)`` in place."""
     _elementwise("sgd")(g, lr, wd, w)
+
+
+def adam(w, g, m, v, scalars):
+    """Adam's or AdamW's rule on one parameter, in place; ``scalars`` = (b1, b2, c1, c2, step, root_c2,
+    eps, wd, decay) in w's dtype (see :data:`ADAM`)."""
+    _elementwise("adam")(g, *scalars, w, m, v)
 
 
 def dropout(y, mask, key, threshold, scale):
