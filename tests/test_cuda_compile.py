@@ -83,6 +83,8 @@ def test_the_generated_sources_describe_the_launches(nvrtc):
             "const float wd, const bool nesterov, CArray<float, 1, 1, 1> _raw_w") in sources["gpunet_layer_momentum"][0]
     assert "CArray<float, 1, 1, 1> b, CArray<float, 1, 1, 1> vb, CArray<float, 1, 1, 1> gb" \
         in sources["gpunet_layer_momentum"][0]
+    assert ("const float eps, const float wd, const float decay, CArray<float, 1, 1, 1> _raw_w, "
+            "CArray<float, 1, 1, 1> _raw_m, CArray<float, 1, 1, 1> _raw_v") in sources["gpunet_adam"][0]
     assert all(s.startswith("#include <cupy/") for group in sources.values() for s in group)
 
 

@@ -18,6 +18,12 @@ import numpy as np
 # reach the loss as NaN on every path, or the divergence guard misses it.
 BIAS_RELU = ("T b", "T y", "T t = y + b; y = t < (T)0 ? (T)0 : t;", "gpunet_bias_relu")
 RELU_BACKWARD = ("T y", "T dy", "dy = y > (T)0 ? dy : dy * (T)0;", "gpunet_relu_backward")
+# Adam and AdamW in one kernel: wd is Adam's L2 term (0 for AdamW), decay AdamW's factor 1 - lr*wd (1 for
+# Adam); c1 = 1 - b1, c2 = 1 - b2, step = lr / (1 - b1^t), root_c2 = sqrt(1 - b2^t), computed on the host
+ADAM = ("T g, T b1, T b2, T c1, T c2, T step, T root_c2, T eps, T wd, T decay", "T w, T m, T v",
+        "T d = g + wd * w; w *= decay; m = b1 * m + c1 * d; v = b2 * v + c2 * d * d; "
+        "w -= step * (m / (sqrt(v) / root_c2 + eps));",
+        "gpunet_adam")
 # Dropout's draw, scale and mask in one launch: the bits of gpunet.layers.dropout_bits (SplitMix64 word
 # i / 4 of the stream keyed ``key``, 16-bit lane i % 4; i is the flat C-order index), the scaled keep-mask
 # kept for backward, and y *= mask.
@@ -44,7 +50,7 @@ LAYER_SGD = ("raw T dy, int32 rows, int32 cols, T lr, T wd", "T w, T g, raw T b,
 GATHER_SCALED = ("raw uint8 src, raw int64 idx, int32 cols, T divisor", "T out",
                  "out = (T)src[idx[i / cols] * cols + i % cols] / divisor;", "gpunet_gather_scaled")
 ELEMENTWISE = {"bias_relu": BIAS_RELU, "relu_backward": RELU_BACKWARD, "dropout": DROPOUT, "relu_mask_backward": RELU_MASK_BACKWARD, "layer_momentum": LAYER_MOMENTUM,
-               "layer_sgd": LAYER_SGD, "gather_scaled": GATHER_SCALED}
+               "layer_sgd": LAYER_SGD, "gather_scaled": GATHER_SCALED, "adam": ADAM}
 
 # softmax cross-entropy, forward and gradient in one pass: one thread per row (MNIST has 10 classes, so a
 # row fits in registers). T, EXP and LOG are defined per dtype by softmax_xent_source.
@@ -121,6 +127,12 @@ def gather_scaled(src, idx, out, divisor):
     """``out = src[idx] / divisor`` for uint8 rows src (N, F), int64 idx (K,), out (K, F) float, one pass."""
     _elementwise("gather_scaled")(src, idx, np.int32(src.shape[1]), out.dtype.type(divisor), out)
     return out
+
+
+def adam(w, g, m, v, scalars):
+    """Adam's or AdamW's rule on one parameter, in place; ``scalars`` = (b1, b2, c1, c2, step, root_c2,
+    eps, wd, decay) in w's dtype (see :data:`ADAM`)."""
+    _elementwise("adam")(g, *scalars, w, m, v)
 
 
 def dropout(y, mask, key, threshold, scale):
