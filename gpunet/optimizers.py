@@ -53,29 +53,35 @@ class Optimizer:
     def step(self):
         raise NotImplementedError
 
+    # what a resumed run needs beyond lr and weight_decay: hyperparameter names, and per-parameter arrays
+    # (names of lists, one array per parameter in order, e.g. Momentum's "velocities")
+    hyperparameters: tuple = ()
+    slots: tuple = ()
+
     def state_dict(self) -> dict:
-        """What a resumed run needs: hyperparameters and, for momentum, host copies of the velocities."""
+        """JSON data (kind, lr, weight_decay, the hyperparameters) plus ``"arrays"``: ``{slot: [host copies,
+        one per parameter]}`` (``{"velocities": [...]}`` for momentum)."""
         state = {"kind": self.kind, "lr": self.lr, "weight_decay": self.weight_decay}
-        if hasattr(self, "velocities"):
-            state.update(momentum=self.momentum, nesterov=self.nesterov,
-                         velocities=[to_numpy(v).copy() for v in self.velocities])
+        state.update({name: getattr(self, name) for name in self.hyperparameters})
+        state["arrays"] = {slot: [to_numpy(v).copy() for v in getattr(self, slot)] for slot in self.slots}
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s values in place (same optimizer type, shapes and dtypes)."""
         if state.get("kind") != self.kind:
             raise ValueError(f"state: expected the state of a {self.kind} optimizer, got {state.get('kind')!r}")
-        velocities = state.get("velocities", [])
-        if hasattr(self, "velocities"):
-            got = [tuple(v.shape) for v in velocities]
-            want = [tuple(v.shape) for v in self.velocities]
+        arrays = state.get("arrays", {})
+        for slot in self.slots:
+            mine, given = getattr(self, slot), arrays.get(slot, [])
+            want, got = [tuple(v.shape) for v in mine], [tuple(v.shape) for v in given]
             if got != want:
-                raise ValueError(f"state: expected velocities shaped {want}, got {got}")
-            for v, value in zip(self.velocities, velocities):
+                raise ValueError(f"state: expected {slot} shaped {want}, got {got}")
+            for v, value in zip(mine, given):
                 if value.dtype != v.dtype:
-                    raise TypeError(f"state: expected velocities of dtype {v.dtype}, got {value.dtype}")
+                    raise TypeError(f"state: expected {slot} of dtype {v.dtype}, got {value.dtype}")
                 v[...] = to_device(value, device_of(v))
-            self.momentum, self.nesterov = state["momentum"], state["nesterov"]
+        for name in self.hyperparameters:
+            setattr(self, name, state[name])
         self.lr, self.weight_decay = state["lr"], state["weight_decay"]
 
 
@@ -97,6 +103,8 @@ class Momentum(Optimizer):
     """
 
     kind = "momentum"
+    hyperparameters = ("momentum", "nesterov")
+    slots = ("velocities",)
 
     def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = False,
                  weight_decay: float = 0.0):
