@@ -28,6 +28,7 @@ from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .metrics import format_report
 from .network import load
 from .optimizers import SGD, Momentum
+from .predictions import prediction
 from .recipe import TrainConfig, load_data, train
 from .schedules import SCHEDULES
 from .training import Interrupted, evaluate, predict, predict_proba
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--weights", metavar="FILE.json", help='starting weights: {"layers": [{"W": [[...], ...], "b": [...]}, ...]}, W (inputs, outputs)')
     x.add_argument("--model", help="a model file written by gpunet train (dropout off: the prediction's forward pass)")
     x.add_argument("--image", metavar="FILE", help="the input from an image or .npy file (as for gpunet predict)")
-    x.add_argument("--json", action="store_true", help="print every quantity as JSON (schema gpunet-explain/1)")
+    x.add_argument("--json", action="store_true", help="print every quantity as JSON (schema gpunet-explain/2)")
     x.add_argument("--format", choices=("text", "markdown"), default="text", help="text, or markdown with LaTeX (default: text)")
     x.add_argument("--float64", action="store_true", help="compute in float64, for hand checks to many digits")
 
@@ -279,12 +280,8 @@ def cmd_predict(args):
     x = np.concatenate(batches).astype(net.dtype, copy=False)
     saved = _save_inputs(args.save_inputs, names, x, size) if args.save_inputs else [None] * len(x)
     probs = backend.to_numpy(predict_proba(net, x))
-    rows = []
-    for n, p, w, path in zip(names, probs, notes, saved):
-        top = [{"digit": int(k), "probability": round(float(p[k]), 6)} for k in np.argsort(-p, kind="stable")[:3]]
-        rows.append({"file": n, "digit": int(p.argmax()), "top3": top,
-                     "probabilities": [round(float(v), 6) for v in p], "warnings": w,
-                     **({"input": str(path)} if path else {})})
+    rows = [{"file": n, **prediction(p, w), **({"input": str(path)} if path else {})}
+            for n, p, w, path in zip(names, probs, notes, saved)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

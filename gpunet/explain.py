@@ -21,11 +21,12 @@ step. Here ``delta^s = -c dC/dz^s`` with ``c = N`` for cross-entropy, ``N K / 2`
 averaged over N*K entries and its derivative carries a 2) and ``N K`` for MAE, so that ``delta`` is
 exactly the notes' quantity for any batch size N and K outputs.
 
-JSON schema ``gpunet-explain/1`` (:func:`to_json`; matrices are nested lists, rows first, with the exact
-values of the arrays: a float32 number reads back as the same float32; NaN and infinities as the strings
-"nan", "inf", "-inf"):
+JSON schema ``gpunet-explain/2`` (:func:`to_json`; matrices are nested lists, rows first, with the exact
+values of the arrays: a float32 number reads back as the same float32; strict JSON, as every file gpunet
+writes: a NaN or an infinity is null, so that any JSON reader takes it; version 1 wrote the strings "nan",
+"inf" and "-inf"):
 
-- ``schema``: "gpunet-explain/1"; ``dtype``: "float32" or "float64"; ``device``; ``batch``: N;
+- ``schema``: "gpunet-explain/2"; ``dtype``: "float32" or "float64"; ``device``; ``batch``: N;
   ``sizes``: [inputs, hidden..., outputs]; ``training``: whether dropout was active
 - ``input``: x (N, inputs); ``target``: what the loss was given, labels (N,) or rows (N, K);
   ``y_D``: the desired outputs (N, K) (one-hot rows for labels); ``y_L``: the network's outputs (N, K)
@@ -46,7 +47,6 @@ values of the arrays: a float32 number reads back as the same float32; NaN and i
 from __future__ import annotations
 
 import json
-import math
 import textwrap
 
 import numpy as np
@@ -54,10 +54,11 @@ import numpy as np
 from .backend import device_of, get_array_module, to_device, to_numpy
 from .layers import Dropout, Linear, ReLU, Sigmoid, Softmax, Tanh
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
+from .files import strict
 from .network import mlp
 from .optimizers import SGD, Momentum
 
-SCHEMA = "gpunet-explain/1"
+SCHEMA = "gpunet-explain/2"
 ELEMENTWISE = (ReLU, Sigmoid, Tanh, Dropout)  # backward of ones gives f' elementwise
 
 
@@ -285,26 +286,10 @@ def make_target(values, rows, outputs, loss="ce", dtype=np.float32):
 
 
 # --- JSON -------------------------------------------------------------------------------------------------
-def _plain(v):
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _plain(v.tolist())  # tolist gives Python floats holding the exact values
-    if isinstance(v, (float, np.floating)):
-        v = float(v)
-        return v if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.bool_):
-        return bool(v)
-    return v
-
-
 def to_json(record: dict) -> dict:
-    """The record with every array as nested lists: what ``json.dumps`` writes (schema in the docstring)."""
-    return _plain(record)
+    """The record as strict JSON values (:func:`gpunet.files.strict`: arrays as nested lists, NaN and
+    infinities as None): what ``json.dumps`` writes (schema in the module docstring)."""
+    return strict(record)
 
 
 def render_json(record: dict) -> str:
@@ -319,7 +304,7 @@ def _dump(v, depth):
         return "{\n" + ",\n".join(items) + "\n" + pad + "}" if items else "{}"
     if isinstance(v, list) and any(isinstance(x, dict) for x in v):
         return "[\n" + ",\n".join(inner + _dump(x, depth + 1) for x in v) + "\n" + pad + "]"
-    return json.dumps(v)
+    return json.dumps(v, allow_nan=False)
 
 
 # --- text and markdown: one list of steps, two renderings ---------------------------------------------------

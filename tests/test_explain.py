@@ -177,7 +177,7 @@ def test_json_schema_and_exact_float32_values():
     net = build_network(weights=MAZUR)
     rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.Momentum(net.parameters(), lr=0.5, momentum=0.9), X, 1)
     doc = json.loads(render_json(rec))
-    assert doc["schema"] == SCHEMA == "gpunet-explain/1"
+    assert doc["schema"] == SCHEMA == "gpunet-explain/2"
     assert set(doc) == {"schema", "dtype", "device", "batch", "sizes", "training", "input", "target", "y_D", "y_L",
                         "prediction", "loss", "optimizer", "layers", "stages"}
     assert set(doc["loss"]) == {"type", "value", "gradient", "delta_scale"}
@@ -192,6 +192,18 @@ def test_json_schema_and_exact_float32_values():
     after = np.asarray(doc["layers"][2]["params"]["W"]["after"], dtype=np.float32)
     np.testing.assert_array_equal(after, net.layers[2].W.data)
     assert to_json(rec) == doc
+
+
+def test_json_is_strict_nan_is_null():
+    """A step that overflows (float32 logits of 1e39: softmax of inf - inf) writes null, never a bare NaN."""
+    weights = {"layers": [{"W": [[1e38, 1e38], [1e38, 0.0]], "b": [0.0, 0.0]}]}
+    net = build_network(weights=weights)
+    with np.errstate(all="ignore"):
+        rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.1), [10.0, 0.0], [0])
+    assert math.isnan(rec["loss"]["value"])
+    doc = json.loads(render_json(rec), parse_constant=lambda token: pytest.fail(f"not strict JSON: {token}"))
+    assert doc["loss"]["value"] is None and None in doc["y_L"][0]
+    assert doc == to_json(rec)
 
 
 def numbers_after(text, label):
