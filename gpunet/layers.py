@@ -96,8 +96,14 @@ class Layer:
         return self.train(False)
 
     def config(self) -> dict:
-        """What is needed to rebuild the layer (weights excluded); saved in model files."""
+        """What is needed to rebuild the layer (weights excluded); saved in model files: ``"type"`` (the
+        class name) and the constructor's arguments, as JSON data."""
         return {"type": type(self).__name__}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """The layer that ``config`` describes: the constructor called with every entry but ``"type"``."""
+        return cls(**{k: v for k, v in config.items() if k != "type"})
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "type")
@@ -381,4 +387,23 @@ class BatchNorm(Layer):
 
 
 LAYERS = {cls.__name__: cls for cls in (Linear, ReLU, Sigmoid, Tanh, Softmax, Dropout, BatchNorm)}
+BUILT_IN = frozenset(LAYERS)
+
+
+def register_layer(cls):
+    """Class decorator: ``gpunet.load`` rebuilds layers of class ``cls`` (a :class:`Layer` subclass) from
+    their ``config()`` through ``cls.from_config``; their parameters are saved and loaded like Linear's.
+
+        @gpunet.register_layer
+        class Square(gpunet.Layer):
+            def forward(self, x): ...
+
+    Registering a class again under its name replaces the earlier one (a notebook cell run twice)."""
+    if not (isinstance(cls, type) and issubclass(cls, Layer)):
+        raise TypeError(f"cls: expected a subclass of gpunet.Layer, got {cls!r}")
+    name = cls.__name__
+    if name in BUILT_IN and LAYERS[name] is not cls:
+        raise ValueError(f"cls: expected a class name that no built-in layer has, got {name!r}; rename the class")
+    LAYERS[name] = cls
+    return cls
 ACTIVATIONS = {"relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh}

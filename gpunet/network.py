@@ -14,7 +14,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .backend import device_of, get_array_module, resolve_device, to_device, to_numpy
-from .layers import ACTIVATIONS, LAYERS, BatchNorm, Dropout, Layer, Linear, check_float_input, make_rng
+from .layers import ACTIVATIONS, BUILT_IN, LAYERS, BatchNorm, Dropout, Layer, Linear, check_float_input, make_rng
 from .files import read_npz, write_npz
 
 FORMAT = "gpunet-sequential"
@@ -71,7 +71,9 @@ class Sequential(Layer):
         return [p for layer in self.layers for p in layer.parameters()]
 
     def named_parameters(self) -> list:
-        return [(f"{i}.{p.name}", p) for i, layer in enumerate(self.layers) for p in layer.parameters()]
+        # an unnamed parameter (a layer of the user's own) is named by its place in the layer
+        return [(f"{i}.{p.name or j}", p) for i, layer in enumerate(self.layers)
+                for j, p in enumerate(layer.parameters())]
 
     def named_buffers(self) -> list:
         """``[(key, layer, attribute), ...]`` of the layers' buffers (BatchNorm's running statistics)."""
@@ -156,7 +158,10 @@ class Sequential(Layer):
             p.data[...] = to_device(value, device_of(p.data))
 
     def save(self, path) -> None:
-        """Write architecture and weights to one ``.npz`` file, atomically (see :func:`files.atomic_write`)."""
+        """Write architecture and weights to one ``.npz`` file, atomically (see :func:`files.atomic_write`).
+        A layer that :func:`load` could not rebuild is refused before anything is written."""
+        for i, layer in enumerate(self.layers):
+            check_rebuildable(layer, f"layers[{i}]")
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": str(self.dtype), "network": self.config(),
                 "classifies": self.classifies}
         write_npz(path, self.state_dict(), "__gpunet__", meta)
@@ -178,9 +183,40 @@ def _build_layer(cfg: dict, dtype, device):
         return Dropout(cfg["p"])
     if kind == "BatchNorm":
         return BatchNorm(cfg["features"], cfg["momentum"], cfg["eps"], dtype=dtype, device=device)
-    if kind in LAYERS:
-        return LAYERS[kind]()
-    raise ValueError(f"unknown layer type {kind!r}; expected one of {sorted(LAYERS)}")
+    if kind not in LAYERS:
+        raise ValueError(f"unknown layer type {kind!r}; expected one of {sorted(LAYERS)} (a layer of your own: "
+                         f"import its module, decorated with @gpunet.register_layer, before gpunet.load)")
+    layer = LAYERS[kind].from_config(cfg)
+    for p in layer.parameters():  # made on the host in the layer's own dtype: the model's, where it lives
+        p.data = to_device(to_numpy(p.data).astype(dtype), device)
+        p.grad = get_array_module(p.data).zeros_like(p.data)
+    return layer
+
+
+def check_rebuildable(layer, name: str = "layer") -> None:
+    """Raise a TypeError naming ``name`` and the fix unless :func:`load` can rebuild ``layer``: its class
+    registered (:func:`gpunet.register_layer`) and ``from_config(config())`` giving parameters of the
+    same shapes."""
+    kind = type(layer).__name__
+    if LAYERS.get(kind) is not type(layer):
+        raise TypeError(f"{name}: expected a registered layer, got {kind}, which gpunet.load could not rebuild; "
+                        f"decorate its class with @gpunet.register_layer (config() returning its constructor's "
+                        f"arguments)")
+    if kind in BUILT_IN:
+        return
+    cfg = layer.config()
+    try:
+        if cfg.get("type") != kind:
+            raise ValueError(f"config()['type'] is {cfg.get('type')!r}, not {kind!r}")
+        shapes = [tuple(p.data.shape) for p in _build_layer(cfg, np.float32, "cpu").parameters()]
+    except Exception as exc:  # whatever the user's constructor raises
+        raise TypeError(f"{name}: expected {kind}.from_config(config()) to rebuild the layer, got "
+                        f"{type(exc).__name__}: {exc}; make config() return the constructor's arguments "
+                        f"(with 'type': {kind!r}) or define from_config") from None
+    if shapes != [tuple(p.data.shape) for p in layer.parameters()]:
+        raise TypeError(f"{name}: expected {kind}.from_config(config()) to rebuild parameters of shapes "
+                        f"{[tuple(p.data.shape) for p in layer.parameters()]}, got {shapes}; config() misses "
+                        f"constructor arguments")
 
 
 def load(path, device: str | None = None) -> Sequential:
