@@ -71,9 +71,10 @@ class Parameter:
 
 
 class Layer:
-    """Base class: no parameters, training mode on."""
+    """Base class: no parameters, no buffers, training mode on."""
 
     training = True
+    buffer_names: tuple = ()  # arrays that are state but not trained (saved with the weights, moved with them)
 
     def forward(self, x):
         raise NotImplementedError
@@ -95,8 +96,14 @@ class Layer:
         return self.train(False)
 
     def config(self) -> dict:
-        """What is needed to rebuild the layer (weights excluded); saved in model files."""
+        """What is needed to rebuild the layer (weights excluded); saved in model files: ``"type"`` (the
+        class name) and the constructor's arguments, as JSON data."""
         return {"type": type(self).__name__}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """The layer that ``config`` describes: the constructor called with every entry but ``"type"``."""
+        return cls(**{k: v for k, v in config.items() if k != "type"})
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "type")
@@ -300,5 +307,103 @@ class Dropout(Layer):
         return dy if self._mask is None else dy * self._mask
 
 
-LAYERS = {cls.__name__: cls for cls in (Linear, ReLU, Sigmoid, Tanh, Softmax, Dropout)}
+class BatchNorm(Layer):
+    """Batch normalisation (Ioffe and Szegedy, 2015) of each feature, as ``torch.nn.BatchNorm1d``.
+
+    Training mode, over the batch x (N, F) with N >= 2:
+
+        mu = mean(x, 0);  var = mean((x - mu)^2, 0);  sigma = sqrt(var + eps);  xhat = (x - mu) / sigma
+        y = gamma * xhat + beta
+        running_mean = (1 - momentum) running_mean + momentum mu
+        running_var  = (1 - momentum) running_var + momentum var * N / (N - 1)   (unbiased, as PyTorch)
+
+    backward: ``dgamma = sum(dy * xhat, 0)``, ``dbeta = sum(dy, 0)``,
+    ``dx = (1/N) * gamma / sigma * (N dy - sum(dy, 0) - xhat * sum(dy * xhat, 0))``.
+    Eval mode uses the running statistics instead (``sigma = sqrt(running_var + eps)``), an affine map:
+    ``dx = dy * gamma / sigma``. Parameters ``gamma`` (ones) then ``beta`` (zeros), each (F,); buffers
+    ``running_mean`` (zeros) and ``running_var`` (ones), (F,), saved with the weights.
+    """
+
+    buffer_names = ("running_mean", "running_var")
+
+    def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5, dtype=np.float32,
+                 device: str | None = None):
+        if not isinstance(features, (int, np.integer)) or isinstance(features, bool) or features < 1:
+            raise ValueError(f"features: expected a positive integer, got {features!r}")
+        for name, value, ok in (("momentum", momentum, lambda v: 0 <= v <= 1), ("eps", eps, lambda v: v > 0)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
+                raise ValueError(f"{name}: expected a number {'in [0, 1]' if name == 'momentum' else '> 0'}, "
+                                 f"got {value!r}")
+        self.features, self.momentum, self.eps = int(features), float(momentum), float(eps)
+        self.gamma = Parameter(to_device(np.ones(self.features, dtype), device), "gamma")
+        self.beta = Parameter(to_device(np.zeros(self.features, dtype), device), "beta")
+        self.running_mean = to_device(np.zeros(self.features, dtype), device)
+        self.running_var = to_device(np.ones(self.features, dtype), device)
+        self._xhat = self._inv_sigma = None
+
+    def parameters(self):
+        return [self.gamma, self.beta]
+
+    def config(self):
+        return {"type": "BatchNorm", "features": self.features, "momentum": self.momentum, "eps": self.eps}
+
+    def forward(self, x):
+        """x (N, F) -> y (N, F); in training mode also updates the running statistics."""
+        check_float_input(x)
+        if x.ndim != 2 or x.shape[1] != self.features:
+            raise ValueError(f"x: expected shape (batch, {self.features}) for BatchNorm({self.features}), "
+                             f"got {tuple(x.shape)}")
+        xp, t = get_array_module(x), x.dtype.type
+        if self.training:
+            n = x.shape[0]
+            if n < 2:
+                raise ValueError(f"x: expected a batch of at least 2 rows in training mode (a batch's variance), "
+                                 f"got {n}; use a larger batch, or eval mode")
+            mu = x.mean(axis=0)
+            centred = x - mu
+            var = (centred * centred).mean(axis=0)
+            m = t(self.momentum)
+            self.running_mean *= t(1 - self.momentum)
+            self.running_mean += m * mu
+            self.running_var *= t(1 - self.momentum)
+            self.running_var += (m * t(n / (n - 1))) * var
+        else:
+            centred, var = x - self.running_mean, self.running_var
+        self._inv_sigma = t(1) / xp.sqrt(var + t(self.eps))
+        self._xhat = centred * self._inv_sigma
+        return self.gamma.data * self._xhat + self.beta.data
+
+    def backward(self, dy):
+        """dy (N, F) -> dx (N, F); writes dgamma = sum(dy * xhat) and dbeta = sum(dy)."""
+        xhat = self._xhat
+        self.gamma.grad[...] = (dy * xhat).sum(axis=0)
+        self.beta.grad[...] = dy.sum(axis=0)
+        scale = self.gamma.data * self._inv_sigma
+        if not self.training:
+            return dy * scale
+        n = dy.shape[0]
+        t = dy.dtype.type
+        return (scale * t(1.0 / n)) * (t(n) * dy - self.beta.grad - xhat * self.gamma.grad)
+
+
+LAYERS = {cls.__name__: cls for cls in (Linear, ReLU, Sigmoid, Tanh, Softmax, Dropout, BatchNorm)}
+BUILT_IN = frozenset(LAYERS)
+
+
+def register_layer(cls):
+    """Class decorator: ``gpunet.load`` rebuilds layers of class ``cls`` (a :class:`Layer` subclass) from
+    their ``config()`` through ``cls.from_config``; their parameters are saved and loaded like Linear's.
+
+        @gpunet.register_layer
+        class Square(gpunet.Layer):
+            def forward(self, x): ...
+
+    Registering a class again under its name replaces the earlier one (a notebook cell run twice)."""
+    if not (isinstance(cls, type) and issubclass(cls, Layer)):
+        raise TypeError(f"cls: expected a subclass of gpunet.Layer, got {cls!r}")
+    name = cls.__name__
+    if name in BUILT_IN and LAYERS[name] is not cls:
+        raise ValueError(f"cls: expected a class name that no built-in layer has, got {name!r}; rename the class")
+    LAYERS[name] = cls
+    return cls
 ACTIVATIONS = {"relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh}

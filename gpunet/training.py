@@ -122,7 +122,8 @@ class _Run:
             return  # rank 0 alone writes
         opt = self.optimizer.state_dict()
         arrays = {f"net/{k}": v for k, v in self.net.state_dict().items()}
-        arrays.update({f"velocity/{i}": v for i, v in enumerate(opt.pop("velocities", []))})
+        for name, values in opt.pop("arrays").items():  # the optimizer's state, whatever its rule
+            arrays.update({f"optimizer/{name}/{i}": v for i, v in enumerate(values)})
         stopper = None
         if self.stopper is not None:
             s = self.stopper
@@ -143,10 +144,10 @@ class _Run:
                                              f"than the one given ({self.net.config()['layers']})")
         try:
             self.net.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("net/")})
-            opt = dict(meta["optimizer"])
-            if "momentum" in opt:
-                opt["velocities"] = [arrays[f"velocity/{i}"] for i in range(len(self.optimizer.params))]
-            self.optimizer.load_state_dict(opt)
+            slots = {k.split("/")[1] for k in arrays if k.startswith("optimizer/")}
+            count = len(self.optimizer.params)
+            self.optimizer.load_state_dict(dict(meta["optimizer"], arrays={
+                name: [arrays[f"optimizer/{name}/{i}"] for i in range(count)] for name in slots}))
             if meta["ranks"] != size:
                 raise ValueError(f"it was written by {meta['ranks']} processes, this run has {size}; "
                                  f"resume with the same number")
