@@ -85,10 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--activation", nargs="+", choices=sorted(ACTIVATIONS), default=["relu"], help="one activation, or one per hidden layer (default: relu)")
     t.add_argument("--epochs", type=positive_int, default=20, help="maximum number of epochs (default: 20)")
     t.add_argument("--batch-size", type=batch_size_arg, default=128, help="examples per step: 1 = online, 'full' = full batch (default: 128)")
-    t.add_argument("--lr", type=positive_float, default=0.05, help="learning rate (default: 0.05)")
-    t.add_argument("--momentum", type=unit_interval, default=0.9, help="momentum gamma, 0 for plain SGD (default: 0.9)")
-    t.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    t.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="L2 weight decay (default: 0)")
+    t.add_argument("--optimizer", choices=tuple(recipe.OPTIMIZER_SETTINGS), default="momentum", help="update rule (default: momentum)")
+    t.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: 0.05 for sgd and momentum, 0.001 for adam, adamw and rmsprop)")
+    t.add_argument("--momentum", type=unit_interval, default=None, help="momentum gamma for --optimizer momentum, 0 for plain SGD (default: 0.9); rmsprop's momentum (default: 0)")
+    t.add_argument("--nesterov", action="store_true", help="Nesterov momentum (--optimizer momentum)")
+    t.add_argument("--weight-decay", type=non_negative_float, default=None, help="L2 weight decay; adamw's decoupled decay (default: 0; adamw 0.01)")
+    t.add_argument("--beta1", type=unit_interval, default=None, help="adam/adamw: first-moment decay (default: 0.9)")
+    t.add_argument("--beta2", type=unit_interval, default=None, help="adam/adamw: second-moment decay (default: 0.999)")
+    t.add_argument("--eps", type=non_negative_float, default=None, help="adam/adamw/rmsprop: added to the denominator (default: 1e-8)")
+    t.add_argument("--alpha", type=unit_interval, default=None, help="rmsprop: decay of the squared-gradient average (default: 0.99)")
+    t.add_argument("--centered", action="store_true", help="rmsprop: divide by the gradient's variance, not its mean square")
+    t.add_argument("--batch-norm", action="store_true", help="batch normalisation after each hidden Linear, before its activation")
     t.add_argument("--dropout", type=unit_interval, default=0.2, help="dropout after each hidden layer (default: 0.2)")
     t.add_argument("--init", choices=INITIALIZERS, default=None, help="weight initialiser (default: he for relu, xavier otherwise)")
     t.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule (default: cosine)")
@@ -273,26 +280,38 @@ def cmd_evaluate(args):
 def cmd_predict(args):
     net = _load_model(args.model, args.device)
     size = image_size(net.in_features)  # from the model file: a model trained on other IDX sizes works too
-    names, batches, notes = [], [], []
-    for f in args.files:
-        x, warnings = load_image_file(f, size)
+    names, batches, notes, rows = [], [], [], []
+    for f in args.files:  # a file that cannot be read is named; the others are still predicted
+        try:
+            x, warnings = load_image_file(f, size)
+        except (DataError, OSError, ValueError) as exc:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            rows.append({"file": f, "error": message if f in message else f"{f}: {message}"})
+            print(f"gpunet predict: error: {rows[-1]['error']}", file=sys.stderr, flush=True)
+            continue
         batches.append(x)
         names += [f] if len(x) == 1 else [f"{f}[{i}]" for i in range(len(x))]
         notes += [warnings] * len(x)
-    x = np.concatenate(batches).astype(net.dtype, copy=False)
-    saved = _save_inputs(args.save_inputs, names, x, size) if args.save_inputs else [None] * len(x)
-    probs = backend.to_numpy(predict_proba(net, x))
-    rows = [{"file": n, **prediction(p, w), **({"input": str(path)} if path else {})}
-            for n, p, w, path in zip(names, probs, notes, saved)]
+        rows += [None] * len(x)  # filled below, in the order of the files
+    if batches:
+        x = np.concatenate(batches)
+        saved = _save_inputs(args.save_inputs, names, x, size) if args.save_inputs else [None] * len(x)
+        probs = iter(backend.to_numpy(predict_proba(net, x)))
+        done = iter([{"file": n, **prediction(next(probs), w), **({"input": str(path)} if path else {})}
+                     for n, w, path in zip(names, notes, saved)])
+        rows = [r if r is not None else next(done) for r in rows]
+    failed = any("error" in r for r in rows)
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
+        return 1 if failed else 0
     for r in rows:
+        if "error" in r:
+            continue
         alts = ", ".join(f"{t['digit']}: {t['probability']:.3f}" for t in r["top3"])
         print(f"{r['file']}: {r['digit']}  ({alts})")
         for w in r["warnings"]:
             print(f"gpunet predict: warning: {r['file']}: {w}", file=sys.stderr)
-    return 0
+    return 1 if failed else 0
 
 
 def _save_inputs(folder, names, x, size):
@@ -466,7 +485,11 @@ def main(argv=None) -> int:
     args.argv = argv
     where = f" (rank {parallel.launched_rank()})" if parallel.launched_size() > 1 else ""
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not at exit
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
     except KeyboardInterrupt:
         print(f"gpunet: interrupted{where}", file=sys.stderr)
         return _end(130)
@@ -480,6 +503,18 @@ def main(argv=None) -> int:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"gpunet {args.command}{where}: error: {message}", file=sys.stderr, flush=True)
         return _end(2)
+
+
+def _closed_pipe() -> int:
+    """The reader of our output went away (``gpunet evaluate MODEL --json | head -3``): end quietly, with
+    the status of a process that SIGPIPE ended (128 + 13), as ``head``'s other writers do. Later writes
+    (Python's own flush at exit) go to /dev/null, so nothing is printed about it."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a file descriptor (an embedding program's)
+        pass
+    return 128 + signal.SIGPIPE
 
 
 def _end(code: int) -> int:
