@@ -9,6 +9,8 @@ This module imports nothing else of gpunet.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import numpy as np
@@ -23,6 +25,7 @@ class DeviceError(RuntimeError):
 
 _probe_result: tuple | None = None  # (cupy module or None, reason or None, exception or None)
 _default: str | None = None
+_gpu_index: int | None = None  # the GPU chosen by "cuda:N" or an MPI rank; None: CuPy's current one
 
 
 def _explain(exc: BaseException) -> str:
@@ -57,6 +60,8 @@ def _probe():
         try:
             import cupy
 
+            if _gpu_index is not None:  # probe the GPU that will be used, and create no context on another
+                cupy.cuda.Device(_gpu_index).use()
             a_host = np.arange(16, dtype=np.float32).reshape(4, 4)
             a = cupy.asarray(a_host)
             twice = cupy.ElementwiseKernel(*PROBE_KERNEL)
@@ -80,6 +85,51 @@ def gpu_unavailable_reason() -> str | None:
     return _probe()[1]
 
 
+def select_gpu(index: int | None = None, local_rank: int | None = None) -> None:
+    """Choose the GPU this process uses before anything touches one: GPU ``index``, or with ``local_rank``
+    (an MPI rank's place on its node) GPU ``local_rank % count``. Every later upload (:func:`to_device`)
+    and every :func:`device_scope` goes there, in any thread. Raises :class:`DeviceError` when the process
+    sees no such GPU. Without a usable CuPy and with ``local_rank``, nothing is chosen (the CPU runs)."""
+    global _gpu_index
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()  # counts devices without creating a context on any
+    except Exception as exc:
+        if index is None:
+            return
+        raise DeviceError(f"device: 'cuda:{index}' was requested but no GPU is usable: {_explain(exc)}") from exc
+    if index is None:
+        if count == 0:
+            return
+        index = local_rank % count
+    if not 0 <= index < count:
+        raise DeviceError(f"device: expected a GPU index below {count} (the CUDA devices this process "
+                          f"sees), got 'cuda:{index}'")
+    _gpu_index = index
+    cupy.cuda.Device(index).use()
+
+
+def device_scope(a):
+    """A context manager making the GPU that holds ``a`` (a CuPy array) current in this thread, so that
+    work and uploads inside it land on that GPU whatever thread runs them; a no-op for NumPy arrays."""
+    if _is_cupy(a):
+        return a.device
+    return contextlib.nullcontext()
+
+
+def on_device_of_net(fn):
+    """Decorator for entry points ``fn(net, ...)``: run inside :func:`device_scope` of the network's first
+    parameter (``cupy.cuda.Device.use()`` holds for one thread only: a server's request thread would
+    otherwise upload to GPU 0 and multiply with weights on another)."""
+    @functools.wraps(fn)
+    def run(net, *args, **kwargs):
+        params = net.parameters()
+        with device_scope(params[0].data if params else None):
+            return fn(net, *args, **kwargs)
+    return run
+
+
 def _split(name: str | None) -> tuple[str, int | None]:
     """``(device key, GPU index or None)`` of a user's device name; ``None`` means the default."""
     if name is None:
@@ -100,24 +150,19 @@ def resolve_device(name: str | None = None) -> str:
     """Resolve a device name to ``"cpu"`` or ``"gpu"``.
 
     ``"auto"`` falls back to the CPU when no GPU is usable; ``"gpu"`` raises :class:`DeviceError`
-    naming the cause. ``"gpu"`` means CuPy's current CUDA device (0 unless changed); ``"cuda:N"`` makes
-    GPU N the current device of this thread (``cupy.cuda.Device(N).use()``), so that arrays created for
-    ``"gpu"`` from then on live there, or raises :class:`DeviceError` when there is no GPU N.
+    naming the cause. ``"gpu"`` means the GPU chosen by :func:`select_gpu` (CuPy's current one, 0, when
+    none was chosen); ``"cuda:N"`` chooses GPU N first (before the probe touches any GPU), so that arrays
+    created for ``"gpu"`` from then on live there, or raises :class:`DeviceError` when there is no GPU N.
     """
     dev, index = _split(name)
+    if index is not None:
+        select_gpu(index)  # before the probe, which would otherwise create a context on GPU 0
     if dev == "auto":
         return "gpu" if gpu_available() else "cpu"
     if dev == "gpu" and not gpu_available():
         _, reason, exc = _probe()
         shown = "gpu" if name is None else str(name)
         raise DeviceError(f"device {shown!r} was requested but no GPU is usable: {reason}") from exc
-    if index is not None:
-        cuda = _probe()[0].cuda
-        count = cuda.runtime.getDeviceCount()
-        if index >= count:
-            raise DeviceError(f"device: expected a GPU index below {count} (the CUDA devices this process "
-                              f"sees), got {name!r}")
-        cuda.Device(index).use()
     return dev
 
 
@@ -135,7 +180,7 @@ def describe_device(name: str | None = None) -> dict:
     info["backend"] = "cupy" if info["device"] == "gpu" else "numpy"
     if info["device"] == "gpu":
         cupy = _probe()[0]
-        dev = cupy.cuda.Device()
+        dev = cupy.cuda.Device(_gpu_index)  # the chosen GPU (None: the current one)
         props = cupy.cuda.runtime.getDeviceProperties(dev.id)
         name_ = props["name"]
         info["gpu_name"] = name_.decode() if isinstance(name_, bytes) else str(name_)
@@ -170,7 +215,11 @@ def device_of(a) -> str:
 def to_device(a, device: str | None = None):
     """Move (or keep) an array on ``device``; no copy when it is already there."""
     if resolve_device(device) == "gpu":
-        return _probe()[0].asarray(a)
+        cupy = _probe()[0]
+        if _gpu_index is None:
+            return cupy.asarray(a)
+        with cupy.cuda.Device(_gpu_index):  # this thread's current device may be another (Device.use is per thread)
+            return cupy.asarray(a)
     return to_numpy(a)
 
 

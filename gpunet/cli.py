@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, backend, explain, fast, parallel, recipe
+from . import __version__, backend, explain, explain_inputs, explain_render, fast, parallel, recipe
 from .backend import DeviceError
 from .batches import Pixels
 from .data import DataError, default_data_dir
@@ -28,6 +28,7 @@ from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .metrics import format_report
 from .network import load
 from .optimizers import SGD, Momentum
+from .predictions import prediction
 from .recipe import TrainConfig, load_data, train
 from .schedules import SCHEDULES
 from .training import Interrupted, evaluate, predict, predict_proba
@@ -128,20 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--task", choices=("classifier", "regressor"), default="classifier", help="classifier: outputs probabilities and label; regressor: output (default: classifier)")
     o.add_argument("--inputs", metavar="TEXT", help="what the inputs are, for the file's metadata (default: pixel / 255 for image models)")
 
-    x = sub.add_parser("explain", help="one training step of a small network, formula by formula, in the course notes' notation")
-    x.add_argument("--sizes", type=positive_int, nargs="+", metavar="N", help="layer sizes, inputs to outputs (default: 2 2 2, or those of --weights)")
+    x = sub.add_parser("explain", help="one training step of a small network, formula by formula, in the course notes' notation (no flags: the classic 2-2-2 example worked by hand)")
+    x.add_argument("--sizes", type=positive_int, nargs="+", metavar="N", help="layer sizes, inputs to outputs, weights drawn from --seed (default: the example's 2-2-2, or those of --weights)")
     x.add_argument("--activation", nargs="+", choices=sorted(ACTIVATIONS), help="hidden activation, one or one per hidden layer (default: sigmoid)")
+    x.add_argument("--output-activation", choices=explain_inputs.OUTPUT_ACTIVATIONS, help="an activation on the output layer, y^L = f(z^L), for --loss mse or mae (default: none, y^L = z^L)")
     x.add_argument("--loss", choices=("ce", "mse", "mae"), default="ce", help="softmax cross-entropy, mean squared or absolute error (default: ce)")
     x.add_argument("--optimizer", choices=("sgd", "momentum"), default="sgd", help="default: sgd")
-    x.add_argument("--lr", type=positive_float, default=0.5, help="learning rate alpha (default: 0.5)")
+    x.add_argument("--lr", type=positive_float, default=explain_inputs.EXAMPLE["lr"], help="learning rate alpha (default: 0.5)")
     x.add_argument("--momentum", type=unit_interval, default=None, help="gamma for --optimizer momentum (default: 0.9)")
-    x.add_argument("--input", type=finite_float, nargs="+", metavar="X", help="the instance x (several instances back to back make a batch)")
-    x.add_argument("--target", type=finite_float, nargs="+", metavar="T", help="a class per instance, or the desired outputs y^D (default with --model: the prediction)")
-    x.add_argument("--seed", type=int, default=0, help="seed for the starting weights (default: 0)")
+    x.add_argument("--input", type=finite_float, nargs="+", metavar="X", help="the instance x (several instances back to back make a batch; default with the example: 0.05 0.1)")
+    x.add_argument("--target", type=finite_float, nargs="+", metavar="T", help="a class per instance, or the desired outputs y^D (default: the example's 0.01 0.99; with --model: the prediction)")
+    x.add_argument("--seed", type=int, default=None, help="seed for the weights of --sizes (default: 0)")
     x.add_argument("--weights", metavar="FILE.json", help='starting weights: {"layers": [{"W": [[...], ...], "b": [...]}, ...]}, W (inputs, outputs)')
     x.add_argument("--model", help="a model file written by gpunet train (dropout off: the prediction's forward pass)")
     x.add_argument("--image", metavar="FILE", help="the input from an image or .npy file (as for gpunet predict)")
-    x.add_argument("--json", action="store_true", help="print every quantity as JSON (schema gpunet-explain/1)")
+    x.add_argument("--json", action="store_true", help="print every quantity as JSON (schema gpunet-explain/2; NaN is null)")
     x.add_argument("--format", choices=("text", "markdown"), default="text", help="text, or markdown with LaTeX (default: text)")
     x.add_argument("--float64", action="store_true", help="compute in float64, for hand checks to many digits")
 
@@ -285,12 +287,8 @@ def cmd_predict(args):
     x = np.concatenate(batches).astype(net.dtype, copy=False)
     saved = _save_inputs(args.save_inputs, names, x, size) if args.save_inputs else [None] * len(x)
     probs = backend.to_numpy(predict_proba(net, x))
-    rows = []
-    for n, p, w, path in zip(names, probs, notes, saved):
-        top = [{"digit": int(k), "probability": round(float(p[k]), 6)} for k in np.argsort(-p, kind="stable")[:3]]
-        rows.append({"file": n, "digit": int(p.argmax()), "top3": top,
-                     "probabilities": [round(float(v), 6) for v in p], "warnings": w,
-                     **({"input": str(path)} if path else {})})
+    rows = [{"file": n, **prediction(p, w), **({"input": str(path)} if path else {})}
+            for n, p, w, path in zip(names, probs, notes, saved)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -358,49 +356,87 @@ def _flag(call, *args, **kwargs):
 
 def cmd_explain(args):
     dtype = np.float64 if args.float64 else np.float32
-    if args.json and args.format != "text":
-        raise UserError(f"--json: prints JSON, so --format {args.format} does not apply")
-    if args.model:
-        given = [f for f in ("sizes", "weights", "activation") if getattr(args, f)]
-        if given:
-            raise UserError(f"--{given[0]}: not used with --model (the model file holds the network)")
-        net = _load_model(args.model, "cpu").eval()
-        for p in net.parameters():  # before any optimizer gathers them
-            p.data, p.grad = p.data.astype(dtype), np.zeros(p.data.shape, dtype)
+    _explain_flags(args)
+    example = not (args.model or args.weights or args.sizes)  # no network given: the default example
+    net = _explain_network(args, dtype, example)
+    x = _explain_input(args, net, example, dtype)
+    if args.target is not None:
+        target = args.target
+    elif args.model:
+        target = backend.to_numpy(predict(net, x)).astype(float)
+    elif example:
+        target = explain_inputs.EXAMPLE["target"]
     else:
-        doc = None
-        if args.weights:
-            if not os.path.isfile(args.weights):
-                raise UserError(f"--weights: file not found: {args.weights}")
-            try:
-                doc = json.loads(Path(args.weights).read_text())
-            except json.JSONDecodeError as exc:
-                raise UserError(f"--weights: {args.weights} is not valid JSON ({exc})") from None
-        acts = args.activation or ["sigmoid"]
-        net = _flag(explain.build_network, args.sizes or (None if doc else [2, 2, 2]), doc,
-                    acts[0] if len(acts) == 1 else acts, args.seed, dtype)
-    if (args.input is None) == (args.image is None):
-        raise UserError(f"--input: expected the instance's values or --image FILE, got {'both' if args.image else 'neither'}")
-    x = load_images([args.image]) if args.image else np.array(args.input)
-    if args.image and x.shape[1] != net.in_features:
-        raise UserError(f"--image: expected {net.in_features} pixels (the network's inputs), got {x.shape[1]}")
-    if x.size % net.in_features:
-        raise UserError(f"--input: expected {net.in_features} values (one per input of the network) or a multiple, "
-                        f"got {x.size}")
-    x = x.reshape(-1, net.in_features).astype(dtype)
-    if args.target is None and not args.model:
         raise UserError(f"--target: expected a class or {net.out_features} desired outputs per instance, got none")
-    target = backend.to_numpy(predict(net, x)).astype(float) if args.target is None else args.target
-    y = _flag(explain.make_target, target, len(x), net.out_features, args.loss, dtype)
-    if args.optimizer == "sgd" and args.momentum is not None:
-        raise UserError("--momentum: only used with --optimizer momentum")
+    y = _flag(explain_inputs.make_target, target, len(x), net.out_features, args.loss, dtype)
     opt = (SGD(net.parameters(), lr=args.lr) if args.optimizer == "sgd" else
            Momentum(net.parameters(), lr=args.lr, momentum=0.9 if args.momentum is None else args.momentum))
     loss = {"ce": SoftmaxCrossEntropy, "mse": MSELoss, "mae": MAELoss}[args.loss]()
     record = explain.explain_step(net, loss, opt, x, y)
-    render = explain.render_json if args.json else (explain.render_markdown if args.format == "markdown" else explain.render_text)
-    print(render(record), end="")
+    intro = explain_inputs.EXAMPLE["about"] if example else None
+    if args.json:
+        print(explain_render.render_json(record), end="")
+    else:
+        render = explain_render.render_markdown if args.format == "markdown" else explain_render.render_text
+        print(render(record, intro=intro), end="")
     return 0
+
+
+def _explain_flags(args):
+    """The flags that do not go together, refused before any work."""
+    if args.json and args.format != "text":
+        raise UserError(f"--json: prints JSON, so --format {args.format} does not apply")
+    if args.optimizer == "sgd" and args.momentum is not None:
+        raise UserError("--momentum: only used with --optimizer momentum")
+    if args.output_activation and args.loss == "ce":
+        raise UserError("--output-activation: expected --loss mse or mae (cross-entropy applies softmax to z^L "
+                        "itself), got --loss ce")
+    if args.model:
+        given = [f for f in ("sizes", "weights", "activation", "output_activation", "seed")
+                 if getattr(args, f) is not None]
+        if given:
+            flag = given[0].replace("_", "-")
+            raise UserError(f"--{flag}: not used with --model (the model file holds the network)")
+    if args.seed is not None and (not args.sizes or args.weights):
+        raise UserError("--seed: draws the weights of --sizes, so it needs --sizes and no --weights")
+
+
+def _explain_network(args, dtype, example):
+    """The network to explain: a model file, a weights file, sizes with seeded weights, or the example."""
+    if args.model:
+        net = _load_model(args.model, "cpu").eval()
+        for p in net.parameters():  # before any optimizer gathers them
+            p.data, p.grad = p.data.astype(dtype), np.zeros(p.data.shape, dtype)
+        return net
+    doc = explain_inputs.EXAMPLE["weights"] if example else None
+    if args.weights:
+        if not os.path.isfile(args.weights):
+            raise UserError(f"--weights: file not found: {args.weights}")
+        try:
+            doc = json.loads(Path(args.weights).read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--weights: {args.weights} is not valid JSON ({exc})") from None
+    acts = args.activation or [explain_inputs.EXAMPLE["activation"]]
+    return _flag(explain_inputs.build_network, args.sizes, doc, acts[0] if len(acts) == 1 else acts,
+                 args.seed or 0, dtype, args.output_activation)
+
+
+def _explain_input(args, net, example, dtype):
+    """x (N, inputs) from --input, --image or the example."""
+    if args.input is not None and args.image is not None:
+        raise UserError("--input: expected the instance's values or --image FILE, got both")
+    if args.image:
+        x = load_images([args.image])
+        if x.shape[1] != net.in_features:
+            raise UserError(f"--image: expected {net.in_features} pixels (the network's inputs), got {x.shape[1]}")
+    elif args.input is not None or example:
+        x = np.array(explain_inputs.EXAMPLE["input"] if args.input is None else args.input)
+    else:
+        raise UserError("--input: expected the instance's values or --image FILE, got neither")
+    if x.size % net.in_features:
+        raise UserError(f"--input: expected {net.in_features} values (one per input of the network) or a multiple, "
+                        f"got {x.size}")
+    return x.reshape(-1, net.in_features).astype(dtype)
 
 
 def cmd_info(args):

@@ -73,7 +73,7 @@ def load_mnist(data_dir=None, *, download=True, verify=False, dtype=np.float32):
     """Load MNIST, or any dataset stored under its file names, from :func:`resolve_data_dir`.
 
     Returns ``((x_train, y_train), (x_test, y_test))``: x of `dtype` (N, rows*cols) in [0, 1] (or the raw
-    0..255 bytes for ``dtype=np.uint8``, to wrap in :class:`gpunet.pixels.Pixels`), y int64 (N,). Missing
+    0..255 bytes for ``dtype=np.uint8``, to wrap in :class:`gpunet.batches.Pixels`), y int64 (N,). Missing
     files are downloaded if `download`; `verify` checks the files against MNIST_MD5.
     """
     folder = resolve_data_dir(data_dir)

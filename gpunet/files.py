@@ -4,17 +4,37 @@ and the one ``.npz`` layout (arrays plus a JSON record) that model files and che
 ``atomic_write(path, data)`` writes to a temporary file in the same folder, flushes it to disk (fsync),
 gives it the permissions the user's umask allows (``mkstemp`` would leave 0600), and renames it over
 ``path``. A crash, or SIGKILL, at any moment leaves either the old file or the new one, never half of one.
-This module imports nothing of gpunet.
+
+``strict(obj)`` is the one JSON rule: every file and every ``--json`` output gpunet writes is strict JSON,
+where a NaN or an infinity is ``null`` (JSON has no such numbers). This module imports nothing of gpunet.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import math
 import os
 import tempfile
 
 import numpy as np
+
+
+def strict(obj):
+    """``obj`` as plain JSON values: every NaN or infinite float becomes None, NumPy arrays nested lists
+    (``tolist`` keeps each value exactly: a float32 reads back as the same float32) and NumPy scalars
+    Python ones; dicts, lists and tuples are walked, anything else is left as it is."""
+    if isinstance(obj, np.ndarray):
+        obj = obj.tolist()
+    elif isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
 
 
 def _umask() -> int:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from .data import DataError
 
@@ -77,6 +78,28 @@ def _composite(rgba: np.ndarray) -> np.ndarray:
     return rgb * alpha + paper * (1 - alpha)
 
 
+def to_unit_scale(values, what: str = "picture") -> np.ndarray:
+    """The 0..255 guess, written once: pixel values (any shape) -> float32 in [0, 1].
+
+    Integers are bytes, 0..255 (0..65535 when wider than a byte and some value is above 255); floats above
+    1.5 can only be on the 0..255 scale too; other floats are already on the 0..1 scale. Values a rounding
+    error outside [0, 1] (1%) are clipped. Raises DataError naming `what` for a value that is not finite
+    or lies further out.
+    """
+    arr = np.asarray(values)
+    out = arr.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise DataError(f"{what}: values must be finite, got NaN or infinity")
+    top = out.max(initial=0)
+    if arr.dtype.kind in "ui":
+        out /= np.float32(65535 if arr.dtype.itemsize > 1 and top > 255 else 255)
+    elif top > 1.5:
+        out /= np.float32(255)
+    if out.min(initial=0) < -0.01 or out.max(initial=0) > 1.01:
+        raise DataError(f"{what}: expected values in [0, 1] or 0..255, got {arr.min():g}..{arr.max():g}")
+    return np.clip(out, 0, 1, out=out)
+
+
 def _from_array(picture: np.ndarray) -> np.ndarray:
     """A NumPy picture (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> float32 (H, W, 3) in [0, 1]."""
     arr = np.asarray(picture)
@@ -88,14 +111,7 @@ def _from_array(picture: np.ndarray) -> np.ndarray:
         raise DataError(f"picture: expected a numeric array, got dtype {arr.dtype}")
     if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
         raise DataError(f"picture of {arr.shape[1]}x{arr.shape[0]} pixels is too large (at most {MAX_PIXELS:,})")
-    out = arr.astype(np.float32)
-    if not np.isfinite(out).all():
-        raise DataError("picture: values must be finite, found NaN or infinity")
-    if arr.dtype.kind in "ui":
-        out /= np.float32(65535 if arr.dtype.itemsize > 1 and out.max(initial=0) > 255 else 255)
-    elif arr.dtype.kind == "f" and out.size and out.max() > 1.5:  # floats on a 0..255 scale
-        out /= np.float32(255)
-    out = np.clip(out, 0, 1)
+    out = to_unit_scale(arr)
     if out.ndim == 2:
         out = np.repeat(out[..., None], 3, axis=2)
     return _composite(out) if out.shape[2] == 4 else out
@@ -164,40 +180,44 @@ def _ink(rgb: np.ndarray) -> tuple[np.ndarray, float]:
     return ink.astype(np.float32), noise
 
 
+def _window(a: np.ndarray, k: int, reduce, mode: str = "constant", fill=0) -> np.ndarray:
+    """A k x k window (k odd) reduced at every pixel, (H, W) -> (H, W): a k-window along the rows, then
+    along the columns (max, min and sum are separable), over `a` padded by k // 2 with `mode`/`fill`."""
+    r = k // 2
+    p = np.pad(a, r, mode=mode, **({"constant_values": fill} if mode == "constant" else {}))
+    rows = reduce(sliding_window_view(p, k, axis=0), axis=-1)
+    return reduce(sliding_window_view(rows, k, axis=1), axis=-1)
+
+
 def _box_mean3(a: np.ndarray) -> np.ndarray:
-    """3x3 mean filter with edge padding (H, W) -> (H, W)."""
-    p = np.pad(a, 1, mode="edge")
-    return sum(p[i:i + a.shape[0], j:j + a.shape[1]] for i in range(3) for j in range(3)) / np.float32(9)
+    """3x3 mean filter with edge padding (H, W) -> (H, W), float32."""
+    return _window(a, 3, np.sum, mode="edge") / np.float32(9)
 
 
 def _dilate(a: np.ndarray, steps: int) -> np.ndarray:
-    """Grey dilation (H, W) -> (H, W): a 3x3 maximum, `steps` times; each widens a stroke by 2 pixels."""
-    for _ in range(steps):
-        p = np.pad(a, 1)
-        a = np.max([p[i:i + a.shape[0], j:j + a.shape[1]] for i in range(3) for j in range(3)], axis=0)
-    return a
+    """Grey dilation (H, W) -> (H, W) of ink >= 0: a 3x3 maximum `steps` times, i.e. one (2 steps + 1)
+    square maximum with zeros outside; each step widens a stroke by 2 pixels."""
+    return _window(a, 2 * steps + 1, np.max) if steps > 0 else a
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected components of a small boolean mask: labels (H, W) int32 (0 = background), count."""
-    labels = np.zeros(mask.shape, np.int32)
+    """8-connected components of a boolean mask: labels (H, W) int32 (0 = background), count; numbered in
+    the order of each component's first pixel in raster order (as scipy.ndimage.label numbers them)."""
     h, w = mask.shape
-    count = 0
-    for start in zip(*np.nonzero(mask)):
-        if labels[start]:
-            continue
-        count += 1
-        labels[start] = count
-        stack = [start]
-        while stack:
-            r, c = stack.pop()
-            for dr in (-1, 0, 1):
-                for dc in (-1, 0, 1):
-                    rr, cc = r + dr, c + dc
-                    if 0 <= rr < h and 0 <= cc < w and mask[rr, cc] and not labels[rr, cc]:
-                        labels[rr, cc] = count
-                        stack.append((rr, cc))
-    return labels, count
+    none = h * w  # larger than any pixel index: what the background and the outside offer
+    label = np.where(mask, np.arange(h * w).reshape(h, w), none)
+    while True:
+        # every pixel takes the smallest label among its 3x3 neighbours, then the label of the pixel that
+        # label names (pointer jumping): a component's labels fall to its first pixel's index in a few rounds
+        low = np.where(mask, _window(label, 3, np.min, fill=none), none)
+        low = np.append(low.ravel(), none)[low]
+        if np.array_equal(low, label):
+            break
+        label = low
+    roots = np.unique(label[mask])  # sorted: the raster order of each component's first pixel
+    labels = np.zeros((h, w), np.int32)
+    labels[mask] = np.searchsorted(roots, label[mask]) + 1
+    return labels, len(roots)
 
 
 def _stroke_width(mask: np.ndarray) -> float:
@@ -367,14 +387,7 @@ def _load_npy(path: Path, size) -> tuple[np.ndarray, list[str]]:
         except DataError as exc:
             raise DataError(f"{path}: {exc}") from exc
         return img.reshape(1, -1), warnings
-    arr = arr.reshape(-1, pixels)
-    out = arr.astype(np.float32)
-    # integers are 0..255; floats above 1.5 can only be on that scale too
-    if arr.dtype.kind in "ui" or (arr.dtype.kind == "f" and out.size and out.max() > 1.5):
-        out /= np.float32(255)
-    if out.size and (not np.isfinite(out).all() or out.min() < -0.01 or out.max() > 1.01):
-        raise DataError(f"{path}: pixel values must lie in [0, 1] or 0..255, found {out.min()}..{out.max()}")
-    return out, []
+    return to_unit_scale(arr.reshape(-1, pixels), str(path)), []
 
 
 def image_size(in_features: int) -> tuple[int, int]:
@@ -388,8 +401,8 @@ def load_image_file(path, size=(28, 28)) -> tuple[np.ndarray, list[str]]:
     """One file -> (float32 (N, rows*cols) in [0, 1], warnings: list of sentences about the file).
 
     Pictures (PNG, JPEG, ...) hold one digit and go through :func:`mnist_style`; ``.npy`` files hold
-    (rows, cols), (rows*cols,), (N, rows, cols) or (N, rows*cols) arrays, kept as they are (integers
-    scaled by 1/255, floats kept or scaled if on a 0..255 scale), or one picture of another shape.
+    (rows, cols), (rows*cols,), (N, rows, cols) or (N, rows*cols) arrays, kept as they are (brought to
+    [0, 1] by :func:`to_unit_scale`), or one picture of another shape.
     """
     path = Path(path)
     suffix = path.suffix.lower()

@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from . import backend
 from .backend import get_array_module
 
 # how launchers tell a process its place: MPICH/Hydra (PMI), Open MPI, Slurm
@@ -67,11 +68,9 @@ class Comm:
         self._nccl = None
 
     def use_local_gpu(self) -> None:
-        """One GPU per rank: rank i on its node takes device i (modulo the devices there)."""
-        import cupy
-
-        count = cupy.cuda.runtime.getDeviceCount()
-        cupy.cuda.Device(self.local_rank % count).use()
+        """One GPU per rank: rank i on its node takes device i (modulo the devices there), chosen before
+        anything touches a GPU (no rank keeps a context on GPU 0); nothing when no GPU is usable."""
+        backend.select_gpu(local_rank=self.local_rank)
 
     def allreduce(self, buf) -> None:
         """Sum ``buf`` (a contiguous NumPy or CuPy array) over the ranks, in place."""

@@ -8,7 +8,6 @@ a validation set, build the MLP and its optimizer and schedule, ``fit``, evaluat
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -127,20 +126,9 @@ def build(config: TrainConfig, in_features: int, classes: int, device: str):
     return net, opt, make_schedule(config.schedule, config.lr, config.epochs, **extra)
 
 
-def strict(obj):
-    """``obj`` with every NaN or infinite float replaced by None, so that it is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict(v) for v in obj]
-    return obj
-
-
 def write_json(path, obj) -> None:
     """Strict JSON (a non-finite number becomes null), written atomically."""
-    files.atomic_write(path, (json.dumps(strict(obj), indent=2, allow_nan=False) + "\n").encode())
+    files.atomic_write(path, (json.dumps(files.strict(obj), indent=2, allow_nan=False) + "\n").encode())
 
 
 def fingerprint(x_train, y_train, x_test) -> dict:
@@ -208,8 +196,8 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     if comm is not None:
         comm.same_everywhere("the training settings", {**asdict(config), "resume": resume, "overwrite": overwrite,
                                                         "out": str(Path(out).resolve())})
-        if backend.resolve_device(config.device) == "gpu":
-            comm.use_local_gpu()
+        if backend.normalize_device(config.device) != "cpu":
+            comm.use_local_gpu()  # before resolve_device's probe touches a GPU
     log = log if lead else (lambda line: None)
     device = backend.resolve_device(config.device)
     out = Path(out)

@@ -5,7 +5,8 @@ threading HTTP server (one thread per connection; nothing fetched from the inter
     GET  /health    {"status": "ok", "model": NAME, "inputs": 784, "classes": 10, "image_size": [28, 28]}
     POST /predict   body: PNG/JPEG bytes (any picture Pillow reads; made MNIST-style, see gpunet.images)
                     or JSON {"pixels": [[...], ...]} (rows x cols numbers in [0, 1] or 0..255, used as is)
-                    -> {"digit": d, "probabilities": [C floats], "input": [[rows x cols]], "warnings": [...]}
+                    -> {"digit": d, "top3": [{"digit", "probability"} x 3], "probabilities": [C floats],
+                        "warnings": [...], "input": [[rows x cols]]} (gpunet.predictions.prediction + input)
 
 Every error is JSON {"error": "one line"} with its status (400 bad body, 404, 405, 411 no length, 413 too
 large, 500 a bug); no traceback reaches a client or the log. Only the command line imports this module.
@@ -25,7 +26,8 @@ import numpy as np
 
 from .backend import to_numpy
 from .data import DataError
-from .images import image_size, mnist_style
+from .images import image_size, mnist_style, to_unit_scale
+from .predictions import prediction
 from .training import predict_proba
 
 MAX_BODY = 8 * 2**20  # bytes: a phone photo fits; anything bigger is refused (413) before it is read
@@ -92,21 +94,18 @@ class Predictor:
                              f"values") from exc
         if arr.shape not in ((rows, cols), (rows * cols,)):
             raise BadRequest(f"pixels: expected {rows} rows of {cols} numbers, got an array of shape {arr.shape}")
-        if not np.isfinite(arr).all():
-            raise BadRequest("pixels: expected finite numbers, got NaN or infinity")
-        if arr.max(initial=0) > 1.5:  # on a 0..255 scale, like the bytes of an MNIST file
-            arr = arr / 255
-        if arr.min(initial=0) < -0.01 or arr.max(initial=0) > 1.01:
-            raise BadRequest(f"pixels: expected values in [0, 1] or 0..255, got {arr.min():g}..{arr.max() * 255:g}")
-        return self.predict(np.clip(arr, 0, 1).astype(np.float32).reshape(rows, cols), [])
+        try:
+            pixels = to_unit_scale(arr, "pixels")
+        except DataError as exc:
+            raise BadRequest(str(exc)) from exc
+        return self.predict(pixels.reshape(rows, cols), [])
 
     def predict(self, pixels: np.ndarray, warnings: list) -> dict:
-        """pixels float32 (rows, cols) -> {"digit", "probabilities", "input", "warnings"}."""
+        """pixels float32 (rows, cols) -> the prediction (see the module docstring) with its "input"."""
         x = pixels.reshape(1, -1).astype(self.net.dtype, copy=False)
         with self._lock:
             probs = to_numpy(predict_proba(self.net, x))[0]
-        return {"digit": int(probs.argmax()), "probabilities": [round(float(p), 6) for p in probs],
-                "input": np.round(pixels, 3).tolist(), "warnings": list(warnings)}
+        return {**prediction(probs, warnings), "input": np.round(pixels, 3).tolist()}
 
 
 def page() -> bytes:

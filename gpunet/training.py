@@ -21,7 +21,7 @@ from . import checkpoint, parallel
 from . import fast as fast_path
 from .backend import get_array_module, synchronize, to_device, to_numpy
 from .batches import as_rows
-from .losses import check_labels
+from .inputs import targets
 from .metrics import confusion_counts, report
 
 
@@ -83,14 +83,12 @@ def batch_size_for(batch_size, n) -> int:
     return int(min(batch_size, max(n, 1)))
 
 
-def _dataset(x, y, device, name, net, classify):
-    x = as_rows(x)
-    if len(y) != len(x):
-        raise ValueError(f"{name}: expected as many targets as rows, got {len(x)} rows and {len(y)} targets")
-    y = to_device(y, device)
-    if classify:
-        check_labels(y, net.out_features, name.replace("x", "y"))
-    return x.to(device), y
+def _dataset(x, y, net, classify, name="x"):
+    """A data set through the front door (:mod:`gpunet.inputs`): the features as ``Rows`` or ``Pixels`` of
+    the network's dtype on its device, the targets checked and cast there."""
+    x = as_rows(x, net.dtype, net.device, name)
+    y = targets(y, len(x), classify, net.out_features, net.dtype, net.device, name.replace("x", "y"))
+    return x, y
 
 
 class Interrupted(Exception):
@@ -124,7 +122,8 @@ class _Run:
             return  # rank 0 alone writes
         opt = self.optimizer.state_dict()
         arrays = {f"net/{k}": v for k, v in self.net.state_dict().items()}
-        arrays.update({f"velocity/{i}": v for i, v in enumerate(opt.pop("velocities", []))})
+        for name, values in opt.pop("arrays").items():  # the optimizer's state, whatever its rule
+            arrays.update({f"optimizer/{name}/{i}": v for i, v in enumerate(values)})
         stopper = None
         if self.stopper is not None:
             s = self.stopper
@@ -145,10 +144,10 @@ class _Run:
                                              f"than the one given ({self.net.config()['layers']})")
         try:
             self.net.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("net/")})
-            opt = dict(meta["optimizer"])
-            if "momentum" in opt:
-                opt["velocities"] = [arrays[f"velocity/{i}"] for i in range(len(self.optimizer.params))]
-            self.optimizer.load_state_dict(opt)
+            slots = {k.split("/")[1] for k in arrays if k.startswith("optimizer/")}
+            count = len(self.optimizer.params)
+            self.optimizer.load_state_dict(dict(meta["optimizer"], arrays={
+                name: [arrays[f"optimizer/{name}/{i}"] for i in range(count)] for name in slots}))
             if meta["ranks"] != size:
                 raise ValueError(f"it was written by {meta['ranks']} processes, this run has {size}; "
                                  f"resume with the same number")
@@ -203,9 +202,10 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     if resume and checkpoint_path is None:
         raise ValueError("resume: expected a checkpoint_path to resume from, got none")
     device, classify = net.device, loss.classifies
-    x, y = _dataset(x, y, device, "x", net, classify)
+    net.classifies = classify  # what predict returns and model files record
+    x, y = _dataset(x, y, net, classify)
     if validation is not None:
-        validation = _dataset(*validation, device, "validation x", net, classify)
+        validation = _dataset(*validation, net, classify, "validation x")
     xp = get_array_module(net.parameters()[0].data)
 
     n = len(x)
@@ -339,32 +339,63 @@ def _batches(x, batch_size):
         yield start, x[start:start + batch_size]
 
 
-def predict_proba(net, x, batch_size: int = 4096):
-    """Class probabilities (N, C) on the network's device, computed batch by batch in eval mode."""
+def classifies(net) -> bool:
+    """Whether ``net``'s outputs are class scores: what ``fit`` recorded from its loss (kept in model
+    files), else whether it has more than one output (a single output is no softmax classifier)."""
+    known = getattr(net, "classifies", None)
+    return bool(known) if known is not None else (net.out_features or 0) > 1
+
+
+def _each_batch(net, x, batch_size, then):
+    """``then(forward(batch))`` for every batch of ``x`` (through the front door), in eval mode, gathered
+    into one (N, outputs) array on the network's device."""
     was_training = net.training
     net.eval()
-    x = as_rows(x).to(net.device)
+    x = as_rows(x, net.dtype, net.device)
     xp = get_array_module(net.parameters()[0].data)
     forward = fast_path.forward_for(net) or net.forward
     out = None
-    for start, xb in _batches(x, batch_size):
-        z = forward(xb)
-        p = xp.exp(z - z.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        if out is None:
-            out = xp.empty((len(x), p.shape[1]), dtype=p.dtype)
-        out[start:start + len(p)] = p
-    net.train(was_training)
-    return out
+    try:
+        for start, xb in _batches(x, batch_size):
+            z = then(forward(xb))
+            if out is None:
+                out = xp.empty((len(x),) + z.shape[1:], dtype=z.dtype)
+            out[start:start + len(z)] = z
+    finally:
+        net.train(was_training)
+    return out if out is not None else xp.empty((0, net.out_features or 0), dtype=net.dtype)
+
+
+def _softmax(z):
+    xp = get_array_module(z)
+    p = xp.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return p
+
+
+def predict_proba(net, x, batch_size: int = 4096):
+    """Class probabilities (N, C) on the network's device, computed batch by batch in eval mode. A network
+    that does not classify (see :func:`classifies`) is refused: :func:`predict` gives its outputs."""
+    if not classifies(net):
+        trained = getattr(net, "classifies", None) is False
+        why = "it was trained with a regression loss" if trained else "it has a single output"
+        raise ValueError(f"net: expected a classifier for predict_proba, got a network that does not classify "
+                         f"({why}); predict(net, x) returns its outputs")
+    return _each_batch(net, x, batch_size, _softmax)
 
 
 def predict(net, x, batch_size: int = 4096):
-    """Predicted class labels (N,) int64 on the network's device."""
-    return predict_proba(net, x, batch_size).argmax(axis=1)
+    """A classifier's predicted class labels (N,) int64; any other network's outputs (N, outputs) in its
+    dtype (see :func:`classifies`). On the network's device."""
+    if classifies(net):
+        return predict_proba(net, x, batch_size).argmax(axis=1)
+    return _each_batch(net, x, batch_size, lambda z: z)
 
 
 def evaluate(net, loss, x, y, batch_size: int = 4096, metrics: bool = False, comm=None) -> dict:
-    """Mean loss (and, for classification, accuracy) over ``x`` in batches, in eval mode.
+    """Mean loss over ``x`` in batches, in eval mode; for classification the accuracy, for regression the
+    mean squared and absolute errors (``mse``, ``mae``, over all N x outputs entries) and ``r2`` (the
+    coefficient of determination, averaged over the outputs as scikit-learn's ``r2_score`` does).
 
     ``metrics=True`` adds per-class precision/recall/F1 and the confusion matrix (see ``metrics.report``).
     With ``comm`` each rank evaluates its share of the rows and the sums are reduced over the ranks.
@@ -372,8 +403,9 @@ def evaluate(net, loss, x, y, batch_size: int = 4096, metrics: bool = False, com
     was_training = net.training
     net.eval()
     classify, classes = loss.classifies, net.out_features
-    x, y = _dataset(x, y, net.device, "x", net, classify)
+    x, y = _dataset(x, y, net, classify)
     n_all = len(x)
+    spread = None if classify else _squares_about_mean(y)  # before sharding: every rank holds every target
     if comm is not None and comm.size > 1:
         lo, hi = parallel.shard(0, n_all, comm.rank, comm.size)
         x, y = as_rows(x[lo:hi]), y[lo:hi]
@@ -382,23 +414,52 @@ def evaluate(net, loss, x, y, batch_size: int = 4096, metrics: bool = False, com
     mean_loss = fast_path.loss_for(loss, y) or (
         (lambda z, t: loss.forward(z, t, check=False)) if classify else loss.forward)
     loss_sum = xp.zeros((), dtype=np.float64)
-    counts = xp.zeros((classes, classes), dtype=np.int64) if classify else None
+    counts = xp.zeros((classes, classes), dtype=np.int64) if classify else 0
     for start, xb in _batches(x, batch_size):
         yb = y[start:start + len(xb)]
         out = forward(xb)
         loss_sum += mean_loss(out, yb) * len(xb)
-        if classify:
-            counts += confusion_counts(yb, out.argmax(axis=1), classes)
+        counts = counts + (confusion_counts(yb, out.argmax(axis=1), classes) if classify else _errors(out, yb))
     net.train(was_training)
-    total, cm = float(loss_sum), to_numpy(counts) if classify else None
+    total, counts = float(loss_sum), to_numpy(counts)
     if comm is not None and comm.size > 1:
-        buf = np.concatenate([[total], cm.reshape(-1) if classify else []]).astype(np.float64)
+        buf = np.concatenate([[total], np.ravel(counts)]).astype(np.float64)
         comm.allreduce(buf)
-        total = float(buf[0])
-        cm = buf[1:].reshape(classes, classes).astype(np.int64) if classify else None
+        total, counts = float(buf[0]), buf[1:].reshape(np.shape(counts)).astype(np.asarray(counts).dtype)
     result = {"loss": total / max(n_all, 1)}
     if classify:
-        result["accuracy"] = float(np.trace(cm)) / max(n_all, 1)
+        result["accuracy"] = float(np.trace(counts)) / max(n_all, 1)
         if metrics:
-            result.update(report(cm))
+            result.update(report(counts))
+    else:
+        result.update(_regression_report(counts, spread, n_all))
     return result
+
+
+def _columns(y):
+    """Targets as (N, outputs) float64 (a 1-D target is one output)."""
+    return y.reshape(len(y), -1).astype(np.float64)
+
+
+def _squares_about_mean(y) -> np.ndarray:
+    """Per output, the sum of squared deviations of the targets from their mean (R^2's denominator)."""
+    t = _columns(y)
+    return to_numpy(((t - t.mean(axis=0)) ** 2).sum(axis=0)) if len(t) else np.zeros(t.shape[1])
+
+
+def _errors(out, y):
+    """(2, outputs) float64: per output, the batch's sum of squared and of absolute errors."""
+    d = out.astype(np.float64).reshape(len(out), -1) - _columns(y)
+    xp = get_array_module(d)
+    return xp.stack([(d * d).sum(axis=0), xp.abs(d).sum(axis=0)])
+
+
+def _regression_report(sums, spread, n) -> dict:
+    """mse, mae and r2 from the summed errors; an output with constant targets scores R^2 = 1 when it is
+    predicted exactly, else 0 (scikit-learn's convention)."""
+    if np.ndim(sums) == 0:  # no rows
+        return {"mse": None, "mae": None, "r2": None}
+    entries = max(n * sums.shape[1], 1)
+    exact = sums[0] == 0
+    r2 = np.where(spread > 0, 1 - sums[0] / np.where(spread > 0, spread, 1), np.where(exact, 1.0, 0.0))
+    return {"mse": float(sums[0].sum() / entries), "mae": float(sums[1].sum() / entries), "r2": float(r2.mean())}

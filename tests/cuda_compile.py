@@ -28,6 +28,9 @@ import numpy as np
 
 from gpunet import backend
 from gpunet.fast import cuda
+from gpunet.fast.step import adam_scalars
+from gpunet.layers import Parameter
+from gpunet.optimizers import Adam, AdamW
 
 ARCHS = ("80", "90", "120")  # Ampere, Hopper, Blackwell (consumer); 120 needs NVRTC >= 12.8
 DTYPES = ("float32", "float64")
@@ -94,16 +97,23 @@ def compile_program(source: str, name: str, arch: str, kernel_options: tuple = (
 def launch_all(dtype: str, xp=np) -> None:
     """Call each of gpunet.fast.cuda's elementwise wrappers as gpunet.fast.step does, on MNIST-sized arrays of
     ``xp`` in ``dtype``: activations (128, 512) and (1, 512) (online learning: another layout), W (784, 512)
-    and b (512,), momentum with and without Nesterov, SGD."""
+    and b (512,), momentum with and without Nesterov, SGD, Adam and AdamW (their scalars from
+    gpunet.fast.step.adam_scalars, as the fused step passes them), dropout."""
     t = np.dtype(dtype).type
     y, b, W = xp.zeros((128, 512), dtype), xp.zeros(512, dtype), xp.zeros((784, 512), dtype)
     cuda.bias_relu(y, b)
     cuda.bias_relu(xp.zeros((1, 512), dtype), b)
     cuda.relu_backward(y.copy(), y)
+    adams = [cls([Parameter(np.zeros(2, dtype))], weight_decay=1e-4) for cls in (Adam, AdamW)]
+    for opt in adams:
+        opt.t = 1
     for p in (W, b):
         for nesterov in (False, True):
             cuda.momentum(p, p.copy(), p.copy(), t(0.05), t(0.9), t(1e-4), nesterov)
         cuda.sgd(p, p.copy(), t(0.05), t(1e-4))
+        for opt in adams:
+            cuda.adam(p, p.copy(), p.copy(), p.copy(), adam_scalars(opt, dtype))
+    cuda.dropout(y, y.copy(), 2**63 - 1, 52429, 1 / 0.8)
 
 
 def elementwise_launches(dtype: str) -> list:

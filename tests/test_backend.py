@@ -2,6 +2,7 @@
 import importlib.util
 import os
 import subprocess
+import threading
 import sys
 import types
 
@@ -30,21 +31,83 @@ def test_device_names_and_env_override(monkeypatch):
             backend.normalize_device(bad)
 
 
-def test_a_gpu_index_is_honoured_or_refused(monkeypatch):
-    """``cuda:N`` selects GPU N (cupy.cuda.Device(N).use()) and refuses an index the process cannot see;
-    it never silently runs on device 0."""
-    used = []
-    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(
-        runtime=types.SimpleNamespace(getDeviceCount=lambda: 2),
-        Device=lambda i: types.SimpleNamespace(use=lambda: used.append(i))))
-    monkeypatch.setattr(backend, "_probe_result", (fake, None, None))
-    assert backend.resolve_device("cuda:1") == "gpu" and used == [1]
-    assert backend.resolve_device("gpu") == "gpu" and used == [1]   # plain "gpu": the current device
+class FakeCupy(types.ModuleType):
+    """Just enough of CuPy for the probe and the uploads, on NumPy, recording on which device (the
+    thread's current one, as CUDA keeps it) each call ran: a fake multi-GPU machine with ``count`` devices."""
+
+    def __init__(self, count):
+        super().__init__("cupy")
+        events, current = [], threading.local()
+        self.events = events
+
+        class Device:
+            def __init__(self, i=None):
+                self.id = getattr(current, "id", 0) if i is None else i
+
+            def use(self):
+                current.id = self.id
+                events.append(("use", self.id))
+
+            def __enter__(self):
+                self.prev, current.id = getattr(current, "id", 0), self.id
+
+            def __exit__(self, *exc):
+                current.id = self.prev
+
+        def record(what):
+            events.append((what, getattr(current, "id", 0)))
+
+        def kernel(*source):
+            return lambda x: (record("kernel"), 2 * x + 1)[1]
+
+        self.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: count),
+                                          Device=Device)
+        self.asarray = lambda a: (record("asarray"), np.asarray(a))[1]
+        self.asnumpy, self.ElementwiseKernel = np.asarray, kernel
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """A fake CuPy seeing two GPUs, with the backend's probe and GPU choice reset around the test."""
+    fake = FakeCupy(2)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(backend, "_probe_result", None)
+    monkeypatch.setattr(backend, "_gpu_index", None)
+    return fake
+
+
+def test_a_gpu_index_is_chosen_before_anything_touches_a_gpu(fake_gpus):
+    """``cuda:N`` selects GPU N before the probe runs its upload, kernel and matmul, so no context is made
+    on GPU 0; later uploads from another thread (a server's request thread) land on GPU N too."""
+    assert backend.resolve_device("cuda:1") == "gpu"
+    touched = [dev for what, dev in fake_gpus.events if what != "use"]
+    assert fake_gpus.events[0] == ("use", 1) and touched and set(touched) == {1}, fake_gpus.events
+    done = []
+    thread = threading.Thread(target=lambda: done.append(backend.to_device(np.ones(3), "gpu")))
+    thread.start()
+    thread.join()
+    assert done and fake_gpus.events[-1] == ("asarray", 1), fake_gpus.events
+    assert backend.resolve_device("gpu") == "gpu"  # plain "gpu" afterwards: the chosen GPU, no new choice
+    assert {dev for what, dev in fake_gpus.events} == {1}, fake_gpus.events  # GPU 0 never touched
     with pytest.raises(DeviceError, match=r"expected a GPU index below 2 .* got 'cuda:2'"):
         backend.resolve_device("cuda:2")
-    monkeypatch.setattr(backend, "_probe_result", (None, "no CUDA device", None))
-    with pytest.raises(DeviceError, match="device 'cuda:1' was requested but no GPU is usable: no CUDA device"):
+
+
+def test_an_mpi_rank_takes_its_local_gpu_before_the_probe(fake_gpus):
+    """Rank 3 on a node with two GPUs takes GPU 1 (3 % 2), before anything runs on GPU 0."""
+    backend.select_gpu(local_rank=3)
+    assert backend.resolve_device("auto") == "gpu"
+    assert fake_gpus.events[0] == ("use", 1)
+    assert {dev for what, dev in fake_gpus.events} == {1}, fake_gpus.events
+
+
+def test_a_gpu_index_without_a_gpu_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(backend, "_gpu_index", None)
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    with pytest.raises(DeviceError, match="'cuda:1' was requested but no GPU is usable: CuPy is not installed"):
         backend.resolve_device("cuda:1")
+    backend.select_gpu(local_rank=0)  # an MPI rank without CuPy: nothing chosen, the CPU runs
+    assert backend._gpu_index is None
 
 
 def test_set_default_device(monkeypatch):

@@ -80,6 +80,8 @@ def test_the_generated_sources_describe_the_launches(nvrtc):
     assert "const CArray<float, 1, 1, 1> _raw_b, CArray<float, 1, 1, 1> _raw_y, CIndexer<1, 1> _ind" \
         in sources["gpunet_bias_relu"][1]
     assert "const float lr, const float gamma, const float wd, const bool nesterov" in sources["gpunet_momentum"][0]
+    assert ("const float eps, const float wd, const float decay, CArray<float, 1, 1, 1> _raw_w, "
+            "CArray<float, 1, 1, 1> _raw_m, CArray<float, 1, 1, 1> _raw_v") in sources["gpunet_adam"][0]
     assert all(s.startswith("#include <cupy/") for group in sources.values() for s in group)
 
 

@@ -1,5 +1,7 @@
-"""gpunet explain: the recorded numbers are the training path's, a textbook step worked out by hand agrees,
-and the command line takes every option and refuses every bad input in one line."""
+"""gpunet explain: the recorded numbers are the training path's, two textbook steps worked out by hand
+agree (one of them against the article's published figures), the renderers draw each formula in the
+notes' sign convention within a terminal's width, and the command line takes every option and refuses
+every bad input in one line."""
 import json
 import math
 import os
@@ -15,7 +17,9 @@ import gpunet as gn
 import gpunet.images
 import gpunet.training  # noqa: F401  (gn.training below)
 from gpunet import cli
-from gpunet.explain import SCHEMA, build_network, render_json, render_markdown, render_text, to_json
+from gpunet.explain import SCHEMA, to_json
+from gpunet.explain_inputs import EXAMPLE, build_network
+from gpunet.explain_render import WIDTH, latex, render_json, render_markdown, render_text, steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 MAZUR = {"layers": [{"W": [[0.15, 0.25], [0.20, 0.30]], "b": [0.35, 0.35]},
                     {"W": [[0.40, 0.50], [0.45, 0.55]], "b": [0.60, 0.60]}]}
 X, CLASS, ALPHA = [0.05, 0.10], 1, 0.5
+
+
+def test_the_default_example_is_the_article_s():
+    assert EXAMPLE["weights"] == MAZUR and EXAMPLE["input"] == X and EXAMPLE["target"] == [0.01, 0.99]
+    assert EXAMPLE["lr"] == ALPHA and EXAMPLE["activation"] == "sigmoid"
 
 
 def hand_step():
@@ -145,19 +154,42 @@ def test_record_equals_the_training_path(sizes, act, loss_cls, opt_kind, n, dtyp
         diff = rec["y_D"] - rec["y_L"]
         want = np.sign(diff) if loss_cls is gn.MAELoss else diff
         np.testing.assert_allclose(rec["stages"][-1]["delta"], want, **tol)
-        # momentum as the notes write it: v = gamma v + alpha grad; w = w - v
-        if opt_kind == "momentum":
-            W = rec["layers"][0]["params"]["W"]
-            np.testing.assert_allclose(W["velocity"], 0.9 * W["velocity_before"] + np.float64(0.1) * W["grad"], **tol)
-            np.testing.assert_allclose(W["after"], W["before"] - W["velocity"], **tol)
+        # the update lines the text prints, in the notes' sign convention, hold of the library's numbers
+        for lay in rec["layers"]:
+            for p in (lay["params"] or {}).values():
+                check_update_line(opt_kind, p, tol)
     assert np.any(rec["layers"][0]["params"]["W"]["velocity_before"]) == isinstance(opt, gn.Momentum)
     text, md = render_text(rec), render_markdown(rec)
     balanced_displays(md)
-    rule = {"sgd": "W^1 (new) = W^1 - alpha dC/dW^1", "sgd_wd": "W^1 (new) = W^1 - alpha (dC/dW^1 + lambda W^1)",
-            "momentum": "W^1 (new) = W^1 - v", "nesterov": "W^1 (new) = W^1 - (gamma v + alpha dC/dW^1) (Nesterov)"}
-    assert rule[opt_kind] in text
+    assert RULES[opt_kind] in text
+    within_a_terminal(text)
     assert {"SoftmaxCrossEntropy": "delta^L = y^D - y^L", "MSELoss": "delta^L = y^D - y^L (no output activation",
             "MAELoss": "delta^L = sign(y^D - y^L)"}[loss_cls.__name__] in text
+
+
+# the update rule each optimizer's text prints for W^1, and what it claims of the numbers (Delta = -alpha grad)
+RULES = {"sgd": "W^1 (new) = W^1 + Delta W^1", "sgd_wd": "W^1 (new) = W^1 + Delta W^1 - alpha lambda W^1",
+         "momentum": "W^1 (new) = W^1 - v(W^1)", "nesterov": "W^1 (new) = W^1 - gamma v(W^1) + Delta W^1"}
+
+
+def check_update_line(kind, p, tol):
+    """One parameter's record against the printed rule: SGD (lr 0.3, weight decay 0.01 for sgd_wd), momentum
+    (lr 0.1, gamma 0.9) and Nesterov (lr 0.1, gamma 0.8), as make_opt builds them; float64 arithmetic."""
+    before, delta = p["before"].astype(np.float64), p["correction"].astype(np.float64)
+    lr, gamma = (0.3, None) if kind.startswith("sgd") else (0.1, 0.9 if kind == "momentum" else 0.8)
+    np.testing.assert_allclose(delta, -lr * p["grad"].astype(np.float64), **tol)
+    if gamma is None:
+        want = before + delta - (lr * 0.01 * before if kind == "sgd_wd" else 0)
+    else:
+        v = gamma * p["velocity_before"].astype(np.float64) - delta  # v = gamma v - Delta
+        np.testing.assert_allclose(p["velocity"], v, **tol)
+        want = before - v if kind == "momentum" else before - gamma * v + delta
+    np.testing.assert_allclose(p["after"], want, **tol)
+
+
+def within_a_terminal(text):
+    widest = max(text.splitlines(), key=len)
+    assert len(widest) <= WIDTH == 100, widest
 
 
 def test_layers_are_copies_and_the_caller_arrays_untouched():
@@ -177,7 +209,7 @@ def test_json_schema_and_exact_float32_values():
     net = build_network(weights=MAZUR)
     rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.Momentum(net.parameters(), lr=0.5, momentum=0.9), X, 1)
     doc = json.loads(render_json(rec))
-    assert doc["schema"] == SCHEMA == "gpunet-explain/1"
+    assert doc["schema"] == SCHEMA == "gpunet-explain/2"
     assert set(doc) == {"schema", "dtype", "device", "batch", "sizes", "training", "input", "target", "y_D", "y_L",
                         "prediction", "loss", "optimizer", "layers", "stages"}
     assert set(doc["loss"]) == {"type", "value", "gradient", "delta_scale"}
@@ -185,13 +217,26 @@ def test_json_schema_and_exact_float32_values():
     assert [l["type"] for l in doc["layers"]] == ["Linear", "Sigmoid", "Linear"]
     assert set(doc["layers"][0]) == {"index", "type", "name", "input", "output", "grad_output", "grad_input",
                                      "derivative", "params"}
-    assert set(doc["layers"][0]["params"]["W"]) == {"before", "grad", "after", "change", "velocity_before", "velocity"}
+    assert set(doc["layers"][0]["params"]["W"]) == {"before", "grad", "correction", "after", "change", "velocity_before",
+                                                    "velocity"}
     assert [s["layers"] for s in doc["stages"]] == [[0, 1], [2]] and doc["stages"][0]["activations"] == ["Sigmoid"]
     assert doc["target"] == [1] and doc["y_D"] == [[0.0, 1.0]]
     # every float reads back as the very float32 the library held
     after = np.asarray(doc["layers"][2]["params"]["W"]["after"], dtype=np.float32)
     np.testing.assert_array_equal(after, net.layers[2].W.data)
     assert to_json(rec) == doc
+
+
+def test_json_is_strict_nan_is_null():
+    """A step that overflows (float32 logits of 1e39: softmax of inf - inf) writes null, never a bare NaN."""
+    weights = {"layers": [{"W": [[1e38, 1e38], [1e38, 0.0]], "b": [0.0, 0.0]}]}
+    net = build_network(weights=weights)
+    with np.errstate(all="ignore"):
+        rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.1), [10.0, 0.0], [0])
+    assert math.isnan(rec["loss"]["value"])
+    doc = json.loads(render_json(rec), parse_constant=lambda token: pytest.fail(f"not strict JSON: {token}"))
+    assert doc["loss"]["value"] is None and None in doc["y_L"][0]
+    assert doc == to_json(rec)
 
 
 def numbers_after(text, label):
@@ -211,13 +256,113 @@ def test_text_prints_the_library_numbers():
     rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=ALPHA), X, [CLASS])
     text = render_text(rec)
     hand = hand_step()
-    assert numbers_after(text, "C = -(1/n) sum_i sum_j y^D_ij log y^L_ij") == pytest.approx([hand["cost"]], abs=1e-11)
+    # 12 digits printed (float64): 1e-11 is the last printed digit's half-unit for numbers below 1
+    assert numbers_after(text, "C = -(1/N) sum_n sum_j y^D_nj log y^L_nj") == pytest.approx([hand["cost"]], abs=1e-11)
     assert numbers_after(text, "delta^L = y^D - y^L") == pytest.approx(hand["d2"], abs=1e-11)
-    assert numbers_after(text, "W^1 (new) = W^1 - alpha dC/dW^1") == pytest.approx(sum(hand["W1"], []), abs=1e-11)
-    assert numbers_after(text, "W^L (new) = W^L - alpha dC/dW^L") == pytest.approx(sum(hand["W2"], []), abs=1e-11)
-    for phrase in ("Sign convention", "delta^1 = f'(z^1) * sum_k delta_k^L w_jk^L", "f'(z^1) = y (1 - y)",
-                   "z^1 = b^1 + y^0 W^1", "y^L = softmax(z^L)", "Delta w_ij = (alpha/c) sum_n y_i^0 delta_j^1"):
+    assert numbers_after(text, "delta^1 = f'(z^1) * sum_k delta_k^L w_jk^L") == pytest.approx(hand["d1"], abs=1e-11)
+    assert numbers_after(text, "W^1 (new) = W^1 + Delta W^1") == pytest.approx(sum(hand["W1"], []), abs=1e-11)
+    assert numbers_after(text, "W^L (new) = W^L + Delta W^L") == pytest.approx(sum(hand["W2"], []), abs=1e-11)
+    for phrase in ("Sign convention (the notes')", "f'(z^1) = y^1 (1 - y^1) (sigmoid)", "z^1 = b^1 + y^0 W^1",
+                   "y^L = softmax(z^L)", "Delta w_ij = (alpha/c) sum_n y_i^0 delta_j^1", "a batch of N = 1, K = 2",
+                   "dC/dz^L = -delta^L / c (loss.backward())"):
         assert phrase in text, phrase
+    # one sign convention: the library's gradient appears in one line (and the prose about it), no other
+    formulas = [step[1] for step in steps(rec) if step[0] == "eq"]
+    assert [f for f in formulas if "dC/d" in f] == ["dC/dz^L = -delta^L / c"]
+    assert not re.search(r"\bn\b|sum_i", " ".join(formulas))  # one name for the batch: N, instances n
+    within_a_terminal(text)
+
+
+# --- the notes' squared-error case: Mazur's step, as the article publishes it ---------------------------------
+# "A step by step backpropagation example" (Matt Mazur, 2015): 2-2-2, sigmoid everywhere, E = sum 1/2 (t - o)^2,
+# one step of gradient descent with learning rate 0.5. The figures as printed there (9 decimals, some 8):
+PUBLISHED = {"out_h1": 0.593269992, "out_o1": 0.75136507, "E_total": 0.298371109,
+             "w5": 0.35891648, "w6": 0.408666186, "w7": 0.511301270, "w8": 0.561370121,
+             "w1": 0.149780716, "w2": 0.19956143, "w3": 0.24975114, "w4": 0.29950229}
+
+
+def mazur_numpy():
+    """The article's step in NumPy, written as the article writes it (its names, its chain rule, w1..w8 one
+    by one), independently of gpunet; float64."""
+    i, t = np.array([0.05, 0.10]), np.array([0.01, 0.99])
+    w = dict(zip(range(1, 9), [0.15, 0.20, 0.25, 0.30, 0.40, 0.45, 0.50, 0.55]))
+    b1, b2, eta = 0.35, 0.60, 0.5
+    out_h = 1 / (1 + np.exp(-np.array([w[1] * i[0] + w[2] * i[1] + b1, w[3] * i[0] + w[4] * i[1] + b1])))
+    out_o = 1 / (1 + np.exp(-np.array([w[5] * out_h[0] + w[6] * out_h[1] + b2, w[7] * out_h[0] + w[8] * out_h[1] + b2])))
+    d_o = -(t - out_o) * out_o * (1 - out_o)  # dE/dnet_o
+    d_h = np.array([d_o[0] * w[5] + d_o[1] * w[7], d_o[0] * w[6] + d_o[1] * w[8]]) * out_h * (1 - out_h)
+    new = {5: w[5] - eta * d_o[0] * out_h[0], 6: w[6] - eta * d_o[0] * out_h[1],
+           7: w[7] - eta * d_o[1] * out_h[0], 8: w[8] - eta * d_o[1] * out_h[1],
+           1: w[1] - eta * d_h[0] * i[0], 2: w[2] - eta * d_h[0] * i[1],
+           3: w[3] - eta * d_h[1] * i[0], 4: w[4] - eta * d_h[1] * i[1]}
+    return {"out_h1": out_h[0], "out_o1": out_o[0], "out_o": out_o, "E_total": np.sum(0.5 * (t - out_o) ** 2),
+            "delta_o": -d_o, "f'_o": out_o * (1 - out_o), "delta_h": -d_h, **{f"w{k}": v for k, v in new.items()}}
+
+
+def test_mazur_by_numpy_matches_the_published_figures():
+    ours = mazur_numpy()
+    for name, value in PUBLISHED.items():
+        assert ours[name] == pytest.approx(value, abs=6e-9), name  # printed to 8 or 9 decimals: half a unit of 8
+
+
+def check_mazur(rec):
+    """rec: the record or its JSON of --loss mse --output-activation sigmoid, float64, against mazur_numpy."""
+    ours = mazur_numpy()
+
+    def close(got, want):  # float64 both ways, the sums in another order: 1e-12 is a thousand ulps
+        np.testing.assert_allclose(np.asarray(got, np.float64).ravel(), np.ravel(want), rtol=0, atol=1e-12)
+
+    close(rec["loss"]["value"], ours["E_total"])  # the library's MSE of N = 1, K = 2 is the article's E
+    close(rec["loss"]["delta_scale"], 1.0)  # c = N K / 2
+    close(rec["y_L"], ours["out_o"])
+    close(rec["stages"][-1]["delta"], ours["delta_o"])  # delta^L = f'(z^L) (y^D - y^L)
+    close(rec["layers"][3]["derivative"], ours["f'_o"])
+    close(rec["stages"][0]["delta"], ours["delta_h"])
+    close(rec["layers"][2]["params"]["W"]["after"], [[ours["w5"], ours["w7"]], [ours["w6"], ours["w8"]]])
+    close(rec["layers"][0]["params"]["W"]["after"], [[ours["w1"], ours["w3"]], [ours["w2"], ours["w4"]]])
+
+
+def test_the_notes_squared_error_case_is_mazur_s_step():
+    net = build_network(weights=MAZUR, dtype=np.float64, output_activation="sigmoid")
+    assert [type(l).__name__ for l in net.layers] == ["Linear", "Sigmoid", "Linear", "Sigmoid"]
+    rec = gn.explain_step(net, gn.MSELoss(), gn.SGD(net.parameters(), lr=ALPHA), X, [0.01, 0.99])
+    check_mazur(rec)
+    check_mazur(json.loads(render_json(rec)))
+    text, ours = render_text(rec), mazur_numpy()
+    assert numbers_after(text, "delta^L = f'(z^L) * (y^D - y^L)") == pytest.approx(ours["delta_o"], abs=1e-11)
+    assert numbers_after(text, "f'(z^L) = y^L (1 - y^L) (sigmoid)") == pytest.approx(ours["f'_o"], abs=1e-11)
+    cost = "C = 1/(N K) sum_n sum_j (y^D_nj - y^L_nj)^2 (mean squared error)"
+    assert numbers_after(text, cost) == pytest.approx([ours["E_total"]], abs=1e-11)
+    assert numbers_after(text, "W^L (new) = W^L + Delta W^L") == pytest.approx(
+        [ours["w5"], ours["w7"], ours["w6"], ours["w8"]], abs=1e-11)
+    assert "y^L = 1 / (1 + e^(-z^L)) (sigmoid)" in text and "c = N K / 2 = 1" in text
+    md = render_markdown(rec)
+    assert r"\delta^{L} = f'(z^{L}) \odot (y^{D} - y^{L})" in md
+    within_a_terminal(text)
+
+
+def test_cli_mazur_step_float32_and_float64(capsys):
+    rc, out, err = run_main(["--loss", "mse", "--output-activation", "sigmoid", "--float64", "--json"], capsys)
+    assert rc == 0, err
+    check_mazur(json.loads(out))
+    rc, out, err = run_main(["--loss", "mse", "--output-activation", "sigmoid"], capsys)
+    assert rc == 0, err
+    # float32, 6 significant digits printed: half a unit of the 6th digit (5e-7) plus float32's rounding
+    assert numbers_after(out, "W^L (new) = W^L + Delta W^L")[0] == pytest.approx(PUBLISHED["w5"], abs=6e-7)
+    cost = "C = 1/(N K) sum_n sum_j (y^D_nj - y^L_nj)^2 (mean squared error)"
+    assert numbers_after(out, cost) == pytest.approx([PUBLISHED["E_total"]], abs=6e-7)
+
+
+@pytest.mark.parametrize("formula, tex", [
+    ("dC/dW^1 = (y^0)^T dC/dz^1", r"\frac{\partial C}{\partial W^{1}} = (y^{0})^{T} \frac{\partial C}{\partial z^{1}}"),
+    ("y^1 = 1 / (1 + e^(-z^1))", r"y^{1} = 1 / (1 + e^{-z^{1}})"),
+    ("sum_k delta_k^L w_jk^L = delta^L (W^L)^T", r"\sum_{k} \delta_{k}^{L} w_{jk}^{L} = \delta^{L} (W^{L})^{T}"),
+    ("W^1 (new) = W^1 - gamma v(W^1) + Delta W^1", r"W^{1} (\text{new}) = W^{1} - \gamma v(W^{1}) + \Delta W^{1}"),
+    ("m = beta1 m + sqrt(v_t) * g", r"m = \beta_{1} m + \sqrt{v_{t}} \odot g"),
+    ("argmax_j y^L_nj", r"\arg\max_{j} y^{L}_{nj}"),
+])
+def test_latex_is_derived_from_the_plain_formula(formula, tex):
+    assert latex(formula) == tex
 
 
 def balanced_displays(md):
@@ -233,8 +378,11 @@ def balanced_displays(md):
 def check_markdown(md):
     displays = balanced_displays(md)
     for formula in (r"\delta^{L} = y^{D} - y^{L}", r"z^{1} = b^{1} + y^{0} W^{1}",
-                    r"\frac{\partial C}{\partial W^{1}}", r"W^{1}_{\text{new}}", r"\mathrm{softmax}"):
+                    r"\frac{\partial C}{\partial z^{L}}", r"W^{1} (\text{new})", r"\mathrm{softmax}"):
         assert formula in md, formula
+    # every plain formula was turned into LaTeX: no bare Greek names, plain scripts or plain fractions left
+    for d in displays:
+        assert not re.search(r"(?<!\\)\b(alpha|gamma|delta|lambda|sum|dC)\b|\^\(|\^[A-Za-z0-9]", d), d
     return displays
 
 
@@ -252,7 +400,7 @@ def test_large_matrices_are_summarised():
     rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.1), x, [3])
     text = render_text(rec)
     assert "shape (784, 16), min " in text and "largest |entries|" in text
-    assert len(max(text.splitlines(), key=len)) < 400
+    within_a_terminal(text)
     assert r"\text{shape (784, 16)" in render_markdown(rec)
 
 
@@ -270,6 +418,12 @@ def test_large_matrices_are_summarised():
     (lambda net, opt: build_network(weights={"layers": [{"W": [[1], [2]], "b": [0]}, {"W": [[1], [1]], "b": [0]}]}),
      r"layers\[1\]\.W: expected 1 rows \(the previous layer's outputs\), got 2"),
     (lambda net, opt: build_network(weights=[1, 2]), "weights: expected"),
+    (lambda net, opt: gn.explain_step(gn.Sequential(gn.Tanh(), gn.Linear(2, 2)), gn.MSELoss(), opt, X, [1.0, 0.0]),
+     "net: expected a Sequential that starts with a Linear layer"),
+    (lambda net, opt: build_network(weights=MAZUR, output_activation="relu"),
+     "output_activation: expected one of sigmoid, tanh or None, got 'relu'"),
+    (lambda net, opt: gn.explain_step(build_network(weights=MAZUR, output_activation="tanh"), gn.SoftmaxCrossEntropy(),
+                                      opt, X, [1]), "net: expected a Linear output layer for SoftmaxCrossEntropy"),
 ])
 def test_api_errors_name_the_argument(call, message):
     net = gn.mlp([2, 2, 2], seed=0, device="cpu")
@@ -304,15 +458,22 @@ def test_cli_textbook_step_json_float64(weights_file, capsys):
     check_against_hand(doc)
 
 
-def test_cli_text_default_network(capsys):
-    rc, out, err = run_main(["--input", 0.05, 0.1, "--target", 1], capsys)
+def test_cli_no_flags_explains_the_default_example(capsys):
+    rc, out, err = run_main([], capsys)
     assert rc == 0, err
     assert "2-2-2 network: Linear(2, 2) -> Sigmoid -> Linear(2, 2)" in out and "alpha = 0.5" in out
-    assert "float32" in out and "delta^L = y^D - y^L" in out
-    # the same numbers as the API on the network the defaults describe
+    assert "float32" in out and "delta^L = y^D - y^L" in out and "No network given, so the default example" in out
+    # the same numbers as the API on the article's network, input and target
+    net = build_network(weights=MAZUR)
+    rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=ALPHA), X, [0.01, 0.99])
+    assert out == render_text(rec, intro=EXAMPLE["about"])
+    within_a_terminal(out)
+    # with --sizes, the weights are drawn from the seed (0 unless --seed says otherwise)
+    rc, out, err = run_main(["--sizes", 2, 2, 2, "--input", 0.05, 0.1, "--target", 1], capsys)
+    assert rc == 0, err
     net = gn.mlp([2, 2, 2], activation="sigmoid", seed=0, device="cpu")
     rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.5), [0.05, 0.1], 1)
-    assert out == render_text(rec)
+    assert out == render_text(rec) and "No network given" not in out
 
 
 def test_cli_every_option_against_the_api(capsys):
@@ -373,7 +534,8 @@ def test_cli_model_and_image(model_and_image, capsys):
     rc, out, err = run_main(["--model", model, "--image", image, "--target", 3, "--float64", "--optimizer",
                              "momentum"], capsys)
     assert rc == 0, err
-    assert "y^D (class 3, one-hot)" in out and "float64" in out and "dropout (off in eval mode)" in out
+    assert "y^D (class 3, one-hot)" in out and "float64" in out and "(dropout, off in eval mode)" in out
+    within_a_terminal(out)
     assert "shape (784, 16)" in out
 
 
@@ -386,8 +548,13 @@ BAD = [  # arguments, the one-line message
     (["--input", 1, 2, "--target", 1, 2, 3], "--target: expected 1 class(es) in [0, 1] or 2 values"),
     (["--input", 1, 2, "--target", 0.5, 0.6], "--target: expected 2 probabilities summing to 1"),
     (["--input", 1, 2, 3, "--target", 0], "--input: expected 2 values (one per input of the network) or a multiple, got 3"),
-    (["--input", 1, 2], "--target: expected a class or 2 desired outputs per instance, got none"),
-    (["--target", 1], "--input: expected the instance's values or --image FILE, got neither"),
+    (["--sizes", 2, 2, 2, "--input", 1, 2], "--target: expected a class or 2 desired outputs per instance, got none"),
+    (["--sizes", 2, 2, 2, "--target", 1], "--input: expected the instance's values or --image FILE, got neither"),
+    (["--input", 1, 2, "--image", "IMAGE"], "--input: expected the instance's values or --image FILE, got both"),
+    (["--output-activation", "sigmoid"], "--output-activation: expected --loss mse or mae (cross-entropy applies"),
+    (["--loss", "mse", "--output-activation", "relu"], "argument --output-activation: invalid choice: 'relu'"),
+    (["--seed", 3], "--seed: draws the weights of --sizes, so it needs --sizes and no --weights"),
+    (["--model", "MODEL", "--loss", "mse", "--output-activation", "tanh"], "--output-activation: not used with --model"),
     (["--weights", "BROKEN", "--input", 1, 2, "--target", 0], "is not valid JSON"),
     (["--weights", "/nonexistent/w.json", "--input", 1, 2, "--target", 0], "--weights: file not found: /nonexistent/w.json"),
     (["--weights", "RAGGED", "--input", 1, 2, "--target", 0], "--weights: layers[0]: expected numbers in W"),
@@ -444,16 +611,14 @@ def test_real_subprocess(weights_file):
     assert bad.stderr == "gpunet explain: error: --sizes: expected 2 2 2 to match the weights file, got 2 3 2\n"
 
 
-def test_readme_shows_the_real_output(tmp_path, capsys):
+def test_readme_shows_the_real_output(capsys):
     """The README's "One step, explained" prints what the command prints, from the weights it shows."""
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## One step, explained")[1]
     weights = json.loads(section.split("```json\n")[1].split("```")[0])
     assert weights == MAZUR
-    command = section.split("`gpunet explain ")[1].split("`")[0].split()
+    command = section.split("```text\n")[0].rsplit("`gpunet explain", 1)[1].split("`")[0].split()
     shown = section.split("```text\n")[1].split("```")[0]
-    path = tmp_path / "mazur.json"
-    path.write_text(json.dumps(weights))
-    rc, out, err = run_main([str(path) if a == "mazur.json" else a for a in command], capsys)
+    rc, out, err = run_main(command, capsys)
     assert rc == 0, err
     assert out == shown

@@ -176,6 +176,72 @@ def test_bad_arrays(picture, message):
         mnist_style(np.zeros((8, 8)), size=(2, 2))
 
 
+# ------------------------------------------------------------------ the filters, against scipy.ndimage
+def _ndimage():
+    return pytest.importorskip("scipy.ndimage", reason="scipy is the filters' test oracle (not a gpunet "
+                                                       "dependency) and is not installed here")
+
+
+def _masks():
+    """Boolean masks with every connectivity case: random fill levels, a diagonal chain (8- but not
+    4-connected), a snake (a long path: many propagation rounds), all true, all false, one pixel."""
+    rng = np.random.default_rng(7)
+    out = [rng.random((h, w)) < level for h, w, level in ((64, 64, 0.45), (31, 17, 0.6), (5, 40, 0.3))]
+    snake = np.zeros((21, 21), bool)
+    snake[::4, :] = True
+    snake[1::8, -1] = snake[2::8, -1] = snake[3::8, -1] = True
+    snake[5::8, 0] = snake[6::8, 0] = snake[7::8, 0] = True
+    return out + [np.eye(9, dtype=bool), snake, np.ones((4, 6), bool), np.zeros((6, 4), bool), np.ones((1, 1), bool)]
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_components_number_blobs_as_scipy_does(index):
+    ndimage = _ndimage()
+    mask = _masks()[index]
+    labels, count = images._components(mask)
+    want, want_count = ndimage.label(mask, structure=np.ones((3, 3)))  # 8-connected, raster order
+    assert count == want_count and labels.dtype == np.int32
+    np.testing.assert_array_equal(labels, want)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_dilate_and_box_mean_are_scipys_filters(steps):
+    ndimage = _ndimage()
+    ink = np.random.default_rng(steps).random((37, 23)).astype(np.float32) ** 4  # ink >= 0, mostly faint
+    # a 3x3 maximum `steps` times, zeros outside: scipy's (2 steps + 1) square grey dilation, exactly
+    np.testing.assert_array_equal(images._dilate(ink, steps),
+                                  ndimage.grey_dilation(ink, size=2 * steps + 1, mode="constant", cval=0))
+    # float32 sums of 9 values in another order: within a few float32 ulps of [0, 1] values (1e-6)
+    box = images._box_mean3(ink)
+    assert box.dtype == np.float32
+    np.testing.assert_allclose(box, ndimage.uniform_filter(ink.astype(np.float64), 3, mode="nearest"), atol=1e-6)
+
+
+@pytest.mark.parametrize("values, want", [
+    (np.array([0, 128, 255], np.uint8), [0, 128 / 255, 1]),
+    (np.array([0, 128, 255], np.int64), [0, 128 / 255, 1]),          # integers are bytes however wide
+    (np.array([0, 300, 65535], np.uint16), [0, 300 / 65535, 1]),     # above 255: a 16-bit picture
+    (np.array([0.0, 0.5, 1.0]), [0, 0.5, 1]),                         # floats on 0..1 stay
+    (np.array([0.0, 2.0, 255.0], np.float32), [0, 2 / 255, 1]),      # floats above 1.5: on 0..255
+    (np.array([-0.005, 1.005]), [0, 1]),                              # a rounding error outside: clipped
+    (np.array([True, False]), [1, 0]),
+])
+def test_the_0_255_guess(values, want):
+    got = images.to_unit_scale(values)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("values, message", [
+    (np.array([0.0, np.nan]), "x: values must be finite, got NaN or infinity"),
+    (np.array([-3.0, 0.5]), r"x: expected values in \[0, 1\] or 0..255, got -3..0.5"),
+    (np.array([0, 900.0]), r"x: expected values in \[0, 1\] or 0..255, got 0..900"),
+])
+def test_the_0_255_guess_refuses_what_is_no_pixel(values, message):
+    with pytest.raises(DataError, match=message):
+        images.to_unit_scale(values, "x")
+
+
 def test_huge_pictures_are_refused_before_decoding(monkeypatch):
     monkeypatch.setattr(images, "MAX_PIXELS", 1000)
     with pytest.raises(DataError, match="picture of 160x200 pixels is too large"):

@@ -3,8 +3,9 @@
 backend, files and schedules import nothing of gpunet; the core (layers, losses, optimizers, network) only
 the backend and each other as the notes stack them, and nothing of the fast path; the fast path may import
 the core, never the reverse; data sits on the IDX format; training sits on the core, the fast path, the
-batches and the metrics; the recipe on training; explain on the core alone (the numbers it shows are the
-core's own, never a second implementation); the pictures (images) beside the data; the web server (serve) above training, imported only by the
+batches and the metrics; the recipe on training; explain's record on the core alone and files' strict JSON
+(the numbers it shows are the core's own, never a second implementation), its renderers on the record alone,
+its inputs from plain lists on the network; the pictures (images) beside the data; the web server (serve) above training, imported only by the
 command line; the command line on top, imported by nothing.
 """
 import ast
@@ -22,15 +23,19 @@ ALLOWED = {
     "gradcheck": {"backend"}, "metrics": {"backend"},
     "idx": {"files"}, "data": {"idx"},
     "fast": {"backend", "layers", "losses", "optimizers"},
-    "batches": {"backend", "fast"},
+    "inputs": {"backend"},
+    "batches": {"backend", "fast", "inputs"},
     "checkpoint": {"files"},
-    "training": {"backend", "fast", "batches", "losses", "metrics", "checkpoint", "parallel"},
+    "training": {"backend", "fast", "batches", "inputs", "losses", "metrics", "checkpoint", "parallel"},
     "parallel": {"backend"},
-    "explain": {"backend", "layers", "losses", "optimizers", "network"},
+    "explain": {"backend", "files", "layers", "losses", "optimizers"},
+    "explain_inputs": {"layers", "network"},
+    "explain_render": {"explain"},
     "recipe": {"__init__", "backend", "checkpoint", "fast", "files", "parallel", "plots", "batches", "data", "losses",
                "network", "optimizers", "schedules", "training"},
     "images": {"data"},
-    "serve": {"backend", "data", "images", "training"},
+    "predictions": set(),
+    "serve": {"backend", "data", "images", "predictions", "training"},
 }
 TOP = {"cli", "__init__", "__main__"}
 

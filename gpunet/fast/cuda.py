@@ -14,13 +14,30 @@ import functools
 import numpy as np
 
 # (in_params, out_params, operation, name) of each cupy.ElementwiseKernel
-BIAS_RELU = ("T b", "T y", "T t = y + b; y = t > (T)0 ? t : (T)0;", "gpunet_bias_relu")
-RELU_BACKWARD = ("T y", "T dy", "dy = y > (T)0 ? dy : (T)0;", "gpunet_relu_backward")
+# NaN passes through both, as through the core's maximum(x, 0) and dy * (x > 0): a diverging run must
+# reach the loss as NaN on every path, or the divergence guard misses it.
+BIAS_RELU = ("T b", "T y", "T t = y + b; y = t < (T)0 ? (T)0 : t;", "gpunet_bias_relu")
+RELU_BACKWARD = ("T y", "T dy", "dy = y > (T)0 ? dy : dy * (T)0;", "gpunet_relu_backward")
 MOMENTUM = ("T g, T lr, T gamma, T wd, bool nesterov", "T w, T v",
             "T d = g + wd * w; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d : v;",
             "gpunet_momentum")
 SGD = ("T g, T lr, T wd", "T w", "w -= lr * (g + wd * w);", "gpunet_sgd")
-ELEMENTWISE = {"bias_relu": BIAS_RELU, "relu_backward": RELU_BACKWARD, "momentum": MOMENTUM, "sgd": SGD}
+# Adam and AdamW in one kernel: wd is Adam's L2 term (0 for AdamW), decay AdamW's factor 1 - lr*wd (1 for
+# Adam); c1 = 1 - b1, c2 = 1 - b2, step = lr / (1 - b1^t), root_c2 = sqrt(1 - b2^t), computed on the host
+ADAM = ("T g, T b1, T b2, T c1, T c2, T step, T root_c2, T eps, T wd, T decay", "T w, T m, T v",
+        "T d = g + wd * w; w *= decay; m = b1 * m + c1 * d; v = b2 * v + c2 * d * d; "
+        "w -= step * (m / (sqrt(v) / root_c2 + eps));",
+        "gpunet_adam")
+# Dropout's draw, scale and mask in one launch: the bits of gpunet.layers.dropout_bits (SplitMix64 word
+# i / 4 of the stream keyed ``key``, 16-bit lane i % 4; i is the flat C-order index), the scaled keep-mask
+# kept for backward, and y *= mask.
+DROPOUT = ("uint64 key, uint32 threshold, T scale", "T y, T mask",
+           "unsigned long long x = key + ((unsigned long long)(i / 4) + 1ull) * 0x9E3779B97F4A7C15ull;"
+           " x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull; x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;"
+           " x ^= x >> 31; unsigned int bits = (unsigned int)(x >> (16 * (i % 4))) & 0xFFFFu;"
+           " mask = bits < threshold ? scale : (T)0; y = y * mask;", "gpunet_dropout")
+ELEMENTWISE = {"bias_relu": BIAS_RELU, "relu_backward": RELU_BACKWARD, "momentum": MOMENTUM, "sgd": SGD,
+               "adam": ADAM, "dropout": DROPOUT}
 
 # softmax cross-entropy, forward and gradient in one pass: one thread per row (MNIST has 10 classes, so a
 # row fits in registers). T, EXP and LOG are defined per dtype by softmax_xent_source.
@@ -84,6 +101,18 @@ def momentum(w, g, v, lr, gamma, wd, nesterov):
 def sgd(w, g, lr, wd):
     """``w -= lr * (g + wd * w)`` in place."""
     _elementwise("sgd")(g, lr, wd, w)
+
+
+def adam(w, g, m, v, scalars):
+    """Adam's or AdamW's rule on one parameter, in place; ``scalars`` = (b1, b2, c1, c2, step, root_c2,
+    eps, wd, decay) in w's dtype (see :data:`ADAM`)."""
+    _elementwise("adam")(g, *scalars, w, m, v)
+
+
+def dropout(y, mask, key, threshold, scale):
+    """``mask = (bits < threshold) * scale; y *= mask`` in place, with the bits of
+    :func:`gpunet.layers.dropout_bits` for ``key``; y and mask (N, C) of one float dtype."""
+    _elementwise("dropout")(np.uint64(key), np.uint32(threshold), y.dtype.type(scale), y, mask)
 
 
 def softmax_xent(z, labels, grad, loss_rows):

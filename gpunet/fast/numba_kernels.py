@@ -18,21 +18,22 @@ _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
 @_jit
 def bias_relu(y, b):
-    """y (N, C) = max(y + b, 0); b (C,)."""
+    """y (N, C) = max(y + b, 0); b (C,). NaN stays NaN, as with the core's maximum."""
     zero = y.dtype.type(0)
     for i in range(y.shape[0]):
         for j in range(y.shape[1]):
             t = y[i, j] + b[j]
-            y[i, j] = t if t > zero else zero
+            y[i, j] = zero if t < zero else t
 
 
 @_jit
 def relu_backward(dy, y):
-    """dy (N, C) = dy * (y > 0), with y the ReLU output."""
+    """dy (N, C) = dy * (y > 0), with y the ReLU output (a NaN or inf in dy stays NaN where y <= 0, as
+    in the core's product)."""
     zero = dy.dtype.type(0)
     for i in range(dy.shape[0]):
         for j in range(dy.shape[1]):
-            dy[i, j] = dy[i, j] if y[i, j] > zero else zero
+            dy[i, j] = dy[i, j] if y[i, j] > zero else dy[i, j] * zero
 
 
 @_jit
@@ -55,6 +56,19 @@ def softmax_xent(z, labels, grad, loss_rows, inv_n):
             raise IndexError("softmax_xent: a label lies outside [0, classes)")
         grad[i, t] -= inv_n
         loss_rows[i] = np.log(s) + m - z[i, t]
+
+
+@_jit
+def adam(w, g, m, v, b1, b2, c1, c2, step, root_c2, eps, wd, decay):
+    """Adam's or AdamW's rule on flat (1-D) arrays, in place, with the core's operations in its order:
+    d = g + wd w; w *= decay; m = b1 m + c1 d; v = b2 v + c2 d d; w -= step (m / (sqrt(v) / root_c2 + eps))."""
+    for i in range(w.shape[0]):
+        d = g[i] + wd * w[i]
+        wi = w[i] * decay
+        mi = b1 * m[i] + c1 * d
+        vi = b2 * v[i] + c2 * d * d
+        m[i], v[i] = mi, vi
+        w[i] = wi - step * (mi / (np.sqrt(vi) / root_c2 + eps))
 
 
 @_jit

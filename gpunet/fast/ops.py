@@ -74,6 +74,51 @@ def relu_backward(dy, y):
     return np.multiply(dy, y > 0, out=dy)
 
 
+def adam(w, g, m, v, scalars, scratch):
+    """Adam's or AdamW's rule on one parameter, in place: ``scalars`` = (b1, b2, c1, c2, step, root_c2,
+    eps, wd, decay) in w's dtype (:func:`gpunet.fast.step.adam_scalars`); w, g, m, v C-contiguous of one
+    shape and dtype; ``scratch`` two arrays like w, for in-place NumPy (the core's operations, in its order,
+    without its temporaries)."""
+    if get_array_module(w) is not np:
+        return cuda.adam(w, g, m, v, scalars)
+    if (compiled := _cpu_kernels(w, g, m, v)) is not None:
+        compiled.adam(w.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), *scalars)
+        return
+    b1, b2, c1, c2, step, root_c2, eps, wd, decay = scalars
+    d, s = scratch
+    if wd:
+        np.multiply(w, wd, out=d)
+        d += g
+    else:
+        d[...] = g
+    if decay != 1:
+        w *= decay
+    m *= b1
+    m += np.multiply(d, c1, out=s)
+    v *= b2
+    np.multiply(d, c2, out=s)
+    s *= d
+    v += s
+    np.sqrt(v, out=s)
+    s /= root_c2
+    s += eps
+    np.divide(m, s, out=s)
+    s *= step
+    w -= s
+
+
+def dropout(layer, y, mask):
+    """Layer ``layer``'s next mask applied to y (N, C) in place; returns the mask (``mask``, a buffer
+    shaped like y, on the GPU, where one kernel draws, scales and applies it; the core's own on the CPU,
+    whose NumPy draw is as fast)."""
+    if get_array_module(y) is not np:
+        cuda.dropout(y, mask, layer.next_key(), layer.threshold, 1.0 / (1.0 - layer.p))
+        return mask
+    mask = layer.new_mask(y)
+    y *= mask
+    return mask
+
+
 def softmax_xent(z, labels, grad, loss_rows):
     """Per row ``loss_rows = logsumexp(z) - z[label]`` and ``grad = (softmax(z) - onehot) / N``.
 
