@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("export", help="write a model as an ONNX file, for ONNX Runtime and other runtimes")
     o.add_argument("model", help="model file written by gpunet train")
     o.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write")
-    o.add_argument("--task", choices=("classifier", "regressor"), default="classifier", help="classifier: outputs probabilities and label; regressor: output (default: classifier)")
+    o.add_argument("--task", choices=("classifier", "regressor"), default=None, help="classifier: outputs probabilities and label; regressor: output (default: what the model file says it was trained for)")
     o.add_argument("--inputs", metavar="TEXT", help="what the inputs are, for the file's metadata (default: pixel / 255 for image models)")
 
     x = sub.add_parser("explain", help="one training step of a small network, formula by formula, in the course notes' notation (no flags: the classic 2-2-2 example worked by hand)")
@@ -337,11 +337,11 @@ def cmd_export(args):
     inputs = args.inputs or (f"pixel / 255: float32 in [0, 1], a {rows}x{cols} grey image row by row, white "
                              f"digit on black as in MNIST" if rows > 1 else None)
     try:
-        to_onnx(net, args.out, task=args.task, inputs=inputs)
+        model = to_onnx(net, args.out, task=args.task, inputs=inputs)
     except ImportError as exc:
         raise UserError(str(exc)) from None
-    outputs = (f"'probabilities' [batch, {net.out_features}] and 'label' [batch]" if args.task == "classifier"
-               else f"'output' [batch, {net.out_features}]")
+    outputs = " and ".join(f"'{o.name}' [batch{', ' + str(net.out_features) if o.name != 'label' else ''}]"
+                           for o in model.graph.output)
     print(f"wrote {args.out}: ONNX opset 17, input 'input' [batch, {net.in_features}] float32, outputs {outputs}")
     return 0
 

@@ -23,12 +23,14 @@ import numpy as np
 from . import layers
 from .backend import to_numpy
 from .files import atomic_write
+from .training import classifies
 
 OPSET = 17
 IR_VERSION = 8
 TASKS = ("classifier", "regressor")
 INPUT, PROBABILITIES, LABEL, OUTPUT = "input", "probabilities", "label", "output"
 ACTIVATION_OPS = {layers.ReLU: "Relu", layers.Sigmoid: "Sigmoid", layers.Tanh: "Tanh"}
+EXPORTABLE = ("Linear", "ReLU", "Sigmoid", "Tanh", "Softmax", "Dropout", "BatchNorm")
 
 
 def require_onnx():
@@ -41,12 +43,8 @@ def require_onnx():
 
 
 def _float32(onnx, name, array):
+    array = getattr(array, "data", array)  # a Parameter's array, or a buffer itself
     return onnx.numpy_helper.from_array(np.ascontiguousarray(to_numpy(array), dtype=np.float32), name)
-
-
-def _batch_norm_arrays(layer):
-    """(scale, bias, mean, var) of a BatchNorm layer in its eval form, host arrays."""
-    return layer.gamma.data, layer.beta.data, layer.running_mean, layer.running_var
 
 
 def layer_nodes(onnx, layer, index: int, x: str, y: str):
@@ -63,14 +61,12 @@ def layer_nodes(onnx, layer, index: int, x: str, y: str):
         return [make("Softmax", [x], [y], name=name, axis=1)], []
     if isinstance(layer, layers.Dropout):
         return [make("Identity", [x], [y], name=name)], []
-    batch_norm = getattr(layers, "BatchNorm", None)
-    if batch_norm is not None and isinstance(layer, batch_norm):
-        inits = [_float32(onnx, f"{name}.{part}", a)
-                 for part, a in zip(("gamma", "beta", "running_mean", "running_var"), _batch_norm_arrays(layer))]
+    if isinstance(layer, layers.BatchNorm):  # eval form: (x - running_mean) / sqrt(running_var + eps) ...
+        inits = [_float32(onnx, f"{name}.{part}", getattr(layer, part))
+                 for part in ("gamma", "beta", "running_mean", "running_var")]
         return [make("BatchNormalization", [x] + [t.name for t in inits], [y], name=name,
                      epsilon=float(layer.eps))], inits
-    kinds = ["Linear", "ReLU", "Sigmoid", "Tanh", "Softmax", "Dropout"] + (["BatchNorm"] if batch_norm else [])
-    raise ValueError(f"layers[{index}]: expected a layer ONNX export knows ({', '.join(kinds)}), "
+    raise ValueError(f"layers[{index}]: expected a layer ONNX export knows ({', '.join(EXPORTABLE)}), "
                      f"got {type(layer).__name__}")
 
 
@@ -95,17 +91,21 @@ def _metadata(net, task, inputs, classes, metadata) -> dict:
     return meta
 
 
-def to_onnx(net, path=None, *, task: str = "classifier", inputs: str | None = None, classes=None,
+def to_onnx(net, path=None, *, task: str | None = None, inputs: str | None = None, classes=None,
             metadata: dict | None = None):
     """The network ``net`` (a ``Sequential``) as an ``onnx.ModelProto``, checked with ``onnx.checker``
     (``full_check=True``); written to ``path`` (atomically) when given.
 
-    ``task``: ``"classifier"`` (outputs ``probabilities`` and ``label``) or ``"regressor"`` (``output``).
+    ``task``: ``"classifier"`` (outputs ``probabilities`` and ``label``) or ``"regressor"`` (``output``);
+    by default what gpunet predicts with the network (:func:`gpunet.training.classifies`: the loss it was
+    trained with, else whether it has more than one output).
     ``inputs``: a sentence on what the inputs are (e.g. ``"pixel / 255"``), stored in the metadata;
     ``classes``: the class each label index stands for, stored in the metadata as JSON; ``metadata``: more
     key/value strings. Nothing of ``net`` changes (its weights are copied to the host).
     """
     onnx = require_onnx()
+    if task is None:
+        task = "classifier" if classifies(net) else "regressor"
     if task not in TASKS:
         raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
     features, outputs = net.in_features, net.out_features

@@ -19,7 +19,7 @@ ALLOWED = {
     "backend": set(), "files": set(), "schedules": set(), "plots": {"files"},
     "layers": {"backend"}, "losses": {"backend"}, "optimizers": {"backend"},
     "network": {"backend", "layers", "files", "onnx_export"},  # to_onnx, loaded when called
-    "onnx_export": {"__init__", "backend", "layers", "files"},
+    "onnx_export": {"__init__", "backend", "layers", "files", "training"},
     "gradcheck": {"backend"}, "metrics": {"backend"},
     "idx": {"files"}, "data": {"idx"},
     "fast": {"backend", "layers", "losses", "optimizers"},

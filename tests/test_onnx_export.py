@@ -29,15 +29,13 @@ def session(model):
 
 
 def every_layer_network(device):
-    """One network holding every layer type gpunet has (BatchNorm once it exists), eval-mode exportable."""
+    """One network holding every layer type gpunet has."""
     rng = np.random.default_rng(0)
-    parts = [gn.Linear(784, 64, rng=rng, device=device)]
-    if hasattr(layers, "BatchNorm"):
-        parts.append(layers.BatchNorm(64))
-    parts += [gn.ReLU(), gn.Dropout(0.2, seed=1), gn.Linear(64, 32, init="xavier", rng=rng, device=device),
-              gn.Sigmoid(), gn.Linear(32, 32, init="xavier", rng=rng, device=device), gn.Tanh(),
-              gn.Linear(32, 10, init="xavier", rng=rng, device=device), gn.Softmax()]
-    return gn.Sequential(*parts).to(device)  # BatchNorm is built on the host
+    return gn.Sequential(
+        gn.Linear(784, 64, rng=rng, device=device), gn.BatchNorm(64, device=device), gn.ReLU(),
+        gn.Dropout(0.2, seed=1), gn.Linear(64, 32, init="xavier", rng=rng, device=device), gn.Sigmoid(),
+        gn.Linear(32, 32, init="xavier", rng=rng, device=device), gn.Tanh(),
+        gn.Linear(32, 10, init="xavier", rng=rng, device=device), gn.Softmax())
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +47,11 @@ def mnist(mnist_dir):
 
 def test_every_layer_type_on_the_mnist_test_set(mnist, device, tmp_path):
     """Trained a little (so that BatchNorm's running statistics and every weight are no longer their start
-    values), exported, and run by ONNX Runtime on the 10,000 test digits."""
+    values), exported, and run by ONNX Runtime on the 10,000 test digits; a GPU-trained one the same."""
     (x_train, y_train), (x_test, y_test) = mnist
     net = every_layer_network(device)
     kinds = {type(layer).__name__ for layer in net.layers}
-    assert kinds == set(layers.LAYERS) | ({"BatchNorm"} if hasattr(layers, "BatchNorm") else set())
+    assert kinds == set(layers.BUILT_IN)
     opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9)
     fit(net, gn.SoftmaxCrossEntropy(), opt, x_train[:6000], y_train[:6000], epochs=1, batch_size=128, seed=0)
     net.to_onnx(tmp_path / "every.onnx")
@@ -112,14 +110,17 @@ def test_the_graph_is_opset_17_ir_8_with_a_dynamic_batch_and_passes_the_full_che
 
 
 def test_a_regressor_exports_its_output(device):
-    net = gn.mlp([3, 8, 2], activation="tanh", seed=0, device=device).eval()
-    model = net.to_onnx(task="regressor", inputs="three numbers")
-    assert [o.name for o in model.graph.output] == ["output"]
+    """A network trained with a regression loss exports as a regressor by default (what gpunet predicts)."""
+    net = gn.mlp([3, 8, 2], activation="tanh", seed=0, device=device)
     x = np.random.default_rng(0).normal(size=(9, 3)).astype(np.float32)
+    fit(net, gn.MSELoss(), gn.SGD(net.parameters(), lr=0.1), x, np.ones((9, 2), np.float32), epochs=1)
+    model = net.to_onnx(inputs="three numbers")
+    assert [o.name for o in model.graph.output] == ["output"]
     (out,) = session(model).run(None, {"input": x})
-    assert_allclose(out, net.forward(gn.to_device(x, device)), atol=1e-6)  # float32, three inputs
+    assert_allclose(out, predict(net, x), atol=1e-6)  # float32 on both sides, three inputs
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["task"] == "regressor" and meta["inputs"] == "three numbers"
+    assert [o.name for o in net.to_onnx(task="classifier").graph.output] == ["probabilities", "label"]
 
 
 def test_exporting_leaves_the_network_as_it_was(tmp_path):
