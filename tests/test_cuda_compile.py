@@ -79,7 +79,10 @@ def test_the_generated_sources_describe_the_launches(nvrtc):
         in sources["gpunet_bias_relu"][0]
     assert "const CArray<float, 1, 1, 1> _raw_b, CArray<float, 1, 1, 1> _raw_y, CIndexer<1, 1> _ind" \
         in sources["gpunet_bias_relu"][1]
-    assert "const float lr, const float gamma, const float wd, const bool nesterov" in sources["gpunet_momentum"][0]
+    assert ("const CArray<float, 1, 1, 1> dy, const int rows, const int cols, const float lr, const float gamma, "
+            "const float wd, const bool nesterov, CArray<float, 1, 1, 1> _raw_w") in sources["gpunet_layer_momentum"][0]
+    assert "CArray<float, 1, 1, 1> b, CArray<float, 1, 1, 1> vb, CArray<float, 1, 1, 1> gb" \
+        in sources["gpunet_layer_momentum"][0]
     assert ("const float eps, const float wd, const float decay, CArray<float, 1, 1, 1> _raw_w, "
             "CArray<float, 1, 1, 1> _raw_m, CArray<float, 1, 1, 1> _raw_v") in sources["gpunet_adam"][0]
     assert all(s.startswith("#include <cupy/") for group in sources.values() for s in group)
@@ -112,10 +115,10 @@ def test_a_typo_in_the_raw_kernel_fails(nvrtc):
 
 
 def test_a_declared_type_that_does_not_fit_the_arguments_fails(nvrtc):
-    """SGD declaring its gradient float64 while gpunet passes float32: CuPy's own type decision refuses it
-    (on a GPU this is the error the first training step would raise)."""
-    spec, args = _launch("gpunet_sgd")
-    wrong = (spec[0].replace("T g", "float64 g"),) + spec[1:]
+    """A layer's SGD update declaring its delta float64 while gpunet passes float32: CuPy's own type
+    decision refuses it (on a GPU this is the error the first training step would raise)."""
+    spec, args = _launch("gpunet_layer_sgd")
+    wrong = (spec[0].replace("raw T dy", "raw float64 dy"),) + spec[1:]
     with pytest.raises(TypeError, match="Type is mismatched"):
         cc.elementwise_program(wrong, args)
 

@@ -18,10 +18,6 @@ import numpy as np
 # reach the loss as NaN on every path, or the divergence guard misses it.
 BIAS_RELU = ("T b", "T y", "T t = y + b; y = t < (T)0 ? (T)0 : t;", "gpunet_bias_relu")
 RELU_BACKWARD = ("T y", "T dy", "dy = y > (T)0 ? dy : dy * (T)0;", "gpunet_relu_backward")
-MOMENTUM = ("T g, T lr, T gamma, T wd, bool nesterov", "T w, T v",
-            "T d = g + wd * w; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d : v;",
-            "gpunet_momentum")
-SGD = ("T g, T lr, T wd", "T w", "w -= lr * (g + wd * w);", "gpunet_sgd")
 # Adam and AdamW in one kernel: wd is Adam's L2 term (0 for AdamW), decay AdamW's factor 1 - lr*wd (1 for
 # Adam); c1 = 1 - b1, c2 = 1 - b2, step = lr / (1 - b1^t), root_c2 = sqrt(1 - b2^t), computed on the host
 ADAM = ("T g, T b1, T b2, T c1, T c2, T step, T root_c2, T eps, T wd, T decay", "T w, T m, T v",
@@ -36,8 +32,25 @@ DROPOUT = ("uint64 key, uint32 threshold, T scale", "T y, T mask",
            " x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull; x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;"
            " x ^= x >> 31; unsigned int bits = (unsigned int)(x >> (16 * (i % 4))) & 0xFFFFu;"
            " mask = bits < threshold ? scale : (T)0; y = y * mask;", "gpunet_dropout")
-ELEMENTWISE = {"bias_relu": BIAS_RELU, "relu_backward": RELU_BACKWARD, "momentum": MOMENTUM, "sgd": SGD,
-               "adam": ADAM, "dropout": DROPOUT}
+# The ReLU backward of a block whose output went through dropout: dy * mask (Dropout's backward), then
+# * (x > 0) (ReLU's), in one pass; y is the block's output after dropout, > 0 exactly where both let through.
+RELU_MASK_BACKWARD = ("T y, T mask", "T dy", "T t = dy * mask; dy = y > (T)0 ? t : t * (T)0;",
+                      "gpunet_relu_mask_backward")
+# One layer's whole update in one launch, over W's elements: the rule on W from W.grad, and in the threads
+# i < cols also b's gradient dy.sum(0) (the column sums of dy, written to b.grad) and the rule on b.
+_BIAS_SUM = "T s = 0; for (int r = 0; r < rows; ++r) s += dy[r * cols + i]; gb[i] = s; T db = s + wd * b[i];"
+LAYER_MOMENTUM = (
+    "raw T dy, int32 rows, int32 cols, T lr, T gamma, T wd, bool nesterov", "T w, T g, T v, raw T b, raw T vb, raw T gb",
+    "T d = g + wd * w; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d : v;"
+    " if (i < cols) { " + _BIAS_SUM + " vb[i] = gamma * vb[i] + lr * db;"
+    " b[i] -= nesterov ? gamma * vb[i] + lr * db : vb[i]; }", "gpunet_layer_momentum")
+LAYER_SGD = ("raw T dy, int32 rows, int32 cols, T lr, T wd", "T w, T g, raw T b, raw T gb",
+             "w -= lr * (g + wd * w); if (i < cols) { " + _BIAS_SUM + " b[i] -= lr * db; }", "gpunet_layer_sgd")
+# Pixels' gather: rows idx of the uint8 images, as floats divided by 255, in one pass (no uint8 temporary).
+GATHER_SCALED = ("raw uint8 src, raw int64 idx, int32 cols, T divisor", "T out",
+                 "out = (T)src[idx[i / cols] * cols + i % cols] / divisor;", "gpunet_gather_scaled")
+ELEMENTWISE = {"bias_relu": BIAS_RELU, "relu_backward": RELU_BACKWARD, "dropout": DROPOUT, "relu_mask_backward": RELU_MASK_BACKWARD, "layer_momentum": LAYER_MOMENTUM,
+               "layer_sgd": LAYER_SGD, "gather_scaled": GATHER_SCALED, "adam": ADAM}
 
 # softmax cross-entropy, forward and gradient in one pass: one thread per row (MNIST has 10 classes, so a
 # row fits in registers). T, EXP and LOG are defined per dtype by softmax_xent_source.
@@ -93,14 +106,27 @@ def relu_backward(dy, y):
     return _elementwise("relu_backward")(y, dy)
 
 
-def momentum(w, g, v, lr, gamma, wd, nesterov):
-    """The momentum rule on one parameter, in place (scalars in w's dtype)."""
-    _elementwise("momentum")(g, lr, gamma, wd, bool(nesterov), w, v)
+def relu_mask_backward(dy, y, mask):
+    """``dy = (dy * mask) * (y > 0)`` in place: Dropout's backward, then ReLU's, in one pass."""
+    return _elementwise("relu_mask_backward")(y, mask, dy)
 
 
-def sgd(w, g, lr, wd):
-    """``w -= lr * (g + wd * w)`` in place."""
-    _elementwise("sgd")(g, lr, wd, w)
+def layer_update(W, b, vW, vb, dy, lr, gamma, wd, nesterov):
+    """One Linear's update in one launch, W.grad already written (x.T @ dy): b.grad = dy.sum(0), then
+    momentum (``vW``/``vb`` given) or SGD (``None``) on W and b, in place; scalars in W's dtype."""
+    rows, cols = np.int32(dy.shape[0]), np.int32(dy.shape[1])
+    flat = dy.reshape(-1)  # dy is C-contiguous (a buffer of the step): a view
+    if vW is None:
+        _elementwise("layer_sgd")(flat, rows, cols, lr, wd, W.data, W.grad, b.data, b.grad)
+    else:
+        _elementwise("layer_momentum")(flat, rows, cols, lr, gamma, wd, bool(nesterov), W.data, W.grad, vW,
+                                       b.data, vb, b.grad)
+
+
+def gather_scaled(src, idx, out, divisor):
+    """``out = src[idx] / divisor`` for uint8 rows src (N, F), int64 idx (K,), out (K, F) float, one pass."""
+    _elementwise("gather_scaled")(src, idx, np.int32(src.shape[1]), out.dtype.type(divisor), out)
+    return out
 
 
 def adam(w, g, m, v, scalars):

@@ -64,6 +64,14 @@ def bias_relu(y, b):
     return np.maximum(y, np.zeros(y.shape[-1:], y.dtype), out=y)
 
 
+def relu_mask_backward(dy, y, mask):
+    """``dy = (dy * mask) * (y > 0)`` in place (Dropout's backward, then ReLU's); returns dy."""
+    if get_array_module(dy) is not np:
+        return cuda.relu_mask_backward(dy, y, mask)
+    dy *= mask
+    return relu_backward(dy, y)
+
+
 def relu_backward(dy, y):
     """``dy = dy * (y > 0)`` in place, ``y`` the ReLU output; returns dy."""
     if get_array_module(dy) is not np:
@@ -146,12 +154,15 @@ def softmax_xent(z, labels, grad, loss_rows):
 
 def gather_scaled(src, idx, out, divisor):
     """``out[:K] = src[idx] / divisor`` in ``out``'s dtype; src (N, F) uint8, idx (K,) integers, out
-    (>= K, F) float; returns ``out[:K]``. One compiled pass on the CPU where numba is installed."""
+    (>= K, F) float; returns ``out[:K]``. One pass: a CUDA kernel on the GPU, compiled on the CPU where numba
+    is installed."""
     dst = out[:idx.shape[0]]
+    xp = get_array_module(src)
+    if xp is not np and src.dtype == np.uint8 and src.flags.c_contiguous and dst.flags.c_contiguous:
+        return cuda.gather_scaled(src, xp.ascontiguousarray(idx, dtype=np.int64), dst, divisor)
     if (type(src) is np.ndarray and type(idx) is np.ndarray and type(out) is np.ndarray and src.dtype == np.uint8
             and idx.dtype.kind in "iu" and src.flags.c_contiguous and out.flags.c_contiguous
             and out.dtype.char in "fd" and (compiled := numba_kernels()) is not None):
         compiled.gather_scaled(src, idx, out, out.dtype.type(divisor))
         return dst
-    xp = get_array_module(src)
     return xp.divide(xp.take(src, idx, axis=0), out.dtype.type(divisor), out=dst, dtype=out.dtype)

@@ -103,22 +103,19 @@ class FusedStep:
             return
         (W, vW), (b, vb) = self.pairs[i]
         self.xp.matmul(x.T, dy, out=W.grad)
-        dy.sum(axis=0, out=b.grad)
         if self.deferred:
+            dy.sum(axis=0, out=b.grad)
             return
         if self.adam:
+            dy.sum(axis=0, out=b.grad)
             for k in (2 * i, 2 * i + 1):
                 p = opt.params[k]
                 scratch = [self._buffer(("adam", j, k), p.data.shape, p.data.dtype) for j in (0, 1)]
                 ops.adam(p.data, p.grad, opt.m[k], opt.v[k], self._adam_scalars, scratch)
             return
-        t = W.data.dtype.type
-        lr, wd = t(opt.lr), t(opt.weight_decay)
-        for p, v in ((W, vW), (b, vb)):
-            if self.momentum:
-                cuda.momentum(p.data, p.grad, v, lr, t(opt.momentum), wd, opt.nesterov)
-            else:
-                cuda.sgd(p.data, p.grad, lr, wd)
+        t = W.data.dtype.type  # the GPU: b.grad and both updates in one launch
+        cuda.layer_update(W, b, vW, vb, dy, t(opt.lr), t(opt.momentum if self.momentum else 0.0),
+                          t(opt.weight_decay), self.momentum and opt.nesterov)
 
     def __call__(self, x, y, reduce=None):
         xp, n = self.xp, x.shape[0]
@@ -150,9 +147,12 @@ class FusedStep:
             self._update(i, inputs[i], dy)
             if i > 0:
                 _, relu, _ = self.blocks[i - 1]
-                if masks[i - 1] is not None:
-                    dx *= masks[i - 1]
-                if relu:
+                mask = masks[i - 1]
+                if relu and mask is not None:
+                    ops.relu_mask_backward(dx, inputs[i], mask)
+                elif mask is not None:
+                    dx *= mask
+                elif relu:
                     ops.relu_backward(dx, inputs[i])
                 dy = dx
         if reduce is not None:
