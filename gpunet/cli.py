@@ -1,4 +1,4 @@
-"""The ``gpunet`` command: train, evaluate, predict, explain, serve, info. A thin face: flags in, printing out;
+"""The ``gpunet`` command: train, evaluate, predict, explain, serve, export, info. A thin face: flags in, printing out;
 the work lives in the library (``recipe.train`` for a training run, ``explain.explain_step`` for one step).
 
 A user mistake (missing folder, bad flag value, unreadable model file) prints one line and exits with
@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     v.add_argument("--port", type=non_negative_int, default=8000, help="port (default: 8000; 0 picks a free one)")
     v.add_argument("--device", default=None, help="cpu, gpu or auto")
+
+    o = sub.add_parser("export", help="write a model as an ONNX file, for ONNX Runtime and other runtimes")
+    o.add_argument("model", help="model file written by gpunet train")
+    o.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write")
+    o.add_argument("--task", choices=("classifier", "regressor"), default=None, help="classifier: outputs probabilities and label; regressor: output (default: what the model file says it was trained for)")
+    o.add_argument("--inputs", metavar="TEXT", help="what the inputs are, for the file's metadata (default: pixel / 255 for image models)")
 
     x = sub.add_parser("explain", help="one training step of a small network, formula by formula, in the course notes' notation (no flags: the classic 2-2-2 example worked by hand)")
     x.add_argument("--sizes", type=positive_int, nargs="+", metavar="N", help="layer sizes, inputs to outputs, weights drawn from --seed (default: the example's 2-2-2, or those of --weights)")
@@ -339,6 +345,23 @@ def cmd_serve(args):
     return serve.run(net, host=args.host, port=args.port, name=Path(args.model).name)
 
 
+def cmd_export(args):
+    from .onnx_export import to_onnx  # the onnx package is optional: loaded only for this command
+
+    net = _load_model(args.model, "cpu")
+    rows, cols = image_size(net.in_features)
+    inputs = args.inputs or (f"pixel / 255: float32 in [0, 1], a {rows}x{cols} grey image row by row, white "
+                             f"digit on black as in MNIST" if rows > 1 else None)
+    try:
+        model = to_onnx(net, args.out, task=args.task, inputs=inputs)
+    except ImportError as exc:
+        raise UserError(str(exc)) from None
+    outputs = " and ".join(f"'{o.name}' [batch{', ' + str(net.out_features) if o.name != 'label' else ''}]"
+                           for o in model.graph.output)
+    print(f"wrote {args.out}: ONNX opset 17, input 'input' [batch, {net.in_features}] float32, outputs {outputs}")
+    return 0
+
+
 def _flag(call, *args, **kwargs):
     """explain's helpers name their parameter first ("sizes: ..."); here that parameter is a flag."""
     try:
@@ -469,7 +492,7 @@ def cmd_info(args):
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
-            "info": cmd_info, "serve": cmd_serve}
+            "info": cmd_info, "serve": cmd_serve, "export": cmd_export}
 
 
 def main(argv=None) -> int:
