@@ -27,7 +27,7 @@ from .layers import ACTIVATIONS, INITIALIZERS
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .metrics import format_report
 from .network import load
-from .optimizers import SGD, Momentum
+from .optimizers import SGD, Adam, AdamW, Momentum, RMSprop
 from .predictions import prediction
 from .recipe import TrainConfig, load_data, train
 from .schedules import SCHEDULES
@@ -85,10 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--activation", nargs="+", choices=sorted(ACTIVATIONS), default=["relu"], help="one activation, or one per hidden layer (default: relu)")
     t.add_argument("--epochs", type=positive_int, default=20, help="maximum number of epochs (default: 20)")
     t.add_argument("--batch-size", type=batch_size_arg, default=128, help="examples per step: 1 = online, 'full' = full batch (default: 128)")
-    t.add_argument("--lr", type=positive_float, default=0.05, help="learning rate (default: 0.05)")
-    t.add_argument("--momentum", type=unit_interval, default=0.9, help="momentum gamma, 0 for plain SGD (default: 0.9)")
-    t.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    t.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="L2 weight decay (default: 0)")
+    t.add_argument("--optimizer", choices=tuple(recipe.OPTIMIZER_SETTINGS), default="momentum", help="update rule (default: momentum)")
+    t.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: 0.05 for sgd and momentum, 0.001 for adam, adamw and rmsprop)")
+    t.add_argument("--momentum", type=unit_interval, default=None, help="momentum gamma for --optimizer momentum, 0 for plain SGD (default: 0.9); rmsprop's momentum (default: 0)")
+    t.add_argument("--nesterov", action="store_true", help="Nesterov momentum (--optimizer momentum)")
+    t.add_argument("--weight-decay", type=non_negative_float, default=None, help="L2 weight decay; adamw's decoupled decay (default: 0; adamw 0.01)")
+    t.add_argument("--beta1", type=unit_interval, default=None, help="adam/adamw: first-moment decay (default: 0.9)")
+    t.add_argument("--beta2", type=unit_interval, default=None, help="adam/adamw: second-moment decay (default: 0.999)")
+    t.add_argument("--eps", type=non_negative_float, default=None, help="adam/adamw/rmsprop: added to the denominator (default: 1e-8)")
+    t.add_argument("--alpha", type=unit_interval, default=None, help="rmsprop: decay of the squared-gradient average (default: 0.99)")
+    t.add_argument("--centered", action="store_true", help="rmsprop: divide by the gradient's variance, not its mean square")
+    t.add_argument("--batch-norm", action="store_true", help="batch normalisation after each hidden Linear, before its activation")
     t.add_argument("--dropout", type=unit_interval, default=0.2, help="dropout after each hidden layer (default: 0.2)")
     t.add_argument("--init", choices=INITIALIZERS, default=None, help="weight initialiser (default: he for relu, xavier otherwise)")
     t.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule (default: cosine)")
@@ -128,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--activation", nargs="+", choices=sorted(ACTIVATIONS), help="hidden activation, one or one per hidden layer (default: sigmoid)")
     x.add_argument("--output-activation", choices=explain_inputs.OUTPUT_ACTIVATIONS, help="an activation on the output layer, y^L = f(z^L), for --loss mse or mae (default: none, y^L = z^L)")
     x.add_argument("--loss", choices=("ce", "mse", "mae"), default="ce", help="softmax cross-entropy, mean squared or absolute error (default: ce)")
-    x.add_argument("--optimizer", choices=("sgd", "momentum"), default="sgd", help="default: sgd")
-    x.add_argument("--lr", type=positive_float, default=explain_inputs.EXAMPLE["lr"], help="learning rate alpha (default: 0.5)")
+    x.add_argument("--optimizer", choices=tuple(EXPLAIN_OPTIMIZERS), default="sgd", help="default: sgd")
+    x.add_argument("--lr", type=positive_float, default=None, help="learning rate alpha (default: 0.5 for sgd and momentum, the optimizer's own for the others)")
     x.add_argument("--momentum", type=unit_interval, default=None, help="gamma for --optimizer momentum (default: 0.9)")
     x.add_argument("--input", type=finite_float, nargs="+", metavar="X", help="the instance x (several instances back to back make a batch; default with the example: 0.05 0.1)")
     x.add_argument("--target", type=finite_float, nargs="+", metavar="T", help="a class per instance, or the desired outputs y^D (default: the example's 0.01 0.99; with --model: the prediction)")
@@ -346,8 +353,7 @@ def cmd_explain(args):
     else:
         raise UserError(f"--target: expected a class or {net.out_features} desired outputs per instance, got none")
     y = _flag(explain_inputs.make_target, target, len(x), net.out_features, args.loss, dtype)
-    opt = (SGD(net.parameters(), lr=args.lr) if args.optimizer == "sgd" else
-           Momentum(net.parameters(), lr=args.lr, momentum=0.9 if args.momentum is None else args.momentum))
+    opt = _explain_optimizer(args, net.parameters())
     loss = {"ce": SoftmaxCrossEntropy, "mse": MSELoss, "mae": MAELoss}[args.loss]()
     record = explain.explain_step(net, loss, opt, x, y)
     intro = explain_inputs.EXAMPLE["about"] if example else None
@@ -359,11 +365,24 @@ def cmd_explain(args):
     return 0
 
 
+EXPLAIN_OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
+
+
+def _explain_optimizer(args, params):
+    """The optimizer of --optimizer: its own defaults, but SGD's and momentum's alpha is the example's."""
+    kind, options = args.optimizer, {}
+    if args.lr is not None or kind in ("sgd", "momentum"):
+        options["lr"] = explain_inputs.EXAMPLE["lr"] if args.lr is None else args.lr
+    if kind == "momentum":
+        options["momentum"] = 0.9 if args.momentum is None else args.momentum
+    return EXPLAIN_OPTIMIZERS[kind](params, **options)
+
+
 def _explain_flags(args):
     """The flags that do not go together, refused before any work."""
     if args.json and args.format != "text":
         raise UserError(f"--json: prints JSON, so --format {args.format} does not apply")
-    if args.optimizer == "sgd" and args.momentum is not None:
+    if args.optimizer != "momentum" and args.momentum is not None:
         raise UserError("--momentum: only used with --optimizer momentum")
     if args.output_activation and args.loss == "ce":
         raise UserError("--output-activation: expected --loss mse or mae (cross-entropy applies softmax to z^L "

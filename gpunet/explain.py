@@ -34,13 +34,19 @@ version 1 wrote the strings "nan", "inf" and "-inf" and had no ``correction``):
   (softmax probabilities for cross-entropy); ``prediction``: argmax of each row of ``y_L``
 - ``loss``: {``type``, ``value`` (the cost C), ``gradient`` (dC/d output, (N, K), from ``loss.backward()``),
   ``delta_scale`` (c above)}
-- ``optimizer``: {``type``, ``lr`` (alpha), ``momentum`` (gamma, null for SGD), ``nesterov``,
-  ``weight_decay``}
+- ``optimizer``: {``type``, ``lr`` (alpha), ``weight_decay`` (lambda), and the rule's other scalars as its
+  ``state_dict()`` names them after the step: ``momentum`` (gamma) and ``nesterov`` for Momentum; ``betas``,
+  ``eps`` and ``t`` (the step count, 1 for a first step) for Adam and AdamW; ``alpha`` (the decay rho of
+  the squares), ``eps``, ``momentum`` and ``centered`` for RMSprop}
 - ``layers``: one object per core layer, in order: {``index``, ``type``, ``name`` (its repr), ``input``,
   ``output``, ``grad_output`` (dC/d output), ``grad_input`` (dC/d input, what ``backward`` returned),
-  ``derivative`` (f' elementwise, from ``backward`` of ones; null for Linear and Softmax), ``params``
-  (Linear only: {"W": P, "b": P} with P = {``before``, ``grad``, ``correction`` (the notes' Delta,
-  -alpha grad), ``after``, ``change`` (after - before), ``velocity_before``, ``velocity`` (null for SGD)})}
+  ``derivative`` (f' elementwise, from ``backward`` of ones; null for Linear, Softmax and BatchNorm),
+  ``params`` (null for a layer without parameters, else one P per parameter by its name: "W" and "b" for
+  Linear, "gamma" and "beta" for BatchNorm, with P = {``before``, ``grad``, ``correction`` (the notes'
+  Delta, -alpha grad), ``after``, ``change`` (after - before), ``state_before`` and ``state`` (the
+  optimizer's arrays for this parameter before and after the step, by the names of its ``state_dict()``:
+  {} for SGD, {"velocities"} for Momentum, {"m", "v"} for Adam, {"v", ...} for RMSprop)}),
+  ``buffers`` (BatchNorm only: ``running_mean`` and ``running_var`` after the step)}
 - ``stages``: the notes' layers s = 1..L, each a Linear and what follows it up to the next Linear:
   {``s``, ``layers`` (indices into ``layers``), ``linear`` (the index of its Linear), ``activations`` (type names),
   ``y_prev`` (y^(s-1)), ``z`` (z^s), ``y`` (y^s), ``gradient`` (dC/dz^s), ``delta`` (the notes' delta^s)}
@@ -53,7 +59,7 @@ from .backend import device_of, get_array_module, to_device, to_numpy
 from .files import strict
 from .layers import Dropout, Linear, ReLU, Sigmoid, Softmax, Tanh
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
-from .optimizers import SGD, Momentum
+from .optimizers import Optimizer
 
 SCHEMA = "gpunet-explain/2"
 ELEMENTWISE = (ReLU, Sigmoid, Tanh, Dropout)  # backward of ones gives f' elementwise
@@ -70,8 +76,8 @@ def explain_step(net, loss, optimizer, x, y) -> dict:
     ``x``: (N, inputs) or (inputs,) array or list, cast to the network's dtype and moved to its device.
     ``y``: integer labels (N,) (or one label), or target rows (N, K) (or one row) of floats.
     ``loss``: SoftmaxCrossEntropy (on a network whose last layer is a Linear: the cost applies softmax
-    itself), MSELoss or MAELoss (any output activation); ``optimizer``: SGD or Momentum built on exactly
-    ``net.parameters()`` (any order). The network and the optimizer are changed, as by a training step.
+    itself), MSELoss or MAELoss (any output activation); ``optimizer``: any of gpunet's optimizers built on
+    exactly ``net.parameters()`` (any order). The network and the optimizer are changed, as by a training step.
     Returns a dict of host NumPy arrays (the record); :func:`to_json` makes it JSON.
     """
     layers, linears = _check(net, loss, optimizer)
@@ -84,7 +90,6 @@ def explain_step(net, loss, optimizer, x, y) -> dict:
     optimizer.step()
     _params(layers, records, states, grads, optimizer)
     y_l, y_d, scale = _outputs(loss, out, records[-1]["output"], _host(target), dtype)
-    momentum = isinstance(optimizer, Momentum)
     record = {
         "schema": SCHEMA, "dtype": str(np.dtype(dtype)), "device": device, "batch": len(y_l),
         "sizes": [linears[0].in_features] + [lin.out_features for lin in linears],
@@ -93,10 +98,7 @@ def explain_step(net, loss, optimizer, x, y) -> dict:
         "prediction": y_l.argmax(axis=1),
         "loss": {"type": type(loss).__name__, "value": float(to_numpy(value)), "gradient": loss_grad,
                  "delta_scale": scale},
-        "optimizer": {"type": type(optimizer).__name__, "lr": float(optimizer.lr),
-                      "momentum": float(optimizer.momentum) if momentum else None,
-                      "nesterov": bool(getattr(optimizer, "nesterov", False)),
-                      "weight_decay": float(optimizer.weight_decay)},
+        "optimizer": _optimizer(optimizer),
         "layers": records,
     }
     record["stages"] = _stages(records, scale)
@@ -114,8 +116,9 @@ def _check(net, loss, optimizer):
     if isinstance(loss, SoftmaxCrossEntropy) and not isinstance(layers[-1], Linear):
         raise ValueError("net: expected a Linear output layer for SoftmaxCrossEntropy (the cost applies "
                          f"softmax to z^L itself), got {type(layers[-1]).__name__} last")
-    if not isinstance(optimizer, (SGD, Momentum)):
-        raise TypeError(f"optimizer: expected SGD or Momentum, got {type(optimizer).__name__}")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer: expected a gpunet optimizer (SGD, Momentum, Adam, AdamW, RMSprop), "
+                        f"got {type(optimizer).__name__}")
     slot = {id(p) for p in optimizer.params}
     params = net.parameters()
     if len(params) != len(optimizer.params) or any(id(p) not in slot for p in params):
@@ -144,11 +147,17 @@ def _prepare(x, y, dtype, device, inputs):
 
 
 def _optimizer_states(optimizer, params):
-    """Each parameter's value and velocity (None for SGD) before the step, by ``id``."""
+    """Each parameter's value and its optimizer arrays ({name: host array}), by ``id``."""
     slot = {id(p): i for i, p in enumerate(optimizer.params)}
-    momentum = isinstance(optimizer, Momentum)
-    return {id(p): (_host(p.data), _host(optimizer.velocity(slot[id(p)])) if momentum else None)
-            for p in params}
+    arrays = optimizer.state_dict()["arrays"]  # host copies, one per parameter in the optimizer's order
+    return {id(p): (_host(p.data), {name: a[slot[id(p)]] for name, a in arrays.items()}) for p in params}
+
+
+def _optimizer(optimizer):
+    """The optimizer's type and scalars (lr, weight decay, the rule's own) after the step."""
+    state = optimizer.state_dict()
+    scalars = {k: (list(v) if isinstance(v, tuple) else v) for k, v in state.items() if k not in ("kind", "arrays")}
+    return {"type": type(optimizer).__name__, **scalars}
 
 
 def _passes(layers, loss, x, target):
@@ -174,22 +183,22 @@ def _passes(layers, loss, x, target):
 
 
 def _params(layers, records, states, grads, optimizer):
-    """Each Linear's W and b before, their gradient and the notes' correction, after the step."""
-    slot = {id(p): i for i, p in enumerate(optimizer.params)}
-    momentum = isinstance(optimizer, Momentum)
+    """Each layer's parameters before, their gradient and the notes' correction, after the step, with the
+    optimizer's arrays before and after; BatchNorm's running statistics after."""
+    after_states = _optimizer_states(optimizer, [p for layer in layers for p in layer.parameters()])
     for layer, rec in zip(layers, records):
         rec["params"] = None
-        if not isinstance(layer, Linear):
-            continue
-        rec["params"] = {}
-        for p, name in ((layer.W, "W"), (layer.b, "b")):
-            before, v_before = states[id(p)]
-            grad, after = grads[id(p)], _host(p.data)
-            rec["params"][name] = {
+        for p in layer.parameters():
+            before, state_before = states[id(p)]
+            grad, after = grads[id(p)], after_states[id(p)][0]
+            rec["params"] = rec["params"] or {}
+            rec["params"][p.name] = {
                 "before": before, "grad": grad, "correction": grad * grad.dtype.type(-optimizer.lr),
-                "after": after, "change": after - before, "velocity_before": v_before,
-                "velocity": _host(optimizer.velocity(slot[id(p)])) if momentum else None,
+                "after": after, "change": after - before, "state_before": state_before,
+                "state": after_states[id(p)][1],
             }
+        if getattr(layer, "buffer_names", None):
+            rec["buffers"] = {name: _host(getattr(layer, name)) for name in layer.buffer_names}
 
 
 def _outputs(loss, out, out_host, target, dtype):

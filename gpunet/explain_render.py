@@ -23,9 +23,10 @@ WIDTH = 100  # a terminal's width: no text line is longer
 LABEL = 44   # a formula this short shares its line with a one-line value
 
 # --- formulas: written once, in plain text; LaTeX derived --------------------------------------------------
-_GREEK = {"alpha", "beta", "gamma", "delta", "Delta", "lambda", "epsilon"}
+_GREEK = {"alpha", "beta", "gamma", "delta", "Delta", "lambda", "epsilon", "mu", "rho", "sigma"}
 _NAMES = {"log": r"\log", "exp": r"\exp", "tanh": r"\tanh", "max": r"\max", "argmax": r"\arg\max",
-          "sum": r"\sum", "sign": r"\mathrm{sign}", "softmax": r"\mathrm{softmax}"}
+          "sum": r"\sum", "sign": r"\mathrm{sign}", "softmax": r"\mathrm{softmax}", "gbar": r"\bar{g}",
+          "mean": r"\mathrm{mean}", "var": r"\mathrm{var}", "xhat": r"\hat{x}"}
 _SCRIPT = r"(?:\^(?:[A-Za-z]|\d+)|_[A-Za-z0-9]+)"
 _TOKEN = re.compile(r"(?P<frac>dC/d(?P<of>[A-Za-z]" + _SCRIPT + r"*))|(?P<call>(?:sqrt|\^)\()"
                     r"|\^(?P<sup>[A-Za-z]|\d+)|_(?P<sub>[A-Za-z0-9]+)|(?P<word>[A-Za-z]+)(?P<digits>\d*)"
@@ -170,7 +171,7 @@ def render_text(record: dict, digits: int | None = None, intro: str | None = Non
     lines = [f"gpunet explain: one training step, formula by formula (schema {record['schema']})"]
     for step in steps(record, intro):
         if step[0] == "h":
-            lines += ["", step[1]]
+            lines += [""] + textwrap.wrap(step[1], WIDTH, subsequent_indent="  ")
         elif step[0] == "p":
             lines += textwrap.wrap(_prose_text(step[1]), WIDTH, initial_indent="  ", subsequent_indent="  ")
         else:
@@ -259,13 +260,25 @@ def _short(layer):
 
 
 def _opt_text(opt):
-    alpha = f"alpha = {_num(opt['lr'], 6)}"
-    if opt["momentum"] is None:
+    """The optimizer's rule in a few words, with its scalars."""
+    n = lambda key: _num(opt[key], 6)  # noqa: E731
+    kind, alpha = opt["type"], f"alpha = {n('lr')}"
+    if kind == "SGD":
         rule = f"SGD, w = w + Delta w, {alpha}"
-    else:
-        rule = (f"momentum, v = gamma v - Delta w, w = w - v, {alpha}, gamma = {_num(opt['momentum'], 6)}"
+    elif kind == "Momentum":
+        rule = (f"momentum, v = gamma v - Delta w, w = w - v, {alpha}, gamma = {n('momentum')}"
                 + (", Nesterov" if opt["nesterov"] else ""))
-    return rule + (f", weight decay lambda = {_num(opt['weight_decay'], 6)}" if opt["weight_decay"] else "")
+    elif kind in ("Adam", "AdamW"):
+        b1, b2 = (_num(b, 6) for b in opt["betas"])
+        rule = f"{kind} (PyTorch's), {alpha}, beta1 = {b1}, beta2 = {b2}, epsilon = {n('eps')}, t = {opt['t']}"
+    elif kind == "RMSprop":
+        rule = (f"RMSprop (PyTorch's), {alpha}, rho = {n('alpha')} (PyTorch's alpha), epsilon = {n('eps')}"
+                + (f", momentum mu = {n('momentum')}" if opt["momentum"] else "")
+                + (", centered" if opt["centered"] else ""))
+    else:
+        rule = f"{kind}, {alpha}"
+    decay = "decoupled weight decay" if kind == "AdamW" else "weight decay"
+    return rule + (f", {decay} lambda = {n('weight_decay')}" if opt["weight_decay"] else "")
 
 
 def _network(r, intro):
@@ -386,20 +399,74 @@ def _library(r):
 
 def _update(r):
     opt, layers = r["optimizer"], r["layers"]
-    gamma, decay = opt["momentum"], opt["weight_decay"]
+    rule = {"SGD": _sgd, "Momentum": _momentum, "Adam": _adam, "AdamW": _adam, "RMSprop": _rmsprop}
     out = [("h", "4. Update: " + _opt_text(opt))]
+    if opt["type"] not in rule:
+        out.append(("p", f"{opt['type']}: no formula to show; the new values are the library's."))
     for st in r["stages"]:
         S = _sup(r, st["s"])
-        for name, p in layers[st["linear"]]["params"].items():
-            sym, v = f"{name}^{S}", f"v({name}^{S})"
-            wd = f" - alpha lambda {sym}" if decay else ""
-            if gamma is None:
-                out.append(("eq", f"{sym} (new) = {sym} + Delta {sym}{wd}", None, p["after"]))
-                continue
-            out.append(("eq", f"{v} = gamma {v} - Delta {sym}" + (f" + alpha lambda {sym}" if decay else ""),
-                        f"{v} before: {_brief(p['velocity_before'])}", p["velocity"]))
-            if opt["nesterov"]:
-                out.append(("eq", f"{sym} (new) = {sym} - gamma {v} + Delta {sym}{wd}", "Nesterov", p["after"]))
-            else:
-                out.append(("eq", f"{sym} (new) = {sym} - {v}", None, p["after"]))
+        for i in st["layers"]:
+            for name, p in (layers[i]["params"] or {}).items():
+                sym = f"{name}^{S}"
+                if opt["type"] in rule:
+                    out += rule[opt["type"]](sym, p, opt)
+                else:
+                    out.append(("eq", f"{sym} (new)", None, p["after"]))
+    return out
+
+
+def _sgd(sym, p, opt):
+    wd = f" - alpha lambda {sym}" if opt["weight_decay"] else ""
+    return [("eq", f"{sym} (new) = {sym} + Delta {sym}{wd}", None, p["after"])]
+
+
+def _momentum(sym, p, opt):
+    """The notes' momentum, v = gamma v + alpha dC/dw (dC/dw = -Delta w / alpha), w = w - v."""
+    v, decay = f"v({sym})", opt["weight_decay"]
+    wd = f" - alpha lambda {sym}" if decay else ""
+    out = [("eq", f"{v} = gamma {v} - Delta {sym}" + (f" + alpha lambda {sym}" if decay else ""),
+            f"{v} before: {_brief(p['state_before']['velocities'])}", p["state"]["velocities"])]
+    if opt["nesterov"]:
+        out.append(("eq", f"{sym} (new) = {sym} - gamma {v} + Delta {sym}{wd}", "Nesterov", p["after"]))
+    else:
+        out.append(("eq", f"{sym} (new) = {sym} - {v}", None, p["after"]))
+    return out
+
+
+def _gradient(sym, p, opt, coupled=True):
+    """The gradient g that Adam and RMSprop use: the library's dC/dw = -Delta w / alpha (plus L2 decay)."""
+    decay = opt["weight_decay"] if coupled else 0.0
+    g = p["grad"] + p["grad"].dtype.type(decay) * p["before"] if decay else p["grad"]
+    return ("eq", f"g = -Delta {sym} / alpha" + (f" + lambda {sym}" if decay else ""), "dC/dw", g)
+
+
+def _adam(sym, p, opt):
+    """Adam's moments and step (PyTorch's order); AdamW decays the weight first, the gradient bare."""
+    m, v = f"m({sym})", f"v({sym})"
+    adamw = opt["type"] == "AdamW"
+    start = f"(1 - alpha lambda) {sym}" if adamw and opt["weight_decay"] else sym
+    return [_gradient(sym, p, opt, coupled=not adamw),
+            ("eq", f"{m} = beta1 {m} + (1 - beta1) g", f"{m} before: {_brief(p['state_before']['m'])}",
+             p["state"]["m"]),
+            ("eq", f"{v} = beta2 {v} + (1 - beta2) g^2", f"{v} before: {_brief(p['state_before']['v'])}",
+             p["state"]["v"]),
+            ("eq", f"{sym} (new) = {start} - alpha / (1 - beta1^t) {m} / (sqrt({v}) / sqrt(1 - beta2^t) + "
+                   "epsilon)", None, p["after"])]
+
+
+def _rmsprop(sym, p, opt):
+    """RMSprop's mean square (centered: minus the mean gradient squared) and step, with its momentum."""
+    v, gbar, buf = f"v({sym})", f"gbar({sym})", f"buf({sym})"
+    out = [_gradient(sym, p, opt),
+           ("eq", f"{v} = rho {v} + (1 - rho) g^2", f"{v} before: {_brief(p['state_before']['v'])}",
+            p["state"]["v"])]
+    root = f"sqrt({v})"
+    if opt["centered"]:
+        out.append(("eq", f"{gbar} = rho {gbar} + (1 - rho) g", None, p["state"]["grad_avg"]))
+        root = f"sqrt({v} - {gbar}^2)"
+    if opt["momentum"]:
+        out += [("eq", f"{buf} = mu {buf} + g / ({root} + epsilon)", None, p["state"]["buffer"]),
+                ("eq", f"{sym} (new) = {sym} - alpha {buf}", None, p["after"])]
+    else:
+        out.append(("eq", f"{sym} (new) = {sym} - alpha g / ({root} + epsilon)", None, p["after"]))
     return out

@@ -108,6 +108,25 @@ class Comm:
         self.comm.Abort(code)
 
 
+def sum_over_ranks(comm: Comm, *values) -> list:
+    """Each value (a number, a NumPy array of sums or counts, or None) summed over the ranks, through one
+    float64 all-reduce: exact for integers below 2**53. Each comes back as it went in: its type, or its
+    dtype and shape (None stays None)."""
+    parts = [np.asarray(v if v is not None else [], dtype=np.float64).reshape(-1) for v in values]
+    buf = np.concatenate(parts)
+    comm.allreduce(buf)
+    out, start = [], 0
+    for v, part in zip(values, parts):
+        total, start = buf[start:start + part.size], start + part.size
+        if v is None:
+            out.append(None)
+        elif isinstance(v, np.ndarray):
+            out.append(total.reshape(v.shape).astype(v.dtype))
+        else:
+            out.append(type(v)(total[0]))
+    return out
+
+
 def shard(lo: int, hi: int, rank: int, size: int) -> tuple[int, int]:
     """This rank's rows of the batch [lo, hi): near-equal consecutive parts, in rank order."""
     n = hi - lo

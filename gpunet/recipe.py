@@ -23,7 +23,7 @@ from .batches import Pixels
 from .data import DataError, load_mnist, split_validation
 from .losses import SoftmaxCrossEntropy
 from .network import mlp
-from .optimizers import SGD, Momentum
+from .optimizers import SGD, Adam, AdamW, Momentum, RMSprop
 from .schedules import make_schedule
 from .training import evaluate, fit, predict
 
@@ -40,11 +40,22 @@ CHECKPOINT = "checkpoint.npz"
 # settings a resumed run may change: how long, where, and what is drawn; every other one changes the run
 OUTPUTS = ("model.npz", "metrics.json", CHECKPOINT, "curves.png", "confusion.png", "misclassified.png")
 MAY_CHANGE_ON_RESUME = {"epochs", "device", "data_dir", "download", "plots"}
+# each optimizer's own settings, with their defaults: PyTorch's, except the learning rates (0.05, the
+# measured recipe, for SGD and momentum; 1e-3, Keras' and PyTorch's Adam's, for the adaptive rules)
+OPTIMIZER_SETTINGS = {
+    "sgd": {"lr": 0.05, "weight_decay": 0.0},
+    "momentum": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
+    "adam": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
+    "adamw": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2},
+    "rmsprop": {"lr": 1e-3, "alpha": 0.99, "eps": 1e-8, "momentum": 0.0, "weight_decay": 0.0},
+}
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run; the defaults are the recipe measured in README.md."""
+    """Every setting of a training run; the defaults are the recipe measured in README.md. An optimizer
+    setting left at None takes the chosen optimizer's default (:data:`OPTIMIZER_SETTINGS`); one that is
+    not the optimizer's own stays None (``check`` refuses it if given)."""
 
     data_dir: str | None = None
     download: bool = False
@@ -52,10 +63,17 @@ class TrainConfig:
     activation: list = field(default_factory=lambda: ["relu"])
     epochs: int = 20
     batch_size: int | None = 128
-    lr: float = 0.05
-    momentum: float = 0.9
+    optimizer: str = "momentum"
+    lr: float | None = None
+    momentum: float | None = None
     nesterov: bool = False
-    weight_decay: float = 0.0
+    weight_decay: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    eps: float | None = None
+    alpha: float | None = None
+    centered: bool = False
+    batch_norm: bool = False
     dropout: float = 0.2
     init: str | None = None
     schedule: str = "cosine"
@@ -66,6 +84,11 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     plots: bool = True
+
+    def __post_init__(self):
+        for name, value in OPTIMIZER_SETTINGS.get(self.optimizer, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
 
 def versions() -> dict:
@@ -104,6 +127,16 @@ def check(config: TrainConfig) -> None:
     if len(config.activation) not in (1, len(config.hidden)):
         raise ConfigError(f"--activation: expected 1 or {len(config.hidden)} names (one per hidden layer), "
                           f"got {len(config.activation)}")
+    if config.optimizer not in OPTIMIZER_SETTINGS:
+        raise ConfigError(f"--optimizer: expected one of {', '.join(OPTIMIZER_SETTINGS)}, got {config.optimizer!r}")
+    own = OPTIMIZER_SETTINGS[config.optimizer]
+    for name in ("momentum", "beta1", "beta2", "eps", "alpha"):
+        if name not in own and getattr(config, name) is not None:
+            users = " or ".join(k for k, v in OPTIMIZER_SETTINGS.items() if name in v)
+            raise ConfigError(f"--{name}: a setting of --optimizer {users}, got --optimizer {config.optimizer}")
+    for flag, user in (("nesterov", "momentum"), ("centered", "rmsprop")):
+        if getattr(config, flag) and config.optimizer != user:
+            raise ConfigError(f"--{flag}: a setting of --optimizer {user}, got --optimizer {config.optimizer}")
     if config.nesterov and config.momentum == 0:
         raise ConfigError("--nesterov: needs --momentum > 0, got --momentum 0")
     if config.patience and not config.val_size:
@@ -116,14 +149,24 @@ def build(config: TrainConfig, in_features: int, classes: int, device: str):
     hidden = list(config.hidden)
     acts = config.activation[0] if len(config.activation) == 1 else list(config.activation)
     net = mlp([in_features, *hidden, classes], activation=acts, init=config.init, dropout=config.dropout,
-              seed=config.seed, device=device)
-    if config.momentum > 0:
-        opt = Momentum(net.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
-                       weight_decay=config.weight_decay)
-    else:
-        opt = SGD(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+              seed=config.seed, device=device, batch_norm=config.batch_norm)
+    opt = make_optimizer(config, net.parameters())
     extra = {"step_size": config.step_size, "gamma": 0.1} if config.schedule == "step" else {}
     return net, opt, make_schedule(config.schedule, config.lr, config.epochs, **extra)
+
+
+def make_optimizer(config: TrainConfig, params):
+    """The optimizer ``config`` names, on ``params``; ``momentum`` with --momentum 0 is plain SGD."""
+    name, lr, wd = config.optimizer, config.lr, config.weight_decay
+    if name == "momentum" and config.momentum > 0:
+        return Momentum(params, lr=lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=wd)
+    if name in ("sgd", "momentum"):
+        return SGD(params, lr=lr, weight_decay=wd)
+    if name in ("adam", "adamw"):
+        return (Adam if name == "adam" else AdamW)(params, lr=lr, betas=(config.beta1, config.beta2),
+                                                   eps=config.eps, weight_decay=wd)
+    return RMSprop(params, lr=lr, alpha=config.alpha, eps=config.eps, momentum=config.momentum,
+                   centered=config.centered, weight_decay=wd)
 
 
 def write_json(path, obj) -> None:
@@ -224,6 +267,8 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     sizes = [x_train.shape[1], *config.hidden, classes]
     where = f"; resuming after epoch {meta['epoch']}, step {meta['step']}" if meta else ""
     where += f"; {comm.size} processes, each global batch split across them" if comm is not None else ""
+    why_not = fast.why_not(net, loss, opt, y_tr)  # a BatchNorm network or RMSprop runs the core's step
+    where += f"; the core's step runs (no fused step: {why_not})" if why_not else ""
     log(f"gpunet {__version__}: training {' -> '.join(map(str, sizes))} on {device}{note}; "
         f"{len(x_tr)} train / {len(x_val)} validation / {len(x_test)} test examples{where}")
     try:
@@ -246,7 +291,8 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
         net.save(model_path)
     result = {
         "config": asdict(config), "device": device, "backend": info["backend"], "device_info": info,
-        "fast_path": fast.status(), "versions": versions(),
+        "fast_path": fast.status(), "fused_step": {"used": why_not is None, "why_not": why_not},
+        "versions": versions(),
         "history": history.epochs, "stop_reason": history.stop_reason, "best_epoch": history.best_epoch,
         "diverged_epoch": history.diverged_epoch, "checkpoint": str(ckpt),
         "test_loss": test["loss"], "test_accuracy": test["accuracy"],

@@ -60,7 +60,8 @@ def test_console_script_and_help():
     assert res.returncode == 0 and "train" in res.stdout and "predict" in res.stdout
     res = run("train", "--help")
     for flag in ("--data-dir", "--hidden", "--activation", "--epochs", "--batch-size", "--lr", "--momentum",
-                 "--nesterov", "--weight-decay", "--dropout", "--init", "--schedule", "--val-size", "--patience",
+                 "--nesterov", "--weight-decay", "--optimizer", "--beta1", "--beta2", "--eps", "--alpha", "--centered",
+                 "--batch-norm", "--dropout", "--init", "--schedule", "--val-size", "--patience",
                  "--target-loss", "--seed", "--device", "--out"):
         assert flag in res.stdout, flag
 
@@ -119,12 +120,39 @@ def test_predict_images_and_npy(trained, tmp_path):
     assert text.returncode == 0 and text.stdout.startswith(str(tmp_path / "digit.png") + ": ")
 
 
+@pytest.mark.parametrize("flags, optimizer, fused", [
+    (["--optimizer", "adam", "--batch-norm"], gn.Adam, "layer 1 is BatchNorm, where a Linear was expected"),
+    (["--optimizer", "adamw", "--beta2", "0.99", "--lr", "0.003"], gn.AdamW, None),
+    (["--optimizer", "rmsprop", "--centered"], gn.RMSprop, "the optimizer is RMSprop, not SGD, Momentum, Adam or AdamW"),
+])
+def test_train_with_each_optimizer_and_batch_norm(tmp_path, flags, optimizer, fused):
+    """--optimizer and --batch-norm reach the run: its settings (the optimizer's defaults filled in), the
+    model file's layers, and whether the fused step ran, in the log line and metrics.json."""
+    from conftest import make_fake_mnist
+
+    data = make_fake_mnist(tmp_path / "data", n_train=300, n_test=100)
+    res = run("train", "--data-dir", data, "--hidden", 16, "--epochs", 2, "--batch-size", 32, "--val-size", 50,
+              "--out", tmp_path / "run", "--device", "cpu", "--no-plots", *flags)
+    assert res.returncode == 0, res.stderr
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["config"]["optimizer"] == flags[1] and m["config"]["batch_norm"] == ("--batch-norm" in flags)
+    assert m["config"]["lr"] == (0.003 if "--lr" in flags else 0.001)
+    assert m["fused_step"] == {"used": fused is None, "why_not": fused}
+    assert (f"the core's step runs (no fused step: {fused})" in res.stdout) == (fused is not None), res.stdout
+    assert m["test_accuracy"] > 0.5  # learns (the fake classes are well separated)
+    net = gn.load(tmp_path / "run" / "model.npz", device="cpu")
+    assert any(isinstance(l, gn.BatchNorm) for l in net.layers) == ("--batch-norm" in flags)
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--data-dir", "/nonexistent/mnist"], "data folder not found: /nonexistent/mnist"),
     (["train", "--epochs", "-3"], "argument --epochs: expected a positive integer, got '-3'"),
     (["train", "--lr", "fast"], "argument --lr: expected a positive number, got 'fast'"),
     (["train", "--momentum", "1.5"], r"argument --momentum: expected a number in [0, 1), got '1.5'"),
     (["train", "--batch-size", "0"], "argument --batch-size: expected a positive integer, got '0'"),
+    (["train", "--optimizer", "nadam"], "argument --optimizer: invalid choice: 'nadam'"),
+    (["train", "--beta1", "0.5"], "--beta1: a setting of --optimizer adam or adamw, got --optimizer momentum"),
+    (["train", "--optimizer", "adam", "--centered"], "--centered: a setting of --optimizer rmsprop, got --optimizer adam"),
     (["train", "--device", "tpu"], "device: expected one of 'cpu', 'gpu', 'cuda', 'cuda:N' or 'auto', got 'tpu'"),
     (["evaluate", "/nonexistent/model.npz"], "model file not found: /nonexistent/model.npz"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),

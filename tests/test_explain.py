@@ -104,6 +104,10 @@ CASES = [  # sizes, activation, loss, optimizer, batch
     ([3, 5, 4, 3], ["relu", "tanh"], gn.SoftmaxCrossEntropy, "momentum", 4),
     ([4, 6, 2], "relu", gn.MSELoss, "nesterov", 3),
     ([2, 3, 2], "tanh", gn.MAELoss, "sgd_wd", 2),
+    ([3, 4, 2], "sigmoid", gn.SoftmaxCrossEntropy, "adam", 3),
+    ([3, 4, 2], "relu", gn.MSELoss, "adamw", 2),
+    ([2, 4, 3], "tanh", gn.SoftmaxCrossEntropy, "rmsprop", 2),
+    ([2, 4, 3], "sigmoid", gn.MAELoss, "rmsprop_centered_momentum", 3),
 ]
 
 
@@ -111,7 +115,12 @@ def make_opt(kind, params):
     return {"sgd": lambda: gn.SGD(params, lr=0.3),
             "sgd_wd": lambda: gn.SGD(params, lr=0.3, weight_decay=0.01),
             "momentum": lambda: gn.Momentum(params, lr=0.1, momentum=0.9),
-            "nesterov": lambda: gn.Momentum(params, lr=0.1, momentum=0.8, nesterov=True)}[kind]()
+            "nesterov": lambda: gn.Momentum(params, lr=0.1, momentum=0.8, nesterov=True),
+            "adam": lambda: gn.Adam(params, lr=0.01, betas=(0.8, 0.9), eps=1e-3, weight_decay=0.1),
+            "adamw": lambda: gn.AdamW(params, lr=0.01, weight_decay=0.5),
+            "rmsprop": lambda: gn.RMSprop(params, lr=0.01, alpha=0.9, eps=1e-3),
+            "rmsprop_centered_momentum": lambda: gn.RMSprop(params, lr=0.01, alpha=0.9, eps=1e-3, momentum=0.5,
+                                                            centered=True, weight_decay=0.1)}[kind]()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
@@ -143,13 +152,13 @@ def test_record_equals_the_training_path(sizes, act, loss_cls, opt_kind, n, dtyp
             recorded = [lay["params"][k] for lay in r["layers"] if lay["params"] for k in ("W", "b")]
             params = twin.parameters()
             assert len(recorded) == len(params)
+            arrays = opt2.state_dict()["arrays"]
             for i, (got, p, g) in enumerate(zip(recorded, params, grads)):
                 np.testing.assert_allclose(np.asarray(got["grad"], dtype), g, **tol)
                 np.testing.assert_allclose(np.asarray(got["after"], dtype), p.data, **tol)
-                if isinstance(opt2, gn.Momentum):
-                    np.testing.assert_allclose(np.asarray(got["velocity"], dtype), opt2.velocity(i), **tol)
-                else:
-                    assert got["velocity"] is None
+                assert sorted(got["state"]) == sorted(arrays)  # {} for SGD
+                for name, state in got["state"].items():
+                    np.testing.assert_allclose(np.asarray(state, dtype), arrays[name][i], **tol)
         # the notes' output delta: y^D - y^L (cross-entropy, MSE with no output activation), sign(...) for MAE
         diff = rec["y_D"] - rec["y_L"]
         want = np.sign(diff) if loss_cls is gn.MAELoss else diff
@@ -158,32 +167,68 @@ def test_record_equals_the_training_path(sizes, act, loss_cls, opt_kind, n, dtyp
         for lay in rec["layers"]:
             for p in (lay["params"] or {}).values():
                 check_update_line(opt_kind, p, tol)
-    assert np.any(rec["layers"][0]["params"]["W"]["velocity_before"]) == isinstance(opt, gn.Momentum)
+    assert np.any(list(rec["layers"][0]["params"]["W"]["state_before"].values())) == (opt_kind not in ("sgd", "sgd_wd"))
     text, md = render_text(rec), render_markdown(rec)
     balanced_displays(md)
-    assert RULES[opt_kind] in text
+    assert RULES[opt_kind] in " ".join(text.split())  # a long formula wraps onto the next line
     within_a_terminal(text)
     assert {"SoftmaxCrossEntropy": "delta^L = y^D - y^L", "MSELoss": "delta^L = y^D - y^L (no output activation",
             "MAELoss": "delta^L = sign(y^D - y^L)"}[loss_cls.__name__] in text
 
 
 # the update rule each optimizer's text prints for W^1, and what it claims of the numbers (Delta = -alpha grad)
+ADAM = "alpha / (1 - beta1^t) m(W^1) / (sqrt(v(W^1)) / sqrt(1 - beta2^t) + epsilon)"
 RULES = {"sgd": "W^1 (new) = W^1 + Delta W^1", "sgd_wd": "W^1 (new) = W^1 + Delta W^1 - alpha lambda W^1",
-         "momentum": "W^1 (new) = W^1 - v(W^1)", "nesterov": "W^1 (new) = W^1 - gamma v(W^1) + Delta W^1"}
+         "momentum": "W^1 (new) = W^1 - v(W^1)", "nesterov": "W^1 (new) = W^1 - gamma v(W^1) + Delta W^1",
+         "adam": f"W^1 (new) = W^1 - {ADAM}", "adamw": f"W^1 (new) = (1 - alpha lambda) W^1 - {ADAM}",
+         "rmsprop": "W^1 (new) = W^1 - alpha g / (sqrt(v(W^1)) + epsilon)",
+         "rmsprop_centered_momentum": "buf(W^1) = mu buf(W^1) + g / (sqrt(v(W^1) - gbar(W^1)^2) + epsilon)"}
 
 
 def check_update_line(kind, p, tol):
     """One parameter's record against the printed rule: SGD (lr 0.3, weight decay 0.01 for sgd_wd), momentum
     (lr 0.1, gamma 0.9) and Nesterov (lr 0.1, gamma 0.8), as make_opt builds them; float64 arithmetic."""
+    if kind.startswith(("adam", "rmsprop")):
+        return check_adaptive_line(kind, p, tol)
     before, delta = p["before"].astype(np.float64), p["correction"].astype(np.float64)
     lr, gamma = (0.3, None) if kind.startswith("sgd") else (0.1, 0.9 if kind == "momentum" else 0.8)
     np.testing.assert_allclose(delta, -lr * p["grad"].astype(np.float64), **tol)
     if gamma is None:
         want = before + delta - (lr * 0.01 * before if kind == "sgd_wd" else 0)
     else:
-        v = gamma * p["velocity_before"].astype(np.float64) - delta  # v = gamma v - Delta
-        np.testing.assert_allclose(p["velocity"], v, **tol)
+        v = gamma * p["state_before"]["velocities"].astype(np.float64) - delta  # v = gamma v - Delta
+        np.testing.assert_allclose(p["state"]["velocities"], v, **tol)
         want = before - v if kind == "momentum" else before - gamma * v + delta
+    np.testing.assert_allclose(p["after"], want, **tol)
+
+
+def check_adaptive_line(kind, p, tol):
+    """Adam, AdamW and RMSprop as the text prints them (PyTorch's definitions, torch.optim's docs), in NumPy
+    float64 from the recorded state before, with make_opt's settings; t is the step count the record shows."""
+    f = {k: v.astype(np.float64) for k, v in p.items() if isinstance(v, np.ndarray)}
+    s0 = {k: v.astype(np.float64) for k, v in p["state_before"].items()}
+    w, delta = f["before"], f["correction"]
+    if kind.startswith("adam"):
+        lr, (b1, b2), eps, wd = (0.01, (0.8, 0.9), 1e-3, 0.1) if kind == "adam" else (0.01, (0.9, 0.999), 1e-8, 0.5)
+        g = -delta / lr + (wd * w if kind == "adam" else 0)
+        m, v = b1 * s0["m"] + (1 - b1) * g, b2 * s0["v"] + (1 - b2) * g * g
+        t = 1 if not s0["m"].any() else 2  # the test takes two steps
+        start = w if kind == "adam" else (1 - lr * wd) * w
+        want = start - lr / (1 - b1 ** t) * m / (np.sqrt(v) / np.sqrt(1 - b2 ** t) + eps)
+        np.testing.assert_allclose(p["state"]["m"], m, **tol)
+        np.testing.assert_allclose(p["state"]["v"], v, **tol)
+    else:
+        lr, rho, eps = 0.01, 0.9, 1e-3
+        g = -delta / lr + (0.1 * w if kind != "rmsprop" else 0)
+        v = rho * s0["v"] + (1 - rho) * g * g
+        np.testing.assert_allclose(p["state"]["v"], v, **tol)
+        if kind == "rmsprop":
+            want = w - lr * g / (np.sqrt(v) + eps)
+        else:
+            gbar = rho * s0["grad_avg"] + (1 - rho) * g
+            buf = 0.5 * s0["buffer"] + g / (np.sqrt(v - gbar * gbar) + eps)
+            np.testing.assert_allclose(p["state"]["buffer"], buf, **tol)
+            want = w - lr * buf
     np.testing.assert_allclose(p["after"], want, **tol)
 
 
@@ -217,8 +262,8 @@ def test_json_schema_and_exact_float32_values():
     assert [l["type"] for l in doc["layers"]] == ["Linear", "Sigmoid", "Linear"]
     assert set(doc["layers"][0]) == {"index", "type", "name", "input", "output", "grad_output", "grad_input",
                                      "derivative", "params"}
-    assert set(doc["layers"][0]["params"]["W"]) == {"before", "grad", "correction", "after", "change", "velocity_before",
-                                                    "velocity"}
+    assert set(doc["layers"][0]["params"]["W"]) == {"before", "grad", "correction", "after", "change", "state_before",
+                                                    "state"}
     assert [s["layers"] for s in doc["stages"]] == [[0, 1], [2]] and doc["stages"][0]["activations"] == ["Sigmoid"]
     assert doc["target"] == [1] and doc["y_D"] == [[0.0, 1.0]]
     # every float reads back as the very float32 the library held
@@ -496,6 +541,18 @@ def test_cli_every_option_against_the_api(capsys):
     assert json.loads(other)["layers"][0]["params"]["W"]["before"] != doc["layers"][0]["params"]["W"]["before"]
 
 
+@pytest.mark.parametrize("kind, cls", [("adam", gn.Adam), ("adamw", gn.AdamW), ("rmsprop", gn.RMSprop)])
+def test_cli_adaptive_optimizers_use_their_own_defaults(kind, cls, capsys):
+    rc, out, err = run_main(["--optimizer", kind, "--json"], capsys)
+    assert rc == 0, err
+    net = build_network(weights=MAZUR)
+    rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), cls(net.parameters()), X, [0.01, 0.99])
+    assert json.loads(out) == to_json(rec)  # the library's lr (1e-3, 1e-2), not the example's 0.5
+    rc, out, err = run_main(["--optimizer", kind, "--lr", 0.25, "--format", "markdown"], capsys)
+    assert rc == 0, err
+    assert "alpha = 0.25" in out and r"\sqrt{v(W^{1})" in out
+
+
 def test_cli_mae_sgd_class_target_and_markdown(capsys):
     rc, out, err = run_main(["--sizes", 2, 3, "--loss", "mae", "--input", 1, 1, "--target", 2, "--json"], capsys)
     assert rc == 0, err
@@ -561,6 +618,7 @@ BAD = [  # arguments, the one-line message
     (["--weights", "SHORT_B", "--input", 1, 2, "--target", 0], "--weights: layers[0].b: expected 2 values"),
     (["--sizes", 2, 2, 2, "--activation", "relu", "tanh", "--input", 1, 2, "--target", 0], "--activation: expected one name"),
     (["--optimizer", "sgd", "--momentum", 0.5, "--input", 1, 2, "--target", 0], "--momentum: only used with --optimizer momentum"),
+    (["--optimizer", "adam", "--momentum", 0.5], "--momentum: only used with --optimizer momentum"),
     (["--json", "--format", "markdown", "--input", 1, 2, "--target", 0], "--json: prints JSON"),
     (["--model", "/nonexistent/model.npz", "--input", 1, 2], "model file not found: /nonexistent/model.npz"),
     (["--model", "MODEL", "--sizes", 784, 10, "--input", 1, 2], "--sizes: not used with --model"),
