@@ -1,4 +1,4 @@
-"""The ``gpunet`` command: train, evaluate, predict, explain, serve, info. A thin face: flags in, printing out;
+"""The ``gpunet`` command: train, evaluate, predict, explain, serve, export, info. A thin face: flags in, printing out;
 the work lives in the library (``recipe.train`` for a training run, ``explain.explain_step`` for one step).
 
 A user mistake (missing folder, bad flag value, unreadable model file) prints one line and exits with
@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     v.add_argument("--port", type=non_negative_int, default=8000, help="port (default: 8000; 0 picks a free one)")
     v.add_argument("--device", default=None, help="cpu, gpu or auto")
+
+    o = sub.add_parser("export", help="write a model as an ONNX file, for ONNX Runtime and other runtimes")
+    o.add_argument("model", help="model file written by gpunet train")
+    o.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write")
+    o.add_argument("--task", choices=("classifier", "regressor"), default=None, help="classifier: outputs probabilities and label; regressor: output (default: what the model file says it was trained for)")
+    o.add_argument("--inputs", metavar="TEXT", help="what the inputs are, for the file's metadata (default: pixel / 255 for image models)")
 
     x = sub.add_parser("explain", help="one training step of a small network, formula by formula, in the course notes' notation (no flags: the classic 2-2-2 example worked by hand)")
     x.add_argument("--sizes", type=positive_int, nargs="+", metavar="N", help="layer sizes, inputs to outputs, weights drawn from --seed (default: the example's 2-2-2, or those of --weights)")
@@ -279,26 +285,38 @@ def cmd_evaluate(args):
 def cmd_predict(args):
     net = _load_model(args.model, args.device)
     size = image_size(net.in_features)  # from the model file: a model trained on other IDX sizes works too
-    names, batches, notes = [], [], []
-    for f in args.files:
-        x, warnings = load_image_file(f, size)
+    names, batches, notes, rows = [], [], [], []
+    for f in args.files:  # a file that cannot be read is named; the others are still predicted
+        try:
+            x, warnings = load_image_file(f, size)
+        except (DataError, OSError, ValueError) as exc:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            rows.append({"file": f, "error": message if f in message else f"{f}: {message}"})
+            print(f"gpunet predict: error: {rows[-1]['error']}", file=sys.stderr, flush=True)
+            continue
         batches.append(x)
         names += [f] if len(x) == 1 else [f"{f}[{i}]" for i in range(len(x))]
         notes += [warnings] * len(x)
-    x = np.concatenate(batches).astype(net.dtype, copy=False)
-    saved = _save_inputs(args.save_inputs, names, x, size) if args.save_inputs else [None] * len(x)
-    probs = backend.to_numpy(predict_proba(net, x))
-    rows = [{"file": n, **prediction(p, w), **({"input": str(path)} if path else {})}
-            for n, p, w, path in zip(names, probs, notes, saved)]
+        rows += [None] * len(x)  # filled below, in the order of the files
+    if batches:
+        x = np.concatenate(batches)
+        saved = _save_inputs(args.save_inputs, names, x, size) if args.save_inputs else [None] * len(x)
+        probs = iter(backend.to_numpy(predict_proba(net, x)))
+        done = iter([{"file": n, **prediction(next(probs), w), **({"input": str(path)} if path else {})}
+                     for n, w, path in zip(names, notes, saved)])
+        rows = [r if r is not None else next(done) for r in rows]
+    failed = any("error" in r for r in rows)
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
+        return 1 if failed else 0
     for r in rows:
+        if "error" in r:
+            continue
         alts = ", ".join(f"{t['digit']}: {t['probability']:.3f}" for t in r["top3"])
         print(f"{r['file']}: {r['digit']}  ({alts})")
         for w in r["warnings"]:
             print(f"gpunet predict: warning: {r['file']}: {w}", file=sys.stderr)
-    return 0
+    return 1 if failed else 0
 
 
 def _save_inputs(folder, names, x, size):
@@ -328,6 +346,23 @@ def cmd_serve(args):
 
     net = _load_model(args.model, args.device)
     return serve.run(net, host=args.host, port=args.port, name=Path(args.model).name)
+
+
+def cmd_export(args):
+    from .onnx_export import to_onnx  # the onnx package is optional: loaded only for this command
+
+    net = _load_model(args.model, "cpu")
+    rows, cols = image_size(net.in_features)
+    inputs = args.inputs or (f"pixel / 255: float32 in [0, 1], a {rows}x{cols} grey image row by row, white "
+                             f"digit on black as in MNIST" if rows > 1 else None)
+    try:
+        model = to_onnx(net, args.out, task=args.task, inputs=inputs)
+    except ImportError as exc:
+        raise UserError(str(exc)) from None
+    outputs = " and ".join(f"'{o.name}' [batch{', ' + str(net.out_features) if o.name != 'label' else ''}]"
+                           for o in model.graph.output)
+    print(f"wrote {args.out}: ONNX opset 17, input 'input' [batch, {net.in_features}] float32, outputs {outputs}")
+    return 0
 
 
 def _flag(call, *args, **kwargs):
@@ -460,7 +495,7 @@ def cmd_info(args):
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
-            "info": cmd_info, "serve": cmd_serve}
+            "info": cmd_info, "serve": cmd_serve, "export": cmd_export}
 
 
 def main(argv=None) -> int:
@@ -469,7 +504,11 @@ def main(argv=None) -> int:
     args.argv = argv
     where = f" (rank {parallel.launched_rank()})" if parallel.launched_size() > 1 else ""
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not at exit
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
     except KeyboardInterrupt:
         print(f"gpunet: interrupted{where}", file=sys.stderr)
         return _end(130)
@@ -483,6 +522,18 @@ def main(argv=None) -> int:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"gpunet {args.command}{where}: error: {message}", file=sys.stderr, flush=True)
         return _end(2)
+
+
+def _closed_pipe() -> int:
+    """The reader of our output went away (``gpunet evaluate MODEL --json | head -3``): end quietly, with
+    the status of a process that SIGPIPE ended (128 + 13), as ``head``'s other writers do. Later writes
+    (Python's own flush at exit) go to /dev/null, so nothing is printed about it."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a file descriptor (an embedding program's)
+        pass
+    return 128 + signal.SIGPIPE
 
 
 def _end(code: int) -> int:
