@@ -113,6 +113,7 @@ class Run:
         step = (fast and fast_path.select(net, loss, optimizer, self.y, self.comm is not None)) or \
             core_step(net, loss, optimizer)
         self._take_step = _stepper(step, optimizer, interrupt, self.comm)
+        self._step_sums = getattr(step, "sums_in_kernel", False) and step  # a GPU fused step sums itself
         xp = get_array_module(net.parameters()[0].data)
         self._xb = xp.empty((self.batch_size,) + self.x.shape[1:], dtype=self.x.dtype)
         self._yb = xp.empty((self.batch_size,) + self.y.shape[1:], dtype=self.y.dtype)
@@ -148,7 +149,7 @@ class Run:
             for transform in transforms:
                 xb = transform(self, xb)
             value, out, stop = self._take_step(xb, yb, rows, batch_rows)
-            if value is not None:
+            if value is not None and not self._step_sums:
                 self.loss_sum += value * rows
                 if classify:
                     self.correct += (out.argmax(axis=1) == yb).sum()
@@ -165,6 +166,8 @@ class Run:
         xp, p = get_array_module(self.y), self._partial if self.step else None
         self.loss_sum = xp.asarray(p["loss_sum"] if p else 0.0, dtype=np.float64)
         self.correct = xp.asarray(p["correct"] if p else 0, dtype=np.int64)
+        if self._step_sums:
+            self._step_sums.use_sums(self.loss_sum, self.correct)
         self._clock = time.perf_counter() - (p["seconds"] if p else 0.0)  # seconds of the epoch before a resume
 
     def _batch(self, order, b):
