@@ -20,6 +20,7 @@ import numpy as np
 
 from . import __version__, backend, explain, explain_inputs, explain_render, fast, parallel, recipe
 from .backend import DeviceError
+from .callbacks import epoch_line
 from .batches import Pixels
 from .data import DataError, default_data_dir
 from .images import image_size, load_image_file, load_images
@@ -184,11 +185,7 @@ def _progress(total_epochs):
         if state["bar"] is not None:
             state["bar"].close()
             state["bar"] = None
-        line = (f"epoch {rec['epoch']:>3}/{total_epochs}  loss {rec['loss']:.4f}  acc {rec['accuracy']:.4f}")
-        if rec["val_loss"] is not None:
-            line += f"  val_loss {rec['val_loss']:.4f}  val_acc {rec['val_accuracy']:.4f}"
-        line += f"  lr {rec['lr']:.4g}  {rec['seconds']:.2f}s"
-        print(line, flush=True)
+        print(epoch_line(rec, total_epochs), flush=True)
 
     return on_batch, on_epoch
 
