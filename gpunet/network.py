@@ -166,6 +166,13 @@ class Sequential(Layer):
                 "classifies": self.classifies}
         write_npz(path, self.state_dict(), "__gpunet__", meta)
 
+    def to_onnx(self, path=None, **options):
+        """This network as an ONNX model (see :func:`gpunet.onnx_export.to_onnx` for ``options``: ``task``,
+        ``inputs``, ``classes``, ``metadata``), written to ``path`` when given; needs the ``onnx`` extra."""
+        from .onnx_export import to_onnx  # the onnx package is optional: loaded only when asked for
+
+        return to_onnx(self, path, **options)
+
 
 class _Held:
     """A buffer seen as a parameter is (``.data``), so that one loop loads both."""

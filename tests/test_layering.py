@@ -18,7 +18,8 @@ CORE = {"layers", "losses", "optimizers", "network"}
 ALLOWED = {
     "backend": set(), "files": set(), "schedules": set(), "plots": {"files"},
     "layers": {"backend"}, "losses": {"backend"}, "optimizers": {"backend"},
-    "network": {"backend", "layers", "files"},
+    "network": {"backend", "layers", "files", "onnx_export"},  # to_onnx, loaded when called
+    "onnx_export": {"__init__", "backend", "layers", "files", "training"},
     "gradcheck": {"backend"}, "metrics": {"backend"},
     "idx": {"files"}, "data": {"idx"},
     "fast": {"backend", "layers", "losses", "optimizers"},
