@@ -20,11 +20,14 @@ first reason given wins. The run's attributes (``net``, ``optimizer``, ``history
 ``step``, ``epochs``, ``steps``) are the callbacks' to read.
 
 The callbacks behind ``fit``'s keywords live here too: :class:`Schedule`, :class:`DivergenceGuard`,
-:class:`EarlyStopping`, :class:`TargetLoss`, :class:`Checkpoint`, :class:`EpochEnd` and :class:`BatchEnd`.
+:class:`EarlyStopping`, :class:`TargetLoss`, :class:`Checkpoint`, :class:`EpochEnd`, :class:`BatchEnd` and
+:class:`Progress` (``fit(verbose=...)``).
 """
 from __future__ import annotations
 
 import math
+import sys
+import time
 
 from . import checkpoint
 from .backend import to_numpy
@@ -208,3 +211,53 @@ class Checkpoint(Callback):
         record, arrays = checkpoint.load(self.path)
         run.load_state_dict(record, arrays, self.path)
         return record
+
+
+def epoch_line(record: dict, epochs: int) -> str:
+    """One epoch's record in one line: ``epoch   3/20  loss 0.1234  acc 0.9600  val_loss ...  lr 0.05  1.72s``
+    (no accuracy for a regression run)."""
+    line = f"epoch {record['epoch']:>3}/{epochs}  loss {record['loss']:.4f}"
+    if record.get("accuracy") is not None:
+        line += f"  acc {record['accuracy']:.4f}"
+    if record.get("val_loss") is not None:
+        line += f"  val_loss {record['val_loss']:.4f}"
+        if record.get("val_accuracy") is not None:
+            line += f"  val_acc {record['val_accuracy']:.4f}"
+    return line + f"  lr {record['lr']:.4g}  {record['seconds']:.2f}s"
+
+
+VERBOSE = {0: "silent", 1: "a progress bar", 2: "one line per epoch"}
+
+
+class Progress(Callback):
+    """What ``fit(verbose=...)`` prints, as Keras does: 1 a progress bar over each epoch's batches (redrawn
+    at most ``refresh`` times a second) ended by the epoch's line, 2 only the line (:func:`epoch_line`).
+    Rank 0 alone prints in a distributed run. Written to ``file`` (default: standard output)."""
+
+    WIDTH = 30
+
+    def __init__(self, verbose: int = 1, file=None, refresh: float = 10.0):
+        if verbose not in (1, 2):
+            raise ValueError(f"verbose: expected one of {sorted(VERBOSE)} (0 {VERBOSE[0]}, 1 {VERBOSE[1]}, "
+                             f"2 {VERBOSE[2]}), got {verbose!r}")
+        self.verbose, self.file, self.every = int(verbose), file, 1.0 / refresh
+        self._shown = 0.0
+
+    def _write(self, run, text: str) -> None:
+        if run.rank == 0:
+            out = self.file or sys.stdout
+            out.write(text)
+            out.flush()
+
+    def on_batch_end(self, run, epoch, step, steps):
+        now = time.monotonic()
+        if self.verbose != 1 or (step < steps and now - self._shown < self.every):
+            return
+        self._shown = now
+        done = self.WIDTH * step // steps
+        bar = "=" * done + (">" if done < self.WIDTH else "") + "." * (self.WIDTH - done - 1)
+        self._write(run, f"\repoch {epoch + 1}/{run.epochs} [{bar[:self.WIDTH]}] {step}/{steps}")
+
+    def on_epoch_end(self, run, record):
+        end = "\r" + " " * (self.WIDTH + 40) + "\r" if self.verbose == 1 else ""  # the bar gives way to the line
+        self._write(run, end + epoch_line(record, run.epochs) + "\n")

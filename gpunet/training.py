@@ -264,7 +264,8 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
         seed: int | None = 0, target_loss: float | None = None, patience: int | None = None,
         min_delta: float = 0.0, schedule=None, callback=None, on_batch=None, eval_batch_size: int = 4096,
         fast: bool = True, checkpoint_path=None, resume: bool = False, checkpoint_every: int = 1,
-        interrupt=None, run_info: dict | None = None, comm=None, callbacks=(), augment=None) -> History:
+        interrupt=None, run_info: dict | None = None, comm=None, callbacks=(), augment=None,
+        verbose: int = 0) -> History:
     """Train ``net`` on ``x`` (N, features) float array or ``Pixels``, and ``y`` (N,) int labels or
     (N, outputs) float targets.
 
@@ -275,6 +276,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     done, total)`` after each batch (no device sync). ``callbacks``: objects with any of the hooks of
     :mod:`gpunet.callbacks` (called after those the keywords make, before early stopping, the target loss
     and the checkpoint); ``augment``: one more, whose ``transform_batch(run, xb)`` changes each training batch.
+    ``verbose`` as in Keras: 0 silent, 1 a progress bar per epoch, 2 one line per epoch (:class:`Progress`).
 
     Long runs: ``checkpoint_path`` receives a checkpoint every ``checkpoint_every`` epochs and at the end;
     ``resume=True`` continues from it exactly (bit for bit on the same device); ``interrupt()``, checked
@@ -291,6 +293,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     yourself to see them, or pass ``fast=False``.
     """
     _check_fit(epochs, patience, validation, resume, checkpoint_path)
+    shown = [cbs.Progress(verbose)] if verbose != 0 else []  # refuses what is not 0, 1 or 2, before any work
     net.classifies = loss.classifies  # what predict returns and model files record
     data = _dataset(x, y, net, loss.classifies)
     if validation is not None:
@@ -298,7 +301,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     saver = cbs.Checkpoint(checkpoint_path, checkpoint_every, run_info) if checkpoint_path is not None else None
     run = Run(net, loss, optimizer, data, validation=validation, batch_size=batch_size, shuffle=shuffle, seed=seed,
               eval_batch_size=eval_batch_size, fast=fast, interrupt=interrupt, comm=comm,
-              callbacks=[*_keyword_callbacks(schedule, callback, on_batch), *callbacks,
+              callbacks=[*_keyword_callbacks(schedule, callback, on_batch), *shown, *callbacks,
                          *([augment] if augment is not None else []),
                          *([cbs.EarlyStopping(patience, min_delta)] if patience is not None else []),
                          *([cbs.TargetLoss(target_loss)] if target_loss is not None else []),
