@@ -270,11 +270,11 @@ def _batch_norm(r, layer, arg, S):
     """BatchNorm's forward lines: its scale and shift, then u^s (over the batch, or the running statistics)."""
     p, eps = layer["params"], _num(layer["config"]["eps"], 6)
     if r["training"]:
-        u = f"scale^{S} * ({arg} - mean_n {arg}) / sqrt(var_n {arg} + epsilon) + shift^{S}"
-        note = f"BatchNorm, epsilon = {eps}: the batch's mean and biased variance"
+        u = f"scale^{S} * ({arg} - mean_n {arg}) / sqrt(var_n {arg} + epsilon_BN) + shift^{S}"
+        note = f"BatchNorm, `epsilon_BN = {eps}`: the batch's mean and biased variance"
     else:
-        u = f"scale^{S} * ({arg} - mean_run^{S}) / sqrt(var_run^{S} + epsilon) + shift^{S}"
-        note = f"BatchNorm in eval mode, epsilon = {eps}: the running mean and variance"
+        u = f"scale^{S} * ({arg} - mean_run^{S}) / sqrt(var_run^{S} + epsilon_BN) + shift^{S}"
+        note = f"BatchNorm in eval mode, `epsilon_BN = {eps}`: the running mean and variance"
     return [("eq", f"scale^{S}", "BatchNorm's gamma", p["gamma"]["before"]),
             ("eq", f"shift^{S}", "BatchNorm's beta", p["beta"]["before"]),
             ("eq", f"u^{S} = {u}", note, layer["output"])]
@@ -419,9 +419,9 @@ def _hidden_delta(r, st, S, derivatives, arg):
         rule = (f"scale^{S} / sigma^{S} * (delta_u^{S} - mean_n delta_u^{S} - xhat^{S} * mean_n (delta_u^{S} "
                 f"* xhat^{S}))")
         note = (f"BatchNorm: `xhat^{S} = (z^{S} - mean_n z^{S}) / sigma^{S}`, "
-                f"`sigma^{S} = sqrt(var_n z^{S} + epsilon)`")
+                f"`sigma^{S} = sqrt(var_n z^{S} + epsilon_BN)`")
     else:
-        rule, note = f"scale^{S} / sigma^{S} * delta_u^{S}", f"eval mode: `sigma^{S} = sqrt(var_run^{S} + epsilon)`"
+        rule, note = f"scale^{S} / sigma^{S} * delta_u^{S}", f"eval mode: `sigma^{S} = sqrt(var_run^{S} + epsilon_BN)`"
     p = bn["params"]
     return out + [("eq", f"delta^{S} = {rule}", note, st["delta"]),
                   ("eq", f"Delta scale^{S} = (alpha/c) sum_n delta_u^{S} * xhat^{S}", None, p["gamma"]["correction"]),
@@ -487,7 +487,7 @@ def _momentum(sym, p, opt):
     v, decay = f"v({sym})", opt["weight_decay"]
     wd = f" - alpha lambda {sym}" if decay else ""
     out = [("eq", f"{v} = gamma {v} - Delta {sym}" + (f" + alpha lambda {sym}" if decay else ""),
-            f"{v} before: {_brief(p['state_before']['velocities'])}", p["state"]["velocities"])]
+            f"`{v}` before: {_brief(p['state_before']['velocities'])}", p["state"]["velocities"])]
     if opt["nesterov"]:
         out.append(("eq", f"{sym} (new) = {sym} - gamma {v} + Delta {sym}{wd}", "Nesterov", p["after"]))
     else:
@@ -499,7 +499,7 @@ def _gradient(sym, p, opt, coupled=True):
     """The gradient g that Adam and RMSprop use: the library's dC/dw = -Delta w / alpha (plus L2 decay)."""
     decay = opt["weight_decay"] if coupled else 0.0
     g = p["grad"] + p["grad"].dtype.type(decay) * p["before"] if decay else p["grad"]
-    return ("eq", f"g = -Delta {sym} / alpha" + (f" + lambda {sym}" if decay else ""), "dC/dw", g)
+    return ("eq", f"g = -Delta {sym} / alpha" + (f" + lambda {sym}" if decay else ""), "`dC/dw`", g)
 
 
 def _adam(sym, p, opt):
@@ -508,9 +508,9 @@ def _adam(sym, p, opt):
     adamw = opt["type"] == "AdamW"
     start = f"(1 - alpha lambda) {sym}" if adamw and opt["weight_decay"] else sym
     return [_gradient(sym, p, opt, coupled=not adamw),
-            ("eq", f"{m} = beta1 {m} + (1 - beta1) g", f"{m} before: {_brief(p['state_before']['m'])}",
+            ("eq", f"{m} = beta1 {m} + (1 - beta1) g", f"`{m}` before: {_brief(p['state_before']['m'])}",
              p["state"]["m"]),
-            ("eq", f"{v} = beta2 {v} + (1 - beta2) g^2", f"{v} before: {_brief(p['state_before']['v'])}",
+            ("eq", f"{v} = beta2 {v} + (1 - beta2) g^2", f"`{v}` before: {_brief(p['state_before']['v'])}",
              p["state"]["v"]),
             ("eq", f"{sym} (new) = {start} - alpha / (1 - beta1^t) {m} / (sqrt({v}) / sqrt(1 - beta2^t) + "
                    "epsilon)", None, p["after"])]
@@ -520,7 +520,7 @@ def _rmsprop(sym, p, opt):
     """RMSprop's mean square (centered: minus the mean gradient squared) and step, with its momentum."""
     v, gbar, buf = f"v({sym})", f"gbar({sym})", f"buf({sym})"
     out = [_gradient(sym, p, opt),
-           ("eq", f"{v} = rho {v} + (1 - rho) g^2", f"{v} before: {_brief(p['state_before']['v'])}",
+           ("eq", f"{v} = rho {v} + (1 - rho) g^2", f"`{v}` before: {_brief(p['state_before']['v'])}",
             p["state"]["v"])]
     root = f"sqrt({v})"
     if opt["centered"]:

@@ -295,13 +295,13 @@ def test_batch_norm_step_as_printed(training):
             np.testing.assert_allclose(bn["buffers"]["running_mean"], 0.1 * z.mean(axis=0), **loose)
             np.testing.assert_allclose(bn["buffers"]["running_var"], 0.9 + 0.1 * z.var(axis=0, ddof=1), **loose)
     text = render_text(rec)
-    phrases = ["u^1 = scale^1 * (z^1 - mean_n z^1) / sqrt(var_n z^1 + epsilon) + shift^1",
+    phrases = ["u^1 = scale^1 * (z^1 - mean_n z^1) / sqrt(var_n z^1 + epsilon_BN) + shift^1",
                "delta_u^1 = f'(u^1) * sum_k delta_k^2 w_jk^2", "f'(u^1) = [u^1 > 0] (ReLU)",
                "Delta scale^2 = (alpha/c) sum_n delta_u^2 * xhat^2",
                "delta^1 = scale^1 / sigma^1 * (delta_u^1 - mean_n delta_u^1 - xhat^1 * mean_n (delta_u^1 * xhat^1))",
                "mean_run^2 (new) = (1 - 0.1) mean_run^2 + 0.1 mean_n z^2"]
     if not training:
-        phrases = ["u^1 = scale^1 * (z^1 - mean_run^1) / sqrt(var_run^1 + epsilon) + shift^1",
+        phrases = ["u^1 = scale^1 * (z^1 - mean_run^1) / sqrt(var_run^1 + epsilon_BN) + shift^1",
                    "delta^1 = scale^1 / sigma^1 * delta_u^1", "scale^1 (new) = scale^1 + Delta scale^1"]
     flat = " ".join(text.split())
     for phrase in phrases:

@@ -27,7 +27,7 @@ ALLOWED = {
     "batches": {"backend", "fast", "inputs"},
     "augment": {"backend", "fast"},
     "checkpoint": {"files"},
-    "callbacks": {"checkpoint"},
+    "callbacks": {"backend", "checkpoint"},
     "training": {"backend", "fast", "batches", "callbacks", "inputs", "losses", "metrics", "checkpoint", "parallel"},
     "parallel": {"backend"},
     "explain": {"backend", "files", "layers", "losses", "optimizers"},
