@@ -151,3 +151,34 @@ def test_training_copies_no_weights_to_the_host(fake_gpu):
     fit(net, gn.SoftmaxCrossEntropy(), gn.Momentum(net.parameters(), lr=0.05), Pixels(x), y, epochs=3,
         batch_size=128)
     assert all(shape == () for shape in fake_gpu.counter.downloads), fake_gpu.counter.downloads
+
+
+class OneRank:
+    """A communicator of one rank: the all-reduce of one rank is the identity."""
+
+    rank, size = 0, 1
+
+    def allreduce(self, buf):
+        pass
+
+
+def stop_answers(params, asked_at, steps=5):
+    from gpunet.parallel import GradientSum
+
+    gradient_sum = GradientSum(OneRank(), params)
+    return [gradient_sum(4, 4, step == asked_at) for step in range(steps)]
+
+
+def test_a_gpu_rank_reads_the_stop_flag_one_step_late(fake_gpu):
+    """On a GPU the all-reduce's stop flag is copied to pinned memory and read one step later (reading it
+    at once would make the host wait for the all-reduce every step); on the CPU it is read at once."""
+    net = gn.mlp([3, 2], seed=0, device="gpu")
+    for p in net.parameters():
+        p.grad[...] = 1
+    fake_gpu.counter.downloads.clear()
+    assert stop_answers(net.parameters(), asked_at=2) == [False, False, False, True, False]
+    assert fake_gpu.counter.downloads == [(1,)] * 5  # one flag a step, into pinned memory
+    cpu = gn.mlp([3, 2], seed=0, device="cpu")
+    for p in cpu.parameters():
+        p.grad[...] = 1
+    assert stop_answers(cpu.parameters(), asked_at=2) == [False, False, True, False, False]
