@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import device_of, get_array_module, to_device, to_numpy
+from .backend import device_of, get_array_module, on_device_of_net, to_device, to_numpy
 from .files import strict
 from .layers import BatchNorm, Dropout, Linear, ReLU, Sigmoid, Softmax, Tanh
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
@@ -71,6 +71,7 @@ def _host(a):
     return to_numpy(a).copy()
 
 
+@on_device_of_net
 def explain_step(net, loss, optimizer, x, y) -> dict:
     """Run one training step of ``net`` on ``(x, y)`` and return every quantity (see the module docstring).
 

@@ -26,7 +26,7 @@ ALLOWED = {
     "inputs": {"backend"},
     "batches": {"backend", "fast", "inputs"},
     "checkpoint": {"files"},
-    "callbacks": {"checkpoint"},
+    "callbacks": {"backend", "checkpoint"},
     "training": {"backend", "fast", "batches", "callbacks", "inputs", "losses", "metrics", "checkpoint", "parallel"},
     "parallel": {"backend"},
     "explain": {"backend", "files", "layers", "losses", "optimizers"},
