@@ -4,13 +4,14 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 from conftest import ROOT, make_fake_mnist
 
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
-STEPS = ("info", "pytest-gpu", "bench", "recipe", "smoke")
+STEPS = ("info", "warm", "pytest-gpu", "bench", "gpu-step", "recipe", "smoke")
 
 
 @pytest.mark.slow
@@ -20,14 +21,17 @@ def test_dry_run_runs_every_step_and_writes_the_results(tmp_path):
     data = make_fake_mnist(tmp_path / "mnist", n_train=600, n_test=200)
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("GPUNET_DEVICE", "GPUNET_REQUIRE_GPU", "OUT")}
-    env["TMPDIR"] = str(tmp_path)
+    env["TMPDIR"], env["PYTHON"] = str(tmp_path), sys.executable  # this test's Python, whatever PATH says
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(data), str(out)], capture_output=True, text=True,
                           env=env, timeout=600, cwd=tmp_path)
     log = (out / "session.log").read_text()
     assert proc.returncode == 0, proc.stdout[-3000:] + log[-3000:]
-    # at most 8 files come back from a lent machine; the session writes five
+    # at most 8 files come back from a lent machine; the session writes six
     assert sorted(p.name for p in out.iterdir()) == ["latest-cpu.json", "latest-cpu.md", "recipe-metrics.json",
-                                                     "session.log", "smoke-metrics.json"]
+                                                     "session.log", "smoke-metrics.json", "step-cpu.json"]
+    step = json.loads((out / "step-cpu.json").read_text())
+    assert step["device"]["device"] == "cpu" and sorted(step["steps"]) == ["dropout=0.0", "dropout=0.2"]
+    assert all(e["gpunet"]["host_ms"] > 0 and e["gpunet"]["repeat"] == 3 for e in step["steps"].values())
     assert "device cpu (dry run on the CPU)" in log
     for name in STEPS:
         assert f"=== {name}: exit 0 after" in log, name
