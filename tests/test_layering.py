@@ -33,7 +33,7 @@ ALLOWED = {
     "explain": {"backend", "files", "layers", "losses", "optimizers"},
     "explain_inputs": {"layers", "network"},
     "explain_render": {"explain"},
-    "recipe": {"__init__", "backend", "checkpoint", "fast", "files", "parallel", "plots", "batches", "data", "losses",
+    "recipe": {"__init__", "backend", "checkpoint", "fast", "files", "parallel", "plots", "batches", "data", "layers", "losses",
                "network", "optimizers", "schedules", "training"},
     "images": {"data"},
     "predictions": set(),
