@@ -20,6 +20,7 @@ import numpy as np
 
 from . import __version__, backend, explain, explain_inputs, explain_render, fast, parallel, recipe
 from .backend import DeviceError
+from .callbacks import epoch_line
 from .batches import Pixels
 from .data import DataError, default_data_dir
 from .images import image_size, load_image_file, load_images
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--sizes", type=positive_int, nargs="+", metavar="N", help="layer sizes, inputs to outputs, weights drawn from --seed (default: the example's 2-2-2, or those of --weights)")
     x.add_argument("--activation", nargs="+", choices=sorted(ACTIVATIONS), help="hidden activation, one or one per hidden layer (default: sigmoid)")
     x.add_argument("--output-activation", choices=explain_inputs.OUTPUT_ACTIVATIONS, help="an activation on the output layer, y^L = f(z^L), for --loss mse or mae (default: none, y^L = z^L)")
+    x.add_argument("--batch-norm", action="store_true", help="a BatchNorm between each hidden Linear and its activation (training mode: a batch of at least 2 instances)")
     x.add_argument("--loss", choices=("ce", "mse", "mae"), default="ce", help="softmax cross-entropy, mean squared or absolute error (default: ce)")
     x.add_argument("--optimizer", choices=tuple(EXPLAIN_OPTIMIZERS), default="sgd", help="default: sgd")
     x.add_argument("--lr", type=positive_float, default=None, help="learning rate alpha (default: 0.5 for sgd and momentum, the optimizer's own for the others)")
@@ -183,11 +185,7 @@ def _progress(total_epochs):
         if state["bar"] is not None:
             state["bar"].close()
             state["bar"] = None
-        line = (f"epoch {rec['epoch']:>3}/{total_epochs}  loss {rec['loss']:.4f}  acc {rec['accuracy']:.4f}")
-        if rec["val_loss"] is not None:
-            line += f"  val_loss {rec['val_loss']:.4f}  val_acc {rec['val_accuracy']:.4f}"
-        line += f"  lr {rec['lr']:.4g}  {rec['seconds']:.2f}s"
-        print(line, flush=True)
+        print(epoch_line(rec, total_epochs), flush=True)
 
     return on_batch, on_epoch
 
@@ -423,8 +421,8 @@ def _explain_flags(args):
         raise UserError("--output-activation: expected --loss mse or mae (cross-entropy applies softmax to z^L "
                         "itself), got --loss ce")
     if args.model:
-        given = [f for f in ("sizes", "weights", "activation", "output_activation", "seed")
-                 if getattr(args, f) is not None]
+        given = [f for f in ("sizes", "weights", "activation", "output_activation", "seed", "batch_norm")
+                 if getattr(args, f) not in (None, False)]
         if given:
             flag = given[0].replace("_", "-")
             raise UserError(f"--{flag}: not used with --model (the model file holds the network)")
@@ -438,6 +436,9 @@ def _explain_network(args, dtype, example):
         net = _load_model(args.model, "cpu").eval()
         for p in net.parameters():  # before any optimizer gathers them
             p.data, p.grad = p.data.astype(dtype), np.zeros(p.data.shape, dtype)
+        for layer in net.layers:  # BatchNorm's running statistics, in the same dtype
+            for name in getattr(layer, "buffer_names", ()):
+                setattr(layer, name, getattr(layer, name).astype(dtype))
         return net
     doc = explain_inputs.EXAMPLE["weights"] if example else None
     if args.weights:
@@ -449,7 +450,7 @@ def _explain_network(args, dtype, example):
             raise UserError(f"--weights: {args.weights} is not valid JSON ({exc})") from None
     acts = args.activation or [explain_inputs.EXAMPLE["activation"]]
     return _flag(explain_inputs.build_network, args.sizes, doc, acts[0] if len(acts) == 1 else acts,
-                 args.seed or 0, dtype, args.output_activation)
+                 args.seed or 0, dtype, args.output_activation, args.batch_norm)
 
 
 def _explain_input(args, net, example, dtype):
