@@ -14,7 +14,8 @@ is that of a float32 gather (it pays memory latency per row, not bytes: BENCHMAR
     (x, y), (x_test, y_test) = load_mnist(dtype=np.uint8)
     fit(net, loss, opt, Pixels(x), y, validation=(Pixels(x_test), y_test))
 
-``fit``, ``evaluate``, ``predict`` and ``predict_proba`` accept a ``Pixels`` wherever they accept features.
+``fit``, ``evaluate``, ``predict`` and ``predict_proba`` accept a ``Pixels`` wherever they accept features;
+any other features reach them through ``as_rows``, the front door (:mod:`gpunet.inputs`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from .backend import device_of, get_array_module, to_device
 from .fast import gather_scaled
+from .inputs import features
 
 
 class Pixels:
@@ -135,6 +137,18 @@ class Rows:
         return to_device(self.data, "cpu")
 
 
-def as_rows(x):
-    """``x`` itself if it is ``Rows`` or ``Pixels``, else a float array wrapped in ``Rows``."""
-    return x if isinstance(x, (Rows, Pixels)) else Rows(x)
+def as_rows(x, dtype=None, device: str | None = None, name: str = "x"):
+    """``x`` as ``Rows`` or ``Pixels`` of ``dtype`` on ``device`` (``None``: as they are; for other data,
+    the features' own floating dtype, else float32). ``Rows`` and ``Pixels`` already so are returned
+    themselves; anything else goes through the front door, :func:`gpunet.inputs.features`."""
+    if isinstance(x, Pixels):
+        x = x if dtype is None or x.dtype == np.dtype(dtype) else Pixels(x.raw, dtype)
+        return x if device is None else x.to(device)
+    if isinstance(x, Rows):
+        if (dtype is None or x.dtype == np.dtype(dtype)) and (device is None or x.device == device):
+            return x
+        x = x.data
+    kind = getattr(getattr(x, "dtype", None), "kind", None)
+    dtype = dtype if dtype is not None else (x.dtype if kind == "f" else np.float32)
+    device = device if device is not None else device_of(x)
+    return Rows(features(x, dtype, device, name))

@@ -1,4 +1,4 @@
-"""The ``gpunet`` command: train, evaluate, predict, explain, serve, info. A thin face: flags in, printing out;
+"""The ``gpunet`` command: train, evaluate, predict, explain, serve, export, info. A thin face: flags in, printing out;
 the work lives in the library (``recipe.train`` for a training run, ``explain.explain_step`` for one step).
 
 A user mistake (missing folder, bad flag value, unreadable model file) prints one line and exits with
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, backend, explain, fast, parallel, recipe
+from . import __version__, backend, explain, explain_inputs, explain_render, fast, parallel, recipe
 from .backend import DeviceError
+from .callbacks import epoch_line
 from .batches import Pixels
 from .data import DataError, default_data_dir
 from .images import image_size, load_image_file, load_images
@@ -27,7 +28,7 @@ from .layers import ACTIVATIONS, INITIALIZERS
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .metrics import format_report
 from .network import load
-from .optimizers import SGD, Momentum
+from .optimizers import SGD, Adam, AdamW, Momentum, RMSprop
 from .predictions import prediction
 from .recipe import TrainConfig, load_data, train
 from .schedules import SCHEDULES
@@ -85,10 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--activation", nargs="+", choices=sorted(ACTIVATIONS), default=["relu"], help="one activation, or one per hidden layer (default: relu)")
     t.add_argument("--epochs", type=positive_int, default=20, help="maximum number of epochs (default: 20)")
     t.add_argument("--batch-size", type=batch_size_arg, default=128, help="examples per step: 1 = online, 'full' = full batch (default: 128)")
-    t.add_argument("--lr", type=positive_float, default=0.05, help="learning rate (default: 0.05)")
-    t.add_argument("--momentum", type=unit_interval, default=0.9, help="momentum gamma, 0 for plain SGD (default: 0.9)")
-    t.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    t.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="L2 weight decay (default: 0)")
+    t.add_argument("--optimizer", choices=tuple(recipe.OPTIMIZER_SETTINGS), default="momentum", help="update rule (default: momentum)")
+    t.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: 0.05 for sgd and momentum, 0.001 for adam, adamw and rmsprop)")
+    t.add_argument("--momentum", type=unit_interval, default=None, help="momentum gamma for --optimizer momentum, 0 for plain SGD (default: 0.9); rmsprop's momentum (default: 0)")
+    t.add_argument("--nesterov", action="store_true", help="Nesterov momentum (--optimizer momentum)")
+    t.add_argument("--weight-decay", type=non_negative_float, default=None, help="L2 weight decay; adamw's decoupled decay (default: 0; adamw 0.01)")
+    t.add_argument("--beta1", type=unit_interval, default=None, help="adam/adamw: first-moment decay (default: 0.9)")
+    t.add_argument("--beta2", type=unit_interval, default=None, help="adam/adamw: second-moment decay (default: 0.999)")
+    t.add_argument("--eps", type=non_negative_float, default=None, help="adam/adamw/rmsprop: added to the denominator (default: 1e-8)")
+    t.add_argument("--alpha", type=unit_interval, default=None, help="rmsprop: decay of the squared-gradient average (default: 0.99)")
+    t.add_argument("--centered", action="store_true", help="rmsprop: divide by the gradient's variance, not its mean square")
+    t.add_argument("--batch-norm", action="store_true", help="batch normalisation after each hidden Linear, before its activation")
     t.add_argument("--dropout", type=unit_interval, default=0.2, help="dropout after each hidden layer (default: 0.2)")
     t.add_argument("--init", choices=INITIALIZERS, default=None, help="weight initialiser (default: he for relu, xavier otherwise)")
     t.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule (default: cosine)")
@@ -123,20 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=non_negative_int, default=8000, help="port (default: 8000; 0 picks a free one)")
     v.add_argument("--device", default=None, help="cpu, gpu or auto")
 
-    x = sub.add_parser("explain", help="one training step of a small network, formula by formula, in the course notes' notation")
-    x.add_argument("--sizes", type=positive_int, nargs="+", metavar="N", help="layer sizes, inputs to outputs (default: 2 2 2, or those of --weights)")
+    o = sub.add_parser("export", help="write a model as an ONNX file, for ONNX Runtime and other runtimes")
+    o.add_argument("model", help="model file written by gpunet train")
+    o.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write")
+    o.add_argument("--task", choices=("classifier", "regressor"), default=None, help="classifier: outputs probabilities and label; regressor: output (default: what the model file says it was trained for)")
+    o.add_argument("--inputs", metavar="TEXT", help="what the inputs are, for the file's metadata (default: pixel / 255 for image models)")
+
+    x = sub.add_parser("explain", help="one training step of a small network, formula by formula, in the course notes' notation (no flags: the classic 2-2-2 example worked by hand)")
+    x.add_argument("--sizes", type=positive_int, nargs="+", metavar="N", help="layer sizes, inputs to outputs, weights drawn from --seed (default: the example's 2-2-2, or those of --weights)")
     x.add_argument("--activation", nargs="+", choices=sorted(ACTIVATIONS), help="hidden activation, one or one per hidden layer (default: sigmoid)")
+    x.add_argument("--output-activation", choices=explain_inputs.OUTPUT_ACTIVATIONS, help="an activation on the output layer, y^L = f(z^L), for --loss mse or mae (default: none, y^L = z^L)")
+    x.add_argument("--batch-norm", action="store_true", help="a BatchNorm between each hidden Linear and its activation (training mode: a batch of at least 2 instances)")
     x.add_argument("--loss", choices=("ce", "mse", "mae"), default="ce", help="softmax cross-entropy, mean squared or absolute error (default: ce)")
-    x.add_argument("--optimizer", choices=("sgd", "momentum"), default="sgd", help="default: sgd")
-    x.add_argument("--lr", type=positive_float, default=0.5, help="learning rate alpha (default: 0.5)")
+    x.add_argument("--optimizer", choices=tuple(EXPLAIN_OPTIMIZERS), default="sgd", help="default: sgd")
+    x.add_argument("--lr", type=positive_float, default=None, help="learning rate alpha (default: 0.5 for sgd and momentum, the optimizer's own for the others)")
     x.add_argument("--momentum", type=unit_interval, default=None, help="gamma for --optimizer momentum (default: 0.9)")
-    x.add_argument("--input", type=finite_float, nargs="+", metavar="X", help="the instance x (several instances back to back make a batch)")
-    x.add_argument("--target", type=finite_float, nargs="+", metavar="T", help="a class per instance, or the desired outputs y^D (default with --model: the prediction)")
-    x.add_argument("--seed", type=int, default=0, help="seed for the starting weights (default: 0)")
+    x.add_argument("--input", type=finite_float, nargs="+", metavar="X", help="the instance x (several instances back to back make a batch; default with the example: 0.05 0.1)")
+    x.add_argument("--target", type=finite_float, nargs="+", metavar="T", help="a class per instance, or the desired outputs y^D (default: the example's 0.01 0.99; with --model: the prediction)")
+    x.add_argument("--seed", type=int, default=None, help="seed for the weights of --sizes (default: 0)")
     x.add_argument("--weights", metavar="FILE.json", help='starting weights: {"layers": [{"W": [[...], ...], "b": [...]}, ...]}, W (inputs, outputs)')
     x.add_argument("--model", help="a model file written by gpunet train (dropout off: the prediction's forward pass)")
     x.add_argument("--image", metavar="FILE", help="the input from an image or .npy file (as for gpunet predict)")
-    x.add_argument("--json", action="store_true", help="print every quantity as JSON (schema gpunet-explain/2)")
+    x.add_argument("--json", action="store_true", help="print every quantity as JSON (schema gpunet-explain/2; NaN is null)")
     x.add_argument("--format", choices=("text", "markdown"), default="text", help="text, or markdown with LaTeX (default: text)")
     x.add_argument("--float64", action="store_true", help="compute in float64, for hand checks to many digits")
 
@@ -169,11 +185,7 @@ def _progress(total_epochs):
         if state["bar"] is not None:
             state["bar"].close()
             state["bar"] = None
-        line = (f"epoch {rec['epoch']:>3}/{total_epochs}  loss {rec['loss']:.4f}  acc {rec['accuracy']:.4f}")
-        if rec["val_loss"] is not None:
-            line += f"  val_loss {rec['val_loss']:.4f}  val_acc {rec['val_accuracy']:.4f}"
-        line += f"  lr {rec['lr']:.4g}  {rec['seconds']:.2f}s"
-        print(line, flush=True)
+        print(epoch_line(rec, total_epochs), flush=True)
 
     return on_batch, on_epoch
 
@@ -271,26 +283,38 @@ def cmd_evaluate(args):
 def cmd_predict(args):
     net = _load_model(args.model, args.device)
     size = image_size(net.in_features)  # from the model file: a model trained on other IDX sizes works too
-    names, batches, notes = [], [], []
-    for f in args.files:
-        x, warnings = load_image_file(f, size)
+    names, batches, notes, rows = [], [], [], []
+    for f in args.files:  # a file that cannot be read is named; the others are still predicted
+        try:
+            x, warnings = load_image_file(f, size)
+        except (DataError, OSError, ValueError) as exc:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            rows.append({"file": f, "error": message if f in message else f"{f}: {message}"})
+            print(f"gpunet predict: error: {rows[-1]['error']}", file=sys.stderr, flush=True)
+            continue
         batches.append(x)
         names += [f] if len(x) == 1 else [f"{f}[{i}]" for i in range(len(x))]
         notes += [warnings] * len(x)
-    x = np.concatenate(batches).astype(net.dtype, copy=False)
-    saved = _save_inputs(args.save_inputs, names, x, size) if args.save_inputs else [None] * len(x)
-    probs = backend.to_numpy(predict_proba(net, x))
-    rows = [{"file": n, **prediction(p, w), **({"input": str(path)} if path else {})}
-            for n, p, w, path in zip(names, probs, notes, saved)]
+        rows += [None] * len(x)  # filled below, in the order of the files
+    if batches:
+        x = np.concatenate(batches)
+        saved = _save_inputs(args.save_inputs, names, x, size) if args.save_inputs else [None] * len(x)
+        probs = iter(backend.to_numpy(predict_proba(net, x)))
+        done = iter([{"file": n, **prediction(next(probs), w), **({"input": str(path)} if path else {})}
+                     for n, w, path in zip(names, notes, saved)])
+        rows = [r if r is not None else next(done) for r in rows]
+    failed = any("error" in r for r in rows)
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
+        return 1 if failed else 0
     for r in rows:
+        if "error" in r:
+            continue
         alts = ", ".join(f"{t['digit']}: {t['probability']:.3f}" for t in r["top3"])
         print(f"{r['file']}: {r['digit']}  ({alts})")
         for w in r["warnings"]:
             print(f"gpunet predict: warning: {r['file']}: {w}", file=sys.stderr)
-    return 0
+    return 1 if failed else 0
 
 
 def _save_inputs(folder, names, x, size):
@@ -322,6 +346,23 @@ def cmd_serve(args):
     return serve.run(net, host=args.host, port=args.port, name=Path(args.model).name)
 
 
+def cmd_export(args):
+    from .onnx_export import to_onnx  # the onnx package is optional: loaded only for this command
+
+    net = _load_model(args.model, "cpu")
+    rows, cols = image_size(net.in_features)
+    inputs = args.inputs or (f"pixel / 255: float32 in [0, 1], a {rows}x{cols} grey image row by row, white "
+                             f"digit on black as in MNIST" if rows > 1 else None)
+    try:
+        model = to_onnx(net, args.out, task=args.task, inputs=inputs)
+    except ImportError as exc:
+        raise UserError(str(exc)) from None
+    outputs = " and ".join(f"'{o.name}' [batch{', ' + str(net.out_features) if o.name != 'label' else ''}]"
+                           for o in model.graph.output)
+    print(f"wrote {args.out}: ONNX opset 17, input 'input' [batch, {net.in_features}] float32, outputs {outputs}")
+    return 0
+
+
 def _flag(call, *args, **kwargs):
     """explain's helpers name their parameter first ("sizes: ..."); here that parameter is a flag."""
     try:
@@ -332,49 +373,102 @@ def _flag(call, *args, **kwargs):
 
 def cmd_explain(args):
     dtype = np.float64 if args.float64 else np.float32
+    _explain_flags(args)
+    example = not (args.model or args.weights or args.sizes)  # no network given: the default example
+    net = _explain_network(args, dtype, example)
+    x = _explain_input(args, net, example, dtype)
+    if args.target is not None:
+        target = args.target
+    elif args.model:
+        target = backend.to_numpy(predict(net, x)).astype(float)
+    elif example:
+        target = explain_inputs.EXAMPLE["target"]
+    else:
+        raise UserError(f"--target: expected a class or {net.out_features} desired outputs per instance, got none")
+    y = _flag(explain_inputs.make_target, target, len(x), net.out_features, args.loss, dtype)
+    opt = _explain_optimizer(args, net.parameters())
+    loss = {"ce": SoftmaxCrossEntropy, "mse": MSELoss, "mae": MAELoss}[args.loss]()
+    record = explain.explain_step(net, loss, opt, x, y)
+    intro = explain_inputs.EXAMPLE["about"] if example else None
+    if args.json:
+        print(explain_render.render_json(record), end="")
+    else:
+        render = explain_render.render_markdown if args.format == "markdown" else explain_render.render_text
+        print(render(record, intro=intro), end="")
+    return 0
+
+
+EXPLAIN_OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
+
+
+def _explain_optimizer(args, params):
+    """The optimizer of --optimizer: its own defaults, but SGD's and momentum's alpha is the example's."""
+    kind, options = args.optimizer, {}
+    if args.lr is not None or kind in ("sgd", "momentum"):
+        options["lr"] = explain_inputs.EXAMPLE["lr"] if args.lr is None else args.lr
+    if kind == "momentum":
+        options["momentum"] = 0.9 if args.momentum is None else args.momentum
+    return EXPLAIN_OPTIMIZERS[kind](params, **options)
+
+
+def _explain_flags(args):
+    """The flags that do not go together, refused before any work."""
     if args.json and args.format != "text":
         raise UserError(f"--json: prints JSON, so --format {args.format} does not apply")
+    if args.optimizer != "momentum" and args.momentum is not None:
+        raise UserError("--momentum: only used with --optimizer momentum")
+    if args.output_activation and args.loss == "ce":
+        raise UserError("--output-activation: expected --loss mse or mae (cross-entropy applies softmax to z^L "
+                        "itself), got --loss ce")
     if args.model:
-        given = [f for f in ("sizes", "weights", "activation") if getattr(args, f)]
+        given = [f for f in ("sizes", "weights", "activation", "output_activation", "seed", "batch_norm")
+                 if getattr(args, f) not in (None, False)]
         if given:
-            raise UserError(f"--{given[0]}: not used with --model (the model file holds the network)")
+            flag = given[0].replace("_", "-")
+            raise UserError(f"--{flag}: not used with --model (the model file holds the network)")
+    if args.seed is not None and (not args.sizes or args.weights):
+        raise UserError("--seed: draws the weights of --sizes, so it needs --sizes and no --weights")
+
+
+def _explain_network(args, dtype, example):
+    """The network to explain: a model file, a weights file, sizes with seeded weights, or the example."""
+    if args.model:
         net = _load_model(args.model, "cpu").eval()
         for p in net.parameters():  # before any optimizer gathers them
             p.data, p.grad = p.data.astype(dtype), np.zeros(p.data.shape, dtype)
+        for layer in net.layers:  # BatchNorm's running statistics, in the same dtype
+            for name in getattr(layer, "buffer_names", ()):
+                setattr(layer, name, getattr(layer, name).astype(dtype))
+        return net
+    doc = explain_inputs.EXAMPLE["weights"] if example else None
+    if args.weights:
+        if not os.path.isfile(args.weights):
+            raise UserError(f"--weights: file not found: {args.weights}")
+        try:
+            doc = json.loads(Path(args.weights).read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--weights: {args.weights} is not valid JSON ({exc})") from None
+    acts = args.activation or [explain_inputs.EXAMPLE["activation"]]
+    return _flag(explain_inputs.build_network, args.sizes, doc, acts[0] if len(acts) == 1 else acts,
+                 args.seed or 0, dtype, args.output_activation, args.batch_norm)
+
+
+def _explain_input(args, net, example, dtype):
+    """x (N, inputs) from --input, --image or the example."""
+    if args.input is not None and args.image is not None:
+        raise UserError("--input: expected the instance's values or --image FILE, got both")
+    if args.image:
+        x = load_images([args.image])
+        if x.shape[1] != net.in_features:
+            raise UserError(f"--image: expected {net.in_features} pixels (the network's inputs), got {x.shape[1]}")
+    elif args.input is not None or example:
+        x = np.array(explain_inputs.EXAMPLE["input"] if args.input is None else args.input)
     else:
-        doc = None
-        if args.weights:
-            if not os.path.isfile(args.weights):
-                raise UserError(f"--weights: file not found: {args.weights}")
-            try:
-                doc = json.loads(Path(args.weights).read_text())
-            except json.JSONDecodeError as exc:
-                raise UserError(f"--weights: {args.weights} is not valid JSON ({exc})") from None
-        acts = args.activation or ["sigmoid"]
-        net = _flag(explain.build_network, args.sizes or (None if doc else [2, 2, 2]), doc,
-                    acts[0] if len(acts) == 1 else acts, args.seed, dtype)
-    if (args.input is None) == (args.image is None):
-        raise UserError(f"--input: expected the instance's values or --image FILE, got {'both' if args.image else 'neither'}")
-    x = load_images([args.image]) if args.image else np.array(args.input)
-    if args.image and x.shape[1] != net.in_features:
-        raise UserError(f"--image: expected {net.in_features} pixels (the network's inputs), got {x.shape[1]}")
+        raise UserError("--input: expected the instance's values or --image FILE, got neither")
     if x.size % net.in_features:
         raise UserError(f"--input: expected {net.in_features} values (one per input of the network) or a multiple, "
                         f"got {x.size}")
-    x = x.reshape(-1, net.in_features).astype(dtype)
-    if args.target is None and not args.model:
-        raise UserError(f"--target: expected a class or {net.out_features} desired outputs per instance, got none")
-    target = backend.to_numpy(predict(net, x)).astype(float) if args.target is None else args.target
-    y = _flag(explain.make_target, target, len(x), net.out_features, args.loss, dtype)
-    if args.optimizer == "sgd" and args.momentum is not None:
-        raise UserError("--momentum: only used with --optimizer momentum")
-    opt = (SGD(net.parameters(), lr=args.lr) if args.optimizer == "sgd" else
-           Momentum(net.parameters(), lr=args.lr, momentum=0.9 if args.momentum is None else args.momentum))
-    loss = {"ce": SoftmaxCrossEntropy, "mse": MSELoss, "mae": MAELoss}[args.loss]()
-    record = explain.explain_step(net, loss, opt, x, y)
-    render = explain.render_json if args.json else (explain.render_markdown if args.format == "markdown" else explain.render_text)
-    print(render(record), end="")
-    return 0
+    return x.reshape(-1, net.in_features).astype(dtype)
 
 
 def cmd_info(args):
@@ -402,7 +496,7 @@ def cmd_info(args):
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
-            "info": cmd_info, "serve": cmd_serve}
+            "info": cmd_info, "serve": cmd_serve, "export": cmd_export}
 
 
 def main(argv=None) -> int:
@@ -411,7 +505,11 @@ def main(argv=None) -> int:
     args.argv = argv
     where = f" (rank {parallel.launched_rank()})" if parallel.launched_size() > 1 else ""
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not at exit
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
     except KeyboardInterrupt:
         print(f"gpunet: interrupted{where}", file=sys.stderr)
         return _end(130)
@@ -425,6 +523,18 @@ def main(argv=None) -> int:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"gpunet {args.command}{where}: error: {message}", file=sys.stderr, flush=True)
         return _end(2)
+
+
+def _closed_pipe() -> int:
+    """The reader of our output went away (``gpunet evaluate MODEL --json | head -3``): end quietly, with
+    the status of a process that SIGPIPE ended (128 + 13), as ``head``'s other writers do. Later writes
+    (Python's own flush at exit) go to /dev/null, so nothing is printed about it."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a file descriptor (an embedding program's)
+        pass
+    return 128 + signal.SIGPIPE
 
 
 def _end(code: int) -> int:

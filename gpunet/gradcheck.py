@@ -63,18 +63,23 @@ class GradCheckResult:
 
 
 def gradcheck(model, loss, x, target, eps: float = 1e-6, tol: float = 1e-6, max_entries: int = 200,
-              seed: int = 0, check_input: bool = True) -> GradCheckResult:
+              seed: int = 0, check_input: bool = True, training: bool = False) -> GradCheckResult:
     """Check ``model``'s backward pass against central differences of ``loss(model(x), target)``.
 
-    Runs on a float64 deep copy of ``model`` in eval mode (dropout off), on the model's device. At most
+    Runs on a float64 deep copy of ``model`` (buffers such as BatchNorm's running statistics included),
+    on the model's device, in eval mode (dropout off), or with ``training=True`` in training mode (batch
+    statistics: for networks without dropout, whose masks would change between evaluations). At most
     ``max_entries`` entries of each array are checked, chosen at random from ``seed``.
     """
     model = copy.deepcopy(model)
-    model.train(False) if hasattr(model, "train") else None
+    model.train(training) if hasattr(model, "train") else None
     params = model.parameters()
     for p in params:
         p.data = p.data.astype(np.float64)
         p.grad = get_array_module(p.data).zeros_like(p.data)
+    for layer in getattr(model, "layers", [model]):
+        for name in getattr(layer, "buffer_names", ()):
+            setattr(layer, name, getattr(layer, name).astype(np.float64))
     x = x.astype(np.float64)
     if target.dtype.kind == "f":
         target = target.astype(np.float64)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import device_of, get_array_module, to_device
+from .backend import device_of, get_array_module, softmax, to_device
 
 # --- weights start small, random and non-zero (course notes, point 6) --------------------------------
 # Every draw happens in float64 on the host from a seeded ``numpy.random.Generator`` and is then cast and
@@ -71,9 +71,10 @@ class Parameter:
 
 
 class Layer:
-    """Base class: no parameters, training mode on."""
+    """Base class: no parameters, no buffers, training mode on."""
 
     training = True
+    buffer_names: tuple = ()  # arrays that are state but not trained (saved with the weights, moved with them)
 
     def forward(self, x):
         raise NotImplementedError
@@ -95,8 +96,14 @@ class Layer:
         return self.train(False)
 
     def config(self) -> dict:
-        """What is needed to rebuild the layer (weights excluded); saved in model files."""
+        """What is needed to rebuild the layer (weights excluded); saved in model files: ``"type"`` (the
+        class name) and the constructor's arguments, as JSON data."""
         return {"type": type(self).__name__}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """The layer that ``config`` describes: the constructor called with every entry but ``"type"``."""
+        return cls(**{k: v for k, v in config.items() if k != "type"})
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "type")
@@ -204,92 +211,92 @@ class Tanh(Layer):
 
 
 class Softmax(Layer):
-    """Row-wise ``y = exp(x - max) / sum``; ``dx = y * (dy - sum(dy * y, axis=1))``. For probability
-    outputs; train with ``SoftmaxCrossEntropy`` on logits instead."""
+    """Row-wise ``y = exp(x_j) / sum_k exp(x_k)`` (:func:`gpunet.backend.softmax`);
+    ``dx = y * (dy - sum(dy * y, axis=1))``. For probability outputs; train with ``SoftmaxCrossEntropy``
+    on logits instead."""
 
     def forward(self, x):
         check_float_input(x)
-        e = get_array_module(x).exp(x - x.max(axis=1, keepdims=True))
-        self._y = e / e.sum(axis=1, keepdims=True)
+        self._y = softmax(x)
         return self._y
 
     def backward(self, dy):
         return self._y * (dy - (dy * self._y).sum(axis=1, keepdims=True))
 
 
+# --- dropout's random bits: a counter-based draw, computed where the data lives ------------------------
+# A mask keyed k gives unit i the 16-bit lane (i % 4) of word (i // 4) of SplitMix64's output stream
+# started at k: word j is mix(k + (j + 1) * GOLDEN), with mix SplitMix64's finaliser. The key comes from the
+# layer's NumPy generator on the host, one per mask, so a CPU and a GPU run draw the same masks, the state
+# to checkpoint is the host generator's alone, and no device generator (sized to the GPU) exists at all.
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def dropout_bits(xp, key: int, size: int):
+    """(size,) uint16 uniform random bits of the mask keyed ``key`` (see above), on ``xp``'s device."""
+    u = xp.uint64
+    x = xp.arange(1, (size + 3) // 4 + 1, dtype=u)
+    x *= u(GOLDEN)  # unsigned arithmetic wraps modulo 2**64, as SplitMix64 means it to
+    x += u(key)
+    x ^= x >> u(30)
+    x *= u(MIX1)
+    x ^= x >> u(27)
+    x *= u(MIX2)
+    x ^= x >> u(31)
+    return x.astype("<u8", copy=False).view("<u2")[:size]  # little-endian: lane 0 is the low 16 bits
+
+
 class Dropout(Layer):
     """Inverted dropout: in training mode ``y = x * mask``, where the mask zeroes each unit with
     probability ``p`` and scales the rest by ``1 / (1 - p)``; ``dx = dy * mask``. The identity in eval
-    mode. Masks are drawn on the array's own device from a generator seeded with ``seed``."""
+    mode. A unit is kept when its 16 random bits (:func:`dropout_bits`) lie below ``threshold``, i.e.
+    with probability ``1 - p`` rounded to a multiple of 2**-16; each mask's key is drawn from a NumPy
+    generator seeded with ``seed``, on the host, whatever the device."""
+
+    STREAM = "splitmix64-lanes16"  # the draw above, named in checkpoints: another draw cannot continue one
 
     def __init__(self, p: float = 0.5, seed: int | None = None):
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
             raise ValueError(f"p: expected a dropout probability in [0, 1), got {p!r}")
         self.p = float(p)
         self.seed = seed
-        self.generators = {}  # one per array module ("numpy", "cupy"), made on first use
-        self.gpu_draws = []   # [shape, count] of every CuPy mask drawn since seeding: how to replay them
+        self.rng = np.random.default_rng(seed)
+        self.threshold = min(round((1.0 - self.p) * 65536), 65535)
         self._mask = None
 
     def config(self):
         return {"type": "Dropout", "p": self.p}
 
-    def generator(self, xp):
-        """This layer's random generator for the array module ``xp``: NumPy's default (PCG64), or on
-        CuPy a Philox4x32-10 one. CuPy's default (XORWOW) sets up one state per GPU thread at creation
-        through a slow skip-ahead, queued asynchronously, so it would land in the first epoch's timing;
-        Philox's per-thread setup is a counter offset, cheap."""
-        if xp.__name__ not in self.generators:
-            if xp is np:
-                self.generators[xp.__name__] = np.random.default_rng(self.seed)
-            else:
-                self.generators[xp.__name__] = xp.random.default_rng(xp.random.Philox4x3210(self.seed))
-        return self.generators[xp.__name__]
+    def active(self) -> bool:
+        return self.training and self.p > 0.0
+
+    def next_key(self) -> int:
+        """The key of the next mask (a draw from the host generator)."""
+        return int(self.rng.integers(0, 2**63))
 
     def new_mask(self, x):
         """A fresh scaled keep-mask shaped and typed like ``x`` (entries 0 or 1/(1-p)), or None when
         dropout is off (eval mode, p = 0)."""
-        if not self.training or self.p == 0.0:
+        if not self.active():
             return None
-        xp, keep = get_array_module(x), 1.0 - self.p
-        if xp is np:
-            # 16 random bits per unit rather than a float draw: faster with NumPy (BENCHMARKS.md); the keep
-            # probability is rounded to a multiple of 2**-16
-            kept = self.generator(xp).integers(0, 1 << 16, size=x.shape, dtype=np.uint16) < min(round(keep * 65536), 65535)
-        else:  # CuPy's Generator draws integers only as int32/int64: a float draw costs the same there
-            kept = self.generator(xp).random(x.shape, dtype=x.dtype) < keep
-            self._count_gpu_draw(list(x.shape), x.dtype.name)
-        return kept * x.dtype.type(1.0 / keep)
-
-    def _count_gpu_draw(self, shape, dtype):
-        if self.gpu_draws and self.gpu_draws[-1][:2] == [shape, dtype]:
-            self.gpu_draws[-1][2] += 1
-        else:
-            self.gpu_draws.append([shape, dtype, 1])
+        xp = get_array_module(x)
+        kept = dropout_bits(xp, self.next_key(), x.size).reshape(x.shape) < self.threshold
+        return kept * x.dtype.type(1.0 / (1.0 - self.p))
 
     def random_state(self) -> dict:
-        """Where this layer's random draws stand, as plain JSON data: NumPy's generator state exactly;
-        for CuPy, whose generator state stays on the device, the draws made since seeding."""
-        gen = self.generators.get("numpy")
-        return {"seed": self.seed, "numpy": None if gen is None else gen.bit_generator.state,
-                "gpu_draws": [list(d) for d in self.gpu_draws]}
+        """Where this layer's draws stand, as plain JSON data (the host generator's state): the same on
+        every device, so a run resumes exactly on the CPU or a GPU, whichever wrote it."""
+        return {"seed": self.seed, "stream": self.STREAM, "numpy": self.rng.bit_generator.state}
 
     def set_random_state(self, state: dict) -> None:
-        """Continue exactly where :meth:`random_state` was taken (the CuPy draws are replayed)."""
+        """Continue exactly where :meth:`random_state` was taken."""
         if state.get("seed") != self.seed:
             raise ValueError(f"state: expected a dropout state for seed {self.seed}, got seed {state.get('seed')}")
-        self.generators = {}
-        if state.get("numpy") is not None:
-            self.generator(np).bit_generator.state = state["numpy"]
-        self.gpu_draws = []
-        if state.get("gpu_draws"):
-            import cupy  # only a GPU run leaves CuPy draws to replay
-
-            gen = self.generator(cupy)
-            for shape, dtype, count in state["gpu_draws"]:
-                for _ in range(count):
-                    gen.random(tuple(shape), dtype=dtype)
-            self.gpu_draws = [list(d) for d in state["gpu_draws"]]
+        if state.get("stream") != self.STREAM:
+            raise ValueError(f"state: expected dropout draws of the {self.STREAM} stream, got "
+                             f"{state.get('stream', 'an older gpunet')}'s; start the run anew")
+        self.rng = np.random.Generator(np.random.PCG64())
+        self.rng.bit_generator.state = state["numpy"]
 
     def forward(self, x):
         check_float_input(x)
@@ -300,5 +307,103 @@ class Dropout(Layer):
         return dy if self._mask is None else dy * self._mask
 
 
-LAYERS = {cls.__name__: cls for cls in (Linear, ReLU, Sigmoid, Tanh, Softmax, Dropout)}
+class BatchNorm(Layer):
+    """Batch normalisation (Ioffe and Szegedy, 2015) of each feature, as ``torch.nn.BatchNorm1d``.
+
+    Training mode, over the batch x (N, F) with N >= 2:
+
+        mu = mean(x, 0);  var = mean((x - mu)^2, 0);  sigma = sqrt(var + eps);  xhat = (x - mu) / sigma
+        y = gamma * xhat + beta
+        running_mean = (1 - momentum) running_mean + momentum mu
+        running_var  = (1 - momentum) running_var + momentum var * N / (N - 1)   (unbiased, as PyTorch)
+
+    backward: ``dgamma = sum(dy * xhat, 0)``, ``dbeta = sum(dy, 0)``,
+    ``dx = (1/N) * gamma / sigma * (N dy - sum(dy, 0) - xhat * sum(dy * xhat, 0))``.
+    Eval mode uses the running statistics instead (``sigma = sqrt(running_var + eps)``), an affine map:
+    ``dx = dy * gamma / sigma``. Parameters ``gamma`` (ones) then ``beta`` (zeros), each (F,); buffers
+    ``running_mean`` (zeros) and ``running_var`` (ones), (F,), saved with the weights.
+    """
+
+    buffer_names = ("running_mean", "running_var")
+
+    def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5, dtype=np.float32,
+                 device: str | None = None):
+        if not isinstance(features, (int, np.integer)) or isinstance(features, bool) or features < 1:
+            raise ValueError(f"features: expected a positive integer, got {features!r}")
+        for name, value, ok in (("momentum", momentum, lambda v: 0 <= v <= 1), ("eps", eps, lambda v: v > 0)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
+                raise ValueError(f"{name}: expected a number {'in [0, 1]' if name == 'momentum' else '> 0'}, "
+                                 f"got {value!r}")
+        self.features, self.momentum, self.eps = int(features), float(momentum), float(eps)
+        self.gamma = Parameter(to_device(np.ones(self.features, dtype), device), "gamma")
+        self.beta = Parameter(to_device(np.zeros(self.features, dtype), device), "beta")
+        self.running_mean = to_device(np.zeros(self.features, dtype), device)
+        self.running_var = to_device(np.ones(self.features, dtype), device)
+        self._xhat = self._inv_sigma = None
+
+    def parameters(self):
+        return [self.gamma, self.beta]
+
+    def config(self):
+        return {"type": "BatchNorm", "features": self.features, "momentum": self.momentum, "eps": self.eps}
+
+    def forward(self, x):
+        """x (N, F) -> y (N, F); in training mode also updates the running statistics."""
+        check_float_input(x)
+        if x.ndim != 2 or x.shape[1] != self.features:
+            raise ValueError(f"x: expected shape (batch, {self.features}) for BatchNorm({self.features}), "
+                             f"got {tuple(x.shape)}")
+        xp, t = get_array_module(x), x.dtype.type
+        if self.training:
+            n = x.shape[0]
+            if n < 2:
+                raise ValueError(f"x: expected a batch of at least 2 rows in training mode (a batch's variance), "
+                                 f"got {n}; use a larger batch, or eval mode")
+            mu = x.mean(axis=0)
+            centred = x - mu
+            var = (centred * centred).mean(axis=0)
+            m = t(self.momentum)
+            self.running_mean *= t(1 - self.momentum)
+            self.running_mean += m * mu
+            self.running_var *= t(1 - self.momentum)
+            self.running_var += (m * t(n / (n - 1))) * var
+        else:
+            centred, var = x - self.running_mean, self.running_var
+        self._inv_sigma = t(1) / xp.sqrt(var + t(self.eps))
+        self._xhat = centred * self._inv_sigma
+        return self.gamma.data * self._xhat + self.beta.data
+
+    def backward(self, dy):
+        """dy (N, F) -> dx (N, F); writes dgamma = sum(dy * xhat) and dbeta = sum(dy)."""
+        xhat = self._xhat
+        self.gamma.grad[...] = (dy * xhat).sum(axis=0)
+        self.beta.grad[...] = dy.sum(axis=0)
+        scale = self.gamma.data * self._inv_sigma
+        if not self.training:
+            return dy * scale
+        n = dy.shape[0]
+        t = dy.dtype.type
+        return (scale * t(1.0 / n)) * (t(n) * dy - self.beta.grad - xhat * self.gamma.grad)
+
+
+LAYERS = {cls.__name__: cls for cls in (Linear, ReLU, Sigmoid, Tanh, Softmax, Dropout, BatchNorm)}
+BUILT_IN = frozenset(LAYERS)
+
+
+def register_layer(cls):
+    """Class decorator: ``gpunet.load`` rebuilds layers of class ``cls`` (a :class:`Layer` subclass) from
+    their ``config()`` through ``cls.from_config``; their parameters are saved and loaded like Linear's.
+
+        @gpunet.register_layer
+        class Square(gpunet.Layer):
+            def forward(self, x): ...
+
+    Registering a class again under its name replaces the earlier one (a notebook cell run twice)."""
+    if not (isinstance(cls, type) and issubclass(cls, Layer)):
+        raise TypeError(f"cls: expected a subclass of gpunet.Layer, got {cls!r}")
+    name = cls.__name__
+    if name in BUILT_IN and LAYERS[name] is not cls:
+        raise ValueError(f"cls: expected a class name that no built-in layer has, got {name!r}; rename the class")
+    LAYERS[name] = cls
+    return cls
 ACTIVATIONS = {"relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh}

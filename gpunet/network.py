@@ -14,7 +14,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .backend import device_of, get_array_module, resolve_device, to_device, to_numpy
-from .layers import ACTIVATIONS, LAYERS, Dropout, Layer, Linear, check_float_input, make_rng
+from .layers import ACTIVATIONS, BUILT_IN, LAYERS, BatchNorm, Dropout, Layer, Linear, check_float_input, make_rng
 from .files import read_npz, write_npz
 
 FORMAT = "gpunet-sequential"
@@ -22,7 +22,13 @@ FORMAT_VERSION = 1
 
 
 class Sequential(Layer):
-    """A chain of layers; itself a layer (``forward``/``backward``/``parameters``)."""
+    """A chain of layers; itself a layer (``forward``/``backward``/``parameters``).
+
+    ``classifies``: whether the outputs are class scores (``fit`` sets it from its loss; model files keep
+    it); ``None`` until known, and then ``predict`` takes a network of more than one output for a classifier.
+    """
+
+    classifies = None
 
     def __init__(self, *layers: Layer):
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
@@ -39,6 +45,9 @@ class Sequential(Layer):
                     raise ValueError(f"layers[{i}]: expected in_features={width} to match the previous Linear's "
                                      f"out_features, got {layer.in_features}")
                 width = layer.out_features
+            elif isinstance(layer, BatchNorm) and width is not None and layer.features != width:
+                raise ValueError(f"layers[{i}]: expected BatchNorm({width}) to match the previous Linear's "
+                                 f"out_features, got BatchNorm({layer.features})")
         self.layers = list(layers)
 
     # --- the two passes -----------------------------------------------------------------------------
@@ -62,7 +71,13 @@ class Sequential(Layer):
         return [p for layer in self.layers for p in layer.parameters()]
 
     def named_parameters(self) -> list:
-        return [(f"{i}.{p.name}", p) for i, layer in enumerate(self.layers) for p in layer.parameters()]
+        # an unnamed parameter (a layer of the user's own) is named by its place in the layer
+        return [(f"{i}.{p.name or j}", p) for i, layer in enumerate(self.layers)
+                for j, p in enumerate(layer.parameters())]
+
+    def named_buffers(self) -> list:
+        """``[(key, layer, attribute), ...]`` of the layers' buffers (BatchNorm's running statistics)."""
+        return [(f"{i}.{name}", layer, name) for i, layer in enumerate(self.layers) for name in layer.buffer_names]
 
     @property
     def in_features(self):
@@ -116,15 +131,21 @@ class Sequential(Layer):
         for p in self.parameters():
             p.data = to_device(p.data, dev)
             p.grad = get_array_module(p.data).zeros_like(p.data)
+        for _, layer, name in self.named_buffers():
+            setattr(layer, name, to_device(getattr(layer, name), dev))
         return self
 
-    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
-        """Host (NumPy) copies of every parameter, in the order of ``parameters()``."""
-        return OrderedDict((name, to_numpy(p.data).copy()) for name, p in self.named_parameters())
+    def state_dict(self, host: bool = True) -> "OrderedDict[str, np.ndarray]":
+        """Host (NumPy) copies of every parameter, in the order of ``parameters()``, then of every buffer
+        (``"1.running_mean"``, ...); with ``host=False`` copies on the network's own device."""
+        copy = (lambda a: to_numpy(a).copy()) if host else (lambda a: a.copy())
+        state = OrderedDict((name, copy(p.data)) for name, p in self.named_parameters())
+        state.update((key, copy(getattr(layer, name))) for key, layer, name in self.named_buffers())
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Write ``state`` into the parameters in place (keys, shapes and dtypes must match)."""
-        named = self.named_parameters()
+        """Write ``state`` into the parameters and buffers in place (keys, shapes and dtypes must match)."""
+        named = self.named_parameters() + [(key, _Held(layer, name)) for key, layer, name in self.named_buffers()]
         missing = [k for k, _ in named if k not in state]
         unexpected = [k for k in state if k not in dict(named)]
         if missing or unexpected:
@@ -138,9 +159,27 @@ class Sequential(Layer):
             p.data[...] = to_device(value, device_of(p.data))
 
     def save(self, path) -> None:
-        """Write architecture and weights to one ``.npz`` file, atomically (see :func:`files.atomic_write`)."""
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": str(self.dtype), "network": self.config()}
+        """Write architecture and weights to one ``.npz`` file, atomically (see :func:`files.atomic_write`).
+        A layer that :func:`load` could not rebuild is refused before anything is written."""
+        for i, layer in enumerate(self.layers):
+            check_rebuildable(layer, f"layers[{i}]")
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": str(self.dtype), "network": self.config(),
+                "classifies": self.classifies}
         write_npz(path, self.state_dict(), "__gpunet__", meta)
+
+    def to_onnx(self, path=None, **options):
+        """This network as an ONNX model (see :func:`gpunet.onnx_export.to_onnx` for ``options``: ``task``,
+        ``inputs``, ``classes``, ``metadata``), written to ``path`` when given; needs the ``onnx`` extra."""
+        from .onnx_export import to_onnx  # the onnx package is optional: loaded only when asked for
+
+        return to_onnx(self, path, **options)
+
+
+class _Held:
+    """A buffer seen as a parameter is (``.data``), so that one loop loads both."""
+
+    def __init__(self, layer, name):
+        self.data = getattr(layer, name)
 
 
 def _build_layer(cfg: dict, dtype, device):
@@ -150,9 +189,42 @@ def _build_layer(cfg: dict, dtype, device):
                       dtype=dtype, device=device)
     if kind == "Dropout":
         return Dropout(cfg["p"])
-    if kind in LAYERS:
-        return LAYERS[kind]()
-    raise ValueError(f"unknown layer type {kind!r}; expected one of {sorted(LAYERS)}")
+    if kind == "BatchNorm":
+        return BatchNorm(cfg["features"], cfg["momentum"], cfg["eps"], dtype=dtype, device=device)
+    if kind not in LAYERS:
+        raise ValueError(f"unknown layer type {kind!r}; expected one of {sorted(LAYERS)} (a layer of your own: "
+                         f"import its module, decorated with @gpunet.register_layer, before gpunet.load)")
+    layer = LAYERS[kind].from_config(cfg)
+    for p in layer.parameters():  # made on the host in the layer's own dtype: the model's, where it lives
+        p.data = to_device(to_numpy(p.data).astype(dtype), device)
+        p.grad = get_array_module(p.data).zeros_like(p.data)
+    return layer
+
+
+def check_rebuildable(layer, name: str = "layer") -> None:
+    """Raise a TypeError naming ``name`` and the fix unless :func:`load` can rebuild ``layer``: its class
+    registered (:func:`gpunet.register_layer`) and ``from_config(config())`` giving parameters of the
+    same shapes."""
+    kind = type(layer).__name__
+    if LAYERS.get(kind) is not type(layer):
+        raise TypeError(f"{name}: expected a registered layer, got {kind}, which gpunet.load could not rebuild; "
+                        f"decorate its class with @gpunet.register_layer (config() returning its constructor's "
+                        f"arguments)")
+    if kind in BUILT_IN:
+        return
+    cfg = layer.config()
+    try:
+        if cfg.get("type") != kind:
+            raise ValueError(f"config()['type'] is {cfg.get('type')!r}, not {kind!r}")
+        shapes = [tuple(p.data.shape) for p in _build_layer(cfg, np.float32, "cpu").parameters()]
+    except Exception as exc:  # whatever the user's constructor raises
+        raise TypeError(f"{name}: expected {kind}.from_config(config()) to rebuild the layer, got "
+                        f"{type(exc).__name__}: {exc}; make config() return the constructor's arguments "
+                        f"(with 'type': {kind!r}) or define from_config") from None
+    if shapes != [tuple(p.data.shape) for p in layer.parameters()]:
+        raise TypeError(f"{name}: expected {kind}.from_config(config()) to rebuild parameters of shapes "
+                        f"{[tuple(p.data.shape) for p in layer.parameters()]}, got {shapes}; config() misses "
+                        f"constructor arguments")
 
 
 def load(path, device: str | None = None) -> Sequential:
@@ -173,15 +245,17 @@ def load(path, device: str | None = None) -> Sequential:
     dev = resolve_device(device)
     net = Sequential(*[_build_layer(c, dtype, dev) for c in meta["network"]["layers"]])
     net.load_state_dict(arrays)
+    net.classifies = meta.get("classifies")  # absent from older files: None, unknown
     return net
 
 
 def mlp(sizes, activation="relu", init=None, dropout: float = 0.0, seed=None, dtype=np.float32,
-        device: str | None = None) -> Sequential:
+        device: str | None = None, batch_norm: bool = False) -> Sequential:
     """A multilayer perceptron: ``sizes = [784, 512, 512, 10]`` gives Linear-act-Linear-act-Linear.
 
     ``activation`` is one name ("relu", "sigmoid", "tanh") or one per hidden layer. ``init`` defaults to
     He for ReLU layers and Xavier for sigmoid/tanh and the output layer. ``dropout`` follows each hidden
+    activation. ``batch_norm=True`` puts a :class:`BatchNorm` between each hidden Linear and its
     activation. The output layer emits logits (pair it with ``SoftmaxCrossEntropy``).
     """
     sizes = list(sizes)
@@ -200,6 +274,8 @@ def mlp(sizes, activation="relu", init=None, dropout: float = 0.0, seed=None, dt
     for i, act in enumerate(acts):
         layer_init = init or ("he" if act == "relu" else "xavier")
         layers.append(Linear(sizes[i], sizes[i + 1], init=layer_init, rng=rng, dtype=dtype, device=dev))
+        if batch_norm:
+            layers.append(BatchNorm(sizes[i + 1], dtype=dtype, device=dev))
         layers.append(ACTIVATIONS[act]())
         if dropout:
             layers.append(Dropout(dropout, seed=None if seed is None else int(rng.integers(2**31))))

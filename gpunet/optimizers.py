@@ -2,9 +2,18 @@
 
 - SGD:      ``w = w - lr * grad``
 - Momentum: ``v = gamma * v + lr * grad;  w = w - v``  (Nesterov: ``w = w - (gamma * v + lr * grad)``)
+- Adam:     ``m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  w -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)``
+- AdamW:    ``w *= 1 - lr * weight_decay``, then Adam's step on the bare gradient (decoupled decay)
+- RMSprop:  ``v = alpha v + (1-alpha) g^2;  w -= lr g / (sqrt(v) + eps)`` (centered: ``sqrt(v - gbar^2)``,
+  ``gbar = alpha gbar + (1-alpha) g``; momentum: ``b = mu b + g / (...); w -= lr b``)
 
-Optional L2 weight decay adds ``weight_decay * w`` to every gradient. ``lr`` may change between steps
-(learning-rate schedules do). Velocities live in ``Momentum.velocities``, one per parameter, in order.
+Adam, AdamW and RMSprop follow PyTorch's definitions (``torch.optim``) to the order of the operations, so
+that a recipe carries over. Optional L2 weight decay adds ``weight_decay * w`` to every gradient (AdamW's
+is decoupled instead). ``lr`` may change between steps (learning-rate schedules do). Per-parameter state
+(velocities, moments) lives beside each parameter, in order; ``state_dict()`` returns JSON-able scalars
+plus ``"arrays"``: name -> one host NumPy array per parameter, and ``load_state_dict`` takes the same.
+Scalars enter the formulas in the parameters' dtype (float32 stays float32); Adam's bias corrections are
+computed in float64 on the host and cast once per step.
 """
 from __future__ import annotations
 
@@ -53,30 +62,46 @@ class Optimizer:
     def step(self):
         raise NotImplementedError
 
-    def state_dict(self) -> dict:
-        """What a resumed run needs: hyperparameters and, for momentum, host copies of the velocities."""
+    # what a subclass names for state_dict: its scalars (options, step count) and its per-parameter arrays
+    scalars: tuple = ()
+    slots: tuple = ()
+
+    def _zeros(self) -> list:
+        """One zero array beside each parameter (same shape, dtype and device)."""
+        return [get_array_module(p.data).zeros_like(p.data) for p in self.params]
+
+    def state_dict(self, host: bool = True) -> dict:
+        """What a resumed run needs: ``kind``, ``lr``, ``weight_decay``, the rule's other scalars, and
+        ``arrays``: slot name -> host copies of its arrays, one per parameter (``{"velocities": [...]}``);
+        with ``host=False`` copies on the arrays' own device (a GPU snapshot costs no transfer)."""
+        copy = (lambda a: to_numpy(a).copy()) if host else (lambda a: a.copy())
         state = {"kind": self.kind, "lr": self.lr, "weight_decay": self.weight_decay}
-        if hasattr(self, "velocities"):
-            state.update(momentum=self.momentum, nesterov=self.nesterov,
-                         velocities=[to_numpy(v).copy() for v in self.velocities])
+        state.update({name: getattr(self, name) for name in self.scalars})
+        state["arrays"] = {name: [copy(a) for a in getattr(self, name)] for name in self.slots}
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`'s values in place (same optimizer type, shapes and dtypes)."""
+        """Restore :meth:`state_dict`'s values in place (same optimizer type, options, shapes and dtypes)."""
         if state.get("kind") != self.kind:
             raise ValueError(f"state: expected the state of a {self.kind} optimizer, got {state.get('kind')!r}")
-        velocities = state.get("velocities", [])
-        if hasattr(self, "velocities"):
-            got = [tuple(v.shape) for v in velocities]
-            want = [tuple(v.shape) for v in self.velocities]
+        arrays = state.get("arrays", {})
+        if sorted(arrays) != sorted(self.slots):
+            raise ValueError(f"state: expected arrays {sorted(self.slots)}, got {sorted(arrays)}")
+        for name in self.slots:
+            mine, given = getattr(self, name), arrays[name]
+            got, want = [tuple(a.shape) for a in given], [tuple(a.shape) for a in mine]
             if got != want:
-                raise ValueError(f"state: expected velocities shaped {want}, got {got}")
-            for v, value in zip(self.velocities, velocities):
-                if value.dtype != v.dtype:
-                    raise TypeError(f"state: expected velocities of dtype {v.dtype}, got {value.dtype}")
-                v[...] = to_device(value, device_of(v))
-            self.momentum, self.nesterov = state["momentum"], state["nesterov"]
+                raise ValueError(f"state: expected {name} shaped {want}, got {got}")
+            for a, value in zip(mine, given):
+                if value.dtype != a.dtype:
+                    raise TypeError(f"state: expected {name} of dtype {a.dtype}, got {value.dtype}")
+        for name in self.scalars:
+            value = state[name]
+            setattr(self, name, tuple(value) if isinstance(value, list) else value)
         self.lr, self.weight_decay = state["lr"], state["weight_decay"]
+        for name in self.slots:
+            for a, value in zip(getattr(self, name), arrays[name]):
+                a[...] = to_device(value, device_of(a))
 
 
 class SGD(Optimizer):
@@ -97,6 +122,8 @@ class Momentum(Optimizer):
     """
 
     kind = "momentum"
+    scalars = ("momentum", "nesterov")
+    slots = ("velocities",)
 
     def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = False,
                  weight_decay: float = 0.0):
@@ -107,7 +134,7 @@ class Momentum(Optimizer):
             raise ValueError("nesterov: expected momentum > 0 with nesterov=True, got momentum=0")
         self.nesterov = nesterov
         super().__init__(params, lr, weight_decay)
-        self.velocities = [get_array_module(p.data).zeros_like(p.data) for p in self.params]
+        self.velocities = self._zeros()
 
     def velocity(self, i: int):
         """The velocity of ``params[i]``, shaped like it."""
@@ -120,3 +147,114 @@ class Momentum(Optimizer):
             v *= t(self.momentum)
             v += lr_grad
             p.data -= t(self.momentum) * v + lr_grad if self.nesterov else v
+
+
+def _check_betas(betas) -> tuple:
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+    return tuple(_check_number(f"betas[{i}]", b, 0.0, 1.0) for i, b in enumerate(betas))
+
+
+class Adam(Optimizer):
+    """Adam (Kingma and Ba, 2015), as ``torch.optim.Adam``: with ``g = grad + weight_decay * w`` and t the
+    step count (1 at the first step),
+
+        m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
+        w = w - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    ``betas = (b1, b2)`` each in [0, 1). Moments ``m``, ``v`` start at zero, beside each parameter; the
+    bias corrections are computed in float64 on the host and cast once per step.
+    """
+
+    kind = "adam"
+    scalars = ("betas", "eps", "t")
+    slots = ("m", "v")
+    decoupled = False  # AdamW: the weight decay shrinks w instead of entering g
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        self.betas = _check_betas(betas)
+        self.eps = _check_number("eps", eps, 0.0)
+        super().__init__(params, lr, weight_decay)
+        self.t = 0
+        self.m, self.v = self._zeros(), self._zeros()
+
+    def corrections(self) -> tuple:
+        """``(lr / (1 - b1^t), sqrt(1 - b2^t))`` for the current step count, as Python floats (float64)."""
+        b1, b2 = self.betas
+        return self.lr / (1.0 - b1 ** self.t), math.sqrt(1.0 - b2 ** self.t)
+
+    def step(self):
+        self.t += 1
+        step_size, root_c2 = self.corrections()
+        b1, b2 = self.betas
+        for p, m, v in zip(self.params, self.m, self.v):
+            t = p.data.dtype.type
+            if self.decoupled:
+                p.data *= t(1.0 - self.lr * self.weight_decay)
+            g = p.grad if self.decoupled else self.gradient(p)
+            m *= t(b1)
+            m += t(1.0 - b1) * g
+            v *= t(b2)
+            v += t(1.0 - b2) * g * g
+            p.data -= t(step_size) * (m / (get_array_module(v).sqrt(v) / t(root_c2) + t(self.eps)))
+
+
+class AdamW(Adam):
+    """AdamW (Loshchilov and Hutter, 2019), as ``torch.optim.AdamW``: decoupled weight decay,
+    ``w = w * (1 - lr * weight_decay)`` before Adam's step on the bare gradient."""
+
+    kind = "adamw"
+    decoupled = True
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        super().__init__(params, lr, betas, eps, weight_decay)
+
+
+class RMSprop(Optimizer):
+    """RMSprop (Hinton's lecture 6e), as ``torch.optim.RMSprop``: with ``g = grad + weight_decay * w``,
+
+        v = alpha v + (1 - alpha) g^2;   s = sqrt(v) + eps;   w = w - lr g / s
+
+    ``centered=True`` divides by the variance instead: ``gbar = alpha gbar + (1 - alpha) g``,
+    ``s = sqrt(v - gbar^2) + eps``. ``momentum`` mu > 0 keeps a buffer: ``b = mu b + g / s; w = w - lr b``
+    (no Nesterov variant, as in PyTorch). State: ``v``, and ``grad_avg`` / ``buffer`` when used.
+    """
+
+    kind = "rmsprop"
+    scalars = ("alpha", "eps", "momentum", "centered")
+
+    def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, momentum: float = 0.0,
+                 centered: bool = False, weight_decay: float = 0.0):
+        self.alpha = _check_number("alpha", alpha, 0.0, 1.0)
+        self.eps = _check_number("eps", eps, 0.0)
+        self.momentum = _check_number("momentum", momentum, 0.0, 1.0)
+        if not isinstance(centered, bool):
+            raise TypeError(f"centered: expected True or False, got {centered!r}")
+        self.centered = centered
+        super().__init__(params, lr, weight_decay)
+        self.slots = ("v",) + (("grad_avg",) if centered else ()) + (("buffer",) if self.momentum else ())
+        for name in self.slots:
+            setattr(self, name, self._zeros())
+
+    def step(self):
+        for i, p in enumerate(self.params):
+            t, xp = p.data.dtype.type, get_array_module(p.data)
+            g, v, alpha = self.gradient(p), self.v[i], self.alpha
+            v *= t(alpha)
+            v += t(1.0 - alpha) * g * g
+            if self.centered:
+                gbar = self.grad_avg[i]
+                gbar *= t(alpha)
+                gbar += t(1.0 - alpha) * g
+                s = xp.sqrt(v - gbar * gbar) + t(self.eps)
+            else:
+                s = xp.sqrt(v) + t(self.eps)
+            if self.momentum:
+                b = self.buffer[i]
+                b *= t(self.momentum)
+                b += g / s
+                p.data -= t(self.lr) * b
+            else:
+                p.data -= t(self.lr) * (g / s)

@@ -23,7 +23,7 @@ from .batches import Pixels
 from .data import DataError, load_mnist, split_validation
 from .losses import SoftmaxCrossEntropy
 from .network import mlp
-from .optimizers import SGD, Momentum
+from .optimizers import SGD, Adam, AdamW, Momentum, RMSprop
 from .schedules import make_schedule
 from .training import evaluate, fit, predict
 
@@ -40,11 +40,22 @@ CHECKPOINT = "checkpoint.npz"
 # settings a resumed run may change: how long, where, and what is drawn; every other one changes the run
 OUTPUTS = ("model.npz", "metrics.json", CHECKPOINT, "curves.png", "confusion.png", "misclassified.png")
 MAY_CHANGE_ON_RESUME = {"epochs", "device", "data_dir", "download", "plots"}
+# each optimizer's own settings, with their defaults: PyTorch's, except the learning rates (0.05, the
+# measured recipe, for SGD and momentum; 1e-3, Keras' and PyTorch's Adam's, for the adaptive rules)
+OPTIMIZER_SETTINGS = {
+    "sgd": {"lr": 0.05, "weight_decay": 0.0},
+    "momentum": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
+    "adam": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
+    "adamw": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2},
+    "rmsprop": {"lr": 1e-3, "alpha": 0.99, "eps": 1e-8, "momentum": 0.0, "weight_decay": 0.0},
+}
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run; the defaults are the recipe measured in README.md."""
+    """Every setting of a training run; the defaults are the recipe measured in README.md. An optimizer
+    setting left at None takes the chosen optimizer's default (:data:`OPTIMIZER_SETTINGS`); one that is
+    not the optimizer's own stays None (``check`` refuses it if given)."""
 
     data_dir: str | None = None
     download: bool = False
@@ -52,10 +63,17 @@ class TrainConfig:
     activation: list = field(default_factory=lambda: ["relu"])
     epochs: int = 20
     batch_size: int | None = 128
-    lr: float = 0.05
-    momentum: float = 0.9
+    optimizer: str = "momentum"
+    lr: float | None = None
+    momentum: float | None = None
     nesterov: bool = False
-    weight_decay: float = 0.0
+    weight_decay: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    eps: float | None = None
+    alpha: float | None = None
+    centered: bool = False
+    batch_norm: bool = False
     dropout: float = 0.2
     init: str | None = None
     schedule: str = "cosine"
@@ -66,6 +84,11 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     plots: bool = True
+
+    def __post_init__(self):
+        for name, value in OPTIMIZER_SETTINGS.get(self.optimizer, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
 
 def versions() -> dict:
@@ -104,6 +127,16 @@ def check(config: TrainConfig) -> None:
     if len(config.activation) not in (1, len(config.hidden)):
         raise ConfigError(f"--activation: expected 1 or {len(config.hidden)} names (one per hidden layer), "
                           f"got {len(config.activation)}")
+    if config.optimizer not in OPTIMIZER_SETTINGS:
+        raise ConfigError(f"--optimizer: expected one of {', '.join(OPTIMIZER_SETTINGS)}, got {config.optimizer!r}")
+    own = OPTIMIZER_SETTINGS[config.optimizer]
+    for name in ("momentum", "beta1", "beta2", "eps", "alpha"):
+        if name not in own and getattr(config, name) is not None:
+            users = " or ".join(k for k, v in OPTIMIZER_SETTINGS.items() if name in v)
+            raise ConfigError(f"--{name}: a setting of --optimizer {users}, got --optimizer {config.optimizer}")
+    for flag, user in (("nesterov", "momentum"), ("centered", "rmsprop")):
+        if getattr(config, flag) and config.optimizer != user:
+            raise ConfigError(f"--{flag}: a setting of --optimizer {user}, got --optimizer {config.optimizer}")
     if config.nesterov and config.momentum == 0:
         raise ConfigError("--nesterov: needs --momentum > 0, got --momentum 0")
     if config.patience and not config.val_size:
@@ -116,14 +149,24 @@ def build(config: TrainConfig, in_features: int, classes: int, device: str):
     hidden = list(config.hidden)
     acts = config.activation[0] if len(config.activation) == 1 else list(config.activation)
     net = mlp([in_features, *hidden, classes], activation=acts, init=config.init, dropout=config.dropout,
-              seed=config.seed, device=device)
-    if config.momentum > 0:
-        opt = Momentum(net.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
-                       weight_decay=config.weight_decay)
-    else:
-        opt = SGD(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+              seed=config.seed, device=device, batch_norm=config.batch_norm)
+    opt = make_optimizer(config, net.parameters())
     extra = {"step_size": config.step_size, "gamma": 0.1} if config.schedule == "step" else {}
     return net, opt, make_schedule(config.schedule, config.lr, config.epochs, **extra)
+
+
+def make_optimizer(config: TrainConfig, params):
+    """The optimizer ``config`` names, on ``params``; ``momentum`` with --momentum 0 is plain SGD."""
+    name, lr, wd = config.optimizer, config.lr, config.weight_decay
+    if name == "momentum" and config.momentum > 0:
+        return Momentum(params, lr=lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=wd)
+    if name in ("sgd", "momentum"):
+        return SGD(params, lr=lr, weight_decay=wd)
+    if name in ("adam", "adamw"):
+        return (Adam if name == "adam" else AdamW)(params, lr=lr, betas=(config.beta1, config.beta2),
+                                                   eps=config.eps, weight_decay=wd)
+    return RMSprop(params, lr=lr, alpha=config.alpha, eps=config.eps, momentum=config.momentum,
+                   centered=config.centered, weight_decay=wd)
 
 
 def write_json(path, obj) -> None:
@@ -191,13 +234,8 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     is raised after the checkpoint is written). A diverged run returns with ``stop_reason == "diverged"``.
     """
     check(config)
-    comm = parallel.world()  # under mpiexec: this process's place among the ranks
+    comm = _join_ranks(config, out, resume, overwrite)
     lead = comm is None or comm.rank == 0  # rank 0 alone prints, draws and writes
-    if comm is not None:
-        comm.same_everywhere("the training settings", {**asdict(config), "resume": resume, "overwrite": overwrite,
-                                                        "out": str(Path(out).resolve())})
-        if backend.normalize_device(config.device) != "cpu":
-            comm.use_local_gpu()  # before resolve_device's probe touches a GPU
     log = log if lead else (lambda line: None)
     device = backend.resolve_device(config.device)
     out = Path(out)
@@ -205,6 +243,54 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     ckpt = out / CHECKPOINT
     meta = check_out_folder(out, config, resume, overwrite, lead)
     started = time.perf_counter()
+    (x_tr, y_tr), (x_val, y_val), (x_test, y_test), data = _load(config, out, meta, comm)
+    classes = int(max(y_tr.max(), y_val.max() if len(y_val) else 0, y_test.max())) + 1
+    net, opt, schedule = build(config, x_tr.shape[1], classes, device)
+    loss = SoftmaxCrossEntropy()
+    why_not = fast.why_not(net, loss, opt, y_tr)  # a BatchNorm network or RMSprop runs the core's step
+    info = backend.describe_device(device)
+    log(_start_line(config, device, info, [x_tr.shape[1], *config.hidden, classes],
+                    (len(x_tr), len(x_val), len(x_test)), meta, comm, why_not))
+    try:
+        history = fit(net, loss, opt, x_tr, y_tr, epochs=config.epochs, batch_size=config.batch_size,
+                      validation=(x_val, y_val) if len(x_val) else None, seed=config.seed,
+                      target_loss=config.target_loss, patience=config.patience, schedule=schedule,
+                      callback=on_epoch, on_batch=on_batch, checkpoint_path=ckpt, resume=meta is not None,
+                      checkpoint_every=checkpoint_every, interrupt=interrupt,
+                      run_info={"config": asdict(config), "data": data}, comm=comm)
+    except Exception as exc:
+        # MemoryError, or CuPy's OutOfMemoryError (tested by name: CuPy may not be installed)
+        if not isinstance(exc, MemoryError) and type(exc).__name__ != "OutOfMemoryError":
+            raise
+        raise _out_of_memory(exc, config, ckpt) from exc
+    test = evaluate(net, loss, x_test, y_test, metrics=True, comm=comm)
+    result = _metrics(config, device, info, why_not, history, test, ckpt, time.perf_counter() - started)
+    if lead:
+        net.save(result["model"])
+    result["pictures"] = _pictures(config, lead, log, out, history, test, net, x_test, y_test)
+    if comm is not None:
+        result["processes"] = comm.size
+    if lead:
+        write_json(out / "metrics.json", result)
+    _last_lines(log, result, out)
+    return result
+
+
+def _join_ranks(config: TrainConfig, out, resume: bool, overwrite: bool):
+    """Under mpiexec, this process's :class:`parallel.Comm` once every rank has the same settings (and its
+    own GPU); None for a single process."""
+    comm = parallel.world()
+    if comm is not None:
+        comm.same_everywhere("the training settings", {**asdict(config), "resume": resume, "overwrite": overwrite,
+                                                        "out": str(Path(out).resolve())})
+        if backend.normalize_device(config.device) != "cpu":
+            comm.use_local_gpu()  # before resolve_device's probe touches a GPU
+    return comm
+
+
+def _load(config: TrainConfig, out: Path, meta, comm):
+    """``(train, validation, test, fingerprint)``: each set ``(Pixels, labels)``, the data checked to be the
+    checkpoint's (when resuming) and every rank's."""
     (x_train, y_train), (x_test, y_test) = load_data(config.data_dir, config.download)
     data = fingerprint(x_train, y_train, x_test)
     if comm is not None:
@@ -215,66 +301,53 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     if config.val_size >= len(x_train):
         raise ConfigError(f"--val-size: expected fewer than {len(x_train)} (the training set), got {config.val_size}")
     (x_tr, y_tr), (x_val, y_val) = split_validation(x_train, y_train, config.val_size)
-    x_tr, x_val, x_test_px = Pixels(x_tr), Pixels(x_val), Pixels(x_test)
-    classes = int(max(y_train.max(), y_test.max())) + 1
-    net, opt, schedule = build(config, x_train.shape[1], classes, device)
-    loss = SoftmaxCrossEntropy()
-    info = backend.describe_device(device)
+    return (Pixels(x_tr), y_tr), (Pixels(x_val), y_val), (Pixels(x_test), y_test), data
+
+
+def _start_line(config, device, info, sizes, counts, meta, comm, why_not) -> str:
     note = f" ({info['gpu_name']})" if device == "gpu" else (f" (GPU not used: {info['reason']})" if info["reason"] else "")
-    sizes = [x_train.shape[1], *config.hidden, classes]
     where = f"; resuming after epoch {meta['epoch']}, step {meta['step']}" if meta else ""
     where += f"; {comm.size} processes, each global batch split across them" if comm is not None else ""
-    log(f"gpunet {__version__}: training {' -> '.join(map(str, sizes))} on {device}{note}; "
-        f"{len(x_tr)} train / {len(x_val)} validation / {len(x_test)} test examples{where}")
-    try:
-        history = fit(net, loss, opt, x_tr, y_tr, epochs=config.epochs, batch_size=config.batch_size,
-                      validation=(x_val, y_val) if len(x_val) else None, seed=config.seed,
-                      target_loss=config.target_loss, patience=config.patience, schedule=schedule,
-                      callback=on_epoch, on_batch=on_batch, checkpoint_path=ckpt, resume=meta is not None,
-                      checkpoint_every=checkpoint_every, interrupt=interrupt,
-                      run_info={"config": asdict(config), "data": data}, comm=comm)
-    except MemoryError as exc:
-        raise _out_of_memory(exc, config, ckpt) from exc
-    except Exception as exc:
-        if type(exc).__name__ != "OutOfMemoryError":  # CuPy's, tested by name: CuPy may not be installed
-            raise
-        raise _out_of_memory(exc, config, ckpt) from exc
-    test = evaluate(net, loss, x_test_px, y_test, metrics=True, comm=comm)
-    wall = time.perf_counter() - started
-    model_path = out / "model.npz"
-    if lead:
-        net.save(model_path)
-    result = {
+    where += f"; the core's step runs (no fused step: {why_not})" if why_not else ""
+    return (f"gpunet {__version__}: training {' -> '.join(map(str, sizes))} on {device}{note}; "
+            f"{counts[0]} train / {counts[1]} validation / {counts[2]} test examples{where}")
+
+
+def _metrics(config, device, info, why_not, history, test, ckpt: Path, wall: float) -> dict:
+    """What metrics.json holds (the pictures and the process count are added by the caller)."""
+    return {
         "config": asdict(config), "device": device, "backend": info["backend"], "device_info": info,
-        "fast_path": fast.status(), "versions": versions(),
+        "fast_path": fast.status(), "fused_step": {"used": why_not is None, "why_not": why_not},
+        "versions": versions(),
         "history": history.epochs, "stop_reason": history.stop_reason, "best_epoch": history.best_epoch,
         "diverged_epoch": history.diverged_epoch, "checkpoint": str(ckpt),
         "test_loss": test["loss"], "test_accuracy": test["accuracy"],
         "per_class": {k: test[k] for k in ("precision", "recall", "f1", "support")},
         "macro": {k: test["macro_" + k] for k in ("precision", "recall", "f1")},
         "confusion_matrix": test["confusion_matrix"], "wall_seconds": wall,
-        "mean_epoch_seconds": float(np.mean([h["seconds"] for h in history.epochs])), "model": str(model_path),
+        "mean_epoch_seconds": float(np.mean([h["seconds"] for h in history.epochs])),
+        "model": str(ckpt.parent / "model.npz"),
     }
-    pictures = []
+
+
+def _pictures(config, lead: bool, log, out: Path, history, test, net, x_test, y_test) -> list:
+    """Draw the curves, the confusion matrix and the misclassified digits (rank 0, matplotlib present)."""
     if not config.plots or not lead:
-        pass
-    elif not plots.available():
+        return []
+    if not plots.available():
         log("note: matplotlib is not installed, so no pictures were drawn (pip install 'gpunet[cli]')")
-    else:
-        plots.curves(history.epochs, out / "curves.png")
-        plots.confusion(test["confusion_matrix"], out / "confusion.png")
-        pred = backend.to_numpy(predict(net, x_test_px))
-        plots.misclassified(x_test, y_test, pred, out / "misclassified.png")
-        pictures = ["curves.png", "confusion.png", "misclassified.png"]
-    result["pictures"] = pictures
-    if comm is not None:
-        result["processes"] = comm.size
-    if lead:
-        write_json(out / "metrics.json", result)
-    if history.stop_reason == "diverged":
-        log(f"the training loss became NaN or infinite in epoch {history.diverged_epoch}: the weights of the last "
-            f"finished epoch were kept")
-    log(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}); stopped by {history.stop_reason}; "
-        f"{result['mean_epoch_seconds']:.2f}s per epoch, {wall:.1f}s in all")
-    log(f"wrote {model_path}, {out / 'metrics.json'}" + "".join(f", {out / p}" for p in pictures))
-    return result
+        return []
+    plots.curves(history.epochs, out / "curves.png")
+    plots.confusion(test["confusion_matrix"], out / "confusion.png")
+    pred = backend.to_numpy(predict(net, x_test))
+    plots.misclassified(x_test.raw, y_test, pred, out / "misclassified.png")
+    return ["curves.png", "confusion.png", "misclassified.png"]
+
+
+def _last_lines(log, result: dict, out: Path) -> None:
+    if result["stop_reason"] == "diverged":
+        log(f"the training loss became NaN or infinite in epoch {result['diverged_epoch']}: the weights of the "
+            f"last finished epoch were kept")
+    log(f"test accuracy {result['test_accuracy']:.4f} (loss {result['test_loss']:.4f}); stopped by "
+        f"{result['stop_reason']}; {result['mean_epoch_seconds']:.2f}s per epoch, {result['wall_seconds']:.1f}s in all")
+    log(f"wrote {result['model']}, {out / 'metrics.json'}" + "".join(f", {out / p}" for p in result["pictures"]))

@@ -22,12 +22,16 @@ NVRTC comes from NVIDIA's wheel nvidia-cuda-nvrtc-cu12 and the headers from nvid
 from __future__ import annotations
 
 import re
+import types
 from pathlib import Path
 
 import numpy as np
 
 from gpunet import backend
 from gpunet.fast import cuda
+from gpunet.fast.step import adam_scalars
+from gpunet.layers import Parameter
+from gpunet.optimizers import Adam, AdamW
 
 ARCHS = ("80", "90", "120")  # Ampere, Hopper, Blackwell (consumer); 120 needs NVRTC >= 12.8
 DTYPES = ("float32", "float64")
@@ -94,16 +98,26 @@ def compile_program(source: str, name: str, arch: str, kernel_options: tuple = (
 def launch_all(dtype: str, xp=np) -> None:
     """Call each of gpunet.fast.cuda's elementwise wrappers as gpunet.fast.step does, on MNIST-sized arrays of
     ``xp`` in ``dtype``: activations (128, 512) and (1, 512) (online learning: another layout), W (784, 512)
-    and b (512,), momentum with and without Nesterov, SGD."""
+    and b (512,), a layer's update with momentum (with and without Nesterov) and SGD, Adam and AdamW (their
+    scalars from gpunet.fast.step.adam_scalars, as the fused step passes them), dropout, the gather."""
     t = np.dtype(dtype).type
     y, b, W = xp.zeros((128, 512), dtype), xp.zeros(512, dtype), xp.zeros((784, 512), dtype)
     cuda.bias_relu(y, b)
     cuda.bias_relu(xp.zeros((1, 512), dtype), b)
     cuda.relu_backward(y.copy(), y)
+    cuda.relu_mask_backward(y.copy(), y, y.copy())
+    params = [types.SimpleNamespace(data=a, grad=a.copy()) for a in (W, b)]
+    for nesterov in (False, True):  # momentum, then SGD (no velocities)
+        cuda.layer_update(*params, W.copy(), b.copy(), y, t(0.05), t(0.9), t(1e-4), nesterov)
+    cuda.layer_update(*params, None, None, y, t(0.05), t(0.0), t(1e-4), False)
+    adams = [cls([Parameter(np.zeros(2, dtype))], weight_decay=1e-4) for cls in (Adam, AdamW)]
+    for opt in adams:
+        opt.t = 1
     for p in (W, b):
-        for nesterov in (False, True):
-            cuda.momentum(p, p.copy(), p.copy(), t(0.05), t(0.9), t(1e-4), nesterov)
-        cuda.sgd(p, p.copy(), t(0.05), t(1e-4))
+        for opt in adams:
+            cuda.adam(p, p.copy(), p.copy(), p.copy(), adam_scalars(opt, dtype))
+    cuda.dropout(y, y.copy(), 2**63 - 1, 52429, 1 / 0.8)
+    cuda.gather_scaled(xp.zeros((1000, 784), np.uint8), xp.zeros(128, np.int64), xp.zeros((128, 784), dtype), 255)
 
 
 def elementwise_launches(dtype: str) -> list:
@@ -123,18 +137,21 @@ def elementwise_launches(dtype: str) -> list:
     return calls
 
 
-def _kernel_layout(arrays: list) -> tuple[list, int]:
+def _kernel_layout(arrays: list, raw: list) -> tuple[list, int]:
     """CuPy's ``_broadcast`` and ``_reduce_dims`` for these arrays (None for a scalar): the (ndim,
-    c_contiguous) each array is described with, and the loop's ndim."""
-    shape = np.broadcast_shapes(*[a.shape for a in arrays if a is not None])
-    views = [None if a is None else np.broadcast_to(a, shape) for a in arrays]
-    contiguous = all(v.flags.c_contiguous for v in views if v is not None)
-    if len(shape) > 1 and contiguous:  # every array C-contiguous: one flat loop
-        return [None if v is None else (1, True) for v in views], 1
+    c_contiguous) each array is described with, and the loop's ndim. ``raw`` parameters take no part in
+    either: they are described as they are."""
+    loop = [a for a, r in zip(arrays, raw) if a is not None and not r]
+    shape = np.broadcast_shapes(*[a.shape for a in loop])
+    views = [None if a is None else a if r else np.broadcast_to(a, shape) for a, r in zip(arrays, raw)]
+    as_is = [None if v is None else (v.ndim, bool(v.flags.c_contiguous)) for v in views]
+    contiguous = all(v.flags.c_contiguous for v, r in zip(views, raw) if v is not None and not r)
+    if len(shape) > 1 and contiguous:  # every looped array C-contiguous: one flat loop
+        return [lay if r or lay is None else (1, True) for lay, r in zip(as_is, raw)], 1
     if len(shape) > 2:
         raise NotImplementedError(f"layout {shape} with a broadcast or strided array: not mirrored here "
                                   "(gpunet launches only 1-D and 2-D ones)")
-    return [None if v is None else (v.ndim, bool(v.flags.c_contiguous)) for v in views], len(shape)
+    return as_is, len(shape)
 
 
 def elementwise_program(spec: tuple, args: tuple) -> tuple[str, str, tuple]:
@@ -149,10 +166,11 @@ def elementwise_program(spec: tuple, args: tuple) -> tuple[str, str, tuple]:
     in_dtypes = tuple(a.dtype if isinstance(a, np.ndarray) else None for a in ins)
     in_types, out_types, type_map = kernel._decide_params_type(in_dtypes, tuple(a.dtype for a in outs))
     arrays = [a if isinstance(a, np.ndarray) else None for a in ins]
+    raw = [p.raw for p in kernel.params]
     if not outs:  # CuPy allocates the outputs, C-contiguous in the broadcast shape
-        shape = np.broadcast_shapes(*[a.shape for a in arrays if a is not None])
+        shape = np.broadcast_shapes(*[a.shape for a, r in zip(arrays, raw) if a is not None and not r])
         outs = [np.empty(shape, t) for t in out_types]
-    layout, loop_ndim = _kernel_layout(arrays + outs)
+    layout, loop_ndim = _kernel_layout(arrays + outs, raw)
     infos = []
     for i, (a, lay) in enumerate(zip(arrays + outs, layout)):
         if lay is None:  # a scalar takes its parameter's type (CScalar.apply_dtype)
@@ -191,14 +209,23 @@ static_assert(gpunet_same<gpunet_params<decltype({kernel_name})>::type, void({ex
 
 
 def raw_programs(dtype: str, source: str | None = None) -> list:
-    """``(name, source)`` of gpunet's RawKernel for ``dtype``: the exact source CuPy compiles, then the
-    same with :func:`signature_check` against the arguments ``cuda.softmax_xent_launch`` passes."""
+    """``(name, source)`` of gpunet's RawKernels for ``dtype``: the exact source CuPy compiles, then the
+    same with :func:`signature_check` against the arguments its ``*_launch`` function passes. ``source``
+    replaces the plain softmax kernel's (for the negative tests)."""
     ctype = cuda.CTYPES[dtype]
-    source = cuda.softmax_xent_source(ctype) if source is None else source
     z, labels = np.zeros((128, 10), dtype), np.zeros(128, np.int64)
-    _, _, args = cuda.softmax_xent_launch(z, labels, np.zeros_like(z), np.zeros(128, dtype))
-    name = cuda.SOFTMAX_XENT_NAME
-    return [(name, source), (f"{name}_signature", source + signature_check(name, args))]
+    out = []
+    for name, kernel, (_, _, args) in (
+            (cuda.SOFTMAX_XENT_NAME, cuda.SOFTMAX_XENT,
+             cuda.softmax_xent_launch(z, labels, np.zeros_like(z), np.zeros(128, dtype))),
+            (cuda.SOFTMAX_XENT_SUMS_NAME, cuda.SOFTMAX_XENT_SUMS,
+             cuda.softmax_xent_sums_launch(z, labels, np.zeros_like(z), np.zeros((), dtype),
+                                           np.zeros((), np.float64), np.zeros((), np.int64)))):
+        text = cuda.softmax_xent_source(ctype, kernel)
+        if source is not None and name == cuda.SOFTMAX_XENT_NAME:
+            text = source
+        out += [(name, text), (f"{name}_signature", text + signature_check(name, args))]
+    return out
 
 
 def programs(dtype: str) -> list:

@@ -89,7 +89,8 @@ def test_device_matches_numpy_reference(device):
 
 # ------------------------------------------------------------------------ agreement as a user sees it
 # fit, evaluate, predict, save and load, on the CPU and the GPU, from the same weights and the same batch
-# order (drawn on the host, so identical). No dropout: its masks come from each device's own generator.
+# order (drawn on the host, so identical), with dropout: its masks are a function of host-drawn keys, the
+# same bits on every device (gpunet.layers.dropout_bits).
 #
 # Tolerances: every float32 trajectory here stays within about 1e-6 (relative to each array's largest entry)
 # of the float64 trajectory from the same weights; measured on the CPU: 5e-7 for the weights after 40
@@ -115,8 +116,8 @@ def fit_on(device, dtype=np.float32):
     from gpunet.training import fit
 
     x, y, xv, yv = fit_problem()
-    net = gn.mlp(FIT_SIZES, seed=1, device=device, dtype=dtype)
-    net.load_state_dict({k: v.astype(dtype) for k, v in gn.mlp(FIT_SIZES, seed=1, device="cpu").state_dict().items()})
+    net = gn.mlp(FIT_SIZES, seed=1, dropout=0.2, device=device, dtype=dtype)
+    net.load_state_dict({k: v.astype(dtype) for k, v in gn.mlp(FIT_SIZES, seed=1, dropout=0.2, device="cpu").state_dict().items()})
     opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9)
     history = fit(net, gn.SoftmaxCrossEntropy(), opt, x.astype(dtype), y, epochs=FIT_EPOCHS, batch_size=100,
                   validation=(xv.astype(dtype), yv), seed=3)
@@ -184,3 +185,45 @@ def test_a_cpu_model_loads_on_the_gpu_and_back(tmp_path):
     for (name, a), b in zip(net.state_dict().items(), back.state_dict().values()):
         assert np.array_equal(a, b), name
     assert repr(back) == repr(net)
+
+
+def check_resume_across_devices(first, second, tmp_path):
+    """A run interrupted on ``first`` resumes on ``second`` from the checkpoint (weights, velocities,
+    order and dropout keys are host data) and ends where an uninterrupted run on ``first`` ends, within
+    the agreement tolerance (bit for bit when both are the CPU)."""
+    from gpunet.training import Interrupted, fit
+
+    x, y, xv, yv = fit_problem()
+    path = tmp_path / "run.npz"
+
+    def train(device, **kw):
+        net = gn.mlp(FIT_SIZES, seed=1, dropout=0.2, device=device)
+        opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9)
+        history = fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, epochs=3, batch_size=100, validation=(xv, yv),
+                      seed=3, checkpoint_path=path, **kw)
+        return net, history
+
+    whole = train(first)
+    steps = []
+    with pytest.raises(Interrupted) as stopped:
+        train(first, interrupt=lambda: steps.append(1) or len(steps) == 15)  # mid epoch 2
+    assert (stopped.value.epoch, stopped.value.step) == (1, 5)
+    resumed = train(second, resume=True)
+    assert resumed[0].device == second
+    if first == second == "cpu":
+        for (name, a), b in zip(whole[0].state_dict().items(), resumed[0].state_dict().values()):
+            assert np.array_equal(a, b), name
+    else:
+        for (name, a), b in zip(whole[0].state_dict().items(), resumed[0].state_dict().values()):
+            close_to(b, gn.to_numpy(a), f"resumed on {second}: {name}")
+    assert [e["epoch"] for e in resumed[1].epochs] == [1, 2, 3]
+
+
+def test_resume_on_the_cpu(tmp_path):
+    check_resume_across_devices("cpu", "cpu", tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("first, second", [("gpu", "cpu"), ("cpu", "gpu"), ("gpu", "gpu")])
+def test_resume_across_devices(first, second, tmp_path):
+    check_resume_across_devices(first, second, tmp_path)

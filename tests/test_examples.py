@@ -43,7 +43,7 @@ def test_mnist_api(mnist_dir, tmp_path):
 def test_explain_mnist(mnist_dir, tmp_path):
     out = run("explain_mnist.py", "--data-dir", str(mnist_dir), "--steps", "100", "--markdown", str(tmp_path / "step.md"))
     assert float(out.split("test accuracy before the explained step: ")[1].split()[0]) > 0.8
-    for phrase in ("784-32-10 network", "delta^L = y^D - y^L", "W^1 (new) = W^1 - alpha dC/dW^1", "shape (784, 32)"):
+    for phrase in ("784-32-10 network", "delta^L = y^D - y^L", "W^1 (new) = W^1 + Delta W^1", "shape (784, 32)"):
         assert phrase in out, phrase
     assert float(out.split("delta^L = y^D - y^L holds to ")[1].split()[0]) < 1e-5
     before, after = map(float, re.search(r"cost on this image: before (\S+), after the step (\S+)", out).groups())

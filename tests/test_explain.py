@@ -1,5 +1,7 @@
-"""gpunet explain: the recorded numbers are the training path's, a textbook step worked out by hand agrees,
-and the command line takes every option and refuses every bad input in one line."""
+"""gpunet explain: the recorded numbers are the training path's, two textbook steps worked out by hand
+agree (one of them against the article's published figures), the renderers draw each formula in the
+notes' sign convention within a terminal's width, and the command line takes every option and refuses
+every bad input in one line."""
 import json
 import math
 import os
@@ -15,7 +17,9 @@ import gpunet as gn
 import gpunet.images
 import gpunet.training  # noqa: F401  (gn.training below)
 from gpunet import cli
-from gpunet.explain import SCHEMA, build_network, render_json, render_markdown, render_text, to_json
+from gpunet.explain import SCHEMA, to_json
+from gpunet.explain_inputs import EXAMPLE, build_network
+from gpunet.explain_render import WIDTH, latex, render_json, render_markdown, render_text, steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 MAZUR = {"layers": [{"W": [[0.15, 0.25], [0.20, 0.30]], "b": [0.35, 0.35]},
                     {"W": [[0.40, 0.50], [0.45, 0.55]], "b": [0.60, 0.60]}]}
 X, CLASS, ALPHA = [0.05, 0.10], 1, 0.5
+
+
+def test_the_default_example_is_the_article_s():
+    assert EXAMPLE["weights"] == MAZUR and EXAMPLE["input"] == X and EXAMPLE["target"] == [0.01, 0.99]
+    assert EXAMPLE["lr"] == ALPHA and EXAMPLE["activation"] == "sigmoid"
 
 
 def hand_step():
@@ -84,8 +93,13 @@ def test_textbook_step_by_hand_float64():
 
 
 def clone(net):
-    twin = gn.Sequential(*[type(l)(l.in_features, l.out_features, dtype=l.W.data.dtype) if isinstance(l, gn.Linear)
-                           else type(l)() for l in net.layers])
+    def twin_of(layer):
+        if isinstance(layer, gn.Linear):
+            return gn.Linear(layer.in_features, layer.out_features, dtype=layer.W.data.dtype)
+        if isinstance(layer, gn.BatchNorm):
+            return gn.BatchNorm(layer.features, dtype=layer.gamma.data.dtype)
+        return type(layer)()
+    twin = gn.Sequential(*[twin_of(layer) for layer in net.layers])
     twin.load_state_dict(net.state_dict())
     return twin
 
@@ -95,6 +109,10 @@ CASES = [  # sizes, activation, loss, optimizer, batch
     ([3, 5, 4, 3], ["relu", "tanh"], gn.SoftmaxCrossEntropy, "momentum", 4),
     ([4, 6, 2], "relu", gn.MSELoss, "nesterov", 3),
     ([2, 3, 2], "tanh", gn.MAELoss, "sgd_wd", 2),
+    ([3, 4, 2], "sigmoid", gn.SoftmaxCrossEntropy, "adam", 3),
+    ([3, 4, 2], "relu", gn.MSELoss, "adamw", 2),
+    ([2, 4, 3], "tanh", gn.SoftmaxCrossEntropy, "rmsprop", 2),
+    ([2, 4, 3], "sigmoid", gn.MAELoss, "rmsprop_centered_momentum", 3),
 ]
 
 
@@ -102,7 +120,12 @@ def make_opt(kind, params):
     return {"sgd": lambda: gn.SGD(params, lr=0.3),
             "sgd_wd": lambda: gn.SGD(params, lr=0.3, weight_decay=0.01),
             "momentum": lambda: gn.Momentum(params, lr=0.1, momentum=0.9),
-            "nesterov": lambda: gn.Momentum(params, lr=0.1, momentum=0.8, nesterov=True)}[kind]()
+            "nesterov": lambda: gn.Momentum(params, lr=0.1, momentum=0.8, nesterov=True),
+            "adam": lambda: gn.Adam(params, lr=0.01, betas=(0.8, 0.9), eps=1e-3, weight_decay=0.1),
+            "adamw": lambda: gn.AdamW(params, lr=0.01, weight_decay=0.5),
+            "rmsprop": lambda: gn.RMSprop(params, lr=0.01, alpha=0.9, eps=1e-3),
+            "rmsprop_centered_momentum": lambda: gn.RMSprop(params, lr=0.01, alpha=0.9, eps=1e-3, momentum=0.5,
+                                                            centered=True, weight_decay=0.1)}[kind]()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
@@ -134,30 +157,158 @@ def test_record_equals_the_training_path(sizes, act, loss_cls, opt_kind, n, dtyp
             recorded = [lay["params"][k] for lay in r["layers"] if lay["params"] for k in ("W", "b")]
             params = twin.parameters()
             assert len(recorded) == len(params)
+            arrays = opt2.state_dict()["arrays"]
             for i, (got, p, g) in enumerate(zip(recorded, params, grads)):
                 np.testing.assert_allclose(np.asarray(got["grad"], dtype), g, **tol)
                 np.testing.assert_allclose(np.asarray(got["after"], dtype), p.data, **tol)
-                if isinstance(opt2, gn.Momentum):
-                    np.testing.assert_allclose(np.asarray(got["velocity"], dtype), opt2.velocity(i), **tol)
-                else:
-                    assert got["velocity"] is None
+                assert sorted(got["state"]) == sorted(arrays)  # {} for SGD
+                for name, state in got["state"].items():
+                    np.testing.assert_allclose(np.asarray(state, dtype), arrays[name][i], **tol)
         # the notes' output delta: y^D - y^L (cross-entropy, MSE with no output activation), sign(...) for MAE
         diff = rec["y_D"] - rec["y_L"]
         want = np.sign(diff) if loss_cls is gn.MAELoss else diff
         np.testing.assert_allclose(rec["stages"][-1]["delta"], want, **tol)
-        # momentum as the notes write it: v = gamma v + alpha grad; w = w - v
-        if opt_kind == "momentum":
-            W = rec["layers"][0]["params"]["W"]
-            np.testing.assert_allclose(W["velocity"], 0.9 * W["velocity_before"] + np.float64(0.1) * W["grad"], **tol)
-            np.testing.assert_allclose(W["after"], W["before"] - W["velocity"], **tol)
-    assert np.any(rec["layers"][0]["params"]["W"]["velocity_before"]) == isinstance(opt, gn.Momentum)
+        # the update lines the text prints, in the notes' sign convention, hold of the library's numbers
+        for lay in rec["layers"]:
+            for p in (lay["params"] or {}).values():
+                check_update_line(opt_kind, p, tol)
+    assert np.any(list(rec["layers"][0]["params"]["W"]["state_before"].values())) == (opt_kind not in ("sgd", "sgd_wd"))
     text, md = render_text(rec), render_markdown(rec)
     balanced_displays(md)
-    rule = {"sgd": "W^1 (new) = W^1 - alpha dC/dW^1", "sgd_wd": "W^1 (new) = W^1 - alpha (dC/dW^1 + lambda W^1)",
-            "momentum": "W^1 (new) = W^1 - v", "nesterov": "W^1 (new) = W^1 - (gamma v + alpha dC/dW^1) (Nesterov)"}
-    assert rule[opt_kind] in text
+    assert RULES[opt_kind] in " ".join(text.split())  # a long formula wraps onto the next line
+    within_a_terminal(text)
     assert {"SoftmaxCrossEntropy": "delta^L = y^D - y^L", "MSELoss": "delta^L = y^D - y^L (no output activation",
             "MAELoss": "delta^L = sign(y^D - y^L)"}[loss_cls.__name__] in text
+
+
+# the update rule each optimizer's text prints for W^1, and what it claims of the numbers (Delta = -alpha grad)
+ADAM = "alpha / (1 - beta1^t) m(W^1) / (sqrt(v(W^1)) / sqrt(1 - beta2^t) + epsilon)"
+RULES = {"sgd": "W^1 (new) = W^1 + Delta W^1", "sgd_wd": "W^1 (new) = W^1 + Delta W^1 - alpha lambda W^1",
+         "momentum": "W^1 (new) = W^1 - v(W^1)", "nesterov": "W^1 (new) = W^1 - gamma v(W^1) + Delta W^1",
+         "adam": f"W^1 (new) = W^1 - {ADAM}", "adamw": f"W^1 (new) = (1 - alpha lambda) W^1 - {ADAM}",
+         "rmsprop": "W^1 (new) = W^1 - alpha g / (sqrt(v(W^1)) + epsilon)",
+         "rmsprop_centered_momentum": "buf(W^1) = mu buf(W^1) + g / (sqrt(v(W^1) - gbar(W^1)^2) + epsilon)"}
+
+
+def check_update_line(kind, p, tol):
+    """One parameter's record against the printed rule: SGD (lr 0.3, weight decay 0.01 for sgd_wd), momentum
+    (lr 0.1, gamma 0.9) and Nesterov (lr 0.1, gamma 0.8), as make_opt builds them; float64 arithmetic."""
+    if kind.startswith(("adam", "rmsprop")):
+        return check_adaptive_line(kind, p, tol)
+    before, delta = p["before"].astype(np.float64), p["correction"].astype(np.float64)
+    lr, gamma = (0.3, None) if kind.startswith("sgd") else (0.1, 0.9 if kind == "momentum" else 0.8)
+    np.testing.assert_allclose(delta, -lr * p["grad"].astype(np.float64), **tol)
+    if gamma is None:
+        want = before + delta - (lr * 0.01 * before if kind == "sgd_wd" else 0)
+    else:
+        v = gamma * p["state_before"]["velocities"].astype(np.float64) - delta  # v = gamma v - Delta
+        np.testing.assert_allclose(p["state"]["velocities"], v, **tol)
+        want = before - v if kind == "momentum" else before - gamma * v + delta
+    np.testing.assert_allclose(p["after"], want, **tol)
+
+
+def check_adaptive_line(kind, p, tol):
+    """Adam, AdamW and RMSprop as the text prints them (PyTorch's definitions, torch.optim's docs), in NumPy
+    float64 from the recorded state before, with make_opt's settings; t is the step count the record shows."""
+    f = {k: v.astype(np.float64) for k, v in p.items() if isinstance(v, np.ndarray)}
+    s0 = {k: v.astype(np.float64) for k, v in p["state_before"].items()}
+    w, delta = f["before"], f["correction"]
+    if kind.startswith("adam"):
+        lr, (b1, b2), eps, wd = (0.01, (0.8, 0.9), 1e-3, 0.1) if kind == "adam" else (0.01, (0.9, 0.999), 1e-8, 0.5)
+        g = -delta / lr + (wd * w if kind == "adam" else 0)
+        m, v = b1 * s0["m"] + (1 - b1) * g, b2 * s0["v"] + (1 - b2) * g * g
+        t = 1 if not s0["m"].any() else 2  # the test takes two steps
+        start = w if kind == "adam" else (1 - lr * wd) * w
+        want = start - lr / (1 - b1 ** t) * m / (np.sqrt(v) / np.sqrt(1 - b2 ** t) + eps)
+        np.testing.assert_allclose(p["state"]["m"], m, **tol)
+        np.testing.assert_allclose(p["state"]["v"], v, **tol)
+    else:
+        lr, rho, eps = 0.01, 0.9, 1e-3
+        g = -delta / lr + (0.1 * w if kind != "rmsprop" else 0)
+        v = rho * s0["v"] + (1 - rho) * g * g
+        np.testing.assert_allclose(p["state"]["v"], v, **tol)
+        if kind == "rmsprop":
+            want = w - lr * g / (np.sqrt(v) + eps)
+        else:
+            gbar = rho * s0["grad_avg"] + (1 - rho) * g
+            buf = 0.5 * s0["buffer"] + g / (np.sqrt(v - gbar * gbar) + eps)
+            np.testing.assert_allclose(p["state"]["buffer"], buf, **tol)
+            want = w - lr * buf
+    np.testing.assert_allclose(p["after"], want, **tol)
+
+
+def within_a_terminal(text):
+    widest = max(text.splitlines(), key=len)
+    assert len(widest) <= WIDTH == 100, widest
+
+
+def batch_norm_oracle(rec, s, eps=1e-5, training=True):
+    """The BatchNorm lines explain prints for layer s (1-based; Linear -> BatchNorm -> f), in NumPy float64
+    from the record's z^s, its scale and shift and the delta of u^s: (u, delta^s, Delta scale, Delta shift)."""
+    st = rec["stages"][s - 1]
+    bn = rec["layers"][st["layers"][1]]
+    z = st["z"].astype(np.float64)
+    scale, shift = (bn["params"][k]["before"].astype(np.float64) for k in ("gamma", "beta"))
+    if training:
+        mean, var = z.mean(axis=0), z.var(axis=0)  # the batch's mean and biased variance
+    else:
+        mean, var = 0.0, 1.0  # a new layer's running statistics (the test's eval case)
+    sigma = np.sqrt(var + eps)
+    xhat = (z - mean) / sigma
+    d_u = -rec["loss"]["delta_scale"] * bn["grad_output"].astype(np.float64)
+    if training:
+        delta = scale / sigma * (d_u - d_u.mean(axis=0) - xhat * (d_u * xhat).mean(axis=0))
+    else:
+        delta = scale / sigma * d_u
+    alpha_c = rec["optimizer"]["lr"] / rec["loss"]["delta_scale"]
+    return scale * xhat + shift, delta, alpha_c * (d_u * xhat).sum(axis=0), alpha_c * d_u.sum(axis=0), z
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_batch_norm_step_as_printed(training):
+    """A 3-5-4-2 network with BatchNorm after each hidden Linear: the record is the training path's, and the
+    printed BatchNorm formulas (forward, delta^s through it, its corrections, the running statistics) hold
+    of its numbers, computed again in NumPy float64."""
+    net = gn.mlp([3, 5, 4, 2], activation=["relu", "sigmoid"], seed=2, dtype=np.float64, device="cpu",
+                 batch_norm=True)
+    net.train(training)
+    twin = clone(net)
+    twin.train(training)
+    x = np.random.default_rng(3).normal(size=(4, 3))
+    rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.2), x, np.array([0, 1, 1, 0]))
+    loss = gn.SoftmaxCrossEntropy()
+    loss.forward(twin.forward(x), np.array([0, 1, 1, 0]))
+    twin.backward(loss.backward())
+    recorded = [p for lay in rec["layers"] if lay["params"] for p in lay["params"].values()]
+    tol = dict(rtol=1e-12, atol=1e-14)  # float64 both ways, the same operations
+    for got, p in zip(recorded, twin.parameters(), strict=True):
+        np.testing.assert_allclose(got["grad"], p.grad, **tol)
+    loose = dict(rtol=1e-10, atol=1e-13)  # the oracle sums in another order
+    for s in (1, 2):
+        u, delta, d_scale, d_shift, z = batch_norm_oracle(rec, s, training=training)
+        bn = rec["layers"][rec["stages"][s - 1]["layers"][1]]
+        np.testing.assert_allclose(bn["output"], u, **loose)
+        np.testing.assert_allclose(rec["stages"][s - 1]["delta"], delta, **loose)
+        np.testing.assert_allclose(bn["params"]["gamma"]["correction"], d_scale, **loose)
+        np.testing.assert_allclose(bn["params"]["beta"]["correction"], d_shift, **loose)
+        if training:  # PyTorch's running update: momentum 0.1, the variance unbiased
+            np.testing.assert_allclose(bn["buffers"]["running_mean"], 0.1 * z.mean(axis=0), **loose)
+            np.testing.assert_allclose(bn["buffers"]["running_var"], 0.9 + 0.1 * z.var(axis=0, ddof=1), **loose)
+    text = render_text(rec)
+    phrases = ["u^1 = scale^1 * (z^1 - mean_n z^1) / sqrt(var_n z^1 + epsilon_BN) + shift^1",
+               "delta_u^1 = f'(u^1) * sum_k delta_k^2 w_jk^2", "f'(u^1) = [u^1 > 0] (ReLU)",
+               "Delta scale^2 = (alpha/c) sum_n delta_u^2 * xhat^2",
+               "delta^1 = scale^1 / sigma^1 * (delta_u^1 - mean_n delta_u^1 - xhat^1 * mean_n (delta_u^1 * xhat^1))",
+               "mean_run^2 (new) = (1 - 0.1) mean_run^2 + 0.1 mean_n z^2"]
+    if not training:
+        phrases = ["u^1 = scale^1 * (z^1 - mean_run^1) / sqrt(var_run^1 + epsilon_BN) + shift^1",
+                   "delta^1 = scale^1 / sigma^1 * delta_u^1", "scale^1 (new) = scale^1 + Delta scale^1"]
+    flat = " ".join(text.split())
+    for phrase in phrases:
+        assert phrase in flat, phrase
+    assert ("mean_run^1 (new)" in flat) == training  # eval mode leaves the running statistics alone
+    within_a_terminal(text)
+    check_markdown_displays(render_markdown(rec))
 
 
 def test_layers_are_copies_and_the_caller_arrays_untouched():
@@ -183,9 +334,11 @@ def test_json_schema_and_exact_float32_values():
     assert set(doc["loss"]) == {"type", "value", "gradient", "delta_scale"}
     assert doc["optimizer"] == {"type": "Momentum", "lr": 0.5, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}
     assert [l["type"] for l in doc["layers"]] == ["Linear", "Sigmoid", "Linear"]
-    assert set(doc["layers"][0]) == {"index", "type", "name", "input", "output", "grad_output", "grad_input",
+    assert set(doc["layers"][0]) == {"index", "type", "name", "config", "input", "output", "grad_output", "grad_input",
                                      "derivative", "params"}
-    assert set(doc["layers"][0]["params"]["W"]) == {"before", "grad", "after", "change", "velocity_before", "velocity"}
+    assert doc["layers"][1]["config"] == {"type": "Sigmoid"} and doc["layers"][0]["config"]["in_features"] == 2
+    assert set(doc["layers"][0]["params"]["W"]) == {"before", "grad", "correction", "after", "change", "state_before",
+                                                    "state"}
     assert [s["layers"] for s in doc["stages"]] == [[0, 1], [2]] and doc["stages"][0]["activations"] == ["Sigmoid"]
     assert doc["target"] == [1] and doc["y_D"] == [[0.0, 1.0]]
     # every float reads back as the very float32 the library held
@@ -223,13 +376,113 @@ def test_text_prints_the_library_numbers():
     rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=ALPHA), X, [CLASS])
     text = render_text(rec)
     hand = hand_step()
-    assert numbers_after(text, "C = -(1/n) sum_i sum_j y^D_ij log y^L_ij") == pytest.approx([hand["cost"]], abs=1e-11)
+    # 12 digits printed (float64): 1e-11 is the last printed digit's half-unit for numbers below 1
+    assert numbers_after(text, "C = -(1/N) sum_n sum_j y^D_nj log y^L_nj") == pytest.approx([hand["cost"]], abs=1e-11)
     assert numbers_after(text, "delta^L = y^D - y^L") == pytest.approx(hand["d2"], abs=1e-11)
-    assert numbers_after(text, "W^1 (new) = W^1 - alpha dC/dW^1") == pytest.approx(sum(hand["W1"], []), abs=1e-11)
-    assert numbers_after(text, "W^L (new) = W^L - alpha dC/dW^L") == pytest.approx(sum(hand["W2"], []), abs=1e-11)
-    for phrase in ("Sign convention", "delta^1 = f'(z^1) * sum_k delta_k^L w_jk^L", "f'(z^1) = y (1 - y)",
-                   "z^1 = b^1 + y^0 W^1", "y^L = softmax(z^L)", "Delta w_ij = (alpha/c) sum_n y_i^0 delta_j^1"):
+    assert numbers_after(text, "delta^1 = f'(z^1) * sum_k delta_k^L w_jk^L") == pytest.approx(hand["d1"], abs=1e-11)
+    assert numbers_after(text, "W^1 (new) = W^1 + Delta W^1") == pytest.approx(sum(hand["W1"], []), abs=1e-11)
+    assert numbers_after(text, "W^L (new) = W^L + Delta W^L") == pytest.approx(sum(hand["W2"], []), abs=1e-11)
+    for phrase in ("Sign convention (the notes')", "f'(z^1) = y^1 (1 - y^1) (sigmoid)", "z^1 = b^1 + y^0 W^1",
+                   "y^L = softmax(z^L)", "Delta w_ij = (alpha/c) sum_n y_i^0 delta_j^1", "a batch of N = 1, K = 2",
+                   "dC/dz^L = -delta^L / c (loss.backward())"):
         assert phrase in text, phrase
+    # one sign convention: the library's gradient appears in one line (and the prose about it), no other
+    formulas = [step[1] for step in steps(rec) if step[0] == "eq"]
+    assert [f for f in formulas if "dC/d" in f] == ["dC/dz^L = -delta^L / c"]
+    assert not re.search(r"\bn\b|sum_i", " ".join(formulas))  # one name for the batch: N, instances n
+    within_a_terminal(text)
+
+
+# --- the notes' squared-error case: Mazur's step, as the article publishes it ---------------------------------
+# "A step by step backpropagation example" (Matt Mazur, 2015): 2-2-2, sigmoid everywhere, E = sum 1/2 (t - o)^2,
+# one step of gradient descent with learning rate 0.5. The figures as printed there (9 decimals, some 8):
+PUBLISHED = {"out_h1": 0.593269992, "out_o1": 0.75136507, "E_total": 0.298371109,
+             "w5": 0.35891648, "w6": 0.408666186, "w7": 0.511301270, "w8": 0.561370121,
+             "w1": 0.149780716, "w2": 0.19956143, "w3": 0.24975114, "w4": 0.29950229}
+
+
+def mazur_numpy():
+    """The article's step in NumPy, written as the article writes it (its names, its chain rule, w1..w8 one
+    by one), independently of gpunet; float64."""
+    i, t = np.array([0.05, 0.10]), np.array([0.01, 0.99])
+    w = dict(zip(range(1, 9), [0.15, 0.20, 0.25, 0.30, 0.40, 0.45, 0.50, 0.55]))
+    b1, b2, eta = 0.35, 0.60, 0.5
+    out_h = 1 / (1 + np.exp(-np.array([w[1] * i[0] + w[2] * i[1] + b1, w[3] * i[0] + w[4] * i[1] + b1])))
+    out_o = 1 / (1 + np.exp(-np.array([w[5] * out_h[0] + w[6] * out_h[1] + b2, w[7] * out_h[0] + w[8] * out_h[1] + b2])))
+    d_o = -(t - out_o) * out_o * (1 - out_o)  # dE/dnet_o
+    d_h = np.array([d_o[0] * w[5] + d_o[1] * w[7], d_o[0] * w[6] + d_o[1] * w[8]]) * out_h * (1 - out_h)
+    new = {5: w[5] - eta * d_o[0] * out_h[0], 6: w[6] - eta * d_o[0] * out_h[1],
+           7: w[7] - eta * d_o[1] * out_h[0], 8: w[8] - eta * d_o[1] * out_h[1],
+           1: w[1] - eta * d_h[0] * i[0], 2: w[2] - eta * d_h[0] * i[1],
+           3: w[3] - eta * d_h[1] * i[0], 4: w[4] - eta * d_h[1] * i[1]}
+    return {"out_h1": out_h[0], "out_o1": out_o[0], "out_o": out_o, "E_total": np.sum(0.5 * (t - out_o) ** 2),
+            "delta_o": -d_o, "f'_o": out_o * (1 - out_o), "delta_h": -d_h, **{f"w{k}": v for k, v in new.items()}}
+
+
+def test_mazur_by_numpy_matches_the_published_figures():
+    ours = mazur_numpy()
+    for name, value in PUBLISHED.items():
+        assert ours[name] == pytest.approx(value, abs=6e-9), name  # printed to 8 or 9 decimals: half a unit of 8
+
+
+def check_mazur(rec):
+    """rec: the record or its JSON of --loss mse --output-activation sigmoid, float64, against mazur_numpy."""
+    ours = mazur_numpy()
+
+    def close(got, want):  # float64 both ways, the sums in another order: 1e-12 is a thousand ulps
+        np.testing.assert_allclose(np.asarray(got, np.float64).ravel(), np.ravel(want), rtol=0, atol=1e-12)
+
+    close(rec["loss"]["value"], ours["E_total"])  # the library's MSE of N = 1, K = 2 is the article's E
+    close(rec["loss"]["delta_scale"], 1.0)  # c = N K / 2
+    close(rec["y_L"], ours["out_o"])
+    close(rec["stages"][-1]["delta"], ours["delta_o"])  # delta^L = f'(z^L) (y^D - y^L)
+    close(rec["layers"][3]["derivative"], ours["f'_o"])
+    close(rec["stages"][0]["delta"], ours["delta_h"])
+    close(rec["layers"][2]["params"]["W"]["after"], [[ours["w5"], ours["w7"]], [ours["w6"], ours["w8"]]])
+    close(rec["layers"][0]["params"]["W"]["after"], [[ours["w1"], ours["w3"]], [ours["w2"], ours["w4"]]])
+
+
+def test_the_notes_squared_error_case_is_mazur_s_step():
+    net = build_network(weights=MAZUR, dtype=np.float64, output_activation="sigmoid")
+    assert [type(l).__name__ for l in net.layers] == ["Linear", "Sigmoid", "Linear", "Sigmoid"]
+    rec = gn.explain_step(net, gn.MSELoss(), gn.SGD(net.parameters(), lr=ALPHA), X, [0.01, 0.99])
+    check_mazur(rec)
+    check_mazur(json.loads(render_json(rec)))
+    text, ours = render_text(rec), mazur_numpy()
+    assert numbers_after(text, "delta^L = f'(z^L) * (y^D - y^L)") == pytest.approx(ours["delta_o"], abs=1e-11)
+    assert numbers_after(text, "f'(z^L) = y^L (1 - y^L) (sigmoid)") == pytest.approx(ours["f'_o"], abs=1e-11)
+    cost = "C = 1/(N K) sum_n sum_j (y^D_nj - y^L_nj)^2 (mean squared error)"
+    assert numbers_after(text, cost) == pytest.approx([ours["E_total"]], abs=1e-11)
+    assert numbers_after(text, "W^L (new) = W^L + Delta W^L") == pytest.approx(
+        [ours["w5"], ours["w7"], ours["w6"], ours["w8"]], abs=1e-11)
+    assert "y^L = 1 / (1 + e^(-z^L)) (sigmoid)" in text and "c = N K / 2 = 1" in text
+    md = render_markdown(rec)
+    assert r"\delta^{L} = f'(z^{L}) \odot (y^{D} - y^{L})" in md
+    within_a_terminal(text)
+
+
+def test_cli_mazur_step_float32_and_float64(capsys):
+    rc, out, err = run_main(["--loss", "mse", "--output-activation", "sigmoid", "--float64", "--json"], capsys)
+    assert rc == 0, err
+    check_mazur(json.loads(out))
+    rc, out, err = run_main(["--loss", "mse", "--output-activation", "sigmoid"], capsys)
+    assert rc == 0, err
+    # float32, 6 significant digits printed: half a unit of the 6th digit (5e-7) plus float32's rounding
+    assert numbers_after(out, "W^L (new) = W^L + Delta W^L")[0] == pytest.approx(PUBLISHED["w5"], abs=6e-7)
+    cost = "C = 1/(N K) sum_n sum_j (y^D_nj - y^L_nj)^2 (mean squared error)"
+    assert numbers_after(out, cost) == pytest.approx([PUBLISHED["E_total"]], abs=6e-7)
+
+
+@pytest.mark.parametrize("formula, tex", [
+    ("dC/dW^1 = (y^0)^T dC/dz^1", r"\frac{\partial C}{\partial W^{1}} = (y^{0})^{T} \frac{\partial C}{\partial z^{1}}"),
+    ("y^1 = 1 / (1 + e^(-z^1))", r"y^{1} = 1 / (1 + e^{-z^{1}})"),
+    ("sum_k delta_k^L w_jk^L = delta^L (W^L)^T", r"\sum_{k} \delta_{k}^{L} w_{jk}^{L} = \delta^{L} (W^{L})^{T}"),
+    ("W^1 (new) = W^1 - gamma v(W^1) + Delta W^1", r"W^{1} (\text{new}) = W^{1} - \gamma v(W^{1}) + \Delta W^{1}"),
+    ("m = beta1 m + sqrt(v_t) * g", r"m = \beta_{1} m + \sqrt{v_{t}} \odot g"),
+    ("argmax_j y^L_nj", r"\arg\max_{j} y^{L}_{nj}"),
+])
+def test_latex_is_derived_from_the_plain_formula(formula, tex):
+    assert latex(formula) == tex
 
 
 def balanced_displays(md):
@@ -245,8 +498,18 @@ def balanced_displays(md):
 def check_markdown(md):
     displays = balanced_displays(md)
     for formula in (r"\delta^{L} = y^{D} - y^{L}", r"z^{1} = b^{1} + y^{0} W^{1}",
-                    r"\frac{\partial C}{\partial W^{1}}", r"W^{1}_{\text{new}}", r"\mathrm{softmax}"):
+                    r"\frac{\partial C}{\partial z^{L}}", r"W^{1} (\text{new})", r"\mathrm{softmax}"):
         assert formula in md, formula
+    return check_markdown_displays(md)
+
+
+def check_markdown_displays(md):
+    """Every plain formula was turned into LaTeX: no bare Greek names, plain scripts or plain fractions left."""
+    displays = balanced_displays(md)
+    for d in displays:
+        maths = re.sub(r"\\text\{[^}]*\}", "", d)  # the words of a note are prose
+        assert not re.search(r"(?<!\\)\b(alpha|gamma|delta|lambda|sum|dC|epsilon|sigma|beta1)\b|\^\(|\^[A-Za-z0-9]",
+                             maths), d
     return displays
 
 
@@ -264,7 +527,7 @@ def test_large_matrices_are_summarised():
     rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.1), x, [3])
     text = render_text(rec)
     assert "shape (784, 16), min " in text and "largest |entries|" in text
-    assert len(max(text.splitlines(), key=len)) < 400
+    within_a_terminal(text)
     assert r"\text{shape (784, 16)" in render_markdown(rec)
 
 
@@ -282,6 +545,12 @@ def test_large_matrices_are_summarised():
     (lambda net, opt: build_network(weights={"layers": [{"W": [[1], [2]], "b": [0]}, {"W": [[1], [1]], "b": [0]}]}),
      r"layers\[1\]\.W: expected 1 rows \(the previous layer's outputs\), got 2"),
     (lambda net, opt: build_network(weights=[1, 2]), "weights: expected"),
+    (lambda net, opt: gn.explain_step(gn.Sequential(gn.Tanh(), gn.Linear(2, 2)), gn.MSELoss(), opt, X, [1.0, 0.0]),
+     "net: expected a Sequential that starts with a Linear layer"),
+    (lambda net, opt: build_network(weights=MAZUR, output_activation="relu"),
+     "output_activation: expected one of sigmoid, tanh or None, got 'relu'"),
+    (lambda net, opt: gn.explain_step(build_network(weights=MAZUR, output_activation="tanh"), gn.SoftmaxCrossEntropy(),
+                                      opt, X, [1]), "net: expected a Linear output layer for SoftmaxCrossEntropy"),
 ])
 def test_api_errors_name_the_argument(call, message):
     net = gn.mlp([2, 2, 2], seed=0, device="cpu")
@@ -316,15 +585,22 @@ def test_cli_textbook_step_json_float64(weights_file, capsys):
     check_against_hand(doc)
 
 
-def test_cli_text_default_network(capsys):
-    rc, out, err = run_main(["--input", 0.05, 0.1, "--target", 1], capsys)
+def test_cli_no_flags_explains_the_default_example(capsys):
+    rc, out, err = run_main([], capsys)
     assert rc == 0, err
     assert "2-2-2 network: Linear(2, 2) -> Sigmoid -> Linear(2, 2)" in out and "alpha = 0.5" in out
-    assert "float32" in out and "delta^L = y^D - y^L" in out
-    # the same numbers as the API on the network the defaults describe
+    assert "float32" in out and "delta^L = y^D - y^L" in out and "No network given, so the default example" in out
+    # the same numbers as the API on the article's network, input and target
+    net = build_network(weights=MAZUR)
+    rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=ALPHA), X, [0.01, 0.99])
+    assert out == render_text(rec, intro=EXAMPLE["about"])
+    within_a_terminal(out)
+    # with --sizes, the weights are drawn from the seed (0 unless --seed says otherwise)
+    rc, out, err = run_main(["--sizes", 2, 2, 2, "--input", 0.05, 0.1, "--target", 1], capsys)
+    assert rc == 0, err
     net = gn.mlp([2, 2, 2], activation="sigmoid", seed=0, device="cpu")
     rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.5), [0.05, 0.1], 1)
-    assert out == render_text(rec)
+    assert out == render_text(rec) and "No network given" not in out
 
 
 def test_cli_every_option_against_the_api(capsys):
@@ -345,6 +621,32 @@ def test_cli_every_option_against_the_api(capsys):
     reseeded = [4 if a == 3 and args[i - 1] == "--seed" else a for i, a in enumerate(args)]
     _, other, _ = run_main(reseeded, capsys)
     assert json.loads(other)["layers"][0]["params"]["W"]["before"] != doc["layers"][0]["params"]["W"]["before"]
+
+
+def test_cli_batch_norm(capsys):
+    args = ["--sizes", 2, 3, 2, "--batch-norm", "--activation", "tanh", "--input", 1, 2, 3, 4, "--target", 0, 1]
+    rc, out, err = run_main(args + ["--json"], capsys)
+    assert rc == 0, err
+    net = gn.mlp([2, 3, 2], activation="tanh", seed=0, device="cpu", batch_norm=True)
+    rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.5),
+                          np.array([[1, 2], [3, 4]], np.float32), np.array([0, 1]))
+    assert json.loads(out) == to_json(rec)
+    assert [l["type"] for l in rec["layers"]] == ["Linear", "BatchNorm", "Tanh", "Linear"]
+    rc, out, err = run_main(args, capsys)
+    assert rc == 0 and "delta_u^1 = f'(u^1) * sum_k delta_k^L w_jk^L" in out
+    within_a_terminal(out)
+
+
+@pytest.mark.parametrize("kind, cls", [("adam", gn.Adam), ("adamw", gn.AdamW), ("rmsprop", gn.RMSprop)])
+def test_cli_adaptive_optimizers_use_their_own_defaults(kind, cls, capsys):
+    rc, out, err = run_main(["--optimizer", kind, "--json"], capsys)
+    assert rc == 0, err
+    net = build_network(weights=MAZUR)
+    rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), cls(net.parameters()), X, [0.01, 0.99])
+    assert json.loads(out) == to_json(rec)  # the library's lr (1e-3, 1e-2), not the example's 0.5
+    rc, out, err = run_main(["--optimizer", kind, "--lr", 0.25, "--format", "markdown"], capsys)
+    assert rc == 0, err
+    assert "alpha = 0.25" in out and r"\sqrt{v(W^{1})" in out
 
 
 def test_cli_mae_sgd_class_target_and_markdown(capsys):
@@ -385,7 +687,8 @@ def test_cli_model_and_image(model_and_image, capsys):
     rc, out, err = run_main(["--model", model, "--image", image, "--target", 3, "--float64", "--optimizer",
                              "momentum"], capsys)
     assert rc == 0, err
-    assert "y^D (class 3, one-hot)" in out and "float64" in out and "dropout (off in eval mode)" in out
+    assert "y^D (class 3, one-hot)" in out and "float64" in out and "(dropout, off in eval mode)" in out
+    within_a_terminal(out)
     assert "shape (784, 16)" in out
 
 
@@ -398,14 +701,22 @@ BAD = [  # arguments, the one-line message
     (["--input", 1, 2, "--target", 1, 2, 3], "--target: expected 1 class(es) in [0, 1] or 2 values"),
     (["--input", 1, 2, "--target", 0.5, 0.6], "--target: expected 2 probabilities summing to 1"),
     (["--input", 1, 2, 3, "--target", 0], "--input: expected 2 values (one per input of the network) or a multiple, got 3"),
-    (["--input", 1, 2], "--target: expected a class or 2 desired outputs per instance, got none"),
-    (["--target", 1], "--input: expected the instance's values or --image FILE, got neither"),
+    (["--sizes", 2, 2, 2, "--input", 1, 2], "--target: expected a class or 2 desired outputs per instance, got none"),
+    (["--sizes", 2, 2, 2, "--target", 1], "--input: expected the instance's values or --image FILE, got neither"),
+    (["--input", 1, 2, "--image", "IMAGE"], "--input: expected the instance's values or --image FILE, got both"),
+    (["--output-activation", "sigmoid"], "--output-activation: expected --loss mse or mae (cross-entropy applies"),
+    (["--loss", "mse", "--output-activation", "relu"], "argument --output-activation: invalid choice: 'relu'"),
+    (["--seed", 3], "--seed: draws the weights of --sizes, so it needs --sizes and no --weights"),
+    (["--model", "MODEL", "--loss", "mse", "--output-activation", "tanh"], "--output-activation: not used with --model"),
     (["--weights", "BROKEN", "--input", 1, 2, "--target", 0], "is not valid JSON"),
     (["--weights", "/nonexistent/w.json", "--input", 1, 2, "--target", 0], "--weights: file not found: /nonexistent/w.json"),
     (["--weights", "RAGGED", "--input", 1, 2, "--target", 0], "--weights: layers[0]: expected numbers in W"),
     (["--weights", "SHORT_B", "--input", 1, 2, "--target", 0], "--weights: layers[0].b: expected 2 values"),
     (["--sizes", 2, 2, 2, "--activation", "relu", "tanh", "--input", 1, 2, "--target", 0], "--activation: expected one name"),
     (["--optimizer", "sgd", "--momentum", 0.5, "--input", 1, 2, "--target", 0], "--momentum: only used with --optimizer momentum"),
+    (["--optimizer", "adam", "--momentum", 0.5], "--momentum: only used with --optimizer momentum"),
+    (["--batch-norm"], "x: expected a batch of at least 2 rows in training mode"),
+    (["--model", "MODEL", "--batch-norm", "--input", 1, 2], "--batch-norm: not used with --model"),
     (["--json", "--format", "markdown", "--input", 1, 2, "--target", 0], "--json: prints JSON"),
     (["--model", "/nonexistent/model.npz", "--input", 1, 2], "model file not found: /nonexistent/model.npz"),
     (["--model", "MODEL", "--sizes", 784, 10, "--input", 1, 2], "--sizes: not used with --model"),
@@ -456,16 +767,14 @@ def test_real_subprocess(weights_file):
     assert bad.stderr == "gpunet explain: error: --sizes: expected 2 2 2 to match the weights file, got 2 3 2\n"
 
 
-def test_readme_shows_the_real_output(tmp_path, capsys):
+def test_readme_shows_the_real_output(capsys):
     """The README's "One step, explained" prints what the command prints, from the weights it shows."""
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## One step, explained")[1]
     weights = json.loads(section.split("```json\n")[1].split("```")[0])
     assert weights == MAZUR
-    command = section.split("`gpunet explain ")[1].split("`")[0].split()
+    command = section.split("```text\n")[0].rsplit("`gpunet explain", 1)[1].split("`")[0].split()
     shown = section.split("```text\n")[1].split("```")[0]
-    path = tmp_path / "mazur.json"
-    path.write_text(json.dumps(weights))
-    rc, out, err = run_main([str(path) if a == "mazur.json" else a for a in command], capsys)
+    rc, out, err = run_main(command, capsys)
     assert rc == 0, err
     assert out == shown

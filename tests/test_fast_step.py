@@ -31,7 +31,11 @@ OPTIMIZERS = {
     "momentum": lambda p: gn.Momentum(p, lr=0.1, momentum=0.9),
     "momentum-wd": lambda p: gn.Momentum(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
     "nesterov": lambda p: gn.Momentum(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "adam": lambda p: gn.Adam(p, lr=1e-2),
+    "adam-l2": lambda p: gn.Adam(p, lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2),
+    "adamw": lambda p: gn.AdamW(p, lr=1e-2, weight_decay=0.1),
 }
+ADAM = ("adam", "adam-l2", "adamw")  # one fused kernel per parameter on either device, never folded
 
 
 def check_fused_step_is_the_core_step(device, opt_name, dropout, fold):
@@ -47,23 +51,27 @@ def check_fused_step_is_the_core_step(device, opt_name, dropout, fold):
         trace = []
         for _ in range(3):
             value, logits = step(x, y)
-            trace.append((float(value), gn.to_numpy(logits).copy(), net.state_dict()))
+            trace.append((float(value), gn.to_numpy(logits).copy(), net.state_dict(), opt.state_dict()))
         runs[kind] = trace
     for i, (core, fused) in enumerate(zip(runs["core"], runs["fast"])):
         assert abs(core[0] - fused[0]) <= 1e-5 * abs(core[0]), f"loss of step {i}"
         assert_allclose(fused[1], core[1], err_msg=f"logits of step {i}", **STEP_TOL)
         for k in core[2]:
             assert_allclose(fused[2][k], core[2][k], err_msg=f"{k} after step {i}", **STEP_TOL)
+        assert {k: v for k, v in fused[3].items() if k != "arrays"} == {k: v for k, v in core[3].items() if k != "arrays"}
+        for name, arrays in core[3]["arrays"].items():  # velocities, Adam's moments
+            for j, (a, b) in enumerate(zip(fused[3]["arrays"][name], arrays)):
+                assert_allclose(a, b, err_msg=f"{name}[{j}] after step {i}", **STEP_TOL)
 
 
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_fused_step_is_the_core_step_cpu(opt_name, dropout):
-    fold = blas.routines(np.float32) is not None and opt_name != "nesterov"
+    fold = blas.routines(np.float32) is not None and opt_name not in ("nesterov",) + ADAM
     check_fused_step_is_the_core_step("cpu", opt_name, dropout, fold)
 
 
-@pytest.mark.parametrize("opt_name", ["sgd-wd", "momentum-wd"])
+@pytest.mark.parametrize("opt_name", ["sgd-wd", "momentum-wd", "adam-l2", "adamw"])
 def test_fused_step_without_blas_or_numba_is_the_core_step(opt_name, monkeypatch):
     monkeypatch.setattr(blas, "routines", lambda dtype: None)
     monkeypatch.setattr(ops, "numba_kernels", lambda: None)
@@ -114,6 +122,10 @@ def test_fit_fast_folded_and_core_agree_cpu():
     (lambda net, loss, opt, y: (gn.Sequential(gn.Linear(50, 10), gn.Sigmoid(), gn.Linear(10, 10)), loss,
                                 None, y), "Sigmoid"),
     (lambda net, loss, opt, y: (gn.Sequential(gn.Linear(50, 10), gn.ReLU()), loss, None, y), "does not end"),
+    (lambda net, loss, opt, y: (gn.mlp([50, 10, 10], batch_norm=True), loss, None, y),
+     "layer 1 is BatchNorm, where a Linear was expected"),
+    (lambda net, loss, opt, y: (net, loss, gn.RMSprop(net.parameters()), y),
+     "the optimizer is RMSprop, not SGD, Momentum, Adam or AdamW"),
 ])
 def test_select_says_why_it_does_not_apply(change, reason, monkeypatch):
     x, y, make = problem("cpu")

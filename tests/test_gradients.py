@@ -153,3 +153,45 @@ def test_gradcheck_catches_a_wrong_backward():
     assert not res.ok
     assert res.errors["0.W"] > 1e-3 and res.errors["2.W"] < TOL  # only what lies below the bug is wrong
     assert "FAIL" in str(res)
+
+
+def test_batchnorm_gradients_in_training_mode(device):
+    """BatchNorm's matrix-form backward (batch statistics: every row's output depends on every row's
+    input) by central differences, inside a network: Linear -> BatchNorm -> tanh -> Linear."""
+    rng = np.random.default_rng(10)
+    net = gn.mlp([4, 6, 3], activation="tanh", batch_norm=True, seed=3, dtype=np.float64, device="cpu")
+    bn = net.layers[1]
+    bn.gamma.data[...] = rng.uniform(0.5, 2.0, 6)
+    bn.beta.data[...] = rng.normal(size=6)
+    x, y = rng.normal(size=(9, 4)), rng.integers(0, 3, size=9)
+    result = gn.gradcheck(net.to(device), gn.SoftmaxCrossEntropy(), to_device(x, device), to_device(y, device),
+                          training=True)
+    # the bias of the Linear before BatchNorm has no effect (the batch mean removes it): its gradient is 0 up
+    # to rounding on both sides, where a relative error means nothing; its size is checked instead
+    errors = {k: e for k, e in result.errors.items() if k != "0.b"}
+    assert all(e <= TOL for e in errors.values()), f"\n{result}"
+    assert {"input", "0.W", "1.gamma", "1.beta", "3.W", "3.b"} <= set(errors)
+    loss = gn.SoftmaxCrossEntropy()
+    net.train()
+    loss.forward(net.forward(to_device(x, device)), to_device(y, device))
+    net.backward(loss.backward())
+    assert float(np.abs(to_numpy(net.layers[0].b.grad)).max()) < 1e-12 < float(np.abs(to_numpy(net.layers[0].W.grad)).max())
+    # the eval-mode pass (running statistics: an affine map) checks too
+    check(device, net, gn.SoftmaxCrossEntropy(), x, y)
+
+
+def test_gradcheck_in_training_mode_catches_a_batchnorm_backward_without_the_mean_terms():
+    """The check can fail: the eval-mode formula dx = dy * gamma / sigma used in training mode (the
+    batch mean's and variance's own dependence on x forgotten) is reported."""
+
+    class Forgetful(gn.BatchNorm):
+        def backward(self, dy):
+            super().backward(dy)
+            return dy * self.gamma.data * self._inv_sigma
+
+    rng = np.random.default_rng(11)
+    net = gn.Sequential(gn.Linear(4, 5, rng=0, dtype=np.float64, device="cpu"), Forgetful(5, dtype=np.float64),
+                        gn.Tanh(), gn.Linear(5, 3, rng=1, dtype=np.float64, device="cpu"))
+    res = gn.gradcheck(net, gn.SoftmaxCrossEntropy(), rng.normal(size=(8, 4)), rng.integers(0, 3, size=8),
+                       training=True)
+    assert not res.ok and res.errors["0.W"] > 1e-3 and res.errors["1.gamma"] < TOL

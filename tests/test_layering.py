@@ -3,8 +3,9 @@
 backend, files and schedules import nothing of gpunet; the core (layers, losses, optimizers, network) only
 the backend and each other as the notes stack them, and nothing of the fast path; the fast path may import
 the core, never the reverse; data sits on the IDX format; training sits on the core, the fast path, the
-batches and the metrics; the recipe on training; explain on the core alone and files' strict JSON (the numbers it shows are the
-core's own, never a second implementation); the pictures (images) beside the data; the web server (serve) above training, imported only by the
+batches and the metrics; the recipe on training; explain's record on the core alone and files' strict JSON
+(the numbers it shows are the core's own, never a second implementation), its renderers on the record alone,
+its inputs from plain lists on the network; the pictures (images) beside the data; the web server (serve) above training, imported only by the
 command line; the command line on top, imported by nothing.
 """
 import ast
@@ -17,15 +18,20 @@ CORE = {"layers", "losses", "optimizers", "network"}
 ALLOWED = {
     "backend": set(), "files": set(), "schedules": set(), "plots": {"files"},
     "layers": {"backend"}, "losses": {"backend"}, "optimizers": {"backend"},
-    "network": {"backend", "layers", "files"},
+    "network": {"backend", "layers", "files", "onnx_export"},  # to_onnx, loaded when called
+    "onnx_export": {"__init__", "backend", "layers", "files", "training"},
     "gradcheck": {"backend"}, "metrics": {"backend"},
     "idx": {"files"}, "data": {"idx"},
     "fast": {"backend", "layers", "losses", "optimizers"},
-    "batches": {"backend", "fast"},
+    "inputs": {"backend"},
+    "batches": {"backend", "fast", "inputs"},
     "checkpoint": {"files"},
-    "training": {"backend", "fast", "batches", "losses", "metrics", "checkpoint", "parallel"},
+    "callbacks": {"backend", "checkpoint"},
+    "training": {"backend", "fast", "batches", "callbacks", "inputs", "losses", "metrics", "checkpoint", "parallel"},
     "parallel": {"backend"},
-    "explain": {"backend", "files", "layers", "losses", "optimizers", "network"},
+    "explain": {"backend", "files", "layers", "losses", "optimizers"},
+    "explain_inputs": {"layers", "network"},
+    "explain_render": {"explain"},
     "recipe": {"__init__", "backend", "checkpoint", "fast", "files", "parallel", "plots", "batches", "data", "losses",
                "network", "optimizers", "schedules", "training"},
     "images": {"data"},

@@ -77,7 +77,8 @@ def test_confusion_counts_never_wait_for_the_host():
     y_true, y_pred = labels(3)
     yt, yp = cupy.asarray(y_true), cupy.asarray(y_pred)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # allow_synchronize is deprecated, still works
+        # allow_synchronize is deprecated but still works; CuPy says so with a plain UserWarning (syncdetect.py)
+        warnings.filterwarnings("ignore", message="cupyx.allow_synchronize will be removed", category=UserWarning)
         with cupyx.allow_synchronize(False):
             counts = confusion_counts(yt, yp, 10)
             counts = counts + confusion_counts(yt, yp, 10)

@@ -1,6 +1,7 @@
 """The training loop: batch modes, stopping rules, schedules, determinism and batched evaluation."""
 import numpy as np
 import pytest
+from conftest import assert_allclose, optional
 
 import gpunet as gn
 from gpunet.schedules import Cosine, Step, make_schedule
@@ -131,7 +132,96 @@ def test_fit_argument_errors():
         fit(net, loss, opt, x, y, patience=2)
     with pytest.raises(ValueError, match=r"y: expected labels in \[0, 2\] for 3 classes, got values from 0 to 5"):
         fit(net, loss, opt, x, np.where(y == 1, 5, y))
-    with pytest.raises(ValueError, match="x: expected as many targets as rows, got 20 rows and 19 targets"):
+    with pytest.raises(ValueError, match=r"y: expected as many targets as rows \(20\), got 19"):
         fit(net, loss, opt, x, y[:19])
-    with pytest.raises(TypeError, match="x: expected floating-point features"):
-        fit(net, loss, opt, (x * 10).astype(np.int32), y)
+    with pytest.raises(TypeError, match="x: expected real numbers, got strings"):
+        fit(net, loss, opt, x.astype(str), y)  # integer features are converted (tests/test_inputs.py)
+
+
+# --- regression: predict gives the outputs, evaluate the errors and R^2 ------------------------------
+def regression_net(device, outputs=2, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(150, 4))  # float64, as NumPy and scikit-learn make it
+    y = np.stack([x @ [1.0, -2.0, 0.5, 0.0], np.sin(x[:, 0])], axis=1)[:, :outputs]
+    net = gn.mlp([4, 16, outputs], activation="tanh", seed=seed, device=device)
+    gn.fit(net, gn.MSELoss(), gn.Momentum(net.parameters(), lr=0.05, momentum=0.9), x, y, epochs=30, batch_size=16)
+    return net, x, y
+
+
+def test_regression_predict_returns_outputs_and_evaluate_scores_them(device, tmp_path):
+    metrics = optional("sklearn.metrics", "test")
+    net, x, y = regression_net(device)
+    out = gn.predict(net, x)
+    assert out.shape == (150, 2) and out.dtype == np.float32  # the outputs, not an argmax
+    # the outputs themselves: the network's forward pass in eval mode
+    assert_allclose(out, net.eval().forward(gn.to_device(x.astype(np.float32), device)), rtol=1e-6, atol=1e-7)
+    got = gn.evaluate(net, gn.MSELoss(), x, y)
+    pred = gn.to_numpy(out).astype(np.float64)
+    # float32 outputs summed in float64 on both sides: agreement to 1e-6 relative
+    np.testing.assert_allclose(got["mse"], metrics.mean_squared_error(y, pred), rtol=1e-6)
+    np.testing.assert_allclose(got["mae"], metrics.mean_absolute_error(y, pred), rtol=1e-6)
+    np.testing.assert_allclose(got["r2"], metrics.r2_score(y, pred), rtol=1e-6)
+    np.testing.assert_allclose(got["loss"], got["mse"], rtol=1e-6)  # MSELoss is the mse
+    assert got["r2"] > 0.8  # it learned: R^2 of a constant guess is 0
+    with pytest.raises(ValueError, match=r"net: expected a classifier for predict_proba, got a network that "
+                                         r"does not classify \(it was trained with a regression loss\); "
+                                         r"predict\(net, x\) returns its outputs"):
+        gn.predict_proba(net, x)
+    net.save(tmp_path / "reg.npz")
+    back = gn.load(tmp_path / "reg.npz", device=device)
+    assert back.classifies is False  # the model file keeps what the network is for
+    assert_allclose(gn.predict(back, x), out)
+
+
+def test_a_one_output_network_is_no_classifier_even_untrained(device):
+    net = gn.mlp([3, 4, 1], seed=0, device=device)
+    x = np.ones((2, 3))
+    assert gn.predict(net, x).shape == (2, 1)
+    with pytest.raises(ValueError, match=r"\(it has a single output\)"):
+        gn.predict_proba(net, x)
+
+
+def test_r2_of_constant_targets_follows_scikit_learn():
+    metrics = optional("sklearn.metrics", "test")
+    net, x, _ = regression_net("cpu", outputs=1)
+    pred = gn.to_numpy(gn.predict(net, x)).astype(np.float64)
+    for y in (np.full(150, 3.0), pred.ravel()):  # constant (R^2 = 0 unless exact), then exact (R^2 = 1)
+        got = gn.evaluate(net, gn.MAELoss(), x, y)
+        np.testing.assert_allclose(got["r2"], metrics.r2_score(y, pred), atol=1e-6)
+
+
+# --- fit(verbose=...): Keras' 0 / 1 / 2 ----------------------------------------------------------------
+def test_verbose_prints_nothing_a_bar_or_one_line_per_epoch(capsys):
+    x = np.random.default_rng(0).normal(size=(64, 3))
+    y = (x[:, 0] > 0).astype(int)
+    lines = {}
+    for verbose in (0, 1, 2):
+        net = gn.mlp([3, 4, 2], seed=0, device="cpu")
+        gn.fit(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.1), x, y, epochs=3, batch_size=16,
+               validation=(x, y), verbose=verbose)
+        lines[verbose] = capsys.readouterr().out
+    assert lines[0] == ""
+    shown = lines[2].split("\n")[:-1]
+    assert len(shown) == 3 and all(s.startswith(f"epoch   {i}/3  loss ") and "val_acc" in s and "\r" not in s
+                                   for i, s in enumerate(shown, 1)), lines[2]
+    # the bar: its last state (4 of 4 batches) before each epoch's line, which is the same line as verbose=2's
+    assert lines[1].count("] 4/4") == 3 and lines[1].count("\n") == 3
+    assert [s.rsplit("\r", 1)[1].split("  lr")[0] for s in lines[1].split("\n")[:-1]] == [
+        s.split("  lr")[0] for s in shown]
+
+
+def test_verbose_line_of_a_regression_run_has_no_accuracy(capsys):
+    x = np.random.default_rng(0).normal(size=(32, 2))
+    net = gn.mlp([2, 3, 1], seed=0, device="cpu")
+    gn.fit(net, gn.MSELoss(), gn.SGD(net.parameters(), lr=0.01), x, x.sum(axis=1), epochs=1, verbose=2)
+    out = capsys.readouterr().out
+    assert out.startswith("epoch   1/1  loss ") and "acc" not in out
+
+
+@pytest.mark.parametrize("verbose", [3, -1, "auto", None])
+def test_verbose_refuses_what_keras_does_not_mean(verbose):
+    net = gn.mlp([2, 3, 2], seed=0, device="cpu")
+    with pytest.raises(ValueError, match=r"verbose: expected one of \[0, 1, 2\] \(0 silent, 1 a progress bar, "
+                                         r"2 one line per epoch\), got "):
+        gn.fit(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.1), np.ones((4, 2)), [0, 1, 0, 1],
+               verbose=verbose)

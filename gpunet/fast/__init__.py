@@ -2,8 +2,8 @@
 
 ``select(net, loss, optimizer, y)`` returns a fused step (:class:`gpunet.fast.step.FusedStep`) for the
 training runs it can speed up (``Linear [ReLU] [Dropout]`` chains, ``SoftmaxCrossEntropy`` on integer
-labels, ``SGD``/``Momentum`` holding exactly the network's parameters), or None, and then the core's
-``forward``/``backward``/``step`` run. ``GPUNET_FAST=0`` turns the fast path off everywhere;
+labels, ``SGD``/``Momentum``/``Adam``/``AdamW`` holding exactly the network's parameters), or None, and
+then the core's ``forward``/``backward``/``step`` run (``why_not`` says why: a BatchNorm layer, RMSprop, ...). ``GPUNET_FAST=0`` turns the fast path off everywhere;
 ``GPUNET_NUMBA=0`` only its compiled CPU kernels, ``GPUNET_CPU_BLAS=0`` only its folded CPU update.
 
 The core (layers, losses, optimizers, network) imports nothing from here; this package imports the core.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from ..losses import SoftmaxCrossEntropy
-from ..optimizers import SGD, Momentum
+from ..optimizers import SGD, Adam, AdamW, Momentum
 from . import blas, ops
 from .ops import gather_scaled
 from .step import FusedForward, FusedStep, mean_softmax_xent, plan
@@ -33,8 +33,8 @@ def why_not(net, loss, optimizer, y) -> str | None:
         return f"the loss is {type(loss).__name__}, not SoftmaxCrossEntropy"
     if getattr(y, "ndim", None) != 1 or y.dtype.kind not in "iu":
         return "the targets are not integer class labels"
-    if type(optimizer) not in (SGD, Momentum):
-        return f"the optimizer is {type(optimizer).__name__}, not SGD or Momentum"
+    if type(optimizer) not in (SGD, Momentum, Adam, AdamW):
+        return f"the optimizer is {type(optimizer).__name__}, not SGD, Momentum, Adam or AdamW"
     params = net.parameters()
     if len(params) != len(optimizer.params) or any(p is not q for p, q in zip(params, optimizer.params)):
         return "the optimizer does not hold exactly the network's parameters, in order"

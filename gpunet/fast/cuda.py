@@ -18,11 +18,39 @@ import numpy as np
 # reach the loss as NaN on every path, or the divergence guard misses it.
 BIAS_RELU = ("T b", "T y", "T t = y + b; y = t < (T)0 ? (T)0 : t;", "gpunet_bias_relu")
 RELU_BACKWARD = ("T y", "T dy", "dy = y > (T)0 ? dy : dy * (T)0;", "gpunet_relu_backward")
-MOMENTUM = ("T g, T lr, T gamma, T wd, bool nesterov", "T w, T v",
-            "T d = g + wd * w; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d : v;",
-            "gpunet_momentum")
-SGD = ("T g, T lr, T wd", "T w", "w -= lr * (g + wd * w);", "gpunet_sgd")
-ELEMENTWISE = {"bias_relu": BIAS_RELU, "relu_backward": RELU_BACKWARD, "momentum": MOMENTUM, "sgd": SGD}
+# Adam and AdamW in one kernel: wd is Adam's L2 term (0 for AdamW), decay AdamW's factor 1 - lr*wd (1 for
+# Adam); c1 = 1 - b1, c2 = 1 - b2, step = lr / (1 - b1^t), root_c2 = sqrt(1 - b2^t), computed on the host
+ADAM = ("T g, T b1, T b2, T c1, T c2, T step, T root_c2, T eps, T wd, T decay", "T w, T m, T v",
+        "T d = g + wd * w; w *= decay; m = b1 * m + c1 * d; v = b2 * v + c2 * d * d; "
+        "w -= step * (m / (sqrt(v) / root_c2 + eps));",
+        "gpunet_adam")
+# Dropout's draw, scale and mask in one launch: the bits of gpunet.layers.dropout_bits (SplitMix64 word
+# i / 4 of the stream keyed ``key``, 16-bit lane i % 4; i is the flat C-order index), the scaled keep-mask
+# kept for backward, and y *= mask.
+DROPOUT = ("uint64 key, uint32 threshold, T scale", "T y, T mask",
+           "unsigned long long x = key + ((unsigned long long)(i / 4) + 1ull) * 0x9E3779B97F4A7C15ull;"
+           " x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull; x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;"
+           " x ^= x >> 31; unsigned int bits = (unsigned int)(x >> (16 * (i % 4))) & 0xFFFFu;"
+           " mask = bits < threshold ? scale : (T)0; y = y * mask;", "gpunet_dropout")
+# The ReLU backward of a block whose output went through dropout: dy * mask (Dropout's backward), then
+# * (x > 0) (ReLU's), in one pass; y is the block's output after dropout, > 0 exactly where both let through.
+RELU_MASK_BACKWARD = ("T y, T mask", "T dy", "T t = dy * mask; dy = y > (T)0 ? t : t * (T)0;",
+                      "gpunet_relu_mask_backward")
+# One layer's whole update in one launch, over W's elements: the rule on W from W.grad, and in the threads
+# i < cols also b's gradient dy.sum(0) (the column sums of dy, written to b.grad) and the rule on b.
+_BIAS_SUM = "T s = 0; for (int r = 0; r < rows; ++r) s += dy[r * cols + i]; gb[i] = s; T db = s + wd * b[i];"
+LAYER_MOMENTUM = (
+    "raw T dy, int32 rows, int32 cols, T lr, T gamma, T wd, bool nesterov", "T w, T g, T v, raw T b, raw T vb, raw T gb",
+    "T d = g + wd * w; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d : v;"
+    " if (i < cols) { " + _BIAS_SUM + " vb[i] = gamma * vb[i] + lr * db;"
+    " b[i] -= nesterov ? gamma * vb[i] + lr * db : vb[i]; }", "gpunet_layer_momentum")
+LAYER_SGD = ("raw T dy, int32 rows, int32 cols, T lr, T wd", "T w, T g, raw T b, raw T gb",
+             "w -= lr * (g + wd * w); if (i < cols) { " + _BIAS_SUM + " b[i] -= lr * db; }", "gpunet_layer_sgd")
+# Pixels' gather: rows idx of the uint8 images, as floats divided by 255, in one pass (no uint8 temporary).
+GATHER_SCALED = ("raw uint8 src, raw int64 idx, int32 cols, T divisor", "T out",
+                 "out = (T)src[idx[i / cols] * cols + i % cols] / divisor;", "gpunet_gather_scaled")
+ELEMENTWISE = {"bias_relu": BIAS_RELU, "relu_backward": RELU_BACKWARD, "dropout": DROPOUT, "relu_mask_backward": RELU_MASK_BACKWARD, "layer_momentum": LAYER_MOMENTUM,
+               "layer_sgd": LAYER_SGD, "gather_scaled": GATHER_SCALED, "adam": ADAM}
 
 # softmax cross-entropy, forward and gradient in one pass: one thread per row (MNIST has 10 classes, so a
 # row fits in registers). T, EXP and LOG are defined per dtype by softmax_xent_source.
@@ -44,14 +72,59 @@ extern "C" __global__ void gpunet_softmax_xent(const T* z, const long long* y, T
 }
 """
 SOFTMAX_XENT_NAME = "gpunet_softmax_xent"
+
+# The training step's softmax cross-entropy: the same gradient rows, and in the same launch the batch's
+# mean loss and its sums for the epoch: loss_sum += sum of the row losses (in double) and correct += the
+# rows whose first largest logit is the label (argmax's choice). One block of SUMS_THREADS threads strides
+# over the rows and reduces in shared memory in a fixed order, so the sums are the same bits on every run
+# (atomics would add in a varying order, and a resumed GPU run would drift from an uninterrupted one).
+SUMS_THREADS = 256
+SOFTMAX_XENT_SUMS = r"""
+extern "C" __global__ void gpunet_softmax_xent_sums(const T* z, const long long* y, T* grad, T* mean,
+                                                      double* loss_sum, long long* correct,
+                                                      const int n, const int c, const T inv_n) {
+    __shared__ double part[THREADS];
+    __shared__ long long hits[THREADS];
+    double loss = 0;
+    long long hit = 0;
+    for (int i = threadIdx.x; i < n; i += THREADS) {
+        const T* zi = z + (long long)i * c;
+        T* gi = grad + (long long)i * c;
+        T m = zi[0];
+        int best = 0;
+        for (int j = 1; j < c; ++j) if (zi[j] > m) { m = zi[j]; best = j; }
+        T s = 0;
+        for (int j = 0; j < c; ++j) { T e = EXP(zi[j] - m); gi[j] = e; s += e; }
+        const long long t = y[i];
+        const T inv_s = (T)1 / s;
+        for (int j = 0; j < c; ++j) gi[j] = (gi[j] * inv_s - (j == t ? (T)1 : (T)0)) * inv_n;
+        loss += (double)(LOG(s) + m - zi[t]);
+        hit += best == t;
+    }
+    part[threadIdx.x] = loss;
+    hits[threadIdx.x] = hit;
+    __syncthreads();
+    for (int k = THREADS / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) { part[threadIdx.x] += part[threadIdx.x + k]; hits[threadIdx.x] += hits[threadIdx.x + k]; }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        *mean = (T)(part[0] * (double)inv_n);
+        *loss_sum += part[0];
+        *correct += hits[0];
+    }
+}
+"""
+SOFTMAX_XENT_SUMS_NAME = "gpunet_softmax_xent_sums"
 CTYPES = {"float32": "float", "float64": "double"}
 
 
-def softmax_xent_source(ctype: str) -> str:
-    """The complete CUDA source for ``ctype`` ("float" or "double"): expf/logf or exp/log, chosen here
-    rather than left to C++ overloads under NVRTC."""
+def softmax_xent_source(ctype: str, kernel: str = SOFTMAX_XENT) -> str:
+    """The complete CUDA source of ``kernel`` (either softmax kernel) for ``ctype`` ("float" or "double"):
+    expf/logf or exp/log, chosen here rather than left to C++ overloads under NVRTC."""
     fn = {"float": ("expf", "logf"), "double": ("exp", "log")}[ctype]
-    return f"typedef {ctype} T;\n#define EXP {fn[0]}\n#define LOG {fn[1]}\n" + SOFTMAX_XENT
+    return (f"typedef {ctype} T;\n#define EXP {fn[0]}\n#define LOG {fn[1]}\n#define THREADS {SUMS_THREADS}\n"
+            + kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,9 +135,11 @@ def _elementwise(name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _softmax_xent(ctype: str):
+def _softmax_xent(ctype: str, sums: bool = False):
     import cupy
 
+    if sums:
+        return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT_SUMS), SOFTMAX_XENT_SUMS_NAME)
     return cupy.RawKernel(softmax_xent_source(ctype), SOFTMAX_XENT_NAME)
 
 
@@ -78,14 +153,39 @@ def relu_backward(dy, y):
     return _elementwise("relu_backward")(y, dy)
 
 
-def momentum(w, g, v, lr, gamma, wd, nesterov):
-    """The momentum rule on one parameter, in place (scalars in w's dtype)."""
-    _elementwise("momentum")(g, lr, gamma, wd, bool(nesterov), w, v)
+def relu_mask_backward(dy, y, mask):
+    """``dy = (dy * mask) * (y > 0)`` in place: Dropout's backward, then ReLU's, in one pass."""
+    return _elementwise("relu_mask_backward")(y, mask, dy)
 
 
-def sgd(w, g, lr, wd):
-    """``w -= lr * (g + wd * w)`` in place."""
-    _elementwise("sgd")(g, lr, wd, w)
+def layer_update(W, b, vW, vb, dy, lr, gamma, wd, nesterov):
+    """One Linear's update in one launch, W.grad already written (x.T @ dy): b.grad = dy.sum(0), then
+    momentum (``vW``/``vb`` given) or SGD (``None``) on W and b, in place; scalars in W's dtype."""
+    rows, cols = np.int32(dy.shape[0]), np.int32(dy.shape[1])
+    flat = dy.reshape(-1)  # dy is C-contiguous (a buffer of the step): a view
+    if vW is None:
+        _elementwise("layer_sgd")(flat, rows, cols, lr, wd, W.data, W.grad, b.data, b.grad)
+    else:
+        _elementwise("layer_momentum")(flat, rows, cols, lr, gamma, wd, bool(nesterov), W.data, W.grad, vW,
+                                       b.data, vb, b.grad)
+
+
+def gather_scaled(src, idx, out, divisor):
+    """``out = src[idx] / divisor`` for uint8 rows src (N, F), int64 idx (K,), out (K, F) float, one pass."""
+    _elementwise("gather_scaled")(src, idx, np.int32(src.shape[1]), out.dtype.type(divisor), out)
+    return out
+
+
+def adam(w, g, m, v, scalars):
+    """Adam's or AdamW's rule on one parameter, in place; ``scalars`` = (b1, b2, c1, c2, step, root_c2,
+    eps, wd, decay) in w's dtype (see :data:`ADAM`)."""
+    _elementwise("adam")(g, *scalars, w, m, v)
+
+
+def dropout(y, mask, key, threshold, scale):
+    """``mask = (bits < threshold) * scale; y *= mask`` in place, with the bits of
+    :func:`gpunet.layers.dropout_bits` for ``key``; y and mask (N, C) of one float dtype."""
+    _elementwise("dropout")(np.uint64(key), np.uint32(threshold), y.dtype.type(scale), y, mask)
 
 
 def softmax_xent(z, labels, grad, loss_rows):
@@ -115,3 +215,21 @@ def softmax_xent_launch(z, labels, grad, loss_rows):
     threads = 128
     return (((n + threads - 1) // threads,), (threads,),
             (z, labels, grad, loss_rows, np.int32(n), np.int32(c), z.dtype.type(1.0 / n)))
+
+
+def softmax_xent_sums(z, labels, grad, mean, loss_sum, correct):
+    """The training step's softmax cross-entropy in one launch: ``grad = (softmax(z) - onehot) / N``,
+    ``mean`` (0-d, z's dtype) the batch's mean loss, and the epoch's ``loss_sum`` (0-d float64) and
+    ``correct`` (0-d int64) increased by the batch's loss sum and right answers. z, grad (N, C) C-contiguous."""
+    import cupy
+
+    labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
+    _softmax_xent(CTYPES[z.dtype.name], True)(*softmax_xent_sums_launch(z, labels, grad, mean, loss_sum, correct))
+    return grad, mean
+
+
+def softmax_xent_sums_launch(z, labels, grad, mean, loss_sum, correct):
+    """``(grid, block, args)`` of the sums kernel: one block; arguments of the C types it declares."""
+    n, c = z.shape
+    return ((1,), (SUMS_THREADS,), (z, labels, grad, mean, loss_sum, correct, np.int32(n), np.int32(c),
+                                    z.dtype.type(1.0 / n)))

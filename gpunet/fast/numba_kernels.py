@@ -59,6 +59,19 @@ def softmax_xent(z, labels, grad, loss_rows, inv_n):
 
 
 @_jit
+def adam(w, g, m, v, b1, b2, c1, c2, step, root_c2, eps, wd, decay):
+    """Adam's or AdamW's rule on flat (1-D) arrays, in place, with the core's operations in its order:
+    d = g + wd w; w *= decay; m = b1 m + c1 d; v = b2 v + c2 d d; w -= step (m / (sqrt(v) / root_c2 + eps))."""
+    for i in range(w.shape[0]):
+        d = g[i] + wd * w[i]
+        wi = w[i] * decay
+        mi = b1 * m[i] + c1 * d
+        vi = b2 * v[i] + c2 * d * d
+        m[i], v[i] = mi, vi
+        w[i] = wi - step * (mi / (np.sqrt(vi) / root_c2 + eps))
+
+
+@_jit
 def gather_scaled(src, idx, out, divisor):
     """out[k] = src[idx[k]] / divisor for k < len(idx); src (N, F) integers (uint8 pixels), out (>=K, F) float."""
     n = src.shape[0]

@@ -64,6 +64,14 @@ def bias_relu(y, b):
     return np.maximum(y, np.zeros(y.shape[-1:], y.dtype), out=y)
 
 
+def relu_mask_backward(dy, y, mask):
+    """``dy = (dy * mask) * (y > 0)`` in place (Dropout's backward, then ReLU's); returns dy."""
+    if get_array_module(dy) is not np:
+        return cuda.relu_mask_backward(dy, y, mask)
+    dy *= mask
+    return relu_backward(dy, y)
+
+
 def relu_backward(dy, y):
     """``dy = dy * (y > 0)`` in place, ``y`` the ReLU output; returns dy."""
     if get_array_module(dy) is not np:
@@ -72,6 +80,51 @@ def relu_backward(dy, y):
         compiled.relu_backward(dy, y)
         return dy
     return np.multiply(dy, y > 0, out=dy)
+
+
+def adam(w, g, m, v, scalars, scratch):
+    """Adam's or AdamW's rule on one parameter, in place: ``scalars`` = (b1, b2, c1, c2, step, root_c2,
+    eps, wd, decay) in w's dtype (:func:`gpunet.fast.step.adam_scalars`); w, g, m, v C-contiguous of one
+    shape and dtype; ``scratch`` two arrays like w, for in-place NumPy (the core's operations, in its order,
+    without its temporaries)."""
+    if get_array_module(w) is not np:
+        return cuda.adam(w, g, m, v, scalars)
+    if (compiled := _cpu_kernels(w, g, m, v)) is not None:
+        compiled.adam(w.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), *scalars)
+        return
+    b1, b2, c1, c2, step, root_c2, eps, wd, decay = scalars
+    d, s = scratch
+    if wd:
+        np.multiply(w, wd, out=d)
+        d += g
+    else:
+        d[...] = g
+    if decay != 1:
+        w *= decay
+    m *= b1
+    m += np.multiply(d, c1, out=s)
+    v *= b2
+    np.multiply(d, c2, out=s)
+    s *= d
+    v += s
+    np.sqrt(v, out=s)
+    s /= root_c2
+    s += eps
+    np.divide(m, s, out=s)
+    s *= step
+    w -= s
+
+
+def dropout(layer, y, mask):
+    """Layer ``layer``'s next mask applied to y (N, C) in place; returns the mask (``mask``, a buffer
+    shaped like y, on the GPU, where one kernel draws, scales and applies it; the core's own on the CPU,
+    whose NumPy draw is as fast)."""
+    if get_array_module(y) is not np:
+        cuda.dropout(y, mask, layer.next_key(), layer.threshold, 1.0 / (1.0 - layer.p))
+        return mask
+    mask = layer.new_mask(y)
+    y *= mask
+    return mask
 
 
 def softmax_xent(z, labels, grad, loss_rows):
@@ -101,12 +154,15 @@ def softmax_xent(z, labels, grad, loss_rows):
 
 def gather_scaled(src, idx, out, divisor):
     """``out[:K] = src[idx] / divisor`` in ``out``'s dtype; src (N, F) uint8, idx (K,) integers, out
-    (>= K, F) float; returns ``out[:K]``. One compiled pass on the CPU where numba is installed."""
+    (>= K, F) float; returns ``out[:K]``. One pass: a CUDA kernel on the GPU, compiled on the CPU where numba
+    is installed."""
     dst = out[:idx.shape[0]]
+    xp = get_array_module(src)
+    if xp is not np and src.dtype == np.uint8 and src.flags.c_contiguous and dst.flags.c_contiguous:
+        return cuda.gather_scaled(src, xp.ascontiguousarray(idx, dtype=np.int64), dst, divisor)
     if (type(src) is np.ndarray and type(idx) is np.ndarray and type(out) is np.ndarray and src.dtype == np.uint8
             and idx.dtype.kind in "iu" and src.flags.c_contiguous and out.flags.c_contiguous
             and out.dtype.char in "fd" and (compiled := numba_kernels()) is not None):
         compiled.gather_scaled(src, idx, out, out.dtype.type(divisor))
         return dst
-    xp = get_array_module(src)
     return xp.divide(xp.take(src, idx, axis=0), out.dtype.type(divisor), out=dst, dtype=out.dtype)

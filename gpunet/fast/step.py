@@ -1,18 +1,22 @@
 """One fused training step (forward, cost, backward, update) for the networks the fast path knows:
 chains of ``Linear [ReLU] [Dropout]`` blocks ending in a Linear, with ``SoftmaxCrossEntropy`` on integer
-labels, and ``SGD`` or ``Momentum``.
+labels, and ``SGD``, ``Momentum``, ``Adam`` or ``AdamW``.
 
 Same formulas as the core, with the speed-ups: work buffers allocated once per batch shape, bias + ReLU
 in one pass, the softmax cross-entropy forward and gradient in one pass, dx computed into a buffer, each
 layer updated as soon as its delta is known (dx first, from the old W), and on the CPU with NumPy's
-OpenBLAS the gradient folded into the update (:mod:`gpunet.fast.blas`), so that ``param.grad`` is not
-written there. Dropout masks come from the Dropout layer itself (the core's draws, in the same order).
+OpenBLAS the gradient folded into the SGD or momentum update (:mod:`gpunet.fast.blas`), so that
+``param.grad`` is not written there; Adam's and AdamW's update is one kernel per parameter on either device
+(CUDA, numba, or in-place NumPy: :func:`gpunet.fast.ops.adam`). Dropout masks are the Dropout layer's own
+(its keys, in the same order; on the GPU one kernel draws, scales and applies each).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..backend import get_array_module
 from ..layers import Dropout, Linear, ReLU
-from ..optimizers import Momentum
+from ..optimizers import Adam, Momentum
 from . import blas, cuda, ops
 
 
@@ -35,6 +39,16 @@ def plan(net):
     return blocks
 
 
+def adam_scalars(opt, dtype) -> tuple:
+    """The scalars of Adam's kernel for the optimizer's current step count ``opt.t``, in ``dtype``:
+    (b1, b2, 1 - b1, 1 - b2, lr / (1 - b1^t), sqrt(1 - b2^t), eps, L2 weight decay, AdamW's decay
+    factor), the bias corrections from the core's own float64 computation, each cast once."""
+    t, (b1, b2) = np.dtype(dtype).type, opt.betas
+    step, root_c2 = opt.corrections()
+    wd, decay = (0.0, 1.0 - opt.lr * opt.weight_decay) if opt.decoupled else (opt.weight_decay, 1.0)
+    return tuple(t(a) for a in (b1, b2, 1.0 - b1, 1.0 - b2, step, root_c2, opt.eps, wd, decay))
+
+
 def _affine(x, linear, relu, out=None):
     """``x @ W + b``, then ReLU if ``relu``, with the bias and ReLU in one pass over the product."""
     y = get_array_module(x).matmul(x, linear.W.data, out=out)
@@ -49,27 +63,41 @@ class FusedStep:
     integer labels; ``reduce()``, if given, runs between the gradients and the update (``distributed``).
 
     The optimizer must hold exactly the network's parameters, in order (``select`` checks it), so its
-    velocities line up with the blocks: W then b of each Linear.
+    velocities (or Adam's moments) line up with the blocks: W then b of each Linear.
     """
 
     def __init__(self, optimizer, blocks, distributed: bool = False):
         self.blocks, self.optimizer = blocks, optimizer
         self.momentum = isinstance(optimizer, Momentum)
+        self.adam = isinstance(optimizer, Adam)  # AdamW too
         W0 = blocks[0][0].W.data
         self.xp = get_array_module(W0)
         self.on_cpu = self.xp.__name__ == "numpy"
         params = optimizer.params
         velocities = optimizer.velocities if self.momentum else [None] * len(params)
-        # on the CPU with OpenBLAS (and not Nesterov) the gradient folds into the update
+        # on the CPU with OpenBLAS (and not Nesterov) the SGD/momentum gradient folds into the update; Adam
+        # has a kernel on both devices; else the CPU runs the core rule once the walk is over
         # distributed: the gradients must exist, to be summed over the ranks before the update
-        self.deferred = self.on_cpu or distributed
-        self.fold = (self.on_cpu and not distributed and blas.routines(W0.dtype) is not None
+        self.deferred = (self.on_cpu and not self.adam) or distributed
+        self.fold = (self.on_cpu and not distributed and not self.adam and blas.routines(W0.dtype) is not None
                      and not (self.momentum and optimizer.nesterov)
                      and all(p.data.flags.c_contiguous for p in params))
         self.pairs = [((params[2 * i], velocities[2 * i]), (params[2 * i + 1], velocities[2 * i + 1]))
                       for i in range(len(blocks))]
         self.folded = [blas.LinearUpdate(W.data, b.data, vW, vb) for (W, vW), (b, vb) in self.pairs] if self.fold else None
         self._buffers = {}
+        self.sums = None
+
+    @property
+    def sums_in_kernel(self) -> bool:
+        """True where the step itself adds each batch's loss and right answers to the epoch's sums (the
+        GPU: in the softmax kernel, saving the training loop's six launches a step); see :meth:`use_sums`."""
+        return not self.on_cpu
+
+    def use_sums(self, loss_sum, correct) -> None:
+        """From now on add each batch's loss sum to ``loss_sum`` (0-d float64) and its right answers to
+        ``correct`` (0-d int64), on the device (only where :attr:`sums_in_kernel`)."""
+        self.sums = (loss_sum, correct) if self.sums_in_kernel else None
 
     def _buffer(self, key, shape, dtype):
         buf = self._buffers.get(key)
@@ -87,16 +115,19 @@ class FusedStep:
             return
         (W, vW), (b, vb) = self.pairs[i]
         self.xp.matmul(x.T, dy, out=W.grad)
-        dy.sum(axis=0, out=b.grad)
         if self.deferred:
+            dy.sum(axis=0, out=b.grad)
             return
-        t = W.data.dtype.type
-        lr, wd = t(opt.lr), t(opt.weight_decay)
-        for p, v in ((W, vW), (b, vb)):
-            if self.momentum:
-                cuda.momentum(p.data, p.grad, v, lr, t(opt.momentum), wd, opt.nesterov)
-            else:
-                cuda.sgd(p.data, p.grad, lr, wd)
+        if self.adam:
+            dy.sum(axis=0, out=b.grad)
+            for k in (2 * i, 2 * i + 1):
+                p = opt.params[k]
+                scratch = [self._buffer(("adam", j, k), p.data.shape, p.data.dtype) for j in (0, 1)]
+                ops.adam(p.data, p.grad, opt.m[k], opt.v[k], self._adam_scalars, scratch)
+            return
+        t = W.data.dtype.type  # the GPU: b.grad and both updates in one launch
+        cuda.layer_update(W, b, vW, vb, dy, t(opt.lr), t(opt.momentum if self.momentum else 0.0),
+                          t(opt.weight_decay), self.momentum and opt.nesterov)
 
     def __call__(self, x, y, reduce=None):
         xp, n = self.xp, x.shape[0]
@@ -106,16 +137,23 @@ class FusedStep:
             inputs.append(x)
             W = linear.W.data
             y_ = _affine(x, linear, relu, out=self._buffer(("y", i), (n, W.shape[1]), W.dtype))
-            mask = dropout.new_mask(y_) if dropout is not None else None
-            if mask is not None:
-                y_ *= mask
+            mask = None
+            if dropout is not None and dropout.active():
+                mask = ops.dropout(dropout, y_, self._buffer(("mask", i), y_.shape, y_.dtype))
             masks.append(mask)
             x = y_
         logits = x
         grad = self._buffer("grad", logits.shape, logits.dtype)
-        rows = self._buffer("rows", (n,), logits.dtype)
-        ops.softmax_xent(logits, y, grad, rows)
-        value = rows.sum() * logits.dtype.type(1.0 / n)
+        if self.sums is not None:  # the GPU: the epoch's sums in the softmax kernel's launch
+            value = self._buffer("mean", (), logits.dtype)
+            cuda.softmax_xent_sums(logits, y, grad, value, *self.sums)
+        else:
+            rows = self._buffer("rows", (n,), logits.dtype)
+            ops.softmax_xent(logits, y, grad, rows)
+            value = rows.sum() * logits.dtype.type(1.0 / n)
+        if self.adam and not self.deferred:  # this step's count and bias corrections, as the core's step
+            self.optimizer.t += 1
+            self._adam_scalars = adam_scalars(self.optimizer, logits.dtype)
 
         dy = grad
         for i in range(len(self.blocks) - 1, -1, -1):
@@ -125,9 +163,12 @@ class FusedStep:
             self._update(i, inputs[i], dy)
             if i > 0:
                 _, relu, _ = self.blocks[i - 1]
-                if masks[i - 1] is not None:
-                    dx *= masks[i - 1]
-                if relu:
+                mask = masks[i - 1]
+                if relu and mask is not None:
+                    ops.relu_mask_backward(dx, inputs[i], mask)
+                elif mask is not None:
+                    dx *= mask
+                elif relu:
                     ops.relu_backward(dx, inputs[i])
                 dy = dx
         if reduce is not None:

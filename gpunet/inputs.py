@@ -1,0 +1,95 @@
+"""The front door for data: what a user hands to ``fit``, ``evaluate``, ``predict`` and ``predict_proba``
+(and through them ``explain`` and ``serve``) is converted here, once, to the network's dtype and device.
+
+Features: any 2-D real-valued array-like (NumPy of any real dtype, CuPy, nested lists, pandas or polars
+frames through ``np.asarray``) becomes a C-contiguous (N, features) array of the network's dtype (float32
+by default) on its device; nothing else converts features, so the fast path and the core, with or without
+the CPU's folded BLAS update, see the same array and give the same result or the same error.
+Targets: integer class labels (N,) in [0, classes) become int64; one-hot or probability rows (N, classes)
+and regression targets (N,) or (N, outputs) become the network's dtype. Other class labels (strings,
+numbers outside [0, classes)) are refused with one line saying what to pass.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import device_of, get_array_module, to_device, to_numpy
+
+
+def _host_array(x, name: str):
+    """``x`` as a NumPy array (CuPy arrays are returned as they are); ragged rows refused by name."""
+    if device_of(x) == "gpu":
+        return x
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as exc:  # NumPy refuses ragged nested lists
+        raise ValueError(f"{name}: expected rows of equal length (a 2-D array-like), got {type(x).__name__} "
+                         f"that NumPy cannot make an array of ({exc})") from None
+
+
+def _real(a, dtype, name: str):
+    """``a`` cast to ``dtype`` (C order), refusing values that are not real numbers, by name."""
+    kind = a.dtype.kind
+    if kind in "biuf":
+        return get_array_module(a).ascontiguousarray(a, dtype=dtype)
+    if kind == "O":  # a frame of mixed columns: numbers pass, anything else is named
+        try:
+            return np.ascontiguousarray(a, dtype=dtype)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name}: expected real numbers, got objects that are not ({exc}); convert or "
+                            f"encode the non-numeric columns first") from None
+    what = {"U": "strings", "S": "bytes", "c": "complex numbers", "M": "dates", "m": "time spans"}.get(kind, kind)
+    raise TypeError(f"{name}: expected real numbers, got {what} ({a.dtype}); convert or encode them first")
+
+
+def features(x, dtype=np.float32, device: str = "cpu", name: str = "x"):
+    """Any 2-D real array-like (N, F) -> a C-contiguous (N, F) array of ``dtype`` on ``device``."""
+    a = _host_array(x, name)
+    if a.ndim != 2:
+        hint = "; for one feature pass x.reshape(-1, 1), for one example x.reshape(1, -1)" if a.ndim == 1 else ""
+        raise ValueError(f"{name}: expected a 2-D array of features (N, features), got shape "
+                         f"{tuple(a.shape)}{hint}")
+    if device_of(a) != device and device == "cpu":
+        a = to_numpy(a)
+    a = _real(a, np.dtype(dtype), name)  # cast before a move to the GPU: fewer bytes to send
+    return to_device(a, device)
+
+
+def _unique_preview(y) -> str:
+    values = np.unique(to_numpy(y).ravel())
+    shown = ", ".join(repr(v.item() if hasattr(v, "item") else v) for v in values[:5])
+    return shown + (", ..." if len(values) > 5 else "")
+
+
+def labels(y, classes: int, device: str = "cpu", name: str = "y"):
+    """Integer class labels (N,) in [0, classes) -> int64 (N,) on ``device``; anything else refused."""
+    a = _host_array(y, name)
+    encode = (f"encode them as 0..{classes - 1} first, e.g. classes, {name} = np.unique({name}, "
+              f"return_inverse=True) (gpunet.sklearn's classifiers do this for you)")
+    if a.dtype.kind not in "biu":
+        what = "strings" if a.dtype.kind in "USO" else f"{a.dtype} values"
+        raise TypeError(f"{name}: expected integer class labels 0..{classes - 1}, got {what} "
+                        f"({_unique_preview(a)}); {encode}")
+    a = get_array_module(a).ascontiguousarray(a, dtype=np.int64)
+    if len(a):
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi >= classes:
+            raise ValueError(f"{name}: expected labels in [0, {classes - 1}] for {classes} classes, got values "
+                             f"from {lo} to {hi} ({_unique_preview(a)}; the network has {classes} outputs); {encode}")
+    return to_device(a, device)
+
+
+def targets(y, n: int, classify: bool, classes: int, dtype=np.float32, device: str = "cpu", name: str = "y"):
+    """The targets of ``n`` rows: class labels (N,) (see :func:`labels`) or one-hot rows (N, classes) when
+    ``classify``, else regression targets (N,) or (N, outputs); cast and moved like the features."""
+    a = _host_array(y, name)
+    if a.ndim == 0 or len(a) != n:
+        got = "a scalar" if a.ndim == 0 else f"{len(a)}"
+        raise ValueError(f"{name}: expected as many targets as rows ({n}), got {got}")
+    if classify and a.ndim == 1:
+        return labels(a, classes, device, name)
+    if a.ndim not in (1, 2):
+        raise ValueError(f"{name}: expected targets of shape (N,) or (N, outputs), got {tuple(a.shape)}")
+    if device_of(a) != device and device == "cpu":
+        a = to_numpy(a)
+    return to_device(_real(a, np.dtype(dtype), name), device)

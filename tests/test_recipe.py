@@ -1,0 +1,56 @@
+"""The training recipe's optimizer and BatchNorm settings (gpunet/recipe.py): each --optimizer builds its
+rule with the chosen optimizer's defaults or the values given, and a setting of another optimizer is
+refused in one line naming it. The full runs are in test_cli.py and test_long_runs.py."""
+import numpy as np
+import pytest
+
+import gpunet as gn
+from gpunet import recipe
+from gpunet.recipe import ConfigError, TrainConfig
+
+
+def built(**settings):
+    config = TrainConfig(**settings)
+    recipe.check(config)
+    return config, recipe.make_optimizer(config, gn.mlp([3, 4, 2], seed=0, device="cpu").parameters())
+
+
+@pytest.mark.parametrize("settings, kind, expect", [
+    ({}, gn.Momentum, dict(lr=0.05, momentum=0.9, nesterov=False, weight_decay=0.0)),
+    ({"momentum": 0.0}, gn.SGD, dict(lr=0.05, weight_decay=0.0)),
+    ({"optimizer": "sgd", "weight_decay": 1e-3}, gn.SGD, dict(lr=0.05, weight_decay=1e-3)),
+    ({"optimizer": "adam"}, gn.Adam, dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)),
+    ({"optimizer": "adam", "beta1": 0.8, "beta2": 0.99, "eps": 1e-6, "lr": 0.002}, gn.Adam,
+     dict(lr=0.002, betas=(0.8, 0.99), eps=1e-6)),
+    ({"optimizer": "adamw"}, gn.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
+    ({"optimizer": "rmsprop"}, gn.RMSprop, dict(lr=1e-3, alpha=0.99, eps=1e-8, momentum=0.0, centered=False)),
+    ({"optimizer": "rmsprop", "alpha": 0.9, "momentum": 0.5, "centered": True}, gn.RMSprop,
+     dict(alpha=0.9, momentum=0.5, centered=True)),
+])
+def test_each_optimizer_is_built_with_its_defaults_or_the_values_given(settings, kind, expect):
+    config, opt = built(**settings)
+    assert type(opt) is kind
+    for name, value in expect.items():
+        assert getattr(opt, name) == value, name
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"optimizer": "nadam"}, "--optimizer: expected one of sgd, momentum, adam, adamw, rmsprop, got 'nadam'"),
+    ({"beta1": 0.5}, "--beta1: a setting of --optimizer adam or adamw, got --optimizer momentum"),
+    ({"optimizer": "adam", "alpha": 0.9}, "--alpha: a setting of --optimizer rmsprop, got --optimizer adam"),
+    ({"optimizer": "adamw", "momentum": 0.9}, "--momentum: a setting of --optimizer momentum or rmsprop, got --optimizer adamw"),
+    ({"optimizer": "sgd", "eps": 1e-3}, "--eps: a setting of --optimizer adam or adamw or rmsprop, got --optimizer sgd"),
+    ({"optimizer": "adam", "centered": True}, "--centered: a setting of --optimizer rmsprop, got --optimizer adam"),
+    ({"optimizer": "rmsprop", "nesterov": True}, "--nesterov: a setting of --optimizer momentum, got --optimizer rmsprop"),
+])
+def test_a_setting_of_another_optimizer_is_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        recipe.check(TrainConfig(**settings))
+
+
+def test_batch_norm_builds_a_batchnorm_network_which_the_fused_step_names():
+    config = TrainConfig(batch_norm=True, hidden=[8], dropout=0.0)
+    net, opt, _ = recipe.build(config, 6, 3, "cpu")
+    assert [type(l).__name__ for l in net.layers] == ["Linear", "BatchNorm", "ReLU", "Linear"]
+    why = gn.fast.why_not(net, gn.SoftmaxCrossEntropy(), opt, np.zeros(4, np.int64))
+    assert why == "layer 1 is BatchNorm, where a Linear was expected"
