@@ -25,6 +25,7 @@ ALLOWED = {
     "fast": {"backend", "layers", "losses", "optimizers"},
     "inputs": {"backend"},
     "batches": {"backend", "fast", "inputs"},
+    "augment": {"backend", "fast"},
     "checkpoint": {"files"},
     "callbacks": {"backend", "checkpoint"},
     "training": {"backend", "fast", "batches", "callbacks", "inputs", "losses", "metrics", "checkpoint", "parallel"},
