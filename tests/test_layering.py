@@ -20,6 +20,7 @@ ALLOWED = {
     "layers": {"backend"}, "losses": {"backend"}, "optimizers": {"backend"},
     "network": {"backend", "layers", "files", "onnx_export"},  # to_onnx, loaded when called
     "onnx_export": {"__init__", "backend", "layers", "files", "training"},
+    "sklearn": {"backend", "callbacks", "layers", "losses", "network", "optimizers", "training"},
     "gradcheck": {"backend"}, "metrics": {"backend"},
     "idx": {"files"}, "data": {"idx"},
     "fast": {"backend", "layers", "losses", "optimizers"},
