@@ -5,6 +5,8 @@ Device names are ``"cpu"``, ``"gpu"`` (``"cuda"`` is accepted too) and ``"auto"`
 a computation uses is always read off its arrays (:func:`get_array_module`), so NumPy and CuPy networks
 can live in one process; the default device only decides where *new* arrays are created.
 
+It also holds the one row-wise formula that layers, losses and training all need, :func:`log_softmax`
+(and :func:`softmax` from it): the core may import nothing but this module, so the rule lives here once.
 This module imports nothing else of gpunet.
 """
 from __future__ import annotations
@@ -228,6 +230,19 @@ def to_numpy(a) -> np.ndarray:
     if _is_cupy(a):
         return a.get()
     return np.asarray(a)
+
+
+def log_softmax(z):
+    """Row-wise ``log(softmax(z))`` of a (N, C) float array, stable: ``s - log(sum(exp(s)))`` with
+    ``s = z - max(z)`` (exp of at most 0 never overflows); same dtype and device as ``z``."""
+    xp = get_array_module(z)
+    shifted = z - z.max(axis=1, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def softmax(z):
+    """Row-wise ``exp(z_j) / sum_k exp(z_k)`` of a (N, C) float array: ``exp(log_softmax(z))``."""
+    return get_array_module(z).exp(log_softmax(z))
 
 
 def synchronize(a=None) -> None:

@@ -38,7 +38,8 @@ version 1 wrote the strings "nan", "inf" and "-inf" and had no ``correction``):
   ``state_dict()`` names them after the step: ``momentum`` (gamma) and ``nesterov`` for Momentum; ``betas``,
   ``eps`` and ``t`` (the step count, 1 for a first step) for Adam and AdamW; ``alpha`` (the decay rho of
   the squares), ``eps``, ``momentum`` and ``centered`` for RMSprop}
-- ``layers``: one object per core layer, in order: {``index``, ``type``, ``name`` (its repr), ``input``,
+- ``layers``: one object per core layer, in order: {``index``, ``type``, ``name`` (its repr), ``config``
+  (its ``config()``: the type and the options, e.g. Dropout's ``p``, BatchNorm's ``momentum``), ``input``,
   ``output``, ``grad_output`` (dC/d output), ``grad_input`` (dC/d input, what ``backward`` returned),
   ``derivative`` (f' elementwise, from ``backward`` of ones; null for Linear, Softmax and BatchNorm),
   ``params`` (null for a layer without parameters, else one P per parameter by its name: "W" and "b" for
@@ -55,9 +56,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import device_of, get_array_module, to_device, to_numpy
+from .backend import device_of, get_array_module, on_device_of_net, to_device, to_numpy
 from .files import strict
-from .layers import Dropout, Linear, ReLU, Sigmoid, Softmax, Tanh
+from .layers import BatchNorm, Dropout, Linear, ReLU, Sigmoid, Softmax, Tanh
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .optimizers import Optimizer
 
@@ -70,6 +71,7 @@ def _host(a):
     return to_numpy(a).copy()
 
 
+@on_device_of_net
 def explain_step(net, loss, optimizer, x, y) -> dict:
     """Run one training step of ``net`` on ``(x, y)`` and return every quantity (see the module docstring).
 
@@ -113,6 +115,10 @@ def _check(net, loss, optimizer):
         raise ValueError(f"net: expected a Sequential that starts with a Linear layer, got {net!r}")
     if not isinstance(loss, (SoftmaxCrossEntropy, MSELoss, MAELoss)):
         raise TypeError(f"loss: expected SoftmaxCrossEntropy, MSELoss or MAELoss, got {type(loss).__name__}")
+    for i, layer in enumerate(layers):
+        if isinstance(layer, BatchNorm) and (not isinstance(layers[i - 1], Linear) or layer in _last_stage(layers)):
+            raise ValueError(f"net: expected each BatchNorm right after a hidden Linear (as mlp puts it), got "
+                             f"layers[{i}] after {type(layers[i - 1]).__name__}")
     if isinstance(loss, SoftmaxCrossEntropy) and not isinstance(layers[-1], Linear):
         raise ValueError("net: expected a Linear output layer for SoftmaxCrossEntropy (the cost applies "
                          f"softmax to z^L itself), got {type(layers[-1]).__name__} last")
@@ -125,6 +131,12 @@ def _check(net, loss, optimizer):
         raise ValueError(f"optimizer: expected it to hold exactly the network's {len(params)} parameters, "
                          f"got {len(optimizer.params)} parameters that are not the same set")
     return layers, linears
+
+
+def _last_stage(layers):
+    """The layers from the last Linear on (the notes' layer L)."""
+    last = max(i for i, layer in enumerate(layers) if isinstance(layer, Linear))
+    return layers[last:]
 
 
 def _prepare(x, y, dtype, device, inputs):
@@ -166,7 +178,7 @@ def _passes(layers, loss, x, target):
     records, h = [], x
     for i, layer in enumerate(layers):
         out = layer.forward(h)
-        records.append({"index": i, "type": type(layer).__name__, "name": repr(layer),
+        records.append({"index": i, "type": type(layer).__name__, "name": repr(layer), "config": layer.config(),
                         "input": _host(h), "output": _host(out)})
         h = out
     value = loss.forward(h, target)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import device_of, get_array_module, to_device
+from .backend import device_of, get_array_module, softmax, to_device
 
 # --- weights start small, random and non-zero (course notes, point 6) --------------------------------
 # Every draw happens in float64 on the host from a seeded ``numpy.random.Generator`` and is then cast and
@@ -211,13 +211,13 @@ class Tanh(Layer):
 
 
 class Softmax(Layer):
-    """Row-wise ``y = exp(x - max) / sum``; ``dx = y * (dy - sum(dy * y, axis=1))``. For probability
-    outputs; train with ``SoftmaxCrossEntropy`` on logits instead."""
+    """Row-wise ``y = exp(x_j) / sum_k exp(x_k)`` (:func:`gpunet.backend.softmax`);
+    ``dx = y * (dy - sum(dy * y, axis=1))``. For probability outputs; train with ``SoftmaxCrossEntropy``
+    on logits instead."""
 
     def forward(self, x):
         check_float_input(x)
-        e = get_array_module(x).exp(x - x.max(axis=1, keepdims=True))
-        self._y = e / e.sum(axis=1, keepdims=True)
+        self._y = softmax(x)
         return self._y
 
     def backward(self, dy):

@@ -13,7 +13,7 @@ Formulas (course notes, point 7 and "Cross entropy"), with N rows and K outputs:
 """
 from __future__ import annotations
 
-from .backend import device_of, get_array_module
+from .backend import device_of, get_array_module, log_softmax
 
 
 def _check_pair(pred, target):
@@ -77,12 +77,10 @@ class SoftmaxCrossEntropy(Loss):
         else:
             raise ValueError(f"target: expected labels of shape ({n},) or one-hot rows of shape "
                              f"{tuple(logits.shape)}, got {tuple(target.shape)}")
-        shifted = logits - logits.max(axis=1, keepdims=True)     # exp of at most 0: never overflows
-        logsumexp = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
-        log_softmax = shifted - logsumexp
+        log_p = log_softmax(logits)
         # rows of probabilities need not sum to 1: dL/dz = softmax * sum(t) - t, which for one-hot is the above
-        self._grad = (xp.exp(log_softmax) * onehot.sum(axis=1, keepdims=True) - onehot) / logits.dtype.type(n)
-        return -(onehot * log_softmax).sum() / logits.dtype.type(n)
+        self._grad = (xp.exp(log_p) * onehot.sum(axis=1, keepdims=True) - onehot) / logits.dtype.type(n)
+        return -(onehot * log_p).sum() / logits.dtype.type(n)
 
     def backward(self):
         if getattr(self, "_grad", None) is None:

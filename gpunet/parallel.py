@@ -108,6 +108,25 @@ class Comm:
         self.comm.Abort(code)
 
 
+def sum_over_ranks(comm: Comm, *values) -> list:
+    """Each value (a number, a NumPy array of sums or counts, or None) summed over the ranks, through one
+    float64 all-reduce: exact for integers below 2**53. Each comes back as it went in: its type, or its
+    dtype and shape (None stays None)."""
+    parts = [np.asarray(v if v is not None else [], dtype=np.float64).reshape(-1) for v in values]
+    buf = np.concatenate(parts)
+    comm.allreduce(buf)
+    out, start = [], 0
+    for v, part in zip(values, parts):
+        total, start = buf[start:start + part.size], start + part.size
+        if v is None:
+            out.append(None)
+        elif isinstance(v, np.ndarray):
+            out.append(total.reshape(v.shape).astype(v.dtype))
+        else:
+            out.append(type(v)(total[0]))
+    return out
+
+
 def shard(lo: int, hi: int, rank: int, size: int) -> tuple[int, int]:
     """This rank's rows of the batch [lo, hi): near-equal consecutive parts, in rank order."""
     n = hi - lo
@@ -122,6 +141,7 @@ class GradientSum:
         self.comm, self.params = comm, list(params)
         xp, dtype = get_array_module(self.params[0].data), self.params[0].data.dtype
         self.flat = xp.empty(sum(int(p.data.size) for p in self.params) + 1, dtype=dtype)
+        self._flags = _LateFlags(self.flat) if xp is not np else None
 
     def __call__(self, rows: int, batch_rows: int, stop: bool) -> bool:
         """Sum the gradients in place; True when any rank asked to stop after this step."""
@@ -141,4 +161,37 @@ class GradientSum:
             n = int(p.grad.size)
             p.grad[...] = self.flat[start:start + n].reshape(p.grad.shape)
             start += n
+        if self._flags is not None:  # on a GPU: the previous step's flag, read without waiting for this one
+            return self._flags.swap()
         return bool(self.flat[-1] > 0)
+
+
+class _LateFlags:
+    """The stop flag of a GPU all-reduce, read one step late: reading this step's flag at once would make
+    the host wait for the all-reduce every step. Each step's flag is copied to pinned host memory
+    asynchronously; ``swap()`` starts that copy and answers with the previous step's flag, whose copy has
+    long finished. Every rank answers the same at the same step, so all still stop together (one step
+    after the one the signal came in)."""
+
+    def __init__(self, flat):
+        import cupy
+
+        self.flat, self.cupy = flat, cupy
+        self.host = []
+        for _ in range(2):  # two buffers: one being written by the GPU while the other is read
+            memory = cupy.cuda.alloc_pinned_memory(flat.dtype.itemsize)
+            self.host.append(np.frombuffer(memory, flat.dtype, 1))
+        self.pending, self.turn = None, 0
+
+    def swap(self) -> bool:
+        answer = False
+        if self.pending is not None:
+            event, host = self.pending
+            event.synchronize()
+            answer = bool(host[0] > 0)
+        host, self.turn = self.host[self.turn], 1 - self.turn
+        self.flat[-1:].get(out=host, blocking=False)
+        event = self.cupy.cuda.Event()
+        event.record()
+        self.pending = (event, host)
+        return answer

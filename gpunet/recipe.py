@@ -234,13 +234,8 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     is raised after the checkpoint is written). A diverged run returns with ``stop_reason == "diverged"``.
     """
     check(config)
-    comm = parallel.world()  # under mpiexec: this process's place among the ranks
+    comm = _join_ranks(config, out, resume, overwrite)
     lead = comm is None or comm.rank == 0  # rank 0 alone prints, draws and writes
-    if comm is not None:
-        comm.same_everywhere("the training settings", {**asdict(config), "resume": resume, "overwrite": overwrite,
-                                                        "out": str(Path(out).resolve())})
-        if backend.normalize_device(config.device) != "cpu":
-            comm.use_local_gpu()  # before resolve_device's probe touches a GPU
     log = log if lead else (lambda line: None)
     device = backend.resolve_device(config.device)
     out = Path(out)
@@ -248,6 +243,54 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     ckpt = out / CHECKPOINT
     meta = check_out_folder(out, config, resume, overwrite, lead)
     started = time.perf_counter()
+    (x_tr, y_tr), (x_val, y_val), (x_test, y_test), data = _load(config, out, meta, comm)
+    classes = int(max(y_tr.max(), y_val.max() if len(y_val) else 0, y_test.max())) + 1
+    net, opt, schedule = build(config, x_tr.shape[1], classes, device)
+    loss = SoftmaxCrossEntropy()
+    why_not = fast.why_not(net, loss, opt, y_tr)  # a BatchNorm network or RMSprop runs the core's step
+    info = backend.describe_device(device)
+    log(_start_line(config, device, info, [x_tr.shape[1], *config.hidden, classes],
+                    (len(x_tr), len(x_val), len(x_test)), meta, comm, why_not))
+    try:
+        history = fit(net, loss, opt, x_tr, y_tr, epochs=config.epochs, batch_size=config.batch_size,
+                      validation=(x_val, y_val) if len(x_val) else None, seed=config.seed,
+                      target_loss=config.target_loss, patience=config.patience, schedule=schedule,
+                      callback=on_epoch, on_batch=on_batch, checkpoint_path=ckpt, resume=meta is not None,
+                      checkpoint_every=checkpoint_every, interrupt=interrupt,
+                      run_info={"config": asdict(config), "data": data}, comm=comm)
+    except Exception as exc:
+        # MemoryError, or CuPy's OutOfMemoryError (tested by name: CuPy may not be installed)
+        if not isinstance(exc, MemoryError) and type(exc).__name__ != "OutOfMemoryError":
+            raise
+        raise _out_of_memory(exc, config, ckpt) from exc
+    test = evaluate(net, loss, x_test, y_test, metrics=True, comm=comm)
+    result = _metrics(config, device, info, why_not, history, test, ckpt, time.perf_counter() - started)
+    if lead:
+        net.save(result["model"])
+    result["pictures"] = _pictures(config, lead, log, out, history, test, net, x_test, y_test)
+    if comm is not None:
+        result["processes"] = comm.size
+    if lead:
+        write_json(out / "metrics.json", result)
+    _last_lines(log, result, out)
+    return result
+
+
+def _join_ranks(config: TrainConfig, out, resume: bool, overwrite: bool):
+    """Under mpiexec, this process's :class:`parallel.Comm` once every rank has the same settings (and its
+    own GPU); None for a single process."""
+    comm = parallel.world()
+    if comm is not None:
+        comm.same_everywhere("the training settings", {**asdict(config), "resume": resume, "overwrite": overwrite,
+                                                        "out": str(Path(out).resolve())})
+        if backend.normalize_device(config.device) != "cpu":
+            comm.use_local_gpu()  # before resolve_device's probe touches a GPU
+    return comm
+
+
+def _load(config: TrainConfig, out: Path, meta, comm):
+    """``(train, validation, test, fingerprint)``: each set ``(Pixels, labels)``, the data checked to be the
+    checkpoint's (when resuming) and every rank's."""
     (x_train, y_train), (x_test, y_test) = load_data(config.data_dir, config.download)
     data = fingerprint(x_train, y_train, x_test)
     if comm is not None:
@@ -258,38 +301,21 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     if config.val_size >= len(x_train):
         raise ConfigError(f"--val-size: expected fewer than {len(x_train)} (the training set), got {config.val_size}")
     (x_tr, y_tr), (x_val, y_val) = split_validation(x_train, y_train, config.val_size)
-    x_tr, x_val, x_test_px = Pixels(x_tr), Pixels(x_val), Pixels(x_test)
-    classes = int(max(y_train.max(), y_test.max())) + 1
-    net, opt, schedule = build(config, x_train.shape[1], classes, device)
-    loss = SoftmaxCrossEntropy()
-    info = backend.describe_device(device)
+    return (Pixels(x_tr), y_tr), (Pixels(x_val), y_val), (Pixels(x_test), y_test), data
+
+
+def _start_line(config, device, info, sizes, counts, meta, comm, why_not) -> str:
     note = f" ({info['gpu_name']})" if device == "gpu" else (f" (GPU not used: {info['reason']})" if info["reason"] else "")
-    sizes = [x_train.shape[1], *config.hidden, classes]
     where = f"; resuming after epoch {meta['epoch']}, step {meta['step']}" if meta else ""
     where += f"; {comm.size} processes, each global batch split across them" if comm is not None else ""
-    why_not = fast.why_not(net, loss, opt, y_tr)  # a BatchNorm network or RMSprop runs the core's step
     where += f"; the core's step runs (no fused step: {why_not})" if why_not else ""
-    log(f"gpunet {__version__}: training {' -> '.join(map(str, sizes))} on {device}{note}; "
-        f"{len(x_tr)} train / {len(x_val)} validation / {len(x_test)} test examples{where}")
-    try:
-        history = fit(net, loss, opt, x_tr, y_tr, epochs=config.epochs, batch_size=config.batch_size,
-                      validation=(x_val, y_val) if len(x_val) else None, seed=config.seed,
-                      target_loss=config.target_loss, patience=config.patience, schedule=schedule,
-                      callback=on_epoch, on_batch=on_batch, checkpoint_path=ckpt, resume=meta is not None,
-                      checkpoint_every=checkpoint_every, interrupt=interrupt,
-                      run_info={"config": asdict(config), "data": data}, comm=comm)
-    except MemoryError as exc:
-        raise _out_of_memory(exc, config, ckpt) from exc
-    except Exception as exc:
-        if type(exc).__name__ != "OutOfMemoryError":  # CuPy's, tested by name: CuPy may not be installed
-            raise
-        raise _out_of_memory(exc, config, ckpt) from exc
-    test = evaluate(net, loss, x_test_px, y_test, metrics=True, comm=comm)
-    wall = time.perf_counter() - started
-    model_path = out / "model.npz"
-    if lead:
-        net.save(model_path)
-    result = {
+    return (f"gpunet {__version__}: training {' -> '.join(map(str, sizes))} on {device}{note}; "
+            f"{counts[0]} train / {counts[1]} validation / {counts[2]} test examples{where}")
+
+
+def _metrics(config, device, info, why_not, history, test, ckpt: Path, wall: float) -> dict:
+    """What metrics.json holds (the pictures and the process count are added by the caller)."""
+    return {
         "config": asdict(config), "device": device, "backend": info["backend"], "device_info": info,
         "fast_path": fast.status(), "fused_step": {"used": why_not is None, "why_not": why_not},
         "versions": versions(),
@@ -299,28 +325,29 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
         "per_class": {k: test[k] for k in ("precision", "recall", "f1", "support")},
         "macro": {k: test["macro_" + k] for k in ("precision", "recall", "f1")},
         "confusion_matrix": test["confusion_matrix"], "wall_seconds": wall,
-        "mean_epoch_seconds": float(np.mean([h["seconds"] for h in history.epochs])), "model": str(model_path),
+        "mean_epoch_seconds": float(np.mean([h["seconds"] for h in history.epochs])),
+        "model": str(ckpt.parent / "model.npz"),
     }
-    pictures = []
+
+
+def _pictures(config, lead: bool, log, out: Path, history, test, net, x_test, y_test) -> list:
+    """Draw the curves, the confusion matrix and the misclassified digits (rank 0, matplotlib present)."""
     if not config.plots or not lead:
-        pass
-    elif not plots.available():
+        return []
+    if not plots.available():
         log("note: matplotlib is not installed, so no pictures were drawn (pip install 'gpunet[cli]')")
-    else:
-        plots.curves(history.epochs, out / "curves.png")
-        plots.confusion(test["confusion_matrix"], out / "confusion.png")
-        pred = backend.to_numpy(predict(net, x_test_px))
-        plots.misclassified(x_test, y_test, pred, out / "misclassified.png")
-        pictures = ["curves.png", "confusion.png", "misclassified.png"]
-    result["pictures"] = pictures
-    if comm is not None:
-        result["processes"] = comm.size
-    if lead:
-        write_json(out / "metrics.json", result)
-    if history.stop_reason == "diverged":
-        log(f"the training loss became NaN or infinite in epoch {history.diverged_epoch}: the weights of the last "
-            f"finished epoch were kept")
-    log(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}); stopped by {history.stop_reason}; "
-        f"{result['mean_epoch_seconds']:.2f}s per epoch, {wall:.1f}s in all")
-    log(f"wrote {model_path}, {out / 'metrics.json'}" + "".join(f", {out / p}" for p in pictures))
-    return result
+        return []
+    plots.curves(history.epochs, out / "curves.png")
+    plots.confusion(test["confusion_matrix"], out / "confusion.png")
+    pred = backend.to_numpy(predict(net, x_test))
+    plots.misclassified(x_test.raw, y_test, pred, out / "misclassified.png")
+    return ["curves.png", "confusion.png", "misclassified.png"]
+
+
+def _last_lines(log, result: dict, out: Path) -> None:
+    if result["stop_reason"] == "diverged":
+        log(f"the training loss became NaN or infinite in epoch {result['diverged_epoch']}: the weights of the "
+            f"last finished epoch were kept")
+    log(f"test accuracy {result['test_accuracy']:.4f} (loss {result['test_loss']:.4f}); stopped by "
+        f"{result['stop_reason']}; {result['mean_epoch_seconds']:.2f}s per epoch, {result['wall_seconds']:.1f}s in all")
+    log(f"wrote {result['model']}, {out / 'metrics.json'}" + "".join(f", {out / p}" for p in result["pictures"]))

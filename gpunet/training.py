@@ -4,6 +4,10 @@ For a number of epochs, or until the epoch's cost falls under a threshold: for e
 forward, cost, backward, update. Batch size 1 is online learning, ``None`` (or the set's size) the full
 batch. Early stopping on the validation loss, with patience, restores the best weights.
 
+A :class:`Run` holds one training run: its position (epochs and steps done), this epoch's sums, the
+history, and the callbacks (:mod:`gpunet.callbacks`) that schedule, stop, guard and checkpoint it; its
+epoch loop is :meth:`Run.fit`. :func:`fit` is the keyword front door that builds both.
+
 The data are moved to the network's device once; each epoch's order is drawn on the host from a seeded
 NumPy generator (so a CPU and a GPU run see the same batches) and every batch is gathered on the device.
 Loss and accuracy are summed on the device and read back once per epoch, so a GPU step never waits for
@@ -12,14 +16,16 @@ the host. Where :mod:`gpunet.fast` knows the network, its fused step replaces th
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import callbacks as cbs
 from . import checkpoint, parallel
 from . import fast as fast_path
-from .backend import get_array_module, synchronize, to_device, to_numpy
+from .backend import get_array_module, on_device_of_net, softmax, synchronize, to_device, to_numpy
 from .batches import as_rows
 from .inputs import targets
 from .metrics import confusion_counts, report
@@ -39,26 +45,6 @@ class History:
 
     def __len__(self):
         return len(self.epochs)
-
-
-class EarlyStopping:
-    """Stop after ``patience`` epochs without a validation loss ``min_delta`` below the best; keeps the
-    best epoch's weights (host copies) for ``restore``."""
-
-    def __init__(self, patience: int, min_delta: float = 0.0):
-        self.patience, self.min_delta = patience, min_delta
-        self.best_loss, self.best_epoch, self.best_state, self.wait = None, None, None, 0
-
-    def should_stop(self, epoch: int, val_loss: float, net) -> bool:
-        if self.best_loss is None or val_loss < self.best_loss - self.min_delta:
-            self.best_loss, self.best_epoch, self.best_state, self.wait = val_loss, epoch, net.state_dict(), 0
-            return False
-        self.wait += 1
-        return self.wait >= self.patience
-
-    def restore(self, net) -> None:
-        if self.best_state is not None:
-            net.load_state_dict(self.best_state)
 
 
 def core_step(net, loss, optimizer):
@@ -100,77 +86,186 @@ class Interrupted(Exception):
         self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
 
 
-def _finite(value: float) -> bool:
-    return value == value and value not in (float("inf"), float("-inf"))
+class Run:
+    """One training run of ``net`` on ``data = (x, y)`` (from :func:`_dataset`: on the network's device).
 
+    Where it stands: ``epoch`` epochs are done and ``step`` steps of the next (of ``steps`` per epoch);
+    ``loss_sum`` and ``correct`` are this epoch's sums so far, on the device; ``history`` the finished
+    epochs. ``callbacks`` are called at the points :mod:`gpunet.callbacks` lists, in order; one sets
+    ``stop_training`` to end the run after the epoch. ``interrupt()``, asked after every step, stops it
+    there (:class:`Interrupted`). With ``comm`` (more than one rank) each global batch is split over the ranks.
+    """
 
-class _Run:
-    """The state of one ``fit`` that a checkpoint carries, and the two ways it moves: out to a file
-    (``save``) and back in (``restore``)."""
+    def __init__(self, net, loss, optimizer, data, *, validation=None, batch_size=128, shuffle=True, seed=0,
+                 callbacks=(), eval_batch_size=4096, fast=True, interrupt=None, comm=None):
+        self.net, self.loss, self.optimizer, (self.x, self.y) = net, loss, optimizer, data
+        self.validation, self.eval_batch_size, self.interrupt = validation, eval_batch_size, interrupt
+        self.comm = comm if comm is not None and comm.size > 1 else None
+        self.rank = 0 if self.comm is None else self.comm.rank
+        self.n, self.batch_size = len(self.x), batch_size_for(batch_size, len(self.x))
+        self.steps, self.shuffle = -(-self.n // self.batch_size), shuffle and self.batch_size < self.n
+        self.order_rng = np.random.default_rng(seed)
+        self.epoch_rng = self.order_rng.bit_generator.state  # the state this epoch's order is drawn from
+        self.history, self.epoch, self.step, self.epochs, self.stop_training = History(), 0, 0, None, False
+        self.loss_sum = self.correct = self.last_checkpoint = self._partial = None
+        self.callbacks = list(callbacks)
+        self._hooks = {h: [getattr(c, h) for c in self.callbacks if hasattr(c, h)] for h in cbs.HOOKS}
+        step = (fast and fast_path.select(net, loss, optimizer, self.y, self.comm is not None)) or \
+            core_step(net, loss, optimizer)
+        self._take_step = _stepper(step, optimizer, interrupt, self.comm)
+        self._step_sums = getattr(step, "sums_in_kernel", False) and step  # a GPU fused step sums itself
+        xp = get_array_module(net.parameters()[0].data)
+        self._xb = xp.empty((self.batch_size,) + self.x.shape[1:], dtype=self.x.dtype)
+        self._yb = xp.empty((self.batch_size,) + self.y.shape[1:], dtype=self.y.dtype)
 
-    def __init__(self, net, optimizer, order_rng, history, stopper, extra, comm=None):
-        self.net, self.optimizer, self.order_rng = net, optimizer, order_rng
-        self.history, self.stopper, self.extra, self.comm = history, stopper, extra, comm
+    def _call(self, hook, *args):
+        for fn in self._hooks[hook]:
+            fn(self, *args)
+
+    def fit(self, epochs: int) -> History:
+        """Train until ``epochs`` epochs are done or a callback stops the run; returns the history."""
+        self.epochs, self.stop_training, self.history.stop_reason = epochs, False, "max_epochs"
+        self._call("on_train_begin")
+        while self.epoch < epochs and not self.stop_training:
+            self._call("on_epoch_begin", self.epoch)
+            self._train_epoch()
+            record = self._record()
+            self.history.epochs.append(record)
+            self.epoch, self.step, self._partial = self.epoch + 1, 0, None
+            self._call("on_epoch_end", record)
+        self._call("on_train_end")
+        self.net.eval()
+        return self.history
+
+    def _train_epoch(self):
+        """This epoch's steps from ``self.step`` on, summed into ``loss_sum`` and ``correct``."""
+        self.net.train()
+        self._start_sums()
+        self.epoch_rng = self.order_rng.bit_generator.state  # the permutation below is drawn from here
+        order = to_device(self.order_rng.permutation(self.n), self.net.device) if self.shuffle else None
+        transforms, classify = self._hooks["transform_batch"], self.loss.classifies
+        for b in range(self.step, self.steps):
+            xb, yb, rows, batch_rows = self._batch(order, b)
+            for transform in transforms:
+                xb = transform(self, xb)
+            value, out, stop = self._take_step(xb, yb, rows, batch_rows)
+            if value is not None and not self._step_sums:
+                self.loss_sum += value * rows
+                if classify:
+                    self.correct += (out.argmax(axis=1) == yb).sum()
+            self.step = b + 1
+            self._call("on_batch_end", self.epoch, b + 1, self.steps)
+            # a single process: a signal that came during this step or its on_batch_end stops it here (ranks
+            # of a distributed run agreed on stopping through the gradient sum instead)
+            if stop or (self.comm is None and self.interrupt is not None and bool(self.interrupt())):
+                self.last_checkpoint = None
+                self._call("on_interrupt")
+                raise Interrupted(self.epoch, self.step, self.last_checkpoint)
+
+    def _start_sums(self):
+        xp, p = get_array_module(self.y), self._partial if self.step else None
+        self.loss_sum = xp.asarray(p["loss_sum"] if p else 0.0, dtype=np.float64)
+        self.correct = xp.asarray(p["correct"] if p else 0, dtype=np.int64)
+        if self._step_sums:
+            self._step_sums.use_sums(self.loss_sum, self.correct)
+        self._clock = time.perf_counter() - (p["seconds"] if p else 0.0)  # seconds of the epoch before a resume
+
+    def _batch(self, order, b):
+        """Batch ``b``'s inputs and targets (this rank's part of it), its rows here and in the whole batch."""
+        lo, hi = b * self.batch_size, min(self.n, (b + 1) * self.batch_size)
+        batch_rows = hi - lo
+        if self.comm is not None:
+            lo, hi = parallel.shard(lo, hi, self.rank, self.comm.size)
+        if order is None:
+            xb, yb = self.x[lo:hi], self.y[lo:hi]
+            if self._hooks["transform_batch"]:  # a transform may write into its input: not into the data
+                self._xb[:hi - lo] = xb
+                xb = self._xb[:hi - lo]
+        else:  # gathered into the reused buffers (their first rows, for a last partial batch)
+            idx = order[lo:hi]
+            xb, yb = self.x.take(idx, self._xb), get_array_module(self.y).take(self.y, idx, axis=0,
+                                                                               out=self._yb[:hi - lo])
+        return xb, yb, hi - lo, batch_rows
+
+    def _record(self) -> dict:
+        """The epoch's history entry: the mean training loss and accuracy (over every rank), validation."""
+        synchronize(self.loss_sum)
+        loss_sum, correct = float(self.loss_sum), int(self.correct)
+        if self.comm is not None:
+            loss_sum, correct = parallel.sum_over_ranks(self.comm, loss_sum, correct)
+        record = {"epoch": self.epoch + 1, "loss": loss_sum / self.n,
+                  "accuracy": correct / self.n if self.loss.classifies else None, "val_loss": None,
+                  "val_accuracy": None, "lr": self.optimizer.lr, "seconds": time.perf_counter() - self._clock}
+        if self.validation is not None and math.isfinite(record["loss"]):  # NaN weights are not worth a pass
+            val = evaluate(self.net, self.loss, *self.validation, batch_size=self.eval_batch_size, comm=self.comm)
+            record["val_loss"], record["val_accuracy"] = val["loss"], val.get("accuracy")
+        return record
 
     def _per_rank(self, value) -> list:
         """``value`` of every rank, in rank order (a collective call in a distributed run)."""
         return [value] if self.comm is None else self.comm.allgather(value)
 
-    def save(self, path, epoch, step, epoch_rng, partial=None, finished=False):
-        random, partial = self._per_rank(self.net.random_state()), self._per_rank(partial)
-        if self.comm is not None and self.comm.rank != 0:
-            return  # rank 0 alone writes
-        opt = self.optimizer.state_dict()
-        arrays = {f"net/{k}": v for k, v in self.net.state_dict().items()}
-        for name, values in opt.pop("arrays").items():  # the optimizer's state, whatever its rule
-            arrays.update({f"optimizer/{name}/{i}": v for i, v in enumerate(values)})
-        stopper = None
-        if self.stopper is not None:
-            s = self.stopper
-            stopper = {"best_loss": s.best_loss, "best_epoch": s.best_epoch, "wait": s.wait}
-            arrays.update({f"best/{k}": v for k, v in (s.best_state or {}).items()})
-        checkpoint.save(path, {
-            "run": self.extra, "network": self.net.config(), "epoch": epoch, "step": step, "finished": finished,
-            "order_rng": epoch_rng, "random": random, "optimizer": opt, "ranks": len(random),
-            "history": self.history.epochs, "stop_reason": self.history.stop_reason,
-            "best_epoch": self.history.best_epoch, "early_stopping": stopper, "partial": partial}, arrays)
+    def _stateful(self):
+        """``(name, callback)`` of each callback with a state of its own; names repeat-proof (``X``, ``X.2``)."""
+        seen = {}
+        for c in self.callbacks:
+            if hasattr(c, "state_dict") and c.state_dict() != {}:
+                name = type(c).__name__
+                seen[name] = seen.get(name, 0) + 1
+                yield (name if seen[name] == 1 else f"{name}.{seen[name]}"), c
 
-    def restore(self, path):
-        """Load the checkpoint at ``path`` into the run; returns its record, with this rank's partial sums."""
-        meta, arrays = checkpoint.load(path)
-        rank, size = (0, 1) if self.comm is None else (self.comm.rank, self.comm.size)
-        if meta["network"] != self.net.config():
-            raise checkpoint.CheckpointError(f"{path}: holds a different network ({meta['network']['layers']}) "
+    def state_dict(self) -> tuple[dict, dict]:
+        """``(record, arrays)``: everything a resumed run needs, as JSON data and host NumPy arrays. A collective
+        call in a distributed run (each rank's random state and partial sums are gathered)."""
+        mid = self.step > 0
+        partial = {"loss_sum": float(self.loss_sum), "correct": int(self.correct),
+                   "seconds": time.perf_counter() - self._clock} if mid else None
+        random, partial = self._per_rank(self.net.random_state()), self._per_rank(partial)
+        opt, arrays = checkpoint.split("optimizer", self.optimizer.state_dict())
+        arrays.update({f"net/{k}": v for k, v in self.net.state_dict().items()})
+        states = {}
+        for name, c in self._stateful():
+            states[name], more = checkpoint.split(f"callbacks/{name}", c.state_dict())
+            arrays.update(more)
+        h = self.history
+        return {"network": self.net.config(), "epoch": self.epoch, "step": self.step,
+                "order_rng": self.epoch_rng if mid else self.order_rng.bit_generator.state, "random": random,
+                "ranks": len(random), "partial": partial, "optimizer": opt, "callbacks": states,
+                "history": h.epochs, "stop_reason": h.stop_reason, "best_epoch": h.best_epoch,
+                "diverged_epoch": h.diverged_epoch}, arrays
+
+    def load_state_dict(self, record: dict, arrays: dict, path="the checkpoint") -> None:
+        """Put the run where :meth:`state_dict` found it; a CheckpointError names what does not fit."""
+        if record["network"] != self.net.config():
+            raise checkpoint.CheckpointError(f"{path}: holds a different network ({record['network']['layers']}) "
                                              f"than the one given ({self.net.config()['layers']})")
+        size = 1 if self.comm is None else self.comm.size
         try:
             self.net.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("net/")})
-            slots = {k.split("/")[1] for k in arrays if k.startswith("optimizer/")}
-            count = len(self.optimizer.params)
-            self.optimizer.load_state_dict(dict(meta["optimizer"], arrays={
-                name: [arrays[f"optimizer/{name}/{i}"] for i in range(count)] for name in slots}))
-            if meta["ranks"] != size:
-                raise ValueError(f"it was written by {meta['ranks']} processes, this run has {size}; "
+            self.optimizer.load_state_dict(checkpoint.join("optimizer", record["optimizer"], arrays))
+            if record["ranks"] != size:
+                raise ValueError(f"it was written by {record['ranks']} processes, this run has {size}; "
                                  f"resume with the same number")
-            self.net.set_random_state(meta["random"][rank])
+            self.net.set_random_state(record["random"][self.rank])
+            for name, c in self._stateful():
+                if name in record["callbacks"]:
+                    c.load_state_dict(checkpoint.join(f"callbacks/{name}", record["callbacks"][name], arrays))
         except (KeyError, ValueError, TypeError) as exc:
             raise checkpoint.CheckpointError(f"{path}: does not fit this run ({exc})") from None
-        self.order_rng.bit_generator.state = meta["order_rng"]
-        self.history.epochs = list(meta["history"])
-        self.history.stop_reason, self.history.best_epoch = meta["stop_reason"], meta["best_epoch"]
-        if self.stopper is not None and meta["early_stopping"] is not None:
-            es = meta["early_stopping"]
-            self.stopper.best_loss, self.stopper.best_epoch, self.stopper.wait = es["best_loss"], es["best_epoch"], es["wait"]
-            best = {k[5:]: v for k, v in arrays.items() if k.startswith("best/")}
-            self.stopper.best_state = best or None
-        meta["partial"] = meta["partial"][rank]  # None after a finished epoch
-        return meta
+        self.order_rng.bit_generator.state = record["order_rng"]
+        self.epoch, self.step, self._partial = record["epoch"], record["step"], record["partial"][self.rank]
+        h = self.history
+        h.epochs, h.stop_reason = list(record["history"]), record["stop_reason"]
+        h.best_epoch, h.diverged_epoch = record["best_epoch"], record["diverged_epoch"]
 
 
+@on_device_of_net
 def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validation=None, shuffle: bool = True,
         seed: int | None = 0, target_loss: float | None = None, patience: int | None = None,
         min_delta: float = 0.0, schedule=None, callback=None, on_batch=None, eval_batch_size: int = 4096,
         fast: bool = True, checkpoint_path=None, resume: bool = False, checkpoint_every: int = 1,
-        interrupt=None, run_info: dict | None = None, comm=None) -> History:
+        interrupt=None, run_info: dict | None = None, comm=None, callbacks=(), augment=None,
+        verbose: int = 0) -> History:
     """Train ``net`` on ``x`` (N, features) float array or ``Pixels``, and ``y`` (N,) int labels or
     (N, outputs) float targets.
 
@@ -178,7 +273,10 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     after that many epochs without a val-loss improvement larger than ``min_delta`` and restores the best
     weights. ``target_loss`` stops once the epoch's training loss is below it. ``schedule(epoch)`` sets
     ``optimizer.lr`` before each epoch. ``callback(record)`` runs after each epoch; ``on_batch(epoch,
-    done, total)`` after each batch (no device sync).
+    done, total)`` after each batch (no device sync). ``callbacks``: objects with any of the hooks of
+    :mod:`gpunet.callbacks` (called after those the keywords make, before early stopping, the target loss
+    and the checkpoint); ``augment``: one more, whose ``transform_batch(run, xb)`` changes each training batch.
+    ``verbose`` as in Keras: 0 silent, 1 a progress bar per epoch, 2 one line per epoch (:class:`Progress`).
 
     Long runs: ``checkpoint_path`` receives a checkpoint every ``checkpoint_every`` epochs and at the end;
     ``resume=True`` continues from it exactly (bit for bit on the same device); ``interrupt()``, checked
@@ -194,6 +292,26 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     into the update (the CPU with OpenBLAS): call ``net.forward``, ``loss.forward`` and ``net.backward``
     yourself to see them, or pass ``fast=False``.
     """
+    _check_fit(epochs, patience, validation, resume, checkpoint_path)
+    shown = [cbs.Progress(verbose)] if verbose != 0 else []  # refuses what is not 0, 1 or 2, before any work
+    net.classifies = loss.classifies  # what predict returns and model files record
+    data = _dataset(x, y, net, loss.classifies)
+    if validation is not None:
+        validation = _dataset(*validation, net, loss.classifies, "validation x")
+    saver = cbs.Checkpoint(checkpoint_path, checkpoint_every, run_info) if checkpoint_path is not None else None
+    run = Run(net, loss, optimizer, data, validation=validation, batch_size=batch_size, shuffle=shuffle, seed=seed,
+              eval_batch_size=eval_batch_size, fast=fast, interrupt=interrupt, comm=comm,
+              callbacks=[*_keyword_callbacks(schedule, callback, on_batch), *shown, *callbacks,
+                         *([augment] if augment is not None else []),
+                         *([cbs.EarlyStopping(patience, min_delta)] if patience is not None else []),
+                         *([cbs.TargetLoss(target_loss)] if target_loss is not None else []),
+                         *([saver] if saver is not None else [])])
+    if resume:
+        saver.restore(run)
+    return run.fit(epochs)
+
+
+def _check_fit(epochs, patience, validation, resume, checkpoint_path):
     if not isinstance(epochs, (int, np.integer)) or epochs < 1:
         raise ValueError(f"epochs: expected a positive integer, got {epochs!r}")
     if patience is not None and (validation is None or patience < 1):
@@ -201,103 +319,15 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
                          + ("" if validation is not None else " and no validation set"))
     if resume and checkpoint_path is None:
         raise ValueError("resume: expected a checkpoint_path to resume from, got none")
-    device, classify = net.device, loss.classifies
-    net.classifies = classify  # what predict returns and model files record
-    x, y = _dataset(x, y, net, classify)
-    if validation is not None:
-        validation = _dataset(*validation, net, classify, "validation x")
-    xp = get_array_module(net.parameters()[0].data)
 
-    n = len(x)
-    bs = batch_size_for(batch_size, n)
-    steps = (n + bs - 1) // bs
-    order_rng = np.random.default_rng(seed)
-    distributed = comm is not None and comm.size > 1
-    step = (fast and fast_path.select(net, loss, optimizer, y, distributed)) or core_step(net, loss, optimizer)
-    take_step = _stepper(step, optimizer, interrupt, comm if distributed else None)
-    xb_buf = xp.empty((bs,) + x.shape[1:], dtype=x.dtype)
-    yb_buf = xp.empty((bs,) + y.shape[1:], dtype=y.dtype)
-    history = History()
-    stopper = EarlyStopping(patience, min_delta) if patience is not None else None
-    run = _Run(net, optimizer, order_rng, history, stopper, run_info, comm if distributed else None)
-    first_epoch, first_step, partial = 0, 0, None
-    if resume:
-        meta = run.restore(checkpoint_path)
-        first_epoch, first_step, partial = meta["epoch"], meta["step"], meta["partial"]
-    last_good = (net.state_dict(), optimizer.state_dict())  # what a divergence falls back to
 
-    for epoch in range(first_epoch, epochs):
-        if schedule is not None:
-            optimizer.lr = schedule(epoch)
-        net.train()
-        start = time.perf_counter()
-        epoch_rng = order_rng.bit_generator.state  # the permutation below is drawn from here
-        order = to_device(order_rng.permutation(n), device) if shuffle and bs < n else None
-        b0 = first_step if epoch == first_epoch else 0
-        loss_sum = xp.asarray(partial["loss_sum"] if b0 else 0.0, dtype=np.float64)
-        correct = xp.asarray(partial["correct"] if b0 else 0, dtype=np.int64)
-        earlier = partial["seconds"] if b0 else 0.0
-        for b in range(b0, steps):
-            lo, hi = b * bs, min(n, (b + 1) * bs)
-            batch_rows = hi - lo
-            if distributed:  # this rank's part of the global batch
-                lo, hi = parallel.shard(lo, hi, comm.rank, comm.size)
-            if order is None:
-                xb, yb = x[lo:hi], y[lo:hi]
-            else:  # gathered into the reused buffers (their first rows, for a last partial batch)
-                idx = order[lo:hi]
-                xb, yb = x.take(idx, xb_buf), xp.take(y, idx, axis=0, out=yb_buf[:hi - lo])
-            value, out, stop = take_step(xb, yb, hi - lo, batch_rows)
-            if value is not None:
-                loss_sum += value * (hi - lo)
-                if classify:
-                    correct += (out.argmax(axis=1) == yb).sum()
-            if on_batch is not None:
-                on_batch(epoch, b + 1, steps)
-            # a single process: a signal that came during this step or its on_batch stops it here (ranks
-            # of a distributed run agreed on stopping through the gradient sum instead)
-            stop = stop or (not distributed and interrupt is not None and bool(interrupt()))
-            if stop:
-                if checkpoint_path is not None:
-                    sums = {"loss_sum": float(loss_sum), "correct": int(correct),
-                            "seconds": earlier + time.perf_counter() - start}
-                    run.save(checkpoint_path, epoch, b + 1, epoch_rng, sums)
-                raise Interrupted(epoch, b + 1, checkpoint_path)
-        synchronize(loss_sum)
-        total_loss, total_correct = float(loss_sum), int(correct)
-        if distributed:
-            total_loss, total_correct = _sum_over_ranks(comm, total_loss, total_correct)
-        record = {"epoch": epoch + 1, "loss": total_loss / n,
-                  "accuracy": total_correct / n if classify else None, "val_loss": None, "val_accuracy": None,
-                  "lr": optimizer.lr, "seconds": earlier + time.perf_counter() - start}
-        if not _finite(record["loss"]):  # checked once per epoch, on the sum read back anyway
-            history.epochs.append(record)
-            history.stop_reason, history.diverged_epoch = "diverged", epoch + 1
-            net.load_state_dict(last_good[0])
-            optimizer.load_state_dict(last_good[1])
-            break
-        if validation is not None:
-            val = evaluate(net, loss, *validation, batch_size=eval_batch_size, comm=comm if distributed else None)
-            record["val_loss"], record["val_accuracy"] = val["loss"], val.get("accuracy")
-        history.epochs.append(record)
-        if callback is not None:
-            callback(record)
-        done = epoch + 1 == epochs
-        if stopper is not None and stopper.should_stop(epoch + 1, record["val_loss"], net):
-            history.stop_reason, done = "early_stopping", True
-        elif target_loss is not None and record["loss"] < target_loss:
-            history.stop_reason, done = "target_loss", True
-        if stopper is not None:
-            history.best_epoch = stopper.best_epoch
-        if checkpoint_path is not None and (done or (epoch + 1) % checkpoint_every == 0):
-            run.save(checkpoint_path, epoch + 1, 0, order_rng.bit_generator.state, finished=done)
-        last_good = (net.state_dict(), optimizer.state_dict())
-        if done:
-            break
-    if stopper is not None:
-        stopper.restore(net)  # the weights of the best validation epoch
-    net.eval()
-    return history
+def _keyword_callbacks(schedule, callback, on_batch) -> list:
+    """The callbacks that ``fit``'s keywords ask for, which come first: the schedule sets the epoch's lr,
+    the divergence guard puts back the last good weights before anything else sees them."""
+    made = [cbs.Schedule(schedule)] if schedule is not None else []
+    made.append(cbs.DivergenceGuard())
+    made += [cbs.EpochEnd(callback)] if callback is not None else []
+    return made + ([cbs.BatchEnd(on_batch)] if on_batch is not None else [])
 
 
 def _stepper(step, optimizer, interrupt, comm):
@@ -307,7 +337,7 @@ def _stepper(step, optimizer, interrupt, comm):
     def wants_stop():
         return interrupt is not None and bool(interrupt())
 
-    if comm is None:  # a single process asks interrupt() itself, after on_batch
+    if comm is None:  # a single process asks interrupt() itself, after on_batch_end
         def take_step(x, y, rows, batch_rows):
             value, out = step(x, y)
             return value, out, False
@@ -325,13 +355,6 @@ def _stepper(step, optimizer, interrupt, comm):
         value, out = step(x, y, reduce=lambda: flag.update(stop=gradient_sum(rows, batch_rows, wants_stop())))
         return value, out, flag["stop"]
     return take_step
-
-
-def _sum_over_ranks(comm, *values):
-    """Each value summed over the ranks (one small all-reduce, in float64: exact for counts below 2**53)."""
-    buf = np.array(values, dtype=np.float64)
-    comm.allreduce(buf)
-    return [type(v)(s) for v, s in zip(values, buf)]
 
 
 def _batches(x, batch_size):
@@ -366,13 +389,7 @@ def _each_batch(net, x, batch_size, then):
     return out if out is not None else xp.empty((0, net.out_features or 0), dtype=net.dtype)
 
 
-def _softmax(z):
-    xp = get_array_module(z)
-    p = xp.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    return p
-
-
+@on_device_of_net
 def predict_proba(net, x, batch_size: int = 4096):
     """Class probabilities (N, C) on the network's device, computed batch by batch in eval mode. A network
     that does not classify (see :func:`classifies`) is refused: :func:`predict` gives its outputs."""
@@ -381,9 +398,10 @@ def predict_proba(net, x, batch_size: int = 4096):
         why = "it was trained with a regression loss" if trained else "it has a single output"
         raise ValueError(f"net: expected a classifier for predict_proba, got a network that does not classify "
                          f"({why}); predict(net, x) returns its outputs")
-    return _each_batch(net, x, batch_size, _softmax)
+    return _each_batch(net, x, batch_size, softmax)
 
 
+@on_device_of_net
 def predict(net, x, batch_size: int = 4096):
     """A classifier's predicted class labels (N,) int64; any other network's outputs (N, outputs) in its
     dtype (see :func:`classifies`). On the network's device."""
@@ -392,6 +410,7 @@ def predict(net, x, batch_size: int = 4096):
     return _each_batch(net, x, batch_size, lambda z: z)
 
 
+@on_device_of_net
 def evaluate(net, loss, x, y, batch_size: int = 4096, metrics: bool = False, comm=None) -> dict:
     """Mean loss over ``x`` in batches, in eval mode; for classification the accuracy, for regression the
     mean squared and absolute errors (``mse``, ``mae``, over all N x outputs entries) and ``r2`` (the
@@ -423,9 +442,7 @@ def evaluate(net, loss, x, y, batch_size: int = 4096, metrics: bool = False, com
     net.train(was_training)
     total, counts = float(loss_sum), to_numpy(counts)
     if comm is not None and comm.size > 1:
-        buf = np.concatenate([[total], np.ravel(counts)]).astype(np.float64)
-        comm.allreduce(buf)
-        total, counts = float(buf[0]), buf[1:].reshape(np.shape(counts)).astype(np.asarray(counts).dtype)
+        total, counts = parallel.sum_over_ranks(comm, total, counts)
     result = {"loss": total / max(n_all, 1)}
     if classify:
         result["accuracy"] = float(np.trace(counts)) / max(n_all, 1)

@@ -181,7 +181,7 @@ def test_divergence_restores_the_last_finished_epoch(tmp_path):
 @pytest.mark.parametrize("content, says", [
     (b"not a zip file at all", "not a readable gpunet checkpoint"),
     ("model", "is not a gpunet checkpoint .*a model file"),
-    ("foreign", "expected a gpunet-checkpoint version 1 file, got 'other'"),
+    ("foreign", "expected a gpunet-checkpoint version 2 file, got 'other'"),
 ])
 def test_damaged_or_foreign_checkpoints_are_named(tmp_path, content, says):
     path = tmp_path / "checkpoint.npz"

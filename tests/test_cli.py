@@ -120,6 +120,53 @@ def test_predict_images_and_npy(trained, tmp_path):
     assert text.returncode == 0 and text.stdout.startswith(str(tmp_path / "digit.png") + ": ")
 
 
+def test_predict_keeps_going_past_files_it_cannot_read(trained, tmp_path):
+    """One line per file that cannot be read, a result for every other file (in the order given), exit 1."""
+    from gpunet.data import load_mnist
+
+    data, out, _ = trained
+    _, (x_test, _) = load_mnist(data, download=False)
+    np.save(tmp_path / "one.npy", x_test[:1])
+    np.save(tmp_path / "two.npy", x_test[1:3])
+    np.save(tmp_path / "short.npy", x_test[0, :100])  # 100 values: no 28x28 digit
+    (tmp_path / "notes.txt").write_text("hello")
+    files = [tmp_path / f for f in ("one.npy", "missing.png", "two.npy", "notes.txt", "short.npy")]
+    res = run("predict", out / "model.npz", *files)
+    assert res.returncode == 1, res.stderr
+    errors = res.stderr.splitlines()
+    assert len(errors) == 3 and all(e.startswith("gpunet predict: error: ") for e in errors), res.stderr
+    for name, line in zip(("missing.png", "notes.txt", "short.npy"), errors):
+        assert str(tmp_path / name) in line and "Traceback" not in line
+    lines = res.stdout.splitlines()
+    assert [line.split(": ")[0] for line in lines] == [str(files[0]), f"{files[2]}[0]", f"{files[2]}[1]"]
+    expected = gn.to_numpy(gn.training.predict(gn.load(out / "model.npz", device="cpu"), x_test[:3]))
+    assert [int(line.split(": ")[1].split()[0]) for line in lines] == expected.tolist()
+    js = run("predict", out / "model.npz", *files, "--json")
+    assert js.returncode == 1
+    rows = json.loads(js.stdout)
+    assert [("error" in r, r["file"]) for r in rows] == [
+        (False, str(files[0])), (True, str(files[1])), (False, f"{files[2]}[0]"), (False, f"{files[2]}[1]"),
+        (True, str(files[3])), (True, str(files[4]))]
+    assert [r["digit"] for r in rows if "digit" in r] == expected.tolist()
+    alone = run("predict", out / "model.npz", tmp_path / "missing.png")
+    assert alone.returncode == 1 and alone.stdout == "" and alone.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["info", "evaluate", "predict"])
+def test_a_closed_pipe_ends_any_command_quietly(trained, tmp_path, command):
+    """`gpunet evaluate MODEL --json | head -3` once printed "error: [Errno 32] Broken pipe" and exited 2.
+    Here the reader is gone before the command writes anything, so every write meets the closed pipe."""
+    data, out, _ = trained
+    np.save(tmp_path / "x.npy", np.zeros((50, 784), np.float32))
+    args = {"info": ["info", "--json"], "evaluate": ["evaluate", out / "model.npz", "--data-dir", data, "--json"],
+            "predict": ["predict", out / "model.npz", tmp_path / "x.npy"]}[command]
+    proc = subprocess.Popen([sys.executable, "-m", "gpunet", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # like head, gone
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == ""  # 128 + SIGPIPE: what a shell reports for such a writer
+
+
 @pytest.mark.parametrize("flags, optimizer, fused", [
     (["--optimizer", "adam", "--batch-norm"], gn.Adam, "layer 1 is BatchNorm, where a Linear was expected"),
     (["--optimizer", "adamw", "--beta2", "0.99", "--lr", "0.003"], gn.AdamW, None),
@@ -171,8 +218,6 @@ def test_more_user_mistakes(trained, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     cases = [
         (["evaluate", garbage, "--data-dir", data], "cannot read model file"),
-        (["predict", out / "model.npz", tmp_path / "missing.png"], "missing.png"),
-        (["predict", out / "model.npz", tmp_path / "notes.txt"], "notes.txt"),
         (["train", "--data-dir", data, "--val-size", "100000", "--out", tmp_path / "o"], "--val-size: expected fewer than 600"),
         (["train", "--data-dir", tmp_path, "--out", tmp_path / "o"], "missing"),
         (["train", "--data-dir", data, "--hidden", "8", "8", "--activation", "relu", "tanh", "relu",

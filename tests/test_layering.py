@@ -18,14 +18,16 @@ CORE = {"layers", "losses", "optimizers", "network"}
 ALLOWED = {
     "backend": set(), "files": set(), "schedules": set(), "plots": {"files"},
     "layers": {"backend"}, "losses": {"backend"}, "optimizers": {"backend"},
-    "network": {"backend", "layers", "files"},
+    "network": {"backend", "layers", "files", "onnx_export"},  # to_onnx, loaded when called
+    "onnx_export": {"__init__", "backend", "layers", "files", "training"},
     "gradcheck": {"backend"}, "metrics": {"backend"},
     "idx": {"files"}, "data": {"idx"},
     "fast": {"backend", "layers", "losses", "optimizers"},
     "inputs": {"backend"},
     "batches": {"backend", "fast", "inputs"},
     "checkpoint": {"files"},
-    "training": {"backend", "fast", "batches", "inputs", "losses", "metrics", "checkpoint", "parallel"},
+    "callbacks": {"backend", "checkpoint"},
+    "training": {"backend", "fast", "batches", "callbacks", "inputs", "losses", "metrics", "checkpoint", "parallel"},
     "parallel": {"backend"},
     "explain": {"backend", "files", "layers", "losses", "optimizers"},
     "explain_inputs": {"layers", "network"},
