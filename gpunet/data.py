@@ -2,9 +2,9 @@
 loading them, and splitting off a validation set.
 
 Any folder holding the four MNIST file names (raw or .gz) loads the same way, so Fashion-MNIST and the
-like work unchanged. The file format itself is :mod:`gpunet.idx`. Imports only NumPy, the standard library
-and gpunet's IDX and files modules (Pillow lazily). Data problems raise DataError.
-Pictures for prediction (image files) are in :mod:`gpunet.images`.
+like work unchanged. The file format itself is :mod:`gpunet.idx`, the one gpunet module imported here
+(beside NumPy and the standard library). Data problems raise DataError. Pictures for prediction (image
+files) are in :mod:`gpunet.images`.
 """
 from __future__ import annotations
 
