@@ -10,13 +10,16 @@
 # script is known to work before a GPU is ever lent; tests/test_gpu_session.py runs it on tiny files.
 #
 # Runs from the source tree (PYTHONPATH=.), so the machine needs only Python with NumPy, CuPy and pytest.
-# Without torch there, the benchmark times gpunet alone. The benchmark skips its peak-memory children: they
-# train on the CPU, which is not what a GPU machine's minutes are for.
-# OUT_DIR (default $OUT, else a new temp folder) receives five files, since a lent machine sends back at
-# most eight: session.log (every step's output), latest-<device>.json and .md (the benchmark),
+# Without torch there, the speed benchmark times gpunet against the floor alone. No memory benchmark: it
+# trains on the CPU, which is not what a GPU machine's minutes are for.
+# OUT_DIR (default $OUT, else a new temp folder) receives six files: session.log (every step's output),
+# pytest-gpu.xml (the GPU tests' JUnit report), latest-<device>.json and .md (benchmarks/speed.py),
 # recipe-metrics.json and smoke-metrics.json. Models and pictures stay in a scratch folder. Each step has a
 # time limit (seconds below) so that the whole run ends within its budget; every step runs even when an
 # earlier one fails; the exit status is the number of failed steps.
+#
+# To add a step: one `step NAME SECONDS COMMAND...` line below (its output goes to session.log); a result
+# file it writes goes straight into "$out", or is copied there with `keep FILE NAME` (missing: no error).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,7 +41,7 @@ if [ "$dry" = "1" ]; then  # the CPU rehearsal: same steps, small settings, GPU 
     device=cpu
     unset GPUNET_REQUIRE_GPU
     require_gpu=()
-    bench_args=(--quick --no-torch --epochs 1 --configs 784-100-10/b128)
+    bench_args=(--quick --no-torch --epochs 1 --configs 784-100-10/b128 --pause 0)
     train_args=(--epochs 1 --hidden 32 --val-size 100 --no-plots)
     export GPUNET_SMOKE_MIN_ACCURACY=0
 else
@@ -61,19 +64,21 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, append its outp
     tail -n 15 "$scratch/$name.log"
     [ "$rc" -eq 0 ] || failed=$((failed + 1))
 }
+keep() { cp "$1" "$out/$2" 2>/dev/null || true; }  # keep FILE NAME: a step's result file, if it wrote one
 
 { date -u; echo "gpu_session: device $device$([ "$dry" = 1 ] && echo ' (dry run on the CPU)')"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi: not here"
   "$python" -V; } >"$log" 2>&1
 step info 30 "$python" -m gpunet info --device "$device"
-step pytest-gpu 150 env "${require_gpu[@]}" "$python" -m pytest -m gpu -q -rs -p no:cacheprovider
-step bench 150 "$python" benchmarks/bench_mlp.py --device "$device" --data-dir "$data" --no-memory \
+step pytest-gpu 150 env "${require_gpu[@]}" "$python" -m pytest -m gpu -q -rs -p no:cacheprovider \
+    --junitxml "$out/pytest-gpu.xml"
+step bench 150 "$python" benchmarks/speed.py --device "$device" --data-dir "$data" \
     "${bench_args[@]}" --json "$out/latest-$device.json" --markdown "$out/latest-$device.md"
 step recipe 120 "$python" -m gpunet train --device "$device" --data-dir "$data" --out "$scratch/recipe" \
     "${train_args[@]}"
-cp "$scratch/recipe/metrics.json" "$out/recipe-metrics.json" 2>/dev/null
+keep "$scratch/recipe/metrics.json" recipe-metrics.json
 step smoke 60 env OUT_DIR="$scratch/smoke" GPUNET_DEVICE="$device" PYTHON="$python" sh docker/smoke.sh \
     --device "$device" "${train_args[@]}"
-cp "$scratch/smoke/metrics.json" "$out/smoke-metrics.json" 2>/dev/null
+keep "$scratch/smoke/metrics.json" smoke-metrics.json
 echo "failed steps: $failed" | tee -a "$log"
 exit "$failed"
