@@ -186,3 +186,23 @@ def test_feature_names_from_a_data_frame():
         warnings.simplefilter("ignore", ConvergenceWarning)
         est = MLPClassifier((4,), max_iter=3, random_state=0, device="cpu").fit(frame, [0, 1, 0, 1])
     assert list(est.feature_names_in_) == ["a", "b"] and est.n_features_in_ == 2
+
+
+def test_the_fit_time_benchmark_runs(tmp_path, monkeypatch):
+    """benchmarks/sklearn_fit.py (digits only without MNIST): one fit per side, raw seconds and accuracies
+    stored, the table's ratio computed from them."""
+    import json
+
+    from conftest import ROOT
+
+    monkeypatch.delenv("GPUNET_DATA", raising=False)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import sklearn_fit
+
+    assert sklearn_fit.main(["--rounds", "1", "--json", str(tmp_path / "b.json")]) == 0
+    result = json.loads((tmp_path / "b.json").read_text())
+    (work,) = result["workloads"]
+    assert work["name"] == "digits" and work["epochs"] == 50
+    (gp,), (sk,) = work["raw"]["gpunet"], work["raw"]["sklearn"]
+    assert gp[0] > 0 and sk[0] > 0 and gp[1] > 0.9 and sk[1] > 0.9
+    assert f"| {sk[0] / gp[0]:.1f}x |" in sklearn_fit.table(result)
