@@ -2,10 +2,10 @@
 loading them, and splitting off a validation set.
 
 Any folder holding the four MNIST file names (raw or .gz) loads the same way, so Fashion-MNIST and the
-like work unchanged. The file format itself is :mod:`gpunet.idx`. Imports only NumPy, the standard library
-and gpunet's IDX and files modules (Pillow lazily). Data problems raise DataError.
-Pictures for prediction (image files) are in :mod:`gpunet.images`. Data sets of one's own, as ``.npz`` or
-CSV files (``gpunet train --data``), are read by :func:`load_arrays`.
+like work unchanged. The file format itself is :mod:`gpunet.idx`, the one gpunet module imported here
+(beside NumPy and the standard library). Data problems raise DataError. Pictures for prediction (image
+files) are in :mod:`gpunet.images`. Data sets of one's own, as ``.npz`` or CSV files (``gpunet train
+--data``), are read by :func:`load_arrays`.
 """
 from __future__ import annotations
 
