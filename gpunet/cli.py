@@ -370,8 +370,11 @@ def cmd_export(args):
 
     net = _load_model(args.model, "cpu")
     rows, cols = image_size(net.in_features)
-    inputs = args.inputs or (f"pixel / 255: float32 in [0, 1], a {rows}x{cols} grey image row by row, white "
-                             f"digit on black as in MNIST" if rows > 1 else None)
+    if args.inputs or isinstance(net.layers[0], Standardize):  # a model that scales its own features
+        inputs = args.inputs or "the features as they are: the model's first layer scales them"
+    else:
+        inputs = (f"pixel / 255: float32 in [0, 1], a {rows}x{cols} grey image row by row, white digit on black "
+                  f"as in MNIST" if rows > 1 else None)
     try:
         model = to_onnx(net, args.out, task=args.task, inputs=inputs)
     except ImportError as exc:
