@@ -22,7 +22,7 @@ from . import __version__, backend, explain, explain_inputs, explain_render, fas
 from .backend import DeviceError
 from .callbacks import epoch_line
 from .batches import Pixels
-from .data import DataError, default_data_dir, load_rows
+from .data import DataError, default_data_dir, load_arrays, load_rows
 from .images import image_size, load_image_file, load_images
 from .layers import ACTIVATIONS, INITIALIZERS, Standardize
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", help="folder holding the MNIST files (default: $GPUNET_DATA, else the cache)")
     e.add_argument("--device", default=None, help="cpu, gpu or auto")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--data", metavar="FILE", help="a data file of your own (.npz: its x_test, y_test; .csv: every row) instead of --data-dir")
+    e.add_argument("--label-column", default="label", metavar="NAME", help="the CSV column of the class labels (default: label)")
 
     r = sub.add_parser("predict", help="predict the digit in image files (PNG/JPEG, any size) or .npy arrays")
     r.add_argument("model", help="model file written by gpunet train")
@@ -272,10 +274,19 @@ def _load_model(path, device):
 
 def cmd_evaluate(args):
     net = _load_model(args.model, args.device)
-    _, (x_test, y_test) = load_data(args.data_dir)
+    if args.data is not None and args.data_dir is not None:
+        raise UserError(f"--data: a file of your own replaces the MNIST folder, got --data {args.data} and --data-dir")
+    if args.data is not None:  # features as they are: a --data model scales them itself
+        train_set, test = load_arrays(args.data, args.label_column)
+        if test is None and not args.data.lower().endswith(".csv"):
+            raise UserError(f"--data: {args.data} holds no test set (x_test, y_test) to evaluate on")
+        x_test, y_test = test or train_set
+    else:
+        _, (x_test, y_test) = load_data(args.data_dir)
+        x_test = Pixels(x_test)
     if x_test.shape[1] != net.in_features:
         raise UserError(f"{args.model}: the model expects {net.in_features} inputs, the data have {x_test.shape[1]}")
-    rep = evaluate(net, SoftmaxCrossEntropy(), Pixels(x_test), y_test, metrics=True)
+    rep = evaluate(net, SoftmaxCrossEntropy(), x_test, y_test, metrics=True)
     if args.json:
         print(json.dumps(rep, indent=2))
     else:
