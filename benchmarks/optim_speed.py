@@ -13,11 +13,13 @@ on MNIST, one epoch per round, interleaved so that machine noise hits every peer
   ``SGD(lr=0.05, momentum=0.9)`` with their defaults, cross-entropy, the same batches in the same order
 
 Round 1 is warm-up (numba compilation, first-touch page faults, thread start-up) and is reported apart;
-the medians use rounds 2..R. No dropout, so every peer does the same work. The weights of gpunet-adam and
+the medians use rounds 2..R. Each epoch's wall time and its process CPU time (all threads) are recorded:
+on a shared, loaded machine the CPU time is the steadier measure of the work. No dropout, so every peer
+does the same work. The weights of gpunet-adam and
 torch-adam, which start equal and see the same batches, are compared after the last round (float32
 rounding grows with the steps: a sanity check that both did the same work, not a test).
 
-    python benchmarks/optim_speed.py --data-dir /path/to/mnist [--rounds 5] [--json out.json]
+    python benchmarks/optim_speed.py --data-dir /path/to/mnist [--rounds 5] [--threads 1] [--json out.json]
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="epochs per peer, the first a warm-up (default: 5)")
     p.add_argument("--train-rows", type=int, default=None, help="use only the first N training rows")
     p.add_argument("--no-torch", action="store_true", help="gpunet's peers only")
+    p.add_argument("--threads", type=int, default=None, help="BLAS and torch threads (default: the libraries' own)")
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
 
@@ -65,10 +68,10 @@ class Gpunet:
                     else gn.Momentum(self.net.parameters(), lr=0.05, momentum=0.9))
         self.x, self.y, self.fast, self.loss = x, y, fast, gn.SoftmaxCrossEntropy()
 
-    def epoch(self, seed, bs) -> float:
-        start = time.perf_counter()
+    def epoch(self, seed, bs) -> tuple:
+        start, cpu = time.perf_counter(), time.process_time()
         fit(self.net, self.loss, self.opt, self.x, self.y, epochs=1, batch_size=bs, seed=seed, fast=self.fast)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     def weights(self) -> list:
         return [gn.to_numpy(p.data) for p in self.net.parameters()]
@@ -91,16 +94,16 @@ class Torch:
         self.x, self.y = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
         self.loss = torch.nn.CrossEntropyLoss()
 
-    def epoch(self, seed, bs) -> float:
+    def epoch(self, seed, bs) -> tuple:
         torch, n = self.torch, len(self.x)
         idx = torch.from_numpy(order(seed, n))
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for lo in range(0, n, bs):
             rows = idx[lo:lo + bs]
             self.opt.zero_grad(set_to_none=True)
             self.loss(self.model(self.x[rows]), self.y[rows]).backward()
             self.opt.step()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     def weights(self) -> list:
         out = []
@@ -122,37 +125,58 @@ def make_peers(args, sizes, x, y):
     return peers
 
 
+def run_rounds(args, peers) -> tuple:
+    """Wall and CPU seconds of each peer's epochs, round after round (interleaved)."""
+    wall, cpu = ({name: [] for name in peers} for _ in range(2))
+    for r in range(args.rounds):
+        for name, peer in peers.items():
+            w, c = peer.epoch(r, args.batch_size)
+            wall[name].append(w)
+            cpu[name].append(c)
+        print(f"round {r + 1}: " + "  ".join(f"{k} {wall[k][-1]:.3f}s (cpu {cpu[k][-1]:.3f}s)" for k in peers),
+              flush=True)
+    return wall, cpu
+
+
+def ratios(med: dict) -> dict:
+    pairs = [("gpunet-adam", "gpunet-momentum"), ("gpunet-adam", "gpunet-adam-core"), ("gpunet-adam", "torch-adam"),
+             ("gpunet-momentum", "torch-momentum"), ("torch-adam", "torch-momentum")]
+    return {f"{a} / {b}": med[a] / med[b] for a, b in pairs if a in med and b in med}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     sizes = [int(s) for s in args.sizes.split("-")]
     (x, y), _ = load_mnist(args.data_dir, download=False)
     x, y = x[:args.train_rows], y[:args.train_rows]
+    limits = None
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        limits = threadpool_limits(args.threads)
     peers = make_peers(args, sizes, x, y)
-    times = {name: [] for name in peers}
-    for r in range(args.rounds):
-        for name, peer in peers.items():
-            times[name].append(peer.epoch(r, args.batch_size))
-        print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
-    later = {k: v[1:] or v for k, v in times.items()}
-    med = {k: statistics.median(v) for k, v in later.items()}
+    if args.threads and "torch-adam" in peers:
+        peers["torch-adam"].torch.set_num_threads(args.threads)
+    wall, cpu = run_rounds(args, peers)
+    med = {k: statistics.median(v[1:] or v) for k, v in wall.items()}
+    med_cpu = {k: statistics.median(v[1:] or v) for k, v in cpu.items()}
     result = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                          "numpy": np.__version__, "gpunet_fast": gn.fast.status()},
+                          "numpy": np.__version__, "gpunet_fast": gn.fast.status(), "threads": args.threads,
+                          "load_average": os.getloadavg()},
               "sizes": sizes, "batch_size": args.batch_size, "train_rows": len(x), "rounds": args.rounds,
-              "seconds": times, "median_seconds": med,
-              "ratios": {"gpunet-adam / gpunet-momentum": med["gpunet-adam"] / med["gpunet-momentum"],
-                         "gpunet-adam / gpunet-adam-core": med["gpunet-adam"] / med["gpunet-adam-core"]}}
+              "seconds": wall, "cpu_seconds": cpu, "median_seconds": med, "median_cpu_seconds": med_cpu,
+              "ratios": ratios(med), "cpu_ratios": ratios(med_cpu)}
     if "torch-adam" in peers:
-        import torch
-
-        result["machine"]["torch"] = torch.__version__
-        result["machine"]["torch_threads"] = torch.get_num_threads()
-        result["ratios"]["gpunet-adam / torch-adam"] = med["gpunet-adam"] / med["torch-adam"]
-        result["ratios"]["gpunet-momentum / torch-momentum"] = med["gpunet-momentum"] / med["torch-momentum"]
+        result["machine"]["torch"] = peers["torch-adam"].torch.__version__
+        result["machine"]["torch_threads"] = peers["torch-adam"].torch.get_num_threads()
         diffs = [float(np.abs(a - b).max()) for a, b in zip(peers["gpunet-adam"].weights(), peers["torch-adam"].weights())]
         result["adam_max_weight_difference"] = max(diffs)
-    print("median epoch (rounds 2..): " + "  ".join(f"{k} {v:.3f}s" for k, v in med.items()))
-    print("  ".join(f"{k}: {v:.3f}" for k, v in result["ratios"].items()))
+    if limits is not None:
+        limits.unregister()
+    print("median epoch (rounds 2..): " + "  ".join(f"{k} {med[k]:.3f}s (cpu {med_cpu[k]:.3f}s)" for k in med))
+    print("wall: " + "  ".join(f"{k}: {v:.3f}" for k, v in result["ratios"].items()))
+    print("cpu:  " + "  ".join(f"{k}: {v:.3f}" for k, v in result["cpu_ratios"].items()))
     if "adam_max_weight_difference" in result:
         print(f"gpunet-adam vs torch-adam, largest weight difference after {args.rounds} epochs: "
               f"{result['adam_max_weight_difference']:.2e}")

@@ -221,6 +221,8 @@ def check_out_folder(out: Path, config: TrainConfig, resume: bool, overwrite: bo
         if not isinstance(saved, dict):
             raise checkpoint.CheckpointError(f"{ckpt} was not written by gpunet train (no run settings in it)")
         given = asdict(config)
+        # a setting the checkpoint's gpunet did not have yet (--optimizer, --batch-norm, ...) had its default
+        saved = asdict(TrainConfig(**{k: v for k, v in saved.items() if k in given}))
         for key in given:
             if key not in MAY_CHANGE_ON_RESUME and saved.get(key) != given[key]:
                 flag = "--" + key.replace("_", "-")

@@ -24,6 +24,9 @@ def test_a_run_writes_consistent_results(tmp_path):
     med = res["median_seconds"]
     assert med["gpunet-adam"] == res["seconds"]["gpunet-adam"][1]  # round 1 is the warm-up
     assert res["ratios"]["gpunet-adam / gpunet-momentum"] == med["gpunet-adam"] / med["gpunet-momentum"]
+    cpu = res["median_cpu_seconds"]
+    assert cpu["gpunet-adam"] == res["cpu_seconds"]["gpunet-adam"][1] > 0
+    assert res["cpu_ratios"]["gpunet-adam / gpunet-adam-core"] == cpu["gpunet-adam"] / cpu["gpunet-adam-core"]
 
 
 def test_torch_adam_peer_does_the_same_work_as_gpunets():
