@@ -1,4 +1,5 @@
-"""The training run behind ``gpunet train``: MNIST (or any IDX dataset) in, model, metrics and pictures out.
+"""The training run behind ``gpunet train``: MNIST (or any IDX dataset, or a ``.npz``/CSV file of one's own)
+in, model, metrics and pictures out.
 
 ``train(config, out)`` does the work: load the data (as bytes, read as float32 batch by batch), hold out
 a validation set, build the MLP and its optimizer and schedule, ``fit``, evaluate on the test set, and write
@@ -21,9 +22,10 @@ import numpy as np
 from . import __version__, backend, checkpoint, fast, files, parallel, plots
 from .augment import Augment
 from .batches import Pixels
-from .data import DataError, load_mnist, split_validation
+from .data import DataError, load_arrays, load_mnist, split_validation
+from .layers import Standardize
 from .losses import SoftmaxCrossEntropy
-from .network import mlp
+from .network import Sequential, mlp
 from .optimizers import SGD, Adam, AdamW, Momentum, RMSprop
 from .schedules import make_schedule
 from .training import evaluate, fit, predict
@@ -85,6 +87,9 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     plots: bool = True
+    data: str | None = None  # a .npz or CSV file of one's own, instead of the IDX folder
+    label_column: str = "label"
+    scale: str = "standard"
     preset: str | None = None
     augment: bool = False
     aug_rotation: float = 12.0
@@ -175,10 +180,30 @@ def check(config: TrainConfig) -> None:
         raise ConfigError("--nesterov: needs --momentum > 0, got --momentum 0")
     if config.patience and not config.val_size:
         raise ConfigError("--patience: needs a validation set, but --val-size is 0")
+    if config.scale not in SCALES:
+        raise ConfigError(f"--scale: expected one of {', '.join(SCALES)}, got {config.scale!r}")
+    if config.data is not None and (config.data_dir is not None or config.download):
+        raise ConfigError(f"--data: a file of your own replaces the MNIST folder, got --data {config.data} "
+                          f"together with {'--data-dir' if config.data_dir is not None else '--download'}")
+    if config.data is not None and not Path(config.data).is_file():
+        raise DataError(f"data file not found: {config.data}")
     if config.preset is not None and config.preset not in PRESETS:
         raise ConfigError(f"--preset: expected one of {', '.join(PRESETS)}, got {config.preset!r}")
     augmentation(config)
     data_folder(config.data_dir, config.download)
+
+
+SCALES = ("standard", "minmax", "none")  # --scale: the features of a --data file
+
+
+def scaling(name: str, x) -> Standardize | None:
+    """The fixed scaling ``name`` asks for, from the training features ``x`` (N, F): "standard" (mean 0,
+    standard deviation 1 per feature), "minmax" (into [0, 1]) or "none" (None)."""
+    if name == "none":
+        return None
+    if name == "standard":
+        return Standardize(x.mean(axis=0), x.std(axis=0))
+    return Standardize(x.min(axis=0), x.max(axis=0) - x.min(axis=0))
 
 
 def build(config: TrainConfig, in_features: int, classes: int, device: str):
@@ -233,6 +258,8 @@ def check_out_folder(out: Path, config: TrainConfig, resume: bool, overwrite: bo
         if not isinstance(saved, dict):
             raise checkpoint.CheckpointError(f"{ckpt} was not written by gpunet train (no run settings in it)")
         given = asdict(config)
+        # a setting the checkpoint's gpunet did not have yet (--optimizer, --batch-norm, ...) had its default
+        saved = asdict(TrainConfig(**{k: v for k, v in saved.items() if k in given}))
         for key in given:
             if key not in MAY_CHANGE_ON_RESUME and saved.get(key) != given[key]:
                 flag = "--" + key.replace("_", "-")
@@ -280,7 +307,7 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     ckpt = out / CHECKPOINT
     meta = check_out_folder(out, config, resume, overwrite, lead)
     started = time.perf_counter()
-    (x_tr, y_tr), (x_val, y_val), (x_test, y_test), data = _load(config, out, meta, comm)
+    (x_tr, y_tr), (x_val, y_val), (x_test, y_test), data, scaled = _load(config, out, meta, comm, log)
     classes = int(max(y_tr.max(), y_val.max() if len(y_val) else 0, y_test.max())) + 1
     net, opt, schedule = build(config, x_tr.shape[1], classes, device)
     loss = SoftmaxCrossEntropy()
@@ -303,8 +330,10 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
         raise _out_of_memory(exc, config, ckpt) from exc
     test = evaluate(net, loss, x_test, y_test, metrics=True, comm=comm)
     result = _metrics(config, device, info, why_not, history, test, ckpt, time.perf_counter() - started)
-    if lead:
-        net.save(result["model"])
+    if lead:  # a --data model takes the features as they are: its scaling goes first
+        model = net if scaled is None else Sequential(scaled, *net.layers)
+        model.classifies = True
+        model.save(result["model"])
     result["pictures"] = _pictures(config, lead, log, out, history, test, net, x_test, y_test)
     if comm is not None:
         result["processes"] = comm.size
@@ -326,11 +355,16 @@ def _join_ranks(config: TrainConfig, out, resume: bool, overwrite: bool):
     return comm
 
 
-def _load(config: TrainConfig, out: Path, meta, comm):
-    """``(train, validation, test, fingerprint)``: each set ``(Pixels, labels)``, the data checked to be the
-    checkpoint's (when resuming) and every rank's."""
-    (x_train, y_train), (x_test, y_test) = load_data(config.data_dir, config.download)
-    data = fingerprint(x_train, y_train, x_test)
+def _load(config: TrainConfig, out: Path, meta, comm, log=print):
+    """``(train, validation, test, fingerprint, scaling)``: each set ``(features, labels)`` (``Pixels`` for
+    IDX images; a --data file's features scaled by ``scaling``, a :class:`Standardize` or None), the data
+    checked to be the checkpoint's (when resuming) and every rank's. A --data file without a test set is
+    tested on the validation set."""
+    if config.data is not None:
+        (x_train, y_train), test = load_arrays(config.data, config.label_column)
+    else:
+        (x_train, y_train), test = load_data(config.data_dir, config.download)
+    data = fingerprint(x_train, y_train, x_train[:0] if test is None else test[0])
     if comm is not None:
         comm.same_everywhere("the data", data)
     if meta is not None and meta["run"].get("data") != data:
@@ -338,8 +372,19 @@ def _load(config: TrainConfig, out: Path, meta, comm):
                           f"({meta['run'].get('data')}), got {data}; resume with the same files")
     if config.val_size >= len(x_train):
         raise ConfigError(f"--val-size: expected fewer than {len(x_train)} (the training set), got {config.val_size}")
+    if test is None and not config.val_size:
+        raise ConfigError(f"--val-size: expected at least 1: {config.data} holds no test set, so the validation "
+                          f"set is the test set, got 0")
     (x_tr, y_tr), (x_val, y_val) = split_validation(x_train, y_train, config.val_size)
-    return (Pixels(x_tr), y_tr), (Pixels(x_val), y_val), (Pixels(x_test), y_test), data
+    if config.data is None:
+        return (Pixels(x_tr), y_tr), (Pixels(x_val), y_val), (Pixels(test[0]), test[1]), data, None
+    if test is None:
+        log(f"note: {config.data} holds no test set (x_test, y_test): the test figures are the validation set's")
+        test = (x_val, y_val)
+    scaled = scaling(config.scale, x_tr)
+    sets = [(x, y) if scaled is None else ((x - scaled.shift) / scaled.scale, y)
+            for x, y in ((x_tr, y_tr), (x_val, y_val), test)]
+    return (*sets, data, scaled)
 
 
 def _start_line(config, device, info, sizes, counts, meta, comm, why_not) -> str:
@@ -377,6 +422,8 @@ def _pictures(config, lead: bool, log, out: Path, history, test, net, x_test, y_
         return []
     plots.curves(history.epochs, out / "curves.png")
     plots.confusion(test["confusion_matrix"], out / "confusion.png")
+    if not isinstance(x_test, Pixels):  # features of one's own: no digits to show
+        return ["curves.png", "confusion.png"]
     pred = backend.to_numpy(predict(net, x_test))
     plots.misclassified(x_test.raw, y_test, pred, out / "misclassified.png")
     return ["curves.png", "confusion.png", "misclassified.png"]
