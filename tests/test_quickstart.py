@@ -68,7 +68,7 @@ def test_ci_runs_the_readme_lines_and_nothing_else_as_set_up():
         assert not re.search(r"pip install[^\n]*\s(-e\s+)?['\"]?\.(\[|\s|$|['\"])", line), \
             f".ci/run installs the project itself: {line!r}"
     for flag in ("GPUNET_REQUIRE_DATA", "GPUNET_REQUIRE_CUPY", "GPUNET_REQUIRE_NUMBA", "GPUNET_REQUIRE_TOOLS",
-                 "GPUNET_REQUIRE_NVRTC"):
+                 "GPUNET_REQUIRE_NVRTC", "GPUNET_REQUIRE_CONTAINER"):
         assert f"export {flag}=1" in run, f".ci/run no longer sets {flag}=1"
     assert re.search(r'export GPUNET_DATA=.*shared/data/mnist', run), ".ci/run does not point GPUNET_DATA at ../shared"
 
