@@ -20,16 +20,20 @@ first reason given wins. The run's attributes (``net``, ``optimizer``, ``history
 ``step``, ``epochs``, ``steps``) are the callbacks' to read.
 
 The callbacks behind ``fit``'s keywords live here too: :class:`Schedule`, :class:`DivergenceGuard`,
-:class:`EarlyStopping`, :class:`TargetLoss`, :class:`Checkpoint`, :class:`EpochEnd` and :class:`BatchEnd`.
+:class:`EarlyStopping`, :class:`TargetLoss`, :class:`Checkpoint`, :class:`EpochEnd`, :class:`BatchEnd` and
+:class:`Progress` (``fit(verbose=...)``).
 """
 from __future__ import annotations
 
 import math
+import sys
+import time
 
 from . import checkpoint
+from .backend import to_numpy
 
 HOOKS = ("on_train_begin", "on_epoch_begin", "transform_batch", "on_batch_end", "on_epoch_end", "on_interrupt",
-         "on_train_end", "state_dict", "load_state_dict")
+         "on_train_end")  # what the run calls; state_dict and load_state_dict are for its checkpoints
 
 
 def stop(run, reason: str) -> None:
@@ -67,16 +71,21 @@ class DivergenceGuard(Callback):
     """If an epoch's training loss is NaN or infinite, the weights and optimizer state of the last finished
     epoch (or of the run's start) are put back and the run stops (``stop_reason == "diverged"``).
 
-    It keeps host copies of that state. A checkpoint written at an epoch's end needs none of them (they are
-    the run's own state then); one written mid-epoch carries them, so a resumed run falls back to the same.
+    It keeps copies of that state on the network's device (a GPU run copies no weights to the host for it).
+    A checkpoint written at an epoch's end needs none of them (they are the run's own state then); one
+    written mid-epoch carries them, so a resumed run falls back to the same.
     """
 
     def __init__(self):
         self.last_good, self._mid_epoch = None, False
 
+    @staticmethod
+    def _snapshot(run):
+        return run.net.state_dict(host=False), run.optimizer.state_dict(host=False)
+
     def on_train_begin(self, run):
         if self.last_good is None:
-            self.last_good = (run.net.state_dict(), run.optimizer.state_dict())
+            self.last_good = self._snapshot(run)
 
     def on_epoch_begin(self, run, epoch):
         self._mid_epoch = True
@@ -84,7 +93,7 @@ class DivergenceGuard(Callback):
     def on_epoch_end(self, run, record):
         self._mid_epoch = False
         if _finite(record["loss"]):
-            self.last_good = (run.net.state_dict(), run.optimizer.state_dict())
+            self.last_good = self._snapshot(run)
             return
         run.net.load_state_dict(self.last_good[0])
         run.optimizer.load_state_dict(self.last_good[1])
@@ -95,9 +104,10 @@ class DivergenceGuard(Callback):
         if not self._mid_epoch:
             return {"mid_epoch": False}
         weights, opt = self.last_good
-        opt_arrays = opt.get("arrays", {})
+        opt_arrays = {k: [to_numpy(a) for a in v] for k, v in opt.get("arrays", {}).items()}
         return {"mid_epoch": True, "names": list(weights), "optimizer": {k: v for k, v in opt.items() if k != "arrays"},
-                "arrays": {"weights": list(weights.values()), **{f"optimizer.{k}": v for k, v in opt_arrays.items()}}}
+                "arrays": {"weights": [to_numpy(w) for w in weights.values()],
+                           **{f"optimizer.{k}": v for k, v in opt_arrays.items()}}}
 
     def load_state_dict(self, state: dict) -> None:
         self._mid_epoch = state["mid_epoch"]
@@ -201,3 +211,53 @@ class Checkpoint(Callback):
         record, arrays = checkpoint.load(self.path)
         run.load_state_dict(record, arrays, self.path)
         return record
+
+
+def epoch_line(record: dict, epochs: int) -> str:
+    """One epoch's record in one line: ``epoch   3/20  loss 0.1234  acc 0.9600  val_loss ...  lr 0.05  1.72s``
+    (no accuracy for a regression run)."""
+    line = f"epoch {record['epoch']:>3}/{epochs}  loss {record['loss']:.4f}"
+    if record.get("accuracy") is not None:
+        line += f"  acc {record['accuracy']:.4f}"
+    if record.get("val_loss") is not None:
+        line += f"  val_loss {record['val_loss']:.4f}"
+        if record.get("val_accuracy") is not None:
+            line += f"  val_acc {record['val_accuracy']:.4f}"
+    return line + f"  lr {record['lr']:.4g}  {record['seconds']:.2f}s"
+
+
+VERBOSE = {0: "silent", 1: "a progress bar", 2: "one line per epoch"}
+
+
+class Progress(Callback):
+    """What ``fit(verbose=...)`` prints, as Keras does: 1 a progress bar over each epoch's batches (redrawn
+    at most ``refresh`` times a second) ended by the epoch's line, 2 only the line (:func:`epoch_line`).
+    Rank 0 alone prints in a distributed run. Written to ``file`` (default: standard output)."""
+
+    WIDTH = 30
+
+    def __init__(self, verbose: int = 1, file=None, refresh: float = 10.0):
+        if verbose not in (1, 2):
+            raise ValueError(f"verbose: expected one of {sorted(VERBOSE)} (0 {VERBOSE[0]}, 1 {VERBOSE[1]}, "
+                             f"2 {VERBOSE[2]}), got {verbose!r}")
+        self.verbose, self.file, self.every = int(verbose), file, 1.0 / refresh
+        self._shown = 0.0
+
+    def _write(self, run, text: str) -> None:
+        if run.rank == 0:
+            out = self.file or sys.stdout
+            out.write(text)
+            out.flush()
+
+    def on_batch_end(self, run, epoch, step, steps):
+        now = time.monotonic()
+        if self.verbose != 1 or (step < steps and now - self._shown < self.every):
+            return
+        self._shown = now
+        done = self.WIDTH * step // steps
+        bar = "=" * done + (">" if done < self.WIDTH else "") + "." * (self.WIDTH - done - 1)
+        self._write(run, f"\repoch {epoch + 1}/{run.epochs} [{bar[:self.WIDTH]}] {step}/{steps}")
+
+    def on_epoch_end(self, run, record):
+        end = "\r" + " " * (self.WIDTH + 40) + "\r" if self.verbose == 1 else ""  # the bar gives way to the line
+        self._write(run, end + epoch_line(record, run.epochs) + "\n")

@@ -1,4 +1,4 @@
-"""The ``gpunet`` command: train, evaluate, predict, explain, serve, info. A thin face: flags in, printing out;
+"""The ``gpunet`` command: train, evaluate, predict, explain, serve, export, info. A thin face: flags in, printing out;
 the work lives in the library (``recipe.train`` for a training run, ``explain.explain_step`` for one step).
 
 A user mistake (missing folder, bad flag value, unreadable model file) prints one line and exits with
@@ -20,10 +20,11 @@ import numpy as np
 
 from . import __version__, backend, explain, explain_inputs, explain_render, fast, parallel, recipe
 from .backend import DeviceError
+from .callbacks import epoch_line
 from .batches import Pixels
-from .data import DataError, default_data_dir
+from .data import DataError, default_data_dir, load_arrays, load_rows
 from .images import image_size, load_image_file, load_images
-from .layers import ACTIVATIONS, INITIALIZERS
+from .layers import ACTIVATIONS, INITIALIZERS, Standardize
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .metrics import format_report
 from .network import load
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an MLP on MNIST (or any dataset in MNIST's file format)")
     t.add_argument("--data-dir", help="folder holding the four MNIST files (default: $GPUNET_DATA, else ~/.cache/gpunet/mnist)")
     t.add_argument("--download", action="store_true", help="download missing files into --data-dir (the default cache folder downloads anyway)")
+    t.add_argument("--data", metavar="FILE", help="a data set of your own instead of --data-dir: FILE.npz (x_train, y_train, optionally x_test, y_test) or FILE.csv (a header row; --label-column holds the class)")
+    t.add_argument("--label-column", default="label", metavar="NAME", help="the CSV column of the class labels 0..C-1 (default: label)")
+    t.add_argument("--scale", choices=("standard", "minmax", "none"), default="standard", help="how --data features are scaled, from the training rows; the model file keeps it (default: standard: mean 0, std 1)")
     t.add_argument("--hidden", type=positive_int, nargs="*", default=[512, 512], metavar="N", help="hidden layer sizes (default: 512 512)")
     t.add_argument("--activation", nargs="+", choices=sorted(ACTIVATIONS), default=["relu"], help="one activation, or one per hidden layer (default: relu)")
     t.add_argument("--epochs", type=positive_int, default=20, help="maximum number of epochs (default: 20)")
@@ -116,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", help="folder holding the MNIST files (default: $GPUNET_DATA, else the cache)")
     e.add_argument("--device", default=None, help="cpu, gpu or auto")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--data", metavar="FILE", help="a data file of your own (.npz: its x_test, y_test; .csv: every row) instead of --data-dir")
+    e.add_argument("--label-column", default="label", metavar="NAME", help="the CSV column of the class labels (default: label)")
 
     r = sub.add_parser("predict", help="predict the digit in image files (PNG/JPEG, any size) or .npy arrays")
     r.add_argument("model", help="model file written by gpunet train")
@@ -123,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="cpu, gpu or auto")
     r.add_argument("--json", action="store_true", help="print JSON (with each file's warnings)")
     r.add_argument("--save-inputs", metavar="DIR", help="write each input the model saw as a PNG into DIR")
+    r.add_argument("--label-column", default="label", metavar="NAME", help="for a model trained with --data: the CSV column left out of the features (default: label)")
 
     v = sub.add_parser("serve", help="serve a draw-a-digit page and a JSON API for a model")
     v.add_argument("model", help="model file written by gpunet train")
@@ -130,10 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=non_negative_int, default=8000, help="port (default: 8000; 0 picks a free one)")
     v.add_argument("--device", default=None, help="cpu, gpu or auto")
 
+    o = sub.add_parser("export", help="write a model as an ONNX file, for ONNX Runtime and other runtimes")
+    o.add_argument("model", help="model file written by gpunet train")
+    o.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write")
+    o.add_argument("--task", choices=("classifier", "regressor"), default=None, help="classifier: outputs probabilities and label; regressor: output (default: what the model file says it was trained for)")
+    o.add_argument("--inputs", metavar="TEXT", help="what the inputs are, for the file's metadata (default: pixel / 255 for image models)")
+
     x = sub.add_parser("explain", help="one training step of a small network, formula by formula, in the course notes' notation (no flags: the classic 2-2-2 example worked by hand)")
     x.add_argument("--sizes", type=positive_int, nargs="+", metavar="N", help="layer sizes, inputs to outputs, weights drawn from --seed (default: the example's 2-2-2, or those of --weights)")
     x.add_argument("--activation", nargs="+", choices=sorted(ACTIVATIONS), help="hidden activation, one or one per hidden layer (default: sigmoid)")
     x.add_argument("--output-activation", choices=explain_inputs.OUTPUT_ACTIVATIONS, help="an activation on the output layer, y^L = f(z^L), for --loss mse or mae (default: none, y^L = z^L)")
+    x.add_argument("--batch-norm", action="store_true", help="a BatchNorm between each hidden Linear and its activation (training mode: a batch of at least 2 instances)")
     x.add_argument("--loss", choices=("ce", "mse", "mae"), default="ce", help="softmax cross-entropy, mean squared or absolute error (default: ce)")
     x.add_argument("--optimizer", choices=tuple(EXPLAIN_OPTIMIZERS), default="sgd", help="default: sgd")
     x.add_argument("--lr", type=positive_float, default=None, help="learning rate alpha (default: 0.5 for sgd and momentum, the optimizer's own for the others)")
@@ -177,11 +191,7 @@ def _progress(total_epochs):
         if state["bar"] is not None:
             state["bar"].close()
             state["bar"] = None
-        line = (f"epoch {rec['epoch']:>3}/{total_epochs}  loss {rec['loss']:.4f}  acc {rec['accuracy']:.4f}")
-        if rec["val_loss"] is not None:
-            line += f"  val_loss {rec['val_loss']:.4f}  val_acc {rec['val_accuracy']:.4f}"
-        line += f"  lr {rec['lr']:.4g}  {rec['seconds']:.2f}s"
-        print(line, flush=True)
+        print(epoch_line(rec, total_epochs), flush=True)
 
     return on_batch, on_epoch
 
@@ -264,10 +274,19 @@ def _load_model(path, device):
 
 def cmd_evaluate(args):
     net = _load_model(args.model, args.device)
-    _, (x_test, y_test) = load_data(args.data_dir)
+    if args.data is not None and args.data_dir is not None:
+        raise UserError(f"--data: a file of your own replaces the MNIST folder, got --data {args.data} and --data-dir")
+    if args.data is not None:  # features as they are: a --data model scales them itself
+        train_set, test = load_arrays(args.data, args.label_column)
+        if test is None and not args.data.lower().endswith(".csv"):
+            raise UserError(f"--data: {args.data} holds no test set (x_test, y_test) to evaluate on")
+        x_test, y_test = test or train_set
+    else:
+        _, (x_test, y_test) = load_data(args.data_dir)
+        x_test = Pixels(x_test)
     if x_test.shape[1] != net.in_features:
         raise UserError(f"{args.model}: the model expects {net.in_features} inputs, the data have {x_test.shape[1]}")
-    rep = evaluate(net, SoftmaxCrossEntropy(), Pixels(x_test), y_test, metrics=True)
+    rep = evaluate(net, SoftmaxCrossEntropy(), x_test, y_test, metrics=True)
     if args.json:
         print(json.dumps(rep, indent=2))
     else:
@@ -279,26 +298,42 @@ def cmd_evaluate(args):
 def cmd_predict(args):
     net = _load_model(args.model, args.device)
     size = image_size(net.in_features)  # from the model file: a model trained on other IDX sizes works too
-    names, batches, notes = [], [], []
-    for f in args.files:
-        x, warnings = load_image_file(f, size)
+    if isinstance(net.layers[0], Standardize):  # a --data model: feature rows, read as they are
+        read = lambda f: (load_rows(f, net.in_features, args.label_column), [])  # noqa: E731
+    else:
+        read = lambda f: load_image_file(f, size)  # noqa: E731
+    names, batches, notes, rows = [], [], [], []
+    for f in args.files:  # a file that cannot be read is named; the others are still predicted
+        try:
+            x, warnings = read(f)
+        except (DataError, OSError, ValueError) as exc:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            rows.append({"file": f, "error": message if f in message else f"{f}: {message}"})
+            print(f"gpunet predict: error: {rows[-1]['error']}", file=sys.stderr, flush=True)
+            continue
         batches.append(x)
         names += [f] if len(x) == 1 else [f"{f}[{i}]" for i in range(len(x))]
         notes += [warnings] * len(x)
-    x = np.concatenate(batches).astype(net.dtype, copy=False)
-    saved = _save_inputs(args.save_inputs, names, x, size) if args.save_inputs else [None] * len(x)
-    probs = backend.to_numpy(predict_proba(net, x))
-    rows = [{"file": n, **prediction(p, w), **({"input": str(path)} if path else {})}
-            for n, p, w, path in zip(names, probs, notes, saved)]
+        rows += [None] * len(x)  # filled below, in the order of the files
+    if batches:
+        x = np.concatenate(batches)
+        saved = _save_inputs(args.save_inputs, names, x, size) if args.save_inputs else [None] * len(x)
+        probs = iter(backend.to_numpy(predict_proba(net, x)))
+        done = iter([{"file": n, **prediction(next(probs), w), **({"input": str(path)} if path else {})}
+                     for n, w, path in zip(names, notes, saved)])
+        rows = [r if r is not None else next(done) for r in rows]
+    failed = any("error" in r for r in rows)
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
+        return 1 if failed else 0
     for r in rows:
+        if "error" in r:
+            continue
         alts = ", ".join(f"{t['digit']}: {t['probability']:.3f}" for t in r["top3"])
         print(f"{r['file']}: {r['digit']}  ({alts})")
         for w in r["warnings"]:
             print(f"gpunet predict: warning: {r['file']}: {w}", file=sys.stderr)
-    return 0
+    return 1 if failed else 0
 
 
 def _save_inputs(folder, names, x, size):
@@ -328,6 +363,26 @@ def cmd_serve(args):
 
     net = _load_model(args.model, args.device)
     return serve.run(net, host=args.host, port=args.port, name=Path(args.model).name)
+
+
+def cmd_export(args):
+    from .onnx_export import to_onnx  # the onnx package is optional: loaded only for this command
+
+    net = _load_model(args.model, "cpu")
+    rows, cols = image_size(net.in_features)
+    if args.inputs or isinstance(net.layers[0], Standardize):  # a model that scales its own features
+        inputs = args.inputs or "the features as they are: the model's first layer scales them"
+    else:
+        inputs = (f"pixel / 255: float32 in [0, 1], a {rows}x{cols} grey image row by row, white digit on black "
+                  f"as in MNIST" if rows > 1 else None)
+    try:
+        model = to_onnx(net, args.out, task=args.task, inputs=inputs)
+    except ImportError as exc:
+        raise UserError(str(exc)) from None
+    outputs = " and ".join(f"'{o.name}' [batch{', ' + str(net.out_features) if o.name != 'label' else ''}]"
+                           for o in model.graph.output)
+    print(f"wrote {args.out}: ONNX opset 17, input 'input' [batch, {net.in_features}] float32, outputs {outputs}")
+    return 0
 
 
 def _flag(call, *args, **kwargs):
@@ -388,8 +443,8 @@ def _explain_flags(args):
         raise UserError("--output-activation: expected --loss mse or mae (cross-entropy applies softmax to z^L "
                         "itself), got --loss ce")
     if args.model:
-        given = [f for f in ("sizes", "weights", "activation", "output_activation", "seed")
-                 if getattr(args, f) is not None]
+        given = [f for f in ("sizes", "weights", "activation", "output_activation", "seed", "batch_norm")
+                 if getattr(args, f) not in (None, False)]
         if given:
             flag = given[0].replace("_", "-")
             raise UserError(f"--{flag}: not used with --model (the model file holds the network)")
@@ -403,6 +458,9 @@ def _explain_network(args, dtype, example):
         net = _load_model(args.model, "cpu").eval()
         for p in net.parameters():  # before any optimizer gathers them
             p.data, p.grad = p.data.astype(dtype), np.zeros(p.data.shape, dtype)
+        for layer in net.layers:  # BatchNorm's running statistics, in the same dtype
+            for name in getattr(layer, "buffer_names", ()):
+                setattr(layer, name, getattr(layer, name).astype(dtype))
         return net
     doc = explain_inputs.EXAMPLE["weights"] if example else None
     if args.weights:
@@ -414,7 +472,7 @@ def _explain_network(args, dtype, example):
             raise UserError(f"--weights: {args.weights} is not valid JSON ({exc})") from None
     acts = args.activation or [explain_inputs.EXAMPLE["activation"]]
     return _flag(explain_inputs.build_network, args.sizes, doc, acts[0] if len(acts) == 1 else acts,
-                 args.seed or 0, dtype, args.output_activation)
+                 args.seed or 0, dtype, args.output_activation, args.batch_norm)
 
 
 def _explain_input(args, net, example, dtype):
@@ -460,7 +518,7 @@ def cmd_info(args):
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
-            "info": cmd_info, "serve": cmd_serve}
+            "info": cmd_info, "serve": cmd_serve, "export": cmd_export}
 
 
 def main(argv=None) -> int:
@@ -469,7 +527,11 @@ def main(argv=None) -> int:
     args.argv = argv
     where = f" (rank {parallel.launched_rank()})" if parallel.launched_size() > 1 else ""
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not at exit
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
     except KeyboardInterrupt:
         print(f"gpunet: interrupted{where}", file=sys.stderr)
         return _end(130)
@@ -483,6 +545,18 @@ def main(argv=None) -> int:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"gpunet {args.command}{where}: error: {message}", file=sys.stderr, flush=True)
         return _end(2)
+
+
+def _closed_pipe() -> int:
+    """The reader of our output went away (``gpunet evaluate MODEL --json | head -3``): end quietly, with
+    the status of a process that SIGPIPE ended (128 + 13), as ``head``'s other writers do. Later writes
+    (Python's own flush at exit) go to /dev/null, so nothing is printed about it."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a file descriptor (an embedding program's)
+        pass
+    return 128 + signal.SIGPIPE
 
 
 def _end(code: int) -> int:

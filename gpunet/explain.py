@@ -38,7 +38,8 @@ version 1 wrote the strings "nan", "inf" and "-inf" and had no ``correction``):
   ``state_dict()`` names them after the step: ``momentum`` (gamma) and ``nesterov`` for Momentum; ``betas``,
   ``eps`` and ``t`` (the step count, 1 for a first step) for Adam and AdamW; ``alpha`` (the decay rho of
   the squares), ``eps``, ``momentum`` and ``centered`` for RMSprop}
-- ``layers``: one object per core layer, in order: {``index``, ``type``, ``name`` (its repr), ``input``,
+- ``layers``: one object per core layer, in order: {``index``, ``type``, ``name`` (its repr), ``config``
+  (its ``config()``: the type and the options, e.g. Dropout's ``p``, BatchNorm's ``momentum``), ``input``,
   ``output``, ``grad_output`` (dC/d output), ``grad_input`` (dC/d input, what ``backward`` returned),
   ``derivative`` (f' elementwise, from ``backward`` of ones; null for Linear, Softmax and BatchNorm),
   ``params`` (null for a layer without parameters, else one P per parameter by its name: "W" and "b" for
@@ -55,9 +56,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import device_of, get_array_module, to_device, to_numpy
+from .backend import device_of, get_array_module, on_device_of_net, to_device, to_numpy
 from .files import strict
-from .layers import Dropout, Linear, ReLU, Sigmoid, Softmax, Tanh
+from .inputs import features
+from .layers import BatchNorm, Dropout, Linear, ReLU, Sigmoid, Softmax, Tanh
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .optimizers import Optimizer
 
@@ -70,6 +72,7 @@ def _host(a):
     return to_numpy(a).copy()
 
 
+@on_device_of_net
 def explain_step(net, loss, optimizer, x, y) -> dict:
     """Run one training step of ``net`` on ``(x, y)`` and return every quantity (see the module docstring).
 
@@ -113,6 +116,10 @@ def _check(net, loss, optimizer):
         raise ValueError(f"net: expected a Sequential that starts with a Linear layer, got {net!r}")
     if not isinstance(loss, (SoftmaxCrossEntropy, MSELoss, MAELoss)):
         raise TypeError(f"loss: expected SoftmaxCrossEntropy, MSELoss or MAELoss, got {type(loss).__name__}")
+    for i, layer in enumerate(layers):
+        if isinstance(layer, BatchNorm) and (not isinstance(layers[i - 1], Linear) or layer in _last_stage(layers)):
+            raise ValueError(f"net: expected each BatchNorm right after a hidden Linear (as mlp puts it), got "
+                             f"layers[{i}] after {type(layers[i - 1]).__name__}")
     if isinstance(loss, SoftmaxCrossEntropy) and not isinstance(layers[-1], Linear):
         raise ValueError("net: expected a Linear output layer for SoftmaxCrossEntropy (the cost applies "
                          f"softmax to z^L itself), got {type(layers[-1]).__name__} last")
@@ -127,12 +134,20 @@ def _check(net, loss, optimizer):
     return layers, linears
 
 
+def _last_stage(layers):
+    """The layers from the last Linear on (the notes' layer L)."""
+    last = max(i for i, layer in enumerate(layers) if isinstance(layer, Linear))
+    return layers[last:]
+
+
 def _prepare(x, y, dtype, device, inputs):
     """x as (N, inputs) and the target as the loss wants it, both in ``dtype`` on ``device``."""
-    x = np.array(to_numpy(x), dtype=dtype)
-    if x.ndim == 1:
-        x = x.reshape(1, -1)
-    if x.ndim != 2 or x.shape[1] != inputs:
+    try:
+        host = to_numpy(x)
+    except ValueError:  # ragged rows: the front door names them
+        host = x
+    x = features(host.reshape(1, -1) if getattr(host, "ndim", 2) == 1 else host, dtype, "cpu")  # gpunet.inputs
+    if x.shape[1] != inputs:
         raise ValueError(f"x: expected shape (N, {inputs}) or ({inputs},), got {x.shape}")
     t = to_numpy(y)
     if t.dtype.kind in "iub":
@@ -166,7 +181,7 @@ def _passes(layers, loss, x, target):
     records, h = [], x
     for i, layer in enumerate(layers):
         out = layer.forward(h)
-        records.append({"index": i, "type": type(layer).__name__, "name": repr(layer),
+        records.append({"index": i, "type": type(layer).__name__, "name": repr(layer), "config": layer.config(),
                         "input": _host(h), "output": _host(out)})
         h = out
     value = loss.forward(h, target)

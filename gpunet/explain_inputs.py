@@ -32,13 +32,14 @@ OUTPUT_ACTIVATIONS = ("sigmoid", "tanh")
 
 
 def build_network(sizes=None, weights=None, activation="sigmoid", seed=0, dtype=np.float32,
-                  output_activation=None):
+                  output_activation=None, batch_norm=False):
     """An MLP on the CPU from ``sizes`` and/or ``weights`` = {"layers": [{"W": rows, "b": values}, ...]}.
 
     ``W`` is shaped (inputs, outputs) as in ``Linear``. Without ``sizes`` they are read off the weights;
     with both, they must agree. Without ``weights``, the weights are drawn from ``seed``.
     ``output_activation`` ("sigmoid" or "tanh", for MSE and MAE) follows the last Linear, so that
-    ``y^L = f(z^L)`` as in the notes; None leaves the output linear (``y^L = z^L``).
+    ``y^L = f(z^L)`` as in the notes; None leaves the output linear (``y^L = z^L``). ``batch_norm``
+    puts a BatchNorm between each hidden Linear and its activation, as ``mlp`` does (scale 1, shift 0).
     """
     if output_activation is not None and output_activation not in OUTPUT_ACTIVATIONS:
         raise ValueError(f"output_activation: expected one of {', '.join(OUTPUT_ACTIVATIONS)} or None, "
@@ -54,7 +55,7 @@ def build_network(sizes=None, weights=None, activation="sigmoid", seed=0, dtype=
                              f"got {' '.join(map(str, sizes))}")
     if sizes is None:
         raise ValueError("sizes: expected layer sizes (e.g. 2 2 2) or a weights file, got neither")
-    net = mlp(list(sizes), activation=activation, seed=seed, dtype=dtype, device="cpu")
+    net = mlp(list(sizes), activation=activation, seed=seed, dtype=dtype, device="cpu", batch_norm=batch_norm)
     if layers is not None:
         for lin, (w, b) in zip([l for l in net.layers if isinstance(l, Linear)], layers):
             lin.W.data[...] = w

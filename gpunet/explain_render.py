@@ -64,7 +64,8 @@ def latex(formula: str) -> str:
             out.append(_word(m["word"], m["digits"]))
         else:
             out.append(r"\odot" if m["times"] else m["other"])
-    return "".join(out)
+    # math mode drops spaces: keep the one after a word set upright (\text, \mathrm) and its scripts
+    return re.sub(r"(\\(?:text|mathrm)\{[^}]*\}(?:[_^]\{[^}]*\})*) (?=[A-Za-z0-9\\])", r"\1\\ ", "".join(out))
 
 
 def _word(word, digits):
@@ -246,10 +247,37 @@ def _act(layer, training):
     if layer["type"] == "Dropout":
         if not training:
             return "dropout, off in eval mode", "{z}", "1"
-        p = re.search(r"p=([0-9.e-]+)", layer["name"])
-        name = "dropout, p = " + (p[1] if p else "?") + ", m its 0/1 mask"
-        return (name,) + _ACTS["Dropout"][1:]
+        return (f"dropout, p = {layer['config']['p']:g}, m its 0/1 mask",) + _ACTS["Dropout"][1:]
     return _ACTS.get(layer["type"], (layer["type"], f"{layer['type']}({{z}})", None))
+
+
+_PARAMS = {"gamma": "scale", "beta": "shift"}  # BatchNorm's gamma and beta: the notes' gamma is momentum's
+
+
+def _chain(r, st, S):
+    """(layer, its argument, its output as an expression) for each layer after the stage's Linear; a
+    BatchNorm's output is named u^s."""
+    out, expr = [], f"z^{S}"
+    for i in st["layers"][1:]:
+        layer = r["layers"][i]
+        result = f"u^{S}" if layer["type"] == "BatchNorm" else _act(layer, r["training"])[1].format(z=expr)
+        out.append((layer, expr, result))
+        expr = result
+    return out
+
+
+def _batch_norm(r, layer, arg, S):
+    """BatchNorm's forward lines: its scale and shift, then u^s (over the batch, or the running statistics)."""
+    p, eps = layer["params"], _num(layer["config"]["eps"], 6)
+    if r["training"]:
+        u = f"scale^{S} * ({arg} - mean_n {arg}) / sqrt(var_n {arg} + epsilon_BN) + shift^{S}"
+        note = f"BatchNorm, `epsilon_BN = {eps}`: the batch's mean and biased variance"
+    else:
+        u = f"scale^{S} * ({arg} - mean_run^{S}) / sqrt(var_run^{S} + epsilon_BN) + shift^{S}"
+        note = f"BatchNorm in eval mode, `epsilon_BN = {eps}`: the running mean and variance"
+    return [("eq", f"scale^{S}", "BatchNorm's gamma", p["gamma"]["before"]),
+            ("eq", f"shift^{S}", "BatchNorm's beta", p["beta"]["before"]),
+            ("eq", f"u^{S} = {u}", note, layer["output"])]
 
 
 def _short(layer):
@@ -312,14 +340,17 @@ def _forward(r):
         p = layers[st["linear"]]["params"]
         out += [("eq", f"W^{S}", None, p["W"]["before"]), ("eq", f"b^{S}", None, p["b"]["before"]),
                 ("eq", f"z^{S} = b^{S} + y^{s - 1} W^{S}", None, st["z"])]
-        expr, acts = f"z^{S}", [i for i in st["layers"] if i != st["linear"]]
-        for i in acts:
-            name, f, _ = _act(layers[i], r["training"])
-            expr = f.format(z=expr)
-            out.append(("eq", (f"y^{S} = " if i == acts[-1] else "") + expr, name, layers[i]["output"]))
+        chain = _chain(r, st, S)
+        for k, (layer, arg, result) in enumerate(chain):
+            last = f"y^{S} = " if k == len(chain) - 1 else ""
+            if layer["type"] == "BatchNorm":
+                lines = _batch_norm(r, layer, arg, S)
+                out += lines[:-1] + [("eq", last + lines[-1][1], *lines[-1][2:])]
+            else:
+                out.append(("eq", last + result, _act(layer, r["training"])[0], layer["output"]))
         if s == L and r["loss"]["type"] == "SoftmaxCrossEntropy":
             out.append(("eq", "y^L = softmax(z^L) = e^(z^L_j) / sum_k e^(z^L_k)", "inside the cost", r["y_L"]))
-        elif s == L and not acts:
+        elif s == L and not chain:
             out.append(("eq", "y^L = z^L", "no output activation", r["y_L"]))
     return out
 
@@ -333,47 +364,68 @@ def _cost(r):
 
 
 def _derivatives(r, st, S):
-    """The f' lines of layer s: one, or one per activation and their product (``f'(z^s)``)."""
-    layers = r["layers"]
-    acts = [layers[i] for i in st["layers"] if i != st["linear"] and layers[i]["derivative"] is not None]
-    expr, exprs, out = f"z^{S}", [], []
-    for k, a in enumerate(acts):
-        name, f, fprime = _act(a, r["training"])
-        y = f"y^{S}" if k == len(acts) - 1 else f.format(z=expr)
-        exprs.append(fprime.format(z=expr, y=y))
-        expr = f.format(z=expr)
-        if len(acts) > 1:
-            out.append(("eq", exprs[-1], f"the f' of {name}", a["derivative"]))
-    if len(acts) == 1:
-        out.append(("eq", f"f'(z^{S}) = {exprs[0]}", _act(acts[0], r["training"])[0], acts[0]["derivative"]))
-    elif acts:
-        product = np.prod([a["derivative"] for a in acts], axis=0)
-        out.append(("eq", f"f'(z^{S}) = " + " * ".join(exprs), None, product))
-    return out, bool(acts)
+    """The f' lines of layer s (one, or one per activation and their product) and f's argument (z^s, or
+    u^s after a BatchNorm); the argument is None where no activation follows."""
+    chain = [c for c in _chain(r, st, S) if c[0]["derivative"] is not None]
+    exprs, out = [], []
+    for k, (layer, arg, result) in enumerate(chain):
+        name, _, fprime = _act(layer, r["training"])
+        exprs.append(fprime.format(z=arg, y=f"y^{S}" if k == len(chain) - 1 else result))
+        if len(chain) > 1:
+            out.append(("eq", exprs[-1], f"the f' of {name}", layer["derivative"]))
+    if not chain:
+        return out, None
+    first = chain[0][1]
+    if len(chain) == 1:
+        out.append(("eq", f"f'({first}) = {exprs[0]}", _act(chain[0][0], r["training"])[0], chain[0][0]["derivative"]))
+    else:
+        product = np.prod([c[0]["derivative"] for c in chain], axis=0)
+        out.append(("eq", f"f'({first}) = " + " * ".join(exprs), None, product))
+    return out, first
 
 
 def _backward(r):
-    layers, stages, L, loss = r["layers"], r["stages"], len(r["stages"]), r["loss"]
+    layers, stages, L = r["layers"], r["stages"], len(r["stages"])
     out = [("h", "3. Backward pass, from the output to the input: the notes' delta and corrections")]
     for st in reversed(stages):
         s, S = st["s"], _sup(r, st["s"])
         out.append(("p", f"Layer {s}" + (" (output, L)" if s == L else "")))
-        if s < L:
-            n1 = _sup(r, s + 1)
-            grad_in = layers[stages[s]["linear"]]["grad_input"]
-            back = grad_in * grad_in.dtype.type(-loss["delta_scale"])
-            out.append(("eq", f"sum_k delta_k^{n1} w_jk^{n1} = delta^{n1} (W^{n1})^T", None, back))
-        derivatives, has_f = _derivatives(r, st, S)
-        out += derivatives
+        derivatives, arg = _derivatives(r, st, S)
         if s == L:
-            out.append(_output_delta(loss["type"], has_f, st["delta"]))
+            out += derivatives + [_output_delta(r["loss"]["type"], arg is not None, st["delta"])]
         else:
-            out.append(("eq", f"delta^{s} = f'(z^{s}) * sum_k delta_k^{n1} w_jk^{n1}", None, st["delta"]))
+            out += _hidden_delta(r, st, S, derivatives, arg)
         p = layers[st["linear"]]["params"]
         out += [("eq", f"Delta W^{S} = (alpha/c) (y^{s - 1})^T delta^{S}",
                  f"`Delta w_ij = (alpha/c) sum_n y_i^{s - 1} delta_j^{S}`", p["W"]["correction"]),
                 ("eq", f"Delta b^{S} = (alpha/c) sum_n delta^{S}", None, p["b"]["correction"])]
     return out
+
+
+def _hidden_delta(r, st, S, derivatives, arg):
+    """delta^s of a hidden layer from the layer above, through f' and, where there is one, BatchNorm."""
+    layers, c = r["layers"], r["loss"]["delta_scale"]
+    n1 = _sup(r, st["s"] + 1)
+    grad_in = layers[r["stages"][st["s"]]["linear"]]["grad_input"]
+    back = f"sum_k delta_k^{n1} w_jk^{n1}"
+    out = [("eq", f"{back} = delta^{n1} (W^{n1})^T", None, grad_in * grad_in.dtype.type(-c))] + derivatives
+    bn = next((layers[i] for i in st["layers"] if layers[i]["type"] == "BatchNorm"), None)
+    if bn is None:
+        return out + [("eq", f"delta^{S} = f'({arg}) * {back}" if arg else f"delta^{S} = {back}", None, st["delta"])]
+    d_u = bn["grad_output"] * bn["grad_output"].dtype.type(-c)
+    d_u_rule = f"delta_u^{S} = f'({arg}) * {back}" if arg else f"delta_u^{S} = {back}"
+    out.append(("eq", d_u_rule, f"the delta of `u^{S}`", d_u))
+    if r["training"]:
+        rule = (f"scale^{S} / sigma^{S} * (delta_u^{S} - mean_n delta_u^{S} - xhat^{S} * mean_n (delta_u^{S} "
+                f"* xhat^{S}))")
+        note = (f"BatchNorm: `xhat^{S} = (z^{S} - mean_n z^{S}) / sigma^{S}`, "
+                f"`sigma^{S} = sqrt(var_n z^{S} + epsilon_BN)`")
+    else:
+        rule, note = f"scale^{S} / sigma^{S} * delta_u^{S}", f"eval mode: `sigma^{S} = sqrt(var_run^{S} + epsilon_BN)`"
+    p = bn["params"]
+    return out + [("eq", f"delta^{S} = {rule}", note, st["delta"]),
+                  ("eq", f"Delta scale^{S} = (alpha/c) sum_n delta_u^{S} * xhat^{S}", None, p["gamma"]["correction"]),
+                  ("eq", f"Delta shift^{S} = (alpha/c) sum_n delta_u^{S}", None, p["beta"]["correction"])]
 
 
 def _output_delta(cost, has_f, delta):
@@ -407,12 +459,22 @@ def _update(r):
         S = _sup(r, st["s"])
         for i in st["layers"]:
             for name, p in (layers[i]["params"] or {}).items():
-                sym = f"{name}^{S}"
+                sym = f"{_PARAMS.get(name, name)}^{S}"
                 if opt["type"] in rule:
                     out += rule[opt["type"]](sym, p, opt)
                 else:
                     out.append(("eq", f"{sym} (new)", None, p["after"]))
+            if layers[i]["type"] == "BatchNorm" and r["training"]:
+                out += _running(layers[i], S)
     return out
+
+
+def _running(layer, S):
+    """BatchNorm's running statistics after a training step (PyTorch's update: the variance unbiased)."""
+    m, buffers = _num(layer["config"]["momentum"], 6), layer["buffers"]
+    return [("eq", f"mean_run^{S} (new) = (1 - {m}) mean_run^{S} + {m} mean_n z^{S}", None, buffers["running_mean"]),
+            ("eq", f"var_run^{S} (new) = (1 - {m}) var_run^{S} + {m} N/(N - 1) var_n z^{S}", None,
+             buffers["running_var"])]
 
 
 def _sgd(sym, p, opt):
@@ -425,7 +487,7 @@ def _momentum(sym, p, opt):
     v, decay = f"v({sym})", opt["weight_decay"]
     wd = f" - alpha lambda {sym}" if decay else ""
     out = [("eq", f"{v} = gamma {v} - Delta {sym}" + (f" + alpha lambda {sym}" if decay else ""),
-            f"{v} before: {_brief(p['state_before']['velocities'])}", p["state"]["velocities"])]
+            f"`{v}` before: {_brief(p['state_before']['velocities'])}", p["state"]["velocities"])]
     if opt["nesterov"]:
         out.append(("eq", f"{sym} (new) = {sym} - gamma {v} + Delta {sym}{wd}", "Nesterov", p["after"]))
     else:
@@ -437,7 +499,7 @@ def _gradient(sym, p, opt, coupled=True):
     """The gradient g that Adam and RMSprop use: the library's dC/dw = -Delta w / alpha (plus L2 decay)."""
     decay = opt["weight_decay"] if coupled else 0.0
     g = p["grad"] + p["grad"].dtype.type(decay) * p["before"] if decay else p["grad"]
-    return ("eq", f"g = -Delta {sym} / alpha" + (f" + lambda {sym}" if decay else ""), "dC/dw", g)
+    return ("eq", f"g = -Delta {sym} / alpha" + (f" + lambda {sym}" if decay else ""), "`dC/dw`", g)
 
 
 def _adam(sym, p, opt):
@@ -446,9 +508,9 @@ def _adam(sym, p, opt):
     adamw = opt["type"] == "AdamW"
     start = f"(1 - alpha lambda) {sym}" if adamw and opt["weight_decay"] else sym
     return [_gradient(sym, p, opt, coupled=not adamw),
-            ("eq", f"{m} = beta1 {m} + (1 - beta1) g", f"{m} before: {_brief(p['state_before']['m'])}",
+            ("eq", f"{m} = beta1 {m} + (1 - beta1) g", f"`{m}` before: {_brief(p['state_before']['m'])}",
              p["state"]["m"]),
-            ("eq", f"{v} = beta2 {v} + (1 - beta2) g^2", f"{v} before: {_brief(p['state_before']['v'])}",
+            ("eq", f"{v} = beta2 {v} + (1 - beta2) g^2", f"`{v}` before: {_brief(p['state_before']['v'])}",
              p["state"]["v"]),
             ("eq", f"{sym} (new) = {start} - alpha / (1 - beta1^t) {m} / (sqrt({v}) / sqrt(1 - beta2^t) + "
                    "epsilon)", None, p["after"])]
@@ -458,7 +520,7 @@ def _rmsprop(sym, p, opt):
     """RMSprop's mean square (centered: minus the mean gradient squared) and step, with its momentum."""
     v, gbar, buf = f"v({sym})", f"gbar({sym})", f"buf({sym})"
     out = [_gradient(sym, p, opt),
-           ("eq", f"{v} = rho {v} + (1 - rho) g^2", f"{v} before: {_brief(p['state_before']['v'])}",
+           ("eq", f"{v} = rho {v} + (1 - rho) g^2", f"`{v}` before: {_brief(p['state_before']['v'])}",
             p["state"]["v"])]
     root = f"sqrt({v})"
     if opt["centered"]:

@@ -25,7 +25,7 @@ import numpy as np
 from . import callbacks as cbs
 from . import checkpoint, parallel
 from . import fast as fast_path
-from .backend import get_array_module, softmax, synchronize, to_device, to_numpy
+from .backend import get_array_module, on_device_of_net, softmax, synchronize, to_device, to_numpy
 from .batches import as_rows
 from .inputs import targets
 from .metrics import confusion_counts, report
@@ -113,6 +113,7 @@ class Run:
         step = (fast and fast_path.select(net, loss, optimizer, self.y, self.comm is not None)) or \
             core_step(net, loss, optimizer)
         self._take_step = _stepper(step, optimizer, interrupt, self.comm)
+        self._step_sums = getattr(step, "sums_in_kernel", False) and step  # a GPU fused step sums itself
         xp = get_array_module(net.parameters()[0].data)
         self._xb = xp.empty((self.batch_size,) + self.x.shape[1:], dtype=self.x.dtype)
         self._yb = xp.empty((self.batch_size,) + self.y.shape[1:], dtype=self.y.dtype)
@@ -148,7 +149,7 @@ class Run:
             for transform in transforms:
                 xb = transform(self, xb)
             value, out, stop = self._take_step(xb, yb, rows, batch_rows)
-            if value is not None:
+            if value is not None and not self._step_sums:
                 self.loss_sum += value * rows
                 if classify:
                     self.correct += (out.argmax(axis=1) == yb).sum()
@@ -165,6 +166,8 @@ class Run:
         xp, p = get_array_module(self.y), self._partial if self.step else None
         self.loss_sum = xp.asarray(p["loss_sum"] if p else 0.0, dtype=np.float64)
         self.correct = xp.asarray(p["correct"] if p else 0, dtype=np.int64)
+        if self._step_sums:
+            self._step_sums.use_sums(self.loss_sum, self.correct)
         self._clock = time.perf_counter() - (p["seconds"] if p else 0.0)  # seconds of the epoch before a resume
 
     def _batch(self, order, b):
@@ -203,10 +206,11 @@ class Run:
         return [value] if self.comm is None else self.comm.allgather(value)
 
     def _stateful(self):
-        """``(name, callback)`` of each callback with a state of its own; names repeat-proof (``X``, ``X.2``)."""
+        """``(name, callback)`` of each callback that has a ``state_dict``, named by its class (``X``, then
+        ``X.2`` for a second one), so that a resumed run with the same callbacks finds each its own."""
         seen = {}
         for c in self.callbacks:
-            if hasattr(c, "state_dict") and c.state_dict() != {}:
+            if hasattr(c, "state_dict"):
                 name = type(c).__name__
                 seen[name] = seen.get(name, 0) + 1
                 yield (name if seen[name] == 1 else f"{name}.{seen[name]}"), c
@@ -222,8 +226,10 @@ class Run:
         arrays.update({f"net/{k}": v for k, v in self.net.state_dict().items()})
         states = {}
         for name, c in self._stateful():
-            states[name], more = checkpoint.split(f"callbacks/{name}", c.state_dict())
-            arrays.update(more)
+            state = c.state_dict()
+            if state:  # most callbacks have none
+                states[name], more = checkpoint.split(f"callbacks/{name}", state)
+                arrays.update(more)
         h = self.history
         return {"network": self.net.config(), "epoch": self.epoch, "step": self.step,
                 "order_rng": self.epoch_rng if mid else self.order_rng.bit_generator.state, "random": random,
@@ -256,11 +262,13 @@ class Run:
         h.best_epoch, h.diverged_epoch = record["best_epoch"], record["diverged_epoch"]
 
 
+@on_device_of_net
 def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validation=None, shuffle: bool = True,
         seed: int | None = 0, target_loss: float | None = None, patience: int | None = None,
         min_delta: float = 0.0, schedule=None, callback=None, on_batch=None, eval_batch_size: int = 4096,
         fast: bool = True, checkpoint_path=None, resume: bool = False, checkpoint_every: int = 1,
-        interrupt=None, run_info: dict | None = None, comm=None, callbacks=(), augment=None) -> History:
+        interrupt=None, run_info: dict | None = None, comm=None, callbacks=(), augment=None,
+        verbose: int = 0) -> History:
     """Train ``net`` on ``x`` (N, features) float array or ``Pixels``, and ``y`` (N,) int labels or
     (N, outputs) float targets.
 
@@ -271,6 +279,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     done, total)`` after each batch (no device sync). ``callbacks``: objects with any of the hooks of
     :mod:`gpunet.callbacks` (called after those the keywords make, before early stopping, the target loss
     and the checkpoint); ``augment``: one more, whose ``transform_batch(run, xb)`` changes each training batch.
+    ``verbose`` as in Keras: 0 silent, 1 a progress bar per epoch, 2 one line per epoch (:class:`Progress`).
 
     Long runs: ``checkpoint_path`` receives a checkpoint every ``checkpoint_every`` epochs and at the end;
     ``resume=True`` continues from it exactly (bit for bit on the same device); ``interrupt()``, checked
@@ -287,6 +296,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     yourself to see them, or pass ``fast=False``.
     """
     _check_fit(epochs, patience, validation, resume, checkpoint_path)
+    shown = [cbs.Progress(verbose)] if verbose != 0 else []  # refuses what is not 0, 1 or 2, before any work
     net.classifies = loss.classifies  # what predict returns and model files record
     data = _dataset(x, y, net, loss.classifies)
     if validation is not None:
@@ -294,7 +304,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     saver = cbs.Checkpoint(checkpoint_path, checkpoint_every, run_info) if checkpoint_path is not None else None
     run = Run(net, loss, optimizer, data, validation=validation, batch_size=batch_size, shuffle=shuffle, seed=seed,
               eval_batch_size=eval_batch_size, fast=fast, interrupt=interrupt, comm=comm,
-              callbacks=[*_keyword_callbacks(schedule, callback, on_batch), *callbacks,
+              callbacks=[*_keyword_callbacks(schedule, callback, on_batch), *shown, *callbacks,
                          *([augment] if augment is not None else []),
                          *([cbs.EarlyStopping(patience, min_delta)] if patience is not None else []),
                          *([cbs.TargetLoss(target_loss)] if target_loss is not None else []),
@@ -382,6 +392,7 @@ def _each_batch(net, x, batch_size, then):
     return out if out is not None else xp.empty((0, net.out_features or 0), dtype=net.dtype)
 
 
+@on_device_of_net
 def predict_proba(net, x, batch_size: int = 4096):
     """Class probabilities (N, C) on the network's device, computed batch by batch in eval mode. A network
     that does not classify (see :func:`classifies`) is refused: :func:`predict` gives its outputs."""
@@ -393,6 +404,7 @@ def predict_proba(net, x, batch_size: int = 4096):
     return _each_batch(net, x, batch_size, softmax)
 
 
+@on_device_of_net
 def predict(net, x, batch_size: int = 4096):
     """A classifier's predicted class labels (N,) int64; any other network's outputs (N, outputs) in its
     dtype (see :func:`classifies`). On the network's device."""
@@ -401,6 +413,7 @@ def predict(net, x, batch_size: int = 4096):
     return _each_batch(net, x, batch_size, lambda z: z)
 
 
+@on_device_of_net
 def evaluate(net, loss, x, y, batch_size: int = 4096, metrics: bool = False, comm=None) -> dict:
     """Mean loss over ``x`` in batches, in eval mode; for classification the accuracy, for regression the
     mean squared and absolute errors (``mse``, ``mae``, over all N x outputs entries) and ``r2`` (the

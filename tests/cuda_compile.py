@@ -209,14 +209,23 @@ static_assert(gpunet_same<gpunet_params<decltype({kernel_name})>::type, void({ex
 
 
 def raw_programs(dtype: str, source: str | None = None) -> list:
-    """``(name, source)`` of gpunet's RawKernel for ``dtype``: the exact source CuPy compiles, then the
-    same with :func:`signature_check` against the arguments ``cuda.softmax_xent_launch`` passes."""
+    """``(name, source)`` of gpunet's RawKernels for ``dtype``: the exact source CuPy compiles, then the
+    same with :func:`signature_check` against the arguments its ``*_launch`` function passes. ``source``
+    replaces the plain softmax kernel's (for the negative tests)."""
     ctype = cuda.CTYPES[dtype]
-    source = cuda.softmax_xent_source(ctype) if source is None else source
     z, labels = np.zeros((128, 10), dtype), np.zeros(128, np.int64)
-    _, _, args = cuda.softmax_xent_launch(z, labels, np.zeros_like(z), np.zeros(128, dtype))
-    name = cuda.SOFTMAX_XENT_NAME
-    return [(name, source), (f"{name}_signature", source + signature_check(name, args))]
+    out = []
+    for name, kernel, (_, _, args) in (
+            (cuda.SOFTMAX_XENT_NAME, cuda.SOFTMAX_XENT,
+             cuda.softmax_xent_launch(z, labels, np.zeros_like(z), np.zeros(128, dtype))),
+            (cuda.SOFTMAX_XENT_SUMS_NAME, cuda.SOFTMAX_XENT_SUMS,
+             cuda.softmax_xent_sums_launch(z, labels, np.zeros_like(z), np.zeros((), dtype),
+                                           np.zeros((), np.float64), np.zeros((), np.int64)))):
+        text = cuda.softmax_xent_source(ctype, kernel)
+        if source is not None and name == cuda.SOFTMAX_XENT_NAME:
+            text = source
+        out += [(name, text), (f"{name}_signature", text + signature_check(name, args))]
+    return out
 
 
 def programs(dtype: str) -> list:

@@ -36,7 +36,7 @@ def nvrtc():
 
 
 def test_every_kernel_is_built_from_the_sources_checked_here():
-    """The only kernel constructors in gpunet are the three below, so the lists compiled here are complete."""
+    """The only kernel constructors in gpunet are the four below, so the lists compiled here are complete."""
     found = set()
     for path in sorted(PACKAGE.rglob("*.py")):
         for line in path.read_text().splitlines():
@@ -46,6 +46,7 @@ def test_every_kernel_is_built_from_the_sources_checked_here():
         ("backend.py", "twice = cupy.ElementwiseKernel(*PROBE_KERNEL)"),
         ("fast/cuda.py", "return cupy.ElementwiseKernel(*ELEMENTWISE[name])"),
         ("fast/cuda.py", "return cupy.RawKernel(softmax_xent_source(ctype), SOFTMAX_XENT_NAME)"),
+        ("fast/cuda.py", "return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT_SUMS), SOFTMAX_XENT_SUMS_NAME)"),
     }
 
 
@@ -64,8 +65,8 @@ def test_every_kernel_compiles(nvrtc, arch, dtype):
             failures.append(str(exc))
     assert not failures, "\n\n".join(failures)
     names = {name for name, _, _ in programs}
-    want = {spec[3] for spec in cuda.ELEMENTWISE.values()} | {cuda.SOFTMAX_XENT_NAME,
-                                                              cuda.SOFTMAX_XENT_NAME + "_signature"}
+    want = {spec[3] for spec in cuda.ELEMENTWISE.values()} | {
+        name + suffix for name in (cuda.SOFTMAX_XENT_NAME, cuda.SOFTMAX_XENT_SUMS_NAME) for suffix in ("", "_signature")}
     assert names == want | ({backend.PROBE_KERNEL[3]} if dtype == "float32" else set())
 
 
@@ -127,7 +128,7 @@ def test_a_raw_kernel_parameter_of_another_type_than_its_launch_fails(nvrtc):
     """Labels declared int while the launch passes int64 compile on their own (CuPy's RawKernel checks no
     types, and the kernel would read garbage); the signature check catches it."""
     wrong = cuda.softmax_xent_source("float").replace("const long long* y", "const int* y")
-    (name, exact), (_, checked) = cc.raw_programs("float32", source=wrong)
+    (name, exact), (_, checked) = cc.raw_programs("float32", source=wrong)[:2]
     cc.compile_program(exact, name, "90")
     with pytest.raises(cc.CompileError, match="its parameters are not of the types its launch passes"):
         cc.compile_program(checked, name, "90")

@@ -93,8 +93,13 @@ def test_textbook_step_by_hand_float64():
 
 
 def clone(net):
-    twin = gn.Sequential(*[type(l)(l.in_features, l.out_features, dtype=l.W.data.dtype) if isinstance(l, gn.Linear)
-                           else type(l)() for l in net.layers])
+    def twin_of(layer):
+        if isinstance(layer, gn.Linear):
+            return gn.Linear(layer.in_features, layer.out_features, dtype=layer.W.data.dtype)
+        if isinstance(layer, gn.BatchNorm):
+            return gn.BatchNorm(layer.features, dtype=layer.gamma.data.dtype)
+        return type(layer)()
+    twin = gn.Sequential(*[twin_of(layer) for layer in net.layers])
     twin.load_state_dict(net.state_dict())
     return twin
 
@@ -237,6 +242,75 @@ def within_a_terminal(text):
     assert len(widest) <= WIDTH == 100, widest
 
 
+def batch_norm_oracle(rec, s, eps=1e-5, training=True):
+    """The BatchNorm lines explain prints for layer s (1-based; Linear -> BatchNorm -> f), in NumPy float64
+    from the record's z^s, its scale and shift and the delta of u^s: (u, delta^s, Delta scale, Delta shift)."""
+    st = rec["stages"][s - 1]
+    bn = rec["layers"][st["layers"][1]]
+    z = st["z"].astype(np.float64)
+    scale, shift = (bn["params"][k]["before"].astype(np.float64) for k in ("gamma", "beta"))
+    if training:
+        mean, var = z.mean(axis=0), z.var(axis=0)  # the batch's mean and biased variance
+    else:
+        mean, var = 0.0, 1.0  # a new layer's running statistics (the test's eval case)
+    sigma = np.sqrt(var + eps)
+    xhat = (z - mean) / sigma
+    d_u = -rec["loss"]["delta_scale"] * bn["grad_output"].astype(np.float64)
+    if training:
+        delta = scale / sigma * (d_u - d_u.mean(axis=0) - xhat * (d_u * xhat).mean(axis=0))
+    else:
+        delta = scale / sigma * d_u
+    alpha_c = rec["optimizer"]["lr"] / rec["loss"]["delta_scale"]
+    return scale * xhat + shift, delta, alpha_c * (d_u * xhat).sum(axis=0), alpha_c * d_u.sum(axis=0), z
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_batch_norm_step_as_printed(training):
+    """A 3-5-4-2 network with BatchNorm after each hidden Linear: the record is the training path's, and the
+    printed BatchNorm formulas (forward, delta^s through it, its corrections, the running statistics) hold
+    of its numbers, computed again in NumPy float64."""
+    net = gn.mlp([3, 5, 4, 2], activation=["relu", "sigmoid"], seed=2, dtype=np.float64, device="cpu",
+                 batch_norm=True)
+    net.train(training)
+    twin = clone(net)
+    twin.train(training)
+    x = np.random.default_rng(3).normal(size=(4, 3))
+    rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.2), x, np.array([0, 1, 1, 0]))
+    loss = gn.SoftmaxCrossEntropy()
+    loss.forward(twin.forward(x), np.array([0, 1, 1, 0]))
+    twin.backward(loss.backward())
+    recorded = [p for lay in rec["layers"] if lay["params"] for p in lay["params"].values()]
+    tol = dict(rtol=1e-12, atol=1e-14)  # float64 both ways, the same operations
+    for got, p in zip(recorded, twin.parameters(), strict=True):
+        np.testing.assert_allclose(got["grad"], p.grad, **tol)
+    loose = dict(rtol=1e-10, atol=1e-13)  # the oracle sums in another order
+    for s in (1, 2):
+        u, delta, d_scale, d_shift, z = batch_norm_oracle(rec, s, training=training)
+        bn = rec["layers"][rec["stages"][s - 1]["layers"][1]]
+        np.testing.assert_allclose(bn["output"], u, **loose)
+        np.testing.assert_allclose(rec["stages"][s - 1]["delta"], delta, **loose)
+        np.testing.assert_allclose(bn["params"]["gamma"]["correction"], d_scale, **loose)
+        np.testing.assert_allclose(bn["params"]["beta"]["correction"], d_shift, **loose)
+        if training:  # PyTorch's running update: momentum 0.1, the variance unbiased
+            np.testing.assert_allclose(bn["buffers"]["running_mean"], 0.1 * z.mean(axis=0), **loose)
+            np.testing.assert_allclose(bn["buffers"]["running_var"], 0.9 + 0.1 * z.var(axis=0, ddof=1), **loose)
+    text = render_text(rec)
+    phrases = ["u^1 = scale^1 * (z^1 - mean_n z^1) / sqrt(var_n z^1 + epsilon_BN) + shift^1",
+               "delta_u^1 = f'(u^1) * sum_k delta_k^2 w_jk^2", "f'(u^1) = [u^1 > 0] (ReLU)",
+               "Delta scale^2 = (alpha/c) sum_n delta_u^2 * xhat^2",
+               "delta^1 = scale^1 / sigma^1 * (delta_u^1 - mean_n delta_u^1 - xhat^1 * mean_n (delta_u^1 * xhat^1))",
+               "mean_run^2 (new) = (1 - 0.1) mean_run^2 + 0.1 mean_n z^2"]
+    if not training:
+        phrases = ["u^1 = scale^1 * (z^1 - mean_run^1) / sqrt(var_run^1 + epsilon_BN) + shift^1",
+                   "delta^1 = scale^1 / sigma^1 * delta_u^1", "scale^1 (new) = scale^1 + Delta scale^1"]
+    flat = " ".join(text.split())
+    for phrase in phrases:
+        assert phrase in flat, phrase
+    assert ("mean_run^1 (new)" in flat) == training  # eval mode leaves the running statistics alone
+    within_a_terminal(text)
+    check_markdown_displays(render_markdown(rec))
+
+
 def test_layers_are_copies_and_the_caller_arrays_untouched():
     net = gn.mlp([3, 4, 2], activation="relu", seed=0, device="cpu")
     x = np.ones((2, 3), np.float32)
@@ -260,8 +334,9 @@ def test_json_schema_and_exact_float32_values():
     assert set(doc["loss"]) == {"type", "value", "gradient", "delta_scale"}
     assert doc["optimizer"] == {"type": "Momentum", "lr": 0.5, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}
     assert [l["type"] for l in doc["layers"]] == ["Linear", "Sigmoid", "Linear"]
-    assert set(doc["layers"][0]) == {"index", "type", "name", "input", "output", "grad_output", "grad_input",
+    assert set(doc["layers"][0]) == {"index", "type", "name", "config", "input", "output", "grad_output", "grad_input",
                                      "derivative", "params"}
+    assert doc["layers"][1]["config"] == {"type": "Sigmoid"} and doc["layers"][0]["config"]["in_features"] == 2
     assert set(doc["layers"][0]["params"]["W"]) == {"before", "grad", "correction", "after", "change", "state_before",
                                                     "state"}
     assert [s["layers"] for s in doc["stages"]] == [[0, 1], [2]] and doc["stages"][0]["activations"] == ["Sigmoid"]
@@ -425,9 +500,16 @@ def check_markdown(md):
     for formula in (r"\delta^{L} = y^{D} - y^{L}", r"z^{1} = b^{1} + y^{0} W^{1}",
                     r"\frac{\partial C}{\partial z^{L}}", r"W^{1} (\text{new})", r"\mathrm{softmax}"):
         assert formula in md, formula
-    # every plain formula was turned into LaTeX: no bare Greek names, plain scripts or plain fractions left
+    return check_markdown_displays(md)
+
+
+def check_markdown_displays(md):
+    """Every plain formula was turned into LaTeX: no bare Greek names, plain scripts or plain fractions left."""
+    displays = balanced_displays(md)
     for d in displays:
-        assert not re.search(r"(?<!\\)\b(alpha|gamma|delta|lambda|sum|dC)\b|\^\(|\^[A-Za-z0-9]", d), d
+        maths = re.sub(r"\\text\{[^}]*\}", "", d)  # the words of a note are prose
+        assert not re.search(r"(?<!\\)\b(alpha|gamma|delta|lambda|sum|dC|epsilon|sigma|beta1)\b|\^\(|\^[A-Za-z0-9]",
+                             maths), d
     return displays
 
 
@@ -541,6 +623,20 @@ def test_cli_every_option_against_the_api(capsys):
     assert json.loads(other)["layers"][0]["params"]["W"]["before"] != doc["layers"][0]["params"]["W"]["before"]
 
 
+def test_cli_batch_norm(capsys):
+    args = ["--sizes", 2, 3, 2, "--batch-norm", "--activation", "tanh", "--input", 1, 2, 3, 4, "--target", 0, 1]
+    rc, out, err = run_main(args + ["--json"], capsys)
+    assert rc == 0, err
+    net = gn.mlp([2, 3, 2], activation="tanh", seed=0, device="cpu", batch_norm=True)
+    rec = gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.5),
+                          np.array([[1, 2], [3, 4]], np.float32), np.array([0, 1]))
+    assert json.loads(out) == to_json(rec)
+    assert [l["type"] for l in rec["layers"]] == ["Linear", "BatchNorm", "Tanh", "Linear"]
+    rc, out, err = run_main(args, capsys)
+    assert rc == 0 and "delta_u^1 = f'(u^1) * sum_k delta_k^L w_jk^L" in out
+    within_a_terminal(out)
+
+
 @pytest.mark.parametrize("kind, cls", [("adam", gn.Adam), ("adamw", gn.AdamW), ("rmsprop", gn.RMSprop)])
 def test_cli_adaptive_optimizers_use_their_own_defaults(kind, cls, capsys):
     rc, out, err = run_main(["--optimizer", kind, "--json"], capsys)
@@ -619,6 +715,8 @@ BAD = [  # arguments, the one-line message
     (["--sizes", 2, 2, 2, "--activation", "relu", "tanh", "--input", 1, 2, "--target", 0], "--activation: expected one name"),
     (["--optimizer", "sgd", "--momentum", 0.5, "--input", 1, 2, "--target", 0], "--momentum: only used with --optimizer momentum"),
     (["--optimizer", "adam", "--momentum", 0.5], "--momentum: only used with --optimizer momentum"),
+    (["--batch-norm"], "x: expected a batch of at least 2 rows in training mode"),
+    (["--model", "MODEL", "--batch-norm", "--input", 1, 2], "--batch-norm: not used with --model"),
     (["--json", "--format", "markdown", "--input", 1, 2, "--target", 0], "--json: prints JSON"),
     (["--model", "/nonexistent/model.npz", "--input", 1, 2], "model file not found: /nonexistent/model.npz"),
     (["--model", "MODEL", "--sizes", 784, 10, "--input", 1, 2], "--sizes: not used with --model"),
@@ -680,3 +778,19 @@ def test_readme_shows_the_real_output(capsys):
     rc, out, err = run_main(command, capsys)
     assert rc == 0, err
     assert out == shown
+
+
+def test_explain_takes_its_input_through_the_front_door():
+    """explain_step reads x as fit does (gpunet.inputs): float64, lists and frames give the float32 step,
+    strings the front door's one line."""
+    def step(x):
+        net = gn.mlp([2, 2, 2], activation="sigmoid", seed=0)
+        return gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.5), x, [1])
+
+    ref = step(np.array([[0.05, 0.1]], np.float32))
+    for x in (np.array([[0.05, 0.1]]), [0.05, 0.1], [[0.05, 0.1]]):
+        got = step(x)
+        assert got["input"].dtype == np.float32 and got["loss"]["value"] == ref["loss"]["value"]
+        np.testing.assert_array_equal(got["y_L"], ref["y_L"])  # the same float32 numbers, bit for bit
+    with pytest.raises(TypeError, match="x: expected real numbers, got strings"):
+        step([["a", "b"]])

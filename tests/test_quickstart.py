@@ -16,8 +16,9 @@ from conftest import ROOT
 
 # Imported by some tests, yet not in the test extra on purpose: CuPy (a GPU extra; cupyx ships inside its
 # wheel) and mpi4py (the mpi extra) are installed by CI as CI-only steps; tomli is the fallback for
-# Python < 3.11; packaging has a fallback beside its import.
-NOT_IN_TEST_EXTRA = {"cupy", "cupyx", "tomli", "packaging", "mpi4py"}
+# Python < 3.11; packaging has a fallback beside its import; torch (the bench extra, PyTorch's CPU build is
+# hundreds of MB) is an oracle whose tests skip with the reason without it.
+NOT_IN_TEST_EXTRA = {"cupy", "cupyx", "tomli", "packaging", "mpi4py", "torch"}
 MODULE_TO_DIST = {"PIL": "pillow", "sklearn": "scikit-learn"}
 
 

@@ -188,3 +188,40 @@ def test_r2_of_constant_targets_follows_scikit_learn():
     for y in (np.full(150, 3.0), pred.ravel()):  # constant (R^2 = 0 unless exact), then exact (R^2 = 1)
         got = gn.evaluate(net, gn.MAELoss(), x, y)
         np.testing.assert_allclose(got["r2"], metrics.r2_score(y, pred), atol=1e-6)
+
+
+# --- fit(verbose=...): Keras' 0 / 1 / 2 ----------------------------------------------------------------
+def test_verbose_prints_nothing_a_bar_or_one_line_per_epoch(capsys):
+    x = np.random.default_rng(0).normal(size=(64, 3))
+    y = (x[:, 0] > 0).astype(int)
+    lines = {}
+    for verbose in (0, 1, 2):
+        net = gn.mlp([3, 4, 2], seed=0, device="cpu")
+        gn.fit(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.1), x, y, epochs=3, batch_size=16,
+               validation=(x, y), verbose=verbose)
+        lines[verbose] = capsys.readouterr().out
+    assert lines[0] == ""
+    shown = lines[2].split("\n")[:-1]
+    assert len(shown) == 3 and all(s.startswith(f"epoch   {i}/3  loss ") and "val_acc" in s and "\r" not in s
+                                   for i, s in enumerate(shown, 1)), lines[2]
+    # the bar: its last state (4 of 4 batches) before each epoch's line, which is the same line as verbose=2's
+    assert lines[1].count("] 4/4") == 3 and lines[1].count("\n") == 3
+    assert [s.rsplit("\r", 1)[1].split("  lr")[0] for s in lines[1].split("\n")[:-1]] == [
+        s.split("  lr")[0] for s in shown]
+
+
+def test_verbose_line_of_a_regression_run_has_no_accuracy(capsys):
+    x = np.random.default_rng(0).normal(size=(32, 2))
+    net = gn.mlp([2, 3, 1], seed=0, device="cpu")
+    gn.fit(net, gn.MSELoss(), gn.SGD(net.parameters(), lr=0.01), x, x.sum(axis=1), epochs=1, verbose=2)
+    out = capsys.readouterr().out
+    assert out.startswith("epoch   1/1  loss ") and "acc" not in out
+
+
+@pytest.mark.parametrize("verbose", [3, -1, "auto", None])
+def test_verbose_refuses_what_keras_does_not_mean(verbose):
+    net = gn.mlp([2, 3, 2], seed=0, device="cpu")
+    with pytest.raises(ValueError, match=r"verbose: expected one of \[0, 1, 2\] \(0 silent, 1 a progress bar, "
+                                         r"2 one line per epoch\), got "):
+        gn.fit(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.1), np.ones((4, 2)), [0, 1, 0, 1],
+               verbose=verbose)

@@ -72,14 +72,59 @@ extern "C" __global__ void gpunet_softmax_xent(const T* z, const long long* y, T
 }
 """
 SOFTMAX_XENT_NAME = "gpunet_softmax_xent"
+
+# The training step's softmax cross-entropy: the same gradient rows, and in the same launch the batch's
+# mean loss and its sums for the epoch: loss_sum += sum of the row losses (in double) and correct += the
+# rows whose first largest logit is the label (argmax's choice). One block of SUMS_THREADS threads strides
+# over the rows and reduces in shared memory in a fixed order, so the sums are the same bits on every run
+# (atomics would add in a varying order, and a resumed GPU run would drift from an uninterrupted one).
+SUMS_THREADS = 256
+SOFTMAX_XENT_SUMS = r"""
+extern "C" __global__ void gpunet_softmax_xent_sums(const T* z, const long long* y, T* grad, T* mean,
+                                                      double* loss_sum, long long* correct,
+                                                      const int n, const int c, const T inv_n) {
+    __shared__ double part[THREADS];
+    __shared__ long long hits[THREADS];
+    double loss = 0;
+    long long hit = 0;
+    for (int i = threadIdx.x; i < n; i += THREADS) {
+        const T* zi = z + (long long)i * c;
+        T* gi = grad + (long long)i * c;
+        T m = zi[0];
+        int best = 0;
+        for (int j = 1; j < c; ++j) if (zi[j] > m) { m = zi[j]; best = j; }
+        T s = 0;
+        for (int j = 0; j < c; ++j) { T e = EXP(zi[j] - m); gi[j] = e; s += e; }
+        const long long t = y[i];
+        const T inv_s = (T)1 / s;
+        for (int j = 0; j < c; ++j) gi[j] = (gi[j] * inv_s - (j == t ? (T)1 : (T)0)) * inv_n;
+        loss += (double)(LOG(s) + m - zi[t]);
+        hit += best == t;
+    }
+    part[threadIdx.x] = loss;
+    hits[threadIdx.x] = hit;
+    __syncthreads();
+    for (int k = THREADS / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) { part[threadIdx.x] += part[threadIdx.x + k]; hits[threadIdx.x] += hits[threadIdx.x + k]; }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        *mean = (T)(part[0] * (double)inv_n);
+        *loss_sum += part[0];
+        *correct += hits[0];
+    }
+}
+"""
+SOFTMAX_XENT_SUMS_NAME = "gpunet_softmax_xent_sums"
 CTYPES = {"float32": "float", "float64": "double"}
 
 
-def softmax_xent_source(ctype: str) -> str:
-    """The complete CUDA source for ``ctype`` ("float" or "double"): expf/logf or exp/log, chosen here
-    rather than left to C++ overloads under NVRTC."""
+def softmax_xent_source(ctype: str, kernel: str = SOFTMAX_XENT) -> str:
+    """The complete CUDA source of ``kernel`` (either softmax kernel) for ``ctype`` ("float" or "double"):
+    expf/logf or exp/log, chosen here rather than left to C++ overloads under NVRTC."""
     fn = {"float": ("expf", "logf"), "double": ("exp", "log")}[ctype]
-    return f"typedef {ctype} T;\n#define EXP {fn[0]}\n#define LOG {fn[1]}\n" + SOFTMAX_XENT
+    return (f"typedef {ctype} T;\n#define EXP {fn[0]}\n#define LOG {fn[1]}\n#define THREADS {SUMS_THREADS}\n"
+            + kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,9 +135,11 @@ def _elementwise(name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _softmax_xent(ctype: str):
+def _softmax_xent(ctype: str, sums: bool = False):
     import cupy
 
+    if sums:
+        return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT_SUMS), SOFTMAX_XENT_SUMS_NAME)
     return cupy.RawKernel(softmax_xent_source(ctype), SOFTMAX_XENT_NAME)
 
 
@@ -168,3 +215,21 @@ def softmax_xent_launch(z, labels, grad, loss_rows):
     threads = 128
     return (((n + threads - 1) // threads,), (threads,),
             (z, labels, grad, loss_rows, np.int32(n), np.int32(c), z.dtype.type(1.0 / n)))
+
+
+def softmax_xent_sums(z, labels, grad, mean, loss_sum, correct):
+    """The training step's softmax cross-entropy in one launch: ``grad = (softmax(z) - onehot) / N``,
+    ``mean`` (0-d, z's dtype) the batch's mean loss, and the epoch's ``loss_sum`` (0-d float64) and
+    ``correct`` (0-d int64) increased by the batch's loss sum and right answers. z, grad (N, C) C-contiguous."""
+    import cupy
+
+    labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
+    _softmax_xent(CTYPES[z.dtype.name], True)(*softmax_xent_sums_launch(z, labels, grad, mean, loss_sum, correct))
+    return grad, mean
+
+
+def softmax_xent_sums_launch(z, labels, grad, mean, loss_sum, correct):
+    """``(grid, block, args)`` of the sums kernel: one block; arguments of the C types it declares."""
+    n, c = z.shape
+    return ((1,), (SUMS_THREADS,), (z, labels, grad, mean, loss_sum, correct, np.int32(n), np.int32(c),
+                                    z.dtype.type(1.0 / n)))

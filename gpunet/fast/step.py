@@ -86,6 +86,18 @@ class FusedStep:
                       for i in range(len(blocks))]
         self.folded = [blas.LinearUpdate(W.data, b.data, vW, vb) for (W, vW), (b, vb) in self.pairs] if self.fold else None
         self._buffers = {}
+        self.sums = None
+
+    @property
+    def sums_in_kernel(self) -> bool:
+        """True where the step itself adds each batch's loss and right answers to the epoch's sums (the
+        GPU: in the softmax kernel, saving the training loop's six launches a step); see :meth:`use_sums`."""
+        return not self.on_cpu
+
+    def use_sums(self, loss_sum, correct) -> None:
+        """From now on add each batch's loss sum to ``loss_sum`` (0-d float64) and its right answers to
+        ``correct`` (0-d int64), on the device (only where :attr:`sums_in_kernel`)."""
+        self.sums = (loss_sum, correct) if self.sums_in_kernel else None
 
     def _buffer(self, key, shape, dtype):
         buf = self._buffers.get(key)
@@ -132,9 +144,13 @@ class FusedStep:
             x = y_
         logits = x
         grad = self._buffer("grad", logits.shape, logits.dtype)
-        rows = self._buffer("rows", (n,), logits.dtype)
-        ops.softmax_xent(logits, y, grad, rows)
-        value = rows.sum() * logits.dtype.type(1.0 / n)
+        if self.sums is not None:  # the GPU: the epoch's sums in the softmax kernel's launch
+            value = self._buffer("mean", (), logits.dtype)
+            cuda.softmax_xent_sums(logits, y, grad, value, *self.sums)
+        else:
+            rows = self._buffer("rows", (n,), logits.dtype)
+            ops.softmax_xent(logits, y, grad, rows)
+            value = rows.sum() * logits.dtype.type(1.0 / n)
         if self.adam and not self.deferred:  # this step's count and bias corrections, as the core's step
             self.optimizer.t += 1
             self._adam_scalars = adam_scalars(self.optimizer, logits.dtype)

@@ -1,0 +1,277 @@
+"""A stand-in for CuPy on the CPU that counts device launches: gpunet's GPU code path, run without a GPU.
+
+``FakeCupy()`` is a module object to put in ``sys.modules["cupy"]``: its arrays are a NumPy subclass whose
+type lives in a module named ``cupy`` (so gpunet's backend takes them for CuPy arrays and picks the GPU
+branches), and every operation that would launch work on a GPU adds one to ``launches`` (with its name in
+``log``): each ufunc call (elementwise operations, reductions such as ``sum``, ``matmul``), each
+array function that makes or writes data (``take``, ``empty`` is free, a copying ``ascontiguousarray``),
+the data-moving array methods (``argmax``, ``copy``, ``astype``, fancy indexing, writes through ``[]=``),
+and each ``ElementwiseKernel``/``RawKernel`` call. Kernels run a NumPy mirror of their CUDA source, kept
+below beside each kernel's name: the mirrors are how the GPU path's plumbing (which buffers, in which
+order) is checked here against the core; the CUDA sources themselves are checked by NVRTC
+(tests/cuda_compile.py) and, on a GPU, by the GPU twins.
+"""
+from __future__ import annotations
+
+import threading
+import types
+
+import numpy as np
+
+from gpunet import layers
+
+FREE_FUNCTIONS = {"empty", "empty_like", "reshape", "ravel", "shape", "ndim", "result_type", "may_share_memory",
+                  "shares_memory", "broadcast_to", "transpose", "iscomplexobj", "isscalar", "size",
+                  "array_equal", "can_cast", "dtype"}
+
+
+class Counter:
+    def __init__(self):
+        self.launches, self.log, self.downloads = 0, [], []
+
+    def add(self, what):
+        self.launches += 1
+        self.log.append(what)
+
+
+def _base(a):
+    return a.view(np.ndarray) if isinstance(a, np.ndarray) else a
+
+
+def _bases(values):
+    return tuple(_base(v) for v in values)
+
+
+def make_array_type(counter):
+    class ndarray(np.ndarray):
+        def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+            counter.add(f"{ufunc.__name__}.{method}" if method != "__call__" else ufunc.__name__)
+            if out is not None:
+                kwargs["out"] = _bases(out)
+            result = getattr(ufunc, method)(*_bases(inputs), **kwargs)
+            if out is not None:
+                return out[0] if len(out) == 1 else out
+            return _wrap(result)
+
+        def __array_function__(self, func, types_, args, kwargs):
+            name = func.__name__
+            if name not in FREE_FUNCTIONS:
+                counter.add(name)
+            args = tuple(_bases(a) if isinstance(a, (list, tuple)) else _base(a) for a in args)
+            kwargs = {k: _base(v) for k, v in kwargs.items()}
+            return _wrap(func(*args, **kwargs))
+
+        def _count(self, name, *args, **kwargs):
+            counter.add(name)
+            return _wrap(getattr(np.ndarray, name)(self.view(np.ndarray), *_bases(args), **kwargs))
+
+        def argmax(self, *a, **k):
+            return self._count("argmax", *a, **k)
+
+        def copy(self, *a, **k):
+            return self._count("copy", *a, **k)
+
+        def astype(self, dtype, copy=True, **k):
+            if not copy and np.dtype(dtype) == self.dtype:
+                return self
+            return self._count("astype", dtype, **k)
+
+        def fill(self, value):
+            counter.add("fill")
+            self.view(np.ndarray).fill(value)
+
+        def get(self, stream=None, order="C", out=None, blocking=True):  # CuPy's copy to the host
+            counter.downloads.append(self.shape)  # the shapes copied, for tests
+            if out is not None:
+                out[...] = self.view(np.ndarray)
+                return out
+            return np.array(self.view(np.ndarray))
+
+        def __getitem__(self, key):
+            if isinstance(key, np.ndarray) or (isinstance(key, tuple) and any(isinstance(k, np.ndarray) for k in key)):
+                counter.add("gather")
+            result = self.view(np.ndarray)[_base(key) if isinstance(key, np.ndarray) else key]
+            return _wrap(result)
+
+        def __setitem__(self, key, value):
+            counter.add("setitem")
+            self.view(np.ndarray)[key] = _base(value)
+
+        @property
+        def device(self):
+            return _Device()
+
+    ndarray.__module__ = "cupy._core.core"
+    return ndarray
+
+
+_ARRAY_TYPE = {}
+
+
+def _wrap(result):
+    cls = _ARRAY_TYPE.get("cls")
+    if isinstance(result, np.generic):  # CuPy's reductions and elementwise results stay 0-d device arrays
+        return np.asarray(result).view(cls)
+    if isinstance(result, np.ndarray) and not isinstance(result, cls):
+        return result.view(cls)
+    if isinstance(result, tuple):
+        return tuple(_wrap(r) for r in result)
+    return result
+
+
+# ------------------------------------------------------------------ NumPy mirrors of gpunet's CUDA kernels
+def _layer_update(dy, rows, cols, lr, gamma, wd, nesterov, w, g, v, b, vb, gb):
+    d = g + wd * w
+    v[...] = gamma * v + lr * d
+    w -= gamma * v + lr * d if nesterov else v
+    gb[...] = dy.reshape(rows, cols).sum(axis=0, dtype=gb.dtype)
+    db = gb + wd * b
+    vb[...] = gamma * vb + lr * db
+    b -= gamma * vb + lr * db if nesterov else vb
+
+
+def _layer_sgd(dy, rows, cols, lr, wd, w, g, b, gb):
+    w -= lr * (g + wd * w)
+    gb[...] = dy.reshape(rows, cols).sum(axis=0, dtype=gb.dtype)
+    b -= lr * (gb + wd * b)
+
+
+def _adam(g, b1, b2, c1, c2, step, root_c2, eps, wd, decay, w, m, v):
+    d = g + wd * w
+    w *= decay
+    m[...] = b1 * m + c1 * d
+    v[...] = b2 * v + c2 * d * d
+    w -= step * (m / (np.sqrt(v) / root_c2 + eps))
+
+
+def _dropout(key, threshold, scale, y, mask):
+    kept = layers.dropout_bits(np, int(key), y.size).reshape(y.shape) < threshold
+    mask[...] = kept * scale
+    y *= mask
+
+
+def _relu_where(y, t):
+    return np.where(y > 0, t, t * y.dtype.type(0))
+
+
+MIRRORS = {
+    "gpunet_probe": lambda x: 2 * x + 1,  # its output is allocated by the kernel: returned
+    "gpunet_bias_relu": lambda b, y: y.__setitem__(..., np.where(y + b < 0, y.dtype.type(0), y + b)),
+    "gpunet_relu_backward": lambda y, dy: dy.__setitem__(..., _relu_where(y, dy)),
+    "gpunet_relu_mask_backward": lambda y, mask, dy: dy.__setitem__(..., _relu_where(y, dy * mask)),
+    "gpunet_layer_momentum": _layer_update,
+    "gpunet_layer_sgd": _layer_sgd,
+    "gpunet_adam": _adam,
+    "gpunet_dropout": _dropout,
+    "gpunet_gather_scaled": lambda src, idx, cols, divisor, out: out.__setitem__(
+        ..., np.divide(src[idx], divisor, dtype=out.dtype)),
+}
+
+
+def _softmax_rows(z, labels, grad, inv_n):
+    m = z.max(axis=1, keepdims=True)
+    e = np.exp(z - m)
+    s = e.sum(axis=1, keepdims=True)
+    rows = np.arange(len(z))
+    grad[...] = e / s
+    grad[rows, labels] -= 1
+    grad *= inv_n
+    return (np.log(s[:, 0]) + m[:, 0] - z[rows, labels]).astype(z.dtype)
+
+
+def _softmax_xent(z, labels, grad, loss, n, c, inv_n):
+    loss[...] = _softmax_rows(z, labels, grad, inv_n)
+
+
+def _softmax_xent_sums(z, labels, grad, mean, loss_sum, correct, n, c, inv_n):
+    rows = _softmax_rows(z, labels, grad, inv_n)
+    mean[...] = rows.astype(np.float64).sum() * float(inv_n)
+    loss_sum += rows.astype(np.float64).sum()
+    correct += (z.argmax(axis=1) == labels).sum()
+
+
+RAW_MIRRORS = {"gpunet_softmax_xent": _softmax_xent, "gpunet_softmax_xent_sums": _softmax_xent_sums}
+
+
+class FakeCupy(types.ModuleType):
+    """The stand-in module (see the module docstring); ``counter.launches`` counts."""
+
+    def __init__(self):
+        super().__init__("cupy")
+        self.counter = counter = Counter()
+        self.ndarray = cls = make_array_type(counter)
+        _ARRAY_TYPE["cls"] = cls
+        self.__version__ = "fake"
+        stream = types.SimpleNamespace(synchronize=lambda: None, ptr=0)
+        self.cuda = types.SimpleNamespace(
+            Device=lambda i=None: _Device(), runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+            get_current_stream=lambda: stream, Event=_Event, alloc_pinned_memory=lambda size: bytearray(size))
+
+    def __getattr__(self, name):
+        value = getattr(np, name)
+        if not callable(value) or isinstance(value, type):
+            return value
+
+        def call(*args, **kwargs):
+            if name not in FREE_FUNCTIONS:
+                self.counter.add(name)
+            return _wrap(value(*(_base(a) for a in args), **{k: _base(v) for k, v in kwargs.items()}))
+        return call
+
+    def asarray(self, a, dtype=None):
+        if isinstance(a, self.ndarray) and (dtype is None or np.dtype(dtype) == a.dtype):
+            return a
+        self.counter.add("upload")
+        return np.array(_base(a), dtype=dtype).view(self.ndarray)
+
+    def ascontiguousarray(self, a, dtype=None):
+        if isinstance(a, self.ndarray) and a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
+            return a
+        self.counter.add("ascontiguousarray")
+        return np.ascontiguousarray(_base(a), dtype=dtype).view(self.ndarray)
+
+    def asnumpy(self, a):
+        if isinstance(a, self.ndarray):
+            self.counter.downloads.append(a.shape)
+        return np.array(_base(a))
+
+    def ElementwiseKernel(self, in_params, out_params, operation, name, **kwargs):
+        mirror, counter = MIRRORS[name], self.counter
+
+        def launch(*args):
+            counter.add(name)
+            made = mirror(*(_base(a) for a in args))
+            return args[-1] if made is None else _wrap(made)
+        return launch
+
+    def RawKernel(self, source, name, **kwargs):
+        mirror, counter = RAW_MIRRORS[name], self.counter
+
+        def launch(grid, block, args):
+            counter.add(name)
+            mirror(*(_base(a) for a in args))
+        return launch
+
+
+class _Device:
+    """Device 0, the only one; ``entered`` counts the ``with`` blocks made current on it."""
+
+    id, entered = 0, []
+
+    def use(self):
+        pass
+
+    def __enter__(self):
+        _Device.entered.append(threading.get_ident())
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Event:
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
