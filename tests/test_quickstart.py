@@ -92,7 +92,7 @@ def _third_party_test_imports() -> set[str]:
             elif (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in
                   ("importorskip", "optional") and node.args and isinstance(node.args[0], ast.Constant)):
                 found.add(node.args[0].value.split(".")[0])
-    local = {p.stem for p in (ROOT / "tests").glob("*.py")} | {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    local = {p.stem for folder in ("tests", "benchmarks", "docker") for p in (ROOT / folder).glob("*.py")}
     return {m for m in found if m not in sys.stdlib_module_names and m not in local and m != "gpunet"}
 
 
