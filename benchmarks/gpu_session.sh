@@ -14,10 +14,10 @@
 # The lent H200 machines' image also has PyTorch with CUDA (2.11, cu130, in the device notes of 2026-11):
 # the speed benchmark and gpu_step.py time PyTorch eager beside gpunet there (without torch, gpunet alone
 # against the floor). No memory benchmark: it trains on the CPU, which is not what a GPU machine's minutes
-# are for. OUT_DIR (default $OUT, else a new temp folder) receives seven files: session.log (every step's
+# are for. OUT_DIR (default $OUT, else a new temp folder) receives eight files: session.log (every step's
 # output), pytest-gpu.xml (the GPU tests' JUnit report), latest-<device>.json and .md (benchmarks/speed.py),
-# step-<device>.json (one training step, benchmarks/gpu_step.py), recipe-metrics.json and
-# smoke-metrics.json. Models and pictures stay in a scratch folder. Each step has a
+# step-<device>.json (one training step, benchmarks/gpu_step.py), recipe-metrics.json,
+# best-metrics.json (--preset best) and smoke-metrics.json. Models and pictures stay in a scratch folder. Each step has a
 # time limit (seconds below) so that the whole run ends within its budget; every step runs even when an
 # earlier one fails; the exit status is the number of failed steps.
 #
@@ -86,6 +86,11 @@ step gpu-step 90 "$python" benchmarks/gpu_step.py --device "$device" "${step_arg
 step recipe 120 "$python" -m gpunet train --device "$device" --data-dir "$data" --out "$scratch/recipe" \
     "${train_args[@]}"
 keep "$scratch/recipe/metrics.json" recipe-metrics.json
+# the best preset (issue 25: 784-1024-1024-10, 30 epochs, every training image distorted afresh each epoch),
+# bounded: metrics.json holds its test accuracy and seconds per epoch
+step best 150 "$python" -m gpunet train --preset best --device "$device" --data-dir "$data" --out "$scratch/best" \
+    "${train_args[@]}"
+keep "$scratch/best/metrics.json" best-metrics.json
 step smoke 60 env OUT_DIR="$scratch/smoke" GPUNET_DEVICE="$device" PYTHON="$python" sh docker/smoke.sh \
     --device "$device" "${train_args[@]}"
 keep "$scratch/smoke/metrics.json" smoke-metrics.json

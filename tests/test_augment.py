@@ -26,10 +26,12 @@ def path(request, monkeypatch):
 
 
 def images(n, dtype=np.float64, seed=0):
-    """Smooth-ish random images with a blank border, like digits (and random pixels inside)."""
+    """Random images: the even ones with a blank border, like digits; the odd ones with ink up to the
+    edges, so that what lies beyond the edge (zero) matters."""
     rng = np.random.default_rng(seed)
     x = np.zeros((n, H, W))
     x[:, 4:24, 5:23] = rng.random((n, 20, 18))
+    x[1::2] = rng.random((len(x[1::2]), H, W))
     return x.reshape(n, H * W).astype(dtype)
 
 
@@ -298,3 +300,16 @@ def test_augmentation_helps_on_shifted_and_rotated_digits(mnist_dir):
         fit(net, gn.SoftmaxCrossEntropy(), opt, x[:2000], y[:2000], epochs=5, augment=aug)
         acc[name] = evaluate(net, gn.SoftmaxCrossEntropy(), moved, yt[:1000])["accuracy"]
     assert acc["augmented"] > acc["plain"] + 0.10, acc
+
+
+def test_the_affine_map_is_the_inverse_of_rotation_shear_and_scale():
+    """affine_inverse against NumPy's inverse of A = R(rotation) @ shear @ scale, built here by hand."""
+    rng = np.random.default_rng(14)
+    rot, shear, scale, shift = rng.uniform(-1, 1, 8), rng.uniform(-0.5, 0.5, 8), rng.uniform(0.7, 1.3, 8), rng.normal(size=(8, 2))
+    maps = affine_inverse(rot, scale, shear, shift)
+    for i in range(8):
+        r = np.array([[np.cos(rot[i]), -np.sin(rot[i])], [np.sin(rot[i]), np.cos(rot[i])]])
+        a = r @ np.array([[1, 0], [np.tan(shear[i]), 1]]) @ (scale[i] * np.eye(2))
+        inv = np.linalg.inv(a)
+        assert_allclose(maps[i, :, :2], inv, atol=1e-14)  # float64 2x2 inverses, two ways
+        assert_allclose(maps[i, :, 2], -inv @ shift[i], atol=1e-14)

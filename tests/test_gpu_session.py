@@ -43,9 +43,9 @@ def test_dry_run_runs_every_step_and_leaves_its_results(tmp_path):
     data = make_fake_mnist(tmp_path / "mnist", n_train=600, n_test=200)
     proc, out = session(tmp_path, data, "--dry-run")
     assert proc.returncode == 0, proc.stdout[-3000:] + (out / "session.log").read_text()[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["latest-cpu.json", "latest-cpu.md", "pytest-gpu.xml",
-                                                     "recipe-metrics.json", "session.log", "smoke-metrics.json",
-                                                     "step-cpu.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["best-metrics.json", "latest-cpu.json", "latest-cpu.md",
+                                                     "pytest-gpu.xml", "recipe-metrics.json", "session.log",
+                                                     "smoke-metrics.json", "step-cpu.json"]
     step = json.loads((out / "step-cpu.json").read_text())  # one training step, with and without dropout
     assert step["device"]["device"] == "cpu" and sorted(step["steps"]) == ["dropout=0.0", "dropout=0.2"]
     assert all(e["gpunet"]["host_ms"] > 0 and e["gpunet"]["repeat"] == 3 for e in step["steps"].values())
@@ -56,17 +56,18 @@ def test_dry_run_runs_every_step_and_leaves_its_results(tmp_path):
     (config,) = bench["configs"]
     assert bench["device"] == "cpu" and config["name"] == "784-100-10/b128" and len(config["rounds"]) == 1
     assert config["steps_per_epoch"] == 5 and report.ratios(config)["gpunet/floor"] > 0
-    for name in ("recipe-metrics.json", "smoke-metrics.json"):  # one epoch of the recipe each, tested
+    assert json.loads((out / "best-metrics.json").read_text())["config"]["preset"] == "best"
+    for name in ("recipe-metrics.json", "best-metrics.json", "smoke-metrics.json"):  # one epoch each, tested
         metrics = json.loads((out / name).read_text())
         assert metrics["device"] == "cpu" and len(metrics["history"]) == 1, name
         assert 0.0 <= metrics["test_accuracy"] <= 1.0, name
 
 
 def test_a_failing_step_is_counted_and_the_rest_still_run(tmp_path):
-    """Without the data folder the three data steps (bench, recipe, smoke) fail: the exit status is 3,
+    """Without the data folder the four data steps (bench, recipe, best, smoke) fail: the exit status is 4,
     and the steps that need no data still ran and left their results."""
     proc, out = session(tmp_path, tmp_path / "no-such-mnist", GPUNET_DRY_RUN="1")
-    assert proc.returncode == 3, proc.stdout[-3000:]
+    assert proc.returncode == 4, proc.stdout[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["pytest-gpu.xml", "session.log", "step-cpu.json"]
     tests, skipped, bad = junit(out / "pytest-gpu.xml")
     assert tests == skipped > 0 and bad == 0
