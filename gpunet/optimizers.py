@@ -32,6 +32,12 @@ def _check_number(name, value, low, high=math.inf, low_open=False):
 
 
 class Optimizer:
+    """The rules' common part: the parameters, ``lr``, L2 ``weight_decay`` and the state dict."""
+
+    # what a subclass names for state_dict: its scalars (options, step count) and its per-parameter arrays
+    scalars: tuple = ()
+    slots: tuple = ()
+
     def __init__(self, params, lr: float, weight_decay: float = 0.0):
         params = list(params)
         if not params:
@@ -61,10 +67,6 @@ class Optimizer:
 
     def step(self):
         raise NotImplementedError
-
-    # what a subclass names for state_dict: its scalars (options, step count) and its per-parameter arrays
-    scalars: tuple = ()
-    slots: tuple = ()
 
     def _zeros(self) -> list:
         """One zero array beside each parameter (same shape, dtype and device)."""

@@ -266,6 +266,9 @@ def test_train_on_an_npz_file_keeps_the_scaling_in_the_model(own_data, tmp_path)
     pred = run("predict", tmp_path / "run" / "model.npz", tmp_path / "rows.npy", "--json")
     assert pred.returncode == 0, pred.stderr
     assert [r["digit"] for r in json.loads(pred.stdout)] == gn.to_numpy(gn.predict(net, x[300:305])).tolist()
+    ev = run("evaluate", tmp_path / "run" / "model.npz", "--data", root / "d.npz", "--json")
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["accuracy"] == m["test_accuracy"]  # the file's test set, read as it is
 
 
 def test_train_on_a_csv_file_with_minmax_scaling(own_data, tmp_path):

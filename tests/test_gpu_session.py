@@ -44,7 +44,11 @@ def test_dry_run_runs_every_step_and_leaves_its_results(tmp_path):
     proc, out = session(tmp_path, data, "--dry-run")
     assert proc.returncode == 0, proc.stdout[-3000:] + (out / "session.log").read_text()[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["latest-cpu.json", "latest-cpu.md", "pytest-gpu.xml",
-                                                     "recipe-metrics.json", "session.log", "smoke-metrics.json"]
+                                                     "recipe-metrics.json", "session.log", "smoke-metrics.json",
+                                                     "step-cpu.json"]
+    step = json.loads((out / "step-cpu.json").read_text())  # one training step, with and without dropout
+    assert step["device"]["device"] == "cpu" and sorted(step["steps"]) == ["dropout=0.0", "dropout=0.2"]
+    assert all(e["gpunet"]["host_ms"] > 0 and e["gpunet"]["repeat"] == 3 for e in step["steps"].values())
     # the GPU tests were collected, and on the CPU every one of them skipped (none ran, none failed)
     tests, skipped, bad = junit(out / "pytest-gpu.xml")
     assert tests >= 10 and skipped == tests and bad == 0, (tests, skipped, bad)
@@ -64,6 +68,6 @@ def test_a_failing_step_is_counted_and_the_rest_still_run(tmp_path):
     and the steps that need no data still ran and left their results."""
     proc, out = session(tmp_path, tmp_path / "no-such-mnist", GPUNET_DRY_RUN="1")
     assert proc.returncode == 3, proc.stdout[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["pytest-gpu.xml", "session.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["pytest-gpu.xml", "session.log", "step-cpu.json"]
     tests, skipped, bad = junit(out / "pytest-gpu.xml")
     assert tests == skipped > 0 and bad == 0

@@ -128,6 +128,21 @@ def test_results_are_numpy_and_a_pickle_holds_host_arrays_only(device, tmp_path,
     np.testing.assert_allclose(np.load(tmp_path / "p.npy"), proba, atol=1e-6)  # float32 GEMMs on two devices
 
 
+def test_an_unpickled_estimator_trains_on_exactly_as_the_original(digits):
+    """The pickle carries the optimizer's state (Adam's moments and step count) and the random state: one
+    more partial_fit epoch gives the same weights, bit for bit (the CPU, the same BLAS)."""
+    x_tr, _, y_tr, _ = digits
+    est = MLPClassifier((16,), random_state=0, device="cpu")
+    for _ in range(2):
+        est.partial_fit(x_tr / 16, y_tr, classes=np.arange(10))
+    copy = pickle.loads(pickle.dumps(est))
+    for model in (est, copy):
+        model.partial_fit(x_tr / 16, y_tr)
+    for ours, theirs in zip(est.coefs_ + est.intercepts_, copy.coefs_ + copy.intercepts_):
+        np.testing.assert_array_equal(ours, theirs)
+    assert copy.n_iter_ == est.n_iter_ == 3 and copy.loss_curve_ == est.loss_curve_
+
+
 def test_the_stopping_rule_is_scikit_learns(digits):
     """With a tolerance no epoch can beat, both stop after n_iter_no_change + 1 epochs."""
     x_tr, _, y_tr, _ = digits
