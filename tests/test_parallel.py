@@ -143,6 +143,9 @@ def test_resume_with_two_processes(data, runs, tmp_path):
     assert res.returncode == 0, res.stderr
     res = train("--data-dir", data, "--out", out, *FLAGS, "--resume")
     assert res.returncode == 0, res.stderr
+    # it did resume (a fresh 3-epoch run would end with the same bits): it trained epoch 3 alone
+    assert "resuming after epoch 2, step 0; 2 processes" in res.stdout, res.stdout
+    assert [l.split("/")[0] for l in res.stdout.splitlines() if l.startswith("epoch ")] == ["epoch   3"], res.stdout
     full, resumed = weights(runs[2] / "model.npz"), weights(out / "model.npz")
     for k in full:
         assert np.array_equal(full[k], resumed[k]), k
