@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a GPU check needs, in one command, for a lent GPU machine where device time is short (about
 # 10 minutes, start-up included): the GPU tests (which must not skip there), the GPU benchmark configs,
-# the default MNIST recipe on the GPU, and docker/smoke.sh's checks.
+# the default MNIST recipe on the GPU, docker/smoke.sh's checks, and docker/test-image.sh --gpus all where a
+# container engine works.
 #
 #   bash benchmarks/gpu_session.sh [--dry-run] MNIST_DIR [OUT_DIR]
 #
@@ -10,13 +11,18 @@
 # script is known to work before a GPU is ever lent; tests/test_gpu_session.py runs it on tiny files.
 #
 # Runs from the source tree (PYTHONPATH=.), so the machine needs only Python with NumPy, CuPy and pytest.
-# Without torch there, the benchmark times gpunet alone. The benchmark skips its peak-memory children: they
-# train on the CPU, which is not what a GPU machine's minutes are for.
-# OUT_DIR (default $OUT, else a new temp folder) receives five files, since a lent machine sends back at
-# most eight: session.log (every step's output), latest-<device>.json and .md (the benchmark),
-# recipe-metrics.json and smoke-metrics.json. Models and pictures stay in a scratch folder. Each step has a
+# The lent H200 machines' image also has PyTorch with CUDA (2.11, cu130, in the device notes of 2026-11):
+# the speed benchmark and gpu_step.py time PyTorch eager beside gpunet there (without torch, gpunet alone
+# against the floor). No memory benchmark: it trains on the CPU, which is not what a GPU machine's minutes
+# are for. OUT_DIR (default $OUT, else a new temp folder) receives seven files: session.log (every step's
+# output), pytest-gpu.xml (the GPU tests' JUnit report), latest-<device>.json and .md (benchmarks/speed.py),
+# step-<device>.json (one training step, benchmarks/gpu_step.py), recipe-metrics.json and
+# smoke-metrics.json. Models and pictures stay in a scratch folder. Each step has a
 # time limit (seconds below) so that the whole run ends within its budget; every step runs even when an
 # earlier one fails; the exit status is the number of failed steps.
+#
+# To add a step: one `step NAME SECONDS COMMAND...` line below (its output goes to session.log); a result
+# file it writes goes straight into "$out", or is copied there with `keep FILE NAME` (missing: no error).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,13 +44,15 @@ if [ "$dry" = "1" ]; then  # the CPU rehearsal: same steps, small settings, GPU 
     device=cpu
     unset GPUNET_REQUIRE_GPU
     require_gpu=()
-    bench_args=(--quick --no-torch --epochs 1 --configs 784-100-10/b128)
+    bench_args=(--quick --no-torch --epochs 1 --configs 784-100-10/b128 --pause 0)
+    step_args=(--repeat 3)
     train_args=(--epochs 1 --hidden 32 --val-size 100 --no-plots)
     export GPUNET_SMOKE_MIN_ACCURACY=0
 else
     device=gpu
     require_gpu=(GPUNET_REQUIRE_GPU=1)
     bench_args=()
+    step_args=()
     train_args=()
 fi
 
@@ -61,19 +69,37 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, append its outp
     tail -n 15 "$scratch/$name.log"
     [ "$rc" -eq 0 ] || failed=$((failed + 1))
 }
+keep() { cp "$1" "$out/$2" 2>/dev/null || true; }  # keep FILE NAME: a step's result file, if it wrote one
 
 { date -u; echo "gpu_session: device $device$([ "$dry" = 1 ] && echo ' (dry run on the CPU)')"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi: not here"
   "$python" -V; } >"$log" 2>&1
 step info 30 "$python" -m gpunet info --device "$device"
-step pytest-gpu 150 env "${require_gpu[@]}" "$python" -m pytest -m gpu -q -rs -p no:cacheprovider
-step bench 150 "$python" benchmarks/bench_mlp.py --device "$device" --data-dir "$data" --no-memory \
+# CuPy compiles each kernel on first use (seconds each, the cache starts empty on a fresh machine): here,
+# in a step of its own, so that the tests' time limit is spent on the tests
+step warm 120 "$python" benchmarks/gpu_step.py --device "$device" --warm-only
+step pytest-gpu 150 env "${require_gpu[@]}" "$python" -m pytest -m gpu -q -rs -p no:cacheprovider \
+    --junitxml "$out/pytest-gpu.xml"
+step bench 150 "$python" benchmarks/speed.py --device "$device" --data-dir "$data" \
     "${bench_args[@]}" --json "$out/latest-$device.json" --markdown "$out/latest-$device.md"
+step gpu-step 90 "$python" benchmarks/gpu_step.py --device "$device" "${step_args[@]}" --json "$out/step-$device.json"
 step recipe 120 "$python" -m gpunet train --device "$device" --data-dir "$data" --out "$scratch/recipe" \
     "${train_args[@]}"
-cp "$scratch/recipe/metrics.json" "$out/recipe-metrics.json" 2>/dev/null
+keep "$scratch/recipe/metrics.json" recipe-metrics.json
 step smoke 60 env OUT_DIR="$scratch/smoke" GPUNET_DEVICE="$device" PYTHON="$python" sh docker/smoke.sh \
     --device "$device" "${train_args[@]}"
-cp "$scratch/smoke/metrics.json" "$out/smoke-metrics.json" 2>/dev/null
+keep "$scratch/smoke/metrics.json" smoke-metrics.json
+# The image, where this host has a working container engine: docker/test-image.sh builds it and runs CI's
+# checks with the GPU visible in the containers (--gpus all). Its base and wheelhouse need Debian's and
+# PyPI's servers (or GPUNET_TEST_BASE and a filled docker/wheels/). The dry run only says what would run.
+if (docker info || podman info) >/dev/null 2>&1; then
+    if [ "$dry" = "1" ]; then
+        echo "=== image: dry run: would run docker/test-image.sh --gpus all (a container engine is here)" | tee -a "$log"
+    else
+        step image 480 env GPUNET_DATA="$data" PYTHON="$python" bash docker/test-image.sh --gpus all
+    fi
+else
+    echo "=== image: no working container engine (docker or podman) here: skipped" | tee -a "$log"
+fi
 echo "failed steps: $failed" | tee -a "$log"
 exit "$failed"

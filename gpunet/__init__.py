@@ -12,7 +12,8 @@ from .backend import (DeviceError, describe_device, get_array_module, gpu_availa
 from .explain import explain_step
 from .gradcheck import gradcheck, numerical_gradient
 from .batches import Pixels, Rows
-from .layers import BatchNorm, Dropout, Layer, Linear, Parameter, ReLU, Sigmoid, Softmax, Tanh, register_layer
+from .layers import (BatchNorm, Dropout, Layer, Linear, Parameter, ReLU, Sigmoid, Softmax, Standardize, Tanh,
+                     register_layer)
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .network import Sequential, load, mlp
 from .optimizers import SGD, Adam, AdamW, Momentum, RMSprop
@@ -26,6 +27,6 @@ __all__ = [
     "resolve_device", "set_default_device", "to_device", "to_numpy", "explain_step", "gradcheck", "numerical_gradient",
     "Dropout", "Layer", "Linear", "Parameter", "ReLU", "Sigmoid", "Softmax", "Tanh", "MAELoss", "MSELoss",
     "SoftmaxCrossEntropy", "Sequential", "load", "mlp", "SGD", "Momentum", "Pixels", "Rows",
-    "Adam", "AdamW", "RMSprop", "BatchNorm", "register_layer", "schedules", "fit", "evaluate", "predict",
-    "predict_proba",
+    "Adam", "AdamW", "RMSprop", "BatchNorm", "Standardize", "register_layer", "schedules", "fit", "evaluate",
+    "predict", "predict_proba",
 ]

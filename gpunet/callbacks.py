@@ -30,9 +30,10 @@ import sys
 import time
 
 from . import checkpoint
+from .backend import to_numpy
 
 HOOKS = ("on_train_begin", "on_epoch_begin", "transform_batch", "on_batch_end", "on_epoch_end", "on_interrupt",
-         "on_train_end", "state_dict", "load_state_dict")
+         "on_train_end")  # what the run calls; state_dict and load_state_dict are for its checkpoints
 
 
 def stop(run, reason: str) -> None:
@@ -70,16 +71,21 @@ class DivergenceGuard(Callback):
     """If an epoch's training loss is NaN or infinite, the weights and optimizer state of the last finished
     epoch (or of the run's start) are put back and the run stops (``stop_reason == "diverged"``).
 
-    It keeps host copies of that state. A checkpoint written at an epoch's end needs none of them (they are
-    the run's own state then); one written mid-epoch carries them, so a resumed run falls back to the same.
+    It keeps copies of that state on the network's device (a GPU run copies no weights to the host for it).
+    A checkpoint written at an epoch's end needs none of them (they are the run's own state then); one
+    written mid-epoch carries them, so a resumed run falls back to the same.
     """
 
     def __init__(self):
         self.last_good, self._mid_epoch = None, False
 
+    @staticmethod
+    def _snapshot(run):
+        return run.net.state_dict(host=False), run.optimizer.state_dict(host=False)
+
     def on_train_begin(self, run):
         if self.last_good is None:
-            self.last_good = (run.net.state_dict(), run.optimizer.state_dict())
+            self.last_good = self._snapshot(run)
 
     def on_epoch_begin(self, run, epoch):
         self._mid_epoch = True
@@ -87,7 +93,7 @@ class DivergenceGuard(Callback):
     def on_epoch_end(self, run, record):
         self._mid_epoch = False
         if _finite(record["loss"]):
-            self.last_good = (run.net.state_dict(), run.optimizer.state_dict())
+            self.last_good = self._snapshot(run)
             return
         run.net.load_state_dict(self.last_good[0])
         run.optimizer.load_state_dict(self.last_good[1])
@@ -98,9 +104,10 @@ class DivergenceGuard(Callback):
         if not self._mid_epoch:
             return {"mid_epoch": False}
         weights, opt = self.last_good
-        opt_arrays = opt.get("arrays", {})
+        opt_arrays = {k: [to_numpy(a) for a in v] for k, v in opt.get("arrays", {}).items()}
         return {"mid_epoch": True, "names": list(weights), "optimizer": {k: v for k, v in opt.items() if k != "arrays"},
-                "arrays": {"weights": list(weights.values()), **{f"optimizer.{k}": v for k, v in opt_arrays.items()}}}
+                "arrays": {"weights": [to_numpy(w) for w in weights.values()],
+                           **{f"optimizer.{k}": v for k, v in opt_arrays.items()}}}
 
     def load_state_dict(self, state: dict) -> None:
         self._mid_epoch = state["mid_epoch"]

@@ -22,9 +22,9 @@ from . import __version__, backend, explain, explain_inputs, explain_render, fas
 from .backend import DeviceError
 from .callbacks import epoch_line
 from .batches import Pixels
-from .data import DataError, default_data_dir
+from .data import DataError, default_data_dir, load_arrays, load_rows
 from .images import image_size, load_image_file, load_images
-from .layers import ACTIVATIONS, INITIALIZERS
+from .layers import ACTIVATIONS, INITIALIZERS, Standardize
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .metrics import format_report
 from .network import load
@@ -73,7 +73,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The command line; ``preset`` (a name in :data:`gpunet.recipe.PRESETS`) sets train's defaults to it."""
     p = Parser(prog="gpunet", description="Train and use feed-forward networks on MNIST, on a GPU or the CPU.")
     p.add_argument("--version", action="version", version=f"gpunet {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an MLP on MNIST (or any dataset in MNIST's file format)")
     t.add_argument("--data-dir", help="folder holding the four MNIST files (default: $GPUNET_DATA, else ~/.cache/gpunet/mnist)")
     t.add_argument("--download", action="store_true", help="download missing files into --data-dir (the default cache folder downloads anyway)")
+    t.add_argument("--data", metavar="FILE", help="a data set of your own instead of --data-dir: FILE.npz (x_train, y_train, optionally x_test, y_test) or FILE.csv (a header row; --label-column holds the class)")
+    t.add_argument("--label-column", default="label", metavar="NAME", help="the CSV column of the class labels 0..C-1 (default: label)")
+    t.add_argument("--scale", choices=("standard", "minmax", "none"), default="standard", help="how --data features are scaled, from the training rows; the model file keeps it (default: standard: mean 0, std 1)")
     t.add_argument("--hidden", type=positive_int, nargs="*", default=[512, 512], metavar="N", help="hidden layer sizes (default: 512 512)")
     t.add_argument("--activation", nargs="+", choices=sorted(ACTIVATIONS), default=["relu"], help="one activation, or one per hidden layer (default: relu)")
     t.add_argument("--epochs", type=positive_int, default=20, help="maximum number of epochs (default: 20)")
@@ -111,12 +115,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.npz (same flags; --epochs may be raised)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="N", help="write checkpoint.npz every N epochs (default: 1; an interrupt always writes one)")
+    t.add_argument("--preset", choices=tuple(recipe.PRESETS), default=None, help="a whole measured recipe: best = 784-1024-1024-10 with distortions, 30 epochs (README: Augmentation); flags given too win")
+    t.add_argument("--augment", action="store_true", help="distort every training image afresh each epoch: random affine + elastic (the --aug-* flags)")
+    t.add_argument("--aug-rotation", type=non_negative_float, default=12.0, metavar="DEG", help="--augment: rotation uniform in [-DEG, DEG] degrees (default: 12)")
+    t.add_argument("--aug-scale", type=unit_interval, default=0.12, metavar="S", help="--augment: scale factor uniform in [1-S, 1+S] (default: 0.12)")
+    t.add_argument("--aug-shear", type=non_negative_float, default=0.0, metavar="DEG", help="--augment: shear uniform in [-DEG, DEG] degrees (default: 0)")
+    t.add_argument("--aug-shift", type=non_negative_float, default=2.5, metavar="PX", help="--augment: shift uniform in [-PX, PX] pixels per axis (default: 2.5)")
+    t.add_argument("--aug-sigma", type=positive_float, default=4.0, help="--augment: elastic field's Gaussian smoothing, in pixels (default: 4)")
+    t.add_argument("--aug-alpha", type=non_negative_float, default=34.0, help="--augment: elastic field's strength, in pixels; 0 = affine only (default: 34)")
+    if preset is not None:
+        t.set_defaults(**recipe.PRESETS[preset], preset=preset)
 
     e = sub.add_parser("evaluate", help="accuracy, per-class table and confusion matrix of a model on the test set")
     e.add_argument("model", help="model file written by gpunet train")
     e.add_argument("--data-dir", help="folder holding the MNIST files (default: $GPUNET_DATA, else the cache)")
     e.add_argument("--device", default=None, help="cpu, gpu or auto")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--data", metavar="FILE", help="a data file of your own (.npz: its x_test, y_test; .csv: every row) instead of --data-dir")
+    e.add_argument("--label-column", default="label", metavar="NAME", help="the CSV column of the class labels (default: label)")
 
     r = sub.add_parser("predict", help="predict the digit in image files (PNG/JPEG, any size) or .npy arrays")
     r.add_argument("model", help="model file written by gpunet train")
@@ -124,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="cpu, gpu or auto")
     r.add_argument("--json", action="store_true", help="print JSON (with each file's warnings)")
     r.add_argument("--save-inputs", metavar="DIR", help="write each input the model saw as a PNG into DIR")
+    r.add_argument("--label-column", default="label", metavar="NAME", help="for a model trained with --data: the CSV column left out of the features (default: label)")
 
     v = sub.add_parser("serve", help="serve a draw-a-digit page and a JSON API for a model")
     v.add_argument("model", help="model file written by gpunet train")
@@ -268,10 +285,19 @@ def _load_model(path, device):
 
 def cmd_evaluate(args):
     net = _load_model(args.model, args.device)
-    _, (x_test, y_test) = load_data(args.data_dir)
+    if args.data is not None and args.data_dir is not None:
+        raise UserError(f"--data: a file of your own replaces the MNIST folder, got --data {args.data} and --data-dir")
+    if args.data is not None:  # features as they are: a --data model scales them itself
+        train_set, test = load_arrays(args.data, args.label_column)
+        if test is None and not args.data.lower().endswith(".csv"):
+            raise UserError(f"--data: {args.data} holds no test set (x_test, y_test) to evaluate on")
+        x_test, y_test = test or train_set
+    else:
+        _, (x_test, y_test) = load_data(args.data_dir)
+        x_test = Pixels(x_test)
     if x_test.shape[1] != net.in_features:
         raise UserError(f"{args.model}: the model expects {net.in_features} inputs, the data have {x_test.shape[1]}")
-    rep = evaluate(net, SoftmaxCrossEntropy(), Pixels(x_test), y_test, metrics=True)
+    rep = evaluate(net, SoftmaxCrossEntropy(), x_test, y_test, metrics=True)
     if args.json:
         print(json.dumps(rep, indent=2))
     else:
@@ -283,10 +309,14 @@ def cmd_evaluate(args):
 def cmd_predict(args):
     net = _load_model(args.model, args.device)
     size = image_size(net.in_features)  # from the model file: a model trained on other IDX sizes works too
+    if isinstance(net.layers[0], Standardize):  # a --data model: feature rows, read as they are
+        read = lambda f: (load_rows(f, net.in_features, args.label_column), [])  # noqa: E731
+    else:
+        read = lambda f: load_image_file(f, size)  # noqa: E731
     names, batches, notes, rows = [], [], [], []
     for f in args.files:  # a file that cannot be read is named; the others are still predicted
         try:
-            x, warnings = load_image_file(f, size)
+            x, warnings = read(f)
         except (DataError, OSError, ValueError) as exc:
             message = " ".join(str(exc).split()) or type(exc).__name__
             rows.append({"file": f, "error": message if f in message else f"{f}: {message}"})
@@ -351,8 +381,11 @@ def cmd_export(args):
 
     net = _load_model(args.model, "cpu")
     rows, cols = image_size(net.in_features)
-    inputs = args.inputs or (f"pixel / 255: float32 in [0, 1], a {rows}x{cols} grey image row by row, white "
-                             f"digit on black as in MNIST" if rows > 1 else None)
+    if args.inputs or isinstance(net.layers[0], Standardize):  # a model that scales its own features
+        inputs = args.inputs or "the features as they are: the model's first layer scales them"
+    else:
+        inputs = (f"pixel / 255: float32 in [0, 1], a {rows}x{cols} grey image row by row, white digit on black "
+                  f"as in MNIST" if rows > 1 else None)
     try:
         model = to_onnx(net, args.out, task=args.task, inputs=inputs)
     except ImportError as exc:
@@ -502,6 +535,8 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "preset", None) is not None:  # parsed again with the preset's defaults under the flags
+        args = build_parser(args.preset).parse_args(argv)
     args.argv = argv
     where = f" (rank {parallel.launched_rank()})" if parallel.launched_size() > 1 else ""
     try:

@@ -2,12 +2,14 @@
 loading them, and splitting off a validation set.
 
 Any folder holding the four MNIST file names (raw or .gz) loads the same way, so Fashion-MNIST and the
-like work unchanged. The file format itself is :mod:`gpunet.idx`. Imports only NumPy, the standard library
-and gpunet's IDX and files modules (Pillow lazily). Data problems raise DataError.
-Pictures for prediction (image files) are in :mod:`gpunet.images`.
+like work unchanged. The file format itself is :mod:`gpunet.idx`, the one gpunet module imported here
+(beside NumPy and the standard library). Data problems raise DataError. Pictures for prediction (image
+files) are in :mod:`gpunet.images`. Data sets of one's own, as ``.npz`` or CSV files (``gpunet train
+--data``), are read by :func:`load_arrays`.
 """
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import http.client
@@ -153,3 +155,119 @@ def split_validation(x, y, val_size, *, seed=None):
     order = np.random.default_rng(seed).permutation(n)
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     return (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx])
+
+
+# ------------------------------------------------------------------------------------- your own files
+def load_arrays(path, label_column: str = "label"):
+    """A data set of one's own: ``((x_train, y_train), (x_test, y_test) or None)``, x float64 (N, features),
+    y int64 (N,) class labels.
+
+    ``.npz``: arrays ``x_train`` (N, features) and ``y_train`` (N,), optionally ``x_test`` and ``y_test``.
+    ``.csv``: a header row naming the columns, then one example per row; ``label_column`` holds the class,
+    every other column a feature (no test set). Problems raise DataError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return _npz_arrays(path)
+    if suffix == ".csv":
+        return (_csv_arrays(path, label_column), None)
+    raise DataError(f"{path}: expected a .npz or .csv file, got {suffix or 'no suffix'}")
+
+
+def _xy(path: Path, x, y, names: str):
+    """``x`` as float64 (N, features) and ``y`` as int64 class labels (N,), checked."""
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or not len(x):
+        raise DataError(f"{path}: expected {names} shaped (N, features) and (N,) with N > 0, got "
+                        f"{x.shape} and {y.shape}")
+    if x.dtype.kind not in "biuf" or not np.isfinite(x.astype(np.float64)).all():
+        raise DataError(f"{path}: expected finite real features, got {x.dtype} values that are not")
+    if y.dtype.kind not in "biu" and not (y.dtype.kind == "f" and np.array_equal(y, np.round(y))):
+        shown = ", ".join(map(repr, np.unique(y)[:4].tolist()))
+        raise DataError(f"{path}: expected integer class labels 0..C-1, got {y.dtype} values ({shown}, ...); "
+                        f"number the classes first")
+    y = y.astype(np.int64)
+    if y.min() < 0:
+        raise DataError(f"{path}: expected class labels 0..C-1, got {int(y.min())}")
+    return x.astype(np.float64), y
+
+
+def _npz_arrays(path: Path):
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as exc:  # zip and npy errors of a damaged or foreign file
+        raise DataError(f"{path}: cannot read the .npz file ({type(exc).__name__}: {exc})") from None
+    missing = [k for k in ("x_train", "y_train") if k not in arrays]
+    if missing or (("x_test" in arrays) != ("y_test" in arrays)):
+        raise DataError(f"{path}: expected arrays x_train, y_train and optionally x_test with y_test, "
+                        f"got {sorted(arrays)}")
+    train = _xy(path, arrays["x_train"], arrays["y_train"], "x_train and y_train")
+    test = _xy(path, arrays["x_test"], arrays["y_test"], "x_test and y_test") if "x_test" in arrays else None
+    if test is not None and test[0].shape[1] != train[0].shape[1]:
+        raise DataError(f"{path}: expected x_test with {train[0].shape[1]} features like x_train, "
+                        f"got {test[0].shape[1]}")
+    return train, test
+
+
+def _csv_arrays(path: Path, label_column: str):
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if len(rows) < 2:
+        raise DataError(f"{path}: expected a header row and at least one example, got {len(rows)} rows")
+    header = [h.strip() for h in rows[0]]
+    if label_column not in header:
+        raise DataError(f"{path}: no column named {label_column!r} for the labels (--label-column); the "
+                        f"columns are {header}")
+    at = header.index(label_column)
+    values = np.empty((len(rows) - 1, len(header)), dtype=np.float64)
+    for i, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path}: line {i}: expected {len(header)} values like the header, got {len(row)}")
+        for j, cell in enumerate(row):
+            try:
+                values[i - 2, j] = float(cell)
+            except ValueError:
+                raise DataError(f"{path}: line {i}, column {header[j]!r}: expected a number, got "
+                                f"{cell!r}") from None
+    x = np.delete(values, at, axis=1)
+    return _xy(path, x, values[:, at], f"features and column {label_column!r}")
+
+
+def load_rows(path, features: int, label_column: str = "label"):
+    """Feature rows to predict from, as they are (float64 (N, features)): a ``.npy`` array (N, features) or
+    (features,), or a CSV file with a header row (its ``label_column``, if there, is left out)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    if path.suffix.lower() == ".csv":
+        x, _ = _csv_arrays(path, label_column) if _has_column(path, label_column) else _csv_features(path)
+    elif path.suffix.lower() == ".npy":
+        try:
+            x = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise DataError(f"{path}: cannot read .npy file ({exc})") from None
+        x = x.reshape(1, -1) if x.ndim == 1 else x
+    else:
+        raise DataError(f"{path}: expected .npy or .csv rows of {features} features, got {path.suffix or 'no suffix'}")
+    if x.ndim != 2 or x.shape[1] != features or x.dtype.kind not in "biuf":
+        raise DataError(f"{path}: expected rows of {features} numbers (the model's inputs), got {x.dtype} {x.shape}")
+    return x.astype(np.float64)
+
+
+def _has_column(path: Path, name: str) -> bool:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return name in [h.strip() for h in next(csv.reader(f), [])]
+
+
+def _csv_features(path: Path):
+    """A CSV file of features only (a header row, then one example per row): ``(x, None)``."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))[1:]
+    try:
+        x = np.array([[float(c) for c in r] for r in rows], dtype=np.float64)
+    except ValueError as exc:  # a word among the numbers, or rows of different lengths
+        raise DataError(f"{path}: expected rows of numbers after the header row ({exc})") from None
+    return x, None

@@ -56,8 +56,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import device_of, get_array_module, to_device, to_numpy
+from .backend import device_of, get_array_module, on_device_of_net, to_device, to_numpy
 from .files import strict
+from .inputs import features
 from .layers import BatchNorm, Dropout, Linear, ReLU, Sigmoid, Softmax, Tanh
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .optimizers import Optimizer
@@ -71,6 +72,7 @@ def _host(a):
     return to_numpy(a).copy()
 
 
+@on_device_of_net
 def explain_step(net, loss, optimizer, x, y) -> dict:
     """Run one training step of ``net`` on ``(x, y)`` and return every quantity (see the module docstring).
 
@@ -140,10 +142,12 @@ def _last_stage(layers):
 
 def _prepare(x, y, dtype, device, inputs):
     """x as (N, inputs) and the target as the loss wants it, both in ``dtype`` on ``device``."""
-    x = np.array(to_numpy(x), dtype=dtype)
-    if x.ndim == 1:
-        x = x.reshape(1, -1)
-    if x.ndim != 2 or x.shape[1] != inputs:
+    try:
+        host = to_numpy(x)
+    except ValueError:  # ragged rows: the front door names them
+        host = x
+    x = features(host.reshape(1, -1) if getattr(host, "ndim", 2) == 1 else host, dtype, "cpu")  # gpunet.inputs
+    if x.shape[1] != inputs:
         raise ValueError(f"x: expected shape (N, {inputs}) or ({inputs},), got {x.shape}")
     t = to_numpy(y)
     if t.dtype.kind in "iub":

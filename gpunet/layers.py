@@ -386,7 +386,44 @@ class BatchNorm(Layer):
         return (scale * t(1.0 / n)) * (t(n) * dy - self.beta.grad - xhat * self.gamma.grad)
 
 
-LAYERS = {cls.__name__: cls for cls in (Linear, ReLU, Sigmoid, Tanh, Softmax, Dropout, BatchNorm)}
+class Standardize(Layer):
+    """Fixed feature scaling ``y = (x - shift) / scale``; ``dx = dy / scale``. ``shift`` and ``scale``
+    (features,) are numbers, not parameters: the statistics of the training set (its mean and standard
+    deviation, or its minimum and range), which ``gpunet train --data`` puts first in the model it saves,
+    so that whoever loads it feeds the features as they are. A scale of 0 (a constant feature) counts as 1."""
+
+    def __init__(self, shift, scale):
+        shift, scale = np.asarray(shift, dtype=np.float64), np.asarray(scale, dtype=np.float64)
+        if shift.ndim != 1 or shift.shape != scale.shape or not len(shift):
+            raise ValueError(f"shift, scale: expected two lists of one number per feature, got shapes "
+                             f"{shift.shape} and {scale.shape}")
+        if not (np.isfinite(shift).all() and np.isfinite(scale).all() and (scale >= 0).all()):
+            raise ValueError("shift, scale: expected finite numbers and scales >= 0")
+        self.shift, self.scale = shift, np.where(scale > 0, scale, 1.0)
+        self._cast = {}  # (array module, dtype) -> (shift, 1 / scale) there: cast and moved once
+
+    def config(self):
+        return {"type": "Standardize", "shift": self.shift.tolist(), "scale": self.scale.tolist()}
+
+    def _constants(self, x):
+        key = (get_array_module(x).__name__, x.dtype.str)
+        if key not in self._cast:
+            self._cast[key] = tuple(to_device(a.astype(x.dtype), device_of(x)) for a in (self.shift, 1 / self.scale))
+        return self._cast[key]
+
+    def forward(self, x):
+        check_float_input(x)
+        if x.ndim != 2 or x.shape[1] != len(self.shift):
+            raise ValueError(f"x: expected shape (batch, {len(self.shift)}) for Standardize, got {tuple(x.shape)}")
+        shift, inverse = self._constants(x)
+        self._inverse = inverse
+        return (x - shift) * inverse
+
+    def backward(self, dy):
+        return dy * self._inverse
+
+
+LAYERS = {cls.__name__: cls for cls in (Linear, ReLU, Sigmoid, Tanh, Softmax, Dropout, BatchNorm, Standardize)}
 BUILT_IN = frozenset(LAYERS)
 
 

@@ -135,11 +135,12 @@ class Sequential(Layer):
             setattr(layer, name, to_device(getattr(layer, name), dev))
         return self
 
-    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+    def state_dict(self, host: bool = True) -> "OrderedDict[str, np.ndarray]":
         """Host (NumPy) copies of every parameter, in the order of ``parameters()``, then of every buffer
-        (``"1.running_mean"``, ...)."""
-        state = OrderedDict((name, to_numpy(p.data).copy()) for name, p in self.named_parameters())
-        state.update((key, to_numpy(getattr(layer, name)).copy()) for key, layer, name in self.named_buffers())
+        (``"1.running_mean"``, ...); with ``host=False`` copies on the network's own device."""
+        copy = (lambda a: to_numpy(a).copy()) if host else (lambda a: a.copy())
+        state = OrderedDict((name, copy(p.data)) for name, p in self.named_parameters())
+        state.update((key, copy(getattr(layer, name))) for key, layer, name in self.named_buffers())
         return state
 
     def load_state_dict(self, state: dict) -> None:

@@ -8,9 +8,10 @@ the softmax of the network's output exactly as :func:`gpunet.training.predict_pr
 ``label`` int64 [batch], its argmax (what ``gpunet predict`` shows). A regressor has one, ``output``.
 
 Layer by layer: Linear is ``Gemm`` (W is stored (in, out), as gpunet holds it), the activations and
-Softmax their ONNX operators, Dropout the identity (what it is in eval mode), BatchNorm ``BatchNormalization``
-with its running statistics (its eval form). The inputs are the values the network was fed: for an MNIST
-model that is ``pixel / 255`` in [0, 1], which the model's metadata (``inputs``) says. Weights come to the
+Softmax their ONNX operators, Dropout the identity (what it is in eval mode), BatchNorm
+``BatchNormalization`` with its running statistics (its eval form), Standardize ``Sub`` then ``Mul`` (by
+1 / scale, as it computes). The inputs are the values the network was fed: for an MNIST model that is
+``pixel / 255`` in [0, 1], which the model's metadata (``inputs``) says. Weights come to the
 host first, so a model trained on a GPU exports the same; they are written as float32 whatever the
 network's dtype (ONNX's input here is float32).
 """
@@ -30,7 +31,7 @@ IR_VERSION = 8
 TASKS = ("classifier", "regressor")
 INPUT, PROBABILITIES, LABEL, OUTPUT = "input", "probabilities", "label", "output"
 ACTIVATION_OPS = {layers.ReLU: "Relu", layers.Sigmoid: "Sigmoid", layers.Tanh: "Tanh"}
-EXPORTABLE = ("Linear", "ReLU", "Sigmoid", "Tanh", "Softmax", "Dropout", "BatchNorm")
+EXPORTABLE = ("Linear", "ReLU", "Sigmoid", "Tanh", "Softmax", "Dropout", "BatchNorm", "Standardize")
 
 
 def require_onnx():
@@ -66,6 +67,11 @@ def layer_nodes(onnx, layer, index: int, x: str, y: str):
                  for part in ("gamma", "beta", "running_mean", "running_var")]
         return [make("BatchNormalization", [x] + [t.name for t in inits], [y], name=name,
                      epsilon=float(layer.eps))], inits
+    if isinstance(layer, layers.Standardize):  # as its forward computes it: (x - shift) * (1 / scale), in float32
+        shift = _float32(onnx, f"{name}.shift", layer.shift.astype(np.float32))
+        inverse = _float32(onnx, f"{name}.inverse_scale", (1 / layer.scale).astype(np.float32))
+        return [make("Sub", [x, shift.name], [f"{name}.centred"], name=f"{name}.sub"),
+                make("Mul", [f"{name}.centred", inverse.name], [y], name=name)], [shift, inverse]
     raise ValueError(f"layers[{index}]: expected a layer ONNX export knows ({', '.join(EXPORTABLE)}), "
                      f"got {type(layer).__name__}")
 

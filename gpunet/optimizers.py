@@ -32,6 +32,12 @@ def _check_number(name, value, low, high=math.inf, low_open=False):
 
 
 class Optimizer:
+    """The rules' common part: the parameters, ``lr``, L2 ``weight_decay`` and the state dict."""
+
+    # what a subclass names for state_dict: its scalars (options, step count) and its per-parameter arrays
+    scalars: tuple = ()
+    slots: tuple = ()
+
     def __init__(self, params, lr: float, weight_decay: float = 0.0):
         params = list(params)
         if not params:
@@ -62,20 +68,18 @@ class Optimizer:
     def step(self):
         raise NotImplementedError
 
-    # what a subclass names for state_dict: its scalars (options, step count) and its per-parameter arrays
-    scalars: tuple = ()
-    slots: tuple = ()
-
     def _zeros(self) -> list:
         """One zero array beside each parameter (same shape, dtype and device)."""
         return [get_array_module(p.data).zeros_like(p.data) for p in self.params]
 
-    def state_dict(self) -> dict:
+    def state_dict(self, host: bool = True) -> dict:
         """What a resumed run needs: ``kind``, ``lr``, ``weight_decay``, the rule's other scalars, and
-        ``arrays``: slot name -> host copies of its arrays, one per parameter (``{"velocities": [...]}``)."""
+        ``arrays``: slot name -> host copies of its arrays, one per parameter (``{"velocities": [...]}``);
+        with ``host=False`` copies on the arrays' own device (a GPU snapshot costs no transfer)."""
+        copy = (lambda a: to_numpy(a).copy()) if host else (lambda a: a.copy())
         state = {"kind": self.kind, "lr": self.lr, "weight_decay": self.weight_decay}
         state.update({name: getattr(self, name) for name in self.scalars})
-        state["arrays"] = {name: [to_numpy(a).copy() for a in getattr(self, name)] for name in self.slots}
+        state["arrays"] = {name: [copy(a) for a in getattr(self, name)] for name in self.slots}
         return state
 
     def load_state_dict(self, state: dict) -> None:

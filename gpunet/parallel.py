@@ -141,6 +141,7 @@ class GradientSum:
         self.comm, self.params = comm, list(params)
         xp, dtype = get_array_module(self.params[0].data), self.params[0].data.dtype
         self.flat = xp.empty(sum(int(p.data.size) for p in self.params) + 1, dtype=dtype)
+        self._flags = _LateFlags(self.flat) if xp is not np else None
 
     def __call__(self, rows: int, batch_rows: int, stop: bool) -> bool:
         """Sum the gradients in place; True when any rank asked to stop after this step."""
@@ -160,4 +161,37 @@ class GradientSum:
             n = int(p.grad.size)
             p.grad[...] = self.flat[start:start + n].reshape(p.grad.shape)
             start += n
+        if self._flags is not None:  # on a GPU: the previous step's flag, read without waiting for this one
+            return self._flags.swap()
         return bool(self.flat[-1] > 0)
+
+
+class _LateFlags:
+    """The stop flag of a GPU all-reduce, read one step late: reading this step's flag at once would make
+    the host wait for the all-reduce every step. Each step's flag is copied to pinned host memory
+    asynchronously; ``swap()`` starts that copy and answers with the previous step's flag, whose copy has
+    long finished. Every rank answers the same at the same step, so all still stop together (one step
+    after the one the signal came in)."""
+
+    def __init__(self, flat):
+        import cupy
+
+        self.flat, self.cupy = flat, cupy
+        self.host = []
+        for _ in range(2):  # two buffers: one being written by the GPU while the other is read
+            memory = cupy.cuda.alloc_pinned_memory(flat.dtype.itemsize)
+            self.host.append(np.frombuffer(memory, flat.dtype, 1))
+        self.pending, self.turn = None, 0
+
+    def swap(self) -> bool:
+        answer = False
+        if self.pending is not None:
+            event, host = self.pending
+            event.synchronize()
+            answer = bool(host[0] > 0)
+        host, self.turn = self.host[self.turn], 1 - self.turn
+        self.flat[-1:].get(out=host, blocking=False)
+        event = self.cupy.cuda.Event()
+        event.record()
+        self.pending = (event, host)
+        return answer

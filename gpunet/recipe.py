@@ -1,4 +1,5 @@
-"""The training run behind ``gpunet train``: MNIST (or any IDX dataset) in, model, metrics and pictures out.
+"""The training run behind ``gpunet train``: MNIST (or any IDX dataset, or a ``.npz``/CSV file of one's own)
+in, model, metrics and pictures out.
 
 ``train(config, out)`` does the work: load the data (as bytes, read as float32 batch by batch), hold out
 a validation set, build the MLP and its optimizer and schedule, ``fit``, evaluate on the test set, and write
@@ -19,10 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, backend, checkpoint, fast, files, parallel, plots
+from .augment import Augment
 from .batches import Pixels
-from .data import DataError, load_mnist, split_validation
+from .data import DataError, load_arrays, load_mnist, split_validation
+from .layers import Standardize
 from .losses import SoftmaxCrossEntropy
-from .network import mlp
+from .network import Sequential, mlp
 from .optimizers import SGD, Adam, AdamW, Momentum, RMSprop
 from .schedules import make_schedule
 from .training import evaluate, fit, predict
@@ -84,6 +87,17 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     plots: bool = True
+    data: str | None = None  # a .npz or CSV file of one's own, instead of the IDX folder
+    label_column: str = "label"
+    scale: str = "standard"
+    preset: str | None = None
+    augment: bool = False
+    aug_rotation: float = 12.0
+    aug_scale: float = 0.12
+    aug_shear: float = 0.0
+    aug_shift: float = 2.5
+    aug_sigma: float = 4.0
+    aug_alpha: float = 34.0
 
     def __post_init__(self):
         for name, value in OPTIMIZER_SETTINGS.get(self.optimizer, {}).items():
@@ -122,6 +136,31 @@ def load_data(data_dir=None, download=False):
     return load_mnist(folder, download=download or not explicit, dtype=np.uint8)
 
 
+# ``gpunet train --preset NAME``: defaults for a whole recipe (flags given explicitly still win). "best" was
+# chosen on the validation split (README.md, "Augmentation and the best preset", lists what was tried).
+PRESETS = {
+    "best": {"hidden": [1024, 1024], "dropout": 0.1, "epochs": 30, "batch_size": 128, "optimizer": "momentum",
+             "lr": 0.05, "momentum": 0.9, "schedule": "cosine", "augment": True, "aug_rotation": 12.0,
+             "aug_scale": 0.12, "aug_shear": 0.0, "aug_shift": 2.5, "aug_sigma": 4.0, "aug_alpha": 34.0},
+}
+
+
+def augmentation(config: TrainConfig, features: int = 784):
+    """The :class:`gpunet.augment.Augment` that ``config`` asks for (None without ``--augment``), for square
+    images of ``features`` pixels, seeded by ``--seed``."""
+    if not config.augment:
+        return None
+    side = int(round(features ** 0.5))
+    if side * side != features:
+        raise ConfigError(f"--augment: expected square images (a square number of features), got {features} features")
+    try:
+        return Augment(rotation=config.aug_rotation, scale=config.aug_scale, shear=config.aug_shear,
+                       shift=config.aug_shift, sigma=config.aug_sigma, alpha=config.aug_alpha,
+                       shape=(side, side), seed=config.seed)
+    except ValueError as exc:  # Augment names its argument: rotation, scale, ... are --aug-rotation, ...
+        raise ConfigError(f"--aug-{exc}") from None
+
+
 def check(config: TrainConfig) -> None:
     """Refuse settings that cannot work together, before any data is read."""
     if len(config.activation) not in (1, len(config.hidden)):
@@ -141,7 +180,30 @@ def check(config: TrainConfig) -> None:
         raise ConfigError("--nesterov: needs --momentum > 0, got --momentum 0")
     if config.patience and not config.val_size:
         raise ConfigError("--patience: needs a validation set, but --val-size is 0")
+    if config.scale not in SCALES:
+        raise ConfigError(f"--scale: expected one of {', '.join(SCALES)}, got {config.scale!r}")
+    if config.data is not None and (config.data_dir is not None or config.download):
+        raise ConfigError(f"--data: a file of your own replaces the MNIST folder, got --data {config.data} "
+                          f"together with {'--data-dir' if config.data_dir is not None else '--download'}")
+    if config.data is not None and not Path(config.data).is_file():
+        raise DataError(f"data file not found: {config.data}")
+    if config.preset is not None and config.preset not in PRESETS:
+        raise ConfigError(f"--preset: expected one of {', '.join(PRESETS)}, got {config.preset!r}")
+    augmentation(config)
     data_folder(config.data_dir, config.download)
+
+
+SCALES = ("standard", "minmax", "none")  # --scale: the features of a --data file
+
+
+def scaling(name: str, x) -> Standardize | None:
+    """The fixed scaling ``name`` asks for, from the training features ``x`` (N, F): "standard" (mean 0,
+    standard deviation 1 per feature), "minmax" (into [0, 1]) or "none" (None)."""
+    if name == "none":
+        return None
+    if name == "standard":
+        return Standardize(x.mean(axis=0), x.std(axis=0))
+    return Standardize(x.min(axis=0), x.max(axis=0) - x.min(axis=0))
 
 
 def build(config: TrainConfig, in_features: int, classes: int, device: str):
@@ -196,6 +258,8 @@ def check_out_folder(out: Path, config: TrainConfig, resume: bool, overwrite: bo
         if not isinstance(saved, dict):
             raise checkpoint.CheckpointError(f"{ckpt} was not written by gpunet train (no run settings in it)")
         given = asdict(config)
+        # a setting the checkpoint's gpunet did not have yet (--optimizer, --batch-norm, ...) had its default
+        saved = asdict(TrainConfig(**{k: v for k, v in saved.items() if k in given}))
         for key in given:
             if key not in MAY_CHANGE_ON_RESUME and saved.get(key) != given[key]:
                 flag = "--" + key.replace("_", "-")
@@ -234,13 +298,8 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     is raised after the checkpoint is written). A diverged run returns with ``stop_reason == "diverged"``.
     """
     check(config)
-    comm = parallel.world()  # under mpiexec: this process's place among the ranks
+    comm = _join_ranks(config, out, resume, overwrite)
     lead = comm is None or comm.rank == 0  # rank 0 alone prints, draws and writes
-    if comm is not None:
-        comm.same_everywhere("the training settings", {**asdict(config), "resume": resume, "overwrite": overwrite,
-                                                        "out": str(Path(out).resolve())})
-        if backend.normalize_device(config.device) != "cpu":
-            comm.use_local_gpu()  # before resolve_device's probe touches a GPU
     log = log if lead else (lambda line: None)
     device = backend.resolve_device(config.device)
     out = Path(out)
@@ -248,8 +307,64 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     ckpt = out / CHECKPOINT
     meta = check_out_folder(out, config, resume, overwrite, lead)
     started = time.perf_counter()
-    (x_train, y_train), (x_test, y_test) = load_data(config.data_dir, config.download)
-    data = fingerprint(x_train, y_train, x_test)
+    (x_tr, y_tr), (x_val, y_val), (x_test, y_test), data, scaled = _load(config, out, meta, comm, log)
+    classes = int(max(y_tr.max(), y_val.max() if len(y_val) else 0, y_test.max())) + 1
+    net, opt, schedule = build(config, x_tr.shape[1], classes, device)
+    loss = SoftmaxCrossEntropy()
+    why_not = fast.why_not(net, loss, opt, y_tr)  # a BatchNorm network or RMSprop runs the core's step
+    info = backend.describe_device(device)
+    log(_start_line(config, device, info, [x_tr.shape[1], *config.hidden, classes],
+                    (len(x_tr), len(x_val), len(x_test)), meta, comm, why_not))
+    try:
+        history = fit(net, loss, opt, x_tr, y_tr, epochs=config.epochs, batch_size=config.batch_size,
+                      validation=(x_val, y_val) if len(x_val) else None, seed=config.seed,
+                      target_loss=config.target_loss, patience=config.patience, schedule=schedule,
+                      callback=on_epoch, on_batch=on_batch, checkpoint_path=ckpt, resume=meta is not None,
+                      checkpoint_every=checkpoint_every, interrupt=interrupt,
+                      run_info={"config": asdict(config), "data": data}, comm=comm,
+                      augment=augmentation(config, x_tr.shape[1]))
+    except Exception as exc:
+        # MemoryError, or CuPy's OutOfMemoryError (tested by name: CuPy may not be installed)
+        if not isinstance(exc, MemoryError) and type(exc).__name__ != "OutOfMemoryError":
+            raise
+        raise _out_of_memory(exc, config, ckpt) from exc
+    test = evaluate(net, loss, x_test, y_test, metrics=True, comm=comm)
+    result = _metrics(config, device, info, why_not, history, test, ckpt, time.perf_counter() - started)
+    if lead:  # a --data model takes the features as they are: its scaling goes first
+        model = net if scaled is None else Sequential(scaled, *net.layers)
+        model.classifies = True
+        model.save(result["model"])
+    result["pictures"] = _pictures(config, lead, log, out, history, test, net, x_test, y_test)
+    if comm is not None:
+        result["processes"] = comm.size
+    if lead:
+        write_json(out / "metrics.json", result)
+    _last_lines(log, result, out)
+    return result
+
+
+def _join_ranks(config: TrainConfig, out, resume: bool, overwrite: bool):
+    """Under mpiexec, this process's :class:`parallel.Comm` once every rank has the same settings (and its
+    own GPU); None for a single process."""
+    comm = parallel.world()
+    if comm is not None:
+        comm.same_everywhere("the training settings", {**asdict(config), "resume": resume, "overwrite": overwrite,
+                                                        "out": str(Path(out).resolve())})
+        if backend.normalize_device(config.device) != "cpu":
+            comm.use_local_gpu()  # before resolve_device's probe touches a GPU
+    return comm
+
+
+def _load(config: TrainConfig, out: Path, meta, comm, log=print):
+    """``(train, validation, test, fingerprint, scaling)``: each set ``(features, labels)`` (``Pixels`` for
+    IDX images; a --data file's features scaled by ``scaling``, a :class:`Standardize` or None), the data
+    checked to be the checkpoint's (when resuming) and every rank's. A --data file without a test set is
+    tested on the validation set."""
+    if config.data is not None:
+        (x_train, y_train), test = load_arrays(config.data, config.label_column)
+    else:
+        (x_train, y_train), test = load_data(config.data_dir, config.download)
+    data = fingerprint(x_train, y_train, x_train[:0] if test is None else test[0])
     if comm is not None:
         comm.same_everywhere("the data", data)
     if meta is not None and meta["run"].get("data") != data:
@@ -257,39 +372,33 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
                           f"({meta['run'].get('data')}), got {data}; resume with the same files")
     if config.val_size >= len(x_train):
         raise ConfigError(f"--val-size: expected fewer than {len(x_train)} (the training set), got {config.val_size}")
+    if test is None and not config.val_size:
+        raise ConfigError(f"--val-size: expected at least 1: {config.data} holds no test set, so the validation "
+                          f"set is the test set, got 0")
     (x_tr, y_tr), (x_val, y_val) = split_validation(x_train, y_train, config.val_size)
-    x_tr, x_val, x_test_px = Pixels(x_tr), Pixels(x_val), Pixels(x_test)
-    classes = int(max(y_train.max(), y_test.max())) + 1
-    net, opt, schedule = build(config, x_train.shape[1], classes, device)
-    loss = SoftmaxCrossEntropy()
-    info = backend.describe_device(device)
+    if config.data is None:
+        return (Pixels(x_tr), y_tr), (Pixels(x_val), y_val), (Pixels(test[0]), test[1]), data, None
+    if test is None:
+        log(f"note: {config.data} holds no test set (x_test, y_test): the test figures are the validation set's")
+        test = (x_val, y_val)
+    scaled = scaling(config.scale, x_tr)
+    sets = [(x, y) if scaled is None else ((x - scaled.shift) / scaled.scale, y)
+            for x, y in ((x_tr, y_tr), (x_val, y_val), test)]
+    return (*sets, data, scaled)
+
+
+def _start_line(config, device, info, sizes, counts, meta, comm, why_not) -> str:
     note = f" ({info['gpu_name']})" if device == "gpu" else (f" (GPU not used: {info['reason']})" if info["reason"] else "")
-    sizes = [x_train.shape[1], *config.hidden, classes]
     where = f"; resuming after epoch {meta['epoch']}, step {meta['step']}" if meta else ""
     where += f"; {comm.size} processes, each global batch split across them" if comm is not None else ""
-    why_not = fast.why_not(net, loss, opt, y_tr)  # a BatchNorm network or RMSprop runs the core's step
     where += f"; the core's step runs (no fused step: {why_not})" if why_not else ""
-    log(f"gpunet {__version__}: training {' -> '.join(map(str, sizes))} on {device}{note}; "
-        f"{len(x_tr)} train / {len(x_val)} validation / {len(x_test)} test examples{where}")
-    try:
-        history = fit(net, loss, opt, x_tr, y_tr, epochs=config.epochs, batch_size=config.batch_size,
-                      validation=(x_val, y_val) if len(x_val) else None, seed=config.seed,
-                      target_loss=config.target_loss, patience=config.patience, schedule=schedule,
-                      callback=on_epoch, on_batch=on_batch, checkpoint_path=ckpt, resume=meta is not None,
-                      checkpoint_every=checkpoint_every, interrupt=interrupt,
-                      run_info={"config": asdict(config), "data": data}, comm=comm)
-    except MemoryError as exc:
-        raise _out_of_memory(exc, config, ckpt) from exc
-    except Exception as exc:
-        if type(exc).__name__ != "OutOfMemoryError":  # CuPy's, tested by name: CuPy may not be installed
-            raise
-        raise _out_of_memory(exc, config, ckpt) from exc
-    test = evaluate(net, loss, x_test_px, y_test, metrics=True, comm=comm)
-    wall = time.perf_counter() - started
-    model_path = out / "model.npz"
-    if lead:
-        net.save(model_path)
-    result = {
+    return (f"gpunet {__version__}: training {' -> '.join(map(str, sizes))} on {device}{note}; "
+            f"{counts[0]} train / {counts[1]} validation / {counts[2]} test examples{where}")
+
+
+def _metrics(config, device, info, why_not, history, test, ckpt: Path, wall: float) -> dict:
+    """What metrics.json holds (the pictures and the process count are added by the caller)."""
+    return {
         "config": asdict(config), "device": device, "backend": info["backend"], "device_info": info,
         "fast_path": fast.status(), "fused_step": {"used": why_not is None, "why_not": why_not},
         "versions": versions(),
@@ -299,28 +408,31 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
         "per_class": {k: test[k] for k in ("precision", "recall", "f1", "support")},
         "macro": {k: test["macro_" + k] for k in ("precision", "recall", "f1")},
         "confusion_matrix": test["confusion_matrix"], "wall_seconds": wall,
-        "mean_epoch_seconds": float(np.mean([h["seconds"] for h in history.epochs])), "model": str(model_path),
+        "mean_epoch_seconds": float(np.mean([h["seconds"] for h in history.epochs])),
+        "model": str(ckpt.parent / "model.npz"),
     }
-    pictures = []
+
+
+def _pictures(config, lead: bool, log, out: Path, history, test, net, x_test, y_test) -> list:
+    """Draw the curves, the confusion matrix and the misclassified digits (rank 0, matplotlib present)."""
     if not config.plots or not lead:
-        pass
-    elif not plots.available():
+        return []
+    if not plots.available():
         log("note: matplotlib is not installed, so no pictures were drawn (pip install 'gpunet[cli]')")
-    else:
-        plots.curves(history.epochs, out / "curves.png")
-        plots.confusion(test["confusion_matrix"], out / "confusion.png")
-        pred = backend.to_numpy(predict(net, x_test_px))
-        plots.misclassified(x_test, y_test, pred, out / "misclassified.png")
-        pictures = ["curves.png", "confusion.png", "misclassified.png"]
-    result["pictures"] = pictures
-    if comm is not None:
-        result["processes"] = comm.size
-    if lead:
-        write_json(out / "metrics.json", result)
-    if history.stop_reason == "diverged":
-        log(f"the training loss became NaN or infinite in epoch {history.diverged_epoch}: the weights of the last "
-            f"finished epoch were kept")
-    log(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}); stopped by {history.stop_reason}; "
-        f"{result['mean_epoch_seconds']:.2f}s per epoch, {wall:.1f}s in all")
-    log(f"wrote {model_path}, {out / 'metrics.json'}" + "".join(f", {out / p}" for p in pictures))
-    return result
+        return []
+    plots.curves(history.epochs, out / "curves.png")
+    plots.confusion(test["confusion_matrix"], out / "confusion.png")
+    if not isinstance(x_test, Pixels):  # features of one's own: no digits to show
+        return ["curves.png", "confusion.png"]
+    pred = backend.to_numpy(predict(net, x_test))
+    plots.misclassified(x_test.raw, y_test, pred, out / "misclassified.png")
+    return ["curves.png", "confusion.png", "misclassified.png"]
+
+
+def _last_lines(log, result: dict, out: Path) -> None:
+    if result["stop_reason"] == "diverged":
+        log(f"the training loss became NaN or infinite in epoch {result['diverged_epoch']}: the weights of the "
+            f"last finished epoch were kept")
+    log(f"test accuracy {result['test_accuracy']:.4f} (loss {result['test_loss']:.4f}); stopped by "
+        f"{result['stop_reason']}; {result['mean_epoch_seconds']:.2f}s per epoch, {result['wall_seconds']:.1f}s in all")
+    log(f"wrote {result['model']}, {out / 'metrics.json'}" + "".join(f", {out / p}" for p in result["pictures"]))

@@ -25,7 +25,7 @@ import numpy as np
 from . import callbacks as cbs
 from . import checkpoint, parallel
 from . import fast as fast_path
-from .backend import get_array_module, softmax, synchronize, to_device, to_numpy
+from .backend import get_array_module, on_device_of_net, softmax, synchronize, to_device, to_numpy
 from .batches import as_rows
 from .inputs import targets
 from .metrics import confusion_counts, report
@@ -206,10 +206,11 @@ class Run:
         return [value] if self.comm is None else self.comm.allgather(value)
 
     def _stateful(self):
-        """``(name, callback)`` of each callback with a state of its own; names repeat-proof (``X``, ``X.2``)."""
+        """``(name, callback)`` of each callback that has a ``state_dict``, named by its class (``X``, then
+        ``X.2`` for a second one), so that a resumed run with the same callbacks finds each its own."""
         seen = {}
         for c in self.callbacks:
-            if hasattr(c, "state_dict") and c.state_dict() != {}:
+            if hasattr(c, "state_dict"):
                 name = type(c).__name__
                 seen[name] = seen.get(name, 0) + 1
                 yield (name if seen[name] == 1 else f"{name}.{seen[name]}"), c
@@ -225,8 +226,10 @@ class Run:
         arrays.update({f"net/{k}": v for k, v in self.net.state_dict().items()})
         states = {}
         for name, c in self._stateful():
-            states[name], more = checkpoint.split(f"callbacks/{name}", c.state_dict())
-            arrays.update(more)
+            state = c.state_dict()
+            if state:  # most callbacks have none
+                states[name], more = checkpoint.split(f"callbacks/{name}", state)
+                arrays.update(more)
         h = self.history
         return {"network": self.net.config(), "epoch": self.epoch, "step": self.step,
                 "order_rng": self.epoch_rng if mid else self.order_rng.bit_generator.state, "random": random,
@@ -259,6 +262,7 @@ class Run:
         h.best_epoch, h.diverged_epoch = record["best_epoch"], record["diverged_epoch"]
 
 
+@on_device_of_net
 def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validation=None, shuffle: bool = True,
         seed: int | None = 0, target_loss: float | None = None, patience: int | None = None,
         min_delta: float = 0.0, schedule=None, callback=None, on_batch=None, eval_batch_size: int = 4096,
@@ -388,6 +392,7 @@ def _each_batch(net, x, batch_size, then):
     return out if out is not None else xp.empty((0, net.out_features or 0), dtype=net.dtype)
 
 
+@on_device_of_net
 def predict_proba(net, x, batch_size: int = 4096):
     """Class probabilities (N, C) on the network's device, computed batch by batch in eval mode. A network
     that does not classify (see :func:`classifies`) is refused: :func:`predict` gives its outputs."""
@@ -399,6 +404,7 @@ def predict_proba(net, x, batch_size: int = 4096):
     return _each_batch(net, x, batch_size, softmax)
 
 
+@on_device_of_net
 def predict(net, x, batch_size: int = 4096):
     """A classifier's predicted class labels (N,) int64; any other network's outputs (N, outputs) in its
     dtype (see :func:`classifies`). On the network's device."""
@@ -407,6 +413,7 @@ def predict(net, x, batch_size: int = 4096):
     return _each_batch(net, x, batch_size, lambda z: z)
 
 
+@on_device_of_net
 def evaluate(net, loss, x, y, batch_size: int = 4096, metrics: bool = False, comm=None) -> dict:
     """Mean loss over ``x`` in batches, in eval mode; for classification the accuracy, for regression the
     mean squared and absolute errors (``mse``, ``mae``, over all N x outputs entries) and ``r2`` (the

@@ -13,6 +13,7 @@ order) is checked here against the core; the CUDA sources themselves are checked
 """
 from __future__ import annotations
 
+import threading
 import types
 
 import numpy as np
@@ -26,7 +27,7 @@ FREE_FUNCTIONS = {"empty", "empty_like", "reshape", "ravel", "shape", "ndim", "r
 
 class Counter:
     def __init__(self):
-        self.launches, self.log = 0, []
+        self.launches, self.log, self.downloads = 0, [], []
 
     def add(self, what):
         self.launches += 1
@@ -79,7 +80,11 @@ def make_array_type(counter):
             counter.add("fill")
             self.view(np.ndarray).fill(value)
 
-        def get(self):  # CuPy's copy to the host
+        def get(self, stream=None, order="C", out=None, blocking=True):  # CuPy's copy to the host
+            counter.downloads.append(self.shape)  # the shapes copied, for tests
+            if out is not None:
+                out[...] = self.view(np.ndarray)
+                return out
             return np.array(self.view(np.ndarray))
 
         def __getitem__(self, key):
@@ -200,7 +205,7 @@ class FakeCupy(types.ModuleType):
         stream = types.SimpleNamespace(synchronize=lambda: None, ptr=0)
         self.cuda = types.SimpleNamespace(
             Device=lambda i=None: _Device(), runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
-            get_current_stream=lambda: stream)
+            get_current_stream=lambda: stream, Event=_Event, alloc_pinned_memory=lambda size: bytearray(size))
 
     def __getattr__(self, name):
         value = getattr(np, name)
@@ -226,6 +231,8 @@ class FakeCupy(types.ModuleType):
         return np.ascontiguousarray(_base(a), dtype=dtype).view(self.ndarray)
 
     def asnumpy(self, a):
+        if isinstance(a, self.ndarray):
+            self.counter.downloads.append(a.shape)
         return np.array(_base(a))
 
     def ElementwiseKernel(self, in_params, out_params, operation, name, **kwargs):
@@ -247,13 +254,24 @@ class FakeCupy(types.ModuleType):
 
 
 class _Device:
-    id = 0
+    """Device 0, the only one; ``entered`` counts the ``with`` blocks made current on it."""
+
+    id, entered = 0, []
 
     def use(self):
         pass
 
     def __enter__(self):
+        _Device.entered.append(threading.get_ident())
         return self
 
     def __exit__(self, *exc):
         return False
+
+
+class _Event:
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass

@@ -1,8 +1,10 @@
 """Exact resume through the API: fit interrupted at a step (or after an epoch) and resumed from its
 checkpoint ends with the very bits of an uninterrupted run, weights, velocities and history (all but
 ``seconds``), with and without dropout, with each schedule and with early stopping, with every optimizer
-(Adam's moments and step count) and with BatchNorm (its running statistics). Plus the state dicts,
-divergence and damaged checkpoint files."""
+(Adam's moments and step count) and with BatchNorm (its running statistics), and a divergence after
+the resume. Each planned stop is asserted to have happened at its step (``run``), so an interrupt that
+never fires cannot pass for an exact resume; the random stop steps come from fixed seeds. Plus the state
+dicts, divergence and damaged checkpoint files. About 10 s in all."""
 import json
 
 import numpy as np
@@ -33,39 +35,51 @@ OPTIMIZERS = {
 }
 
 
-def run(tmp_path, dropout, schedule, patience, interrupt_at=None, optimizer="momentum", fast=True, epochs=5,
+STEPS = 16  # per epoch: 250 rows in batches of 16
+
+
+def run(tmp_path, dropout, schedule, patience, stops=(), optimizer="momentum", fast=True, epochs=5,
         device="cpu", batch_norm=False):
-    """One run, optionally stopped at global step ``interrupt_at`` and resumed (possibly several times)."""
+    """One run, stopped at each global step in ``stops`` (counted from the run's start, increasing) and
+    resumed from its checkpoint each time. Every planned stop must happen, at its step: the Interrupted
+    exception and the checkpoint both name the epoch and step reached, and a run that ends with stops still
+    planned fails (else an interrupt that never fired would pass as an exact resume)."""
     x, y, xv, yv = data()
-    path = tmp_path / f"ck-{dropout}-{schedule}-{patience}-{optimizer}-{fast}.npz"
+    path = tmp_path / f"ck-{dropout}-{getattr(schedule, '__name__', schedule)}-{patience}-{optimizer}-{fast}.npz"
+    assert list(stops) == sorted(set(stops)) and all(s >= 1 for s in stops), stops
 
     def make():
         net = gn.mlp([20, 16, 12, 4], dropout=dropout, seed=7, device=device, batch_norm=batch_norm)
         return net, OPTIMIZERS[optimizer](net.parameters())
 
-    kwargs = dict(epochs=epochs, batch_size=16, validation=(xv, yv), seed=3, schedule=SCHEDULES[schedule](),
-                  patience=patience, fast=fast, checkpoint_path=path)
-    stops = list(interrupt_at or [])
-    resume, counter = False, {"n": 0}
+    kwargs = dict(epochs=epochs, batch_size=16, validation=(xv, yv), seed=3, patience=patience, fast=fast,
+                  schedule=SCHEDULES[schedule]() if isinstance(schedule, str) else schedule, checkpoint_path=path)
+    planned, done = list(stops), 0  # done: global steps finished before this process started
     while True:
         net, opt = make()
+        asked = [0]
 
         def interrupt():
-            counter["n"] += 1
-            return bool(stops) and counter["n"] == stops[0]
+            asked[0] += 1
+            return bool(planned) and done + asked[0] == planned[0]
         try:
-            hist = fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, resume=resume, interrupt=interrupt, **kwargs)
-            return net, opt, hist, path
+            hist = fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, resume=done > 0, interrupt=interrupt, **kwargs)
         except Interrupted as exc:
-            assert exc.checkpoint == path and path.exists()
-            stops.pop(0)
-            resume = True
+            at = planned.pop(0)
+            where = ((at - 1) // STEPS, (at - 1) % STEPS + 1)  # epochs done, steps of the next (the last: 16)
+            meta = checkpoint.read_meta(path)
+            assert (exc.epoch, exc.step) == where == (meta["epoch"], meta["step"]), (at, exc, meta["step"])
+            assert exc.checkpoint == path and not meta["finished"]
+            done = at
+            continue
+        assert not planned, f"planned stops at steps {planned} never happened (the run ended first)"
+        return net, opt, hist, path
 
 
 def test_resume_mid_epoch_is_bit_exact_on_each_device(tmp_path, device):
     """The GPU twin: same device, same bits (dropout keys are host draws, checkpointed with the run)."""
     same_run(run(tmp_path / "a", 0.3, "cosine", None, device=device),
-             run(tmp_path / "b", 0.3, "cosine", None, [21, 30], device=device))
+             run(tmp_path / "b", 0.3, "cosine", None, [21, 51], device=device))
 
 
 def same_run(a, b):
@@ -78,17 +92,19 @@ def same_run(a, b):
     assert sorted(arrays_a) == sorted(arrays_b)
     for name in arrays_a:  # velocities, moments
         assert all(np.array_equal(va, vb) for va, vb in zip(arrays_a[name], arrays_b[name])), f"{name} differs"
-    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h.epochs]
+    nan = lambda v: "nan" if isinstance(v, float) and v != v else v  # a diverged epoch's loss equals itself
+    strip = lambda h: [{k: nan(v) for k, v in e.items() if k != "seconds"} for e in h.epochs]
     assert strip(hist_a) == strip(hist_b)
-    assert (hist_a.stop_reason, hist_a.best_epoch) == (hist_b.stop_reason, hist_b.best_epoch)
+    assert (hist_a.stop_reason, hist_a.best_epoch, hist_a.diverged_epoch) == \
+        (hist_b.stop_reason, hist_b.best_epoch, hist_b.diverged_epoch)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 def test_resume_mid_epoch_is_bit_exact(tmp_path, dropout, schedule):
-    rng = np.random.default_rng(hash((dropout, schedule)) % 2**32)
-    stops = sorted(rng.choice(np.arange(1, 80), size=2, replace=False).tolist())  # 16 steps per epoch
-    stops = [stops[0], stops[1] - stops[0]]  # the second counts steps of the resumed process
+    # the same two steps in every process and every run (hash() of a tuple of floats is not: PYTHONHASHSEED)
+    rng = np.random.default_rng([int(dropout * 10), sorted(SCHEDULES).index(schedule)])
+    stops = sorted(rng.choice(np.arange(1, 5 * STEPS + 1), size=2, replace=False).tolist())
     same_run(run(tmp_path / "a", dropout, schedule, None), run(tmp_path / "b", dropout, schedule, None, stops))
 
 
@@ -99,19 +115,19 @@ def test_resume_is_bit_exact_with_sgd_and_with_the_core_step(tmp_path, optimizer
 
 
 @pytest.mark.parametrize("optimizer, fast", [("adam", True), ("adam", False), ("adamw", True), ("rmsprop", True)])
-def test_resume_is_bit_exact_with_adam_adamw_and_rmsprop(tmp_path, optimizer, fast):
+def test_resume_is_bit_exact_with_adam_adamw_and_rmsprop(tmp_path, optimizer, fast, device):
     """Adam's and AdamW's fused step (and RMSprop's core step, the fast path does not cover it) from a
     checkpoint mid-epoch: moments and step count restored, so the bias corrections continue exactly."""
-    a = run(tmp_path / "a", 0.3, "none", None, optimizer=optimizer, fast=fast)
+    a = run(tmp_path / "a", 0.3, "none", None, optimizer=optimizer, fast=fast, device=device)
     assert a[1].state_dict().get("t", 80) == 80  # 16 steps per epoch, 5 epochs
-    same_run(a, run(tmp_path / "b", 0.3, "none", None, [23, 17], optimizer=optimizer, fast=fast))
+    same_run(a, run(tmp_path / "b", 0.3, "none", None, [23, 40], optimizer=optimizer, fast=fast, device=device))
 
 
 def test_resume_is_bit_exact_with_batchnorm_on_each_device(tmp_path, device):
     """BatchNorm's running statistics travel in the checkpoint (they are only read in eval mode, by each
     epoch's validation, so a lost update would change val_loss in the history)."""
     a = run(tmp_path / "a", 0.3, "none", None, optimizer="adam", device=device, batch_norm=True)
-    b = run(tmp_path / "b", 0.3, "none", None, [21, 30], optimizer="adam", device=device, batch_norm=True)
+    b = run(tmp_path / "b", 0.3, "none", None, [21, 51], optimizer="adam", device=device, batch_norm=True)
     assert any(k.endswith("running_var") for k in b[0].state_dict())
     same_run(a, b)
 
@@ -176,6 +192,25 @@ def test_divergence_restores_the_last_finished_epoch(tmp_path):
     assert not np.isfinite(hist.epochs[0]["loss"])
     for k, v in net.state_dict().items():
         assert np.array_equal(v, good[k]), k
+
+
+def diverging(epoch):
+    return 0.05 if epoch < 2 else 1e38  # certain to overflow within epoch 3
+
+
+def test_divergence_after_a_resume_falls_back_to_the_epochs_start(tmp_path):
+    """The divergence guard's fallback (the state at the start of the diverging epoch) travels in a mid-epoch
+    checkpoint: interrupted inside that epoch and resumed, the run puts back the same weights and velocities
+    as an uninterrupted one (not those of the step it resumed at); an epoch-end checkpoint carries no copy."""
+    a = run(tmp_path / "a", 0.0, diverging, None)
+    assert a[2].stop_reason == "diverged" and a[2].diverged_epoch == 3 and len(a[2]) == 3
+    b = run(tmp_path / "b", 0.0, diverging, None, [2 * STEPS + 5])
+    same_run(a, b)
+    c = run(tmp_path / "c", 0.0, diverging, None, [2 * STEPS])  # epoch 2's last step: a fallback replaced at its end
+    same_run(a, c)
+    meta, arrays = checkpoint.load(b[3])  # written as the run stopped, at an epoch's end
+    assert meta["callbacks"]["DivergenceGuard"] == {"mid_epoch": False, "arrays": {}}
+    assert not [k for k in arrays if k.startswith("callbacks/")]
 
 
 @pytest.mark.parametrize("content, says", [

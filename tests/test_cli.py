@@ -230,3 +230,72 @@ def test_more_user_mistakes(trained, tmp_path):
         assert res.returncode == 2, (args, res.stderr)
         assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
         assert message in res.stderr, (args, res.stderr)
+
+
+# --- gpunet train --data FILE.npz|.csv: one's own data, scaled, the scaling kept in the model file -------
+@pytest.fixture(scope="module")
+def own_data(tmp_path_factory):
+    """scikit-learn's digits-like data without scikit-learn: 8x8 class patterns 0..16 plus noise."""
+    root = tmp_path_factory.mktemp("own")
+    rng = np.random.default_rng(0)
+    protos = rng.integers(0, 17, size=(4, 64))
+    y = rng.integers(0, 4, size=400)
+    x = np.clip(protos[y] + rng.integers(-3, 4, size=(400, 64)), 0, 16).astype(np.float64)
+    np.savez(root / "d.npz", x_train=x[:300], y_train=y[:300], x_test=x[300:], y_test=y[300:])
+    header = ",".join([f"p{i}" for i in range(32)] + ["digit"] + [f"p{i}" for i in range(32, 64)])
+    rows = [",".join(map(str, [*r[:32], k, *r[32:]])) for r, k in zip(x[:300].astype(int), y[:300])]
+    (root / "d.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
+    return root, x, y
+
+
+def test_train_on_an_npz_file_keeps_the_scaling_in_the_model(own_data, tmp_path):
+    root, x, y = own_data
+    res = run("train", "--data", root / "d.npz", "--val-size", 50, "--hidden", 16, "--epochs", 3,
+              "--out", tmp_path / "run", "--device", "cpu", "--no-plots")
+    assert res.returncode == 0, res.stderr
+    assert "250 train / 50 validation / 100 test examples" in res.stdout
+    net = gn.load(tmp_path / "run" / "model.npz", device="cpu")
+    first = net.layers[0]
+    assert isinstance(first, gn.Standardize) and net.classifies is True
+    np.testing.assert_allclose(first.shift, x[:250].mean(axis=0), rtol=1e-12)  # the training rows' statistics
+    np.testing.assert_allclose(first.scale, np.where(x[:250].std(axis=0) > 0, x[:250].std(axis=0), 1), rtol=1e-12)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    raw = gn.evaluate(net, gn.SoftmaxCrossEntropy(), x[300:], y[300:])  # the model takes the features as they are
+    assert abs(m["test_accuracy"] - raw["accuracy"]) < 1e-12 and m["test_accuracy"] > 0.9
+    np.save(tmp_path / "rows.npy", x[300:305])
+    pred = run("predict", tmp_path / "run" / "model.npz", tmp_path / "rows.npy", "--json")
+    assert pred.returncode == 0, pred.stderr
+    assert [r["digit"] for r in json.loads(pred.stdout)] == gn.to_numpy(gn.predict(net, x[300:305])).tolist()
+    ev = run("evaluate", tmp_path / "run" / "model.npz", "--data", root / "d.npz", "--json")
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["accuracy"] == m["test_accuracy"]  # the file's test set, read as it is
+
+
+def test_train_on_a_csv_file_with_minmax_scaling(own_data, tmp_path):
+    root, x, y = own_data
+    res = run("train", "--data", root / "d.csv", "--label-column", "digit", "--scale", "minmax", "--val-size", 60,
+              "--hidden", 16, "--epochs", 3, "--out", tmp_path / "run", "--device", "cpu", "--no-plots")
+    assert res.returncode == 0, res.stderr
+    assert "holds no test set (x_test, y_test): the test figures are the validation set's" in res.stdout
+    net = gn.load(tmp_path / "run" / "model.npz", device="cpu")
+    lo, hi = x[:240].min(axis=0), x[:240].max(axis=0)
+    np.testing.assert_array_equal(net.layers[0].shift, lo)
+    np.testing.assert_array_equal(net.layers[0].scale, np.where(hi > lo, hi - lo, 1))
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["test_accuracy"] == m["history"][-1]["val_accuracy"]  # the validation set, tested
+    pred = run("predict", tmp_path / "run" / "model.npz", root / "d.csv", "--label-column", "digit")
+    assert pred.returncode == 0 and len(pred.stdout.splitlines()) == 300, pred.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "/nonexistent/d.npz"], "data file not found: /nonexistent/d.npz"),
+    (["--data", "{root}/d.npz", "--data-dir", "{root}"], "--data: a file of your own replaces the MNIST folder"),
+    (["--data", "{root}/d.csv"], "no column named 'label' for the labels (--label-column)"),
+    (["--data", "{root}/d.csv", "--label-column", "digit", "--val-size", "0"],
+     "--val-size: expected at least 1: {root}/d.csv holds no test set"),
+])
+def test_train_data_file_mistakes_print_one_line(own_data, tmp_path, flags, message):
+    root = own_data[0]
+    res = run("train", *[f.format(root=root) for f in flags], "--out", tmp_path / "o", "--device", "cpu")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert message.format(root=root) in res.stderr, res.stderr

@@ -285,3 +285,48 @@ def test_real_mnist_images_memory(mnist_dir):
         tracemalloc.stop()
     assert x.nbytes == output_bytes
     assert peak < 1.25 * output_bytes, f"peak {peak / 1e6:.1f} MB for a {output_bytes / 1e6:.1f} MB output"
+
+
+# --- data sets of one's own: .npz and CSV files (gpunet train --data) ----------------------------------
+def test_load_arrays_reads_npz_and_csv(tmp_path):
+    from gpunet.data import load_arrays
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 17, size=(20, 3)), rng.integers(0, 4, size=20)
+    np.savez(tmp_path / "d.npz", x_train=x[:15], y_train=y[:15], x_test=x[15:], y_test=y[15:])
+    (xa, ya), (xt, yt) = load_arrays(tmp_path / "d.npz")
+    assert xa.dtype == np.float64 and ya.dtype == np.int64
+    np.testing.assert_array_equal(xa, x[:15])
+    np.testing.assert_array_equal(yt, y[15:])
+    np.savez(tmp_path / "train-only.npz", x_train=x, y_train=y)
+    assert load_arrays(tmp_path / "train-only.npz")[1] is None
+    lines = ["a,kind,b,c"] + [f"{r[0]},{k}.0,{r[1]},{r[2]}" for r, k in zip(x, y)]  # label in the middle, as floats
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    (xc, yc), test = load_arrays(tmp_path / "d.csv", label_column="kind")
+    assert test is None
+    np.testing.assert_array_equal(xc, x)
+    np.testing.assert_array_equal(yc, y)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("a.npz", {"x_train": np.ones((3, 2))}, r"expected arrays x_train, y_train and optionally x_test with "
+                                            r"y_test, got \['x_train'\]"),
+    ("b.npz", {"x_train": np.ones((3, 2)), "y_train": np.arange(3), "x_test": np.ones((2, 2))},
+     "optionally x_test with y_test"),
+    ("c.npz", {"x_train": np.ones((3, 2)), "y_train": np.array([0.5, 1, 2])}, "expected integer class labels"),
+    ("d.npz", {"x_train": np.ones((3, 2)), "y_train": np.arange(4)}, r"shaped \(N, features\) and \(N,\)"),
+    ("e.csv", "a,b\n1,2\n", "no column named 'label' for the labels \\(--label-column\\); the columns are"),
+    ("f.csv", "a,label\n1,0\nx,1\n", "line 3, column 'a': expected a number, got 'x'"),
+    ("g.csv", "a,label\n1,0\n1\n", "line 3: expected 2 values like the header, got 1"),
+    ("h.txt", "1,2", "expected a .npz or .csv file, got .txt"),
+])
+def test_load_arrays_names_what_is_wrong(tmp_path, name, content, message):
+    from gpunet.data import load_arrays
+
+    path = tmp_path / name
+    if isinstance(content, dict):
+        np.savez(path, **content)
+    else:
+        path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_arrays(path)

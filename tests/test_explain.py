@@ -778,3 +778,19 @@ def test_readme_shows_the_real_output(capsys):
     rc, out, err = run_main(command, capsys)
     assert rc == 0, err
     assert out == shown
+
+
+def test_explain_takes_its_input_through_the_front_door():
+    """explain_step reads x as fit does (gpunet.inputs): float64, lists and frames give the float32 step,
+    strings the front door's one line."""
+    def step(x):
+        net = gn.mlp([2, 2, 2], activation="sigmoid", seed=0)
+        return gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.5), x, [1])
+
+    ref = step(np.array([[0.05, 0.1]], np.float32))
+    for x in (np.array([[0.05, 0.1]]), [0.05, 0.1], [[0.05, 0.1]]):
+        got = step(x)
+        assert got["input"].dtype == np.float32 and got["loss"]["value"] == ref["loss"]["value"]
+        np.testing.assert_array_equal(got["y_L"], ref["y_L"])  # the same float32 numbers, bit for bit
+    with pytest.raises(TypeError, match="x: expected real numbers, got strings"):
+        step([["a", "b"]])

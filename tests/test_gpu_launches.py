@@ -110,3 +110,75 @@ def test_the_gpu_path_trains_as_the_core_does(monkeypatch, dropout):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=name)
     np.testing.assert_allclose(gpu_history["loss"], core_history["loss"], rtol=1e-4)
     assert gpu_history["accuracy"] == core_history["accuracy"]
+
+
+def test_every_entry_point_runs_in_the_networks_device_context(fake_gpu):
+    """fit, evaluate, predict, predict_proba and explain_step make the GPU holding the network current in
+    the calling thread (CuPy's current device is per thread: a server's request thread would otherwise
+    compute on GPU 0 beside weights elsewhere); checked from a new thread, as serve's request threads call."""
+    import threading
+
+    from fake_cupy import _Device
+    from gpunet.explain import explain_step
+    from gpunet.training import evaluate, predict, predict_proba
+
+    x, y = mnist_like(64)
+    net = gn.mlp([784, 16, 10], seed=0, device="gpu")
+    loss = gn.SoftmaxCrossEntropy()
+    calls = {
+        "fit": lambda: fit(net, loss, gn.SGD(net.parameters(), lr=0.1), Pixels(x), y, epochs=1),
+        "evaluate": lambda: evaluate(net, loss, Pixels(x), y),
+        "predict": lambda: predict(net, Pixels(x)),
+        "predict_proba": lambda: predict_proba(net, Pixels(x)),
+        "explain_step": lambda: explain_step(net, loss, gn.SGD(net.parameters(), lr=0.1), x[:2] / 255.0, y[:2]),
+    }
+    for name, call in calls.items():
+        _Device.entered.clear()
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append((threading.get_ident(), call())))
+        thread.start()
+        thread.join()
+        assert seen, f"{name} raised in its thread"
+        assert seen[0][0] in _Device.entered, f"{name} did not enter the network's device in its thread"
+
+
+def test_training_copies_no_weights_to_the_host(fake_gpu):
+    """Without checkpoints or validation, fit reads back only the epoch's two sums: the divergence guard's
+    fallback stays on the device (it used to copy the whole model to the host every epoch)."""
+    x, y = mnist_like(256)
+    net = gn.mlp([784, 16, 10], seed=0, device="gpu")
+    fake_gpu.counter.downloads.clear()
+    fit(net, gn.SoftmaxCrossEntropy(), gn.Momentum(net.parameters(), lr=0.05), Pixels(x), y, epochs=3,
+        batch_size=128)
+    assert all(shape == () for shape in fake_gpu.counter.downloads), fake_gpu.counter.downloads
+
+
+class OneRank:
+    """A communicator of one rank: the all-reduce of one rank is the identity."""
+
+    rank, size = 0, 1
+
+    def allreduce(self, buf):
+        pass
+
+
+def stop_answers(params, asked_at, steps=5):
+    from gpunet.parallel import GradientSum
+
+    gradient_sum = GradientSum(OneRank(), params)
+    return [gradient_sum(4, 4, step == asked_at) for step in range(steps)]
+
+
+def test_a_gpu_rank_reads_the_stop_flag_one_step_late(fake_gpu):
+    """On a GPU the all-reduce's stop flag is copied to pinned memory and read one step later (reading it
+    at once would make the host wait for the all-reduce every step); on the CPU it is read at once."""
+    net = gn.mlp([3, 2], seed=0, device="gpu")
+    for p in net.parameters():
+        p.grad[...] = 1
+    fake_gpu.counter.downloads.clear()
+    assert stop_answers(net.parameters(), asked_at=2) == [False, False, False, True, False]
+    assert fake_gpu.counter.downloads == [(1,)] * 5  # one flag a step, into pinned memory
+    cpu = gn.mlp([3, 2], seed=0, device="cpu")
+    for p in cpu.parameters():
+        p.grad[...] = 1
+    assert stop_answers(cpu.parameters(), asked_at=2) == [False, False, True, False, False]

@@ -1,58 +1,73 @@
 """The rehearsed GPU session (benchmarks/gpu_session.sh): its dry run on the CPU, on tiny MNIST files, runs
-every step and writes the log and result files a lent GPU machine would send back."""
+every step and leaves the result files a lent GPU machine would send back, each holding what its step
+measured; a failing step is counted in the exit status and the others still run."""
 import json
 import os
 import shutil
 import subprocess
+import sys
+import xml.etree.ElementTree as ET
 
 import pytest
 
 from conftest import ROOT, make_fake_mnist
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import report  # noqa: E402
+
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
-STEPS = ("info", "pytest-gpu", "bench", "recipe", "smoke")
+
+
+def session(tmp_path, data, *flags, **env_extra):
+    if shutil.which("timeout") is None:
+        pytest.skip("coreutils' timeout is not installed here")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("GPUNET_DEVICE", "GPUNET_REQUIRE_GPU", "OUT")}
+    env.update(TMPDIR=str(tmp_path), PYTHON=sys.executable, **env_extra)  # this interpreter, with the test extra
+    proc = subprocess.run(["bash", str(SCRIPT), *flags, str(data), str(out)], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=tmp_path)
+    return proc, out
+
+
+def junit(path):
+    """(tests, skipped, failed or errored) of a pytest JUnit report."""
+    suite = ET.parse(path).getroot()
+    suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
+    cases = suite.findall("testcase")
+    bad = [c for c in cases if c.find("failure") is not None or c.find("error") is not None]
+    return len(cases), sum(c.find("skipped") is not None for c in cases), len(bad)
 
 
 @pytest.mark.slow
-def test_dry_run_runs_every_step_and_writes_the_results(tmp_path):
-    if shutil.which("timeout") is None:
-        pytest.skip("coreutils' timeout is not installed here")
+def test_dry_run_runs_every_step_and_leaves_its_results(tmp_path):
     data = make_fake_mnist(tmp_path / "mnist", n_train=600, n_test=200)
-    out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("GPUNET_DEVICE", "GPUNET_REQUIRE_GPU", "OUT")}
-    env["TMPDIR"] = str(tmp_path)
-    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(data), str(out)], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=tmp_path)
-    log = (out / "session.log").read_text()
-    assert proc.returncode == 0, proc.stdout[-3000:] + log[-3000:]
-    # at most 8 files come back from a lent machine; the session writes five
-    assert sorted(p.name for p in out.iterdir()) == ["latest-cpu.json", "latest-cpu.md", "recipe-metrics.json",
-                                                     "session.log", "smoke-metrics.json"]
-    assert "device cpu (dry run on the CPU)" in log
-    for name in STEPS:
-        assert f"=== {name}: exit 0 after" in log, name
-    assert "failed steps: 0" in log
-    assert "--no-memory" in log and "[peak memory" not in log  # no CPU memory children on a GPU machine
-    tests = log.split("=== pytest-gpu:")[1]  # its command and output: collected, and all skip on the CPU
-    assert " skipped" in tests and " passed" not in tests and " error" not in tests
-    bench = json.loads((out / "latest-cpu.json").read_text())
-    assert bench["device"] == "cpu" and [c["name"] for c in bench["configs"]] == ["784-100-10/b128"]
-    for name in ("recipe-metrics.json", "smoke-metrics.json"):
+    proc, out = session(tmp_path, data, "--dry-run")
+    assert proc.returncode == 0, proc.stdout[-3000:] + (out / "session.log").read_text()[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["latest-cpu.json", "latest-cpu.md", "pytest-gpu.xml",
+                                                     "recipe-metrics.json", "session.log", "smoke-metrics.json",
+                                                     "step-cpu.json"]
+    step = json.loads((out / "step-cpu.json").read_text())  # one training step, with and without dropout
+    assert step["device"]["device"] == "cpu" and sorted(step["steps"]) == ["dropout=0.0", "dropout=0.2"]
+    assert all(e["gpunet"]["host_ms"] > 0 and e["gpunet"]["repeat"] == 3 for e in step["steps"].values())
+    # the GPU tests were collected, and on the CPU every one of them skipped (none ran, none failed)
+    tests, skipped, bad = junit(out / "pytest-gpu.xml")
+    assert tests >= 10 and skipped == tests and bad == 0, (tests, skipped, bad)
+    bench = json.loads((out / "latest-cpu.json").read_text())  # the speed benchmark's raw rounds
+    (config,) = bench["configs"]
+    assert bench["device"] == "cpu" and config["name"] == "784-100-10/b128" and len(config["rounds"]) == 1
+    assert config["steps_per_epoch"] == 5 and "gpunet" in config["rounds"][0] and "torch" not in config["rounds"][0]
+    assert (out / "latest-cpu.md").read_text() == report.render_markdown(bench)  # the report of that file
+    for name in ("recipe-metrics.json", "smoke-metrics.json"):  # one epoch of the recipe each, tested
         metrics = json.loads((out / name).read_text())
         assert metrics["device"] == "cpu" and len(metrics["history"]) == 1, name
+        assert 0.0 <= metrics["test_accuracy"] <= 1.0, name
 
 
 def test_a_failing_step_is_counted_and_the_rest_still_run(tmp_path):
-    """A missing data folder fails the data steps; the exit status counts them and the log names each."""
-    if shutil.which("timeout") is None:
-        pytest.skip("coreutils' timeout is not installed here")
-    out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("GPUNET_DEVICE", "GPUNET_REQUIRE_GPU", "OUT")}
-    env.update(TMPDIR=str(tmp_path), GPUNET_DRY_RUN="1")
-    proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "no-such-mnist"), str(out)], capture_output=True,
-                          text=True, env=env, timeout=300, cwd=tmp_path)
-    log = (out / "session.log").read_text()
-    assert "=== info: exit 0 after" in log
-    for name in ("bench", "recipe", "smoke"):
-        assert f"=== {name}: exit 0 after" not in log and f"=== {name}: exit" in log, name
-    assert proc.returncode == int(log.rsplit("failed steps: ", 1)[1].split()[0]) >= 3
+    """Without the data folder the three data steps (bench, recipe, smoke) fail: the exit status is 3,
+    and the steps that need no data still ran and left their results."""
+    proc, out = session(tmp_path, tmp_path / "no-such-mnist", GPUNET_DRY_RUN="1")
+    assert proc.returncode == 3, proc.stdout[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["pytest-gpu.xml", "session.log", "step-cpu.json"]
+    tests, skipped, bad = junit(out / "pytest-gpu.xml")
+    assert tests == skipped > 0 and bad == 0

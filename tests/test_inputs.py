@@ -37,11 +37,8 @@ def forms(x):
     out = {"float32": x.astype(np.float32), "float64": x.astype(np.float64), "int64": x,
            "list": x.tolist(), "fortran": np.asfortranarray(x.astype(np.float32)),
            "Rows(float64)": gn.Rows(x.astype(np.float64))}
-    try:
-        import pandas as pd
-        out["DataFrame"] = pd.DataFrame(x, columns=[f"f{i}" for i in range(x.shape[1])])
-    except ImportError:
-        pass
+    pd = optional("pandas", "test")
+    out["DataFrame"] = pd.DataFrame(x, columns=[f"f{i}" for i in range(x.shape[1])])
     return out
 
 
@@ -75,9 +72,7 @@ def test_a_full_batch_reads_the_converted_rows_in_place(device, path):
     x, y = digits()
     ref = train(x.astype(np.float32), y, device, path, epochs=2, batch_size=None).state_dict()
     for name in ("fortran", "float64", "DataFrame"):
-        xf = forms(x).get(name)
-        if xf is None:
-            continue  # pandas missing
+        xf = forms(x)[name]
         got = train(xf, y, device, path, epochs=2, batch_size=None).state_dict()
         for key in ref:
             np.testing.assert_array_equal(got[key], ref[key], err_msg=f"{name}: {key}")
@@ -87,11 +82,7 @@ def test_labels_as_lists_series_and_narrow_integers_train_the_same(device):
     x, y = digits()
     ref = train(x, y, device, "fast").state_dict()
     others = {"list": y.tolist(), "uint8": y.astype(np.uint8), "int32": y.astype(np.int32)}
-    try:
-        import pandas as pd
-        others["Series"] = pd.Series(y)
-    except ImportError:
-        pass
+    others["Series"] = optional("pandas", "test").Series(y)
     for name, yf in others.items():
         got = train(x, yf, device, "fast").state_dict()
         for key in ref:

@@ -123,3 +123,28 @@ def test_batchnorm_equals_torch_batchnorm1d():
 def test_batchnorm_errors_name_the_argument(make, error, message):
     with pytest.raises(error, match=message):
         make()
+
+
+# --- Standardize: the fixed scaling a --data model starts with ------------------------------------------
+def test_standardize_forward_backward_and_its_config(device, tmp_path):
+    rng = np.random.default_rng(0)
+    shift, scale = rng.normal(size=4), np.array([2.0, 0.5, 0.0, 4.0])  # a constant feature: scale 0 -> 1
+    layer = gn.Standardize(shift, scale)
+    x = rng.normal(size=(5, 4))
+    for dtype in (np.float32, np.float64):
+        xd = gn.to_device(x.astype(dtype), device)
+        y = layer.forward(xd)
+        assert y.dtype == dtype  # the input's dtype: never promoted
+        # float32: shift and 1/scale rounded to float32 first, a few ulps of |x| ~ 1
+        tol = 1e-6 if dtype == np.float32 else 1e-15
+        assert_allclose(y, (x - shift) / np.where(scale > 0, scale, 1), rtol=tol, atol=tol)
+        assert_allclose(layer.backward(gn.to_device(np.ones((5, 4), dtype), device)),
+                        np.ones((5, 4)) / np.where(scale > 0, scale, 1), rtol=tol)
+    net = gn.Sequential(layer, gn.Linear(4, 2, rng=0, device=device))
+    net.save(tmp_path / "m.npz")
+    back = gn.load(tmp_path / "m.npz", device=device)
+    assert back.layers[0].config() == layer.config()
+    with pytest.raises(ValueError, match=r"x: expected shape \(batch, 4\) for Standardize, got \(5, 3\)"):
+        layer.forward(gn.to_device(x[:, :3], device))
+    with pytest.raises(ValueError, match="shift, scale: expected two lists of one number per feature"):
+        gn.Standardize([1.0, 2.0], [1.0])

@@ -28,11 +28,11 @@ def session(model):
     return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
 
 
-def every_layer_network(device):
-    """One network holding every layer type gpunet has."""
+def every_layer_network(device, x_train):
+    """One network holding every layer type gpunet has (the scaling first, as gpunet train --data saves it)."""
     rng = np.random.default_rng(0)
     return gn.Sequential(
-        gn.Linear(784, 64, rng=rng, device=device), gn.BatchNorm(64, device=device), gn.ReLU(),
+        layers.Standardize(x_train.mean(axis=0), x_train.std(axis=0)), gn.Linear(784, 64, rng=rng, device=device), gn.BatchNorm(64, device=device), gn.ReLU(),
         gn.Dropout(0.2, seed=1), gn.Linear(64, 32, init="xavier", rng=rng, device=device), gn.Sigmoid(),
         gn.Linear(32, 32, init="xavier", rng=rng, device=device), gn.Tanh(),
         gn.Linear(32, 10, init="xavier", rng=rng, device=device), gn.Softmax())
@@ -49,7 +49,7 @@ def test_every_layer_type_on_the_mnist_test_set(mnist, device, tmp_path):
     """Trained a little (so that BatchNorm's running statistics and every weight are no longer their start
     values), exported, and run by ONNX Runtime on the 10,000 test digits; a GPU-trained one the same."""
     (x_train, y_train), (x_test, y_test) = mnist
-    net = every_layer_network(device)
+    net = every_layer_network(device, x_train[:6000])
     kinds = {type(layer).__name__ for layer in net.layers}
     assert kinds == set(layers.BUILT_IN)
     opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9)
@@ -159,6 +159,15 @@ def test_the_command_line_says_one_line(tmp_path):
     assert "'output' [batch, 2]" in res.stdout
     (out,) = session(tmp_path / "m.onnx").run(None, {"input": np.ones((2, 4), np.float32)})
     assert_allclose(out, net.forward(np.ones((2, 4), np.float32)), atol=1e-6)
+    scaled = gn.Sequential(layers.Standardize([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 0.0, 4.0]), gn.Linear(4, 3, rng=0))
+    scaled.save(tmp_path / "scaled.npz")
+    res = subprocess.run(run + [str(tmp_path / "scaled.npz"), str(tmp_path / "scaled.onnx"), "--task", "regressor"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    sess = session(tmp_path / "scaled.onnx")
+    assert sess.get_modelmeta().custom_metadata_map["inputs"].startswith("the features as they are")
+    raw = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32) * 10
+    assert_allclose(sess.run(None, {"input": raw})[0], scaled.forward(raw), atol=1e-5)  # values ~10, float32
     res = subprocess.run(run + [str(tmp_path / "missing.npz"), str(tmp_path / "x.onnx")], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "model file not found" in res.stderr

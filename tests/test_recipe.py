@@ -54,3 +54,21 @@ def test_batch_norm_builds_a_batchnorm_network_which_the_fused_step_names():
     assert [type(l).__name__ for l in net.layers] == ["Linear", "BatchNorm", "ReLU", "Linear"]
     why = gn.fast.why_not(net, gn.SoftmaxCrossEntropy(), opt, np.zeros(4, np.int64))
     assert why == "layer 1 is BatchNorm, where a Linear was expected"
+
+
+def test_a_checkpoint_from_before_the_optimizer_settings_resumes(tmp_path):
+    """A checkpoint written before --optimizer, --beta1, ... existed holds none of them: its run was the
+    default momentum run, which resumes; another optimizer is refused, naming the flag."""
+    from dataclasses import asdict
+
+    from gpunet import checkpoint
+
+    old = {k: v for k, v in asdict(TrainConfig()).items()
+           if k not in ("optimizer", "beta1", "beta2", "eps", "alpha", "centered", "batch_norm")}
+    old.update(lr=0.05, momentum=0.9, weight_decay=0.0)
+    checkpoint.save(tmp_path / recipe.CHECKPOINT, {"run": {"config": old}, "epoch": 2, "finished": False,
+                                                   "stop_reason": "max_epochs"}, {})
+    meta = recipe.check_out_folder(tmp_path, TrainConfig(), resume=True, overwrite=False)
+    assert meta["epoch"] == 2
+    with pytest.raises(ConfigError, match="--optimizer: the checkpoint .* was trained with 'momentum', got 'adam'"):
+        recipe.check_out_folder(tmp_path, TrainConfig(optimizer="adam"), resume=True, overwrite=False)

@@ -15,7 +15,7 @@ import os
 from ..losses import SoftmaxCrossEntropy
 from ..optimizers import SGD, Adam, AdamW, Momentum
 from . import blas, ops
-from .ops import gather_scaled
+from .ops import gather_scaled, resample
 from .step import FusedForward, FusedStep, mean_softmax_xent, plan
 
 ENV_VAR = "GPUNET_FAST"
@@ -73,5 +73,5 @@ def status() -> dict:
             "gpu_kernels": "CUDA kernels through CuPy (when the device is a GPU)"}
 
 
-__all__ = ["select", "why_not", "forward_for", "loss_for", "status", "enabled", "gather_scaled", "FusedStep",
+__all__ = ["select", "why_not", "forward_for", "loss_for", "status", "enabled", "gather_scaled", "resample", "FusedStep",
            "FusedForward", "plan"]

@@ -166,3 +166,24 @@ def gather_scaled(src, idx, out, divisor):
         compiled.gather_scaled(src, idx, out, out.dtype.type(divisor))
         return dst
     return xp.divide(xp.take(src, idx, axis=0), out.dtype.type(divisor), out=dst, dtype=out.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _numba_resample():
+    """The compiled resampling kernel (:mod:`gpunet.fast.numba_resample`), or None where the CPU kernels are off."""
+    if numba_kernels() is None:
+        return None
+    from . import numba_resample
+    return numba_resample.affine_elastic_bilinear
+
+
+def resample(images, maps, fields, shape):
+    """The augmentation's resampling (:func:`gpunet.augment.bilinear` at :func:`gpunet.augment.source_points`)
+    in one compiled pass, for C-contiguous NumPy arrays of one dtype; None elsewhere (the core's runs)."""
+    arrays = (images, maps) if fields is None else (images, maps, fields)
+    if get_array_module(images) is not np or (kernel := _numba_resample()) is None or _cpu_kernels(*arrays) is None:
+        return None
+    out = np.empty_like(images)
+    kernel(images, maps, np.zeros((0, 2, 1, 1), images.dtype) if fields is None else fields, fields is not None,
+           shape[0], shape[1], out)
+    return out

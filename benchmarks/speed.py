@@ -1,4 +1,5 @@
-"""Benchmark: gpunet against PyTorch (eager) at training MLPs on MNIST, and against the matmul floor.
+"""Speed: gpunet against the matmul floor, and against PyTorch (eager) when it is installed, at training
+MLPs on MNIST and at inference.
 
 For each configuration both frameworks train the same network (gpunet's initial weights, copied into
 torch with W transposed), with the same learning rate and momentum, on the same batch order (gpunet's
@@ -16,10 +17,11 @@ epoch spent in useful GEMM work and ``1 - floor / epoch`` the overhead (elementw
 Round 1 is warm-up (first-touch page faults, BLAS thread start-up, CuPy kernel compilation): it is
 reported separately and the medians use rounds 2..E (all rounds when ``--epochs 1``).
 
-Peak memory is measured in separate subprocesses (``--_memory-child``) that only load MNIST and train one
-epoch, so that nothing else this script allocates counts.
+The results file holds raw measurements only (seconds per round and side, per-step clock medians, the
+same-work check's accuracies and weight difference); ``benchmarks/report.py`` computes every median and
+ratio from them. Peak memory is ``benchmarks/memory.py``'s job.
 
-Run ``python benchmarks/bench_mlp.py --help``; see ``benchmarks/README.md``.
+Run ``python benchmarks/speed.py --help``; see ``benchmarks/README.md``.
 """
 from __future__ import annotations
 
@@ -29,15 +31,12 @@ import gc
 import json
 import os
 import platform
-import resource
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # bench_report lives next to this file
+sys.path.insert(0, str(HERE))  # report.py lives next to this file
 
 # name -> (kind, layer sizes, batch size, devices it runs on)
 CONFIGS = {
@@ -49,7 +48,6 @@ CONFIGS = {
     "inference": ("infer", (784, 512, 512, 10), 4096, ("cpu", "gpu")),
 }
 QUICK_CONFIGS = ("784-512-512-10/b128", "784-100-10/b128", "inference")
-MEMORY_SIZES, MEMORY_BATCH = (784, 512, 512, 10), 128
 
 
 def parse_args(argv=None):
@@ -67,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--inference-runs", type=int, default=7, help="timed runs per side for 'inference'")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate of both sides")
     p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--optimizer", choices=("momentum", "adam"), default="momentum",
+                   help="both sides' rule: SGD with --momentum, or Adam (PyTorch's defaults but --lr); "
+                        "benchmarks/optim_speed.py times both rules in one run")
     p.add_argument("--seed", type=int, default=0, help="seed of gpunet's initial weights")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (torch.set_num_threads) and, when given, for NumPy's BLAS "
@@ -79,14 +80,11 @@ def parse_args(argv=None):
                    help="how both sides hold the images: uint8 bytes scaled to float32 batch by batch "
                         "(gpunet.Pixels; torch index_select then div), or one float32 array")
     p.add_argument("--no-torch", action="store_true", help="time gpunet alone even when torch is installed")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: 2 rounds, configs {', '.join(QUICK_CONFIGS)}, 3 inference runs")
     p.add_argument("--json", default=None, help="where to write the results (default "
                                                 "benchmarks/results/latest-<device>.json)")
-    p.add_argument("--markdown", default=None, help="also write a Markdown rendering here")
-    p.add_argument("--_memory-child", dest="memory_child", choices=("gpunet", "torch"), default=None,
-                   help=argparse.SUPPRESS)
+    p.add_argument("--markdown", default=None, help="also write report.py's Markdown rendering here")
     args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = 2 if args.quick else (5 if args.device == "gpu" else 3)
@@ -133,8 +131,8 @@ from gpunet.data import load_mnist  # noqa: E402
 from gpunet.training import evaluate, fit, predict  # noqa: E402
 
 torch = F = None
-# The gpunet memory child must not import torch (its baseline is "numpy + gpunet"); --no-torch skips it too.
-if ARGS is None or not (ARGS.no_torch or ARGS.memory_child == "gpunet"):
+# memory.py's gpunet child must not import torch (its baseline is "numpy + gpunet"); --no-torch skips it too.
+if os.environ.get("GPUNET_BENCH_NO_TORCH") != "1" and (ARGS is None or not ARGS.no_torch):
     try:
         import torch  # noqa: E402
         import torch.nn.functional as F  # noqa: E402
@@ -143,41 +141,6 @@ if ARGS is None or not (ARGS.no_torch or ARGS.memory_child == "gpunet"):
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _proc_status(field: str) -> int | None:
-    """A ``kB`` field of /proc/self/status (Linux), in KiB; None where there is no /proc."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_kib() -> int:
-    """Current resident set size in KiB (0 where /proc is missing)."""
-    return _proc_status("VmRSS") or 0
-
-
-def peak_rss_kib() -> int:
-    """Peak resident set size of this process so far, KiB.
-
-    VmHWM where Linux has it, else ``ru_maxrss`` (KiB on Linux). Why not ``ru_maxrss`` first: Linux keeps
-    it across fork and exec, so a child started from a big parent reports the *parent's* RSS at fork time
-    as its own peak (measured here: a 790 MiB parent gave a fresh ``python -c`` child ru_maxrss 789 MiB,
-    VmHWM 11 MiB). VmHWM belongs to the process's own address space and starts fresh at exec.
-    """
-    hwm = _proc_status("VmHWM")
-    return hwm if hwm is not None else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-
-def median_after_warmup(values):
-    """Median of ``values[1:]`` (round 1 is warm-up), or of all when there is only one."""
-    rest = values[1:] if len(values) > 1 else values
-    return statistics.median(rest) if rest else None
-
-
 def settle(pause: float) -> None:
     """Collect garbage and sleep before a timed phase: neither side pays for the other's garbage, and the
     idle threads of the other BLAS/OpenMP pool go to sleep instead of spinning on our cores."""
@@ -342,7 +305,10 @@ class GpunetSide:
         self.net = gpunet.mlp(list(sizes), activation="relu", seed=args.seed, device=device)
         self.initial_state = self.net.state_dict()
         self.loss = gpunet.SoftmaxCrossEntropy()
-        self.opt = gpunet.Momentum(self.net.parameters(), lr=args.lr, momentum=args.momentum)
+        if getattr(args, "optimizer", "momentum") == "adam":
+            self.opt = gpunet.Adam(self.net.parameters(), lr=args.lr)
+        else:
+            self.opt = gpunet.Momentum(self.net.parameters(), lr=args.lr, momentum=args.momentum)
         self.x, self.y, self.xt, self.yt = data
 
     def epoch(self, seed, sync) -> dict:
@@ -396,7 +362,10 @@ class TorchSide:
                 k = 2 * j  # gpunet names parameters by layer index: Linear layers sit at 0, 2, 4, ...
                 lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(initial_state[f"{k}.W"].T)))
                 lin.bias.copy_(torch.from_numpy(initial_state[f"{k}.b"]))
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum)
+        if getattr(args, "optimizer", "momentum") == "adam":
+            self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+        else:
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum)
         x, y, xt, yt = data
         # Tensors made once; on the CPU from_numpy shares gpunet's arrays (no copy at all).
         # Pixels: torch holds the same uint8 bytes and scales each batch (_features), as gpunet's fit does
@@ -472,15 +441,24 @@ def max_weight_diff(a: dict, b: dict) -> float:
 
 
 # ------------------------------------------------------------------------------------------ configs
+def same_work(g, t) -> dict:
+    """After the first epoch, outside the clocks: both sides' test accuracies and their largest weight
+    difference (float32 rounding drifts by ~1e-3 in an epoch; a different update rule by ~0.1)."""
+    check = {"gpunet_test_acc_epoch1": g.test_accuracy()}
+    if t is not None:
+        check["torch_test_acc_epoch1"] = t.test_accuracy()
+        check["max_abs_weight_diff_epoch1"] = max_weight_diff(g.weights(), t.weights())
+    return check
+
+
 def run_train_config(name, sizes, bs, data, device, args, xp):
-    """Interleave floor, gpunet and torch for ``args.epochs`` rounds; return the config's results."""
+    """Interleave floor, gpunet and torch for ``args.epochs`` rounds; the raw seconds of every round."""
     sync = Sync(device)
     n = len(data[0])
     g = GpunetSide(sizes, bs, data, device, args)
     t = TorchSide(sizes, bs, data, device, g.initial_state, args) if torch is not None and not args.no_torch else None
     floor = Floor(sizes, n, bs, xp, train=True)
-    rounds = []
-    check = {}
+    rounds, check = [], {}
     for r in range(args.epochs):
         seed = r  # a fresh seed per epoch: both sides see permutation(seed) for this round
         row, stamps = {}, ([] if device == "cpu" else None)
@@ -493,57 +471,18 @@ def run_train_config(name, sizes, bs, data, device, args, xp):
             settle(args.pause)
             row["torch"] = t.epoch(seed, sync)
         rounds.append(row)
-        if r == 0:  # same work on both sides? compare right after the first epoch (outside the clocks)
-            check["gpunet_test_acc_epoch1"] = g.test_accuracy()
-            if t is not None:
-                check["torch_test_acc_epoch1"] = t.test_accuracy()
-                check["acc_diff_epoch1"] = abs(check["gpunet_test_acc_epoch1"] - check["torch_test_acc_epoch1"])
-                check["max_abs_weight_diff_epoch1"] = max_weight_diff(g.weights(), t.weights())
-                check["same_work_ok"] = check["acc_diff_epoch1"] <= 0.005
-        line = f"  round {r + 1}/{args.epochs}: floor {row['floor']:.3f}s  gpunet {row['gpunet']['seconds']:.3f}s"
-        if t is not None:
-            line += f"  torch {row['torch']['seconds']:.3f}s"
-        print(line, flush=True)
-
+        if r == 0:
+            check = same_work(g, t)
+        print(f"  round {r + 1}/{args.epochs}: floor {row['floor']:.3f}s  gpunet {row['gpunet']['seconds']:.3f}s"
+              + (f"  torch {row['torch']['seconds']:.3f}s" if t is not None else ""), flush=True)
     res = {"name": name, "kind": "train", "sizes": list(sizes), "batch_size": bs, "device": device,
-           "rounds": rounds, "steps_per_epoch": len(batch_bounds(n, bs)), "gemm_flops_per_epoch": floor.flops,
-           "gemm_calls_per_epoch": len(floor.calls), **check}
-    res["floor_s"] = median_after_warmup([r["floor"] for r in rounds])
-    res["gpunet_s"] = median_after_warmup([r["gpunet"]["seconds"] for r in rounds])
-    res["gpunet_warmup_s"] = rounds[0]["gpunet"]["seconds"]
-    res["gpunet_test_acc"] = g.test_accuracy()
-    res["gpunet_train_loss_last"] = rounds[-1]["gpunet"]["train_loss"]
+           "rounds": rounds, "steps_per_epoch": len(batch_bounds(n, bs)), "gemm_calls_per_epoch": len(floor.calls),
+           "gemm_flops_per_epoch": floor.flops,
+           **check, "gpunet_test_acc": g.test_accuracy()}
     if t is not None:
-        res["torch_s"] = median_after_warmup([r["torch"]["seconds"] for r in rounds])
-        res["torch_warmup_s"] = rounds[0]["torch"]["seconds"]
         res["torch_test_acc"] = t.test_accuracy()
-        res["torch_train_loss_last"] = rounds[-1]["torch"]["train_loss"]
-        res["ratio_gpunet_torch"] = res["gpunet_s"] / res["torch_s"]
-        res["floor_over_torch"] = res["floor_s"] / res["torch_s"]
-        res["torch_over_floor"] = res["torch_s"] / res["floor_s"]
-    res["floor_over_gpunet"] = res["floor_s"] / res["gpunet_s"]
-    res["gpunet_over_floor"] = res["gpunet_s"] / res["floor_s"]
-    res["us_per_step"] = {"floor": 1e6 * res["floor_s"] / res["steps_per_epoch"],
-                          "gpunet": 1e6 * res["gpunet_s"] / res["steps_per_epoch"]}
-    if t is not None:
-        res["us_per_step"]["torch"] = 1e6 * res["torch_s"] / res["steps_per_epoch"]
-    # the same ratios round by round (each round's sides ran seconds apart): their spread shows the noise
-    timed = rounds[1:] or rounds
-    res["gpunet_over_floor_by_round"] = [r["gpunet"]["seconds"] / r["floor"] for r in timed]
-    if t is not None:
-        res["gpunet_over_torch_by_round"] = [r["gpunet"]["seconds"] / r["torch"]["seconds"] for r in timed]
-    if device == "cpu":  # the same ratios from per-step medians: what they are without the noise's bursts
-        res["step_median_over_floor"] = {
-            side: median_after_warmup([r[side]["step_median"] / r["floor_step_median"] for r in rounds])
-            for side in ("gpunet", "torch") if side in rounds[0]}
-        if t is not None:
-            res["step_median_gpunet_over_torch"] = median_after_warmup(
-                [r["gpunet"]["step_median"] / r["torch"]["step_median"] for r in rounds])
-    res["gpunet_gemm_gflops"] = floor.flops / res["gpunet_s"] / 1e9
-    res["floor_gflops"] = floor.flops / res["floor_s"] / 1e9
-    res["process_peak_rss_mib"] = peak_rss_kib() / 1024  # cumulative for this process (see README)
     if device == "gpu":
-        res.update(_gpu_memory(g, t))
+        res.update(_gpu_memory(t))
     return res
 
 
@@ -554,48 +493,37 @@ def run_inference(name, sizes, bs, data, device, args, xp):
     g = GpunetSide(sizes, bs, data, device, args)
     t = TorchSide(sizes, bs, data, device, g.initial_state, args) if torch is not None and not args.no_torch else None
     floor = Floor(sizes, len(xt), bs, xp, train=False)
-    runs = []
-    for r in range(args.inference_runs + 1):  # +1: the first run is warm-up
-        row = {}
-        settle(args.pause)
-        row["floor"] = floor.run(sync)
+
+    def timed(call):
         settle(args.pause)
         sync()
         start = time.perf_counter()
-        pg = predict(g.net, xt, batch_size=bs)
+        out = call()
         sync()
-        row["gpunet"] = time.perf_counter() - start
+        return time.perf_counter() - start, out
+
+    runs = []
+    for _ in range(args.inference_runs + 1):  # +1: the first run is warm-up
+        row = {"floor": floor.run(sync)}
+        row["gpunet"], pg = timed(lambda: predict(g.net, xt, batch_size=bs))
         if t is not None:
-            settle(args.pause)
-            sync()
-            start = time.perf_counter()
-            pt = t.predict(t.Xt, batch_size=bs)
-            sync()
-            row["torch"] = time.perf_counter() - start
+            row["torch"], pt = timed(lambda: t.predict(t.Xt, batch_size=bs))
         runs.append(row)
     res = {"name": name, "kind": "infer", "sizes": list(sizes), "batch_size": bs, "device": device,
            "images": len(xt), "rounds": runs, "gemm_flops": floor.flops}
-    res["floor_s"] = median_after_warmup([r["floor"] for r in runs])
-    res["gpunet_s"] = median_after_warmup([r["gpunet"] for r in runs])
-    res["floor_over_gpunet"] = res["floor_s"] / res["gpunet_s"]
-    res["gpunet_over_floor"] = res["gpunet_s"] / res["floor_s"]
-    pg = backend.to_numpy(pg)
-    res["gpunet_test_acc"] = float(np.mean(pg == backend.to_numpy(yt)))  # untrained net: a consistency check
+    pg, labels = backend.to_numpy(pg), backend.to_numpy(yt)
+    res["gpunet_test_acc"] = float(np.mean(pg == labels))  # untrained net: a consistency check only
     if t is not None:
-        res["torch_s"] = median_after_warmup([r["torch"] for r in runs])
-        res["ratio_gpunet_torch"] = res["gpunet_s"] / res["torch_s"]
-        res["floor_over_torch"] = res["floor_s"] / res["torch_s"]
-        res["torch_over_floor"] = res["torch_s"] / res["floor_s"]
         pt = pt.cpu().numpy()
-        res["torch_test_acc"] = float(np.mean(pt == backend.to_numpy(yt)))
+        res["torch_test_acc"] = float(np.mean(pt == labels))
         res["prediction_agreement"] = float(np.mean(pg == pt))
-    print(f"  gpunet {res['gpunet_s'] * 1e3:.1f} ms" + (f"  torch {res['torch_s'] * 1e3:.1f} ms" if t else "")
-          + f"  floor {res['floor_s'] * 1e3:.1f} ms", flush=True)
+    print(f"  last run: gpunet {row['gpunet'] * 1e3:.1f} ms" + (f"  torch {row['torch'] * 1e3:.1f} ms" if t else "")
+          + f"  floor {row['floor'] * 1e3:.1f} ms", flush=True)
     return res
 
 
-def _gpu_memory(g, t) -> dict:
-    """GPU memory held after training: CuPy's pool (gpunet) and torch's peak allocation."""
+def _gpu_memory(t) -> dict:
+    """GPU memory held after training: CuPy's pool (gpunet) and torch's peak allocation, MiB."""
     out = {}
     try:
         import cupy
@@ -607,8 +535,8 @@ def _gpu_memory(g, t) -> dict:
     return out
 
 
-def gpu_matmul_rate(n=8192, repeats=5) -> dict:
-    """The GPU's own float32 matmul rate: median of ``repeats`` (n x n) @ (n x n) CuPy products, TF32 off."""
+def gpu_matmul_seconds(n=8192, repeats=5) -> dict:
+    """The GPU's own float32 matmul: seconds of ``repeats`` (n x n) @ (n x n) CuPy products, TF32 off."""
     import cupy
     a = cupy.random.default_rng(0).standard_normal((n, n), dtype=cupy.float32)
     b = cupy.random.default_rng(1).standard_normal((n, n), dtype=cupy.float32)
@@ -621,105 +549,33 @@ def gpu_matmul_rate(n=8192, repeats=5) -> dict:
         cupy.matmul(a, b, out=c)
         cupy.cuda.get_current_stream().synchronize()
         times.append(time.perf_counter() - start)
-    sec = statistics.median(times)
-    return {"n": n, "seconds": sec, "tflops": 2 * n ** 3 / sec / 1e12, "cupy_tf32": os.environ.get("CUPY_TF32")}
-
-
-# ------------------------------------------------------------------------------------------- memory
-def memory_child(side: str, data_dir, pixels: str) -> dict:
-    """Runs in its own process: load MNIST and train one epoch (784-512-512-10, batch 128); RSS figures.
-
-    The baseline is the RSS right after the imports (``numpy``, ``gpunet`` and, for torch, ``torch``) and,
-    for gpunet with numba, the load of its compiled kernels,
-    so the growth counts only the data set, the model, the optimizer state and the training temporaries.
-    """
-    if side == "torch" and torch is None:
-        return {"side": side, "error": "torch is not installed"}
-    before_jit = rss_kib()
-    if side == "gpunet":
-        # numba, when installed, is one of gpunet's libraries as torch is torch's: its import and the one-time
-        # load of the compiled float32 kernels (a fixed ~70 MB of LLVM, whatever the data) go in the baseline;
-        # "baseline_before_jit_kib" keeps the figure without them
-        z, labels = np.zeros((2, 2), np.float32), np.zeros(2, np.int64)
-        fast_ops.bias_relu(z, z[0])
-        fast_ops.relu_backward(z, z.copy())
-        fast_ops.softmax_xent(z, labels, np.empty_like(z), np.empty(2, np.float32))
-        fast_ops.gather_scaled(np.zeros((2, 2), np.uint8), labels, np.empty_like(z), 255)
-    base = rss_kib()
-    base_peak = peak_rss_kib()
-    x, y, xt, yt = load_data(argparse.Namespace(data_dir=data_dir, pixels=pixels), "cpu")
-    after_load = rss_kib()
-    args = argparse.Namespace(seed=0, lr=0.01, momentum=0.9)
-    g = GpunetSide(MEMORY_SIZES, MEMORY_BATCH, (x, y, xt, yt), "cpu", args)
-    params = sum(v.nbytes for v in g.initial_state.values())
-    if side == "gpunet":
-        g.epoch(0, Sync("cpu"))
-    else:
-        t = TorchSide(MEMORY_SIZES, MEMORY_BATCH, (x, y, xt, yt), "cpu", g.initial_state, args)
-        del g  # only torch's model stays (the gpunet net was a few MB of initial weights)
-        gc.collect()
-        t.epoch(0, Sync("cpu"))
-    peak = peak_rss_kib()
-    ru_maxrss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # for the record: see peak_rss_kib
-    train_bytes = len(x) * x.shape[1] * 4  # the float32 training set, however the images are held
-    reference = train_bytes + params
-    growth = peak - base
-    return {"side": side, "baseline_before_jit_kib": before_jit, "baseline_kib": base, "baseline_peak_kib": base_peak,
-            "after_load_kib": after_load, "peak_kib": peak, "ru_maxrss_kib": ru_maxrss, "growth_kib": growth,
-            "train_set_bytes": train_bytes, "pixels": pixels, "model_bytes": int(params),
-            "reference_bytes": int(reference),
-            "ratio_growth_over_reference": growth * 1024 / reference}
-
-
-def run_memory(args) -> dict:
-    """Start one child per side; each prints its JSON as the last line of stdout."""
-    out = {}
-    sides = ["gpunet"] + (["torch"] if torch is not None and not args.no_torch else [])
-    for side in sides:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", side, "--pixels", args.pixels]
-        if args.data_dir:
-            cmd += ["--data-dir", args.data_dir]
-        if args.threads is not None:
-            cmd += ["--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0:
-            out[side] = {"side": side, "error": proc.stderr.strip()[-2000:]}
-        else:
-            out[side] = json.loads(proc.stdout.strip().splitlines()[-1])
-        m = out[side]
-        if "error" not in m:
-            print(f"  {side}: peak {m['peak_kib'] / 1024:.0f} MiB, baseline {m['baseline_kib'] / 1024:.0f} MiB, "
-                  f"growth {m['growth_kib'] / 1024:.0f} MiB = {m['ratio_growth_over_reference']:.2f} x "
-                  f"(train set + model)", flush=True)
-        else:
-            print(f"  {side}: failed: {m['error'].splitlines()[-1] if m['error'] else '?'}", flush=True)
-    return out
+    return {"n": n, "seconds": times, "cupy_tf32": os.environ.get("CUPY_TF32")}
 
 
 # --------------------------------------------------------------------------------------------- main
-def load_data(args, device):
-    """MNIST through gpunet's own data setting (``--data-dir``, else ``$GPUNET_DATA``), on ``device``:
-    (x, y, x_test, y_test), the images as ``gpunet.Pixels`` with ``--pixels uint8``."""
+def load_data(data_dir, pixels, device):
+    """MNIST through gpunet's own data setting (``data_dir``, else ``$GPUNET_DATA``), on ``device``:
+    (x, y, x_test, y_test), the images as ``gpunet.Pixels`` when ``pixels`` is "uint8"."""
     try:
-        (x, y), (xt, yt) = load_mnist(args.data_dir, download=False,
-                                      dtype=np.uint8 if args.pixels == "uint8" else np.float32)
+        (x, y), (xt, yt) = load_mnist(data_dir, download=False, dtype=np.uint8 if pixels == "uint8" else np.float32)
     except Exception as exc:
-        sys.exit(f"bench_mlp: cannot load MNIST: {exc}")
+        sys.exit(f"speed.py: cannot load MNIST: {exc}")
     if device == "gpu":
         # moved once: fit's own to_device is then a no-op, so no epoch pays a host-to-device copy
         x, y, xt, yt = (gpunet.to_device(a, "gpu") for a in (x, y, xt, yt))
-    if args.pixels == "uint8":
+    if pixels == "uint8":
         x, xt = gpunet.Pixels(x), gpunet.Pixels(xt)
     return x, y, xt, yt
 
 
-def main(args) -> int:
+def prepare(args) -> tuple:
+    """Check the device, set the threads and TF32 off; (threads, xp)."""
     device = args.device
     if device == "gpu":
         if not backend.gpu_available():
-            sys.exit(f"bench_mlp: --device gpu, but no GPU is usable: {backend.gpu_unavailable_reason()}")
+            sys.exit(f"speed.py: --device gpu, but no GPU is usable: {backend.gpu_unavailable_reason()}")
         if torch is not None and not args.no_torch and not torch.cuda.is_available():
-            print("bench_mlp: torch has no CUDA here: gpunet is timed alone", file=sys.stderr)
+            print("speed.py: torch has no CUDA here: gpunet is timed alone", file=sys.stderr)
             args.no_torch = True
     threads = args.threads or _cores()
     if torch is not None:
@@ -727,17 +583,21 @@ def main(args) -> int:
         if device == "gpu":
             torch.backends.cuda.matmul.allow_tf32 = False  # float32 products, like gpunet's
             torch.backends.cudnn.allow_tf32 = False
-    xp = backend.get_array_module(backend.to_device(np.zeros(1), device))
-    data = load_data(args, device)
+    return threads, backend.get_array_module(backend.to_device(np.zeros(1), device))
+
+
+def main(args) -> int:
+    device = args.device
+    threads, xp = prepare(args)
+    data = load_data(args.data_dir, args.pixels, device)
+    timed_torch = torch is not None and not args.no_torch
     results = {"machine": machine_info(device), "device": device,
-               "settings": {"epochs": args.epochs, "warmup_rounds": 1 if args.epochs > 1 else 0,
-                            "inference_runs": args.inference_runs, "lr": args.lr, "momentum": args.momentum,
-                            "seed": args.seed, "threads": threads, "pixels": args.pixels, "pause_s": args.pause,
-                            "quick": args.quick,
-                            "torch": torch is not None and not args.no_torch},
-               "configs": [], "memory": None, "gpu_peak": None}
-    print(f"bench_mlp: device {device}, {threads} threads, {args.epochs} rounds per config "
-          f"(round 1 = warm-up), torch {'on' if results['settings']['torch'] else 'off'}", flush=True)
+               "settings": {"epochs": args.epochs, "inference_runs": args.inference_runs, "lr": args.lr,
+                            "momentum": args.momentum, "optimizer": args.optimizer, "seed": args.seed, "threads": threads, "pixels": args.pixels,
+                            "pause_s": args.pause, "quick": args.quick, "torch": timed_torch},
+               "configs": [], "gpu_matmul": None}
+    print(f"speed.py: device {device}, {threads} threads, {args.epochs} rounds per config "
+          f"(round 1 = warm-up), torch {'on' if timed_torch else 'off'}", flush=True)
     for name in args.config_names:
         kind, sizes, bs, _ = CONFIGS[name]
         print(f"[{name}]", flush=True)
@@ -745,25 +605,13 @@ def main(args) -> int:
         results["configs"].append(fn(name, sizes, bs, data, device, args, xp))
     if device == "gpu" and "784-512-512-10/b4096" in args.config_names:
         print("[gpu matmul rate]", flush=True)
-        rate = gpu_matmul_rate()
-        big = next(c for c in results["configs"] if c["name"] == "784-512-512-10/b4096")
-        achieved = big["gemm_flops_per_epoch"] / big["gpunet_s"] / 1e12
-        rate.update({"gpunet_b4096_tflops": achieved, "fraction": achieved / rate["tflops"]})
-        results["gpu_peak"] = rate
-        print(f"  sgemm {rate['n']}^3: {rate['tflops']:.1f} TFLOP/s; gpunet b4096 {achieved:.2f} TFLOP/s "
-              f"= {100 * rate['fraction']:.0f}%", flush=True)
-    if not args.no_memory:
-        print("[peak memory, CPU training in subprocesses]", flush=True)
-        results["memory"] = run_memory(args)
-
-    from bench_report import evaluate_targets, render_markdown, render_text
-    results["targets"] = evaluate_targets(results)
-    print()
-    print(render_text(results))
+        results["gpu_matmul"] = gpu_matmul_seconds()
     json_path = Path(args.json) if args.json else HERE / "results" / f"latest-{device}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
-    print(f"\nresults: {json_path}")
+    json_path.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    from report import render_markdown, render_text
+
+    print("\n" + render_text(results) + f"\n\nresults: {json_path}")
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(render_markdown(results))
@@ -772,11 +620,4 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    if ARGS.memory_child:
-        if ARGS.threads and torch is not None:
-            torch.set_num_threads(ARGS.threads)
-        elif torch is not None:
-            torch.set_num_threads(_cores())
-        print(json.dumps(memory_child(ARGS.memory_child, ARGS.data_dir, ARGS.pixels)))
-        sys.exit(0)
     sys.exit(main(ARGS))

@@ -1,0 +1,51 @@
+"""The compiled CPU kernel of the augmentation's resampling (numba): :func:`gpunet.augment.bilinear` at the
+points :func:`gpunet.augment.source_points` gives, in one pass per image instead of some twenty NumPy passes
+over the batch (each a full read and write of B x H x W values; timings in BENCHMARKS.md).
+
+Optional like :mod:`gpunet.fast.numba_kernels` (loaded through :func:`gpunet.fast.ops.numba_kernels`'s
+switches); the formula is the core's, and tests hold the kernel to it.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+
+
+@_jit
+def _pixel(img, b, i, j, h, w):
+    if i < 0 or i >= h or j < 0 or j >= w:
+        return img.dtype.type(0)
+    return img[b, i * w + j]
+
+
+@_jit
+def affine_elastic_bilinear(images, maps, fields, elastic, h, w, out):
+    """out (B, H*W) = images (B, H*W) read at maps[b] @ (row - cr, col - cc, 1) + (cr, cc) (+ fields[b, :,
+    row, col] when ``elastic``), bilinear, zero outside; maps (B, 2, 3), fields (B, 2, H, W), one dtype."""
+    t = images.dtype.type
+    cr, cc = t((h - 1) / 2), t((w - 1) / 2)
+    lo, hi_r, hi_c = t(-1), t(h), t(w)
+    for b in range(images.shape[0]):
+        m00, m01, m02 = maps[b, 0, 0], maps[b, 0, 1], maps[b, 0, 2]
+        m10, m11, m12 = maps[b, 1, 0], maps[b, 1, 1], maps[b, 1, 2]
+        for i in range(h):
+            dr = t(i) - cr
+            for j in range(w):
+                dc = t(j) - cc
+                r = m00 * dr + m01 * dc + m02 + cr
+                c = m10 * dr + m11 * dc + m12 + cc
+                if elastic:
+                    r += fields[b, 0, i, j]
+                    c += fields[b, 1, i, j]
+                r = min(max(r, lo), hi_r)
+                c = min(max(c, lo), hi_c)
+                r0, c0 = np.floor(r), np.floor(c)
+                fr, fc = r - r0, c - c0
+                ir, ic = int(r0), int(c0)
+                v00, v01 = _pixel(images, b, ir, ic, h, w), _pixel(images, b, ir, ic + 1, h, w)
+                v10, v11 = _pixel(images, b, ir + 1, ic, h, w), _pixel(images, b, ir + 1, ic + 1, h, w)
+                top = v00 + fc * (v01 - v00)
+                bottom = v10 + fc * (v11 - v10)
+                out[b, i * w + j] = top + fr * (bottom - top)
