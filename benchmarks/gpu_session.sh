@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a GPU check needs, in one command, for a lent GPU machine where device time is short (about
 # 10 minutes, start-up included): the GPU tests (which must not skip there), the GPU benchmark configs,
-# the default MNIST recipe on the GPU, and docker/smoke.sh's checks.
+# the default MNIST recipe on the GPU, docker/smoke.sh's checks, and docker/test-image.sh --gpus all where a
+# container engine works.
 #
 #   bash benchmarks/gpu_session.sh [--dry-run] MNIST_DIR [OUT_DIR]
 #
@@ -88,5 +89,17 @@ keep "$scratch/recipe/metrics.json" recipe-metrics.json
 step smoke 60 env OUT_DIR="$scratch/smoke" GPUNET_DEVICE="$device" PYTHON="$python" sh docker/smoke.sh \
     --device "$device" "${train_args[@]}"
 keep "$scratch/smoke/metrics.json" smoke-metrics.json
+# The image, where this host has a working container engine: docker/test-image.sh builds it and runs CI's
+# checks with the GPU visible in the containers (--gpus all). Its base and wheelhouse need Debian's and
+# PyPI's servers (or GPUNET_TEST_BASE and a filled docker/wheels/). The dry run only says what would run.
+if (docker info || podman info) >/dev/null 2>&1; then
+    if [ "$dry" = "1" ]; then
+        echo "=== image: dry run: would run docker/test-image.sh --gpus all (a container engine is here)" | tee -a "$log"
+    else
+        step image 480 env GPUNET_DATA="$data" PYTHON="$python" bash docker/test-image.sh --gpus all
+    fi
+else
+    echo "=== image: no working container engine (docker or podman) here: skipped" | tee -a "$log"
+fi
 echo "failed steps: $failed" | tee -a "$log"
 exit "$failed"

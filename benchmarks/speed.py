@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--inference-runs", type=int, default=7, help="timed runs per side for 'inference'")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate of both sides")
     p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--optimizer", choices=("momentum", "adam"), default="momentum",
+                   help="both sides' rule: SGD with --momentum, or Adam (PyTorch's defaults but --lr); "
+                        "benchmarks/optim_speed.py times both rules in one run")
     p.add_argument("--seed", type=int, default=0, help="seed of gpunet's initial weights")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (torch.set_num_threads) and, when given, for NumPy's BLAS "
@@ -302,7 +305,10 @@ class GpunetSide:
         self.net = gpunet.mlp(list(sizes), activation="relu", seed=args.seed, device=device)
         self.initial_state = self.net.state_dict()
         self.loss = gpunet.SoftmaxCrossEntropy()
-        self.opt = gpunet.Momentum(self.net.parameters(), lr=args.lr, momentum=args.momentum)
+        if getattr(args, "optimizer", "momentum") == "adam":
+            self.opt = gpunet.Adam(self.net.parameters(), lr=args.lr)
+        else:
+            self.opt = gpunet.Momentum(self.net.parameters(), lr=args.lr, momentum=args.momentum)
         self.x, self.y, self.xt, self.yt = data
 
     def epoch(self, seed, sync) -> dict:
@@ -356,7 +362,10 @@ class TorchSide:
                 k = 2 * j  # gpunet names parameters by layer index: Linear layers sit at 0, 2, 4, ...
                 lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(initial_state[f"{k}.W"].T)))
                 lin.bias.copy_(torch.from_numpy(initial_state[f"{k}.b"]))
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum)
+        if getattr(args, "optimizer", "momentum") == "adam":
+            self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+        else:
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum)
         x, y, xt, yt = data
         # Tensors made once; on the CPU from_numpy shares gpunet's arrays (no copy at all).
         # Pixels: torch holds the same uint8 bytes and scales each batch (_features), as gpunet's fit does
@@ -584,7 +593,7 @@ def main(args) -> int:
     timed_torch = torch is not None and not args.no_torch
     results = {"machine": machine_info(device), "device": device,
                "settings": {"epochs": args.epochs, "inference_runs": args.inference_runs, "lr": args.lr,
-                            "momentum": args.momentum, "seed": args.seed, "threads": threads, "pixels": args.pixels,
+                            "momentum": args.momentum, "optimizer": args.optimizer, "seed": args.seed, "threads": threads, "pixels": args.pixels,
                             "pause_s": args.pause, "quick": args.quick, "torch": timed_torch},
                "configs": [], "gpu_matmul": None}
     print(f"speed.py: device {device}, {threads} threads, {args.epochs} rounds per config "

@@ -33,7 +33,7 @@ from . import checkpoint
 from .backend import to_numpy
 
 HOOKS = ("on_train_begin", "on_epoch_begin", "transform_batch", "on_batch_end", "on_epoch_end", "on_interrupt",
-         "on_train_end", "state_dict", "load_state_dict")
+         "on_train_end")  # what the run calls; state_dict and load_state_dict are for its checkpoints
 
 
 def stop(run, reason: str) -> None:

@@ -73,7 +73,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The command line; ``preset`` (a name in :data:`gpunet.recipe.PRESETS`) sets train's defaults to it."""
     p = Parser(prog="gpunet", description="Train and use feed-forward networks on MNIST, on a GPU or the CPU.")
     p.add_argument("--version", action="version", version=f"gpunet {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
@@ -114,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.npz (same flags; --epochs may be raised)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="N", help="write checkpoint.npz every N epochs (default: 1; an interrupt always writes one)")
+    t.add_argument("--preset", choices=tuple(recipe.PRESETS), default=None, help="a whole measured recipe: best = 784-1024-1024-10 with distortions, 30 epochs (README: Augmentation); flags given too win")
+    t.add_argument("--augment", action="store_true", help="distort every training image afresh each epoch: random affine + elastic (the --aug-* flags)")
+    t.add_argument("--aug-rotation", type=non_negative_float, default=12.0, metavar="DEG", help="--augment: rotation uniform in [-DEG, DEG] degrees (default: 12)")
+    t.add_argument("--aug-scale", type=unit_interval, default=0.12, metavar="S", help="--augment: scale factor uniform in [1-S, 1+S] (default: 0.12)")
+    t.add_argument("--aug-shear", type=non_negative_float, default=0.0, metavar="DEG", help="--augment: shear uniform in [-DEG, DEG] degrees (default: 0)")
+    t.add_argument("--aug-shift", type=non_negative_float, default=2.5, metavar="PX", help="--augment: shift uniform in [-PX, PX] pixels per axis (default: 2.5)")
+    t.add_argument("--aug-sigma", type=positive_float, default=4.0, help="--augment: elastic field's Gaussian smoothing, in pixels (default: 4)")
+    t.add_argument("--aug-alpha", type=non_negative_float, default=34.0, help="--augment: elastic field's strength, in pixels; 0 = affine only (default: 34)")
+    if preset is not None:
+        t.set_defaults(**recipe.PRESETS[preset], preset=preset)
 
     e = sub.add_parser("evaluate", help="accuracy, per-class table and confusion matrix of a model on the test set")
     e.add_argument("model", help="model file written by gpunet train")
@@ -524,6 +535,8 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "preset", None) is not None:  # parsed again with the preset's defaults under the flags
+        args = build_parser(args.preset).parse_args(argv)
     args.argv = argv
     where = f" (rank {parallel.launched_rank()})" if parallel.launched_size() > 1 else ""
     try:

@@ -26,7 +26,7 @@ EXAMPLE = {
              "\"A step by step backpropagation example\" (`x = 0.05 0.1`, `y^D = 0.01 0.99`, weights w1..w8 = "
              "0.15 0.2 0.25 0.3 0.4 0.45 0.5 0.55 as `W^1 = [[w1, w3], [w2, w4]]` and `W^2 = [[w5, w7], "
              "[w6, w8]]`, biases 0.35 and 0.6, sigmoid neurons). With --loss mse --output-activation sigmoid "
-             "it is the article's step; gpunet explain --help lists the other flags.",
+             "and no other flag, it is the article's step exactly; gpunet explain --help lists the flags.",
 }
 OUTPUT_ACTIVATIONS = ("sigmoid", "tanh")
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, backend, checkpoint, fast, files, parallel, plots
+from .augment import Augment
 from .batches import Pixels
 from .data import DataError, load_arrays, load_mnist, split_validation
 from .layers import Standardize
@@ -89,6 +90,14 @@ class TrainConfig:
     data: str | None = None  # a .npz or CSV file of one's own, instead of the IDX folder
     label_column: str = "label"
     scale: str = "standard"
+    preset: str | None = None
+    augment: bool = False
+    aug_rotation: float = 12.0
+    aug_scale: float = 0.12
+    aug_shear: float = 0.0
+    aug_shift: float = 2.5
+    aug_sigma: float = 4.0
+    aug_alpha: float = 34.0
 
     def __post_init__(self):
         for name, value in OPTIMIZER_SETTINGS.get(self.optimizer, {}).items():
@@ -127,6 +136,31 @@ def load_data(data_dir=None, download=False):
     return load_mnist(folder, download=download or not explicit, dtype=np.uint8)
 
 
+# ``gpunet train --preset NAME``: defaults for a whole recipe (flags given explicitly still win). "best" was
+# chosen on the validation split (README.md, "Augmentation and the best preset", lists what was tried).
+PRESETS = {
+    "best": {"hidden": [1024, 1024], "dropout": 0.1, "epochs": 30, "batch_size": 128, "optimizer": "momentum",
+             "lr": 0.05, "momentum": 0.9, "schedule": "cosine", "augment": True, "aug_rotation": 12.0,
+             "aug_scale": 0.12, "aug_shear": 0.0, "aug_shift": 2.5, "aug_sigma": 4.0, "aug_alpha": 34.0},
+}
+
+
+def augmentation(config: TrainConfig, features: int = 784):
+    """The :class:`gpunet.augment.Augment` that ``config`` asks for (None without ``--augment``), for square
+    images of ``features`` pixels, seeded by ``--seed``."""
+    if not config.augment:
+        return None
+    side = int(round(features ** 0.5))
+    if side * side != features:
+        raise ConfigError(f"--augment: expected square images (a square number of features), got {features} features")
+    try:
+        return Augment(rotation=config.aug_rotation, scale=config.aug_scale, shear=config.aug_shear,
+                       shift=config.aug_shift, sigma=config.aug_sigma, alpha=config.aug_alpha,
+                       shape=(side, side), seed=config.seed)
+    except ValueError as exc:  # Augment names its argument: rotation, scale, ... are --aug-rotation, ...
+        raise ConfigError(f"--aug-{exc}") from None
+
+
 def check(config: TrainConfig) -> None:
     """Refuse settings that cannot work together, before any data is read."""
     if len(config.activation) not in (1, len(config.hidden)):
@@ -153,6 +187,9 @@ def check(config: TrainConfig) -> None:
                           f"together with {'--data-dir' if config.data_dir is not None else '--download'}")
     if config.data is not None and not Path(config.data).is_file():
         raise DataError(f"data file not found: {config.data}")
+    if config.preset is not None and config.preset not in PRESETS:
+        raise ConfigError(f"--preset: expected one of {', '.join(PRESETS)}, got {config.preset!r}")
+    augmentation(config)
     data_folder(config.data_dir, config.download)
 
 
@@ -284,7 +321,8 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
                       target_loss=config.target_loss, patience=config.patience, schedule=schedule,
                       callback=on_epoch, on_batch=on_batch, checkpoint_path=ckpt, resume=meta is not None,
                       checkpoint_every=checkpoint_every, interrupt=interrupt,
-                      run_info={"config": asdict(config), "data": data}, comm=comm)
+                      run_info={"config": asdict(config), "data": data}, comm=comm,
+                      augment=augmentation(config, x_tr.shape[1]))
     except Exception as exc:
         # MemoryError, or CuPy's OutOfMemoryError (tested by name: CuPy may not be installed)
         if not isinstance(exc, MemoryError) and type(exc).__name__ != "OutOfMemoryError":

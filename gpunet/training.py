@@ -206,10 +206,11 @@ class Run:
         return [value] if self.comm is None else self.comm.allgather(value)
 
     def _stateful(self):
-        """``(name, callback)`` of each callback with a state of its own; names repeat-proof (``X``, ``X.2``)."""
+        """``(name, callback)`` of each callback that has a ``state_dict``, named by its class (``X``, then
+        ``X.2`` for a second one), so that a resumed run with the same callbacks finds each its own."""
         seen = {}
         for c in self.callbacks:
-            if hasattr(c, "state_dict") and c.state_dict() != {}:
+            if hasattr(c, "state_dict"):
                 name = type(c).__name__
                 seen[name] = seen.get(name, 0) + 1
                 yield (name if seen[name] == 1 else f"{name}.{seen[name]}"), c
@@ -225,8 +226,10 @@ class Run:
         arrays.update({f"net/{k}": v for k, v in self.net.state_dict().items()})
         states = {}
         for name, c in self._stateful():
-            states[name], more = checkpoint.split(f"callbacks/{name}", c.state_dict())
-            arrays.update(more)
+            state = c.state_dict()
+            if state:  # most callbacks have none
+                states[name], more = checkpoint.split(f"callbacks/{name}", state)
+                arrays.update(more)
         h = self.history
         return {"network": self.net.config(), "epoch": self.epoch, "step": self.step,
                 "order_rng": self.epoch_rng if mid else self.order_rng.bit_generator.state, "random": random,

@@ -238,3 +238,36 @@ def programs(dtype: str) -> list:
             seen.add(program[:2])
             out.append(program)
     return out + [(name, source, ()) for name, source in raw_programs(dtype)]
+
+
+def main() -> int:
+    """Compile every program for every arch and dtype, as tests/test_cuda_compile.py does; docker/test-image.sh
+    runs this inside the image (`python /tests/cuda_compile.py`) to hold the image's own NVRTC and headers to
+    it. Prints one line per arch and dtype; exit status 1 on the first missing piece or failed program."""
+    try:
+        tools = toolchain()
+    except Unavailable as exc:
+        print(f"cuda_compile: {exc}")
+        return 1
+    print(f"cuda_compile: NVRTC {'.'.join(map(str, tools['nvrtc']))}, CUDA headers {tools['headers']} "
+          f"(CUDART_VERSION {tools['cudart']})")
+    failures = 0
+    for arch in tools["archs"]:
+        for dtype in DTYPES:
+            done = []
+            for name, source, kernel_options in programs(dtype):
+                try:
+                    if compile_program(source, name, arch, kernel_options)[:4] != b"\x7fELF":
+                        raise CompileError(f"{name} (sm_{arch}): NVRTC returned no cubin")
+                    done.append(name)
+                except CompileError as exc:
+                    failures += 1
+                    print(f"cuda_compile: FAILED: {exc}")
+            print(f"cuda_compile: sm_{arch} {dtype}: {len(done)} programs compiled ({', '.join(done)})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -210,3 +210,91 @@ def test_other_image_shapes_work():
     want[:, 1:] = x.reshape(2, 20, 12)[:, :-1]
     assert np.array_equal(out.reshape(2, 20, 12), want)
     assert augment.gaussian_matrix(12, 4.0).shape == (12, 12)
+
+
+# --- in training: fit(..., augment=...) ---------------------------------------------------------------------
+
+def _digits(n, seed=0):
+    """n fake 'digits': each class a fixed random blob pattern, placed in the middle of the frame."""
+    rng = np.random.default_rng(seed)
+    protos = np.zeros((10, H, W), np.float32)
+    protos[:, 8:20, 8:20] = rng.random((10, 12, 12)) > 0.5
+    labels = rng.integers(0, 10, n)
+    return protos[labels].reshape(n, -1) + 0.1 * rng.random((n, H * W), dtype=np.float32), labels
+
+
+class Counting(Augment):
+    """An Augment that counts the rows it distorts."""
+
+    rows = 0
+
+    def transform_batch(self, run, xb):
+        self.rows += len(xb)
+        return super().transform_batch(run, xb)
+
+
+def _net_and_opt(device, seed=0):
+    import gpunet as gn
+    net = gn.mlp([H * W, 32, 10], dropout=0.1, seed=seed, device=device)
+    return net, gn.Momentum(net.parameters(), lr=0.05, momentum=0.9)
+
+
+def test_fit_distorts_the_training_inputs_only_and_leaves_labels_alone(device):
+    """Identity distortions leave fit's run bit for bit as without them (order, labels, weights); a real
+    one sees each training row once per epoch (never a validation row) and changes the weights."""
+    import gpunet as gn
+    from gpunet.training import fit
+    x, y = _digits(300)
+    xv, yv = _digits(100, seed=1)
+    y_copy = y.copy()
+    weights = []
+    for aug in (None, Augment(rotation=0, scale=0, shear=0, shift=0, alpha=0), Counting(seed=2)):
+        net, opt = _net_and_opt(device)
+        fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, epochs=2, batch_size=64, validation=(xv, yv), augment=aug)
+        weights.append([to_numpy(p.data) for p in net.parameters()])
+    assert all(np.array_equal(a, b) for a, b in zip(weights[0], weights[1]))
+    assert not all(np.array_equal(a, b) for a, b in zip(weights[0], weights[2]))
+    assert aug.rows == 2 * 300
+    assert np.array_equal(y, y_copy)
+
+
+def test_resume_with_augmentation_is_bit_exact(tmp_path, device):
+    """Interrupted mid-epoch and resumed from the checkpoint, a run with distortions ends on the very
+    weights of the run that was never stopped: the augmentation's generator travels in the checkpoint."""
+    import gpunet as gn
+    from gpunet.training import Interrupted, fit
+    x, y = _digits(256, seed=3)
+    kwargs = dict(epochs=3, batch_size=32, checkpoint_path=tmp_path / "ckpt.npz")
+    net, opt = _net_and_opt(device)
+    fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, augment=Augment(seed=4), **kwargs)
+    want = [to_numpy(p.data) for p in net.parameters()]
+    net, opt = _net_and_opt(device)
+    steps = iter(range(100))
+    with pytest.raises(Interrupted):  # stops after 13 steps: in the second epoch (8 steps each)
+        fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, augment=Augment(seed=4), interrupt=lambda: next(steps) == 12,
+            **kwargs)
+    net, opt = _net_and_opt(device)
+    fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, augment=Augment(seed=4), resume=True, **kwargs)
+    got = [to_numpy(p.data) for p in net.parameters()]
+    assert all(np.array_equal(a, b) for a, b in zip(want, got))
+
+
+@pytest.mark.slow
+def test_augmentation_helps_on_shifted_and_rotated_digits(mnist_dir):
+    """A real effect, on real MNIST: 784-128-10 trained 5 epochs on 2000 digits, with and without random
+    shifts, rotations and scalings, then tested on 1000 test digits each shifted, rotated and scaled at
+    random (another seed). Measured here (2026-12-01): 0.447 without and 0.672 with (about 30 s on the
+    shared 2-core machine). The test asks for 10 points of margin (a 1000-digit test set's standard error
+    is under 1.6 points)."""
+    import gpunet as gn
+    from gpunet.data import load_mnist
+    from gpunet.training import evaluate, fit
+    (x, y), (xt, yt) = load_mnist(mnist_dir)
+    moved = Augment(rotation=15, scale=0.1, shift=3, alpha=0, seed=99)(xt[:1000])
+    acc = {}
+    for name, aug in (("plain", None), ("augmented", Augment(rotation=15, scale=0.1, shift=3, alpha=0, seed=1))):
+        net = gn.mlp([784, 128, 10], seed=0, device="cpu")
+        opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9)
+        fit(net, gn.SoftmaxCrossEntropy(), opt, x[:2000], y[:2000], epochs=5, augment=aug)
+        acc[name] = evaluate(net, gn.SoftmaxCrossEntropy(), moved, yt[:1000])["accuracy"]
+    assert acc["augmented"] > acc["plain"] + 0.10, acc

@@ -129,6 +129,26 @@ def test_array_helpers_on_cpu():
     assert isinstance(backend.to_numpy([1, 2]), np.ndarray)
 
 
+def test_softmax_is_written_once_and_is_stable(device):
+    """backend.log_softmax / softmax, the one softmax of layers, losses and predict_proba, against another
+    formula for two classes, ``log p0 = -log1p(exp(z1 - z0))`` in float64: logits near 0 and the same
+    shifted by 1000 (exp(1000) overflows any float: only the shift inside keeps them finite); dtype and
+    device kept. rtol 1e-6 (a few float32 ulps) and atol 1e-7: ``log(sum)`` of a sum near 1 keeps float32's
+    absolute error there (6e-8), which dominates a log-probability as small as -6e-6."""
+    z = np.array([[0.0, np.log(3.0)], [1000.0, 1000.0 + np.log(3.0)], [-5.0, 7.0]], dtype=np.float32)
+    d = z[:, 1].astype(np.float64) - z[:, 0]
+    want_log = np.stack([-np.log1p(np.exp(d)), -np.log1p(np.exp(-d))], axis=1)
+    zd = backend.to_device(z, device)
+    for fn, want in ((backend.log_softmax, want_log), (backend.softmax, np.exp(want_log))):
+        got = fn(zd)
+        assert got.dtype == np.float32 and backend.device_of(got) == device
+        assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert_allclose(backend.softmax(zd)[0], [0.25, 0.75], rtol=1e-6)  # by hand: e^0 : e^ln3 = 1 : 3
+    p = backend.to_numpy(backend.softmax(backend.to_device(np.random.default_rng(0).normal(size=(5, 7)) * 50, device)))
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-12)  # float64 rows: one up to rounding
+    assert np.isfinite(p).all()
+
+
 @pytest.mark.gpu
 def test_array_helpers_on_gpu():
     import cupy

@@ -1,8 +1,13 @@
-"""The CUDA Docker image: lint, one source of truth for CuPy, static regression checks, and the
-smoke script run for real on this machine.
+"""The image: built and run by a real container engine, and the checks that need none.
 
-No Docker engine is needed: the Dockerfile is checked with hadolint and read as text, and
-docker/smoke.sh (the script the image ships as `gpunet-smoke`) runs against the installed package.
+* docker/test-image.sh (CI runs it in .ci/run, before the test run) builds docker/Dockerfile as gpunet:local
+  and uses the image as a user would: training, stop and resume, serve under load, mpiexec, NVRTC. The
+  tests here check that very image: `inspect` and short runs (uid, command, caches, versions, layers). They
+  skip without an engine, or when gpunet:local was built from other files than this checkout's (its label
+  org.gpunet.source is docker/build_inputs.py's digest); GPUNET_REQUIRE_CONTAINER=1 makes both a failure.
+* Without an engine: hadolint over the Dockerfile, CuPy's versions from the `cuda12` extra alone, the
+  build context, docker/build_inputs.py, and docker/smoke.sh (what the image ships as `gpunet-smoke`) run
+  against the installed package.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pytest
 
@@ -23,8 +28,14 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
 SMOKE = ROOT / "docker" / "smoke.sh"
 PYPROJECT = ROOT / "pyproject.toml"
 DOCKERIGNORE = ROOT / ".dockerignore"
+TEST_IMAGE = ROOT / "docker" / "test-image.sh"
+IMAGE = "gpunet:local"
 
 REQUIRE_TOOLS = os.environ.get("GPUNET_REQUIRE_TOOLS") == "1"
+REQUIRE_CONTAINER = os.environ.get("GPUNET_REQUIRE_CONTAINER") == "1"
+
+sys.path.insert(0, str(ROOT / "docker"))
+import build_inputs  # noqa: E402  (docker/build_inputs.py)
 
 
 def _missing_tool(msg: str):
@@ -60,20 +71,10 @@ def parse_dockerfile(text: str) -> list[tuple[str, str]]:
     return instructions
 
 
-def _json_or_words(args: str) -> list[str]:
-    """Arguments of CMD/ENTRYPOINT/VOLUME in JSON (exec) form or shell form."""
-    if args.startswith("["):
-        return json.loads(args)
-    return shlex.split(args)
-
-
 def _key_values(args: str) -> dict[str, str]:
-    """ARG/ENV `A=1 B=2` (or the old `ENV A 1` form) as a dict."""
-    words = shlex.split(args)
-    if len(words) >= 2 and "=" not in words[0]:
-        return {words[0]: " ".join(words[1:])}
+    """ARG `A=1 B=2` (or a bare `ARG A`) as a dict."""
     out = {}
-    for w in words:
+    for w in shlex.split(args):
         name, eq, value = w.partition("=")
         out[name] = value if eq else ""
     return out
@@ -101,12 +102,6 @@ def _args_defaults(instructions) -> dict[str, str]:
         if kw == "ARG":
             out.update(_key_values(args))
     return out
-
-
-def _final_stage(instructions):
-    """Instructions of the last build stage (after its FROM), and that FROM's arguments."""
-    last_from = max(i for i, (kw, _) in enumerate(instructions) if kw == "FROM")
-    return instructions[last_from][1], instructions[last_from + 1 :]
 
 
 def _load_pyproject() -> dict:
@@ -241,6 +236,13 @@ def test_cuda12_extra_pins_cupy():
     assert cupy, f"the cuda12 extra names no CuPy package: {_cuda12_extra()}"
     assert all(n == "cupy-cuda12x" for n, _ in cupy), f"cuda12 extra should use cupy-cuda12x: {cupy}"
     assert all(s for _, s in cupy), f"cupy-cuda12x is not version-bounded in the cuda12 extra: {cupy}"
+    # NVRTC and the runtime headers CuPy compiles with at run time: NVIDIA's wheels of CUDA 12, >= 12.8
+    # (the first NVRTC that builds sm_120), so the image needs no CUDA toolkit from its base
+    specs = dict(names)
+    for wheel in ("nvidia-cuda-nvrtc-cu12", "nvidia-cuda-runtime-cu12"):
+        assert wheel in specs, f"the cuda12 extra lacks {wheel}: {_cuda12_extra()}"
+        assert _version_satisfies("12.8.0", specs[wheel]) and not _version_satisfies("13.0.0", specs[wheel]) \
+            and not _version_satisfies("12.2.0", specs[wheel]), f"{wheel}{specs[wheel]}: want >=12.8,<13"
 
 
 def test_dockerfile_cupy_comes_from_the_cuda12_extra(dockerfile):
@@ -280,139 +282,77 @@ def test_dockerfile_cupy_comes_from_the_cuda12_extra(dockerfile):
         )
 
 
-def test_dependency_layer_is_built_from_pyproject_alone(dockerfile):
-    """Code edits must not reinstall CuPy: deps from pyproject.toml first, then the code, --no-deps."""
-    _, instructions = dockerfile
-    _, stage = _final_stage(instructions)
-    copies = [(i, args) for i, (kw, args) in enumerate(stage) if kw in ("COPY", "ADD")]
-    assert copies, "docker/Dockerfile copies nothing"
-    first_i, first_args = copies[0]
-    first_sources = [w for w in shlex.split(first_args) if not w.startswith("--")][:-1]
-    assert first_sources == ["pyproject.toml"], (
-        f"the first COPY should bring only pyproject.toml, got {first_sources}"
-    )
-    code_copy = next(
-        (i for i, args in copies if re.search(r"(^|\s)(\./)?gpunet/?(\s|$)|(^|\s)\.(\s|$)", args)), None
-    )
-    assert code_copy is not None, "docker/Dockerfile never copies the gpunet/ package"
-    runs = [(i, args) for i, (kw, args) in enumerate(stage) if kw == "RUN"]
-    dep_runs = [args for i, args in runs if first_i < i < code_copy and re.search(r"pip\s+install", args)]
-    assert dep_runs, "no `pip install` of the dependencies between COPY pyproject.toml and the code"
-    code_runs = [args for i, args in runs if i > code_copy and re.search(r"pip\s+install", args)]
-    assert code_runs and all("--no-deps" in a for a in code_runs), (
-        f"gpunet itself must be installed with --no-deps after its code is copied: {code_runs}"
-    )
-
-
 # --------------------------------------------------------------------------------------------
-# (c) static checks that catch regressions
+# (c) what no image built here can show: the default base users get
 # --------------------------------------------------------------------------------------------
 
 
-def test_base_image_is_a_cuda12_runtime_image_from_a_build_arg(dockerfile):
+def test_default_base_is_nvidia_cuda12_runtime_and_any_base_can_be_given(dockerfile):
+    """Users build on NVIDIA's CUDA 12 runtime image by default; CI builds the same file on a Debian base
+    through the BASE_IMAGE argument (declared before FROM, so FROM can use it)."""
     _, instructions = dockerfile
-    from_args, _ = _final_stage(instructions)
-    image = [w for w in from_args.split() if not w.startswith("--")][0]
-    m = re.fullmatch(r"nvidia/cuda:\$\{?(\w+)\}?-runtime-ubuntu\d\d\.\d\d", image)
-    assert m, f"base image should be nvidia/cuda:${{CUDA_VERSION}}-runtime-ubuntuXX.XX, got {image!r}"
-    arg = m.group(1)
-    before_from = instructions[: next(i for i, (kw, _) in enumerate(instructions) if kw == "FROM")]
-    defaults = _args_defaults([(kw, a) for kw, a in before_from if kw == "ARG"])
-    assert arg in defaults, f"the CUDA version {arg} must be an ARG declared before FROM"
-    assert re.fullmatch(r"12\.\d+\.\d+", defaults[arg]), (
-        f"ARG {arg} should default to a CUDA 12.x.y version, got {defaults[arg]!r}"
-    )
+    first_from = next(i for i, (kw, _) in enumerate(instructions) if kw == "FROM")
+    defaults = _args_defaults(instructions[:first_from])
+    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-runtime-ubuntu\d\d\.\d\d", defaults.get("BASE_IMAGE", "")), defaults
+    froms = [args for kw, args in instructions if kw == "FROM"]
+    assert froms == ["${BASE_IMAGE}"], f"one stage, on the BASE_IMAGE argument: {froms}"
 
 
-def test_image_installs_the_cuda_runtime_headers_for_nvrtc(dockerfile):
-    _, instructions = dockerfile
-    runs = " ".join(args for kw, args in instructions if kw == "RUN")
-    assert "cuda-cudart-dev-" in runs or "nvidia-cuda-runtime-cu12" in runs, (
-        "without the CUDA runtime headers CuPy cannot compile kernels on CUDA >= 12.2 "
-        "(NVRTC_ERROR_COMPILATION: cannot open vector_types.h)"
-    )
+# --------------------------------------------------------------------------------------------
+# (e) docker/build_inputs.py and docker/test-image.sh without an engine
+# --------------------------------------------------------------------------------------------
 
 
-def test_image_runs_as_a_non_root_user(dockerfile):
-    _, instructions = dockerfile
-    _, stage = _final_stage(instructions)
-    users = [args.strip() for kw, args in stage if kw == "USER"]
-    assert users, "docker/Dockerfile has no USER: the image would run as root"
-    user = users[-1].split(":")[0]
-    assert user not in ("root", "0", ""), f"the last USER is root: {users[-1]!r}"
-    runs = " ".join(args for kw, args in stage if kw == "RUN")
-    if user.isdigit():
-        assert re.search(rf"useradd\b[^&;]*--uid\s+{user}\b", runs), f"no useradd creates uid {user}"
-    else:
-        assert re.search(rf"useradd\b[^&;]*\b{re.escape(user)}\b", runs), f"no useradd creates {user}"
+def test_wheelhouse_requirements_come_from_pyproject():
+    doc = _load_pyproject()
+    extras = doc["project"]["optional-dependencies"]
+    got = build_inputs.requirements("cuda12,cli")
+    assert got == doc["project"]["dependencies"] + extras["cuda12"] + extras["cli"] + doc["build-system"]["requires"]
+    with pytest.raises(SystemExit, match="extra 'cuda99' is not in pyproject.toml"):
+        build_inputs.requirements("cli,cuda99")
 
 
-def _last_is_json(stage, keyword) -> bool:
-    return [a for kw, a in stage if kw == keyword][-1].startswith("[")
+def test_pip_target_names_every_manylinux_up_to_the_base_glibc():
+    opts = build_inputs.pip_target("3.11", "2.36", "x86_64")
+    platforms = [opts[i + 1] for i, o in enumerate(opts) if o == "--platform"]
+    # a wheel tagged for any glibc up to 2.36 fits (numba: manylinux_2_28, mpi4py: manylinux1, ...)
+    assert {"manylinux_2_36_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+            "manylinux1_x86_64"} <= set(platforms)
+    assert "manylinux_2_37_x86_64" not in platforms  # newer than the base's C library: would not load
+    assert opts[opts.index("--python-version") + 1] == "3.11" and "--only-binary=:all:" in opts
+    assert "manylinux2014_x86_64" not in build_inputs.pip_target("3.10", "2.12", "x86_64")
 
 
-def test_entrypoint_is_gpunet_with_info_by_default(dockerfile):
-    _, instructions = dockerfile
-    _, stage = _final_stage(instructions)
-    entry = [_json_or_words(a) for kw, a in stage if kw == "ENTRYPOINT"]
-    assert entry, "docker/Dockerfile has no ENTRYPOINT"
-    assert _last_is_json(stage, "ENTRYPOINT"), "ENTRYPOINT should use the JSON (exec) form"
-    assert Path(entry[-1][0]).name == "gpunet", f"ENTRYPOINT should be gpunet, got {entry[-1]}"
-    cmd = [_json_or_words(a) for kw, a in stage if kw == "CMD"]
-    assert cmd and cmd[-1] == ["info"], f"default CMD should be [\"info\"], got {cmd[-1] if cmd else None}"
+def test_source_digest_follows_the_files_the_image_is_built_from(tmp_path, monkeypatch):
+    for name in ("pyproject.toml", "docker/Dockerfile", "docker/smoke.sh", "gpunet/__init__.py", "gpunet/fast/a.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    monkeypatch.setattr(build_inputs, "ROOT", tmp_path)
+    first = build_inputs.digest()
+    (tmp_path / "gpunet" / "__pycache__").mkdir()
+    (tmp_path / "gpunet" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"cache")  # not copied: same
+    (tmp_path / "README.md").write_text("not in the image")
+    assert build_inputs.digest() == first
+    (tmp_path / "gpunet" / "fast" / "a.py").write_text("changed")
+    assert build_inputs.digest() != first
+    assert build_inputs.digest() == build_inputs.digest()
 
 
-def test_data_volume_cache_and_environment(dockerfile):
-    _, instructions = dockerfile
-    _, stage = _final_stage(instructions)
-    volumes = [v for kw, a in stage if kw == "VOLUME" for v in _json_or_words(a)]
-    assert "/data" in volumes, f"/data should be a VOLUME, got {volumes}"
-    env = {}
-    for kw, a in stage:
-        if kw == "ENV":
-            env.update(_key_values(a))
-    assert env.get("GPUNET_DATA") == "/data", f"ENV GPUNET_DATA should be /data, got {env.get('GPUNET_DATA')}"
-    runs = " ".join(a for kw, a in stage if kw == "RUN")
-    # numba cannot write its cache next to gpunet's root-owned code; without a folder it compiles nothing
-    for var in ("CUPY_CACHE_DIR", "NUMBA_CACHE_DIR"):
-        cache = env.get(var)
-        assert cache and cache.startswith("/"), f"ENV {var} should point to a writable folder"
-        named = r"(\$\{?" + var + r"\}?|" + re.escape(cache) + ")"
-        assert re.search(r"mkdir\b[^&;]*" + named, runs), f"the {var} folder is never created"
-        # chown -R of the folder or of a folder holding it, below /home
-        holders = [cache] + [str(d) for d in PurePosixPath(cache).parents if len(d.parts) > 2]
-        owned = r"(\$\{?" + var + r"\}?|" + "|".join(re.escape(h) for h in holders) + r")(\s|\"|$)"
-        assert re.search(r"chown\s+-R\b[^&;]*" + owned, runs), f"the {var} folder must belong to the image's user"
-        assert re.search(r"chmod\s+1777\b[^&;]*" + named, runs), (
-            f"the {var} folder must stay writable under --user (chmod 1777)"
-        )
-    assert "/opt/venv" in env.get("PATH", "") or env.get("VIRTUAL_ENV") == "/opt/venv", (
-        "the virtual environment /opt/venv should be on PATH"
-    )
-
-
-def test_image_ships_the_executable_self_test_script(dockerfile):
-    _, instructions = dockerfile
-    copies = [a for kw, a in instructions if kw in ("COPY", "ADD")]
-    assert any(re.search(r"(^|\s)docker/smoke\.sh\s+/\S+", a) for a in copies), (
-        "docker/smoke.sh is not copied into the image"
-    )
-    assert SMOKE.is_file(), f"{SMOKE} is missing"
-    mode = SMOKE.stat().st_mode
-    assert mode & 0o111 and os.access(SMOKE, os.X_OK), f"docker/smoke.sh is not executable (mode {oct(mode)})"
-    first = SMOKE.read_text(encoding="utf-8").splitlines()[0]
-    assert first.startswith("#!"), "docker/smoke.sh has no #! line"
-    # What git will check out matters too: the mode recorded in the index (when the file is tracked).
-    if shutil.which("git") and (ROOT / ".git").exists():
-        ls = subprocess.run(
-            ["git", "ls-files", "-s", "--", "docker/smoke.sh"],
-            cwd=ROOT, capture_output=True, text=True, timeout=30,
-        )
-        if ls.returncode == 0 and ls.stdout.strip():
-            assert ls.stdout.split()[0] == "100755", (
-                f"git records docker/smoke.sh without the executable bit: {ls.stdout.strip()} "
-                "(git update-index --chmod=+x docker/smoke.sh)"
-            )
+def test_test_image_without_an_engine_exits_77(tmp_path, mnist_dir):
+    """Where no engine works, the script says so and exits 77, which CI's GPUNET_REQUIRE_CONTAINER=1 fails on;
+    here a PATH with only the basic tools and a docker that answers nothing (no daemon)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("bash", "dirname", "sed", "cat"):
+        if shutil.which(tool):
+            (bindir / tool).symlink_to(shutil.which(tool))
+    (bindir / "docker").write_text("#!/bin/sh\nexit 1\n")
+    (bindir / "docker").chmod(0o755)
+    env = {"PATH": str(bindir), "GPUNET_DATA": str(mnist_dir), "HOME": str(tmp_path)}
+    proc = subprocess.run([shutil.which("bash"), str(TEST_IMAGE)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 77, proc.stdout + proc.stderr
+    assert "no container engine works here (podman or docker)" in proc.stdout
 
 
 def _dockerignore_patterns() -> list[str]:
@@ -445,9 +385,11 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 def test_dockerignore_keeps_the_build_context_small():
     pats = _dockerignore_patterns()
     for junk in (".git/HEAD", "venv/bin/python", ".venv/bin/python", "runs/exp1/model.npz",
-                 "gpunet/__pycache__/x.cpython-311.pyc", ".pytest_cache/v/x"):
+                 "gpunet/__pycache__/x.cpython-311.pyc", ".pytest_cache/v/x", "docker/.build/base.tar"):
         assert _ignored(junk, pats), f".dockerignore does not keep {junk} out of the build context"
-    for needed in ("pyproject.toml", "gpunet/__init__.py", "gpunet/backend.py", "docker/smoke.sh"):
+    # docker/wheels/ is the wheelhouse the build mounts (RUN --mount=type=bind,source=docker/wheels)
+    for needed in ("pyproject.toml", "gpunet/__init__.py", "gpunet/backend.py", "docker/smoke.sh",
+                   "docker/wheels/README.md", "docker/wheels/numpy-2.0-cp311-cp311-manylinux_2_17_x86_64.whl"):
         assert not _ignored(needed, pats), f".dockerignore drops {needed}, which the image build needs"
 
 
@@ -487,3 +429,122 @@ def test_smoke_script_trains_one_epoch_on_mnist(mnist_dir, tmp_path):
     metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
     assert 0.90 <= metrics["test_accuracy"] <= 1.0, metrics
     assert (out_dir / "model.npz").is_file(), f"no model.npz in {out_dir}\n{output}"
+
+
+# --------------------------------------------------------------------------------------------
+# (f) the image docker/test-image.sh built from this checkout
+# --------------------------------------------------------------------------------------------
+
+
+def _engine() -> list | None:
+    """The engine command docker/test-image.sh would use: podman (with runc where installed), else docker."""
+    if shutil.which("podman"):
+        cmd = ["podman"] + (["--runtime", shutil.which("runc")] if shutil.which("runc") else [])
+        if subprocess.run(cmd + ["info"], capture_output=True, timeout=120).returncode == 0:
+            return cmd
+    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True, timeout=120).returncode == 0:
+        return ["docker"]
+    return None
+
+
+def _no_image(msg: str):
+    if REQUIRE_CONTAINER:
+        pytest.fail(f"{msg} (GPUNET_REQUIRE_CONTAINER=1)")
+    pytest.skip(msg)
+
+
+LIMITS = ["--ulimit", "nofile=1024:4096", "--ulimit", "nproc=4096:4096"]  # as docker/test-image.sh runs it
+
+
+class Image:
+    def __init__(self, engine: list, config: dict):
+        self.engine, self.config = engine, config
+
+    def run(self, *args, user=None, entrypoint=None, timeout=300) -> subprocess.CompletedProcess:
+        cmd = self.engine + ["run", "--rm", *LIMITS] + (["--user", user] if user else []) + \
+            (["--entrypoint", entrypoint] if entrypoint else []) + [IMAGE, *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
+        return proc
+
+
+@pytest.fixture(scope="module")
+def image():
+    """gpunet:local as docker/test-image.sh built it from this checkout's files, else skip (or fail)."""
+    engine = _engine()
+    if engine is None:
+        _no_image("no container engine works here (podman or docker)")
+    found = subprocess.run(engine + ["image", "inspect", IMAGE], capture_output=True, text=True, timeout=120)
+    if found.returncode != 0:
+        _no_image(f"no image {IMAGE}: run docker/test-image.sh first")
+    config = json.loads(found.stdout)[0]["Config"]
+    built_from, here = (config.get("Labels") or {}).get("org.gpunet.source"), build_inputs.digest()
+    if built_from != here:
+        _no_image(f"{IMAGE} was built from other files (source {built_from}) than this checkout's ({here}): "
+                  f"run docker/test-image.sh")
+    return Image(engine, config)
+
+
+def test_image_runs_as_uid_1000_not_root(image):
+    assert image.config["User"] == "1000:1000"
+    assert image.run("-c", "id -u; id -un; id -g; echo $HOME", entrypoint="sh").stdout.split() == \
+        ["1000", "gpunet", "1000", "/home/gpunet"]
+
+
+def test_default_command_is_gpunet_info(image):
+    assert image.config["Entrypoint"] == ["gpunet"] and image.config["Cmd"] == ["info"]
+    out = image.run().stdout
+    version = _load_pyproject()["project"]["version"]
+    assert out.startswith(f"gpunet {version}\n"), out
+    assert re.search(r"^device: cpu, NumPy backend \(GPU not used: .+\)$", out, re.M), out  # no --gpus here
+    assert "CPU kernels compiled with numba" in out and "data folder: /data " in out, out
+
+
+def test_caches_stay_writable_and_the_code_does_not_under_any_uid(image):
+    env = dict(e.split("=", 1) for e in image.config["Env"])
+    assert env["GPUNET_DATA"] == "/data" and "/data" in (image.config.get("Volumes") or {})
+    assert env["PATH"].startswith("/opt/venv/bin:")
+    probe = ('touch "$CUPY_CACHE_DIR/p" "$NUMBA_CACHE_DIR/p" && test -x /usr/local/bin/gpunet-smoke && '
+             '! touch /opt/venv/lib/p 2>/dev/null && echo fine')
+    for user in (None, "4242:4242"):  # the image's user, and an arbitrary one (`--user "$(id -u):$(id -g)"`)
+        assert image.run("-c", probe, user=user, entrypoint="sh").stdout.strip() == "fine"
+
+
+def test_installed_versions_are_pyproject_s(image):
+    """What pip put in the image satisfies every requirement of the extras it was built with: CuPy and
+    NVIDIA's wheels from the cuda12 extra, numba, MPI, the cli extra (one source of truth, checked in the
+    image rather than in the Dockerfile's text)."""
+    listed = json.loads(image.run("list", "--format=json", entrypoint="pip").stdout)
+    installed = {p["name"].lower().replace("_", "-"): p["version"] for p in listed}
+    assert installed.get("gpunet") == _load_pyproject()["project"]["version"]
+    for req in build_inputs.requirements("cuda12,cli,numba,mpi")[:-2]:  # less the build system's
+        name, spec = _requirement_name_and_spec(req)
+        assert name in installed, f"{name} is not installed in the image"
+        assert _version_satisfies(installed[name], spec), f"{name} {installed[name]} is not {spec}"
+
+
+def test_nvrtc_and_headers_are_the_image_s_own(image):
+    cmd = image.engine + ["run", "--rm", *LIMITS, "-v", f"{ROOT / 'tests'}:/tests:ro", "--entrypoint", "python",
+                          IMAGE, "-c", "import sys, json; sys.path.insert(0, '/tests'); import cuda_compile as c; "
+                          "t = c.toolchain(); print(json.dumps({k: list(v) if isinstance(v, tuple) else v "
+                          "for k, v in t.items()}))"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tools = json.loads(proc.stdout)
+    assert tools["headers"].startswith("/opt/venv/") and tools["nvrtc"][0] == 12, tools
+    assert tools["archs"] == ["80", "90", "120"], tools  # NVRTC >= 12.8 builds sm_120
+
+
+def test_dependencies_are_a_layer_below_the_code(image):
+    """Editing gpunet rebuilds only the code layer: pyproject.toml's dependencies are installed in an older
+    layer than the one that copies gpunet/, and gpunet itself goes in with --no-deps."""
+    proc = subprocess.run(image.engine + ["history", "--no-trunc", "--format", "{{.CreatedBy}}", IMAGE],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    steps = proc.stdout.splitlines()[::-1]  # oldest first
+    deps = next(i for i, line in enumerate(steps) if re.search(r"pip install --find-links /wheels \S*\./\[", line))
+    code = next(i for i, line in enumerate(steps) if re.search(r"COPY .*\./gpunet/", line))
+    install = next(i for i, line in enumerate(steps) if "--no-deps" in line)
+    assert deps < code < install, steps
+    # the dependency layer sees one file: podman names it "COPY file:<digest> in ./", docker by its name
+    assert re.search(r"COPY (file:\w+ in \./|pyproject\.toml \./)", steps[deps - 1]), steps[deps - 1]

@@ -461,6 +461,44 @@ def test_the_notes_squared_error_case_is_mazur_s_step():
     within_a_terminal(text)
 
 
+def same_record(got, want, tol, path="record"):
+    """Two JSON records alike: the same keys, strings and flags, numbers within ``tol`` (the device aside)."""
+    if isinstance(want, dict):
+        assert sorted(got) == sorted(want), path
+        for key in set(want) - {"device"}:
+            same_record(got[key], want[key], tol, f"{path}.{key}")
+    elif isinstance(want, (str, bool)) or want is None:
+        assert got == want, path
+    elif isinstance(want, list) and any(isinstance(v, (dict, str)) for v in want):
+        assert len(got) == len(want), path
+        for i, (a, b) in enumerate(zip(got, want)):
+            same_record(a, b, tol, f"{path}[{i}]")
+    else:  # a number, or nested lists of numbers
+        np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64), **tol, err_msg=path)
+
+
+def test_the_record_on_each_device(device):
+    """One checker, two entry points: Mazur's step (float64) and a BatchNorm + Adam step (float32) recorded on
+    ``device`` agree with the CPU's record. Tolerances: float64 both ways, 1e-12 (the sums may run in another
+    order); float32, rtol 1e-4 and atol 1e-6, the CPU/GPU band of test_agreement.py."""
+    net = build_network(weights=MAZUR, dtype=np.float64, output_activation="sigmoid").to(device)
+    rec = gn.explain_step(net, gn.MSELoss(), gn.SGD(net.parameters(), lr=ALPHA), X, [0.01, 0.99])
+    assert rec["device"] == gn.backend.device_of(net.parameters()[0].data)
+    check_mazur(rec)
+
+    def bn_adam(dev):
+        net = gn.mlp([3, 5, 2], seed=4, batch_norm=True, device=dev)
+        x, y = np.arange(12, dtype=np.float32).reshape(4, 3) / 10, np.array([0, 1, 0, 1])
+        return to_json(gn.explain_step(net, gn.SoftmaxCrossEntropy(), gn.Adam(net.parameters(), lr=0.01), x, y))
+
+    here, cpu = bn_adam(device), bn_adam("cpu")
+    same_record(here, cpu, dict(rtol=1e-4, atol=1e-6))
+    # Adam's moments are far below atol: held relatively where nothing cancels (W^L's, from y^1 and delta^L)
+    for name in ("m", "v"):
+        np.testing.assert_allclose(here["layers"][-1]["params"]["W"]["state"][name],
+                                   cpu["layers"][-1]["params"]["W"]["state"][name], rtol=1e-3, atol=0)
+
+
 def test_cli_mazur_step_float32_and_float64(capsys):
     rc, out, err = run_main(["--loss", "mse", "--output-activation", "sigmoid", "--float64", "--json"], capsys)
     assert rc == 0, err

@@ -34,7 +34,7 @@ ALLOWED = {
     "explain": {"backend", "files", "inputs", "layers", "losses", "optimizers"},
     "explain_inputs": {"layers", "network"},
     "explain_render": {"explain"},
-    "recipe": {"__init__", "backend", "checkpoint", "fast", "files", "parallel", "plots", "batches", "data", "layers",
+    "recipe": {"__init__", "augment", "backend", "checkpoint", "fast", "files", "parallel", "plots", "batches", "data", "layers",
                "losses", "network", "optimizers", "schedules", "training"},
     "images": {"data"},
     "predictions": set(),

@@ -43,6 +43,24 @@ def _needs_mpi():
         pytest.skip(msg)
 
 
+class TwoSameRanks:
+    """A stand-in for parallel.Comm whose all-reduce sums two ranks holding the same values."""
+
+    def allreduce(self, buf):
+        assert buf.dtype == np.float64  # one float64 buffer: integers below 2**53 stay exact
+        buf *= 2
+
+
+def test_sum_over_ranks_gives_each_value_back_in_its_own_kind():
+    from gpunet.parallel import sum_over_ranks
+
+    counts = np.arange(9, dtype=np.int64).reshape(3, 3)
+    loss, correct, cm, nothing = sum_over_ranks(TwoSameRanks(), 1.25, 2**40 + 1, counts, None)
+    assert (type(loss), loss) == (float, 2.5) and (type(correct), correct) == (int, 2**41 + 2)
+    assert cm.dtype == np.int64 and cm.shape == (3, 3) and np.array_equal(cm, 2 * counts)
+    assert nothing is None
+
+
 def mpiexec():
     return str(MPIEXEC) if MPIEXEC.exists() else shutil.which("mpiexec")
 
@@ -125,6 +143,9 @@ def test_resume_with_two_processes(data, runs, tmp_path):
     assert res.returncode == 0, res.stderr
     res = train("--data-dir", data, "--out", out, *FLAGS, "--resume")
     assert res.returncode == 0, res.stderr
+    # it did resume (a fresh 3-epoch run would end with the same bits): it trained epoch 3 alone
+    assert "resuming after epoch 2, step 0; 2 processes" in res.stdout, res.stdout
+    assert [l.split("/")[0] for l in res.stdout.splitlines() if l.startswith("epoch ")] == ["epoch   3"], res.stdout
     full, resumed = weights(runs[2] / "model.npz"), weights(out / "model.npz")
     for k in full:
         assert np.array_equal(full[k], resumed[k]), k

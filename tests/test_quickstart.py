@@ -69,7 +69,7 @@ def test_ci_runs_the_readme_lines_and_nothing_else_as_set_up():
         assert not re.search(r"pip install[^\n]*\s(-e\s+)?['\"]?\.(\[|\s|$|['\"])", line), \
             f".ci/run installs the project itself: {line!r}"
     for flag in ("GPUNET_REQUIRE_DATA", "GPUNET_REQUIRE_CUPY", "GPUNET_REQUIRE_NUMBA", "GPUNET_REQUIRE_TOOLS",
-                 "GPUNET_REQUIRE_NVRTC"):
+                 "GPUNET_REQUIRE_NVRTC", "GPUNET_REQUIRE_CONTAINER"):
         assert f"export {flag}=1" in run, f".ci/run no longer sets {flag}=1"
     assert re.search(r'export GPUNET_DATA=.*shared/data/mnist', run), ".ci/run does not point GPUNET_DATA at ../shared"
 
@@ -92,7 +92,7 @@ def _third_party_test_imports() -> set[str]:
             elif (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in
                   ("importorskip", "optional") and node.args and isinstance(node.args[0], ast.Constant)):
                 found.add(node.args[0].value.split(".")[0])
-    local = {p.stem for p in (ROOT / "tests").glob("*.py")} | {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    local = {p.stem for folder in ("tests", "benchmarks", "docker") for p in (ROOT / folder).glob("*.py")}
     return {m for m in found if m not in sys.stdlib_module_names and m not in local and m != "gpunet"}
 
 

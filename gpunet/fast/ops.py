@@ -85,7 +85,7 @@ def relu_backward(dy, y):
 def adam(w, g, m, v, scalars, scratch):
     """Adam's or AdamW's rule on one parameter, in place: ``scalars`` = (b1, b2, c1, c2, step, root_c2,
     eps, wd, decay) in w's dtype (:func:`gpunet.fast.step.adam_scalars`); w, g, m, v C-contiguous of one
-    shape and dtype; ``scratch`` two arrays like w, for in-place NumPy (the core's operations, in its order,
+    shape and dtype; ``scratch`` two arrays like w (None on the GPU), for in-place NumPy (the core's operations, in its order,
     without its temporaries)."""
     if get_array_module(w) is not np:
         return cuda.adam(w, g, m, v, scalars)

@@ -122,7 +122,9 @@ class FusedStep:
             dy.sum(axis=0, out=b.grad)
             for k in (2 * i, 2 * i + 1):
                 p = opt.params[k]
-                scratch = [self._buffer(("adam", j, k), p.data.shape, p.data.dtype) for j in (0, 1)]
+                scratch = None
+                if self.on_cpu:  # in-place NumPy's two work arrays, made once (CUDA and numba need none)
+                    scratch = [self._buffer(("adam", j, k), p.data.shape, p.data.dtype) for j in (0, 1)]
                 ops.adam(p.data, p.grad, opt.m[k], opt.v[k], self._adam_scalars, scratch)
             return
         t = W.data.dtype.type  # the GPU: b.grad and both updates in one launch
