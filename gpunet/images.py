@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from .data import DataError
 
@@ -180,24 +179,31 @@ def _ink(rgb: np.ndarray) -> tuple[np.ndarray, float]:
     return ink.astype(np.float32), noise
 
 
-def _window(a: np.ndarray, k: int, reduce, mode: str = "constant", fill=0) -> np.ndarray:
-    """A k x k window (k odd) reduced at every pixel, (H, W) -> (H, W): a k-window along the rows, then
-    along the columns (max, min and sum are separable), over `a` padded by k // 2 with `mode`/`fill`."""
+def _window(a: np.ndarray, k: int, op, mode: str = "constant", fill=0) -> np.ndarray:
+    """A k x k window (k odd) reduced at every pixel with the ufunc `op` (np.maximum, np.minimum, np.add),
+    (H, W) -> (H, W), over `a` padded by k // 2 with `mode`/`fill`: max, min and sum are separable, so a
+    k-window along the rows, then along the columns, each k - 1 whole-array `op` calls on views."""
     r = k // 2
     p = np.pad(a, r, mode=mode, **({"constant_values": fill} if mode == "constant" else {}))
-    rows = reduce(sliding_window_view(p, k, axis=0), axis=-1)
-    return reduce(sliding_window_view(rows, k, axis=1), axis=-1)
+    h, w = a.shape
+    rows = p[0:h].copy()
+    for i in range(1, k):
+        op(rows, p[i:i + h], out=rows)
+    out = rows[:, 0:w].copy()
+    for j in range(1, k):
+        op(out, rows[:, j:j + w], out=out)
+    return out
 
 
 def _box_mean3(a: np.ndarray) -> np.ndarray:
     """3x3 mean filter with edge padding (H, W) -> (H, W), float32."""
-    return _window(a, 3, np.sum, mode="edge") / np.float32(9)
+    return _window(a, 3, np.add, mode="edge") / np.float32(9)
 
 
 def _dilate(a: np.ndarray, steps: int) -> np.ndarray:
     """Grey dilation (H, W) -> (H, W) of ink >= 0: a 3x3 maximum `steps` times, i.e. one (2 steps + 1)
     square maximum with zeros outside; each step widens a stroke by 2 pixels."""
-    return _window(a, 2 * steps + 1, np.max) if steps > 0 else a
+    return _window(a, 2 * steps + 1, np.maximum) if steps > 0 else a
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -209,7 +215,7 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     while True:
         # every pixel takes the smallest label among its 3x3 neighbours, then the label of the pixel that
         # label names (pointer jumping): a component's labels fall to its first pixel's index in a few rounds
-        low = np.where(mask, _window(label, 3, np.min, fill=none), none)
+        low = np.where(mask, _window(label, 3, np.minimum, fill=none), none)
         low = np.append(low.ravel(), none)[low]
         if np.array_equal(low, label):
             break

@@ -187,6 +187,7 @@ class _BaseMLP(BaseEstimator):
         self.net_ = self._network(n_in, n_out, np.random.default_rng(seed), self._where())
         self._opt = self._optimizer(self.net_, self._batch(rows))
         self.n_outputs_, self.n_layers_ = n_out, len(self._hidden()) + 2
+        self.out_activation_ = "softmax" if self._classifies else "identity"
         self.n_iter_, self.t_, self.loss_curve_, self._no_improvement_count = 0, 0, [], 0
         self.best_loss_, self.validation_scores_, self.best_validation_score_ = np.inf, None, None
 
@@ -315,6 +316,11 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def predict_proba(self, X):
         """Class probabilities (n_samples, n_classes), float64, in the order of ``classes_``."""
         return self._outputs(X)
+
+    def predict_log_proba(self, X):
+        """The logarithm of :meth:`predict_proba` (n_samples, n_classes), float64."""
+        with np.errstate(divide="ignore"):  # a probability that underflowed to 0 is log 0 = -inf, as scikit-learn's
+            return np.log(self._outputs(X))
 
     def predict(self, X):
         """The most probable class of each row (n_samples,), labels as in ``classes_``."""

@@ -269,8 +269,9 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
         fast: bool = True, checkpoint_path=None, resume: bool = False, checkpoint_every: int = 1,
         interrupt=None, run_info: dict | None = None, comm=None, callbacks=(), augment=None,
         verbose: int = 0) -> History:
-    """Train ``net`` on ``x`` (N, features) float array or ``Pixels``, and ``y`` (N,) int labels or
-    (N, outputs) float targets.
+    """Train ``net`` on ``x`` (N, features): any 2-D real array-like (converted once to the network's dtype
+    and device, :mod:`gpunet.inputs`) or ``Pixels``; and ``y``: (N,) integer labels 0..C-1 or (N, outputs)
+    targets.
 
     ``validation=(x_val, y_val)`` is evaluated after each epoch. ``patience`` (needs validation) stops
     after that many epochs without a val-loss improvement larger than ``min_delta`` and restores the best

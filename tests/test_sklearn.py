@@ -115,6 +115,9 @@ def test_results_are_numpy_and_a_pickle_holds_host_arrays_only(device, tmp_path,
     proba, labels = est.predict_proba(x_te / 16), est.predict(x_te / 16)
     assert type(proba) is np.ndarray and proba.dtype == np.float64 and proba.shape == (len(x_te), 10)
     assert type(labels) is np.ndarray and set(labels) <= set(est.classes_)
+    np.testing.assert_allclose(np.exp(est.predict_log_proba(x_te / 16)), proba, rtol=1e-12)  # log, then exp
+    np.testing.assert_array_equal(labels, est.classes_[proba.argmax(axis=1)])
+    assert est.out_activation_ == "softmax" and est.n_layers_ == 3 and est.n_outputs_ == 10
     assert all(type(a) is np.ndarray for a in est.coefs_ + est.intercepts_)
     assert [c.shape for c in est.coefs_] == [(64, 16), (16, 10)]
     (tmp_path / "est.pkl").write_bytes(pickle.dumps(est))
