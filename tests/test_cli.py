@@ -201,6 +201,9 @@ def test_train_with_each_optimizer_and_batch_norm(tmp_path, flags, optimizer, fu
     (["train", "--beta1", "0.5"], "--beta1: a setting of --optimizer adam or adamw, got --optimizer momentum"),
     (["train", "--optimizer", "adam", "--centered"], "--centered: a setting of --optimizer rmsprop, got --optimizer adam"),
     (["train", "--device", "tpu"], "device: expected one of 'cpu', 'gpu', 'cuda', 'cuda:N' or 'auto', got 'tpu'"),
+    (["train", "--augment", "--aug-rotation", "200"], r"--aug-rotation: expected a number in [0, 180), got 200.0"),
+    (["train", "--aug-scale", "1.5"], r"argument --aug-scale: expected a number in [0, 1), got '1.5'"),
+    (["train", "--preset", "fastest"], "argument --preset: invalid choice: 'fastest'"),
     (["evaluate", "/nonexistent/model.npz"], "model file not found: /nonexistent/model.npz"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
@@ -299,3 +302,14 @@ def test_train_data_file_mistakes_print_one_line(own_data, tmp_path, flags, mess
     res = run("train", *[f.format(root=root) for f in flags], "--out", tmp_path / "o", "--device", "cpu")
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert message.format(root=root) in res.stderr, res.stderr
+
+
+def test_preset_best_sets_the_recipe_and_flags_given_win():
+    """--preset best is recipe.PRESETS["best"] as train's defaults; a flag given beside it is kept."""
+    from gpunet import cli, recipe
+    best = recipe.PRESETS["best"]
+    args = cli.build_parser("best").parse_args(["train", "--preset", "best", "--epochs", "3"])
+    assert args.preset == "best" and args.augment and args.epochs == 3
+    assert all(getattr(args, k) == v for k, v in best.items() if k != "epochs")
+    plain = cli.build_parser().parse_args(["train"])
+    assert not plain.augment and plain.hidden == [512, 512] and plain.preset is None
