@@ -38,8 +38,9 @@ def require_onnx():
     """The ``onnx`` module, or an ImportError in one line naming the extra that brings it."""
     try:
         import onnx
-    except ImportError:
-        raise ImportError("ONNX export needs the onnx package: pip install 'gpunet[onnx]'") from None
+    except ImportError:  # a ModuleNotFoundError naming the module, as Python's own would
+        raise ModuleNotFoundError("ONNX export needs the onnx package: pip install 'gpunet[onnx]'",
+                                  name="onnx") from None
     return onnx
 
 
