@@ -58,10 +58,10 @@ def device(request):
 
 
 def optional(module: str, extra: str):
-    """Import ``module``, a part that is optional for users, or skip saying so (the test extra installs
-    every such part, so on README's Quick start path nothing skips for this reason)."""
+    """Import ``module``, a part that is optional for users, or skip saying so and naming the extra that
+    brings it (the test extra brings most such parts; PyTorch comes with the bench extra, and CI installs it)."""
     return pytest.importorskip(module, reason=f"{module} is optional for users (pip install 'gpunet[{extra}]') "
-                                              f"and not installed here; pip install -e '.[test]' brings it")
+                                              f"and not installed here; pip install -e '.[test,{extra}]' brings it")
 
 
 def assert_allclose(actual, desired, rtol=1e-7, atol=0.0, err_msg=""):
