@@ -236,13 +236,21 @@ def log_softmax(z):
     """Row-wise ``log(softmax(z))`` of a (N, C) float array, stable: ``s - log(sum(exp(s)))`` with
     ``s = z - max(z)`` (exp of at most 0 never overflows); same dtype and device as ``z``."""
     xp = get_array_module(z)
-    shifted = z - z.max(axis=1, keepdims=True)
+    shifted = _shifted(z)
     return shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
 
 
 def softmax(z):
-    """Row-wise ``exp(z_j) / sum_k exp(z_k)`` of a (N, C) float array: ``exp(log_softmax(z))``."""
-    return get_array_module(z).exp(log_softmax(z))
+    """Row-wise ``exp(z_j) / sum_k exp(z_k)`` of a (N, C) float array, with the same shift (one exp per
+    entry, not the two of ``exp(log_softmax(z))``: predict_proba's hot path)."""
+    e = get_array_module(z).exp(_shifted(z))
+    e /= e.sum(axis=1, keepdims=True)
+    return e
+
+
+def _shifted(z):
+    """``z - max(z)`` row by row: exp of it is at most 1, never an overflow."""
+    return z - z.max(axis=1, keepdims=True)
 
 
 def synchronize(a=None) -> None:

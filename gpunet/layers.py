@@ -262,6 +262,7 @@ class Dropout(Layer):
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.threshold = min(round((1.0 - self.p) * 65536), 65535)
+        self.scale = 1.0 / (1.0 - self.p)  # a kept unit's value in the mask
         self._mask = None
 
     def config(self):
@@ -281,7 +282,7 @@ class Dropout(Layer):
             return None
         xp = get_array_module(x)
         kept = dropout_bits(xp, self.next_key(), x.size).reshape(x.shape) < self.threshold
-        return kept * x.dtype.type(1.0 / (1.0 - self.p))
+        return kept * x.dtype.type(self.scale)
 
     def random_state(self) -> dict:
         """Where this layer's draws stand, as plain JSON data (the host generator's state): the same on

@@ -116,11 +116,11 @@ def adam(w, g, m, v, scalars, scratch):
 
 
 def dropout(layer, y, mask):
-    """Layer ``layer``'s next mask applied to y (N, C) in place; returns the mask (``mask``, a buffer
-    shaped like y, on the GPU, where one kernel draws, scales and applies it; the core's own on the CPU,
-    whose NumPy draw is as fast)."""
+    """Layer ``layer``'s next mask applied to y (N, C) in place; returns the mask: on the GPU ``mask``, a
+    buffer shaped like y, which one kernel draws, scales and applies; on the CPU the core's own (``mask``
+    is None there: its NumPy draw is as fast)."""
     if get_array_module(y) is not np:
-        cuda.dropout(y, mask, layer.next_key(), layer.threshold, 1.0 / (1.0 - layer.p))
+        cuda.dropout(y, mask, layer.next_key(), layer.threshold, layer.scale)
         return mask
     mask = layer.new_mask(y)
     y *= mask

@@ -115,11 +115,11 @@ class FusedStep:
             return
         (W, vW), (b, vb) = self.pairs[i]
         self.xp.matmul(x.T, dy, out=W.grad)
-        if self.deferred:
+        if self.deferred or self.adam:
             dy.sum(axis=0, out=b.grad)
+        if self.deferred:
             return
         if self.adam:
-            dy.sum(axis=0, out=b.grad)
             for k in (2 * i, 2 * i + 1):
                 p = opt.params[k]
                 scratch = None
@@ -141,7 +141,8 @@ class FusedStep:
             y_ = _affine(x, linear, relu, out=self._buffer(("y", i), (n, W.shape[1]), W.dtype))
             mask = None
             if dropout is not None and dropout.active():
-                mask = ops.dropout(dropout, y_, self._buffer(("mask", i), y_.shape, y_.dtype))
+                buf = None if self.on_cpu else self._buffer(("mask", i), y_.shape, y_.dtype)
+                mask = ops.dropout(dropout, y_, buf)
             masks.append(mask)
             x = y_
         logits = x
