@@ -557,7 +557,9 @@ def main(argv=None) -> int:
             raise
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"gpunet {args.command}{where}: error: {message}", file=sys.stderr, flush=True)
-        return _end(2)
+        # An error every rank raised at once ends each rank normally: MPI_Abort would kill the others while
+        # mpiexec still forwards their messages, and a run then ended with status 2 and no message at all.
+        return 2 if getattr(exc, "everywhere", False) else _end(2)
 
 
 def _closed_pipe() -> int:

@@ -26,7 +26,10 @@ _LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "PMIX_LOCAL
 
 
 class ParallelError(RuntimeError):
-    """Distributed training cannot start or go on; the message names the cause."""
+    """Distributed training cannot start or go on; the message names the cause. ``everywhere`` is True
+    when every rank raises it at the same point (a collective check), so that no rank waits on another."""
+
+    everywhere = False
 
 
 def launched_size() -> int:
@@ -100,8 +103,10 @@ class Comm:
                 mine, theirs = json.loads(text), json.loads(other)
                 keys = [k for k in mine if mine.get(k) != theirs.get(k)] if isinstance(mine, dict) else []
                 detail = f" ({', '.join(f'{k}: {mine[k]!r} here, {theirs.get(k)!r} there' for k in keys)})" if keys else ""
-                raise ParallelError(f"{what} differs between rank {self.rank} and rank {r}{detail}; "
-                                    f"every rank must be started with the same settings")
+                error = ParallelError(f"{what} differs between rank {self.rank} and rank {r}{detail}; "
+                                      f"every rank must be started with the same settings")
+                error.everywhere = True  # every rank gathered the same values, so every rank sees a difference
+                raise error
 
     def abort(self, code: int) -> None:
         """End every rank now (after a rank's error, so that no other waits on a collective forever)."""

@@ -216,6 +216,10 @@ def test_settings_that_differ_between_ranks_are_refused(data, tmp_path):
     assert "the training settings differs between rank" in res.stderr and "lr: 0.05 here, 0.1 there" in res.stderr \
         or "lr: 0.1 here, 0.05 there" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+    # Every rank finds the difference and says so: none is killed by another's MPI_Abort before its line
+    # reaches mpiexec (that once ended a run with status 2 and an empty stderr).
+    for rank in (0, 1):
+        assert f"gpunet train (rank {rank}): error:" in res.stderr, res.stderr
 
 
 @pytest.mark.gpu
