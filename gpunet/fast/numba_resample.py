@@ -10,24 +10,26 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-_jit = numba.njit(cache=True, nogil=True, error_model="numpy")
-
-
-@_jit
-def _pixel(img, b, i, j, h, w):
-    if i < 0 or i >= h or j < 0 or j >= w:
-        return img.dtype.type(0)
-    return img[b, i * w + j]
+_jit = numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 
 
 @_jit
 def affine_elastic_bilinear(images, maps, fields, elastic, h, w, out):
     """out (B, H*W) = images (B, H*W) read at maps[b] @ (row - cr, col - cc, 1) + (cr, cc) (+ fields[b, :,
-    row, col] when ``elastic``), bilinear, zero outside; maps (B, 2, 3), fields (B, 2, H, W), one dtype."""
+    row, col] when ``elastic``), bilinear, zero outside; maps (B, 2, 3), fields (B, 2, H, W), one dtype.
+
+    The images are spread over the cores (``prange``); each is first copied into a zero-padded buffer (one
+    row and column before, two after, as :func:`gpunet.augment.bilinear` pads), so that the four reads of
+    a point need no bounds test: a point is clipped to [-1, H] x [-1, W], where every neighbour exists."""
     t = images.dtype.type
     cr, cc = t((h - 1) / 2), t((w - 1) / 2)
     lo, hi_r, hi_c = t(-1), t(h), t(w)
-    for b in range(images.shape[0]):
+    hp, wp = h + 3, w + 3
+    for b in numba.prange(images.shape[0]):
+        padded = np.zeros(hp * wp, dtype=images.dtype)
+        for i in range(h):
+            for j in range(w):
+                padded[(i + 1) * wp + j + 1] = images[b, i * w + j]
         m00, m01, m02 = maps[b, 0, 0], maps[b, 0, 1], maps[b, 0, 2]
         m10, m11, m12 = maps[b, 1, 0], maps[b, 1, 1], maps[b, 1, 2]
         for i in range(h):
@@ -43,9 +45,8 @@ def affine_elastic_bilinear(images, maps, fields, elastic, h, w, out):
                 c = min(max(c, lo), hi_c)
                 r0, c0 = np.floor(r), np.floor(c)
                 fr, fc = r - r0, c - c0
-                ir, ic = int(r0), int(c0)
-                v00, v01 = _pixel(images, b, ir, ic, h, w), _pixel(images, b, ir, ic + 1, h, w)
-                v10, v11 = _pixel(images, b, ir + 1, ic, h, w), _pixel(images, b, ir + 1, ic + 1, h, w)
+                k = (int(r0) + 1) * wp + int(c0) + 1
+                v00, v01, v10, v11 = padded[k], padded[k + 1], padded[k + wp], padded[k + wp + 1]
                 top = v00 + fc * (v01 - v00)
                 bottom = v10 + fc * (v11 - v10)
                 out[b, i * w + j] = top + fr * (bottom - top)
