@@ -153,6 +153,24 @@ def test_training_copies_no_weights_to_the_host(fake_gpu):
     assert all(shape == () for shape in fake_gpu.counter.downloads), fake_gpu.counter.downloads
 
 
+def test_augmented_training_makes_no_host_round_trips_and_distorts_as_the_cpu(fake_gpu):
+    """Issue 25 on the GPU path: with ``augment=`` the distortion runs on the network's device (its host
+    draws go up, nothing of the images comes back down), and a batch distorted on the "GPU" is the CPU's
+    distortion of the same batch with the same seed (float32 rounding of the same formulas: 1e-5)."""
+    from gpunet.augment import Augment
+
+    x, y = mnist_like(256)
+    net = gn.mlp([784, 16, 10], seed=0, device="gpu")
+    fake_gpu.counter.downloads.clear()
+    fit(net, gn.SoftmaxCrossEntropy(), gn.Momentum(net.parameters(), lr=0.05), Pixels(x), y, epochs=2,
+        batch_size=128, augment=Augment(seed=3))
+    assert all(shape == () for shape in fake_gpu.counter.downloads), fake_gpu.counter.downloads
+    images = x[:64].astype(np.float32) / 255
+    on_gpu = Augment(seed=3)(gn.to_device(images, "gpu"))
+    assert gn.get_array_module(on_gpu) is fake_gpu
+    np.testing.assert_allclose(gn.to_numpy(on_gpu), Augment(seed=3)(images), rtol=0, atol=1e-5)
+
+
 class OneRank:
     """A communicator of one rank: the all-reduce of one rank is the identity."""
 
