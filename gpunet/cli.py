@@ -247,6 +247,10 @@ class Aborted(Exception):
 
 
 def cmd_train(args):
+    loose = sorted({a.split("=")[0] for a in args.argv if a.startswith("--aug-")})
+    if loose and not args.augment:  # they would change nothing: say so rather than train undistorted
+        raise UserError(f"{', '.join(loose)}: a setting of --augment, got no --augment (add --augment, or "
+                        f"--preset best, which turns it on)")
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "plots"},
                          plots=not args.no_plots)
     lead = parallel.launched_rank() == 0  # in an mpiexec job rank 0 alone speaks

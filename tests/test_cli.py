@@ -204,6 +204,7 @@ def test_train_with_each_optimizer_and_batch_norm(tmp_path, flags, optimizer, fu
     (["train", "--augment", "--aug-rotation", "200"], r"--aug-rotation: expected a number in [0, 180), got 200.0"),
     (["train", "--aug-scale", "1.5"], r"argument --aug-scale: expected a number in [0, 1), got '1.5'"),
     (["train", "--preset", "fastest"], "argument --preset: invalid choice: 'fastest'"),
+    (["train", "--aug-alpha", "0", "--aug-shift=1"], "--aug-alpha, --aug-shift: a setting of --augment, got no --augment"),
     (["evaluate", "/nonexistent/model.npz"], "model file not found: /nonexistent/model.npz"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])

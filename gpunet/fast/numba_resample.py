@@ -15,8 +15,8 @@ _jit = numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 
 @_jit
 def affine_elastic_bilinear(images, maps, fields, elastic, h, w, out):
-    """out (B, H*W) = images (B, H*W) read at maps[b] @ (row - cr, col - cc, 1) + (cr, cc) (+ fields[b, :,
-    row, col] when ``elastic``), bilinear, zero outside; maps (B, 2, 3), fields (B, 2, H, W), one dtype.
+    """out (B, H*W) = images (B, H*W) read at maps[b] @ (row - cr, col - cc, 1) + (cr, cc) (+ fields[row, b,
+    :, col] when ``elastic``), bilinear, zero outside; maps (B, 2, 3), fields (H, B, 2, W), one dtype.
 
     The images are spread over the cores (``prange``); each is first copied into a zero-padded buffer (one
     row and column before, two after, as :func:`gpunet.augment.bilinear` pads), so that the four reads of
@@ -39,8 +39,8 @@ def affine_elastic_bilinear(images, maps, fields, elastic, h, w, out):
                 r = m00 * dr + m01 * dc + m02 + cr
                 c = m10 * dr + m11 * dc + m12 + cc
                 if elastic:
-                    r += fields[b, 0, i, j]
-                    c += fields[b, 1, i, j]
+                    r += fields[i, b, 0, j]
+                    c += fields[i, b, 1, j]
                 r = min(max(r, lo), hi_r)
                 c = min(max(c, lo), hi_c)
                 r0, c0 = np.floor(r), np.floor(c)
