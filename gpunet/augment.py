@@ -140,7 +140,7 @@ class Augment:
     distorts each training batch; ``state_dict()``/``load_state_dict()`` carry the generator.
     """
 
-    def __init__(self, rotation=12.0, scale=0.12, shear=0.0, shift=2.5, sigma=4.0, alpha=34.0,
+    def __init__(self, rotation=8.0, scale=0.08, shear=0.0, shift=2.0, sigma=4.0, alpha=25.0,
                  shape=(28, 28), seed=0):
         self.rotation, self.shear = _span("rotation", rotation, 0, 180), _span("shear", shear, 0, 90)
         self.scale, self.shift = _span("scale", scale, 0, 1), _span("shift", shift)

@@ -117,12 +117,12 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="N", help="write checkpoint.npz every N epochs (default: 1; an interrupt always writes one)")
     t.add_argument("--preset", choices=tuple(recipe.PRESETS), default=None, help="a named recipe: best = 784-1024-1024-10 with distortions, 90 epochs (README: Augmentation); flags given too win")
     t.add_argument("--augment", action="store_true", help="distort every training image afresh each epoch: random affine + elastic (the --aug-* flags)")
-    t.add_argument("--aug-rotation", type=non_negative_float, default=12.0, metavar="DEG", help="--augment: rotation uniform in [-DEG, DEG] degrees (default: 12)")
-    t.add_argument("--aug-scale", type=unit_interval, default=0.12, metavar="S", help="--augment: scale factor uniform in [1-S, 1+S] (default: 0.12)")
+    t.add_argument("--aug-rotation", type=non_negative_float, default=8.0, metavar="DEG", help="--augment: rotation uniform in [-DEG, DEG] degrees (default: 8)")
+    t.add_argument("--aug-scale", type=unit_interval, default=0.08, metavar="S", help="--augment: scale factor uniform in [1-S, 1+S] (default: 0.08)")
     t.add_argument("--aug-shear", type=non_negative_float, default=0.0, metavar="DEG", help="--augment: shear uniform in [-DEG, DEG] degrees (default: 0)")
-    t.add_argument("--aug-shift", type=non_negative_float, default=2.5, metavar="PX", help="--augment: shift uniform in [-PX, PX] pixels per axis (default: 2.5)")
+    t.add_argument("--aug-shift", type=non_negative_float, default=2.0, metavar="PX", help="--augment: shift uniform in [-PX, PX] pixels per axis (default: 2)")
     t.add_argument("--aug-sigma", type=positive_float, default=4.0, help="--augment: elastic field's Gaussian smoothing, in pixels (default: 4)")
-    t.add_argument("--aug-alpha", type=non_negative_float, default=34.0, help="--augment: elastic field's strength, in pixels; 0 = affine only (default: 34)")
+    t.add_argument("--aug-alpha", type=non_negative_float, default=25.0, help="--augment: elastic field's strength, in pixels; 0 = affine only (default: 25)")
     if preset is not None:
         t.set_defaults(**recipe.PRESETS[preset], preset=preset)
 

@@ -136,13 +136,13 @@ def load_data(data_dir=None, download=False):
     return load_mnist(folder, download=download or not explicit, dtype=np.uint8)
 
 
-# ``gpunet train --preset NAME``: defaults for a whole recipe (flags given explicitly still win). "best" is
-# the first try with 90 epochs, chosen over 30 on the validation split (99.32% against 99.20%);
-# README.md, "Augmentation and the best preset", lists what was tried.
+# ``gpunet train --preset NAME``: defaults for a whole recipe (flags given explicitly still win). "best" was
+# chosen on the 5,000-image validation split, never the test set: milder distortions than the first
+# try and no dropout, 120 epochs (README.md, "Augmentation and the best preset", lists what was tried).
 PRESETS = {
-    "best": {"hidden": [1024, 1024], "dropout": 0.1, "epochs": 90, "batch_size": 128, "optimizer": "momentum",
-             "lr": 0.05, "momentum": 0.9, "schedule": "cosine", "augment": True, "aug_rotation": 12.0,
-             "aug_scale": 0.12, "aug_shear": 0.0, "aug_shift": 2.5, "aug_sigma": 4.0, "aug_alpha": 34.0},
+    "best": {"hidden": [1024, 1024], "dropout": 0.0, "epochs": 120, "batch_size": 128, "optimizer": "momentum",
+             "lr": 0.05, "momentum": 0.9, "schedule": "cosine", "augment": True, "aug_rotation": 8.0,
+             "aug_scale": 0.08, "aug_shear": 0.0, "aug_shift": 2.0, "aug_sigma": 4.0, "aug_alpha": 25.0},
 }
 
 
