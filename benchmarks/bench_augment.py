@@ -5,7 +5,8 @@ field smoothed by a separable conv1d with reflect padding), in the same run, rou
     python benchmarks/bench_augment.py --data-dir /path/to/mnist --rounds 3 --json out.json
 
 Per round: (1) ``fit`` for one epoch of 784-512-512-10 (the default recipe: dropout 0.2, momentum, batch 128)
-on the 55,000 training images, without and with ``augment=`` (what the distortion adds to a real epoch); (2) gpunet's distortion (rotation 12, scale 0.12, shift 2.5, elastic 4/34) of
+on the 55,000 training images, without and with ``augment=`` (what the distortion adds to a real epoch);
+(2) gpunet's distortion (rotation 12, scale 0.12, shift 2.5, elastic 4/34) of
 the same 55,000 images in batches of 128, through the fast path (the compiled CPU kernel) and through the
 core's xp formula (``GPUNET_FAST=0``); (3) PyTorch's. Medians are reported; the target is (2) <= 30% of (1).
 """

@@ -115,7 +115,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.npz (same flags; --epochs may be raised)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="N", help="write checkpoint.npz every N epochs (default: 1; an interrupt always writes one)")
-    t.add_argument("--preset", choices=tuple(recipe.PRESETS), default=None, help="a named recipe: best = 784-1024-1024-10 with distortions, 90 epochs (README: Augmentation); flags given too win")
+    t.add_argument("--preset", choices=tuple(recipe.PRESETS), default=None, help="a named recipe: best = 784-1024-1024-10 with distortions, 120 epochs (README: Augmentation); flags given too win")
     t.add_argument("--augment", action="store_true", help="distort every training image afresh each epoch: random affine + elastic (the --aug-* flags)")
     t.add_argument("--aug-rotation", type=non_negative_float, default=8.0, metavar="DEG", help="--augment: rotation uniform in [-DEG, DEG] degrees (default: 8)")
     t.add_argument("--aug-scale", type=unit_interval, default=0.08, metavar="S", help="--augment: scale factor uniform in [1-S, 1+S] (default: 0.08)")
