@@ -157,8 +157,8 @@ class Augment:
 
     def draw(self, n: int) -> dict:
         """The host draws for ``n`` images: ``rotation``, ``shear`` (n,) radians, ``scale`` (n,), ``shift``
-        (n, 2) pixels, and ``field`` (n, 2, H, W) uint8 codes (a view of memory laid out (H, n, 2, W)) of displacements uniform in [-1, 1] (see
-        :func:`field_values`; absent when ``alpha`` is 0). Bytes, not floats: a quarter of the random bits
+        (n, 2) pixels, and ``field`` (n, 2, H, W) uint8 codes (a view of memory laid out (H, n, 2, W)) of
+        displacements uniform in [-1, 1] (see :func:`field_values`; absent when ``alpha`` is 0). Bytes, not floats: a quarter of the random bits
         and of the bytes moved to a GPU, and 256 levels are far finer than what the smoothing keeps."""
         rng = self.rng
         deg = np.pi / 180
@@ -167,7 +167,8 @@ class Augment:
                   "shear": rng.uniform(-self.shear, self.shear, n) * deg,
                   "shift": rng.uniform(-self.shift, self.shift, (n, 2))}
         if self.alpha > 0:  # the generator's raw 64-bit words cut into bytes: 6x faster than rng.bytes
-            (h, w), size = self.shape, n * 2 * self.shape[0] * self.shape[1]
+            h, w = self.shape
+            size = n * 2 * h * w
             codes = rng.bit_generator.random_raw(-(-size // 8)).view(np.uint8)[:size]
             params["field"] = codes.reshape(h, n, 2, w).transpose(1, 2, 0, 3)  # laid out rows first: see apply
         return params

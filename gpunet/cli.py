@@ -7,6 +7,7 @@ status 2; nothing here is imported by the library.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, backend, explain, explain_inputs, explain_render, fast, parallel, recipe
+from .augment import Augment
 from .backend import DeviceError
 from .callbacks import epoch_line
 from .batches import Pixels
@@ -53,6 +55,9 @@ def _number(kind, test, expected):
         return value
     return parse
 
+
+# --augment's settings default to Augment's own (one place for them)
+AUGMENT_DEFAULTS = {name: p.default for name, p in inspect.signature(Augment).parameters.items()}
 
 positive_int = _number(int, lambda v: v > 0, "a positive integer")
 non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
@@ -117,12 +122,12 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="N", help="write checkpoint.npz every N epochs (default: 1; an interrupt always writes one)")
     t.add_argument("--preset", choices=tuple(recipe.PRESETS), default=None, help="a named recipe: best = 784-1024-1024-10 with distortions, 120 epochs (README: Augmentation); flags given too win")
     t.add_argument("--augment", action="store_true", help="distort every training image afresh each epoch: random affine + elastic (the --aug-* flags)")
-    t.add_argument("--aug-rotation", type=non_negative_float, default=8.0, metavar="DEG", help="--augment: rotation uniform in [-DEG, DEG] degrees (default: 8)")
-    t.add_argument("--aug-scale", type=unit_interval, default=0.08, metavar="S", help="--augment: scale factor uniform in [1-S, 1+S] (default: 0.08)")
-    t.add_argument("--aug-shear", type=non_negative_float, default=0.0, metavar="DEG", help="--augment: shear uniform in [-DEG, DEG] degrees (default: 0)")
-    t.add_argument("--aug-shift", type=non_negative_float, default=2.0, metavar="PX", help="--augment: shift uniform in [-PX, PX] pixels per axis (default: 2)")
-    t.add_argument("--aug-sigma", type=positive_float, default=4.0, help="--augment: elastic field's Gaussian smoothing, in pixels (default: 4)")
-    t.add_argument("--aug-alpha", type=non_negative_float, default=25.0, help="--augment: elastic field's strength, in pixels; 0 = affine only (default: 25)")
+    t.add_argument("--aug-rotation", type=non_negative_float, default=AUGMENT_DEFAULTS["rotation"], metavar="DEG", help="--augment: rotation uniform in [-DEG, DEG] degrees (default: %(default)g)")
+    t.add_argument("--aug-scale", type=unit_interval, default=AUGMENT_DEFAULTS["scale"], metavar="S", help="--augment: scale factor uniform in [1-S, 1+S] (default: %(default)g)")
+    t.add_argument("--aug-shear", type=non_negative_float, default=AUGMENT_DEFAULTS["shear"], metavar="DEG", help="--augment: shear uniform in [-DEG, DEG] degrees (default: %(default)g)")
+    t.add_argument("--aug-shift", type=non_negative_float, default=AUGMENT_DEFAULTS["shift"], metavar="PX", help="--augment: shift uniform in [-PX, PX] pixels per axis (default: %(default)g)")
+    t.add_argument("--aug-sigma", type=positive_float, default=AUGMENT_DEFAULTS["sigma"], help="--augment: elastic field's Gaussian smoothing, in pixels (default: %(default)g)")
+    t.add_argument("--aug-alpha", type=non_negative_float, default=AUGMENT_DEFAULTS["alpha"], help="--augment: elastic field's strength, in pixels; 0 = affine only (default: %(default)g)")
     if preset is not None:
         t.set_defaults(**recipe.PRESETS[preset], preset=preset)
 

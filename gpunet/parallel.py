@@ -29,7 +29,9 @@ class ParallelError(RuntimeError):
     """Distributed training cannot start or go on; the message names the cause. ``everywhere`` is True
     when every rank raises it at the same point (a collective check), so that no rank waits on another."""
 
-    everywhere = False
+    def __init__(self, message: str, everywhere: bool = False):
+        super().__init__(message)
+        self.everywhere = everywhere
 
 
 def launched_size() -> int:
@@ -103,10 +105,9 @@ class Comm:
                 mine, theirs = json.loads(text), json.loads(other)
                 keys = [k for k in mine if mine.get(k) != theirs.get(k)] if isinstance(mine, dict) else []
                 detail = f" ({', '.join(f'{k}: {mine[k]!r} here, {theirs.get(k)!r} there' for k in keys)})" if keys else ""
-                error = ParallelError(f"{what} differs between rank {self.rank} and rank {r}{detail}; "
-                                      f"every rank must be started with the same settings")
-                error.everywhere = True  # every rank gathered the same values, so every rank sees a difference
-                raise error
+                # every rank gathered the same values, so every rank sees a difference and raises here
+                raise ParallelError(f"{what} differs between rank {self.rank} and rank {r}{detail}; "
+                                    f"every rank must be started with the same settings", everywhere=True)
 
     def abort(self, code: int) -> None:
         """End every rank now (after a rank's error, so that no other waits on a collective forever)."""

@@ -29,8 +29,8 @@ def affine_elastic_bilinear(images, maps, fields, elastic, h, w, out):
     cr, cc = t((h - 1) / 2), t((w - 1) / 2)
     lo, hi_r, hi_c = t(-1), t(h), t(w)
     hp, wp = h + 3, w + 3
+    padded = np.zeros(hp * wp, dtype=images.dtype)  # one buffer: each image rewrites its interior only
     for b in range(images.shape[0]):
-        padded = np.zeros(hp * wp, dtype=images.dtype)
         for i in range(h):
             for j in range(w):
                 padded[(i + 1) * wp + j + 1] = images[b, i * w + j]
