@@ -21,6 +21,8 @@ This module imports the backend, and the fast path for its compiled CPU resampli
 """
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from . import fast as fast_path
@@ -214,3 +216,9 @@ class Augment:
         if state.get("config") != self.config():
             raise ValueError(f"state: expected an augmentation with {self.config()}, got {state.get('config')}")
         self.rng.bit_generator.state = state["rng"]
+
+
+# Augment's default settings by name (rotation, scale, shear, shift, sigma, alpha): the one place the
+# command line's --aug-* flags and the training recipe's config take theirs from.
+DEFAULTS = {name: p.default for name, p in inspect.signature(Augment).parameters.items()
+            if name not in ("shape", "seed")}

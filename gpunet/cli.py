@@ -7,7 +7,6 @@ status 2; nothing here is imported by the library.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, backend, explain, explain_inputs, explain_render, fast, parallel, recipe
-from .augment import Augment
+from .augment import DEFAULTS as AUGMENT_DEFAULTS
 from .backend import DeviceError
 from .callbacks import epoch_line
 from .batches import Pixels
@@ -55,9 +54,6 @@ def _number(kind, test, expected):
         return value
     return parse
 
-
-# --augment's settings default to Augment's own (one place for them)
-AUGMENT_DEFAULTS = {name: p.default for name, p in inspect.signature(Augment).parameters.items()}
 
 positive_int = _number(int, lambda v: v > 0, "a positive integer")
 non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, backend, checkpoint, fast, files, parallel, plots
-from .augment import Augment
+from .augment import DEFAULTS as AUGMENT_DEFAULTS, Augment
 from .batches import Pixels
 from .data import DataError, load_arrays, load_mnist, split_validation
 from .layers import Standardize
@@ -92,12 +92,12 @@ class TrainConfig:
     scale: str = "standard"
     preset: str | None = None
     augment: bool = False
-    aug_rotation: float = 12.0
-    aug_scale: float = 0.12
-    aug_shear: float = 0.0
-    aug_shift: float = 2.5
-    aug_sigma: float = 4.0
-    aug_alpha: float = 34.0
+    aug_rotation: float = AUGMENT_DEFAULTS["rotation"]
+    aug_scale: float = AUGMENT_DEFAULTS["scale"]
+    aug_shear: float = AUGMENT_DEFAULTS["shear"]
+    aug_shift: float = AUGMENT_DEFAULTS["shift"]
+    aug_sigma: float = AUGMENT_DEFAULTS["sigma"]
+    aug_alpha: float = AUGMENT_DEFAULTS["alpha"]
 
     def __post_init__(self):
         for name, value in OPTIMIZER_SETTINGS.get(self.optimizer, {}).items():
