@@ -314,3 +314,15 @@ def test_preset_best_sets_the_recipe_and_flags_given_win():
     assert all(getattr(args, k) == v for k, v in best.items() if k != "epochs")
     plain = cli.build_parser().parse_args(["train"])
     assert not plain.augment and plain.hidden == [512, 512] and plain.preset is None
+
+
+def test_augment_defaults_are_one_set_everywhere():
+    """``gpunet train --augment``, ``recipe.TrainConfig`` (train() from Python, and the settings a checkpoint
+    from before the --aug-* flags resumes with) and ``Augment`` itself distort alike by default."""
+    from gpunet.augment import Augment
+    from gpunet.cli import build_parser
+    from gpunet.recipe import TrainConfig
+
+    parsed, config, aug = build_parser().parse_args(["train"]), TrainConfig(), Augment()
+    for name in ("rotation", "scale", "shear", "shift", "sigma", "alpha"):
+        assert getattr(parsed, f"aug_{name}") == getattr(config, f"aug_{name}") == getattr(aug, name), name
