@@ -64,22 +64,26 @@ def affine_inverse(rotation, scale, shear, shift) -> np.ndarray:
 
 
 def field_values(codes, dtype=np.float32):
-    """The displacements that the bytes ``codes`` stand for: ``(code + 0.5) / 128 - 1``, the 256 levels
-    of [-1, 1] spaced 1/128 apart, symmetric about 0 (variance 1/3, as the continuous uniform's, to 1e-5)."""
+    """The displacements that the int8 ``codes`` stand for: ``(code + 0.5) / 128``, the 256 levels of
+    [-1, 1] spaced 1/128 apart, symmetric about 0 (variance 1/3, as the continuous uniform's, to 1e-5)."""
     t = np.dtype(dtype).type
     out = codes.astype(dtype)
-    out *= t(1 / 128)  # both steps exact in any float type: multiples of 1/256 below 2
-    out -= t(127.5 / 128)
+    out += t(0.5)  # both steps exact in any float type: multiples of 1/256 below 2
+    out *= t(1 / 128)
     return out
 
 
-def smooth_fields(field, g_rows, g_cols):
+def smooth_fields(field, g_rows, g_cols, out=None):
     """``g_rows @ f @ g_cols.T`` for every (H, W) field ``f = field[:, k, :]`` of ``field`` (H, K, W): the
     Gaussian filter along both axes. The fields are stacked rows first so that each axis is one matrix
-    product over all of them, (H, H) @ (H, K*W) and (H*K, W) @ (W, W), not one small product per field."""
+    product over all of them, (H, H) @ (H, K*W) and (H*K, W) @ (W, W), not one small product per field.
+    ``out``: two (H, K*W) arrays of the result's dtype to write the two products into, or None."""
+    xp = get_array_module(field)
     h, k, w = field.shape
-    down_columns = g_rows @ field.reshape(h, k * w)
-    return (down_columns.reshape(h * k, w) @ g_cols.T).reshape(h, k, w)
+    down, smooth = (None, None) if out is None else out
+    down = xp.matmul(g_rows, field.reshape(h, k * w), out=down)
+    return xp.matmul(down.reshape(h * k, w), g_cols.T, out=None if smooth is None else smooth.reshape(h * k, w)
+                     ).reshape(h, k, w)
 
 
 def source_points(maps, shape, fields=None):
@@ -151,7 +155,7 @@ class Augment:
             raise ValueError(f"shape: expected (height, width) positive integers, got {shape!r}")
         self.shape = (int(shape[0]), int(shape[1]))
         self.rng = np.random.default_rng(seed)
-        self._smoothing = {}  # (dtype, device) -> the two Gaussian matrices, alpha folded into the first
+        self._work = {}  # (dtype, device, n) -> the smoothing's matrices and buffers: see _workspace
 
     def config(self) -> dict:
         return {"rotation": self.rotation, "scale": self.scale, "shear": self.shear, "shift": self.shift,
@@ -159,9 +163,10 @@ class Augment:
 
     def draw(self, n: int) -> dict:
         """The host draws for ``n`` images: ``rotation``, ``shear`` (n,) radians, ``scale`` (n,), ``shift``
-        (n, 2) pixels, and ``field`` (n, 2, H, W) uint8 codes (a view of memory laid out (H, n, 2, W)) of
-        displacements uniform in [-1, 1] (see :func:`field_values`; absent when ``alpha`` is 0). Bytes, not floats: a quarter of the random bits
-        and of the bytes moved to a GPU, and 256 levels are far finer than what the smoothing keeps."""
+        (n, 2) pixels, and ``field`` (n, 2, H, W) int8 codes (a view of memory laid out (H, n, 2, W)) of
+        displacements uniform in [-1, 1] (see :func:`field_values`; absent when ``alpha`` is 0). Bytes, not
+        floats: a quarter of the random bits and of the bytes moved to a GPU, and 256 levels are far finer
+        than what the smoothing keeps."""
         rng = self.rng
         deg = np.pi / 180
         params = {"rotation": rng.uniform(-self.rotation, self.rotation, n) * deg,
@@ -171,36 +176,49 @@ class Augment:
         if self.alpha > 0:  # the generator's raw 64-bit words cut into bytes: 6x faster than rng.bytes
             h, w = self.shape
             size = n * 2 * h * w
-            codes = rng.bit_generator.random_raw(-(-size // 8)).view(np.uint8)[:size]
+            codes = rng.bit_generator.random_raw(-(-size // 8)).view(np.int8)[:size]
             params["field"] = codes.reshape(h, n, 2, w).transpose(1, 2, 0, 3)  # laid out rows first: see apply
         return params
 
     def apply(self, images, params):
-        """``images`` (B, H*W) distorted by the drawn ``params`` (see :meth:`draw`); same dtype, device."""
+        """``images`` (B, H*W) distorted by the drawn ``params`` (see :meth:`draw`); same dtype, device.
+        Not for two threads at once: the smoothing writes into buffers the object keeps."""
         xp = get_array_module(images)
         device = "cpu" if xp is np else "gpu"
         dtype = images.dtype
         if images.ndim != 2 or images.shape[1] != self.shape[0] * self.shape[1]:
             raise ValueError(f"images: expected (B, {self.shape[0] * self.shape[1]}) for {self.shape} images, "
                              f"got {tuple(images.shape)}")
-        maps = to_device(affine_inverse(params["rotation"], params["scale"], params["shear"],
-                                        params["shift"]).astype(dtype), device)
+        maps = affine_inverse(params["rotation"], params["scale"], params["shear"], params["shift"])
         fields = None
         if "field" in params:  # (n, 2, H, W) codes, as (H, n, 2, W) in memory (no copy for draw's own)
             (h, w), n = self.shape, len(images)
             codes = to_device(np.ascontiguousarray(np.asarray(params["field"]).transpose(2, 0, 1, 3)), device)
-            g_rows, g_cols = self._matrices(dtype, device)
-            fields = smooth_fields(field_values(codes, dtype).reshape(h, n * 2, w), g_rows, g_cols).reshape(h, n, 2, w)
+            # field_values(c) = c / 128 + 1/256 and each row of G sums to 1, so G field_values(c) G^T =
+            # G c G^T / 128 + 1/256: the codes go into the products as they are (the 1/128 is in the first
+            # matrix) and the constant joins the maps' shift. One pass over the fields fewer; and the
+            # buffers are kept, because fresh arrays of this size cost more in page faults than the products.
+            g_rows, g_cols, cast, down, smooth = self._workspace(dtype, device, n)
+            cast[...] = codes.reshape(h, n * 2 * w)
+            fields = smooth_fields(cast.reshape(h, n * 2, w), g_rows, g_cols, (down, smooth)).reshape(h, n, 2, w)
+            maps[:, :, 2] += self.alpha / 256
+        maps = to_device(maps.astype(dtype), device)
         out = fast_path.resample(images, maps, fields, self.shape) if fast_path.enabled() else None
         return out if out is not None else bilinear(images, source_points(maps, self.shape, fields), self.shape)
 
-    def _matrices(self, dtype, device):
-        key = (np.dtype(dtype).str, device)
-        if key not in self._smoothing:
+    def _workspace(self, dtype, device, n):
+        """The smoothing's two matrices (``alpha / 128`` folded into the first) and its three (H, n*2*W)
+        buffers, for ``n`` images of ``dtype`` on ``device``; kept for the next batch of the same size."""
+        key = (np.dtype(dtype).str, device, n)
+        if key not in self._work:
+            if len(self._work) >= 4:  # batch sizes come and go (an epoch's last batch): keep a few
+                self._work.clear()
             h, w = self.shape
-            self._smoothing[key] = (to_device((self.alpha * gaussian_matrix(h, self.sigma)).astype(dtype), device),
-                                    to_device(gaussian_matrix(w, self.sigma).astype(dtype), device))
-        return self._smoothing[key]
+            xp = get_array_module(to_device(np.zeros(1), device))
+            self._work[key] = (to_device((self.alpha / 128 * gaussian_matrix(h, self.sigma)).astype(dtype), device),
+                               to_device(gaussian_matrix(w, self.sigma).astype(dtype), device),
+                               *(xp.empty((h, n * 2 * w), dtype=dtype) for _ in range(3)))
+        return self._work[key]
 
     def __call__(self, images):
         """A fresh distortion of every image in ``images`` (B, H*W)."""

@@ -66,7 +66,7 @@ def test_gaussian_matrix_is_scipys_filter():
 
 
 def test_field_values_are_symmetric_levels_of_the_unit_interval():
-    codes = np.arange(256, dtype=np.uint8)
+    codes = np.arange(-128, 128).astype(np.int8)
     v = field_values(codes, np.float64)
     assert v[0] == -1 + 1 / 256 and v[-1] == 1 - 1 / 256 and np.all(np.diff(v) == 1 / 128)
     assert field_values(codes, np.float32).dtype == np.float32
