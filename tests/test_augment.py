@@ -156,6 +156,26 @@ def test_float32_in_float32_out_and_the_fast_path_agrees_with_the_core(device, m
     assert_allclose(quick, core, atol=1e-5)
 
 
+def test_the_fast_path_skips_only_points_that_read_zeros(monkeypatch):
+    """The compiled kernel writes 0 without reading for points a pixel or more outside the box of an image's
+    nonzero pixels. Sparse images put that box's edges everywhere (corners, borders, one pixel, none, all):
+    float64, so that any point wrongly skipped or read shows far above the 1e-12 of rounding."""
+    x = np.zeros((8, H, W))
+    x[0, 0, 0] = x[1, H - 1, W - 1] = x[2, 0, W - 1] = x[3, 13, 14] = 1.0
+    x[4, 5:9, 20:22] = 0.5
+    x[6] = 1.0  # x[5] stays all zero
+    x[7, :, 0] = np.linspace(0.1, 1, H)
+    x = x.reshape(8, H * W)
+    aug = Augment(rotation=30, scale=0.3, shear=10, shift=3, sigma=4, alpha=34, seed=21)
+    for _ in range(3):
+        p = aug.draw(8)
+        monkeypatch.setenv("GPUNET_FAST", "0")
+        core = aug.apply(x, p)
+        monkeypatch.setenv("GPUNET_FAST", "1")
+        assert_allclose(aug.apply(x, p), core, atol=1e-12)
+        assert np.count_nonzero(core[5]) == 0 and np.count_nonzero(core[:5]) > 0
+
+
 def test_the_same_seed_gives_the_same_batches(device):
     x = to_device(images(16, np.float32, seed=9), device)
     a, b, c = Augment(seed=11), Augment(seed=11), Augment(seed=12)

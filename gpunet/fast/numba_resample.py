@@ -21,19 +21,27 @@ def affine_elastic_bilinear(images, maps, fields, elastic, h, w, out):
     :, col] when ``elastic``), bilinear, zero outside; maps (B, 2, 3), fields (H, B, 2, W), one dtype.
 
     Each image is first copied into a zero-padded buffer (one row and column before, two after, as
-    :func:`gpunet.augment.bilinear` pads), so that the four reads of a point need no bounds test: a point is
-    clipped to [-1, H] x [-1, W], where every neighbour exists. One thread: numba's threads spreading the
+    :func:`gpunet.augment.bilinear` pads), so that the four reads of a point need no bounds test (see the box
+    below; the core clips instead, to the same values). One thread: numba's threads spreading the
     images over the cores fought OpenBLAS's spinning threads between the training's matrix products, and a
     batch took 8 ms instead of 2 on the two cores here."""
     t = images.dtype.type
     cr, cc = t((h - 1) / 2), t((w - 1) / 2)
-    lo, hi_r, hi_c = t(-1), t(h), t(w)
     hp, wp = h + 3, w + 3
     padded = np.zeros(hp * wp, dtype=images.dtype)  # one buffer: each image rewrites its interior only
     for b in range(images.shape[0]):
+        first_r, last_r, first_c, last_c = h, -1, w, -1  # the box of the image's nonzero pixels
         for i in range(h):
             for j in range(w):
-                padded[(i + 1) * wp + j + 1] = images[b, i * w + j]
+                v = images[b, i * w + j]
+                padded[(i + 1) * wp + j + 1] = v
+                if v != 0:
+                    first_r, last_r = min(first_r, i), max(last_r, i)
+                    first_c, last_c = min(first_c, j), max(last_c, j)
+        # a point a pixel or more outside that box reads zeros (or weighs its one nonzero neighbour by 0): its
+        # value is 0 without a read. Three quarters of a distorted MNIST digit's pixels: a fifth of the time.
+        # The points left lie inside (-1, H) x (-1, W), where the padded image has every neighbour.
+        r_lo, r_hi, c_lo, c_hi = t(first_r - 1), t(last_r + 1), t(first_c - 1), t(last_c + 1)
         m00, m01, m02 = maps[b, 0, 0], maps[b, 0, 1], maps[b, 0, 2]
         m10, m11, m12 = maps[b, 1, 0], maps[b, 1, 1], maps[b, 1, 2]
         for i in range(h):
@@ -45,8 +53,9 @@ def affine_elastic_bilinear(images, maps, fields, elastic, h, w, out):
                 if elastic:
                     r += fields[i, b, 0, j]
                     c += fields[i, b, 1, j]
-                r = min(max(r, lo), hi_r)
-                c = min(max(c, lo), hi_c)
+                if not (r > r_lo and r < r_hi and c > c_lo and c < c_hi):
+                    out[b, i * w + j] = 0
+                    continue
                 r0, c0 = np.floor(r), np.floor(c)
                 fr, fc = r - r0, c - c0
                 k = (int(r0) + 1) * wp + int(c0) + 1
