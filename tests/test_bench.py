@@ -143,3 +143,29 @@ def test_the_memory_children_see_the_data(tmp_path):
         assert m["peak_kib"] >= m["after_load_kib"] > m["baseline_kib"] >= m["baseline_before_jit_kib"] > 0
     growth = {p: (m["peak_kib"] - m["baseline_kib"]) * 1024 for p, m in got.items()}
     assert growth["float32"] - growth["uint8"] >= 0.5 * 6000 * 784 * 3, growth
+
+
+def test_the_augmentation_benchmark_keeps_raw_seconds_and_each_rounds_own_ratios(tmp_path):
+    """benchmarks/bench_augment.py on small fake files: the preset's settings, every timing kept raw, and
+    the per-round ratios (what BENCHMARKS.md quotes) computed from the same round's seconds."""
+    import statistics
+
+    from gpunet.augment import DEFAULTS
+
+    data = make_fake_mnist(tmp_path / "mnist", n_train=5400, n_test=10)  # 400 left after 5,000 validation
+    out = tmp_path / "aug.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_augment.py"), "--data-dir", str(data),
+                           "--rounds", "2", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["settings"] == DEFAULTS
+    sec = res["seconds"]
+    assert all(len(sec[k]) == 2 for k in ("default_epoch", "default_epoch_augmented", "augment_fast", "augment_core"))
+    shares = [f / d for f, d in zip(sec["augment_fast"], sec["default_epoch"])]
+    added = [a / d - 1 for a, d in zip(sec["default_epoch_augmented"], sec["default_epoch"])]
+    assert res["per_round"] == {"fast_share": pytest.approx(shares), "added": pytest.approx(added)}
+    assert res["median_of_round_fast_shares"] == pytest.approx(statistics.median(shares))
+    assert res["median_of_round_added"] == pytest.approx(statistics.median(added))
+    assert res["fast_share_of_default_epoch"] == pytest.approx(
+        statistics.median(sec["augment_fast"]) / statistics.median(sec["default_epoch"]))
