@@ -26,7 +26,7 @@ import inspect
 import numpy as np
 
 from . import fast as fast_path
-from .backend import get_array_module, to_device
+from .backend import device_of, get_array_module, to_device
 
 
 def gaussian_matrix(n: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
@@ -63,13 +63,16 @@ def affine_inverse(rotation, scale, shear, shift) -> np.ndarray:
     return out
 
 
+LEVEL = 1 / 128  # the spacing of the field's 256 levels: code c stands for (c + 0.5) * LEVEL
+
+
 def field_values(codes, dtype=np.float32):
     """The displacements that the int8 ``codes`` stand for: ``(code + 0.5) / 128``, the 256 levels of
     [-1, 1] spaced 1/128 apart, symmetric about 0 (variance 1/3, as the continuous uniform's, to 1e-5)."""
     t = np.dtype(dtype).type
     out = codes.astype(dtype)
     out += t(0.5)  # both steps exact in any float type: multiples of 1/256 below 2
-    out *= t(1 / 128)
+    out *= t(LEVEL)
     return out
 
 
@@ -95,7 +98,7 @@ def source_points(maps, shape, fields=None):
     h, w = shape
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     grid = np.stack([rows.ravel() - (h - 1) / 2, cols.ravel() - (w - 1) / 2, np.ones(h * w)])  # (3, H*W)
-    grid = to_device(grid.astype(maps.dtype), "gpu" if xp is not np else "cpu")
+    grid = to_device(grid.astype(maps.dtype), device_of(maps))
     centre = xp.asarray(np.array([(h - 1) / 2, (w - 1) / 2], dtype=maps.dtype)[:, None])
     pts = xp.matmul(maps, grid)
     pts += centre
@@ -183,39 +186,37 @@ class Augment:
     def apply(self, images, params):
         """``images`` (B, H*W) distorted by the drawn ``params`` (see :meth:`draw`); same dtype, device.
         Not for two threads at once: the smoothing writes into buffers the object keeps."""
-        xp = get_array_module(images)
-        device = "cpu" if xp is np else "gpu"
-        dtype = images.dtype
         if images.ndim != 2 or images.shape[1] != self.shape[0] * self.shape[1]:
             raise ValueError(f"images: expected (B, {self.shape[0] * self.shape[1]}) for {self.shape} images, "
                              f"got {tuple(images.shape)}")
+        device = device_of(images)
         maps = affine_inverse(params["rotation"], params["scale"], params["shear"], params["shift"])
         fields = None
         if "field" in params:  # (n, 2, H, W) codes, as (H, n, 2, W) in memory (no copy for draw's own)
             (h, w), n = self.shape, len(images)
             codes = to_device(np.ascontiguousarray(np.asarray(params["field"]).transpose(2, 0, 1, 3)), device)
-            # field_values(c) = c / 128 + 1/256 and each row of G sums to 1, so G field_values(c) G^T =
-            # G c G^T / 128 + 1/256: the codes go into the products as they are (the 1/128 is in the first
+            # field_values(c) = c LEVEL + LEVEL/2 and each row of G sums to 1, so G field_values(c) G^T =
+            # G c G^T LEVEL + LEVEL/2: the codes go into the products as they are (LEVEL is in the first
             # matrix) and the constant joins the maps' shift. One pass over the fields fewer; and the
             # buffers are kept, because fresh arrays of this size cost more in page faults than the products.
-            g_rows, g_cols, cast, down, smooth = self._workspace(dtype, device, n)
+            g_rows, g_cols, cast, down, smooth = self._workspace(images)
             cast[...] = codes.reshape(h, n * 2 * w)
             fields = smooth_fields(cast.reshape(h, n * 2, w), g_rows, g_cols, (down, smooth)).reshape(h, n, 2, w)
-            maps[:, :, 2] += self.alpha / 256
-        maps = to_device(maps.astype(dtype), device)
+            maps[:, :, 2] += self.alpha * LEVEL / 2
+        maps = to_device(maps.astype(images.dtype), device)
         out = fast_path.resample(images, maps, fields, self.shape) if fast_path.enabled() else None
         return out if out is not None else bilinear(images, source_points(maps, self.shape, fields), self.shape)
 
-    def _workspace(self, dtype, device, n):
-        """The smoothing's two matrices (``alpha / 128`` folded into the first) and its three (H, n*2*W)
-        buffers, for ``n`` images of ``dtype`` on ``device``; kept for the next batch of the same size."""
-        key = (np.dtype(dtype).str, device, n)
+    def _workspace(self, images):
+        """The smoothing's two matrices (``alpha * LEVEL`` folded into the first) and its three (H, n*2*W)
+        buffers, for ``images``' n, dtype and device; kept for the next batch of the same size."""
+        xp, device, dtype, n = get_array_module(images), device_of(images), images.dtype, len(images)
+        key = (dtype.str, device, n)
         if key not in self._work:
             if len(self._work) >= 4:  # batch sizes come and go (an epoch's last batch): keep a few
                 self._work.clear()
             h, w = self.shape
-            xp = get_array_module(to_device(np.zeros(1), device))
-            self._work[key] = (to_device((self.alpha / 128 * gaussian_matrix(h, self.sigma)).astype(dtype), device),
+            self._work[key] = (to_device((self.alpha * LEVEL * gaussian_matrix(h, self.sigma)).astype(dtype), device),
                                to_device(gaussian_matrix(w, self.sigma).astype(dtype), device),
                                *(xp.empty((h, n * 2 * w), dtype=dtype) for _ in range(3)))
         return self._work[key]
