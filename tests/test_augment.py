@@ -158,17 +158,22 @@ def test_float32_in_float32_out_and_the_fast_path_agrees_with_the_core(device, m
 
 def test_the_fast_path_skips_only_points_that_read_zeros(monkeypatch):
     """The compiled kernel writes 0 without reading for points a pixel or more outside the box of an image's
-    nonzero pixels. Sparse images put that box's edges everywhere (corners, borders, one pixel, none, all):
-    float64, so that any point wrongly skipped or read shows far above the 1e-12 of rounding."""
-    x = np.zeros((8, H, W))
+    nonzero pixels, and reads the image itself, unpadded, when that box keeps off its edges. Sparse images
+    put the box's edges everywhere (corners, borders, one pixel, none, all); ink on the top or bottom row
+    lies next to an image full of ink, so that a read past the row shows. Float64, so that any point wrongly
+    skipped or read shows far above the 1e-12 of rounding."""
+    x = np.zeros((12, H, W))
     x[0, 0, 0] = x[1, H - 1, W - 1] = x[2, 0, W - 1] = x[3, 13, 14] = 1.0
     x[4, 5:9, 20:22] = 0.5
-    x[6] = 1.0  # x[5] stays all zero
-    x[7, :, 0] = np.linspace(0.1, 1, H)
-    x = x.reshape(8, H * W)
+    x[6] = x[9] = 1.0  # x[5] stays all zero
+    x[7, 0, 10:14] = 0.8  # the top row, after x[6]
+    x[8, H - 1, 12:16] = 0.7  # the bottom row, before x[9]
+    x[10, :, 0] = np.linspace(0.1, 1, H)
+    x[11, 10:12, W - 1] = 0.9
+    x = x.reshape(12, H * W)
     aug = Augment(rotation=30, scale=0.3, shear=10, shift=3, sigma=4, alpha=34, seed=21)
     for _ in range(3):
-        p = aug.draw(8)
+        p = aug.draw(12)
         monkeypatch.setenv("GPUNET_FAST", "0")
         core = aug.apply(x, p)
         monkeypatch.setenv("GPUNET_FAST", "1")

@@ -161,11 +161,17 @@ def test_the_augmentation_benchmark_keeps_raw_seconds_and_each_rounds_own_ratios
     res = json.loads(out.read_text())
     assert res["settings"] == DEFAULTS
     sec = res["seconds"]
-    assert all(len(sec[k]) == 2 for k in ("default_epoch", "default_epoch_augmented", "augment_fast", "augment_core"))
+    assert all(len(sec[k]) == 2 for k in ("default_epoch", "default_epoch_augmented", "augment_in_fit", "augment_fast",
+                                          "augment_core"))
+    # the distortion's own seconds inside the augmented epoch: some, and less than all of it
+    assert all(0 < t < a for t, a in zip(sec["augment_in_fit"], sec["default_epoch_augmented"]))
     shares = [f / d for f, d in zip(sec["augment_fast"], sec["default_epoch"])]
     added = [a / d - 1 for a, d in zip(sec["default_epoch_augmented"], sec["default_epoch"])]
-    assert res["per_round"] == {"fast_share": pytest.approx(shares), "added": pytest.approx(added)}
+    in_fit = [t / (a - t) for t, a in zip(sec["augment_in_fit"], sec["default_epoch_augmented"])]
+    assert res["per_round"] == {"fast_share": pytest.approx(shares), "added": pytest.approx(added),
+                                "in_fit_share": pytest.approx(in_fit)}
     assert res["median_of_round_fast_shares"] == pytest.approx(statistics.median(shares))
     assert res["median_of_round_added"] == pytest.approx(statistics.median(added))
+    assert res["median_of_round_in_fit_shares"] == pytest.approx(statistics.median(in_fit))
     assert res["fast_share_of_default_epoch"] == pytest.approx(
         statistics.median(sec["augment_fast"]) / statistics.median(sec["default_epoch"]))

@@ -184,6 +184,6 @@ def resample(images, maps, fields, shape):
     if get_array_module(images) is not np or (kernel := _numba_resample()) is None or _cpu_kernels(*arrays) is None:
         return None
     out = np.empty_like(images)
-    kernel(images, maps, np.zeros((1, 0, 2, 1), images.dtype) if fields is None else fields, fields is not None,
+    kernel(images, maps, np.zeros((1, 2, 1, 1), images.dtype) if fields is None else fields, fields is not None,
            shape[0], shape[1], out)
     return out
