@@ -1,6 +1,7 @@
 """The rehearsed GPU session (benchmarks/gpu_session.sh): its dry run on the CPU, on tiny MNIST files, runs
 every step and leaves the result files a lent GPU machine would send back, each holding what its step
-measured; a failing step is counted in the exit status and the others still run."""
+measured; a failing step is counted in the exit status and the others still run; and a session's budget
+cuts the steps' limits and skips what it no longer covers."""
 import json
 import os
 import shutil
@@ -72,3 +73,18 @@ def test_a_failing_step_is_counted_and_the_rest_still_run(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["pytest-gpu.xml", "session.log", "step-cpu.json"]
     tests, skipped, bad = junit(out / "pytest-gpu.xml")
     assert tests == skipped > 0 and bad == 0
+
+
+def test_the_sessions_budget_cuts_limits_and_skips_what_it_cannot_cover(tmp_path):
+    """A device command runs 600 s at most, and the steps' own limits add up to more: GPU_SESSION_BUDGET cuts
+    each step's limit to what is left and skips the steps after it is spent, saying so, in the exit status
+    too. A budget of 6 s: `info` gets at most 6 s, and whatever starts with under 5 s left is skipped."""
+    proc, out = session(tmp_path, tmp_path / "no-such-mnist", GPUNET_DRY_RUN="1", GPU_SESSION_BUDGET="6")
+    log = (out / "session.log").read_text()
+    assert "=== info (at most 6 s):" in log, log[-3000:]
+    skips = [line for line in log.splitlines() if line.endswith("of the session's 6 s are spent")]
+    names = [line.split(":")[0].removeprefix("=== ") for line in skips]
+    # the last steps are always past the budget; info and warm together take at least a second here
+    assert names[-3:] == ["recipe", "best", "smoke"] and "info" not in names, log[-3000:]
+    failed = int(log.split("failed steps: ")[1].split(";")[0])
+    assert f"skipped steps: {len(skips)} (budget 6 s" in log and proc.returncode == failed + len(skips)
