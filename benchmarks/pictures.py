@@ -30,8 +30,8 @@ def picture_sets(data_dir: str, digits: int, folder: Path) -> dict:
     """{"photographed": (inputs (N, 784) float32, labels), "typed": (...)}, read the way predict reads."""
     _, (x_test, y_test) = load_mnist(data_dir, download=False)
     pick = np.random.default_rng(0).choice(len(y_test), digits, replace=False)  # as tests/test_images.py
-    digits = x_test[pick].reshape(-1, 28, 28)  # float32 in [0, 1], as load_mnist hands them over
-    photos = pictures.save_set(pictures.photographed(digits, y_test[pick]), folder / "photos")
+    chosen = x_test[pick].reshape(-1, 28, 28)  # float32 in [0, 1], as load_mnist hands them over
+    photos = pictures.save_set(pictures.photographed(chosen, y_test[pick]), folder / "photos")
     typed = pictures.save_set(pictures.typed(), folder / "typed")
     out = {}
     for name, files in (("photographed", photos), ("typed", typed)):
