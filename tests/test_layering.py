@@ -26,7 +26,7 @@ ALLOWED = {
     "onnx_export": {"__init__", "backend", "layers", "files", "training"},
     "sklearn": {"backend", "callbacks", "layers", "losses", "network", "optimizers", "training"},
     "gradcheck": {"backend"}, "metrics": {"backend"},
-    "data": {"data.idx", "data.datasets"}, "data.idx": {"data", "files"}, "data.datasets": {"data.idx"},
+    "data": {"data.datasets"}, "data.idx": {"data", "files"}, "data.datasets": {"data", "data.idx"},
     "fast": {"backend", "layers", "losses", "optimizers"},
     "data.arrays": {"backend"},
     "data.rows": {"backend", "fast", "data.arrays"},

@@ -11,7 +11,13 @@
 
 Data problems raise :class:`DataError`, naming the file or argument.
 """
-from .idx import DataError
+
+
+class DataError(ValueError):
+    """A data file is missing, unreadable or malformed; the message names the file and the problem."""
+
+
+# After DataError: the modules below import it from here.
 from .datasets import MNIST_FILES, download_mnist, load_arrays, load_mnist, split_validation
 
 __all__ = ["DataError", "MNIST_FILES", "download_mnist", "load_arrays", "load_mnist", "split_validation"]

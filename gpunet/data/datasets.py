@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .idx import GZIP_MAGIC, DataError, atomic_write, load_idx_images, load_idx_labels, open_idx
+from . import DataError
+from .idx import GZIP_MAGIC, atomic_write, load_idx_images, load_idx_labels, open_idx
 
 MNIST_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
                "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}

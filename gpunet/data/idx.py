@@ -16,10 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import files
-
-
-class DataError(ValueError):
-    """A data file is missing, unreadable or malformed; the message names the file and the problem."""
+from . import DataError
 
 
 # IDX type code -> on-disk dtype (IDX stores multi-byte values big-endian).
