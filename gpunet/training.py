@@ -187,6 +187,17 @@ class Run:
                                                                                out=self._yb[:hi - lo])
         return xb, yb, hi - lo, batch_rows
 
+    def seen(self, step: int | None = None) -> int:
+        """This rank's training rows in the epoch's first ``step`` steps (default: those done so far): what
+        ``loss_sum`` and ``correct`` are sums over."""
+        step = self.step if step is None else step
+        hi = min(self.n, step * self.batch_size)
+        if self.comm is None:
+            return hi
+        shards = (parallel.shard(lo, min(self.n, lo + self.batch_size), self.rank, self.comm.size)
+                  for lo in range(0, hi, self.batch_size))
+        return sum(b - a for a, b in shards)
+
     def _record(self) -> dict:
         """The epoch's history entry: the mean training loss and accuracy (over every rank), validation."""
         synchronize(self.loss_sum)
