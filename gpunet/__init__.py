@@ -11,7 +11,7 @@ from .backend import (DeviceError, describe_device, get_array_module, gpu_availa
                       resolve_device, set_default_device, to_device, to_numpy)
 from .explain import explain_step
 from .gradcheck import gradcheck, numerical_gradient
-from .batches import Pixels, Rows
+from .data.rows import Pixels, Rows
 from .layers import (BatchNorm, Dropout, Layer, Linear, Parameter, ReLU, Sigmoid, Softmax, Standardize, Tanh,
                      register_layer)
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy

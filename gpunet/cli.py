@@ -1,5 +1,5 @@
 """The ``gpunet`` command: train, evaluate, predict, explain, serve, export, info. A thin face: flags in, printing out;
-the work lives in the library (``recipe.train`` for a training run, ``explain.explain_step`` for one step).
+the work lives in the library (``commands.train.train`` for a training run, ``explain.record.explain_step`` for one step).
 
 A user mistake (missing folder, bad flag value, unreadable model file) prints one line and exits with
 status 2; nothing here is imported by the library.
@@ -18,20 +18,23 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, backend, explain, explain_inputs, explain_render, fast, parallel, recipe
+from . import __version__, backend, fast, parallel
+from .commands import train as train_command
+from .explain import build as explain_build, record as explain_record, render as explain_render
 from .augment import DEFAULTS as AUGMENT_DEFAULTS
 from .backend import DeviceError
 from .callbacks import epoch_line
-from .batches import Pixels
-from .data import DataError, default_data_dir, load_arrays, load_rows
-from .images import image_size, load_image_file, load_images
+from .data.rows import Pixels
+from .data import DataError
+from .data.datasets import default_data_dir, load_arrays, load_rows
+from .data.pictures import image_size, load_image_file, load_images
 from .layers import ACTIVATIONS, INITIALIZERS, Standardize
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .metrics import format_report
 from .network import load
 from .optimizers import SGD, Adam, AdamW, Momentum, RMSprop
 from .predictions import prediction
-from .recipe import TrainConfig, load_data, train
+from .commands.train import TrainConfig, load_data, train
 from .schedules import SCHEDULES
 from .training import Interrupted, evaluate, predict, predict_proba
 
@@ -75,7 +78,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
-    """The command line; ``preset`` (a name in :data:`gpunet.recipe.PRESETS`) sets train's defaults to it."""
+    """The command line; ``preset`` (a name in :data:`gpunet.commands.train.PRESETS`) sets train's defaults to it."""
     p = Parser(prog="gpunet", description="Train and use feed-forward networks on MNIST, on a GPU or the CPU.")
     p.add_argument("--version", action="version", version=f"gpunet {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
@@ -91,7 +94,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--activation", nargs="+", choices=sorted(ACTIVATIONS), default=["relu"], help="one activation, or one per hidden layer (default: relu)")
     t.add_argument("--epochs", type=positive_int, default=20, help="maximum number of epochs (default: 20)")
     t.add_argument("--batch-size", type=batch_size_arg, default=128, help="examples per step: 1 = online, 'full' = full batch (default: 128)")
-    t.add_argument("--optimizer", choices=tuple(recipe.OPTIMIZER_SETTINGS), default="momentum", help="update rule (default: momentum)")
+    t.add_argument("--optimizer", choices=tuple(train_command.OPTIMIZER_SETTINGS), default="momentum", help="update rule (default: momentum)")
     t.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: 0.05 for sgd and momentum, 0.001 for adam, adamw and rmsprop)")
     t.add_argument("--momentum", type=unit_interval, default=None, help="momentum gamma for --optimizer momentum, 0 for plain SGD (default: 0.9); rmsprop's momentum (default: 0)")
     t.add_argument("--nesterov", action="store_true", help="Nesterov momentum (--optimizer momentum)")
@@ -116,7 +119,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.npz (same flags; --epochs may be raised)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="N", help="write checkpoint.npz every N epochs (default: 1; an interrupt always writes one)")
-    t.add_argument("--preset", choices=tuple(recipe.PRESETS), default=None, help="a named recipe: best = 784-1024-1024-10 with distortions, 120 epochs (README: Augmentation); flags given too win")
+    t.add_argument("--preset", choices=tuple(train_command.PRESETS), default=None, help="a named recipe: best = 784-1024-1024-10 with distortions, 120 epochs (README: Augmentation); flags given too win")
     t.add_argument("--augment", action="store_true", help="distort every training image afresh each epoch: random affine + elastic (the --aug-* flags)")
     t.add_argument("--aug-rotation", type=non_negative_float, default=AUGMENT_DEFAULTS["rotation"], metavar="DEG", help="--augment: rotation uniform in [-DEG, DEG] degrees (default: %(default)g)")
     t.add_argument("--aug-scale", type=unit_interval, default=AUGMENT_DEFAULTS["scale"], metavar="S", help="--augment: scale factor uniform in [1-S, 1+S] (default: %(default)g)")
@@ -125,7 +128,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--aug-sigma", type=positive_float, default=AUGMENT_DEFAULTS["sigma"], help="--augment: elastic field's Gaussian smoothing, in pixels (default: %(default)g)")
     t.add_argument("--aug-alpha", type=non_negative_float, default=AUGMENT_DEFAULTS["alpha"], help="--augment: elastic field's strength, in pixels; 0 = affine only (default: %(default)g)")
     if preset is not None:
-        t.set_defaults(**recipe.PRESETS[preset], preset=preset)
+        t.set_defaults(**train_command.PRESETS[preset], preset=preset)
 
     e = sub.add_parser("evaluate", help="accuracy, per-class table and confusion matrix of a model on the test set")
     e.add_argument("model", help="model file written by gpunet train")
@@ -158,7 +161,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     x = sub.add_parser("explain", help="one training step of a small network, formula by formula, in the course notes' notation (no flags: the classic 2-2-2 example worked by hand)")
     x.add_argument("--sizes", type=positive_int, nargs="+", metavar="N", help="layer sizes, inputs to outputs, weights drawn from --seed (default: the example's 2-2-2, or those of --weights)")
     x.add_argument("--activation", nargs="+", choices=sorted(ACTIVATIONS), help="hidden activation, one or one per hidden layer (default: sigmoid)")
-    x.add_argument("--output-activation", choices=explain_inputs.OUTPUT_ACTIVATIONS, help="an activation on the output layer, y^L = f(z^L), for --loss mse or mae (default: none, y^L = z^L)")
+    x.add_argument("--output-activation", choices=explain_build.OUTPUT_ACTIVATIONS, help="an activation on the output layer, y^L = f(z^L), for --loss mse or mae (default: none, y^L = z^L)")
     x.add_argument("--batch-norm", action="store_true", help="a BatchNorm between each hidden Linear and its activation (training mode: a batch of at least 2 instances)")
     x.add_argument("--loss", choices=("ce", "mse", "mae"), default="ce", help="softmax cross-entropy, mean squared or absolute error (default: ce)")
     x.add_argument("--optimizer", choices=tuple(EXPLAIN_OPTIMIZERS), default="sgd", help="default: sgd")
@@ -420,14 +423,14 @@ def cmd_explain(args):
     elif args.model:
         target = backend.to_numpy(predict(net, x)).astype(float)
     elif example:
-        target = explain_inputs.EXAMPLE["target"]
+        target = explain_build.EXAMPLE["target"]
     else:
         raise UserError(f"--target: expected a class or {net.out_features} desired outputs per instance, got none")
-    y = _flag(explain_inputs.make_target, target, len(x), net.out_features, args.loss, dtype)
+    y = _flag(explain_build.make_target, target, len(x), net.out_features, args.loss, dtype)
     opt = _explain_optimizer(args, net.parameters())
     loss = {"ce": SoftmaxCrossEntropy, "mse": MSELoss, "mae": MAELoss}[args.loss]()
-    record = explain.explain_step(net, loss, opt, x, y)
-    intro = explain_inputs.EXAMPLE["about"] if example else None
+    record = explain_record.explain_step(net, loss, opt, x, y)
+    intro = explain_build.EXAMPLE["about"] if example else None
     if args.json:
         print(explain_render.render_json(record), end="")
     else:
@@ -443,7 +446,7 @@ def _explain_optimizer(args, params):
     """The optimizer of --optimizer: its own defaults, but SGD's and momentum's alpha is the example's."""
     kind, options = args.optimizer, {}
     if args.lr is not None or kind in ("sgd", "momentum"):
-        options["lr"] = explain_inputs.EXAMPLE["lr"] if args.lr is None else args.lr
+        options["lr"] = explain_build.EXAMPLE["lr"] if args.lr is None else args.lr
     if kind == "momentum":
         options["momentum"] = 0.9 if args.momentum is None else args.momentum
     return EXPLAIN_OPTIMIZERS[kind](params, **options)
@@ -478,7 +481,7 @@ def _explain_network(args, dtype, example):
             for name in getattr(layer, "buffer_names", ()):
                 setattr(layer, name, getattr(layer, name).astype(dtype))
         return net
-    doc = explain_inputs.EXAMPLE["weights"] if example else None
+    doc = explain_build.EXAMPLE["weights"] if example else None
     if args.weights:
         if not os.path.isfile(args.weights):
             raise UserError(f"--weights: file not found: {args.weights}")
@@ -486,8 +489,8 @@ def _explain_network(args, dtype, example):
             doc = json.loads(Path(args.weights).read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"--weights: {args.weights} is not valid JSON ({exc})") from None
-    acts = args.activation or [explain_inputs.EXAMPLE["activation"]]
-    return _flag(explain_inputs.build_network, args.sizes, doc, acts[0] if len(acts) == 1 else acts,
+    acts = args.activation or [explain_build.EXAMPLE["activation"]]
+    return _flag(explain_build.build_network, args.sizes, doc, acts[0] if len(acts) == 1 else acts,
                  args.seed or 0, dtype, args.output_activation, args.batch_norm)
 
 
@@ -500,7 +503,7 @@ def _explain_input(args, net, example, dtype):
         if x.shape[1] != net.in_features:
             raise UserError(f"--image: expected {net.in_features} pixels (the network's inputs), got {x.shape[1]}")
     elif args.input is not None or example:
-        x = np.array(explain_inputs.EXAMPLE["input"] if args.input is None else args.input)
+        x = np.array(explain_build.EXAMPLE["input"] if args.input is None else args.input)
     else:
         raise UserError("--input: expected the instance's values or --image FILE, got neither")
     if x.size % net.in_features:
@@ -512,7 +515,7 @@ def _explain_input(args, net, example, dtype):
 def cmd_info(args):
     info = backend.describe_device(args.device)
     data_dir = default_data_dir()
-    result = {"versions": recipe.versions(), "platform": platform.platform(), **info, "data_dir": str(data_dir),
+    result = {"versions": train_command.versions(), "platform": platform.platform(), **info, "data_dir": str(data_dir),
               "fast_path": fast.status()}
     if args.json:
         print(json.dumps(result, indent=2))

@@ -26,8 +26,8 @@ from . import callbacks as cbs
 from . import checkpoint, parallel
 from . import fast as fast_path
 from .backend import get_array_module, on_device_of_net, softmax, synchronize, to_device, to_numpy
-from .batches import as_rows
-from .inputs import targets
+from .data.rows import as_rows
+from .data.arrays import targets
 from .metrics import confusion_counts, report
 
 
@@ -70,7 +70,7 @@ def batch_size_for(batch_size, n) -> int:
 
 
 def _dataset(x, y, net, classify, name="x"):
-    """A data set through the front door (:mod:`gpunet.inputs`): the features as ``Rows`` or ``Pixels`` of
+    """A data set through the front door (:mod:`gpunet.data.arrays`): the features as ``Rows`` or ``Pixels`` of
     the network's dtype on its device, the targets checked and cast there."""
     x = as_rows(x, net.dtype, net.device, name)
     y = targets(y, len(x), classify, net.out_features, net.dtype, net.device, name.replace("x", "y"))
@@ -270,7 +270,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
         interrupt=None, run_info: dict | None = None, comm=None, callbacks=(), augment=None,
         verbose: int = 0) -> History:
     """Train ``net`` on ``x`` (N, features): any 2-D real array-like (converted once to the network's dtype
-    and device, :mod:`gpunet.inputs`) or ``Pixels``; and ``y``: (N,) integer labels 0..C-1 or (N, outputs)
+    and device, :mod:`gpunet.data.arrays`) or ``Pixels``; and ``y``: (N,) integer labels 0..C-1 or (N, outputs)
     targets.
 
     ``validation=(x_val, y_val)`` is evaluated after each epoch. ``patience`` (needs validation) stops

@@ -18,7 +18,7 @@ import pytest
 
 import gpunet as gn
 from gpunet import backend
-from gpunet.batches import Pixels
+from gpunet.data.rows import Pixels
 from gpunet.fast import cuda
 from gpunet.training import fit
 from fake_cupy import FakeCupy

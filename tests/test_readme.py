@@ -33,7 +33,7 @@ def small_mnist(mnist_dir, folder, n_train=6000, n_test=1000):
     import numpy as np
 
     from gpunet.data import MNIST_FILES, load_mnist
-    from gpunet.idx import write_idx
+    from gpunet.data.idx import write_idx
 
     (x, y), (xt, yt) = load_mnist(mnist_dir, download=False, dtype=np.uint8)
     parts = {"train_images": x[:n_train], "train_labels": y[:n_train].astype(np.uint8),

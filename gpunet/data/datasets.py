@@ -2,9 +2,9 @@
 loading them, and splitting off a validation set.
 
 Any folder holding the four MNIST file names (raw or .gz) loads the same way, so Fashion-MNIST and the
-like work unchanged. The file format itself is :mod:`gpunet.idx`, the one gpunet module imported here
+like work unchanged. The file format itself is :mod:`gpunet.data.idx`, the one gpunet module imported here
 (beside NumPy and the standard library). Data problems raise DataError. Pictures for prediction (image
-files) are in :mod:`gpunet.images`. Data sets of one's own, as ``.npz`` or CSV files (``gpunet train
+files) are in :mod:`gpunet.data.pictures`. Data sets of one's own, as ``.npz`` or CSV files (``gpunet train
 --data``), are read by :func:`load_arrays`.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .idx import GZIP_MAGIC, DataError, atomic_write, load_idx_images, load_idx_labels, open_idx
+from . import DataError
+from .idx import GZIP_MAGIC, atomic_write, load_idx_images, load_idx_labels, open_idx
 
 MNIST_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
                "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
@@ -75,7 +76,7 @@ def load_mnist(data_dir=None, *, download=True, verify=False, dtype=np.float32):
     """Load MNIST, or any dataset stored under its file names, from :func:`resolve_data_dir`.
 
     Returns ``((x_train, y_train), (x_test, y_test))``: x of `dtype` (N, rows*cols) in [0, 1] (or the raw
-    0..255 bytes for ``dtype=np.uint8``, to wrap in :class:`gpunet.batches.Pixels`), y int64 (N,). Missing
+    0..255 bytes for ``dtype=np.uint8``, to wrap in :class:`gpunet.data.rows.Pixels`), y int64 (N,). Missing
     files are downloaded if `download`; `verify` checks the files against MNIST_MD5.
     """
     folder = resolve_data_dir(data_dir)

@@ -19,16 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, backend, checkpoint, fast, files, parallel, plots
-from .augment import DEFAULTS as AUGMENT_DEFAULTS, Augment
-from .batches import Pixels
-from .data import DataError, load_arrays, load_mnist, split_validation
-from .layers import Standardize
-from .losses import SoftmaxCrossEntropy
-from .network import Sequential, mlp
-from .optimizers import SGD, Adam, AdamW, Momentum, RMSprop
-from .schedules import make_schedule
-from .training import evaluate, fit, predict
+from .. import __version__, backend, checkpoint, fast, files, parallel, plots
+from ..augment import DEFAULTS as AUGMENT_DEFAULTS, Augment
+from ..data.rows import Pixels
+from ..data import DataError
+from ..data.datasets import load_arrays, load_mnist, split_validation
+from ..layers import Standardize
+from ..losses import SoftmaxCrossEntropy
+from ..network import Sequential, mlp
+from ..optimizers import SGD, Adam, AdamW, Momentum, RMSprop
+from ..schedules import make_schedule
+from ..training import evaluate, fit, predict
 
 
 class ConfigError(ValueError):
@@ -132,7 +133,7 @@ def load_data(data_dir=None, download=False):
     """
     folder = data_folder(data_dir, download)
     explicit = folder is not None or bool(os.environ.get("GPUNET_DATA"))
-    # the images stay bytes (a quarter of float32's memory), read as float32 batch by batch: see batches.py
+    # the images stay bytes (a quarter of float32's memory), read as float32 batch by batch: see gpunet/data/rows.py
     return load_mnist(folder, download=download or not explicit, dtype=np.uint8)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import device_of, get_array_module, to_device, to_numpy
+from ..backend import device_of, get_array_module, to_device, to_numpy
 
 
 def _host_array(x, name: str):
