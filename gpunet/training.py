@@ -131,7 +131,10 @@ class Run:
         self._hooks = {h: [getattr(c, h) for c in self.callbacks if hasattr(c, h)] for h in cbs.HOOKS}
         step = (fast and fast_path.select(net, loss, optimizer, self.y, self.comm is not None)) or \
             core_step(net, loss, optimizer)
-        self._take_step = _stepper(step, optimizer, interrupt, self.comm)
+        # layers that draw per row (Dropout): told where this rank's rows begin in the global batch
+        self._row_keyed = [layer for layer in _layers(net) if hasattr(layer, "row_start")]
+        self.row_start, self.batch_rows = 0, 0
+        self._take_step = _stepper(step, optimizer, interrupt, self.comm, self._row_keyed)
         self._step_sums = getattr(step, "sums_in_kernel", False) and step  # a GPU fused step sums itself
         xp = get_array_module(net.parameters()[0].data)
         self._xb = xp.empty((self.batch_size,) + self.x.shape[1:], dtype=self.x.dtype)
@@ -193,8 +196,14 @@ class Run:
         """Batch ``b``'s inputs and targets (this rank's part of it), its rows here and in the whole batch."""
         lo, hi = b * self.batch_size, min(self.n, (b + 1) * self.batch_size)
         batch_rows = hi - lo
-        if self.comm is not None:
+        if self.comm is not None:  # every draw is keyed by the row's place in the global batch
+            first = lo
             lo, hi = parallel.shard(lo, hi, self.rank, self.comm.size)
+            self.row_start, self.batch_rows = lo - first, batch_rows
+            for layer in self._row_keyed:
+                layer.row_start = self.row_start
+        else:
+            self.batch_rows = batch_rows
         if order is None:
             xb, yb = self.x[lo:hi], self.y[lo:hi]
             if self._hooks["transform_batch"]:  # a transform may write into its input: not into the data
@@ -353,10 +362,18 @@ def _keyword_callbacks(schedule, callback, on_batch) -> list:
     return made + ([cbs.BatchEnd(on_batch)] if on_batch is not None else [])
 
 
-def _stepper(step, optimizer, interrupt, comm):
+def _layers(net):
+    """Every layer of ``net``, those of nested networks included."""
+    for layer in getattr(net, "layers", ()):
+        yield layer
+        yield from _layers(layer)
+
+
+def _stepper(step, optimizer, interrupt, comm, row_keyed=()):
     """``take_step(x, y, rows, batch_rows) -> (mean loss or None, output, stop)``: one training step; in a
     distributed run the gradients are summed over the ranks together with their stop requests, so that
-    every rank stops at the same step (``stop``, always False for a single process)."""
+    every rank stops at the same step (``stop``, always False for a single process). ``row_keyed``: the
+    Dropout layers, whose mask keys a rank without rows still draws (every rank's keys stay the same)."""
     def wants_stop():
         return interrupt is not None and bool(interrupt())
 
@@ -371,6 +388,9 @@ def _stepper(step, optimizer, interrupt, comm):
         if rows == 0:  # fewer rows than ranks in this batch: nothing to compute here, but the sum and update
             for p in optimizer.params:
                 p.grad[...] = 0
+            for layer in row_keyed:  # the key the other ranks' forward draws
+                if layer.active():
+                    layer.next_key()
             stop = gradient_sum(0, batch_rows, wants_stop())
             optimizer.step()
             return None, None, stop
