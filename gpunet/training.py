@@ -47,9 +47,28 @@ class History:
         return len(self.epochs)
 
 
+def train_step(net, loss, optimizer, x, y):
+    """The notes' step on one batch: forward, cost, backward, update; returns the batch's mean loss (a 0-d
+    array on the network's device). ``x``: (N, features) in the network's dtype on its device; ``y``:
+    (N,) int64 class labels or (N, outputs) targets (``fit`` converts any array-like once, then runs this
+    step, or a fused one that leaves the same weights, gradients and optimizer state). After it,
+    ``param.grad`` holds this batch's gradients and ``param.data`` the updated weights.
+
+        for epoch in range(epochs):
+            for x, y in batches:
+                gn.train_step(net, loss, optimizer, x, y)
+    """
+    out = net.forward(x)               # y^L, every layer's forward in turn
+    value = loss.forward(out, y)       # the cost C(y^L, y^D)
+    net.backward(loss.backward())      # dC/dz^L back through every layer: each param.grad
+    optimizer.step()                   # w = w - lr * dC/dw (or the optimizer's rule)
+    return value
+
+
 def core_step(net, loss, optimizer):
-    """The notes' step, in the core's own terms: ``step(x, y, reduce=None) -> (mean loss, output)``;
-    ``reduce()`` runs between the gradients and the update (a distributed run sums them there)."""
+    """``train_step`` as ``fit`` runs it: ``step(x, y, reduce=None) -> (mean loss, output)``; ``reduce()``
+    runs between the gradients and the update (a distributed run sums them there), and the labels, checked
+    once by ``fit``, are not checked again each step."""
     def step(x, y, reduce=None):
         out = net.forward(x)
         value = loss.forward(out, y, check=False) if loss.classifies else loss.forward(out, y)
