@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, backend, fast, parallel
+from . import __version__, backend, callbacks, fast, parallel
 from .commands import train as train_command
 from .explain import build as explain_build, record as explain_record, render as explain_render
 from .augment import DEFAULTS as AUGMENT_DEFAULTS
 from .backend import DeviceError
-from .callbacks import epoch_line
 from .data.rows import Pixels
 from .data import DataError
 from .data.datasets import default_data_dir, load_rows, load_table
@@ -133,6 +132,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu, gpu (cuda) or auto (default: $GPUNET_DEVICE, else auto)")
     t.add_argument("--out", default=None, help="output folder (default: runs/mnist; runs/NAME for --data NAME.csv)")
     t.add_argument("--no-plots", action="store_true", help="skip the pictures")
+    t.add_argument("--log-dir", metavar="DIR", default=None, help="training logs: DIR/epochs.csv (one row per epoch) and TensorBoard event files (with tensorboardX: pip install 'gpunet[tensorboard]'); a resumed run continues them")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.npz (same flags; --epochs may be raised)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="N", help="write checkpoint.npz every N epochs (default: 1; an interrupt always writes one)")
@@ -205,31 +205,10 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
-def _progress(total_epochs):
-    """A tqdm bar over each epoch's batches on a terminal, else one line per epoch."""
-    use_bar = sys.stderr.isatty()
-    tqdm = None
-    if use_bar:
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            tqdm = None
-    state = {"bar": None}
-
-    def on_batch(epoch, done, total):
-        if tqdm is None:
-            return
-        if state["bar"] is None:
-            state["bar"] = tqdm(total=total, desc=f"epoch {epoch + 1}/{total_epochs}", unit="batch", leave=False)
-        state["bar"].update(1)
-
-    def on_epoch(rec):
-        if state["bar"] is not None:
-            state["bar"].close()
-            state["bar"] = None
-        print(epoch_line(rec, total_epochs), flush=True)
-
-    return on_batch, on_epoch
+def _progress():
+    """A bar over each epoch's batches with its running loss and accuracy on a terminal (tqdm's if installed,
+    on standard error), ended by the epoch's line on standard output; only the lines elsewhere."""
+    return callbacks.Progress(1 if sys.stderr.isatty() else 2, bar_file=sys.stderr)
 
 
 # --- commands --------------------------------------------------------------------------------------------
@@ -281,10 +260,10 @@ def cmd_train(args):
     if args.out is None:  # a table's run is named after its file
         args.out = f"runs/{Path(args.data).stem}" if args.data else "runs/mnist"
     lead = parallel.launched_rank() == 0  # in an mpiexec job rank 0 alone speaks
-    on_batch, on_epoch = _progress(args.epochs) if lead else (None, None)
+    shown = [_progress()] if lead else []
     with StopOnSignal(quiet=not lead) as stop:
         try:
-            result = train(config, args.out, on_epoch=on_epoch, on_batch=on_batch, resume=args.resume,
+            result = train(config, args.out, callbacks=shown, resume=args.resume,
                            overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, interrupt=stop,
                            log=lambda line: print(line, flush=True))
         except Interrupted as exc:

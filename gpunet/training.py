@@ -54,9 +54,28 @@ class History:
         return len(self.epochs)
 
 
+def train_step(net, loss, optimizer, x, y):
+    """The notes' step on one batch: forward, cost, backward, update; returns the batch's mean loss (a 0-d
+    array on the network's device). ``x``: (N, features) in the network's dtype on its device; ``y``:
+    (N,) int64 class labels or (N, outputs) targets (``fit`` converts any array-like once, then runs this
+    step, or a fused one that leaves the same weights, gradients and optimizer state). After it,
+    ``param.grad`` holds this batch's gradients and ``param.data`` the updated weights.
+
+        for epoch in range(epochs):
+            for x, y in batches:
+                gn.train_step(net, loss, optimizer, x, y)
+    """
+    out = net.forward(x)               # y^L, every layer's forward in turn
+    value = loss.forward(out, y)       # the cost C(y^L, y^D)
+    net.backward(loss.backward())      # dC/dz^L back through every layer: each param.grad
+    optimizer.step()                   # w = w - lr * dC/dw (or the optimizer's rule)
+    return value
+
+
 def core_step(net, loss, optimizer):
-    """The notes' step, in the core's own terms: ``step(x, y, reduce=None) -> (mean loss, output)``;
-    ``reduce()`` runs between the gradients and the update (a distributed run sums them there)."""
+    """``train_step`` as ``fit`` runs it: ``step(x, y, reduce=None) -> (mean loss, output)``; ``reduce()``
+    runs between the gradients and the update (a distributed run sums them there), and the labels, checked
+    once by ``fit``, are not checked again each step."""
     def step(x, y, reduce=None):
         out = net.forward(x)
         value = loss.forward(out, y, check=False) if loss.classifies else loss.forward(out, y)
@@ -212,6 +231,17 @@ class Run:
             xb, yb = self.x.take(idx, self._xb), get_array_module(self.y).take(self.y, idx, axis=0,
                                                                                out=self._yb[:hi - lo])
         return xb, yb, hi - lo, batch_rows
+
+    def seen(self, step: int | None = None) -> int:
+        """This rank's training rows in the epoch's first ``step`` steps (default: those done so far): what
+        ``loss_sum`` and ``correct`` are sums over."""
+        step = self.step if step is None else step
+        hi = min(self.n, step * self.batch_size)
+        if self.comm is None:
+            return hi
+        shards = (parallel.shard(lo, min(self.n, lo + self.batch_size), self.rank, self.comm.size)
+                  for lo in range(0, hi, self.batch_size))
+        return sum(b - a for a, b in shards)
 
     def _record(self) -> dict:
         """The epoch's history entry: the mean training loss and accuracy (over every rank), validation."""

@@ -42,7 +42,7 @@ ALLOWED = {
     "explain.render": {"explain.record"},
     "commands": set(),
     "commands.train": {"__init__", "augment", "backend", "checkpoint", "fast", "files", "parallel", "plots",
-                       "data", "data.rows", "data.datasets", "layers", "losses", "network", "optimizers",
+                       "callbacks", "data", "data.rows", "data.datasets", "layers", "losses", "network", "optimizers",
                        "schedules", "training"},
     "data.pictures": {"data"},
     "predictions": set(),

@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import __version__, backend, checkpoint, fast, files, parallel, plots
 from ..augment import DEFAULTS as AUGMENT_DEFAULTS, Augment
+from ..callbacks import CSVLogger, TensorBoard, summary_writer
 from ..data.rows import Pixels
 from ..data import DataError
 from ..data.datasets import load_mnist, load_table, split_validation
@@ -43,7 +44,7 @@ class ResourceError(ValueError):
 CHECKPOINT = "checkpoint.npz"
 # settings a resumed run may change: how long, where, and what is drawn; every other one changes the run
 OUTPUTS = ("model.npz", "metrics.json", CHECKPOINT, "curves.png", "confusion.png", "misclassified.png")
-MAY_CHANGE_ON_RESUME = {"epochs", "device", "data_dir", "download", "plots"}
+MAY_CHANGE_ON_RESUME = {"epochs", "device", "data_dir", "download", "plots", "log_dir"}
 # each optimizer's own settings, with their defaults: PyTorch's, except the learning rates (0.05, the
 # measured recipe, for SGD and momentum; 1e-3, Keras' and PyTorch's Adam's, for the adaptive rules)
 OPTIMIZER_SETTINGS = {
@@ -100,6 +101,7 @@ class TrainConfig:
     aug_shift: float = AUGMENT_DEFAULTS["shift"]
     aug_sigma: float = AUGMENT_DEFAULTS["sigma"]
     aug_alpha: float = AUGMENT_DEFAULTS["alpha"]
+    log_dir: str | None = None  # epochs.csv and TensorBoard's event files (callbacks.CSVLogger, TensorBoard)
 
     def __post_init__(self):
         if self.val_size is None:
@@ -295,12 +297,13 @@ def _out_of_memory(exc, config, ckpt) -> ResourceError:
 
 
 def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, resume=False, overwrite=False,
-          checkpoint_every: int = 1, interrupt=None) -> dict:
+          checkpoint_every: int = 1, interrupt=None, callbacks=()) -> dict:
     """Run the recipe; write model.npz, metrics.json and the pictures into ``out``; return the metrics.
 
     ``out/checkpoint.npz`` is written every ``checkpoint_every`` epochs; ``resume=True`` continues from it
     (settings checked against it); ``interrupt()`` stops the run at a step boundary (``training.Interrupted``
     is raised after the checkpoint is written). A diverged run returns with ``stop_reason == "diverged"``.
+    ``callbacks`` go to ``fit`` (before the logs of ``config.log_dir``).
     """
     check(config)
     comm = _join_ranks(config, out, resume, overwrite)
@@ -332,7 +335,8 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
                       callback=on_epoch, on_batch=on_batch, checkpoint_path=ckpt, resume=meta is not None,
                       checkpoint_every=checkpoint_every, interrupt=interrupt,
                       run_info={"config": asdict(config), "data": data}, comm=comm,
-                      augment=augmentation(config, x_tr.shape[1]))
+                      augment=augmentation(config, x_tr.shape[1]),
+                      callbacks=[*callbacks, *training_logs(config.log_dir, log)])
     except Exception as exc:
         # MemoryError, or CuPy's OutOfMemoryError (tested by name: CuPy may not be installed)
         if not isinstance(exc, MemoryError) and type(exc).__name__ != "OutOfMemoryError":
@@ -369,6 +373,20 @@ def _table_model(net, table: dict, config: TrainConfig):
     model.feature_names, model.classes = table["feature_names"], table["classes"]
     model.label_column = config.label_column if config.data.lower().endswith(".csv") else None
     return model
+
+
+def training_logs(log_dir, log=print) -> list:
+    """The callbacks of ``--log-dir DIR``: ``DIR/epochs.csv`` and, with tensorboardX installed, TensorBoard's
+    event files in DIR (without it, a note says how to get them)."""
+    if log_dir is None:
+        return []
+    logs = [CSVLogger(Path(log_dir) / "epochs.csv")]
+    try:
+        summary_writer()
+    except ImportError as exc:
+        log(f"note: no TensorBoard event files in {log_dir}: {exc}")
+        return logs
+    return logs + [TensorBoard(log_dir)]
 
 
 def _join_ranks(config: TrainConfig, out, resume: bool, overwrite: bool):
