@@ -316,14 +316,8 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     meta = check_out_folder(out, config, resume, overwrite, lead)
     started = time.perf_counter()
     (x_tr, y_tr), (x_val, y_val), (x_test, y_test), data, table = _load(config, out, meta, comm, log)
-    regress = table is not None and table["task"] == "regressor"
-    if regress:
-        classes = 1 if y_tr.ndim == 1 else y_tr.shape[1]
-    else:
-        classes = len(table["classes"]) if table is not None and table["classes"] else \
-            int(max(y_tr.max(), y_val.max() if len(y_val) else 0, y_test.max())) + 1
+    classes, loss = _outputs(table, y_tr, y_val, y_test)
     net, opt, schedule = build(config, x_tr.shape[1], classes, device)
-    loss = MSELoss() if regress else SoftmaxCrossEntropy()
     why_not = fast.why_not(net, loss, opt, y_tr)  # a BatchNorm network or RMSprop runs the core's step
     info = backend.describe_device(device)
     log(_start_line(config, device, info, [x_tr.shape[1], *config.hidden, classes],
@@ -358,6 +352,16 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
         write_json(out / "metrics.json", result)
     _last_lines(log, result, out)
     return result
+
+
+def _outputs(table, y_tr, y_val, y_test):
+    """``(outputs, loss)``: a regressor's target count and MSE; a classifier's class count and softmax
+    cross-entropy (the classes a table's labels name, else the largest label + 1)."""
+    if table is not None and table["task"] == "regressor":
+        return (1 if y_tr.ndim == 1 else y_tr.shape[1]), MSELoss()
+    if table is not None and table["classes"]:
+        return len(table["classes"]), SoftmaxCrossEntropy()
+    return int(max(y_tr.max(), y_val.max() if len(y_val) else 0, y_test.max())) + 1, SoftmaxCrossEntropy()
 
 
 def _table_model(net, table: dict, config: TrainConfig):
