@@ -130,7 +130,10 @@ class EarlyStopping(Callback):
 
     def __init__(self, patience: int, min_delta: float = 0.0):
         self.patience, self.min_delta = patience, min_delta
-        self.best_loss, self.best_epoch, self.best_state, self.wait = None, None, None, 0
+        self.best_loss: float | None = None
+        self.best_epoch: int | None = None
+        self.best_state: dict | None = None  # host copies of the best epoch's weights
+        self.wait = 0
 
     def on_epoch_end(self, run, record):
         val_loss = record["val_loss"]
@@ -147,7 +150,7 @@ class EarlyStopping(Callback):
             run.net.load_state_dict(self.best_state)
 
     def state_dict(self) -> dict:
-        best = self.best_state or {}
+        best: dict = self.best_state or {}
         return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "wait": self.wait,
                 "names": list(best), "arrays": {"best": list(best.values())}}
 
@@ -414,7 +417,8 @@ class TensorBoard(Callback):
             "histogram_every", histogram_every)
         if _count("probe", probe) < 1:
             raise ValueError(f"probe: expected at least 1 row, got {probe!r}")
-        self.probe, self.writer, self._mark = probe, None, None  # _mark: (step, loss sum, correct)
+        self.probe, self.writer = probe, None
+        self._mark: tuple[int, float, int] | None = None  # (step, loss sum, correct) at the last batch point
 
     def on_train_begin(self, run):
         if run.rank == 0:
