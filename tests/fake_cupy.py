@@ -146,8 +146,8 @@ def _adam(g, b1, b2, c1, c2, step, root_c2, eps, wd, decay, w, m, v):
     w -= step * (m / (np.sqrt(v) / root_c2 + eps))
 
 
-def _dropout(key, threshold, scale, y, mask):
-    kept = layers.dropout_bits(np, int(key), y.size).reshape(y.shape) < threshold
+def _dropout(key, start, threshold, scale, y, mask):
+    kept = layers.dropout_bits(np, int(key), y.size, int(start)).reshape(y.shape) < threshold
     mask[...] = kept * scale
     y *= mask
 

@@ -269,7 +269,7 @@ def test_train_on_an_npz_file_keeps_the_scaling_in_the_model(own_data, tmp_path)
     np.save(tmp_path / "rows.npy", x[300:305])
     pred = run("predict", tmp_path / "run" / "model.npz", tmp_path / "rows.npy", "--json")
     assert pred.returncode == 0, pred.stderr
-    assert [r["digit"] for r in json.loads(pred.stdout)] == gn.to_numpy(gn.predict(net, x[300:305])).tolist()
+    assert [r["class"] for r in json.loads(pred.stdout)] == gn.to_numpy(gn.predict(net, x[300:305])).tolist()
     ev = run("evaluate", tmp_path / "run" / "model.npz", "--data", root / "d.npz", "--json")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["accuracy"] == m["test_accuracy"]  # the file's test set, read as it is
@@ -306,9 +306,10 @@ def test_train_data_file_mistakes_print_one_line(own_data, tmp_path, flags, mess
 
 
 def test_preset_best_sets_the_recipe_and_flags_given_win():
-    """--preset best is recipe.PRESETS["best"] as train's defaults; a flag given beside it is kept."""
-    from gpunet import cli, recipe
-    best = recipe.PRESETS["best"]
+    """--preset best is train_command.PRESETS["best"] as train's defaults; a flag given beside it is kept."""
+    from gpunet import cli
+    from gpunet.commands import train as train_command
+    best = train_command.PRESETS["best"]
     args = cli.build_parser("best").parse_args(["train", "--preset", "best", "--epochs", "3"])
     assert args.preset == "best" and args.augment and args.epochs == 3
     assert all(getattr(args, k) == v for k, v in best.items() if k != "epochs")
@@ -317,11 +318,11 @@ def test_preset_best_sets_the_recipe_and_flags_given_win():
 
 
 def test_augment_defaults_are_one_set_everywhere():
-    """``gpunet train --augment``, ``recipe.TrainConfig`` (train() from Python, and the settings a checkpoint
+    """``gpunet train --augment``, ``commands.train.TrainConfig`` (train() from Python, and the settings a checkpoint
     from before the --aug-* flags resumes with) and ``Augment`` itself distort alike by default."""
     from gpunet.augment import Augment
     from gpunet.cli import build_parser
-    from gpunet.recipe import TrainConfig
+    from gpunet.commands.train import TrainConfig
 
     parsed, config, aug = build_parser().parse_args(["train"]), TrainConfig(), Augment()
     for name in ("rotation", "scale", "shear", "shift", "sigma", "alpha"):

@@ -25,12 +25,14 @@ ADAM = ("T g, T b1, T b2, T c1, T c2, T step, T root_c2, T eps, T wd, T decay", 
         "w -= step * (m / (sqrt(v) / root_c2 + eps));",
         "gpunet_adam")
 # Dropout's draw, scale and mask in one launch: the bits of gpunet.layers.dropout_bits (SplitMix64 word
-# i / 4 of the stream keyed ``key``, 16-bit lane i % 4; i is the flat C-order index), the scaled keep-mask
-# kept for backward, and y *= mask.
-DROPOUT = ("uint64 key, uint32 threshold, T scale", "T y, T mask",
-           "unsigned long long x = key + ((unsigned long long)(i / 4) + 1ull) * 0x9E3779B97F4A7C15ull;"
+# j / 4 of the stream keyed ``key``, 16-bit lane j % 4; j = start + i, the flat C-order index in the global
+# batch: a data-parallel rank's shard starts at unit ``start``), the scaled keep-mask kept for backward,
+# and y *= mask.
+DROPOUT = ("uint64 key, uint64 start, uint32 threshold, T scale", "T y, T mask",
+           "unsigned long long j = start + (unsigned long long)i;"
+           " unsigned long long x = key + (j / 4 + 1ull) * 0x9E3779B97F4A7C15ull;"
            " x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull; x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;"
-           " x ^= x >> 31; unsigned int bits = (unsigned int)(x >> (16 * (i % 4))) & 0xFFFFu;"
+           " x ^= x >> 31; unsigned int bits = (unsigned int)(x >> (16 * (j % 4))) & 0xFFFFu;"
            " mask = bits < threshold ? scale : (T)0; y = y * mask;", "gpunet_dropout")
 # The ReLU backward of a block whose output went through dropout: dy * mask (Dropout's backward), then
 # * (x > 0) (ReLU's), in one pass; y is the block's output after dropout, > 0 exactly where both let through.
@@ -186,10 +188,11 @@ def adam(w, g, m, v, scalars):
     _elementwise("adam")(g, *scalars, w, m, v)
 
 
-def dropout(y, mask, key, threshold, scale):
+def dropout(y, mask, key, threshold, scale, start=0):
     """``mask = (bits < threshold) * scale; y *= mask`` in place, with the bits of
-    :func:`gpunet.layers.dropout_bits` for ``key``; y and mask (N, C) of one float dtype."""
-    _elementwise("dropout")(np.uint64(key), np.uint32(threshold), y.dtype.type(scale), y, mask)
+    :func:`gpunet.layers.dropout_bits` for ``key`` from unit ``start`` on; y and mask (N, C) of one float
+    dtype."""
+    _elementwise("dropout")(np.uint64(key), np.uint64(start), np.uint32(threshold), y.dtype.type(scale), y, mask)
 
 
 def softmax_xent(z, labels, grad, loss_rows):
