@@ -375,7 +375,7 @@ def _table_model(net, table: dict, config: TrainConfig):
     model = Sequential(*layers)
     model.classifies = table["task"] != "regressor"
     model.feature_names, model.classes = table["feature_names"], table["classes"]
-    model.label_column = config.label_column if config.data.lower().endswith(".csv") else None
+    model.label_column = config.label_column if str(config.data).lower().endswith(".csv") else None
     return model
 
 
@@ -428,7 +428,7 @@ def _load(config: TrainConfig, out: Path, meta, comm, log=print):
         raise ConfigError(f"--val-size: expected at least 1: {config.data} holds no test set, so the validation "
                           f"set is the test set, got 0")
     (x_tr, y_tr), (x_val, y_val) = split_validation(x_train, y_train, config.val_size)
-    if config.data is None:
+    if config.data is None or table is None:
         return (Pixels(x_tr), y_tr), (Pixels(x_val), y_val), (Pixels(test[0]), test[1]), data, None
     log(f"task: {table['task']}" + (" (inferred: the labels are numbers, not all whole; --task sets it)"
                                     if config.task == "auto" and table["task"] == "regressor" else ""))

@@ -283,14 +283,15 @@ def encode_labels(path, cells, task: str = "auto", classes=None):
                         f"pass --task regressor for a regression target")
     if classes is not None:
         index = {str(c): k for k, c in enumerate(classes)}
-        keys = [str(int(v)) for v in numbers] if whole and all(isinstance(c, int) for c in classes) else cells
+        keys = [str(int(v)) for v in numbers] if numbers is not None and whole and all(isinstance(c, int) for c in classes) else cells
         unknown = sorted({k for k in keys if k not in index})
         if unknown:
             raise DataError(f"{path}: labels the model does not know: {unknown[:5]} (its classes: {classes})")
         return np.array([index[k] for k in keys], dtype=np.int64), task, list(classes)
-    if whole and numbers.min() >= 0:
+    if numbers is not None and whole and numbers.min() >= 0:
         return numbers.astype(np.int64), task, None
-    found, y = np.unique(numbers.astype(np.int64) if whole else np.array(cells), return_inverse=True)
+    labels = numbers.astype(np.int64) if numbers is not None and whole else np.array(cells)
+    found, y = np.unique(labels, return_inverse=True)
     return y.astype(np.int64), task, [int(c) if whole else str(c) for c in found]
 
 
