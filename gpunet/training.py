@@ -109,7 +109,8 @@ def _rows(net, x, name="x"):
     their count checked against the network's inputs."""
     x = as_rows(by_name(x, getattr(net, "feature_names", None), name), net.dtype, net.device, name)
     if net.in_features is not None and x.shape[1] != net.in_features:
-        raise ValueError(f"{name}: expected {net.in_features} features (the network's inputs), got {x.shape[1]}")
+        raise ValueError(f"{name}: expected {net.in_features} features (the network's inputs), "
+                         f"got {x.shape[1]}")
     return x
 
 
