@@ -25,7 +25,7 @@ from .augment import DEFAULTS as AUGMENT_DEFAULTS
 from .backend import DeviceError
 from .data.rows import Pixels
 from .data import DataError
-from .data.datasets import default_data_dir, load_arrays, load_rows
+from .data.datasets import default_data_dir, load_rows, load_table
 from .data.pictures import image_size, load_image_file, load_images
 from .layers import ACTIVATIONS, INITIALIZERS, Standardize
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
@@ -35,7 +35,7 @@ from .optimizers import SGD, Adam, AdamW, Momentum, RMSprop
 from .predictions import prediction
 from .commands.train import TrainConfig, load_data, train
 from .schedules import SCHEDULES
-from .training import Interrupted, evaluate, predict, predict_proba
+from .training import Interrupted, classifies, evaluate, predict, predict_proba
 
 USER_ERRORS = (DataError, DeviceError, ValueError, TypeError, KeyError, OSError, parallel.ParallelError)
 
@@ -65,6 +65,15 @@ unit_interval = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 finite_float = _number(float, np.isfinite, "a finite number")
 
 
+def val_size_arg(text):
+    """--val-size: a row count (an integer >= 0) or a share of the rows (a number in [0, 1))."""
+    try:
+        return non_negative_int(text)
+    except argparse.ArgumentTypeError:
+        pass
+    return _number(float, lambda v: 0 <= v < 1, "a row count >= 0 or a fraction in [0, 1)")(text)
+
+
 def batch_size_arg(text):
     if text in ("full", "all"):
         return None
@@ -77,17 +86,24 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
-    """The command line; ``preset`` (a name in :data:`gpunet.commands.train.PRESETS`) sets train's defaults to it."""
-    p = Parser(prog="gpunet", description="Train and use feed-forward networks on MNIST, on a GPU or the CPU.")
+    """The command line; ``preset`` (a name in :data:`gpunet.commands.train.PRESETS`) sets train's defaults."""
+    p = Parser(prog="gpunet", description="Train and use feed-forward networks on MNIST or a table of your own "
+                                           "(--data FILE.csv), on a GPU or the CPU.")
     p.add_argument("--version", action="version", version=f"gpunet {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
-    t = sub.add_parser("train", help="train an MLP on MNIST (or any dataset in MNIST's file format)")
+    t = sub.add_parser("train", help="train an MLP on MNIST (any dataset in MNIST's file format), or on a table "
+                                     "of your own with --data FILE.csv|.npz")
     t.add_argument("--data-dir", help="folder holding the four MNIST files (default: $GPUNET_DATA, else ~/.cache/gpunet/mnist)")
     t.add_argument("--download", action="store_true", help="download missing files into --data-dir (the default cache folder downloads anyway)")
     t.add_argument("--data", metavar="FILE", help="a data set of your own instead of --data-dir: FILE.npz (x_train, y_train, optionally x_test, y_test) or FILE.csv (a header row; --label-column holds the class)")
-    t.add_argument("--label-column", default="label", metavar="NAME", help="the CSV column of the class labels 0..C-1 (default: label)")
+    t.add_argument("--label-column", default="label", metavar="NAME", help="the CSV column of the labels: "
+                   "numbers 0..C-1, other numbers or words (encoded as their sorted list, kept in the model), or a "
+                   "regression target (default: label)")
+    t.add_argument("--task", choices=("auto", "classifier", "regressor"), default="auto", help="--data: what the "
+                   "label column is; auto = regressor when its numbers are not all whole, else classifier "
+                   "(default: auto; a whole-numbered target such as a count needs --task regressor)")
     t.add_argument("--scale", choices=("standard", "minmax", "none"), default="standard", help="how --data features are scaled, from the training rows; the model file keeps it (default: standard: mean 0, std 1)")
     t.add_argument("--hidden", type=positive_int, nargs="*", default=[512, 512], metavar="N", help="hidden layer sizes (default: 512 512)")
     t.add_argument("--activation", nargs="+", choices=sorted(ACTIVATIONS), default=["relu"], help="one activation, or one per hidden layer (default: relu)")
@@ -108,12 +124,13 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--init", choices=INITIALIZERS, default=None, help="weight initialiser (default: he for relu, xavier otherwise)")
     t.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule (default: cosine)")
     t.add_argument("--step-size", type=positive_int, default=5, help="epochs per decay for --schedule step (default: 5)")
-    t.add_argument("--val-size", type=non_negative_int, default=5000, help="training examples held out for validation (default: 5000)")
+    t.add_argument("--val-size", type=val_size_arg, default=None, help="training examples held out for "
+                   "validation: a count, or a fraction of the rows below 1 (default: 5000 for MNIST, 0.2 for --data)")
     t.add_argument("--patience", type=positive_int, default=None, help="stop after N epochs without val-loss improvement, keep the best weights")
     t.add_argument("--target-loss", type=positive_float, default=None, help="stop once the epoch's training loss is below this")
     t.add_argument("--seed", type=int, default=0, help="seed for weights and shuffling (default: 0)")
     t.add_argument("--device", default=None, help="cpu, gpu (cuda) or auto (default: $GPUNET_DEVICE, else auto)")
-    t.add_argument("--out", default="runs/mnist", help="output folder (default: runs/mnist)")
+    t.add_argument("--out", default=None, help="output folder (default: runs/mnist; runs/NAME for --data NAME.csv)")
     t.add_argument("--no-plots", action="store_true", help="skip the pictures")
     t.add_argument("--log-dir", metavar="DIR", default=None, help="training logs: DIR/epochs.csv (one row per epoch) and TensorBoard event files (with tensorboardX: pip install 'gpunet[tensorboard]'); a resumed run continues them")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.npz (same flags; --epochs may be raised)")
@@ -130,23 +147,27 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     if preset is not None:
         t.set_defaults(**train_command.PRESETS[preset], preset=preset)
 
-    e = sub.add_parser("evaluate", help="accuracy, per-class table and confusion matrix of a model on the test set")
+    e = sub.add_parser("evaluate", help="accuracy, per-class table and confusion matrix of a model on the MNIST "
+                                        "test set (the t10k files only) or --data FILE (a regressor: mse, mae, r2)")
     e.add_argument("model", help="model file written by gpunet train")
     e.add_argument("--data-dir", help="folder holding the MNIST files (default: $GPUNET_DATA, else the cache)")
     e.add_argument("--device", default=None, help="cpu, gpu or auto")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--data", metavar="FILE", help="a data file of your own (.npz: its x_test, y_test; .csv: every row) instead of --data-dir")
-    e.add_argument("--label-column", default="label", metavar="NAME", help="the CSV column of the class labels (default: label)")
+    e.add_argument("--label-column", default=None, metavar="NAME", help="the CSV column of the labels (default: the "
+                   "model's, else label)")
 
-    r = sub.add_parser("predict", help="predict the digit in image files (PNG/JPEG, any size) or .npy arrays")
+    r = sub.add_parser("predict", help="predict the digit in image files (PNG/JPEG, any size; MNIST models) or "
+                                       ".npy arrays; a --data model: the class (or value) of each .csv/.npy row")
     r.add_argument("model", help="model file written by gpunet train")
     r.add_argument("files", nargs="+", metavar="FILE")
     r.add_argument("--device", default=None, help="cpu, gpu or auto")
     r.add_argument("--json", action="store_true", help="print JSON (with each file's warnings)")
     r.add_argument("--save-inputs", metavar="DIR", help="write each input the model saw as a PNG into DIR")
-    r.add_argument("--label-column", default="label", metavar="NAME", help="for a model trained with --data: the CSV column left out of the features (default: label)")
+    r.add_argument("--label-column", default=None, metavar="NAME", help="for a model trained with --data: the CSV "
+                   "column ignored if present (default: the model's, else label); columns are taken by name")
 
-    v = sub.add_parser("serve", help="serve a draw-a-digit page and a JSON API for a model")
+    v = sub.add_parser("serve", help="MNIST models only: serve a draw-a-digit page and a JSON API for a model")
     v.add_argument("model", help="model file written by gpunet train")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     v.add_argument("--port", type=non_negative_int, default=8000, help="port (default: 8000; 0 picks a free one)")
@@ -236,6 +257,8 @@ def cmd_train(args):
                         f"--preset best, which turns it on)")
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "plots"},
                          plots=not args.no_plots)
+    if args.out is None:  # a table's run is named after its file
+        args.out = f"runs/{Path(args.data).stem}" if args.data else "runs/mnist"
     lead = parallel.launched_rank() == 0  # in an mpiexec job rank 0 alone speaks
     shown = [_progress()] if lead else []
     with StopOnSignal(quiet=not lead) as stop:
@@ -270,36 +293,67 @@ def _load_model(path, device):
         raise UserError(f"cannot read model file {path}: {exc}") from exc
 
 
+def _is_table(net) -> bool:
+    """A model trained on a table (--data): it scales its own features or knows their names."""
+    return isinstance(net.layers[0], Standardize) or net.feature_names is not None
+
+
 def cmd_evaluate(args):
     net = _load_model(args.model, args.device)
     if args.data is not None and args.data_dir is not None:
         raise UserError(f"--data: a file of your own replaces the MNIST folder, got --data {args.data} and --data-dir")
+    label = args.label_column or net.label_column or "label"
+    regress = not classifies(net)
     if args.data is not None:  # features as they are: a --data model scales them itself
-        train_set, test = load_arrays(args.data, args.label_column)
-        if test is None and not args.data.lower().endswith(".csv"):
+        table = load_table(args.data, label, "regressor" if regress else "classifier", net.classes,
+                           net.feature_names)
+        if table["test"] is None and not args.data.lower().endswith(".csv"):
             raise UserError(f"--data: {args.data} holds no test set (x_test, y_test) to evaluate on")
-        x_test, y_test = test or train_set
-    else:
-        _, (x_test, y_test) = load_data(args.data_dir)
+        x_test, y_test = table["test"] or table["train"]
+    else:  # the t10k files alone: evaluation needs no training images
+        ((x_test, y_test),) = load_data(args.data_dir, splits=("test",))
         x_test = Pixels(x_test)
     if x_test.shape[1] != net.in_features:
         raise UserError(f"{args.model}: the model expects {net.in_features} inputs, the data have {x_test.shape[1]}")
-    rep = evaluate(net, SoftmaxCrossEntropy(), x_test, y_test, metrics=True)
+    rep = evaluate(net, MSELoss() if regress else SoftmaxCrossEntropy(), x_test, y_test, metrics=True)
+    if net.classes is not None:
+        rep["classes"] = net.classes
     if args.json:
         print(json.dumps(rep, indent=2))
-    else:
-        print(f"model {args.model} on {net.device}, {len(x_test)} test examples, loss {rep['loss']:.4f}")
-        print(format_report(rep))
+        return 0
+    print(f"model {args.model} on {net.device}, {len(x_test)} test examples, loss {rep['loss']:.4f}")
+    if regress:
+        print(f"mse {rep['mse']:.6g}  mae {rep['mae']:.6g}  r2 {rep['r2']:.4f}")
+        return 0
+    if net.classes is not None:
+        print("classes: " + ", ".join(f"{k} = {c}" for k, c in enumerate(net.classes)))
+    print(format_report(rep))
     return 0
+
+
+def _reader(net, args):
+    """How predict reads one file: image files for an image model, feature rows for a table's."""
+    if _is_table(net):  # a --data model: feature rows, read as they are, columns by name
+        label = args.label_column or net.label_column or "label"
+        return lambda f: (load_rows(f, net.in_features, label, net.feature_names), [])
+    size = image_size(net.in_features)  # from the model file: a model trained on other IDX sizes works too
+    return lambda f: load_image_file(f, size)
+
+
+def _answer(net, out, warnings) -> dict:
+    """One row's prediction: a digit reader's {"digit", ...}, a table's {"class", ...} (its class names)
+    or a regressor's {"value"}."""
+    if not classifies(net):
+        return {"value": [float(v) for v in out], "warnings": list(warnings)}
+    if not _is_table(net):
+        return prediction(out, warnings)
+    return prediction(out, warnings, key="class", classes=net.classes)
 
 
 def cmd_predict(args):
     net = _load_model(args.model, args.device)
-    size = image_size(net.in_features)  # from the model file: a model trained on other IDX sizes works too
-    if isinstance(net.layers[0], Standardize):  # a --data model: feature rows, read as they are
-        read = lambda f: (load_rows(f, net.in_features, args.label_column), [])  # noqa: E731
-    else:
-        read = lambda f: load_image_file(f, size)  # noqa: E731
+    read, table = _reader(net, args), _is_table(net)
+    size = None if table else image_size(net.in_features)
     names, batches, notes, rows = [], [], [], []
     for f in args.files:  # a file that cannot be read is named; the others are still predicted
         try:
@@ -315,9 +369,9 @@ def cmd_predict(args):
         rows += [None] * len(x)  # filled below, in the order of the files
     if batches:
         x = np.concatenate(batches)
-        saved = _save_inputs(args.save_inputs, names, x, size) if args.save_inputs else [None] * len(x)
-        probs = iter(backend.to_numpy(predict_proba(net, x)))
-        done = iter([{"file": n, **prediction(next(probs), w), **({"input": str(path)} if path else {})}
+        saved = _save_inputs(args.save_inputs, names, x, size) if args.save_inputs and size else [None] * len(x)
+        outs = iter(backend.to_numpy((predict_proba if classifies(net) else predict)(net, x)))
+        done = iter([{"file": n, **_answer(net, next(outs), w), **({"input": str(path)} if path else {})}
                      for n, w, path in zip(names, notes, saved)])
         rows = [r if r is not None else next(done) for r in rows]
     failed = any("error" in r for r in rows)
@@ -325,13 +379,20 @@ def cmd_predict(args):
         print(json.dumps(rows, indent=2))
         return 1 if failed else 0
     for r in rows:
-        if "error" in r:
-            continue
-        alts = ", ".join(f"{t['digit']}: {t['probability']:.3f}" for t in r["top3"])
-        print(f"{r['file']}: {r['digit']}  ({alts})")
-        for w in r["warnings"]:
-            print(f"gpunet predict: warning: {r['file']}: {w}", file=sys.stderr)
+        if "error" not in r:
+            _print_answer(r)
     return 1 if failed else 0
+
+
+def _print_answer(r: dict) -> None:
+    if "value" in r:
+        print(f"{r['file']}: {' '.join(f'{v:.6g}' for v in r['value'])}")
+        return
+    key = "class" if "class" in r else "digit"
+    alts = ", ".join(f"{t[key]}: {t['probability']:.3f}" for t in r["top3"])
+    print(f"{r['file']}: {r[key]}  ({alts})")
+    for w in r["warnings"]:
+        print(f"gpunet predict: warning: {r['file']}: {w}", file=sys.stderr)
 
 
 def _save_inputs(folder, names, x, size):
@@ -367,8 +428,11 @@ def cmd_export(args):
     from .onnx_export import to_onnx  # the onnx package is optional: loaded only for this command
 
     net = _load_model(args.model, "cpu")
+    folder = Path(args.out).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise UserError(f"OUT.onnx: the folder {folder} does not exist (make it first)")
     rows, cols = image_size(net.in_features)
-    if args.inputs or isinstance(net.layers[0], Standardize):  # a model that scales its own features
+    if args.inputs or _is_table(net):  # a model that scales its own features
         inputs = args.inputs or "the features as they are: the model's first layer scales them"
     else:
         inputs = (f"pixel / 255: float32 in [0, 1], a {rows}x{cols} grey image row by row, white digit on black "

@@ -27,13 +27,15 @@ from . import checkpoint, parallel
 from . import fast as fast_path
 from .backend import get_array_module, on_device_of_net, softmax, synchronize, to_device, to_numpy
 from .data.rows import as_rows
-from .data.arrays import targets
+from .data.arrays import by_name, columns_of, targets  # by_name, columns_of: also for gpunet.sklearn
 from .metrics import confusion_counts, report
 
 
 @dataclass
 class History:
-    """One dict per epoch (epoch, loss, accuracy, val_loss, val_accuracy, lr, seconds), and why it stopped."""
+    """One dict per epoch (epoch, loss, accuracy, val_loss, val_accuracy, lr, seconds), and why it stopped.
+    ``history[0]`` (an integer, or a slice) is an epoch's dict, as in a list; ``history["loss"]`` (a key)
+    that quantity over the epochs."""
 
     epochs: list = field(default_factory=list)
     stop_reason: str = "max_epochs"
@@ -41,7 +43,12 @@ class History:
     diverged_epoch: int | None = None
 
     def __getitem__(self, key):
+        if isinstance(key, (int, np.integer, slice)) and not isinstance(key, bool):
+            return self.epochs[key]
         return [e[key] for e in self.epochs]
+
+    def __iter__(self):  # over the epochs, as indexing goes (not over keys)
+        return iter(self.epochs)
 
     def __len__(self):
         return len(self.epochs)
@@ -89,11 +96,21 @@ def batch_size_for(batch_size, n) -> int:
 
 
 def _dataset(x, y, net, classify, name="x"):
-    """A data set through the front door (:mod:`gpunet.data.arrays`): the features as ``Rows`` or ``Pixels`` of
-    the network's dtype on its device, the targets checked and cast there."""
-    x = as_rows(x, net.dtype, net.device, name)
+    """A data set through the front door (:mod:`gpunet.data.arrays`): the features as ``Rows`` or ``Pixels``
+    of the network's dtype on its device, the targets checked and cast there. A data frame's columns are
+    put in the order of the network's ``feature_names`` (refused when they are other columns)."""
+    x = _rows(net, x, name)
     y = targets(y, len(x), classify, net.out_features, net.dtype, net.device, name.replace("x", "y"))
     return x, y
+
+
+def _rows(net, x, name="x"):
+    """Features for ``net``: by column name where both have names, then through the front door, then
+    their count checked against the network's inputs."""
+    x = as_rows(by_name(x, getattr(net, "feature_names", None), name), net.dtype, net.device, name)
+    if net.in_features is not None and x.shape[1] != net.in_features:
+        raise ValueError(f"{name}: expected {net.in_features} features (the network's inputs), got {x.shape[1]}")
+    return x
 
 
 class Interrupted(Exception):
@@ -338,6 +355,8 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     _check_fit(epochs, patience, validation, resume, checkpoint_path)
     shown = [cbs.Progress(verbose)] if verbose != 0 else []  # refuses what is not 0, 1 or 2, before any work
     net.classifies = loss.classifies  # what predict returns and model files record
+    if getattr(net, "feature_names", None) is None and columns_of(x) is not None:
+        net.feature_names = columns_of(x)  # a data frame's columns: model files and ONNX keep them
     data = _dataset(x, y, net, loss.classifies)
     if validation is not None:
         validation = _dataset(*validation, net, loss.classifies, "validation x")
@@ -428,7 +447,7 @@ def _each_batch(net, x, batch_size, then):
     into one (N, outputs) array on the network's device."""
     was_training = net.training
     net.eval()
-    x = as_rows(x, net.dtype, net.device)
+    x = _rows(net, x)
     xp = get_array_module(net.parameters()[0].data)
     forward = fast_path.forward_for(net) or net.forward
     out = None

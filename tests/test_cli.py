@@ -269,7 +269,7 @@ def test_train_on_an_npz_file_keeps_the_scaling_in_the_model(own_data, tmp_path)
     np.save(tmp_path / "rows.npy", x[300:305])
     pred = run("predict", tmp_path / "run" / "model.npz", tmp_path / "rows.npy", "--json")
     assert pred.returncode == 0, pred.stderr
-    assert [r["digit"] for r in json.loads(pred.stdout)] == gn.to_numpy(gn.predict(net, x[300:305])).tolist()
+    assert [r["class"] for r in json.loads(pred.stdout)] == gn.to_numpy(gn.predict(net, x[300:305])).tolist()
     ev = run("evaluate", tmp_path / "run" / "model.npz", "--data", root / "d.npz", "--json")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["accuracy"] == m["test_accuracy"]  # the file's test set, read as it is

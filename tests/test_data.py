@@ -95,7 +95,7 @@ def test_load_mnist_missing_without_download(tmp_path):
 def test_load_mnist_downloads_missing(tmp_path, monkeypatch):
     calls = []
 
-    def fake_download(folder):
+    def fake_download(folder, splits=("train", "test")):
         calls.append(folder)
         make_fake_mnist(folder)
         return folder

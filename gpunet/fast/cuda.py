@@ -77,9 +77,12 @@ SOFTMAX_XENT_NAME = "gpunet_softmax_xent"
 
 # The training step's softmax cross-entropy: the same gradient rows, and in the same launch the batch's
 # mean loss and its sums for the epoch: loss_sum += sum of the row losses (in double) and correct += the
-# rows whose first largest logit is the label (argmax's choice). One block of SUMS_THREADS threads strides
-# over the rows and reduces in shared memory in a fixed order, so the sums are the same bits on every run
-# (atomics would add in a varying order, and a resumed GPU run would drift from an uninterrupted one).
+# rows whose argmax is the label, by NumPy's rule as the core counts (training.py's
+# ``out.argmax(axis=1)``): the first largest logit, or the first NaN where the row has one (a NaN
+# row's m is then NaN: its gradient and loss are NaN either way). One block of SUMS_THREADS threads
+# strides over the rows and reduces in shared memory in a fixed order, so the sums are the same bits
+# on every run (atomics would add in a varying order, and a resumed GPU run would drift from an
+# uninterrupted one).
 SUMS_THREADS = 256
 SOFTMAX_XENT_SUMS = r"""
 extern "C" __global__ void gpunet_softmax_xent_sums(const T* z, const long long* y, T* grad, T* mean,
@@ -94,7 +97,8 @@ extern "C" __global__ void gpunet_softmax_xent_sums(const T* z, const long long*
         T* gi = grad + (long long)i * c;
         T m = zi[0];
         int best = 0;
-        for (int j = 1; j < c; ++j) if (zi[j] > m) { m = zi[j]; best = j; }
+        for (int j = 1; j < c; ++j)
+            if (zi[j] > m || (zi[j] != zi[j] && m == m)) { m = zi[j]; best = j; }
         T s = 0;
         for (int j = 0; j < c; ++j) { T e = EXP(zi[j] - m); gi[j] = e; s += e; }
         const long long t = y[i];
@@ -142,7 +146,7 @@ def _softmax_xent(ctype: str, sums: bool = False):
 
     if sums:
         return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT_SUMS), SOFTMAX_XENT_SUMS_NAME)
-    return cupy.RawKernel(softmax_xent_source(ctype), SOFTMAX_XENT_NAME)
+    return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT), SOFTMAX_XENT_NAME)
 
 
 def bias_relu(y, b):
