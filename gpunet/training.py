@@ -370,7 +370,17 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
                          *([saver] if saver is not None else [])])
     if resume:
         saver.restore(run)
-    return run.fit(epochs)
+    if net.device != "cpu":
+        return run.fit(epochs)
+    with fast_path.blas.threads_for(largest_product(net, run.batch_size)):  # small problems: one thread
+        return run.fit(epochs)
+
+
+def largest_product(net, rows: int) -> int:
+    """The multiply-adds of the largest matrix product in a step on ``rows`` rows: rows x in x out of
+    the widest Linear layer (what :class:`gpunet.fast.blas.threads_for` decides by)."""
+    sizes = [layer.W.data.size for layer in net.layers if hasattr(layer, "W")]
+    return int(rows) * max(sizes, default=0)
 
 
 def _check_fit(epochs, patience, validation, resume, checkpoint_path):

@@ -122,24 +122,29 @@ def _wrap(result):
 
 
 # ------------------------------------------------------------------ NumPy mirrors of gpunet's CUDA kernels
+def _decayed(g, wd, w):
+    """The update kernels' gradient: the L2 term only where weight decay is on (as the core's)."""
+    return g + wd * w if wd != 0 else g
+
+
 def _layer_update(dy, rows, cols, lr, gamma, wd, nesterov, w, g, v, b, vb, gb):
-    d = g + wd * w
+    d = _decayed(g, wd, w)
     v[...] = gamma * v + lr * d
     w -= gamma * v + lr * d if nesterov else v
     gb[...] = dy.reshape(rows, cols).sum(axis=0, dtype=gb.dtype)
-    db = gb + wd * b
+    db = _decayed(gb, wd, b)
     vb[...] = gamma * vb + lr * db
     b -= gamma * vb + lr * db if nesterov else vb
 
 
 def _layer_sgd(dy, rows, cols, lr, wd, w, g, b, gb):
-    w -= lr * (g + wd * w)
+    w -= lr * _decayed(g, wd, w)
     gb[...] = dy.reshape(rows, cols).sum(axis=0, dtype=gb.dtype)
-    b -= lr * (gb + wd * b)
+    b -= lr * _decayed(gb, wd, b)
 
 
 def _adam(g, b1, b2, c1, c2, step, root_c2, eps, wd, decay, w, m, v):
-    d = g + wd * w
+    d = _decayed(g, wd, w)
     w *= decay
     m[...] = b1 * m + c1 * d
     v[...] = b2 * v + c2 * d * d

@@ -303,3 +303,69 @@ def test_a_planted_bug_in_an_elementwise_kernel_is_caught(fake, monkeypatch, bug
             np.float32(1e-4),
             False,
         )
+
+
+# ------------------------------------------------------------ the update kernels against the core
+def _core_step(opt_cls, W, b, dy, **kw):
+    """The core optimizer's step on copies of W, b (float arrays) with W.grad given and b.grad = dy.sum(0)."""
+    import gpunet as gn
+    from gpunet.layers import Parameter
+
+    params = [Parameter(W[0].copy()), Parameter(b[0].copy())]
+    params[0].grad, params[1].grad = W[1].copy(), dy.sum(axis=0, dtype=dy.dtype)
+    getattr(gn, opt_cls)(params, **kw).step()
+    return params[0].data, params[1].data
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 3), (129, 10), (257, 1000), (1000, 3)])
+@pytest.mark.parametrize("wd", [0.0, 1e-4])
+def test_layer_updates_match_the_core(fake, dtype, rows, cols, wd):
+    """SGD and momentum's one-launch layer update (CUDA, held to the mirror by the harness) against the
+    core's optimizers, with zeros, -0, NaN and infinite weights. With weight decay 0 the L2 term is
+    skipped, as the core skips it: an infinite weight stays infinite (the kernels computed g + 0 * w, NaN).
+    Tolerance: 1e-5 relative in float32 (the bias sum's order), 1e-12 in float64."""
+    import types
+
+    W = special((2, 784 if cols != 1000 else 7, cols), dtype, seed=rows)
+    W[0].reshape(-1)[:6] = np.array([np.inf, -np.inf, 0, -0.0, 1, 2], dtype)  # weights, not gradients
+    W[1].reshape(-1)[:6] = 1
+    b, dy = special((2, cols), dtype, seed=cols, marks=False), special((rows, cols), dtype, marks=False)
+    tol = {"float32": 1e-5, "float64": 1e-12}[dtype]
+    t = np.dtype(dtype).type
+    for rule, kw in (("SGD", {}), ("Momentum", {"momentum": 0.9})):
+        want = _core_step(rule, W, b, dy, lr=0.05, weight_decay=wd, **kw)
+        p = [types.SimpleNamespace(data=fake.asarray(a[0].copy()), grad=fake.asarray(a[1].copy())) for a in (W, b)]
+        velocities = (fake.zeros_like(p[0].data), fake.zeros_like(p[1].data)) if kw else (None, None)
+        cuda.layer_update(*p, *velocities, fake.asarray(dy), t(0.05), t(kw.get("momentum", 0)), t(wd), False)
+        for got, w in zip((p[0].data, p[1].data), want):
+            np.testing.assert_allclose(np.asarray(got), w, rtol=tol, atol=tol, err_msg=rule)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rule", ["Adam", "AdamW"])
+def test_adam_skips_a_zero_weight_decay_as_the_core_does(fake, dtype, rule):
+    """Adam's kernel with weight decay 0 on infinite and NaN-free weights: the core's values (an infinite
+    weight stays infinite; ``g + 0 * w`` made it NaN). Tolerance 1e-6 relative (float32 sqrt/divide)."""
+    import gpunet as gn
+    from gpunet.fast.step import adam_scalars
+    from gpunet.layers import Parameter
+
+    w = special((1000,), dtype, marks=False)
+    w[:3] = [np.inf, -np.inf, -0.0]
+    g = special((1000,), dtype, seed=1, marks=False)
+    p = Parameter(w.copy())
+    p.grad = g.copy()
+    opt = getattr(gn, rule)([p], lr=1e-3, weight_decay=0.0)
+    opt.step()
+    dw, dm, dv = fake.asarray(w.copy()), fake.zeros(1000, dtype), fake.zeros(1000, dtype)
+    cuda.adam(dw, fake.asarray(g), dm, dv, adam_scalars(opt, dtype))
+    np.testing.assert_allclose(np.asarray(dw), p.data, rtol=1e-6)
+
+
+def test_a_float16_network_is_refused_in_one_line(fake):
+    z = fake.asarray(np.zeros((4, 3), np.float16))
+    with pytest.raises(TypeError, match="^dtype: gpunet's CUDA kernels run float32 and float64 networks, "
+                                        "got float16$"):
+        cuda.softmax_xent_sums(z, fake.asarray(np.zeros(4, np.int64)), fake.zeros_like(z), fake.zeros((), z.dtype),
+                               fake.zeros((), np.float64), fake.zeros((), np.int64))

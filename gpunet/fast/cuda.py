@@ -21,7 +21,7 @@ RELU_BACKWARD = ("T y", "T dy", "dy = y > (T)0 ? dy : dy * (T)0;", "gpunet_relu_
 # Adam and AdamW in one kernel: wd is Adam's L2 term (0 for AdamW), decay AdamW's factor 1 - lr*wd (1 for
 # Adam); c1 = 1 - b1, c2 = 1 - b2, step = lr / (1 - b1^t), root_c2 = sqrt(1 - b2^t), computed on the host
 ADAM = ("T g, T b1, T b2, T c1, T c2, T step, T root_c2, T eps, T wd, T decay", "T w, T m, T v",
-        "T d = g + wd * w; w *= decay; m = b1 * m + c1 * d; v = b2 * v + c2 * d * d; "
+        "T d = wd != (T)0 ? g + wd * w : g; w *= decay; m = b1 * m + c1 * d; v = b2 * v + c2 * d * d; "
         "w -= step * (m / (sqrt(v) / root_c2 + eps));",
         "gpunet_adam")
 # Dropout's draw, scale and mask in one launch: the bits of gpunet.layers.dropout_bits (SplitMix64 word
@@ -40,14 +40,17 @@ RELU_MASK_BACKWARD = ("T y, T mask", "T dy", "T t = dy * mask; dy = y > (T)0 ? t
                       "gpunet_relu_mask_backward")
 # One layer's whole update in one launch, over W's elements: the rule on W from W.grad, and in the threads
 # i < cols also b's gradient dy.sum(0) (the column sums of dy, written to b.grad) and the rule on b.
-_BIAS_SUM = "T s = 0; for (int r = 0; r < rows; ++r) s += dy[r * cols + i]; gb[i] = s; T db = s + wd * b[i];"
+# The L2 term only where weight decay is on, as the core (optimizers.Optimizer.gradient) adds it: 0 * w
+# is NaN for an infinite weight, where the core's rule (skipping it) keeps the weight infinite.
+_BIAS_SUM = ("T s = 0; for (int r = 0; r < rows; ++r) s += dy[r * cols + i]; gb[i] = s;"
+             " T db = wd != (T)0 ? s + wd * b[i] : s;")
 LAYER_MOMENTUM = (
     "raw T dy, int32 rows, int32 cols, T lr, T gamma, T wd, bool nesterov", "T w, T g, T v, raw T b, raw T vb, raw T gb",
-    "T d = g + wd * w; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d : v;"
+    "T d = wd != (T)0 ? g + wd * w : g; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d : v;"
     " if (i < cols) { " + _BIAS_SUM + " vb[i] = gamma * vb[i] + lr * db;"
     " b[i] -= nesterov ? gamma * vb[i] + lr * db : vb[i]; }", "gpunet_layer_momentum")
 LAYER_SGD = ("raw T dy, int32 rows, int32 cols, T lr, T wd", "T w, T g, raw T b, raw T gb",
-             "w -= lr * (g + wd * w); if (i < cols) { " + _BIAS_SUM + " b[i] -= lr * db; }", "gpunet_layer_sgd")
+             "w -= lr * (wd != (T)0 ? g + wd * w : g); if (i < cols) { " + _BIAS_SUM + " b[i] -= lr * db; }", "gpunet_layer_sgd")
 # Pixels' gather: rows idx of the uint8 images, as floats divided by 255, in one pass (no uint8 temporary).
 GATHER_SCALED = ("raw uint8 src, raw int64 idx, int32 cols, T divisor", "T out",
                  "out = (T)src[idx[i / cols] * cols + i % cols] / divisor;", "gpunet_gather_scaled")
@@ -123,6 +126,14 @@ extern "C" __global__ void gpunet_softmax_xent_sums(const T* z, const long long*
 """
 SOFTMAX_XENT_SUMS_NAME = "gpunet_softmax_xent_sums"
 CTYPES = {"float32": "float", "float64": "double"}
+
+
+def ctype(dtype) -> str:
+    """The C type of the kernels for a network of ``dtype``; a clear TypeError for any other dtype."""
+    name = np.dtype(dtype).name
+    if name not in CTYPES:
+        raise TypeError(f"dtype: gpunet's CUDA kernels run float32 and float64 networks, got {name}")
+    return CTYPES[name]
 
 
 def softmax_xent_source(ctype: str, kernel: str = SOFTMAX_XENT) -> str:
@@ -210,7 +221,7 @@ def softmax_xent(z, labels, grad, loss_rows):
         raise ValueError("softmax_xent: expected C-contiguous z, grad and loss_rows of one float dtype, got "
                          f"{z.dtype}/{grad.dtype}/{loss_rows.dtype} with shapes {z.shape}/{grad.shape}/{loss_rows.shape}")
     labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
-    _softmax_xent(CTYPES[z.dtype.name])(*softmax_xent_launch(z, labels, grad, loss_rows))
+    _softmax_xent(ctype(z.dtype))(*softmax_xent_launch(z, labels, grad, loss_rows))
     return grad, loss_rows
 
 
@@ -231,7 +242,7 @@ def softmax_xent_sums(z, labels, grad, mean, loss_sum, correct):
     import cupy
 
     labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
-    _softmax_xent(CTYPES[z.dtype.name], True)(*softmax_xent_sums_launch(z, labels, grad, mean, loss_sum, correct))
+    _softmax_xent(ctype(z.dtype), True)(*softmax_xent_sums_launch(z, labels, grad, mean, loss_sum, correct))
     return grad, mean
 
 
