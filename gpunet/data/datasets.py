@@ -284,7 +284,7 @@ def encode_labels(path, cells, task: str = "auto", classes=None):
     if classes is not None:
         index = {str(c): k for k, c in enumerate(classes)}
         by_number = numbers is not None and whole and all(isinstance(c, int) for c in classes)
-        keys = [str(int(v)) for v in numbers] if by_number else cells
+        keys = [str(int(v)) for v in numbers] if by_number and numbers is not None else cells
         unknown = sorted({k for k in keys if k not in index})
         if unknown:
             raise DataError(f"{path}: labels the model does not know: {unknown[:5]} (its classes: {classes})")
