@@ -161,6 +161,8 @@ def test_data_runs_get_their_own_defaults(wine_run):
     assert metrics["config"]["val_size"] == 0.2
     assert f"{len(frame) - round(0.2 * len(frame))} train / {round(0.2 * len(frame))} validation" in res.stdout
     assert metrics["classes"] == ["kind_a", "kind_b", "kind_c"]  # sorted, as the estimator's classes_
+    # wine.csv is sorted by class: its last 0.2 would all be kind_c; the drawn rows hold every class
+    assert all(c > 0 for c in metrics["per_class"]["support"])
 
 
 def test_evaluate_and_predict_use_what_the_model_keeps(wine_run):
