@@ -139,6 +139,8 @@ class Run:
         self.validation, self.eval_batch_size, self.interrupt = validation, eval_batch_size, interrupt
         self.comm = comm if comm is not None and comm.size > 1 else None
         self.rank = 0 if self.comm is None else self.comm.rank
+        if self.comm is not None:  # before any collective that a disagreeing rank would wait on forever
+            self.comm.agree(net.device, net.dtype)
         self.n, self.batch_size = len(self.x), batch_size_for(batch_size, len(self.x))
         self.steps, self.shuffle = -(-self.n // self.batch_size), shuffle and self.batch_size < self.n
         self.order_rng = np.random.default_rng(seed)
