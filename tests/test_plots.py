@@ -8,8 +8,9 @@ from gpunet import plots
 @pytest.mark.parametrize("epochs", [2, 3, 10])
 def test_the_curves_tick_whole_epochs_only(tmp_path, monkeypatch, epochs):
     """Epochs are whole numbers, but matplotlib's default locator ticks halves and quarters on 2 or
-    3 epochs (the issue saw 2.5 and 7.5); every visible tick of both panels must be an integer. Mutation: dropping the
-    MaxNLocator(integer=True) line in plots.curves fails the 2- and 3-epoch cases (ticks at 1.25, 1.5, ... appear)."""
+    3 epochs (the issue saw 2.5 and 7.5); every visible tick of both panels must be an integer.
+    Mutation: dropping the MaxNLocator(integer=True) line in plots.curves fails the 2- and 3-epoch
+    cases (ticks at 1.25, 1.5, ... appear)."""
     optional("matplotlib", "cli")
     kept = []
     real_save = plots._save
