@@ -128,8 +128,11 @@ class NpzReader:
     gives the class, ``what`` the kind of file a damaged zip is said not to be) naming ``path`` and the
     entry. Use as a context manager."""
 
-    def __init__(self, path, error=FileFormatError, what: str = "readable .npz file"):
+    def __init__(self, path, error=FileFormatError, what: str = "readable .npz file", hint: str = ""):
         self.path, self.error = os.fspath(path), error
+        with open(self.path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # a text file, a CSV, a pickle: zip's own reason would mislead
+                raise error(f"{self.path}: not a {what}{f' ({hint})' if hint else ''}")
         try:
             count = _zip_entries(self.path)
             if count > MAX_ENTRIES:
@@ -140,7 +143,7 @@ class NpzReader:
                 raise
             raise error(f"{self.path}: not a {what} ({type(exc).__name__}: {exc})") from None
         self.infos = {i.filename[:-4]: i for i in self.zip.infolist() if i.filename.endswith(".npy")}
-        self._headers = {}
+        self._headers: dict[str, tuple] = {}
 
     def __enter__(self):
         return self
@@ -179,7 +182,7 @@ class NpzReader:
                 version = np.lib.format.read_magic(f)
                 read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                         else np.lib.format.read_array_header_2_0)
-                shape, fortran, dtype = read(f, max_header_size=10000)
+                shape, _fortran, dtype = read(f, max_header_size=10000)
                 offset = f.tell()
         except Exception as exc:  # NumPy's header parser raises ValueError, SyntaxError, ... on crafted bytes
             raise self.error(f"{where}: not a .npy array ({type(exc).__name__}: "
@@ -192,6 +195,11 @@ class NpzReader:
                              f"entry holds {info.file_size} bytes")
         self._headers[name] = (tuple(shape), dtype.str)
         return self._headers[name]
+
+    def most_bytes(self) -> int:
+        """The most bytes of arrays this file may hold: what its size inflates to by the bound of
+        :meth:`check_inflation`; a record declaring more is refused before any header is read."""
+        return INFLATE_SLACK + INFLATE_RATIO * os.path.getsize(self.path)
 
     def check_inflation(self, names) -> None:
         """Refuse when the arrays ``names`` would inflate to more than INFLATE_SLACK + INFLATE_RATIO times
@@ -214,7 +222,6 @@ class NpzReader:
         except Exception as exc:  # a damaged entry: zlib, CRC or short-read errors
             raise self.error(f"{self.path}: array {name!r}: unreadable ({type(exc).__name__}: "
                              f"{' '.join(str(exc).split())[:200]})") from None
-
 
     def arrays(self, wanted: dict, skip=()) -> dict:
         """The arrays ``wanted`` names (name -> ``(shapes, dtypes)``: the shapes and dtype strings each may

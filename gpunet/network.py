@@ -30,6 +30,11 @@ class Sequential(Layer):
     """
 
     classifies = None
+    # a table's model (model files keep them): the feature columns by name, in order; what each class index
+    # stands for (a label column's sorted values); the column that held the labels
+    feature_names: list | None = None
+    classes: list | None = None
+    label_column: str | None = None
 
     def __init__(self, *layers: Layer):
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
@@ -165,7 +170,8 @@ class Sequential(Layer):
         for i, layer in enumerate(self.layers):
             check_rebuildable(layer, f"layers[{i}]")
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": str(self.dtype), "network": self.config(),
-                "classifies": self.classifies}
+                "classifies": self.classifies, "feature_names": self.feature_names, "classes": self.classes,
+                "label_column": self.label_column}
         write_npz(path, self.state_dict(), RECORD, meta)
 
     def to_onnx(self, path=None, **options):
@@ -239,7 +245,8 @@ RECORD = "__gpunet__"
 def _planned(cfgs: list, dtype, device) -> tuple[list, dict]:
     """``(layers, wanted)``: the registered layers of one's own already built (None for built-ins, built
     once their arrays are known good), and ``wanted`` (array name -> ((shape,), (dtype,))) from the record."""
-    layers, wanted = [], {}
+    layers: list = []
+    wanted: dict = {}
     for i, cfg in enumerate(cfgs):
         if cfg["type"] in BUILT_IN:
             layers.append(None)
@@ -260,32 +267,41 @@ def _planned(cfgs: list, dtype, device) -> tuple[list, dict]:
 def load(path, device: str | None = None) -> Sequential:
     """Rebuild a network (architecture and weights) from a file written by ``Sequential.save``.
 
-    The file is not trusted: its JSON record is read and checked through first (:mod:`gpunet.records`),
-    then the arrays' headers against the shapes the record declares, then only those arrays, each of
-    which must hold finite numbers. Anything wrong raises :class:`ModelFileError` naming the file and the
-    field; a missing file FileNotFoundError."""
+    The file is not trusted: its JSON record is read and checked through first (:mod:`gpunet.records`:
+    types, ranges, the chain of widths, the arrays' total size against what the file can hold), then the
+    arrays' ``.npy`` headers against the shapes the record declares and the zip entries' sizes, then only
+    those arrays, each of which must hold finite numbers. Anything wrong raises :class:`ModelFileError`
+    (a ValueError) naming the file and the field; a missing file FileNotFoundError."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
-    dev = resolve_device(device)
-    with NpzReader(path, ModelFileError, "gpunet model file") as f:
+    with NpzReader(path, ModelFileError, "gpunet model file", NOT_A_MODEL) as f:
         meta = f.record(RECORD)
         if meta is None:
             raise ModelFileError(f"{path}: not a gpunet model file (no architecture record in it; a checkpoint, "
                                  f"perhaps)")
         try:
             check_format(meta, FORMAT, FORMAT_VERSION)
-            meta = check_model(meta)
+            meta = check_model(meta, f.most_bytes())
             dtype = np.dtype(meta["dtype"])
-            layers, wanted = _planned(meta["network"]["layers"], dtype, dev)
+            layers, wanted = _planned(meta["network"]["layers"], dtype, "cpu")
         except FieldError as exc:
             raise ModelFileError(f"{path}: {exc}") from None
         arrays = f.arrays(wanted, skip=(RECORD,))
-    layers = [layer or _build_layer(c, dtype, dev) for layer, c in zip(layers, meta["network"]["layers"])]
+    # built and filled on the host, then moved: a refused file never reaches (or even probes) a GPU
+    layers = [layer or _build_layer(c, dtype, "cpu") for layer, c in zip(layers, meta["network"]["layers"])]
     net = Sequential(*layers)
     net.load_state_dict(arrays)
+    dev = resolve_device(device)
+    if dev != "cpu":
+        net.to(dev)
     net.classifies = meta.get("classifies")  # absent from older files: None, unknown
+    net.feature_names, net.classes, net.label_column = (meta.get(k) for k in ("feature_names", "classes",
+                                                                              "label_column"))
     return net
+
+
+NOT_A_MODEL = "a model file is a .npz archive, written by gpunet train or net.save"
 
 
 def mlp(sizes, activation="relu", init=None, dropout: float = 0.0, seed=None, dtype=np.float32,

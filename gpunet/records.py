@@ -18,6 +18,7 @@ from .layers import BUILT_IN, INITIALIZERS, LAYERS
 MAX_FEATURES = 2**31 - 1  # one layer's width; the arrays must then hold what the widths declare
 MAX_LAYERS = 10_000
 MAX_LIST = 1_000_000  # entries of a list in a record (a Standardize layer's shift, a history)
+MAX_PARAMETERS = 2**31  # numbers in all of a model's arrays (8 GiB of float32): far past any gpunet model
 
 
 class FieldError(Exception):
@@ -74,6 +75,18 @@ def boolean(v, field):
 
 def anything(v, field):
     return v
+
+
+def either(*inners):
+    """What the first of ``inners`` that accepts the value returns (the last one's error otherwise)."""
+    def spec(v, field):
+        for inner in inners[:-1]:
+            try:
+                return inner(v, field)
+            except FieldError:
+                pass
+        return inners[-1](v, field)
+    return spec
 
 
 def optional(inner):
@@ -152,6 +165,9 @@ MODEL_FIELDS = {  # what a model file's record may hold (format and version are 
 }
 MODEL_OPTIONAL = {  # fields older files lack: one line each
     "classifies": optional(boolean),
+    "feature_names": optional(listing(string())),  # a table's model: its columns, one per input
+    "classes": optional(listing(either(string(), integer(-2**63, 2**63 - 1)))),  # one per output
+    "label_column": optional(string()),
 }
 
 
@@ -190,15 +206,48 @@ def built_in_arrays(i: int, cfg: dict) -> dict:
     return {}
 
 
-def check_model(record) -> dict:
-    """The model record checked through (types, ranges, the chain of widths); returns it."""
+def check_table(record: dict) -> None:
+    """A table's fields against the widths: one feature name per input, one class name per output."""
+    linear = [c for c in record["network"]["layers"] if c["type"] == "Linear"]
+    for name, want in (("feature_names", linear[0]["in_features"]), ("classes", linear[-1]["out_features"])):
+        got = record.get(name)
+        if got is not None and len(got) != want:
+            what = "inputs" if name == "feature_names" else "outputs"
+            raise FieldError(name, f"expected {want} names (one per the model's {what}), got {len(got)}")
+
+
+def check_size(layers: list, itemsize: int, most_bytes: int, field: str = "network.layers") -> None:
+    """The arrays the built-in ``layers`` declare, added up layer by layer: refused at the first layer that
+    takes them past MAX_PARAMETERS numbers or ``most_bytes`` bytes (what the file can hold), before any
+    array is allocated or read."""
+    total = 0
+    for i, cfg in enumerate(layers):
+        if cfg["type"] not in BUILT_IN:
+            continue
+        total += sum(math.prod(shape) for shape in built_in_arrays(i, cfg).values())
+        if total > MAX_PARAMETERS or total * itemsize > most_bytes:
+            bound = (f"more than any gpunet model ({MAX_PARAMETERS})" if total > MAX_PARAMETERS else
+                     f"{total * itemsize} bytes, more than the file can hold ({most_bytes})")
+            raise FieldError(f"{field}[{i}]", f"declares {total} weights up to this layer, {bound}")
+
+
+def check_model(record, most_bytes: int = MAX_PARAMETERS * 8) -> dict:
+    """The model record checked through (types, ranges, the chain of widths, the table's names, the size of
+    the arrays against ``most_bytes``); returns it."""
     record = fields(MODEL_FIELDS, MODEL_OPTIONAL)(record, "")
     check_chain(record["network"]["layers"])
+    check_table(record)
+    itemsize = {"float16": 2, "float32": 4, "float64": 8}[record["dtype"]]
+    check_size(record["network"]["layers"], itemsize, most_bytes)
     return record
 
 
-def check_format(record, format_: str, version: int, field: str = "format") -> None:
+def check_format(record, format_: str, version: int) -> None:
     """Raise FieldError unless ``record`` is an object of the given format and version."""
-    got = (record.get("format"), record.get("version")) if isinstance(record, dict) else (shown(record), None)
-    if got != (format_, version):
-        raise FieldError(field, f"expected format {format_} version {version}, got {got[0]} version {got[1]}")
+    if not isinstance(record, dict):
+        raise FieldError("record", f'expected an object {{"format": "{format_}", ...}}, got {shown(record)}')
+    if record.get("format") != format_:
+        raise FieldError("format", f"expected {format_!r}, got {shown(record.get('format'))}")
+    if record.get("version") != version or isinstance(record.get("version"), bool):
+        raise FieldError("version", f"expected {version} (the version this gpunet reads), got "
+                                    f"{shown(record.get('version'))}")

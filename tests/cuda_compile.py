@@ -158,10 +158,14 @@ def elementwise_program(spec: tuple, args: tuple) -> tuple[str, str, tuple]:
     """``(name, source, kernel options)`` that CuPy compiles when ``ElementwiseKernel(*spec)`` is called
     with ``args`` (NumPy arrays stand for CuPy arrays; Python and NumPy scalars for scalars). A declared
     type that does not fit the arguments raises CuPy's TypeError ("Type is mismatched")."""
-    import cupy
-    from cupy._core import _carray, _kernel, _scalar, core
+    from cupy._core import (  # not `import cupy`: the fake may stand there
+        _carray,
+        _kernel,
+        _scalar,
+        core,
+    )
 
-    kernel = cupy.ElementwiseKernel(*spec)
+    kernel = _kernel.ElementwiseKernel(*spec[:4], **(spec[4] if len(spec) > 4 else {}))
     ins, outs = list(args[:kernel.nin]), list(args[kernel.nin:])
     in_dtypes = tuple(a.dtype if isinstance(a, np.ndarray) else None for a in ins)
     in_types, out_types, type_map = kernel._decide_params_type(in_dtypes, tuple(a.dtype for a in outs))
@@ -176,7 +180,7 @@ def elementwise_program(spec: tuple, args: tuple) -> tuple[str, str, tuple]:
         if lay is None:  # a scalar takes its parameter's type (CScalar.apply_dtype)
             infos.append(_kernel._ArgInfo(ARG_SCALAR, _scalar.CScalar, np.dtype(in_types[i]), 0, True, True))
         else:  # 32-bit indexing: every array here is far below 2**31 elements, as gpunet's are
-            infos.append(_kernel._ArgInfo(ARG_NDARRAY, cupy.ndarray, a.dtype, lay[0], lay[1], True))
+            infos.append(_kernel._ArgInfo(ARG_NDARRAY, core.ndarray, a.dtype, lay[0], lay[1], True))
     infos.append(_kernel._ArgInfo(ARG_INDEXER, _carray.Indexer, None, loop_ndim, True, True))
     code = _kernel._get_elementwise_kernel_code(tuple(infos), type_map, kernel.params, kernel.operation,
                                                 kernel.name, kernel.preamble, **kernel.kwargs)

@@ -45,7 +45,8 @@ def test_every_kernel_is_built_from_the_sources_checked_here():
     assert found == {
         ("backend.py", "twice = cupy.ElementwiseKernel(*PROBE_KERNEL)"),
         ("fast/cuda.py", "return cupy.ElementwiseKernel(*ELEMENTWISE[name])"),
-        ("fast/cuda.py", "return cupy.RawKernel(softmax_xent_source(ctype), SOFTMAX_XENT_NAME)"),
+        ("fast/cuda.py",
+         "return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT), SOFTMAX_XENT_NAME)"),
         ("fast/cuda.py", "return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT_SUMS), SOFTMAX_XENT_SUMS_NAME)"),
     }
 

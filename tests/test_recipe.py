@@ -1,12 +1,12 @@
-"""The training recipe's optimizer and BatchNorm settings (gpunet/recipe.py): each --optimizer builds its
+"""The training recipe's optimizer and BatchNorm settings (gpunet/commands/train.py): each --optimizer builds its
 rule with the chosen optimizer's defaults or the values given, and a setting of another optimizer is
 refused in one line naming it. The full runs are in test_cli.py and test_long_runs.py."""
 import numpy as np
 import pytest
 
 import gpunet as gn
-from gpunet import recipe
-from gpunet.recipe import ConfigError, TrainConfig
+from gpunet.commands import train as recipe
+from gpunet.commands.train import ConfigError, TrainConfig
 
 
 def built(**settings):

@@ -21,16 +21,18 @@ RELU_BACKWARD = ("T y", "T dy", "dy = y > (T)0 ? dy : dy * (T)0;", "gpunet_relu_
 # Adam and AdamW in one kernel: wd is Adam's L2 term (0 for AdamW), decay AdamW's factor 1 - lr*wd (1 for
 # Adam); c1 = 1 - b1, c2 = 1 - b2, step = lr / (1 - b1^t), root_c2 = sqrt(1 - b2^t), computed on the host
 ADAM = ("T g, T b1, T b2, T c1, T c2, T step, T root_c2, T eps, T wd, T decay", "T w, T m, T v",
-        "T d = g + wd * w; w *= decay; m = b1 * m + c1 * d; v = b2 * v + c2 * d * d; "
+        "T d = wd != (T)0 ? g + wd * w : g; w *= decay; m = b1 * m + c1 * d; v = b2 * v + c2 * d * d; "
         "w -= step * (m / (sqrt(v) / root_c2 + eps));",
         "gpunet_adam")
 # Dropout's draw, scale and mask in one launch: the bits of gpunet.layers.dropout_bits (SplitMix64 word
-# i / 4 of the stream keyed ``key``, 16-bit lane i % 4; i is the flat C-order index), the scaled keep-mask
-# kept for backward, and y *= mask.
-DROPOUT = ("uint64 key, uint32 threshold, T scale", "T y, T mask",
-           "unsigned long long x = key + ((unsigned long long)(i / 4) + 1ull) * 0x9E3779B97F4A7C15ull;"
+# j / 4 of the stream keyed ``key``, 16-bit lane j % 4; j = start + i, the flat C-order index in the global
+# batch: a data-parallel rank's shard starts at unit ``start``), the scaled keep-mask kept for backward,
+# and y *= mask.
+DROPOUT = ("uint64 key, uint64 start, uint32 threshold, T scale", "T y, T mask",
+           "unsigned long long j = start + (unsigned long long)i;"
+           " unsigned long long x = key + (j / 4 + 1ull) * 0x9E3779B97F4A7C15ull;"
            " x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull; x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;"
-           " x ^= x >> 31; unsigned int bits = (unsigned int)(x >> (16 * (i % 4))) & 0xFFFFu;"
+           " x ^= x >> 31; unsigned int bits = (unsigned int)(x >> (16 * (j % 4))) & 0xFFFFu;"
            " mask = bits < threshold ? scale : (T)0; y = y * mask;", "gpunet_dropout")
 # The ReLU backward of a block whose output went through dropout: dy * mask (Dropout's backward), then
 # * (x > 0) (ReLU's), in one pass; y is the block's output after dropout, > 0 exactly where both let through.
@@ -38,14 +40,17 @@ RELU_MASK_BACKWARD = ("T y, T mask", "T dy", "T t = dy * mask; dy = y > (T)0 ? t
                       "gpunet_relu_mask_backward")
 # One layer's whole update in one launch, over W's elements: the rule on W from W.grad, and in the threads
 # i < cols also b's gradient dy.sum(0) (the column sums of dy, written to b.grad) and the rule on b.
-_BIAS_SUM = "T s = 0; for (int r = 0; r < rows; ++r) s += dy[r * cols + i]; gb[i] = s; T db = s + wd * b[i];"
+# The L2 term only where weight decay is on, as the core (optimizers.Optimizer.gradient) adds it: 0 * w
+# is NaN for an infinite weight, where the core's rule (skipping it) keeps the weight infinite.
+_BIAS_SUM = ("T s = 0; for (int r = 0; r < rows; ++r) s += dy[r * cols + i]; gb[i] = s;"
+             " T db = wd != (T)0 ? s + wd * b[i] : s;")
 LAYER_MOMENTUM = (
     "raw T dy, int32 rows, int32 cols, T lr, T gamma, T wd, bool nesterov", "T w, T g, T v, raw T b, raw T vb, raw T gb",
-    "T d = g + wd * w; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d : v;"
+    "T d = wd != (T)0 ? g + wd * w : g; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d : v;"
     " if (i < cols) { " + _BIAS_SUM + " vb[i] = gamma * vb[i] + lr * db;"
     " b[i] -= nesterov ? gamma * vb[i] + lr * db : vb[i]; }", "gpunet_layer_momentum")
 LAYER_SGD = ("raw T dy, int32 rows, int32 cols, T lr, T wd", "T w, T g, raw T b, raw T gb",
-             "w -= lr * (g + wd * w); if (i < cols) { " + _BIAS_SUM + " b[i] -= lr * db; }", "gpunet_layer_sgd")
+             "w -= lr * (wd != (T)0 ? g + wd * w : g); if (i < cols) { " + _BIAS_SUM + " b[i] -= lr * db; }", "gpunet_layer_sgd")
 # Pixels' gather: rows idx of the uint8 images, as floats divided by 255, in one pass (no uint8 temporary).
 GATHER_SCALED = ("raw uint8 src, raw int64 idx, int32 cols, T divisor", "T out",
                  "out = (T)src[idx[i / cols] * cols + i % cols] / divisor;", "gpunet_gather_scaled")
@@ -75,9 +80,12 @@ SOFTMAX_XENT_NAME = "gpunet_softmax_xent"
 
 # The training step's softmax cross-entropy: the same gradient rows, and in the same launch the batch's
 # mean loss and its sums for the epoch: loss_sum += sum of the row losses (in double) and correct += the
-# rows whose first largest logit is the label (argmax's choice). One block of SUMS_THREADS threads strides
-# over the rows and reduces in shared memory in a fixed order, so the sums are the same bits on every run
-# (atomics would add in a varying order, and a resumed GPU run would drift from an uninterrupted one).
+# rows whose argmax is the label, by NumPy's rule as the core counts (training.py's
+# ``out.argmax(axis=1)``): the first largest logit, or the first NaN where the row has one (a NaN
+# row's m is then NaN: its gradient and loss are NaN either way). One block of SUMS_THREADS threads
+# strides over the rows and reduces in shared memory in a fixed order, so the sums are the same bits
+# on every run (atomics would add in a varying order, and a resumed GPU run would drift from an
+# uninterrupted one).
 SUMS_THREADS = 256
 SOFTMAX_XENT_SUMS = r"""
 extern "C" __global__ void gpunet_softmax_xent_sums(const T* z, const long long* y, T* grad, T* mean,
@@ -92,7 +100,8 @@ extern "C" __global__ void gpunet_softmax_xent_sums(const T* z, const long long*
         T* gi = grad + (long long)i * c;
         T m = zi[0];
         int best = 0;
-        for (int j = 1; j < c; ++j) if (zi[j] > m) { m = zi[j]; best = j; }
+        for (int j = 1; j < c; ++j)
+            if (zi[j] > m || (zi[j] != zi[j] && m == m)) { m = zi[j]; best = j; }
         T s = 0;
         for (int j = 0; j < c; ++j) { T e = EXP(zi[j] - m); gi[j] = e; s += e; }
         const long long t = y[i];
@@ -119,6 +128,14 @@ SOFTMAX_XENT_SUMS_NAME = "gpunet_softmax_xent_sums"
 CTYPES = {"float32": "float", "float64": "double"}
 
 
+def ctype(dtype) -> str:
+    """The C type of the kernels for a network of ``dtype``; a clear TypeError for any other dtype."""
+    name = np.dtype(dtype).name
+    if name not in CTYPES:
+        raise TypeError(f"dtype: gpunet's CUDA kernels run float32 and float64 networks, got {name}")
+    return CTYPES[name]
+
+
 def softmax_xent_source(ctype: str, kernel: str = SOFTMAX_XENT) -> str:
     """The complete CUDA source of ``kernel`` (either softmax kernel) for ``ctype`` ("float" or "double"):
     expf/logf or exp/log, chosen here rather than left to C++ overloads under NVRTC."""
@@ -140,7 +157,7 @@ def _softmax_xent(ctype: str, sums: bool = False):
 
     if sums:
         return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT_SUMS), SOFTMAX_XENT_SUMS_NAME)
-    return cupy.RawKernel(softmax_xent_source(ctype), SOFTMAX_XENT_NAME)
+    return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT), SOFTMAX_XENT_NAME)
 
 
 def bias_relu(y, b):
@@ -182,10 +199,11 @@ def adam(w, g, m, v, scalars):
     _elementwise("adam")(g, *scalars, w, m, v)
 
 
-def dropout(y, mask, key, threshold, scale):
+def dropout(y, mask, key, threshold, scale, start=0):
     """``mask = (bits < threshold) * scale; y *= mask`` in place, with the bits of
-    :func:`gpunet.layers.dropout_bits` for ``key``; y and mask (N, C) of one float dtype."""
-    _elementwise("dropout")(np.uint64(key), np.uint32(threshold), y.dtype.type(scale), y, mask)
+    :func:`gpunet.layers.dropout_bits` for ``key`` from unit ``start`` on; y and mask (N, C) of one float
+    dtype."""
+    _elementwise("dropout")(np.uint64(key), np.uint64(start), np.uint32(threshold), y.dtype.type(scale), y, mask)
 
 
 def softmax_xent(z, labels, grad, loss_rows):
@@ -203,7 +221,7 @@ def softmax_xent(z, labels, grad, loss_rows):
         raise ValueError("softmax_xent: expected C-contiguous z, grad and loss_rows of one float dtype, got "
                          f"{z.dtype}/{grad.dtype}/{loss_rows.dtype} with shapes {z.shape}/{grad.shape}/{loss_rows.shape}")
     labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
-    _softmax_xent(CTYPES[z.dtype.name])(*softmax_xent_launch(z, labels, grad, loss_rows))
+    _softmax_xent(ctype(z.dtype))(*softmax_xent_launch(z, labels, grad, loss_rows))
     return grad, loss_rows
 
 
@@ -224,7 +242,7 @@ def softmax_xent_sums(z, labels, grad, mean, loss_sum, correct):
     import cupy
 
     labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
-    _softmax_xent(CTYPES[z.dtype.name], True)(*softmax_xent_sums_launch(z, labels, grad, mean, loss_sum, correct))
+    _softmax_xent(ctype(z.dtype), True)(*softmax_xent_sums_launch(z, labels, grad, mean, loss_sum, correct))
     return grad, mean
 
 
