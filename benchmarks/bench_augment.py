@@ -28,7 +28,7 @@ import numpy as np
 
 import gpunet as gn
 from gpunet.augment import DEFAULTS, Augment, gaussian_matrix
-from gpunet.batches import Pixels
+from gpunet.data.rows import Pixels
 from gpunet.data import load_mnist, split_validation
 from gpunet.training import fit
 

@@ -1,6 +1,6 @@
 """How well saved models read people's digits (issue 25): the re-photographed MNIST test digits and the
 typed digits that the image tests build (``tests/pictures.py``), read as ``gpunet predict`` reads files
-(``gpunet.images.load_image_file``: the MNIST recipe), for each model given.
+(``gpunet.data.pictures.load_image_file``: the MNIST recipe), for each model given.
 
     python benchmarks/pictures.py --data-dir /path/to/mnist --digits 2000 MODEL.npz [MODEL.npz ...]
 
@@ -19,7 +19,7 @@ import numpy as np
 
 import gpunet as gn
 from gpunet.data import load_mnist
-from gpunet.images import load_image_file
+from gpunet.data.pictures import load_image_file
 from gpunet.training import predict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

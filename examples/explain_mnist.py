@@ -13,7 +13,7 @@ import numpy as np
 
 import gpunet as gn
 from gpunet.data import load_mnist
-from gpunet.explain_render import render_markdown, render_text
+from gpunet.explain.render import render_markdown, render_text
 from gpunet.training import evaluate, fit
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

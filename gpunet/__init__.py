@@ -11,14 +11,14 @@ from .backend import (DeviceError, describe_device, get_array_module, gpu_availa
                       resolve_device, set_default_device, to_device, to_numpy)
 from .explain import explain_step
 from .gradcheck import gradcheck, numerical_gradient
-from .batches import Pixels, Rows
+from .data.rows import Pixels, Rows
 from .layers import (BatchNorm, Dropout, Layer, Linear, Parameter, ReLU, Sigmoid, Softmax, Standardize, Tanh,
                      register_layer)
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .network import Sequential, load, mlp
 from .optimizers import SGD, Adam, AdamW, Momentum, RMSprop
 from . import schedules
-from .training import evaluate, fit, predict, predict_proba
+from .training import evaluate, fit, predict, predict_proba, train_step
 
 __version__ = "0.1.0"
 
@@ -28,5 +28,5 @@ __all__ = [
     "Dropout", "Layer", "Linear", "Parameter", "ReLU", "Sigmoid", "Softmax", "Tanh", "MAELoss", "MSELoss",
     "SoftmaxCrossEntropy", "Sequential", "load", "mlp", "SGD", "Momentum", "Pixels", "Rows",
     "Adam", "AdamW", "RMSprop", "BatchNorm", "Standardize", "register_layer", "schedules", "fit", "evaluate",
-    "predict", "predict_proba",
+    "predict", "predict_proba", "train_step",
 ]

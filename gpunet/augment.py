@@ -226,7 +226,14 @@ class Augment:
         return self.apply(images, self.draw(len(images)))
 
     def transform_batch(self, run, xb):
-        return self(xb)
+        """``xb`` distorted; in a data-parallel run (``run.batch_rows`` rows in the global batch, this rank's
+        from ``run.row_start`` on) each image takes the draw of its row in the global batch, so that K ranks
+        distort as one process does."""
+        rows, start = getattr(run, "batch_rows", 0), getattr(run, "row_start", 0)
+        if not rows or rows == len(xb):
+            return self(xb)
+        params = self.draw(rows)
+        return self.apply(xb, {k: v[start:start + len(xb)] for k, v in params.items()})
 
     def state_dict(self) -> dict:
         return {"config": self.config(), "rng": self.rng.bit_generator.state}

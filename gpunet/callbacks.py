@@ -21,13 +21,16 @@ first reason given wins. The run's attributes (``net``, ``optimizer``, ``history
 
 The callbacks behind ``fit``'s keywords live here too: :class:`Schedule`, :class:`DivergenceGuard`,
 :class:`EarlyStopping`, :class:`TargetLoss`, :class:`Checkpoint`, :class:`EpochEnd`, :class:`BatchEnd` and
-:class:`Progress` (``fit(verbose=...)``).
+:class:`Progress` (``fit(verbose=...)``); the training logs people read elsewhere: :class:`CSVLogger` (one
+row per epoch) and :class:`TensorBoard` (event files for TensorBoard, written by tensorboardX).
 """
 from __future__ import annotations
 
+import csv
 import math
 import sys
 import time
+from pathlib import Path
 
 from . import checkpoint
 from .backend import to_numpy
@@ -127,7 +130,10 @@ class EarlyStopping(Callback):
 
     def __init__(self, patience: int, min_delta: float = 0.0):
         self.patience, self.min_delta = patience, min_delta
-        self.best_loss, self.best_epoch, self.best_state, self.wait = None, None, None, 0
+        self.best_loss: float | None = None
+        self.best_epoch: int | None = None
+        self.best_state: dict | None = None  # host copies of the best epoch's weights
+        self.wait = 0
 
     def on_epoch_end(self, run, record):
         val_loss = record["val_loss"]
@@ -144,7 +150,7 @@ class EarlyStopping(Callback):
             run.net.load_state_dict(self.best_state)
 
     def state_dict(self) -> dict:
-        best = self.best_state or {}
+        best: dict = self.best_state or {}
         return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "wait": self.wait,
                 "names": list(best), "arrays": {"best": list(best.values())}}
 
@@ -229,35 +235,242 @@ def epoch_line(record: dict, epochs: int) -> str:
 VERBOSE = {0: "silent", 1: "a progress bar", 2: "one line per epoch"}
 
 
+def _tqdm_for(out):
+    """tqdm.auto's bar class (the notebook's widget in Jupyter, the text bar elsewhere) if tqdm is installed
+    and ``out`` is a terminal or the run is in a Jupyter kernel; else None (the plain bar: a log file or a
+    captured stream gets no cursor codes)."""
+    ipython = sys.modules.get("IPython")  # imported already where a kernel runs this process
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    in_kernel = hasattr(shell, "kernel")  # a Jupyter kernel's shell, not a terminal IPython's
+    if not (in_kernel or (hasattr(out, "isatty") and out.isatty())):
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+def running_means(run, step: int) -> dict:
+    """The epoch's mean training loss (and accuracy for a classifier) over its first ``step`` steps, from the
+    run's sums on the device (one wait for the device). This rank's rows only in a distributed run."""
+    rows = max(run.seen(step), 1)
+    means = {"loss": float(run.loss_sum) / rows}
+    if run.loss.classifies:
+        means["acc"] = int(run.correct) / rows
+    return means
+
+
 class Progress(Callback):
-    """What ``fit(verbose=...)`` prints, as Keras does: 1 a progress bar over each epoch's batches (redrawn
-    at most ``refresh`` times a second) ended by the epoch's line, 2 only the line (:func:`epoch_line`).
-    Rank 0 alone prints in a distributed run. Written to ``file`` (default: standard output)."""
+    """What ``fit(verbose=...)`` prints, as Keras does: 1 a progress bar over each epoch's batches with the
+    epoch's running loss and accuracy (redrawn at most ``refresh`` times a second, each redraw one wait for
+    the device), ended by the epoch's line; 2 only the line (:func:`epoch_line`). The bar is tqdm's
+    (``tqdm.auto``: the notebook's widget in Jupyter) when tqdm is installed and ``bar_file`` is a terminal
+    or the run is in a notebook, else a plain one. Rank 0 alone prints in a distributed run. Lines go to
+    ``file`` (default: standard output), the bar to ``bar_file`` (default: ``file``)."""
 
     WIDTH = 30
 
-    def __init__(self, verbose: int = 1, file=None, refresh: float = 10.0):
+    def __init__(self, verbose: int = 1, file=None, refresh: float = 10.0, bar_file=None):
         if verbose not in (1, 2):
             raise ValueError(f"verbose: expected one of {sorted(VERBOSE)} (0 {VERBOSE[0]}, 1 {VERBOSE[1]}, "
                              f"2 {VERBOSE[2]}), got {verbose!r}")
-        self.verbose, self.file, self.every = int(verbose), file, 1.0 / refresh
-        self._shown = 0.0
+        self.verbose, self.file, self.bar_file, self.every = int(verbose), file, bar_file, 1.0 / refresh
+        self._shown, self._bar = 0.0, None
 
-    def _write(self, run, text: str) -> None:
+    def _out(self, bar: bool = False):
+        return (self.bar_file if bar else None) or self.file or sys.stdout
+
+    def _write(self, run, text: str, bar: bool = False) -> None:
         if run.rank == 0:
-            out = self.file or sys.stdout
+            out = self._out(bar)
             out.write(text)
             out.flush()
 
     def on_batch_end(self, run, epoch, step, steps):
         now = time.monotonic()
-        if self.verbose != 1 or (step < steps and now - self._shown < self.every):
+        if self.verbose != 1 or run.rank != 0 or (step < steps and now - self._shown < self.every):
             return
         self._shown = now
+        means = running_means(run, step)
+        if self._bar is None:
+            tqdm = _tqdm_for(self._out(bar=True))
+            if tqdm is not None:
+                self._bar = tqdm(total=steps, initial=0, desc=f"epoch {epoch + 1}/{run.epochs}", unit="batch",
+                                 leave=False, file=self._out(bar=True), mininterval=self.every)
+        if self._bar is not None:
+            self._bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()}, refresh=False)
+            self._bar.update(step - self._bar.n)
+            return
         done = self.WIDTH * step // steps
         bar = "=" * done + (">" if done < self.WIDTH else "") + "." * (self.WIDTH - done - 1)
-        self._write(run, f"\repoch {epoch + 1}/{run.epochs} [{bar[:self.WIDTH]}] {step}/{steps}")
+        live = "".join(f"  {k} {v:.4f}" for k, v in means.items())
+        self._write(run, f"\repoch {epoch + 1}/{run.epochs} [{bar[:self.WIDTH]}] {step}/{steps}{live}", bar=True)
 
     def on_epoch_end(self, run, record):
-        end = "\r" + " " * (self.WIDTH + 40) + "\r" if self.verbose == 1 else ""  # the bar gives way to the line
+        end = ""
+        if self._bar is not None:  # tqdm's bar clears itself (leave=False)
+            self._bar.close()
+            self._bar = None
+        elif self.verbose == 1:  # the plain bar gives way to the line
+            end = "\r" + " " * (self.WIDTH + 70) + "\r"
+            if self._out(bar=True) is not self._out():
+                self._write(run, end, bar=True)
+                end = ""
         self._write(run, end + epoch_line(record, run.epochs) + "\n")
+
+    def on_interrupt(self, run):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+# --- training logs: a CSV file and TensorBoard's event files -------------------------------------------
+def _count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: expected a whole number >= 0 (0: never), got {value!r}")
+    return value
+
+
+class CSVLogger(Callback):
+    """One row per epoch in the CSV file ``path``: the columns of :data:`FIELDS` (an empty cell where the
+    record has None, e.g. no validation), floats written in full (``repr``). At the run's start the file is
+    written afresh from the run's history, so that a resumed run's file holds every finished epoch once
+    (rows an interrupted run wrote past its last checkpoint are replaced). Rank 0 alone writes. Its state is
+    the run's history, which the checkpoint carries: it keeps none of its own."""
+
+    FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def _rows(self, mode: str, records) -> None:
+        with open(self.path, mode, newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            if mode == "w":
+                writer.writerow(self.FIELDS)
+            writer.writerows([("" if r.get(k) is None else r[k]) for k in self.FIELDS] for r in records)
+
+    def on_train_begin(self, run):
+        if run.rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._rows("w", run.history.epochs)
+
+    def on_epoch_end(self, run, record):
+        if run.rank == 0:
+            self._rows("a", [record])
+
+
+def summary_writer():
+    """tensorboardX's ``SummaryWriter`` class; an ImportError that says how to install it."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError as exc:
+        raise ImportError("TensorBoard logs need tensorboardX: pip install 'gpunet[tensorboard]' "
+                          f"(or pip install tensorboardX); {exc}") from exc
+    return SummaryWriter
+
+
+def probe_gradients(run, rows: int) -> list:
+    """Host copies of each parameter's gradient of the loss on the first ``rows`` training rows, by the
+    core's formulas in eval mode (no dropout draws, BatchNorm's running statistics), with every
+    ``param.grad`` put back: the run goes on as if this had not happened."""
+    net, k = run.net, min(rows, run.n)
+    params = net.parameters()
+    kept = [p.grad.copy() for p in params]
+    was_training = net.training
+    net.eval()
+    try:
+        out = net.forward(run.x[:k])
+        y = run.y[:k]
+        run.loss.forward(out, y, check=False) if run.loss.classifies else run.loss.forward(out, y)
+        net.backward(run.loss.backward())
+        return [to_numpy(p.grad).copy() for p in params]
+    finally:
+        for p, g in zip(params, kept):
+            p.grad[...] = g
+        net.train(was_training)
+
+
+class TensorBoard(Callback):
+    """Event files for TensorBoard in ``log_dir`` (written by tensorboardX: ``pip install
+    'gpunet[tensorboard]'``), every point on one step axis: the optimizer steps done, ``epoch * steps + step``.
+
+    - every ``batch_every`` steps (0: never): ``batch/loss`` and ``batch/accuracy``, the means over the
+      rows since the last point, and ``batch/lr`` (each point is one wait for the device);
+    - after each epoch: ``epoch/loss``, ``epoch/accuracy``, ``epoch/val_loss``, ``epoch/val_accuracy``,
+      ``epoch/lr`` and ``epoch/seconds``, those the record has;
+    - every ``histogram_every`` epochs (0: never): ``weights/NAME`` of each parameter (names as in
+      ``net.named_parameters()``) and ``gradients/NAME``, the gradient on a fixed probe batch, the first
+      ``probe`` training rows (:func:`probe_gradients`: the step's own gradients are folded into the update
+      on some paths, so they are not there to read).
+
+    A run that starts after step s (0, or where a resumed run stands) writes TensorBoard's purge mark at
+    s + 1: the reader drops what an earlier run into the same folder logged past s, so that a resumed run
+    continues the same curves without a duplicate step, even after a kill past the last checkpoint. Its
+    own state (the sums at the last batch point) travels in the checkpoint, so that a run resumed mid-epoch
+    writes the batch points an unbroken run writes. Rank 0 alone writes; in a distributed run the batch
+    points are over rank 0's share of the batches.
+    """
+
+    def __init__(self, log_dir, batch_every: int = 100, histogram_every: int = 1, probe: int = 256):
+        self.log_dir = Path(log_dir)
+        self.batch_every, self.histogram_every = _count("batch_every", batch_every), _count(
+            "histogram_every", histogram_every)
+        if _count("probe", probe) < 1:
+            raise ValueError(f"probe: expected at least 1 row, got {probe!r}")
+        self.probe, self.writer = probe, None
+        self._mark: tuple[int, float, int] | None = None  # (step, loss sum, correct) at the last batch point
+
+    def on_train_begin(self, run):
+        if run.rank == 0:
+            # the file's name carries the second it was made in; the nanoseconds after it keep two runs made
+            # in one second apart (tensorboardX would reopen the first's file) and in the reader's order
+            self.writer = summary_writer()(str(self.log_dir), purge_step=run.epoch * run.steps + run.step + 1,
+                                           filename_suffix=f".{time.time_ns():020d}")
+
+    def on_epoch_begin(self, run, epoch):
+        if run.step == 0:  # a run resumed mid-epoch keeps the mark its checkpoint carried
+            self._mark = (0, 0.0, 0)
+
+    def on_batch_end(self, run, epoch, step, steps):
+        at = epoch * steps + step
+        if self.writer is None or not self.batch_every or at % self.batch_every:
+            return
+        loss_sum, correct = float(run.loss_sum), int(run.correct)
+        before, sum_before, correct_before = self._mark
+        rows = max(run.seen(step) - run.seen(before), 1)
+        self.writer.add_scalar("batch/loss", (loss_sum - sum_before) / rows, at)
+        if run.loss.classifies:
+            self.writer.add_scalar("batch/accuracy", (correct - correct_before) / rows, at)
+        self.writer.add_scalar("batch/lr", run.optimizer.lr, at)
+        self._mark = (step, loss_sum, correct)
+
+    def on_epoch_end(self, run, record):
+        if self.writer is None:
+            return
+        at = run.epoch * run.steps
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"):
+            if record.get(key) is not None:
+                self.writer.add_scalar(f"epoch/{key}", record[key], at)
+        if self.histogram_every and record["epoch"] % self.histogram_every == 0:
+            names = [name for name, _ in run.net.named_parameters()]
+            for name, p in zip(names, run.net.parameters()):
+                self.writer.add_histogram(f"weights/{name}", to_numpy(p.data), at)
+            for name, g in zip(names, probe_gradients(run, self.probe)):
+                self.writer.add_histogram(f"gradients/{name}", g, at)
+        self.writer.flush()
+
+    def on_train_end(self, run):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    on_interrupt = on_train_end  # the run ends there: the files are complete, the writer's thread ends
+
+    def state_dict(self) -> dict:
+        return {"mark": None if self._mark is None else list(self._mark)}
+
+    def load_state_dict(self, state: dict) -> None:
+        mark = state.get("mark")
+        self._mark = None if mark is None else (int(mark[0]), float(mark[1]), int(mark[2]))

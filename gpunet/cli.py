@@ -1,5 +1,5 @@
 """The ``gpunet`` command: train, evaluate, predict, explain, serve, export, info. A thin face: flags in, printing out;
-the work lives in the library (``recipe.train`` for a training run, ``explain.explain_step`` for one step).
+the work lives in the library (``commands.train.train`` for a training run, ``explain.record.explain_step`` for one step).
 
 A user mistake (missing folder, bad flag value, unreadable model file) prints one line and exits with
 status 2; nothing here is imported by the library.
@@ -18,22 +18,24 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, backend, explain, explain_inputs, explain_render, fast, parallel, recipe
+from . import __version__, backend, callbacks, fast, parallel
+from .commands import train as train_command
+from .explain import build as explain_build, record as explain_record, render as explain_render
 from .augment import DEFAULTS as AUGMENT_DEFAULTS
 from .backend import DeviceError
-from .callbacks import epoch_line
-from .batches import Pixels
-from .data import DataError, default_data_dir, load_arrays, load_rows
-from .images import image_size, load_image_file, load_images
+from .data.rows import Pixels
+from .data import DataError
+from .data.datasets import default_data_dir, load_rows, load_table
+from .data.pictures import image_size, load_image_file, load_images
 from .layers import ACTIVATIONS, INITIALIZERS, Standardize
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .metrics import format_report
 from .network import load
 from .optimizers import SGD, Adam, AdamW, Momentum, RMSprop
 from .predictions import prediction
-from .recipe import TrainConfig, load_data, train
+from .commands.train import TrainConfig, load_data, train
 from .schedules import SCHEDULES
-from .training import Interrupted, evaluate, predict, predict_proba
+from .training import Interrupted, classifies, evaluate, predict, predict_proba
 
 USER_ERRORS = (DataError, DeviceError, ValueError, TypeError, KeyError, OSError, parallel.ParallelError)
 
@@ -63,6 +65,15 @@ unit_interval = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 finite_float = _number(float, np.isfinite, "a finite number")
 
 
+def val_size_arg(text):
+    """--val-size: a row count (an integer >= 0) or a share of the rows (a number in [0, 1))."""
+    try:
+        return non_negative_int(text)
+    except argparse.ArgumentTypeError:
+        pass
+    return _number(float, lambda v: 0 <= v < 1, "a row count >= 0 or a fraction in [0, 1)")(text)
+
+
 def batch_size_arg(text):
     if text in ("full", "all"):
         return None
@@ -75,23 +86,30 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
-    """The command line; ``preset`` (a name in :data:`gpunet.recipe.PRESETS`) sets train's defaults to it."""
-    p = Parser(prog="gpunet", description="Train and use feed-forward networks on MNIST, on a GPU or the CPU.")
+    """The command line; ``preset`` (a name in :data:`gpunet.commands.train.PRESETS`) sets train's defaults."""
+    p = Parser(prog="gpunet", description="Train and use feed-forward networks on MNIST or a table of your own "
+                                           "(--data FILE.csv), on a GPU or the CPU.")
     p.add_argument("--version", action="version", version=f"gpunet {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
-    t = sub.add_parser("train", help="train an MLP on MNIST (or any dataset in MNIST's file format)")
+    t = sub.add_parser("train", help="train an MLP on MNIST (any dataset in MNIST's file format), or on a table "
+                                     "of your own with --data FILE.csv|.npz")
     t.add_argument("--data-dir", help="folder holding the four MNIST files (default: $GPUNET_DATA, else ~/.cache/gpunet/mnist)")
     t.add_argument("--download", action="store_true", help="download missing files into --data-dir (the default cache folder downloads anyway)")
     t.add_argument("--data", metavar="FILE", help="a data set of your own instead of --data-dir: FILE.npz (x_train, y_train, optionally x_test, y_test) or FILE.csv (a header row; --label-column holds the class)")
-    t.add_argument("--label-column", default="label", metavar="NAME", help="the CSV column of the class labels 0..C-1 (default: label)")
+    t.add_argument("--label-column", default="label", metavar="NAME", help="the CSV column of the labels: "
+                   "numbers 0..C-1, other numbers or words (encoded as their sorted list, kept in the model), or a "
+                   "regression target (default: label)")
+    t.add_argument("--task", choices=("auto", "classifier", "regressor"), default="auto", help="--data: what the "
+                   "label column is; auto = regressor when its numbers are not all whole, else classifier "
+                   "(default: auto; a whole-numbered target such as a count needs --task regressor)")
     t.add_argument("--scale", choices=("standard", "minmax", "none"), default="standard", help="how --data features are scaled, from the training rows; the model file keeps it (default: standard: mean 0, std 1)")
     t.add_argument("--hidden", type=positive_int, nargs="*", default=[512, 512], metavar="N", help="hidden layer sizes (default: 512 512)")
     t.add_argument("--activation", nargs="+", choices=sorted(ACTIVATIONS), default=["relu"], help="one activation, or one per hidden layer (default: relu)")
     t.add_argument("--epochs", type=positive_int, default=20, help="maximum number of epochs (default: 20)")
     t.add_argument("--batch-size", type=batch_size_arg, default=128, help="examples per step: 1 = online, 'full' = full batch (default: 128)")
-    t.add_argument("--optimizer", choices=tuple(recipe.OPTIMIZER_SETTINGS), default="momentum", help="update rule (default: momentum)")
+    t.add_argument("--optimizer", choices=tuple(train_command.OPTIMIZER_SETTINGS), default="momentum", help="update rule (default: momentum)")
     t.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: 0.05 for sgd and momentum, 0.001 for adam, adamw and rmsprop)")
     t.add_argument("--momentum", type=unit_interval, default=None, help="momentum gamma for --optimizer momentum, 0 for plain SGD (default: 0.9); rmsprop's momentum (default: 0)")
     t.add_argument("--nesterov", action="store_true", help="Nesterov momentum (--optimizer momentum)")
@@ -106,17 +124,19 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--init", choices=INITIALIZERS, default=None, help="weight initialiser (default: he for relu, xavier otherwise)")
     t.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule (default: cosine)")
     t.add_argument("--step-size", type=positive_int, default=5, help="epochs per decay for --schedule step (default: 5)")
-    t.add_argument("--val-size", type=non_negative_int, default=5000, help="training examples held out for validation (default: 5000)")
+    t.add_argument("--val-size", type=val_size_arg, default=None, help="training examples held out for "
+                   "validation: a count, or a fraction of the rows below 1 (default: 5000 for MNIST, 0.2 for --data)")
     t.add_argument("--patience", type=positive_int, default=None, help="stop after N epochs without val-loss improvement, keep the best weights")
     t.add_argument("--target-loss", type=positive_float, default=None, help="stop once the epoch's training loss is below this")
     t.add_argument("--seed", type=int, default=0, help="seed for weights and shuffling (default: 0)")
     t.add_argument("--device", default=None, help="cpu, gpu (cuda) or auto (default: $GPUNET_DEVICE, else auto)")
-    t.add_argument("--out", default="runs/mnist", help="output folder (default: runs/mnist)")
+    t.add_argument("--out", default=None, help="output folder (default: runs/mnist; runs/NAME for --data NAME.csv)")
     t.add_argument("--no-plots", action="store_true", help="skip the pictures")
+    t.add_argument("--log-dir", metavar="DIR", default=None, help="training logs: DIR/epochs.csv (one row per epoch) and TensorBoard event files (with tensorboardX: pip install 'gpunet[tensorboard]'); a resumed run continues them")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.npz (same flags; --epochs may be raised)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="N", help="write checkpoint.npz every N epochs (default: 1; an interrupt always writes one)")
-    t.add_argument("--preset", choices=tuple(recipe.PRESETS), default=None, help="a named recipe: best = 784-1024-1024-10 with distortions, 120 epochs (README: Augmentation); flags given too win")
+    t.add_argument("--preset", choices=tuple(train_command.PRESETS), default=None, help="a named recipe: best = 784-1024-1024-10 with distortions, 120 epochs (README: Augmentation); flags given too win")
     t.add_argument("--augment", action="store_true", help="distort every training image afresh each epoch: random affine + elastic (the --aug-* flags)")
     t.add_argument("--aug-rotation", type=non_negative_float, default=AUGMENT_DEFAULTS["rotation"], metavar="DEG", help="--augment: rotation uniform in [-DEG, DEG] degrees (default: %(default)g)")
     t.add_argument("--aug-scale", type=unit_interval, default=AUGMENT_DEFAULTS["scale"], metavar="S", help="--augment: scale factor uniform in [1-S, 1+S] (default: %(default)g)")
@@ -125,25 +145,29 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--aug-sigma", type=positive_float, default=AUGMENT_DEFAULTS["sigma"], help="--augment: elastic field's Gaussian smoothing, in pixels (default: %(default)g)")
     t.add_argument("--aug-alpha", type=non_negative_float, default=AUGMENT_DEFAULTS["alpha"], help="--augment: elastic field's strength, in pixels; 0 = affine only (default: %(default)g)")
     if preset is not None:
-        t.set_defaults(**recipe.PRESETS[preset], preset=preset)
+        t.set_defaults(**train_command.PRESETS[preset], preset=preset)
 
-    e = sub.add_parser("evaluate", help="accuracy, per-class table and confusion matrix of a model on the test set")
+    e = sub.add_parser("evaluate", help="accuracy, per-class table and confusion matrix of a model on the MNIST "
+                                        "test set (the t10k files only) or --data FILE (a regressor: mse, mae, r2)")
     e.add_argument("model", help="model file written by gpunet train")
     e.add_argument("--data-dir", help="folder holding the MNIST files (default: $GPUNET_DATA, else the cache)")
     e.add_argument("--device", default=None, help="cpu, gpu or auto")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--data", metavar="FILE", help="a data file of your own (.npz: its x_test, y_test; .csv: every row) instead of --data-dir")
-    e.add_argument("--label-column", default="label", metavar="NAME", help="the CSV column of the class labels (default: label)")
+    e.add_argument("--label-column", default=None, metavar="NAME", help="the CSV column of the labels (default: the "
+                   "model's, else label)")
 
-    r = sub.add_parser("predict", help="predict the digit in image files (PNG/JPEG, any size) or .npy arrays")
+    r = sub.add_parser("predict", help="predict the digit in image files (PNG/JPEG, any size; MNIST models) or "
+                                       ".npy arrays; a --data model: the class (or value) of each .csv/.npy row")
     r.add_argument("model", help="model file written by gpunet train")
     r.add_argument("files", nargs="+", metavar="FILE")
     r.add_argument("--device", default=None, help="cpu, gpu or auto")
     r.add_argument("--json", action="store_true", help="print JSON (with each file's warnings)")
     r.add_argument("--save-inputs", metavar="DIR", help="write each input the model saw as a PNG into DIR")
-    r.add_argument("--label-column", default="label", metavar="NAME", help="for a model trained with --data: the CSV column left out of the features (default: label)")
+    r.add_argument("--label-column", default=None, metavar="NAME", help="for a model trained with --data: the CSV "
+                   "column ignored if present (default: the model's, else label); columns are taken by name")
 
-    v = sub.add_parser("serve", help="serve a draw-a-digit page and a JSON API for a model")
+    v = sub.add_parser("serve", help="MNIST models only: serve a draw-a-digit page and a JSON API for a model")
     v.add_argument("model", help="model file written by gpunet train")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     v.add_argument("--port", type=non_negative_int, default=8000, help="port (default: 8000; 0 picks a free one)")
@@ -158,7 +182,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     x = sub.add_parser("explain", help="one training step of a small network, formula by formula, in the course notes' notation (no flags: the classic 2-2-2 example worked by hand)")
     x.add_argument("--sizes", type=positive_int, nargs="+", metavar="N", help="layer sizes, inputs to outputs, weights drawn from --seed (default: the example's 2-2-2, or those of --weights)")
     x.add_argument("--activation", nargs="+", choices=sorted(ACTIVATIONS), help="hidden activation, one or one per hidden layer (default: sigmoid)")
-    x.add_argument("--output-activation", choices=explain_inputs.OUTPUT_ACTIVATIONS, help="an activation on the output layer, y^L = f(z^L), for --loss mse or mae (default: none, y^L = z^L)")
+    x.add_argument("--output-activation", choices=explain_build.OUTPUT_ACTIVATIONS, help="an activation on the output layer, y^L = f(z^L), for --loss mse or mae (default: none, y^L = z^L)")
     x.add_argument("--batch-norm", action="store_true", help="a BatchNorm between each hidden Linear and its activation (training mode: a batch of at least 2 instances)")
     x.add_argument("--loss", choices=("ce", "mse", "mae"), default="ce", help="softmax cross-entropy, mean squared or absolute error (default: ce)")
     x.add_argument("--optimizer", choices=tuple(EXPLAIN_OPTIMIZERS), default="sgd", help="default: sgd")
@@ -181,31 +205,10 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
-def _progress(total_epochs):
-    """A tqdm bar over each epoch's batches on a terminal, else one line per epoch."""
-    use_bar = sys.stderr.isatty()
-    tqdm = None
-    if use_bar:
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            tqdm = None
-    state = {"bar": None}
-
-    def on_batch(epoch, done, total):
-        if tqdm is None:
-            return
-        if state["bar"] is None:
-            state["bar"] = tqdm(total=total, desc=f"epoch {epoch + 1}/{total_epochs}", unit="batch", leave=False)
-        state["bar"].update(1)
-
-    def on_epoch(rec):
-        if state["bar"] is not None:
-            state["bar"].close()
-            state["bar"] = None
-        print(epoch_line(rec, total_epochs), flush=True)
-
-    return on_batch, on_epoch
+def _progress():
+    """A bar over each epoch's batches with its running loss and accuracy on a terminal (tqdm's if installed,
+    on standard error), ended by the epoch's line on standard output; only the lines elsewhere."""
+    return callbacks.Progress(1 if sys.stderr.isatty() else 2, bar_file=sys.stderr)
 
 
 # --- commands --------------------------------------------------------------------------------------------
@@ -254,11 +257,13 @@ def cmd_train(args):
                         f"--preset best, which turns it on)")
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "plots"},
                          plots=not args.no_plots)
+    if args.out is None:  # a table's run is named after its file
+        args.out = f"runs/{Path(args.data).stem}" if args.data else "runs/mnist"
     lead = parallel.launched_rank() == 0  # in an mpiexec job rank 0 alone speaks
-    on_batch, on_epoch = _progress(args.epochs) if lead else (None, None)
+    shown = [_progress()] if lead else []
     with StopOnSignal(quiet=not lead) as stop:
         try:
-            result = train(config, args.out, on_epoch=on_epoch, on_batch=on_batch, resume=args.resume,
+            result = train(config, args.out, callbacks=shown, resume=args.resume,
                            overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, interrupt=stop,
                            log=lambda line: print(line, flush=True))
         except Interrupted as exc:
@@ -288,36 +293,67 @@ def _load_model(path, device):
         raise UserError(f"cannot read model file {path}: {exc}") from exc
 
 
+def _is_table(net) -> bool:
+    """A model trained on a table (--data): it scales its own features or knows their names."""
+    return isinstance(net.layers[0], Standardize) or net.feature_names is not None
+
+
 def cmd_evaluate(args):
     net = _load_model(args.model, args.device)
     if args.data is not None and args.data_dir is not None:
         raise UserError(f"--data: a file of your own replaces the MNIST folder, got --data {args.data} and --data-dir")
+    label = args.label_column or net.label_column or "label"
+    regress = not classifies(net)
     if args.data is not None:  # features as they are: a --data model scales them itself
-        train_set, test = load_arrays(args.data, args.label_column)
-        if test is None and not args.data.lower().endswith(".csv"):
+        table = load_table(args.data, label, "regressor" if regress else "classifier", net.classes,
+                           net.feature_names)
+        if table["test"] is None and not args.data.lower().endswith(".csv"):
             raise UserError(f"--data: {args.data} holds no test set (x_test, y_test) to evaluate on")
-        x_test, y_test = test or train_set
-    else:
-        _, (x_test, y_test) = load_data(args.data_dir)
+        x_test, y_test = table["test"] or table["train"]
+    else:  # the t10k files alone: evaluation needs no training images
+        ((x_test, y_test),) = load_data(args.data_dir, splits=("test",))
         x_test = Pixels(x_test)
     if x_test.shape[1] != net.in_features:
         raise UserError(f"{args.model}: the model expects {net.in_features} inputs, the data have {x_test.shape[1]}")
-    rep = evaluate(net, SoftmaxCrossEntropy(), x_test, y_test, metrics=True)
+    rep = evaluate(net, MSELoss() if regress else SoftmaxCrossEntropy(), x_test, y_test, metrics=True)
+    if net.classes is not None:
+        rep["classes"] = net.classes
     if args.json:
         print(json.dumps(rep, indent=2))
-    else:
-        print(f"model {args.model} on {net.device}, {len(x_test)} test examples, loss {rep['loss']:.4f}")
-        print(format_report(rep))
+        return 0
+    print(f"model {args.model} on {net.device}, {len(x_test)} test examples, loss {rep['loss']:.4f}")
+    if regress:
+        print(f"mse {rep['mse']:.6g}  mae {rep['mae']:.6g}  r2 {rep['r2']:.4f}")
+        return 0
+    if net.classes is not None:
+        print("classes: " + ", ".join(f"{k} = {c}" for k, c in enumerate(net.classes)))
+    print(format_report(rep))
     return 0
+
+
+def _reader(net, args):
+    """How predict reads one file: image files for an image model, feature rows for a table's."""
+    if _is_table(net):  # a --data model: feature rows, read as they are, columns by name
+        label = args.label_column or net.label_column or "label"
+        return lambda f: (load_rows(f, net.in_features, label, net.feature_names), [])
+    size = image_size(net.in_features)  # from the model file: a model trained on other IDX sizes works too
+    return lambda f: load_image_file(f, size)
+
+
+def _answer(net, out, warnings) -> dict:
+    """One row's prediction: a digit reader's {"digit", ...}, a table's {"class", ...} (its class names)
+    or a regressor's {"value"}."""
+    if not classifies(net):
+        return {"value": [float(v) for v in out], "warnings": list(warnings)}
+    if not _is_table(net):
+        return prediction(out, warnings)
+    return prediction(out, warnings, key="class", classes=net.classes)
 
 
 def cmd_predict(args):
     net = _load_model(args.model, args.device)
-    size = image_size(net.in_features)  # from the model file: a model trained on other IDX sizes works too
-    if isinstance(net.layers[0], Standardize):  # a --data model: feature rows, read as they are
-        read = lambda f: (load_rows(f, net.in_features, args.label_column), [])  # noqa: E731
-    else:
-        read = lambda f: load_image_file(f, size)  # noqa: E731
+    read, table = _reader(net, args), _is_table(net)
+    size = None if table else image_size(net.in_features)
     names, batches, notes, rows = [], [], [], []
     for f in args.files:  # a file that cannot be read is named; the others are still predicted
         try:
@@ -333,9 +369,10 @@ def cmd_predict(args):
         rows += [None] * len(x)  # filled below, in the order of the files
     if batches:
         x = np.concatenate(batches)
-        saved = _save_inputs(args.save_inputs, names, x, size) if args.save_inputs else [None] * len(x)
-        probs = iter(backend.to_numpy(predict_proba(net, x)))
-        done = iter([{"file": n, **prediction(next(probs), w), **({"input": str(path)} if path else {})}
+        keep = args.save_inputs and size
+        saved = _save_inputs(args.save_inputs, names, x, size) if keep else [None] * len(x)
+        outs = iter(backend.to_numpy((predict_proba if classifies(net) else predict)(net, x)))
+        done = iter([{"file": n, **_answer(net, next(outs), w), **({"input": str(path)} if path else {})}
                      for n, w, path in zip(names, notes, saved)])
         rows = [r if r is not None else next(done) for r in rows]
     failed = any("error" in r for r in rows)
@@ -343,13 +380,20 @@ def cmd_predict(args):
         print(json.dumps(rows, indent=2))
         return 1 if failed else 0
     for r in rows:
-        if "error" in r:
-            continue
-        alts = ", ".join(f"{t['digit']}: {t['probability']:.3f}" for t in r["top3"])
-        print(f"{r['file']}: {r['digit']}  ({alts})")
-        for w in r["warnings"]:
-            print(f"gpunet predict: warning: {r['file']}: {w}", file=sys.stderr)
+        if "error" not in r:
+            _print_answer(r)
     return 1 if failed else 0
+
+
+def _print_answer(r: dict) -> None:
+    if "value" in r:
+        print(f"{r['file']}: {' '.join(f'{v:.6g}' for v in r['value'])}")
+        return
+    key = "class" if "class" in r else "digit"
+    alts = ", ".join(f"{t[key]}: {t['probability']:.3f}" for t in r["top3"])
+    print(f"{r['file']}: {r[key]}  ({alts})")
+    for w in r["warnings"]:
+        print(f"gpunet predict: warning: {r['file']}: {w}", file=sys.stderr)
 
 
 def _save_inputs(folder, names, x, size):
@@ -385,8 +429,11 @@ def cmd_export(args):
     from .onnx_export import to_onnx  # the onnx package is optional: loaded only for this command
 
     net = _load_model(args.model, "cpu")
+    folder = Path(args.out).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise UserError(f"OUT.onnx: the folder {folder} does not exist (make it first)")
     rows, cols = image_size(net.in_features)
-    if args.inputs or isinstance(net.layers[0], Standardize):  # a model that scales its own features
+    if args.inputs or _is_table(net):  # a model that scales its own features
         inputs = args.inputs or "the features as they are: the model's first layer scales them"
     else:
         inputs = (f"pixel / 255: float32 in [0, 1], a {rows}x{cols} grey image row by row, white digit on black "
@@ -420,14 +467,14 @@ def cmd_explain(args):
     elif args.model:
         target = backend.to_numpy(predict(net, x)).astype(float)
     elif example:
-        target = explain_inputs.EXAMPLE["target"]
+        target = explain_build.EXAMPLE["target"]
     else:
         raise UserError(f"--target: expected a class or {net.out_features} desired outputs per instance, got none")
-    y = _flag(explain_inputs.make_target, target, len(x), net.out_features, args.loss, dtype)
+    y = _flag(explain_build.make_target, target, len(x), net.out_features, args.loss, dtype)
     opt = _explain_optimizer(args, net.parameters())
     loss = {"ce": SoftmaxCrossEntropy, "mse": MSELoss, "mae": MAELoss}[args.loss]()
-    record = explain.explain_step(net, loss, opt, x, y)
-    intro = explain_inputs.EXAMPLE["about"] if example else None
+    record = explain_record.explain_step(net, loss, opt, x, y)
+    intro = explain_build.EXAMPLE["about"] if example else None
     if args.json:
         print(explain_render.render_json(record), end="")
     else:
@@ -443,7 +490,7 @@ def _explain_optimizer(args, params):
     """The optimizer of --optimizer: its own defaults, but SGD's and momentum's alpha is the example's."""
     kind, options = args.optimizer, {}
     if args.lr is not None or kind in ("sgd", "momentum"):
-        options["lr"] = explain_inputs.EXAMPLE["lr"] if args.lr is None else args.lr
+        options["lr"] = explain_build.EXAMPLE["lr"] if args.lr is None else args.lr
     if kind == "momentum":
         options["momentum"] = 0.9 if args.momentum is None else args.momentum
     return EXPLAIN_OPTIMIZERS[kind](params, **options)
@@ -478,7 +525,7 @@ def _explain_network(args, dtype, example):
             for name in getattr(layer, "buffer_names", ()):
                 setattr(layer, name, getattr(layer, name).astype(dtype))
         return net
-    doc = explain_inputs.EXAMPLE["weights"] if example else None
+    doc = explain_build.EXAMPLE["weights"] if example else None
     if args.weights:
         if not os.path.isfile(args.weights):
             raise UserError(f"--weights: file not found: {args.weights}")
@@ -486,8 +533,8 @@ def _explain_network(args, dtype, example):
             doc = json.loads(Path(args.weights).read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"--weights: {args.weights} is not valid JSON ({exc})") from None
-    acts = args.activation or [explain_inputs.EXAMPLE["activation"]]
-    return _flag(explain_inputs.build_network, args.sizes, doc, acts[0] if len(acts) == 1 else acts,
+    acts = args.activation or [explain_build.EXAMPLE["activation"]]
+    return _flag(explain_build.build_network, args.sizes, doc, acts[0] if len(acts) == 1 else acts,
                  args.seed or 0, dtype, args.output_activation, args.batch_norm)
 
 
@@ -500,7 +547,7 @@ def _explain_input(args, net, example, dtype):
         if x.shape[1] != net.in_features:
             raise UserError(f"--image: expected {net.in_features} pixels (the network's inputs), got {x.shape[1]}")
     elif args.input is not None or example:
-        x = np.array(explain_inputs.EXAMPLE["input"] if args.input is None else args.input)
+        x = np.array(explain_build.EXAMPLE["input"] if args.input is None else args.input)
     else:
         raise UserError("--input: expected the instance's values or --image FILE, got neither")
     if x.size % net.in_features:
@@ -512,7 +559,7 @@ def _explain_input(args, net, example, dtype):
 def cmd_info(args):
     info = backend.describe_device(args.device)
     data_dir = default_data_dir()
-    result = {"versions": recipe.versions(), "platform": platform.platform(), **info, "data_dir": str(data_dir),
+    result = {"versions": train_command.versions(), "platform": platform.platform(), **info, "data_dir": str(data_dir),
               "fast_path": fast.status()}
     if args.json:
         print(json.dumps(result, indent=2))

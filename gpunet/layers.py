@@ -229,13 +229,17 @@ class Softmax(Layer):
 # started at k: word j is mix(k + (j + 1) * GOLDEN), with mix SplitMix64's finaliser. The key comes from the
 # layer's NumPy generator on the host, one per mask, so a CPU and a GPU run draw the same masks, the state
 # to checkpoint is the host generator's alone, and no device generator (sized to the GPU) exists at all.
+# i is the unit's flat index in the *global* batch: a data-parallel rank whose shard starts at row r of the
+# batch draws units from r * C on (Dropout.row_start), so K ranks draw exactly the one process's mask.
 GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
-def dropout_bits(xp, key: int, size: int):
-    """(size,) uint16 uniform random bits of the mask keyed ``key`` (see above), on ``xp``'s device."""
+def dropout_bits(xp, key: int, size: int, start: int = 0):
+    """(size,) uint16 uniform random bits of units ``start`` to ``start + size - 1`` of the mask keyed
+    ``key`` (see above), on ``xp``'s device."""
     u = xp.uint64
-    x = xp.arange(1, (size + 3) // 4 + 1, dtype=u)
+    first, lane = divmod(start, 4)
+    x = xp.arange(first + 1, (start + size + 3) // 4 + 1, dtype=u)
     x *= u(GOLDEN)  # unsigned arithmetic wraps modulo 2**64, as SplitMix64 means it to
     x += u(key)
     x ^= x >> u(30)
@@ -243,7 +247,7 @@ def dropout_bits(xp, key: int, size: int):
     x ^= x >> u(27)
     x *= u(MIX2)
     x ^= x >> u(31)
-    return x.astype("<u8", copy=False).view("<u2")[:size]  # little-endian: lane 0 is the low 16 bits
+    return x.astype("<u8", copy=False).view("<u2")[lane:lane + size]  # little-endian: lane 0 is the low bits
 
 
 class Dropout(Layer):
@@ -251,7 +255,9 @@ class Dropout(Layer):
     probability ``p`` and scales the rest by ``1 / (1 - p)``; ``dx = dy * mask``. The identity in eval
     mode. A unit is kept when its 16 random bits (:func:`dropout_bits`) lie below ``threshold``, i.e.
     with probability ``1 - p`` rounded to a multiple of 2**-16; each mask's key is drawn from a NumPy
-    generator seeded with ``seed``, on the host, whatever the device."""
+    generator seeded with ``seed``, on the host, whatever the device. ``row_start`` is the row of the global
+    batch where this process's rows begin (a data-parallel rank's shard; 0 for a single process): row j
+    here takes row ``row_start + j`` of the global batch's mask."""
 
     STREAM = "splitmix64-lanes16"  # the draw above, named in checkpoints: another draw cannot continue one
 
@@ -263,6 +269,7 @@ class Dropout(Layer):
         self.rng = np.random.default_rng(seed)
         self.threshold = min(round((1.0 - self.p) * 65536), 65535)
         self.scale = 1.0 / (1.0 - self.p)  # a kept unit's value in the mask
+        self.row_start = 0
         self._mask = None
 
     def config(self):
@@ -275,13 +282,17 @@ class Dropout(Layer):
         """The key of the next mask (a draw from the host generator)."""
         return int(self.rng.integers(0, 2**63))
 
+    def mask_start(self, x) -> int:
+        """The global flat index of ``x``'s (N, ...) first unit: ``row_start`` times the units of a row."""
+        return self.row_start * int(np.prod(x.shape[1:], dtype=np.int64))
+
     def new_mask(self, x):
         """A fresh scaled keep-mask shaped and typed like ``x`` (entries 0 or 1/(1-p)), or None when
         dropout is off (eval mode, p = 0)."""
         if not self.active():
             return None
         xp = get_array_module(x)
-        kept = dropout_bits(xp, self.next_key(), x.size).reshape(x.shape) < self.threshold
+        kept = dropout_bits(xp, self.next_key(), x.size, self.mask_start(x)).reshape(x.shape) < self.threshold
         return kept * x.dtype.type(self.scale)
 
     def random_state(self) -> dict:

@@ -29,6 +29,11 @@ class Sequential(Layer):
     """
 
     classifies = None
+    # a table's model (model files keep them): the feature columns by name, in order; what each class index
+    # stands for (a label column's sorted values); the column that held the labels
+    feature_names: list | None = None
+    classes: list | None = None
+    label_column: str | None = None
 
     def __init__(self, *layers: Layer):
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
@@ -164,7 +169,8 @@ class Sequential(Layer):
         for i, layer in enumerate(self.layers):
             check_rebuildable(layer, f"layers[{i}]")
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": str(self.dtype), "network": self.config(),
-                "classifies": self.classifies}
+                "classifies": self.classifies, "feature_names": self.feature_names, "classes": self.classes,
+                "label_column": self.label_column}
         write_npz(path, self.state_dict(), "__gpunet__", meta)
 
     def to_onnx(self, path=None, **options):
@@ -235,6 +241,9 @@ def load(path, device: str | None = None) -> Sequential:
     try:
         meta, arrays = read_npz(path, "__gpunet__")
     except Exception as exc:  # zip, npy and JSON errors of a damaged or foreign file
+        if not _is_zip(path):  # a text file, a CSV, a pickle: NumPy's own reason would mislead
+            raise ValueError(f"{path}: not a gpunet model file (a model file is a .npz archive, written by "
+                             f"gpunet train or net.save)") from None
         raise ValueError(f"{path}: not a gpunet model file ({type(exc).__name__}: {exc})") from exc
     if meta is None:
         raise ValueError(f"{path}: not a gpunet model file (no architecture record in it; a checkpoint, perhaps)")
@@ -246,7 +255,28 @@ def load(path, device: str | None = None) -> Sequential:
     net = Sequential(*[_build_layer(c, dtype, dev) for c in meta["network"]["layers"]])
     net.load_state_dict(arrays)
     net.classifies = meta.get("classifies")  # absent from older files: None, unknown
+    net.feature_names, net.classes, net.label_column = _table_record(path, meta, net)
     return net
+
+
+def _table_record(path, meta: dict, net) -> tuple:
+    """The table fields of a model file's record, checked: feature names (one string per input), class
+    names (strings or integers, one per output) and the label column (a string), each None when absent."""
+    names, classes, label = meta.get("feature_names"), meta.get("classes"), meta.get("label_column")
+    if names is not None and (not isinstance(names, list) or len(names) != net.in_features
+                              or not all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{path}: feature_names: expected {net.in_features} strings, got {names!r:.200}")
+    if classes is not None and (not isinstance(classes, list) or len(classes) != net.out_features
+                                or not all(isinstance(c, (str, int)) for c in classes)):
+        raise ValueError(f"{path}: classes: expected {net.out_features} names, got {classes!r:.200}")
+    if label is not None and not isinstance(label, str):
+        raise ValueError(f"{path}: label_column: expected a string, got {label!r:.200}")
+    return names, classes, label
+
+
+def _is_zip(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def mlp(sizes, activation="relu", init=None, dropout: float = 0.0, seed=None, dtype=np.float32,

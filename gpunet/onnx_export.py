@@ -92,6 +92,9 @@ def _metadata(net, task, inputs, classes, metadata) -> dict:
     meta = {"producer": "gpunet", "gpunet_version": __version__, "task": task,
             "inputs": inputs or f"float32 [batch, {net.in_features}]: the values the network was trained on, "
                                 f"as gpunet fed them", "network": json.dumps(net.config())}
+    if getattr(net, "feature_names", None) is not None:  # the columns by name, in the input's order
+        meta["feature_names"] = json.dumps(list(net.feature_names))
+    classes = classes if classes is not None else getattr(net, "classes", None)
     if classes is not None:
         meta["classes"] = json.dumps([c.item() if hasattr(c, "item") else c for c in classes])
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
@@ -107,7 +110,8 @@ def to_onnx(net, path=None, *, task: str | None = None, inputs: str | None = Non
     by default what gpunet predicts with the network (:func:`gpunet.training.classifies`: the loss it was
     trained with, else whether it has more than one output).
     ``inputs``: a sentence on what the inputs are (e.g. ``"pixel / 255"``), stored in the metadata;
-    ``classes``: the class each label index stands for, stored in the metadata as JSON; ``metadata``: more
+    ``classes``: the class each label index stands for, stored in the metadata as JSON (default: the model's
+    own ``classes``; its ``feature_names`` are stored too); ``metadata``: more
     key/value strings. Nothing of ``net`` changes (its weights are copied to the host).
     """
     onnx = require_onnx()

@@ -40,6 +40,8 @@ def _save(plt, fig, path) -> None:
 def curves(history: list, path) -> None:
     """Loss and accuracy per epoch, training and validation, side by side."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((ax_loss, "loss", "loss (cross-entropy)"), (ax_acc, "accuracy", "accuracy")):
@@ -47,6 +49,7 @@ def curves(history: list, path) -> None:
         if any(h.get("val_" + key) is not None for h in history):
             ax.plot(epochs, [h.get("val_" + key) for h in history], marker="o", label="validation")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 2.5
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()

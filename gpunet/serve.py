@@ -3,7 +3,7 @@ threading HTTP server (one thread per connection; nothing fetched from the inter
 
     GET  /          the page (gpunet/page.html: a canvas, the predicted digit, ten bars, the input seen)
     GET  /health    {"status": "ok", "model": NAME, "inputs": 784, "classes": 10, "image_size": [28, 28]}
-    POST /predict   body: PNG/JPEG bytes (any picture Pillow reads; made MNIST-style, see gpunet.images)
+    POST /predict   body: PNG/JPEG bytes (any picture Pillow reads; made MNIST-style, see gpunet.data.pictures)
                     or JSON {"pixels": [[...], ...]} (rows x cols numbers in [0, 1] or 0..255, used as is)
                     -> {"digit": d, "top3": [{"digit", "probability"} x 3], "probabilities": [C floats],
                         "warnings": [...], "input": [[rows x cols]]} (gpunet.predictions.prediction + input)
@@ -27,7 +27,7 @@ import numpy as np
 
 from .backend import to_numpy
 from .data import DataError
-from .images import image_size, mnist_style, to_unit_scale
+from .data.pictures import image_size, mnist_style, to_unit_scale
 from .predictions import prediction
 from .training import predict_proba
 

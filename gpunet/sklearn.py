@@ -42,6 +42,7 @@ from .layers import Dropout, Linear, ReLU, Sigmoid, Tanh
 from .losses import MSELoss, SoftmaxCrossEntropy
 from .network import Sequential
 from .optimizers import SGD, Adam, Momentum
+from .training import by_name, columns_of
 from .training import fit as gn_fit, predict as gn_predict, predict_proba as gn_predict_proba
 
 ACTIVATIONS = {"identity": None, "logistic": Sigmoid, "tanh": Tanh, "relu": ReLU}
@@ -82,6 +83,7 @@ class _Stopper(callbacks.Callback):
         est.n_iter_ += 1
         est.t_ += self.rows
         est.loss_curve_.append(float(record["loss"]))
+        est.loss_ = est.loss_curve_[-1]  # scikit-learn's: the last epoch's mean training loss
         if est.verbose:
             print(f"Iteration {est.n_iter_}, loss = {record['loss']:.8f}")
         if self.validation is not None:
@@ -210,6 +212,7 @@ class _BaseMLP(BaseEstimator):
         loss = SoftmaxCrossEntropy() if self._classifies else MSELoss()
         self._opt.weight_decay = float(self.alpha) / self._batch(len(x))
         epochs = 1 if incremental else int(self.max_iter)
+        self._name_network()
         history = gn_fit(self.net_, loss, self._opt, x, y, epochs=epochs, batch_size=self._batch(len(x)),
                          shuffle=bool(self.shuffle), seed=int(self._rng.randint(2**31)),
                          callbacks=[_Stopper(self, validation, len(x))])
@@ -220,9 +223,19 @@ class _BaseMLP(BaseEstimator):
                           f"optimization hasn't converged yet.", ConvergenceWarning)
         return self
 
+    def _name_network(self):
+        """What a model file and ONNX export of ``net_`` keep: ``feature_names_in_`` and ``classes_``."""
+        self.net_.feature_names = [str(n) for n in getattr(self, "feature_names_in_", [])] or None
+        if self._classifies:
+            self.net_.classes = [int(c) if np.asarray(c).dtype.kind in "biu" else str(c)
+                                 for c in self.classes_]
+
     def _outputs(self, X):
         """The network's outputs (N, n_outputs_) for ``X`` as host float64 (softmax for a classifier)."""
         check_is_fitted(self)
+        names = getattr(self, "feature_names_in_", None)
+        if names is not None and sorted(columns_of(X) or []) == sorted(map(str, names)):
+            X = by_name(X, [str(n) for n in names])  # the same columns in another order: taken by name
         x = _validate_data(self, X, reset=False, dtype=np.float32)
         predict = gn_predict_proba if self._classifies else gn_predict
         return to_numpy(predict(self.net_, x)).astype(np.float64)
@@ -273,6 +286,7 @@ class _BaseMLP(BaseEstimator):
             self.net_ = self._network(n_in, n_out, np.random.default_rng(0), device)
             self.net_.load_state_dict(weights)
             self.net_.classifies = self._classifies
+            self._name_network()
             self.net_.eval()
             self._opt = self._optimizer(self.net_, 1)
             self._opt.load_state_dict(saved["optimizer"])

@@ -26,14 +26,16 @@ from . import callbacks as cbs
 from . import checkpoint, parallel
 from . import fast as fast_path
 from .backend import get_array_module, on_device_of_net, softmax, synchronize, to_device, to_numpy
-from .batches import as_rows
-from .inputs import targets
+from .data.rows import as_rows
+from .data.arrays import by_name, columns_of, targets  # by_name, columns_of: also for gpunet.sklearn
 from .metrics import confusion_counts, report
 
 
 @dataclass
 class History:
-    """One dict per epoch (epoch, loss, accuracy, val_loss, val_accuracy, lr, seconds), and why it stopped."""
+    """One dict per epoch (epoch, loss, accuracy, val_loss, val_accuracy, lr, seconds), and why it stopped.
+    ``history[0]`` (an integer, or a slice) is an epoch's dict, as in a list; ``history["loss"]`` (a key)
+    that quantity over the epochs."""
 
     epochs: list = field(default_factory=list)
     stop_reason: str = "max_epochs"
@@ -41,15 +43,39 @@ class History:
     diverged_epoch: int | None = None
 
     def __getitem__(self, key):
+        if isinstance(key, (int, np.integer, slice)) and not isinstance(key, bool):
+            return self.epochs[key]
         return [e[key] for e in self.epochs]
+
+    def __iter__(self):  # over the epochs, as indexing goes (not over keys)
+        return iter(self.epochs)
 
     def __len__(self):
         return len(self.epochs)
 
 
+def train_step(net, loss, optimizer, x, y):
+    """The notes' step on one batch: forward, cost, backward, update; returns the batch's mean loss (a 0-d
+    array on the network's device). ``x``: (N, features) in the network's dtype on its device; ``y``:
+    (N,) int64 class labels or (N, outputs) targets (``fit`` converts any array-like once, then runs this
+    step, or a fused one that leaves the same weights, gradients and optimizer state). After it,
+    ``param.grad`` holds this batch's gradients and ``param.data`` the updated weights.
+
+        for epoch in range(epochs):
+            for x, y in batches:
+                gn.train_step(net, loss, optimizer, x, y)
+    """
+    out = net.forward(x)               # y^L, every layer's forward in turn
+    value = loss.forward(out, y)       # the cost C(y^L, y^D)
+    net.backward(loss.backward())      # dC/dz^L back through every layer: each param.grad
+    optimizer.step()                   # w = w - lr * dC/dw (or the optimizer's rule)
+    return value
+
+
 def core_step(net, loss, optimizer):
-    """The notes' step, in the core's own terms: ``step(x, y, reduce=None) -> (mean loss, output)``;
-    ``reduce()`` runs between the gradients and the update (a distributed run sums them there)."""
+    """``train_step`` as ``fit`` runs it: ``step(x, y, reduce=None) -> (mean loss, output)``; ``reduce()``
+    runs between the gradients and the update (a distributed run sums them there), and the labels, checked
+    once by ``fit``, are not checked again each step."""
     def step(x, y, reduce=None):
         out = net.forward(x)
         value = loss.forward(out, y, check=False) if loss.classifies else loss.forward(out, y)
@@ -70,11 +96,22 @@ def batch_size_for(batch_size, n) -> int:
 
 
 def _dataset(x, y, net, classify, name="x"):
-    """A data set through the front door (:mod:`gpunet.inputs`): the features as ``Rows`` or ``Pixels`` of
-    the network's dtype on its device, the targets checked and cast there."""
-    x = as_rows(x, net.dtype, net.device, name)
+    """A data set through the front door (:mod:`gpunet.data.arrays`): the features as ``Rows`` or ``Pixels``
+    of the network's dtype on its device, the targets checked and cast there. A data frame's columns are
+    put in the order of the network's ``feature_names`` (refused when they are other columns)."""
+    x = _rows(net, x, name)
     y = targets(y, len(x), classify, net.out_features, net.dtype, net.device, name.replace("x", "y"))
     return x, y
+
+
+def _rows(net, x, name="x"):
+    """Features for ``net``: by column name where both have names, then through the front door, then
+    their count checked against the network's inputs."""
+    x = as_rows(by_name(x, getattr(net, "feature_names", None), name), net.dtype, net.device, name)
+    if net.in_features is not None and x.shape[1] != net.in_features:
+        raise ValueError(f"{name}: expected {net.in_features} features (the network's inputs), "
+                         f"got {x.shape[1]}")
+    return x
 
 
 class Interrupted(Exception):
@@ -102,6 +139,8 @@ class Run:
         self.validation, self.eval_batch_size, self.interrupt = validation, eval_batch_size, interrupt
         self.comm = comm if comm is not None and comm.size > 1 else None
         self.rank = 0 if self.comm is None else self.comm.rank
+        if self.comm is not None:  # before any collective that a disagreeing rank would wait on forever
+            self.comm.agree(net.device, net.dtype)
         self.n, self.batch_size = len(self.x), batch_size_for(batch_size, len(self.x))
         self.steps, self.shuffle = -(-self.n // self.batch_size), shuffle and self.batch_size < self.n
         self.order_rng = np.random.default_rng(seed)
@@ -112,7 +151,10 @@ class Run:
         self._hooks = {h: [getattr(c, h) for c in self.callbacks if hasattr(c, h)] for h in cbs.HOOKS}
         step = (fast and fast_path.select(net, loss, optimizer, self.y, self.comm is not None)) or \
             core_step(net, loss, optimizer)
-        self._take_step = _stepper(step, optimizer, interrupt, self.comm)
+        # layers that draw per row (Dropout): told where this rank's rows begin in the global batch
+        self._row_keyed = [layer for layer in _layers(net) if hasattr(layer, "row_start")]
+        self.row_start, self.batch_rows = 0, 0
+        self._take_step = _stepper(step, optimizer, interrupt, self.comm, self._row_keyed)
         self._step_sums = getattr(step, "sums_in_kernel", False) and step  # a GPU fused step sums itself
         xp = get_array_module(net.parameters()[0].data)
         self._xb = xp.empty((self.batch_size,) + self.x.shape[1:], dtype=self.x.dtype)
@@ -174,8 +216,14 @@ class Run:
         """Batch ``b``'s inputs and targets (this rank's part of it), its rows here and in the whole batch."""
         lo, hi = b * self.batch_size, min(self.n, (b + 1) * self.batch_size)
         batch_rows = hi - lo
-        if self.comm is not None:
+        if self.comm is not None:  # every draw is keyed by the row's place in the global batch
+            first = lo
             lo, hi = parallel.shard(lo, hi, self.rank, self.comm.size)
+            self.row_start, self.batch_rows = lo - first, batch_rows
+            for layer in self._row_keyed:
+                layer.row_start = self.row_start
+        else:
+            self.batch_rows = batch_rows
         if order is None:
             xb, yb = self.x[lo:hi], self.y[lo:hi]
             if self._hooks["transform_batch"]:  # a transform may write into its input: not into the data
@@ -186,6 +234,17 @@ class Run:
             xb, yb = self.x.take(idx, self._xb), get_array_module(self.y).take(self.y, idx, axis=0,
                                                                                out=self._yb[:hi - lo])
         return xb, yb, hi - lo, batch_rows
+
+    def seen(self, step: int | None = None) -> int:
+        """This rank's training rows in the epoch's first ``step`` steps (default: those done so far): what
+        ``loss_sum`` and ``correct`` are sums over."""
+        step = self.step if step is None else step
+        hi = min(self.n, step * self.batch_size)
+        if self.comm is None:
+            return hi
+        shards = (parallel.shard(lo, min(self.n, lo + self.batch_size), self.rank, self.comm.size)
+                  for lo in range(0, hi, self.batch_size))
+        return sum(b - a for a, b in shards)
 
     def _record(self) -> dict:
         """The epoch's history entry: the mean training loss and accuracy (over every rank), validation."""
@@ -270,7 +329,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
         interrupt=None, run_info: dict | None = None, comm=None, callbacks=(), augment=None,
         verbose: int = 0) -> History:
     """Train ``net`` on ``x`` (N, features): any 2-D real array-like (converted once to the network's dtype
-    and device, :mod:`gpunet.inputs`) or ``Pixels``; and ``y``: (N,) integer labels 0..C-1 or (N, outputs)
+    and device, :mod:`gpunet.data.arrays`) or ``Pixels``; and ``y``: (N,) integer labels 0..C-1 or (N, outputs)
     targets.
 
     ``validation=(x_val, y_val)`` is evaluated after each epoch. ``patience`` (needs validation) stops
@@ -299,6 +358,8 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     _check_fit(epochs, patience, validation, resume, checkpoint_path)
     shown = [cbs.Progress(verbose)] if verbose != 0 else []  # refuses what is not 0, 1 or 2, before any work
     net.classifies = loss.classifies  # what predict returns and model files record
+    if getattr(net, "feature_names", None) is None and columns_of(x) is not None:
+        net.feature_names = columns_of(x)  # a data frame's columns: model files and ONNX keep them
     data = _dataset(x, y, net, loss.classifies)
     if validation is not None:
         validation = _dataset(*validation, net, loss.classifies, "validation x")
@@ -312,7 +373,17 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
                          *([saver] if saver is not None else [])])
     if resume:
         saver.restore(run)
-    return run.fit(epochs)
+    if net.device != "cpu":
+        return run.fit(epochs)
+    with fast_path.blas.threads_for(largest_product(net, run.batch_size)):  # small problems: one thread
+        return run.fit(epochs)
+
+
+def largest_product(net, rows: int) -> int:
+    """The multiply-adds of the largest matrix product in a step on ``rows`` rows: rows x in x out of
+    the widest Linear layer (what :class:`gpunet.fast.blas.threads_for` decides by)."""
+    sizes = [layer.W.data.size for layer in net.layers if hasattr(layer, "W")]
+    return int(rows) * max(sizes, default=0)
 
 
 def _check_fit(epochs, patience, validation, resume, checkpoint_path):
@@ -334,10 +405,18 @@ def _keyword_callbacks(schedule, callback, on_batch) -> list:
     return made + ([cbs.BatchEnd(on_batch)] if on_batch is not None else [])
 
 
-def _stepper(step, optimizer, interrupt, comm):
+def _layers(net):
+    """Every layer of ``net``, those of nested networks included."""
+    for layer in getattr(net, "layers", ()):
+        yield layer
+        yield from _layers(layer)
+
+
+def _stepper(step, optimizer, interrupt, comm, row_keyed=()):
     """``take_step(x, y, rows, batch_rows) -> (mean loss or None, output, stop)``: one training step; in a
     distributed run the gradients are summed over the ranks together with their stop requests, so that
-    every rank stops at the same step (``stop``, always False for a single process)."""
+    every rank stops at the same step (``stop``, always False for a single process). ``row_keyed``: the
+    Dropout layers, whose mask keys a rank without rows still draws (every rank's keys stay the same)."""
     def wants_stop():
         return interrupt is not None and bool(interrupt())
 
@@ -352,6 +431,9 @@ def _stepper(step, optimizer, interrupt, comm):
         if rows == 0:  # fewer rows than ranks in this batch: nothing to compute here, but the sum and update
             for p in optimizer.params:
                 p.grad[...] = 0
+            for layer in row_keyed:  # the key the other ranks' forward draws
+                if layer.active():
+                    layer.next_key()
             stop = gradient_sum(0, batch_rows, wants_stop())
             optimizer.step()
             return None, None, stop
@@ -382,7 +464,7 @@ def _each_batch(net, x, batch_size, then):
     into one (N, outputs) array on the network's device."""
     was_training = net.training
     net.eval()
-    x = as_rows(x, net.dtype, net.device)
+    x = _rows(net, x)
     xp = get_array_module(net.parameters()[0].data)
     forward = fast_path.forward_for(net) or net.forward
     out = None

@@ -98,7 +98,7 @@ def make_fake_mnist(folder, n_train=600, n_test=200, seed=0, gz=True):
     """Tiny MNIST-compatible files: each class is a fixed random 28x28 pattern plus noise, so a small
     net can learn it in a few epochs. Returns the folder."""
     from gpunet.data import MNIST_FILES
-    from gpunet.idx import write_idx
+    from gpunet.data.idx import write_idx
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,10 @@ def launch_all(dtype: str, xp=np) -> None:
     for nesterov in (False, True):  # momentum, then SGD (no velocities)
         cuda.layer_update(*params, W.copy(), b.copy(), y, t(0.05), t(0.9), t(1e-4), nesterov)
     cuda.layer_update(*params, None, None, y, t(0.05), t(0.0), t(1e-4), False)
+    for nesterov in (False, True):  # the updates after a distributed step's all-reduce (or a BatchNorm's)
+        cuda.layer_update_given(*params, W.copy(), b.copy(), t(0.05), t(0.9), t(1e-4), nesterov)
+    cuda.layer_update_given(*params, None, None, t(0.05), t(0.0), t(1e-4), False)
+    cuda.batch_norm_apply(y, y.copy(), b, b.copy(), b.copy(), b.copy(), b.copy(), True)
     adams = [cls([Parameter(np.zeros(2, dtype))], weight_decay=1e-4) for cls in (Adam, AdamW)]
     for opt in adams:
         opt.t = 1
@@ -158,10 +162,14 @@ def elementwise_program(spec: tuple, args: tuple) -> tuple[str, str, tuple]:
     """``(name, source, kernel options)`` that CuPy compiles when ``ElementwiseKernel(*spec)`` is called
     with ``args`` (NumPy arrays stand for CuPy arrays; Python and NumPy scalars for scalars). A declared
     type that does not fit the arguments raises CuPy's TypeError ("Type is mismatched")."""
-    import cupy
-    from cupy._core import _carray, _kernel, _scalar, core
+    from cupy._core import (  # not `import cupy`: the fake may stand there
+        _carray,
+        _kernel,
+        _scalar,
+        core,
+    )
 
-    kernel = cupy.ElementwiseKernel(*spec)
+    kernel = _kernel.ElementwiseKernel(*spec[:4], **(spec[4] if len(spec) > 4 else {}))
     ins, outs = list(args[:kernel.nin]), list(args[kernel.nin:])
     in_dtypes = tuple(a.dtype if isinstance(a, np.ndarray) else None for a in ins)
     in_types, out_types, type_map = kernel._decide_params_type(in_dtypes, tuple(a.dtype for a in outs))
@@ -176,7 +184,7 @@ def elementwise_program(spec: tuple, args: tuple) -> tuple[str, str, tuple]:
         if lay is None:  # a scalar takes its parameter's type (CScalar.apply_dtype)
             infos.append(_kernel._ArgInfo(ARG_SCALAR, _scalar.CScalar, np.dtype(in_types[i]), 0, True, True))
         else:  # 32-bit indexing: every array here is far below 2**31 elements, as gpunet's are
-            infos.append(_kernel._ArgInfo(ARG_NDARRAY, cupy.ndarray, a.dtype, lay[0], lay[1], True))
+            infos.append(_kernel._ArgInfo(ARG_NDARRAY, core.ndarray, a.dtype, lay[0], lay[1], True))
     infos.append(_kernel._ArgInfo(ARG_INDEXER, _carray.Indexer, None, loop_ndim, True, True))
     code = _kernel._get_elementwise_kernel_code(tuple(infos), type_map, kernel.params, kernel.operation,
                                                 kernel.name, kernel.preamble, **kernel.kwargs)
@@ -224,6 +232,16 @@ def raw_programs(dtype: str, source: str | None = None) -> list:
         text = cuda.softmax_xent_source(ctype, kernel)
         if source is not None and name == cuda.SOFTMAX_XENT_NAME:
             text = source
+        out += [(name, text), (f"{name}_signature", text + signature_check(name, args))]
+    images, maps, col = np.zeros((128, 784), dtype), np.zeros((128, 2, 3), dtype), np.zeros(512, dtype)
+    y = np.zeros((128, 512), dtype)
+    for name, (_, _, args) in (
+            (cuda.RESAMPLE_NAME, cuda.resample_launch(images, maps, None, (28, 28), images.copy())),
+            (cuda.BATCH_NORM_STATS_NAME, cuda.batch_norm_stats_launch(y, *[col.copy() for _ in range(5)],
+                                                                      0.1, 1e-5)),
+            (cuda.BATCH_NORM_BACKWARD_NAME, cuda.batch_norm_backward_launch(
+                y, y.copy(), y.copy(), y.copy(), col, col.copy(), col.copy(), col.copy(), True))):
+        text = cuda.raw_source(ctype, name)
         out += [(name, text), (f"{name}_signature", text + signature_check(name, args))]
     return out
 

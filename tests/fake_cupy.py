@@ -7,15 +7,17 @@ branches), and every operation that would launch work on a GPU adds one to ``lau
 array function that makes or writes data (``take``, ``empty`` is free, a copying ``ascontiguousarray``),
 the data-moving array methods (``argmax``, ``copy``, ``astype``, fancy indexing, writes through ``[]=``),
 and each ``ElementwiseKernel``/``RawKernel`` call. Kernels run a NumPy mirror of their CUDA source, kept
-below beside each kernel's name: the mirrors are how the GPU path's plumbing (which buffers, in which
-order) is checked here against the core; the CUDA sources themselves are checked by NVRTC
-(tests/cuda_compile.py) and, on a GPU, by the GPU twins.
+below beside each kernel's name, and (where g++ and CuPy's headers are here) the CUDA source
+itself, compiled for the CPU by tests/cuda_cpu.py, run in three orders of threads and held to the
+mirror; its result is what the arrays hold afterwards. A new kernel needs only its mirror here
+(CONTRIBUTING.md says how it joins).
 """
 from __future__ import annotations
 
 import threading
 import types
 
+import cuda_cpu
 import numpy as np
 
 from gpunet import layers
@@ -120,46 +122,51 @@ def _wrap(result):
 
 
 # ------------------------------------------------------------------ NumPy mirrors of gpunet's CUDA kernels
+def _decayed(g, wd, w):
+    """The update kernels' gradient: the L2 term only where weight decay is on (as the core's)."""
+    return g + wd * w if wd != 0 else g
+
+
 def _layer_update(dy, rows, cols, lr, gamma, wd, nesterov, w, g, v, b, vb, gb):
-    d = g + wd * w
+    d = _decayed(g, wd, w)
     v[...] = gamma * v + lr * d
     w -= gamma * v + lr * d if nesterov else v
     gb[...] = dy.reshape(rows, cols).sum(axis=0, dtype=gb.dtype)
-    db = gb + wd * b
+    db = _decayed(gb, wd, b)
     vb[...] = gamma * vb + lr * db
     b -= gamma * vb + lr * db if nesterov else vb
 
 
 def _layer_sgd(dy, rows, cols, lr, wd, w, g, b, gb):
-    w -= lr * (g + wd * w)
+    w -= lr * _decayed(g, wd, w)
     gb[...] = dy.reshape(rows, cols).sum(axis=0, dtype=gb.dtype)
-    b -= lr * (gb + wd * b)
+    b -= lr * _decayed(gb, wd, b)
 
 
 def _adam(g, b1, b2, c1, c2, step, root_c2, eps, wd, decay, w, m, v):
-    d = g + wd * w
+    d = _decayed(g, wd, w)
     w *= decay
     m[...] = b1 * m + c1 * d
     v[...] = b2 * v + c2 * d * d
     w -= step * (m / (np.sqrt(v) / root_c2 + eps))
 
 
-def _dropout(key, threshold, scale, y, mask):
-    kept = layers.dropout_bits(np, int(key), y.size).reshape(y.shape) < threshold
+def _dropout(key, start, threshold, scale, y, mask):
+    kept = layers.dropout_bits(np, int(key), y.size, int(start)).reshape(y.shape) < threshold
     mask[...] = kept * scale
     y *= mask
 
 
 def _layer_given(lr, gamma, wd, nesterov, *triples):
     for w, g, v in triples:
-        d = g + wd * w
+        d = _decayed(g, wd, w)
         v[...] = gamma * v + lr * d
         w -= gamma * v + lr * d if nesterov else v
 
 
 def _layer_sgd_given(cols, lr, wd, w, g, b, gb):
-    w -= lr * (g + wd * w)
-    b -= lr * (gb + wd * b)
+    w -= lr * _decayed(g, wd, w)
+    b -= lr * _decayed(gb, wd, b)
 
 
 def _batch_norm_apply(b, mu, inv_sigma, gamma, beta, cols, relu, y, xhat):
@@ -266,6 +273,15 @@ RAW_MIRRORS = {"gpunet_softmax_xent": _softmax_xent, "gpunet_softmax_xent_sums":
                "gpunet_batch_norm_backward": _batch_norm_backward}
 
 
+def _keep(ran, outputs):
+    """The CUDA source's results (tests/cuda_cpu.py) written into the launch's arrays (the mirror's
+    output included), so that what follows, and the tests' comparisons with the core, see what the
+    CUDA code computed."""
+    for got, array in zip(ran, outputs):
+        if got is not None and isinstance(array, np.ndarray) and array.flags.writeable:
+            array[...] = got
+
+
 class FakeCupy(types.ModuleType):
     """The stand-in module (see the module docstring); ``counter.launches`` counts."""
 
@@ -309,12 +325,21 @@ class FakeCupy(types.ModuleType):
         return np.array(_base(a))
 
     def ElementwiseKernel(self, in_params, out_params, operation, name, **kwargs):
-        mirror, counter = MIRRORS[name], self.counter
+        spec, mirror = (in_params, out_params, operation, name), MIRRORS[name]
+        counter = self.counter
 
         def launch(*args):
             counter.add(name)
-            made = mirror(*(_base(a) for a in args))
-            return args[-1] if made is None else _wrap(made)
+            args = [_base(a) for a in args]
+            ran = cuda_cpu.elementwise(spec + ((kwargs,) if kwargs else ()), args) \
+                if cuda_cpu.enabled() else None
+            made = mirror(*args)
+            if ran is not None:
+                outputs = args + ([] if made is None else [made])
+                names = [p.strip().split()[-1] for p in (in_params + "," + out_params).split(",")]
+                cuda_cpu.compare(name, names, ran, outputs)
+                _keep(ran, outputs)
+            return _wrap(args[-1]) if made is None else _wrap(made)
         return launch
 
     def RawKernel(self, source, name, **kwargs):
@@ -322,7 +347,13 @@ class FakeCupy(types.ModuleType):
 
         def launch(grid, block, args):
             counter.add(name)
-            mirror(*(_base(a) for a in args))
+            args = [_base(a) for a in args]
+            ran = cuda_cpu.raw_kernel(source, name, grid, block, args) \
+                if cuda_cpu.enabled() else None
+            mirror(*args)
+            if ran is not None:
+                cuda_cpu.compare(name, [str(k) for k in range(len(args))], ran, args)
+                _keep(ran, args)
         return launch
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 import gpunet as gn
 from gpunet import backend
-from gpunet.batches import Pixels
+from gpunet.data.rows import Pixels
 from gpunet.fast import cuda
 from gpunet.training import fit
 from fake_cupy import FakeCupy
@@ -50,6 +50,9 @@ class TwinComm:
 
     def allgather(self, obj):
         return [obj, obj]
+
+    def agree(self, device, dtype):
+        """The twin is this rank's copy: same device, dtype and GPU (no host collective to count)."""
 
 
 def install(monkeypatch=None):

@@ -1,4 +1,4 @@
-"""gpunet.batches: Pixels (uint8 images read as floats batch by batch) against the float32 arrays they
+"""gpunet.data.rows: Pixels (uint8 images read as floats batch by batch) against the float32 arrays they
 stand for, and Rows, the same interface over a float array.
 
 The conversion is float32(pixel) / float32(255) on every path (the loader, the compiled gather, the twin,
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import gpunet as gn
-from gpunet import data
+from gpunet.data import datasets as data
 from gpunet.fast import ops
 from gpunet.training import evaluate, fit, predict, predict_proba
 from conftest import assert_allclose, make_fake_mnist, optional

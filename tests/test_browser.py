@@ -124,7 +124,7 @@ DIGITS = {  # digit -> strokes, as a person draws them
 def test_draw_digits_and_read_the_page(page, tmp_path):
     from PIL import Image
 
-    from gpunet.images import mnist_style
+    from gpunet.data.pictures import mnist_style
 
     read = {}
     for digit, strokes in DIGITS.items():

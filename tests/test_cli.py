@@ -168,7 +168,7 @@ def test_a_closed_pipe_ends_any_command_quietly(trained, tmp_path, command):
 
 
 @pytest.mark.parametrize("flags, optimizer, fused", [
-    (["--optimizer", "adam", "--batch-norm"], gn.Adam, "layer 1 is BatchNorm, where a Linear was expected"),
+    (["--optimizer", "adam", "--batch-norm"], gn.Adam, "layer 1 is BatchNorm, where a Linear was expected (fused on the GPU only: the CPU runs the core's step)"),
     (["--optimizer", "adamw", "--beta2", "0.99", "--lr", "0.003"], gn.AdamW, None),
     (["--optimizer", "rmsprop", "--centered"], gn.RMSprop, "the optimizer is RMSprop, not SGD, Momentum, Adam or AdamW"),
 ])
@@ -261,15 +261,16 @@ def test_train_on_an_npz_file_keeps_the_scaling_in_the_model(own_data, tmp_path)
     net = gn.load(tmp_path / "run" / "model.npz", device="cpu")
     first = net.layers[0]
     assert isinstance(first, gn.Standardize) and net.classifies is True
-    np.testing.assert_allclose(first.shift, x[:250].mean(axis=0), rtol=1e-12)  # the training rows' statistics
-    np.testing.assert_allclose(first.scale, np.where(x[:250].std(axis=0) > 0, x[:250].std(axis=0), 1), rtol=1e-12)
+    (rows, _), _ = gn.data.split_validation(x[:300], y[:300], 50, seed=0)  # --data draws its validation rows
+    np.testing.assert_allclose(first.shift, rows.mean(axis=0), rtol=1e-12)  # the training rows' statistics
+    np.testing.assert_allclose(first.scale, np.where(rows.std(axis=0) > 0, rows.std(axis=0), 1), rtol=1e-12)
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     raw = gn.evaluate(net, gn.SoftmaxCrossEntropy(), x[300:], y[300:])  # the model takes the features as they are
     assert abs(m["test_accuracy"] - raw["accuracy"]) < 1e-12 and m["test_accuracy"] > 0.9
     np.save(tmp_path / "rows.npy", x[300:305])
     pred = run("predict", tmp_path / "run" / "model.npz", tmp_path / "rows.npy", "--json")
     assert pred.returncode == 0, pred.stderr
-    assert [r["digit"] for r in json.loads(pred.stdout)] == gn.to_numpy(gn.predict(net, x[300:305])).tolist()
+    assert [r["class"] for r in json.loads(pred.stdout)] == gn.to_numpy(gn.predict(net, x[300:305])).tolist()
     ev = run("evaluate", tmp_path / "run" / "model.npz", "--data", root / "d.npz", "--json")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["accuracy"] == m["test_accuracy"]  # the file's test set, read as it is
@@ -282,7 +283,8 @@ def test_train_on_a_csv_file_with_minmax_scaling(own_data, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "holds no test set (x_test, y_test): the test figures are the validation set's" in res.stdout
     net = gn.load(tmp_path / "run" / "model.npz", device="cpu")
-    lo, hi = x[:240].min(axis=0), x[:240].max(axis=0)
+    (rows, _), _ = gn.data.split_validation(x[:300], y[:300], 60, seed=0)
+    lo, hi = rows.min(axis=0), rows.max(axis=0)
     np.testing.assert_array_equal(net.layers[0].shift, lo)
     np.testing.assert_array_equal(net.layers[0].scale, np.where(hi > lo, hi - lo, 1))
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -306,9 +308,10 @@ def test_train_data_file_mistakes_print_one_line(own_data, tmp_path, flags, mess
 
 
 def test_preset_best_sets_the_recipe_and_flags_given_win():
-    """--preset best is recipe.PRESETS["best"] as train's defaults; a flag given beside it is kept."""
-    from gpunet import cli, recipe
-    best = recipe.PRESETS["best"]
+    """--preset best is train_command.PRESETS["best"] as train's defaults; a flag given beside it is kept."""
+    from gpunet import cli
+    from gpunet.commands import train as train_command
+    best = train_command.PRESETS["best"]
     args = cli.build_parser("best").parse_args(["train", "--preset", "best", "--epochs", "3"])
     assert args.preset == "best" and args.augment and args.epochs == 3
     assert all(getattr(args, k) == v for k, v in best.items() if k != "epochs")
@@ -317,11 +320,11 @@ def test_preset_best_sets_the_recipe_and_flags_given_win():
 
 
 def test_augment_defaults_are_one_set_everywhere():
-    """``gpunet train --augment``, ``recipe.TrainConfig`` (train() from Python, and the settings a checkpoint
+    """``gpunet train --augment``, ``commands.train.TrainConfig`` (train() from Python, and the settings a checkpoint
     from before the --aug-* flags resumes with) and ``Augment`` itself distort alike by default."""
     from gpunet.augment import Augment
     from gpunet.cli import build_parser
-    from gpunet.recipe import TrainConfig
+    from gpunet.commands.train import TrainConfig
 
     parsed, config, aug = build_parser().parse_args(["train"]), TrainConfig(), Augment()
     for name in ("rotation", "scale", "shear", "shift", "sigma", "alpha"):

@@ -1,4 +1,4 @@
-"""Tests of gpunet.data: the MNIST loader and downloader, splits, image files."""
+"""Tests of gpunet.data.datasets: the MNIST loader and downloader, splits, image files."""
 from __future__ import annotations
 
 import functools
@@ -13,7 +13,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from gpunet import data, idx
+from gpunet.data import datasets as data, idx
 from gpunet.data import DataError
 
 NAMES = list(data.MNIST_FILES.values())
@@ -95,7 +95,7 @@ def test_load_mnist_missing_without_download(tmp_path):
 def test_load_mnist_downloads_missing(tmp_path, monkeypatch):
     calls = []
 
-    def fake_download(folder):
+    def fake_download(folder, splits=("train", "test")):
         calls.append(folder)
         make_fake_mnist(folder)
         return folder

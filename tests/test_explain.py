@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 import gpunet as gn
-import gpunet.images
+import gpunet.data.pictures
 import gpunet.training  # noqa: F401  (gn.training below)
 from gpunet import cli
-from gpunet.explain import SCHEMA, to_json
-from gpunet.explain_inputs import EXAMPLE, build_network
-from gpunet.explain_render import WIDTH, latex, render_json, render_markdown, render_text, steps
+from gpunet.explain.record import SCHEMA, to_json
+from gpunet.explain.build import EXAMPLE, build_network
+from gpunet.explain.render import WIDTH, latex, render_json, render_markdown, render_text, steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -716,7 +716,7 @@ def test_cli_model_and_image(model_and_image, capsys):
     assert rc == 0, err
     doc = json.loads(out)
     net = gn.load(model, device="cpu").eval()
-    x = gpunet.images.load_images([image])
+    x = gpunet.data.pictures.load_images([image])
     expected = int(gn.training.predict(net, x)[0])
     assert doc["target"] == [expected] == doc["prediction"]  # no --target: the network's own prediction
     assert doc["training"] is False and [l["type"] for l in doc["layers"]][2] == "Dropout"
@@ -806,9 +806,9 @@ def test_real_subprocess(weights_file):
 
 
 def test_readme_shows_the_real_output(capsys):
-    """The README's "One step, explained" prints what the command prints, from the weights it shows."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## One step, explained")[1]
+    """The guide's "One step, explained" (docs/explain.md) prints what the command prints, from the
+    weights it shows."""
+    section = (ROOT / "docs" / "explain.md").read_text(encoding="utf-8")
     weights = json.loads(section.split("```json\n")[1].split("```")[0])
     assert weights == MAZUR
     command = section.split("```text\n")[0].rsplit("`gpunet explain", 1)[1].split("`")[0].split()
@@ -819,7 +819,7 @@ def test_readme_shows_the_real_output(capsys):
 
 
 def test_explain_takes_its_input_through_the_front_door():
-    """explain_step reads x as fit does (gpunet.inputs): float64, lists and frames give the float32 step,
+    """explain_step reads x as fit does (gpunet.data.arrays): float64, lists and frames give the float32 step,
     strings the front door's one line."""
     def step(x):
         net = gn.mlp([2, 2, 2], activation="sigmoid", seed=0)

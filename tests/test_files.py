@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 
-from gpunet import files, recipe
+from gpunet import files
+from gpunet.commands import train as recipe
 
 
 def strict_loads(text):

@@ -19,7 +19,7 @@ import pytest
 
 import gpunet as gn
 from gpunet import backend
-from gpunet.batches import Pixels
+from gpunet.data.rows import Pixels
 from gpunet.fast import cuda
 from gpunet.training import fit
 import launch_counts
@@ -301,3 +301,28 @@ def test_the_resampling_kernel_reads_as_the_core(fake_gpu, dtype, alpha):
             fast_path.resample = real
         np.testing.assert_allclose(on_gpu, core, rtol=0, atol=1e-5 if dtype == np.float32 else 1e-12)
         assert bilinear is not None and source_points is not None
+
+
+def test_a_rank_draws_its_rows_of_the_global_batch_on_the_gpu(fake_gpu):
+    """A data-parallel rank whose shard starts at row 5 of a 12-row global batch: the GPU dropout kernel
+    (its mirror) keys units by their place in the global batch and the distortion is drawn for the global
+    batch, so rows 5..11 get what one process gives them. 30 units a row: row 5 starts inside a 64-bit word
+    of the draw (lane 2). Mutation: the kernel's ``start`` left at 0 -> the masks differ."""
+    from types import SimpleNamespace
+
+    from gpunet.augment import Augment
+    from gpunet.fast import ops
+    from gpunet.layers import Dropout
+
+    whole, rank = Dropout(0.3, seed=4), Dropout(0.3, seed=4)
+    rank.row_start = 5
+    want = whole.new_mask(np.ones((12, 30), np.float32))[5:]
+    y = fake_gpu.asarray(np.ones((7, 30), np.float32))
+    got = ops.dropout(rank, y, fake_gpu.empty_like(y))
+    assert np.array_equal(backend.to_numpy(got), want) and np.array_equal(backend.to_numpy(y), want)
+    images = np.random.default_rng(0).random((12, 784), dtype=np.float32)
+    one = Augment(seed=3).transform_batch(SimpleNamespace(batch_rows=12, row_start=0), images)
+    run = SimpleNamespace(batch_rows=12, row_start=5)
+    mine = Augment(seed=3).transform_batch(run, fake_gpu.asarray(images[5:]))
+    assert backend.device_of(mine) == "gpu"
+    np.testing.assert_allclose(backend.to_numpy(mine), one[5:], rtol=1e-5, atol=1e-5)  # float32 resampling

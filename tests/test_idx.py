@@ -1,4 +1,4 @@
-"""Tests of gpunet.idx: reading and writing the IDX format, raw and gzipped, and its errors."""
+"""Tests of gpunet.data.idx: reading and writing the IDX format, raw and gzipped, and its errors."""
 from __future__ import annotations
 
 import gzip
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpunet import files, idx
-from gpunet.idx import DataError
+from gpunet import files
+from gpunet.data import DataError, idx
 
 
 def listing(folder):

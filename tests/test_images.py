@@ -15,9 +15,9 @@ Image = pytest.importorskip("PIL.Image")
 from PIL import ImageDraw  # noqa: E402
 
 import gpunet as gn  # noqa: E402
-from gpunet import images  # noqa: E402
 from gpunet.data import DataError  # noqa: E402
-from gpunet.images import image_size, load_image_file, load_images, mnist_style  # noqa: E402
+from gpunet.data import pictures as images  # noqa: E402
+from gpunet.data.pictures import image_size, load_image_file, load_images, mnist_style  # noqa: E402
 from gpunet.training import predict  # noqa: E402
 
 import pictures  # noqa: E402  (tests/pictures.py)

@@ -1,4 +1,4 @@
-"""gpunet.inputs, the front door: every form of the same data (float64, integers, lists, Fortran order, a
+"""gpunet.data.arrays, the front door: every form of the same data (float64, integers, lists, Fortran order, a
 pandas frame) trains, evaluates and predicts exactly as the float32 array does, on every path (the fast
 path with and without the CPU's folded BLAS update, and the core), and bad data get the same one-line
 error on each. Expectations are the float32 run itself: the front door must make the identical array."""
@@ -7,7 +7,7 @@ import pytest
 from conftest import assert_allclose, optional
 
 import gpunet as gn
-from gpunet import inputs
+from gpunet.data import arrays as inputs
 from gpunet.fast import blas
 
 PATHS = ["fast", "fast-no-blas", "core"]

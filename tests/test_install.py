@@ -1,5 +1,8 @@
-"""The clean install: build a wheel, install it into a fresh virtual environment outside the source
-tree, and use it from there (`gpunet info`, `python -m gpunet --help`, one epoch on MNIST).
+"""The clean install: build an sdist and, from it, a wheel (`python -m build`), check both with `twine
+check`, install the wheel into a fresh virtual environment outside the source tree, and use it from there
+(`gpunet info`, `gpunet --version`, `python -m gpunet --help`, one epoch on MNIST, `gpunet serve`'s page
+from the installed package, the unit tests that need no source tree); the wheel holds every file of the
+package (modules, page.html, py.typed) and the licence.
 
 Only the core package is installed (numpy is its one dependency), without the `[cli]` extra: that is
 what `pip install gpunet` on a laptop gives, and the command line must work with it (train prints a
@@ -129,8 +132,8 @@ def installed(workdir):
     src = workdir / "src"
     shutil.copytree(ROOT, src, ignore=_not_source)
     dist = workdir / "dist"
-    if _installed("build"):
-        cmd = [sys.executable, "-m", "build", "--wheel", "--outdir", dist, src]
+    if _installed("build"):  # the sdist, then the wheel built from it: an incomplete sdist fails here
+        cmd = [sys.executable, "-m", "build", "--outdir", dist, src]
     else:  # no `build` package: pip builds the wheel (also in an isolated environment)
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", dist, src]
     built = _run(cmd, cwd=outside, env=env, timeout=600)
@@ -151,6 +154,108 @@ def installed(workdir):
     inst = _run([py, "-m", "pip", "install", wheels[0]], cwd=outside, env=venv_env, timeout=600)
     assert inst.returncode == 0, f"pip install of the wheel failed:\n{_show(inst)}"
     return venv, py, outside, venv_env
+
+
+@pytest.fixture(scope="module")
+def dists(installed, workdir):
+    """The sdist and the wheel that ``installed`` built."""
+    return sorted((workdir / "dist").glob("gpunet-*.tar.gz")), sorted((workdir / "dist").glob("gpunet-*.whl"))
+
+
+def _source_version() -> str:
+    text = (ROOT / "gpunet" / "__init__.py").read_text(encoding="utf-8")
+    (version,) = re.findall(r'^__version__ = "([^"]+)"$', text, re.M)
+    return version
+
+
+def test_one_version_everywhere(installed, dists):
+    """gpunet/__init__.py's __version__ is the one source: the wheel's metadata, the installed package and
+    `gpunet --version` say it; pyproject.toml takes it from there instead of writing a second one."""
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert "version" not in project and "version" in project.get("dynamic", []), project.get("version")
+    version = _source_version()
+    venv, py, cwd, env = installed
+    assert dists[1][0].name.startswith(f"gpunet-{version}-"), dists[1]
+    proc = _run([venv / BIN / f"gpunet{EXE}", "--version"], cwd=cwd, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"gpunet {version}", _show(proc)
+    proc = _run([py, "-c", "from importlib.metadata import version; print(version('gpunet'))"], cwd=cwd, env=env,
+                timeout=120)
+    assert proc.stdout.strip() == version, _show(proc)
+
+
+def test_the_wheel_holds_every_file_of_the_package_and_the_licence(dists):
+    """Every file under gpunet/ that git would ship (modules, page.html, py.typed; no caches) is in the
+    wheel, and the metadata a package index shows is there: summary, README as the long description,
+    the SPDX licence with its file, classifiers."""
+    import zipfile
+    (wheel,) = dists[1]
+    names = set(zipfile.ZipFile(wheel).namelist())
+    package = {p.relative_to(ROOT).as_posix() for p in (ROOT / "gpunet").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".so")}
+    assert {"gpunet/page.html", "gpunet/py.typed"} <= package
+    assert package - names == set(), f"files of gpunet/ missing from the wheel: {sorted(package - names)}"
+    (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    meta = zipfile.ZipFile(wheel).read(meta_name).decode()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), sorted(names)
+    assert "License-Expression: MIT" in meta and "Classifier: Typing :: Typed" in meta
+    assert "Description-Content-Type: text/markdown" in meta and "# gpunet" in meta
+
+
+def test_twine_check_passes_on_the_sdist_and_the_wheel(dists, workdir):
+    if not _installed("twine"):
+        _skip_or_fail("twine is not installed (the test extra brings it)")
+    sdists, wheels = dists
+    assert len(sdists) == 1 and len(wheels) == 1, (sdists, wheels)
+    proc = _run([sys.executable, "-m", "twine", "check", "--strict", *sdists, *wheels], cwd=workdir,
+                env=_clean_env(), timeout=300)
+    assert proc.returncode == 0 and proc.stdout.count("PASSED") == 2, _show(proc)
+
+
+def test_serve_gives_the_page_from_the_installed_package(installed, workdir):
+    """`gpunet serve` from the venv answers GET / with page.html, read from the installed wheel (the bytes
+    of the source tree's page)."""
+    import http.client
+    venv, py, cwd, env = installed
+    model = workdir / "serve-model.npz"
+    made = _run([py, "-c", f"import gpunet as gn; gn.mlp([784, 8, 10], seed=0).save({str(model)!r})"],
+                cwd=cwd, env=env, timeout=120)
+    assert made.returncode == 0, _show(made)
+    proc = subprocess.Popen([str(venv / BIN / f"gpunet{EXE}"), "serve", str(model), "--port", "0"], cwd=cwd,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        port = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert port, line + (proc.stderr.read() if proc.poll() is not None else "")
+        conn = http.client.HTTPConnection("127.0.0.1", int(port.group(1)), timeout=30)
+        conn.request("GET", "/")
+        page = conn.getresponse().read()
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert page == (ROOT / "gpunet" / "page.html").read_bytes()
+
+
+# unit tests that need gpunet and NumPy only (their optional oracles skip), copied out of the source tree
+OUTSIDE_TESTS = ("conftest.py", "test_layers.py", "test_gradients.py", "test_network.py", "test_callbacks.py")
+
+
+def test_the_unit_tests_pass_against_the_installed_package(installed, workdir):
+    venv, py, cwd, env = installed
+    inst = _run([py, "-m", "pip", "install", "pytest"], cwd=cwd, env=env, timeout=600)
+    if inst.returncode != 0:
+        _skip_or_fail(f"cannot install pytest into the venv:\n{_show(inst)}")
+    tests = workdir / "tests-outside"
+    tests.mkdir()
+    for name in OUTSIDE_TESTS:
+        shutil.copy(ROOT / "tests" / name, tests / name)
+    proc = _run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu and not slow", tests],
+                cwd=tests, env=env, timeout=900)
+    assert proc.returncode == 0, _show(proc)
+    where = _run([py, "-c", "import gpunet; print(gpunet.__file__)"], cwd=tests, env=env, timeout=120)
+    assert _inside(Path(where.stdout.strip()), venv), _show(where)
+    assert re.search(r"\d+ passed", proc.stdout), _show(proc)
 
 
 def test_import_resolves_inside_the_venv(installed):

@@ -2,11 +2,15 @@
 
 backend, files and schedules import nothing of gpunet; the core (layers, losses, optimizers, network) only
 the backend and each other as the notes stack them, and nothing of the fast path; the fast path may import
-the core, never the reverse; data sits on the IDX format; training sits on the core, the fast path, the
-batches and the metrics; the recipe on training; explain's record on the core alone and files' strict JSON
-(the numbers it shows are the core's own, never a second implementation), its renderers on the record alone,
-its inputs from plain lists on the network; the pictures (images) beside the data; the web server (serve) above training, imported only by the
-command line; the command line on top, imported by nothing.
+the core, never the reverse; the data's files sit on the IDX format; training sits on the core, the fast
+path, the data's arrays and rows and the metrics; the train command on training; explain's record on the
+core alone and files' strict JSON (the numbers it shows are the core's own, never a second
+implementation), its renderers on the record alone, its builder from plain lists on the network; the
+pictures beside the data; the web server (serve) above training, imported only by the command line; the
+command line on top, imported by nothing.
+
+The packages in ``SPLIT`` (data, explain, commands) are checked module by module (``data.rows``); any
+other subpackage (fast) counts as one module.
 """
 import ast
 from pathlib import Path
@@ -22,47 +26,68 @@ ALLOWED = {
     "onnx_export": {"__init__", "backend", "layers", "files", "training"},
     "sklearn": {"backend", "callbacks", "layers", "losses", "network", "optimizers", "training"},
     "gradcheck": {"backend"}, "metrics": {"backend"},
-    "idx": {"files"}, "data": {"idx"},
+    "data": {"data.datasets"}, "data.idx": {"data", "files"}, "data.datasets": {"data", "data.idx"},
     "fast": {"backend", "layers", "losses", "optimizers"},
-    "inputs": {"backend"},
-    "batches": {"backend", "fast", "inputs"},
+    "data.arrays": {"backend"},
+    "data.rows": {"backend", "fast", "data.arrays"},
     "augment": {"backend", "fast"},
     "checkpoint": {"files"},
     "callbacks": {"backend", "checkpoint"},
-    "training": {"backend", "fast", "batches", "callbacks", "inputs", "losses", "metrics", "checkpoint", "parallel"},
+    "training": {"backend", "fast", "data.rows", "callbacks", "data.arrays", "losses", "metrics", "checkpoint",
+                 "parallel"},
     "parallel": {"backend"},
-    "explain": {"backend", "files", "inputs", "layers", "losses", "optimizers"},
-    "explain_inputs": {"layers", "network"},
-    "explain_render": {"explain"},
-    "recipe": {"__init__", "augment", "backend", "checkpoint", "fast", "files", "parallel", "plots", "batches", "data", "layers",
-               "losses", "network", "optimizers", "schedules", "training"},
-    "images": {"data"},
+    "explain": {"explain.record", "explain.render"},
+    "explain.record": {"backend", "files", "data.arrays", "layers", "losses", "optimizers"},
+    "explain.build": {"layers", "network"},
+    "explain.render": {"explain.record"},
+    "commands": set(),
+    "commands.train": {"__init__", "augment", "backend", "checkpoint", "fast", "files", "parallel", "plots",
+                       "callbacks", "data", "data.rows", "data.datasets", "layers", "losses", "network", "optimizers",
+                       "schedules", "training"},
+    "data.pictures": {"data"},
     "predictions": set(),
-    "serve": {"backend", "data", "images", "predictions", "training"},
+    "serve": {"backend", "data", "data.pictures", "predictions", "training"},
 }
 TOP = {"cli", "__init__", "__main__"}
 
 
+SPLIT = {"data", "explain", "commands"}  # packages whose modules are checked one by one
+
+
 def module_name(path: Path) -> str:
-    rel = path.relative_to(PACKAGE)
-    return rel.parts[0] if len(rel.parts) > 1 else rel.stem  # a subpackage counts as one module
+    """``data.rows`` for gpunet/data/rows.py, ``data`` for its __init__; ``fast`` for all of gpunet/fast."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    if len(parts) > 1 and parts[0] in SPLIT:
+        return parts[0] if parts[1] == "__init__" else f"{parts[0]}.{parts[1]}"
+    return parts[0]
+
+
+def _key(dotted: list) -> str:
+    """The checked module that the dotted name under gpunet (``["data", "rows", "Pixels"]``) lives in."""
+    if len(dotted) > 1 and dotted[0] in SPLIT and (PACKAGE / dotted[0] / f"{dotted[1]}.py").exists():
+        return f"{dotted[0]}.{dotted[1]}"
+    return "__init__" if dotted[0] == "__version__" else dotted[0]
 
 
 def gpunet_imports(path: Path) -> set:
-    """The top-level gpunet modules a file imports (relative or absolute), its own subpackage excepted."""
-    here, found = module_name(path), set()
-    inside = path.parent != PACKAGE
+    """The gpunet modules a file imports (relative or absolute), as ``module_name`` names them, itself
+    excepted (so a subpackage counted as one module may import its own parts)."""
+    here = module_name(path)
+    package = list(path.relative_to(PACKAGE).parent.parts)  # [] for gpunet/x.py, ["data"] for gpunet/data/x.py
+    found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             parts = node.module.split(".") if node.module else []
             if node.level == 0:
-                if parts[:1] == ["gpunet"]:
-                    found.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
-            elif node.level - inside == 1:  # relative to the package (from a subpackage: "..")
-                found.update([parts[0]] if parts else [a.name for a in node.names])
+                if parts[:1] != ["gpunet"]:
+                    continue
+                base = parts[1:]
+            else:
+                base = package[:len(package) - (node.level - 1)] + parts
+            found.update(_key(base + [a.name]) if base else _key([a.name]) for a in node.names)
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("gpunet."))
-    return {"__init__" if name == "__version__" else name for name in found} - {here}
+            found.update(_key(a.name.split(".")[1:]) for a in node.names if a.name.startswith("gpunet."))
+    return found - {here}
 
 
 FILES = sorted(PACKAGE.rglob("*.py"))
@@ -71,6 +96,15 @@ MODULES = sorted({module_name(p) for p in FILES})
 
 def test_every_module_has_a_place():
     assert set(MODULES) == set(ALLOWED) | TOP
+
+
+def test_the_checker_reads_package_relative_imports():
+    """The names a moved module's imports resolve to: a sibling (``.arrays``), the package's own
+    ``__init__`` (``from . import DataError``), the package above (``..backend``), an absolute one."""
+    assert gpunet_imports(PACKAGE / "data" / "rows.py") >= {"backend", "fast", "data.arrays"}
+    assert gpunet_imports(PACKAGE / "data" / "pictures.py") == {"data"}
+    assert gpunet_imports(PACKAGE / "explain" / "render.py") == {"explain.record"}
+    assert gpunet_imports(PACKAGE / "fast" / "step.py") == {"backend", "layers", "optimizers"}
 
 
 @pytest.mark.parametrize("path", [p for p in FILES if module_name(p) not in TOP], ids=lambda p: str(p.relative_to(PACKAGE)))

@@ -67,7 +67,7 @@ def test_default_model_through_the_command_line(mnist, tmp_path):
     """The default recipe's network and optimizer (784-512-512-10, dropout 0.2, momentum; trained on 6,000
     digits here, a tenth of an epoch, to stay cheap), saved, `gpunet export`ed, then run by ONNX Runtime on
     the test set: the labels `gpunet predict` prints, the probabilities of ``predict_proba``."""
-    from gpunet.recipe import TrainConfig, build
+    from gpunet.commands.train import TrainConfig, build
 
     (x_train, y_train), (x_test, _) = mnist
     net, opt, _ = build(TrainConfig(), 784, 10, "cpu")

@@ -9,6 +9,7 @@ the test allows rtol 1e-4, atol 1e-5 over 3 epochs. Within one K, runs are bit-i
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -110,6 +111,36 @@ def test_two_processes_train_the_model_of_one(runs):
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4)
 
 
+# Dropout and augmentation on: hidden sizes that are not multiples of 4 (a shard's mask then starts inside a
+# 64-bit word of the draw), 502 training rows in batches of 20 (20 rows split 10/10 and 6/7/7; a last batch of
+# 2 rows leaves rank 0 of 3 without rows, which must still draw its mask keys and distortions).
+RANDOM_FLAGS = ["--hidden", "30", "14", "--epochs", "2", "--batch-size", "20", "--val-size", "98", "--no-plots",
+                "--device", "cpu", "--dropout", "0.3", "--augment", "--schedule", "constant"]
+
+
+@pytest.fixture(scope="module")
+def random_runs(data, tmp_path_factory):
+    base = tmp_path_factory.mktemp("random")
+    for k in (1, 2, 3):
+        res = train("--data-dir", data, "--out", base / f"k{k}", *RANDOM_FLAGS, n=k)
+        assert res.returncode == 0, res.stderr
+    return base
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_draw_the_masks_and_distortions_of_one_process(random_runs, ranks):
+    """K ranks at global batch B train what one process trains at B with --dropout and --augment: every
+    mask unit and every distortion is keyed by its row's place in the global batch, not in the shard.
+    Tolerance as above (the gradient sum's float32 rounding in another order); keyed by the shard's own
+    rows instead (the old code), the weights end about 0.1 apart."""
+    one, many = weights(random_runs / "k1" / "model.npz"), weights(random_runs / f"k{ranks}" / "model.npz")
+    for k in one:
+        np.testing.assert_allclose(many[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    m1, mk = (json.loads((random_runs / f"k{k}" / "metrics.json").read_text()) for k in (1, ranks))
+    for a, b in zip(m1["history"], mk["history"]):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4)
+
+
 RANK_WEIGHTS = r'''
 import sys, numpy as np, gpunet as gn
 from gpunet import parallel
@@ -125,7 +156,7 @@ np.savez(f"{sys.argv[1]}/rank{comm.rank}.npz", **net.state_dict())
 
 
 def test_every_rank_holds_the_same_weights(tmp_path):
-    """Even with dropout (each rank draws its own masks) and batches of 3 rows over 2 ranks (a last batch
+    """Even with dropout (each rank draws its rows of the global batch's masks) and batches of 3 rows over 2 ranks (a last batch
     of 2 rows), the summed gradient and the update are the same on every rank: bit for bit."""
     script = tmp_path / "ranks.py"
     script.write_text(RANK_WEIGHTS)
@@ -220,6 +251,55 @@ def test_settings_that_differ_between_ranks_are_refused(data, tmp_path):
     # reaches mpiexec (that once ended a run with status 2 and an empty stderr).
     for rank in (0, 1):
         assert f"gpunet train (rank {rank}): error:" in res.stderr, res.stderr
+
+
+FAKE_GPU_RANKS = r'''
+import os, sys
+sys.path.insert(0, sys.argv[1])
+gpus, fake_ranks = int(os.environ["FAKE_GPUS"]), os.environ["FAKE_RANKS"].split(",")
+if os.environ.get("PMI_RANK") in fake_ranks:  # this rank sees CuPy with `gpus` GPUs (the counting stand-in)
+    from fake_cupy import FakeCupy
+    fake = FakeCupy()
+    fake.cuda.runtime.getDeviceCount = lambda: gpus
+    fake.cuda.runtime.getDeviceProperties = lambda i: {"name": b"fake", "totalGlobalMem": 1}
+    fake.cuda.runtime.runtimeGetVersion = lambda: 12000
+    sys.modules["cupy"] = fake
+from gpunet import cli
+sys.exit(cli.main(sys.argv[2:]))
+'''
+
+
+@pytest.mark.parametrize("gpus, fake_ranks, device, said", [
+    (1, "0,1", "gpu", "ranks 0 and 1 both use GPU 0 of"),            # more ranks than GPUs on the node
+    (1, "1", "auto", "the device differs between rank"),             # rank 0 sees no GPU, rank 1 one
+    (2, "0,1", "gpu", "CuPy's NCCL binding is not available")])      # two GPUs, no NCCL
+def test_ranks_that_cannot_sum_together_are_refused_in_one_line(data, tmp_path, gpus, fake_ranks, device, said):
+    """Before the first collective every rank gathers every rank's host, GPU, device, dtype and NCCL, and
+    each refuses the same way: one line on every rank, status 2, no traceback and no hang. Mutation:
+    without Comm.agree in the Trainer the first case dies with NCCL's traceback (here: the fake's missing
+    NCCL), the second waits forever (MPI all-reduce against NCCL), caught by the timeout."""
+    script = tmp_path / "fake_gpus.py"
+    script.write_text(FAKE_GPU_RANKS)
+    flags = [a if a != "cpu" else device for a in FLAGS]
+    res = subprocess.run([mpiexec(), "-n", "2", sys.executable, str(script), str(Path(__file__).parent), "train",
+                          "--data-dir", str(data), "--out", str(tmp_path / "run"), *flags], capture_output=True,
+                         text=True, env={**env(), "FAKE_GPUS": str(gpus), "FAKE_RANKS": fake_ranks}, timeout=60)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    for rank in (0, 1):  # the ranks' lines may meet mid-line in the shared stderr: cut at the next one
+        lines = re.findall(rf"gpunet train \(rank {rank}\): error: (.*?)(?=gpunet train \(rank|\n|$)",
+                           res.stderr)
+        assert len(lines) == 1 and said in lines[0], res.stderr
+
+
+def test_check_agreement_names_the_dtype_that_differs():
+    from gpunet.parallel import ParallelError, check_agreement
+
+    rank = {"host": "a", "device": "cpu", "dtype": "float32", "gpu": None, "nccl": None}
+    check_agreement([rank, {**rank, "host": "b"}], 0)
+    with pytest.raises(ParallelError, match=r"the dtype differs between rank 1 and rank 0 \('float64' here"):
+        check_agreement([rank, {**rank, "dtype": "float64"}], 1)
+    gpu = {**rank, "device": "gpu", "gpu": 0, "nccl": True}
+    check_agreement([gpu, {**gpu, "host": "b"}], 1)  # GPU 0 of two hosts: no duplicate
 
 
 @pytest.mark.gpu

@@ -1,12 +1,15 @@
-"""Every Python block of README.md runs, so README cannot drift from the code.
+"""Every Python block of README.md and of the user guide (docs/*.md) runs, so neither can drift
+from the code.
 
-The blocks run in order, in one namespace and one fresh interpreter, in a temporary folder, as a reader
-would paste them (tests/readme_blocks.py). ``/path/to/mnist`` becomes a folder holding the first 6,000
-training and 1,000 test images of the real MNIST (so the API block's 20 epochs take seconds: 1,000
+Each page's blocks run in order, in one namespace of that page's, all in one fresh interpreter and
+one temporary folder, as a reader would paste them (tests/readme_blocks.py); the pages in reading
+order (README, then mkdocs.yml's nav). ``/path/to/mnist`` becomes a folder holding the first 6,000
+training and 1,000 test images of the real MNIST (so the API page's 20 epochs take seconds: 1,000
 training images once its 5,000 are held out); the files the blocks name (photo.jpg, digits.npy,
-model.onnx) are made from those images and the saved model. A block that needs an optional library not
-installed here skips, saying which; ``<!-- readme-test: skip WHY -->`` above a block skips it on purpose.
-Cost: one interpreter and a few small trainings, about 30 s on two busy cores.
+model.npz, model.onnx) are made from those images and the saved model. A block that needs an
+optional library not installed here skips, saying which; ``<!-- readme-test: skip WHY -->`` above a
+block skips it on purpose. Cost: one interpreter and a few small trainings, about 40 s on two busy
+cores.
 """
 import json
 import os
@@ -19,7 +22,10 @@ from conftest import ROOT
 sys.path.insert(0, os.path.dirname(__file__))
 import readme_blocks  # noqa: E402  (beside this file)
 
-BLOCKS = readme_blocks.blocks((ROOT / "README.md").read_text(encoding="utf-8"))
+PAGES = readme_blocks.pages(ROOT)
+BLOCKS = [dict(block, page=page) for page in PAGES
+          for block in readme_blocks.blocks((ROOT / page).read_text(encoding="utf-8"))]
+IDS = [f"{b['page']}:{b['line']}" for b in BLOCKS]
 
 
 def small_mnist(mnist_dir, folder, n_train=6000, n_test=1000):
@@ -27,7 +33,7 @@ def small_mnist(mnist_dir, folder, n_train=6000, n_test=1000):
     import numpy as np
 
     from gpunet.data import MNIST_FILES, load_mnist
-    from gpunet.idx import write_idx
+    from gpunet.data.idx import write_idx
 
     (x, y), (xt, yt) = load_mnist(mnist_dir, download=False, dtype=np.uint8)
     parts = {"train_images": x[:n_train], "train_labels": y[:n_train].astype(np.uint8),
@@ -46,22 +52,33 @@ def report(mnist_dir, tmp_path_factory):
     work.mkdir()
     out = root / "report.json"
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    res = subprocess.run([sys.executable, str(ROOT / "tests" / "readme_blocks.py"), str(ROOT / "README.md"),
-                          str(out), str(data)], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    command = [sys.executable, readme_blocks.__file__, str(out), str(data), str(ROOT), *PAGES]
+    res = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(out.read_text()), res.stdout
 
 
 def test_readme_has_python_blocks():
-    assert len(BLOCKS) >= 4  # the API, the pixels, your own data, your own layer: at least these
+    readme = [b for b in BLOCKS if b["page"] == "README.md"]
+    assert len(readme) >= 2  # the training loop written out, and fit
+    # and the guide's: the API, pixels, your own data and layer, callbacks, ...
+    assert len(BLOCKS) >= 10
+
+
+def test_every_guide_page_is_read():
+    """Each docs/*.md page is in the nav that the block runner reads (so none of its blocks goes
+    untested)."""
+    on_disk = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*.md")}
+    assert on_disk - set(PAGES) == set(), "pages missing from mkdocs.yml's nav"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", BLOCKS, ids=[f"README.md:{b['line']}" for b in BLOCKS])
+@pytest.mark.parametrize("block", BLOCKS, ids=IDS)
 def test_readme_block_runs(report, block):
     results, stdout = report
-    got = results.get(str(block["line"]))
-    assert got is not None, f"README.md:{block['line']} never ran (an earlier block ended the run?)\n{stdout[-2000:]}"
+    name = f"{block['page']}:{block['line']}"
+    got = results.get(name)
+    assert got is not None, f"{name} never ran (an earlier block ended the run?)\n{stdout[-2000:]}"
     if got["status"] == "skipped":
         pytest.skip(got["detail"])
-    assert got["status"] == "ok", f"README.md:{block['line']}:\n{got['detail']}"
+    assert got["status"] == "ok", f"{name}:\n{got['detail']}"

@@ -1,12 +1,12 @@
-"""The training recipe's optimizer and BatchNorm settings (gpunet/recipe.py): each --optimizer builds its
+"""The training recipe's optimizer and BatchNorm settings (gpunet/commands/train.py): each --optimizer builds its
 rule with the chosen optimizer's defaults or the values given, and a setting of another optimizer is
 refused in one line naming it. The full runs are in test_cli.py and test_long_runs.py."""
 import numpy as np
 import pytest
 
 import gpunet as gn
-from gpunet import recipe
-from gpunet.recipe import ConfigError, TrainConfig
+from gpunet.commands import train as recipe
+from gpunet.commands.train import ConfigError, TrainConfig
 
 
 def built(**settings):
@@ -53,7 +53,7 @@ def test_batch_norm_builds_a_batchnorm_network_which_the_fused_step_names():
     net, opt, _ = recipe.build(config, 6, 3, "cpu")
     assert [type(l).__name__ for l in net.layers] == ["Linear", "BatchNorm", "ReLU", "Linear"]
     why = gn.fast.why_not(net, gn.SoftmaxCrossEntropy(), opt, np.zeros(4, np.int64))
-    assert why == "layer 1 is BatchNorm, where a Linear was expected"
+    assert why == "layer 1 is BatchNorm, where a Linear was expected (fused on the GPU only: the CPU runs the core's step)"
 
 
 def test_a_checkpoint_from_before_the_optimizer_settings_resumes(tmp_path):

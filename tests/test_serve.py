@@ -21,8 +21,9 @@ import pytest
 Image = pytest.importorskip("PIL.Image")
 
 import gpunet as gn  # noqa: E402
-from gpunet import images, serve  # noqa: E402
-from gpunet.images import mnist_style  # noqa: E402
+from gpunet import serve  # noqa: E402
+from gpunet.data import pictures as images  # noqa: E402
+from gpunet.data.pictures import mnist_style  # noqa: E402
 from gpunet.training import predict, predict_proba  # noqa: E402
 
 import pictures  # noqa: E402  (tests/pictures.py)

@@ -225,3 +225,26 @@ def test_verbose_refuses_what_keras_does_not_mean(verbose):
                                          r"2 one line per epoch\), got "):
         gn.fit(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.1), np.ones((4, 2)), [0, 1, 0, 1],
                verbose=verbose)
+
+
+def test_train_step_is_the_notes_step_and_fit_runs_it():
+    """gn.train_step: one step of forward, cost, backward, update. Oracle: a linear layer under MSE in
+    NumPy float64 by hand, dC/dW = x^T (2 (x W + b - y) / (N K)), dC/db its column sums, w -= lr dC/dw;
+    the step's loss is the mean squared error before the update. fit(fast=False) over one full batch
+    leaves the same weights bit for bit (the same operations in the same order)."""
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(6, 4)), rng.normal(size=(6, 2))
+    net = gn.Sequential(gn.Linear(4, 2, rng=np.random.default_rng(1), dtype=np.float64, device="cpu"))
+    W0, b0 = net.layers[0].W.data.copy(), net.layers[0].b.data.copy()
+    value = gn.train_step(net, gn.MSELoss(), gn.SGD(net.parameters(), lr=0.1), x, y)
+    delta = 2 * (x @ W0 + b0 - y) / y.size
+    np.testing.assert_allclose(float(value), np.mean((x @ W0 + b0 - y) ** 2), rtol=1e-12)
+    np.testing.assert_allclose(net.layers[0].W.grad, x.T @ delta, rtol=1e-12)   # float64 rounding only
+    np.testing.assert_allclose(net.layers[0].b.grad, delta.sum(0), rtol=1e-12)
+    np.testing.assert_allclose(net.layers[0].W.data, W0 - 0.1 * (x.T @ delta), rtol=1e-12)
+    np.testing.assert_allclose(net.layers[0].b.data, b0 - 0.1 * delta.sum(0), rtol=1e-12)
+    again = gn.Sequential(gn.Linear(4, 2, rng=np.random.default_rng(1), dtype=np.float64, device="cpu"))
+    gn.fit(again, gn.MSELoss(), gn.SGD(again.parameters(), lr=0.1), x, y, epochs=1, batch_size=None,
+           shuffle=False, fast=False)
+    for p, q in zip(net.parameters(), again.parameters()):
+        assert np.array_equal(p.data, q.data) and np.array_equal(p.grad, q.grad)

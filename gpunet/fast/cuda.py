@@ -21,16 +21,18 @@ RELU_BACKWARD = ("T y", "T dy", "dy = y > (T)0 ? dy : dy * (T)0;", "gpunet_relu_
 # Adam and AdamW in one kernel: wd is Adam's L2 term (0 for AdamW), decay AdamW's factor 1 - lr*wd (1 for
 # Adam); c1 = 1 - b1, c2 = 1 - b2, step = lr / (1 - b1^t), root_c2 = sqrt(1 - b2^t), computed on the host
 ADAM = ("T g, T b1, T b2, T c1, T c2, T step, T root_c2, T eps, T wd, T decay", "T w, T m, T v",
-        "T d = g + wd * w; w *= decay; m = b1 * m + c1 * d; v = b2 * v + c2 * d * d; "
+        "T d = wd != (T)0 ? g + wd * w : g; w *= decay; m = b1 * m + c1 * d; v = b2 * v + c2 * d * d; "
         "w -= step * (m / (sqrt(v) / root_c2 + eps));",
         "gpunet_adam")
 # Dropout's draw, scale and mask in one launch: the bits of gpunet.layers.dropout_bits (SplitMix64 word
-# i / 4 of the stream keyed ``key``, 16-bit lane i % 4; i is the flat C-order index), the scaled keep-mask
-# kept for backward, and y *= mask.
-DROPOUT = ("uint64 key, uint32 threshold, T scale", "T y, T mask",
-           "unsigned long long x = key + ((unsigned long long)(i / 4) + 1ull) * 0x9E3779B97F4A7C15ull;"
+# j / 4 of the stream keyed ``key``, 16-bit lane j % 4; j = start + i, the flat C-order index in the global
+# batch: a data-parallel rank's shard starts at unit ``start``), the scaled keep-mask kept for backward,
+# and y *= mask.
+DROPOUT = ("uint64 key, uint64 start, uint32 threshold, T scale", "T y, T mask",
+           "unsigned long long j = start + (unsigned long long)i;"
+           " unsigned long long x = key + (j / 4 + 1ull) * 0x9E3779B97F4A7C15ull;"
            " x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull; x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;"
-           " x ^= x >> 31; unsigned int bits = (unsigned int)(x >> (16 * (i % 4))) & 0xFFFFu;"
+           " x ^= x >> 31; unsigned int bits = (unsigned int)(x >> (16 * (j % 4))) & 0xFFFFu;"
            " mask = bits < threshold ? scale : (T)0; y = y * mask;", "gpunet_dropout")
 # The ReLU backward of a block whose output went through dropout: dy * mask (Dropout's backward), then
 # * (x > 0) (ReLU's), in one pass; y is the block's output after dropout, > 0 exactly where both let through.
@@ -38,30 +40,35 @@ RELU_MASK_BACKWARD = ("T y, T mask", "T dy", "T t = dy * mask; dy = y > (T)0 ? t
                       "gpunet_relu_mask_backward")
 # One layer's whole update in one launch, over W's elements: the rule on W from W.grad, and in the threads
 # i < cols also b's gradient dy.sum(0) (the column sums of dy, written to b.grad) and the rule on b.
-_BIAS_SUM = "T s = 0; for (int r = 0; r < rows; ++r) s += dy[r * cols + i]; gb[i] = s; T db = s + wd * b[i];"
+# The L2 term only where weight decay is on, as the core (optimizers.Optimizer.gradient) adds it: 0 * w
+# is NaN for an infinite weight, where the core's rule (skipping it) keeps the weight infinite.
+_BIAS_SUM = ("T s = 0; for (int r = 0; r < rows; ++r) s += dy[r * cols + i]; gb[i] = s;"
+             " T db = wd != (T)0 ? s + wd * b[i] : s;")
 LAYER_MOMENTUM = (
     "raw T dy, int32 rows, int32 cols, T lr, T gamma, T wd, bool nesterov", "T w, T g, T v, raw T b, raw T vb, raw T gb",
-    "T d = g + wd * w; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d : v;"
+    "T d = wd != (T)0 ? g + wd * w : g; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d : v;"
     " if (i < cols) { " + _BIAS_SUM + " vb[i] = gamma * vb[i] + lr * db;"
     " b[i] -= nesterov ? gamma * vb[i] + lr * db : vb[i]; }", "gpunet_layer_momentum")
 LAYER_SGD = ("raw T dy, int32 rows, int32 cols, T lr, T wd", "T w, T g, raw T b, raw T gb",
-             "w -= lr * (g + wd * w); if (i < cols) { " + _BIAS_SUM + " b[i] -= lr * db; }", "gpunet_layer_sgd")
+             "w -= lr * (wd != (T)0 ? g + wd * w : g); if (i < cols) { " + _BIAS_SUM + " b[i] -= lr * db; }", "gpunet_layer_sgd")
 # The same rule when both gradients are already written (a distributed run's, summed over the ranks after
 # the backward pass; a BatchNorm's gamma and beta): over W's elements, and in the threads i < cols on b.
 LAYER_MOMENTUM_GIVEN = (
     "int32 cols, T lr, T gamma, T wd, bool nesterov", "T w, T g, T v, raw T b, raw T vb, raw T gb",
-    "T d = g + wd * w; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d : v;"
-    " if (i < cols) { T db = gb[i] + wd * b[i]; vb[i] = gamma * vb[i] + lr * db;"
+    "T d = wd != (T)0 ? g + wd * w : g; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d : v;"
+    " if (i < cols) { T db = wd != (T)0 ? gb[i] + wd * b[i] : gb[i]; vb[i] = gamma * vb[i] + lr * db;"
     " b[i] -= nesterov ? gamma * vb[i] + lr * db : vb[i]; }", "gpunet_layer_momentum_given")
 LAYER_SGD_GIVEN = ("int32 cols, T lr, T wd", "T w, T g, raw T b, raw T gb",
-                   "w -= lr * (g + wd * w); if (i < cols) { b[i] -= lr * (gb[i] + wd * b[i]); }",
+                   "w -= lr * (wd != (T)0 ? g + wd * w : g);"
+                   " if (i < cols) { b[i] -= lr * (wd != (T)0 ? gb[i] + wd * b[i] : gb[i]); }",
                    "gpunet_layer_sgd_given")
 # BatchNorm's normalisation of a block in training mode, after the column statistics (BATCH_NORM_STATS):
 # the Linear's bias added as the core adds it (y = x @ W + b, rounded), xhat = (y - mu) * inv_sigma kept for
 # the backward pass, then gamma * xhat + beta and, when ``relu``, the ReLU (NaN passes, as in BIAS_RELU).
 BATCH_NORM_APPLY = ("raw T b, raw T mu, raw T inv_sigma, raw T gamma, raw T beta, int32 cols, bool relu",
                     "T y, T xhat",
-                    "int j = i % cols; xhat = ((y + b[j]) - mu[j]) * inv_sigma[j]; T o = gamma[j] * xhat + beta[j];"
+                    "int j = i % cols; xhat = ((y + b[j]) - mu[j]) * inv_sigma[j];"
+                    " T o = gamma[j] * xhat + beta[j];"
                     " y = relu && o < (T)0 ? (T)0 : o;", "gpunet_batch_norm_apply")
 # Pixels' gather: rows idx of the uint8 images, as floats divided by 255, in one pass (no uint8 temporary).
 GATHER_SCALED = ("raw uint8 src, raw int64 idx, int32 cols, T divisor", "T out",
@@ -94,9 +101,12 @@ SOFTMAX_XENT_NAME = "gpunet_softmax_xent"
 
 # The training step's softmax cross-entropy: the same gradient rows, and in the same launch the batch's
 # mean loss and its sums for the epoch: loss_sum += sum of the row losses (in double) and correct += the
-# rows whose first largest logit is the label (argmax's choice). One block of SUMS_THREADS threads strides
-# over the rows and reduces in shared memory in a fixed order, so the sums are the same bits on every run
-# (atomics would add in a varying order, and a resumed GPU run would drift from an uninterrupted one).
+# rows whose argmax is the label, by NumPy's rule as the core counts (training.py's
+# ``out.argmax(axis=1)``): the first largest logit, or the first NaN where the row has one (a NaN
+# row's m is then NaN: its gradient and loss are NaN either way). One block of SUMS_THREADS threads
+# strides over the rows and reduces in shared memory in a fixed order, so the sums are the same bits
+# on every run (atomics would add in a varying order, and a resumed GPU run would drift from an
+# uninterrupted one).
 SUMS_THREADS = 256
 SOFTMAX_XENT_SUMS = r"""
 extern "C" __global__ void gpunet_softmax_xent_sums(const T* z, const long long* y, T* grad, T* mean,
@@ -111,7 +121,8 @@ extern "C" __global__ void gpunet_softmax_xent_sums(const T* z, const long long*
         T* gi = grad + (long long)i * c;
         T m = zi[0];
         int best = 0;
-        for (int j = 1; j < c; ++j) if (zi[j] > m) { m = zi[j]; best = j; }
+        for (int j = 1; j < c; ++j)
+            if (zi[j] > m || (zi[j] != zi[j] && m == m)) { m = zi[j]; best = j; }
         T s = 0;
         for (int j = 0; j < c; ++j) { T e = EXP(zi[j] - m); gi[j] = e; s += e; }
         const long long t = y[i];
@@ -166,7 +177,8 @@ extern "C" __global__ void gpunet_resample(const T* images, const T* maps, const
     const T fr = r - r0, fc = c - c0;
     const int ri = (int)r0, ci = (int)c0;
     const T* img = images + n * hw;
-    const bool up = ri >= 0, down = ri + 1 < h, left = ci >= 0, right = ci + 1 < w;
+    // r and c lie in [-1, H] x [-1, W]: a neighbour can be one before the image or at H / W (past it)
+    const bool up = ri >= 0 && ri < h, down = ri + 1 < h, left = ci >= 0 && ci < w, right = ci + 1 < w;
     const T v00 = up && left ? img[ri * w + ci] : (T)0, v01 = up && right ? img[ri * w + ci + 1] : (T)0;
     const T v10 = down && left ? img[(ri + 1) * w + ci] : (T)0;
     const T v11 = down && right ? img[(ri + 1) * w + ci + 1] : (T)0;
@@ -245,6 +257,14 @@ def raw_source(ctype: str, name: str) -> str:
     return f"typedef {ctype} T;\n#define FLOOR {fn[0]}\n#define SQRT {fn[1]}\n" + RAW[name]
 
 
+def ctype(dtype) -> str:
+    """The C type of the kernels for a network of ``dtype``; a clear TypeError for any other dtype."""
+    name = np.dtype(dtype).name
+    if name not in CTYPES:
+        raise TypeError(f"dtype: gpunet's CUDA kernels run float32 and float64 networks, got {name}")
+    return CTYPES[name]
+
+
 def softmax_xent_source(ctype: str, kernel: str = SOFTMAX_XENT) -> str:
     """The complete CUDA source of ``kernel`` (either softmax kernel) for ``ctype`` ("float" or "double"):
     expf/logf or exp/log, chosen here rather than left to C++ overloads under NVRTC."""
@@ -266,7 +286,7 @@ def _softmax_xent(ctype: str, sums: bool = False):
 
     if sums:
         return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT_SUMS), SOFTMAX_XENT_SUMS_NAME)
-    return cupy.RawKernel(softmax_xent_source(ctype), SOFTMAX_XENT_NAME)
+    return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT), SOFTMAX_XENT_NAME)
 
 
 @functools.lru_cache(maxsize=None)
@@ -315,10 +335,11 @@ def adam(w, g, m, v, scalars):
     _elementwise("adam")(g, *scalars, w, m, v)
 
 
-def dropout(y, mask, key, threshold, scale):
+def dropout(y, mask, key, threshold, scale, start=0):
     """``mask = (bits < threshold) * scale; y *= mask`` in place, with the bits of
-    :func:`gpunet.layers.dropout_bits` for ``key``; y and mask (N, C) of one float dtype."""
-    _elementwise("dropout")(np.uint64(key), np.uint32(threshold), y.dtype.type(scale), y, mask)
+    :func:`gpunet.layers.dropout_bits` for ``key`` from unit ``start`` on; y and mask (N, C) of one float
+    dtype."""
+    _elementwise("dropout")(np.uint64(key), np.uint64(start), np.uint32(threshold), y.dtype.type(scale), y, mask)
 
 
 def softmax_xent(z, labels, grad, loss_rows):
@@ -336,7 +357,7 @@ def softmax_xent(z, labels, grad, loss_rows):
         raise ValueError("softmax_xent: expected C-contiguous z, grad and loss_rows of one float dtype, got "
                          f"{z.dtype}/{grad.dtype}/{loss_rows.dtype} with shapes {z.shape}/{grad.shape}/{loss_rows.shape}")
     labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
-    _softmax_xent(CTYPES[z.dtype.name])(*softmax_xent_launch(z, labels, grad, loss_rows))
+    _softmax_xent(ctype(z.dtype))(*softmax_xent_launch(z, labels, grad, loss_rows))
     return grad, loss_rows
 
 
@@ -358,8 +379,8 @@ def softmax_xent_sums(z, labels, grad, mean, loss_sum, correct, rows=None):
     import cupy
 
     labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
-    _softmax_xent(CTYPES[z.dtype.name], True)(*softmax_xent_sums_launch(z, labels, grad, mean, loss_sum, correct,
-                                                                        rows))
+    _softmax_xent(ctype(z.dtype), True)(*softmax_xent_sums_launch(z, labels, grad, mean, loss_sum, correct,
+                                                                  rows))
     return grad, mean
 
 
@@ -387,7 +408,7 @@ def resample(images, maps, fields, shape):
     import cupy
 
     out = cupy.empty_like(images)
-    _raw(CTYPES[images.dtype.name], RESAMPLE_NAME)(*resample_launch(images, maps, fields, shape, out))
+    _raw(ctype(images.dtype), RESAMPLE_NAME)(*resample_launch(images, maps, fields, shape, out))
     return out
 
 
@@ -404,7 +425,7 @@ def resample_launch(images, maps, fields, shape, out):
 def batch_norm_stats(z, bias, mu, inv_sigma, running_mean, running_var, momentum, eps):
     """BatchNorm's column statistics of ``z + bias`` (z (N, F) C-contiguous), into mu and inv_sigma (F,),
     and its running statistics updated in place; one launch (see :data:`BATCH_NORM_STATS`)."""
-    _raw(CTYPES[z.dtype.name], BATCH_NORM_STATS_NAME)(
+    _raw(ctype(z.dtype), BATCH_NORM_STATS_NAME)(
         *batch_norm_stats_launch(z, bias, mu, inv_sigma, running_mean, running_var, momentum, eps))
 
 
@@ -428,7 +449,7 @@ def batch_norm_apply(y, xhat, bias, mu, inv_sigma, gamma, beta, relu):
 def batch_norm_backward(dy, y, mask, xhat, gamma, inv_sigma, dgamma, dbeta, relu):
     """BatchNorm's backward (with Dropout's and the ReLU's before it) in one launch: dy (N, F) becomes dx in
     place; dgamma, dbeta (F,) written (see :data:`BATCH_NORM_BACKWARD`)."""
-    _raw(CTYPES[dy.dtype.name], BATCH_NORM_BACKWARD_NAME)(
+    _raw(ctype(dy.dtype), BATCH_NORM_BACKWARD_NAME)(
         *batch_norm_backward_launch(dy, y, mask, xhat, gamma, inv_sigma, dgamma, dbeta, relu))
 
 

@@ -120,7 +120,7 @@ def dropout(layer, y, mask):
     buffer shaped like y, which one kernel draws, scales and applies; on the CPU the core's own (``mask``
     is None there: its NumPy draw is as fast)."""
     if get_array_module(y) is not np:
-        cuda.dropout(y, mask, layer.next_key(), layer.threshold, layer.scale)
+        cuda.dropout(y, mask, layer.next_key(), layer.threshold, layer.scale, layer.mask_start(y))
         return mask
     mask = layer.new_mask(y)
     y *= mask

@@ -15,15 +15,15 @@ is that of a float32 gather (it pays memory latency per row, not bytes: BENCHMAR
     fit(net, loss, opt, Pixels(x), y, validation=(Pixels(x_test), y_test))
 
 ``fit``, ``evaluate``, ``predict`` and ``predict_proba`` accept a ``Pixels`` wherever they accept features;
-any other features reach them through ``as_rows``, the front door (:mod:`gpunet.inputs`).
+any other features reach them through ``as_rows``, the front door (:mod:`gpunet.data.arrays`).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .backend import device_of, get_array_module, to_device
-from .fast import gather_scaled
-from .inputs import features
+from ..backend import device_of, get_array_module, to_device
+from ..fast import gather_scaled
+from .arrays import features
 
 
 class Pixels:
@@ -140,7 +140,7 @@ class Rows:
 def as_rows(x, dtype=None, device: str | None = None, name: str = "x"):
     """``x`` as ``Rows`` or ``Pixels`` of ``dtype`` on ``device`` (``None``: as they are; for other data,
     the features' own floating dtype, else float32). ``Rows`` and ``Pixels`` already so are returned
-    themselves; anything else goes through the front door, :func:`gpunet.inputs.features`."""
+    themselves; anything else goes through the front door, :func:`gpunet.data.arrays.features`."""
     if isinstance(x, Pixels):
         x = x if dtype is None or x.dtype == np.dtype(dtype) else Pixels(x.raw, dtype)
         return x if device is None else x.to(device)

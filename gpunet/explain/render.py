@@ -1,4 +1,4 @@
-"""Renderers of explain's record (:mod:`gpunet.explain`): plain text for a terminal, markdown with LaTeX
+"""Renderers of explain's record (:mod:`gpunet.explain.record`): plain text for a terminal, markdown with LaTeX
 for a report, and JSON. The record holds the numbers; this module only draws them.
 
 Each formula is written once, in the plain notation the text shows (``delta^L = f'(z^L) * (y^D - y^L)``);
@@ -17,7 +17,7 @@ import textwrap
 
 import numpy as np
 
-from .explain import to_json
+from .record import to_json
 
 WIDTH = 100  # a terminal's width: no text line is longer
 LABEL = 44   # a formula this short shares its line with a one-line value
@@ -204,7 +204,7 @@ def render_markdown(record: dict, digits: int | None = None, intro: str | None =
 
 
 def render_json(record: dict) -> str:
-    """The JSON text (:func:`gpunet.explain.to_json`): one key per line, each matrix on one line."""
+    """The JSON text (:func:`gpunet.explain.record.to_json`): one key per line, each matrix on one line."""
     return _dump(to_json(record), 0) + "\n"
 
 

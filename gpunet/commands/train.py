@@ -19,16 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, backend, checkpoint, fast, files, parallel, plots
-from .augment import DEFAULTS as AUGMENT_DEFAULTS, Augment
-from .batches import Pixels
-from .data import DataError, load_arrays, load_mnist, split_validation
-from .layers import Standardize
-from .losses import SoftmaxCrossEntropy
-from .network import Sequential, mlp
-from .optimizers import SGD, Adam, AdamW, Momentum, RMSprop
-from .schedules import make_schedule
-from .training import evaluate, fit, predict
+from .. import __version__, backend, checkpoint, fast, files, parallel, plots
+from ..augment import DEFAULTS as AUGMENT_DEFAULTS, Augment
+from ..callbacks import CSVLogger, TensorBoard, summary_writer
+from ..data.rows import Pixels
+from ..data import DataError
+from ..data.datasets import load_mnist, load_table, split_validation
+from ..layers import Standardize
+from ..losses import MSELoss, SoftmaxCrossEntropy
+from ..network import Sequential, mlp
+from ..optimizers import SGD, Adam, AdamW, Momentum, RMSprop
+from ..schedules import make_schedule
+from ..training import evaluate, fit, predict
 
 
 class ConfigError(ValueError):
@@ -42,7 +44,7 @@ class ResourceError(ValueError):
 CHECKPOINT = "checkpoint.npz"
 # settings a resumed run may change: how long, where, and what is drawn; every other one changes the run
 OUTPUTS = ("model.npz", "metrics.json", CHECKPOINT, "curves.png", "confusion.png", "misclassified.png")
-MAY_CHANGE_ON_RESUME = {"epochs", "device", "data_dir", "download", "plots"}
+MAY_CHANGE_ON_RESUME = {"epochs", "device", "data_dir", "download", "plots", "log_dir"}
 # each optimizer's own settings, with their defaults: PyTorch's, except the learning rates (0.05, the
 # measured recipe, for SGD and momentum; 1e-3, Keras' and PyTorch's Adam's, for the adaptive rules)
 OPTIMIZER_SETTINGS = {
@@ -81,7 +83,7 @@ class TrainConfig:
     init: str | None = None
     schedule: str = "cosine"
     step_size: int = 5
-    val_size: int = 5000
+    val_size: int | float | None = None  # None: 5000 rows of MNIST, 0.2 of a --data file's rows
     patience: int | None = None
     target_loss: float | None = None
     seed: int = 0
@@ -89,6 +91,7 @@ class TrainConfig:
     plots: bool = True
     data: str | None = None  # a .npz or CSV file of one's own, instead of the IDX folder
     label_column: str = "label"
+    task: str = "auto"  # a --data file: classifier, regressor, or auto (see data.encode_labels)
     scale: str = "standard"
     preset: str | None = None
     augment: bool = False
@@ -98,8 +101,11 @@ class TrainConfig:
     aug_shift: float = AUGMENT_DEFAULTS["shift"]
     aug_sigma: float = AUGMENT_DEFAULTS["sigma"]
     aug_alpha: float = AUGMENT_DEFAULTS["alpha"]
+    log_dir: str | None = None  # epochs.csv and TensorBoard's event files (callbacks.CSVLogger, TensorBoard)
 
     def __post_init__(self):
+        if self.val_size is None:
+            self.val_size = 0.2 if self.data is not None else 5000
         for name, value in OPTIMIZER_SETTINGS.get(self.optimizer, {}).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -124,7 +130,7 @@ def data_folder(data_dir, download: bool) -> Path | None:
     return folder
 
 
-def load_data(data_dir=None, download=False):
+def load_data(data_dir=None, download=False, splits=("train", "test")):
     """MNIST as uint8 images and int64 labels: ``((x_train, y_train), (x_test, y_test))``.
 
     ``data_dir`` (else ``GPUNET_DATA``, else the cache folder); a folder that was not named explicitly is
@@ -132,8 +138,8 @@ def load_data(data_dir=None, download=False):
     """
     folder = data_folder(data_dir, download)
     explicit = folder is not None or bool(os.environ.get("GPUNET_DATA"))
-    # the images stay bytes (a quarter of float32's memory), read as float32 batch by batch: see batches.py
-    return load_mnist(folder, download=download or not explicit, dtype=np.uint8)
+    # the images stay bytes (a quarter of float32's memory), read as float32 batch by batch: see data/rows.py
+    return load_mnist(folder, download=download or not explicit, dtype=np.uint8, splits=splits)
 
 
 # ``gpunet train --preset NAME``: defaults for a whole recipe (flags given explicitly still win). "best" was
@@ -291,12 +297,13 @@ def _out_of_memory(exc, config, ckpt) -> ResourceError:
 
 
 def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, resume=False, overwrite=False,
-          checkpoint_every: int = 1, interrupt=None) -> dict:
+          checkpoint_every: int = 1, interrupt=None, callbacks=()) -> dict:
     """Run the recipe; write model.npz, metrics.json and the pictures into ``out``; return the metrics.
 
     ``out/checkpoint.npz`` is written every ``checkpoint_every`` epochs; ``resume=True`` continues from it
     (settings checked against it); ``interrupt()`` stops the run at a step boundary (``training.Interrupted``
     is raised after the checkpoint is written). A diverged run returns with ``stop_reason == "diverged"``.
+    ``callbacks`` go to ``fit`` (before the logs of ``config.log_dir``).
     """
     check(config)
     comm = _join_ranks(config, out, resume, overwrite)
@@ -308,10 +315,9 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     ckpt = out / CHECKPOINT
     meta = check_out_folder(out, config, resume, overwrite, lead)
     started = time.perf_counter()
-    (x_tr, y_tr), (x_val, y_val), (x_test, y_test), data, scaled = _load(config, out, meta, comm, log)
-    classes = int(max(y_tr.max(), y_val.max() if len(y_val) else 0, y_test.max())) + 1
+    (x_tr, y_tr), (x_val, y_val), (x_test, y_test), data, table = _load(config, out, meta, comm, log)
+    classes, loss = _outputs(table, y_tr, y_val, y_test)
     net, opt, schedule = build(config, x_tr.shape[1], classes, device)
-    loss = SoftmaxCrossEntropy()
     why_not = fast.why_not(net, loss, opt, y_tr)  # a BatchNorm network or RMSprop runs the core's step
     info = backend.describe_device(device)
     log(_start_line(config, device, info, [x_tr.shape[1], *config.hidden, classes],
@@ -323,17 +329,21 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
                       callback=on_epoch, on_batch=on_batch, checkpoint_path=ckpt, resume=meta is not None,
                       checkpoint_every=checkpoint_every, interrupt=interrupt,
                       run_info={"config": asdict(config), "data": data}, comm=comm,
-                      augment=augmentation(config, x_tr.shape[1]))
+                      augment=augmentation(config, x_tr.shape[1]),
+                      callbacks=[*callbacks, *training_logs(config.log_dir, log)])
     except Exception as exc:
         # MemoryError, or CuPy's OutOfMemoryError (tested by name: CuPy may not be installed)
         if not isinstance(exc, MemoryError) and type(exc).__name__ != "OutOfMemoryError":
             raise
         raise _out_of_memory(exc, config, ckpt) from exc
-    test = evaluate(net, loss, x_test, y_test, metrics=True, comm=comm)
+    model = net if table is None else _table_model(net, table, config)
+    # a --data model is tested as it is saved: raw features in, labels (or targets in their units) out
+    raw_test = (x_test, y_test) if table is None else table["raw_test"]
+    test = evaluate(model, loss, *raw_test, metrics=True, comm=comm)
     result = _metrics(config, device, info, why_not, history, test, ckpt, time.perf_counter() - started)
-    if lead:  # a --data model takes the features as they are: its scaling goes first
-        model = net if scaled is None else Sequential(scaled, *net.layers)
-        model.classifies = True
+    if table is not None:
+        result.update(task=table["task"], classes=table["classes"], feature_names=table["feature_names"])
+    if lead:
         model.save(result["model"])
     result["pictures"] = _pictures(config, lead, log, out, history, test, net, x_test, y_test)
     if comm is not None:
@@ -342,6 +352,45 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
         write_json(out / "metrics.json", result)
     _last_lines(log, result, out)
     return result
+
+
+def _outputs(table, y_tr, y_val, y_test):
+    """``(outputs, loss)``: a regressor's target count and MSE; a classifier's class count and softmax
+    cross-entropy (the classes a table's labels name, else the largest label + 1)."""
+    if table is not None and table["task"] == "regressor":
+        return (1 if y_tr.ndim == 1 else y_tr.shape[1]), MSELoss()
+    if table is not None and table["classes"]:
+        return len(table["classes"]), SoftmaxCrossEntropy()
+    return int(max(y_tr.max(), y_val.max() if len(y_val) else 0, y_test.max())) + 1, SoftmaxCrossEntropy()
+
+
+def _table_model(net, table: dict, config: TrainConfig):
+    """The model a --data run saves: its feature scaling first (features go in as they are), a
+    regressor's target scaling undone last (outputs in the target's units), and what it keeps of the
+    table (feature names, class names, label column)."""
+    layers = ([table["scaling"]] if table["scaling"] is not None else []) + list(net.layers)
+    if table["target_scaling"] is not None:  # y = z * std + mean, as Standardize: (z - (-mean/std)) / (1/std)
+        mean, std = table["target_scaling"]
+        layers.append(Standardize(-mean / std, 1 / std))
+    model = Sequential(*layers)
+    model.classifies = table["task"] != "regressor"
+    model.feature_names, model.classes = table["feature_names"], table["classes"]
+    model.label_column = config.label_column if str(config.data).lower().endswith(".csv") else None
+    return model
+
+
+def training_logs(log_dir, log=print) -> list:
+    """The callbacks of ``--log-dir DIR``: ``DIR/epochs.csv`` and, with tensorboardX installed, TensorBoard's
+    event files in DIR (without it, a note says how to get them)."""
+    if log_dir is None:
+        return []
+    logs = [CSVLogger(Path(log_dir) / "epochs.csv")]
+    try:
+        summary_writer()
+    except ImportError as exc:
+        log(f"note: no TensorBoard event files in {log_dir}: {exc}")
+        return logs
+    return logs + [TensorBoard(log_dir)]
 
 
 def _join_ranks(config: TrainConfig, out, resume: bool, overwrite: bool):
@@ -361,8 +410,10 @@ def _load(config: TrainConfig, out: Path, meta, comm, log=print):
     IDX images; a --data file's features scaled by ``scaling``, a :class:`Standardize` or None), the data
     checked to be the checkpoint's (when resuming) and every rank's. A --data file without a test set is
     tested on the validation set."""
+    table = None
     if config.data is not None:
-        (x_train, y_train), test = load_arrays(config.data, config.label_column)
+        table = load_table(config.data, config.label_column, config.task)
+        (x_train, y_train), test = table["train"], table["test"]
     else:
         (x_train, y_train), test = load_data(config.data_dir, config.download)
     data = fingerprint(x_train, y_train, x_train[:0] if test is None else test[0])
@@ -376,16 +427,26 @@ def _load(config: TrainConfig, out: Path, meta, comm, log=print):
     if test is None and not config.val_size:
         raise ConfigError(f"--val-size: expected at least 1: {config.data} holds no test set, so the validation "
                           f"set is the test set, got 0")
-    (x_tr, y_tr), (x_val, y_val) = split_validation(x_train, y_train, config.val_size)
-    if config.data is None:
+    # a table's rows are often sorted by class: its validation rows are drawn (seeded by --seed), MNIST's
+    # are its last 5,000 as always
+    seed = None if config.data is None else config.seed
+    (x_tr, y_tr), (x_val, y_val) = split_validation(x_train, y_train, config.val_size, seed=seed)
+    if config.data is None or table is None:
         return (Pixels(x_tr), y_tr), (Pixels(x_val), y_val), (Pixels(test[0]), test[1]), data, None
+    log(f"task: {table['task']}" + (" (inferred: the labels are numbers, not all whole; --task sets it)"
+                                    if config.task == "auto" and table["task"] == "regressor" else ""))
     if test is None:
         log(f"note: {config.data} holds no test set (x_test, y_test): the test figures are the validation set's")
         test = (x_val, y_val)
     scaled = scaling(config.scale, x_tr)
+    table.update(scaling=scaled, raw_test=test, target_scaling=None)
+    if table["task"] == "regressor":  # trained on standard targets; the model file's last layer undoes it
+        mean, std = y_tr.mean(axis=0), np.where(y_tr.std(axis=0) > 0, y_tr.std(axis=0), 1.0)
+        table["target_scaling"] = (np.atleast_1d(mean), np.atleast_1d(std))
+        y_tr, y_val, test = (y_tr - mean) / std, (y_val - mean) / std, (test[0], (test[1] - mean) / std)
     sets = [(x, y) if scaled is None else ((x - scaled.shift) / scaled.scale, y)
             for x, y in ((x_tr, y_tr), (x_val, y_val), test)]
-    return (*sets, data, scaled)
+    return (*sets, data, table)
 
 
 def _start_line(config, device, info, sizes, counts, meta, comm, why_not) -> str:
@@ -405,13 +466,21 @@ def _metrics(config, device, info, why_not, history, test, ckpt: Path, wall: flo
         "versions": versions(),
         "history": history.epochs, "stop_reason": history.stop_reason, "best_epoch": history.best_epoch,
         "diverged_epoch": history.diverged_epoch, "checkpoint": str(ckpt),
-        "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-        "per_class": {k: test[k] for k in ("precision", "recall", "f1", "support")},
-        "macro": {k: test["macro_" + k] for k in ("precision", "recall", "f1")},
-        "confusion_matrix": test["confusion_matrix"], "wall_seconds": wall,
+        "test_loss": test["loss"], **_test_figures(test), "wall_seconds": wall,
         "mean_epoch_seconds": float(np.mean([h["seconds"] for h in history.epochs])),
+        "epochs_seconds": float(np.sum([h["seconds"] for h in history.epochs])),
         "model": str(ckpt.parent / "model.npz"),
     }
+
+
+def _test_figures(test: dict) -> dict:
+    """A classifier's accuracy, per-class table and confusion matrix; a regressor's mse, mae and r2."""
+    if "accuracy" not in test:
+        return {f"test_{k}": test[k] for k in ("mse", "mae", "r2")}
+    return {"test_accuracy": test["accuracy"],
+            "per_class": {k: test[k] for k in ("precision", "recall", "f1", "support")},
+            "macro": {k: test["macro_" + k] for k in ("precision", "recall", "f1")},
+            "confusion_matrix": test["confusion_matrix"]}
 
 
 def _pictures(config, lead: bool, log, out: Path, history, test, net, x_test, y_test) -> list:
@@ -422,6 +491,8 @@ def _pictures(config, lead: bool, log, out: Path, history, test, net, x_test, y_
         log("note: matplotlib is not installed, so no pictures were drawn (pip install 'gpunet[cli]')")
         return []
     plots.curves(history.epochs, out / "curves.png")
+    if "confusion_matrix" not in test:  # a regressor: no classes to confuse
+        return ["curves.png"]
     plots.confusion(test["confusion_matrix"], out / "confusion.png")
     if not isinstance(x_test, Pixels):  # features of one's own: no digits to show
         return ["curves.png", "confusion.png"]
@@ -434,6 +505,9 @@ def _last_lines(log, result: dict, out: Path) -> None:
     if result["stop_reason"] == "diverged":
         log(f"the training loss became NaN or infinite in epoch {result['diverged_epoch']}: the weights of the "
             f"last finished epoch were kept")
-    log(f"test accuracy {result['test_accuracy']:.4f} (loss {result['test_loss']:.4f}); stopped by "
-        f"{result['stop_reason']}; {result['mean_epoch_seconds']:.2f}s per epoch, {result['wall_seconds']:.1f}s in all")
+    figure = (f"test accuracy {result['test_accuracy']:.4f}" if "test_accuracy" in result else
+              f"test mse {result['test_mse']:.4g}, mae {result['test_mae']:.4g}, r2 {result['test_r2']:.4f}")
+    log(f"{figure} (loss {result['test_loss']:.4f}); stopped by {result['stop_reason']}; "
+        f"{result['mean_epoch_seconds']:.2f}s per epoch over all {len(result['history'])} epochs, "
+        f"{result['wall_seconds']:.1f}s in this session")
     log(f"wrote {result['model']}, {out / 'metrics.json'}" + "".join(f", {out / p}" for p in result["pictures"]))

@@ -8,7 +8,7 @@ Nothing is recomputed here: each layer's public ``forward(x)`` and ``backward(dy
 ``optimizer.step()``. The only numbers derived here are notation: the notes' delta and corrections (from
 the library's gradient, below), the one-hot ``y^D`` of class labels, the change ``new - old`` of each
 parameter, and, for the cross-entropy cost, the probabilities ``y^L`` of the library's own ``Softmax``.
-This is the record only; :mod:`gpunet.explain_render` prints it as text, markdown or JSON.
+This is the record only; :mod:`gpunet.explain.render` prints it as text, markdown or JSON.
 
 Notation (course notes): ``x = y^0`` the input; layer ``s`` has weights ``W^s`` (inputs x outputs, as in
 ``Linear``) and biases ``b^s``; ``z^s = b^s + y^(s-1) W^s`` is its weighted sum and ``y^s = f(z^s)`` its
@@ -56,12 +56,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import device_of, get_array_module, on_device_of_net, to_device, to_numpy
-from .files import strict
-from .inputs import features
-from .layers import BatchNorm, Dropout, Linear, ReLU, Sigmoid, Softmax, Tanh
-from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
-from .optimizers import Optimizer
+from ..backend import device_of, get_array_module, on_device_of_net, to_device, to_numpy
+from ..files import strict
+from ..data.arrays import features
+from ..layers import BatchNorm, Dropout, Linear, ReLU, Sigmoid, Softmax, Tanh
+from ..losses import MAELoss, MSELoss, SoftmaxCrossEntropy
+from ..optimizers import Optimizer
 
 SCHEMA = "gpunet-explain/2"
 ELEMENTWISE = (ReLU, Sigmoid, Tanh, Dropout)  # backward of ones gives f' elementwise
@@ -146,7 +146,7 @@ def _prepare(x, y, dtype, device, inputs):
         host = to_numpy(x)
     except ValueError:  # ragged rows: the front door names them
         host = x
-    x = features(host.reshape(1, -1) if getattr(host, "ndim", 2) == 1 else host, dtype, "cpu")  # gpunet.inputs
+    x = features(host.reshape(1, -1) if getattr(host, "ndim", 2) == 1 else host, dtype, "cpu")  # gpunet.data.arrays
     if x.shape[1] != inputs:
         raise ValueError(f"x: expected shape (N, {inputs}) or ({inputs},), got {x.shape}")
     t = to_numpy(y)

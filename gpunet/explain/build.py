@@ -15,8 +15,8 @@ import json
 
 import numpy as np
 
-from .layers import ACTIVATIONS, Linear
-from .network import Sequential, mlp
+from ..layers import ACTIVATIONS, Linear
+from ..network import Sequential, mlp
 
 EXAMPLE = {
     "weights": {"layers": [{"W": [[0.15, 0.25], [0.20, 0.30]], "b": [0.35, 0.35]},

@@ -1,7 +1,7 @@
 """The IDX file format (the MNIST files'): read and write 1-4 dimensional arrays, raw or gzipped.
 
 Images come out as float32 (N, rows*cols) in [0, 1] (or as the raw uint8 bytes, for
-:class:`gpunet.batches.Pixels`), labels as int64 (N,). Problems raise :class:`DataError`, naming the file.
+:class:`gpunet.data.rows.Pixels`), labels as int64 (N,). Problems raise :class:`DataError`, naming the file.
 """
 from __future__ import annotations
 
@@ -15,11 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import files
-
-
-class DataError(ValueError):
-    """A data file is missing, unreadable or malformed; the message names the file and the problem."""
+from .. import files
+from . import DataError
 
 
 # IDX type code -> on-disk dtype (IDX stores multi-byte values big-endian).
@@ -148,7 +145,7 @@ def write_idx(path, array) -> None:
 
 def load_idx_images(path, dtype=np.float32) -> np.ndarray:
     """Read a 3-D uint8 IDX file (N, rows, cols) as an array (N, rows*cols) of `dtype` in [0, 1], or of
-    the raw 0..255 bytes for ``dtype=np.uint8`` (wrap those in :class:`gpunet.batches.Pixels` to train).
+    the raw 0..255 bytes for ``dtype=np.uint8`` (wrap those in :class:`gpunet.data.rows.Pixels` to train).
 
     The output is allocated once and filled chunk by chunk while the file streams in, so the peak memory
     is the output plus a few MB (never a float64 copy nor the whole uint8 payload).

@@ -2,9 +2,9 @@
 loading them, and splitting off a validation set.
 
 Any folder holding the four MNIST file names (raw or .gz) loads the same way, so Fashion-MNIST and the
-like work unchanged. The file format itself is :mod:`gpunet.idx`, the one gpunet module imported here
+like work unchanged. The file format itself is :mod:`gpunet.data.idx`, the one gpunet module imported here
 (beside NumPy and the standard library). Data problems raise DataError. Pictures for prediction (image
-files) are in :mod:`gpunet.images`. Data sets of one's own, as ``.npz`` or CSV files (``gpunet train
+files) are in :mod:`gpunet.data.pictures`. Data sets of one's own, as ``.npz`` or CSV files (``gpunet train
 --data``), are read by :func:`load_arrays`.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .idx import GZIP_MAGIC, DataError, atomic_write, load_idx_images, load_idx_labels, open_idx
+from . import DataError
+from .idx import GZIP_MAGIC, atomic_write, load_idx_images, load_idx_labels, open_idx
 
 MNIST_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
                "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
@@ -47,8 +48,9 @@ def resolve_data_dir(data_dir=None) -> Path:
     return Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
 
 
-def _missing(folder: Path) -> list[str]:
-    return [n for n in MNIST_FILES.values() if not any((folder / f).is_file() for f in (n, f"{n}.gz"))]
+def _missing(folder: Path, splits=("train", "test")) -> list[str]:
+    return [n for k, n in MNIST_FILES.items() if k.split("_")[0] in splits
+            and not any((folder / f).is_file() for f in (n, f"{n}.gz"))]
 
 
 def _where_to_put(folder: Path) -> str:
@@ -56,11 +58,12 @@ def _where_to_put(folder: Path) -> str:
             f"or select the folder holding them with GPUNET_DATA or --data-dir.")
 
 
-def find_mnist_files(folder) -> dict[str, Path]:
-    """Map each key of MNIST_FILES to NAME or NAME.gz in `folder` (the raw file wins if both exist)."""
-    if missing := _missing(folder := Path(folder)):
+def find_mnist_files(folder, splits=("train", "test")) -> dict[str, Path]:
+    """Map each key of MNIST_FILES (of ``splits``) to NAME or NAME.gz in `folder` (the raw file wins)."""
+    if missing := _missing(folder := Path(folder), splits):
         raise DataError(f"MNIST files missing in {folder}: {', '.join(missing)} (each as NAME or NAME.gz)")
-    return {k: folder / n if (folder / n).is_file() else folder / f"{n}.gz" for k, n in MNIST_FILES.items()}
+    return {k: folder / n if (folder / n).is_file() else folder / f"{n}.gz" for k, n in MNIST_FILES.items()
+            if k.split("_")[0] in splits}
 
 
 def _md5_of(path: Path) -> str:
@@ -71,26 +74,27 @@ def _md5_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_mnist(data_dir=None, *, download=True, verify=False, dtype=np.float32):
+def load_mnist(data_dir=None, *, download=True, verify=False, dtype=np.float32, splits=("train", "test")):
     """Load MNIST, or any dataset stored under its file names, from :func:`resolve_data_dir`.
 
     Returns ``((x_train, y_train), (x_test, y_test))``: x of `dtype` (N, rows*cols) in [0, 1] (or the raw
-    0..255 bytes for ``dtype=np.uint8``, to wrap in :class:`gpunet.batches.Pixels`), y int64 (N,). Missing
-    files are downloaded if `download`; `verify` checks the files against MNIST_MD5.
+    0..255 bytes for ``dtype=np.uint8``, to wrap in :class:`gpunet.data.rows.Pixels`), y int64 (N,). Missing
+    files are downloaded if `download`; `verify` checks the files against MNIST_MD5. ``splits=("test",)``
+    reads (and downloads) only the t10k files and returns ``((x_test, y_test),)``.
     """
     folder = resolve_data_dir(data_dir)
-    if (missing := _missing(folder)) and not download:
+    if (missing := _missing(folder, splits)) and not download:
         raise DataError(f"MNIST files missing in {folder}: {', '.join(missing)}. {_where_to_put(folder)}")
     if missing:
-        download_mnist(folder)
-    files = find_mnist_files(folder)
+        download_mnist(folder, splits=splits)
+    files = find_mnist_files(folder, splits)
     for path in files.values() if verify else ():
         want = MNIST_MD5[path.name.removesuffix(".gz")]
         if (got := _md5_of(path)) != want:
             raise DataError(f"{path}: MD5 of the decompressed data is {got}, expected {want} "
                             f"(not the original MNIST file; load other datasets without verify)")
     result = []
-    for split in ("train", "test"):
+    for split in splits:
         x_path, y_path = files[f"{split}_images"], files[f"{split}_labels"]
         x, y = load_idx_images(x_path, dtype), load_idx_labels(y_path)
         if len(x) != len(y):
@@ -99,7 +103,8 @@ def load_mnist(data_dir=None, *, download=True, verify=False, dtype=np.float32):
     return tuple(result)
 
 
-def download_mnist(data_dir=None, *, mirrors=MNIST_MIRRORS, timeout=30.0, md5=MNIST_MD5) -> Path:
+def download_mnist(data_dir=None, *, mirrors=MNIST_MIRRORS, timeout=30.0, md5=MNIST_MD5,
+                   splits=("train", "test")) -> Path:
     """Download the missing MNIST files into the folder (created if needed); return the folder.
 
     Each file is tried on each mirror in turn (URL = mirror + NAME + ".gz"); the MD5 of its decompressed
@@ -110,7 +115,7 @@ def download_mnist(data_dir=None, *, mirrors=MNIST_MIRRORS, timeout=30.0, md5=MN
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"cannot create the data folder {folder} ({exc}). {_where_to_put(folder)}") from exc
-    for name in _missing(folder):
+    for name in _missing(folder, splits):
         errors = []
         for mirror in mirrors:
             url = f"{mirror}{name}.gz"
@@ -213,37 +218,107 @@ def _npz_arrays(path: Path):
 
 
 def _csv_arrays(path: Path, label_column: str):
+    x, cells, _ = read_csv(path, label_column)
+    y = np.array([_number(path, i + 2, label_column, c) for i, c in enumerate(cells)])
+    return _xy(path, x, y, f"features and column {label_column!r}")
+
+
+def _number(path, line, column, cell) -> float:
+    try:
+        return float(cell)
+    except ValueError:
+        raise DataError(f"{path}: line {line}, column {column!r}: expected a number, got {cell!r}") from None
+
+
+def read_csv(path, label_column: str | None, need_label: bool = True):
+    """A CSV file with a header row: ``(x, labels, feature_names)``, x float64 (N, F) of every column but
+    ``label_column``, finite (NaN, blanks and infinities refused by line and column), ``labels`` that
+    column's cells as they are written (strings; None when the file lacks it and ``need_label`` is false)."""
+    path = Path(path)
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     if len(rows) < 2:
         raise DataError(f"{path}: expected a header row and at least one example, got {len(rows)} rows")
     header = [h.strip() for h in rows[0]]
-    if label_column not in header:
+    if label_column not in header and need_label:
         raise DataError(f"{path}: no column named {label_column!r} for the labels (--label-column); the "
                         f"columns are {header}")
-    at = header.index(label_column)
-    values = np.empty((len(rows) - 1, len(header)), dtype=np.float64)
+    at = header.index(label_column) if label_column in header else None
+    names = [h for j, h in enumerate(header) if j != at]
+    values = np.empty((len(rows) - 1, len(names)), dtype=np.float64)
+    labels = []
     for i, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise DataError(f"{path}: line {i}: expected {len(header)} values like the header, got {len(row)}")
-        for j, cell in enumerate(row):
-            try:
-                values[i - 2, j] = float(cell)
-            except ValueError:
-                raise DataError(f"{path}: line {i}, column {header[j]!r}: expected a number, got "
-                                f"{cell!r}") from None
-    x = np.delete(values, at, axis=1)
-    return _xy(path, x, values[:, at], f"features and column {label_column!r}")
+        if at is not None:
+            labels.append(row[at].strip())
+        cells = [c for j, c in enumerate(row) if j != at]
+        for j, cell in enumerate(cells):
+            values[i - 2, j] = v = _number(path, i, names[j], cell)
+            if not np.isfinite(v):
+                raise DataError(f"{path}: line {i}, column {names[j]!r}: expected a finite number, got "
+                                f"{cell!r}; drop or fill the missing values first")
+    return values, (labels if at is not None else None), names
 
 
-def load_rows(path, features: int, label_column: str = "label"):
+def encode_labels(path, cells, task: str = "auto", classes=None):
+    """A label column's cells -> ``(y, task, classes)``. ``task`` "regressor": float64 targets;
+    "classifier": int64 indices into ``classes`` (given: a model's; else integers 0..C-1 as they are, or
+    the sorted distinct labels, as scikit-learn's estimators encode them); "auto": a regressor when the
+    labels are numbers not all whole, else a classifier."""
+    try:
+        numbers = np.array([float(c) for c in cells])
+    except ValueError:
+        numbers = None
+    whole = numbers is not None and bool(np.all(np.isfinite(numbers) & (numbers == np.round(numbers))))
+    if task == "auto":
+        task = "regressor" if numbers is not None and not whole else "classifier"
+    if task == "regressor":
+        if numbers is None or not np.isfinite(numbers).all():
+            bad = next(c for c in cells if numbers is None or not np.isfinite(float(c)))
+            raise DataError(f"{path}: expected finite numbers as regression targets, got {bad!r}")
+        return numbers, task, None
+    if numbers is not None and not whole and classes is None:
+        raise DataError(f"{path}: expected class labels, got numbers that are not whole ({cells[0]!r}, ...); "
+                        f"pass --task regressor for a regression target")
+    if classes is not None:
+        index = {str(c): k for k, c in enumerate(classes)}
+        by_number = numbers is not None and whole and all(isinstance(c, int) for c in classes)
+        keys = [str(int(v)) for v in numbers] if by_number and numbers is not None else cells
+        unknown = sorted({k for k in keys if k not in index})
+        if unknown:
+            raise DataError(f"{path}: labels the model does not know: {unknown[:5]} (its classes: {classes})")
+        return np.array([index[k] for k in keys], dtype=np.int64), task, list(classes)
+    if numbers is not None and whole and numbers.min() >= 0:
+        return numbers.astype(np.int64), task, None
+    labels = numbers.astype(np.int64) if numbers is not None and whole else np.array(cells)
+    found, y = np.unique(labels, return_inverse=True)
+    return y.astype(np.int64), task, [int(c) if whole else str(c) for c in found]
+
+
+def by_header(path, x, names, want, ignore=None):
+    """``x``'s columns (named ``names``) in the order ``want`` (a model's feature names); a column the
+    model lacks or misses is refused in one line naming them (``ignore``, the label column, may be there)."""
+    if want is None or names == list(want):
+        return x
+    missing = [n for n in want if n not in names]
+    extra = [n for n in names if n not in want and n != ignore]
+    if missing or extra:
+        raise DataError(f"{path}: expected the {len(want)} feature columns the model was trained on, got "
+                        f"missing {missing} and extra {extra}")
+    return x[:, [names.index(n) for n in want]]
+
+
+def load_rows(path, features: int, label_column: str = "label", feature_names=None):
     """Feature rows to predict from, as they are (float64 (N, features)): a ``.npy`` array (N, features) or
-    (features,), or a CSV file with a header row (its ``label_column``, if there, is left out)."""
+    (features,), or a CSV file with a header row (its ``label_column``, if there, is left out; its columns
+    taken by name when ``feature_names`` are given)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"file not found: {path}")
-    if path.suffix.lower() == ".csv":
-        x, _ = _csv_arrays(path, label_column) if _has_column(path, label_column) else _csv_features(path)
+    if path.suffix.lower() == ".csv":  # the label column, if there, is left out: predict ignores it
+        x, _, header = read_csv(path, label_column, need_label=False)
+        x = by_header(path, x, header, feature_names)
     elif path.suffix.lower() == ".npy":
         try:
             x = np.load(path, allow_pickle=False)
@@ -257,17 +332,43 @@ def load_rows(path, features: int, label_column: str = "label"):
     return x.astype(np.float64)
 
 
-def _has_column(path: Path, name: str) -> bool:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return name in [h.strip() for h in next(csv.reader(f), [])]
+def load_table(path, label_column: str = "label", task: str = "auto", classes=None, feature_names=None):
+    """A data set of one's own with what a model keeps of it: ``{"train": (x, y), "test": (x, y) or None,
+    "feature_names", "classes", "task"}``; x float64 (N, F), y int64 class indices or float64 targets
+    (see :func:`encode_labels`). ``feature_names`` (a model's) puts a CSV's columns in that order."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    if path.suffix.lower() == ".csv":
+        x, cells, names = read_csv(path, label_column)
+        x = by_header(path, x, names, feature_names)
+        y, task, classes = encode_labels(path, cells, task, classes)
+        return {"train": (x, y), "test": None, "feature_names": list(feature_names or names),
+                "classes": classes, "task": task}
+    if path.suffix.lower() != ".npz":
+        raise DataError(f"{path}: expected a .npz or .csv file, got {path.suffix.lower() or 'no suffix'}")
+    with np.load(path, allow_pickle=False) as f:
+        y = f["y_train"] if "y_train" in f.files else np.zeros(0)
+    whole = y.dtype.kind in "biu" or bool(np.all(y == np.round(y)))
+    if task == "regressor" or (task == "auto" and not whole):
+        return {**_npz_targets(path), "feature_names": None, "classes": None, "task": "regressor"}
+    train, test = _npz_arrays(path)
+    return {"train": train, "test": test, "feature_names": None, "classes": classes, "task": "classifier"}
 
 
-def _csv_features(path: Path):
-    """A CSV file of features only (a header row, then one example per row): ``(x, None)``."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))[1:]
-    try:
-        x = np.array([[float(c) for c in r] for r in rows], dtype=np.float64)
-    except ValueError as exc:  # a word among the numbers, or rows of different lengths
-        raise DataError(f"{path}: expected rows of numbers after the header row ({exc})") from None
-    return x, None
+def _npz_targets(path: Path) -> dict:
+    """A ``.npz`` of regression targets: x float64 (N, F), y float64 (N,) or (N, outputs), finite."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k].astype(np.float64) for k in f.files}
+    sets = {}
+    for split in ("train", "test"):
+        if f"x_{split}" in arrays:
+            x, y = arrays[f"x_{split}"], arrays.get(f"y_{split}")
+            if y is None or x.ndim != 2 or len(x) != len(y) or not (np.isfinite(x).all()
+                                                                      and np.isfinite(y).all()):
+                raise DataError(f"{path}: expected finite x_{split} (N, features) and y_{split} (N,) or "
+                                f"(N, outputs)")
+            sets[split] = (x, y)
+    if "train" not in sets:
+        raise DataError(f"{path}: expected arrays x_train and y_train, got {sorted(arrays)}")
+    return {"train": sets["train"], "test": sets.get("test")}

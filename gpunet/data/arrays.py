@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import device_of, get_array_module, to_device, to_numpy
+from ..backend import device_of, get_array_module, to_device, to_numpy
 
 
 def _host_array(x, name: str):
@@ -42,8 +42,48 @@ def _real(a, dtype, name: str):
     raise TypeError(f"{name}: expected real numbers, got {what} ({a.dtype}); convert or encode them first")
 
 
+def columns_of(x) -> list | None:
+    """The column names of a data frame ``x`` (pandas, polars) as strings; None for anything else."""
+    cols = getattr(x, "columns", None)
+    return None if cols is None or isinstance(x, np.ndarray) else [str(c) for c in cols]
+
+
+def by_name(x, names, name: str = "x"):
+    """``x`` with its columns in the order ``names`` (the features a model was trained on) when ``x`` is a
+    data frame holding exactly those columns; ``x`` itself when it has no names or no names are known.
+    Other columns are refused in one line naming the missing and the extra ones."""
+    cols = columns_of(x)
+    if names is None or cols is None or cols == list(names):
+        return x
+    missing, extra = [c for c in names if c not in cols], [c for c in cols if c not in names]
+    if missing or extra:
+        raise ValueError(f"{name}: expected the {len(names)} feature columns the model was trained on, got "
+                         f"missing {missing} and extra {extra}")
+    return x[list(names)]
+
+
+def check_finite(a, name: str = "x", columns=None) -> None:
+    """Refuse NaN or an infinity in the real array ``a`` (N,) or (N, F), naming the first bad row and
+    column (by name when ``columns`` are given)."""
+    xp = get_array_module(a)
+    if a.dtype.kind != "f" or bool(xp.isfinite(a).all()):
+        return
+    bad = np.argwhere(~np.isfinite(to_numpy(a)))[0]
+    row = int(bad[0])
+    value = to_numpy(a)[tuple(bad)]
+    where = f"row {row}"
+    if len(bad) > 1:
+        col = int(bad[1])
+        named = columns is not None and col < len(columns)
+        where += f", column {columns[col]!r}" if named else f", column {col}"
+    raise ValueError(f"{name}: expected finite numbers, got {value} at {where} (0-based); drop or fill the "
+                     f"missing values first")
+
+
 def features(x, dtype=np.float32, device: str = "cpu", name: str = "x"):
-    """Any 2-D real array-like (N, F) -> a C-contiguous (N, F) array of ``dtype`` on ``device``."""
+    """Any 2-D real array-like (N, F) -> a C-contiguous (N, F) array of ``dtype`` on ``device``; NaN and
+    infinities (also those of a float64 value too large for float32) refused by row and column."""
+    cols = columns_of(x)
     a = _host_array(x, name)
     if a.ndim != 2:
         hint = "; for one feature pass x.reshape(-1, 1), for one example x.reshape(1, -1)" if a.ndim == 1 else ""
@@ -52,6 +92,7 @@ def features(x, dtype=np.float32, device: str = "cpu", name: str = "x"):
     if device_of(a) != device and device == "cpu":
         a = to_numpy(a)
     a = _real(a, np.dtype(dtype), name)  # cast before a move to the GPU: fewer bytes to send
+    check_finite(a, name, cols)
     return to_device(a, device)
 
 
@@ -92,4 +133,6 @@ def targets(y, n: int, classify: bool, classes: int, dtype=np.float32, device: s
         raise ValueError(f"{name}: expected targets of shape (N,) or (N, outputs), got {tuple(a.shape)}")
     if device_of(a) != device and device == "cpu":
         a = to_numpy(a)
-    return to_device(_real(a, np.dtype(dtype), name), device)
+    a = _real(a, np.dtype(dtype), name)
+    check_finite(a, name)
+    return to_device(a, device)
