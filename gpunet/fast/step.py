@@ -5,9 +5,11 @@ labels, and ``SGD``, ``Momentum``, ``Adam`` or ``AdamW``.
 Same formulas as the core, with the speed-ups: work buffers allocated once per batch shape, bias + ReLU
 in one pass, the softmax cross-entropy forward and gradient in one pass, dx computed into a buffer, each
 layer updated as soon as its delta is known (dx first, from the old W), and on the CPU with NumPy's
-OpenBLAS the gradient folded into the SGD or momentum update (:mod:`gpunet.fast.blas`), so that
-``param.grad`` is not written there; Adam's and AdamW's update is one kernel per parameter on either device
-(CUDA, numba, or in-place NumPy: :func:`gpunet.fast.ops.adam`). Dropout masks are the Dropout layer's own
+OpenBLAS the SGD or momentum update in BLAS calls on the arrays (:mod:`gpunet.fast.blas`). Every
+path writes ``param.grad`` (the gradient's product goes straight into it), so the step leaves the
+state the core's step (:func:`gpunet.training.train_step`) would. Adam's and AdamW's update is one
+kernel per parameter on either device (CUDA, numba or in-place NumPy: :func:`gpunet.fast.ops.adam`).
+Dropout masks are the Dropout layer's own
 (its keys, in the same order; on the GPU one kernel draws, scales and applies each).
 """
 from __future__ import annotations
@@ -93,16 +95,19 @@ class FusedStep:
         self.prescaled = distributed and not self.on_cpu
         self.fold = (self.on_cpu and not distributed and not self.adam and blas.routines(W0.dtype) is not None
                      and not (self.momentum and optimizer.nesterov)
-                     and all(p.data.flags.c_contiguous for p in params))
+                     and all(p.data.flags.c_contiguous and p.grad.flags.c_contiguous
+                             for p in params))
         # (W, vW), (b, vb) of each block, then (gamma, vgamma), (beta, vbeta) of a BatchNorm's: their indices
         self.index, k = [], 0
         for block in blocks:
             self.index.append((k, k + 1, (k + 2, k + 3) if block[3] is not None else None))
             k += 4 if block[3] is not None else 2
         self.pairs = [((params[i], velocities[i]), (params[j], velocities[j])) for i, j, _ in self.index]
-        self.bn_pairs = [None if bn is None else ((params[bn[0]], velocities[bn[0]]), (params[bn[1]], velocities[bn[1]]))
+        self.bn_pairs = [None if bn is None else
+                         ((params[bn[0]], velocities[bn[0]]), (params[bn[1]], velocities[bn[1]]))
                          for _, _, bn in self.index]
-        self.folded = [blas.LinearUpdate(W.data, b.data, vW, vb) for (W, vW), (b, vb) in self.pairs] if self.fold else None
+        self.folded = ([blas.LinearUpdate(W.data, b.data, W.grad, b.grad, vW, vb)
+                        for (W, vW), (b, vb) in self.pairs] if self.fold else None)
         self._buffers = {}
         self.sums = None
 
@@ -124,10 +129,10 @@ class FusedStep:
         return buf
 
     def _update(self, i, x, dy):
-        """Block i's W and b, whose gradients are x.T @ dy and dy.sum(0): folded into the update on the
-        CPU with OpenBLAS; else written into ``grad`` and, on the GPU, applied by one kernel each (on the
-        CPU the core optimizer steps once the walk is over; a distributed GPU step applies them after the
-        sum over the ranks, :meth:`_apply`)."""
+        """Block i's W and b, whose gradients x.T @ dy and dy.sum(0) go into ``grad``: the update
+        in BLAS calls on the CPU with OpenBLAS; else on the GPU, applied by one kernel each (on the
+        CPU the core optimizer steps once the walk is over; a distributed GPU step applies them after
+        the sum over the ranks, :meth:`_apply`)."""
         opt = self.optimizer
         if self.fold:
             self.folded[i](x, dy, opt.lr, opt.momentum if self.momentum else 0.0, opt.weight_decay)
