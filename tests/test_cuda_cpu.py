@@ -46,9 +46,11 @@ def fake(monkeypatch):
     monkeypatch.setattr(backend, "_probe_result", None)
     cuda._elementwise.cache_clear()
     cuda._softmax_xent.cache_clear()
+    cuda._layer_kernel.cache_clear()
     yield fake
     cuda._elementwise.cache_clear()
     cuda._softmax_xent.cache_clear()
+    cuda._layer_kernel.cache_clear()
 
 
 def test_missing_toolchain_skips_or_fails_as_configured(monkeypatch):
@@ -96,6 +98,8 @@ def test_every_kernel_runs_its_cuda_source(fake, dtype):
     want = {spec[3] for spec in cuda.ELEMENTWISE.values()} | {
         cuda.SOFTMAX_XENT_NAME,
         cuda.SOFTMAX_XENT_SUMS_NAME,
+        cuda.LAYER_MOMENTUM_NAME,
+        cuda.LAYER_SGD_NAME,
     }
     assert ran == want | ({backend.PROBE_KERNEL[3]} & ran), want ^ ran
 
@@ -232,16 +236,26 @@ SOFTMAX_BUGS = {
         "wrote outside argument 3",
     ),
 }
-ELEMENTWISE_BUGS = {  # in layer_sgd's bias sum, on W (784, 512) and b (512,)
+LAYER_BUGS = {  # in the layer update's bias reduction, on W (784, 512) and b (512,)
     "wrong stride in the bias sum": (
-        ("dy[r * cols + i]", "dy[r * (cols - 1) + i]", 1),
+        ("dy[(long long)r * cols + j]", "dy[(long long)r * (cols - 1) + j]", 1),
         cuda_cpu.Mismatch,
         "mirror",
     ),
     "off-by-one bias bound": (
-        ("if (i < cols)", "if (i <= cols)", 1),
+        ("if (group == 0 && j < cols)", "if (group == 0 && j <= cols)", 1),
         cuda_cpu.KernelFault,
-        "wrote outside argument (b|gb)",
+        "wrote outside argument",
+    ),
+    "missing barrier in the bias reduction": (
+        ("        __syncthreads();\n    }", "    }", 1),
+        cuda_cpu.Mismatch,
+        "race|mirror",
+    ),
+    "bias reduction's barrier skipped by some threads": (
+        ("        __syncthreads();\n    }", "        if (group < k) __syncthreads();\n    }", 1),
+        cuda_cpu.KernelFault,
+        "not reached by every thread",
     ),
 }
 GUARDED = {
@@ -275,34 +289,21 @@ def test_a_planted_bug_in_the_softmax_kernel_is_caught(fake, monkeypatch, bug):
         _softmax(fake)
 
 
-@pytest.mark.parametrize("bug", sorted(ELEMENTWISE_BUGS))
-def test_a_planted_bug_in_an_elementwise_kernel_is_caught(fake, monkeypatch, bug):
-    _skip_guarded(bug)
-    (old, new, which), error, match = ELEMENTWISE_BUGS[bug]
-    spec = cuda.ELEMENTWISE["layer_sgd"]
-    monkeypatch.setitem(
-        cuda.ELEMENTWISE, "layer_sgd", (spec[0], spec[1], _plant(spec[2], old, new, which), spec[3])
-    )
+@pytest.mark.parametrize("bug", sorted(LAYER_BUGS))
+@pytest.mark.parametrize("momentum", [False, True])
+def test_a_planted_bug_in_the_layer_update_is_caught(fake, monkeypatch, bug, momentum):
     import types
 
-    W, b = (
-        types.SimpleNamespace(
-            data=fake.asarray(special(s, "float32", 2)), grad=fake.asarray(special(s, "float32", 3))
-        )
-        for s in ((784, 512), (512,))
-    )
+    _skip_guarded(bug)
+    (old, new, which), error, match = LAYER_BUGS[bug]
+    monkeypatch.setattr(cuda, "LAYER_UPDATE", _plant(cuda.LAYER_UPDATE, old, new, which))
+    W, b = (types.SimpleNamespace(data=fake.asarray(special(s, "float32", 2, marks=False)),
+                                  grad=fake.asarray(special(s, "float32", 3, marks=False)))
+            for s in ((784, 512), (512,)))
+    v = (fake.zeros_like(W.data), fake.zeros_like(b.data)) if momentum else (None, None)
     with pytest.raises(error, match=match):
-        cuda.layer_update(
-            W,
-            b,
-            None,
-            None,
-            fake.asarray(special((128, 512), "float32", 4)),
-            np.float32(0.05),
-            np.float32(0),
-            np.float32(1e-4),
-            False,
-        )
+        cuda.layer_update(W, b, *v, fake.asarray(special((128, 512), "float32", 4, marks=False)),
+                          np.float32(0.05), np.float32(0.9 if momentum else 0), np.float32(1e-4), False)
 
 
 # ------------------------------------------------------------ the update kernels against the core
@@ -369,3 +370,67 @@ def test_a_float16_network_is_refused_in_one_line(fake):
                                         "got float16$"):
         cuda.softmax_xent_sums(z, fake.asarray(np.zeros(4, np.int64)), fake.zeros_like(z), fake.zeros((), z.dtype),
                                fake.zeros((), np.float64), fake.zeros((), np.int64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 3), (127, 10), (128, 10), (129, 1000), (255, 3),
+                                       (256, 10), (257, 10), (1000, 10), (5000, 3)])
+def test_relu_kernels_match_the_core(fake, dtype, rows, cols):
+    """bias_relu (b broadcast with stride 0 over the rows, or one flat loop for a single row), relu_backward
+    and relu_mask_backward from CUDA against the core's ReLU forward and backward, with zeros, -0, NaN and
+    infinities in activations, bias and gradients: equal, NaN where the core has NaN (ReLU is exact)."""
+    from gpunet.layers import ReLU
+
+    x, b = special((rows, cols), dtype, seed=rows), special((cols,), dtype, seed=cols)
+    dy, mask = special((rows, cols), dtype, seed=rows + 1), special((rows, cols), dtype, seed=7, marks=False)
+    relu = ReLU()
+    want = relu.forward(x + b)
+    y = fake.asarray(x)
+    cuda.bias_relu(y, fake.asarray(b))
+    np.testing.assert_array_equal(np.asarray(y), want)
+    want_dx = relu.backward(dy)
+    got = fake.asarray(dy)
+    cuda.relu_backward(got, y)
+    np.testing.assert_array_equal(np.asarray(got), want_dx)
+    got = fake.asarray(dy)
+    cuda.relu_mask_backward(got, y, fake.asarray(mask))
+    np.testing.assert_array_equal(np.asarray(got), relu.backward(dy * mask))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 129, 257, 1000])
+def test_the_gather_kernel_matches_numpy(fake, dtype, rows):
+    """The pixels' gather and /255 (raw uint8 rows indexed by int64) from CUDA against NumPy's
+    src[idx] / 255, rows not a multiple of the block, indices with repeats and both ends."""
+    src = np.random.default_rng(rows).integers(0, 256, (1000, 784), dtype=np.uint8)
+    idx = np.random.default_rng(0).integers(0, 1000, rows)
+    idx[:2] = [0, 999][:rows] if rows >= 2 else [999]
+    out = fake.zeros((rows, 784), dtype)
+    cuda.gather_scaled(fake.asarray(src), fake.asarray(idx), out, 255)
+    np.testing.assert_array_equal(np.asarray(out), np.divide(src[idx], 255, dtype=dtype))
+
+
+def test_an_out_of_bounds_write_is_named_at_its_line_under_asan():
+    """Under AddressSanitizer (.ci/run's GPUNET_CXX_SANITIZE=1 step) a write one element past the loss
+    array ends a child process with ASan's report naming the kernel's source line. Runs only there: the
+    sanitized build costs seconds, and the ordinary run catches the same bug with its guard bytes."""
+    import subprocess
+
+    if not cuda_cpu.sanitizing():
+        pytest.skip("runs in .ci/run's AddressSanitizer step (GPUNET_CXX_SANITIZE=1, libasan preloaded)")
+    toolchain_or_skip()
+    planted = cuda.SOFTMAX_XENT.replace("loss[i] = ", "loss[i + 1] = ")
+    line = cuda.softmax_xent_source("float", planted).split("\n").index(
+        next(l for l in planted.split("\n") if "loss[i + 1]" in l)) + 1
+    code = (f"import numpy as np, cuda_cpu\nfrom gpunet.fast import cuda\n"
+            f"src = cuda.softmax_xent_source('float', {planted!r})\n"
+            "z = np.zeros((129, 10), np.float32)\n"
+            "grid, block, args = cuda.softmax_xent_launch(z, np.zeros(129, np.int64), np.zeros_like(z), "
+            "np.zeros(129, np.float32))\n"
+            "cuda_cpu.raw_kernel(src, cuda.SOFTMAX_XENT_NAME, grid, block, args)\n")
+    path = os.pathsep.join([str(cuda_cpu.HERE), str(cuda_cpu.HERE.parent), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": path}, check=False)
+    assert done.returncode != 0, done.stderr[-3000:]
+    assert "heap-buffer-overflow" in done.stderr and "WRITE of size 4" in done.stderr, done.stderr[-3000:]
+    assert f"{cuda.SOFTMAX_XENT_NAME}.cu:{line}" in done.stderr, done.stderr[-3000:]
