@@ -112,6 +112,11 @@ def select_gpu(index: int | None = None, local_rank: int | None = None) -> None:
     cupy.cuda.Device(index).use()
 
 
+def chosen_gpu() -> int | None:
+    """The GPU :func:`select_gpu` chose (None: none was, CuPy's current one is used)."""
+    return _gpu_index
+
+
 def device_scope(a):
     """A context manager making the GPU that holds ``a`` (a CuPy array) current in this thread, so that
     work and uploads inside it land on that GPU whatever thread runs them; a no-op for NumPy arrays."""

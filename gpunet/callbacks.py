@@ -239,7 +239,9 @@ def _tqdm_for(out):
     """tqdm.auto's bar class (the notebook's widget in Jupyter, the text bar elsewhere) if tqdm is installed
     and ``out`` is a terminal or the run is in a Jupyter kernel; else None (the plain bar: a log file or a
     captured stream gets no cursor codes)."""
-    in_kernel = "ipykernel" in sys.modules
+    ipython = sys.modules.get("IPython")  # imported already where a kernel runs this process
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    in_kernel = hasattr(shell, "kernel")  # a Jupyter kernel's shell, not a terminal IPython's
     if not (in_kernel or (hasattr(out, "isatty") and out.isatty())):
         return None
     try:

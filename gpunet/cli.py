@@ -369,7 +369,8 @@ def cmd_predict(args):
         rows += [None] * len(x)  # filled below, in the order of the files
     if batches:
         x = np.concatenate(batches)
-        saved = _save_inputs(args.save_inputs, names, x, size) if args.save_inputs and size else [None] * len(x)
+        keep = args.save_inputs and size
+        saved = _save_inputs(args.save_inputs, names, x, size) if keep else [None] * len(x)
         outs = iter(backend.to_numpy((predict_proba if classifies(net) else predict)(net, x)))
         done = iter([{"file": n, **_answer(net, next(outs), w), **({"input": str(path)} if path else {})}
                      for n, w, path in zip(names, notes, saved)])

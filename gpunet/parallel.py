@@ -109,9 +109,56 @@ class Comm:
                 raise ParallelError(f"{what} differs between rank {self.rank} and rank {r}{detail}; "
                                     f"every rank must be started with the same settings", everywhere=True)
 
+    def agree(self, device: str, dtype) -> None:
+        """Before the first collective of a training run: one allgather of every rank's host, GPU, device,
+        dtype and NCCL availability. Raises ParallelError on every rank (each checks the same gathered
+        list) when two ranks share a GPU (NCCL refuses it), when they disagree (a CPU rank's MPI all-reduce
+        would wait forever on the GPU ranks' NCCL one), or when the GPUs have no NCCL."""
+        mine = {"host": self.MPI.Get_processor_name(), "device": device, "dtype": str(dtype),
+                "gpu": backend.chosen_gpu() if device == "gpu" else None,
+                "nccl": nccl_available() if device == "gpu" else None}
+        check_agreement(self.allgather(mine), self.rank)
+
     def abort(self, code: int) -> None:
         """End every rank now (after a rank's error, so that no other waits on a collective forever)."""
         self.comm.Abort(code)
+
+
+def nccl_available() -> bool:
+    """Whether CuPy's NCCL binding loads (``cupy.cuda.nccl.available``)."""
+    try:
+        from cupy.cuda import nccl
+    except Exception:  # CuPy built without NCCL, or no CuPy: the GPU ranks cannot sum
+        return False
+    return bool(getattr(nccl, "available", False))
+
+
+def check_agreement(ranks: list, rank: int) -> None:
+    """Raise ParallelError (``everywhere``) unless the ranks' dicts from :meth:`Comm.agree` fit together."""
+    seen = {}
+    for r, info in enumerate(ranks):
+        if info["gpu"] is None:
+            continue
+        where = (info["host"], info["gpu"])
+        if where in seen:
+            on_host = sum(1 for i in ranks if i["host"] == info["host"])
+            raise ParallelError(f"ranks {seen[where]} and {r} both use GPU {info['gpu']} of {info['host']} "
+                                f"({on_host} ranks there, one GPU each is needed: NCCL refuses two ranks on "
+                                f"one GPU); start at most as many ranks per node as it has GPUs, or use "
+                                f"--device cpu", everywhere=True)
+        seen[where] = r
+    mine = ranks[rank]
+    for key, name in (("device", "the device"), ("dtype", "the dtype"), ("nccl", "NCCL's availability")):
+        other = next((r for r, i in enumerate(ranks) if i[key] != mine[key]), None)
+        if other is not None:
+            raise ParallelError(f"{name} differs between rank {rank} and rank {other} ({mine[key]!r} here, "
+                                f"{ranks[other][key]!r} there); every rank must train on the same kind of "
+                                f"device in the same dtype", everywhere=True)
+    if mine["device"] == "gpu" and not mine["nccl"]:
+        raise ParallelError("several GPU ranks need NCCL to sum their gradients, but CuPy's NCCL binding is "
+                            "not available (python -m cupyx.tools.install_library --library nccl --cuda 12.x, or a "
+                            "system NCCL); or use --device cpu",
+                            everywhere=True)
 
 
 def sum_over_ranks(comm: Comm, *values) -> list:

@@ -42,7 +42,8 @@ from .layers import Dropout, Linear, ReLU, Sigmoid, Tanh
 from .losses import MSELoss, SoftmaxCrossEntropy
 from .network import Sequential
 from .optimizers import SGD, Adam, Momentum
-from .training import by_name, columns_of, fit as gn_fit, predict as gn_predict, predict_proba as gn_predict_proba
+from .training import by_name, columns_of
+from .training import fit as gn_fit, predict as gn_predict, predict_proba as gn_predict_proba
 
 ACTIVATIONS = {"identity": None, "logistic": Sigmoid, "tanh": Tanh, "relu": ReLU}
 SOLVERS = ("adam", "sgd")
@@ -226,7 +227,8 @@ class _BaseMLP(BaseEstimator):
         """What a model file and ONNX export of ``net_`` keep: ``feature_names_in_`` and ``classes_``."""
         self.net_.feature_names = [str(n) for n in getattr(self, "feature_names_in_", [])] or None
         if self._classifies:
-            self.net_.classes = [int(c) if np.asarray(c).dtype.kind in "biu" else str(c) for c in self.classes_]
+            self.net_.classes = [int(c) if np.asarray(c).dtype.kind in "biu" else str(c)
+                                 for c in self.classes_]
 
     def _outputs(self, X):
         """The network's outputs (N, n_outputs_) for ``X`` as host float64 (softmax for a classifier)."""

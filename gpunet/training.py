@@ -109,7 +109,8 @@ def _rows(net, x, name="x"):
     their count checked against the network's inputs."""
     x = as_rows(by_name(x, getattr(net, "feature_names", None), name), net.dtype, net.device, name)
     if net.in_features is not None and x.shape[1] != net.in_features:
-        raise ValueError(f"{name}: expected {net.in_features} features (the network's inputs), got {x.shape[1]}")
+        raise ValueError(f"{name}: expected {net.in_features} features (the network's inputs), "
+                         f"got {x.shape[1]}")
     return x
 
 
@@ -138,6 +139,8 @@ class Run:
         self.validation, self.eval_batch_size, self.interrupt = validation, eval_batch_size, interrupt
         self.comm = comm if comm is not None and comm.size > 1 else None
         self.rank = 0 if self.comm is None else self.comm.rank
+        if self.comm is not None:  # before any collective that a disagreeing rank would wait on forever
+            self.comm.agree(net.device, net.dtype)
         self.n, self.batch_size = len(self.x), batch_size_for(batch_size, len(self.x))
         self.steps, self.shuffle = -(-self.n // self.batch_size), shuffle and self.batch_size < self.n
         self.order_rng = np.random.default_rng(seed)
@@ -370,7 +373,17 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
                          *([saver] if saver is not None else [])])
     if resume:
         saver.restore(run)
-    return run.fit(epochs)
+    if net.device != "cpu":
+        return run.fit(epochs)
+    with fast_path.blas.threads_for(largest_product(net, run.batch_size)):  # small problems: one thread
+        return run.fit(epochs)
+
+
+def largest_product(net, rows: int) -> int:
+    """The multiply-adds of the largest matrix product in a step on ``rows`` rows: rows x in x out of
+    the widest Linear layer (what :class:`gpunet.fast.blas.threads_for` decides by)."""
+    sizes = [layer.W.data.size for layer in net.layers if hasattr(layer, "W")]
+    return int(rows) * max(sizes, default=0)
 
 
 def _check_fit(epochs, patience, validation, resume, checkpoint_path):

@@ -261,8 +261,9 @@ def test_train_on_an_npz_file_keeps_the_scaling_in_the_model(own_data, tmp_path)
     net = gn.load(tmp_path / "run" / "model.npz", device="cpu")
     first = net.layers[0]
     assert isinstance(first, gn.Standardize) and net.classifies is True
-    np.testing.assert_allclose(first.shift, x[:250].mean(axis=0), rtol=1e-12)  # the training rows' statistics
-    np.testing.assert_allclose(first.scale, np.where(x[:250].std(axis=0) > 0, x[:250].std(axis=0), 1), rtol=1e-12)
+    (rows, _), _ = gn.data.split_validation(x[:300], y[:300], 50, seed=0)  # --data draws its validation rows
+    np.testing.assert_allclose(first.shift, rows.mean(axis=0), rtol=1e-12)  # the training rows' statistics
+    np.testing.assert_allclose(first.scale, np.where(rows.std(axis=0) > 0, rows.std(axis=0), 1), rtol=1e-12)
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     raw = gn.evaluate(net, gn.SoftmaxCrossEntropy(), x[300:], y[300:])  # the model takes the features as they are
     assert abs(m["test_accuracy"] - raw["accuracy"]) < 1e-12 and m["test_accuracy"] > 0.9
@@ -282,7 +283,8 @@ def test_train_on_a_csv_file_with_minmax_scaling(own_data, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "holds no test set (x_test, y_test): the test figures are the validation set's" in res.stdout
     net = gn.load(tmp_path / "run" / "model.npz", device="cpu")
-    lo, hi = x[:240].min(axis=0), x[:240].max(axis=0)
+    (rows, _), _ = gn.data.split_validation(x[:300], y[:300], 60, seed=0)
+    lo, hi = rows.min(axis=0), rows.max(axis=0)
     np.testing.assert_array_equal(net.layers[0].shift, lo)
     np.testing.assert_array_equal(net.layers[0].scale, np.where(hi > lo, hi - lo, 1))
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())

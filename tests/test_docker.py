@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+import gpunet
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 SMOKE = ROOT / "docker" / "smoke.sh"
@@ -494,7 +496,7 @@ def test_image_runs_as_uid_1000_not_root(image):
 def test_default_command_is_gpunet_info(image):
     assert image.config["Entrypoint"] == ["gpunet"] and image.config["Cmd"] == ["info"]
     out = image.run().stdout
-    version = _load_pyproject()["project"]["version"]
+    version = gpunet.__version__  # the one version source (pyproject reads it)
     assert out.startswith(f"gpunet {version}\n"), out
     assert re.search(r"^device: cpu, NumPy backend \(GPU not used: .+\)$", out, re.M), out  # no --gpus here
     assert "CPU kernels compiled with numba" in out and "data folder: /data " in out, out
@@ -516,7 +518,7 @@ def test_installed_versions_are_pyproject_s(image):
     image rather than in the Dockerfile's text)."""
     listed = json.loads(image.run("list", "--format=json", entrypoint="pip").stdout)
     installed = {p["name"].lower().replace("_", "-"): p["version"] for p in listed}
-    assert installed.get("gpunet") == _load_pyproject()["project"]["version"]
+    assert installed.get("gpunet") == gpunet.__version__  # the one version source (pyproject reads it)
     for req in build_inputs.requirements("cuda12,cli,numba,mpi")[:-2]:  # less the build system's
         name, spec = _requirement_name_and_spec(req)
         assert name in installed, f"{name} is not installed in the image"

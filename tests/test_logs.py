@@ -3,6 +3,8 @@ TensorBoard's own event reader (tensorboard's EventAccumulator); the values agai
 loop and NumPy; a resumed run's logs against an unbroken run's; the live values of the progress bar."""
 import csv
 import io
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -221,7 +223,7 @@ def test_the_progress_bar_shows_the_running_loss_and_accuracy(capsys):
 
 
 def test_in_a_notebook_the_bar_is_tqdm_autos(monkeypatch):
-    """In a Jupyter kernel (ipykernel imported), Progress draws with tqdm.auto's class, which is the
+    """In a Jupyter kernel (IPython's shell has a kernel), Progress draws with tqdm.auto's class, which is the
     notebook's widget there; the postfix carries the running loss and accuracy."""
     tqdm_auto = optional("tqdm.auto", "cli")
     made = []
@@ -241,7 +243,8 @@ def test_in_a_notebook_the_bar_is_tqdm_autos(monkeypatch):
             self.closed = True
 
     monkeypatch.setattr(tqdm_auto, "tqdm", Bar)
-    monkeypatch.setitem(__import__("sys").modules, "ipykernel", object())
+    kernel_shell = types.SimpleNamespace(kernel=object())  # what get_ipython() is inside a Jupyter kernel
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: kernel_shell))
     x, y = blobs()
     net, opt, loss = setup()
     out = io.StringIO()

@@ -9,6 +9,7 @@ the test allows rtol 1e-4, atol 1e-5 over 3 epochs. Within one K, runs are bit-i
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -250,6 +251,55 @@ def test_settings_that_differ_between_ranks_are_refused(data, tmp_path):
     # reaches mpiexec (that once ended a run with status 2 and an empty stderr).
     for rank in (0, 1):
         assert f"gpunet train (rank {rank}): error:" in res.stderr, res.stderr
+
+
+FAKE_GPU_RANKS = r'''
+import os, sys
+sys.path.insert(0, sys.argv[1])
+gpus, fake_ranks = int(os.environ["FAKE_GPUS"]), os.environ["FAKE_RANKS"].split(",")
+if os.environ.get("PMI_RANK") in fake_ranks:  # this rank sees CuPy with `gpus` GPUs (the counting stand-in)
+    from fake_cupy import FakeCupy
+    fake = FakeCupy()
+    fake.cuda.runtime.getDeviceCount = lambda: gpus
+    fake.cuda.runtime.getDeviceProperties = lambda i: {"name": b"fake", "totalGlobalMem": 1}
+    fake.cuda.runtime.runtimeGetVersion = lambda: 12000
+    sys.modules["cupy"] = fake
+from gpunet import cli
+sys.exit(cli.main(sys.argv[2:]))
+'''
+
+
+@pytest.mark.parametrize("gpus, fake_ranks, device, said", [
+    (1, "0,1", "gpu", "ranks 0 and 1 both use GPU 0 of"),            # more ranks than GPUs on the node
+    (1, "1", "auto", "the device differs between rank"),             # rank 0 sees no GPU, rank 1 one
+    (2, "0,1", "gpu", "CuPy's NCCL binding is not available")])      # two GPUs, no NCCL
+def test_ranks_that_cannot_sum_together_are_refused_in_one_line(data, tmp_path, gpus, fake_ranks, device, said):
+    """Before the first collective every rank gathers every rank's host, GPU, device, dtype and NCCL, and
+    each refuses the same way: one line on every rank, status 2, no traceback and no hang. Mutation:
+    without Comm.agree in the Trainer the first case dies with NCCL's traceback (here: the fake's missing
+    NCCL), the second waits forever (MPI all-reduce against NCCL), caught by the timeout."""
+    script = tmp_path / "fake_gpus.py"
+    script.write_text(FAKE_GPU_RANKS)
+    flags = [a if a != "cpu" else device for a in FLAGS]
+    res = subprocess.run([mpiexec(), "-n", "2", sys.executable, str(script), str(Path(__file__).parent), "train",
+                          "--data-dir", str(data), "--out", str(tmp_path / "run"), *flags], capture_output=True,
+                         text=True, env={**env(), "FAKE_GPUS": str(gpus), "FAKE_RANKS": fake_ranks}, timeout=60)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    for rank in (0, 1):  # the ranks' lines may meet mid-line in the shared stderr: cut at the next one
+        lines = re.findall(rf"gpunet train \(rank {rank}\): error: (.*?)(?=gpunet train \(rank|\n|$)",
+                           res.stderr)
+        assert len(lines) == 1 and said in lines[0], res.stderr
+
+
+def test_check_agreement_names_the_dtype_that_differs():
+    from gpunet.parallel import ParallelError, check_agreement
+
+    rank = {"host": "a", "device": "cpu", "dtype": "float32", "gpu": None, "nccl": None}
+    check_agreement([rank, {**rank, "host": "b"}], 0)
+    with pytest.raises(ParallelError, match=r"the dtype differs between rank 1 and rank 0 \('float64' here"):
+        check_agreement([rank, {**rank, "dtype": "float64"}], 1)
+    gpu = {**rank, "device": "gpu", "gpu": 0, "nccl": True}
+    check_agreement([gpu, {**gpu, "host": "b"}], 1)  # GPU 0 of two hosts: no duplicate
 
 
 @pytest.mark.gpu

@@ -161,6 +161,8 @@ def test_data_runs_get_their_own_defaults(wine_run):
     assert metrics["config"]["val_size"] == 0.2
     assert f"{len(frame) - round(0.2 * len(frame))} train / {round(0.2 * len(frame))} validation" in res.stdout
     assert metrics["classes"] == ["kind_a", "kind_b", "kind_c"]  # sorted, as the estimator's classes_
+    # wine.csv is sorted by class: its last 0.2 would all be kind_c; the drawn rows hold every class
+    assert all(c > 0 for c in metrics["per_class"]["support"])
 
 
 def test_evaluate_and_predict_use_what_the_model_keeps(wine_run):
@@ -226,3 +228,31 @@ def test_history_indexes_epochs_like_a_list():
     h = fit(net, gn.SoftmaxCrossEntropy(), gn.Adam(net.parameters()), x / 16, y, epochs=3)
     assert h[0]["epoch"] == 1 and h[-1]["epoch"] == 3 and h["epoch"] == [1, 2, 3]
     assert [e["epoch"] for e in h] == [1, 2, 3]
+
+
+def test_blas_threads_follow_the_work_per_call():
+    """A small table's fit runs OpenBLAS on one thread, MNIST-sized products keep OpenBLAS's count, and
+    the count is put back after fit (a threshold of 0 fails the first assertion; no restore, the last)."""
+    from gpunet.fast import blas
+    from gpunet import callbacks
+
+    if blas.threads() is None:
+        pytest.skip("NumPy's OpenBLAS is not the BLAS here (another build): no thread count to choose")
+    seen = []
+
+    class Watch(callbacks.Callback):
+        def on_epoch_end(self, run, record):
+            seen.append(blas.threads())
+
+    before = blas.threads()
+    x, y = datasets.load_digits(return_X_y=True)
+    net = gn.mlp([64, 100, 10], seed=0)
+    fit(net, gn.SoftmaxCrossEntropy(), gn.Adam(net.parameters()), x / 16, y, epochs=1, batch_size=200,
+        callbacks=[Watch()])
+    assert gn.training.largest_product(net, 200) == 200 * 64 * 100 < blas.SMALL_WORK
+    assert seen == [1]
+    big = gn.mlp([784, 512, 10], seed=0)
+    assert gn.training.largest_product(big, 128) > blas.SMALL_WORK
+    with blas.threads_for(gn.training.largest_product(big, 128)):
+        assert blas.threads() == before
+    assert blas.threads() == before

@@ -427,7 +427,10 @@ def _load(config: TrainConfig, out: Path, meta, comm, log=print):
     if test is None and not config.val_size:
         raise ConfigError(f"--val-size: expected at least 1: {config.data} holds no test set, so the validation "
                           f"set is the test set, got 0")
-    (x_tr, y_tr), (x_val, y_val) = split_validation(x_train, y_train, config.val_size)
+    # a table's rows are often sorted by class: its validation rows are drawn (seeded by --seed), MNIST's
+    # are its last 5,000 as always
+    seed = None if config.data is None else config.seed
+    (x_tr, y_tr), (x_val, y_val) = split_validation(x_train, y_train, config.val_size, seed=seed)
     if config.data is None or table is None:
         return (Pixels(x_tr), y_tr), (Pixels(x_val), y_val), (Pixels(test[0]), test[1]), data, None
     log(f"task: {table['task']}" + (" (inferred: the labels are numbers, not all whole; --task sets it)"

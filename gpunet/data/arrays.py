@@ -74,7 +74,8 @@ def check_finite(a, name: str = "x", columns=None) -> None:
     where = f"row {row}"
     if len(bad) > 1:
         col = int(bad[1])
-        where += f", column {columns[col]!r}" if columns is not None and col < len(columns) else f", column {col}"
+        named = columns is not None and col < len(columns)
+        where += f", column {columns[col]!r}" if named else f", column {col}"
     raise ValueError(f"{name}: expected finite numbers, got {value} at {where} (0-based); drop or fill the "
                      f"missing values first")
 

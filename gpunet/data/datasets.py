@@ -283,7 +283,8 @@ def encode_labels(path, cells, task: str = "auto", classes=None):
                         f"pass --task regressor for a regression target")
     if classes is not None:
         index = {str(c): k for k, c in enumerate(classes)}
-        keys = [str(int(v)) for v in numbers] if numbers is not None and whole and all(isinstance(c, int) for c in classes) else cells
+        by_number = numbers is not None and whole and all(isinstance(c, int) for c in classes)
+        keys = [str(int(v)) for v in numbers] if by_number and numbers is not None else cells
         unknown = sorted({k for k in keys if k not in index})
         if unknown:
             raise DataError(f"{path}: labels the model does not know: {unknown[:5]} (its classes: {classes})")
@@ -363,7 +364,8 @@ def _npz_targets(path: Path) -> dict:
     for split in ("train", "test"):
         if f"x_{split}" in arrays:
             x, y = arrays[f"x_{split}"], arrays.get(f"y_{split}")
-            if y is None or x.ndim != 2 or len(x) != len(y) or not np.isfinite(x).all() or not np.isfinite(y).all():
+            if y is None or x.ndim != 2 or len(x) != len(y) or not (np.isfinite(x).all()
+                                                                      and np.isfinite(y).all()):
                 raise DataError(f"{path}: expected finite x_{split} (N, features) and y_{split} (N,) or "
                                 f"(N, outputs)")
             sets[split] = (x, y)

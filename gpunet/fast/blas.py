@@ -42,6 +42,7 @@ class _Blas:
             fn = getattr(lib, f"scipy_cblas_{char}{name}64_")
             fn.restype, fn.argtypes = None, argtypes
             setattr(self, name, fn)
+        self.lib = lib
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,3 +118,54 @@ class LinearUpdate:
             blas.axpy(n_out, lr * wd, pb, 1, cb, 1)
         blas.axpy(n_in * n_out, -1.0, cW, 1, pW, 1)
         blas.axpy(n_out, -1.0, cb, 1, pb, 1)
+
+
+# --- threads by work ------------------------------------------------------------------------------------
+# OpenBLAS splits every product over all its threads, however small; on a shared 2-core machine a small
+# table's products (digits: 200 x 64 x 100) then wait on threads more than they compute (issue 35: digits
+# 19 s against 1.5 s on one thread). Below SMALL_WORK multiply-adds in the largest product of a step, one
+# thread; above it, OpenBLAS's own count. The figure is a first guess (about a millisecond of one core):
+# benchmarks/blas_threads.py times digits, wine and MNIST both ways, to be run on a quiet machine.
+SMALL_WORK = 1 << 22
+
+
+def _thread_calls():
+    """OpenBLAS's (get, set) thread-count functions, or None for another BLAS."""
+    if os.environ.get("GPUNET_CPU_BLAS", "1") == "0":
+        return None
+    lib = getattr(_openblas("s"), "lib", None)
+    if lib is None:
+        return None
+    try:
+        get, put = lib.scipy_openblas_get_num_threads64_, lib.scipy_openblas_set_num_threads64_
+    except AttributeError:
+        return None
+    import ctypes
+
+    get.restype, get.argtypes, put.restype, put.argtypes = ctypes.c_int, [], None, [ctypes.c_int]
+    return get, put
+
+
+def threads() -> int | None:
+    """OpenBLAS's thread count now (None for another BLAS)."""
+    calls = _thread_calls()
+    return None if calls is None else int(calls[0]())
+
+
+class threads_for:
+    """``with threads_for(work):`` one BLAS thread while the largest product of each call holds fewer
+    than :data:`SMALL_WORK` multiply-adds (``work``), OpenBLAS's own count otherwise; restored after."""
+
+    def __init__(self, work: int):
+        self.work, self.saved = int(work), None
+
+    def __enter__(self):
+        calls = _thread_calls()
+        if calls is not None and self.work < SMALL_WORK and os.environ.get("GPUNET_BLAS_THREADS") != "all":
+            self.saved = int(calls[0]())
+            calls[1](1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            _thread_calls()[1](self.saved)
