@@ -128,13 +128,12 @@ def elementwise_launches(dtype: str) -> list:
     calls = []
     if dtype == "float32":
         calls.append((backend.PROBE_KERNEL, (np.zeros((4, 4), np.float32),)))
-    real, raw = cuda._elementwise, cuda._layer_kernel
+    real = cuda._elementwise
     cuda._elementwise = lambda name: (lambda *args: calls.append((cuda.ELEMENTWISE[name], args)))
-    cuda._layer_kernel = lambda ctype, momentum: (lambda grid, block, args: None)  # RawKernels: below
     try:
         launch_all(dtype)
     finally:
-        cuda._elementwise, cuda._layer_kernel = real, raw
+        cuda._elementwise = real
     return calls
 
 
@@ -229,16 +228,6 @@ def raw_programs(dtype: str, source: str | None = None) -> list:
         text = cuda.softmax_xent_source(ctype, kernel)
         if source is not None and name == cuda.SOFTMAX_XENT_NAME:
             text = source
-        out += [(name, text), (f"{name}_signature", text + signature_check(name, args))]
-    t = np.dtype(dtype).type
-    W = types.SimpleNamespace(data=np.zeros((784, 512), dtype), grad=np.zeros((784, 512), dtype))
-    b = types.SimpleNamespace(data=np.zeros(512, dtype), grad=np.zeros(512, dtype))
-    for momentum in (True, False):
-        name = cuda.LAYER_MOMENTUM_NAME if momentum else cuda.LAYER_SGD_NAME
-        v = (np.zeros_like(W.data), np.zeros_like(b.data)) if momentum else (None, None)
-        _, _, args = cuda.layer_update_launch(W, b, *v, np.zeros((128, 512), dtype), t(0.05), t(0.9), t(0),
-                                              False)
-        text = cuda.layer_update_source(ctype, momentum)
         out += [(name, text), (f"{name}_signature", text + signature_check(name, args))]
     return out
 

@@ -166,6 +166,8 @@ MIRRORS = {
     "gpunet_bias_relu": lambda b, y: y.__setitem__(..., np.where(y + b < 0, y.dtype.type(0), y + b)),
     "gpunet_relu_backward": lambda y, dy: dy.__setitem__(..., _relu_where(y, dy)),
     "gpunet_relu_mask_backward": lambda y, mask, dy: dy.__setitem__(..., _relu_where(y, dy * mask)),
+    "gpunet_layer_momentum": _layer_update,
+    "gpunet_layer_sgd": _layer_sgd,
     "gpunet_adam": _adam,
     "gpunet_dropout": _dropout,
     "gpunet_gather_scaled": lambda src, idx, cols, divisor, out: out.__setitem__(
@@ -195,14 +197,7 @@ def _softmax_xent_sums(z, labels, grad, mean, loss_sum, correct, n, c, inv_n):
     correct += (z.argmax(axis=1) == labels).sum()
 
 
-RAW_MIRRORS = {
-    "gpunet_softmax_xent": _softmax_xent, "gpunet_softmax_xent_sums": _softmax_xent_sums,
-    # the layer-update kernels' parameter order (gpunet/fast/cuda.py LAYER_UPDATE)
-    "gpunet_layer_momentum": lambda w, g, v, b, vb, gb, dy, rows, cols, size, lr, gamma, wd, nesterov:
-        _layer_update(dy, rows, cols, lr, gamma, wd, bool(nesterov), w, g, v, b, vb, gb),
-    "gpunet_layer_sgd": lambda w, g, b, gb, dy, rows, cols, size, lr, wd:
-        _layer_sgd(dy, rows, cols, lr, wd, w, g, b, gb),
-}
+RAW_MIRRORS = {"gpunet_softmax_xent": _softmax_xent, "gpunet_softmax_xent_sums": _softmax_xent_sums}
 
 
 def _keep(ran, outputs):

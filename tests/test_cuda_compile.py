@@ -48,7 +48,6 @@ def test_every_kernel_is_built_from_the_sources_checked_here():
         ("fast/cuda.py",
          "return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT), SOFTMAX_XENT_NAME)"),
         ("fast/cuda.py", "return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT_SUMS), SOFTMAX_XENT_SUMS_NAME)"),
-        ("fast/cuda.py", "return cupy.RawKernel(layer_update_source(ctype, momentum), name)"),
     }
 
 
@@ -68,8 +67,7 @@ def test_every_kernel_compiles(nvrtc, arch, dtype):
     assert not failures, "\n\n".join(failures)
     names = {name for name, _, _ in programs}
     want = {spec[3] for spec in cuda.ELEMENTWISE.values()} | {
-        name + suffix for name in (cuda.SOFTMAX_XENT_NAME, cuda.SOFTMAX_XENT_SUMS_NAME, cuda.LAYER_MOMENTUM_NAME,
-                                   cuda.LAYER_SGD_NAME) for suffix in ("", "_signature")}
+        name + suffix for name in (cuda.SOFTMAX_XENT_NAME, cuda.SOFTMAX_XENT_SUMS_NAME) for suffix in ("", "_signature")}
     assert names == want | ({backend.PROBE_KERNEL[3]} if dtype == "float32" else set())
 
 
@@ -83,6 +81,10 @@ def test_the_generated_sources_describe_the_launches(nvrtc):
         in sources["gpunet_bias_relu"][0]
     assert "const CArray<float, 1, 1, 1> _raw_b, CArray<float, 1, 1, 1> _raw_y, CIndexer<1, 1> _ind" \
         in sources["gpunet_bias_relu"][1]
+    assert ("const CArray<float, 1, 1, 1> dy, const int rows, const int cols, const float lr, const float gamma, "
+            "const float wd, const bool nesterov, CArray<float, 1, 1, 1> _raw_w") in sources["gpunet_layer_momentum"][0]
+    assert "CArray<float, 1, 1, 1> b, CArray<float, 1, 1, 1> vb, CArray<float, 1, 1, 1> gb" \
+        in sources["gpunet_layer_momentum"][0]
     assert ("const float eps, const float wd, const float decay, CArray<float, 1, 1, 1> _raw_w, "
             "CArray<float, 1, 1, 1> _raw_m, CArray<float, 1, 1, 1> _raw_v") in sources["gpunet_adam"][0]
     assert all(s.startswith("#include <cupy/") for group in sources.values() for s in group)
@@ -115,10 +117,10 @@ def test_a_typo_in_the_raw_kernel_fails(nvrtc):
 
 
 def test_a_declared_type_that_does_not_fit_the_arguments_fails(nvrtc):
-    """The pixels' gather declaring its images float64 while gpunet passes uint8: CuPy's own type
+    """A layer's SGD update declaring its delta float64 while gpunet passes float32: CuPy's own type
     decision refuses it (on a GPU this is the error the first training step would raise)."""
-    spec, args = _launch("gpunet_gather_scaled")
-    wrong = (spec[0].replace("raw uint8 src", "raw float64 src"),) + spec[1:]
+    spec, args = _launch("gpunet_layer_sgd")
+    wrong = (spec[0].replace("raw T dy", "raw float64 dy"),) + spec[1:]
     with pytest.raises(TypeError, match="Type is mismatched"):
         cc.elementwise_program(wrong, args)
 

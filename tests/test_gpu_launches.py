@@ -35,11 +35,9 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(backend, "_gpu_index", None)
     cuda._elementwise.cache_clear()
     cuda._softmax_xent.cache_clear()
-    cuda._layer_kernel.cache_clear()
     yield fake
     cuda._elementwise.cache_clear()
     cuda._softmax_xent.cache_clear()
-    cuda._layer_kernel.cache_clear()
 
 
 def mnist_like(n, seed=0):
@@ -101,14 +99,12 @@ def test_the_gpu_path_trains_as_the_core_does(monkeypatch, dropout):
     monkeypatch.setattr(backend, "_probe_result", None)
     cuda._elementwise.cache_clear()
     cuda._softmax_xent.cache_clear()
-    cuda._layer_kernel.cache_clear()
     try:
         gpu_net, gpu_history = train("gpu", dropout, x, y)
         assert gn.get_array_module(gpu_net.parameters()[0].data) is fake
     finally:
         cuda._elementwise.cache_clear()
         cuda._softmax_xent.cache_clear()
-        cuda._layer_kernel.cache_clear()
     assert any(name.startswith("gpunet_layer_momentum") for name in fake.counter.log)
     for (name, a), b in zip(core_net.state_dict().items(), gpu_net.state_dict().values()):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=name)
