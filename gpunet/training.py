@@ -351,9 +351,8 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     If the training loss of an epoch is NaN or infinite, the weights of the last finished epoch are
     restored and the run stops with ``history.stop_reason == "diverged"``.
 
-    After ``fit``, ``param.grad`` holds the last step's gradients, except where the fast path folded them
-    into the update (the CPU with OpenBLAS): call ``net.forward``, ``loss.forward`` and ``net.backward``
-    yourself to see them, or pass ``fast=False``.
+    After ``fit``, ``param.grad`` holds the last step's gradients and the optimizer its state after
+    that step, whichever step ran (the core's :func:`train_step` or the fast path's fused one).
     """
     _check_fit(epochs, patience, validation, resume, checkpoint_path)
     shown = [cbs.Progress(verbose)] if verbose != 0 else []  # refuses what is not 0, 1 or 2, before any work

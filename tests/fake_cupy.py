@@ -197,7 +197,19 @@ def _softmax_xent_sums(z, labels, grad, mean, loss_sum, correct, n, c, inv_n):
     correct += (z.argmax(axis=1) == labels).sum()
 
 
-RAW_MIRRORS = {"gpunet_softmax_xent": _softmax_xent, "gpunet_softmax_xent_sums": _softmax_xent_sums}
+def _gemm(trans_a, trans_b):
+    """The graph step's GEMM (gpunet/fast/graph_kernels.py): c = op(a) @ op(b), accumulated in the
+    arrays' dtype as the kernel does."""
+    def mirror(a, b, c, m, n, k):
+        a2 = a.reshape((k, m) if trans_a else (m, k))
+        b2 = b.reshape((n, k) if trans_b else (k, n))
+        c[...] = np.matmul(a2.T if trans_a else a2, b2.T if trans_b else b2).reshape(c.shape)
+    return mirror
+
+
+RAW_MIRRORS = {"gpunet_softmax_xent": _softmax_xent, "gpunet_softmax_xent_sums": _softmax_xent_sums,
+               "gpunet_gemm_nn": _gemm(False, False), "gpunet_gemm_nt": _gemm(False, True),
+               "gpunet_gemm_tn": _gemm(True, False)}
 
 
 def _keep(ran, outputs):

@@ -7,12 +7,14 @@ import pytest
 import gpunet as gn
 from gpunet.commands import train as recipe
 from gpunet.commands.train import ConfigError, TrainConfig
+from gpunet.optimizers import make_optimizer
 
 
 def built(**settings):
     config = TrainConfig(**settings)
     recipe.check(config)
-    return config, recipe.make_optimizer(config, gn.mlp([3, 4, 2], seed=0, device="cpu").parameters())
+    name, options = recipe.optimizer_choice(config)
+    return config, make_optimizer(name, gn.mlp([3, 4, 2], seed=0, device="cpu").parameters(), **options)
 
 
 @pytest.mark.parametrize("settings, kind, expect", [

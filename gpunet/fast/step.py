@@ -5,9 +5,11 @@ labels, and ``SGD``, ``Momentum``, ``Adam`` or ``AdamW``.
 Same formulas as the core, with the speed-ups: work buffers allocated once per batch shape, bias + ReLU
 in one pass, the softmax cross-entropy forward and gradient in one pass, dx computed into a buffer, each
 layer updated as soon as its delta is known (dx first, from the old W), and on the CPU with NumPy's
-OpenBLAS the gradient folded into the SGD or momentum update (:mod:`gpunet.fast.blas`), so that
-``param.grad`` is not written there; Adam's and AdamW's update is one kernel per parameter on either device
-(CUDA, numba, or in-place NumPy: :func:`gpunet.fast.ops.adam`). Dropout masks are the Dropout layer's own
+OpenBLAS the SGD or momentum update in BLAS calls on the arrays (:mod:`gpunet.fast.blas`). Every
+path writes ``param.grad`` (the gradient's product goes straight into it), so the step leaves the
+state the core's step (:func:`gpunet.training.train_step`) would. Adam's and AdamW's update is one
+kernel per parameter on either device (CUDA, numba or in-place NumPy: :func:`gpunet.fast.ops.adam`).
+Dropout masks are the Dropout layer's own
 (its keys, in the same order; on the GPU one kernel draws, scales and applies each).
 """
 from __future__ import annotations
@@ -81,10 +83,12 @@ class FusedStep:
         self.deferred = (self.on_cpu and not self.adam) or distributed
         self.fold = (self.on_cpu and not distributed and not self.adam and blas.routines(W0.dtype) is not None
                      and not (self.momentum and optimizer.nesterov)
-                     and all(p.data.flags.c_contiguous for p in params))
+                     and all(p.data.flags.c_contiguous and p.grad.flags.c_contiguous
+                             for p in params))
         self.pairs = [((params[2 * i], velocities[2 * i]), (params[2 * i + 1], velocities[2 * i + 1]))
                       for i in range(len(blocks))]
-        self.folded = [blas.LinearUpdate(W.data, b.data, vW, vb) for (W, vW), (b, vb) in self.pairs] if self.fold else None
+        self.folded = ([blas.LinearUpdate(W.data, b.data, W.grad, b.grad, vW, vb)
+                        for (W, vW), (b, vb) in self.pairs] if self.fold else None)
         self._buffers = {}
         self.sums = None
 
@@ -106,8 +110,8 @@ class FusedStep:
         return buf
 
     def _update(self, i, x, dy):
-        """Block i's W and b, whose gradients are x.T @ dy and dy.sum(0): folded into the update on the
-        CPU with OpenBLAS; else written into ``grad`` and, on the GPU, applied by one kernel each (on the
+        """Block i's W and b, whose gradients x.T @ dy and dy.sum(0) go into ``grad``: the update
+        in BLAS calls on the CPU with OpenBLAS; else on the GPU, applied by one kernel each (on the
         CPU the core optimizer steps once the walk is over)."""
         opt = self.optimizer
         if self.fold:
