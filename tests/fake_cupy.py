@@ -268,9 +268,21 @@ def _batch_norm_backward(dy, y, mask, xhat, gamma, inv_sigma, dgamma, dbeta, n, 
     dy[...] = (gamma * inv_sigma * (t(1) / t(n))) * (t(n) * d - dbeta - xhat * dgamma)
 
 
+def _gemm(trans_a, trans_b):
+    """The graph step's GEMM (gpunet/fast/graph_kernels.py): c = op(a) @ op(b), accumulated in the
+    arrays' dtype as the kernel does."""
+    def mirror(a, b, c, m, n, k):
+        a2 = a.reshape((k, m) if trans_a else (m, k))
+        b2 = b.reshape((n, k) if trans_b else (k, n))
+        c[...] = np.matmul(a2.T if trans_a else a2, b2.T if trans_b else b2).reshape(c.shape)
+    return mirror
+
+
 RAW_MIRRORS = {"gpunet_softmax_xent": _softmax_xent, "gpunet_softmax_xent_sums": _softmax_xent_sums,
                "gpunet_resample": _resample, "gpunet_batch_norm_stats": _batch_norm_stats,
-               "gpunet_batch_norm_backward": _batch_norm_backward}
+               "gpunet_batch_norm_backward": _batch_norm_backward,
+               "gpunet_gemm_nn": _gemm(False, False), "gpunet_gemm_nt": _gemm(False, True),
+               "gpunet_gemm_tn": _gemm(True, False)}
 
 
 def _keep(ran, outputs):

@@ -49,6 +49,8 @@ def test_every_kernel_is_built_from_the_sources_checked_here():
          "return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT), SOFTMAX_XENT_NAME)"),
         ("fast/cuda.py", "return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT_SUMS), SOFTMAX_XENT_SUMS_NAME)"),
         ("fast/cuda.py", "return cupy.RawKernel(raw_source(ctype, name), name)"),
+        # the graph step's GEMMs: compiled in tests/test_graph_kernels.py
+        ("fast/graph_kernels.py", "return cupy.RawKernel(gemm_source(ctype_, variant), gemm_name(variant))"),
     }
 
 
