@@ -472,7 +472,11 @@ def _stepper(step, optimizer, interrupt, comm, row_keyed=()):
             optimizer.step()
             return None, None, stop
         flag = {}
-        value, out = step(x, y, reduce=lambda: flag.update(stop=gradient_sum(rows, batch_rows, wants_stop())))
+        if getattr(step, "prescaled", False):  # the GPU's fused step divides by the global batch's rows itself
+            value, out = step(x, y, reduce=lambda: flag.update(
+                stop=gradient_sum(rows, batch_rows, wants_stop(), scaled=True)), batch_rows=batch_rows)
+        else:
+            value, out = step(x, y, reduce=lambda: flag.update(stop=gradient_sum(rows, batch_rows, wants_stop())))
         return value, out, flag["stop"]
     return take_step
 

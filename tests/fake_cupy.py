@@ -208,6 +208,24 @@ def _dropout(key, start, threshold, scale, y, mask):
     y *= mask
 
 
+def _layer_given(lr, gamma, wd, nesterov, *triples):
+    for w, g, v in triples:
+        d = _decayed(g, wd, w)
+        v[...] = gamma * v + lr * d
+        w -= gamma * v + lr * d if nesterov else v
+
+
+def _layer_sgd_given(cols, lr, wd, w, g, b, gb):
+    w -= lr * _decayed(g, wd, w)
+    b -= lr * _decayed(gb, wd, b)
+
+
+def _batch_norm_apply(b, mu, inv_sigma, gamma, beta, cols, relu, y, xhat):
+    xhat[...] = ((y + b) - mu) * inv_sigma
+    o = gamma * xhat + beta
+    y[...] = np.where(o < 0, o.dtype.type(0), o) if relu else o
+
+
 def _relu_where(y, t):
     return np.where(y > 0, t, t * y.dtype.type(0))
 
@@ -221,6 +239,10 @@ MIRRORS = {
     "gpunet_layer_sgd": _layer_sgd,
     "gpunet_adam": _adam,
     "gpunet_dropout": _dropout,
+    "gpunet_layer_momentum_given": lambda cols, lr, gamma, wd, nesterov, w, g, v, b, vb, gb: _layer_given(
+        lr, gamma, wd, nesterov, (w, g, v), (b, gb, vb)),
+    "gpunet_layer_sgd_given": _layer_sgd_given,
+    "gpunet_batch_norm_apply": _batch_norm_apply,
     "gpunet_gather_scaled": lambda src, idx, cols, divisor, out: out.__setitem__(
         ..., np.divide(src[idx], divisor, dtype=out.dtype)),
 }
@@ -277,6 +299,55 @@ def _softmax_xent_sums(z, labels, grad, mean, loss_sum, correct, n, c, inv_n):
     correct += (z.argmax(axis=1) == labels).sum()
 
 
+def _resample(images, maps, fields, out, b, h, w, elastic):
+    """gpunet_resample pixel by pixel, as its source reads (not through gpunet.augment's core)."""
+    t = images.dtype.type
+    i, j = np.divmod(np.arange(h * w), w)
+    cr, cc = t(0.5) * t(h - 1), t(0.5) * t(w - 1)
+    dr, dc = i.astype(images.dtype) - cr, j.astype(images.dtype) - cc
+    m = maps.reshape(b, 6)
+    r = m[:, 0:1] * dr + m[:, 1:2] * dc + m[:, 2:3] + cr
+    c = m[:, 3:4] * dr + m[:, 4:5] * dc + m[:, 5:6] + cc
+    if elastic:
+        f = fields.reshape(b, 2, w * h)
+        r += f[:, 0, j * h + i]
+        c += f[:, 1, j * h + i]
+    r, c = np.clip(r, t(-1), t(h)), np.clip(c, t(-1), t(w))
+    r0, c0 = np.floor(r), np.floor(c)
+    fr, fc = r - r0, c - c0
+    ri, ci = r0.astype(np.int64), c0.astype(np.int64)
+    flat = images.reshape(b, h * w)
+
+    def pixel(rr, cc_):
+        inside = (rr >= 0) & (rr < h) & (cc_ >= 0) & (cc_ < w)
+        return np.where(inside, np.take_along_axis(flat, np.where(inside, rr * w + cc_, 0), 1), t(0))
+
+    v00, v01, v10, v11 = pixel(ri, ci), pixel(ri, ci + 1), pixel(ri + 1, ci), pixel(ri + 1, ci + 1)
+    top = v00 + fc * (v01 - v00)
+    bottom = v10 + fc * (v11 - v10)
+    out[...] = (top + fr * (bottom - top)).reshape(out.shape)
+
+
+def _batch_norm_stats(z, b, mu, inv_sigma, running_mean, running_var, n, f, momentum, keep, unbiased, eps):
+    y = z + b
+    mean = y.sum(axis=0) / y.dtype.type(n)
+    var = ((y - mean) ** 2).sum(axis=0) / y.dtype.type(n)
+    running_mean[...] = running_mean * keep + momentum * mean
+    running_var[...] = running_var * keep + unbiased * var
+    mu[...] = mean
+    inv_sigma[...] = y.dtype.type(1) / np.sqrt(var + eps)
+
+
+def _batch_norm_backward(dy, y, mask, xhat, gamma, inv_sigma, dgamma, dbeta, n, f, has_mask, relu):
+    d = dy * mask if has_mask else dy.copy()
+    if relu:
+        d = _relu_where(y, d)
+    dbeta[...] = d.sum(axis=0)
+    dgamma[...] = (d * xhat).sum(axis=0)
+    t = dy.dtype.type
+    dy[...] = (gamma * inv_sigma * (t(1) / t(n))) * (t(n) * d - dbeta - xhat * dgamma)
+
+
 def _gemm(trans_a, trans_b):
     """The graph step's GEMM (gpunet/fast/graph_kernels.py): c = op(a) @ op(b), accumulated in the
     arrays' dtype as the kernel does."""
@@ -288,6 +359,8 @@ def _gemm(trans_a, trans_b):
 
 
 RAW_MIRRORS = {"gpunet_softmax_xent": _softmax_xent, "gpunet_softmax_xent_sums": _softmax_xent_sums,
+               "gpunet_resample": _resample, "gpunet_batch_norm_stats": _batch_norm_stats,
+               "gpunet_batch_norm_backward": _batch_norm_backward,
                "gpunet_gemm_nn": _gemm(False, False), "gpunet_gemm_nt": _gemm(False, True),
                "gpunet_gemm_tn": _gemm(True, False)}
 
