@@ -54,6 +54,8 @@ def available() -> str | None:
 
 def why_not(net, data_x, callbacks_transform: bool, distributed: bool) -> str | None:
     """None when a run may take the graph step, else why not (see the module docstring)."""
+    if any(type(layer).__name__ == "BatchNorm" for layer in net.layers):
+        return "BatchNorm is not in the graph step (its statistics kernels take no scalars buffer yet)"
     if net.device == "cpu":
         return "the network is on the CPU (a CUDA graph needs a GPU)"
     if distributed:
@@ -89,7 +91,7 @@ class GraphStep:
         self.dtype = np.dtype(self.blocks[0][0].W.data.dtype)
         self.xp = get_array_module(self.blocks[0][0].W.data)
         self.stream = cupy.cuda.Stream(non_blocking=True)
-        self.dropouts = [d for _, _, d in self.blocks if d is not None]
+        self.dropouts = [block[2] for block in self.blocks if block[2] is not None]
         self.update_at = 1 + len(self.dropouts)
         self.slots = self.update_at + UPDATE_SLOTS[self.rule]  # one optimizer: the same scalars for every layer
         self.device_u = self.xp.zeros(self.slots, np.uint64)
@@ -163,11 +165,11 @@ class GraphStep:
     def _allocate(self, rows: int) -> dict:
         if rows in self.buffers:
             return self.buffers[rows]
-        xp, dt, widths = self.xp, self.dtype, [lin.W.data.shape for lin, _, _ in self.blocks]
+        xp, dt, widths = self.xp, self.dtype, [block[0].W.data.shape for block in self.blocks]
         bufs = {"x": xp.empty((rows, widths[0][0]), dt), "labels": xp.empty(rows, np.int64),
                 "y": [xp.empty((rows, w[1]), dt) for w in widths],
                 "mask": [xp.empty((rows, w[1]), dt) if d is not None else None
-                         for w, (_, _, d) in zip(widths, self.blocks)],
+                         for w, (_, _, d, _) in zip(widths, self.blocks)],
                 "dx": [xp.empty((rows, w[0]), dt) for w in widths],
                 "grad": xp.empty((rows, widths[-1][1]), dt), "mean": xp.empty((), dt)}
         self.buffers[rows] = bufs
@@ -200,7 +202,7 @@ class GraphStep:
         """The step's launches, in FusedStep's order, on buffers allocated beforehand."""
         self._gather(bufs)
         x, key = bufs["x"], 1
-        for i, (linear, relu, dropout) in enumerate(self.blocks):
+        for i, (linear, relu, dropout, _) in enumerate(self.blocks):
             y = graph_kernels.gemm(x, linear.W.data, bufs["y"][i])
             if relu:
                 cuda.bias_relu(y, linear.b.data)
@@ -242,7 +244,7 @@ class GraphStep:
         flat, opt, f = dy.reshape(-1), self.optimizer, self.device_f
         if self.rule == "adam":
             graph_kernels.launch("bias_grad", flat, rows, cols, b.grad)
-            for k in (2 * i, 2 * i + 1):
+            for k in self.fused.index[i][:2]:
                 p = opt.params[k]
                 graph_kernels.launch("adam", p.grad, f, np.int32(self.update_at), p.data, opt.m[k],
                                      opt.v[k])
