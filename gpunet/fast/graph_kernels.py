@@ -143,3 +143,76 @@ def gemm(a, b, out, trans_a: bool = False, trans_b: bool = False):
     if grid[0] and grid[1]:
         _gemm(ctype(out.dtype), variant)(grid, block, args)
     return out
+
+
+# ------------------------------------------------------------------- kernels that read the step's scalars
+# The graph replays the same launches every step, so what changes between steps (the batch's offset into
+# the epoch's permutation, Adam's bias corrections, a schedule's lr, the dropout keys) cannot be a kernel
+# argument: it is read from the step's scalars, one uint64 buffer ``scalars_u`` on the device (its
+# float64 view ``scalars_f``), refilled by one asynchronous copy before each replay. Each variant below is the eager kernel of
+# gpunet.fast.cuda with some of its scalar parameters read from that buffer at slot ``at`` onwards,
+# cast to the parameter's type (a value stored as float64(T(x)) casts back to T(x) exactly), so that the
+# eager kernel's body, and its rounding, is reused as it is.
+C_NAMES = {"T": "T", "uint64": "unsigned long long", "uint32": "unsigned int", "int32": "int",
+           "float64": "double"}
+GATHER_ROWS_SCALED = ("raw uint8 src, raw int64 perm, raw uint64 scalars_u, int32 cols, T divisor", "T out",
+                      "out = (T)src[perm[scalars_u[0] + i / cols] * cols + i % cols] / divisor;",
+                      "gpunet_graph_gather_scaled")
+GATHER_ROWS = ("raw T src, raw int64 perm, raw uint64 scalars_u, int32 cols", "T out",
+               "out = src[perm[scalars_u[0] + i / cols] * cols + i % cols];", "gpunet_graph_gather")
+GATHER_LABELS = ("raw L y, raw int64 perm, raw uint64 scalars_u", "int64 out", "out = (long long)y[perm[scalars_u[0] + i]];",
+                 "gpunet_graph_gather_labels")
+# b.grad = dy.sum(0) for Adam's bias (the eager step's CuPy reduction may take CUB's path, which
+# allocates its work space: not allowed in a capture); rows summed in the order the layer kernels use
+BIAS_GRAD = ("raw T dy, int32 rows, int32 cols", "T gb",
+             "T s = 0; for (int r = 0; r < rows; ++r) s += dy[r * cols + i]; gb = s;", "gpunet_graph_bias_grad")
+
+
+def reading(spec: tuple, names: tuple, buffer: str, name: str) -> tuple:
+    """``spec`` (an ElementwiseKernel's in_params, out_params, operation, name) with its scalar parameters
+    ``names`` read from ``buffer`` ("scalars_f": float64, "scalars_u": uint64) at ``at``, ``at + 1``, ...
+    instead (the names are not ``s``/``u``: the layer kernels' bodies use ``s``)."""
+    params = [p.strip() for p in spec[0].split(",")]
+    kept, reads = [], []
+    for p in params:
+        *_, kind, pname = p.split()
+        if pname in names and not p.startswith("raw "):
+            reads.append((names.index(pname), kind, pname))
+        else:
+            kept.append(p)
+    if len(reads) != len(names):
+        raise ValueError(f"reading: {spec[3]} has no scalar parameters {names} (it has {params})")
+    buf = f"raw {'float64' if buffer == 'scalars_f' else 'uint64'} {buffer}"
+    head = " ".join(f"const {C_NAMES[k]} {n} = ({C_NAMES[k]}){buffer}[at + {j}];" for j, k, n in sorted(reads))
+    return (", ".join(kept + [buf, "int32 at"]), spec[1], head + " " + spec[2], name)
+
+
+@functools.cache
+def variants() -> dict:
+    """The graph step's ElementwiseKernel specs by name: the gathers, the bias gradient, and the eager
+    update and dropout kernels reading their per-step scalars (see :func:`reading`)."""
+    from . import cuda
+
+    eager = cuda.ELEMENTWISE
+    return {
+        "gather_scaled": GATHER_ROWS_SCALED, "gather": GATHER_ROWS, "gather_labels": GATHER_LABELS,
+        "bias_grad": BIAS_GRAD,
+        "layer_sgd": reading(eager["layer_sgd"], ("lr", "wd"), "scalars_f", "gpunet_graph_layer_sgd"),
+        "layer_momentum": reading(eager["layer_momentum"], ("lr", "gamma", "wd"), "scalars_f",
+                                  "gpunet_graph_layer_momentum"),
+        "adam": reading(eager["adam"], ("b1", "b2", "c1", "c2", "step", "root_c2", "eps", "wd", "decay"), "scalars_f",
+                        "gpunet_graph_adam"),
+        "dropout": reading(eager["dropout"], ("key",), "scalars_u", "gpunet_graph_dropout"),
+    }
+
+
+@functools.cache
+def _elementwise(name: str):
+    import cupy
+
+    return cupy.ElementwiseKernel(*variants()[name])
+
+
+def launch(name: str, *args):
+    """Launch the graph variant ``name`` (see :func:`variants`) with ``args`` in its parameter order."""
+    return _elementwise(name)(*args)
