@@ -154,7 +154,8 @@ def cache_dir() -> Path:
 
 
 _LOADED: dict = {}
-stats = {"compiled": 0, "cached": 0, "launches": 0, "orders": 0, "names": set()}  # for tests and the CI line
+# for tests and the CI line
+stats = {"compiled": 0, "cached": 0, "launches": 0, "orders": 0, "names": set()}
 
 
 def include_flags(include: Path) -> list:

@@ -114,7 +114,8 @@ static void run_block(unsigned threads, int how, Shuffle& shuffle) {
                 std::snprintf(error, sizeof error,
                               "divergent __syncthreads in block (%u, %u, %u): threads "
                               "(%u, %u, %u) and (%u, %u, %u) wait at different barriers",
-                              blockIdx.x, blockIdx.y, blockIdx.z, block[0].index.x, block[0].index.y, block[0].index.z,
+                              blockIdx.x, blockIdx.y, blockIdx.z, block[0].index.x,
+                              block[0].index.y, block[0].index.z,
                               f.index.x, f.index.y, f.index.z);
                 return;
             }

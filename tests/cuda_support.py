@@ -3,8 +3,8 @@ and the fake CuPy put in place with gpunet's kernel caches cleared around it.
 
 * ``cxx_or_skip`` (tests/cuda_cpu.py's g++ and CuPy headers; GPUNET_REQUIRE_CXX=1 fails instead),
   ``nvrtc_or_skip`` (tests/cuda_compile.py's NVRTC and runtime headers; GPUNET_REQUIRE_NVRTC=1);
-* ``clear_kernel_caches``: every cached kernel constructor of gpunet.fast's loaded modules, so that a
-  test's fake CuPy builds its own kernels and the next test's CuPy never sees them (found, not
+* ``clear_kernel_caches``: every cached kernel constructor of gpunet.fast's loaded modules, so
+  that a test's fake CuPy builds its own kernels and the next test's CuPy never sees them (found, not
   listed: a new cache needs no edit here);
 * ``fake_cupy``: the counting stand-in installed as ``cupy`` for one test.
 """
@@ -19,8 +19,8 @@ import pytest
 
 
 def require(probe, unavailable: type, flag: str):
-    """``probe()``'s result; where it raises ``unavailable``, skip with its message, or fail when the
-    environment sets ``flag`` to 1 (CI: a missing toolchain must not pass as skipped)."""
+    """``probe()``'s result; where it raises ``unavailable``, skip with its message, or fail when
+    the environment sets ``flag`` to 1 (CI: a missing toolchain must not pass as skipped)."""
     try:
         return probe()
     except unavailable as exc:
@@ -30,7 +30,8 @@ def require(probe, unavailable: type, flag: str):
 
 
 def cxx_or_skip() -> dict:
-    """g++ and CuPy's headers (cuda_cpu.toolchain), else skip, or fail under GPUNET_REQUIRE_CXX=1."""
+    """g++ and CuPy's headers (cuda_cpu.toolchain), else skip, or fail under
+    GPUNET_REQUIRE_CXX=1."""
     import cuda_cpu
 
     return require(cuda_cpu.toolchain, cuda_cpu.Unavailable, "GPUNET_REQUIRE_CXX")

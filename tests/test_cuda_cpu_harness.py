@@ -66,7 +66,8 @@ def test_each_kernel_runs_in_the_orders_its_races_need():
     spec = ("float32 x", "float32 y", "y = x * x", "gpunet_test_square")
     assert orders(lambda: cuda_cpu.elementwise(spec, [x, np.zeros_like(x)])) == 1
     aliased = ("raw float32 x", "float32 y", "y = x[i] + 1", "gpunet_test_aliased")
-    assert orders(lambda: cuda_cpu.elementwise(aliased, [x, x])) == 2  # x is y: raw reads meet writes
+    # x is y: the raw reads meet the writes
+    assert orders(lambda: cuda_cpu.elementwise(aliased, [x, x])) == 2
 
 
 def test_the_fibers_stacks_are_mapped_once_and_reused():
