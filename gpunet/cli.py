@@ -31,7 +31,7 @@ from .layers import ACTIVATIONS, INITIALIZERS, Standardize
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .metrics import format_report
 from .network import load
-from .optimizers import SGD, Adam, AdamW, Momentum, RMSprop
+from .optimizers import OPTIMIZERS, make_optimizer
 from .predictions import prediction
 from .commands.train import TrainConfig, load_data, train
 from .schedules import SCHEDULES
@@ -185,7 +185,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     x.add_argument("--output-activation", choices=explain_build.OUTPUT_ACTIVATIONS, help="an activation on the output layer, y^L = f(z^L), for --loss mse or mae (default: none, y^L = z^L)")
     x.add_argument("--batch-norm", action="store_true", help="a BatchNorm between each hidden Linear and its activation (training mode: a batch of at least 2 instances)")
     x.add_argument("--loss", choices=("ce", "mse", "mae"), default="ce", help="softmax cross-entropy, mean squared or absolute error (default: ce)")
-    x.add_argument("--optimizer", choices=tuple(EXPLAIN_OPTIMIZERS), default="sgd", help="default: sgd")
+    x.add_argument("--optimizer", choices=EXPLAIN_OPTIMIZERS, default="sgd", help="default: sgd")
     x.add_argument("--lr", type=positive_float, default=None, help="learning rate alpha (default: 0.5 for sgd and momentum, the optimizer's own for the others)")
     x.add_argument("--momentum", type=unit_interval, default=None, help="gamma for --optimizer momentum (default: 0.9)")
     x.add_argument("--input", type=finite_float, nargs="+", metavar="X", help="the instance x (several instances back to back make a batch; default with the example: 0.05 0.1)")
@@ -483,17 +483,18 @@ def cmd_explain(args):
     return 0
 
 
-EXPLAIN_OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
+EXPLAIN_OPTIMIZERS = tuple(OPTIMIZERS)
 
 
 def _explain_optimizer(args, params):
-    """The optimizer of --optimizer: its own defaults, but SGD's and momentum's alpha is the example's."""
+    """The optimizer of --optimizer: its own defaults, but SGD's and momentum's alpha is the example's
+    (momentum 0 stays the momentum rule, so that its velocities are shown)."""
     kind, options = args.optimizer, {}
     if args.lr is not None or kind in ("sgd", "momentum"):
         options["lr"] = explain_build.EXAMPLE["lr"] if args.lr is None else args.lr
     if kind == "momentum":
         options["momentum"] = 0.9 if args.momentum is None else args.momentum
-    return EXPLAIN_OPTIMIZERS[kind](params, **options)
+    return make_optimizer(kind, params, **options)
 
 
 def _explain_flags(args):

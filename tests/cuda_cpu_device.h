@@ -19,6 +19,7 @@
 #include <initializer_list>
 #include <utility>
 #include <vector>
+#include <sys/mman.h>
 #include <ucontext.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
@@ -136,7 +137,7 @@ namespace gpunet_cpu {
 enum State { RUNNING, AT_BARRIER, DONE };
 struct Fiber {
     ucontext_t context;
-    std::vector<char> stack;
+    char* stack = nullptr;  // STACK bytes of stack_pool
     State state = RUNNING;
     int site = -1;  // the __syncthreads it waits at (each one in the source has its own number)
     uint3 index{};
@@ -153,6 +154,24 @@ static const size_t STACK = 1 << 20;
 static const size_t STACK = 1 << 16;
 #endif
 
+// The fibers' stacks: one per thread of a block, mapped once per process (per loaded kernel), grown
+// only for a block larger than any before, and reused by every block and launch. Mapped, not
+// zero-filled: a block touches only the pages its threads use (a std::vector of STACK bytes per
+// thread per block zero-filled 16 MiB per 256-thread block, 256 MiB under ASan).
+static char* stack_pool = nullptr;
+static size_t stack_pool_threads = 0;
+
+static char* stack_of(unsigned thread, unsigned threads) {
+    if (threads > stack_pool_threads) {
+        if (stack_pool) munmap(stack_pool, stack_pool_threads * STACK);
+        void* at = mmap(nullptr, threads * STACK, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        stack_pool = at == MAP_FAILED ? nullptr : static_cast<char*>(at);
+        stack_pool_threads = stack_pool ? threads : 0;
+    }
+    return stack_pool ? stack_pool + size_t(thread) * STACK : nullptr;
+}
+
 static void fail(const char* what) {
     if (!error[0]) std::snprintf(error, sizeof error, "%s", what);
 }
@@ -160,7 +179,7 @@ static void fail(const char* what) {
 static void switch_to(ucontext_t* from, ucontext_t* to, Fiber* target) {
 #if defined(__SANITIZE_ADDRESS__)
     void* fake = nullptr;
-    if (target) __sanitizer_start_switch_fiber(&fake, target->stack.data(), target->stack.size());
+    if (target) __sanitizer_start_switch_fiber(&fake, target->stack, STACK);
     else __sanitizer_start_switch_fiber(&fake, nullptr, 0);  // the scheduler's stack: ASan knows it
 #else
     (void)target;

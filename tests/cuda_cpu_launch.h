@@ -81,11 +81,15 @@ static void run_block(unsigned threads, int how, Shuffle& shuffle) {
     std::vector<Fiber> block(threads);
     for (unsigned t = 0; t < threads; ++t) {
         Fiber& f = block[t];
-        f.stack.resize(STACK);
+        f.stack = stack_of(t, threads);
+        if (!f.stack) {
+            std::snprintf(error, sizeof error, "no memory for %u fiber stacks", threads);
+            return;
+        }
         f.index = unflatten(t, blockDim);
         getcontext(&f.context);
-        f.context.uc_stack.ss_sp = f.stack.data();
-        f.context.uc_stack.ss_size = f.stack.size();
+        f.context.uc_stack.ss_sp = f.stack;
+        f.context.uc_stack.ss_size = STACK;
         f.context.uc_link = nullptr;
         makecontext(&f.context, entry, 0);
     }

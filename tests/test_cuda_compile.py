@@ -48,6 +48,9 @@ def test_every_kernel_is_built_from_the_sources_checked_here():
         ("fast/cuda.py",
          "return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT), SOFTMAX_XENT_NAME)"),
         ("fast/cuda.py", "return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT_SUMS), SOFTMAX_XENT_SUMS_NAME)"),
+        ("fast/cuda.py", "return cupy.RawKernel(raw_source(ctype, name), name)"),
+        # the graph step's GEMMs: compiled in tests/test_graph_kernels.py
+        ("fast/graph_kernels.py", "return cupy.RawKernel(gemm_source(ctype_, variant), gemm_name(variant))"),
     }
 
 
@@ -67,7 +70,8 @@ def test_every_kernel_compiles(nvrtc, arch, dtype):
     assert not failures, "\n\n".join(failures)
     names = {name for name, _, _ in programs}
     want = {spec[3] for spec in cuda.ELEMENTWISE.values()} | {
-        name + suffix for name in (cuda.SOFTMAX_XENT_NAME, cuda.SOFTMAX_XENT_SUMS_NAME) for suffix in ("", "_signature")}
+        name + suffix for name in (cuda.SOFTMAX_XENT_NAME, cuda.SOFTMAX_XENT_SUMS_NAME, *cuda.RAW)
+        for suffix in ("", "_signature")}
     assert names == want | ({backend.PROBE_KERNEL[3]} if dtype == "float32" else set())
 
 

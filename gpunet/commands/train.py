@@ -28,7 +28,7 @@ from ..data.datasets import load_mnist, load_table, split_validation
 from ..layers import Standardize
 from ..losses import MSELoss, SoftmaxCrossEntropy
 from ..network import Sequential, mlp
-from ..optimizers import SGD, Adam, AdamW, Momentum, RMSprop
+from ..optimizers import SETTINGS, make_optimizer
 from ..schedules import make_schedule
 from ..training import evaluate, fit, predict
 
@@ -219,23 +219,18 @@ def build(config: TrainConfig, in_features: int, classes: int, device: str):
     acts = config.activation[0] if len(config.activation) == 1 else list(config.activation)
     net = mlp([in_features, *hidden, classes], activation=acts, init=config.init, dropout=config.dropout,
               seed=config.seed, device=device, batch_norm=config.batch_norm)
-    opt = make_optimizer(config, net.parameters())
+    name, settings = optimizer_choice(config)
+    opt = make_optimizer(name, net.parameters(), **settings)
     extra = {"step_size": config.step_size, "gamma": 0.1} if config.schedule == "step" else {}
     return net, opt, make_schedule(config.schedule, config.lr, config.epochs, **extra)
 
 
-def make_optimizer(config: TrainConfig, params):
-    """The optimizer ``config`` names, on ``params``; ``momentum`` with --momentum 0 is plain SGD."""
-    name, lr, wd = config.optimizer, config.lr, config.weight_decay
-    if name == "momentum" and config.momentum > 0:
-        return Momentum(params, lr=lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=wd)
-    if name in ("sgd", "momentum"):
-        return SGD(params, lr=lr, weight_decay=wd)
-    if name in ("adam", "adamw"):
-        return (Adam if name == "adam" else AdamW)(params, lr=lr, betas=(config.beta1, config.beta2),
-                                                   eps=config.eps, weight_decay=wd)
-    return RMSprop(params, lr=lr, alpha=config.alpha, eps=config.eps, momentum=config.momentum,
-                   centered=config.centered, weight_decay=wd)
+def optimizer_choice(config: TrainConfig) -> tuple[str, dict]:
+    """The rule and settings ``config`` asks for, for :func:`gpunet.optimizers.make_optimizer`: those of
+    its optimizer (:data:`OPTIMIZER_SETTINGS`); ``momentum`` with --momentum 0 is plain SGD."""
+    name = "sgd" if config.optimizer == "momentum" and config.momentum == 0 else config.optimizer
+    own = SETTINGS.get(name, ())
+    return name, {k: getattr(config, k) for k in own}
 
 
 def write_json(path, obj) -> None:
