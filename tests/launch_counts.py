@@ -15,8 +15,8 @@ import numpy as np
 import gpunet as gn
 from gpunet import backend
 from gpunet.data.rows import Pixels
-from gpunet.fast import cuda
 from gpunet.training import fit
+import cuda_support
 from fake_cupy import FakeCupy
 
 SIZES, BATCH = [784, 512, 512, 10], 128
@@ -65,9 +65,7 @@ def install(monkeypatch=None):
     else:
         sys.modules["cupy"] = fake
         backend._probe_result, backend._gpu_index = None, None
-    cuda._elementwise.cache_clear()
-    cuda._softmax_xent.cache_clear()
-    cuda._raw.cache_clear()
+    cuda_support.clear_kernel_caches()
     return fake
 
 

@@ -12,11 +12,10 @@ Skips without g++ or CuPy's headers, or fails under GPUNET_REQUIRE_CXX=1 (as
 tests/test_cuda_cpu.py). About 8 s here (the objects cached by cuda_cpu).
 """
 
-import os
 import types
 
 import cuda_cpu
-import launch_counts
+import cuda_support
 import numpy as np
 import pytest
 
@@ -32,17 +31,9 @@ DTYPES = ("float32", "float64")
 @pytest.fixture
 def fake(monkeypatch):
     """The counting fake CuPy with the CUDA-on-CPU harness on (skips, or fails, without g++)."""
-    try:
-        cuda_cpu.toolchain()
-    except cuda_cpu.Unavailable as exc:
-        if os.environ.get("GPUNET_REQUIRE_CXX") == "1":
-            pytest.fail(f"GPUNET_REQUIRE_CXX=1 but {exc}")
-        pytest.skip(str(exc))
-    monkeypatch.delenv("GPUNET_CUDA_CPU", raising=False)
     cuda_cpu.stats["names"].clear()
-    yield launch_counts.install(monkeypatch)
-    for cache in (cuda._elementwise, cuda._softmax_xent, cuda._raw):
-        cache.cache_clear()
+    with cuda_support.fake_cupy(monkeypatch, harness=True) as fake:
+        yield fake
 
 
 def ran_from_cuda(*names):

@@ -7,17 +7,14 @@ Skips without g++ and CuPy's headers (GPUNET_REQUIRE_CXX=1 fails instead), and t
 without NVRTC (GPUNET_REQUIRE_NVRTC=1 fails instead).
 """
 
-import sys
 
 import cuda_compile as cc
 import cuda_cpu
+import cuda_support
 import numpy as np
 import pytest
-from fake_cupy import FakeCupy
-from test_cuda_compile import toolchain_or_skip as nvrtc_or_skip
-from test_cuda_cpu import toolchain_or_skip
+from cuda_support import nvrtc_or_skip
 
-from gpunet import backend
 from gpunet.fast import cuda
 from gpunet.fast import graph_kernels as gk
 
@@ -32,14 +29,8 @@ CASES = [(r, 784, 10) for r in ROWS] + [(r, 10, 512) for r in ROWS] + [(129, 512
 
 @pytest.fixture
 def fake(monkeypatch):
-    toolchain_or_skip()
-    monkeypatch.delenv("GPUNET_CUDA_CPU", raising=False)
-    fake = FakeCupy()
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(backend, "_probe_result", None)
-    gk._gemm.cache_clear()
-    yield fake
-    gk._gemm.cache_clear()
+    with cuda_support.fake_cupy(monkeypatch, harness=True) as fake:
+        yield fake
 
 
 def operands(variant, rows, fan_in, fan_out, dtype, seed=0):
