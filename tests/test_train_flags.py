@@ -17,7 +17,7 @@ FLAGS = (
     "--data-dir --download --data --label-column --task --scale --hidden --activation --epochs "
     "--batch-size --optimizer --lr --momentum --nesterov --weight-decay --beta1 --beta2 --eps "
     "--alpha --centered --batch-norm --dropout --init --schedule --step-size --val-size --patience "
-    "--target-loss --seed --device --out --no-plots --log-dir --resume --overwrite "
+    "--target-loss --seed --device --out --no-plots --cuda-graph --log-dir --resume --overwrite "
     "--checkpoint-every --preset --augment --aug-rotation --aug-scale --aug-shear --aug-shift "
     "--aug-sigma --aug-alpha"
 ).split()
