@@ -132,6 +132,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu, gpu (cuda) or auto (default: $GPUNET_DEVICE, else auto)")
     t.add_argument("--out", default=None, help="output folder (default: runs/mnist; runs/NAME for --data NAME.csv)")
     t.add_argument("--no-plots", action="store_true", help="skip the pictures")
+    t.add_argument("--cuda-graph", action="store_true",
+                   help="run each training step as one CUDA graph replay (a GPU; off by default "
+                   "until measured: `gpunet info` says whether it is available)")
     t.add_argument("--log-dir", metavar="DIR", default=None, help="training logs: DIR/epochs.csv (one row per epoch) and TensorBoard event files (with tensorboardX: pip install 'gpunet[tensorboard]'); a resumed run continues them")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.npz (same flags; --epochs may be raised)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -561,7 +564,7 @@ def cmd_info(args):
     info = backend.describe_device(args.device)
     data_dir = default_data_dir()
     result = {"versions": train_command.versions(), "platform": platform.platform(), **info, "data_dir": str(data_dir),
-              "fast_path": fast.status()}
+              "fast_path": fast.status(), "cuda_graph": _cuda_graph_status()}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -576,9 +579,21 @@ def cmd_info(args):
     fp = result["fast_path"]
     print(f"fast path: {'on' if fp['enabled'] else 'off (GPUNET_FAST=0)'}; CPU kernels {fp['cpu_kernels']}; "
           f"CPU folded update {fp['cpu_blas_update']}")
+    cg = result["cuda_graph"]
+    state = "available" if cg["available"] else "not available: " + cg["why_not"]
+    print(f"CUDA graph step: {state} "
+          "(off by default: gpunet train --cuda-graph)")
     print(f"requested: {info['requested']} (set GPUNET_DEVICE or --device to change)")
     print(f"data folder: {data_dir} (set GPUNET_DATA or --data-dir to change)")
     return 0
+
+
+def _cuda_graph_status() -> dict:
+    """Whether ``gpunet train --cuda-graph`` can run here, and why not."""
+    from .fast import graph
+
+    why = graph.available()
+    return {"available": why is None, "why_not": why}
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,

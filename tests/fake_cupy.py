@@ -354,7 +354,15 @@ def _gemm(trans_a, trans_b):
     def mirror(a, b, c, m, n, k):
         a2 = a.reshape((k, m) if trans_a else (m, k))
         b2 = b.reshape((n, k) if trans_b else (k, n))
-        c[...] = np.matmul(a2.T if trans_a else a2, b2.T if trans_b else b2).reshape(c.shape)
+        left, right = a2.T if trans_a else a2, b2.T if trans_b else b2
+        with np.errstate(all="ignore"):
+            out = np.matmul(left, right)
+            if not np.isfinite(out).all():  # overflow, inf or NaN: which of inf and NaN comes out
+                # depends on the order of the sum: the kernel's, k ascending in one accumulator
+                out = np.zeros_like(out)
+                for j in range(left.shape[1]):
+                    out += left[:, j:j + 1] * right[j:j + 1, :]
+        c[...] = out.reshape(c.shape)
     return mirror
 
 

@@ -102,6 +102,7 @@ class TrainConfig:
     aug_sigma: float = AUGMENT_DEFAULTS["sigma"]
     aug_alpha: float = AUGMENT_DEFAULTS["alpha"]
     log_dir: str | None = None  # epochs.csv and TensorBoard's event files (callbacks.CSVLogger, TensorBoard)
+    cuda_graph: bool = False  # each step one CUDA graph replay (fast/graph.py); off until measured
 
     def __post_init__(self):
         if self.val_size is None:
@@ -314,6 +315,8 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     classes, loss = _outputs(table, y_tr, y_val, y_test)
     net, opt, schedule = build(config, x_tr.shape[1], classes, device)
     why_not = fast.why_not(net, loss, opt, y_tr)  # a BatchNorm network or RMSprop runs the core's step
+    if config.cuda_graph:
+        _check_cuda_graph(net, why_not, config, comm)
     info = backend.describe_device(device)
     log(_start_line(config, device, info, [x_tr.shape[1], *config.hidden, classes],
                     (len(x_tr), len(x_val), len(x_test)), meta, comm, why_not))
@@ -323,6 +326,7 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
                       target_loss=config.target_loss, patience=config.patience, schedule=schedule,
                       callback=on_epoch, on_batch=on_batch, checkpoint_path=ckpt, resume=meta is not None,
                       checkpoint_every=checkpoint_every, interrupt=interrupt,
+                      cuda_graph=config.cuda_graph,
                       run_info={"config": asdict(config), "data": data}, comm=comm,
                       augment=augmentation(config, x_tr.shape[1]),
                       callbacks=[*callbacks, *training_logs(config.log_dir, log)])
@@ -357,6 +361,17 @@ def _outputs(table, y_tr, y_val, y_test):
     if table is not None and table["classes"]:
         return len(table["classes"]), SoftmaxCrossEntropy()
     return int(max(y_tr.max(), y_val.max() if len(y_val) else 0, y_test.max())) + 1, SoftmaxCrossEntropy()
+
+
+def _check_cuda_graph(net, why_not, config: TrainConfig, comm) -> None:
+    """--cuda-graph on a run the graph step cannot take: one line naming why (before any epoch)."""
+    from ..fast import graph
+
+    reason = why_not or graph.available() or graph.why_not(net, None, config.augment,
+                                                           comm is not None)
+    if reason is not None:
+        raise ConfigError(f"--cuda-graph: expected a run the CUDA graph step can take, got one it "
+                          f"cannot: {reason}")
 
 
 def _table_model(net, table: dict, config: TrainConfig):
