@@ -31,7 +31,7 @@ from .layers import ACTIVATIONS, INITIALIZERS, Standardize
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .metrics import format_report
 from .network import load
-from .optimizers import SGD, Adam, AdamW, Momentum, RMSprop
+from .optimizers import OPTIMIZERS, make_optimizer
 from .predictions import prediction
 from .commands.train import TrainConfig, load_data, train
 from .schedules import SCHEDULES
@@ -132,6 +132,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu, gpu (cuda) or auto (default: $GPUNET_DEVICE, else auto)")
     t.add_argument("--out", default=None, help="output folder (default: runs/mnist; runs/NAME for --data NAME.csv)")
     t.add_argument("--no-plots", action="store_true", help="skip the pictures")
+    t.add_argument("--cuda-graph", action="store_true",
+                   help="run each training step as one CUDA graph replay (a GPU; off by default "
+                   "until measured: `gpunet info` says whether it is available)")
     t.add_argument("--log-dir", metavar="DIR", default=None, help="training logs: DIR/epochs.csv (one row per epoch) and TensorBoard event files (with tensorboardX: pip install 'gpunet[tensorboard]'); a resumed run continues them")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.npz (same flags; --epochs may be raised)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -190,7 +193,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     x.add_argument("--output-activation", choices=explain_build.OUTPUT_ACTIVATIONS, help="an activation on the output layer, y^L = f(z^L), for --loss mse or mae (default: none, y^L = z^L)")
     x.add_argument("--batch-norm", action="store_true", help="a BatchNorm between each hidden Linear and its activation (training mode: a batch of at least 2 instances)")
     x.add_argument("--loss", choices=("ce", "mse", "mae"), default="ce", help="softmax cross-entropy, mean squared or absolute error (default: ce)")
-    x.add_argument("--optimizer", choices=tuple(EXPLAIN_OPTIMIZERS), default="sgd", help="default: sgd")
+    x.add_argument("--optimizer", choices=EXPLAIN_OPTIMIZERS, default="sgd", help="default: sgd")
     x.add_argument("--lr", type=positive_float, default=None, help="learning rate alpha (default: 0.5 for sgd and momentum, the optimizer's own for the others)")
     x.add_argument("--momentum", type=unit_interval, default=None, help="gamma for --optimizer momentum (default: 0.9)")
     x.add_argument("--input", type=finite_float, nargs="+", metavar="X", help="the instance x (several instances back to back make a batch; default with the example: 0.05 0.1)")
@@ -489,17 +492,18 @@ def cmd_explain(args):
     return 0
 
 
-EXPLAIN_OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
+EXPLAIN_OPTIMIZERS = tuple(OPTIMIZERS)
 
 
 def _explain_optimizer(args, params):
-    """The optimizer of --optimizer: its own defaults, but SGD's and momentum's alpha is the example's."""
+    """The optimizer of --optimizer: its own defaults, but SGD's and momentum's alpha is the example's
+    (momentum 0 stays the momentum rule, so that its velocities are shown)."""
     kind, options = args.optimizer, {}
     if args.lr is not None or kind in ("sgd", "momentum"):
         options["lr"] = explain_build.EXAMPLE["lr"] if args.lr is None else args.lr
     if kind == "momentum":
         options["momentum"] = 0.9 if args.momentum is None else args.momentum
-    return EXPLAIN_OPTIMIZERS[kind](params, **options)
+    return make_optimizer(kind, params, **options)
 
 
 def _explain_flags(args):
@@ -566,7 +570,7 @@ def cmd_info(args):
     info = backend.describe_device(args.device)
     data_dir = default_data_dir()
     result = {"versions": train_command.versions(), "platform": platform.platform(), **info, "data_dir": str(data_dir),
-              "fast_path": fast.status()}
+              "fast_path": fast.status(), "cuda_graph": _cuda_graph_status()}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -581,9 +585,21 @@ def cmd_info(args):
     fp = result["fast_path"]
     print(f"fast path: {'on' if fp['enabled'] else 'off (GPUNET_FAST=0)'}; CPU kernels {fp['cpu_kernels']}; "
           f"CPU folded update {fp['cpu_blas_update']}")
+    cg = result["cuda_graph"]
+    state = "available" if cg["available"] else "not available: " + cg["why_not"]
+    print(f"CUDA graph step: {state} "
+          "(off by default: gpunet train --cuda-graph)")
     print(f"requested: {info['requested']} (set GPUNET_DEVICE or --device to change)")
     print(f"data folder: {data_dir} (set GPUNET_DATA or --data-dir to change)")
     return 0
+
+
+def _cuda_graph_status() -> dict:
+    """Whether ``gpunet train --cuda-graph`` can run here, and why not."""
+    from .fast import graph
+
+    why = graph.available()
+    return {"available": why is None, "why_not": why}
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,

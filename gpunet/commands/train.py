@@ -28,7 +28,7 @@ from ..data.datasets import load_mnist, load_table, split_validation
 from ..layers import Standardize
 from ..losses import MSELoss, SoftmaxCrossEntropy
 from ..network import Sequential, mlp
-from ..optimizers import SGD, Adam, AdamW, Momentum, RMSprop
+from ..optimizers import SETTINGS, make_optimizer
 from ..schedules import make_schedule
 from ..training import evaluate, fit, predict
 
@@ -102,6 +102,7 @@ class TrainConfig:
     aug_sigma: float = AUGMENT_DEFAULTS["sigma"]
     aug_alpha: float = AUGMENT_DEFAULTS["alpha"]
     log_dir: str | None = None  # epochs.csv and TensorBoard's event files (callbacks.CSVLogger, TensorBoard)
+    cuda_graph: bool = False  # each step one CUDA graph replay (fast/graph.py); off until measured
 
     def __post_init__(self):
         if self.val_size is None:
@@ -219,23 +220,18 @@ def build(config: TrainConfig, in_features: int, classes: int, device: str):
     acts = config.activation[0] if len(config.activation) == 1 else list(config.activation)
     net = mlp([in_features, *hidden, classes], activation=acts, init=config.init, dropout=config.dropout,
               seed=config.seed, device=device, batch_norm=config.batch_norm)
-    opt = make_optimizer(config, net.parameters())
+    name, settings = optimizer_choice(config)
+    opt = make_optimizer(name, net.parameters(), **settings)
     extra = {"step_size": config.step_size, "gamma": 0.1} if config.schedule == "step" else {}
     return net, opt, make_schedule(config.schedule, config.lr, config.epochs, **extra)
 
 
-def make_optimizer(config: TrainConfig, params):
-    """The optimizer ``config`` names, on ``params``; ``momentum`` with --momentum 0 is plain SGD."""
-    name, lr, wd = config.optimizer, config.lr, config.weight_decay
-    if name == "momentum" and config.momentum > 0:
-        return Momentum(params, lr=lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=wd)
-    if name in ("sgd", "momentum"):
-        return SGD(params, lr=lr, weight_decay=wd)
-    if name in ("adam", "adamw"):
-        return (Adam if name == "adam" else AdamW)(params, lr=lr, betas=(config.beta1, config.beta2),
-                                                   eps=config.eps, weight_decay=wd)
-    return RMSprop(params, lr=lr, alpha=config.alpha, eps=config.eps, momentum=config.momentum,
-                   centered=config.centered, weight_decay=wd)
+def optimizer_choice(config: TrainConfig) -> tuple[str, dict]:
+    """The rule and settings ``config`` asks for, for :func:`gpunet.optimizers.make_optimizer`: those of
+    its optimizer (:data:`OPTIMIZER_SETTINGS`); ``momentum`` with --momentum 0 is plain SGD."""
+    name = "sgd" if config.optimizer == "momentum" and config.momentum == 0 else config.optimizer
+    own = SETTINGS.get(name, ())
+    return name, {k: getattr(config, k) for k in own}
 
 
 def write_json(path, obj) -> None:
@@ -319,6 +315,8 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     classes, loss = _outputs(table, y_tr, y_val, y_test)
     net, opt, schedule = build(config, x_tr.shape[1], classes, device)
     why_not = fast.why_not(net, loss, opt, y_tr)  # a BatchNorm network or RMSprop runs the core's step
+    if config.cuda_graph:
+        _check_cuda_graph(net, why_not, config, comm)
     info = backend.describe_device(device)
     log(_start_line(config, device, info, [x_tr.shape[1], *config.hidden, classes],
                     (len(x_tr), len(x_val), len(x_test)), meta, comm, why_not))
@@ -328,6 +326,7 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
                       target_loss=config.target_loss, patience=config.patience, schedule=schedule,
                       callback=on_epoch, on_batch=on_batch, checkpoint_path=ckpt, resume=meta is not None,
                       checkpoint_every=checkpoint_every, interrupt=interrupt,
+                      cuda_graph=config.cuda_graph,
                       run_info={"config": asdict(config), "data": data}, comm=comm,
                       augment=augmentation(config, x_tr.shape[1]),
                       callbacks=[*callbacks, *training_logs(config.log_dir, log)])
@@ -362,6 +361,17 @@ def _outputs(table, y_tr, y_val, y_test):
     if table is not None and table["classes"]:
         return len(table["classes"]), SoftmaxCrossEntropy()
     return int(max(y_tr.max(), y_val.max() if len(y_val) else 0, y_test.max())) + 1, SoftmaxCrossEntropy()
+
+
+def _check_cuda_graph(net, why_not, config: TrainConfig, comm) -> None:
+    """--cuda-graph on a run the graph step cannot take: one line naming why (before any epoch)."""
+    from ..fast import graph
+
+    reason = why_not or graph.available() or graph.why_not(net, None, config.augment,
+                                                           comm is not None)
+    if reason is not None:
+        raise ConfigError(f"--cuda-graph: expected a run the CUDA graph step can take, got one it "
+                          f"cannot: {reason}")
 
 
 def _table_model(net, table: dict, config: TrainConfig):
