@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     v.add_argument("--port", type=non_negative_int, default=8000, help="port (default: 8000; 0 picks a free one)")
     v.add_argument("--device", default=None, help="cpu, gpu or auto")
+    v.add_argument("--deadline", type=positive_float, default=30.0, metavar="SECONDS",
+                   help="seconds a request may take to arrive whole, headers and body (then 408; "
+                        "default: 30)")
+    v.add_argument("--max-connections", type=positive_int, default=4096, metavar="N",
+                   help="connections open at once; one more is answered 503 (default: 4096)")
 
     o = sub.add_parser("export", help="write a model as an ONNX file, for ONNX Runtime and other runtimes")
     o.add_argument("model", help="model file written by gpunet train")
@@ -352,7 +357,8 @@ def cmd_serve(args):
     from . import serve  # the web server is loaded only for this command
 
     net = _load_model(args.model, args.device)
-    return serve.run(net, host=args.host, port=args.port, name=Path(args.model).name)
+    return serve.run(net, host=args.host, port=args.port, name=Path(args.model).name,
+                     deadline=args.deadline, max_connections=args.max_connections)
 
 
 def cmd_export(args):

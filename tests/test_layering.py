@@ -48,7 +48,8 @@ ALLOWED = {
                        "schedules", "training"},
     "data.pictures": {"data"},
     "predictions": set(),
-    "serve": {"backend", "data", "data.pictures", "predictions", "training"},
+    "connections": set(),
+    "serve": {"backend", "connections", "data", "data.pictures", "predictions", "training"},
 }
 TOP = {"cli", "__init__", "__main__"}
 
