@@ -9,9 +9,9 @@ dropout and --augment on, to the tolerance of tests/test_parallel.py (rtol 1e-4,
 gradient sum's float32 rounding in another order; measured here 4.5e-7 after 52 steps).
 
 Skips without an engine, or without a gpunet:local built from this checkout's files;
-GPUNET_REQUIRE_CONTAINER=1 (CI) makes both a failure. Cost in CI: about 25 s (two containers,
-numba's first compile in each, three short trainings on a fake MNIST of 600 digits); the image is
-the image step's, not rebuilt.
+GPUNET_REQUIRE_CONTAINER=1 (CI) makes both a failure. Cost: 32-49 s on the shared 2-core machine
+(two containers, two MPI probes, numba's first compile in each, three short trainings on a fake
+MNIST of 600 digits); the image is CI's image step's, not rebuilt.
 """
 from __future__ import annotations
 
@@ -38,11 +38,29 @@ REQUIRE_CONTAINER = os.environ.get("GPUNET_REQUIRE_CONTAINER") == "1"
 FLAGS = ["--data-dir", "/data", "--hidden", "30", "14", "--epochs", "2", "--batch-size", "20",
          "--val-size", "98", "--no-plots", "--device", "cpu", "--dropout", "0.3", "--augment",
          "--schedule", "constant"]
-# each rank writes into its own host's folder: its rank, every rank's host name, its place on its
-# host, and a sum over the ranks
-PROBE = ("import json, os, socket; from mpi4py import MPI; c = MPI.COMM_WORLD; "
-         "json.dump([c.rank, c.allgather(socket.gethostname()), os.environ.get('MPI_LOCALRANKID'), "
-         "c.allreduce(c.rank + 1)], open('/runs/probe.json', 'w'))")
+# Each rank writes into its own host's folder: its rank, every rank's host name, its place on its
+# host, a sum over the ranks, and the TCP ports listening in its container once the ranks are
+# connected (mpiexec's control port in host a's, the ranks' own in both).
+PROBE = """
+import json, os, socket
+from mpi4py import MPI
+c = MPI.COMM_WORLD
+names, total = c.allgather(socket.gethostname()), c.allreduce(c.rank + 1)
+listening = set()
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for row in open(table).readlines()[1:]:
+        local, state = row.split()[1], row.split()[3]
+        if state == "0A":
+            listening.add(int(local.rsplit(":", 1)[1], 16))
+c.Barrier()
+json.dump([c.rank, names, os.environ.get("MPI_LOCALRANKID"), total, sorted(listening)],
+          open(f"/runs/probe-{os.environ['NETMOD']}.json", "w"))
+"""
+# docker/README.md's port table: the ranges that, set on mpiexec's environment, hold every listener
+CONTROL, RANKS = range(50000, 50011), range(50100, 50111)
+NETMODS = {"ucx": ["UCX_TCP_PORT_RANGE=50100-50110"],  # the mpich wheel's default netmod
+           "ofi": ["MPIR_CVAR_CH4_NETMOD=ofi", "FI_PROVIDER=tcp", "FI_TCP_PORT_LOW_RANGE=50100",
+                   "FI_TCP_PORT_HIGH_RANGE=50110"]}
 ADDRESS = "import socket; h = socket.gethostname(); print(h, socket.gethostbyname(h))"
 
 
@@ -89,13 +107,21 @@ def weights(path):
         return {k: f[k] for k in f.files if not k.startswith("__")}
 
 
-def test_the_ranks_are_on_two_hosts_that_meet_over_the_network(hosts):
-    status, out, proxies = hosts.mpiexec("python", "-c", PROBE, timeout=120)
+@pytest.mark.parametrize("netmod", sorted(NETMODS))
+def test_the_ranks_are_on_two_hosts_that_meet_over_the_network(hosts, netmod):
+    """Through UCX and through libfabric's TCP: with docker/README.md's port variables set, every
+    socket the job listens on (mpiexec's, the ranks') is in its range: what a firewall needs."""
+    env = [f"NETMOD={netmod}", "MPIEXEC_PORT_RANGE=50000:50010", *NETMODS[netmod]]
+    status, out, proxies = hosts.mpiexec("python", "-c", PROBE, env=env, timeout=120)
     assert status == 0, out + proxies
-    said = [json.loads((folder / "probe.json").read_text()) for folder in hosts.runs]
+    said = [json.loads((folder / f"probe-{netmod}.json").read_text()) for folder in hosts.runs]
     # rank 0 on host a, rank 1 on host b, each alone on its host (local rank 0: GPU 0 of its own
     # host), and an all-gather and an all-reduce across them
-    assert said == [[0, hosts.hosts, "0", 3], [1, hosts.hosts, "0", 3]], said
+    assert [s[:4] for s in said] == [[0, hosts.hosts, "0", 3], [1, hosts.hosts, "0", 3]], said
+    (_, _, _, _, ports_a), (_, _, _, _, ports_b) = said
+    assert any(p in CONTROL for p in ports_a) and any(p in RANKS for p in ports_a), ports_a
+    assert ports_b and all(p in RANKS for p in ports_b), ports_b
+    assert all(p in CONTROL or p in RANKS for p in ports_a), ports_a
     names = [hosts.exec(i, "python", "-c", ADDRESS).stdout.split() for i in (0, 1)]
     assert names[0][0] != names[1][0] and names[0][1] != names[1][1], names  # names, addresses
 
