@@ -402,8 +402,8 @@ class TensorBoard(Callback):
       ``epoch/lr`` and ``epoch/seconds``, those the record has;
     - every ``histogram_every`` epochs (0: never): ``weights/NAME`` of each parameter (names as in
       ``net.named_parameters()``) and ``gradients/NAME``, the gradient on a fixed probe batch, the first
-      ``probe`` training rows (:func:`probe_gradients`: the step's own gradients are folded into the update
-      on some paths, so they are not there to read).
+      ``probe`` training rows (:func:`probe_gradients`: the same rows at every point, so that the
+      histograms compare, where the step's own ``param.grad`` is the last batch's).
 
     A run that starts after step s (0, or where a resumed run stands) writes TensorBoard's purge mark at
     s + 1: the reader drops what an earlier run into the same folder logged past s, so that a resumed run

@@ -17,6 +17,7 @@ computed in float64 on the host and cast once per step.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 from .backend import device_of, get_array_module, to_device, to_numpy
@@ -260,3 +261,29 @@ class RMSprop(Optimizer):
                 p.data -= t(self.lr) * b
             else:
                 p.data -= t(self.lr) * (g / s)
+
+
+# --- by name: the one factory of ``gpunet train``, ``gpunet explain`` and ``gpunet.sklearn`` -------------
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
+# each rule's settings, by their flat names (``beta1``/``beta2`` are Adam's ``betas``)
+SETTINGS = {"sgd": ("lr", "weight_decay"), "momentum": ("lr", "momentum", "nesterov", "weight_decay"),
+            "adam": ("lr", "beta1", "beta2", "eps", "weight_decay"),
+            "adamw": ("lr", "beta1", "beta2", "eps", "weight_decay"),
+            "rmsprop": ("lr", "alpha", "eps", "momentum", "centered", "weight_decay")}
+
+
+def make_optimizer(name: str, params, **settings) -> Optimizer:
+    """The optimizer ``name`` (a key of :data:`OPTIMIZERS`) on ``params``, with ``settings`` by their flat
+    names (:data:`SETTINGS`); a setting that is None (or a flag that is False) takes the rule's own default,
+    and one that is not the rule's own is refused, named."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    given = {k: v for k, v in settings.items() if v is not None and v is not False}
+    foreign = [k for k in given if k not in SETTINGS[name]]
+    if foreign:
+        raise ValueError(f"{foreign[0]}: expected a setting of {name} ({', '.join(SETTINGS[name])}), "
+                         f"got {foreign[0]}={given[foreign[0]]!r}")
+    if "beta1" in given or "beta2" in given:
+        default = inspect.signature(OPTIMIZERS[name]).parameters["betas"].default
+        given["betas"] = (given.pop("beta1", default[0]), given.pop("beta2", default[1]))
+    return OPTIMIZERS[name](params, **given)

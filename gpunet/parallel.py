@@ -188,35 +188,50 @@ def shard(lo: int, hi: int, rank: int, size: int) -> tuple[int, int]:
 
 class GradientSum:
     """After each rank's backward pass: ``grad = sum over ranks of (rows_r / rows) * grad_r``, the global
-    batch's mean gradient, through one all-reduce of one flat buffer that also carries a stop flag."""
+    batch's mean gradient, through one all-reduce of one flat buffer that also carries a stop flag.
+
+    Every parameter's ``grad`` is a view into that buffer (rebound here, and again if something replaces
+    it), so the gradients are written straight into it and the sum lands in them: no copies either way.
+    The stop flag's slot is written only when this rank asks to stop, and zeroed once the ranks have read
+    a stop (when they all stop), so an ordinary step writes nothing to it.
+    """
 
     def __init__(self, comm: Comm, params):
         self.comm, self.params = comm, list(params)
         xp, dtype = get_array_module(self.params[0].data), self.params[0].data.dtype
-        self.flat = xp.empty(sum(int(p.data.size) for p in self.params) + 1, dtype=dtype)
+        self.flat = xp.zeros(sum(int(p.data.size) for p in self.params) + 1, dtype=dtype)
+        self.views, start = [], 0
+        for p in self.params:
+            n = int(p.data.size)
+            self.views.append(self.flat[start:start + n].reshape(p.data.shape))
+            start += n
+        self._bind()
         self._flags = _LateFlags(self.flat) if xp is not np else None
 
-    def __call__(self, rows: int, batch_rows: int, stop: bool) -> bool:
-        """Sum the gradients in place; True when any rank asked to stop after this step."""
-        weight, start = self.flat.dtype.type(rows / batch_rows), 0
-        for p in self.params:
-            n = int(p.grad.size)
-            dst = self.flat[start:start + n]
-            if rows:
-                get_array_module(dst).multiply(p.grad.reshape(-1), weight, out=dst)
-            else:  # no rows here this step (a last batch smaller than the ranks): nothing to add
-                dst[...] = 0
-            start += n
-        self.flat[-1] = 1 if stop else 0
+    def _bind(self) -> None:
+        """Make every ``grad`` its view into the buffer again (a replaced one's values copied over)."""
+        for p, view in zip(self.params, self.views):
+            if p.grad is not view:
+                view[...] = p.grad
+                p.grad = view
+
+    def __call__(self, rows: int, batch_rows: int, stop: bool, scaled: bool = False) -> bool:
+        """Sum the gradients in place; True when any rank asked to stop after this step. ``scaled``: the
+        gradients are already this rank's share (divided by ``batch_rows``, not by ``rows``)."""
+        self._bind()
+        if not rows:  # no rows here this step (a last batch smaller than the ranks): nothing to add
+            self.flat[:-1] = 0
+        elif not scaled:
+            self.flat[:-1] *= self.flat.dtype.type(rows / batch_rows)
+        if stop:
+            self.flat[-1] = 1
         self.comm.allreduce(self.flat)
-        start = 0
-        for p in self.params:
-            n = int(p.grad.size)
-            p.grad[...] = self.flat[start:start + n].reshape(p.grad.shape)
-            start += n
         if self._flags is not None:  # on a GPU: the previous step's flag, read without waiting for this one
             return self._flags.swap()
-        return bool(self.flat[-1] > 0)
+        answer = bool(self.flat[-1] > 0)
+        if answer:  # every rank stops here: the slot starts at zero again for any later steps
+            self.flat[-1] = 0
+        return answer
 
 
 class _LateFlags:
@@ -242,6 +257,8 @@ class _LateFlags:
             event, host = self.pending
             event.synchronize()
             answer = bool(host[0] > 0)
+            if answer:  # every rank stops now: zero the slot (kept since), so that later steps read 0
+                self.flat[-1:] = 0
         host, self.turn = self.host[self.turn], 1 - self.turn
         self.flat[-1:].get(out=host, blocking=False)
         event = self.cupy.cuda.Event()

@@ -41,7 +41,7 @@ from .backend import DeviceError, resolve_device, to_numpy
 from .layers import Dropout, Linear, ReLU, Sigmoid, Tanh
 from .losses import MSELoss, SoftmaxCrossEntropy
 from .network import Sequential
-from .optimizers import SGD, Adam, Momentum
+from .optimizers import make_optimizer
 from .training import by_name, columns_of
 from .training import fit as gn_fit, predict as gn_predict, predict_proba as gn_predict_proba
 
@@ -171,14 +171,15 @@ class _BaseMLP(BaseEstimator):
         return layer
 
     def _optimizer(self, net, batch: int):
-        lr, decay = float(self.learning_rate_init), float(self.alpha) / batch
+        """scikit-learn's solver as a gpunet rule: "adam", else momentum ("sgd" with momentum 0)."""
+        settings = {"lr": float(self.learning_rate_init), "weight_decay": float(self.alpha) / batch}
         if self.solver == "adam":
-            return Adam(net.parameters(), lr=lr, betas=(float(self.beta_1), float(self.beta_2)),
-                        eps=float(self.epsilon), weight_decay=decay)
+            settings.update(beta1=float(self.beta_1), beta2=float(self.beta_2), eps=float(self.epsilon))
+            return make_optimizer("adam", net.parameters(), **settings)
         if self.momentum == 0:
-            return SGD(net.parameters(), lr=lr, weight_decay=decay)
-        return Momentum(net.parameters(), lr=lr, momentum=float(self.momentum),
-                        nesterov=bool(self.nesterovs_momentum), weight_decay=decay)
+            return make_optimizer("sgd", net.parameters(), **settings)
+        return make_optimizer("momentum", net.parameters(), momentum=float(self.momentum),
+                              nesterov=bool(self.nesterovs_momentum), **settings)
 
     def _batch(self, rows: int) -> int:
         return min(200, rows) if self.batch_size == "auto" else min(int(self.batch_size), rows)

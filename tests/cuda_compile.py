@@ -110,6 +110,10 @@ def launch_all(dtype: str, xp=np) -> None:
     for nesterov in (False, True):  # momentum, then SGD (no velocities)
         cuda.layer_update(*params, W.copy(), b.copy(), y, t(0.05), t(0.9), t(1e-4), nesterov)
     cuda.layer_update(*params, None, None, y, t(0.05), t(0.0), t(1e-4), False)
+    for nesterov in (False, True):  # the updates after a distributed step's all-reduce (or a BatchNorm's)
+        cuda.layer_update_given(*params, W.copy(), b.copy(), t(0.05), t(0.9), t(1e-4), nesterov)
+    cuda.layer_update_given(*params, None, None, t(0.05), t(0.0), t(1e-4), False)
+    cuda.batch_norm_apply(y, y.copy(), b, b.copy(), b.copy(), b.copy(), b.copy(), True)
     adams = [cls([Parameter(np.zeros(2, dtype))], weight_decay=1e-4) for cls in (Adam, AdamW)]
     for opt in adams:
         opt.t = 1
@@ -228,6 +232,16 @@ def raw_programs(dtype: str, source: str | None = None) -> list:
         text = cuda.softmax_xent_source(ctype, kernel)
         if source is not None and name == cuda.SOFTMAX_XENT_NAME:
             text = source
+        out += [(name, text), (f"{name}_signature", text + signature_check(name, args))]
+    images, maps, col = np.zeros((128, 784), dtype), np.zeros((128, 2, 3), dtype), np.zeros(512, dtype)
+    y = np.zeros((128, 512), dtype)
+    for name, (_, _, args) in (
+            (cuda.RESAMPLE_NAME, cuda.resample_launch(images, maps, None, (28, 28), images.copy())),
+            (cuda.BATCH_NORM_STATS_NAME, cuda.batch_norm_stats_launch(y, *[col.copy() for _ in range(5)],
+                                                                      0.1, 1e-5)),
+            (cuda.BATCH_NORM_BACKWARD_NAME, cuda.batch_norm_backward_launch(
+                y, y.copy(), y.copy(), y.copy(), col, col.copy(), col.copy(), col.copy(), True))):
+        text = cuda.raw_source(ctype, name)
         out += [(name, text), (f"{name}_signature", text + signature_check(name, args))]
     return out
 

@@ -19,6 +19,7 @@
 #include <initializer_list>
 #include <utility>
 #include <vector>
+#include <sys/mman.h>
 #include <ucontext.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
@@ -135,8 +136,9 @@ static inline void __syncwarp(unsigned int = 0xffffffffu) {}
 namespace gpunet_cpu {
 enum State { RUNNING, AT_BARRIER, DONE };
 struct Fiber {
-    ucontext_t context;
-    std::vector<char> stack;
+    ucontext_t context;     // where it waits (swapcontext)
+    void* sp = nullptr;     // or its saved stack pointer (gpunet_cpu_switch)
+    char* stack = nullptr;  // STACK bytes of stack_pool
     State state = RUNNING;
     int site = -1;  // the __syncthreads it waits at (each one in the source has its own number)
     uint3 index{};
@@ -153,14 +155,88 @@ static const size_t STACK = 1 << 20;
 static const size_t STACK = 1 << 16;
 #endif
 
+// The fibers' stacks: one per thread of a block, mapped once per process (per loaded kernel), grown
+// only for a block larger than any before, and reused by every block and launch. Mapped, not
+// zero-filled: a block touches only the pages its threads use (a std::vector of STACK bytes per
+// thread per block zero-filled 16 MiB per 256-thread block, 256 MiB under ASan).
+static char* stack_pool = nullptr;
+static size_t stack_pool_threads = 0;
+
+static char* stack_of(unsigned thread, unsigned threads) {
+    if (threads > stack_pool_threads) {
+        if (stack_pool) munmap(stack_pool, stack_pool_threads * STACK);
+        void* at = mmap(nullptr, threads * STACK, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        stack_pool = at == MAP_FAILED ? nullptr : static_cast<char*>(at);
+        stack_pool_threads = stack_pool ? threads : 0;
+    }
+    return stack_pool ? stack_pool + size_t(thread) * STACK : nullptr;
+}
+
 static void fail(const char* what) {
     if (!error[0]) std::snprintf(error, sizeof error, "%s", what);
 }
 
+// Switching between the scheduler and a fiber. swapcontext saves and restores the signal mask, a
+// system call each way: a tiled GEMM's 256 threads meeting two barriers per tile made 10^6 of them
+// per launch. So on x86-64 a switch is gpunet_cpu_switch below: push the registers the ABI has the
+// callee keep (rbx, rbp, r12-r15), store the stack pointer, load the other one, pop its registers,
+// return into it (MXCSR, which holds flush-to-zero, is one setting for the whole launch). A fiber
+// starts on a stack laid out as if it had switched away just before its first instruction.
+// Elsewhere, and under AddressSanitizer (told of every switch), swapcontext.
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#define GPUNET_CPU_SWITCH 1
+extern "C" void gpunet_cpu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .p2align 4
+    .local gpunet_cpu_switch
+    .type gpunet_cpu_switch, @function
+gpunet_cpu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size gpunet_cpu_switch, .-gpunet_cpu_switch
+)");
+static void* scheduler_sp = nullptr;
+static void entry();
+// The stack a fiber starts on: six zero registers, then entry as the return address, then a zero
+// where a caller's return address would be (entry starts with rsp = 8 mod 16, as after a call).
+static void start(Fiber& f) {
+    auto top = reinterpret_cast<uintptr_t>(f.stack + STACK) & ~uintptr_t(15);
+    void** sp = reinterpret_cast<void**>(top);
+    *--sp = nullptr;
+    *--sp = reinterpret_cast<void*>(&entry);
+    for (int k = 0; k < 6; ++k) *--sp = nullptr;
+    f.sp = sp;
+}
+__attribute__((noinline)) static void resume(Fiber* f) { gpunet_cpu_switch(&scheduler_sp, f->sp); }
+__attribute__((noinline)) static void yield() { gpunet_cpu_switch(&current->sp, scheduler_sp); }
+#else
+static void entry();
+static void start(Fiber& f) {
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack;
+    f.context.uc_stack.ss_size = STACK;
+    f.context.uc_link = nullptr;
+    makecontext(&f.context, entry, 0);
+}
 static void switch_to(ucontext_t* from, ucontext_t* to, Fiber* target) {
 #if defined(__SANITIZE_ADDRESS__)
     void* fake = nullptr;
-    if (target) __sanitizer_start_switch_fiber(&fake, target->stack.data(), target->stack.size());
+    if (target) __sanitizer_start_switch_fiber(&fake, target->stack, STACK);
     else __sanitizer_start_switch_fiber(&fake, nullptr, 0);  // the scheduler's stack: ASan knows it
 #else
     (void)target;
@@ -170,6 +246,11 @@ static void switch_to(ucontext_t* from, ucontext_t* to, Fiber* target) {
     __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
 }
+__attribute__((noinline)) static void resume(Fiber* f) { switch_to(&scheduler, &f->context, f); }
+__attribute__((noinline)) static void yield() {
+    switch_to(&current->context, &scheduler, nullptr);
+}
+#endif
 
 static void entry() {
 #if defined(__SANITIZE_ADDRESS__)
@@ -177,7 +258,7 @@ static void entry() {
 #endif
     body();
     current->state = DONE;
-    switch_to(&current->context, &scheduler, nullptr);
+    yield();  // never resumed: every thread of the block ended (run_block checks)
 }
 
 __attribute__((noinline)) static void barrier(int site) {
@@ -187,7 +268,7 @@ __attribute__((noinline)) static void barrier(int site) {
     }
     current->state = AT_BARRIER;
     current->site = site;
-    switch_to(&current->context, &scheduler, nullptr);
+    yield();
 }
 }  // namespace gpunet_cpu
 

@@ -6,7 +6,6 @@ not fit the arguments, and a RawKernel parameter of another type than its launch
 Skips when NVRTC or the CUDA runtime headers are missing (NVIDIA's wheels nvidia-cuda-nvrtc-cu12 and
 nvidia-cuda-runtime-cu12); GPUNET_REQUIRE_NVRTC=1 (set by .ci/run) makes that a failure.
 """
-import os
 import re
 from pathlib import Path
 
@@ -14,20 +13,14 @@ import numpy as np
 import pytest
 
 import cuda_compile as cc
+import cuda_support
 from gpunet import backend
 from gpunet.fast import cuda
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gpunet"
 
 
-def toolchain_or_skip():
-    """NVRTC's toolchain (cuda_compile.toolchain), else skip, or fail under GPUNET_REQUIRE_NVRTC=1."""
-    try:
-        return cc.toolchain()
-    except cc.Unavailable as exc:
-        if os.environ.get("GPUNET_REQUIRE_NVRTC") == "1":
-            pytest.fail(f"GPUNET_REQUIRE_NVRTC=1 but {exc}")
-        pytest.skip(str(exc))
+toolchain_or_skip = cuda_support.nvrtc_or_skip
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +41,9 @@ def test_every_kernel_is_built_from_the_sources_checked_here():
         ("fast/cuda.py",
          "return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT), SOFTMAX_XENT_NAME)"),
         ("fast/cuda.py", "return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT_SUMS), SOFTMAX_XENT_SUMS_NAME)"),
+        ("fast/cuda.py", "return cupy.RawKernel(raw_source(ctype, name), name)"),
+        # the graph step's GEMMs: compiled in tests/test_graph_kernels.py
+        ("fast/graph_kernels.py", "return cupy.RawKernel(gemm_source(ctype_, variant), gemm_name(variant))"),
     }
 
 
@@ -67,7 +63,8 @@ def test_every_kernel_compiles(nvrtc, arch, dtype):
     assert not failures, "\n\n".join(failures)
     names = {name for name, _, _ in programs}
     want = {spec[3] for spec in cuda.ELEMENTWISE.values()} | {
-        name + suffix for name in (cuda.SOFTMAX_XENT_NAME, cuda.SOFTMAX_XENT_SUMS_NAME) for suffix in ("", "_signature")}
+        name + suffix for name in (cuda.SOFTMAX_XENT_NAME, cuda.SOFTMAX_XENT_SUMS_NAME, *cuda.RAW)
+        for suffix in ("", "_signature")}
     assert names == want | ({backend.PROBE_KERNEL[3]} if dtype == "float32" else set())
 
 

@@ -13,9 +13,9 @@ import sys
 
 import cuda_compile as cc
 import cuda_cpu
+import cuda_support
 import numpy as np
 import pytest
-from fake_cupy import FakeCupy
 
 from gpunet import backend, losses
 from gpunet.fast import cuda
@@ -25,30 +25,14 @@ CLASSES = (1, 3, 10, 1000)
 DTYPES = ("float32", "float64")
 
 
-def toolchain_or_skip():
-    """g++ and CuPy's headers (cuda_cpu.toolchain), else skip, or fail under GPUNET_REQUIRE_CXX=1.
-    """
-    try:
-        return cuda_cpu.toolchain()
-    except cuda_cpu.Unavailable as exc:
-        if os.environ.get("GPUNET_REQUIRE_CXX") == "1":
-            pytest.fail(f"GPUNET_REQUIRE_CXX=1 but {exc}")
-        pytest.skip(str(exc))
+toolchain_or_skip = cuda_support.cxx_or_skip
 
 
 @pytest.fixture
 def fake(monkeypatch):
     """The fake CuPy, with the harness on (it is whenever the toolchain is here)."""
-    toolchain_or_skip()
-    monkeypatch.delenv("GPUNET_CUDA_CPU", raising=False)
-    fake = FakeCupy()
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(backend, "_probe_result", None)
-    cuda._elementwise.cache_clear()
-    cuda._softmax_xent.cache_clear()
-    yield fake
-    cuda._elementwise.cache_clear()
-    cuda._softmax_xent.cache_clear()
+    with cuda_support.fake_cupy(monkeypatch, harness=True) as fake:
+        yield fake
 
 
 def test_missing_toolchain_skips_or_fails_as_configured(monkeypatch):
@@ -369,3 +353,67 @@ def test_a_float16_network_is_refused_in_one_line(fake):
                                         "got float16$"):
         cuda.softmax_xent_sums(z, fake.asarray(np.zeros(4, np.int64)), fake.zeros_like(z), fake.zeros((), z.dtype),
                                fake.zeros((), np.float64), fake.zeros((), np.int64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 3), (127, 10), (128, 10), (129, 1000), (255, 3),
+                                       (256, 10), (257, 10), (1000, 10), (5000, 3)])
+def test_relu_kernels_match_the_core(fake, dtype, rows, cols):
+    """bias_relu (b broadcast with stride 0 over the rows, or one flat loop for a single row), relu_backward
+    and relu_mask_backward from CUDA against the core's ReLU forward and backward, with zeros, -0, NaN and
+    infinities in activations, bias and gradients: equal, NaN where the core has NaN (ReLU is exact)."""
+    from gpunet.layers import ReLU
+
+    x, b = special((rows, cols), dtype, seed=rows), special((cols,), dtype, seed=cols)
+    dy, mask = special((rows, cols), dtype, seed=rows + 1), special((rows, cols), dtype, seed=7, marks=False)
+    relu = ReLU()
+    want = relu.forward(x + b)
+    y = fake.asarray(x)
+    cuda.bias_relu(y, fake.asarray(b))
+    np.testing.assert_array_equal(np.asarray(y), want)
+    want_dx = relu.backward(dy)
+    got = fake.asarray(dy)
+    cuda.relu_backward(got, y)
+    np.testing.assert_array_equal(np.asarray(got), want_dx)
+    got = fake.asarray(dy)
+    cuda.relu_mask_backward(got, y, fake.asarray(mask))
+    np.testing.assert_array_equal(np.asarray(got), relu.backward(dy * mask))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 129, 257, 1000])
+def test_the_gather_kernel_matches_numpy(fake, dtype, rows):
+    """The pixels' gather and /255 (raw uint8 rows indexed by int64) from CUDA against NumPy's
+    src[idx] / 255, rows not a multiple of the block, indices with repeats and both ends."""
+    src = np.random.default_rng(rows).integers(0, 256, (1000, 784), dtype=np.uint8)
+    idx = np.random.default_rng(0).integers(0, 1000, rows)
+    idx[:2] = [0, 999][:rows] if rows >= 2 else [999]
+    out = fake.zeros((rows, 784), dtype)
+    cuda.gather_scaled(fake.asarray(src), fake.asarray(idx), out, 255)
+    np.testing.assert_array_equal(np.asarray(out), np.divide(src[idx], 255, dtype=dtype))
+
+
+def test_an_out_of_bounds_write_is_named_at_its_line_under_asan():
+    """Under AddressSanitizer (.ci/run's GPUNET_CXX_SANITIZE=1 step) a write one element past the loss
+    array ends a child process with ASan's report naming the kernel's source line. Runs only there: the
+    sanitized build costs seconds, and the ordinary run catches the same bug with its guard bytes."""
+    import subprocess
+
+    if not cuda_cpu.sanitizing():
+        pytest.skip("runs in .ci/run's AddressSanitizer step (GPUNET_CXX_SANITIZE=1, libasan preloaded)")
+    toolchain_or_skip()
+    planted = cuda.SOFTMAX_XENT.replace("loss[i] = ", "loss[i + 1] = ")
+    line = cuda.softmax_xent_source("float", planted).split("\n").index(
+        next(l for l in planted.split("\n") if "loss[i + 1]" in l)) + 1
+    code = (f"import numpy as np, cuda_cpu\nfrom gpunet.fast import cuda\n"
+            f"src = cuda.softmax_xent_source('float', {planted!r})\n"
+            "z = np.zeros((129, 10), np.float32)\n"
+            "grid, block, args = cuda.softmax_xent_launch(z, np.zeros(129, np.int64), np.zeros_like(z), "
+            "np.zeros(129, np.float32))\n"
+            "cuda_cpu.raw_kernel(src, cuda.SOFTMAX_XENT_NAME, grid, block, args)\n")
+    path = os.pathsep.join([str(cuda_cpu.HERE), str(cuda_cpu.HERE.parent), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": path}, check=False)
+    assert done.returncode != 0, done.stderr[-3000:]
+    assert "heap-buffer-overflow" in done.stderr and "WRITE of size 4" in done.stderr, done.stderr[-3000:]
+    assert f"{cuda.SOFTMAX_XENT_NAME}.cu:{line}" in done.stderr, done.stderr[-3000:]

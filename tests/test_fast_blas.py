@@ -1,8 +1,9 @@
-"""The CPU's folded update (gpunet.fast.blas.LinearUpdate) against the core optimizers' rules.
+"""The CPU's BLAS update (gpunet.fast.blas.LinearUpdate) against the core's backward and rules.
 
-The gradient product goes straight into the velocity (or the weights) in one sgemm: the same rule with
-fewer roundings, so float32 agrees with the core to a few ulps of the largest term (rtol 1e-5, atol
-1e-6), float64 to 1e-12.
+The gradient product goes straight into ``param.grad``, then the rule in scal/axpy calls (the bias's
+product folded into its update): the same rule with fewer roundings, so float32 agrees with the core
+to a few ulps of the largest term (rtol 1e-5, atol 1e-6), float64 to 1e-12; the gradients are the
+core's own product (the same sgemm), so they agree at least as closely.
 """
 import numpy as np
 import pytest
@@ -27,11 +28,11 @@ def test_folded_update_is_the_core_rule(dtype, kind, wd):
     core, fast = (gn.Linear(7, 5, rng=1, dtype=dtype, device="cpu") for _ in range(2))
     if kind == "sgd":
         opt = gn.SGD(core.parameters(), lr=0.1, weight_decay=wd)
-        update = blas.LinearUpdate(fast.W.data, fast.b.data)
+        update = blas.LinearUpdate(fast.W.data, fast.b.data, fast.W.grad, fast.b.grad)
     else:
         opt = gn.Momentum(core.parameters(), lr=0.1, momentum=0.9, weight_decay=wd)
         v = [np.zeros_like(p.data) for p in fast.parameters()]
-        update = blas.LinearUpdate(fast.W.data, fast.b.data, *v)
+        update = blas.LinearUpdate(fast.W.data, fast.b.data, fast.W.grad, fast.b.grad, *v)
     for step in range(3):  # several steps, so that the velocity carries over
         x = rng.normal(size=(11, 7)).astype(dtype)
         dy = rng.normal(size=(11, 5)).astype(dtype)
@@ -41,6 +42,8 @@ def test_folded_update_is_the_core_rule(dtype, kind, wd):
         update(x, dy, 0.1, 0.9 if kind == "momentum" else 0.0, wd)
         for p, q in zip(core.parameters(), fast.parameters()):
             np.testing.assert_allclose(q.data, p.data, rtol=rtol, atol=atol, err_msg=f"{p.name} after step {step}")
+            np.testing.assert_allclose(q.grad, p.grad, rtol=rtol, atol=atol,
+                                       err_msg=f"{p.name}.grad, step {step}")
         if kind == "momentum":
             for vc, vf in zip(opt.velocities, v):
                 np.testing.assert_allclose(vf, vc, rtol=rtol, atol=atol)
@@ -49,8 +52,10 @@ def test_folded_update_is_the_core_rule(dtype, kind, wd):
 def test_refuses_what_it_cannot_address():
     W, b = np.zeros((4, 3), np.float32), np.zeros(3, np.float32)
     with pytest.raises(ValueError, match="C-contiguous"):
-        blas.LinearUpdate(np.asfortranarray(W), b)
-    update = blas.LinearUpdate(W, b)
+        blas.LinearUpdate(np.asfortranarray(W), b, W.copy(), b.copy())
+    with pytest.raises(ValueError, match=r"gW, gb: expected shapes \(4, 3\) and \(3,\)"):
+        blas.LinearUpdate(W, b, W.T.copy(), b.copy())
+    update = blas.LinearUpdate(W, b, W.copy(), b.copy())
     with pytest.raises(ValueError, match=r"x, dy: expected C-contiguous"):
         update(np.zeros((2, 4), np.float64), np.zeros((2, 3), np.float32), 0.1)
     with pytest.raises(ValueError, match=r"x, dy"):

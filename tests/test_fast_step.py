@@ -11,7 +11,7 @@ import pytest
 import gpunet as gn
 from gpunet import fast
 from gpunet.fast import blas, ops
-from gpunet.training import core_step, fit
+from gpunet.training import fit
 from conftest import assert_allclose
 
 STEP_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -39,28 +39,46 @@ ADAM = ("adam", "adam-l2", "adamw")  # one fused kernel per parameter on either 
 
 
 def check_fused_step_is_the_core_step(device, opt_name, dropout, fold):
+    """Three steps of gn.train_step against three of the fused step: loss, logits, weights, every
+    param.grad (the fused step must write them too: it leaves the state train_step would) and the
+    optimizer's state (scalars exactly, arrays within STEP_TOL)."""
     x, y, make = problem(device, dropout=dropout)
     runs = {}
     for kind in ("core", "fast"):
         net, loss = make(), gn.SoftmaxCrossEntropy()
         opt = OPTIMIZERS[opt_name](net.parameters())
-        step = core_step(net, loss, opt) if kind == "core" else fast.select(net, loss, opt, y)
-        assert step is not None
+        for p in net.parameters():  # a gradient left unwritten keeps this, and fails the comparison
+            p.grad[...] = np.nan
+        step = fast.select(net, loss, opt, y) if kind == "fast" else None
         if kind == "fast":
+            assert step is not None
             assert step.fold == fold, f"expected fold={fold} here"
         trace = []
         for _ in range(3):
-            value, logits = step(x, y)
-            trace.append((float(value), gn.to_numpy(logits).copy(), net.state_dict(), opt.state_dict()))
+            if kind == "core":
+                # without dropout a second forward gives train_step's logits (dropout's draws move)
+                logits = gn.to_numpy(net.forward(x)).copy() if not dropout else None
+                value = gn.train_step(net, loss, opt, x, y)
+            else:
+                value, logits = step(x, y)
+                logits = gn.to_numpy(logits).copy() if not dropout else None
+            grads = {f"{j}:{p.name}": gn.to_numpy(p.grad).copy()
+                     for j, p in enumerate(net.parameters())}
+            trace.append((float(value), logits, net.state_dict(), grads, opt.state_dict()))
         runs[kind] = trace
     for i, (core, fused) in enumerate(zip(runs["core"], runs["fast"])):
         assert abs(core[0] - fused[0]) <= 1e-5 * abs(core[0]), f"loss of step {i}"
-        assert_allclose(fused[1], core[1], err_msg=f"logits of step {i}", **STEP_TOL)
+        if not dropout:
+            assert_allclose(fused[1], core[1], err_msg=f"logits of step {i}", **STEP_TOL)
         for k in core[2]:
             assert_allclose(fused[2][k], core[2][k], err_msg=f"{k} after step {i}", **STEP_TOL)
-        assert {k: v for k, v in fused[3].items() if k != "arrays"} == {k: v for k, v in core[3].items() if k != "arrays"}
-        for name, arrays in core[3]["arrays"].items():  # velocities, Adam's moments
-            for j, (a, b) in enumerate(zip(fused[3]["arrays"][name], arrays)):
+        assert sorted(fused[3]) == sorted(core[3])
+        for k in core[3]:
+            assert_allclose(fused[3][k], core[3][k], err_msg=f"{k}.grad after step {i}", **STEP_TOL)
+        scalars = [{k: v for k, v in run[4].items() if k != "arrays"} for run in (fused, core)]
+        assert scalars[0] == scalars[1]
+        for name, arrays in core[4]["arrays"].items():  # velocities, Adam's moments
+            for j, (a, b) in enumerate(zip(fused[4]["arrays"][name], arrays)):
                 assert_allclose(a, b, err_msg=f"{name}[{j}] after step {i}", **STEP_TOL)
 
 
@@ -102,15 +120,19 @@ def test_fit_fast_and_core_agree_and_keep_the_last_gradients(device):
 
 
 def test_fit_fast_folded_and_core_agree_cpu():
+    """The BLAS update (OpenBLAS here) leaves the last gradients in param.grad, as the core."""
     x, y, make = problem("cpu", n=200, dropout=0.2)
     weights = []
     for fast_on in (True, False):
         net = make()
         opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
         h = fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, epochs=3, batch_size=32, seed=5, fast=fast_on)
-        weights.append((net.state_dict(), h["loss"]))
+        weights.append((net.state_dict(), h["loss"], [p.grad.copy() for p in net.parameters()]))
     for k in weights[0][0]:
         assert_allclose(weights[0][0][k], weights[1][0][k], err_msg=k, **RUN_TOL)
+    for j, (g_fast, g_core) in enumerate(zip(weights[0][2], weights[1][2])):
+        assert np.abs(g_core).max() > 0
+        assert_allclose(g_fast, g_core, err_msg=f"grad {j}", **RUN_TOL)
     np.testing.assert_allclose(weights[0][1], weights[1][1], rtol=1e-5)
 
 

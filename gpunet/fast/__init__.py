@@ -2,8 +2,9 @@
 
 ``select(net, loss, optimizer, y)`` returns a fused step (:class:`gpunet.fast.step.FusedStep`) for the
 training runs it can speed up (``Linear [ReLU] [Dropout]`` chains, ``SoftmaxCrossEntropy`` on integer
-labels, ``SGD``/``Momentum``/``Adam``/``AdamW`` holding exactly the network's parameters), or None, and
-then the core's ``forward``/``backward``/``step`` run (``why_not`` says why: a BatchNorm layer, RMSprop, ...). ``GPUNET_FAST=0`` turns the fast path off everywhere;
+labels, ``SGD``/``Momentum``/``Adam``/``AdamW`` holding exactly the network's parameters; on a GPU also
+``Linear BatchNorm [ReLU] [Dropout]`` blocks), or None, and then the core's ``forward``/``backward``/``step``
+run (``why_not`` says why: a BatchNorm layer on the CPU, RMSprop, ...). ``GPUNET_FAST=0`` turns the fast path off everywhere;
 ``GPUNET_NUMBA=0`` only its compiled CPU kernels, ``GPUNET_CPU_BLAS=0`` only its folded CPU update.
 
 The core (layers, losses, optimizers, network) imports nothing from here; this package imports the core.
@@ -12,6 +13,9 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
+from ..backend import get_array_module
 from ..losses import SoftmaxCrossEntropy
 from ..optimizers import SGD, Adam, AdamW, Momentum
 from . import blas, ops
@@ -38,8 +42,15 @@ def why_not(net, loss, optimizer, y) -> str | None:
     params = net.parameters()
     if len(params) != len(optimizer.params) or any(p is not q for p, q in zip(params, optimizer.params)):
         return "the optimizer does not hold exactly the network's parameters, in order"
-    blocks = plan(net)
+    blocks = plan(net, batch_norm=_on_gpu(net))
     return blocks if isinstance(blocks, str) else None
+
+
+def _on_gpu(net) -> bool:
+    """Whether ``net`` lives on a GPU (where the fused step takes BatchNorm in: its launches are the cost;
+    on the CPU the core's BatchNorm step is as fast)."""
+    params = net.parameters()
+    return bool(params) and get_array_module(params[0].data) is not np
 
 
 def select(net, loss, optimizer, y, distributed: bool = False):
@@ -47,7 +58,7 @@ def select(net, loss, optimizer, y, distributed: bool = False):
     are written out and summed over the ranks (``step(x, y, reduce)``) before the update."""
     if why_not(net, loss, optimizer, y) is not None:
         return None
-    return FusedStep(optimizer, plan(net), distributed)
+    return FusedStep(optimizer, plan(net, batch_norm=_on_gpu(net)), distributed)
 
 
 def forward_for(net):

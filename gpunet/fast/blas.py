@@ -1,18 +1,24 @@
-"""The CPU's parameter update with the gradient folded in, through the OpenBLAS inside NumPy's wheel
-(called with ctypes).
+"""The CPU's SGD and momentum update of one Linear layer in BLAS calls on the arrays themselves,
+through the OpenBLAS inside NumPy's wheel (called with ctypes): no temporaries, and the gradients
+written where the core writes them (``param.grad``), so the step leaves the state the core's would.
 
 For one Linear layer with input x (K, in) and output delta dy (K, out), the notes' rule
-``v = gamma*v + lr*grad; w = w - v`` with ``grad = x.T @ dy`` (and ``dy.sum(0)`` for the bias) becomes::
+``v = gamma*v + lr*grad; w = w - v`` with ``grad = x.T @ dy`` (and ``dy.sum(0)`` for the bias) is::
 
-    v_W = gamma * v_W + lr * x.T @ dy     one sgemm: dW is never written out
-    v_b = gamma * v_b + lr * dy.sum(0)    one sgemv (dy.T @ ones): nor is db
-    v  += lr * wd * w                     weight decay only: one axpy each
-    w  -= v                               one axpy each
+    W.grad = x.T @ dy                       one sgemm, straight into W.grad
+    v_W = gamma * v_W;  v_W += lr * W.grad  one scal, one axpy
+    b.grad = dy.T @ ones                    one sgemv, straight into b.grad
+    v_b = gamma * v_b + lr * dy.T @ ones    one sgemv (K * out multiply-adds: the product folded in)
+    v  += lr * wd * w                       weight decay only: one axpy each
+    w  -= v                                 one axpy each
 
-and plain gradient descent ``w = w - lr*grad`` is one sgemm straight into W. Same rule, fewer passes over
-the weights than forming the gradients first; the result differs from the core's only by float rounding
-(tests compare the two). ``routines(a)`` is None for another NumPy build (MKL, Accelerate), another dtype,
-or ``GPUNET_CPU_BLAS=0``: then the fast path writes the gradients and the core optimizer steps.
+and plain gradient descent ``w = (1 - lr*wd) w - lr*grad`` is a scal (weight decay only) and an axpy
+after the gradient's product (the bias's product again folded into its update). The arithmetic is
+the earlier folded update's (the sgemm's ``C = alpha*acc + beta*C`` is the scal and the fused axpy),
+so the weights are the same bits where OpenBLAS's sgemm kernel rounds that way (MNIST's layers); the
+core's step rounds ``lr*grad`` once more (tests compare the two). ``routines(a)`` is None for
+another NumPy build (MKL, Accelerate), another dtype, or ``GPUNET_CPU_BLAS=0``: then the fast path
+writes the gradients with NumPy and the core optimizer steps.
 """
 from __future__ import annotations
 
@@ -78,46 +84,56 @@ def _dense(a, dtype) -> bool:
 
 
 class LinearUpdate:
-    """One Linear layer's SGD (``vW``, ``vb`` None) or momentum step, gradients folded in.
+    """One Linear layer's SGD (``vW``, ``vb`` None) or momentum step; writes the gradients too.
 
-    ``W`` (in, out), ``b`` (out,) and the velocities are the arrays themselves (updated in place); they
-    must be C-contiguous NumPy arrays of one float dtype with BLAS routines (``routines``).
+    ``W`` (in, out), ``b`` (out,), their gradients ``gW``, ``gb`` (the parameters' ``grad``) and the
+    velocities are the arrays themselves (written in place): C-contiguous NumPy arrays of one float
+    dtype with BLAS routines (``routines``).
     """
 
-    def __init__(self, W, b, vW=None, vb=None):
+    def __init__(self, W, b, gW, gb, vW=None, vb=None):
         self.blas = routines(W.dtype)
-        arrays = [a for a in (W, b, vW, vb) if a is not None]
+        arrays = [a for a in (W, b, gW, gb, vW, vb) if a is not None]
         if self.blas is None or not all(_dense(a, W.dtype) for a in arrays):
-            raise ValueError(f"W, b: expected C-contiguous NumPy float arrays on NumPy's OpenBLAS, got {W.dtype}")
-        self.W, self.b, self.vW, self.vb = W, b, vW, vb
+            raise ValueError("W, b, gW, gb: expected C-contiguous NumPy float arrays of one dtype "
+                             f"on NumPy's OpenBLAS, got {[a.dtype.name for a in arrays]}")
+        if gW.shape != W.shape or gb.shape != b.shape:
+            raise ValueError(f"gW, gb: expected shapes {W.shape} and {b.shape}, "
+                             f"got {gW.shape} and {gb.shape}")
+        self.W, self.b, self.gW, self.gb, self.vW, self.vb = W, b, gW, gb, vW, vb
         self.n_in, self.n_out = W.shape
         self._ones = np.ones(0, dtype=W.dtype)
 
     def __call__(self, x, dy, lr, gamma=0.0, wd=0.0):
         """x (K, in) and dy (K, out), C-contiguous in W's dtype."""
-        k, n_in, n_out, blas = x.shape[0], self.n_in, self.n_out, self.blas
-        if not (_dense(x, self.W.dtype) and _dense(dy, self.W.dtype)) or x.shape != (k, n_in) or dy.shape != (k, n_out):
-            raise ValueError(f"x, dy: expected C-contiguous ({k}, {n_in}) and ({k}, {n_out}) {self.W.dtype} arrays, "
-                             f"got {x.shape} {x.dtype} and {dy.shape} {dy.dtype}")
+        k, n_in, n_out, blas, dt = x.shape[0], self.n_in, self.n_out, self.blas, self.W.dtype
+        if not (_dense(x, dt) and _dense(dy, dt)) or x.shape != (k, n_in) or dy.shape != (k, n_out):
+            raise ValueError(f"x, dy: expected C-contiguous ({k}, {n_in}) and ({k}, {n_out}) {dt} "
+                             f"arrays, got {x.shape} {x.dtype} and {dy.shape} {dy.dtype}")
         if self._ones.shape[0] != k:
-            self._ones = np.ones(k, dtype=self.W.dtype)
-        lr, wd = float(lr), float(wd)
-        pW, pb = self.W.ctypes.data, self.b.ctypes.data
-        if self.vW is None:  # SGD: w = (1 - lr*wd) w - lr * grad, the gradient product straight into w
-            beta = 1.0 - lr * wd
-            cW, cb, alpha = pW, pb, -lr
-        else:
-            beta, cW, cb, alpha = float(gamma), self.vW.ctypes.data, self.vb.ctypes.data, lr
-        blas.gemm(_ROW_MAJOR, _TRANS, _NO_TRANS, n_in, n_out, k, alpha, x.ctypes.data, n_in, dy.ctypes.data,
-                  n_out, beta, cW, n_out)
-        blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, alpha, dy.ctypes.data, n_out, self._ones.ctypes.data, 1, beta, cb, 1)
-        if self.vW is None:
+            self._ones = np.ones(k, dtype=dt)
+        lr, wd, size = float(lr), float(wd), n_in * n_out
+        pW, pb, gW = self.W.ctypes.data, self.b.ctypes.data, self.gW.ctypes.data
+        dyp, ones = dy.ctypes.data, self._ones.ctypes.data
+        blas.gemm(_ROW_MAJOR, _TRANS, _NO_TRANS, n_in, n_out, k, 1.0, x.ctypes.data, n_in,
+                  dyp, n_out, 0.0, gW, n_out)
+        gb = self.gb.ctypes.data
+        blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, 1.0, dyp, n_out, ones, 1, 0.0, gb, 1)
+        if self.vW is None:  # SGD: w = (1 - lr*wd) w - lr * grad
+            if wd:
+                blas.scal(size, 1.0 - lr * wd, pW, 1)
+            blas.axpy(size, -lr, gW, 1, pW, 1)
+            blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, -lr, dyp, n_out, ones, 1, 1.0 - lr * wd, pb, 1)
             return
+        vW, vb = self.vW.ctypes.data, self.vb.ctypes.data
+        blas.scal(size, float(gamma), vW, 1)
+        blas.axpy(size, lr, gW, 1, vW, 1)
+        blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, lr, dyp, n_out, ones, 1, float(gamma), vb, 1)
         if wd:
-            blas.axpy(n_in * n_out, lr * wd, pW, 1, cW, 1)
-            blas.axpy(n_out, lr * wd, pb, 1, cb, 1)
-        blas.axpy(n_in * n_out, -1.0, cW, 1, pW, 1)
-        blas.axpy(n_out, -1.0, cb, 1, pb, 1)
+            blas.axpy(size, lr * wd, pW, 1, vW, 1)
+            blas.axpy(n_out, lr * wd, pb, 1, vb, 1)
+        blas.axpy(size, -1.0, vW, 1, pW, 1)
+        blas.axpy(n_out, -1.0, vb, 1, pb, 1)
 
 
 # --- threads by work ------------------------------------------------------------------------------------

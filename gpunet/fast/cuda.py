@@ -51,11 +51,32 @@ LAYER_MOMENTUM = (
     " b[i] -= nesterov ? gamma * vb[i] + lr * db : vb[i]; }", "gpunet_layer_momentum")
 LAYER_SGD = ("raw T dy, int32 rows, int32 cols, T lr, T wd", "T w, T g, raw T b, raw T gb",
              "w -= lr * (wd != (T)0 ? g + wd * w : g); if (i < cols) { " + _BIAS_SUM + " b[i] -= lr * db; }", "gpunet_layer_sgd")
+# The same rule when both gradients are already written (a distributed run's, summed over the ranks after
+# the backward pass; a BatchNorm's gamma and beta): over W's elements, and in the threads i < cols on b.
+LAYER_MOMENTUM_GIVEN = (
+    "int32 cols, T lr, T gamma, T wd, bool nesterov", "T w, T g, T v, raw T b, raw T vb, raw T gb",
+    "T d = wd != (T)0 ? g + wd * w : g; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d : v;"
+    " if (i < cols) { T db = wd != (T)0 ? gb[i] + wd * b[i] : gb[i]; vb[i] = gamma * vb[i] + lr * db;"
+    " b[i] -= nesterov ? gamma * vb[i] + lr * db : vb[i]; }", "gpunet_layer_momentum_given")
+LAYER_SGD_GIVEN = ("int32 cols, T lr, T wd", "T w, T g, raw T b, raw T gb",
+                   "w -= lr * (wd != (T)0 ? g + wd * w : g);"
+                   " if (i < cols) { b[i] -= lr * (wd != (T)0 ? gb[i] + wd * b[i] : gb[i]); }",
+                   "gpunet_layer_sgd_given")
+# BatchNorm's normalisation of a block in training mode, after the column statistics (BATCH_NORM_STATS):
+# the Linear's bias added as the core adds it (y = x @ W + b, rounded), xhat = (y - mu) * inv_sigma kept for
+# the backward pass, then gamma * xhat + beta and, when ``relu``, the ReLU (NaN passes, as in BIAS_RELU).
+BATCH_NORM_APPLY = ("raw T b, raw T mu, raw T inv_sigma, raw T gamma, raw T beta, int32 cols, bool relu",
+                    "T y, T xhat",
+                    "int j = i % cols; xhat = ((y + b[j]) - mu[j]) * inv_sigma[j];"
+                    " T o = gamma[j] * xhat + beta[j];"
+                    " y = relu && o < (T)0 ? (T)0 : o;", "gpunet_batch_norm_apply")
 # Pixels' gather: rows idx of the uint8 images, as floats divided by 255, in one pass (no uint8 temporary).
 GATHER_SCALED = ("raw uint8 src, raw int64 idx, int32 cols, T divisor", "T out",
                  "out = (T)src[idx[i / cols] * cols + i % cols] / divisor;", "gpunet_gather_scaled")
 ELEMENTWISE = {"bias_relu": BIAS_RELU, "relu_backward": RELU_BACKWARD, "dropout": DROPOUT, "relu_mask_backward": RELU_MASK_BACKWARD, "layer_momentum": LAYER_MOMENTUM,
-               "layer_sgd": LAYER_SGD, "gather_scaled": GATHER_SCALED, "adam": ADAM}
+               "layer_sgd": LAYER_SGD, "gather_scaled": GATHER_SCALED, "adam": ADAM,
+               "layer_momentum_given": LAYER_MOMENTUM_GIVEN, "layer_sgd_given": LAYER_SGD_GIVEN,
+               "batch_norm_apply": BATCH_NORM_APPLY}
 
 # softmax cross-entropy, forward and gradient in one pass: one thread per row (MNIST has 10 classes, so a
 # row fits in registers). T, EXP and LOG are defined per dtype by softmax_xent_source.
@@ -127,6 +148,114 @@ extern "C" __global__ void gpunet_softmax_xent_sums(const T* z, const long long*
 SOFTMAX_XENT_SUMS_NAME = "gpunet_softmax_xent_sums"
 CTYPES = {"float32": "float", "float64": "double"}
 
+# The augmentation's resampling (gpunet.augment: bilinear at source_points), one thread per output pixel:
+# the point pixel (i, j) of image n reads, maps[n] @ (i - cr, j - cc, 1) + (cr, cc) (+ the elastic field's
+# displacement fields[n, :, j, i] when ``elastic``), clipped to [-1, H] x [-1, W], then the bilinear
+# interpolation of its four neighbours with zeros outside the image (the core's zero padding, as bounds
+# tests). Nothing but the images, the (B, 2, 3) maps and the fields is read: no grid, centre or offsets.
+RESAMPLE = r"""
+extern "C" __global__ void gpunet_resample(const T* images, const T* maps, const T* fields, T* out,
+                                            const int b, const int h, const int w, const int elastic) {
+    const long long hw = (long long)h * w;
+    const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= (long long)b * hw) return;
+    const long long n = k / hw;
+    const int p = (int)(k - n * hw), i = p / w, j = p % w;
+    const T cr = (T)0.5 * (T)(h - 1), cc = (T)0.5 * (T)(w - 1);
+    const T dr = (T)i - cr, dc = (T)j - cc;
+    const T* m = maps + n * 6;
+    T r = m[0] * dr + m[1] * dc + m[2] + cr;
+    T c = m[3] * dr + m[4] * dc + m[5] + cc;
+    if (elastic) {
+        const T* f = fields + n * 2 * hw + (long long)j * h + i;
+        r += f[0];
+        c += f[hw];
+    }
+    r = r < (T)-1 ? (T)-1 : (r > (T)h ? (T)h : r);
+    c = c < (T)-1 ? (T)-1 : (c > (T)w ? (T)w : c);
+    const T r0 = FLOOR(r), c0 = FLOOR(c);
+    const T fr = r - r0, fc = c - c0;
+    const int ri = (int)r0, ci = (int)c0;
+    const T* img = images + n * hw;
+    // r and c lie in [-1, H] x [-1, W]: a neighbour can be one before the image or at H / W (past it)
+    const bool up = ri >= 0 && ri < h, down = ri + 1 < h, left = ci >= 0 && ci < w, right = ci + 1 < w;
+    const T v00 = up && left ? img[ri * w + ci] : (T)0, v01 = up && right ? img[ri * w + ci + 1] : (T)0;
+    const T v10 = down && left ? img[(ri + 1) * w + ci] : (T)0;
+    const T v11 = down && right ? img[(ri + 1) * w + ci + 1] : (T)0;
+    const T top = v00 + fc * (v01 - v00);
+    const T bottom = v10 + fc * (v11 - v10);
+    out[k] = top + fr * (bottom - top);
+}
+"""
+RESAMPLE_NAME, RESAMPLE_THREADS = "gpunet_resample", 256
+
+# BatchNorm's statistics in training mode, one thread per feature (column) of y = z + b (z = x @ W, the
+# bias added as the core's Linear adds it): mu = mean(y), var = mean((y - mu)^2) over the rows, in two passes
+# as the core; the running statistics updated as the core updates them (keep = 1 - momentum, unbiased =
+# momentum * n / (n - 1), both rounded on the host as the core rounds them); inv_sigma = 1 / sqrt(var + eps).
+BATCH_NORM_STATS = r"""
+extern "C" __global__ void gpunet_batch_norm_stats(const T* z, const T* b, T* mu, T* inv_sigma,
+                                                    T* running_mean, T* running_var, const int n, const int f,
+                                                    const T momentum, const T keep, const T unbiased,
+                                                    const T eps) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= f) return;
+    T s = 0;
+    for (int r = 0; r < n; ++r) s += z[(long long)r * f + j] + b[j];
+    const T mean = s / (T)n;
+    T q = 0;
+    for (int r = 0; r < n; ++r) { T c = (z[(long long)r * f + j] + b[j]) - mean; q += c * c; }
+    const T var = q / (T)n;
+    running_mean[j] = running_mean[j] * keep + momentum * mean;
+    running_var[j] = running_var[j] * keep + unbiased * var;
+    mu[j] = mean;
+    inv_sigma[j] = (T)1 / SQRT(var + eps);
+}
+"""
+BATCH_NORM_STATS_NAME = "gpunet_batch_norm_stats"
+
+# BatchNorm's backward pass in training mode, one thread per feature, with the block's tail before it: dy
+# (the gradient at the block's output) through Dropout's mask (``has_mask``) and the ReLU (``relu``: y is
+# the block's output, > 0 exactly where both let through), then dgamma = sum(d * xhat), dbeta = sum(d) and
+# dx = (gamma * inv_sigma / n) * (n d - dbeta - xhat dgamma), written over dy (the core's formulas).
+BATCH_NORM_BACKWARD = r"""
+extern "C" __global__ void gpunet_batch_norm_backward(T* dy, const T* y, const T* mask, const T* xhat,
+                                                       const T* gamma, const T* inv_sigma, T* dgamma,
+                                                       T* dbeta, const int n, const int f,
+                                                       const int has_mask, const int relu) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= f) return;
+    T sb = 0, sg = 0;
+    for (int r = 0; r < n; ++r) {
+        const long long k = (long long)r * f + j;
+        T d = dy[k];
+        if (has_mask) d = d * mask[k];
+        if (relu) d = y[k] > (T)0 ? d : d * (T)0;
+        dy[k] = d;
+        sb += d;
+        sg += d * xhat[k];
+    }
+    dgamma[j] = sg;
+    dbeta[j] = sb;
+    const T scale = gamma[j] * inv_sigma[j] * ((T)1 / (T)n);
+    for (int r = 0; r < n; ++r) {
+        const long long k = (long long)r * f + j;
+        dy[k] = scale * ((T)n * dy[k] - sb - xhat[k] * sg);
+    }
+}
+"""
+BATCH_NORM_BACKWARD_NAME = "gpunet_batch_norm_backward"
+COLUMN_THREADS = 128
+RAW = {RESAMPLE_NAME: RESAMPLE, BATCH_NORM_STATS_NAME: BATCH_NORM_STATS,
+       BATCH_NORM_BACKWARD_NAME: BATCH_NORM_BACKWARD}
+
+
+def raw_source(ctype: str, name: str) -> str:
+    """The complete CUDA source of the RawKernel ``name`` of :data:`RAW` for ``ctype`` ("float" or
+    "double"): floorf/sqrtf or floor/sqrt named here, not left to C++ overloads."""
+    fn = {"float": ("floorf", "sqrtf"), "double": ("floor", "sqrt")}[ctype]
+    return f"typedef {ctype} T;\n#define FLOOR {fn[0]}\n#define SQRT {fn[1]}\n" + RAW[name]
+
 
 def ctype(dtype) -> str:
     """The C type of the kernels for a network of ``dtype``; a clear TypeError for any other dtype."""
@@ -158,6 +287,13 @@ def _softmax_xent(ctype: str, sums: bool = False):
     if sums:
         return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT_SUMS), SOFTMAX_XENT_SUMS_NAME)
     return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT), SOFTMAX_XENT_NAME)
+
+
+@functools.lru_cache(maxsize=None)
+def _raw(ctype: str, name: str):
+    import cupy
+
+    return cupy.RawKernel(raw_source(ctype, name), name)
 
 
 def bias_relu(y, b):
@@ -235,19 +371,92 @@ def softmax_xent_launch(z, labels, grad, loss_rows):
             (z, labels, grad, loss_rows, np.int32(n), np.int32(c), z.dtype.type(1.0 / n)))
 
 
-def softmax_xent_sums(z, labels, grad, mean, loss_sum, correct):
+def softmax_xent_sums(z, labels, grad, mean, loss_sum, correct, rows=None):
     """The training step's softmax cross-entropy in one launch: ``grad = (softmax(z) - onehot) / N``,
     ``mean`` (0-d, z's dtype) the batch's mean loss, and the epoch's ``loss_sum`` (0-d float64) and
-    ``correct`` (0-d int64) increased by the batch's loss sum and right answers. z, grad (N, C) C-contiguous."""
+    ``correct`` (0-d int64) increased by the batch's loss sum and right answers. z, grad (N, C) C-contiguous.
+    ``rows``: divide by these rows instead of N (a rank's shard of a global batch of ``rows``)."""
     import cupy
 
     labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
-    _softmax_xent(ctype(z.dtype), True)(*softmax_xent_sums_launch(z, labels, grad, mean, loss_sum, correct))
+    _softmax_xent(ctype(z.dtype), True)(*softmax_xent_sums_launch(z, labels, grad, mean, loss_sum, correct,
+                                                                  rows))
     return grad, mean
 
 
-def softmax_xent_sums_launch(z, labels, grad, mean, loss_sum, correct):
+def softmax_xent_sums_launch(z, labels, grad, mean, loss_sum, correct, rows=None):
     """``(grid, block, args)`` of the sums kernel: one block; arguments of the C types it declares."""
     n, c = z.shape
     return ((1,), (SUMS_THREADS,), (z, labels, grad, mean, loss_sum, correct, np.int32(n), np.int32(c),
-                                    z.dtype.type(1.0 / n)))
+                                    z.dtype.type(1.0 / (n if rows is None else rows))))
+
+
+def layer_update_given(W, b, vW, vb, lr, gamma, wd, nesterov):
+    """One layer's update in one launch from gradients already written (W.grad and b.grad): momentum
+    (``vW``/``vb`` given) or SGD (``None``) on W and b (W may be a BatchNorm's gamma, b its beta)."""
+    cols = np.int32(b.data.size)
+    if vW is None:
+        _elementwise("layer_sgd_given")(cols, lr, wd, W.data, W.grad, b.data, b.grad)
+    else:
+        _elementwise("layer_momentum_given")(cols, lr, gamma, wd, bool(nesterov), W.data, W.grad, vW,
+                                             b.data, vb, b.grad)
+
+
+def resample(images, maps, fields, shape):
+    """The augmentation's resampling in one launch: ``images`` (B, H*W) read at the points of ``maps``
+    (B, 2, 3) and ``fields`` (B, 2, W, H) or None (see :data:`RESAMPLE`); a new (B, H*W) array."""
+    import cupy
+
+    out = cupy.empty_like(images)
+    _raw(ctype(images.dtype), RESAMPLE_NAME)(*resample_launch(images, maps, fields, shape, out))
+    return out
+
+
+def resample_launch(images, maps, fields, shape, out):
+    """``(grid, block, args)`` of the resampling kernel: one thread per output pixel; the arguments of the C
+    types it declares (``maps`` stands in for the fields' pointer when there are none)."""
+    b, (h, w) = images.shape[0], shape
+    total = b * h * w
+    return (((total + RESAMPLE_THREADS - 1) // RESAMPLE_THREADS,), (RESAMPLE_THREADS,),
+            (images, maps, maps if fields is None else fields, out, np.int32(b), np.int32(h), np.int32(w),
+             np.int32(fields is not None)))
+
+
+def batch_norm_stats(z, bias, mu, inv_sigma, running_mean, running_var, momentum, eps):
+    """BatchNorm's column statistics of ``z + bias`` (z (N, F) C-contiguous), into mu and inv_sigma (F,),
+    and its running statistics updated in place; one launch (see :data:`BATCH_NORM_STATS`)."""
+    _raw(ctype(z.dtype), BATCH_NORM_STATS_NAME)(
+        *batch_norm_stats_launch(z, bias, mu, inv_sigma, running_mean, running_var, momentum, eps))
+
+
+def batch_norm_stats_launch(z, bias, mu, inv_sigma, running_mean, running_var, momentum, eps):
+    """``(grid, block, args)`` of the statistics kernel: one thread per feature; the scalars in z's dtype,
+    rounded as the core rounds them (``1 - momentum`` in float64, then cast; ``momentum * n / (n - 1)``
+    as the product of the two cast values)."""
+    (n, f), t = z.shape, z.dtype.type
+    m = t(momentum)
+    return (((f + COLUMN_THREADS - 1) // COLUMN_THREADS,), (COLUMN_THREADS,),
+            (z, bias, mu, inv_sigma, running_mean, running_var, np.int32(n), np.int32(f), m, t(1 - momentum),
+             m * t(n / (n - 1)), t(eps)))
+
+
+def batch_norm_apply(y, xhat, bias, mu, inv_sigma, gamma, beta, relu):
+    """``xhat = (y + bias - mu) * inv_sigma``, ``y = gamma * xhat + beta`` (then ReLU if ``relu``) in place;
+    y and xhat (N, F), the rest (F,); one launch."""
+    _elementwise("batch_norm_apply")(bias, mu, inv_sigma, gamma, beta, np.int32(y.shape[1]), bool(relu), y, xhat)
+
+
+def batch_norm_backward(dy, y, mask, xhat, gamma, inv_sigma, dgamma, dbeta, relu):
+    """BatchNorm's backward (with Dropout's and the ReLU's before it) in one launch: dy (N, F) becomes dx in
+    place; dgamma, dbeta (F,) written (see :data:`BATCH_NORM_BACKWARD`)."""
+    _raw(ctype(dy.dtype), BATCH_NORM_BACKWARD_NAME)(
+        *batch_norm_backward_launch(dy, y, mask, xhat, gamma, inv_sigma, dgamma, dbeta, relu))
+
+
+def batch_norm_backward_launch(dy, y, mask, xhat, gamma, inv_sigma, dgamma, dbeta, relu):
+    """``(grid, block, args)`` of the backward kernel: one thread per feature (``xhat`` stands in for the
+    mask's pointer when there is none)."""
+    n, f = dy.shape
+    return (((f + COLUMN_THREADS - 1) // COLUMN_THREADS,), (COLUMN_THREADS,),
+            (dy, y, xhat if mask is None else mask, xhat, gamma, inv_sigma, dgamma, dbeta, np.int32(n),
+             np.int32(f), np.int32(mask is not None), np.int32(bool(relu))))

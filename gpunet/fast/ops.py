@@ -179,9 +179,14 @@ def _numba_resample():
 
 def resample(images, maps, fields, shape):
     """The augmentation's resampling (:func:`gpunet.augment.bilinear` at :func:`gpunet.augment.source_points`)
-    in one compiled pass, for C-contiguous NumPy arrays of one dtype; None elsewhere (the core's runs)."""
+    in one pass: one CUDA kernel for CuPy arrays of one dtype, numba's for C-contiguous NumPy arrays of one
+    dtype; None elsewhere (the core's runs)."""
     arrays = (images, maps) if fields is None else (images, maps, fields)
-    if get_array_module(images) is not np or (kernel := _numba_resample()) is None or _cpu_kernels(*arrays) is None:
+    xp = get_array_module(images)
+    if xp is not np and all(a.dtype == images.dtype for a in arrays):  # the GPU: one RawKernel launch
+        return cuda.resample(xp.ascontiguousarray(images), xp.ascontiguousarray(maps),
+                             None if fields is None else xp.ascontiguousarray(fields), shape)
+    if xp is not np or (kernel := _numba_resample()) is None or _cpu_kernels(*arrays) is None:
         return None
     out = np.empty_like(images)
     kernel(images, maps, np.zeros((1, 2, 1, 1), images.dtype) if fields is None else fields, fields is not None,
