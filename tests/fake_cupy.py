@@ -28,12 +28,26 @@ FREE_FUNCTIONS = {"empty", "empty_like", "reshape", "ravel", "shape", "ndim", "r
 
 
 class Counter:
+    """``launches`` and their names (``log``); ``downloads``: the shapes copied to the host; ``reads``:
+    ``(what, shape, thread id)`` of every read that makes the host wait for the device on a GPU
+    (``float()``, ``int()``, ``bool()``, ``.item()``, ``.tolist()``, a blocking ``.get()``,
+    ``asnumpy``, a stream's or an event's ``synchronize``); ``async_reads``: the non-blocking
+    ``.get(blocking=False)`` copies, which do not."""
+
     def __init__(self):
-        self.launches, self.log, self.downloads = 0, [], []
+        self.launches, self.log, self.downloads, self.reads, self.async_reads = 0, [], [], [], []
 
     def add(self, what):
         self.launches += 1
         self.log.append(what)
+
+    def read(self, what, shape=()):
+        self.reads.append((what, tuple(shape), threading.get_ident()))
+
+    def main_thread_reads(self):
+        """The reads made on the main thread (the training loop's, not a background writer's)."""
+        main = threading.main_thread().ident
+        return [(what, shape) for what, shape, thread in self.reads if thread == main]
 
 
 def _base(a):
@@ -84,6 +98,10 @@ def make_array_type(counter):
 
         def get(self, stream=None, order="C", out=None, blocking=True):  # CuPy's copy to the host
             counter.downloads.append(self.shape)  # the shapes copied, for tests
+            if blocking:
+                counter.read("get", self.shape)
+            else:
+                counter.async_reads.append(self.shape)
             if out is not None:
                 out[...] = self.view(np.ndarray)
                 return out
@@ -98,6 +116,28 @@ def make_array_type(counter):
         def __setitem__(self, key, value):
             counter.add("setitem")
             self.view(np.ndarray)[key] = _base(value)
+
+        def _read(self, what, convert):
+            counter.read(what, self.shape)
+            return convert(self.view(np.ndarray))
+
+        def __float__(self):
+            return self._read("float", float)
+
+        def __int__(self):
+            return self._read("int", int)
+
+        def __bool__(self):
+            return self._read("bool", bool)
+
+        def __index__(self):
+            return self._read("index", lambda a: a.__index__())
+
+        def item(self, *args):
+            return self._read("item", lambda a: a.item(*args))
+
+        def tolist(self):
+            return self._read("tolist", lambda a: a.tolist())
 
         @property
         def device(self):
@@ -303,10 +343,10 @@ class FakeCupy(types.ModuleType):
         self.ndarray = cls = make_array_type(counter)
         _ARRAY_TYPE["cls"] = cls
         self.__version__ = "fake"
-        stream = types.SimpleNamespace(synchronize=lambda: None, ptr=0)
+        stream = types.SimpleNamespace(synchronize=lambda: counter.read("stream.synchronize"), ptr=0)
         self.cuda = types.SimpleNamespace(
             Device=lambda i=None: _Device(), runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
-            get_current_stream=lambda: stream, Event=_Event, alloc_pinned_memory=lambda size: bytearray(size))
+            get_current_stream=lambda: stream, Event=lambda *a, **k: _Event(counter), alloc_pinned_memory=lambda size: bytearray(size))
 
     def __getattr__(self, name):
         value = getattr(np, name)
@@ -334,6 +374,7 @@ class FakeCupy(types.ModuleType):
     def asnumpy(self, a):
         if isinstance(a, self.ndarray):
             self.counter.downloads.append(a.shape)
+            self.counter.read("asnumpy", a.shape)
         return np.array(_base(a))
 
     def ElementwiseKernel(self, in_params, out_params, operation, name, **kwargs):
@@ -386,8 +427,13 @@ class _Device:
 
 
 class _Event:
+    """A CUDA event: ``synchronize`` makes the host wait for the work before it (a read, counted)."""
+
+    def __init__(self, counter):
+        self.counter = counter
+
     def record(self, stream=None):
         pass
 
     def synchronize(self):
-        pass
+        self.counter.read("event.synchronize")
