@@ -1,5 +1,6 @@
-"""``gpunet serve``: a draw-a-digit page and a JSON API for one model, on the standard library's
-threading HTTP server (one thread per connection; nothing fetched from the internet, ever).
+"""``gpunet serve``: a draw-a-digit page and a JSON API for one model (nothing fetched from the
+internet, ever). The connections are gpunet.connections' (one reader thread, a fixed pool of
+handler threads, a deadline per request, a bound on open connections).
 
     GET  /          the page (gpunet/page.html: a canvas, the predicted digit, ten bars, the input seen)
     GET  /health    {"status": "ok", "model": NAME, "inputs": 784, "classes": 10, "image_size": [28, 28]}
@@ -8,23 +9,24 @@ threading HTTP server (one thread per connection; nothing fetched from the inter
                     -> {"digit": d, "top3": [{"digit", "probability"} x 3], "probabilities": [C floats],
                         "warnings": [...], "input": [[rows x cols]]} (gpunet.predictions.prediction + input)
 
-Every error is JSON {"error": "one line"} with its status (400 bad body, 404, 405, 411 no length, 413 too
-large, 500 a bug); no traceback reaches a client or the log. Only the command line imports this module.
+Every error is JSON {"error": "one line"} with its status (400 bad body, 404, 405, 408 request not
+whole within the deadline, 411 no length, 413 too large, 431 headers too long, 500 a bug, 503 too
+many connections); no traceback reaches a client or the log. Only the command line imports this
+module.
 """
 from __future__ import annotations
 
 import io
 import json
 import signal
-import socket
 import sys
 import threading
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
 import numpy as np
 
+from . import connections
 from .backend import to_numpy
 from .data import DataError
 from .data.pictures import image_size, mnist_style, to_unit_scale
@@ -32,7 +34,6 @@ from .predictions import prediction
 from .training import predict_proba
 
 MAX_BODY = 8 * 2**20  # bytes: a phone photo fits; anything bigger is refused (413) before it is read
-DRAIN_LIMIT = 64 * 2**20  # bytes of a too-large body read and dropped so that the client sees the 413
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -117,14 +118,13 @@ def page() -> bytes:
     return resources.files(__package__).joinpath("page.html").read_bytes()
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(connections.BufferedHandler):
     """Routes the three paths; every answer is JSON except the page."""
 
     server_version = "gpunet-serve"
     sys_version = ""
     protocol_version = "HTTP/1.1"  # keep-alive: the page sends a request per change while drawing
     default_request_version = "HTTP/1.0"  # a malformed request line still gets a status line and JSON
-    timeout = 30  # seconds a silent client may hold a thread
 
     # -- answers ------------------------------------------------------------------------------
     def _send(self, status: int, body: bytes, content_type: str, extra=()):
@@ -218,10 +218,9 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._json(400, {"error": f"Content-Length: expected a non-negative integer, got {length!r}"})
             return None
-        if n > self.server.max_body:
+        if n > self.server.max_body:  # the reader passed the headers alone, drops the body after
             self.close_connection = True
             self._json(413, {"error": f"body of {n} bytes is too large (at most {self.server.max_body})"})
-            self._discard(n)
             return None
         if n == 0:
             self._json(400, {"error": "empty body: send PNG or JPEG bytes, or JSON {\"pixels\": [[...]]}"})
@@ -232,31 +231,14 @@ class Handler(BaseHTTPRequestHandler):
             return None
         return body
 
-    def _discard(self, n: int) -> None:
-        """Read and drop up to DRAIN_LIMIT bytes of an unwanted body. Closing a socket with unread bytes
-        resets the connection, and a client still sending would see a broken pipe instead of our 413."""
-        left = min(n, DRAIN_LIMIT)
-        try:
-            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
-                left -= len(chunk)
-        except OSError:  # the client gave up or went silent (the handler's timeout)
-            pass
 
+class Server(connections.Server):
+    """The connections of gpunet.connections, answered by Handler, holding the predictor."""
 
-class Server(ThreadingHTTPServer):
-    """A ThreadingHTTPServer holding the predictor; errors escaping a request are one line, not a traceback."""
-
-    daemon_threads = True  # Ctrl+C does not wait for idle keep-alive connections
-    # The listen backlog: connections the kernel holds until the accept loop takes them. socketserver's 5
-    # reset 157 of 1,280 requests from 64 clients connecting at once (tests/serve_load.py, 2026-12-01), and
-    # 400 idle connections took a minute to open (refused SYNs retried). The kernel caps it at somaxconn.
-    request_queue_size = 1024
-
-    def __init__(self, address, predictor: Predictor, max_body: int = MAX_BODY, quiet: bool = False):
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        self.predictor, self.max_body, self.quiet = predictor, max_body, quiet
-        super().__init__(address, Handler)
+    def __init__(self, address, predictor: Predictor, max_body: int = MAX_BODY,
+                 quiet: bool = False, **kwargs):
+        self.predictor = predictor
+        super().__init__(address, Handler, max_body=max_body, quiet=quiet, **kwargs)
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
@@ -265,26 +247,58 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(net, host: str = "127.0.0.1", port: int = 8000, *, name: str = "model",
-                max_body: int = MAX_BODY, quiet: bool = False) -> Server:
-    """A server for `net`, bound and ready (call ``serve_forever``); port 0 picks a free port."""
+                max_body: int = MAX_BODY, quiet: bool = False,
+                deadline: float = connections.DEADLINE,
+                max_connections: int = connections.MAX_CONNECTIONS) -> Server:
+    """A server for `net`, bound and ready (call ``serve_forever``); port 0 picks a free port.
+    `deadline`: seconds a request may take to arrive whole (then 408); `max_connections`: open at
+    once (then 503)."""
     try:
-        return Server((host, port), Predictor(net, name), max_body=max_body, quiet=quiet)
+        return Server((host, port), Predictor(net, name), max_body=max_body, quiet=quiet,
+                      deadline=deadline, max_connections=max_connections)
     except OSError as exc:
         raise OSError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from exc
+
+
+def raise_file_limit(connections_wanted: int) -> int:
+    """Raise this process's soft limit of open files towards what `connections_wanted` needs
+    (within the hard limit, as Go's runtime does at start); returns the connections it allows."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit to raise
+        return connections_wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections_wanted + 64  # the listener, the wake pipe, the libraries' own files
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return connections_wanted
+    return max(1, min(connections_wanted, soft - 64))
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run(net, host: str = "127.0.0.1", port: int = 8000, *, name: str = "model") -> int:
+def run(net, host: str = "127.0.0.1", port: int = 8000, *, name: str = "model",
+        deadline: float = connections.DEADLINE,
+        max_connections: int = connections.MAX_CONNECTIONS) -> int:
     """Serve until Ctrl+C or SIGTERM; prints the address first. Returns 0. Call from the main thread."""
-    server = make_server(net, host, port, name=name)
+    allowed = raise_file_limit(max_connections)
+    server = make_server(net, host, port, name=name, deadline=deadline, max_connections=allowed)
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"gpunet serve: {name} on http://{shown}:{bound_port}/ (Ctrl+C to stop)", flush=True)
     if host not in LOOPBACK:
         print(f"gpunet serve: note: listening on {host}, so other machines can reach this page", flush=True)
+    if allowed < max_connections:
+        print(f"gpunet serve: note: at most {allowed} connections at once (the limit of open "
+              f"files, ulimit -n, allows no more)", flush=True)
     # SIGTERM (`docker stop`, service managers) stops like Ctrl+C. As a container's PID 1, gpunet would
     # otherwise ignore it: the kernel drops signals PID 1 has no handler for, and the engine kills it later.
     signal.signal(signal.SIGTERM, _interrupt)

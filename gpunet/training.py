@@ -26,10 +26,22 @@ import numpy as np
 from . import callbacks as cbs
 from . import checkpoint, parallel
 from . import fast as fast_path
-from .backend import (HostCopy, get_array_module, on_device_of_net, softmax, synchronize, to_device,
-                      to_numpy)
+from .backend import (
+    HostCopy,
+    get_array_module,
+    on_device_of_net,
+    softmax,
+    synchronize,
+    to_device,
+    to_numpy,
+)
+from .data.arrays import (  # by_name, columns_of: also for gpunet.sklearn
+    by_name,
+    columns_of,
+    targets,
+)
 from .data.rows import as_rows
-from .data.arrays import by_name, columns_of, targets  # by_name, columns_of: also for gpunet.sklearn
+from .fast import graph
 from .metrics import confusion_counts, report
 
 
@@ -136,7 +148,7 @@ class Run:
     """
 
     def __init__(self, net, loss, optimizer, data, *, validation=None, batch_size=128, shuffle=True, seed=0,
-                 callbacks=(), eval_batch_size=4096, fast=True, interrupt=None, comm=None):
+                 callbacks=(), eval_batch_size=4096, fast=True, interrupt=None, comm=None, cuda_graph=False):
         self.net, self.loss, self.optimizer, (self.x, self.y) = net, loss, optimizer, data
         self.validation, self.eval_batch_size, self.interrupt = validation, eval_batch_size, interrupt
         self.comm = comm if comm is not None and comm.size > 1 else None
@@ -158,9 +170,19 @@ class Run:
         self.row_start, self.batch_rows = 0, 0
         self._take_step = _stepper(step, optimizer, interrupt, self.comm, self._row_keyed)
         self._step_sums = getattr(step, "sums_in_kernel", False) and step  # a GPU fused step sums itself
+        self._graph = self._graph_step(step, fast) if cuda_graph else None
         xp = get_array_module(net.parameters()[0].data)
         self._xb = xp.empty((self.batch_size,) + self.x.shape[1:], dtype=self.x.dtype)
         self._yb = xp.empty((self.batch_size,) + self.y.shape[1:], dtype=self.y.dtype)
+
+    def _graph_step(self, step, fast):
+        """The CUDA graph step (:mod:`gpunet.fast.graph`) built on the fused ``step``; ValueError says why
+        this run cannot take it."""
+        why = (None if fast else "fast=False") or fast_path.why_not(self.net, self.loss, self.optimizer, self.y) \
+            or graph.why_not(self.net, self.x, bool(self._hooks["transform_batch"]), self.comm is not None)
+        if why is not None:
+            raise ValueError(f"cuda_graph: this run cannot take the CUDA graph step: {why}")
+        return graph.GraphStep(step, self.x, self.y, self.batch_size)
 
     def _call(self, hook, *args):
         for fn in self._hooks[hook]:
@@ -187,12 +209,18 @@ class Run:
         self._start_sums()
         self.epoch_rng = self.order_rng.bit_generator.state  # the permutation below is drawn from here
         order = to_device(self.order_rng.permutation(self.n), self.net.device) if self.shuffle else None
+        if self._graph is not None:  # its own sums, set in place to where the epoch stands
+            p = self._partial if self.step else None
+            self.loss_sum, self.correct = self._graph.begin_epoch(order, *((p["loss_sum"], p["correct"]) if p else ()))
         transforms, classify = self._hooks["transform_batch"], self.loss.classifies
         for b in range(self.step, self.steps):
-            xb, yb, rows, batch_rows = self._batch(order, b)
-            for transform in transforms:
-                xb = transform(self, xb)
-            value, out, stop = self._take_step(xb, yb, rows, batch_rows)
+            if self._graph is not None:  # the batch gathered inside the graph, from the permutation
+                (value, out), stop = self._graph(b), False
+            else:
+                xb, yb, rows, batch_rows = self._batch(order, b)
+                for transform in transforms:
+                    xb = transform(self, xb)
+                value, out, stop = self._take_step(xb, yb, rows, batch_rows)
             if value is not None and not self._step_sums:
                 self.loss_sum += value * rows
                 if classify:
@@ -202,9 +230,13 @@ class Run:
             # a single process: a signal that came during this step or its on_batch_end stops it here (ranks
             # of a distributed run agreed on stopping through the gradient sum instead)
             if stop or (self.comm is None and self.interrupt is not None and bool(self.interrupt())):
+                if self._graph is not None:  # the replays done before anything reads the state
+                    self._graph.finish()
                 self.last_checkpoint = None
                 self._call("on_interrupt")
                 raise Interrupted(self.epoch, self.step, self.last_checkpoint)
+        if self._graph is not None:
+            self._graph.finish()
 
     def _start_sums(self):
         xp, p = get_array_module(self.y), self._partial if self.step else None
@@ -338,7 +370,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
         min_delta: float = 0.0, schedule=None, callback=None, on_batch=None, eval_batch_size: int = 4096,
         fast: bool = True, checkpoint_path=None, resume: bool = False, checkpoint_every: int = 1,
         interrupt=None, run_info: dict | None = None, comm=None, callbacks=(), augment=None,
-        verbose: int = 0) -> History:
+        verbose: int = 0, cuda_graph: bool = False) -> History:
     """Train ``net`` on ``x`` (N, features): any 2-D real array-like (converted once to the network's dtype
     and device, :mod:`gpunet.data.arrays`) or ``Pixels``; and ``y``: (N,) integer labels 0..C-1 or (N, outputs)
     targets.
@@ -351,6 +383,9 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     :mod:`gpunet.callbacks` (called after those the keywords make, before early stopping, the target loss
     and the checkpoint); ``augment``: one more, whose ``transform_batch(run, xb)`` changes each training batch.
     ``verbose`` as in Keras: 0 silent, 1 a progress bar per epoch, 2 one line per epoch (:class:`Progress`).
+    ``cuda_graph=True`` (off by default until measured) runs each step as one CUDA graph replay
+    (:mod:`gpunet.fast.graph`: a GPU, the fused step's networks, no data parallelism or augment; else a
+    ValueError says why).
 
     Long runs: ``checkpoint_path`` receives a checkpoint every ``checkpoint_every`` epochs and at the end;
     ``resume=True`` continues from it exactly (bit for bit on the same device); ``interrupt()``, checked
@@ -375,7 +410,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
         validation = _dataset(*validation, net, loss.classifies, "validation x")
     saver = cbs.Checkpoint(checkpoint_path, checkpoint_every, run_info) if checkpoint_path is not None else None
     run = Run(net, loss, optimizer, data, validation=validation, batch_size=batch_size, shuffle=shuffle, seed=seed,
-              eval_batch_size=eval_batch_size, fast=fast, interrupt=interrupt, comm=comm,
+              eval_batch_size=eval_batch_size, fast=fast, interrupt=interrupt, comm=comm, cuda_graph=cuda_graph,
               callbacks=[*_keyword_callbacks(schedule, callback, on_batch), *shown, *callbacks,
                          *([augment] if augment is not None else []),
                          *([cbs.EarlyStopping(patience, min_delta)] if patience is not None else []),

@@ -123,9 +123,9 @@ def toolchain() -> dict:
     include = Path(_cupy.__file__).parent / "_core" / "include"
     if not (include / "cupy" / "carray.cuh").exists():
         raise Unavailable(f"CuPy's headers are not in {include}")
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[
-        0
-    ]
+    version = subprocess.run(
+        [cxx, "--version"], capture_output=True, text=True, check=False
+    ).stdout.split("\n")[0]
     return {"cxx": cxx, "version": version, "include": include}
 
 
@@ -154,7 +154,8 @@ def cache_dir() -> Path:
 
 
 _LOADED: dict = {}
-stats = {"compiled": 0, "cached": 0, "launches": 0, "orders": 0, "names": set()}  # for tests and the CI line
+# for tests and the CI line
+stats = {"compiled": 0, "cached": 0, "launches": 0, "orders": 0, "names": set()}
 
 
 def include_flags(include: Path) -> list:
@@ -209,6 +210,7 @@ def build(name: str, source: str) -> ctypes.CDLL:
                 [tools["cxx"], *flags, *include_flags(tools["include"]), str(cpp), "-o", str(out)],
                 capture_output=True,
                 text=True,
+                check=False,
             )
             if done.returncode != 0:
                 raise KernelFault(f"{name}: g++ rejected the CUDA source:\n{done.stderr[-4000:]}")
@@ -216,6 +218,8 @@ def build(name: str, source: str) -> ctypes.CDLL:
         stats["compiled"] += 1
     lib = ctypes.CDLL(str(target))
     lib.gpunet_cpu_params.argtypes = [ctypes.POINTER(ctypes.c_size_t)]
+    lib.gpunet_cpu_stack_pool.restype = ctypes.c_void_p
+    lib.gpunet_cpu_stack_pool.argtypes = [ctypes.POINTER(ctypes.c_size_t)]
     lib.gpunet_cpu_run.restype = ctypes.c_char_p
     lib.gpunet_cpu_run.argtypes = [
         ctypes.POINTER(ctypes.c_void_p),
@@ -229,6 +233,13 @@ def build(name: str, source: str) -> ctypes.CDLL:
     ]
     _LOADED[digest] = lib
     return lib
+
+
+def stack_pool(name: str, source: str) -> tuple:
+    """(address, threads) of the fibers' stack pool of kernel ``name`` as loaded in this process."""
+    threads = ctypes.c_size_t(0)
+    address = build(name, source).gpunet_cpu_stack_pool(ctypes.byref(threads))
+    return address, threads.value
 
 
 def param_sizes(lib) -> list:

@@ -136,7 +136,8 @@ static inline void __syncwarp(unsigned int = 0xffffffffu) {}
 namespace gpunet_cpu {
 enum State { RUNNING, AT_BARRIER, DONE };
 struct Fiber {
-    ucontext_t context;
+    ucontext_t context;     // where it waits (swapcontext)
+    void* sp = nullptr;     // or its saved stack pointer (gpunet_cpu_switch)
     char* stack = nullptr;  // STACK bytes of stack_pool
     State state = RUNNING;
     int site = -1;  // the __syncthreads it waits at (each one in the source has its own number)
@@ -176,6 +177,62 @@ static void fail(const char* what) {
     if (!error[0]) std::snprintf(error, sizeof error, "%s", what);
 }
 
+// Switching between the scheduler and a fiber. swapcontext saves and restores the signal mask, a
+// system call each way: a tiled GEMM's 256 threads meeting two barriers per tile made 10^6 of them
+// per launch. So on x86-64 a switch is gpunet_cpu_switch below: push the registers the ABI has the
+// callee keep (rbx, rbp, r12-r15), store the stack pointer, load the other one, pop its registers,
+// return into it (MXCSR, which holds flush-to-zero, is one setting for the whole launch). A fiber
+// starts on a stack laid out as if it had switched away just before its first instruction.
+// Elsewhere, and under AddressSanitizer (told of every switch), swapcontext.
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#define GPUNET_CPU_SWITCH 1
+extern "C" void gpunet_cpu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .p2align 4
+    .local gpunet_cpu_switch
+    .type gpunet_cpu_switch, @function
+gpunet_cpu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size gpunet_cpu_switch, .-gpunet_cpu_switch
+)");
+static void* scheduler_sp = nullptr;
+static void entry();
+// The stack a fiber starts on: six zero registers, then entry as the return address, then a zero
+// where a caller's return address would be (entry starts with rsp = 8 mod 16, as after a call).
+static void start(Fiber& f) {
+    auto top = reinterpret_cast<uintptr_t>(f.stack + STACK) & ~uintptr_t(15);
+    void** sp = reinterpret_cast<void**>(top);
+    *--sp = nullptr;
+    *--sp = reinterpret_cast<void*>(&entry);
+    for (int k = 0; k < 6; ++k) *--sp = nullptr;
+    f.sp = sp;
+}
+__attribute__((noinline)) static void resume(Fiber* f) { gpunet_cpu_switch(&scheduler_sp, f->sp); }
+__attribute__((noinline)) static void yield() { gpunet_cpu_switch(&current->sp, scheduler_sp); }
+#else
+static void entry();
+static void start(Fiber& f) {
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack;
+    f.context.uc_stack.ss_size = STACK;
+    f.context.uc_link = nullptr;
+    makecontext(&f.context, entry, 0);
+}
 static void switch_to(ucontext_t* from, ucontext_t* to, Fiber* target) {
 #if defined(__SANITIZE_ADDRESS__)
     void* fake = nullptr;
@@ -189,6 +246,11 @@ static void switch_to(ucontext_t* from, ucontext_t* to, Fiber* target) {
     __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
 }
+__attribute__((noinline)) static void resume(Fiber* f) { switch_to(&scheduler, &f->context, f); }
+__attribute__((noinline)) static void yield() {
+    switch_to(&current->context, &scheduler, nullptr);
+}
+#endif
 
 static void entry() {
 #if defined(__SANITIZE_ADDRESS__)
@@ -196,7 +258,7 @@ static void entry() {
 #endif
     body();
     current->state = DONE;
-    switch_to(&current->context, &scheduler, nullptr);
+    yield();  // never resumed: every thread of the block ended (run_block checks)
 }
 
 __attribute__((noinline)) static void barrier(int site) {
@@ -206,7 +268,7 @@ __attribute__((noinline)) static void barrier(int site) {
     }
     current->state = AT_BARRIER;
     current->site = site;
-    switch_to(&current->context, &scheduler, nullptr);
+    yield();
 }
 }  // namespace gpunet_cpu
 

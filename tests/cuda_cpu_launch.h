@@ -87,11 +87,7 @@ static void run_block(unsigned threads, int how, Shuffle& shuffle) {
             return;
         }
         f.index = unflatten(t, blockDim);
-        getcontext(&f.context);
-        f.context.uc_stack.ss_sp = f.stack;
-        f.context.uc_stack.ss_size = STACK;
-        f.context.uc_link = nullptr;
-        makecontext(&f.context, entry, 0);
+        start(f);
     }
     std::vector<unsigned> ids(threads);
     for (unsigned long long phase = 1;; ++phase) {
@@ -99,7 +95,7 @@ static void run_block(unsigned threads, int how, Shuffle& shuffle) {
         for (unsigned t : ids) {
             current = &block[t];
             threadIdx = current->index;
-            switch_to(&scheduler, &current->context, current);
+            resume(current);
         }
         current = nullptr;
         unsigned waiting = 0;
@@ -118,7 +114,8 @@ static void run_block(unsigned threads, int how, Shuffle& shuffle) {
                 std::snprintf(error, sizeof error,
                               "divergent __syncthreads in block (%u, %u, %u): threads "
                               "(%u, %u, %u) and (%u, %u, %u) wait at different barriers",
-                              blockIdx.x, blockIdx.y, blockIdx.z, block[0].index.x, block[0].index.y, block[0].index.z,
+                              blockIdx.x, blockIdx.y, blockIdx.z, block[0].index.x,
+                              block[0].index.y, block[0].index.z,
                               f.index.x, f.index.y, f.index.z);
                 return;
             }
@@ -137,6 +134,13 @@ static void on_fault(int, siginfo_t* info, void*) {
     siglongjmp(fault_jump, 1);
 }
 }  // namespace gpunet_cpu
+
+// The fibers' stack pool, for the test that it is mapped once and reused: its address, and how
+// many threads' stacks it holds.
+extern "C" __attribute__((visibility("default"))) void* gpunet_cpu_stack_pool(size_t* threads) {
+    *threads = gpunet_cpu::stack_pool_threads;
+    return gpunet_cpu::stack_pool;
+}
 
 extern "C" __attribute__((visibility("default"))) int gpunet_cpu_params(size_t* sizes) {
     gpunet_cpu::kernel_signature::sizes(sizes);

@@ -36,6 +36,27 @@ class Counter:
 
     def __init__(self):
         self.launches, self.log, self.downloads, self.reads, self.async_reads = 0, [], [], [], []
+        # stream capture (see _Stream): the launches being captured (None when not capturing), one entry
+        # per finished capture (its stream and launch names), graph replays, host-to-device copies
+        # (stream, bytes), synchronizations, and what a capture must not do (allocate, read the host)
+        self.capturing, self.capture_stream, self.captures, self.replays = None, None, [], 0
+        self.copies, self.syncs, self.violations = [], 0, []
+
+    def defer(self, what, run):
+        """During a capture: record ``run`` (a launch's work) for the graph's replays instead of running
+        it, and return True; else False (the caller runs it now)."""
+        if self.capturing is None:
+            return False
+        if _STREAM["current"] is not self.capture_stream:
+            self.violation(f"{what} launched on another stream than the capturing one")
+        self.capturing.append((what, run))
+        return True
+
+    def violation(self, what):
+        """Something a CUDA graph capture cannot hold, done while capturing: recorded and raised."""
+        if self.capturing is not None:
+            self.violations.append(what)
+            raise CaptureError(f"during stream capture: {what}")
 
     def add(self, what):
         self.launches += 1
@@ -62,8 +83,12 @@ def make_array_type(counter):
     class ndarray(np.ndarray):
         def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
             counter.add(f"{ufunc.__name__}.{method}" if method != "__call__" else ufunc.__name__)
+            if out is None:
+                counter.violation(f"allocation: {ufunc.__name__} without out=")
             if out is not None:
                 kwargs["out"] = _bases(out)
+                if counter.defer(ufunc.__name__, lambda: getattr(ufunc, method)(*_bases(inputs), **kwargs)):
+                    return out[0] if len(out) == 1 else out
             result = getattr(ufunc, method)(*_bases(inputs), **kwargs)
             if out is not None:
                 return out[0] if len(out) == 1 else out
@@ -71,6 +96,8 @@ def make_array_type(counter):
 
         def __array_function__(self, func, types_, args, kwargs):
             name = func.__name__
+            if name not in FREE_FUNCTIONS or name in ALLOCATING:
+                counter.violation(f"{name} (allocates or launches outside the graph's kernels)")
             if name not in FREE_FUNCTIONS:
                 counter.add(name)
             args = tuple(_bases(a) if isinstance(a, (list, tuple)) else _base(a) for a in args)
@@ -94,9 +121,16 @@ def make_array_type(counter):
 
         def fill(self, value):
             counter.add("fill")
-            self.view(np.ndarray).fill(value)
+            if not counter.defer("fill", lambda: self.view(np.ndarray).fill(value)):
+                self.view(np.ndarray).fill(value)
+
+        def set(self, arr, stream=None):  # CuPy's copy from the host (asynchronous on a stream)
+            counter.violation("a host-to-device copy")
+            counter.copies.append((stream, np.array(arr)))  # what was copied, for tests
+            self.view(np.ndarray)[...] = np.asarray(arr).reshape(self.shape)
 
         def get(self, stream=None, order="C", out=None, blocking=True):  # CuPy's copy to the host
+            counter.violation("a host read (get)")
             counter.downloads.append(self.shape)  # the shapes copied, for tests
             if blocking:
                 counter.read("get", self.shape)
@@ -115,9 +149,11 @@ def make_array_type(counter):
 
         def __setitem__(self, key, value):
             counter.add("setitem")
-            self.view(np.ndarray)[key] = _base(value)
+            if not counter.defer("setitem", lambda: self.view(np.ndarray).__setitem__(key, _base(value))):
+                self.view(np.ndarray)[key] = _base(value)
 
-        def _read(self, what, convert):
+        def _read(self, what, convert):  # a read the host waits for (and a capture cannot hold)
+            counter.violation(f"a host read ({what})")
             counter.read(what, self.shape)
             return convert(self.view(np.ndarray))
 
@@ -237,6 +273,35 @@ MIRRORS = {
 }
 
 
+def _rows_at(perm, u, n):
+    """The graph step's batch: n entries of the permutation from the offset in scalar slot 0."""
+    return perm[int(u[0]):int(u[0]) + n]
+
+
+def _read(f, at, count, like):
+    """Slots at..at+count-1 of the graph step's float64 scalars, cast to ``like``'s dtype."""
+    return [like.dtype.type(f[int(at) + k]) for k in range(count)]
+
+
+MIRRORS.update({  # the graph step's variants (gpunet/fast/graph_kernels.py): the eager mirrors, reading
+    # their per-step scalars from the device buffer
+    "gpunet_graph_gather_scaled": lambda src, perm, u, cols, divisor, out: out.__setitem__(
+        ..., np.divide(src[_rows_at(perm, u, out.shape[0])], divisor, dtype=out.dtype)),
+    "gpunet_graph_gather": lambda src, perm, u, cols, out: out.__setitem__(
+        ..., src[_rows_at(perm, u, out.shape[0])]),
+    "gpunet_graph_gather_labels": lambda y, perm, u, out: out.__setitem__(..., y[_rows_at(perm, u, out.size)]),
+    "gpunet_graph_bias_grad": lambda dy, rows, cols, gb: gb.__setitem__(
+        ..., dy.reshape(rows, cols).sum(axis=0, dtype=gb.dtype)),
+    "gpunet_graph_layer_sgd": lambda dy, rows, cols, f, at, w, g, b, gb: _layer_sgd(
+        dy, rows, cols, *_read(f, at, 2, w), w, g, b, gb),
+    "gpunet_graph_layer_momentum": lambda dy, rows, cols, nesterov, f, at, w, g, v, b, vb, gb: _layer_update(
+        dy, rows, cols, *_read(f, at, 3, w), nesterov, w, g, v, b, vb, gb),
+    "gpunet_graph_adam": lambda g, f, at, w, m, v: _adam(g, *_read(f, at, 9, w), w, m, v),
+    "gpunet_graph_dropout": lambda start, threshold, scale, u, at, y, mask: _dropout(
+        u[int(at)], start, threshold, scale, y, mask),
+})
+
+
 def _softmax_rows(z, labels, grad, inv_n):
     m = z.max(axis=1, keepdims=True)
     e = np.exp(z - m)
@@ -314,7 +379,15 @@ def _gemm(trans_a, trans_b):
     def mirror(a, b, c, m, n, k):
         a2 = a.reshape((k, m) if trans_a else (m, k))
         b2 = b.reshape((n, k) if trans_b else (k, n))
-        c[...] = np.matmul(a2.T if trans_a else a2, b2.T if trans_b else b2).reshape(c.shape)
+        left, right = a2.T if trans_a else a2, b2.T if trans_b else b2
+        with np.errstate(all="ignore"):
+            out = np.matmul(left, right)
+            if not np.isfinite(out).all():  # overflow, inf or NaN: which of inf and NaN comes out
+                # depends on the order of the sum: the kernel's, k ascending in one accumulator
+                out = np.zeros_like(out)
+                for j in range(left.shape[1]):
+                    out += left[:, j:j + 1] * right[j:j + 1, :]
+        c[...] = out.reshape(c.shape)
     return mirror
 
 
@@ -343,10 +416,13 @@ class FakeCupy(types.ModuleType):
         self.ndarray = cls = make_array_type(counter)
         _ARRAY_TYPE["cls"] = cls
         self.__version__ = "fake"
-        stream = types.SimpleNamespace(synchronize=lambda: counter.read("stream.synchronize"), ptr=0)
+        _STREAM["counter"] = counter
+        _STREAM["current"] = _STREAM["null"] = _Stream(null=True)
         self.cuda = types.SimpleNamespace(
-            Device=lambda i=None: _Device(), runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
-            get_current_stream=lambda: stream, Event=lambda *a, **k: _Event(counter), alloc_pinned_memory=lambda size: bytearray(size))
+            Device=lambda i=None: _Device(), get_current_stream=lambda: _STREAM["current"], Event=_Event,
+            runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, streamCaptureModeGlobal=0,
+                                          streamCaptureModeThreadLocal=1, streamCaptureModeRelaxed=2),
+            alloc_pinned_memory=lambda size: bytearray(size), Stream=_Stream)
 
     def __getattr__(self, name):
         value = getattr(np, name)
@@ -354,6 +430,8 @@ class FakeCupy(types.ModuleType):
             return value
 
         def call(*args, **kwargs):
+            if name not in FREE_FUNCTIONS or name in ALLOCATING:
+                self.counter.violation(f"cupy.{name} (allocates or launches outside the graph's kernels)")
             if name not in FREE_FUNCTIONS:
                 self.counter.add(name)
             return _wrap(value(*(_base(a) for a in args), **{k: _base(v) for k, v in kwargs.items()}))
@@ -362,16 +440,19 @@ class FakeCupy(types.ModuleType):
     def asarray(self, a, dtype=None):
         if isinstance(a, self.ndarray) and (dtype is None or np.dtype(dtype) == a.dtype):
             return a
+        self.counter.violation("an upload (asarray)")
         self.counter.add("upload")
         return np.array(_base(a), dtype=dtype).view(self.ndarray)
 
     def ascontiguousarray(self, a, dtype=None):
         if isinstance(a, self.ndarray) and a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
             return a
+        self.counter.violation("a copy (ascontiguousarray)")
         self.counter.add("ascontiguousarray")
         return np.ascontiguousarray(_base(a), dtype=dtype).view(self.ndarray)
 
     def asnumpy(self, a):
+        self.counter.violation("a host read (asnumpy)")
         if isinstance(a, self.ndarray):
             self.counter.downloads.append(a.shape)
             self.counter.read("asnumpy", a.shape)
@@ -383,6 +464,13 @@ class FakeCupy(types.ModuleType):
 
         def launch(*args):
             counter.add(name)
+            if counter.capturing is not None and len(args) == len(spec[0].split(",")):
+                counter.violation(f"allocation: {name} without its outputs")
+            if counter.defer(name, lambda: run(*args)):
+                return args[-1]
+            return run(*args)
+
+        def run(*args):
             args = [_base(a) for a in args]
             ran = cuda_cpu.elementwise(spec + ((kwargs,) if kwargs else ()), args) \
                 if cuda_cpu.enabled() else None
@@ -400,6 +488,10 @@ class FakeCupy(types.ModuleType):
 
         def launch(grid, block, args):
             counter.add(name)
+            if not counter.defer(name, lambda: run(grid, block, args)):
+                run(grid, block, args)
+
+        def run(grid, block, args):
             args = [_base(a) for a in args]
             ran = cuda_cpu.raw_kernel(source, name, grid, block, args) \
                 if cuda_cpu.enabled() else None
@@ -418,6 +510,10 @@ class _Device:
     def use(self):
         pass
 
+    def synchronize(self):
+        _STREAM["counter"].violation("a device synchronization")
+        _STREAM["counter"].syncs += 1
+
     def __enter__(self):
         _Device.entered.append(threading.get_ident())
         return self
@@ -429,11 +525,81 @@ class _Device:
 class _Event:
     """A CUDA event: ``synchronize`` makes the host wait for the work before it (a read, counted)."""
 
-    def __init__(self, counter):
-        self.counter = counter
-
     def record(self, stream=None):
         pass
 
     def synchronize(self):
-        self.counter.read("event.synchronize")
+        _STREAM["counter"].read("event.synchronize")
+
+
+# ------------------------------------------------------------------------------ streams and CUDA graphs
+ALLOCATING = {"empty", "empty_like"}  # free of launches, but an allocation: not inside a capture
+_STREAM = {}  # the counter, the null (legacy default) stream and the current one
+
+
+class CaptureError(RuntimeError):
+    """A capture did what a CUDA graph cannot hold (allocate, read the host, copy, synchronize)."""
+
+
+class _Stream:
+    """CuPy's Stream: ``with stream:`` makes it current; ``begin_capture``/``end_capture`` record the
+    launches made on it meanwhile (not run) into a :class:`_Graph`. As CuPy, the null stream refuses
+    to capture; every capture is kept in ``counter.captures`` as (stream, mode, launch names)."""
+
+    def __init__(self, null=False, non_blocking=False, ptr=None):
+        self.null, self.non_blocking, self.ptr, self._outer = null, non_blocking, 0 if null else id(self), []
+        self.mode = None
+
+    def __enter__(self):
+        self._outer.append(_STREAM["current"])
+        _STREAM["current"] = self
+        return self
+
+    def __exit__(self, *exc):
+        _STREAM["current"] = self._outer.pop()
+        return False
+
+    def use(self):
+        _STREAM["current"] = self
+        return self
+
+    def synchronize(self):
+        counter = _STREAM["counter"]
+        counter.violation("a stream synchronization")
+        counter.syncs += 1
+        counter.read("stream.synchronize")
+
+    def is_capturing(self):
+        return _STREAM["counter"].capture_stream is self
+
+    def begin_capture(self, mode=None):
+        counter = _STREAM["counter"]
+        if self.null:
+            raise RuntimeError("cudaErrorStreamCaptureUnsupported: the legacy default stream cannot capture")
+        if counter.capturing is not None:
+            raise RuntimeError("a capture is already running")
+        counter.capturing, counter.capture_stream, self.mode = [], self, mode
+
+    def end_capture(self):
+        counter = _STREAM["counter"]
+        if counter.capture_stream is not self:
+            raise RuntimeError("end_capture on a stream that is not capturing")
+        work, counter.capturing, counter.capture_stream = counter.capturing, None, None
+        counter.captures.append((self, self.mode, [name for name, _ in work]))
+        return _Graph(work)
+
+
+class _Graph:
+    """A captured graph: ``launch(stream)`` runs its recorded work in order, one host call (counted as
+    one launch named ``graph``, and in ``counter.replays``)."""
+
+    def __init__(self, work):
+        self.work = work
+
+    def launch(self, stream=None):
+        counter = _STREAM["counter"]
+        counter.violation("a graph launch")
+        counter.add("graph")
+        counter.replays += 1
+        for _, run in self.work:
+            run()

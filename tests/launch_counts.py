@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import sys
 
+import cuda_support
 import numpy as np
 from fake_cupy import FakeCupy
 
 import gpunet as gn
 from gpunet import backend
 from gpunet.data.rows import Pixels
-from gpunet.fast import cuda
 from gpunet.training import fit
 
 SIZES, BATCH = [784, 512, 512, 10], 128
@@ -73,9 +73,7 @@ def install(monkeypatch=None):
     else:
         sys.modules["cupy"] = fake
         backend._probe_result, backend._gpu_index = None, None
-    cuda._elementwise.cache_clear()
-    cuda._softmax_xent.cache_clear()
-    cuda._raw.cache_clear()
+    cuda_support.clear_kernel_caches()
     return fake
 
 

@@ -4,6 +4,7 @@ Standard library only, so that docker/test-image.sh runs it with any host Python
 the container, and tests/test_serve.py against a server in its own process:
 
     python3 tests/serve_load.py --url http://127.0.0.1:8000 --data /path/to/mnist --clients 64 --pictures 20
+    python3 tests/serve_load.py --url http://127.0.0.1:8000 --slowloris 3000  # until Enter
 
 Every picture goes on a fresh connection, all clients released at the same instant: the burst of connections
 that overflowed the standard library's listen backlog of 5 (88 of 1,280 requests reset, measured 2026-11-30).
@@ -12,9 +13,11 @@ Exit status 0 when every request was answered 200 with a digit, 1 otherwise (the
 from __future__ import annotations
 
 import argparse
+import collections
 import gzip
 import http.client
 import json
+import selectors
 import socket
 import struct
 import sys
@@ -123,16 +126,90 @@ def idle_then_health(host: str, port: int, count: int = 400, timeout: float = 30
     return {"opened": len(idle), "health": health, "seconds": time.perf_counter() - started}
 
 
+def slowloris(host: str, port: int, count: int, stop: threading.Event, timeout: float = 30) -> dict:
+    """``count`` connections that each send one more byte of a header that never ends, once a
+    second, until ``stop`` is set; a connection the server answers and closes is opened again at
+    once, so that ``count`` trickle all along. Returns {"opened", "statuses": {status: answers},
+    "errors": [first 10]}."""
+    selector = selectors.DefaultSelector()
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: "
+    statuses, errors, opened = collections.Counter(), [], [0]
+
+    def connect():
+        try:
+            s = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            errors.append(f"connect: {type(exc).__name__}: {exc}")
+            return
+        s.setblocking(False)
+        try:  # the first byte at once, the next ones with the others' once a second
+            s.send(head[:1])
+        except OSError:
+            pass
+        selector.register(s, selectors.EVENT_READ, [1, bytearray()])  # [bytes sent, bytes answered]
+        opened[0] += 1
+
+    def answered(key):  # readable: an answer, the server's close, or a reset
+        s, got = key.fileobj, key.data[1]
+        try:
+            data = s.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            data = b""
+            got += b"" if got else type(exc).__name__.encode()
+        got += data
+        if data:
+            return
+        first = bytes(got).split(b"\r\n", 1)[0].split()
+        status = (int(first[1]) if len(first) > 1 and first[1].isdigit()
+                  else got[:40].decode("latin-1"))
+        statuses[status or "closed without an answer"] += 1
+        selector.unregister(s)
+        s.close()
+        connect()
+
+    for _ in range(count):
+        connect()
+    try:
+        while not stop.is_set():
+            tick = time.monotonic() + 1
+            for key in list(selector.get_map().values()):
+                sent = key.data[0]
+                try:  # one more byte: "GET /health ..." and then 'a' for ever
+                    key.fileobj.send(head[sent:sent + 1] if sent < len(head) else b"a")
+                    key.data[0] += 1
+                except OSError:
+                    pass  # answered and closed: read below
+            while (left := tick - time.monotonic()) > 0 and not stop.is_set():
+                for key, _ in selector.select(min(left, 0.1)):
+                    answered(key)
+    finally:
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+        selector.close()
+    return {"opened": opened[0], "statuses": dict(statuses), "errors": errors[:10]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
-    p.add_argument("--data", required=True, help="folder with MNIST's t10k-images-idx3-ubyte[.gz]")
+    p.add_argument("--data", help="folder with MNIST's t10k-images-idx3-ubyte[.gz]")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--pictures", type=int, default=20, help="pictures per client")
     p.add_argument("--idle", type=int, default=400, help="idle connections held open during a /health")
+    p.add_argument("--slowloris", type=int, metavar="N", help="instead: N trickling connections "
+                   "until a line (or the end) on stdin, then their outcome as one JSON line")
     args = p.parse_args(argv)
     where = urlsplit(args.url)
     host, port = where.hostname, where.port or 80
+    if args.slowloris:
+        stop = threading.Event()
+        threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+        print(json.dumps(slowloris(host, port, args.slowloris, stop)), flush=True)
+        return 0
+    if not args.data:
+        p.error("--data is needed for the load")
     result = hammer(host, port, mnist_pictures(args.data, 100), args.clients, args.pictures)
     print(f"serve_load: {result['ok']} of {result['requests']} requests answered 200 "
           f"({args.clients} clients x {args.pictures} pictures, {result['seconds']:.1f} s)")

@@ -6,7 +6,6 @@ not fit the arguments, and a RawKernel parameter of another type than its launch
 Skips when NVRTC or the CUDA runtime headers are missing (NVIDIA's wheels nvidia-cuda-nvrtc-cu12 and
 nvidia-cuda-runtime-cu12); GPUNET_REQUIRE_NVRTC=1 (set by .ci/run) makes that a failure.
 """
-import os
 import re
 from pathlib import Path
 
@@ -14,20 +13,14 @@ import numpy as np
 import pytest
 
 import cuda_compile as cc
+import cuda_support
 from gpunet import backend
 from gpunet.fast import cuda
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gpunet"
 
 
-def toolchain_or_skip():
-    """NVRTC's toolchain (cuda_compile.toolchain), else skip, or fail under GPUNET_REQUIRE_NVRTC=1."""
-    try:
-        return cc.toolchain()
-    except cc.Unavailable as exc:
-        if os.environ.get("GPUNET_REQUIRE_NVRTC") == "1":
-            pytest.fail(f"GPUNET_REQUIRE_NVRTC=1 but {exc}")
-        pytest.skip(str(exc))
+toolchain_or_skip = cuda_support.nvrtc_or_skip
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import sys
 
 import cuda_compile as cc
 import cuda_cpu
+import cuda_support
 import numpy as np
 import pytest
-from fake_cupy import FakeCupy
 
 from gpunet import backend, losses
 from gpunet.fast import cuda
@@ -25,30 +25,14 @@ CLASSES = (1, 3, 10, 1000)
 DTYPES = ("float32", "float64")
 
 
-def toolchain_or_skip():
-    """g++ and CuPy's headers (cuda_cpu.toolchain), else skip, or fail under GPUNET_REQUIRE_CXX=1.
-    """
-    try:
-        return cuda_cpu.toolchain()
-    except cuda_cpu.Unavailable as exc:
-        if os.environ.get("GPUNET_REQUIRE_CXX") == "1":
-            pytest.fail(f"GPUNET_REQUIRE_CXX=1 but {exc}")
-        pytest.skip(str(exc))
+toolchain_or_skip = cuda_support.cxx_or_skip
 
 
 @pytest.fixture
 def fake(monkeypatch):
     """The fake CuPy, with the harness on (it is whenever the toolchain is here)."""
-    toolchain_or_skip()
-    monkeypatch.delenv("GPUNET_CUDA_CPU", raising=False)
-    fake = FakeCupy()
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(backend, "_probe_result", None)
-    cuda._elementwise.cache_clear()
-    cuda._softmax_xent.cache_clear()
-    yield fake
-    cuda._elementwise.cache_clear()
-    cuda._softmax_xent.cache_clear()
+    with cuda_support.fake_cupy(monkeypatch, harness=True) as fake:
+        yield fake
 
 
 def test_missing_toolchain_skips_or_fails_as_configured(monkeypatch):

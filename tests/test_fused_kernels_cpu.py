@@ -12,10 +12,10 @@ Skips without g++ or CuPy's headers, or fails under GPUNET_REQUIRE_CXX=1 (as
 tests/test_cuda_cpu.py). About 8 s here (the objects cached by cuda_cpu).
 """
 
-import os
 import types
 
 import cuda_cpu
+import cuda_support
 import launch_counts
 import numpy as np
 import pytest
@@ -32,17 +32,11 @@ DTYPES = ("float32", "float64")
 @pytest.fixture
 def fake(monkeypatch):
     """The counting fake CuPy with the CUDA-on-CPU harness on (skips, or fails, without g++)."""
-    try:
-        cuda_cpu.toolchain()
-    except cuda_cpu.Unavailable as exc:
-        if os.environ.get("GPUNET_REQUIRE_CXX") == "1":
-            pytest.fail(f"GPUNET_REQUIRE_CXX=1 but {exc}")
-        pytest.skip(str(exc))
+    cuda_support.cxx_or_skip()
     monkeypatch.delenv("GPUNET_CUDA_CPU", raising=False)
     cuda_cpu.stats["names"].clear()
     yield launch_counts.install(monkeypatch)
-    for cache in (cuda._elementwise, cuda._softmax_xent, cuda._raw):
-        cache.cache_clear()
+    cuda_support.clear_kernel_caches()
 
 
 def ran_from_cuda(*names):

@@ -12,7 +12,6 @@ default recipe's 0.2); the data-parallel step, --augment, --batch-norm and Adam 
 the difference between epochs of 5 and 3 steps, divided by 2, so that per-epoch work (the order's upload,
 the sums' read-back, the validation pass) is left out.
 """
-import sys
 
 import numpy as np
 import pytest
@@ -20,19 +19,17 @@ import pytest
 import gpunet as gn
 from gpunet import backend
 from gpunet.data.rows import Pixels
-from gpunet.fast import cuda
 from gpunet.training import fit
+import cuda_support
 import launch_counts
-from fake_cupy import FakeCupy
 
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """CuPy replaced by the counting stand-in for this test: the backend's probe finds a "GPU"."""
-    yield launch_counts.install(monkeypatch)
-    for cache in (cuda._elementwise, cuda._softmax_xent, cuda._raw):
-        cache.cache_clear()
+    with cuda_support.fake_cupy(monkeypatch) as fake:
+        yield fake
 
 
 mnist_like = launch_counts.mnist_like
@@ -85,17 +82,9 @@ def test_the_gpu_path_trains_as_the_core_does(monkeypatch, dropout):
     monkeypatch.setenv("GPUNET_FAST", "0")
     core_net, core_history = train("cpu", dropout, x, y)
     monkeypatch.delenv("GPUNET_FAST")
-    fake = FakeCupy()
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(backend, "_probe_result", None)
-    cuda._elementwise.cache_clear()
-    cuda._softmax_xent.cache_clear()
-    try:
+    with cuda_support.fake_cupy(monkeypatch) as fake:
         gpu_net, gpu_history = train("gpu", dropout, x, y)
         assert gn.get_array_module(gpu_net.parameters()[0].data) is fake
-    finally:
-        cuda._elementwise.cache_clear()
-        cuda._softmax_xent.cache_clear()
     assert any(name.startswith("gpunet_layer_momentum") for name in fake.counter.log)
     for (name, a), b in zip(core_net.state_dict().items(), gpu_net.state_dict().values()):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=name)

@@ -4,6 +4,7 @@
 the GPU. Issue 33: about 20 an epoch, 12 of them the checkpoint's; now tests/launch_counts.py's
 READS_PER_EPOCH on the training thread, none of them the checkpoint's (one non-blocking batched copy
 that a writer thread collects)."""
+import cuda_support
 import launch_counts
 import numpy as np
 import pytest
@@ -12,7 +13,6 @@ import gpunet as gn
 from gpunet import checkpoint
 from gpunet.backend import HostCopy
 from gpunet.data.rows import Pixels
-from gpunet.fast import cuda
 from gpunet.training import fit
 
 
@@ -20,8 +20,7 @@ from gpunet.training import fit
 def fake_gpu(monkeypatch):
     monkeypatch.setenv("GPUNET_CUDA_CPU", "0")  # counts only: the kernels' CUDA runs in other tests
     yield launch_counts.install(monkeypatch)
-    for cache in (cuda._elementwise, cuda._softmax_xent, cuda._raw):
-        cache.cache_clear()
+    cuda_support.clear_kernel_caches()
 
 
 def test_an_epoch_stays_within_its_read_budget_and_the_checkpoint_adds_none(fake_gpu, tmp_path):

@@ -1,5 +1,5 @@
-"""The graph step's GEMM RawKernels (gpunet/fast/graph_kernels.py): each variant's CUDA source run on
-the CPU (tests/cuda_cpu.py: three orders of threads, guard bytes, held to NumPy's matmul by the
+"""The graph step's GEMM RawKernels (gpunet/fast/graph_kernels.py): each variant's CUDA source run
+on the CPU (tests/cuda_cpu.py: three orders of threads, guard bytes, held to NumPy's matmul by the
 fake CuPy's mirror) and here against NumPy's matmul in float64 with a rigorous error bound, at
 shapes that are not multiples of the 32x32 tile; and compiled with NVRTC like every other kernel.
 
@@ -7,17 +7,14 @@ Skips without g++ and CuPy's headers (GPUNET_REQUIRE_CXX=1 fails instead), and t
 without NVRTC (GPUNET_REQUIRE_NVRTC=1 fails instead).
 """
 
-import sys
 
 import cuda_compile as cc
 import cuda_cpu
+import cuda_support
 import numpy as np
 import pytest
-from fake_cupy import FakeCupy
-from test_cuda_compile import toolchain_or_skip as nvrtc_or_skip
-from test_cuda_cpu import toolchain_or_skip
+from cuda_support import nvrtc_or_skip
 
-from gpunet import backend
 from gpunet.fast import cuda
 from gpunet.fast import graph_kernels as gk
 
@@ -26,20 +23,18 @@ ROWS = (1, 3, 127, 128, 129)
 # and 10 as inner and outer dimensions, one wide dimension at a time (the CPU runs every thread of
 # every block three times: a 129 x 784 x 512 product costs minutes there); the full default layer
 # (128, 784 -> 512) runs with the slow tests
-CASES = [(r, 784, 10) for r in ROWS] + [(r, 10, 512) for r in ROWS] + [(129, 512, 10)] + [
-    pytest.param(128, 784, 512, marks=pytest.mark.slow)]
+CASES = (
+    [(r, 784, 10) for r in ROWS]
+    + [(r, 10, 512) for r in ROWS]
+    + [(129, 512, 10)]
+    + [pytest.param(128, 784, 512, marks=pytest.mark.slow)]
+)
 
 
 @pytest.fixture
 def fake(monkeypatch):
-    toolchain_or_skip()
-    monkeypatch.delenv("GPUNET_CUDA_CPU", raising=False)
-    fake = FakeCupy()
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(backend, "_probe_result", None)
-    gk._gemm.cache_clear()
-    yield fake
-    gk._gemm.cache_clear()
+    with cuda_support.fake_cupy(monkeypatch, harness=True) as fake:
+        yield fake
 
 
 def operands(variant, rows, fan_in, fan_out, dtype, seed=0):
@@ -81,8 +76,11 @@ def test_gemm_runs_its_cuda_source_against_matmul(fake, dtype, variant, rows, fa
 
 @pytest.mark.parametrize("variant", sorted(gk.VARIANTS))
 def test_gemm_with_an_empty_inner_dimension_writes_zeros(fake, variant):
-    """k = 0 (no inputs, or x.T @ dy of an empty batch): every element of out is a sum of nothing."""
-    a_shape, b_shape = {"nn": ((3, 0), (0, 4)), "nt": ((3, 0), (4, 0)), "tn": ((0, 3), (0, 4))}[variant]
+    """k = 0 (no inputs, or x.T @ dy of an empty batch): every element of out is a sum of
+    nothing."""
+    a_shape, b_shape = {"nn": ((3, 0), (0, 4)), "nt": ((3, 0), (4, 0)), "tn": ((0, 3), (0, 4))}[
+        variant
+    ]
     ta, tb = (bool(f) for f in gk.VARIANTS[variant])
     out = fake.full((3, 4), np.nan, np.float32)
     gk.gemm(fake.zeros(a_shape, np.float32), fake.zeros(b_shape, np.float32), out, ta, tb)

@@ -41,12 +41,15 @@ ALLOWED = {
     "explain.build": {"layers", "network"},
     "explain.render": {"explain.record"},
     "commands": set(),
-    "commands.train": {"__init__", "augment", "backend", "checkpoint", "fast", "files", "parallel", "plots",
+    "commands.flags": set(),
+    "commands.train": {"commands.flags", "__init__", "augment", "backend", "checkpoint", "fast",
+                       "files", "parallel", "plots",
                        "callbacks", "data", "data.rows", "data.datasets", "layers", "losses", "network", "optimizers",
                        "schedules", "training"},
     "data.pictures": {"data"},
     "predictions": set(),
-    "serve": {"backend", "data", "data.pictures", "predictions", "training"},
+    "connections": set(),
+    "serve": {"backend", "connections", "data", "data.pictures", "predictions", "training"},
 }
 TOP = {"cli", "__init__", "__main__"}
 

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -263,6 +264,93 @@ def test_400_idle_connections_do_not_lock_others_out(tiny):
     result = serve_load.idle_then_health("127.0.0.1", tiny.port, count=400, timeout=30)
     assert result["opened"] == 400 and result["health"] == 200, result
     assert result["seconds"] < 20, result  # 60x the 0.3 s measured, a third of the backlog-5 stall
+
+
+def read_all(sock) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("start, trickle", [
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ", b"a"),  # headers that never end
+    # a body that never ends
+    (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n", b"0"),
+])
+def test_a_trickling_request_is_cut_off_at_its_deadline_with_408(start, trickle):
+    """The deadline is for the request as a whole: a byte every 0.1 s never times a read out, but
+    the request is answered 408 once its 0.5 s are over, while other clients are served."""
+    running = Running(gn.mlp([784, 16, 10], seed=0, device="cpu"), deadline=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=30) as slow:
+            started = time.perf_counter()
+            slow.sendall(start)
+            for _ in range(40):  # 4 s of trickling at most
+                time.sleep(0.1)
+                try:
+                    slow.sendall(trickle)
+                except OSError:
+                    break
+                if running.request("GET", "/health")[0] != 200:
+                    break
+                if select.select([slow], [], [], 0)[0]:
+                    break
+            answer = read_all(slow).decode("latin-1")
+            took = time.perf_counter() - started
+        head, _, body = answer.partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.1 408 ") and "Connection: close" in head, answer
+        late = "the request (headers and body) took longer than 0.5 s"
+        assert json.loads(body) == {"error": late}
+        assert 0.5 <= took < 3, took
+    finally:
+        running.close()
+
+
+def test_an_idle_keep_alive_connection_is_closed_without_a_word():
+    running = Running(gn.mlp([784, 16, 10], seed=0, device="cpu"), deadline=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=30) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = s.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200 "), first
+            started = time.perf_counter()
+            assert read_all(s) == b""  # closed after the deadline, without a word: it asked nothing
+            assert 0.4 <= time.perf_counter() - started < 3
+    finally:
+        running.close()
+
+
+def test_connections_beyond_the_bound_get_503_at_once():
+    running = Running(gn.mlp([784, 16, 10], seed=0, device="cpu"), max_connections=3)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", running.port), timeout=30) for _ in range(3)]
+        time.sleep(0.2)  # the server has accepted the three
+        status, _, doc = running.request("GET", "/health")
+        assert status == 503 and doc == {"error": "busy: 3 connections are open; try again"}, doc
+        idle.pop().close()
+        time.sleep(0.2)
+        assert running.request("GET", "/health")[0] == 200  # a place is free again
+        for s in idle:
+            s.close()
+    finally:
+        running.close()
+
+
+def test_headers_too_long_get_431(tiny, monkeypatch):
+    monkeypatch.setattr(serve.connections, "MAX_HEAD", 1000)
+    answer = tiny.raw(b"GET /health HTTP/1.1\r\nX-Long: " + b"a" * 2000).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 431 "), answer
+    assert "request headers longer than 1000 bytes" in answer, answer
+
+
+def test_pipelined_requests_are_answered_in_order(tiny):
+    with socket.create_connection(("127.0.0.1", tiny.port), timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n"
+                  b"Connection: close\r\n\r\n")
+        answer = read_all(s).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 200 ") and answer.count("HTTP/1.1 ") == 2, answer
+    assert "HTTP/1.1 404 " in answer.split("\r\n\r\n", 1)[1], answer
 
 
 @pytest.mark.slow
