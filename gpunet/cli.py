@@ -7,34 +7,34 @@ status 2; nothing here is imported by the library.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
 import shlex
 import signal
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__, backend, callbacks, fast, parallel
-from .commands import train as train_command
+from .commands import flags, train as train_command
+from .commands.flags import (finite_float, non_negative_int, positive_float, positive_int,
+                             unit_interval)
 from .explain import build as explain_build, record as explain_record, render as explain_render
-from .augment import DEFAULTS as AUGMENT_DEFAULTS
 from .backend import DeviceError
 from .data.rows import Pixels
 from .data import DataError
 from .data.datasets import default_data_dir, load_rows, load_table
 from .data.pictures import image_size, load_image_file, load_images
-from .layers import ACTIVATIONS, INITIALIZERS, Standardize
+from .layers import ACTIVATIONS, Standardize
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .metrics import format_report
-from .network import load
+from .network import ModelFileError, load
 from .optimizers import OPTIMIZERS, make_optimizer
 from .predictions import prediction
 from .commands.train import TrainConfig, load_data, train
-from .schedules import SCHEDULES
 from .training import Interrupted, classifies, evaluate, predict, predict_proba
 
 USER_ERRORS = (DataError, DeviceError, ValueError, TypeError, KeyError, OSError, parallel.ParallelError)
@@ -44,49 +44,13 @@ class UserError(Exception):
     """A mistake the user can fix; shown as one line."""
 
 
-# --- argument types: each names the expected and the actual value --------------------------------------
-def _number(kind, test, expected):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not test(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-    return parse
-
-
-positive_int = _number(int, lambda v: v > 0, "a positive integer")
-non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
-positive_float = _number(float, lambda v: v > 0 and np.isfinite(v), "a positive number")
-non_negative_float = _number(float, lambda v: v >= 0 and np.isfinite(v), "a number >= 0")
-unit_interval = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-finite_float = _number(float, np.isfinite, "a finite number")
-
-
-def val_size_arg(text):
-    """--val-size: a row count (an integer >= 0) or a share of the rows (a number in [0, 1))."""
-    try:
-        return non_negative_int(text)
-    except argparse.ArgumentTypeError:
-        pass
-    return _number(float, lambda v: 0 <= v < 1, "a row count >= 0 or a fraction in [0, 1)")(text)
-
-
-def batch_size_arg(text):
-    if text in ("full", "all"):
-        return None
-    return positive_int(text)
-
-
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
-    """The command line; ``preset`` (a name in :data:`gpunet.commands.train.PRESETS`) sets train's defaults."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; train's settings are the fields of :class:`TrainConfig`."""
     p = Parser(prog="gpunet", description="Train and use feed-forward networks on MNIST or a table of your own "
                                            "(--data FILE.csv), on a GPU or the CPU.")
     p.add_argument("--version", action="version", version=f"gpunet {__version__}")
@@ -95,60 +59,17 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train an MLP on MNIST (any dataset in MNIST's file format), or on a table "
                                      "of your own with --data FILE.csv|.npz")
-    t.add_argument("--data-dir", help="folder holding the four MNIST files (default: $GPUNET_DATA, else ~/.cache/gpunet/mnist)")
-    t.add_argument("--download", action="store_true", help="download missing files into --data-dir (the default cache folder downloads anyway)")
-    t.add_argument("--data", metavar="FILE", help="a data set of your own instead of --data-dir: FILE.npz (x_train, y_train, optionally x_test, y_test) or FILE.csv (a header row; --label-column holds the class)")
-    t.add_argument("--label-column", default="label", metavar="NAME", help="the CSV column of the labels: "
-                   "numbers 0..C-1, other numbers or words (encoded as their sorted list, kept in the model), or a "
-                   "regression target (default: label)")
-    t.add_argument("--task", choices=("auto", "classifier", "regressor"), default="auto", help="--data: what the "
-                   "label column is; auto = regressor when its numbers are not all whole, else classifier "
-                   "(default: auto; a whole-numbered target such as a count needs --task regressor)")
-    t.add_argument("--scale", choices=("standard", "minmax", "none"), default="standard", help="how --data features are scaled, from the training rows; the model file keeps it (default: standard: mean 0, std 1)")
-    t.add_argument("--hidden", type=positive_int, nargs="*", default=[512, 512], metavar="N", help="hidden layer sizes (default: 512 512)")
-    t.add_argument("--activation", nargs="+", choices=sorted(ACTIVATIONS), default=["relu"], help="one activation, or one per hidden layer (default: relu)")
-    t.add_argument("--epochs", type=positive_int, default=20, help="maximum number of epochs (default: 20)")
-    t.add_argument("--batch-size", type=batch_size_arg, default=128, help="examples per step: 1 = online, 'full' = full batch (default: 128)")
-    t.add_argument("--optimizer", choices=tuple(train_command.OPTIMIZER_SETTINGS), default="momentum", help="update rule (default: momentum)")
-    t.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: 0.05 for sgd and momentum, 0.001 for adam, adamw and rmsprop)")
-    t.add_argument("--momentum", type=unit_interval, default=None, help="momentum gamma for --optimizer momentum, 0 for plain SGD (default: 0.9); rmsprop's momentum (default: 0)")
-    t.add_argument("--nesterov", action="store_true", help="Nesterov momentum (--optimizer momentum)")
-    t.add_argument("--weight-decay", type=non_negative_float, default=None, help="L2 weight decay; adamw's decoupled decay (default: 0; adamw 0.01)")
-    t.add_argument("--beta1", type=unit_interval, default=None, help="adam/adamw: first-moment decay (default: 0.9)")
-    t.add_argument("--beta2", type=unit_interval, default=None, help="adam/adamw: second-moment decay (default: 0.999)")
-    t.add_argument("--eps", type=non_negative_float, default=None, help="adam/adamw/rmsprop: added to the denominator (default: 1e-8)")
-    t.add_argument("--alpha", type=unit_interval, default=None, help="rmsprop: decay of the squared-gradient average (default: 0.99)")
-    t.add_argument("--centered", action="store_true", help="rmsprop: divide by the gradient's variance, not its mean square")
-    t.add_argument("--batch-norm", action="store_true", help="batch normalisation after each hidden Linear, before its activation")
-    t.add_argument("--dropout", type=unit_interval, default=0.2, help="dropout after each hidden layer (default: 0.2)")
-    t.add_argument("--init", choices=INITIALIZERS, default=None, help="weight initialiser (default: he for relu, xavier otherwise)")
-    t.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule (default: cosine)")
-    t.add_argument("--step-size", type=positive_int, default=5, help="epochs per decay for --schedule step (default: 5)")
-    t.add_argument("--val-size", type=val_size_arg, default=None, help="training examples held out for "
-                   "validation: a count, or a fraction of the rows below 1 (default: 5000 for MNIST, 0.2 for --data)")
-    t.add_argument("--patience", type=positive_int, default=None, help="stop after N epochs without val-loss improvement, keep the best weights")
-    t.add_argument("--target-loss", type=positive_float, default=None, help="stop once the epoch's training loss is below this")
-    t.add_argument("--seed", type=int, default=0, help="seed for weights and shuffling (default: 0)")
-    t.add_argument("--device", default=None, help="cpu, gpu (cuda) or auto (default: $GPUNET_DEVICE, else auto)")
-    t.add_argument("--out", default=None, help="output folder (default: runs/mnist; runs/NAME for --data NAME.csv)")
-    t.add_argument("--no-plots", action="store_true", help="skip the pictures")
-    t.add_argument("--cuda-graph", action="store_true",
-                   help="run each training step as one CUDA graph replay (a GPU; off by default "
-                   "until measured: `gpunet info` says whether it is available)")
-    t.add_argument("--log-dir", metavar="DIR", default=None, help="training logs: DIR/epochs.csv (one row per epoch) and TensorBoard event files (with tensorboardX: pip install 'gpunet[tensorboard]'); a resumed run continues them")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.npz (same flags; --epochs may be raised)")
-    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    t.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="N", help="write checkpoint.npz every N epochs (default: 1; an interrupt always writes one)")
-    t.add_argument("--preset", choices=tuple(train_command.PRESETS), default=None, help="a named recipe: best = 784-1024-1024-10 with distortions, 120 epochs (README: Augmentation); flags given too win")
-    t.add_argument("--augment", action="store_true", help="distort every training image afresh each epoch: random affine + elastic (the --aug-* flags)")
-    t.add_argument("--aug-rotation", type=non_negative_float, default=AUGMENT_DEFAULTS["rotation"], metavar="DEG", help="--augment: rotation uniform in [-DEG, DEG] degrees (default: %(default)g)")
-    t.add_argument("--aug-scale", type=unit_interval, default=AUGMENT_DEFAULTS["scale"], metavar="S", help="--augment: scale factor uniform in [1-S, 1+S] (default: %(default)g)")
-    t.add_argument("--aug-shear", type=non_negative_float, default=AUGMENT_DEFAULTS["shear"], metavar="DEG", help="--augment: shear uniform in [-DEG, DEG] degrees (default: %(default)g)")
-    t.add_argument("--aug-shift", type=non_negative_float, default=AUGMENT_DEFAULTS["shift"], metavar="PX", help="--augment: shift uniform in [-PX, PX] pixels per axis (default: %(default)g)")
-    t.add_argument("--aug-sigma", type=positive_float, default=AUGMENT_DEFAULTS["sigma"], help="--augment: elastic field's Gaussian smoothing, in pixels (default: %(default)g)")
-    t.add_argument("--aug-alpha", type=non_negative_float, default=AUGMENT_DEFAULTS["alpha"], help="--augment: elastic field's strength, in pixels; 0 = affine only (default: %(default)g)")
-    if preset is not None:
-        t.set_defaults(**train_command.PRESETS[preset], preset=preset)
+    flags.add_flags(t.add_argument_group("the run's settings (commands.train.TrainConfig)"),
+                    TrainConfig)
+    run = t.add_argument_group("the run's folder")
+    run.add_argument("--out", default=None,
+                     help="output folder (default: runs/mnist; runs/NAME for --data NAME.csv)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its "
+                     "checkpoint.npz (same flags; --epochs may be raised)")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    run.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="N",
+                     help="write checkpoint.npz every N epochs (default: 1; an interrupt always "
+                     "writes one)")
 
     e = sub.add_parser("evaluate", help="accuracy, per-class table and confusion matrix of a model on the MNIST "
                                         "test set (the t10k files only) or --data FILE (a regressor: mse, mae, r2)")
@@ -166,7 +87,8 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     r.add_argument("files", nargs="+", metavar="FILE")
     r.add_argument("--device", default=None, help="cpu, gpu or auto")
     r.add_argument("--json", action="store_true", help="print JSON (with each file's warnings)")
-    r.add_argument("--save-inputs", metavar="DIR", help="write each input the model saw as a PNG into DIR")
+    r.add_argument("--save-inputs", metavar="DIR", help="write each input the model saw into DIR: a PNG "
+                   "per picture; for a --data model, the rows in the model's column order, DIR/inputs.csv")
     r.add_argument("--label-column", default=None, metavar="NAME", help="for a model trained with --data: the CSV "
                    "column ignored if present (default: the model's, else label); columns are taken by name")
 
@@ -258,15 +180,22 @@ class Aborted(Exception):
         self.signum = signum
 
 
-def cmd_train(args):
-    loose = sorted({a.split("=")[0] for a in args.argv if a.startswith("--aug-")})
-    if loose and not args.augment:  # they would change nothing: say so rather than train undistorted
+def train_config(args) -> TrainConfig:
+    """The settings of ``gpunet train``'s flags: those given, then ``--preset``'s, then
+    TrainConfig's defaults (a preset's value fills in only where no flag was given)."""
+    named = flags.given(args)
+    config = TrainConfig(**{**train_command.PRESETS.get(named.get("preset"), {}), **named})
+    loose = sorted("--" + name.replace("_", "-") for name in named if name.startswith("aug_"))
+    if loose and not config.augment:  # they would change nothing: say so, not train undistorted
         raise UserError(f"{', '.join(loose)}: a setting of --augment, got no --augment (add --augment, or "
                         f"--preset best, which turns it on)")
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "plots"},
-                         plots=not args.no_plots)
+    return config
+
+
+def cmd_train(args):
+    config = train_config(args)
     if args.out is None:  # a table's run is named after its file
-        args.out = f"runs/{Path(args.data).stem}" if args.data else "runs/mnist"
+        args.out = f"runs/{Path(config.data).stem}" if config.data else "runs/mnist"
     lead = parallel.launched_rank() == 0  # in an mpiexec job rank 0 alone speaks
     shown = [_progress()] if lead else []
     with StopOnSignal(quiet=not lead) as stop:
@@ -297,6 +226,8 @@ def _load_model(path, device):
         return load(path, device=device)
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from exc
+    except ModelFileError as exc:  # already one line naming the file and the field
+        raise UserError(str(exc)) from None
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"cannot read model file {path}: {exc}") from exc
 
@@ -377,8 +308,10 @@ def cmd_predict(args):
         rows += [None] * len(x)  # filled below, in the order of the files
     if batches:
         x = np.concatenate(batches)
-        keep = args.save_inputs and size
-        saved = _save_inputs(args.save_inputs, names, x, size) if keep else [None] * len(x)
+        saved = [None] * len(x)
+        if args.save_inputs:
+            save = _save_rows if table else _save_inputs
+            saved = save(args.save_inputs, names, x, size if size else net.feature_names)
         outs = iter(backend.to_numpy((predict_proba if classifies(net) else predict)(net, x)))
         done = iter([{"file": n, **_answer(net, next(outs), w), **({"input": str(path)} if path else {})}
                      for n, w, path in zip(names, notes, saved)])
@@ -402,6 +335,21 @@ def _print_answer(r: dict) -> None:
     print(f"{r['file']}: {r[key]}  ({alts})")
     for w in r["warnings"]:
         print(f"gpunet predict: warning: {r['file']}: {w}", file=sys.stderr)
+
+
+def _save_rows(folder, names, x, columns):
+    """A table model's inputs: every row of x (N, features), in the model's column order (the order
+    the network reads, after reordering by name and dropping the label), into folder/inputs.csv with
+    a `file` column first; the path, once per row."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "inputs.csv"
+    columns = list(columns) if columns is not None else [f"x{j}" for j in range(x.shape[1])]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(["file", *columns])
+        out.writerows([name, *(repr(float(v)) for v in row)] for name, row in zip(names, x))
+    return [path] * len(x)
 
 
 def _save_inputs(folder, names, x, size):
@@ -609,8 +557,6 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    if getattr(args, "preset", None) is not None:  # parsed again with the preset's defaults under the flags
-        args = build_parser(args.preset).parse_args(argv)
     args.argv = argv
     where = f" (rank {parallel.launched_rank()})" if parallel.launched_size() > 1 else ""
     try:

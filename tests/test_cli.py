@@ -221,7 +221,7 @@ def test_more_user_mistakes(trained, tmp_path):
     garbage.write_bytes(b"\x00" * 100)
     (tmp_path / "notes.txt").write_text("hello")
     cases = [
-        (["evaluate", garbage, "--data-dir", data], "cannot read model file"),
+        (["evaluate", garbage, "--data-dir", data], "not a gpunet model file"),
         (["train", "--data-dir", data, "--val-size", "100000", "--out", tmp_path / "o"], "--val-size: expected fewer than 600"),
         (["train", "--data-dir", tmp_path, "--out", tmp_path / "o"], "missing"),
         (["train", "--data-dir", data, "--hidden", "8", "8", "--activation", "relu", "tanh", "relu",
@@ -312,10 +312,11 @@ def test_preset_best_sets_the_recipe_and_flags_given_win():
     from gpunet import cli
     from gpunet.commands import train as train_command
     best = train_command.PRESETS["best"]
-    args = cli.build_parser("best").parse_args(["train", "--preset", "best", "--epochs", "3"])
-    assert args.preset == "best" and args.augment and args.epochs == 3
-    assert all(getattr(args, k) == v for k, v in best.items() if k != "epochs")
-    plain = cli.build_parser().parse_args(["train"])
+    args = cli.build_parser().parse_args(["train", "--preset", "best", "--epochs", "3"])
+    config = cli.train_config(args)
+    assert config.preset == "best" and config.augment and config.epochs == 3
+    assert all(getattr(config, k) == v for k, v in best.items() if k != "epochs")
+    plain = cli.train_config(cli.build_parser().parse_args(["train"]))
     assert not plain.augment and plain.hidden == [512, 512] and plain.preset is None
 
 

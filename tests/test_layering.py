@@ -22,7 +22,8 @@ CORE = {"layers", "losses", "optimizers", "network"}
 ALLOWED = {
     "backend": set(), "files": set(), "schedules": set(), "plots": {"files"},
     "layers": {"backend"}, "losses": {"backend"}, "optimizers": {"backend"},
-    "network": {"backend", "layers", "files", "onnx_export"},  # to_onnx, loaded when called
+    "network": {"backend", "layers", "files", "records", "onnx_export"},  # to_onnx, loaded when called
+    "records": {"layers"},  # the model's and the checkpoint's record schema: the layers' fields
     "onnx_export": {"__init__", "backend", "layers", "files", "training"},
     "sklearn": {"backend", "callbacks", "layers", "losses", "network", "optimizers", "training"},
     "gradcheck": {"backend"}, "metrics": {"backend"},
@@ -41,7 +42,9 @@ ALLOWED = {
     "explain.build": {"layers", "network"},
     "explain.render": {"explain.record"},
     "commands": set(),
-    "commands.train": {"__init__", "augment", "backend", "checkpoint", "fast", "files", "parallel", "plots",
+    "commands.flags": set(),
+    "commands.train": {"commands.flags", "__init__", "augment", "backend", "checkpoint", "fast",
+                       "files", "parallel", "plots",
                        "callbacks", "data", "data.rows", "data.datasets", "layers", "losses", "network", "optimizers",
                        "schedules", "training"},
     "data.pictures": {"data"},

@@ -13,7 +13,7 @@ import os
 import platform
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -23,13 +23,16 @@ from .. import __version__, backend, checkpoint, fast, files, parallel, plots
 from ..augment import DEFAULTS as AUGMENT_DEFAULTS, Augment
 from ..callbacks import CSVLogger, TensorBoard, summary_writer
 from ..data.rows import Pixels
+from .flags import (batch_size_arg, non_negative_float, positive_float, positive_int, unit_interval,
+                    val_size_arg)
+from .flags import setting as S
 from ..data import DataError
 from ..data.datasets import load_mnist, load_table, split_validation
-from ..layers import Standardize
+from ..layers import ACTIVATIONS, INITIALIZERS, Standardize
 from ..losses import MSELoss, SoftmaxCrossEntropy
 from ..network import Sequential, mlp
 from ..optimizers import SETTINGS, make_optimizer
-from ..schedules import make_schedule
+from ..schedules import SCHEDULES, make_schedule
 from ..training import evaluate, fit, predict
 
 
@@ -56,53 +59,223 @@ OPTIMIZER_SETTINGS = {
 }
 
 
+# ``gpunet train --preset NAME``: defaults for a whole recipe (flags given explicitly still win).
+# "best" was chosen on the 5,000-image validation split, never the test set: milder distortions than
+# the issue's first try and no dropout, 120 epochs (README.md, "Augmentation and the best preset",
+# lists what was tried).
+PRESETS = {
+    "best": {"hidden": [1024, 1024], "dropout": 0.0, "epochs": 120, "batch_size": 128,
+             "optimizer": "momentum", "lr": 0.05, "momentum": 0.9, "schedule": "cosine",
+             "augment": True, "aug_rotation": 8.0, "aug_scale": 0.08, "aug_shear": 0.0,
+             "aug_shift": 2.0, "aug_sigma": 4.0, "aug_alpha": 25.0},
+}
+
+
+SCALES = ("standard", "minmax", "none")  # --scale: the features of a --data file
+
+
 @dataclass
 class TrainConfig:
-    """Every setting of a training run; the defaults are the recipe measured in README.md. An optimizer
-    setting left at None takes the chosen optimizer's default (:data:`OPTIMIZER_SETTINGS`); one that is
-    not the optimizer's own stays None (``check`` refuses it if given)."""
+    """Every setting of a training run; the defaults are the recipe measured in README.md.
 
-    data_dir: str | None = None
-    download: bool = False
-    hidden: list = field(default_factory=lambda: [512, 512])
-    activation: list = field(default_factory=lambda: ["relu"])
-    epochs: int = 20
-    batch_size: int | None = 128
-    optimizer: str = "momentum"
-    lr: float | None = None
-    momentum: float | None = None
-    nesterov: bool = False
-    weight_decay: float | None = None
-    beta1: float | None = None
-    beta2: float | None = None
-    eps: float | None = None
-    alpha: float | None = None
-    centered: bool = False
-    batch_norm: bool = False
-    dropout: float = 0.2
-    init: str | None = None
-    schedule: str = "cosine"
-    step_size: int = 5
-    val_size: int | float | None = None  # None: 5000 rows of MNIST, 0.2 of a --data file's rows
-    patience: int | None = None
-    target_loss: float | None = None
-    seed: int = 0
-    device: str | None = None
-    plots: bool = True
-    data: str | None = None  # a .npz or CSV file of one's own, instead of the IDX folder
-    label_column: str = "label"
-    task: str = "auto"  # a --data file: classifier, regressor, or auto (see data.encode_labels)
-    scale: str = "standard"
-    preset: str | None = None
-    augment: bool = False
-    aug_rotation: float = AUGMENT_DEFAULTS["rotation"]
-    aug_scale: float = AUGMENT_DEFAULTS["scale"]
-    aug_shear: float = AUGMENT_DEFAULTS["shear"]
-    aug_shift: float = AUGMENT_DEFAULTS["shift"]
-    aug_sigma: float = AUGMENT_DEFAULTS["sigma"]
-    aug_alpha: float = AUGMENT_DEFAULTS["alpha"]
-    log_dir: str | None = None  # epochs.csv and TensorBoard's event files (callbacks.CSVLogger, TensorBoard)
-    cuda_graph: bool = False  # each step one CUDA graph replay (fast/graph.py); off until measured
+    Each field is also ``gpunet train``'s flag of that name (``--field-name``): its type, help and
+    choices are the field's metadata (:func:`gpunet.commands.flags.setting`), which
+    :func:`gpunet.commands.flags.add_flags` reads. An optimizer setting left at None takes the
+    chosen optimizer's default (:data:`OPTIMIZER_SETTINGS`); one that is not the optimizer's own
+    stays None (``check`` refuses it if given)."""
+
+    data_dir: str | None = S(
+        None,
+        "folder holding the four MNIST files (default: $GPUNET_DATA, else "
+        "~/.cache/gpunet/mnist)",
+    )
+    download: bool = S(
+        False,
+        "download missing files into --data-dir (the default cache folder downloads anyway)",
+    )
+    data: str | None = S(
+        None,
+        "a data set of your own instead of --data-dir: FILE.npz (x_train, y_train, optionally"
+        " x_test, y_test) or FILE.csv (a header row; --label-column holds the class)",
+        metavar="FILE",
+    )
+    label_column: str = S(
+        "label",
+        "the CSV column of the labels: numbers 0..C-1, other numbers or words (encoded as "
+        "their sorted list, kept in the model), or a regression target (default: {default})",
+        metavar="NAME",
+    )
+    task: str = S(
+        "auto",
+        "--data: what the label column is; auto = regressor when its numbers are not all "
+        "whole, else classifier (default: {default}; a whole-numbered target such as a count "
+        "needs --task regressor)",
+        choices=("auto", "classifier", "regressor"),
+    )  # data.encode_labels
+    scale: str = S(
+        "standard",
+        "how --data features are scaled, from the training rows; the model file keeps it "
+        "(default: {default}: mean 0, std 1)",
+        choices=SCALES,
+    )
+    hidden: list = S(
+        help="hidden layer sizes (default: {default})",
+        factory=lambda: [512, 512],
+        type=positive_int,
+        nargs="*",
+        metavar="N",
+    )
+    activation: list = S(
+        help="one activation, or one per hidden layer (default: {default})",
+        factory=lambda: ["relu"],
+        nargs="+",
+        choices=sorted(ACTIVATIONS),
+    )
+    epochs: int = S(20, "maximum number of epochs (default: {default})", type=positive_int)
+    batch_size: int | None = S(
+        128,
+        "examples per step: 1 = online, 'full' = full batch (default: {default})",
+        type=batch_size_arg,
+    )
+    optimizer: str = S(
+        "momentum",
+        "update rule (default: {default})",
+        choices=tuple(OPTIMIZER_SETTINGS),
+    )
+    lr: float | None = S(
+        None,
+        "learning rate (default: 0.05 for sgd and momentum, 0.001 for adam, adamw and "
+        "rmsprop)",
+        type=positive_float,
+    )
+    momentum: float | None = S(
+        None,
+        "momentum gamma for --optimizer momentum, 0 for plain SGD (default: 0.9); rmsprop's "
+        "momentum (default: 0)",
+        type=unit_interval,
+    )
+    nesterov: bool = S(False, "Nesterov momentum (--optimizer momentum)")
+    weight_decay: float | None = S(
+        None,
+        "L2 weight decay; adamw's decoupled decay (default: 0; adamw 0.01)",
+        type=non_negative_float,
+    )
+    beta1: float | None = S(
+        None,
+        "adam/adamw: first-moment decay (default: 0.9)",
+        type=unit_interval,
+    )
+    beta2: float | None = S(
+        None,
+        "adam/adamw: second-moment decay (default: 0.999)",
+        type=unit_interval,
+    )
+    eps: float | None = S(
+        None,
+        "adam/adamw/rmsprop: added to the denominator (default: 1e-8)",
+        type=non_negative_float,
+    )
+    alpha: float | None = S(
+        None,
+        "rmsprop: decay of the squared-gradient average (default: 0.99)",
+        type=unit_interval,
+    )
+    centered: bool = S(False, "rmsprop: divide by the gradient's variance, not its mean square")
+    batch_norm: bool = S(
+        False,
+        "batch normalisation after each hidden Linear, before its activation",
+    )
+    dropout: float = S(
+        0.2,
+        "dropout after each hidden layer (default: {default})",
+        type=unit_interval,
+    )
+    init: str | None = S(
+        None,
+        "weight initialiser (default: he for relu, xavier otherwise)",
+        choices=INITIALIZERS,
+    )
+    schedule: str = S("cosine", "learning-rate schedule (default: {default})", choices=SCHEDULES)
+    step_size: int = S(
+        5,
+        "epochs per decay for --schedule step (default: {default})",
+        type=positive_int,
+    )
+    val_size: int | float | None = S(
+        None,
+        "training examples held out for validation: a count, or a fraction of the rows below "
+        "1 (default: 5000 for MNIST, 0.2 for --data)",
+        type=val_size_arg,
+    )  # None: resolved in __post_init__
+    patience: int | None = S(
+        None,
+        "stop after N epochs without val-loss improvement, keep the best weights",
+        type=positive_int,
+    )
+    target_loss: float | None = S(
+        None,
+        "stop once the epoch's training loss is below this",
+        type=positive_float,
+    )
+    seed: int = S(0, "seed for weights and shuffling (default: {default})", type=int)
+    device: str | None = S(None, "cpu, gpu (cuda) or auto (default: $GPUNET_DEVICE, else auto)")
+    plots: bool = S(True, "skip the pictures", name="--no-plots")
+    cuda_graph: bool = S(
+        False,
+        "run each training step as one CUDA graph replay (a GPU; off by default until measured: "
+        "`gpunet info` says whether it is available)",
+    )  # fast/graph.py
+    log_dir: str | None = S(
+        None,
+        "training logs: DIR/epochs.csv (one row per epoch) and TensorBoard event files (with "
+        "tensorboardX: pip install 'gpunet[tensorboard]'); a resumed run continues them",
+        metavar="DIR",
+    )  # callbacks.CSVLogger, TensorBoard
+    preset: str | None = S(
+        None,
+        "a named recipe: best = 784-1024-1024-10 with distortions, 120 epochs (README: "
+        "Augmentation); flags given too win",
+        choices=tuple(PRESETS),
+    )
+    augment: bool = S(
+        False,
+        "distort every training image afresh each epoch: random affine + elastic (the --aug-*"
+        " flags)",
+    )
+    aug_rotation: float = S(
+        AUGMENT_DEFAULTS["rotation"],
+        "--augment: rotation uniform in [-DEG, DEG] degrees (default: {default})",
+        type=non_negative_float,
+        metavar="DEG",
+    )
+    aug_scale: float = S(
+        AUGMENT_DEFAULTS["scale"],
+        "--augment: scale factor uniform in [1-S, 1+S] (default: {default})",
+        type=unit_interval,
+        metavar="S",
+    )
+    aug_shear: float = S(
+        AUGMENT_DEFAULTS["shear"],
+        "--augment: shear uniform in [-DEG, DEG] degrees (default: {default})",
+        type=non_negative_float,
+        metavar="DEG",
+    )
+    aug_shift: float = S(
+        AUGMENT_DEFAULTS["shift"],
+        "--augment: shift uniform in [-PX, PX] pixels per axis (default: {default})",
+        type=non_negative_float,
+        metavar="PX",
+    )
+    aug_sigma: float = S(
+        AUGMENT_DEFAULTS["sigma"],
+        "--augment: elastic field's Gaussian smoothing, in pixels (default: {default})",
+        type=positive_float,
+    )
+    aug_alpha: float = S(
+        AUGMENT_DEFAULTS["alpha"],
+        "--augment: elastic field's strength, in pixels; 0 = affine only (default: {default})",
+        type=non_negative_float,
+    )
 
     def __post_init__(self):
         if self.val_size is None:
@@ -141,16 +314,6 @@ def load_data(data_dir=None, download=False, splits=("train", "test")):
     explicit = folder is not None or bool(os.environ.get("GPUNET_DATA"))
     # the images stay bytes (a quarter of float32's memory), read as float32 batch by batch: see data/rows.py
     return load_mnist(folder, download=download or not explicit, dtype=np.uint8, splits=splits)
-
-
-# ``gpunet train --preset NAME``: defaults for a whole recipe (flags given explicitly still win). "best" was
-# chosen on the 5,000-image validation split, never the test set: milder distortions than the issue's first
-# try and no dropout, 120 epochs (README.md, "Augmentation and the best preset", lists what was tried).
-PRESETS = {
-    "best": {"hidden": [1024, 1024], "dropout": 0.0, "epochs": 120, "batch_size": 128, "optimizer": "momentum",
-             "lr": 0.05, "momentum": 0.9, "schedule": "cosine", "augment": True, "aug_rotation": 8.0,
-             "aug_scale": 0.08, "aug_shear": 0.0, "aug_shift": 2.0, "aug_sigma": 4.0, "aug_alpha": 25.0},
-}
 
 
 def augmentation(config: TrainConfig, features: int = 784):
@@ -199,9 +362,6 @@ def check(config: TrainConfig) -> None:
         raise ConfigError(f"--preset: expected one of {', '.join(PRESETS)}, got {config.preset!r}")
     augmentation(config)
     data_folder(config.data_dir, config.download)
-
-
-SCALES = ("standard", "minmax", "none")  # --scale: the features of a --data file
 
 
 def scaling(name: str, x) -> Standardize | None:
