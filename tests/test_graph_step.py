@@ -408,14 +408,14 @@ def test_the_graph_kernels_compile_with_nvrtc(fake_gpu, monkeypatch):
         x, y = data()
         net = gn.mlp([12, 10, 8, 4], dropout=0.25, seed=3, device="gpu", dtype=dtype)
         params = net.parameters()
-        opt = {"adam": lambda: gn.Adam(params), "sgd": lambda: gn.SGD(params, lr=0.05),
-               "momentum": lambda: gn.Momentum(params, lr=0.05, nesterov=True)}[optimizer]()
+        opt = (gn.Adam(params) if optimizer == "adam" else gn.SGD(params, lr=0.05)
+               if optimizer == "sgd" else gn.Momentum(params, lr=0.05, nesterov=True))
         xs = Pixels(x, dtype) if pixels else (x / 255).astype(dtype)
         fit(net, gn.SoftmaxCrossEntropy(), opt, xs, y, epochs=1, batch_size=16, cuda_graph=True)
     assert set(launched.values()) == set(graph_kernels.variants())
     failures = []
     monkeypatch.setitem(sys.modules, "cupy", cuda_cpu._cupy)
-    for (name, source), _ in launched.items():
+    for name, source in launched:
         for arch in tools["archs"]:
             try:
                 assert cc.compile_program(source, name, arch)[:4] == b"\x7fELF"
