@@ -14,6 +14,7 @@ seconds.
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,10 +69,11 @@ def run(
     batch_size=16,
     schedule=None,
     pixels=True,
+    rows=70,
     **kwargs,
 ):
     """Train a 12-10-8-4 network on the fake GPU; returns (net, optimizer, history)."""
-    x, y = data()
+    x, y = data(rows)
     net = gn.mlp([12, 10, 8, 4], dropout=dropout, seed=3, device="gpu")
     assert gn.get_array_module(net.parameters()[0].data) is fake
     params = net.parameters()
@@ -331,3 +333,47 @@ def test_the_command_line_says_whether_the_graph_step_can_run(monkeypatch, capsy
     assert (
         code == 2 and len(err) == 1 and "--cuda-graph:" in err[0] and "no usable GPU" in err[0]
     ), err
+
+
+def test_the_comparison_table_puts_each_step_against_pytorch_eager():
+    """benchmarks/gpu_graph.py's table: ms per step from the events and the wall clock, and the
+    ratio to PyTorch eager's ms per step (the session's one table; its dry run is in
+    test_gpu_session.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_graph
+
+    rows = {
+        "gpunet eager": {"device_ms": 300.0, "wall_ms": 310.0, "steps": 1000},
+        "gpunet graph": {"device_ms": 100.0, "wall_ms": 101.0, "steps": 1000},
+        "pytorch eager": {"device_ms": 200.0, "wall_ms": 210.0, "steps": 1000},
+    }
+    lines = gpu_graph.table(rows, "title").splitlines()
+    assert lines[0] == "title"
+    assert lines[4:] == [
+        "| gpunet eager | 1000 | 0.3000 | 0.3100 | 1.50 |",
+        "| gpunet graph | 1000 | 0.1000 | 0.1010 | 0.50 |",
+        "| pytorch eager | 1000 | 0.2000 | 0.2100 | 1.00 |",
+    ]
+    rows["pytorch eager"] = None
+    assert (
+        gpu_graph.table(rows, "t").splitlines()[-1].endswith("not run (PyTorch is not installed) |")
+    )
+
+
+@pytest.mark.parametrize("optimizer,rows", [("momentum", 70), ("adam", 70), ("adam", 65)])
+def test_a_data_parallel_graph_run_trains_as_the_eager_one(fake_gpu, optimizer, rows):
+    """Rank 0 of two (tests/launch_counts.TwinComm: the twin has the same gradients), dropout on:
+    the graph writes the shard's share of the gradients, the all-reduce and the update run after
+    each replay on the graph's stream; the same state as the eager distributed step. 70 rows in
+    batches of 16: shards of 8 rows, and of 3 in the last batch of 6 (its own capture); 65 rows: the
+    last batch's one row is the twin's, this rank adds a zero gradient and takes the core's step."""
+    from launch_counts import TwinComm
+
+    eager = run(fake_gpu, graph_on=False, optimizer=optimizer, comm=TwinComm(), rows=rows)
+    before = len(fake_gpu.counter.captures)
+    graphed = run(fake_gpu, graph_on=True, optimizer=optimizer, comm=TwinComm(), rows=rows)
+    assert_same_run(eager, graphed)
+    captured = fake_gpu.counter.captures[before:]
+    assert len(captured) == (2 if rows == 70 else 1) and fake_gpu.counter.violations == []
+    names = captured[0][2]
+    assert "gpunet_graph_layer_momentum" not in names and "gpunet_graph_adam" not in names
