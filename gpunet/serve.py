@@ -335,10 +335,12 @@ def make_server(net, host: str = "127.0.0.1", port: int = 8000, *, name: str = "
     """A server for `net`, bound and ready (call ``serve_forever``); port 0 picks a free port.
     `deadline`: seconds a request may take to arrive whole (then 408); `max_connections`: open at
     once (then 503)."""
+    predictor = Predictor(net, name)
     try:
-        return Server((host, port), Predictor(net, name), max_body=max_body, quiet=quiet,
+        return Server((host, port), predictor, max_body=max_body, quiet=quiet,
                       deadline=deadline, max_connections=max_connections)
     except OSError as exc:
+        predictor.worker.close()  # no server: its worker thread ends too
         raise OSError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from exc
 
 

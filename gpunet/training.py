@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from . import callbacks as cbs
 from . import checkpoint, parallel
 from . import fast as fast_path
 from .backend import (
+    HostCopy,
     get_array_module,
     on_device_of_net,
     softmax,
@@ -324,15 +326,20 @@ class Run:
                 seen[name] = seen.get(name, 0) + 1
                 yield (name if seen[name] == 1 else f"{name}.{seen[name]}"), c
 
-    def state_dict(self) -> tuple[dict, dict]:
+    def state_dict(self, wait: bool = True) -> tuple[dict, Any]:
         """``(record, arrays)``: everything a resumed run needs, as JSON data and host NumPy arrays. A collective
-        call in a distributed run (each rank's random state and partial sums are gathered)."""
+        call in a distributed run (each rank's random state and partial sums are gathered). The weights
+        and the optimizer's arrays come back in one batched copy (:class:`gpunet.backend.HostCopy`);
+        with ``wait=False`` ``arrays`` is a function that returns them: the copy runs behind the queued
+        work without the host waiting, and a checkpoint writer collects it off the training loop."""
         mid = self.step > 0
         partial = {"loss_sum": float(self.loss_sum), "correct": int(self.correct),
                    "seconds": time.perf_counter() - self._clock} if mid else None
         random, partial = self._per_rank(self.net.random_state()), self._per_rank(partial)
-        opt, arrays = checkpoint.split("optimizer", self.optimizer.state_dict())
-        arrays.update({f"net/{k}": v for k, v in self.net.state_dict().items()})
+        opt, arrays = checkpoint.split("optimizer", self.optimizer.state_dict(host=False))
+        arrays.update({f"net/{k}": v for k, v in self.net.state_dict(host=False).items()})
+        names, copy = list(arrays), HostCopy(arrays.values())
+        arrays = {}
         states = {}
         for name, c in self._stateful():
             state = c.state_dict()
@@ -340,11 +347,15 @@ class Run:
                 states[name], more = checkpoint.split(f"callbacks/{name}", state)
                 arrays.update(more)
         h = self.history
-        return {"network": self.net.config(), "epoch": self.epoch, "step": self.step,
-                "order_rng": self.epoch_rng if mid else self.order_rng.bit_generator.state, "random": random,
-                "ranks": len(random), "partial": partial, "optimizer": opt, "callbacks": states,
-                "history": h.epochs, "stop_reason": h.stop_reason, "best_epoch": h.best_epoch,
-                "diverged_epoch": h.diverged_epoch}, arrays
+        record = {"network": self.net.config(), "epoch": self.epoch, "step": self.step,
+                  "order_rng": self.epoch_rng if mid else self.order_rng.bit_generator.state, "random": random,
+                  "ranks": len(random), "partial": partial, "optimizer": opt, "callbacks": states,
+                  "history": [dict(r) for r in h.epochs], "stop_reason": h.stop_reason, "best_epoch": h.best_epoch,
+                  "diverged_epoch": h.diverged_epoch}
+
+        def fetch() -> dict:
+            return {**dict(zip(names, copy.wait())), **arrays}
+        return record, (fetch() if wait else fetch)
 
     def load_state_dict(self, record: dict, arrays: dict, path="the checkpoint") -> None:
         """Put the run where :meth:`state_dict` found it; a CheckpointError names what does not fit."""

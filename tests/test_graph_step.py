@@ -377,3 +377,48 @@ def test_a_data_parallel_graph_run_trains_as_the_eager_one(fake_gpu, optimizer, 
     assert len(captured) == (2 if rows == 70 else 1) and fake_gpu.counter.violations == []
     names = captured[0][2]
     assert "gpunet_graph_layer_momentum" not in names and "gpunet_graph_adam" not in names
+
+
+def test_the_graph_kernels_compile_with_nvrtc(fake_gpu, monkeypatch):
+    """Every ElementwiseKernel launch of the graph step (recorded from runs with Adam, Nesterov
+    momentum and SGD, pixels and float rows, float32 and float64, dropout on), compiled with NVRTC
+    as CuPy would build it for those arguments, for each arch NVRTC here knows; skips without NVRTC
+    (GPUNET_REQUIRE_NVRTC=1 fails). The GEMMs: tests/test_graph_kernels.py."""
+    import cuda_compile as cc
+    import cuda_cpu
+    from test_cuda_compile import toolchain_or_skip
+
+    if cuda_cpu._cupy is None:
+        pytest.skip("CuPy is not installed (its code generator and NVRTC wrapper are needed)")
+    with monkeypatch.context() as real:  # NVRTC through the real CuPy, not the fake
+        real.setitem(sys.modules, "cupy", cuda_cpu._cupy)
+        tools = toolchain_or_skip()
+    monkeypatch.setenv("GPUNET_CUDA_CPU", "0")  # the sources are compiled here, not run
+    launched, real = {}, graph_kernels.launch
+
+    def record(name, *args):
+        spec = graph_kernels.variants()[name]
+        plain = tuple(a.view(np.ndarray) if isinstance(a, np.ndarray) else a for a in args)
+        launched.setdefault(cc.elementwise_program(spec, plain)[:2], name)
+        return real(name, *args)
+
+    monkeypatch.setattr(graph_kernels, "launch", record)
+    for optimizer, pixels, dtype in (("adam", True, np.float32), ("momentum", False, np.float32),
+                                     ("sgd", True, np.float64)):
+        x, y = data()
+        net = gn.mlp([12, 10, 8, 4], dropout=0.25, seed=3, device="gpu", dtype=dtype)
+        params = net.parameters()
+        opt = (gn.Adam(params) if optimizer == "adam" else gn.SGD(params, lr=0.05)
+               if optimizer == "sgd" else gn.Momentum(params, lr=0.05, nesterov=True))
+        xs = Pixels(x, dtype) if pixels else (x / 255).astype(dtype)
+        fit(net, gn.SoftmaxCrossEntropy(), opt, xs, y, epochs=1, batch_size=16, cuda_graph=True)
+    assert set(launched.values()) == set(graph_kernels.variants())
+    failures = []
+    monkeypatch.setitem(sys.modules, "cupy", cuda_cpu._cupy)
+    for name, source in launched:
+        for arch in tools["archs"]:
+            try:
+                assert cc.compile_program(source, name, arch)[:4] == b"\x7fELF"
+            except cc.CompileError as exc:
+                failures.append(str(exc))
+    assert not failures, "\n\n".join(failures)

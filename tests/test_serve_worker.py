@@ -186,3 +186,21 @@ def test_only_the_worker_thread_touches_the_device(monkeypatch):
         finally:
             running.close()
     assert where and set(where) == {"gpunet-serve-device"}, sorted(set(where))
+
+
+def test_no_worker_thread_is_left_when_the_port_is_taken():
+    """make_server that cannot listen raises and leaves no worker behind. Mutation: the worker not
+    closed on that error leaves one thread per failed try."""
+    def workers():
+        return sum(t.name == "gpunet-serve-device" for t in threading.enumerate())
+
+    net = gn.mlp([784, 16, 10], seed=0, device="cpu")
+    running = Running(net)
+    try:
+        before = workers()
+        for _ in range(3):
+            with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{running.port}"):
+                serve.make_server(net, "127.0.0.1", running.port)
+        assert workers() == before
+    finally:
+        running.close()
