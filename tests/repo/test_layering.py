@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "gpunet"
+PACKAGE = Path(__file__).resolve().parents[2] / "gpunet"
 CORE = {"layers", "losses", "optimizers", "network"}
 ALLOWED = {
     "backend": set(), "files": set(), "schedules": set(), "plots": {"files"},

@@ -87,7 +87,7 @@ def test_the_extractor_refuses_a_readme_without_the_block():
 
 def _third_party_test_imports() -> set[str]:
     found = set()
-    for path in (ROOT / "tests").glob("*.py"):
+    for path in (ROOT / "tests").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 found |= {a.name.split(".")[0] for a in node.names}
@@ -96,7 +96,7 @@ def _third_party_test_imports() -> set[str]:
             elif (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in
                   ("importorskip", "optional") and node.args and isinstance(node.args[0], ast.Constant)):
                 found.add(node.args[0].value.split(".")[0])
-    local = {p.stem for folder in ("tests", "benchmarks", "docker") for p in (ROOT / folder).glob("*.py")}
+    local = {p.stem for folder in ("tests", "benchmarks", "docker") for p in (ROOT / folder).rglob("*.py")}
     return {m for m in found if m not in sys.stdlib_module_names and m not in local and m != "gpunet"}
 
 

@@ -2,7 +2,7 @@
 from the code.
 
 Each page's blocks run in order, in one namespace of that page's, all in one fresh interpreter and
-one temporary folder, as a reader would paste them (tests/readme_blocks.py); the pages in reading
+one temporary folder, as a reader would paste them (tests/support/readme_blocks.py); the pages in reading
 order (README, then mkdocs.yml's nav). ``/path/to/mnist`` becomes a folder holding the first 6,000
 training and 1,000 test images of the real MNIST (so the API page's 20 epochs take seconds: 1,000
 training images once its 5,000 are held out); the files the blocks name (photo.jpg, digits.npy,
@@ -19,8 +19,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-sys.path.insert(0, os.path.dirname(__file__))
-import readme_blocks  # noqa: E402  (beside this file)
+import readme_blocks  # noqa: E402  (tests/support/readme_blocks.py, on sys.path by conftest)
 
 PAGES = readme_blocks.pages(ROOT)
 BLOCKS = [dict(block, page=page) for page in PAGES

@@ -9,7 +9,7 @@ needed fails too).
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "gpunet"
+PACKAGE = Path(__file__).resolve().parents[2] / "gpunet"
 LIMIT = 60
 ARGPARSE_DECLARATIONS = {("cli.py", "build_parser")}
 TOO_LONG_FOR_NOW = {}  # (file, function): its length today; empty: every function keeps the limit

@@ -1,6 +1,6 @@
 """Types: mypy checks gpunet/ with pyproject.toml's [tool.mypy] settings and finds no error, and the
 package carries the py.typed marker that tells checkers and editors to read its hints (the wheel ships it:
-tests/test_install.py). mypy is in the test extra; without it this skips, unless GPUNET_REQUIRE_TOOLS=1."""
+tests/system/test_install.py). mypy is in the test extra; without it this skips, unless GPUNET_REQUIRE_TOOLS=1."""
 import os
 import subprocess
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_mypy_finds_no_error_in_the_package():

@@ -16,7 +16,7 @@ How CuPy builds a kernel (CuPy 13/14: cupy/_core/_kernel.pyx, cupy/_core/core.py
 Here all of that is CuPy's own code, called without a device, except two steps that need one in CuPy and are
 mirrored: the broadcast and dimension merge (for the 1-D and 2-D layouts gpunet launches; anything else is
 refused) and the ``-arch`` option (CuPy reads the device's compute capability; here each arch is named).
-On a GPU, tests/test_cuda_compile.py compares these sources with the ones CuPy compiled there.
+On a GPU, tests/unit/test_cuda_compile.py compares these sources with the ones CuPy compiled there.
 NVRTC comes from NVIDIA's wheel nvidia-cuda-nvrtc-cu12 and the headers from nvidia-cuda-runtime-cu12.
 """
 from __future__ import annotations
@@ -259,8 +259,8 @@ def programs(dtype: str) -> list:
 
 
 def main() -> int:
-    """Compile every program for every arch and dtype, as tests/test_cuda_compile.py does; docker/test-image.sh
-    runs this inside the image (`python /tests/cuda_compile.py`) to hold the image's own NVRTC and headers to
+    """Compile every program for every arch and dtype, as tests/unit/test_cuda_compile.py does; docker/test-image.sh
+    runs this inside the image (`python /tests/support/cuda_compile.py`) to hold the image's own NVRTC and headers to
     it. Prints one line per arch and dtype; exit status 1 on the first missing piece or failed program."""
     try:
         tools = toolchain()

@@ -1,15 +1,15 @@
-"""gpunet's CUDA sources executed on the CPU: every kernel the fake CuPy (tests/fake_cupy.py)
+"""gpunet's CUDA sources executed on the CPU: every kernel the fake CuPy (tests/support/fake_cupy.py)
 launches also runs its real CUDA source, compiled with g++, and is held to the NumPy mirror beside
 it.
 
 How a launch runs here, as on a GPU through CuPy (13/14):
 
 * the source: for an ElementwiseKernel the code CuPy itself generates for these arguments
-  (tests/cuda_compile.py ``elementwise_program``: CArray types, the index loop, the broadcast and
+  (tests/support/cuda_compile.py ``elementwise_program``: CArray types, the index loop, the broadcast and
   merged dimensions), for a RawKernel the source as written; compiled with g++ against CuPy's own
   headers (carray.cuh, complex.cuh, atomics.cuh from the installed package) and
-  tests/cuda_cpu_device.h (CUDA's device-side names: threadIdx, blockIdx, __syncthreads, atomics,
-  the float overloads of the math functions), with tests/cuda_cpu_launch.h appended (the launcher);
+  tests/support/cuda_cpu_device.h (CUDA's device-side names: threadIdx, blockIdx, __syncthreads, atomics,
+  the float overloads of the math functions), with tests/support/cuda_cpu_launch.h appended (the launcher);
 * the arguments: CuPy's layout, packed here byte for byte (an ElementwiseKernel's array as a CArray:
   data pointer, size, shape, strides, a broadcast dimension with stride 0; its loop as a CIndexer;
   scalars in their parameter's type; a RawKernel's arrays as pointers and scalars as their own
@@ -41,7 +41,7 @@ tests that compare the GPU path with the core compare the CUDA sources with it.
 Compiled objects are cached by the hash of everything that goes into them (source, headers, flags,
 compiler), in GPUNET_CXX_CACHE or ~/.cache/gpunet/cuda-cpu. Needs g++ and CuPy (for its headers and
 its code generator, no GPU); without them the fake CuPy runs the mirrors alone, and
-tests/test_cuda_cpu.py skips, or fails under GPUNET_REQUIRE_CXX=1. GPUNET_CUDA_CPU=0 turns the
+tests/unit/test_cuda_cpu.py skips, or fails under GPUNET_REQUIRE_CXX=1. GPUNET_CUDA_CPU=0 turns the
 harness off.
 """
 

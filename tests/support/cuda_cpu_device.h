@@ -1,11 +1,11 @@
 // CUDA's device-side names for g++, so that gpunet's CUDA sources (and the code CuPy generates for
 // its ElementwiseKernels, with CuPy's own carray.cuh, complex.cuh and atomics.cuh) compile and run
-// on the CPU: tests/cuda_cpu.py includes this header before every kernel and launches the kernel
+// on the CPU: tests/support/cuda_cpu.py includes this header before every kernel and launches the kernel
 // through gpunet_cpu_run below. One CPU thread runs the whole grid: threads one after another
 // (their index in threadIdx/blockIdx, set before each), or, in kernels that call __syncthreads,
 // each thread of a block as a fiber (ucontext) resumed barrier by barrier. So atomics are plain
 // read-modify-writes, and a race shows as a result that changes with the order the threads run in
-// (tests/cuda_cpu.py runs three orders). Not provided (a kernel using them fails to compile here,
+// (tests/support/cuda_cpu.py runs three orders). Not provided (a kernel using them fails to compile here,
 // which names them): warp shuffles and votes, dynamic (extern) shared memory, textures, cooperative
 // groups.
 #pragma once

@@ -1,4 +1,4 @@
-// The launcher tests/cuda_cpu.py appends to a kernel's source (after `#define GPUNET_KERNEL
+// The launcher tests/support/cuda_cpu.py appends to a kernel's source (after `#define GPUNET_KERNEL
 // <name>`): gpunet_cpu_params says the size of each parameter (checked against the bytes the launch
 // packs, as CUDA reads sizeof(parameter) bytes from each kernelParams pointer), gpunet_cpu_run runs
 // the grid once in the order asked for (0 forward, 1 reversed, 2 shuffled with the seed) and

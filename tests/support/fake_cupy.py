@@ -8,7 +8,7 @@ array function that makes or writes data (``take``, ``empty`` is free, a copying
 the data-moving array methods (``argmax``, ``copy``, ``astype``, fancy indexing, writes through ``[]=``),
 and each ``ElementwiseKernel``/``RawKernel`` call. Kernels run a NumPy mirror of their CUDA source, kept
 below beside each kernel's name, and (where g++ and CuPy's headers are here) the CUDA source
-itself, compiled for the CPU by tests/cuda_cpu.py, run in three orders of threads and held to the
+itself, compiled for the CPU by tests/support/cuda_cpu.py, run in three orders of threads and held to the
 mirror; its result is what the arrays hold afterwards. A new kernel needs only its mirror here
 (CONTRIBUTING.md says how it joins).
 """
@@ -374,7 +374,7 @@ RAW_MIRRORS = {"gpunet_softmax_xent": _softmax_xent, "gpunet_softmax_xent_sums":
 
 
 def _keep(ran, outputs):
-    """The CUDA source's results (tests/cuda_cpu.py) written into the launch's arrays (the mirror's
+    """The CUDA source's results (tests/support/cuda_cpu.py) written into the launch's arrays (the mirror's
     output included), so that what follows, and the tests' comparisons with the core, see what the
     CUDA code computed."""
     for got, array in zip(ran, outputs):

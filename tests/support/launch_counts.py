@@ -1,5 +1,5 @@
-"""Device launches of one training step of ``fit`` on the counting stand-in for CuPy (tests/fake_cupy.py),
-for every path that has a launch budget: the source of tests/test_gpu_launches.py's budgets and of
+"""Device launches of one training step of ``fit`` on the counting stand-in for CuPy (tests/support/fake_cupy.py),
+for every path that has a launch budget: the source of tests/unit/test_gpu_launches.py's budgets and of
 BENCHMARKS.md's launch table (benchmarks/launch_table.py writes it from :func:`table`).
 
 A step's count is the difference between epochs of 5 and 3 steps at batch 128 of the default network

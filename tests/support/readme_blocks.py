@@ -1,5 +1,5 @@
 """The Python blocks of README.md and of the user guide (docs/*.md), found and run as a reader
-would run them (used by tests/test_readme.py).
+would run them (used by tests/repo/test_readme.py).
 
 ``blocks(text)`` lists one page's blocks; ``pages(root)`` the pages in reading order (README, then
 the guide in mkdocs.yml's nav). Run as a script (``python readme_blocks.py REPORT.json MNIST ROOT

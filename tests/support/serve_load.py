@@ -1,10 +1,10 @@
 """Load on ``gpunet serve`` from outside: many clients posting pictures at once, and many idle connections.
 
 Standard library only, so that docker/test-image.sh runs it with any host Python >= 3.8 against the server in
-the container, and tests/test_serve.py against a server in its own process:
+the container, and tests/system/test_serve.py against a server in its own process:
 
-    python3 tests/serve_load.py --url http://127.0.0.1:8000 --data /path/to/mnist --clients 64 --pictures 20
-    python3 tests/serve_load.py --url http://127.0.0.1:8000 --slowloris 3000  # until Enter
+    python3 tests/support/serve_load.py --url http://127.0.0.1:8000 --data /path/to/mnist --clients 64 --pictures 20
+    python3 tests/support/serve_load.py --url http://127.0.0.1:8000 --slowloris 3000  # until Enter
 
 Every picture goes on a fresh connection, all clients released at the same instant: the burst of connections
 that overflowed the standard library's listen backlog of 5 (88 of 1,280 requests reset, measured 2026-11-30).

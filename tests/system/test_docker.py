@@ -25,7 +25,7 @@ import pytest
 
 import gpunet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 SMOKE = ROOT / "docker" / "smoke.sh"
 PYPROJECT = ROOT / "pyproject.toml"
@@ -527,7 +527,7 @@ def test_installed_versions_are_pyproject_s(image):
 
 def test_nvrtc_and_headers_are_the_image_s_own(image):
     cmd = image.engine + ["run", "--rm", *LIMITS, "-v", f"{ROOT / 'tests'}:/tests:ro", "--entrypoint", "python",
-                          IMAGE, "-c", "import sys, json; sys.path.insert(0, '/tests'); import cuda_compile as c; "
+                          IMAGE, "-c", "import sys, json; sys.path.insert(0, '/tests/support'); import cuda_compile as c; "
                           "t = c.toolchain(); print(json.dumps({k: list(v) if isinstance(v, tuple) else v "
                           "for k, v in t.items()}))"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -5,7 +5,7 @@ shared files: the ranks meet through MPICH's TCP transport only. mpiexec runs in
 Hydra's manual launcher, and each proxy is started in its container with `podman exec` (no sshd).
 
 The result is the one process's: 2 ranks (one a host) at global batch B against 1 process at B, with
-dropout and --augment on, to the tolerance of tests/test_parallel.py (rtol 1e-4, atol 1e-5: the
+dropout and --augment on, to the tolerance of tests/system/test_parallel.py (rtol 1e-4, atol 1e-5: the
 gradient sum's float32 rounding in another order; measured here 4.5e-7 after 52 steps).
 
 Skips without an engine, or without a gpunet:local built from this checkout's files;
@@ -25,14 +25,14 @@ import numpy as np
 import pytest
 from conftest import make_fake_mnist
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "docker"))
 import build_inputs  # docker/build_inputs.py
 import two_hosts  # docker/two_hosts.py
 
 IMAGE = "gpunet:local"
 REQUIRE_CONTAINER = os.environ.get("GPUNET_REQUIRE_CONTAINER") == "1"
-# tests/test_parallel.py's RANDOM_FLAGS: dropout and --augment keyed by the row's place in the
+# tests/system/test_parallel.py's RANDOM_FLAGS: dropout and --augment keyed by the row's place in the
 # global batch; hidden sizes not multiples of 4, 502 training rows in batches of 20 (10 rows a rank;
 # a last batch of 2)
 FLAGS = ["--data-dir", "/data", "--hidden", "30", "14", "--epochs", "2", "--batch-size", "20",

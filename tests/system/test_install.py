@@ -28,7 +28,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REQUIRE_TOOLS = os.environ.get("GPUNET_REQUIRE_TOOLS") == "1"
 BIN = "Scripts" if os.name == "nt" else "bin"
 EXE = ".exe" if os.name == "nt" else ""
@@ -238,7 +238,8 @@ def test_serve_gives_the_page_from_the_installed_package(installed, workdir):
 
 
 # unit tests that need gpunet and NumPy only (their optional oracles skip), copied out of the source tree
-OUTSIDE_TESTS = ("conftest.py", "test_layers.py", "test_gradients.py", "test_network.py", "test_callbacks.py")
+OUTSIDE_TESTS = ("conftest.py", "unit/test_layers.py", "unit/test_gradients.py", "unit/test_network.py",
+                 "unit/test_callbacks.py")
 
 
 def test_the_unit_tests_pass_against_the_installed_package(installed, workdir):
@@ -249,7 +250,7 @@ def test_the_unit_tests_pass_against_the_installed_package(installed, workdir):
     tests = workdir / "tests-outside"
     tests.mkdir()
     for name in OUTSIDE_TESTS:
-        shutil.copy(ROOT / "tests" / name, tests / name)
+        shutil.copy(ROOT / "tests" / name, tests / Path(name).name)
     proc = _run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu and not slow", tests],
                 cwd=tests, env=env, timeout=900)
     assert proc.returncode == 0, _show(proc)

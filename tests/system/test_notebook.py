@@ -8,7 +8,7 @@ import pytest
 
 from conftest import optional
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "examples" / "backprop_course.ipynb"
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_fake_mnist
+from conftest import SUPPORT, make_fake_mnist
 
 MPIEXEC = Path(sys.executable).with_name("mpiexec")
 FLAGS = ["--hidden", "32", "16", "--epochs", "3", "--batch-size", "20", "--val-size", "100", "--no-plots",
@@ -281,7 +281,7 @@ def test_ranks_that_cannot_sum_together_are_refused_in_one_line(data, tmp_path, 
     script = tmp_path / "fake_gpus.py"
     script.write_text(FAKE_GPU_RANKS)
     flags = [a if a != "cpu" else device for a in FLAGS]
-    res = subprocess.run([mpiexec(), "-n", "2", sys.executable, str(script), str(Path(__file__).parent), "train",
+    res = subprocess.run([mpiexec(), "-n", "2", sys.executable, str(script), str(SUPPORT), "train",
                           "--data-dir", str(data), "--out", str(tmp_path / "run"), *flags], capture_output=True,
                          text=True, env={**env(), "FAKE_GPUS": str(gpus), "FAKE_RANKS": fake_ranks}, timeout=60)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr

@@ -27,8 +27,8 @@ from gpunet.data import pictures as images  # noqa: E402
 from gpunet.data.pictures import mnist_style  # noqa: E402
 from gpunet.training import predict, predict_proba  # noqa: E402
 
-import pictures  # noqa: E402  (tests/pictures.py)
-import serve_load  # noqa: E402  (tests/serve_load.py)
+import pictures  # noqa: E402  (tests/support/pictures.py)
+import serve_load  # noqa: E402  (tests/support/serve_load.py)
 
 
 class Running:

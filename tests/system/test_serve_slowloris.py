@@ -24,7 +24,7 @@ import gpunet as gn  # noqa: E402
 from gpunet.data.pictures import mnist_style  # noqa: E402
 from gpunet.training import predict_proba  # noqa: E402
 
-import serve_load  # noqa: E402  (tests/serve_load.py)
+import serve_load  # noqa: E402  (tests/support/serve_load.py)
 
 TRICKLING = 3000
 DEADLINE = 2.0  # seconds: short, so that the test sees many 408s in a few seconds (default 30)
@@ -68,7 +68,7 @@ def attack(pid: int, port: int, bodies: list) -> tuple:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    script = Path(__file__).with_name("serve_load.py")
+    script = Path(serve_load.__file__)
     tricklers = subprocess.Popen([sys.executable, script, "--url", f"http://127.0.0.1:{port}",
                                   "--slowloris", str(TRICKLING)], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True)

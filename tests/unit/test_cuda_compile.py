@@ -1,5 +1,5 @@
 """Every CUDA kernel of gpunet compiled with NVRTC for compute capabilities 8.0, 9.0 and 12.0, in float32
-and float64, on a machine without a GPU: the exact sources and options CuPy builds (tests/cuda_compile.py
+and float64, on a machine without a GPU: the exact sources and options CuPy builds (tests/support/cuda_compile.py
 says how). The negative cases prove the check can fail: a typo in a kernel body, a declared type that does
 not fit the arguments, and a RawKernel parameter of another type than its launch passes.
 
@@ -17,7 +17,7 @@ import cuda_support
 from gpunet import backend
 from gpunet.fast import cuda
 
-PACKAGE = Path(__file__).resolve().parents[1] / "gpunet"
+PACKAGE = Path(__file__).resolve().parents[2] / "gpunet"
 
 
 toolchain_or_skip = cuda_support.nvrtc_or_skip
@@ -42,7 +42,7 @@ def test_every_kernel_is_built_from_the_sources_checked_here():
          "return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT), SOFTMAX_XENT_NAME)"),
         ("fast/cuda.py", "return cupy.RawKernel(softmax_xent_source(ctype, SOFTMAX_XENT_SUMS), SOFTMAX_XENT_SUMS_NAME)"),
         ("fast/cuda.py", "return cupy.RawKernel(raw_source(ctype, name), name)"),
-        # the graph step's GEMMs: compiled in tests/test_graph_kernels.py
+        # the graph step's GEMMs: compiled in tests/unit/test_graph_kernels.py
         ("fast/graph_kernels.py", "return cupy.RawKernel(gemm_source(ctype_, variant), gemm_name(variant))"),
     }
 

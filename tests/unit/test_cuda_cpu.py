@@ -1,4 +1,4 @@
-"""gpunet's CUDA sources executed on the CPU (tests/cuda_cpu.py): every kernel, launched through the
+"""gpunet's CUDA sources executed on the CPU (tests/support/cuda_cpu.py): every kernel, launched through the
 fake CuPy, runs its real CUDA source in three orders of threads and is held to its NumPy mirror
 there; here also to the core's formula, over shapes that are not multiples of the block, with zeros,
 -0, NaN and infinities, in float32 and float64; and the planted bugs below must each be caught.
@@ -61,7 +61,7 @@ def special(shape, dtype, seed=0, marks=True):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_kernel_runs_its_cuda_source(fake, dtype):
-    """Each kernel gpunet builds (tests/cuda_compile.py's list) runs from its CUDA source on the CPU
+    """Each kernel gpunet builds (tests/support/cuda_compile.py's list) runs from its CUDA source on the CPU
     when called through the fake CuPy: the harness picks up every launch, nothing is registered by
     hand."""
     cuda_cpu.stats["names"].clear()
@@ -411,7 +411,7 @@ def test_an_out_of_bounds_write_is_named_at_its_line_under_asan():
             "grid, block, args = cuda.softmax_xent_launch(z, np.zeros(129, np.int64), np.zeros_like(z), "
             "np.zeros(129, np.float32))\n"
             "cuda_cpu.raw_kernel(src, cuda.SOFTMAX_XENT_NAME, grid, block, args)\n")
-    path = os.pathsep.join([str(cuda_cpu.HERE), str(cuda_cpu.HERE.parent), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(cuda_cpu.HERE), str(cuda_cpu.HERE.parents[1]), os.environ.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": path}, check=False)
     assert done.returncode != 0, done.stderr[-3000:]

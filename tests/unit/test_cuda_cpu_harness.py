@@ -1,4 +1,4 @@
-"""The CPU harness's own economy (tests/cuda_cpu.py): a kernel runs in as few orders of threads as
+"""The CPU harness's own economy (tests/support/cuda_cpu.py): a kernel runs in as few orders of threads as
 can still show its races, and the fibers' stacks are mapped once and reused. Kernels written here,
 small: each test costs well under a second once compiled.
 """

@@ -21,7 +21,7 @@ from gpunet.explain.record import SCHEMA, to_json
 from gpunet.explain.build import EXAMPLE, build_network
 from gpunet.explain.render import WIDTH, latex, render_json, render_markdown, render_text, steps
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # The classic 2-2-2 worked example (Mazur, "A step by step backpropagation example"): W (inputs, outputs)
 MAZUR = {"layers": [{"W": [[0.15, 0.25], [0.20, 0.30]], "b": [0.35, 0.35]},

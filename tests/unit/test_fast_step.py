@@ -198,7 +198,7 @@ def test_predict_and_evaluate_agree_with_the_fast_path_off(monkeypatch):
 def check_nan_diverges_on_every_path(device):
     """A NaN reaching the network must reach the loss on the fused path as on the core's (maximum(x, 0)
     keeps NaN), so that the divergence guard stops both runs at the same epoch. The front door refuses NaN
-    in x (tests/test_tables.py), so here one first-layer weight is NaN (a damaged start, as a NaN input
+    in x (tests/system/test_tables.py), so here one first-layer weight is NaN (a damaged start, as a NaN input
     was): both runs stop as "diverged" in epoch 1, with the initial weights restored."""
     x, y, make = problem(device)
     histories = {}

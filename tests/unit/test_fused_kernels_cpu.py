@@ -1,5 +1,5 @@
 """The kernels of issue 33's launch budgets, run from their CUDA sources on the CPU
-(tests/cuda_cpu.py, through the fake CuPy, which also holds each launch to its NumPy mirror) and
+(tests/support/cuda_cpu.py, through the fake CuPy, which also holds each launch to its NumPy mirror) and
 compared here with the core's formulas: the updates after a distributed step's all-reduce
 (gpunet_layer_momentum_given, gpunet_layer_sgd_given: core Momentum and SGD), BatchNorm's
 statistics, normalisation and backward (gpunet_batch_norm_stats/apply/backward: core BatchNorm,
@@ -9,7 +9,7 @@ across a block's edge, float32 and float64. The planted bugs at the end must eac
 harness.
 
 Skips without g++ or CuPy's headers, or fails under GPUNET_REQUIRE_CXX=1 (as
-tests/test_cuda_cpu.py). About 8 s here (the objects cached by cuda_cpu).
+tests/unit/test_cuda_cpu.py). About 8 s here (the objects cached by cuda_cpu).
 """
 
 import types

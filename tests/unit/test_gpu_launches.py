@@ -1,12 +1,12 @@
-"""The GPU training step, run on the CPU through a counting stand-in for CuPy (tests/fake_cupy.py).
+"""The GPU training step, run on the CPU through a counting stand-in for CuPy (tests/support/fake_cupy.py).
 
 Two things are checked without a GPU: how many device launches one training step of ``fit`` makes (every
 elementwise operation, reduction, matmul, gather, kernel and copy counts one, as each is one CUDA launch
 through CuPy), and that the GPU path's plumbing trains the same network as the core on the CPU (the
 kernels run NumPy mirrors of their CUDA sources there; the sources themselves are compiled by NVRTC in
-tests/test_cuda_compile.py and run on a GPU by the GPU twins).
+tests/unit/test_cuda_compile.py and run on a GPU by the GPU twins).
 
-The launch budgets (issues 27 and 33) are tests/launch_counts.py's PATHS: at batch 128, the default
+The launch budgets (issues 27 and 33) are tests/support/launch_counts.py's PATHS: at batch 128, the default
 network (784-512-512-10, ReLU, momentum) takes 19 launches a step without dropout and 21 with it (the
 default recipe's 0.2); the data-parallel step, --augment, --batch-norm and Adam have theirs. The counts are
 the difference between epochs of 5 and 3 steps, divided by 2, so that per-epoch work (the order's upload,
@@ -238,7 +238,7 @@ def test_the_fused_batch_norm_step_trains_as_the_core_does(monkeypatch, optimize
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_the_data_parallel_gpu_step_trains_as_the_cpu_rank_does(monkeypatch, optimizer, dropout):
-    """Rank 0 of two (its twin computing the same gradients, tests/launch_counts.TwinComm): the GPU's
+    """Rank 0 of two (its twin computing the same gradients, tests/support/launch_counts.TwinComm): the GPU's
     step (the shard weight in the softmax's 1/N, gradients as views into the all-reduce's buffer, the fused
     update after it) against the CPU's (weighing pass, the core rule after the sum), within float32
     reordering. Mutation: the softmax dividing by the shard's rows (not the global batch's), or the update

@@ -1,5 +1,5 @@
 """The graph step's GEMM RawKernels (gpunet/fast/graph_kernels.py): each variant's CUDA source run
-on the CPU (tests/cuda_cpu.py: three orders of threads, guard bytes, held to NumPy's matmul by the
+on the CPU (tests/support/cuda_cpu.py: three orders of threads, guard bytes, held to NumPy's matmul by the
 fake CuPy's mirror) and here against NumPy's matmul in float64 with a rigorous error bound, at
 shapes that are not multiples of the 32x32 tile; and compiled with NVRTC like every other kernel.
 

@@ -1,4 +1,4 @@
-"""The CUDA graph step (gpunet/fast/graph.py) on the fake CuPy (tests/fake_cupy.py), which records
+"""The CUDA graph step (gpunet/fast/graph.py) on the fake CuPy (tests/support/fake_cupy.py), which records
 stream capture: the launches made while a stream captures are kept (not run) and run at each replay;
 an allocation, a host read, a copy or a synchronization during a capture raises there.
 
@@ -8,7 +8,7 @@ copy of the step's scalars before each; the scalars are what the eager fused ste
 kernels; and the graph run leaves the eager run's weights, optimizer state and history over whole
 epochs with dropout, Adam and a schedule (float tolerance: the GEMMs are other kernels than
 cuBLAS's; the rest are the same kernels). Where g++ and CuPy's headers are here every kernel also
-runs its CUDA source (tests/cuda_cpu.py); the networks are small so that the CPU runs them in
+runs its CUDA source (tests/support/cuda_cpu.py); the networks are small so that the CPU runs them in
 seconds.
 """
 

@@ -20,7 +20,7 @@ from gpunet.data import pictures as images  # noqa: E402
 from gpunet.data.pictures import image_size, load_image_file, load_images, mnist_style  # noqa: E402
 from gpunet.training import predict  # noqa: E402
 
-import pictures  # noqa: E402  (tests/pictures.py)
+import pictures  # noqa: E402  (tests/support/pictures.py)
 
 
 def seven(size=(160, 200), paper="white", ink="black", width=14, offset=(0, 0), scale=1.0):

@@ -135,7 +135,7 @@ def test_fit_argument_errors():
     with pytest.raises(ValueError, match=r"y: expected as many targets as rows \(20\), got 19"):
         fit(net, loss, opt, x, y[:19])
     with pytest.raises(TypeError, match="x: expected real numbers, got strings"):
-        fit(net, loss, opt, x.astype(str), y)  # integer features are converted (tests/test_inputs.py)
+        fit(net, loss, opt, x.astype(str), y)  # integer features are converted (tests/unit/test_inputs.py)
 
 
 # --- regression: predict gives the outputs, evaluate the errors and R^2 ------------------------------
