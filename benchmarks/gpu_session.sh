@@ -14,8 +14,9 @@
 # The lent H200 machines' image also has PyTorch with CUDA (2.11, cu130, in the device notes of 2026-11):
 # the speed benchmark and gpu_step.py time PyTorch eager beside gpunet there (without torch, gpunet alone
 # against the floor). No memory benchmark: it trains on the CPU, which is not what a GPU machine's minutes
-# are for. OUT_DIR (default $OUT, else a new temp folder) receives eight files: session.log (every step's
-# output), pytest-gpu.xml (the GPU tests' JUnit report), latest-<device>.json and .md (benchmarks/speed.py),
+# are for. OUT_DIR (default $OUT, else a new temp folder) receives nine files: session.log (every
+# step's output), pytest-gpu.xml (the GPU tests' JUnit report), graph-<device>.json (eager vs CUDA graph vs
+# PyTorch eager, benchmarks/gpu_graph.py), latest-<device>.json and .md (benchmarks/speed.py),
 # step-<device>.json (one training step, benchmarks/gpu_step.py), recipe-metrics.json,
 # best-metrics.json (--preset best) and smoke-metrics.json. Models and pictures stay in a scratch folder. Each step has a
 # time limit (seconds below), cut to what is left of the session's budget (GPU_SESSION_BUDGET seconds, 540 by
@@ -50,6 +51,7 @@ if [ "$dry" = "1" ]; then  # the CPU rehearsal: same steps, small settings, GPU 
     require_gpu=()
     bench_args=(--quick --no-torch --epochs 1 --configs 784-100-10/b128 --pause 0)
     step_args=(--repeat 3)
+    graph_args=(--dry-run --steps 2)
     train_args=(--epochs 1 --hidden 32 --val-size 100 --no-plots)
     export GPUNET_SMOKE_MIN_ACCURACY=0
 else
@@ -57,6 +59,7 @@ else
     require_gpu=(GPUNET_REQUIRE_GPU=1)
     bench_args=()
     step_args=()
+    graph_args=()
     train_args=()
 fi
 
@@ -88,6 +91,10 @@ step info 30 "$python" -m gpunet info --device "$device"
 # CuPy compiles each kernel on first use (seconds each, the cache starts empty on a fresh machine): here,
 # in a step of its own, so that the tests' time limit is spent on the tests
 step warm 120 "$python" benchmarks/gpu_step.py --device "$device" --warm-only
+# issue 37: eager against the CUDA graph step against PyTorch eager, one table, in the session's
+# first minutes (the graph step's default changes only on this measurement)
+step graph-compare 120 "$python" benchmarks/gpu_graph.py "${graph_args[@]}" \
+    --json "$out/graph-$device.json"
 step pytest-gpu 150 env "${require_gpu[@]}" "$python" -m pytest -m gpu -q -rs -p no:cacheprovider \
     --junitxml "$out/pytest-gpu.xml"
 step bench 150 "$python" benchmarks/speed.py --device "$device" --data-dir "$data" \

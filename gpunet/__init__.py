@@ -15,7 +15,7 @@ from .data.rows import Pixels, Rows
 from .layers import (BatchNorm, Dropout, Layer, Linear, Parameter, ReLU, Sigmoid, Softmax, Standardize, Tanh,
                      register_layer)
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
-from .network import Sequential, load, mlp
+from .network import ModelFileError, Sequential, load, mlp
 from .optimizers import SGD, Adam, AdamW, Momentum, RMSprop
 from . import schedules
 from .training import evaluate, fit, predict, predict_proba, train_step
@@ -26,7 +26,7 @@ __all__ = [
     "DeviceError", "describe_device", "get_array_module", "gpu_available", "gpu_unavailable_reason",
     "resolve_device", "set_default_device", "to_device", "to_numpy", "explain_step", "gradcheck", "numerical_gradient",
     "Dropout", "Layer", "Linear", "Parameter", "ReLU", "Sigmoid", "Softmax", "Tanh", "MAELoss", "MSELoss",
-    "SoftmaxCrossEntropy", "Sequential", "load", "mlp", "SGD", "Momentum", "Pixels", "Rows",
+    "SoftmaxCrossEntropy", "ModelFileError", "Sequential", "load", "mlp", "SGD", "Momentum", "Pixels", "Rows",
     "Adam", "AdamW", "RMSprop", "BatchNorm", "Standardize", "register_layer", "schedules", "fit", "evaluate",
     "predict", "predict_proba", "train_step",
 ]

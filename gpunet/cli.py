@@ -30,7 +30,7 @@ from .data.pictures import image_size, load_image_file, load_images
 from .layers import ACTIVATIONS, Standardize
 from .losses import MAELoss, MSELoss, SoftmaxCrossEntropy
 from .metrics import format_report
-from .network import load
+from .network import ModelFileError, load
 from .optimizers import OPTIMIZERS, make_optimizer
 from .predictions import prediction
 from .commands.train import TrainConfig, load_data, train
@@ -224,6 +224,8 @@ def _load_model(path, device):
         return load(path, device=device)
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from exc
+    except ModelFileError as exc:  # already one line naming the file and the field
+        raise UserError(str(exc)) from None
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"cannot read model file {path}: {exc}") from exc
 

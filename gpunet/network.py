@@ -15,7 +15,8 @@ import numpy as np
 
 from .backend import device_of, get_array_module, resolve_device, to_device, to_numpy
 from .layers import ACTIVATIONS, BUILT_IN, LAYERS, BatchNorm, Dropout, Layer, Linear, check_float_input, make_rng
-from .files import read_npz, write_npz
+from .files import FileFormatError, NpzReader, write_npz
+from .records import FieldError, built_in_arrays, check_format, check_model
 
 FORMAT = "gpunet-sequential"
 FORMAT_VERSION = 1
@@ -171,7 +172,7 @@ class Sequential(Layer):
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": str(self.dtype), "network": self.config(),
                 "classifies": self.classifies, "feature_names": self.feature_names, "classes": self.classes,
                 "label_column": self.label_column}
-        write_npz(path, self.state_dict(), "__gpunet__", meta)
+        write_npz(path, self.state_dict(), RECORD, meta)
 
     def to_onnx(self, path=None, **options):
         """This network as an ONNX model (see :func:`gpunet.onnx_export.to_onnx` for ``options``: ``task``,
@@ -233,50 +234,74 @@ def check_rebuildable(layer, name: str = "layer") -> None:
                         f"constructor arguments")
 
 
+class ModelFileError(FileFormatError):
+    """A model file that :func:`load` refuses (damaged, foreign or crafted); the one line names the file and
+    the field of its record or the array that is wrong."""
+
+
+RECORD = "__gpunet__"
+
+
+def _planned(cfgs: list, dtype, device) -> tuple[list, dict]:
+    """``(layers, wanted)``: the registered layers of one's own already built (None for built-ins, built
+    once their arrays are known good), and ``wanted`` (array name -> ((shape,), (dtype,))) from the record."""
+    layers: list = []
+    wanted: dict = {}
+    for i, cfg in enumerate(cfgs):
+        if cfg["type"] in BUILT_IN:
+            layers.append(None)
+            shapes = built_in_arrays(i, cfg)
+        else:  # a registered class is the user's own code: it alone knows its arrays
+            try:
+                layer = _build_layer(cfg, dtype, device)
+            except Exception as exc:  # whatever the user's constructor raises for this config
+                raise FieldError(f"network.layers[{i}]", f"{cfg['type']}.from_config refused it "
+                                                         f"({type(exc).__name__}: {exc})") from None
+            layers.append(layer)
+            shapes = {f"{i}.{p.name or j}": tuple(p.data.shape) for j, p in enumerate(layer.parameters())}
+            shapes.update({f"{i}.{b}": tuple(getattr(layer, b).shape) for b in layer.buffer_names})
+        wanted.update({k: ((shape,), (np.dtype(dtype).str,)) for k, shape in shapes.items()})
+    return layers, wanted
+
+
 def load(path, device: str | None = None) -> Sequential:
-    """Rebuild a network (architecture and weights) from a file written by ``Sequential.save``."""
+    """Rebuild a network (architecture and weights) from a file written by ``Sequential.save``.
+
+    The file is not trusted: its JSON record is read and checked through first (:mod:`gpunet.records`:
+    types, ranges, the chain of widths, the arrays' total size against what the file can hold), then the
+    arrays' ``.npy`` headers against the shapes the record declares and the zip entries' sizes, then only
+    those arrays, each of which must hold finite numbers. Anything wrong raises :class:`ModelFileError`
+    (a ValueError) naming the file and the field; a missing file FileNotFoundError."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        meta, arrays = read_npz(path, "__gpunet__")
-    except Exception as exc:  # zip, npy and JSON errors of a damaged or foreign file
-        if not _is_zip(path):  # a text file, a CSV, a pickle: NumPy's own reason would mislead
-            raise ValueError(f"{path}: not a gpunet model file (a model file is a .npz archive, written by "
-                             f"gpunet train or net.save)") from None
-        raise ValueError(f"{path}: not a gpunet model file ({type(exc).__name__}: {exc})") from exc
-    if meta is None:
-        raise ValueError(f"{path}: not a gpunet model file (no architecture record in it; a checkpoint, perhaps)")
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: expected format {FORMAT} version {FORMAT_VERSION}, "
-                         f"got {meta.get('format')} version {meta.get('version')}")
-    dtype = np.dtype(meta["dtype"])
-    dev = resolve_device(device)
-    net = Sequential(*[_build_layer(c, dtype, dev) for c in meta["network"]["layers"]])
+    with NpzReader(path, ModelFileError, "gpunet model file", NOT_A_MODEL) as f:
+        meta = f.record(RECORD)
+        if meta is None:
+            raise ModelFileError(f"{path}: not a gpunet model file (no architecture record in it; a checkpoint, "
+                                 f"perhaps)")
+        try:
+            check_format(meta, FORMAT, FORMAT_VERSION)
+            meta = check_model(meta, f.most_bytes())
+            dtype = np.dtype(meta["dtype"])
+            layers, wanted = _planned(meta["network"]["layers"], dtype, "cpu")
+        except FieldError as exc:
+            raise ModelFileError(f"{path}: {exc}") from None
+        arrays = f.arrays(wanted, skip=(RECORD,))
+    # built and filled on the host, then moved: a refused file never reaches (or even probes) a GPU
+    layers = [layer or _build_layer(c, dtype, "cpu") for layer, c in zip(layers, meta["network"]["layers"])]
+    net = Sequential(*layers)
     net.load_state_dict(arrays)
+    dev = resolve_device(device)
+    if dev != "cpu":
+        net.to(dev)
     net.classifies = meta.get("classifies")  # absent from older files: None, unknown
-    net.feature_names, net.classes, net.label_column = _table_record(path, meta, net)
+    net.feature_names, net.classes, net.label_column = (meta.get(k) for k in ("feature_names", "classes",
+                                                                              "label_column"))
     return net
 
 
-def _table_record(path, meta: dict, net) -> tuple:
-    """The table fields of a model file's record, checked: feature names (one string per input), class
-    names (strings or integers, one per output) and the label column (a string), each None when absent."""
-    names, classes, label = meta.get("feature_names"), meta.get("classes"), meta.get("label_column")
-    if names is not None and (not isinstance(names, list) or len(names) != net.in_features
-                              or not all(isinstance(n, str) for n in names)):
-        raise ValueError(f"{path}: feature_names: expected {net.in_features} strings, got {names!r:.200}")
-    if classes is not None and (not isinstance(classes, list) or len(classes) != net.out_features
-                                or not all(isinstance(c, (str, int)) for c in classes)):
-        raise ValueError(f"{path}: classes: expected {net.out_features} names, got {classes!r:.200}")
-    if label is not None and not isinstance(label, str):
-        raise ValueError(f"{path}: label_column: expected a string, got {label!r:.200}")
-    return names, classes, label
-
-
-def _is_zip(path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+NOT_A_MODEL = "a model file is a .npz archive, written by gpunet train or net.save"
 
 
 def mlp(sizes, activation="relu", init=None, dropout: float = 0.0, seed=None, dtype=np.float32,

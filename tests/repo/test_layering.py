@@ -22,7 +22,8 @@ CORE = {"layers", "losses", "optimizers", "network"}
 ALLOWED = {
     "backend": set(), "files": set(), "schedules": set(), "plots": {"files"},
     "layers": {"backend"}, "losses": {"backend"}, "optimizers": {"backend"},
-    "network": {"backend", "layers", "files", "onnx_export"},  # to_onnx, loaded when called
+    "network": {"backend", "layers", "files", "records", "onnx_export"},  # to_onnx, loaded when called
+    "records": {"layers"},  # the model's and the checkpoint's record schema: the layers' fields
     "onnx_export": {"__init__", "backend", "layers", "files", "training"},
     "sklearn": {"backend", "callbacks", "layers", "losses", "network", "optimizers", "training"},
     "gradcheck": {"backend"}, "metrics": {"backend"},

@@ -15,6 +15,7 @@ mirror; its result is what the arrays hold afterwards. A new kernel needs only i
 from __future__ import annotations
 
 import threading
+import time
 import types
 
 import cuda_cpu
@@ -397,7 +398,8 @@ class FakeCupy(types.ModuleType):
             Device=lambda i=None: _Device(), get_current_stream=lambda: _STREAM["current"], Event=_Event,
             runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, streamCaptureModeGlobal=0,
                                           streamCaptureModeThreadLocal=1, streamCaptureModeRelaxed=2),
-            alloc_pinned_memory=lambda size: bytearray(size), Stream=_Stream)
+            alloc_pinned_memory=lambda size: bytearray(size), Stream=_Stream,
+            get_elapsed_time=lambda start, end: (end.at - start.at) * 1e3)
 
     def __getattr__(self, name):
         value = getattr(np, name)
@@ -497,8 +499,13 @@ class _Device:
 
 
 class _Event:
+    """CuPy's Event; ``record`` notes the host's clock (the fake runs every launch at once), which
+    ``get_elapsed_time`` reports in ms, as CuPy's does the device's."""
+
+    at = None
+
     def record(self, stream=None):
-        pass
+        self.at = time.perf_counter()
 
     def synchronize(self):
         pass

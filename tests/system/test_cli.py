@@ -221,7 +221,7 @@ def test_more_user_mistakes(trained, tmp_path):
     garbage.write_bytes(b"\x00" * 100)
     (tmp_path / "notes.txt").write_text("hello")
     cases = [
-        (["evaluate", garbage, "--data-dir", data], "cannot read model file"),
+        (["evaluate", garbage, "--data-dir", data], "not a gpunet model file"),
         (["train", "--data-dir", data, "--val-size", "100000", "--out", tmp_path / "o"], "--val-size: expected fewer than 600"),
         (["train", "--data-dir", tmp_path, "--out", tmp_path / "o"], "missing"),
         (["train", "--data-dir", data, "--hidden", "8", "8", "--activation", "relu", "tanh", "relu",

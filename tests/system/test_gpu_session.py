@@ -44,7 +44,8 @@ def test_dry_run_runs_every_step_and_leaves_its_results(tmp_path):
     data = make_fake_mnist(tmp_path / "mnist", n_train=600, n_test=200)
     proc, out = session(tmp_path, data, "--dry-run")
     assert proc.returncode == 0, proc.stdout[-3000:] + (out / "session.log").read_text()[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["best-metrics.json", "latest-cpu.json", "latest-cpu.md",
+    assert sorted(p.name for p in out.iterdir()) == ["best-metrics.json", "graph-cpu.json",
+                                                     "latest-cpu.json", "latest-cpu.md",
                                                      "pytest-gpu.xml", "recipe-metrics.json", "session.log",
                                                      "smoke-metrics.json", "step-cpu.json"]
     step = json.loads((out / "step-cpu.json").read_text())  # one training step, with and without dropout
@@ -59,6 +60,11 @@ def test_dry_run_runs_every_step_and_leaves_its_results(tmp_path):
     assert config["steps_per_epoch"] == 5 and "gpunet" in config["rounds"][0] and "torch" not in config["rounds"][0]
     assert (out / "latest-cpu.md").read_text() == report.render_markdown(bench)  # the report of that file
     assert json.loads((out / "best-metrics.json").read_text())["config"]["preset"] == "best"
+    graph = json.loads((out / "graph-cpu.json").read_text())  # eager vs graph vs PyTorch, dry run
+    assert graph["dry_run"]
+    assert list(graph["rows"]) == ["gpunet eager", "gpunet graph", "pytorch eager"]
+    assert all(r is None or r["steps"] == 2 and r["device_ms"] > 0 for r in graph["rows"].values())
+    assert "DRY RUN on the CPU" in (out / "session.log").read_text()
     for name in ("recipe-metrics.json", "best-metrics.json", "smoke-metrics.json"):  # one epoch each, tested
         metrics = json.loads((out / name).read_text())
         assert metrics["device"] == "cpu" and len(metrics["history"]) == 1, name
@@ -70,7 +76,8 @@ def test_a_failing_step_is_counted_and_the_rest_still_run(tmp_path):
     and the steps that need no data still ran and left their results."""
     proc, out = session(tmp_path, tmp_path / "no-such-mnist", GPUNET_DRY_RUN="1")
     assert proc.returncode == 4, proc.stdout[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["pytest-gpu.xml", "session.log", "step-cpu.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["graph-cpu.json", "pytest-gpu.xml",
+                                                     "session.log", "step-cpu.json"]
     tests, skipped, bad = junit(out / "pytest-gpu.xml")
     assert tests == skipped > 0 and bad == 0
 

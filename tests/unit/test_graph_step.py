@@ -14,6 +14,7 @@ seconds.
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -331,3 +332,28 @@ def test_the_command_line_says_whether_the_graph_step_can_run(monkeypatch, capsy
     assert (
         code == 2 and len(err) == 1 and "--cuda-graph:" in err[0] and "no usable GPU" in err[0]
     ), err
+
+
+def test_the_comparison_table_puts_each_step_against_pytorch_eager():
+    """benchmarks/gpu_graph.py's table: ms per step from the events and the wall clock, and the
+    ratio to PyTorch eager's ms per step (the session's one table; its dry run is in
+    test_gpu_session.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_graph
+
+    rows = {
+        "gpunet eager": {"device_ms": 300.0, "wall_ms": 310.0, "steps": 1000},
+        "gpunet graph": {"device_ms": 100.0, "wall_ms": 101.0, "steps": 1000},
+        "pytorch eager": {"device_ms": 200.0, "wall_ms": 210.0, "steps": 1000},
+    }
+    lines = gpu_graph.table(rows, "title").splitlines()
+    assert lines[0] == "title"
+    assert lines[4:] == [
+        "| gpunet eager | 1000 | 0.3000 | 0.3100 | 1.50 |",
+        "| gpunet graph | 1000 | 0.1000 | 0.1010 | 0.50 |",
+        "| pytorch eager | 1000 | 0.2000 | 0.2100 | 1.00 |",
+    ]
+    rows["pytorch eager"] = None
+    assert (
+        gpu_graph.table(rows, "t").splitlines()[-1].endswith("not run (PyTorch is not installed) |")
+    )
