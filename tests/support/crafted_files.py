@@ -1,5 +1,5 @@
 """Crafted model files and checkpoints, made by code (the repository holds no binary blobs): the corpus of
-issue 36 for ``tests/test_untrusted_files.py`` and the fuzzer.
+issue 36 for ``tests/unit/test_untrusted_files.py`` and the fuzzer.
 
 Every file starts from a valid one (a small network saved by ``Sequential.save``, a checkpoint written by
 ``gpunet train``) and changes one thing: a field of its JSON record, an array, an ``.npy`` header or the

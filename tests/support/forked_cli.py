@@ -1,6 +1,6 @@
 """Run ``gpunet`` command lines cheaply, each in a process of its own with its own measured peak memory.
 
-Started as a child process by a test (``python tests/forked_cli.py``), it imports the command line once,
+Started as a child process by a test (``python tests/support/forked_cli.py``), it imports the command line once,
 then reads one JSON request per line from stdin, ``{"argv": [...], "cwd": ..., "stdout": FILE, "stderr":
 FILE, "timeout": seconds}``, and forks a process per request that runs ``gpunet.cli.main(argv)`` (what
 ``python -m gpunet`` runs) with its output in the two files and ends with main's exit status (1 and the

@@ -1,4 +1,4 @@
-"""Untrusted model files (issue 36): every crafted file of ``tests/crafted_files.py`` is refused with one
+"""Untrusted model files (issue 36): every crafted file of ``tests/support/crafted_files.py`` is refused with one
 line naming the file and the field, in Python (one ``gpunet.ModelFileError``, a ValueError) and on the
 command line (exit 2, one line, no traceback), within a measured memory bound.
 
@@ -10,7 +10,7 @@ import and the record but not for a crafted layer's arrays: the zip bomb inflate
 ``Linear(784, 3_000_000)`` asks for 9.4 GB.
 
 The commands rotate over the cases: each case runs one of predict, evaluate, serve, explain and export,
-forked from a process that imported gpunet once (``tests/forked_cli.py``: its peak plus the fork's, an
+forked from a process that imported gpunet once (``tests/support/forked_cli.py``: its peak plus the fork's, an
 upper bound of a fresh process's); each command and the zip bomb also run as a fresh ``python -m gpunet``;
 every case also runs through ``gpunet.load`` in this process. CI cost: about 10 s in all (six interpreter
 starts, about 75 forks, the corpus made in milliseconds per file).
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SUPPORT
 from crafted_files import model_cases, model_file, valid_model
 
 import gpunet as gn
@@ -85,13 +86,13 @@ def test_gpunet_load_refuses_in_one_line(name, make, field, tmp_path):
 
 
 class Forked:
-    """The command line run by ``tests/forked_cli.py``: one forked process per command, its peak measured
+    """The command line run by ``tests/support/forked_cli.py``: one forked process per command, its peak measured
     the same way (os.wait4), a few milliseconds each instead of an interpreter's start."""
 
     def __init__(self):
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
         env.pop("GPUNET_DEBUG", None)
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forked_cli.py"))],
+        self.proc = subprocess.Popen([sys.executable, str(SUPPORT / "forked_cli.py")],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def __call__(self, args, cwd, timeout=60) -> tuple[int, str, str, int]:
