@@ -16,7 +16,7 @@ import gpunet as gn
 from gpunet import serve
 from gpunet.training import predict, predict_proba
 
-import cuda_support  # (tests/cuda_support.py)
+import cuda_support  # (tests/support/cuda_support.py)
 from test_serve import Running  # the in-process server on a free loopback port
 
 # A batch's rows and the same rows alone go through different BLAS kernels (gemm over k rows, or

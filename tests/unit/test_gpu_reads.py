@@ -1,7 +1,7 @@
-"""Blocking device->host reads of a GPU training run, counted on the fake CuPy (tests/fake_cupy.py:
+"""Blocking device->host reads of a GPU training run, counted on the fake CuPy (tests/support/fake_cupy.py:
 ``float()``, ``int()``, ``bool()``, ``.item()``, a blocking ``.get()``, a stream's or an event's
 ``synchronize``): each one makes the host wait for every queued launch, so the loop stops feeding
-the GPU. Issue 33: about 20 an epoch, 12 of them the checkpoint's; now tests/launch_counts.py's
+the GPU. Issue 33: about 20 an epoch, 12 of them the checkpoint's; now tests/support/launch_counts.py's
 READS_PER_EPOCH on the training thread, none of them the checkpoint's (one non-blocking batched copy
 that a writer thread collects)."""
 import cuda_support
