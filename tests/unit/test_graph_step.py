@@ -362,7 +362,7 @@ def test_the_comparison_table_puts_each_step_against_pytorch_eager():
 
 @pytest.mark.parametrize("optimizer,rows", [("momentum", 70), ("adam", 70), ("adam", 65)])
 def test_a_data_parallel_graph_run_trains_as_the_eager_one(fake_gpu, optimizer, rows):
-    """Rank 0 of two (tests/launch_counts.TwinComm: the twin has the same gradients), dropout on:
+    """Rank 0 of two (tests/support/launch_counts.TwinComm: the twin has the same gradients), dropout on:
     the graph writes the shard's share of the gradients, the all-reduce and the update run after
     each replay on the graph's stream; the same state as the eager distributed step. 70 rows in
     batches of 16: shards of 8 rows, and of 3 in the last batch of 6 (its own capture); 65 rows: the
@@ -383,7 +383,7 @@ def test_the_graph_kernels_compile_with_nvrtc(fake_gpu, monkeypatch):
     """Every ElementwiseKernel launch of the graph step (recorded from runs with Adam, Nesterov
     momentum and SGD, pixels and float rows, float32 and float64, dropout on), compiled with NVRTC
     as CuPy would build it for those arguments, for each arch NVRTC here knows; skips without NVRTC
-    (GPUNET_REQUIRE_NVRTC=1 fails). The GEMMs: tests/test_graph_kernels.py."""
+    (GPUNET_REQUIRE_NVRTC=1 fails). The GEMMs: tests/unit/test_graph_kernels.py."""
     import cuda_compile as cc
     import cuda_cpu
     from test_cuda_compile import toolchain_or_skip
