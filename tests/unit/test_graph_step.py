@@ -339,7 +339,7 @@ def test_the_comparison_table_puts_each_step_against_pytorch_eager():
     """benchmarks/gpu_graph.py's table: ms per step from the events and the wall clock, and the
     ratio to PyTorch eager's ms per step (the session's one table; its dry run is in
     test_gpu_session.py)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import gpu_graph
 
     rows = {
