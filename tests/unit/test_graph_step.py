@@ -408,17 +408,36 @@ def test_the_graph_kernels_compile_with_nvrtc(fake_gpu, monkeypatch):
         x, y = data()
         net = gn.mlp([12, 10, 8, 4], dropout=0.25, seed=3, device="gpu", dtype=dtype)
         params = net.parameters()
-        opt = {"adam": lambda: gn.Adam(params), "sgd": lambda: gn.SGD(params, lr=0.05),
-               "momentum": lambda: gn.Momentum(params, lr=0.05, nesterov=True)}[optimizer]()
+        opt = (gn.Adam(params) if optimizer == "adam" else gn.SGD(params, lr=0.05)
+               if optimizer == "sgd" else gn.Momentum(params, lr=0.05, nesterov=True))
         xs = Pixels(x, dtype) if pixels else (x / 255).astype(dtype)
         fit(net, gn.SoftmaxCrossEntropy(), opt, xs, y, epochs=1, batch_size=16, cuda_graph=True)
     assert set(launched.values()) == set(graph_kernels.variants())
     failures = []
     monkeypatch.setitem(sys.modules, "cupy", cuda_cpu._cupy)
-    for (name, source), _ in launched.items():
+    for name, source in launched:
         for arch in tools["archs"]:
             try:
                 assert cc.compile_program(source, name, arch)[:4] == b"\x7fELF"
             except cc.CompileError as exc:
                 failures.append(str(exc))
     assert not failures, "\n\n".join(failures)
+
+
+def test_a_graph_step_is_one_launch_from_the_host(fake_gpu):
+    """In steady state a step costs the host one graph launch and one scalar copy, nothing else: an
+    epoch's launches (third epoch minus second) are the steps plus a per-epoch constant (the
+    permutation's upload and copy, the sums, the divergence guard's copies), for 5 and for 10 steps an
+    epoch."""
+    run(fake_gpu, graph_on=True, epochs=1)  # the backend's probe (its launches) comes first
+    per_epoch = {}
+    for rows in (70, 150):  # 5 and 10 steps of 16 rows, the last of 6 in both
+        counts, copies = [], []
+        for epochs in (2, 3):
+            before, copied = fake_gpu.counter.launches, len(fake_gpu.counter.copies)
+            run(fake_gpu, graph_on=True, epochs=epochs, rows=rows)
+            counts.append(fake_gpu.counter.launches - before)
+            copies.append(len(fake_gpu.counter.copies) - copied)
+        per_epoch[rows] = counts[1] - counts[0]
+        assert copies[1] - copies[0] == -(-rows // 16)  # one copy of the scalars a step
+    assert per_epoch[150] - per_epoch[70] == 10 - 5, per_epoch
