@@ -422,7 +422,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     """
     _check_fit(epochs, patience, validation, resume, checkpoint_path)
     shown = [cbs.Progress(verbose)] if verbose != 0 else []  # refuses what is not 0, 1 or 2, before any work
-    net.classifies = loss.classifies  # what predict returns and model files record
+    net.classifies = loss.classifies  # set once (another task is refused): predict reads it
     if getattr(net, "feature_names", None) is None and columns_of(x) is not None:
         net.feature_names = columns_of(x)  # a data frame's columns: model files and ONNX keep them
     data = _dataset(x, y, net, loss.classifies)

@@ -541,8 +541,7 @@ def _table_model(net, table: dict, config: TrainConfig):
     if table["target_scaling"] is not None:  # y = z * std + mean, as Standardize: (z - (-mean/std)) / (1/std)
         mean, std = table["target_scaling"]
         layers.append(Standardize(-mean / std, 1 / std))
-    model = Sequential(*layers)
-    model.classifies = table["task"] != "regressor"
+    model = Sequential(*layers, classifies=net.classifies)  # the trained network's, as fit set it
     model.feature_names, model.classes = table["feature_names"], table["classes"]
     model.label_column = config.label_column if str(config.data).lower().endswith(".csv") else None
     return model
