@@ -12,7 +12,7 @@ between the events divided by the steps (and the host's wall time beside it). gp
 with one synchronization each (``fit`` reads the epoch's loss); PyTorch's loop does the same (one
 ``.item()`` per epoch), so all three are timed over the same unit of work.
 
-``--dry-run`` takes the same path on the CPU: gpunet's "GPU" is tests/fake_cupy.py (its events
+``--dry-run`` takes the same path on the CPU: gpunet's "GPU" is tests/support/fake_cupy.py (its events
 report host time), PyTorch runs on the CPU, timed with ``time.perf_counter``; its table says in its
 title that it measures nothing. benchmarks/gpu_session.sh runs this among its first steps.
 """

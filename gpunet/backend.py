@@ -237,6 +237,49 @@ def to_numpy(a) -> np.ndarray:
     return np.asarray(a)
 
 
+class HostCopy:
+    """Host copies of several arrays, started now and collected by :meth:`wait` (a list of NumPy
+    arrays, in order). NumPy arrays are kept as given (pass copies). CuPy arrays of each dtype are
+    packed on the device into one flat buffer (one launch, a snapshot: later steps may change the
+    arrays) and copied to pinned host memory without blocking, behind the work already queued, with
+    an event after it: the host does not wait here, and :meth:`wait` (e.g. a checkpoint writer's
+    thread) waits for that event only, not for later work."""
+
+    def __init__(self, arrays) -> None:
+        arrays = list(arrays)
+        self._host: list = [None if _is_cupy(a) else np.asarray(a) for a in arrays]
+        self._shapes = [a.shape for a in arrays]
+        self._pending: list = []  # (event, pinned flat buffer, indices of its arrays, the device one)
+        groups: dict = {}
+        for i, a in enumerate(arrays):
+            if self._host[i] is None and a.size:
+                groups.setdefault(a.dtype.str, []).append(i)
+            elif self._host[i] is None:
+                self._host[i] = np.zeros(a.shape, a.dtype)
+        for indices in groups.values():
+            import cupy
+
+            flat = cupy.concatenate([arrays[i].ravel() for i in indices])
+            memory = cupy.cuda.alloc_pinned_memory(flat.nbytes)
+            pinned = np.frombuffer(memory, flat.dtype, flat.size)
+            flat.get(out=pinned, blocking=False)
+            event = cupy.cuda.Event()
+            event.record()
+            self._pending.append((event, pinned, indices, flat))  # flat kept until the copy is done
+
+    def wait(self) -> list:
+        """The host copies (NumPy arrays of the given shapes and dtypes), once the copies are done."""
+        for event, pinned, indices, _ in self._pending:
+            event.synchronize()
+            at = 0
+            for i in indices:
+                size = int(np.prod(self._shapes[i], dtype=np.int64))
+                self._host[i] = pinned[at:at + size].reshape(self._shapes[i]).copy()
+                at += size
+        self._pending = []
+        return self._host
+
+
 def log_softmax(z):
     """Row-wise ``log(softmax(z))`` of a (N, C) float array, stable: ``s - log(sum(exp(s)))`` with
     ``s = z - max(z)`` (exp of at most 0 never overflows); same dtype and device as ``z``."""

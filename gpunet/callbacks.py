@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -193,27 +194,62 @@ class BatchEnd(Callback):
 class Checkpoint(Callback):
     """The run's whole state to ``path`` every ``every`` epochs, when the run stops, and when it is
     interrupted mid-epoch (:mod:`gpunet.checkpoint`); ``restore(run)`` loads it back. Put it last: the state
-    it writes is the one the other callbacks leave. ``info`` (JSON data) is stored for the caller."""
+    it writes is the one the other callbacks leave. ``info`` (JSON data) is stored for the caller.
+
+    On a GPU the epoch-end checkpoint stays off the training loop: the weights and the optimizer's
+    arrays are snapshotted on the device and copied in one non-blocking transfer
+    (:meth:`gpunet.training.Run.state_dict` with ``wait=False``), and a writer thread waits for that
+    copy and writes the file while the next epoch's steps are queued. The file is complete before the
+    next checkpoint starts, before ``fit`` returns and before an interrupted run raises."""
 
     def __init__(self, path, every: int = 1, info: dict | None = None):
         self.path, self.every, self.info = path, every, info
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def on_epoch_end(self, run, record):
         finished = run.stop_training or run.epoch >= run.epochs
         if finished or run.epoch % self.every == 0:
-            self._save(run, finished)
+            self._save(run, finished, background=run.net.device != "cpu")
 
     def on_interrupt(self, run):
-        self._save(run, False)
+        self._save(run, False, background=False)
 
-    def _save(self, run, finished: bool):
-        record, arrays = run.state_dict()  # a collective call in a distributed run: every rank makes it
+    def on_train_end(self, run):
+        self.wait()
+
+    def wait(self) -> None:
+        """Until the file being written is written (re-raising the writer's error, if any)."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _save(self, run, finished: bool, background: bool):
+        self.wait()
+        # a collective call in a distributed run: every rank makes it; rank 0 writes
+        record, arrays = run.state_dict(wait=False)
         if run.rank == 0:
-            checkpoint.save(self.path, {"run": self.info, "finished": finished, **record}, arrays)
+            meta = {"run": self.info, "finished": finished, **record}
+            if background:
+                writer = threading.Thread(target=self._write, args=(meta, arrays), name="gpunet-checkpoint")
+                writer.start()
+                self._writer = writer
+            else:
+                checkpoint.save(self.path, meta, arrays())
         run.last_checkpoint = self.path
+
+    def _write(self, meta, arrays):
+        try:
+            checkpoint.save(self.path, meta, arrays())
+        except BaseException as exc:  # handed to the training thread by wait()
+            self._error = exc
 
     def restore(self, run) -> dict:
         """Load the checkpoint into ``run`` (position, weights, optimizer, random states, callbacks)."""
+        self.wait()
         record, arrays = checkpoint.load(self.path)
         run.load_state_dict(record, arrays, self.path)
         return record

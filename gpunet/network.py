@@ -25,18 +25,20 @@ FORMAT_VERSION = 1
 class Sequential(Layer):
     """A chain of layers; itself a layer (``forward``/``backward``/``parameters``).
 
-    ``classifies``: whether the outputs are class scores (``fit`` sets it from its loss; model files keep
-    it); ``None`` until known, and then ``predict`` takes a network of more than one output for a classifier.
+    ``classifies``: whether the outputs are class scores, the network's own: given when it is built
+    (``classifies=``, as :func:`load` does from the model file), else set by the first ``fit`` from
+    its loss, and from then on never changed (a second value is refused). ``None`` until known, and
+    then ``predict`` takes a network of more than one output for a classifier.
     """
 
-    classifies = None
+    _classifies = None
     # a table's model (model files keep them): the feature columns by name, in order; what each class index
     # stands for (a label column's sorted values); the column that held the labels
     feature_names: list | None = None
     classes: list | None = None
     label_column: str | None = None
 
-    def __init__(self, *layers: Layer):
+    def __init__(self, *layers: Layer, classifies: bool | None = None):
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
         for i, layer in enumerate(layers):
@@ -55,6 +57,22 @@ class Sequential(Layer):
                 raise ValueError(f"layers[{i}]: expected BatchNorm({width}) to match the previous Linear's "
                                  f"out_features, got BatchNorm({layer.features})")
         self.layers = list(layers)
+        self.classifies = classifies
+
+    @property
+    def classifies(self) -> bool | None:
+        return self._classifies
+
+    @classifies.setter
+    def classifies(self, value: bool | None) -> None:
+        """Set once: None (unknown) may become True or False, which then stays."""
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"classifies: expected True, False or None, got {value!r}")
+        if self._classifies is not None and value != self._classifies:
+            task = "a classifier" if self._classifies else "a network that does not classify"
+            raise ValueError(f"classifies: expected {self._classifies} (the network is {task}; its "
+                             f"task is set once: build a new network for another), got {value!r}")
+        self._classifies = value
 
     # --- the two passes -----------------------------------------------------------------------------
     def forward(self, x):
@@ -290,12 +308,12 @@ def load(path, device: str | None = None) -> Sequential:
         arrays = f.arrays(wanted, skip=(RECORD,))
     # built and filled on the host, then moved: a refused file never reaches (or even probes) a GPU
     layers = [layer or _build_layer(c, dtype, "cpu") for layer, c in zip(layers, meta["network"]["layers"])]
-    net = Sequential(*layers)
+    # "classifies" is absent from older files: None, unknown
+    net = Sequential(*layers, classifies=meta.get("classifies"))
     net.load_state_dict(arrays)
     dev = resolve_device(device)
     if dev != "cpu":
         net.to(dev)
-    net.classifies = meta.get("classifies")  # absent from older files: None, unknown
     net.feature_names, net.classes, net.label_column = (meta.get(k) for k in ("feature_names", "classes",
                                                                               "label_column"))
     return net

@@ -160,7 +160,8 @@ class _BaseMLP(BaseEstimator):
             layers += [act()] if act is not None else []
             if self.dropout:
                 layers.append(Dropout(float(self.dropout), seed=int(rng.integers(2**31))))
-        return Sequential(*layers).to(device)  # drawn on the host, then moved: the same draws on every device
+        # drawn on the host, then moved: the same draws on every device
+        return Sequential(*layers, classifies=self._classifies).to(device)
 
     def _linear(self, fan_in: int, fan_out: int, rng) -> Linear:
         bound = math.sqrt((2.0 if self.activation == "logistic" else 6.0) / (fan_in + fan_out))
@@ -286,7 +287,6 @@ class _BaseMLP(BaseEstimator):
             n_in, n_out = weights["0.W"].shape[0], self.n_outputs_
             self.net_ = self._network(n_in, n_out, np.random.default_rng(0), device)
             self.net_.load_state_dict(weights)
-            self.net_.classifies = self._classifies
             self._name_network()
             self.net_.eval()
             self._opt = self._optimizer(self.net_, 1)

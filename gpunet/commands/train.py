@@ -476,7 +476,7 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     net, opt, schedule = build(config, x_tr.shape[1], classes, device)
     why_not = fast.why_not(net, loss, opt, y_tr)  # a BatchNorm network or RMSprop runs the core's step
     if config.cuda_graph:
-        _check_cuda_graph(net, why_not, config, comm)
+        _check_cuda_graph(net, why_not, config)
     info = backend.describe_device(device)
     log(_start_line(config, device, info, [x_tr.shape[1], *config.hidden, classes],
                     (len(x_tr), len(x_val), len(x_test)), meta, comm, why_not))
@@ -523,12 +523,11 @@ def _outputs(table, y_tr, y_val, y_test):
     return int(max(y_tr.max(), y_val.max() if len(y_val) else 0, y_test.max())) + 1, SoftmaxCrossEntropy()
 
 
-def _check_cuda_graph(net, why_not, config: TrainConfig, comm) -> None:
+def _check_cuda_graph(net, why_not, config: TrainConfig) -> None:
     """--cuda-graph on a run the graph step cannot take: one line naming why (before any epoch)."""
     from ..fast import graph
 
-    reason = why_not or graph.available() or graph.why_not(net, None, config.augment,
-                                                           comm is not None)
+    reason = why_not or graph.available() or graph.why_not(net, None, config.augment)
     if reason is not None:
         raise ConfigError(f"--cuda-graph: expected a run the CUDA graph step can take, got one it "
                           f"cannot: {reason}")
@@ -542,8 +541,7 @@ def _table_model(net, table: dict, config: TrainConfig):
     if table["target_scaling"] is not None:  # y = z * std + mean, as Standardize: (z - (-mean/std)) / (1/std)
         mean, std = table["target_scaling"]
         layers.append(Standardize(-mean / std, 1 / std))
-    model = Sequential(*layers)
-    model.classifies = table["task"] != "regressor"
+    model = Sequential(*layers, classifies=net.classifies)  # the trained network's, as fit set it
     model.feature_names, model.classes = table["feature_names"], table["classes"]
     model.label_column = config.label_column if str(config.data).lower().endswith(".csv") else None
     return model

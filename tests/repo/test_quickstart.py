@@ -76,6 +76,11 @@ def test_ci_runs_the_readme_lines_and_nothing_else_as_set_up():
                  "GPUNET_REQUIRE_NVRTC", "GPUNET_REQUIRE_CONTAINER"):
         assert f"export {flag}=1" in run, f".ci/run no longer sets {flag}=1"
     assert re.search(r'export GPUNET_DATA=.*shared/data/mnist', run), ".ci/run does not point GPUNET_DATA at ../shared"
+    # one more CI-only run, after the Quick start: the fast tests with only NumPy and pytest installed
+    numpy_only = (ROOT / ".ci" / "numpy-only").read_text(encoding="utf-8")
+    assert any(l == ".ci/numpy-only" for l in code[quickstart_at + 1:]), ".ci/run no longer runs .ci/numpy-only"
+    assert re.search(r"pip install --quiet -e \. pytest$", numpy_only, re.M), "numpy-only installs more"
+    assert re.search(r'pytest -q -m "not slow"', numpy_only), "numpy-only does not run the fast tests"
 
 
 def test_the_extractor_refuses_a_readme_without_the_block():

@@ -29,8 +29,14 @@ FREE_FUNCTIONS = {"empty", "empty_like", "reshape", "ravel", "shape", "ndim", "r
 
 
 class Counter:
+    """``launches`` and their names (``log``); ``downloads``: the shapes copied to the host; ``reads``:
+    ``(what, shape, thread id)`` of every read that makes the host wait for the device on a GPU
+    (``float()``, ``int()``, ``bool()``, ``.item()``, ``.tolist()``, a blocking ``.get()``,
+    ``asnumpy``, a stream's or an event's ``synchronize``); ``async_reads``: the non-blocking
+    ``.get(blocking=False)`` copies, which do not."""
+
     def __init__(self):
-        self.launches, self.log, self.downloads = 0, [], []
+        self.launches, self.log, self.downloads, self.reads, self.async_reads = 0, [], [], [], []
         # stream capture (see _Stream): the launches being captured (None when not capturing), one entry
         # per finished capture (its stream and launch names), graph replays, host-to-device copies
         # (stream, bytes), synchronizations, and what a capture must not do (allocate, read the host)
@@ -56,6 +62,14 @@ class Counter:
     def add(self, what):
         self.launches += 1
         self.log.append(what)
+
+    def read(self, what, shape=()):
+        self.reads.append((what, tuple(shape), threading.get_ident()))
+
+    def main_thread_reads(self):
+        """The reads made on the main thread (the training loop's, not a background writer's)."""
+        main = threading.main_thread().ident
+        return [(what, shape) for what, shape, thread in self.reads if thread == main]
 
 
 def _base(a):
@@ -116,25 +130,13 @@ def make_array_type(counter):
             counter.copies.append((stream, np.array(arr)))  # what was copied, for tests
             self.view(np.ndarray)[...] = np.asarray(arr).reshape(self.shape)
 
-        def __float__(self):
-            counter.violation("a host read (float)")
-            return float(self.view(np.ndarray))
-
-        def __int__(self):
-            counter.violation("a host read (int)")
-            return int(self.view(np.ndarray))
-
-        def __bool__(self):
-            counter.violation("a host read (bool)")
-            return bool(self.view(np.ndarray))
-
-        def item(self, *args):
-            counter.violation("a host read (item)")
-            return self.view(np.ndarray).item(*args)
-
         def get(self, stream=None, order="C", out=None, blocking=True):  # CuPy's copy to the host
             counter.violation("a host read (get)")
             counter.downloads.append(self.shape)  # the shapes copied, for tests
+            if blocking:
+                counter.read("get", self.shape)
+            else:
+                counter.async_reads.append(self.shape)
             if out is not None:
                 out[...] = self.view(np.ndarray)
                 return out
@@ -150,6 +152,29 @@ def make_array_type(counter):
             counter.add("setitem")
             if not counter.defer("setitem", lambda: self.view(np.ndarray).__setitem__(key, _base(value))):
                 self.view(np.ndarray)[key] = _base(value)
+
+        def _read(self, what, convert):  # a read the host waits for (and a capture cannot hold)
+            counter.violation(f"a host read ({what})")
+            counter.read(what, self.shape)
+            return convert(self.view(np.ndarray))
+
+        def __float__(self):
+            return self._read("float", float)
+
+        def __int__(self):
+            return self._read("int", int)
+
+        def __bool__(self):
+            return self._read("bool", bool)
+
+        def __index__(self):
+            return self._read("index", lambda a: a.__index__())
+
+        def item(self, *args):
+            return self._read("item", lambda a: a.item(*args))
+
+        def tolist(self):
+            return self._read("tolist", lambda a: a.tolist())
 
         @property
         def device(self):
@@ -432,6 +457,7 @@ class FakeCupy(types.ModuleType):
         self.counter.violation("a host read (asnumpy)")
         if isinstance(a, self.ndarray):
             self.counter.downloads.append(a.shape)
+            self.counter.read("asnumpy", a.shape)
         return np.array(_base(a))
 
     def ElementwiseKernel(self, in_params, out_params, operation, name, **kwargs):
@@ -500,7 +526,8 @@ class _Device:
 
 class _Event:
     """CuPy's Event; ``record`` notes the host's clock (the fake runs every launch at once), which
-    ``get_elapsed_time`` reports in ms, as CuPy's does the device's."""
+    ``get_elapsed_time`` reports in ms, as CuPy's does the device's; ``synchronize`` makes the host
+    wait for the work before it (a read, counted)."""
 
     at = None
 
@@ -508,7 +535,7 @@ class _Event:
         self.at = time.perf_counter()
 
     def synchronize(self):
-        pass
+        _STREAM["counter"].read("event.synchronize")
 
 
 # ------------------------------------------------------------------------------ streams and CUDA graphs
@@ -546,6 +573,7 @@ class _Stream:
         counter = _STREAM["counter"]
         counter.violation("a stream synchronization")
         counter.syncs += 1
+        counter.read("stream.synchronize")
 
     def is_capturing(self):
         return _STREAM["counter"].capture_stream is self

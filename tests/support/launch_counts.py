@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import sys
 
+import cuda_support
 import numpy as np
+from fake_cupy import FakeCupy
 
 import gpunet as gn
 from gpunet import backend
 from gpunet.data.rows import Pixels
 from gpunet.training import fit
-import cuda_support
-from fake_cupy import FakeCupy
 
 SIZES, BATCH = [784, 512, 512, 10], 128
 # (path, the settings of :func:`per_step`, its budget): a test fails when a launch is added to any
@@ -31,6 +31,14 @@ PATHS = [
     ("--augment, momentum, dropout 0.2", {"dropout": 0.2, "augment": True}, 27),
     ("--batch-norm, momentum, dropout 0.2", {"dropout": 0.2, "batch_norm": True}, 25),
 ]
+
+
+# blocking device->host reads an epoch on the main thread, a GPU run of the CLI's shape (784-512-512-10,
+# dropout, momentum, validation, a checkpoint every epoch): the epoch's loss and right answers (2), the
+# stream's sync before them (the epoch's seconds), validation's loss, right-answer count and confusion
+# counts (3), and the record's row count; the checkpoint's weights and velocities none (one non-blocking
+# batched copy, collected by the writer thread)
+READS_PER_EPOCH = 7
 
 
 class TwinComm:
@@ -106,3 +114,23 @@ def table(fake) -> str:
     for name, settings, budget in PATHS:
         lines.append(f"| {name} | {per_step(fake, **settings)[0]} | {budget} |")
     return "\n".join(lines) + "\n"
+
+
+def reads_per_epoch(fake, checkpoint_dir=None, validation=True):
+    """``(main-thread reads an epoch, other threads' reads an epoch, the longer run's main-thread
+    reads)``: the difference between runs of 3 and 1 epochs, halved (per-run reads left out), of the
+    CLI's network with a checkpoint in ``checkpoint_dir`` every epoch (None: no checkpoint)."""
+    counts = []
+    for epochs in (1, 3):
+        x, y = mnist_like(BATCH * 3)
+        net = gn.mlp(SIZES, dropout=0.2, seed=0, device="gpu")
+        fake.counter.reads.clear()
+        path = None if checkpoint_dir is None else f"{checkpoint_dir}/{epochs}.npz"
+        xv, yv = mnist_like(300, seed=1)
+        fit(net, gn.SoftmaxCrossEntropy(), make_optimizer(net, "momentum"), Pixels(x), y, epochs=epochs,
+            batch_size=BATCH, validation=(Pixels(xv), yv) if validation else None, checkpoint_path=path)
+        main = fake.counter.main_thread_reads()
+        counts.append((len(main), len(fake.counter.reads) - len(main), main))
+    (few, few_other, _), (more, more_other, log) = counts
+    assert (more - few) % 2 == 0 and (more_other - few_other) % 2 == 0, "every epoch reads the same"
+    return (more - few) // 2, (more_other - few_other) // 2, log

@@ -185,6 +185,24 @@ def test_evaluate_and_predict_use_what_the_model_keeps(wine_run):
     assert res.returncode == 1 and "missing ['alcohol']" in res.stderr
 
 
+def test_save_inputs_of_a_table_model_writes_the_rows_it_read(wine_run):
+    """predict --save-inputs on a table model writes the rows the network read, in the model's column
+    order (the file's columns were reversed and held the label), into DIR/inputs.csv: before, the flag
+    was ignored for a table model without a word."""
+    pd = optional("pandas", "sklearn")
+    work, frame, _ = wine_run
+    model = work / "runs" / "wine" / "model.npz"
+    res = gpunet("predict", model, "wine_reversed.csv", "--save-inputs", "seen", "--json", cwd=work)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert {str(work / r["input"]) for r in rows} == {str(work / "seen" / "inputs.csv")}
+    seen = pd.read_csv(work / "seen" / "inputs.csv")
+    features = [c for c in frame.columns if c != "target"]
+    assert list(seen.columns) == ["file", *features]
+    assert list(seen["file"]) == [r["file"] for r in rows]
+    np.testing.assert_allclose(seen[features].to_numpy(), frame[features].to_numpy(), rtol=1e-6)
+
+
 def test_export_keeps_names_and_refuses_a_missing_folder(wine_run):
     onnx = optional("onnx", "onnx")
     work, frame, _ = wine_run

@@ -16,6 +16,7 @@ import types
 
 import cuda_cpu
 import cuda_support
+import launch_counts
 import numpy as np
 import pytest
 
@@ -31,9 +32,11 @@ DTYPES = ("float32", "float64")
 @pytest.fixture
 def fake(monkeypatch):
     """The counting fake CuPy with the CUDA-on-CPU harness on (skips, or fails, without g++)."""
+    cuda_support.cxx_or_skip()
+    monkeypatch.delenv("GPUNET_CUDA_CPU", raising=False)
     cuda_cpu.stats["names"].clear()
-    with cuda_support.fake_cupy(monkeypatch, harness=True) as fake:
-        yield fake
+    yield launch_counts.install(monkeypatch)
+    cuda_support.clear_kernel_caches()
 
 
 def ran_from_cuda(*names):

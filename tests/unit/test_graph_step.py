@@ -69,10 +69,11 @@ def run(
     batch_size=16,
     schedule=None,
     pixels=True,
+    rows=70,
     **kwargs,
 ):
     """Train a 12-10-8-4 network on the fake GPU; returns (net, optimizer, history)."""
-    x, y = data()
+    x, y = data(rows)
     net = gn.mlp([12, 10, 8, 4], dropout=dropout, seed=3, device="gpu")
     assert gn.get_array_module(net.parameters()[0].data) is fake
     params = net.parameters()
@@ -338,7 +339,7 @@ def test_the_comparison_table_puts_each_step_against_pytorch_eager():
     """benchmarks/gpu_graph.py's table: ms per step from the events and the wall clock, and the
     ratio to PyTorch eager's ms per step (the session's one table; its dry run is in
     test_gpu_session.py)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import gpu_graph
 
     rows = {
@@ -357,3 +358,86 @@ def test_the_comparison_table_puts_each_step_against_pytorch_eager():
     assert (
         gpu_graph.table(rows, "t").splitlines()[-1].endswith("not run (PyTorch is not installed) |")
     )
+
+
+@pytest.mark.parametrize("optimizer,rows", [("momentum", 70), ("adam", 70), ("adam", 65)])
+def test_a_data_parallel_graph_run_trains_as_the_eager_one(fake_gpu, optimizer, rows):
+    """Rank 0 of two (tests/support/launch_counts.TwinComm: the twin has the same gradients), dropout on:
+    the graph writes the shard's share of the gradients, the all-reduce and the update run after
+    each replay on the graph's stream; the same state as the eager distributed step. 70 rows in
+    batches of 16: shards of 8 rows, and of 3 in the last batch of 6 (its own capture); 65 rows: the
+    last batch's one row is the twin's, this rank adds a zero gradient and takes the core's step."""
+    from launch_counts import TwinComm
+
+    eager = run(fake_gpu, graph_on=False, optimizer=optimizer, comm=TwinComm(), rows=rows)
+    before = len(fake_gpu.counter.captures)
+    graphed = run(fake_gpu, graph_on=True, optimizer=optimizer, comm=TwinComm(), rows=rows)
+    assert_same_run(eager, graphed)
+    captured = fake_gpu.counter.captures[before:]
+    assert len(captured) == (2 if rows == 70 else 1) and fake_gpu.counter.violations == []
+    names = captured[0][2]
+    assert "gpunet_graph_layer_momentum" not in names and "gpunet_graph_adam" not in names
+
+
+def test_the_graph_kernels_compile_with_nvrtc(fake_gpu, monkeypatch):
+    """Every ElementwiseKernel launch of the graph step (recorded from runs with Adam, Nesterov
+    momentum and SGD, pixels and float rows, float32 and float64, dropout on), compiled with NVRTC
+    as CuPy would build it for those arguments, for each arch NVRTC here knows; skips without NVRTC
+    (GPUNET_REQUIRE_NVRTC=1 fails). The GEMMs: tests/unit/test_graph_kernels.py."""
+    import cuda_compile as cc
+    import cuda_cpu
+    from test_cuda_compile import toolchain_or_skip
+
+    if cuda_cpu._cupy is None:
+        pytest.skip("CuPy is not installed (its code generator and NVRTC wrapper are needed)")
+    with monkeypatch.context() as real:  # NVRTC through the real CuPy, not the fake
+        real.setitem(sys.modules, "cupy", cuda_cpu._cupy)
+        tools = toolchain_or_skip()
+    monkeypatch.setenv("GPUNET_CUDA_CPU", "0")  # the sources are compiled here, not run
+    launched, real = {}, graph_kernels.launch
+
+    def record(name, *args):
+        spec = graph_kernels.variants()[name]
+        plain = tuple(a.view(np.ndarray) if isinstance(a, np.ndarray) else a for a in args)
+        launched.setdefault(cc.elementwise_program(spec, plain)[:2], name)
+        return real(name, *args)
+
+    monkeypatch.setattr(graph_kernels, "launch", record)
+    for optimizer, pixels, dtype in (("adam", True, np.float32), ("momentum", False, np.float32),
+                                     ("sgd", True, np.float64)):
+        x, y = data()
+        net = gn.mlp([12, 10, 8, 4], dropout=0.25, seed=3, device="gpu", dtype=dtype)
+        params = net.parameters()
+        opt = (gn.Adam(params) if optimizer == "adam" else gn.SGD(params, lr=0.05)
+               if optimizer == "sgd" else gn.Momentum(params, lr=0.05, nesterov=True))
+        xs = Pixels(x, dtype) if pixels else (x / 255).astype(dtype)
+        fit(net, gn.SoftmaxCrossEntropy(), opt, xs, y, epochs=1, batch_size=16, cuda_graph=True)
+    assert set(launched.values()) == set(graph_kernels.variants())
+    failures = []
+    monkeypatch.setitem(sys.modules, "cupy", cuda_cpu._cupy)
+    for name, source in launched:
+        for arch in tools["archs"]:
+            try:
+                assert cc.compile_program(source, name, arch)[:4] == b"\x7fELF"
+            except cc.CompileError as exc:
+                failures.append(str(exc))
+    assert not failures, "\n\n".join(failures)
+
+
+def test_a_graph_step_is_one_launch_from_the_host(fake_gpu):
+    """In steady state a step costs the host one graph launch and one scalar copy, nothing else: an
+    epoch's launches (third epoch minus second) are the steps plus a per-epoch constant (the
+    permutation's upload and copy, the sums, the divergence guard's copies), for 5 and for 10 steps an
+    epoch."""
+    run(fake_gpu, graph_on=True, epochs=1)  # the backend's probe (its launches) comes first
+    per_epoch = {}
+    for rows in (70, 150):  # 5 and 10 steps of 16 rows, the last of 6 in both
+        counts, copies = [], []
+        for epochs in (2, 3):
+            before, copied = fake_gpu.counter.launches, len(fake_gpu.counter.copies)
+            run(fake_gpu, graph_on=True, epochs=epochs, rows=rows)
+            counts.append(fake_gpu.counter.launches - before)
+            copies.append(len(fake_gpu.counter.copies) - copied)
+        per_epoch[rows] = counts[1] - counts[0]
+        assert copies[1] - copies[0] == -(-rows // 16)  # one copy of the scalars a step
+    assert per_epoch[150] - per_epoch[70] == 10 - 5, per_epoch
