@@ -308,7 +308,9 @@ class Run:
                   "accuracy": correct / self.n if self.loss.classifies else None, "val_loss": None,
                   "val_accuracy": None, "lr": self.optimizer.lr, "seconds": time.perf_counter() - self._clock}
         if self.validation is not None and math.isfinite(record["loss"]):  # NaN weights are not worth a pass
-            val = evaluate(self.net, self.loss, *self.validation, batch_size=self.eval_batch_size, comm=self.comm)
+            x_val, y_val = self.validation
+            val = evaluate(self.net, self.loss, x_val, y_val, batch_size=self.eval_batch_size,
+                           comm=self.comm)
             record["val_loss"], record["val_accuracy"] = val["loss"], val.get("accuracy")
         return record
 
