@@ -36,7 +36,7 @@ SIZES, BATCH, DROPOUT, LR, MOMENTUM = [784, 512, 512, 10], 128, 0.2, 0.05, 0.9
 def install_fake_cupy() -> None:
     """The dry run's GPU: the fake CuPy of the tests (kernels as NumPy mirrors, CUDA sources
     off)."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "support"))
     os.environ["GPUNET_CUDA_CPU"] = "0"
     from fake_cupy import FakeCupy
 

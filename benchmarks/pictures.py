@@ -22,7 +22,7 @@ from gpunet.data import load_mnist
 from gpunet.data.pictures import load_image_file
 from gpunet.training import predict
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 import pictures  # noqa: E402  (the tests' picture builders: no picture files are committed)
 
 

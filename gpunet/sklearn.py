@@ -222,7 +222,7 @@ class _BaseMLP(BaseEstimator):
             self.net_.load_state_dict(self._best_state)
         if not incremental and history.stop_reason == "max_epochs":
             warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
-                          f"optimization hasn't converged yet.", ConvergenceWarning)
+                          f"optimization hasn't converged yet.", ConvergenceWarning, stacklevel=2)
         return self
 
     def _name_network(self):

@@ -137,7 +137,7 @@ def test_the_memory_children_see_the_data(tmp_path):
     children's growth must show at least half of that difference (14 MB here; RSS noise is ~1 MB)."""
     data = make_fake_mnist(tmp_path / "mnist", n_train=6000, n_test=100)
     got = {pixels: memory.measure(data, pixels, ("gpunet",))["gpunet"] for pixels in ("uint8", "float32")}
-    for pixels, m in got.items():
+    for m in got.values():
         assert "error" not in m, m
         assert m["train_set_bytes"] == 6000 * 784 * 4 and m["model_bytes"] == 4 * (784 * 512 + 512 * 512 + 5130 + 1024)
         assert m["peak_kib"] >= m["after_load_kib"] > m["baseline_kib"] >= m["baseline_before_jit_kib"] > 0

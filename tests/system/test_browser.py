@@ -16,6 +16,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import optional
 
 REQUIRE = os.environ.get("GPUNET_REQUIRE_BROWSER") == "1"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -122,7 +123,7 @@ DIGITS = {  # digit -> strokes, as a person draws them
 
 
 def test_draw_digits_and_read_the_page(page, tmp_path):
-    from PIL import Image
+    Image = optional("PIL.Image", "cli")
 
     from gpunet.data.pictures import mnist_style
 

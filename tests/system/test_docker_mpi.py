@@ -27,8 +27,8 @@ from conftest import make_fake_mnist
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "docker"))
-import build_inputs  # docker/build_inputs.py
-import two_hosts  # docker/two_hosts.py
+import build_inputs  # noqa: E402  (docker/build_inputs.py)
+import two_hosts  # noqa: E402  (docker/two_hosts.py)
 
 IMAGE = "gpunet:local"
 REQUIRE_CONTAINER = os.environ.get("GPUNET_REQUIRE_CONTAINER") == "1"

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-Image = pytest.importorskip("PIL.Image")
+from conftest import optional
+
+Image = optional("PIL.Image", "cli")
 resource = pytest.importorskip("resource")
 
 import gpunet as gn  # noqa: E402

@@ -534,7 +534,7 @@ def balanced_displays(md):
 
 
 def check_markdown(md):
-    displays = balanced_displays(md)
+    balanced_displays(md)  # asserts that every display is balanced
     for formula in (r"\delta^{L} = y^{D} - y^{L}", r"z^{1} = b^{1} + y^{0} W^{1}",
                     r"\frac{\partial C}{\partial z^{L}}", r"W^{1} (\text{new})", r"\mathrm{softmax}"):
         assert formula in md, formula

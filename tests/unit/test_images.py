@@ -11,7 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-Image = pytest.importorskip("PIL.Image")
+from conftest import optional
+
+Image = optional("PIL.Image", "cli")
 from PIL import ImageDraw  # noqa: E402
 
 import gpunet as gn  # noqa: E402
@@ -178,8 +180,7 @@ def test_bad_arrays(picture, message):
 
 # ------------------------------------------------------------------ the filters, against scipy.ndimage
 def _ndimage():
-    return pytest.importorskip("scipy.ndimage", reason="scipy is the filters' test oracle (not a gpunet "
-                                                       "dependency) and is not installed here")
+    return optional("scipy.ndimage", "test")  # the filters' test oracle, not a gpunet dependency
 
 
 def _masks():
