@@ -7,6 +7,7 @@ status 2; nothing here is imported by the library.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("files", nargs="+", metavar="FILE")
     r.add_argument("--device", default=None, help="cpu, gpu or auto")
     r.add_argument("--json", action="store_true", help="print JSON (with each file's warnings)")
-    r.add_argument("--save-inputs", metavar="DIR", help="write each input the model saw as a PNG into DIR")
+    r.add_argument("--save-inputs", metavar="DIR", help="write each input the model saw into DIR: a PNG "
+                   "per picture; for a --data model, the rows in the model's column order, DIR/inputs.csv")
     r.add_argument("--label-column", default=None, metavar="NAME", help="for a model trained with --data: the CSV "
                    "column ignored if present (default: the model's, else label); columns are taken by name")
 
@@ -306,8 +308,10 @@ def cmd_predict(args):
         rows += [None] * len(x)  # filled below, in the order of the files
     if batches:
         x = np.concatenate(batches)
-        keep = args.save_inputs and size
-        saved = _save_inputs(args.save_inputs, names, x, size) if keep else [None] * len(x)
+        saved = [None] * len(x)
+        if args.save_inputs:
+            save = _save_rows if table else _save_inputs
+            saved = save(args.save_inputs, names, x, size if size else net.feature_names)
         outs = iter(backend.to_numpy((predict_proba if classifies(net) else predict)(net, x)))
         done = iter([{"file": n, **_answer(net, next(outs), w), **({"input": str(path)} if path else {})}
                      for n, w, path in zip(names, notes, saved)])
@@ -331,6 +335,21 @@ def _print_answer(r: dict) -> None:
     print(f"{r['file']}: {r[key]}  ({alts})")
     for w in r["warnings"]:
         print(f"gpunet predict: warning: {r['file']}: {w}", file=sys.stderr)
+
+
+def _save_rows(folder, names, x, columns):
+    """A table model's inputs: every row of x (N, features), in the model's column order (the order
+    the network reads, after reordering by name and dropping the label), into folder/inputs.csv with
+    a `file` column first; the path, once per row."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "inputs.csv"
+    columns = list(columns) if columns is not None else [f"x{j}" for j in range(x.shape[1])]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(["file", *columns])
+        out.writerows([name, *(repr(float(v)) for v in row)] for name, row in zip(names, x))
+    return [path] * len(x)
 
 
 def _save_inputs(folder, names, x, size):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import queue
 import signal
 import sys
 import threading
@@ -34,6 +35,7 @@ from .predictions import prediction
 from .training import predict_proba
 
 MAX_BODY = 8 * 2**20  # bytes: a phone photo fits; anything bigger is refused (413) before it is read
+MAX_ROWS = 256  # rows in one forward pass of the device worker, when that many requests wait
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -41,18 +43,95 @@ class BadRequest(ValueError):
     """The request body cannot be used; the message is the one line the client gets (status 400)."""
 
 
+class Job:
+    """One request's rows for the device worker: x (k, features) on the host in the net's dtype;
+    the worker sets ``result`` ((k, classes) NumPy) or ``error``, then ``done``."""
+
+    __slots__ = ("done", "error", "result", "x")
+
+    def __init__(self, x: np.ndarray):
+        self.x, self.done = x, threading.Event()
+        self.result: np.ndarray = x[:0]  # replaced by the worker
+        self.error: Exception | None = None
+
+
+class DeviceWorker:
+    """The one thread that runs the network, fed by a queue.
+
+    CuPy keeps a cuBLAS handle per thread: with the forward pass in each request's thread, every
+    thread paid ``cublasCreate`` and its end a device-synchronising ``cublasDestroy``; one thread is
+    one handle. ``predict_proba`` also switches the network's train/eval mode and layers keep
+    per-call buffers, so one thread at a time may run it anyway. When requests pile up, the worker
+    takes every waiting one (up to ``max_rows`` rows) into one forward pass and hands each its rows.
+    """
+
+    def __init__(self, net, max_rows: int = MAX_ROWS):
+        self.net, self.max_rows = net, max_rows
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.batches = 0  # forward passes run
+        self._thread = threading.Thread(target=self._run, name="gpunet-serve-device", daemon=True)
+        self._thread.start()
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """x (k, features) host array in the net's dtype -> (k, classes) NumPy probabilities."""
+        job = Job(x)
+        self.queue.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        waiting: list = []  # a job taken from the queue that did not fit into the last batch
+        while True:
+            batch = [waiting.pop() if waiting else self.queue.get()]
+            if batch[0] is None:
+                return
+            rows = len(batch[0].x)
+            while rows < self.max_rows:
+                try:
+                    job = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None or rows + len(job.x) > self.max_rows:
+                    waiting.append(job)
+                    break
+                batch.append(job)
+                rows += len(job.x)
+            self._forward(batch)
+
+    def _forward(self, batch: list) -> None:
+        try:
+            x = batch[0].x if len(batch) == 1 else np.concatenate([job.x for job in batch])
+            probs = to_numpy(predict_proba(self.net, x))
+            self.batches += 1
+            start = 0
+            for job in batch:
+                job.result, start = probs[start:start + len(job.x)], start + len(job.x)
+        except Exception as exc:  # the request threads answer it (500, one line)
+            for job in batch:
+                job.error = exc
+        finally:
+            for job in batch:
+                job.done.set()
+
+
 class Predictor:
     """One loaded network, shared by every request thread.
 
-    Pictures are prepared in the calling thread (in parallel); the forward pass itself takes a lock,
-    because ``predict_proba`` switches the network's train/eval mode and layers keep per-call buffers.
+    Pictures are prepared in the calling thread (in parallel); the forward pass runs on the
+    network's one DeviceWorker.
     """
 
-    def __init__(self, net, name: str = "model"):
+    def __init__(self, net, name: str = "model", max_rows: int = MAX_ROWS):
         self.net, self.name = net, name
         self.size = image_size(net.in_features)
         self.classes = net.out_features
-        self._lock = threading.Lock()
+        self.worker = DeviceWorker(net, max_rows)
 
     def info(self) -> dict:
         return {"status": "ok", "model": self.name, "inputs": int(self.net.in_features),
@@ -69,7 +148,7 @@ class Predictor:
             img = Image.open(io.BytesIO(body))
         except Exception as exc:  # Pillow raises many types for bytes that are no picture
             raise BadRequest(f"the body is not a picture Pillow can read ({type(exc).__name__}); send PNG or "
-                             f"JPEG bytes, or JSON {{\"pixels\": [[...]]}} with Content-Type: application/json")
+                             f"JPEG bytes, or JSON {{\"pixels\": [[...]]}} with Content-Type: application/json") from exc
         try:
             with img:
                 pixels, warnings = mnist_style(img, self.size)
@@ -108,8 +187,7 @@ class Predictor:
     def predict(self, pixels: np.ndarray, warnings: list) -> dict:
         """pixels float32 (rows, cols) -> the prediction (see the module docstring) with its "input"."""
         x = pixels.reshape(1, -1).astype(self.net.dtype, copy=False)
-        with self._lock:
-            probs = to_numpy(predict_proba(self.net, x))[0]
+        probs = self.worker.probabilities(x)[0]
         return {**prediction(probs, warnings), "input": np.round(pixels, 3).tolist()}
 
 
@@ -240,6 +318,10 @@ class Server(connections.Server):
         self.predictor = predictor
         super().__init__(address, Handler, max_body=max_body, quiet=quiet, **kwargs)
 
+    def server_close(self):
+        super().server_close()
+        self.predictor.worker.close()
+
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
         if not isinstance(exc, (ConnectionError, TimeoutError)):  # clients hanging up are not news
@@ -253,10 +335,12 @@ def make_server(net, host: str = "127.0.0.1", port: int = 8000, *, name: str = "
     """A server for `net`, bound and ready (call ``serve_forever``); port 0 picks a free port.
     `deadline`: seconds a request may take to arrive whole (then 408); `max_connections`: open at
     once (then 503)."""
+    predictor = Predictor(net, name)
     try:
-        return Server((host, port), Predictor(net, name), max_body=max_body, quiet=quiet,
+        return Server((host, port), predictor, max_body=max_body, quiet=quiet,
                       deadline=deadline, max_connections=max_connections)
     except OSError as exc:
+        predictor.worker.close()  # no server: its worker thread ends too
         raise OSError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from exc
 
 

@@ -17,8 +17,11 @@ the host. Where :mod:`gpunet.fast` knows the network, its fused step replaces th
 from __future__ import annotations
 
 import math
+import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +29,9 @@ from . import callbacks as cbs
 from . import checkpoint, parallel
 from . import fast as fast_path
 from .backend import (
+    Array,
+    ArrayLike,
+    HostCopy,
     get_array_module,
     on_device_of_net,
     softmax,
@@ -42,6 +48,14 @@ from .data.rows import as_rows
 from .fast import graph
 from .metrics import confusion_counts, report
 
+Network = Any
+"""A :class:`gpunet.Sequential` (or a layer with its forward, backward and parameters): named, not
+imported (training sits beside the network, not on it)."""
+Optimizer = Any
+"""A :mod:`gpunet.optimizers` rule: ``step()``, ``lr``, ``state_dict()``."""
+Loss = Any
+"""A :mod:`gpunet.losses` loss: ``forward(pred, target)``, ``backward()``, ``classifies``."""
+
 
 @dataclass
 class History:
@@ -54,19 +68,19 @@ class History:
     best_epoch: int | None = None
     diverged_epoch: int | None = None
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: int | slice | str) -> Any:
         if isinstance(key, (int, np.integer, slice)) and not isinstance(key, bool):
             return self.epochs[key]
         return [e[key] for e in self.epochs]
 
-    def __iter__(self):  # over the epochs, as indexing goes (not over keys)
+    def __iter__(self) -> Iterator[dict]:  # over the epochs, as indexing goes (not over keys)
         return iter(self.epochs)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.epochs)
 
 
-def train_step(net, loss, optimizer, x, y):
+def train_step(net: Network, loss: Loss, optimizer: Optimizer, x: Array, y: Array) -> Array:
     """The notes' step on one batch: forward, cost, backward, update; returns the batch's mean loss (a 0-d
     array on the network's device). ``x``: (N, features) in the network's dtype on its device; ``y``:
     (N,) int64 class labels or (N, outputs) targets (``fit`` converts any array-like once, then runs this
@@ -166,9 +180,10 @@ class Run:
         # layers that draw per row (Dropout): told where this rank's rows begin in the global batch
         self._row_keyed = [layer for layer in _layers(net) if hasattr(layer, "row_start")]
         self.row_start, self.batch_rows = 0, 0
-        self._take_step = _stepper(step, optimizer, interrupt, self.comm, self._row_keyed)
-        self._step_sums = getattr(step, "sums_in_kernel", False) and step  # a GPU fused step sums itself
         self._graph = self._graph_step(step, fast) if cuda_graph else None
+        self._take_step = None if cuda_graph else _stepper(step, optimizer, interrupt, self.comm,
+                                                           self._row_keyed)
+        self._step_sums = getattr(step, "sums_in_kernel", False) and step  # a GPU fused step sums itself
         xp = get_array_module(net.parameters()[0].data)
         self._xb = xp.empty((self.batch_size,) + self.x.shape[1:], dtype=self.x.dtype)
         self._yb = xp.empty((self.batch_size,) + self.y.shape[1:], dtype=self.y.dtype)
@@ -177,10 +192,26 @@ class Run:
         """The CUDA graph step (:mod:`gpunet.fast.graph`) built on the fused ``step``; ValueError says why
         this run cannot take it."""
         why = (None if fast else "fast=False") or fast_path.why_not(self.net, self.loss, self.optimizer, self.y) \
-            or graph.why_not(self.net, self.x, bool(self._hooks["transform_batch"]), self.comm is not None)
+            or graph.why_not(self.net, self.x, bool(self._hooks["transform_batch"]))
         if why is not None:
             raise ValueError(f"cuda_graph: this run cannot take the CUDA graph step: {why}")
-        return graph.GraphStep(step, self.x, self.y, self.batch_size)
+        summed = None if self.comm is None else parallel.GradientSum(self.comm,
+                                                                      self.optimizer.params)
+        return graph.GraphStep(step, self.x, self.y, self.batch_size, summed)
+
+    def _graph_batch(self, b):
+        """Step ``b`` through the graph: this rank's rows of the batch (its shard in a distributed
+        run, whose Dropout layers are told where it starts), and whether any rank asked to stop."""
+        lo, hi = b * self.batch_size, min(self.n, (b + 1) * self.batch_size)
+        self.batch_rows = hi - lo
+        if self.comm is not None:
+            first = lo
+            lo, hi = parallel.shard(lo, hi, self.rank, self.comm.size)
+            self.row_start = lo - first
+            for layer in self._row_keyed:
+                layer.row_start = self.row_start
+        asked = self.comm is not None and self.interrupt is not None and bool(self.interrupt())
+        return self._graph(b, lo, hi, self.batch_rows, asked)
 
     def _call(self, hook, *args):
         for fn in self._hooks[hook]:
@@ -209,11 +240,12 @@ class Run:
         order = to_device(self.order_rng.permutation(self.n), self.net.device) if self.shuffle else None
         if self._graph is not None:  # its own sums, set in place to where the epoch stands
             p = self._partial if self.step else None
-            self.loss_sum, self.correct = self._graph.begin_epoch(order, *((p["loss_sum"], p["correct"]) if p else ()))
+            sums = (p["loss_sum"], p["correct"]) if p else ()
+            self.loss_sum, self.correct = self._graph.begin_epoch(order, *sums)
         transforms, classify = self._hooks["transform_batch"], self.loss.classifies
         for b in range(self.step, self.steps):
             if self._graph is not None:  # the batch gathered inside the graph, from the permutation
-                (value, out), stop = self._graph(b), False
+                value, out, stop = self._graph_batch(b)
             else:
                 xb, yb, rows, batch_rows = self._batch(order, b)
                 for transform in transforms:
@@ -288,7 +320,9 @@ class Run:
                   "accuracy": correct / self.n if self.loss.classifies else None, "val_loss": None,
                   "val_accuracy": None, "lr": self.optimizer.lr, "seconds": time.perf_counter() - self._clock}
         if self.validation is not None and math.isfinite(record["loss"]):  # NaN weights are not worth a pass
-            val = evaluate(self.net, self.loss, *self.validation, batch_size=self.eval_batch_size, comm=self.comm)
+            x_val, y_val = self.validation
+            val = evaluate(self.net, self.loss, x_val, y_val, batch_size=self.eval_batch_size,
+                           comm=self.comm)
             record["val_loss"], record["val_accuracy"] = val["loss"], val.get("accuracy")
         return record
 
@@ -306,15 +340,20 @@ class Run:
                 seen[name] = seen.get(name, 0) + 1
                 yield (name if seen[name] == 1 else f"{name}.{seen[name]}"), c
 
-    def state_dict(self) -> tuple[dict, dict]:
+    def state_dict(self, wait: bool = True) -> tuple[dict, Any]:
         """``(record, arrays)``: everything a resumed run needs, as JSON data and host NumPy arrays. A collective
-        call in a distributed run (each rank's random state and partial sums are gathered)."""
+        call in a distributed run (each rank's random state and partial sums are gathered). The weights
+        and the optimizer's arrays come back in one batched copy (:class:`gpunet.backend.HostCopy`);
+        with ``wait=False`` ``arrays`` is a function that returns them: the copy runs behind the queued
+        work without the host waiting, and a checkpoint writer collects it off the training loop."""
         mid = self.step > 0
         partial = {"loss_sum": float(self.loss_sum), "correct": int(self.correct),
                    "seconds": time.perf_counter() - self._clock} if mid else None
         random, partial = self._per_rank(self.net.random_state()), self._per_rank(partial)
-        opt, arrays = checkpoint.split("optimizer", self.optimizer.state_dict())
-        arrays.update({f"net/{k}": v for k, v in self.net.state_dict().items()})
+        opt, arrays = checkpoint.split("optimizer", self.optimizer.state_dict(host=False))
+        arrays.update({f"net/{k}": v for k, v in self.net.state_dict(host=False).items()})
+        names, copy = list(arrays), HostCopy(arrays.values())
+        arrays = {}
         states = {}
         for name, c in self._stateful():
             state = c.state_dict()
@@ -322,11 +361,15 @@ class Run:
                 states[name], more = checkpoint.split(f"callbacks/{name}", state)
                 arrays.update(more)
         h = self.history
-        return {"network": self.net.config(), "epoch": self.epoch, "step": self.step,
-                "order_rng": self.epoch_rng if mid else self.order_rng.bit_generator.state, "random": random,
-                "ranks": len(random), "partial": partial, "optimizer": opt, "callbacks": states,
-                "history": h.epochs, "stop_reason": h.stop_reason, "best_epoch": h.best_epoch,
-                "diverged_epoch": h.diverged_epoch}, arrays
+        record = {"network": self.net.config(), "epoch": self.epoch, "step": self.step,
+                  "order_rng": self.epoch_rng if mid else self.order_rng.bit_generator.state, "random": random,
+                  "ranks": len(random), "partial": partial, "optimizer": opt, "callbacks": states,
+                  "history": [dict(r) for r in h.epochs], "stop_reason": h.stop_reason, "best_epoch": h.best_epoch,
+                  "diverged_epoch": h.diverged_epoch}
+
+        def fetch() -> dict:
+            return {**dict(zip(names, copy.wait())), **arrays}
+        return record, (fetch() if wait else fetch)
 
     def _check_fits(self, record: dict, path) -> None:
         """The fields of a checked record (:func:`gpunet.records.check_checkpoint`) that only this run can
@@ -394,12 +437,17 @@ def _same_kind(mine, given) -> bool:
 
 
 @on_device_of_net
-def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validation=None, shuffle: bool = True,
+def fit(net: Network, loss: Loss, optimizer: Optimizer, x: ArrayLike, y: ArrayLike, *,
+        epochs: int = 10, batch_size: int | str | None = 128,
+        validation: tuple[ArrayLike, ArrayLike] | None = None, shuffle: bool = True,
         seed: int | None = 0, target_loss: float | None = None, patience: int | None = None,
-        min_delta: float = 0.0, schedule=None, callback=None, on_batch=None, eval_batch_size: int = 4096,
-        fast: bool = True, checkpoint_path=None, resume: bool = False, checkpoint_every: int = 1,
-        interrupt=None, run_info: dict | None = None, comm=None, callbacks=(), augment=None,
-        verbose: int = 0, cuda_graph: bool = False) -> History:
+        min_delta: float = 0.0, schedule: Callable[[int], float] | None = None,
+        callback: Callable[[dict], object] | None = None,
+        on_batch: Callable[[int, int, int], object] | None = None, eval_batch_size: int = 4096,
+        fast: bool = True, checkpoint_path: str | os.PathLike | None = None, resume: bool = False,
+        checkpoint_every: int = 1, interrupt: Callable[[], bool] | None = None,
+        run_info: dict | None = None, comm: Any = None, callbacks: Iterable[object] = (),
+        augment: object | None = None, verbose: int = 0, cuda_graph: bool = False) -> History:
     """Train ``net`` on ``x`` (N, features): any 2-D real array-like (converted once to the network's dtype
     and device, :mod:`gpunet.data.arrays`) or ``Pixels``; and ``y``: (N,) integer labels 0..C-1 or (N, outputs)
     targets.
@@ -413,8 +461,8 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     and the checkpoint); ``augment``: one more, whose ``transform_batch(run, xb)`` changes each training batch.
     ``verbose`` as in Keras: 0 silent, 1 a progress bar per epoch, 2 one line per epoch (:class:`Progress`).
     ``cuda_graph=True`` (off by default until measured) runs each step as one CUDA graph replay
-    (:mod:`gpunet.fast.graph`: a GPU, the fused step's networks, no data parallelism or augment; else a
-    ValueError says why).
+    (:mod:`gpunet.fast.graph`: a GPU, the fused step's networks without BatchNorm, no augment; else
+    a ValueError says why; a data-parallel run's all-reduce runs between replays).
 
     Long runs: ``checkpoint_path`` receives a checkpoint every ``checkpoint_every`` epochs and at the end;
     ``resume=True`` continues from it exactly (bit for bit on the same device); ``interrupt()``, checked
@@ -431,7 +479,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     """
     _check_fit(epochs, patience, validation, resume, checkpoint_path)
     shown = [cbs.Progress(verbose)] if verbose != 0 else []  # refuses what is not 0, 1 or 2, before any work
-    net.classifies = loss.classifies  # what predict returns and model files record
+    net.classifies = loss.classifies  # set once (another task is refused): predict reads it
     if getattr(net, "feature_names", None) is None and columns_of(x) is not None:
         net.feature_names = columns_of(x)  # a data frame's columns: model files and ONNX keep them
     data = _dataset(x, y, net, loss.classifies)
@@ -554,7 +602,7 @@ def _each_batch(net, x, batch_size, then):
 
 
 @on_device_of_net
-def predict_proba(net, x, batch_size: int = 4096):
+def predict_proba(net: Network, x: ArrayLike, batch_size: int = 4096) -> Array:
     """Class probabilities (N, C) on the network's device, computed batch by batch in eval mode. A network
     that does not classify (see :func:`classifies`) is refused: :func:`predict` gives its outputs."""
     if not classifies(net):
@@ -566,7 +614,7 @@ def predict_proba(net, x, batch_size: int = 4096):
 
 
 @on_device_of_net
-def predict(net, x, batch_size: int = 4096):
+def predict(net: Network, x: ArrayLike, batch_size: int = 4096) -> Array:
     """A classifier's predicted class labels (N,) int64; any other network's outputs (N, outputs) in its
     dtype (see :func:`classifies`). On the network's device."""
     if classifies(net):
@@ -575,7 +623,8 @@ def predict(net, x, batch_size: int = 4096):
 
 
 @on_device_of_net
-def evaluate(net, loss, x, y, batch_size: int = 4096, metrics: bool = False, comm=None) -> dict:
+def evaluate(net: Network, loss: Loss, x: ArrayLike, y: ArrayLike, batch_size: int = 4096,
+             metrics: bool = False, comm: Any = None) -> dict:
     """Mean loss over ``x`` in batches, in eval mode; for classification the accuracy, for regression the
     mean squared and absolute errors (``mse``, ``mae``, over all N x outputs entries) and ``r2`` (the
     coefficient of determination, averaged over the outputs as scikit-learn's ``r2_score`` does).

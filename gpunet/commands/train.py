@@ -487,7 +487,7 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     net, opt, schedule = build(config, x_tr.shape[1], classes, device)
     why_not = fast.why_not(net, loss, opt, y_tr)  # a BatchNorm network or RMSprop runs the core's step
     if config.cuda_graph:
-        _check_cuda_graph(net, why_not, config, comm)
+        _check_cuda_graph(net, why_not, config)
     info = backend.describe_device(device)
     log(_start_line(config, device, info, [x_tr.shape[1], *config.hidden, classes],
                     (len(x_tr), len(x_val), len(x_test)), meta, comm, why_not))
@@ -509,7 +509,7 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     model = net if table is None else _table_model(net, table, config)
     # a --data model is tested as it is saved: raw features in, labels (or targets in their units) out
     raw_test = (x_test, y_test) if table is None else table["raw_test"]
-    test = evaluate(model, loss, *raw_test, metrics=True, comm=comm)
+    test = evaluate(model, loss, raw_test[0], raw_test[1], metrics=True, comm=comm)
     result = _metrics(config, device, info, why_not, history, test, ckpt, time.perf_counter() - started)
     if table is not None:
         result.update(task=table["task"], classes=table["classes"], feature_names=table["feature_names"])
@@ -534,12 +534,11 @@ def _outputs(table, y_tr, y_val, y_test):
     return int(max(y_tr.max(), y_val.max() if len(y_val) else 0, y_test.max())) + 1, SoftmaxCrossEntropy()
 
 
-def _check_cuda_graph(net, why_not, config: TrainConfig, comm) -> None:
+def _check_cuda_graph(net, why_not, config: TrainConfig) -> None:
     """--cuda-graph on a run the graph step cannot take: one line naming why (before any epoch)."""
     from ..fast import graph
 
-    reason = why_not or graph.available() or graph.why_not(net, None, config.augment,
-                                                           comm is not None)
+    reason = why_not or graph.available() or graph.why_not(net, None, config.augment)
     if reason is not None:
         raise ConfigError(f"--cuda-graph: expected a run the CUDA graph step can take, got one it "
                           f"cannot: {reason}")
@@ -553,8 +552,7 @@ def _table_model(net, table: dict, config: TrainConfig):
     if table["target_scaling"] is not None:  # y = z * std + mean, as Standardize: (z - (-mean/std)) / (1/std)
         mean, std = table["target_scaling"]
         layers.append(Standardize(-mean / std, 1 / std))
-    model = Sequential(*layers)
-    model.classifies = table["task"] != "regressor"
+    model = Sequential(*layers, classifies=net.classifies)  # the trained network's, as fit set it
     model.feature_names, model.classes = table["feature_names"], table["classes"]
     model.label_column = config.label_column if str(config.data).lower().endswith(".csv") else None
     return model

@@ -25,9 +25,12 @@ one). Before an epoch the device is synchronized (the legacy stream's work, a re
 weights put back by the divergence guard, is then visible to the graph's stream), and the graphs are
 captured again if any array they hold was replaced.
 
-Not in the graph (refused by :func:`why_not`): data-parallel runs (the all-reduce would sit between
-two graphs: they keep the eager step, whose all-reduce runs between the gradients and the update),
-batch transforms (augment), and everything :func:`gpunet.fast.why_not` refuses.
+Data-parallel runs: the graph holds this rank's forward and backward, its gradients this rank's
+share of the global batch's mean (the eager distributed step's 1 / global rows); the all-reduce
+(NCCL on the graph's stream, gpunet.parallel.GradientSum) and the update (the eager step's kernels)
+run after each replay, outside the graph, on the same stream. A shard's place in the global batch
+keys its capture (its dropout draws start there). Not in the graph (refused by :func:`why_not`):
+BatchNorm, batch transforms (augment), and everything :func:`gpunet.fast.why_not` refuses.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def available() -> str | None:
     return None
 
 
-def why_not(net, data_x, callbacks_transform: bool, distributed: bool) -> str | None:
+def why_not(net, data_x, callbacks_transform: bool) -> str | None:
     """None when a run may take the graph step, else why not (see the module docstring)."""
     if any(type(layer).__name__ == "BatchNorm" for layer in net.layers):
         return (
@@ -63,9 +66,6 @@ def why_not(net, data_x, callbacks_transform: bool, distributed: bool) -> str | 
         )
     if net.device == "cpu":
         return "the network is on the CPU (a CUDA graph needs a GPU)"
-    if distributed:
-        return ("a data-parallel run keeps the eager step (its all-reduce runs between gradients "
-                "and update)")
     if callbacks_transform:
         return "a batch transform (augment) changes each batch outside the step"
     if data_x is not None and not hasattr(data_x, "raw") and not hasattr(data_x, "data"):
@@ -84,10 +84,11 @@ class GraphStep:
     :meth:`begin_epoch`; the rows are ``perm[b * batch_size : (b + 1) * batch_size]`` of ``data``.
 
     ``fused`` is the eager :class:`gpunet.fast.step.FusedStep` of the run (its blocks and optimizer,
-    not distributed); ``x`` Pixels or Rows on the GPU, ``y`` (N,) integer labels there.
+    distributed where ``gradient_sum`` is given: :class:`gpunet.parallel.GradientSum`); ``x`` Pixels
+    or Rows on the GPU, ``y`` (N,) integer labels there.
     """
 
-    def __init__(self, fused, x, y, batch_size: int):
+    def __init__(self, fused, x, y, batch_size: int, gradient_sum=None):
         import cupy
 
         self.cupy, self.fused, self.blocks, self.optimizer = (
@@ -118,6 +119,11 @@ class GraphStep:
         self.loss_sum = self.xp.zeros((), np.float64)
         self.correct = self.xp.zeros((), np.int64)
         self.graphs, self.buffers, self.captures, self._held = {}, {}, [], None
+        # data parallel: the graph writes this rank's share of the gradients (``fused.prescaled``);
+        # the all-reduce (gradient_sum) and the update run after each replay, on the graph's stream
+        self.gradient_sum, self.distributed = gradient_sum, gradient_sum is not None
+        if self.distributed != bool(getattr(fused, "prescaled", False)):
+            raise ValueError("gradient_sum: expected one exactly with a distributed fused step")
 
     # ---------------------------------------------------------- per epoch
     def held(self) -> tuple:
@@ -151,12 +157,12 @@ class GraphStep:
         self.stream.synchronize()
 
     # ---------------------------------------------------------- per step
-    def scalars(self, b: int) -> np.ndarray:
+    def scalars(self, b: int, lo: int | None = None) -> np.ndarray:
         """Step ``b``'s scalars, written into row b of the pinned array as the eager step would
         compute them (the dropout keys drawn, Adam's t advanced); returns that row (uint64
         slots)."""
         u, f, t = self.host_u[b], self.host_f[b], self.dtype.type
-        u[0] = b * self.batch_size
+        u[0] = b * self.batch_size if lo is None else lo
         for j, layer in enumerate(self.dropouts):
             u[1 + j] = layer.next_key() if layer.active() else 0
         opt, at = self.optimizer, self.update_at
@@ -169,14 +175,46 @@ class GraphStep:
             f[at:] = (t(opt.lr), t(opt.weight_decay))
         return u
 
-    def __call__(self, b: int):
-        rows = min(self.n, (b + 1) * self.batch_size) - b * self.batch_size
-        row = self.scalars(b)
-        graph = self.graphs.get(rows) or self._capture(rows)
+    def __call__(self, b: int, lo=None, hi=None, batch_rows=None, stop=False):
+        """Step ``b`` on rows [lo, hi) of the permutation (default: the whole batch b) of a global
+        batch of ``batch_rows``; ``(mean, logits, stop)``, stop True where any rank asked to."""
+        lo = b * self.batch_size if lo is None else lo
+        hi = min(self.n, (b + 1) * self.batch_size) if hi is None else hi
+        rows, batch_rows = hi - lo, hi - lo if batch_rows is None else batch_rows
+        if rows == 0:  # a rank without rows in a last batch smaller than the ranks
+            return None, None, self._empty(batch_rows, stop)
+        row = self.scalars(b, lo)
+        key = (rows, batch_rows, lo - b * self.batch_size)  # a shard's place keys its dropout draws
+        graph = self.graphs.get(key) or self._capture(key)
         self.device_u.set(row, stream=self.stream)  # one asynchronous copy from pinned memory
         graph.launch(self.stream)
+        if self.distributed:
+            stop = self._reduce(rows, batch_rows, stop)
         bufs = self.buffers[rows]
-        return bufs["mean"], bufs["y"][-1]
+        return bufs["mean"], bufs["y"][-1], stop
+
+    def _reduce(self, rows: int, batch_rows: int, stop: bool) -> bool:
+        """The all-reduce of the gradients, outside the graph but on its stream (NCCL takes the
+        current one), then the fused step's own update kernels, as the eager distributed step."""
+        fused = self.fused
+        with self.stream:
+            stop = self.gradient_sum(rows, batch_rows, stop, scaled=True)
+            if fused.adam:
+                fused._adam_scalars = adam_scalars(self.optimizer, self.dtype)
+            for i in range(len(self.blocks) - 1, -1, -1):
+                fused._apply(fused.pairs[i], fused.index[i][:2])
+        return stop
+
+    def _empty(self, batch_rows: int, stop: bool) -> bool:
+        """No rows here: the keys the other ranks draw, a zero gradient into the sum, the core
+        rule."""
+        for layer in self.dropouts:
+            if layer.active():
+                layer.next_key()
+        with self.stream:
+            stop = self.gradient_sum(0, batch_rows, stop)
+            self.optimizer.step()
+        return stop
 
     # ---------------------------------------------------------- capture
     def _allocate(self, rows: int) -> dict:
@@ -198,17 +236,18 @@ class GraphStep:
         self.buffers[rows] = bufs
         return bufs
 
-    def _capture(self, rows: int):
+    def _capture(self, key: tuple):
+        rows, batch_rows, _ = key
         bufs = self._allocate(rows)
         mode = getattr(self.cupy.cuda.runtime, "streamCaptureModeRelaxed", None)
         with self.stream:
             self.stream.begin_capture(mode=mode)
             try:
-                self._record(rows, bufs)
+                self._record(batch_rows, bufs)
             finally:
                 graph = self.stream.end_capture()
-        self.graphs[rows] = graph
-        self.captures.append(rows)
+        self.graphs[key] = graph
+        self.captures.append(key)
         return graph
 
     def _gather(self, bufs) -> None:
@@ -222,7 +261,7 @@ class GraphStep:
             graph_kernels.launch("gather", x.data, self.perm, at_u, cols, bufs["x"])
         graph_kernels.launch("gather_labels", self.y, self.perm, at_u, bufs["labels"])
 
-    def _record(self, rows: int, bufs) -> None:
+    def _record(self, batch_rows: int, bufs) -> None:
         """The step's launches, in FusedStep's order, on buffers allocated beforehand."""
         self._gather(bufs)
         x, key = bufs["x"], 1
@@ -248,9 +287,9 @@ class GraphStep:
                     bufs["mask"][i] = None
                 key += 1
             x = y
-        cuda.softmax_xent_sums(
-            x, bufs["labels"], bufs["grad"], bufs["mean"], self.loss_sum, self.correct
-        )
+        shard = batch_rows if self.distributed else None  # a rank's share: 1 / the global rows
+        cuda.softmax_xent_sums(x, bufs["labels"], bufs["grad"], bufs["mean"], self.loss_sum,
+                               self.correct, rows=shard)
         self._backward(bufs)
 
     def _backward(self, bufs) -> None:
@@ -275,6 +314,9 @@ class GraphStep:
         graph_kernels.gemm(x, dy, W.grad, trans_a=True)
         rows, cols = np.int32(dy.shape[0]), np.int32(dy.shape[1])
         flat, opt, f = dy.reshape(-1), self.optimizer, self.device_f
+        if self.distributed:  # the gradients only: summed over the ranks before the update
+            graph_kernels.launch("bias_grad", flat, rows, cols, b.grad)
+            return
         if self.rule == "adam":
             graph_kernels.launch("bias_grad", flat, rows, cols, b.grad)
             for k in self.fused.index[i][:2]:
