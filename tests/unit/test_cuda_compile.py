@@ -44,6 +44,8 @@ def test_every_kernel_is_built_from_the_sources_checked_here():
         ("fast/cuda.py", "return cupy.RawKernel(raw_source(ctype, name), name)"),
         # the graph step's GEMMs: compiled in tests/unit/test_graph_kernels.py
         ("fast/graph_kernels.py", "return cupy.RawKernel(gemm_source(ctype_, variant), gemm_name(variant))"),
+        # the graph step's ElementwiseKernels: compiled in tests/unit/test_graph_step.py
+        ("fast/graph_kernels.py", "return cupy.ElementwiseKernel(*variants()[name])"),
     }
 
 
