@@ -36,13 +36,13 @@ def test_the_package_has_the_py_typed_marker():
     assert config["tool"]["mypy"]["files"] == ["gpunet"]
 
 
-# --- every public function and method carries its hints -----------------------------------------------
-DUNDERS = {"__init__", "__call__", "__getitem__", "__len__", "__iter__"}  # the public ones we define
+# --- every public function and method carries its hints ------------------------------------------
+DUNDERS = {"__init__", "__call__", "__getitem__", "__len__", "__iter__"}  # public ones we define
 
 
 def _functions_of(owner):
-    """``{qualified name: function}`` of a public function, or a class's public methods (inherited ones
-    included, properties' getters too) that gpunet defines: not those of object or scikit-learn."""
+    """``{qualified name: function}`` of a public function, or a class's public methods (inherited
+    ones included, properties' getters too) that gpunet defines, not object's or scikit-learn's."""
     if not inspect.isclass(owner):
         return {owner.__qualname__: owner}
     found = {}
@@ -59,9 +59,15 @@ def _functions_of(owner):
     return found
 
 
+def _defined_in(module) -> list:
+    """The public classes and functions that ``module`` defines (not those it imports)."""
+    return [v for k, v in vars(module).items() if not k.startswith("_")
+            and (inspect.isclass(v) or inspect.isfunction(v)) and v.__module__ == module.__name__]
+
+
 def _public_api():
     """The functions and classes that users call: ``gpunet.__all__`` (a module there: its public
-    classes and functions), the estimators of gpunet.sklearn and every class and function of callbacks."""
+    classes and functions), gpunet.sklearn's estimators, every class and function of callbacks."""
     import gpunet
     from gpunet import callbacks
 
@@ -69,12 +75,10 @@ def _public_api():
     for name in gpunet.__all__:
         value = getattr(gpunet, name)
         if inspect.ismodule(value):
-            owners += [v for k, v in vars(value).items() if not k.startswith("_")
-                       and (inspect.isclass(v) or inspect.isfunction(v)) and v.__module__ == value.__name__]
+            owners += _defined_in(value)
         else:
             owners.append(value)
-    owners += [v for k, v in vars(callbacks).items() if not k.startswith("_")
-               and (inspect.isclass(v) or inspect.isfunction(v)) and v.__module__ == callbacks.__name__]
+    owners += _defined_in(callbacks)
     if importlib.util.find_spec("sklearn") is not None:  # optional (the test extra brings it)
         from gpunet.sklearn import MLPClassifier, MLPRegressor
 
@@ -86,11 +90,12 @@ def _public_api():
 
 
 def missing_hints(fn) -> list:
-    """The parameters of ``fn`` without an annotation (self and cls excepted; ``*args`` and ``**kwargs``
-    too, which may stay bare), and ``"return"`` when the return is not annotated."""
+    """The parameters of ``fn`` without an annotation (self and cls excepted; ``*args`` and
+    ``**kwargs`` too, which may stay bare), and ``"return"`` when the return is not annotated."""
     sig = inspect.signature(fn)
     missing = [name for i, (name, p) in enumerate(sig.parameters.items())
-               if p.annotation is inspect.Parameter.empty and not (i == 0 and name in ("self", "cls"))
+               if p.annotation is inspect.Parameter.empty
+               and not (i == 0 and name in ("self", "cls"))
                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     return missing + (["return"] if sig.return_annotation is inspect.Signature.empty else [])
 
@@ -119,9 +124,10 @@ def test_missing_hints_sees_a_bare_parameter_and_return():
 
 
 def test_the_array_aliases_need_no_cupy_at_run_time():
-    """backend's Array, ArrayLike and DTypeLike exist at run time (users may annotate with them), and
-    importing gpunet imports no CuPy (the core needs NumPy alone)."""
-    code = ("import sys, gpunet, gpunet.backend as b; assert b.Array and b.ArrayLike and b.DTypeLike; "
+    """backend's Array, ArrayLike and DTypeLike exist at run time (users may annotate with them),
+    and importing gpunet imports no CuPy (the core needs NumPy alone)."""
+    code = ("import sys, gpunet, gpunet.backend as b; "
+            "assert b.Array and b.ArrayLike and b.DTypeLike; "
             "assert 'cupy' not in sys.modules, 'cupy imported'")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GPUNET_DEVICE": "cpu"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
