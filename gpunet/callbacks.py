@@ -132,6 +132,10 @@ class DivergenceGuard(Callback):
                                                  if k.startswith("optimizer.")}}
         self.last_good = (dict(zip(state["names"], arrays["weights"])), opt)
 
+    def fallback_states(self) -> list:
+        """``[(label, weights, optimizer state)]`` this guard may put back: the run checks them on resume."""
+        return [] if self.last_good is None else [("fallback", *self.last_good)]
+
 
 class EarlyStopping(Callback):
     """Stop after ``patience`` epochs without a validation loss ``min_delta`` below the best, and put back
@@ -167,6 +171,10 @@ class EarlyStopping(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.best_loss, self.best_epoch, self.wait = state["best_loss"], state["best_epoch"], state["wait"]
         self.best_state = dict(zip(state["names"], state["arrays"]["best"])) or None
+
+    def fallback_states(self) -> list:
+        """``[(label, weights, None)]``: the best weights, put back at the end (the run checks them)."""
+        return [("best", self.best_state, None)] if self.best_state else []
 
 
 class TargetLoss(Callback):

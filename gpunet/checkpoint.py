@@ -72,7 +72,8 @@ def _check_format(meta) -> None:
 def _wanted(meta: dict, held: list) -> dict:
     """The arrays to read: those the record names (shapes where the record gives them), and a registered
     layer's own (``net/3.*``, any shape: its class checks them)."""
-    wanted = {k: (None if shape is None else (shape,), ARRAY_DTYPES) for k, shape in checkpoint_arrays(meta).items()}
+    wanted = {k: (None if shape is None else (shape,), None if k.startswith("callbacks/") else ARRAY_DTYPES)
+              for k, shape in checkpoint_arrays(meta).items()}  # a callback's own arrays: any plain numbers
     own = [f"net/{i}." for i, c in enumerate(meta["network"]["layers"]) if c["type"] not in BUILT_IN]
     wanted.update({n: (None, ARRAY_DTYPES) for n in held if own and n.startswith(tuple(own))})
     return wanted

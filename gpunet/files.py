@@ -225,8 +225,8 @@ class NpzReader:
                              f"{' '.join(str(exc).split())[:200]})") from None
 
     def arrays(self, wanted: dict, skip=(), finite: bool = True) -> dict:
-        """The arrays ``wanted`` names (name -> ``(shapes, dtypes)``: the shapes (None: any) and dtype strings
-        each may have), read one by one after every header, the set of names and the inflation are checked; each
+        """The arrays ``wanted`` names (name -> ``(shapes, dtypes)``: the shapes and dtype strings each
+        may have, None for any), read one by one after every header, the set of names and the inflation are checked; each
         must hold finite numbers unless ``finite`` is False (a checkpoint taken mid-way through a
         diverging epoch holds its NaN weights beside the divergence guard's fallback). Arrays outside ``wanted`` and ``skip`` are refused unread."""
         held = [n for n in self.names() if n not in skip]
@@ -242,7 +242,7 @@ class NpzReader:
             if shapes is not None and shape not in shapes:
                 raise self.error(f"{self.path}: array {name!r}: expected shape {_listed(shapes, ' or ')} (from "
                                  f"the record), got {shape}")
-            if dtype not in dtypes:
+            if dtypes is not None and dtype not in dtypes:
                 raise self.error(f"{self.path}: array {name!r}: expected dtype {_listed(dtypes, ' or ', dtypes=True)}, got "
                                  f"{np.dtype(dtype)}")
         self.check_inflation(list(wanted))

@@ -29,6 +29,13 @@ class FieldError(Exception):
         self.field, self.message = field, message
 
 
+def key(name) -> str:
+    """A record's key as a field name shows it: as it is when plain, else quoted (a key of a crafted file
+    may hold a newline, a dot or nothing at all, and the message must stay one line)."""
+    plain = isinstance(name, str) and name.isprintable() and name and not any(c in name for c in ".[] '\"")
+    return name if plain else repr(name)
+
+
 def shown(value) -> str:
     """A value as an error message shows it: its JSON type and at most 60 characters of it."""
     kind = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
@@ -107,7 +114,7 @@ def mapping(inner):
     def spec(v, field):
         if not isinstance(v, dict):
             raise FieldError(field, f"expected an object, got {shown(v)}")
-        return {k: inner(item, f"{field}.{k}") for k, item in v.items()}
+        return {k: inner(item, f"{field}.{key(k)}") for k, item in v.items()}
     return spec
 
 
@@ -121,7 +128,7 @@ def fields(required: dict, optional_fields: dict | None = None):
             raise FieldError(field or "record", f"expected an object, got {shown(v)}")
         extra = [k for k in v if k not in required and k not in optional_fields]
         if extra:
-            raise FieldError(f"{where}{extra[0]}", f"unexpected field (expected only "
+            raise FieldError(f"{where}{key(extra[0])}", f"unexpected field (expected only "
                                                    f"{sorted(required) + sorted(optional_fields)})")
         missing = [k for k in required if k not in v]
         if missing:

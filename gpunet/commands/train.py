@@ -449,8 +449,8 @@ def check_out_folder(out: Path, config: TrainConfig, resume: bool, overwrite: bo
 def check_run_record(ckpt, run: dict, given: dict) -> None:
     """The run record gpunet train stores in its checkpoints: ``config`` (settings this gpunet has; one
     it lacks would be a newer gpunet's, whose run this one cannot continue as it was meant) and ``data``."""
-    unknown = [f"run.{k}" for k in run if k not in ("config", "data")]
-    unknown += [f"run.config.{k}" for k in run["config"] if k not in given]
+    unknown = [f"run.{k if k.isidentifier() else repr(k)}" for k in run if k not in ("config", "data")]
+    unknown += [f"run.config.{k if k.isidentifier() else repr(k)}" for k in run["config"] if k not in given]
     if unknown:
         raise checkpoint.CheckpointError(f"{ckpt}: {unknown[0]}: unexpected field (expected only run.config "
                                          f"and run.data, the settings of this gpunet's train)")
