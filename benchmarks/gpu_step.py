@@ -12,13 +12,13 @@ dropout, BatchNorm1d) are timed the same way: a warm-up, then a CUDA event, ``--
 another event and one synchronization; ms/step is the time between the events over the steps (host
 wall time beside).
 
-``--dry-run`` takes the same code path on the CPU: gpunet's "GPU" is tests/fake_cupy.py (kernels as
-NumPy mirrors, its events report host time), PyTorch runs on the CPU; the JSON lists the kernels
-each step launched (so the test can see that each path ran its own), and the table's title says
-that it measures nothing. ``--warm-only`` compiles every CUDA kernel gpunet has (each elementwise
-kernel in both dtypes as tests/cuda_compile.py launches them, and a short ``fit`` of every path
-above, which builds the RawKernels), so that a session's later steps find CuPy's kernel cache
-full.
+``--dry-run`` takes the same code path on the CPU: gpunet's "GPU" is tests/support/fake_cupy.py
+(kernels as NumPy mirrors, its events report host time), PyTorch runs on the CPU; the JSON lists
+the kernels each step launched (so the test can see that each path ran its own), and the table's
+title says that it measures nothing. ``--warm-only`` compiles every CUDA kernel gpunet has (each
+elementwise kernel in both dtypes as tests/support/cuda_compile.py launches them, and a short
+``fit`` of every path above, which builds the RawKernels), so that a session's later steps find
+CuPy's kernel cache full.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ PATHS = {
 
 def install_fake_cupy() -> None:
     """The dry run's GPU: the tests' fake CuPy (kernels as NumPy mirrors, CUDA sources off)."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "support"))
     os.environ["GPUNET_CUDA_CPU"] = "0"
     from fake_cupy import FakeCupy
 
@@ -172,7 +172,7 @@ def timed(step, repeat: int, clock, warmup: int) -> dict:
 
 def warm() -> None:
     """Compile and run every kernel once (CuPy caches the compiled code on disk)."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "support"))  # the tests' helpers
     import cuda_compile
     import cupy
 
