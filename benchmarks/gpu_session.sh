@@ -8,7 +8,7 @@
 #
 # --dry-run (or GPUNET_DRY_RUN=1) rehearses the very same steps on the CPU with small settings (the GPU
 # tests are collected and skip, one quick benchmark config, a one-epoch recipe on a small net), so the
-# script is known to work before a GPU is ever lent; tests/test_gpu_session.py runs it on tiny files.
+# script is known to work before a GPU is ever lent; tests/system/test_gpu_session.py runs it on tiny files.
 #
 # Runs from the source tree (PYTHONPATH=.), so the machine needs only Python with NumPy, CuPy and pytest.
 # The lent H200 machines' image also has PyTorch with CUDA (2.11, cu130, in the device notes of 2026-11):

@@ -7,7 +7,7 @@ The step is ``fit``'s: the fused step of the default network (784-512-512-10, Re
 device. On a GPU it is timed with ``cupyx.profiler.benchmark`` (host time per call and device time between
 CUDA events), after a warm-up; PyTorch eager (if installed) runs the same network and update in the same
 process, timed with CUDA events. ``--warm-only`` compiles every CUDA kernel gpunet has (each elementwise
-kernel in both dtypes, as tests/cuda_compile.py launches them, both softmax kernels, a short ``fit``), so
+kernel in both dtypes, as tests/support/cuda_compile.py launches them, both softmax kernels, a short ``fit``), so
 that a session's later steps find CuPy's kernel cache full. On the CPU it times the step with
 ``time.perf_counter`` (no warm-up of CUDA kernels): the rehearsal of benchmarks/gpu_session.sh --dry-run.
 """
@@ -34,7 +34,7 @@ SIZES, BATCH = [784, 512, 512, 10], 128
 
 def warm(device: str) -> None:
     """Compile and run every kernel once (CuPy caches the compiled code on disk)."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "support"))  # the tests' helpers since the regroup
     import cupy
     import cuda_compile
 

@@ -14,8 +14,27 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import types
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar, Union, cast
 
 import numpy as np
+import numpy.typing as npt
+
+# The types the public API is annotated with (checkers and editors read them; nothing checks
+# them at run time). CuPy is imported for the checker only: the core needs NumPy alone at run time.
+if TYPE_CHECKING:
+    import cupy
+
+    Array = Union[np.ndarray, cupy.ndarray]
+    """An array of the array module a computation runs on: NumPy on the CPU, CuPy on a GPU."""
+    ArrayLike = Union[npt.ArrayLike, cupy.ndarray]
+    """What the functions turn into an array: NumPy or CuPy arrays, nested sequences, scalars."""
+else:
+    Array = np.ndarray  # at run time a NumPy name stands in (CuPy is not imported)
+    ArrayLike = npt.ArrayLike
+DTypeLike = npt.DTypeLike
+"""A dtype or what NumPy turns into one (``np.float32``, ``"float64"``)."""
+F = TypeVar("F", bound=Callable[..., Any])
 
 ENV_VAR = "GPUNET_DEVICE"
 _NAMES = {"cpu": "cpu", "numpy": "cpu", "gpu": "gpu", "cuda": "gpu", "cupy": "gpu", "auto": "auto"}
@@ -117,7 +136,7 @@ def chosen_gpu() -> int | None:
     return _gpu_index
 
 
-def device_scope(a):
+def device_scope(a: Any) -> contextlib.AbstractContextManager:
     """A context manager making the GPU that holds ``a`` (a CuPy array) current in this thread, so that
     work and uploads inside it land on that GPU whatever thread runs them; a no-op for NumPy arrays."""
     if _is_cupy(a):
@@ -125,16 +144,16 @@ def device_scope(a):
     return contextlib.nullcontext()
 
 
-def on_device_of_net(fn):
+def on_device_of_net(fn: F) -> F:
     """Decorator for entry points ``fn(net, ...)``: run inside :func:`device_scope` of the network's first
     parameter (``cupy.cuda.Device.use()`` holds for one thread only: a server's request thread would
     otherwise upload to GPU 0 and multiply with weights on another)."""
     @functools.wraps(fn)
-    def run(net, *args, **kwargs):
+    def run(net: Any, *args: Any, **kwargs: Any) -> Any:
         params = net.parameters()
         with device_scope(params[0].data if params else None):
             return fn(net, *args, **kwargs)
-    return run
+    return cast(F, run)
 
 
 def _split(name: str | None) -> tuple[str, int | None]:
@@ -197,14 +216,14 @@ def describe_device(name: str | None = None) -> dict:
     return info
 
 
-def _is_cupy(a) -> bool:
+def _is_cupy(a: object) -> bool:
     t = type(a)
     if t is np.ndarray:  # the common case, answered without string work (called several times a step)
         return False
     return t.__module__.partition(".")[0] == "cupy"
 
 
-def get_array_module(*arrays):
+def get_array_module(*arrays: object) -> types.ModuleType:
     """The array module (``numpy`` or ``cupy``) that owns ``arrays``; NumPy for plain Python values."""
     for a in arrays:
         if _is_cupy(a):
@@ -214,12 +233,12 @@ def get_array_module(*arrays):
     return np
 
 
-def device_of(a) -> str:
+def device_of(a: object) -> str:
     """``"gpu"`` for a CuPy array, ``"cpu"`` otherwise."""
     return "gpu" if _is_cupy(a) else "cpu"
 
 
-def to_device(a, device: str | None = None):
+def to_device(a: ArrayLike, device: str | None = None) -> Array:
     """Move (or keep) an array on ``device``; no copy when it is already there."""
     if resolve_device(device) == "gpu":
         cupy = _probe()[0]
@@ -230,10 +249,10 @@ def to_device(a, device: str | None = None):
     return to_numpy(a)
 
 
-def to_numpy(a) -> np.ndarray:
+def to_numpy(a: ArrayLike) -> np.ndarray:
     """Bring any array (NumPy, CuPy, list, scalar) back to the host as a NumPy array."""
     if _is_cupy(a):
-        return a.get()
+        return a.get()  # type: ignore[union-attr]  # a CuPy array (the checker cannot narrow to it)
     return np.asarray(a)
 
 
@@ -245,7 +264,7 @@ class HostCopy:
     an event after it: the host does not wait here, and :meth:`wait` (e.g. a checkpoint writer's
     thread) waits for that event only, not for later work."""
 
-    def __init__(self, arrays) -> None:
+    def __init__(self, arrays: Iterable[Array]) -> None:
         arrays = list(arrays)
         self._host: list = [None if _is_cupy(a) else np.asarray(a) for a in arrays]
         self._shapes = [a.shape for a in arrays]
@@ -280,7 +299,7 @@ class HostCopy:
         return self._host
 
 
-def log_softmax(z):
+def log_softmax(z: Array) -> Array:
     """Row-wise ``log(softmax(z))`` of a (N, C) float array, stable: ``s - log(sum(exp(s)))`` with
     ``s = z - max(z)`` (exp of at most 0 never overflows); same dtype and device as ``z``."""
     xp = get_array_module(z)
@@ -288,7 +307,7 @@ def log_softmax(z):
     return shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def softmax(z):
+def softmax(z: Array) -> Array:
     """Row-wise ``exp(z_j) / sum_k exp(z_k)`` of a (N, C) float array, with the same shift (one exp per
     entry, not the two of ``exp(log_softmax(z))``: predict_proba's hot path)."""
     e = get_array_module(z).exp(_shifted(z))
@@ -296,12 +315,12 @@ def softmax(z):
     return e
 
 
-def _shifted(z):
+def _shifted(z: Array) -> Array:
     """``z - max(z)`` row by row: exp of it is at most 1, never an overflow."""
     return z - z.max(axis=1, keepdims=True)
 
 
-def synchronize(a=None) -> None:
+def synchronize(a: Any = None) -> None:
     """Wait for queued GPU work (for timing); a no-op on the CPU."""
     if a is None or _is_cupy(a):
         probe = _probe_result
@@ -324,7 +343,7 @@ def set_tf32(enabled: bool) -> None:
     linalg.set_compute_type(np.dtype(np.float32), mode)
 
 
-def check_labels(y, classes: int | None = None, name: str = "y", context: str = "",
+def check_labels(y: Array, classes: int | None = None, name: str = "y", context: str = "",
                  hint: str = "") -> None:
     """The one check of class labels, on any device: ``y`` (N,) integers in [0, classes)
     (``classes`` None: >= 0, the class count not known yet). A TypeError (not integers) or
@@ -347,7 +366,7 @@ def check_labels(y, classes: int | None = None, name: str = "y", context: str = 
                              f"({_distinct(y)}{context}){tail}")
 
 
-def _distinct(y) -> str:
+def _distinct(y: Array) -> str:
     """The first five distinct values of ``y``, for an error message."""
     values = np.unique(to_numpy(y).ravel())
     shown = ", ".join(repr(v.item() if hasattr(v, "item") else v) for v in values[:5])

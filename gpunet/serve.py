@@ -148,7 +148,7 @@ class Predictor:
             img = Image.open(io.BytesIO(body))
         except Exception as exc:  # Pillow raises many types for bytes that are no picture
             raise BadRequest(f"the body is not a picture Pillow can read ({type(exc).__name__}); send PNG or "
-                             f"JPEG bytes, or JSON {{\"pixels\": [[...]]}} with Content-Type: application/json")
+                             f"JPEG bytes, or JSON {{\"pixels\": [[...]]}} with Content-Type: application/json") from exc
         try:
             with img:
                 pixels, warnings = mnist_style(img, self.size)

@@ -17,7 +17,9 @@ the host. Where :mod:`gpunet.fast` knows the network, its fused step replaces th
 from __future__ import annotations
 
 import math
+import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,8 @@ from . import callbacks as cbs
 from . import checkpoint, parallel
 from . import fast as fast_path
 from .backend import (
+    Array,
+    ArrayLike,
     HostCopy,
     get_array_module,
     on_device_of_net,
@@ -44,6 +48,14 @@ from .data.rows import as_rows
 from .fast import graph
 from .metrics import confusion_counts, report
 
+Network = Any
+"""A :class:`gpunet.Sequential` (or a layer with its forward, backward and parameters): named, not
+imported (training sits beside the network, not on it)."""
+Optimizer = Any
+"""A :mod:`gpunet.optimizers` rule: ``step()``, ``lr``, ``state_dict()``."""
+Loss = Any
+"""A :mod:`gpunet.losses` loss: ``forward(pred, target)``, ``backward()``, ``classifies``."""
+
 
 @dataclass
 class History:
@@ -56,19 +68,19 @@ class History:
     best_epoch: int | None = None
     diverged_epoch: int | None = None
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: int | slice | str) -> Any:
         if isinstance(key, (int, np.integer, slice)) and not isinstance(key, bool):
             return self.epochs[key]
         return [e[key] for e in self.epochs]
 
-    def __iter__(self):  # over the epochs, as indexing goes (not over keys)
+    def __iter__(self) -> Iterator[dict]:  # over the epochs, as indexing goes (not over keys)
         return iter(self.epochs)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.epochs)
 
 
-def train_step(net, loss, optimizer, x, y):
+def train_step(net: Network, loss: Loss, optimizer: Optimizer, x: Array, y: Array) -> Array:
     """The notes' step on one batch: forward, cost, backward, update; returns the batch's mean loss (a 0-d
     array on the network's device). ``x``: (N, features) in the network's dtype on its device; ``y``:
     (N,) int64 class labels or (N, outputs) targets (``fit`` converts any array-like once, then runs this
@@ -308,7 +320,9 @@ class Run:
                   "accuracy": correct / self.n if self.loss.classifies else None, "val_loss": None,
                   "val_accuracy": None, "lr": self.optimizer.lr, "seconds": time.perf_counter() - self._clock}
         if self.validation is not None and math.isfinite(record["loss"]):  # NaN weights are not worth a pass
-            val = evaluate(self.net, self.loss, *self.validation, batch_size=self.eval_batch_size, comm=self.comm)
+            x_val, y_val = self.validation
+            val = evaluate(self.net, self.loss, x_val, y_val, batch_size=self.eval_batch_size,
+                           comm=self.comm)
             record["val_loss"], record["val_accuracy"] = val["loss"], val.get("accuracy")
         return record
 
@@ -383,12 +397,17 @@ class Run:
 
 
 @on_device_of_net
-def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validation=None, shuffle: bool = True,
+def fit(net: Network, loss: Loss, optimizer: Optimizer, x: ArrayLike, y: ArrayLike, *,
+        epochs: int = 10, batch_size: int | str | None = 128,
+        validation: tuple[ArrayLike, ArrayLike] | None = None, shuffle: bool = True,
         seed: int | None = 0, target_loss: float | None = None, patience: int | None = None,
-        min_delta: float = 0.0, schedule=None, callback=None, on_batch=None, eval_batch_size: int = 4096,
-        fast: bool = True, checkpoint_path=None, resume: bool = False, checkpoint_every: int = 1,
-        interrupt=None, run_info: dict | None = None, comm=None, callbacks=(), augment=None,
-        verbose: int = 0, cuda_graph: bool = False) -> History:
+        min_delta: float = 0.0, schedule: Callable[[int], float] | None = None,
+        callback: Callable[[dict], object] | None = None,
+        on_batch: Callable[[int, int, int], object] | None = None, eval_batch_size: int = 4096,
+        fast: bool = True, checkpoint_path: str | os.PathLike | None = None, resume: bool = False,
+        checkpoint_every: int = 1, interrupt: Callable[[], bool] | None = None,
+        run_info: dict | None = None, comm: Any = None, callbacks: Iterable[object] = (),
+        augment: object | None = None, verbose: int = 0, cuda_graph: bool = False) -> History:
     """Train ``net`` on ``x`` (N, features): any 2-D real array-like (converted once to the network's dtype
     and device, :mod:`gpunet.data.arrays`) or ``Pixels``; and ``y``: (N,) integer labels 0..C-1 or (N, outputs)
     targets.
@@ -543,7 +562,7 @@ def _each_batch(net, x, batch_size, then):
 
 
 @on_device_of_net
-def predict_proba(net, x, batch_size: int = 4096):
+def predict_proba(net: Network, x: ArrayLike, batch_size: int = 4096) -> Array:
     """Class probabilities (N, C) on the network's device, computed batch by batch in eval mode. A network
     that does not classify (see :func:`classifies`) is refused: :func:`predict` gives its outputs."""
     if not classifies(net):
@@ -555,7 +574,7 @@ def predict_proba(net, x, batch_size: int = 4096):
 
 
 @on_device_of_net
-def predict(net, x, batch_size: int = 4096):
+def predict(net: Network, x: ArrayLike, batch_size: int = 4096) -> Array:
     """A classifier's predicted class labels (N,) int64; any other network's outputs (N, outputs) in its
     dtype (see :func:`classifies`). On the network's device."""
     if classifies(net):
@@ -564,7 +583,8 @@ def predict(net, x, batch_size: int = 4096):
 
 
 @on_device_of_net
-def evaluate(net, loss, x, y, batch_size: int = 4096, metrics: bool = False, comm=None) -> dict:
+def evaluate(net: Network, loss: Loss, x: ArrayLike, y: ArrayLike, batch_size: int = 4096,
+             metrics: bool = False, comm: Any = None) -> dict:
     """Mean loss over ``x`` in batches, in eval mode; for classification the accuracy, for regression the
     mean squared and absolute errors (``mse``, ``mae``, over all N x outputs entries) and ``r2`` (the
     coefficient of determination, averaged over the outputs as scikit-learn's ``r2_score`` does).

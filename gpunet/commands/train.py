@@ -498,7 +498,7 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     model = net if table is None else _table_model(net, table, config)
     # a --data model is tested as it is saved: raw features in, labels (or targets in their units) out
     raw_test = (x_test, y_test) if table is None else table["raw_test"]
-    test = evaluate(model, loss, *raw_test, metrics=True, comm=comm)
+    test = evaluate(model, loss, raw_test[0], raw_test[1], metrics=True, comm=comm)
     result = _metrics(config, device, info, why_not, history, test, ckpt, time.perf_counter() - started)
     if table is not None:
         result.update(task=table["task"], classes=table["classes"], feature_names=table["feature_names"])
