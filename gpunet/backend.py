@@ -202,7 +202,8 @@ def set_default_device(name: str | None) -> None:
 
 def describe_device(name: str | None = None) -> dict:
     """What ``name`` resolves to and why: a dict for ``gpunet info`` and ``metrics.json``."""
-    info = {"requested": normalize_device(name), "device": resolve_device(name), "reason": gpu_unavailable_reason()}
+    info: dict[str, Any] = {"requested": normalize_device(name), "device": resolve_device(name),
+                            "reason": gpu_unavailable_reason()}
     info["backend"] = "cupy" if info["device"] == "gpu" else "numpy"
     if info["device"] == "gpu":
         cupy = _probe()[0]

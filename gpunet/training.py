@@ -347,7 +347,7 @@ class Run:
         with ``wait=False`` ``arrays`` is a function that returns them: the copy runs behind the queued
         work without the host waiting, and a checkpoint writer collects it off the training loop."""
         mid = self.step > 0
-        partial = {"loss_sum": float(self.loss_sum), "correct": int(self.correct),
+        partial: Any = {"loss_sum": float(self.loss_sum), "correct": int(self.correct),
                    "seconds": time.perf_counter() - self._clock} if mid else None
         random, partial = self._per_rank(self.net.random_state()), self._per_rank(partial)
         opt, arrays = checkpoint.split("optimizer", self.optimizer.state_dict(host=False))
@@ -371,12 +371,32 @@ class Run:
             return {**dict(zip(names, copy.wait())), **arrays}
         return record, (fetch() if wait else fetch)
 
+    def _check_fits(self, record: dict, path) -> None:
+        """The fields of a checked record (:func:`gpunet.records.check_checkpoint`) that only this run can
+        judge: the step within an epoch of its steps, the optimizer's fields those of its own state."""
+        if record["step"] > self.steps:
+            raise checkpoint.CheckpointError(
+                f"{path}: step: expected at most {self.steps} (the steps of an epoch of this run: {self.n} rows "
+                f"in batches of {self.batch_size}), got {record['step']}")
+        mine, given = self.optimizer.state_dict(), record["optimizer"]
+        for key in sorted(set(mine) | set(given)):
+            if key == "arrays" or key == "kind" and given.get(key) != mine[key]:
+                continue  # the arrays are counted by the schema; another kind is named by load_state_dict
+            where = f"{path}: optimizer.{key}"
+            if key not in given or key not in mine:
+                raise checkpoint.CheckpointError(f"{where}: {'missing' if key in mine else 'unexpected field'} "
+                                                 f"(a {mine['kind']} optimizer's state)")
+            if not _same_kind(mine[key], given[key]):
+                raise checkpoint.CheckpointError(f"{where}: expected {type(mine[key]).__name__} like "
+                                                 f"{mine[key]!r}, got {given[key]!r:.60}")
+
     def load_state_dict(self, record: dict, arrays: dict, path="the checkpoint") -> None:
         """Put the run where :meth:`state_dict` found it; a CheckpointError names what does not fit."""
         if record["network"] != self.net.config():
             raise checkpoint.CheckpointError(f"{path}: holds a different network ({record['network']['layers']}) "
                                              f"than the one given ({self.net.config()['layers']})")
         size = 1 if self.comm is None else self.comm.size
+        self._check_fits(record, path)
         try:
             self.net.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("net/")})
             self.optimizer.load_state_dict(checkpoint.join("optimizer", record["optimizer"], arrays))
@@ -384,16 +404,36 @@ class Run:
                 raise ValueError(f"it was written by {record['ranks']} processes, this run has {size}; "
                                  f"resume with the same number")
             self.net.set_random_state(record["random"][self.rank])
-            for name, c in self._stateful():
-                if name in record["callbacks"]:
-                    c.load_state_dict(checkpoint.join(f"callbacks/{name}", record["callbacks"][name], arrays))
         except (KeyError, ValueError, TypeError) as exc:
             raise checkpoint.CheckpointError(f"{path}: does not fit this run ({exc})") from None
+        for name, c in self._stateful():
+            if name in record["callbacks"]:
+                try:
+                    c.load_state_dict(checkpoint.join(f"callbacks/{name}", record["callbacks"][name], arrays))
+                except KeyError as exc:  # a field the callback's state needs, by its bare name
+                    raise checkpoint.CheckpointError(f"{path}: callbacks.{name}.{exc.args[0]}: missing") from None
+                except (ValueError, TypeError) as exc:
+                    raise checkpoint.CheckpointError(f"{path}: callbacks.{name}: does not fit this run "
+                                                     f"({exc})") from None
         self.order_rng.bit_generator.state = record["order_rng"]
         self.epoch, self.step, self._partial = record["epoch"], record["step"], record["partial"][self.rank]
         h = self.history
         h.epochs, h.stop_reason = list(record["history"]), record["stop_reason"]
         h.best_epoch, h.diverged_epoch = record["best_epoch"], record["diverged_epoch"]
+
+
+def _same_kind(mine, given) -> bool:
+    """Whether JSON value ``given`` can stand for the run's own ``mine``: a boolean for a boolean, a number
+    for a number, a list of as many such for a tuple or list, anything for None."""
+    if mine is None:
+        return True
+    if isinstance(mine, (tuple, list)):
+        return isinstance(given, list) and len(given) == len(mine) and all(map(_same_kind, mine, given))
+    if isinstance(mine, bool) or isinstance(given, bool):
+        return isinstance(mine, bool) and isinstance(given, bool)
+    if isinstance(mine, (int, float)):
+        return isinstance(given, (int, float)) and (isinstance(given, int) or not isinstance(mine, int))
+    return isinstance(given, type(mine))
 
 
 @on_device_of_net
@@ -453,8 +493,8 @@ def fit(net: Network, loss: Loss, optimizer: Optimizer, x: ArrayLike, y: ArrayLi
                          *([cbs.EarlyStopping(patience, min_delta)] if patience is not None else []),
                          *([cbs.TargetLoss(target_loss)] if target_loss is not None else []),
                          *([saver] if saver is not None else [])])
-    if resume:
-        saver.restore(run)
+    if resume:  # with a checkpoint_path: _check_fit refuses resume without one
+        saver.restore(run)  # type: ignore[union-attr]
     if net.device != "cpu":
         return run.fit(epochs)
     with fast_path.blas.threads_for(largest_product(net, run.batch_size)):  # small problems: one thread
@@ -481,7 +521,7 @@ def _check_fit(epochs, patience, validation, resume, checkpoint_path):
 def _keyword_callbacks(schedule, callback, on_batch) -> list:
     """The callbacks that ``fit``'s keywords ask for, which come first: the schedule sets the epoch's lr,
     the divergence guard puts back the last good weights before anything else sees them."""
-    made = [cbs.Schedule(schedule)] if schedule is not None else []
+    made: list[cbs.Callback] = [cbs.Schedule(schedule)] if schedule is not None else []
     made.append(cbs.DivergenceGuard())
     made += [cbs.EpochEnd(callback)] if callback is not None else []
     return made + ([cbs.BatchEnd(on_batch)] if on_batch is not None else [])

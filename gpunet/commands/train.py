@@ -421,6 +421,7 @@ def check_out_folder(out: Path, config: TrainConfig, resume: bool, overwrite: bo
         if not isinstance(saved, dict):
             raise checkpoint.CheckpointError(f"{ckpt} was not written by gpunet train (no run settings in it)")
         given = asdict(config)
+        check_run_record(ckpt, meta["run"], given)
         # a setting the checkpoint's gpunet did not have yet (--optimizer, --batch-norm, ...) had its default
         saved = asdict(TrainConfig(**{k: v for k, v in saved.items() if k in given}))
         for key in given:
@@ -443,6 +444,16 @@ def check_out_folder(out: Path, config: TrainConfig, resume: bool, overwrite: bo
     if overwrite and lead and (out / CHECKPOINT).exists():
         (out / CHECKPOINT).unlink()  # a new run must not resume into the old one's state
     return None
+
+
+def check_run_record(ckpt, run: dict, given: dict) -> None:
+    """The run record gpunet train stores in its checkpoints: ``config`` (settings this gpunet has; one
+    it lacks would be a newer gpunet's, whose run this one cannot continue as it was meant) and ``data``."""
+    unknown = [f"run.{k}" for k in run if k not in ("config", "data")]
+    unknown += [f"run.config.{k}" for k in run["config"] if k not in given]
+    if unknown:
+        raise checkpoint.CheckpointError(f"{ckpt}: {unknown[0]}: unexpected field (expected only run.config "
+                                         f"and run.data, the settings of this gpunet's train)")
 
 
 def _out_of_memory(exc, config, ckpt) -> ResourceError:

@@ -72,7 +72,7 @@ class Pixels:
         """``rows / 255`` computed in ``dtype`` (no float64 step), into ``out`` or a new array."""
         return get_array_module(rows).divide(rows, self.dtype.type(self.divisor), out=out, dtype=self.dtype)
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: slice) -> Array:
         if not isinstance(key, slice):
             raise TypeError(f"key: expected a slice of rows, got {type(key).__name__}; use take() for indices")
         return self._scaled(self.raw[key])
@@ -131,7 +131,7 @@ class Rows:
         data = to_device(self.data, device)
         return self if data is self.data else Rows(data)
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: slice) -> Array:
         if not isinstance(key, slice):
             raise TypeError(f"key: expected a slice of rows, got {type(key).__name__}; use take() for indices")
         return self.data[key]

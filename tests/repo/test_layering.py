@@ -33,7 +33,7 @@ ALLOWED = {
     "data.arrays": {"backend"},
     "data.rows": {"backend", "fast", "data.arrays"},
     "augment": {"backend", "fast"},
-    "checkpoint": {"files"},
+    "checkpoint": {"files", "layers", "records"},
     "callbacks": {"backend", "checkpoint"},
     "training": {"backend", "fast", "data.rows", "callbacks", "data.arrays", "losses", "metrics", "checkpoint",
                  "parallel"},

@@ -12,9 +12,11 @@ the text the refusal must contain (the field of the record or the array it names
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -312,3 +314,118 @@ def _from_valid(edit):
         record, arrays = edit(*valid_model(folder))
         return model_file(Path(folder) / (name or "crafted.npz"), record, arrays)
     return make
+
+
+# --- checkpoints: a run of gpunet train on a tiny table, and files made from its checkpoint ------------
+CHECKPOINT = "__checkpoint__"
+TRAIN = ["--data", "tiny.npz", "--hidden", "4", "--batch-size", "32", "--device", "cpu"]  # 5 steps an epoch
+
+
+def tiny_run(folder) -> Path:
+    """``folder/run/checkpoint.npz``: one epoch of ``gpunet train`` (in this process) on 200 rows of 8
+    features (``folder/tiny.npz``); a case resumes it with ``resume_args``."""
+    import gpunet.cli
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)
+    np.savez(Path(folder) / "tiny.npz", x_train=x, y_train=y, x_test=x[:50], y_test=y[:50])
+    cwd = os.getcwd()
+    try:
+        os.chdir(folder)
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert gpunet.cli.main(["train", *TRAIN, "--out", "run", "--epochs", "1"]) == 0
+    finally:
+        os.chdir(cwd)
+    return Path(folder) / "run" / "checkpoint.npz"
+
+
+def resume_args(out) -> list:
+    return ["train", *TRAIN, "--out", str(out), "--epochs", "2", "--resume"]
+
+
+def read_checkpoint(path) -> tuple[dict, dict]:
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    return json.loads(arrays.pop(CHECKPOINT).tobytes()), arrays
+
+
+def checkpoint_file(path, record, arrays, extra=()) -> Path:
+    """A checkpoint of ``record`` and ``arrays`` (as :func:`model_file`, under the checkpoint's key)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    entries = [(f"{CHECKPOINT}.npy", record if isinstance(record, bytes) else json_array(record))]
+    entries += [(f"{k}.npy", v if isinstance(v, (bytes, Deflated)) else npy(v)) for k, v in arrays.items()]
+    return write_zip(path, entries + list(extra))
+
+
+SUMS = {"loss_sum": 12.5, "correct": 40, "seconds": 0.5}  # an epoch under way: its partial sums
+
+
+def checkpoint_cases() -> list:
+    """``(name, edit, field)``: ``edit(record, arrays)`` gives the crafted checkpoint's; every case of
+    issue 36 for checkpoints and every field of the record."""
+    def rec(where, value, field, **also):
+        def edit(r, a):
+            for k, v in also.items():
+                r = _edit(r, k, v)
+            return _edit(r, where, value), a
+        return (where if not also else f"{where} ({', '.join(also)})", edit, field)
+
+    def arrays(name, fn, field):
+        return (name, lambda r, a: (r, fn(dict(a))), field)
+
+    bomb = zeros_bomb(npy_header((256 * MiB,), "|u1"), 256 * MiB)  # 256 MiB of zeros in 250 kB
+    big = zeros_bomb(npy_header((64 * MiB,), "<f4"), 256 * MiB)  # a named array, as large
+    return [
+        ("the record a list", lambda r, a: ([r], a), "record: expected an object"),
+        rec("run", [1, 2], "run: expected an object"),
+        rec("run.bogus", 1, "run.bogus: unexpected field"),
+        rec("run.config.bogus", 1, "run.config.bogus: unexpected field"),
+        rec("bogus", 1, "bogus: unexpected field"),
+        rec("partial", [], "partial: expected a list of 1 to"),
+        rec("random", [], "random: expected a list of 1 to"),
+        rec("random.0", [], "random[0]: expected a list of 1 to"),
+        rec("random.0", [None], "random[0]: expected 4 entries (one per layer)"),
+        rec("random.0.2.numpy.state", "x", "random[0][2].numpy.state: expected an object"),
+        rec("ranks", 2, "random: expected 2 entries (one per rank"),
+        rec("epoch", DELETE, "epoch: missing"),  # the bare 'epoch'
+        rec("epoch", "1", "epoch: expected an integer"),
+        rec("finished", DELETE, "finished: missing"),  # the bare 'finished'
+        rec("finished", "yes", "finished: expected true or false"),
+        rec("step", -1, "step: expected an integer in [0,"),  # 'output array does not match ... take'
+        rec("step", 10**6, "step: expected at most 5 (the steps of an epoch", partial=[SUMS]),
+        rec("step", 2, "partial[0]: expected the sums of the epoch's first 2 steps, got null"),
+        rec("partial.0.seconds", DELETE, "partial[0].seconds: missing", step=2, partial=[SUMS]),  # 'seconds'
+        rec("partial.0.correct", -1, "partial[0].correct: expected an integer", step=2, partial=[SUMS]),
+        rec("history", [], "history: expected 1 entries (one per finished epoch)"),
+        rec("history.0.seconds", DELETE, "history[0].seconds: missing"),
+        rec("history.0", "epoch 1", "history[0]: expected an object"),
+        rec("order_rng.bit_generator", "MT19937", "order_rng.bit_generator: expected one of ['PCG64']"),
+        rec("order_rng.state.inc", -1, "order_rng.state.inc: expected an integer"),
+        rec("stop_reason", 5, "stop_reason: expected a string"),
+        rec("best_epoch", "2", "best_epoch: expected an integer"),
+        rec("network.layers", {"0": 1}, "network.layers: expected a list"),
+        rec("network.layers.0.out_features", 10**12, "network.layers[0].out_features: expected an integer"),
+        rec("network.layers.0.out_features", 5, "network.layers[3].in_features: expected 5"),
+        rec("optimizer.momentum", DELETE, "optimizer.momentum: missing (a momentum optimizer's state)"),
+        rec("optimizer.momentum", "0.9", "optimizer.momentum: expected float"),
+        rec("optimizer.nesterov", 0, "optimizer.nesterov: expected bool"),
+        rec("optimizer.bogus", 0, "optimizer.bogus: unexpected field"),
+        rec("optimizer.arrays.velocities", "4", "optimizer.arrays.velocities: expected an integer"),
+        rec("optimizer.arrays.velocities", 6, "array 'optimizer/velocities/4': missing"),
+        rec("optimizer.kind", "adam", "expected the state of a momentum optimizer, got 'adam'"),
+        rec("callbacks.DivergenceGuard.mid_epoch", DELETE, "callbacks.DivergenceGuard.mid_epoch: missing"),
+        rec("callbacks.DivergenceGuard", [], "callbacks.DivergenceGuard: expected an object"),
+        rec("version", 1, "format: expected a gpunet-checkpoint version 2 file"),
+        arrays("a zip bomb the record does not name", lambda a: {**a, "junk": bomb},
+               "array 'junk': not one the record names"),
+        arrays("a zip bomb as a named array", lambda a: {**a, "optimizer/velocities/0": big},
+               "more than 32-fold (a zip bomb)"),
+        arrays("a lying header", lambda a: {**a, "net/0.W": npy_header((10**11,)) + bytes(100)},
+               "array 'net/0.W': its header declares shape (100000000000,)"),
+        arrays("transposed weights", lambda a: {**a, "net/0.W": a["net/0.W"].T.copy()},
+               "expected shape (8, 4) (from the record), got (4, 8)"),
+        arrays("a missing array", lambda a: {k: v for k, v in a.items() if k != "net/3.b"},
+               "array 'net/3.b': missing"),
+        ("not JSON", lambda r, a: (npy(np.frombuffer(b"{", np.uint8)), a), f"{CHECKPOINT}: not a JSON record"),
+    ]

@@ -214,8 +214,8 @@ def test_divergence_after_a_resume_falls_back_to_the_epochs_start(tmp_path):
 
 
 @pytest.mark.parametrize("content, says", [
-    (b"not a zip file at all", "not a readable gpunet checkpoint"),
-    ("model", "is not a gpunet checkpoint .*a model file"),
+    (b"not a zip file at all", "not a readable gpunet checkpoint .a checkpoint is a .npz archive"),
+    ("model", "not a gpunet checkpoint .*a model file"),
     ("foreign", "expected a gpunet-checkpoint version 2 file, got 'other'"),
 ])
 def test_damaged_or_foreign_checkpoints_are_named(tmp_path, content, says):

@@ -68,8 +68,13 @@ def test_a_checkpoint_from_before_the_optimizer_settings_resumes(tmp_path):
     old = {k: v for k, v in asdict(TrainConfig()).items()
            if k not in ("optimizer", "beta1", "beta2", "eps", "alpha", "centered", "batch_norm")}
     old.update(lr=0.05, momentum=0.9, weight_decay=0.0)
-    checkpoint.save(tmp_path / recipe.CHECKPOINT, {"run": {"config": old}, "epoch": 2, "finished": False,
-                                                   "stop_reason": "max_epochs"}, {})
+    net = gn.mlp([3, 2], seed=0, device="cpu")  # a whole checkpoint record (files are checked through)
+    x, y = np.zeros((8, 3), np.float32), np.arange(8) % 2
+    gn.fit(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.1), x, y, epochs=2,
+           checkpoint_path=tmp_path / "fit.npz")
+    record, arrays = checkpoint.load(tmp_path / "fit.npz")
+    record = {k: v for k, v in record.items() if k not in ("format", "version")}
+    checkpoint.save(tmp_path / recipe.CHECKPOINT, {**record, "run": {"config": old}, "finished": False}, arrays)
     meta = recipe.check_out_folder(tmp_path, TrainConfig(), resume=True, overwrite=False)
     assert meta["epoch"] == 2
     with pytest.raises(ConfigError, match="--optimizer: the checkpoint .* was trained with 'momentum', got 'adam'"):

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from conftest import SUPPORT
-from crafted_files import model_cases, model_file, valid_model
+from crafted_files import (_write, checkpoint_cases, checkpoint_file, model_cases, model_file, read_checkpoint,
+                           resume_args, tiny_run, valid_model)
 
 import gpunet as gn
 
@@ -153,3 +155,56 @@ def test_the_valid_model_loads_and_is_within_the_bound(tmp_path):
     code, out, err, peak = gpunet_peak(["predict", path, tmp_path / "digit.npy"], tmp_path)
     assert code == 0 and "digit.npy" in out, err
     assert 0 < peak < BOUND_KB, peak
+
+
+# --- checkpoints: gpunet train --resume -----------------------------------------------------------------
+CHECKPOINT_CASES = checkpoint_cases()
+
+
+@pytest.fixture(scope="module")
+def valid_checkpoint(tmp_path_factory):
+    """``(folder, record, arrays)``: one epoch of a tiny run, its data in ``folder/tiny.npz``."""
+    folder = tmp_path_factory.mktemp("tiny_run")
+    return (folder, *read_checkpoint(tiny_run(folder)))
+
+
+def resume_refused(forked, folder, tmp_path, make) -> tuple[str, str]:
+    """``gpunet train --resume`` on the checkpoint ``make(path)`` writes: exit 2, one line naming the
+    checkpoint, nothing else printed, no traceback, the peak under the bound; returns the line."""
+    shutil.copy(folder / "tiny.npz", tmp_path / "tiny.npz")
+    path = make(tmp_path / "run" / "checkpoint.npz")
+    code, out, err, peak = forked(resume_args(tmp_path / "run"), tmp_path)
+    assert code == 2, (code, out, err)
+    assert err.count("\n") == 1 and "Traceback" not in err and "epoch   2/2" not in out, (out, err)
+    assert f"{path}: " in err, err
+    assert 0 < peak < BOUND_KB, f"peak RSS {peak} KiB"
+    return err, str(path)
+
+
+@pytest.mark.parametrize("name, edit, field", CHECKPOINT_CASES, ids=[c[0] for c in CHECKPOINT_CASES])
+def test_train_resume_refuses_a_crafted_checkpoint_in_one_line(name, edit, field, valid_checkpoint, tmp_path,
+                                                                 forked):
+    folder, record, arrays = valid_checkpoint
+    err, _ = resume_refused(forked, folder, tmp_path, lambda p: checkpoint_file(p, *edit(record, arrays)))
+    assert field in err, err
+
+
+def test_train_resume_refuses_a_text_file_and_a_model_file(valid_checkpoint, tmp_path, forked):
+    folder = valid_checkpoint[0]
+    (tmp_path / "run").mkdir()
+    err, _ = resume_refused(forked, folder, tmp_path, lambda p: _write(p.parent, p.name, b"epoch,loss\n"))
+    assert "not a readable gpunet checkpoint (a checkpoint is a .npz archive" in err, err
+    (tmp_path / "run" / "checkpoint.npz").unlink()
+    model = lambda p: gn.mlp([8, 4, 3], seed=0, device="cpu").save(p) or p  # noqa: E731
+    err, _ = resume_refused(forked, folder, tmp_path, model)
+    assert "not a gpunet checkpoint (it holds 0.W, 0.b, 2.W, 2.b, ...; a model file, perhaps)" in err, err
+
+
+def test_the_valid_checkpoint_resumes(valid_checkpoint, tmp_path, forked):
+    """The corpus' starting point, rewritten by its own zip writer, resumes: the refusals are the edits'.
+    (Its peak is not bounded here: a run that trains imports matplotlib and more.)"""
+    folder, record, arrays = valid_checkpoint
+    shutil.copy(folder / "tiny.npz", tmp_path / "tiny.npz")
+    checkpoint_file(tmp_path / "run" / "checkpoint.npz", record, arrays)
+    code, out, err, peak = forked(resume_args(tmp_path / "run"), tmp_path)
+    assert code == 0 and "epoch   2/2" in out, (out, err)
