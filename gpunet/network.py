@@ -140,8 +140,8 @@ class Sequential(Layer):
         if len(states) != len(self.layers):
             raise ValueError(f"states: expected {len(self.layers)} entries (one per layer), got {len(states)}")
         for layer, state in zip(self.layers, states):
-            if state is not None:
-                layer.set_random_state(state)
+            if state is not None:  # a layer that draws (Dropout): random_state() gave it one
+                layer.set_random_state(state)  # type: ignore[attr-defined]
 
     def config(self) -> dict:
         return {"type": "Sequential", "layers": [layer.config() for layer in self.layers]}
@@ -348,7 +348,7 @@ def mlp(sizes: Sequence[int], activation: str | Sequence[str] = "relu", init: st
             raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {a!r}")
     rng = make_rng(seed)
     dev = resolve_device(device)
-    layers = []
+    layers: list[Layer] = []
     for i, act in enumerate(acts):
         layer_init = init or ("he" if act == "relu" else "xavier")
         layers.append(Linear(sizes[i], sizes[i + 1], init=layer_init, rng=rng, dtype=dtype, device=dev))

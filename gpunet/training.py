@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -347,7 +348,7 @@ class Run:
         with ``wait=False`` ``arrays`` is a function that returns them: the copy runs behind the queued
         work without the host waiting, and a checkpoint writer collects it off the training loop."""
         mid = self.step > 0
-        partial = {"loss_sum": float(self.loss_sum), "correct": int(self.correct),
+        partial: Any = {"loss_sum": float(self.loss_sum), "correct": int(self.correct),
                    "seconds": time.perf_counter() - self._clock} if mid else None
         random, partial = self._per_rank(self.net.random_state()), self._per_rank(partial)
         opt, arrays = checkpoint.split("optimizer", self.optimizer.state_dict(host=False))
@@ -516,18 +517,16 @@ def fit(net: Network, loss: Loss, optimizer: Optimizer, x: ArrayLike, y: ArrayLi
     if validation is not None:
         validation = _dataset(*validation, net, loss.classifies, "validation x")
     saver = cbs.Checkpoint(checkpoint_path, checkpoint_every, run_info) if checkpoint_path is not None else None
+    stops = [*([cbs.EarlyStopping(patience, min_delta)] if patience is not None else []),
+             *([cbs.TargetLoss(target_loss)] if target_loss is not None else [])]
     run = Run(net, loss, optimizer, data, validation=validation, batch_size=batch_size, shuffle=shuffle, seed=seed,
               eval_batch_size=eval_batch_size, fast=fast, interrupt=interrupt, comm=comm, cuda_graph=cuda_graph,
               callbacks=[*_keyword_callbacks(schedule, callback, on_batch), *shown, *callbacks,
-                         *([augment] if augment is not None else []),
-                         *([cbs.EarlyStopping(patience, min_delta)] if patience is not None else []),
-                         *([cbs.TargetLoss(target_loss)] if target_loss is not None else []),
-                         *([saver] if saver is not None else [])])
-    if resume:
-        saver.restore(run)
-    if net.device != "cpu":
-        return run.fit(epochs)
-    with fast_path.blas.threads_for(largest_product(net, run.batch_size)):  # small problems: one thread
+                         *([augment] if augment is not None else []), *stops, *([saver] if saver else [])])
+    if resume:  # with a checkpoint_path: _check_fit refuses resume without one
+        saver.restore(run)  # type: ignore[union-attr]
+    on_cpu = net.device == "cpu"  # small problems: one BLAS thread
+    with fast_path.blas.threads_for(largest_product(net, run.batch_size)) if on_cpu else nullcontext():
         return run.fit(epochs)
 
 
@@ -551,7 +550,7 @@ def _check_fit(epochs, patience, validation, resume, checkpoint_path):
 def _keyword_callbacks(schedule, callback, on_batch) -> list:
     """The callbacks that ``fit``'s keywords ask for, which come first: the schedule sets the epoch's lr,
     the divergence guard puts back the last good weights before anything else sees them."""
-    made = [cbs.Schedule(schedule)] if schedule is not None else []
+    made: list[cbs.Callback] = [cbs.Schedule(schedule)] if schedule is not None else []
     made.append(cbs.DivergenceGuard())
     made += [cbs.EpochEnd(callback)] if callback is not None else []
     return made + ([cbs.BatchEnd(on_batch)] if on_batch is not None else [])

@@ -48,9 +48,15 @@ def test_dry_run_runs_every_step_and_leaves_its_results(tmp_path):
                                                      "latest-cpu.json", "latest-cpu.md",
                                                      "pytest-gpu.xml", "recipe-metrics.json", "session.log",
                                                      "smoke-metrics.json", "step-cpu.json"]
-    step = json.loads((out / "step-cpu.json").read_text())  # one training step, with and without dropout
-    assert step["device"]["device"] == "cpu" and sorted(step["steps"]) == ["dropout=0.0", "dropout=0.2"]
-    assert all(e["gpunet"]["host_ms"] > 0 and e["gpunet"]["repeat"] == 3 for e in step["steps"].values())
+    step = json.loads((out / "step-cpu.json").read_text())  # each launch-budget path's step, fake CuPy
+    assert step["dry_run"] and list(step["steps"]) == ["dropout=0.0", "dropout=0.2",
+                                                        "data-parallel rank (2), dropout=0.2",
+                                                        "augment, dropout=0.2", "batch-norm, dropout=0.2"]
+    assert all(e["gpunet"]["ms_per_step"] > 0 and e["gpunet"]["repeat"] == 3 for e in step["steps"].values())
+    kernels = {name: set(e["kernels"]) for name, e in step["steps"].items()}  # each path ran its own step
+    assert "gpunet_layer_momentum_given" in kernels["data-parallel rank (2), dropout=0.2"]
+    assert "gpunet_resample" in kernels["augment, dropout=0.2"]
+    assert "gpunet_batch_norm_backward" in kernels["batch-norm, dropout=0.2"]
     # the GPU tests were collected, and on the CPU every one of them skipped (none ran, none failed)
     tests, skipped, bad = junit(out / "pytest-gpu.xml")
     assert tests >= 10 and skipped == tests and bad == 0, (tests, skipped, bad)

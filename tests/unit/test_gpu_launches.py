@@ -67,6 +67,29 @@ def test_the_launch_count_is_the_table_in_benchmarks(fake_gpu):
     assert per_step(fake_gpu, 0.0, batch_norm=True)[0] == 2 + 2 * 3 + 2 + 1 + 3 * 2 + 2 * 3
 
 
+
+def test_the_table_in_benchmarks_is_what_the_code_counts(fake_gpu, monkeypatch):
+    """BENCHMARKS.md's launch and read table is benchmarks/launch_table.py's output of
+    launch_counts' counts and budgets, between its markers; writing it replaces only what lies
+    between them. Mutation: a budget in launch_counts.PATHS changed (augment's 27 -> 28) without
+    rerunning the script fails it."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import launch_table
+
+    monkeypatch.setenv("GPUNET_CUDA_CPU", "0")  # counts only (the CUDA sources run in other tests)
+    text = launch_table.BENCHMARKS.read_text()
+    assert launch_table.current_table(text) == launch_counts.table(fake_gpu), \
+        "BENCHMARKS.md's launch table is stale: run python benchmarks/launch_table.py"
+    rewritten = launch_table.replace_table(text, "| x |\n")
+    assert launch_table.current_table(rewritten) == "| x |\n"
+    assert rewritten.replace("| x |\n", launch_table.current_table(text), 1) == text
+    with pytest.raises(ValueError, match="expected one"):
+        launch_table.replace_table(text.replace(launch_table.END, ""), "| x |\n")
+
 def train(device, dropout, x, y):
     net = gn.mlp([784, 64, 32, 10], dropout=dropout, seed=1, device=device)
     opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
