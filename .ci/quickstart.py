@@ -2,7 +2,7 @@
 
 The block is the first ```sh fence after the heading "## Quick start". Comment-only and blank lines are
 dropped; everything else is printed verbatim, one command per line, so CI runs exactly what a new user
-types (tests/test_quickstart.py checks both sides).
+types (tests/repo/test_quickstart.py checks both sides).
 """
 from __future__ import annotations
 

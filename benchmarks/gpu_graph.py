@@ -12,7 +12,7 @@ between the events divided by the steps (and the host's wall time beside it). gp
 with one synchronization each (``fit`` reads the epoch's loss); PyTorch's loop does the same (one
 ``.item()`` per epoch), so all three are timed over the same unit of work.
 
-``--dry-run`` takes the same path on the CPU: gpunet's "GPU" is tests/fake_cupy.py (its events
+``--dry-run`` takes the same path on the CPU: gpunet's "GPU" is tests/support/fake_cupy.py (its events
 report host time), PyTorch runs on the CPU, timed with ``time.perf_counter``; its table says in its
 title that it measures nothing. benchmarks/gpu_session.sh runs this among its first steps.
 """
@@ -36,7 +36,7 @@ SIZES, BATCH, DROPOUT, LR, MOMENTUM = [784, 512, 512, 10], 128, 0.2, 0.05, 0.9
 def install_fake_cupy() -> None:
     """The dry run's GPU: the fake CuPy of the tests (kernels as NumPy mirrors, CUDA sources
     off)."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "support"))
     os.environ["GPUNET_CUDA_CPU"] = "0"
     from fake_cupy import FakeCupy
 

@@ -8,7 +8,7 @@
 #
 # --dry-run (or GPUNET_DRY_RUN=1) rehearses the very same steps on the CPU with small settings (the GPU
 # tests are collected and skip, one quick benchmark config, a one-epoch recipe on a small net), so the
-# script is known to work before a GPU is ever lent; tests/test_gpu_session.py runs it on tiny files.
+# script is known to work before a GPU is ever lent; tests/system/test_gpu_session.py runs it on tiny files.
 #
 # Runs from the source tree (PYTHONPATH=.), so the machine needs only Python with NumPy, CuPy and pytest.
 # The lent H200 machines' image also has PyTorch with CUDA (2.11, cu130, in the device notes of 2026-11):
@@ -17,7 +17,7 @@
 # are for. OUT_DIR (default $OUT, else a new temp folder) receives nine files: session.log (every
 # step's output), pytest-gpu.xml (the GPU tests' JUnit report), graph-<device>.json (eager vs CUDA graph vs
 # PyTorch eager, benchmarks/gpu_graph.py), latest-<device>.json and .md (benchmarks/speed.py),
-# step-<device>.json (one training step, benchmarks/gpu_step.py), recipe-metrics.json,
+# step-<device>.json (each launch-budget path's step, benchmarks/gpu_step.py), recipe-metrics.json,
 # best-metrics.json (--preset best) and smoke-metrics.json. Models and pictures stay in a scratch folder. Each step has a
 # time limit (seconds below), cut to what is left of the session's budget (GPU_SESSION_BUDGET seconds, 540 by
 # default: a device command may run 600 s at most, and the steps' own limits add up to more than that); once
@@ -50,7 +50,8 @@ if [ "$dry" = "1" ]; then  # the CPU rehearsal: same steps, small settings, GPU 
     unset GPUNET_REQUIRE_GPU
     require_gpu=()
     bench_args=(--quick --no-torch --epochs 1 --configs 784-100-10/b128 --pause 0)
-    step_args=(--repeat 3)
+    warm_args=(--dry-run --warm-only)
+    step_args=(--dry-run --repeat 3)
     graph_args=(--dry-run --steps 2)
     train_args=(--epochs 1 --hidden 32 --val-size 100 --no-plots)
     export GPUNET_SMOKE_MIN_ACCURACY=0
@@ -58,6 +59,7 @@ else
     device=gpu
     require_gpu=(GPUNET_REQUIRE_GPU=1)
     bench_args=()
+    warm_args=(--warm-only)
     step_args=()
     graph_args=()
     train_args=()
@@ -90,7 +92,7 @@ keep() { cp "$1" "$out/$2" 2>/dev/null || true; }  # keep FILE NAME: a step's re
 step info 30 "$python" -m gpunet info --device "$device"
 # CuPy compiles each kernel on first use (seconds each, the cache starts empty on a fresh machine): here,
 # in a step of its own, so that the tests' time limit is spent on the tests
-step warm 120 "$python" benchmarks/gpu_step.py --device "$device" --warm-only
+step warm 120 "$python" benchmarks/gpu_step.py "${warm_args[@]}"
 # issue 37: eager against the CUDA graph step against PyTorch eager, one table, in the session's
 # first minutes (the graph step's default changes only on this measurement)
 step graph-compare 120 "$python" benchmarks/gpu_graph.py "${graph_args[@]}" \
@@ -99,7 +101,9 @@ step pytest-gpu 150 env "${require_gpu[@]}" "$python" -m pytest -m gpu -q -rs -p
     --junitxml "$out/pytest-gpu.xml"
 step bench 150 "$python" benchmarks/speed.py --device "$device" --data-dir "$data" \
     "${bench_args[@]}" --json "$out/latest-$device.json" --markdown "$out/latest-$device.md"
-step gpu-step 90 "$python" benchmarks/gpu_step.py --device "$device" "${step_args[@]}" --json "$out/step-$device.json"
+# every path with a launch budget (one GPU, dropout, a data-parallel rank, --augment, --batch-norm), gpunet
+# and PyTorch eager timed alike (events around N steps, one sync); the dry run: the same path, fake CuPy
+step gpu-step 90 "$python" benchmarks/gpu_step.py "${step_args[@]}" --json "$out/step-$device.json"
 step recipe 120 "$python" -m gpunet train --device "$device" --data-dir "$data" --out "$scratch/recipe" \
     "${train_args[@]}"
 keep "$scratch/recipe/metrics.json" recipe-metrics.json

@@ -1,5 +1,5 @@
 """How well saved models read people's digits (issue 25): the re-photographed MNIST test digits and the
-typed digits that the image tests build (``tests/pictures.py``), read as ``gpunet predict`` reads files
+typed digits that the image tests build (``tests/support/pictures.py``), read as ``gpunet predict`` reads files
 (``gpunet.data.pictures.load_image_file``: the MNIST recipe), for each model given.
 
     python benchmarks/pictures.py --data-dir /path/to/mnist --digits 2000 MODEL.npz [MODEL.npz ...]
@@ -22,14 +22,14 @@ from gpunet.data import load_mnist
 from gpunet.data.pictures import load_image_file
 from gpunet.training import predict
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 import pictures  # noqa: E402  (the tests' picture builders: no picture files are committed)
 
 
 def picture_sets(data_dir: str, digits: int, folder: Path) -> dict:
     """{"photographed": (inputs (N, 784) float32, labels), "typed": (...)}, read the way predict reads."""
     _, (x_test, y_test) = load_mnist(data_dir, download=False)
-    pick = np.random.default_rng(0).choice(len(y_test), digits, replace=False)  # as tests/test_images.py
+    pick = np.random.default_rng(0).choice(len(y_test), digits, replace=False)  # as tests/unit/test_images.py
     chosen = x_test[pick].reshape(-1, 28, 28)  # float32 in [0, 1], as load_mnist hands them over
     photos = pictures.save_set(pictures.photographed(chosen, y_test[pick]), folder / "photos")
     typed = pictures.save_set(pictures.typed(), folder / "typed")

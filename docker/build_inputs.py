@@ -7,7 +7,7 @@
                                                             (e.g. 3.11), C library (2.36) and machine (x86_64)
     python3 docker/build_inputs.py digest                   a SHA-256 of the files the image is built from;
                                                             the build records it as the label
-                                                            org.gpunet.source, and tests/test_docker.py checks
+                                                            org.gpunet.source, and tests/system/test_docker.py checks
                                                             the image against the checkout with it
 """
 from __future__ import annotations

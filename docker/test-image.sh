@@ -12,7 +12,7 @@
 #    1000 and as --user 4242:4242, `stop` during training (exit 143, a checkpoint) and --resume in a new
 #    container (bit-identical to an uninterrupted run), `gpunet serve` with its port published (a picture,
 #    then 64 clients x 20 pictures and 400 idle connections from the host), `mpiexec -n 2 gpunet train`,
-#    every CUDA kernel compiled by the image's NVRTC with its headers (tests/cuda_compile.py); the size.
+#    every CUDA kernel compiled by the image's NVRTC with its headers (tests/support/cuda_compile.py); the size.
 #
 # --gpus all (a GPU host with NVIDIA's container toolkit; podman gets CDI's --device nvidia.com/gpu=all)
 # runs the same checks with the GPU visible, builds with the cuda12-libs extra (cuBLAS: the Debian base has
@@ -219,9 +219,9 @@ for _ in $(seq 120); do
 done
 say "    GET /health -> ${health:-no answer}"
 grep -q '"model": "model.npz"' <<<"$health" || { engine logs gpunet-test-serve >&2; fail "serve: no /health"; }
-timeout 300 "$PYTHON" tests/serve_load.py --url "http://127.0.0.1:$port" --data "$DATA" --clients 1 --pictures 1 \
+timeout 300 "$PYTHON" tests/support/serve_load.py --url "http://127.0.0.1:$port" --data "$DATA" --clients 1 --pictures 1 \
     --idle 1 | sed 's/^/    /' || fail "serve: a picture POSTed from the host was not answered"
-timeout 300 "$PYTHON" tests/serve_load.py --url "http://127.0.0.1:$port" --data "$DATA" --clients 64 --pictures 20 \
+timeout 300 "$PYTHON" tests/support/serve_load.py --url "http://127.0.0.1:$port" --data "$DATA" --clients 64 --pictures 20 \
     --idle 400 | sed 's/^/    /' || fail "serve: requests failed under load"
 stop_start=$SECONDS
 engine stop -t 30 gpunet-test-serve >/dev/null
@@ -237,7 +237,7 @@ engine "${RUN[@]}" "${MOUNTS[@]}" --entrypoint mpiexec "$IMAGE" -n 2 gpunet "${T
 passed "mpiexec -n 2"
 
 step "every CUDA kernel compiled by the image's NVRTC with its own headers and CuPy's options"
-engine "${RUN[@]}" -v "$PWD/tests:/tests:ro" --entrypoint python "$IMAGE" /tests/cuda_compile.py \
+engine "${RUN[@]}" -v "$PWD/tests:/tests:ro" --entrypoint python "$IMAGE" /tests/support/cuda_compile.py \
     >"$WORK/nvrtc.log" 2>&1 || { cat "$WORK/nvrtc.log" >&2; fail "NVRTC: a kernel did not compile in the image"; }
 cut -c1-100 "$WORK/nvrtc.log" | sed 's/^/    /'
 passed "NVRTC in the image"

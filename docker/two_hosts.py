@@ -6,7 +6,7 @@
 runs `mpiexec -launcher manual -hosts A:1,B:1 -n 2 COMMAND...` in container A: Hydra prints one
 `HYDRA_LAUNCH: .../hydra_pmi_proxy ... --proxy-id I` line a host, and each goes to its container
 with `podman exec`. OUT/a and OUT/b are the two hosts' own /runs (nothing is shared between them but
-the network); DATA is mounted read-only on /data in both. tests/test_docker_mpi.py trains across
+the network); DATA is mounted read-only on /data in both. tests/system/test_docker_mpi.py trains across
 the two with it and compares with one process; docker/README.md ("Several machines") says how the
 same works on real hosts. Exit status: mpiexec's; 77 when no container engine works here.
 """

@@ -14,8 +14,27 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import types
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar, Union, cast
 
 import numpy as np
+import numpy.typing as npt
+
+# The types the public API is annotated with (checkers and editors read them; nothing checks
+# them at run time). CuPy is imported for the checker only: the core needs NumPy alone at run time.
+if TYPE_CHECKING:
+    import cupy
+
+    Array = Union[np.ndarray, cupy.ndarray]
+    """An array of the array module a computation runs on: NumPy on the CPU, CuPy on a GPU."""
+    ArrayLike = Union[npt.ArrayLike, cupy.ndarray]
+    """What the functions turn into an array: NumPy or CuPy arrays, nested sequences, scalars."""
+else:
+    Array = np.ndarray  # at run time a NumPy name stands in (CuPy is not imported)
+    ArrayLike = npt.ArrayLike
+DTypeLike = npt.DTypeLike
+"""A dtype or what NumPy turns into one (``np.float32``, ``"float64"``)."""
+F = TypeVar("F", bound=Callable[..., Any])
 
 ENV_VAR = "GPUNET_DEVICE"
 _NAMES = {"cpu": "cpu", "numpy": "cpu", "gpu": "gpu", "cuda": "gpu", "cupy": "gpu", "auto": "auto"}
@@ -117,7 +136,7 @@ def chosen_gpu() -> int | None:
     return _gpu_index
 
 
-def device_scope(a):
+def device_scope(a: Any) -> contextlib.AbstractContextManager:
     """A context manager making the GPU that holds ``a`` (a CuPy array) current in this thread, so that
     work and uploads inside it land on that GPU whatever thread runs them; a no-op for NumPy arrays."""
     if _is_cupy(a):
@@ -125,16 +144,16 @@ def device_scope(a):
     return contextlib.nullcontext()
 
 
-def on_device_of_net(fn):
+def on_device_of_net(fn: F) -> F:
     """Decorator for entry points ``fn(net, ...)``: run inside :func:`device_scope` of the network's first
     parameter (``cupy.cuda.Device.use()`` holds for one thread only: a server's request thread would
     otherwise upload to GPU 0 and multiply with weights on another)."""
     @functools.wraps(fn)
-    def run(net, *args, **kwargs):
+    def run(net: Any, *args: Any, **kwargs: Any) -> Any:
         params = net.parameters()
         with device_scope(params[0].data if params else None):
             return fn(net, *args, **kwargs)
-    return run
+    return cast(F, run)
 
 
 def _split(name: str | None) -> tuple[str, int | None]:
@@ -183,7 +202,8 @@ def set_default_device(name: str | None) -> None:
 
 def describe_device(name: str | None = None) -> dict:
     """What ``name`` resolves to and why: a dict for ``gpunet info`` and ``metrics.json``."""
-    info = {"requested": normalize_device(name), "device": resolve_device(name), "reason": gpu_unavailable_reason()}
+    info: dict[str, Any] = {"requested": normalize_device(name), "device": resolve_device(name),
+                            "reason": gpu_unavailable_reason()}
     info["backend"] = "cupy" if info["device"] == "gpu" else "numpy"
     if info["device"] == "gpu":
         cupy = _probe()[0]
@@ -197,14 +217,14 @@ def describe_device(name: str | None = None) -> dict:
     return info
 
 
-def _is_cupy(a) -> bool:
+def _is_cupy(a: object) -> bool:
     t = type(a)
     if t is np.ndarray:  # the common case, answered without string work (called several times a step)
         return False
     return t.__module__.partition(".")[0] == "cupy"
 
 
-def get_array_module(*arrays):
+def get_array_module(*arrays: object) -> types.ModuleType:
     """The array module (``numpy`` or ``cupy``) that owns ``arrays``; NumPy for plain Python values."""
     for a in arrays:
         if _is_cupy(a):
@@ -214,12 +234,12 @@ def get_array_module(*arrays):
     return np
 
 
-def device_of(a) -> str:
+def device_of(a: object) -> str:
     """``"gpu"`` for a CuPy array, ``"cpu"`` otherwise."""
     return "gpu" if _is_cupy(a) else "cpu"
 
 
-def to_device(a, device: str | None = None):
+def to_device(a: ArrayLike, device: str | None = None) -> Array:
     """Move (or keep) an array on ``device``; no copy when it is already there."""
     if resolve_device(device) == "gpu":
         cupy = _probe()[0]
@@ -230,14 +250,57 @@ def to_device(a, device: str | None = None):
     return to_numpy(a)
 
 
-def to_numpy(a) -> np.ndarray:
+def to_numpy(a: ArrayLike) -> np.ndarray:
     """Bring any array (NumPy, CuPy, list, scalar) back to the host as a NumPy array."""
     if _is_cupy(a):
-        return a.get()
+        return a.get()  # type: ignore[union-attr]  # a CuPy array (the checker cannot narrow to it)
     return np.asarray(a)
 
 
-def log_softmax(z):
+class HostCopy:
+    """Host copies of several arrays, started now and collected by :meth:`wait` (a list of NumPy
+    arrays, in order). NumPy arrays are kept as given (pass copies). CuPy arrays of each dtype are
+    packed on the device into one flat buffer (one launch, a snapshot: later steps may change the
+    arrays) and copied to pinned host memory without blocking, behind the work already queued, with
+    an event after it: the host does not wait here, and :meth:`wait` (e.g. a checkpoint writer's
+    thread) waits for that event only, not for later work."""
+
+    def __init__(self, arrays: Iterable[Array]) -> None:
+        arrays = list(arrays)
+        self._host: list = [None if _is_cupy(a) else np.asarray(a) for a in arrays]
+        self._shapes = [a.shape for a in arrays]
+        self._pending: list = []  # (event, pinned flat buffer, indices of its arrays, the device one)
+        groups: dict = {}
+        for i, a in enumerate(arrays):
+            if self._host[i] is None and a.size:
+                groups.setdefault(a.dtype.str, []).append(i)
+            elif self._host[i] is None:
+                self._host[i] = np.zeros(a.shape, a.dtype)
+        for indices in groups.values():
+            import cupy
+
+            flat = cupy.concatenate([arrays[i].ravel() for i in indices])
+            memory = cupy.cuda.alloc_pinned_memory(flat.nbytes)
+            pinned = np.frombuffer(memory, flat.dtype, flat.size)
+            flat.get(out=pinned, blocking=False)
+            event = cupy.cuda.Event()
+            event.record()
+            self._pending.append((event, pinned, indices, flat))  # flat kept until the copy is done
+
+    def wait(self) -> list:
+        """The host copies (NumPy arrays of the given shapes and dtypes), once the copies are done."""
+        for event, pinned, indices, _ in self._pending:
+            event.synchronize()
+            at = 0
+            for i in indices:
+                size = int(np.prod(self._shapes[i], dtype=np.int64))
+                self._host[i] = pinned[at:at + size].reshape(self._shapes[i]).copy()
+                at += size
+        self._pending = []
+        return self._host
+
+
+def log_softmax(z: Array) -> Array:
     """Row-wise ``log(softmax(z))`` of a (N, C) float array, stable: ``s - log(sum(exp(s)))`` with
     ``s = z - max(z)`` (exp of at most 0 never overflows); same dtype and device as ``z``."""
     xp = get_array_module(z)
@@ -245,7 +308,7 @@ def log_softmax(z):
     return shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def softmax(z):
+def softmax(z: Array) -> Array:
     """Row-wise ``exp(z_j) / sum_k exp(z_k)`` of a (N, C) float array, with the same shift (one exp per
     entry, not the two of ``exp(log_softmax(z))``: predict_proba's hot path)."""
     e = get_array_module(z).exp(_shifted(z))
@@ -253,12 +316,12 @@ def softmax(z):
     return e
 
 
-def _shifted(z):
+def _shifted(z: Array) -> Array:
     """``z - max(z)`` row by row: exp of it is at most 1, never an overflow."""
     return z - z.max(axis=1, keepdims=True)
 
 
-def synchronize(a=None) -> None:
+def synchronize(a: Any = None) -> None:
     """Wait for queued GPU work (for timing); a no-op on the CPU."""
     if a is None or _is_cupy(a):
         probe = _probe_result

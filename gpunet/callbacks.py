@@ -28,24 +28,33 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
 
 from . import checkpoint
 from .backend import to_numpy
+
+Run = Any
+"""The run a hook is given: a :class:`gpunet.training.Run` (not imported: training imports this)."""
 
 HOOKS = ("on_train_begin", "on_epoch_begin", "transform_batch", "on_batch_end", "on_epoch_end", "on_interrupt",
          "on_train_end")  # what the run calls; state_dict and load_state_dict are for its checkpoints
 
 
-def stop(run, reason: str) -> None:
+def stop(run: Run, reason: str) -> None:
     """Ask ``run`` to stop after this epoch, for ``reason`` (unless another callback already did)."""
     if not run.stop_training:
         run.stop_training, run.history.stop_reason = True, reason
 
 
-def _finite(value) -> bool:
+def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
@@ -63,10 +72,10 @@ class Schedule(Callback):
     """``optimizer.lr = schedule(epoch)`` before each epoch (``schedule`` a function of the 0-based epoch,
     see :mod:`gpunet.schedules`); it holds no state of its own: the epoch is the run's."""
 
-    def __init__(self, schedule):
+    def __init__(self, schedule: Callable[[int], float]) -> None:
         self.schedule = schedule
 
-    def on_epoch_begin(self, run, epoch):
+    def on_epoch_begin(self, run: Run, epoch: int) -> None:
         run.optimizer.lr = self.schedule(epoch)
 
 
@@ -79,21 +88,22 @@ class DivergenceGuard(Callback):
     written mid-epoch carries them, so a resumed run falls back to the same.
     """
 
-    def __init__(self):
-        self.last_good, self._mid_epoch = None, False
+    def __init__(self) -> None:
+        self.last_good: Any = None  # (weights, optimizer state) of the last good epoch, or None
+        self._mid_epoch = False
 
     @staticmethod
-    def _snapshot(run):
+    def _snapshot(run: Run) -> tuple[dict, dict]:
         return run.net.state_dict(host=False), run.optimizer.state_dict(host=False)
 
-    def on_train_begin(self, run):
+    def on_train_begin(self, run: Run) -> None:
         if self.last_good is None:
             self.last_good = self._snapshot(run)
 
-    def on_epoch_begin(self, run, epoch):
+    def on_epoch_begin(self, run: Run, epoch: int) -> None:
         self._mid_epoch = True
 
-    def on_epoch_end(self, run, record):
+    def on_epoch_end(self, run: Run, record: dict) -> None:
         self._mid_epoch = False
         if _finite(record["loss"]):
             self.last_good = self._snapshot(run)
@@ -128,14 +138,14 @@ class EarlyStopping(Callback):
     the best epoch's weights when training ends (host copies kept meanwhile). A NaN validation loss never
     counts as the best."""
 
-    def __init__(self, patience: int, min_delta: float = 0.0):
+    def __init__(self, patience: int, min_delta: float = 0.0) -> None:
         self.patience, self.min_delta = patience, min_delta
         self.best_loss: float | None = None
         self.best_epoch: int | None = None
         self.best_state: dict | None = None  # host copies of the best epoch's weights
         self.wait = 0
 
-    def on_epoch_end(self, run, record):
+    def on_epoch_end(self, run: Run, record: dict) -> None:
         val_loss = record["val_loss"]
         if _finite(val_loss) and (self.best_loss is None or val_loss < self.best_loss - self.min_delta):
             self.best_loss, self.best_epoch, self.best_state, self.wait = val_loss, record["epoch"], run.net.state_dict(), 0
@@ -145,7 +155,7 @@ class EarlyStopping(Callback):
                 stop(run, "early_stopping")
         run.history.best_epoch = self.best_epoch
 
-    def on_train_end(self, run):
+    def on_train_end(self, run: Run) -> None:
         if self.best_state is not None:
             run.net.load_state_dict(self.best_state)
 
@@ -162,10 +172,10 @@ class EarlyStopping(Callback):
 class TargetLoss(Callback):
     """Stop once an epoch's training loss is below ``target``."""
 
-    def __init__(self, target: float):
+    def __init__(self, target: float) -> None:
         self.target = target
 
-    def on_epoch_end(self, run, record):
+    def on_epoch_end(self, run: Run, record: dict) -> None:
         if record["loss"] < self.target:
             stop(run, "target_loss")
 
@@ -173,47 +183,82 @@ class TargetLoss(Callback):
 class EpochEnd(Callback):
     """``fn(record)`` after each epoch (``fit(callback=fn)``)."""
 
-    def __init__(self, fn):
+    def __init__(self, fn: Callable[[dict], object]) -> None:
         self.fn = fn
 
-    def on_epoch_end(self, run, record):
+    def on_epoch_end(self, run: Run, record: dict) -> None:
         self.fn(record)
 
 
 class BatchEnd(Callback):
     """``fn(epoch, step, steps)`` after each batch (``fit(on_batch=fn)``)."""
 
-    def __init__(self, fn):
+    def __init__(self, fn: Callable[[int, int, int], object]) -> None:
         self.fn = fn
 
-    def on_batch_end(self, run, epoch, step, steps):
+    def on_batch_end(self, run: Run, epoch: int, step: int, steps: int) -> None:
         self.fn(epoch, step, steps)
 
 
 class Checkpoint(Callback):
     """The run's whole state to ``path`` every ``every`` epochs, when the run stops, and when it is
     interrupted mid-epoch (:mod:`gpunet.checkpoint`); ``restore(run)`` loads it back. Put it last: the state
-    it writes is the one the other callbacks leave. ``info`` (JSON data) is stored for the caller."""
+    it writes is the one the other callbacks leave. ``info`` (JSON data) is stored for the caller.
 
-    def __init__(self, path, every: int = 1, info: dict | None = None):
+    On a GPU the epoch-end checkpoint stays off the training loop: the weights and the optimizer's
+    arrays are snapshotted on the device and copied in one non-blocking transfer
+    (:meth:`gpunet.training.Run.state_dict` with ``wait=False``), and a writer thread waits for that
+    copy and writes the file while the next epoch's steps are queued. The file is complete before the
+    next checkpoint starts, before ``fit`` returns and before an interrupted run raises."""
+
+    def __init__(self, path: str | os.PathLike, every: int = 1, info: dict | None = None) -> None:
         self.path, self.every, self.info = path, every, info
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
 
-    def on_epoch_end(self, run, record):
+    def on_epoch_end(self, run: Run, record: dict) -> None:
         finished = run.stop_training or run.epoch >= run.epochs
         if finished or run.epoch % self.every == 0:
-            self._save(run, finished)
+            self._save(run, finished, background=run.net.device != "cpu")
 
-    def on_interrupt(self, run):
-        self._save(run, False)
+    def on_interrupt(self, run: Run) -> None:
+        self._save(run, False, background=False)
 
-    def _save(self, run, finished: bool):
-        record, arrays = run.state_dict()  # a collective call in a distributed run: every rank makes it
+    def on_train_end(self, run: Run) -> None:
+        self.wait()
+
+    def wait(self) -> None:
+        """Until the file being written is written (re-raising the writer's error, if any)."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _save(self, run: Run, finished: bool, background: bool) -> None:
+        self.wait()
+        # a collective call in a distributed run: every rank makes it; rank 0 writes
+        record, arrays = run.state_dict(wait=False)
         if run.rank == 0:
-            checkpoint.save(self.path, {"run": self.info, "finished": finished, **record}, arrays)
+            meta = {"run": self.info, "finished": finished, **record}
+            if background:
+                writer = threading.Thread(target=self._write, args=(meta, arrays), name="gpunet-checkpoint")
+                writer.start()
+                self._writer = writer
+            else:
+                checkpoint.save(self.path, meta, arrays())
         run.last_checkpoint = self.path
 
-    def restore(self, run) -> dict:
+    def _write(self, meta: dict, arrays: Callable[[], dict]) -> None:
+        try:
+            checkpoint.save(self.path, meta, arrays())
+        except BaseException as exc:  # handed to the training thread by wait()
+            self._error = exc
+
+    def restore(self, run: Run) -> dict:
         """Load the checkpoint into ``run`` (position, weights, optimizer, random states, callbacks)."""
+        self.wait()
         record, arrays = checkpoint.load(self.path)
         run.load_state_dict(record, arrays, self.path)
         return record
@@ -235,7 +280,7 @@ def epoch_line(record: dict, epochs: int) -> str:
 VERBOSE = {0: "silent", 1: "a progress bar", 2: "one line per epoch"}
 
 
-def _tqdm_for(out):
+def _tqdm_for(out: object) -> Any:
     """tqdm.auto's bar class (the notebook's widget in Jupyter, the text bar elsewhere) if tqdm is installed
     and ``out`` is a terminal or the run is in a Jupyter kernel; else None (the plain bar: a log file or a
     captured stream gets no cursor codes)."""
@@ -251,7 +296,7 @@ def _tqdm_for(out):
     return tqdm
 
 
-def running_means(run, step: int) -> dict:
+def running_means(run: Run, step: int) -> dict:
     """The epoch's mean training loss (and accuracy for a classifier) over its first ``step`` steps, from the
     run's sums on the device (one wait for the device). This rank's rows only in a distributed run."""
     rows = max(run.seen(step), 1)
@@ -271,23 +316,24 @@ class Progress(Callback):
 
     WIDTH = 30
 
-    def __init__(self, verbose: int = 1, file=None, refresh: float = 10.0, bar_file=None):
+    def __init__(self, verbose: int = 1, file: IO[str] | None = None, refresh: float = 10.0,
+                 bar_file: IO[str] | None = None) -> None:
         if verbose not in (1, 2):
             raise ValueError(f"verbose: expected one of {sorted(VERBOSE)} (0 {VERBOSE[0]}, 1 {VERBOSE[1]}, "
                              f"2 {VERBOSE[2]}), got {verbose!r}")
         self.verbose, self.file, self.bar_file, self.every = int(verbose), file, bar_file, 1.0 / refresh
         self._shown, self._bar = 0.0, None
 
-    def _out(self, bar: bool = False):
+    def _out(self, bar: bool = False) -> IO[str]:
         return (self.bar_file if bar else None) or self.file or sys.stdout
 
-    def _write(self, run, text: str, bar: bool = False) -> None:
+    def _write(self, run: Run, text: str, bar: bool = False) -> None:
         if run.rank == 0:
             out = self._out(bar)
             out.write(text)
             out.flush()
 
-    def on_batch_end(self, run, epoch, step, steps):
+    def on_batch_end(self, run: Run, epoch: int, step: int, steps: int) -> None:
         now = time.monotonic()
         if self.verbose != 1 or run.rank != 0 or (step < steps and now - self._shown < self.every):
             return
@@ -307,7 +353,7 @@ class Progress(Callback):
         live = "".join(f"  {k} {v:.4f}" for k, v in means.items())
         self._write(run, f"\repoch {epoch + 1}/{run.epochs} [{bar[:self.WIDTH]}] {step}/{steps}{live}", bar=True)
 
-    def on_epoch_end(self, run, record):
+    def on_epoch_end(self, run: Run, record: dict) -> None:
         end = ""
         if self._bar is not None:  # tqdm's bar clears itself (leave=False)
             self._bar.close()
@@ -319,14 +365,14 @@ class Progress(Callback):
                 end = ""
         self._write(run, end + epoch_line(record, run.epochs) + "\n")
 
-    def on_interrupt(self, run):
+    def on_interrupt(self, run: Run) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
 
 
 # --- training logs: a CSV file and TensorBoard's event files -------------------------------------------
-def _count(name: str, value) -> int:
+def _count(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name}: expected a whole number >= 0 (0: never), got {value!r}")
     return value
@@ -341,27 +387,27 @@ class CSVLogger(Callback):
 
     FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
 
-    def __init__(self, path):
+    def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
 
-    def _rows(self, mode: str, records) -> None:
+    def _rows(self, mode: str, records: Iterable[dict]) -> None:
         with open(self.path, mode, newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             if mode == "w":
                 writer.writerow(self.FIELDS)
             writer.writerows([("" if r.get(k) is None else r[k]) for k in self.FIELDS] for r in records)
 
-    def on_train_begin(self, run):
+    def on_train_begin(self, run: Run) -> None:
         if run.rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._rows("w", run.history.epochs)
 
-    def on_epoch_end(self, run, record):
+    def on_epoch_end(self, run: Run, record: dict) -> None:
         if run.rank == 0:
             self._rows("a", [record])
 
 
-def summary_writer():
+def summary_writer() -> type:
     """tensorboardX's ``SummaryWriter`` class; an ImportError that says how to install it."""
     try:
         from tensorboardX import SummaryWriter
@@ -371,7 +417,7 @@ def summary_writer():
     return SummaryWriter
 
 
-def probe_gradients(run, rows: int) -> list:
+def probe_gradients(run: Run, rows: int) -> list[np.ndarray]:
     """Host copies of each parameter's gradient of the loss on the first ``rows`` training rows, by the
     core's formulas in eval mode (no dropout draws, BatchNorm's running statistics), with every
     ``param.grad`` put back: the run goes on as if this had not happened."""
@@ -413,7 +459,8 @@ class TensorBoard(Callback):
     points are over rank 0's share of the batches.
     """
 
-    def __init__(self, log_dir, batch_every: int = 100, histogram_every: int = 1, probe: int = 256):
+    def __init__(self, log_dir: str | os.PathLike, batch_every: int = 100, histogram_every: int = 1,
+                 probe: int = 256) -> None:
         self.log_dir = Path(log_dir)
         self.batch_every, self.histogram_every = _count("batch_every", batch_every), _count(
             "histogram_every", histogram_every)
@@ -422,18 +469,18 @@ class TensorBoard(Callback):
         self.probe, self.writer = probe, None
         self._mark: tuple[int, float, int] | None = None  # (step, loss sum, correct) at the last batch point
 
-    def on_train_begin(self, run):
+    def on_train_begin(self, run: Run) -> None:
         if run.rank == 0:
             # the file's name carries the second it was made in; the nanoseconds after it keep two runs made
             # in one second apart (tensorboardX would reopen the first's file) and in the reader's order
             self.writer = summary_writer()(str(self.log_dir), purge_step=run.epoch * run.steps + run.step + 1,
                                            filename_suffix=f".{time.time_ns():020d}")
 
-    def on_epoch_begin(self, run, epoch):
+    def on_epoch_begin(self, run: Run, epoch: int) -> None:
         if run.step == 0:  # a run resumed mid-epoch keeps the mark its checkpoint carried
             self._mark = (0, 0.0, 0)
 
-    def on_batch_end(self, run, epoch, step, steps):
+    def on_batch_end(self, run: Run, epoch: int, step: int, steps: int) -> None:
         at = epoch * steps + step
         if self.writer is None or not self.batch_every or at % self.batch_every:
             return
@@ -446,7 +493,7 @@ class TensorBoard(Callback):
         self.writer.add_scalar("batch/lr", run.optimizer.lr, at)
         self._mark = (step, loss_sum, correct)
 
-    def on_epoch_end(self, run, record):
+    def on_epoch_end(self, run: Run, record: dict) -> None:
         if self.writer is None:
             return
         at = run.epoch * run.steps
@@ -461,7 +508,7 @@ class TensorBoard(Callback):
                 self.writer.add_histogram(f"gradients/{name}", g, at)
         self.writer.flush()
 
-    def on_train_end(self, run):
+    def on_train_end(self, run: Run) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import os
 
-from .files import read_npz, write_npz
+from .files import ARRAY_DTYPES, FileFormatError, NpzReader, write_npz
+from .records import FieldError, check_checkpoint, checkpoint_arrays
+from .layers import BUILT_IN
 
 FORMAT = "gpunet-checkpoint"
 VERSION = 2  # 2: the optimizer and callbacks stored generically (split/join)
 _META = "__checkpoint__"
+NOT_A_CHECKPOINT = "a checkpoint is a .npz archive, written by gpunet train or fit(checkpoint_path=...)"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, foreign or does not fit the run; the message says which."""
+class CheckpointError(FileFormatError):
+    """A checkpoint file is missing, unreadable, foreign or does not fit the run; the message says which
+    (the file, and the field of its record or the array that is wrong). A ValueError."""
 
 
 def save(path, meta: dict, arrays: dict) -> None:
@@ -31,27 +35,52 @@ def save(path, meta: dict, arrays: dict) -> None:
     write_npz(path, arrays, _META, {"format": FORMAT, "version": VERSION, **meta})
 
 
-def load(path) -> tuple[dict, dict]:
-    """``(meta, arrays)`` from a file written by :func:`save`; a CheckpointError names what is wrong."""
+def load(path, arrays: bool = True) -> tuple[dict, dict]:
+    """``(meta, arrays)`` from a file written by :func:`save`, read without trusting it: the JSON record
+    checked through first (:func:`gpunet.records.check_checkpoint`), then only the arrays it names, each
+    after its header, the zip entry's size and the inflation are checked (``arrays=False``: none, and
+    ``{}``). A CheckpointError names the file and the field or array that is wrong."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        meta, arrays = read_npz(path, _META)
-    except Exception as exc:  # zip, npy and JSON errors of a damaged or foreign file
-        raise CheckpointError(f"{path} is not a readable gpunet checkpoint ({type(exc).__name__}: {exc})") from None
-    if meta is None:
-        raise CheckpointError(f"{path} is not a gpunet checkpoint (it holds {', '.join(sorted(arrays)[:4])}"
-                              f"{', ...' if len(arrays) > 4 else ''}; a model file, perhaps)")
+    with NpzReader(path, CheckpointError, "readable gpunet checkpoint", NOT_A_CHECKPOINT,
+                   constants=True) as f:
+        meta = f.record(_META)
+        if meta is None:
+            held = f.names()
+            raise CheckpointError(f"{path}: not a gpunet checkpoint (it holds {', '.join(sorted(held)[:4])}"
+                                  f"{', ...' if len(held) > 4 else ''}; a model file, perhaps)")
+        try:
+            _check_format(meta)
+            meta = check_checkpoint(meta)
+        except FieldError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        if not arrays:
+            return meta, {}
+        return meta, f.arrays(_wanted(meta, f.names()), skip=(_META,), finite=False)
+
+
+def _check_format(meta) -> None:
+    if not isinstance(meta, dict):
+        raise FieldError("record", f'expected an object {{"format": "{FORMAT}", ...}}, got '
+                                   f"{type(meta).__name__}")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{path}: expected a {FORMAT} version {VERSION} file, "
-                              f"got {meta.get('format')!r} version {meta.get('version')!r}")
-    return meta, arrays
+        raise FieldError("format", f"expected a {FORMAT} version {VERSION} file, got "
+                                   f"{meta.get('format')!r:.100} version {meta.get('version')!r:.100}")
+
+
+def _wanted(meta: dict, held: list) -> dict:
+    """The arrays to read: those the record names (shapes where the record gives them), and a registered
+    layer's own (``net/3.*``, any shape: its class checks them)."""
+    wanted = {k: (None if shape is None else (shape,), ARRAY_DTYPES) for k, shape in checkpoint_arrays(meta).items()}
+    own = [f"net/{i}." for i, c in enumerate(meta["network"]["layers"]) if c["type"] not in BUILT_IN]
+    wanted.update({n: (None, ARRAY_DTYPES) for n in held if own and n.startswith(tuple(own))})
+    return wanted
 
 
 def read_meta(path) -> dict:
-    """Only the JSON record (for checking a run's settings before loading any data)."""
-    return load(path)[0]
+    """Only the JSON record, checked through (for checking a run's settings before loading any data)."""
+    return load(path, arrays=False)[0]
 
 
 def split(prefix: str, state: dict) -> tuple[dict, dict]:

@@ -128,8 +128,9 @@ class NpzReader:
     gives the class, ``what`` the kind of file a damaged zip is said not to be) naming ``path`` and the
     entry. Use as a context manager."""
 
-    def __init__(self, path, error=FileFormatError, what: str = "readable .npz file", hint: str = ""):
-        self.path, self.error = os.fspath(path), error
+    def __init__(self, path, error=FileFormatError, what: str = "readable .npz file", hint: str = "",
+                 constants: bool = False):
+        self.path, self.error, self.constants = os.fspath(path), error, constants  # constants: NaN in JSON
         with open(self.path, "rb") as f:
             if f.read(4) != b"PK\x03\x04":  # a text file, a CSV, a pickle: zip's own reason would mislead
                 raise error(f"{self.path}: not a {what}{f' ({hint})' if hint else ''}")
@@ -165,7 +166,7 @@ class NpzReader:
                              f"(uint8), got an array of shape {shape} and dtype {dtype}")
         raw = self.array(key).tobytes()
         try:
-            return json.loads(raw.decode(), parse_constant=_no_constant)
+            return json.loads(raw.decode(), parse_constant=None if self.constants else _no_constant)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise self.error(f"{self.path}: {key}: not a JSON record ({type(exc).__name__}: "
                              f"{' '.join(str(exc).split())[:200]})") from None
@@ -223,10 +224,11 @@ class NpzReader:
             raise self.error(f"{self.path}: array {name!r}: unreadable ({type(exc).__name__}: "
                              f"{' '.join(str(exc).split())[:200]})") from None
 
-    def arrays(self, wanted: dict, skip=()) -> dict:
-        """The arrays ``wanted`` names (name -> ``(shapes, dtypes)``: the shapes and dtype strings each may
-        have), read one by one after every header, the set of names and the inflation are checked; each
-        must hold finite numbers. Arrays outside ``wanted`` and ``skip`` are refused unread."""
+    def arrays(self, wanted: dict, skip=(), finite: bool = True) -> dict:
+        """The arrays ``wanted`` names (name -> ``(shapes, dtypes)``: the shapes (None: any) and dtype strings
+        each may have), read one by one after every header, the set of names and the inflation are checked; each
+        must hold finite numbers unless ``finite`` is False (a checkpoint taken mid-way through a
+        diverging epoch holds its NaN weights beside the divergence guard's fallback). Arrays outside ``wanted`` and ``skip`` are refused unread."""
         held = [n for n in self.names() if n not in skip]
         missing = [n for n in wanted if n not in self.infos]
         if missing:
@@ -237,7 +239,7 @@ class NpzReader:
                              f"{_listed(wanted)})")
         for name, (shapes, dtypes) in wanted.items():
             shape, dtype = self.header(name)
-            if shape not in shapes:
+            if shapes is not None and shape not in shapes:
                 raise self.error(f"{self.path}: array {name!r}: expected shape {_listed(shapes, ' or ')} (from "
                                  f"the record), got {shape}")
             if dtype not in dtypes:
@@ -247,7 +249,7 @@ class NpzReader:
         out = {}
         for name in wanted:
             out[name] = a = self.array(name)
-            bad = a.size - int(np.isfinite(a).sum())
+            bad = a.size - int(np.isfinite(a).sum()) if finite else 0
             if bad:
                 raise self.error(f"{self.path}: array {name!r}: {bad} of {a.size} values are NaN or infinite "
                                  f"(a damaged file: gpunet never saves such weights)")

@@ -13,21 +13,24 @@ wrong one is off by far more than the default tolerance of 1e-6.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from .backend import get_array_module, to_numpy
+from .backend import Array, ArrayLike, get_array_module, to_numpy
 
 
-def relative_error(a, b) -> float:
+def relative_error(a: ArrayLike, b: ArrayLike) -> float:
     """``||a - b|| / (||a|| + ||b||)``, 0 when both are 0; scale-free, so one tolerance fits all."""
     a, b = to_numpy(a).astype(np.float64), to_numpy(b).astype(np.float64)
     denom = np.linalg.norm(a) + np.linalg.norm(b)
     return 0.0 if denom == 0 else float(np.linalg.norm(a - b) / denom)
 
 
-def numerical_gradient(f, array, eps: float = 1e-6, indices=None):
+def numerical_gradient(f: Callable[[], Any], array: Array, eps: float = 1e-6,
+                       indices: Iterable[int] | None = None) -> np.ndarray:
     """Central differences of the scalar function ``f()`` with respect to ``array`` (changed in place
     and restored). ``indices`` (flat positions) limits the entries; returns a host float64 array shaped
     like ``array`` (NaN where not computed)."""
@@ -55,15 +58,16 @@ class GradCheckResult:
     def ok(self) -> bool:
         return all(e <= self.tol for e in self.errors.values())
 
-    def __str__(self):
+    def __str__(self) -> str:
         lines = [f"{'array':<12} {'relative error':>15}  status"]
         for name, err in self.errors.items():
             lines.append(f"{name:<12} {err:>15.3e}  {'ok' if err <= self.tol else 'FAIL'}")
         return "\n".join(lines)
 
 
-def gradcheck(model, loss, x, target, eps: float = 1e-6, tol: float = 1e-6, max_entries: int = 200,
-              seed: int = 0, check_input: bool = True, training: bool = False) -> GradCheckResult:
+def gradcheck(model: Any, loss: Any, x: Array, target: Array, eps: float = 1e-6, tol: float = 1e-6,
+              max_entries: int = 200, seed: int = 0, check_input: bool = True,
+              training: bool = False) -> GradCheckResult:
     """Check ``model``'s backward pass against central differences of ``loss(model(x), target)``.
 
     Runs on a float64 deep copy of ``model`` (buffers such as BatchNorm's running statistics included),
@@ -84,7 +88,7 @@ def gradcheck(model, loss, x, target, eps: float = 1e-6, tol: float = 1e-6, max_
     if target.dtype.kind == "f":
         target = target.astype(np.float64)
 
-    def value():
+    def value() -> Any:
         return loss.forward(model.forward(x), target)
 
     value()

@@ -10,19 +10,26 @@ These are the notes' formulas, each written once and plainly; they are what runs
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, TypeVar
+
 import numpy as np
 
-from .backend import device_of, get_array_module, softmax, to_device
+from .backend import Array, ArrayLike, DTypeLike, device_of, get_array_module, softmax, to_device
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 # --- weights start small, random and non-zero (course notes, point 6) --------------------------------
 # Every draw happens in float64 on the host from a seeded ``numpy.random.Generator`` and is then cast and
 # moved, so a CPU network and a GPU network (or a float32 and a float64 one) built from the same seed start
 # from the same weights. All-zero weights give all-zero hidden gradients: the network would never learn.
 
+L = TypeVar("L", bound="Layer")
+
 INITIALIZERS = ("he", "xavier", "uniform")
 
 
-def make_rng(rng=None) -> np.random.Generator:
+def make_rng(rng: int | np.random.Generator | None = None) -> np.random.Generator:
     """A NumPy Generator from ``None`` (fresh entropy), an int seed, or a Generator (used as is)."""
     if isinstance(rng, np.random.Generator):
         return rng
@@ -31,7 +38,8 @@ def make_rng(rng=None) -> np.random.Generator:
     raise TypeError(f"rng: expected None, an int seed or a numpy.random.Generator, got {type(rng).__name__}")
 
 
-def initialize(name: str, fan_in: int, fan_out: int, rng=None, dtype=np.float32, scale: float = 0.05):
+def initialize(name: str, fan_in: int, fan_out: int, rng: int | np.random.Generator | None = None,
+               dtype: DTypeLike = np.float32, scale: float = 0.05) -> np.ndarray:
     """A (fan_in, fan_out) host array for ``Linear.W``.
 
     - ``"he"``: normal with std ``sqrt(2 / fan_in)``, for ReLU layers (He et al., 2015).
@@ -60,12 +68,12 @@ class Parameter:
 
     __slots__ = ("data", "grad", "name")
 
-    def __init__(self, data, name: str = ""):
+    def __init__(self, data: Array, name: str = "") -> None:
         self.data = data
         self.grad = get_array_module(data).zeros_like(data)
         self.name = name
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"Parameter({self.name!r}, shape={tuple(self.data.shape)}, dtype={self.data.dtype}, "
                 f"device={device_of(self.data)})")
 
@@ -76,23 +84,23 @@ class Layer:
     training = True
     buffer_names: tuple = ()  # arrays that are state but not trained (saved with the weights, moved with them)
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         raise NotImplementedError
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         raise NotImplementedError
 
-    def __call__(self, x):
+    def __call__(self, x: Array) -> Array:
         return self.forward(x)
 
-    def parameters(self) -> list:
+    def parameters(self) -> list[Parameter]:
         return []
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> Self:
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> Self:
         return self.train(False)
 
     def config(self) -> dict:
@@ -101,16 +109,16 @@ class Layer:
         return {"type": type(self).__name__}
 
     @classmethod
-    def from_config(cls, config: dict):
+    def from_config(cls, config: dict) -> Self:
         """The layer that ``config`` describes: the constructor called with every entry but ``"type"``."""
         return cls(**{k: v for k, v in config.items() if k != "type"})
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "type")
         return f"{type(self).__name__}({args})"
 
 
-def check_float_input(x, name="x"):
+def check_float_input(x: Any, name: str = "x") -> None:
     """Raise a TypeError naming ``name`` unless ``x`` is a NumPy or CuPy floating-point array."""
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
         raise TypeError(f"{name}: expected a NumPy or CuPy array, got {type(x).__name__}")
@@ -126,8 +134,9 @@ class Linear(Layer):
     uniform); weights are drawn on the host from ``rng`` (seed or Generator) and moved to ``device``.
     """
 
-    def __init__(self, in_features: int, out_features: int, init: str = "he", rng=None,
-                 dtype=np.float32, device: str | None = None):
+    def __init__(self, in_features: int, out_features: int, init: str = "he",
+                 rng: int | np.random.Generator | None = None, dtype: DTypeLike = np.float32,
+                 device: str | None = None) -> None:
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
@@ -137,16 +146,16 @@ class Linear(Layer):
         w = initialize(init, self.in_features, self.out_features, make_rng(rng), dtype)
         self.W = Parameter(to_device(w, device), "W")
         self.b = Parameter(to_device(np.zeros(self.out_features, dtype=dtype), device), "b")
-        self._x = None
+        self._x: Any = None  # the last forward's input (an array), for backward
 
-    def parameters(self):
+    def parameters(self) -> list[Parameter]:
         return [self.W, self.b]
 
-    def config(self):
+    def config(self) -> dict:
         return {"type": "Linear", "in_features": self.in_features, "out_features": self.out_features,
                 "init": self.init}
 
-    def check_input(self, x):
+    def check_input(self, x: Array) -> None:
         """Raise naming the expected and the actual shape, dtype or device of ``x``."""
         check_float_input(x)
         W = self.W.data
@@ -159,13 +168,13 @@ class Linear(Layer):
             raise TypeError(f"x: expected an array on the {device_of(W)} (where the layer lives), got one on "
                             f"the {device_of(x)}; move it with gpunet.backend.to_device(x, {device_of(W)!r})")
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         """x (N, in) -> y = x @ W + b (N, out)."""
         self.check_input(x)
         self._x = x
         return x @ self.W.data + self.b.data
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         """dy (N, out) -> dx = dy @ W.T (N, in); writes dW = x.T @ dy and db = dy.sum(0)."""
         self.W.grad[...] = self._x.T @ dy
         self.b.grad[...] = dy.sum(axis=0)
@@ -175,38 +184,38 @@ class Linear(Layer):
 class ReLU(Layer):
     """``y = max(x, 0)``; ``dx = dy * (x > 0)``."""
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         check_float_input(x)
         self._x = x
         return get_array_module(x).maximum(x, x.dtype.type(0))
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         return dy * (self._x > 0)
 
 
 class Sigmoid(Layer):
     """``y = 1 / (1 + exp(-x))``; ``dx = dy * y * (1 - y)``."""
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         check_float_input(x)
         half = x.dtype.type(0.5)
         # the same function written as (1 + tanh(x/2)) / 2: exp(-x) would overflow for large negative x
         self._y = half * (1 + get_array_module(x).tanh(half * x))
         return self._y
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         return dy * self._y * (1 - self._y)
 
 
 class Tanh(Layer):
     """``y = tanh(x)``; ``dx = dy * (1 - y**2)``."""
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         check_float_input(x)
         self._y = get_array_module(x).tanh(x)
         return self._y
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         return dy * (1 - self._y * self._y)
 
 
@@ -215,12 +224,12 @@ class Softmax(Layer):
     ``dx = y * (dy - sum(dy * y, axis=1))``. For probability outputs; train with ``SoftmaxCrossEntropy``
     on logits instead."""
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         check_float_input(x)
         self._y = softmax(x)
         return self._y
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         return self._y * (dy - (dy * self._y).sum(axis=1, keepdims=True))
 
 
@@ -234,7 +243,7 @@ class Softmax(Layer):
 GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
-def dropout_bits(xp, key: int, size: int, start: int = 0):
+def dropout_bits(xp: Any, key: int, size: int, start: int = 0) -> Array:
     """(size,) uint16 uniform random bits of units ``start`` to ``start + size - 1`` of the mask keyed
     ``key`` (see above), on ``xp``'s device."""
     u = xp.uint64
@@ -261,7 +270,7 @@ class Dropout(Layer):
 
     STREAM = "splitmix64-lanes16"  # the draw above, named in checkpoints: another draw cannot continue one
 
-    def __init__(self, p: float = 0.5, seed: int | None = None):
+    def __init__(self, p: float = 0.5, seed: int | None = None) -> None:
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
             raise ValueError(f"p: expected a dropout probability in [0, 1), got {p!r}")
         self.p = float(p)
@@ -270,9 +279,9 @@ class Dropout(Layer):
         self.threshold = min(round((1.0 - self.p) * 65536), 65535)
         self.scale = 1.0 / (1.0 - self.p)  # a kept unit's value in the mask
         self.row_start = 0
-        self._mask = None
+        self._mask: Array | None = None
 
-    def config(self):
+    def config(self) -> dict:
         return {"type": "Dropout", "p": self.p}
 
     def active(self) -> bool:
@@ -282,11 +291,11 @@ class Dropout(Layer):
         """The key of the next mask (a draw from the host generator)."""
         return int(self.rng.integers(0, 2**63))
 
-    def mask_start(self, x) -> int:
+    def mask_start(self, x: Array) -> int:
         """The global flat index of ``x``'s (N, ...) first unit: ``row_start`` times the units of a row."""
         return self.row_start * int(np.prod(x.shape[1:], dtype=np.int64))
 
-    def new_mask(self, x):
+    def new_mask(self, x: Array) -> Array | None:
         """A fresh scaled keep-mask shaped and typed like ``x`` (entries 0 or 1/(1-p)), or None when
         dropout is off (eval mode, p = 0)."""
         if not self.active():
@@ -310,12 +319,12 @@ class Dropout(Layer):
         self.rng = np.random.Generator(np.random.PCG64())
         self.rng.bit_generator.state = state["numpy"]
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         check_float_input(x)
         self._mask = self.new_mask(x)
         return x if self._mask is None else x * self._mask
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         return dy if self._mask is None else dy * self._mask
 
 
@@ -338,8 +347,8 @@ class BatchNorm(Layer):
 
     buffer_names = ("running_mean", "running_var")
 
-    def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5, dtype=np.float32,
-                 device: str | None = None):
+    def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5,
+                 dtype: DTypeLike = np.float32, device: str | None = None) -> None:
         if not isinstance(features, (int, np.integer)) or isinstance(features, bool) or features < 1:
             raise ValueError(f"features: expected a positive integer, got {features!r}")
         for name, value, ok in (("momentum", momentum, lambda v: 0 <= v <= 1), ("eps", eps, lambda v: v > 0)):
@@ -353,13 +362,13 @@ class BatchNorm(Layer):
         self.running_var = to_device(np.ones(self.features, dtype), device)
         self._xhat = self._inv_sigma = None
 
-    def parameters(self):
+    def parameters(self) -> list[Parameter]:
         return [self.gamma, self.beta]
 
-    def config(self):
+    def config(self) -> dict:
         return {"type": "BatchNorm", "features": self.features, "momentum": self.momentum, "eps": self.eps}
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         """x (N, F) -> y (N, F); in training mode also updates the running statistics."""
         check_float_input(x)
         if x.ndim != 2 or x.shape[1] != self.features:
@@ -385,7 +394,7 @@ class BatchNorm(Layer):
         self._xhat = centred * self._inv_sigma
         return self.gamma.data * self._xhat + self.beta.data
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         """dy (N, F) -> dx (N, F); writes dgamma = sum(dy * xhat) and dbeta = sum(dy)."""
         xhat = self._xhat
         self.gamma.grad[...] = (dy * xhat).sum(axis=0)
@@ -404,7 +413,7 @@ class Standardize(Layer):
     deviation, or its minimum and range), which ``gpunet train --data`` puts first in the model it saves,
     so that whoever loads it feeds the features as they are. A scale of 0 (a constant feature) counts as 1."""
 
-    def __init__(self, shift, scale):
+    def __init__(self, shift: ArrayLike, scale: ArrayLike) -> None:
         shift, scale = np.asarray(shift, dtype=np.float64), np.asarray(scale, dtype=np.float64)
         if shift.ndim != 1 or shift.shape != scale.shape or not len(shift):
             raise ValueError(f"shift, scale: expected two lists of one number per feature, got shapes "
@@ -412,18 +421,19 @@ class Standardize(Layer):
         if not (np.isfinite(shift).all() and np.isfinite(scale).all() and (scale >= 0).all()):
             raise ValueError("shift, scale: expected finite numbers and scales >= 0")
         self.shift, self.scale = shift, np.where(scale > 0, scale, 1.0)
-        self._cast = {}  # (array module, dtype) -> (shift, 1 / scale) there: cast and moved once
+        # (array module, dtype) -> (shift, 1 / scale) there: cast and moved once
+        self._cast: dict[tuple[str, str], tuple[Array, ...]] = {}
 
-    def config(self):
+    def config(self) -> dict:
         return {"type": "Standardize", "shift": self.shift.tolist(), "scale": self.scale.tolist()}
 
-    def _constants(self, x):
+    def _constants(self, x: Array) -> tuple[Array, ...]:
         key = (get_array_module(x).__name__, x.dtype.str)
         if key not in self._cast:
             self._cast[key] = tuple(to_device(a.astype(x.dtype), device_of(x)) for a in (self.shift, 1 / self.scale))
         return self._cast[key]
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         check_float_input(x)
         if x.ndim != 2 or x.shape[1] != len(self.shift):
             raise ValueError(f"x: expected shape (batch, {len(self.shift)}) for Standardize, got {tuple(x.shape)}")
@@ -431,21 +441,22 @@ class Standardize(Layer):
         self._inverse = inverse
         return (x - shift) * inverse
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         return dy * self._inverse
 
 
-LAYERS = {cls.__name__: cls for cls in (Linear, ReLU, Sigmoid, Tanh, Softmax, Dropout, BatchNorm, Standardize)}
+LAYERS: dict[str, type[Layer]] = {cls.__name__: cls for cls in (
+    Linear, ReLU, Sigmoid, Tanh, Softmax, Dropout, BatchNorm, Standardize)}
 BUILT_IN = frozenset(LAYERS)
 
 
-def register_layer(cls):
+def register_layer(cls: type[L]) -> type[L]:
     """Class decorator: ``gpunet.load`` rebuilds layers of class ``cls`` (a :class:`Layer` subclass) from
     their ``config()`` through ``cls.from_config``; their parameters are saved and loaded like Linear's.
 
         @gpunet.register_layer
         class Square(gpunet.Layer):
-            def forward(self, x): ...
+            def forward(self, x: Array) -> Array: ...
 
     Registering a class again under its name replaces the earlier one (a notebook cell run twice)."""
     if not (isinstance(cls, type) and issubclass(cls, Layer)):

@@ -13,10 +13,12 @@ Formulas (course notes, point 7 and "Cross entropy"), with N rows and K outputs:
 """
 from __future__ import annotations
 
-from .backend import device_of, get_array_module, log_softmax
+from typing import TYPE_CHECKING, Any
+
+from .backend import Array, device_of, get_array_module, log_softmax
 
 
-def _check_pair(pred, target):
+def _check_pair(pred: Any, target: Any) -> None:
     if not hasattr(pred, "dtype") or pred.dtype.kind != "f":
         raise TypeError(f"pred: expected a floating-point array, got {getattr(pred, 'dtype', type(pred).__name__)}")
     if not hasattr(target, "shape"):
@@ -28,7 +30,7 @@ def _check_pair(pred, target):
         raise ValueError(f"target: expected {pred.shape[0]} rows to match the predictions, got {target.shape[0]}")
 
 
-def check_labels(labels, classes: int, name: str) -> None:
+def check_labels(labels: Array, classes: int, name: str) -> None:
     """Raise a ValueError naming ``name`` unless every integer label lies in [0, classes)."""
     if labels.ndim == 1 and len(labels):
         lo, hi = int(labels.min()), int(labels.max())
@@ -40,7 +42,10 @@ def check_labels(labels, classes: int, name: str) -> None:
 class Loss:
     classifies = False
 
-    def __call__(self, pred, target):
+    if TYPE_CHECKING:  # what every loss defines (the checker reads it; no default at run time)
+        def forward(self, pred: Array, target: Array) -> Array: ...
+
+    def __call__(self, pred: Array, target: Array) -> Array:
         return self.forward(pred, target)
 
     def config(self) -> dict:
@@ -57,7 +62,7 @@ class SoftmaxCrossEntropy(Loss):
 
     classifies = True
 
-    def forward(self, logits, target, check: bool = True):
+    def forward(self, logits: Array, target: Array, check: bool = True) -> Array:
         _check_pair(logits, target)
         if logits.ndim != 2:
             raise ValueError(f"logits: expected shape (batch, classes), got {tuple(logits.shape)}")
@@ -82,14 +87,17 @@ class SoftmaxCrossEntropy(Loss):
         self._grad = (xp.exp(log_p) * onehot.sum(axis=1, keepdims=True) - onehot) / logits.dtype.type(n)
         return -(onehot * log_p).sum() / logits.dtype.type(n)
 
-    def backward(self):
+    def backward(self) -> Array:
         if getattr(self, "_grad", None) is None:
             raise RuntimeError("backward() called before forward()")
         return self._grad
 
 
 class _Regression(Loss):
-    def _diff(self, pred, target):
+    if TYPE_CHECKING:  # each subclass's gradient of its loss, from the last _diff
+        def _grad(self) -> Array: ...
+
+    def _diff(self, pred: Array, target: Array) -> Array:
         _check_pair(pred, target)
         if target.shape != pred.shape:
             if target.ndim == 1 and pred.ndim == 2 and pred.shape[1] == 1:
@@ -103,7 +111,7 @@ class _Regression(Loss):
         self._nk = pred.dtype.type(max(pred.size, 1))
         return self._d
 
-    def backward(self):
+    def backward(self) -> Array:
         if getattr(self, "_d", None) is None:
             raise RuntimeError("backward() called before forward()")
         return self._grad()
@@ -112,20 +120,20 @@ class _Regression(Loss):
 class MSELoss(_Regression):
     """Mean squared error over all N*K entries (the notes' C_MSE)."""
 
-    def forward(self, pred, target):
+    def forward(self, pred: Array, target: Array) -> Array:
         d = self._diff(pred, target)
         return (d * d).sum() / self._nk
 
-    def _grad(self):
+    def _grad(self) -> Array:
         return 2 * self._d / self._nk
 
 
 class MAELoss(_Regression):
     """Mean absolute error over all N*K entries; the gradient at exactly 0 is taken as 0."""
 
-    def forward(self, pred, target):
+    def forward(self, pred: Array, target: Array) -> Array:
         d = self._diff(pred, target)
         return get_array_module(d).abs(d).sum() / self._nk
 
-    def _grad(self):
+    def _grad(self) -> Array:
         return get_array_module(self._d).sign(self._d) / self._nk

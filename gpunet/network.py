@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from .backend import device_of, get_array_module, resolve_device, to_device, to_numpy
+from .backend import (Array, DTypeLike, device_of, get_array_module, resolve_device, to_device,
+                      to_numpy)
 from .layers import ACTIVATIONS, BUILT_IN, LAYERS, BatchNorm, Dropout, Layer, Linear, check_float_input, make_rng
 from .files import FileFormatError, NpzReader, write_npz
 from .records import FieldError, built_in_arrays, check_format, check_model
@@ -25,18 +28,20 @@ FORMAT_VERSION = 1
 class Sequential(Layer):
     """A chain of layers; itself a layer (``forward``/``backward``/``parameters``).
 
-    ``classifies``: whether the outputs are class scores (``fit`` sets it from its loss; model files keep
-    it); ``None`` until known, and then ``predict`` takes a network of more than one output for a classifier.
+    ``classifies``: whether the outputs are class scores, the network's own: given when it is built
+    (``classifies=``, as :func:`load` does from the model file), else set by the first ``fit`` from
+    its loss, and from then on never changed (a second value is refused). ``None`` until known, and
+    then ``predict`` takes a network of more than one output for a classifier.
     """
 
-    classifies = None
+    _classifies = None
     # a table's model (model files keep them): the feature columns by name, in order; what each class index
     # stands for (a label column's sorted values); the column that held the labels
     feature_names: list | None = None
     classes: list | None = None
     label_column: str | None = None
 
-    def __init__(self, *layers: Layer):
+    def __init__(self, *layers: Layer, classifies: bool | None = None) -> None:
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
         for i, layer in enumerate(layers):
@@ -55,9 +60,25 @@ class Sequential(Layer):
                 raise ValueError(f"layers[{i}]: expected BatchNorm({width}) to match the previous Linear's "
                                  f"out_features, got BatchNorm({layer.features})")
         self.layers = list(layers)
+        self.classifies = classifies
+
+    @property
+    def classifies(self) -> bool | None:
+        return self._classifies
+
+    @classifies.setter
+    def classifies(self, value: bool | None) -> None:
+        """Set once: None (unknown) may become True or False, which then stays."""
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"classifies: expected True, False or None, got {value!r}")
+        if self._classifies is not None and value != self._classifies:
+            task = "a classifier" if self._classifies else "a network that does not classify"
+            raise ValueError(f"classifies: expected {self._classifies} (the network is {task}; its "
+                             f"task is set once: build a new network for another), got {value!r}")
+        self._classifies = value
 
     # --- the two passes -----------------------------------------------------------------------------
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         """x (N, in_features) -> output (N, out_features), on the network's device and dtype."""
         check_float_input(x)
         if x.ndim != 2:
@@ -66,7 +87,7 @@ class Sequential(Layer):
             x = layer.forward(x)
         return x
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         """dy (N, out_features) -> dx (N, in_features); fills every ``param.grad``."""
         for layer in reversed(self.layers):
             dy = layer.backward(dy)
@@ -86,12 +107,12 @@ class Sequential(Layer):
         return [(f"{i}.{name}", layer, name) for i, layer in enumerate(self.layers) for name in layer.buffer_names]
 
     @property
-    def in_features(self):
+    def in_features(self) -> int | None:
         first = next((l for l in self.layers if isinstance(l, Linear)), None)
         return None if first is None else first.in_features
 
     @property
-    def out_features(self):
+    def out_features(self) -> int | None:
         last = next((l for l in reversed(self.layers) if isinstance(l, Linear)), None)
         return None if last is None else last.out_features
 
@@ -101,11 +122,11 @@ class Sequential(Layer):
         return device_of(params[0].data) if params else "cpu"
 
     @property
-    def dtype(self):
+    def dtype(self) -> np.dtype:
         params = self.parameters()
         return params[0].data.dtype if params else np.dtype(np.float32)
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> Sequential:
         self.training = bool(mode)
         for layer in self.layers:
             layer.train(mode)
@@ -119,18 +140,18 @@ class Sequential(Layer):
         if len(states) != len(self.layers):
             raise ValueError(f"states: expected {len(self.layers)} entries (one per layer), got {len(states)}")
         for layer, state in zip(self.layers, states):
-            if state is not None:
-                layer.set_random_state(state)
+            if state is not None:  # a layer that draws (Dropout): random_state() gave it one
+                layer.set_random_state(state)  # type: ignore[attr-defined]
 
     def config(self) -> dict:
         return {"type": "Sequential", "layers": [layer.config() for layer in self.layers]}
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         inner = "".join(f"\n  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
         return f"Sequential({inner}\n)"
 
     # --- devices and weights ------------------------------------------------------------------------
-    def to(self, device: str | None):
+    def to(self, device: str | None) -> Sequential:
         """Move every parameter to ``device`` ("cpu", "gpu", "auto"); returns self. Build the optimizer
         after this: its velocities live beside the parameters."""
         dev = resolve_device(device)
@@ -164,7 +185,7 @@ class Sequential(Layer):
                 raise TypeError(f"state[{name!r}]: expected dtype {p.data.dtype}, got {value.dtype}")
             p.data[...] = to_device(value, device_of(p.data))
 
-    def save(self, path) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Write architecture and weights to one ``.npz`` file, atomically (see :func:`files.atomic_write`).
         A layer that :func:`load` could not rebuild is refused before anything is written."""
         for i, layer in enumerate(self.layers):
@@ -174,7 +195,7 @@ class Sequential(Layer):
                 "label_column": self.label_column}
         write_npz(path, self.state_dict(), RECORD, meta)
 
-    def to_onnx(self, path=None, **options):
+    def to_onnx(self, path: str | os.PathLike | None = None, **options: Any) -> Any:
         """This network as an ONNX model (see :func:`gpunet.onnx_export.to_onnx` for ``options``: ``task``,
         ``inputs``, ``classes``, ``metadata``), written to ``path`` when given; needs the ``onnx`` extra."""
         from .onnx_export import to_onnx  # the onnx package is optional: loaded only when asked for
@@ -264,7 +285,7 @@ def _planned(cfgs: list, dtype, device) -> tuple[list, dict]:
     return layers, wanted
 
 
-def load(path, device: str | None = None) -> Sequential:
+def load(path: str | os.PathLike, device: str | None = None) -> Sequential:
     """Rebuild a network (architecture and weights) from a file written by ``Sequential.save``.
 
     The file is not trusted: its JSON record is read and checked through first (:mod:`gpunet.records`:
@@ -290,12 +311,12 @@ def load(path, device: str | None = None) -> Sequential:
         arrays = f.arrays(wanted, skip=(RECORD,))
     # built and filled on the host, then moved: a refused file never reaches (or even probes) a GPU
     layers = [layer or _build_layer(c, dtype, "cpu") for layer, c in zip(layers, meta["network"]["layers"])]
-    net = Sequential(*layers)
+    # "classifies" is absent from older files: None, unknown
+    net = Sequential(*layers, classifies=meta.get("classifies"))
     net.load_state_dict(arrays)
     dev = resolve_device(device)
     if dev != "cpu":
         net.to(dev)
-    net.classifies = meta.get("classifies")  # absent from older files: None, unknown
     net.feature_names, net.classes, net.label_column = (meta.get(k) for k in ("feature_names", "classes",
                                                                               "label_column"))
     return net
@@ -304,8 +325,10 @@ def load(path, device: str | None = None) -> Sequential:
 NOT_A_MODEL = "a model file is a .npz archive, written by gpunet train or net.save"
 
 
-def mlp(sizes, activation="relu", init=None, dropout: float = 0.0, seed=None, dtype=np.float32,
-        device: str | None = None, batch_norm: bool = False) -> Sequential:
+def mlp(sizes: Sequence[int], activation: str | Sequence[str] = "relu", init: str | None = None,
+        dropout: float = 0.0, seed: int | np.random.Generator | None = None,
+        dtype: DTypeLike = np.float32, device: str | None = None,
+        batch_norm: bool = False) -> Sequential:
     """A multilayer perceptron: ``sizes = [784, 512, 512, 10]`` gives Linear-act-Linear-act-Linear.
 
     ``activation`` is one name ("relu", "sigmoid", "tanh") or one per hidden layer. ``init`` defaults to
@@ -325,7 +348,7 @@ def mlp(sizes, activation="relu", init=None, dropout: float = 0.0, seed=None, dt
             raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {a!r}")
     rng = make_rng(seed)
     dev = resolve_device(device)
-    layers = []
+    layers: list[Layer] = []
     for i, act in enumerate(acts):
         layer_init = init or ("he" if act == "relu" else "xavier")
         layers.append(Linear(sizes[i], sizes[i + 1], init=layer_init, rng=rng, dtype=dtype, device=dev))

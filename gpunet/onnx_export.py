@@ -122,7 +122,9 @@ def to_onnx(net, path=None, *, task: str | None = None, inputs: str | None = Non
     features, outputs = net.in_features, net.out_features
     if features is None:
         raise ValueError("net: expected a network with a Linear layer (its inputs' width), got none")
-    nodes, inits, x = [], [], INPUT
+    nodes: list = []
+    inits: list = []
+    x = INPUT
     for i, layer in enumerate(net.layers):
         y = OUTPUT if task == "regressor" and i == len(net.layers) - 1 else f"layers.{i}.out"
         more_nodes, more_inits = layer_nodes(onnx, layer, i, x, y)

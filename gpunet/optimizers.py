@@ -20,10 +20,17 @@ from __future__ import annotations
 import inspect
 import math
 
-from .backend import device_of, get_array_module, to_device, to_numpy
+from collections.abc import Iterable
+from typing import Any
+
+from .backend import Array, device_of, get_array_module, to_device, to_numpy
+
+Params = Iterable[Any]
+"""Parameters to train: :class:`gpunet.Parameter` objects (anything with ``.data``, ``.grad``)."""
 
 
-def _check_number(name, value, low, high=math.inf, low_open=False):
+def _check_number(name: str, value: float, low: float, high: float = math.inf,
+                  low_open: bool = False) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and value < high
     if not ok:
@@ -39,7 +46,7 @@ class Optimizer:
     scalars: tuple = ()
     slots: tuple = ()
 
-    def __init__(self, params, lr: float, weight_decay: float = 0.0):
+    def __init__(self, params: Params, lr: float, weight_decay: float = 0.0) -> None:
         params = list(params)
         if not params:
             raise ValueError("params: expected at least one parameter, got an empty list")
@@ -57,16 +64,16 @@ class Optimizer:
         return self._lr
 
     @lr.setter
-    def lr(self, value):
+    def lr(self, value: float) -> None:
         self._lr = _check_number("lr", value, 0.0, low_open=True)
 
-    def gradient(self, p):
+    def gradient(self, p: Any) -> Array:
         """The gradient the rule uses: ``grad + weight_decay * w``."""
         if not self.weight_decay:
             return p.grad
         return p.grad + p.data.dtype.type(self.weight_decay) * p.data
 
-    def step(self):
+    def step(self) -> None:
         raise NotImplementedError
 
     def _zeros(self) -> list:
@@ -112,7 +119,7 @@ class SGD(Optimizer):
 
     kind = "sgd"
 
-    def step(self):
+    def step(self) -> None:
         for p in self.params:
             p.data -= p.data.dtype.type(self.lr) * self.gradient(p)
 
@@ -128,8 +135,8 @@ class Momentum(Optimizer):
     scalars = ("momentum", "nesterov")
     slots = ("velocities",)
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = False,
-                 weight_decay: float = 0.0):
+    def __init__(self, params: Params, lr: float, momentum: float = 0.9, nesterov: bool = False,
+                 weight_decay: float = 0.0) -> None:
         self.momentum = _check_number("momentum", momentum, 0.0, 1.0)
         if not isinstance(nesterov, bool):
             raise TypeError(f"nesterov: expected True or False, got {nesterov!r}")
@@ -139,11 +146,11 @@ class Momentum(Optimizer):
         super().__init__(params, lr, weight_decay)
         self.velocities = self._zeros()
 
-    def velocity(self, i: int):
+    def velocity(self, i: int) -> Array:
         """The velocity of ``params[i]``, shaped like it."""
         return self.velocities[i]
 
-    def step(self):
+    def step(self) -> None:
         for p, v in zip(self.params, self.velocities):
             t = p.data.dtype.type  # scalars in the parameters' dtype: nothing is promoted to float64
             lr_grad = t(self.lr) * self.gradient(p)
@@ -152,7 +159,7 @@ class Momentum(Optimizer):
             p.data -= t(self.momentum) * v + lr_grad if self.nesterov else v
 
 
-def _check_betas(betas) -> tuple:
+def _check_betas(betas: tuple[float, float]) -> tuple:
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
     return tuple(_check_number(f"betas[{i}]", b, 0.0, 1.0) for i, b in enumerate(betas))
@@ -174,8 +181,8 @@ class Adam(Optimizer):
     slots = ("m", "v")
     decoupled = False  # AdamW: the weight decay shrinks w instead of entering g
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+    def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         self.betas = _check_betas(betas)
         self.eps = _check_number("eps", eps, 0.0)
         super().__init__(params, lr, weight_decay)
@@ -187,7 +194,7 @@ class Adam(Optimizer):
         b1, b2 = self.betas
         return self.lr / (1.0 - b1 ** self.t), math.sqrt(1.0 - b2 ** self.t)
 
-    def step(self):
+    def step(self) -> None:
         self.t += 1
         step_size, root_c2 = self.corrections()
         b1, b2 = self.betas
@@ -210,8 +217,8 @@ class AdamW(Adam):
     kind = "adamw"
     decoupled = True
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
+    def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
         super().__init__(params, lr, betas, eps, weight_decay)
 
 
@@ -228,8 +235,8 @@ class RMSprop(Optimizer):
     kind = "rmsprop"
     scalars = ("alpha", "eps", "momentum", "centered")
 
-    def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, momentum: float = 0.0,
-                 centered: bool = False, weight_decay: float = 0.0):
+    def __init__(self, params: Params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 momentum: float = 0.0, centered: bool = False, weight_decay: float = 0.0) -> None:
         self.alpha = _check_number("alpha", alpha, 0.0, 1.0)
         self.eps = _check_number("eps", eps, 0.0)
         self.momentum = _check_number("momentum", momentum, 0.0, 1.0)
@@ -241,7 +248,7 @@ class RMSprop(Optimizer):
         for name in self.slots:
             setattr(self, name, self._zeros())
 
-    def step(self):
+    def step(self) -> None:
         for i, p in enumerate(self.params):
             t, xp = p.data.dtype.type, get_array_module(p.data)
             g, v, alpha = self.gradient(p), self.v[i], self.alpha
@@ -272,7 +279,7 @@ SETTINGS = {"sgd": ("lr", "weight_decay"), "momentum": ("lr", "momentum", "neste
             "rmsprop": ("lr", "alpha", "eps", "momentum", "centered", "weight_decay")}
 
 
-def make_optimizer(name: str, params, **settings) -> Optimizer:
+def make_optimizer(name: str, params: Params, **settings: Any) -> Optimizer:
     """The optimizer ``name`` (a key of :data:`OPTIMIZERS`) on ``params``, with ``settings`` by their flat
     names (:data:`SETTINGS`); a setting that is None (or a flag that is False) takes the rule's own default,
     and one that is not the rule's own is refused, named."""

@@ -251,3 +251,88 @@ def check_format(record, format_: str, version: int) -> None:
     if record.get("version") != version or isinstance(record.get("version"), bool):
         raise FieldError("version", f"expected {version} (the version this gpunet reads), got "
                                     f"{shown(record.get('version'))}")
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+MAX_RANKS = 65_536
+COUNT = integer(0, 2**62)  # steps, epochs, correct answers: far past any run, and checked in range later
+PCG64 = fields({"bit_generator": string("PCG64"),  # NumPy's default_rng, whose state every draw is from
+                "state": fields({"state": integer(0, 2**128 - 1), "inc": integer(0, 2**128 - 1)}),
+                "has_uint32": integer(0, 1), "uinteger": integer(0, 2**32 - 1)})
+DROPOUT_STATE = fields({"seed": optional(integer(-2**63, 2**64)), "numpy": PCG64}, {"stream": string()})
+
+
+def loose_number(v, field):
+    """A JSON number, NaN and infinities included (a diverged epoch's loss is NaN in its history)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise FieldError(field, f"expected a number, got {shown(v)}")
+    return v
+
+
+def state_with_arrays(required: dict):
+    """A ``state_dict()`` record of :func:`gpunet.checkpoint.split`: the ``required`` fields, ``arrays``
+    (slot name -> how many arrays, each named ``prefix/slot/i`` in the file), any other JSON fields (the
+    optimizer's or the callback's own, which its ``load_state_dict`` checks)."""
+    def spec(v, field):
+        if not isinstance(v, dict):
+            raise FieldError(field, f"expected an object, got {shown(v)}")
+        for key, inner in {**required, "arrays": mapping(integer(0, MAX_LAYERS * 2))}.items():
+            if key not in v:
+                raise FieldError(f"{field}.{key}", "missing")
+            inner(v[key], f"{field}.{key}")
+        return v
+    return spec
+
+
+EPOCH_RECORD = fields({"epoch": integer(1, 2**62), "loss": loose_number, "accuracy": optional(loose_number),
+                       "val_loss": optional(loose_number), "val_accuracy": optional(loose_number),
+                       "lr": loose_number, "seconds": number(0)})
+PARTIAL = optional(fields({"loss_sum": loose_number, "correct": COUNT, "seconds": number(0)}))
+CHECKPOINT_FIELDS = {  # what Checkpoint._save writes: the run's state (Run.state_dict) and the caller's
+    "format": string("gpunet-checkpoint"), "version": integer(2, 2), "run": optional(mapping(anything)),
+    "finished": boolean, "network": NETWORK, "epoch": COUNT, "step": COUNT, "order_rng": PCG64,
+    "random": listing(listing(optional(DROPOUT_STATE), 1, MAX_LAYERS), 1, MAX_RANKS),
+    "ranks": integer(1, MAX_RANKS), "partial": listing(PARTIAL, 1, MAX_RANKS),
+    "optimizer": state_with_arrays({"kind": string(), "lr": number(0), "weight_decay": number(0)}),
+    "callbacks": mapping(state_with_arrays({})), "history": listing(EPOCH_RECORD),
+    "stop_reason": string(), "best_epoch": optional(COUNT), "diverged_epoch": optional(COUNT),
+}
+
+
+def check_checkpoint(record) -> dict:
+    """A checkpoint's record checked through: every field's type and range, the network's chain, and the
+    fields that must agree (one random state and one partial sum per rank, one random state per layer,
+    partial sums wherever an epoch is under way, one history entry per finished epoch)."""
+    record = fields(CHECKPOINT_FIELDS)(record, "")
+    layers = record["network"]["layers"]
+    check_chain(layers, "network.layers")
+    for name in ("random", "partial"):
+        if len(record[name]) != record["ranks"]:
+            raise FieldError(name, f"expected {record['ranks']} entries (one per rank, as ranks says), got "
+                                   f"{len(record[name])}")
+    for r, states in enumerate(record["random"]):
+        if len(states) != len(layers):
+            raise FieldError(f"random[{r}]", f"expected {len(layers)} entries (one per layer), got "
+                                             f"{len(states)}")
+    if record["step"] > 0 and None in record["partial"]:
+        raise FieldError(f"partial[{record['partial'].index(None)}]", f"expected the sums of the epoch's first "
+                                                                      f"{record['step']} steps, got null")
+    if len(record["history"]) != record["epoch"]:
+        raise FieldError("history", f"expected {record['epoch']} entries (one per finished epoch), got "
+                                    f"{len(record['history'])}")
+    return record
+
+
+def checkpoint_arrays(record: dict) -> dict:
+    """``{name: shape or None}`` of the arrays a checked checkpoint record names: the network's weights
+    (shapes from its layers), the optimizer's and the callbacks' (any shape; their owners check them)."""
+    wanted: dict = {}
+    for i, cfg in enumerate(record["network"]["layers"]):
+        if cfg["type"] in BUILT_IN:
+            wanted.update({f"net/{k}": shape for k, shape in built_in_arrays(i, cfg).items()})
+    owners = [("optimizer", record["optimizer"])]
+    owners += [(f"callbacks/{name}", state) for name, state in record["callbacks"].items()]
+    for prefix, state in owners:
+        for slot, count in state["arrays"].items():
+            wanted.update({f"{prefix}/{slot}/{i}": None for i in range(count)})
+    return wanted

@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 SCHEDULES = ("constant", "step", "cosine")
 
 
 class Constant:
-    def __init__(self, lr: float):
+    def __init__(self, lr: float) -> None:
         self.lr = float(lr)
 
     def __call__(self, epoch: int) -> float:
@@ -20,7 +21,7 @@ class Constant:
 
 
 class Step:
-    def __init__(self, lr: float, step_size: int = 10, gamma: float = 0.1):
+    def __init__(self, lr: float, step_size: int = 10, gamma: float = 0.1) -> None:
         if not isinstance(step_size, int) or step_size < 1:
             raise ValueError(f"step_size: expected a positive integer, got {step_size!r}")
         if not 0 < gamma <= 1:
@@ -32,7 +33,7 @@ class Step:
 
 
 class Cosine:
-    def __init__(self, lr: float, epochs: int, min_lr: float = 0.0, warmup: int = 0):
+    def __init__(self, lr: float, epochs: int, min_lr: float = 0.0, warmup: int = 0) -> None:
         if not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs: expected a positive integer, got {epochs!r}")
         if not 0 <= min_lr <= lr:
@@ -48,7 +49,8 @@ class Cosine:
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
-def make_schedule(name: str, lr: float, epochs: int, **kwargs):
+def make_schedule(name: str, lr: float, epochs: int,
+                  **kwargs: Any) -> Constant | Step | Cosine:
     """Build a schedule by name: "constant", "step" (step_size, gamma) or "cosine" (min_lr, warmup)."""
     if name == "constant":
         return Constant(lr)

@@ -148,7 +148,7 @@ class Predictor:
             img = Image.open(io.BytesIO(body))
         except Exception as exc:  # Pillow raises many types for bytes that are no picture
             raise BadRequest(f"the body is not a picture Pillow can read ({type(exc).__name__}); send PNG or "
-                             f"JPEG bytes, or JSON {{\"pixels\": [[...]]}} with Content-Type: application/json")
+                             f"JPEG bytes, or JSON {{\"pixels\": [[...]]}} with Content-Type: application/json") from exc
         try:
             with img:
                 pixels, warnings = mnist_style(img, self.size)
@@ -335,10 +335,12 @@ def make_server(net, host: str = "127.0.0.1", port: int = 8000, *, name: str = "
     """A server for `net`, bound and ready (call ``serve_forever``); port 0 picks a free port.
     `deadline`: seconds a request may take to arrive whole (then 408); `max_connections`: open at
     once (then 503)."""
+    predictor = Predictor(net, name)
     try:
-        return Server((host, port), Predictor(net, name), max_body=max_body, quiet=quiet,
+        return Server((host, port), predictor, max_body=max_body, quiet=quiet,
                       deadline=deadline, max_connections=max_connections)
     except OSError as exc:
+        predictor.worker.close()  # no server: its worker thread ends too
         raise OSError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from exc
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,13 +39,16 @@ except ImportError:
     raise ImportError("gpunet.sklearn needs scikit-learn: pip install 'gpunet[sklearn]'") from None
 
 from . import callbacks
-from .backend import DeviceError, resolve_device, to_numpy
+from .backend import ArrayLike, DeviceError, resolve_device, to_numpy
 from .layers import Dropout, Linear, ReLU, Sigmoid, Tanh
 from .losses import MSELoss, SoftmaxCrossEntropy
 from .network import Sequential
 from .optimizers import make_optimizer
 from .training import by_name, columns_of
 from .training import fit as gn_fit, predict as gn_predict, predict_proba as gn_predict_proba
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 ACTIVATIONS = {"identity": None, "logistic": Sigmoid, "tanh": Tanh, "relu": ReLU}
 SOLVERS = ("adam", "sgd")
@@ -105,11 +110,16 @@ class _Stopper(callbacks.Callback):
 class _BaseMLP(BaseEstimator):
     """What the classifier and the regressor share: parameters, the network, the training loop."""
 
-    def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam", alpha=0.0001,
-                 batch_size="auto", learning_rate_init=0.001, max_iter=200, shuffle=True, random_state=None,
-                 tol=1e-4, verbose=False, warm_start=False, momentum=0.9, nesterovs_momentum=True,
-                 early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
-                 n_iter_no_change=10, device=None, dropout=0.0):
+    def __init__(self, hidden_layer_sizes: int | Sequence[int] = (100,),
+                 activation: str = "relu", *, solver: str = "adam", alpha: float = 0.0001,
+                 batch_size: int | str = "auto",
+                 learning_rate_init: float = 0.001, max_iter: int = 200, shuffle: bool = True,
+                 random_state: int | np.random.RandomState | None = None, tol: float = 1e-4,
+                 verbose: bool | int = False, warm_start: bool = False, momentum: float = 0.9,
+                 nesterovs_momentum: bool = True, early_stopping: bool = False,
+                 validation_fraction: float = 0.1, beta_1: float = 0.9, beta_2: float = 0.999,
+                 epsilon: float = 1e-8, n_iter_no_change: int = 10, device: str | None = None,
+                 dropout: float = 0.0) -> None:
         self.hidden_layer_sizes, self.activation, self.solver, self.alpha = hidden_layer_sizes, activation, solver, alpha
         self.batch_size, self.learning_rate_init, self.max_iter = batch_size, learning_rate_init, max_iter
         self.shuffle, self.random_state, self.tol, self.verbose = shuffle, random_state, tol, verbose
@@ -160,7 +170,8 @@ class _BaseMLP(BaseEstimator):
             layers += [act()] if act is not None else []
             if self.dropout:
                 layers.append(Dropout(float(self.dropout), seed=int(rng.integers(2**31))))
-        return Sequential(*layers).to(device)  # drawn on the host, then moved: the same draws on every device
+        # drawn on the host, then moved: the same draws on every device
+        return Sequential(*layers, classifies=self._classifies).to(device)
 
     def _linear(self, fan_in: int, fan_out: int, rng) -> Linear:
         bound = math.sqrt((2.0 if self.activation == "logistic" else 6.0) / (fan_in + fan_out))
@@ -221,7 +232,7 @@ class _BaseMLP(BaseEstimator):
             self.net_.load_state_dict(self._best_state)
         if not incremental and history.stop_reason == "max_epochs":
             warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
-                          f"optimization hasn't converged yet.", ConvergenceWarning)
+                          f"optimization hasn't converged yet.", ConvergenceWarning, stacklevel=2)
         return self
 
     def _name_network(self):
@@ -264,7 +275,7 @@ class _BaseMLP(BaseEstimator):
         return [to_numpy(layer.b.data).copy() for layer in self.net_.layers if isinstance(layer, Linear)]
 
     # --- pickling: host arrays only -----------------------------------------------------------------
-    def __getstate__(self):
+    def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         if "net_" in state:
             opt = self._opt.state_dict()
@@ -274,7 +285,7 @@ class _BaseMLP(BaseEstimator):
             state["_best_state"] = {k: to_numpy(v) for k, v in state["_best_state"].items()}
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict) -> None:
         saved = state.get("net_")
         self.__dict__.update(state)
         if isinstance(saved, dict):
@@ -286,7 +297,6 @@ class _BaseMLP(BaseEstimator):
             n_in, n_out = weights["0.W"].shape[0], self.n_outputs_
             self.net_ = self._network(n_in, n_out, np.random.default_rng(0), device)
             self.net_.load_state_dict(weights)
-            self.net_.classifies = self._classifies
             self._name_network()
             self.net_.eval()
             self._opt = self._optimizer(self.net_, 1)
@@ -298,8 +308,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     names (see the module's docstring). ``predict_proba`` gives (n_samples, n_classes) float64."""
 
     _classifies = True
+    classes_: np.ndarray  # the labels, sorted (set by fit and the first partial_fit)
 
-    def fit(self, X, y):
+    def fit(self, X: ArrayLike, y: ArrayLike) -> Self:
         """Train on ``X`` (n_samples, n_features) and labels ``y`` (n_samples,) of any type; returns self."""
         reset = not (self.warm_start and hasattr(self, "net_"))
         X, y = _validate_data(self, X, y, reset=reset, dtype=np.float32)
@@ -314,7 +325,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         self.classes_ = classes
         return self._train(X, np.searchsorted(classes, y), len(classes), incremental=False)
 
-    def partial_fit(self, X, y, classes=None):
+    def partial_fit(self, X: ArrayLike, y: ArrayLike, classes: ArrayLike | None = None) -> Self:
         """One epoch over ``X``, ``y``; ``classes`` (every label there will be) is required on the first call."""
         first = not hasattr(self, "net_")
         if first and classes is None:
@@ -328,21 +339,21 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             raise ValueError(f"y: expected labels among classes_ {self.classes_}, got also {unknown}")
         return self._train(X, np.searchsorted(self.classes_, y), len(self.classes_), incremental=True)
 
-    def predict_proba(self, X):
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
         """Class probabilities (n_samples, n_classes), float64, in the order of ``classes_``."""
         return self._outputs(X)
 
-    def predict_log_proba(self, X):
+    def predict_log_proba(self, X: ArrayLike) -> np.ndarray:
         """The logarithm of :meth:`predict_proba` (n_samples, n_classes), float64."""
         with np.errstate(divide="ignore"):  # a probability that underflowed to 0 is log 0 = -inf, as scikit-learn's
             return np.log(self._outputs(X))
 
-    def predict(self, X):
+    def predict(self, X: ArrayLike) -> np.ndarray:
         """The most probable class of each row (n_samples,), labels as in ``classes_``."""
         index = self._outputs(X).argmax(axis=1)  # checks first that the estimator is fitted
         return self.classes_[index]
 
-    def __sklearn_tags__(self):
+    def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         tags.classifier_tags.multi_label = False
         return tags
@@ -354,13 +365,13 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     _classifies = False
 
-    def fit(self, X, y):
+    def fit(self, X: ArrayLike, y: ArrayLike) -> Self:
         """Train on ``X`` (n_samples, n_features) and targets ``y`` (n_samples,) or (n_samples, n_outputs)."""
         reset = not (self.warm_start and hasattr(self, "net_"))
         X, y = _validate_data(self, X, y, reset=reset, dtype=np.float32, multi_output=True, y_numeric=True)
         return self._fit_targets(X, y, incremental=False)
 
-    def partial_fit(self, X, y):
+    def partial_fit(self, X: ArrayLike, y: ArrayLike) -> Self:
         """One epoch over ``X``, ``y`` (the first call builds the network)."""
         X, y = _validate_data(self, X, y, reset=not hasattr(self, "net_"), dtype=np.float32, multi_output=True,
                               y_numeric=True)
@@ -373,16 +384,16 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         self._y_columns = np.ndim(y) == 2
         return self._train(X, y2, y2.shape[1], incremental)
 
-    def predict(self, X):
+    def predict(self, X: ArrayLike) -> np.ndarray:
         """Predicted values (n_samples,), or (n_samples, n_outputs) when fitted on 2-D targets; float64."""
         out = self._outputs(X)
         return out if self._y_columns else out[:, 0]
 
-    def __sklearn_tags__(self):
+    def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         tags.target_tags.single_output = True
         return tags
 
-    def _more_tags(self):  # scikit-learn before 1.6
+    def _more_tags(self) -> dict:  # scikit-learn before 1.6
         return {"multioutput": True}

@@ -17,8 +17,11 @@ the host. Where :mod:`gpunet.fast` knows the network, its fused step replaces th
 from __future__ import annotations
 
 import math
+import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +29,9 @@ from . import callbacks as cbs
 from . import checkpoint, parallel
 from . import fast as fast_path
 from .backend import (
+    Array,
+    ArrayLike,
+    HostCopy,
     get_array_module,
     on_device_of_net,
     softmax,
@@ -42,6 +48,14 @@ from .data.rows import as_rows
 from .fast import graph
 from .metrics import confusion_counts, report
 
+Network = Any
+"""A :class:`gpunet.Sequential` (or a layer with its forward, backward and parameters): named, not
+imported (training sits beside the network, not on it)."""
+Optimizer = Any
+"""A :mod:`gpunet.optimizers` rule: ``step()``, ``lr``, ``state_dict()``."""
+Loss = Any
+"""A :mod:`gpunet.losses` loss: ``forward(pred, target)``, ``backward()``, ``classifies``."""
+
 
 @dataclass
 class History:
@@ -54,19 +68,19 @@ class History:
     best_epoch: int | None = None
     diverged_epoch: int | None = None
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: int | slice | str) -> Any:
         if isinstance(key, (int, np.integer, slice)) and not isinstance(key, bool):
             return self.epochs[key]
         return [e[key] for e in self.epochs]
 
-    def __iter__(self):  # over the epochs, as indexing goes (not over keys)
+    def __iter__(self) -> Iterator[dict]:  # over the epochs, as indexing goes (not over keys)
         return iter(self.epochs)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.epochs)
 
 
-def train_step(net, loss, optimizer, x, y):
+def train_step(net: Network, loss: Loss, optimizer: Optimizer, x: Array, y: Array) -> Array:
     """The notes' step on one batch: forward, cost, backward, update; returns the batch's mean loss (a 0-d
     array on the network's device). ``x``: (N, features) in the network's dtype on its device; ``y``:
     (N,) int64 class labels or (N, outputs) targets (``fit`` converts any array-like once, then runs this
@@ -306,7 +320,9 @@ class Run:
                   "accuracy": correct / self.n if self.loss.classifies else None, "val_loss": None,
                   "val_accuracy": None, "lr": self.optimizer.lr, "seconds": time.perf_counter() - self._clock}
         if self.validation is not None and math.isfinite(record["loss"]):  # NaN weights are not worth a pass
-            val = evaluate(self.net, self.loss, *self.validation, batch_size=self.eval_batch_size, comm=self.comm)
+            x_val, y_val = self.validation
+            val = evaluate(self.net, self.loss, x_val, y_val, batch_size=self.eval_batch_size,
+                           comm=self.comm)
             record["val_loss"], record["val_accuracy"] = val["loss"], val.get("accuracy")
         return record
 
@@ -324,15 +340,20 @@ class Run:
                 seen[name] = seen.get(name, 0) + 1
                 yield (name if seen[name] == 1 else f"{name}.{seen[name]}"), c
 
-    def state_dict(self) -> tuple[dict, dict]:
+    def state_dict(self, wait: bool = True) -> tuple[dict, Any]:
         """``(record, arrays)``: everything a resumed run needs, as JSON data and host NumPy arrays. A collective
-        call in a distributed run (each rank's random state and partial sums are gathered)."""
+        call in a distributed run (each rank's random state and partial sums are gathered). The weights
+        and the optimizer's arrays come back in one batched copy (:class:`gpunet.backend.HostCopy`);
+        with ``wait=False`` ``arrays`` is a function that returns them: the copy runs behind the queued
+        work without the host waiting, and a checkpoint writer collects it off the training loop."""
         mid = self.step > 0
-        partial = {"loss_sum": float(self.loss_sum), "correct": int(self.correct),
+        partial: Any = {"loss_sum": float(self.loss_sum), "correct": int(self.correct),
                    "seconds": time.perf_counter() - self._clock} if mid else None
         random, partial = self._per_rank(self.net.random_state()), self._per_rank(partial)
-        opt, arrays = checkpoint.split("optimizer", self.optimizer.state_dict())
-        arrays.update({f"net/{k}": v for k, v in self.net.state_dict().items()})
+        opt, arrays = checkpoint.split("optimizer", self.optimizer.state_dict(host=False))
+        arrays.update({f"net/{k}": v for k, v in self.net.state_dict(host=False).items()})
+        names, copy = list(arrays), HostCopy(arrays.values())
+        arrays = {}
         states = {}
         for name, c in self._stateful():
             state = c.state_dict()
@@ -340,11 +361,34 @@ class Run:
                 states[name], more = checkpoint.split(f"callbacks/{name}", state)
                 arrays.update(more)
         h = self.history
-        return {"network": self.net.config(), "epoch": self.epoch, "step": self.step,
-                "order_rng": self.epoch_rng if mid else self.order_rng.bit_generator.state, "random": random,
-                "ranks": len(random), "partial": partial, "optimizer": opt, "callbacks": states,
-                "history": h.epochs, "stop_reason": h.stop_reason, "best_epoch": h.best_epoch,
-                "diverged_epoch": h.diverged_epoch}, arrays
+        record = {"network": self.net.config(), "epoch": self.epoch, "step": self.step,
+                  "order_rng": self.epoch_rng if mid else self.order_rng.bit_generator.state, "random": random,
+                  "ranks": len(random), "partial": partial, "optimizer": opt, "callbacks": states,
+                  "history": [dict(r) for r in h.epochs], "stop_reason": h.stop_reason, "best_epoch": h.best_epoch,
+                  "diverged_epoch": h.diverged_epoch}
+
+        def fetch() -> dict:
+            return {**dict(zip(names, copy.wait())), **arrays}
+        return record, (fetch() if wait else fetch)
+
+    def _check_fits(self, record: dict, path) -> None:
+        """The fields of a checked record (:func:`gpunet.records.check_checkpoint`) that only this run can
+        judge: the step within an epoch of its steps, the optimizer's fields those of its own state."""
+        if record["step"] > self.steps:
+            raise checkpoint.CheckpointError(
+                f"{path}: step: expected at most {self.steps} (the steps of an epoch of this run: {self.n} rows "
+                f"in batches of {self.batch_size}), got {record['step']}")
+        mine, given = self.optimizer.state_dict(), record["optimizer"]
+        for key in sorted(set(mine) | set(given)):
+            if key == "arrays" or key == "kind" and given.get(key) != mine[key]:
+                continue  # the arrays are counted by the schema; another kind is named by load_state_dict
+            where = f"{path}: optimizer.{key}"
+            if key not in given or key not in mine:
+                raise checkpoint.CheckpointError(f"{where}: {'missing' if key in mine else 'unexpected field'} "
+                                                 f"(a {mine['kind']} optimizer's state)")
+            if not _same_kind(mine[key], given[key]):
+                raise checkpoint.CheckpointError(f"{where}: expected {type(mine[key]).__name__} like "
+                                                 f"{mine[key]!r}, got {given[key]!r:.60}")
 
     def load_state_dict(self, record: dict, arrays: dict, path="the checkpoint") -> None:
         """Put the run where :meth:`state_dict` found it; a CheckpointError names what does not fit."""
@@ -352,6 +396,7 @@ class Run:
             raise checkpoint.CheckpointError(f"{path}: holds a different network ({record['network']['layers']}) "
                                              f"than the one given ({self.net.config()['layers']})")
         size = 1 if self.comm is None else self.comm.size
+        self._check_fits(record, path)
         try:
             self.net.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("net/")})
             self.optimizer.load_state_dict(checkpoint.join("optimizer", record["optimizer"], arrays))
@@ -359,11 +404,17 @@ class Run:
                 raise ValueError(f"it was written by {record['ranks']} processes, this run has {size}; "
                                  f"resume with the same number")
             self.net.set_random_state(record["random"][self.rank])
-            for name, c in self._stateful():
-                if name in record["callbacks"]:
-                    c.load_state_dict(checkpoint.join(f"callbacks/{name}", record["callbacks"][name], arrays))
         except (KeyError, ValueError, TypeError) as exc:
             raise checkpoint.CheckpointError(f"{path}: does not fit this run ({exc})") from None
+        for name, c in self._stateful():
+            if name in record["callbacks"]:
+                try:
+                    c.load_state_dict(checkpoint.join(f"callbacks/{name}", record["callbacks"][name], arrays))
+                except KeyError as exc:  # a field the callback's state needs, by its bare name
+                    raise checkpoint.CheckpointError(f"{path}: callbacks.{name}.{exc.args[0]}: missing") from None
+                except (ValueError, TypeError) as exc:
+                    raise checkpoint.CheckpointError(f"{path}: callbacks.{name}: does not fit this run "
+                                                     f"({exc})") from None
         self.order_rng.bit_generator.state = record["order_rng"]
         self.epoch, self.step, self._partial = record["epoch"], record["step"], record["partial"][self.rank]
         h = self.history
@@ -371,13 +422,32 @@ class Run:
         h.best_epoch, h.diverged_epoch = record["best_epoch"], record["diverged_epoch"]
 
 
+def _same_kind(mine, given) -> bool:
+    """Whether JSON value ``given`` can stand for the run's own ``mine``: a boolean for a boolean, a number
+    for a number, a list of as many such for a tuple or list, anything for None."""
+    if mine is None:
+        return True
+    if isinstance(mine, (tuple, list)):
+        return isinstance(given, list) and len(given) == len(mine) and all(map(_same_kind, mine, given))
+    if isinstance(mine, bool) or isinstance(given, bool):
+        return isinstance(mine, bool) and isinstance(given, bool)
+    if isinstance(mine, (int, float)):
+        return isinstance(given, (int, float)) and (isinstance(given, int) or not isinstance(mine, int))
+    return isinstance(given, type(mine))
+
+
 @on_device_of_net
-def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validation=None, shuffle: bool = True,
+def fit(net: Network, loss: Loss, optimizer: Optimizer, x: ArrayLike, y: ArrayLike, *,
+        epochs: int = 10, batch_size: int | str | None = 128,
+        validation: tuple[ArrayLike, ArrayLike] | None = None, shuffle: bool = True,
         seed: int | None = 0, target_loss: float | None = None, patience: int | None = None,
-        min_delta: float = 0.0, schedule=None, callback=None, on_batch=None, eval_batch_size: int = 4096,
-        fast: bool = True, checkpoint_path=None, resume: bool = False, checkpoint_every: int = 1,
-        interrupt=None, run_info: dict | None = None, comm=None, callbacks=(), augment=None,
-        verbose: int = 0, cuda_graph: bool = False) -> History:
+        min_delta: float = 0.0, schedule: Callable[[int], float] | None = None,
+        callback: Callable[[dict], object] | None = None,
+        on_batch: Callable[[int, int, int], object] | None = None, eval_batch_size: int = 4096,
+        fast: bool = True, checkpoint_path: str | os.PathLike | None = None, resume: bool = False,
+        checkpoint_every: int = 1, interrupt: Callable[[], bool] | None = None,
+        run_info: dict | None = None, comm: Any = None, callbacks: Iterable[object] = (),
+        augment: object | None = None, verbose: int = 0, cuda_graph: bool = False) -> History:
     """Train ``net`` on ``x`` (N, features): any 2-D real array-like (converted once to the network's dtype
     and device, :mod:`gpunet.data.arrays`) or ``Pixels``; and ``y``: (N,) integer labels 0..C-1 or (N, outputs)
     targets.
@@ -409,7 +479,7 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
     """
     _check_fit(epochs, patience, validation, resume, checkpoint_path)
     shown = [cbs.Progress(verbose)] if verbose != 0 else []  # refuses what is not 0, 1 or 2, before any work
-    net.classifies = loss.classifies  # what predict returns and model files record
+    net.classifies = loss.classifies  # set once (another task is refused): predict reads it
     if getattr(net, "feature_names", None) is None and columns_of(x) is not None:
         net.feature_names = columns_of(x)  # a data frame's columns: model files and ONNX keep them
     data = _dataset(x, y, net, loss.classifies)
@@ -423,8 +493,8 @@ def fit(net, loss, optimizer, x, y, *, epochs: int = 10, batch_size=128, validat
                          *([cbs.EarlyStopping(patience, min_delta)] if patience is not None else []),
                          *([cbs.TargetLoss(target_loss)] if target_loss is not None else []),
                          *([saver] if saver is not None else [])])
-    if resume:
-        saver.restore(run)
+    if resume:  # with a checkpoint_path: _check_fit refuses resume without one
+        saver.restore(run)  # type: ignore[union-attr]
     if net.device != "cpu":
         return run.fit(epochs)
     with fast_path.blas.threads_for(largest_product(net, run.batch_size)):  # small problems: one thread
@@ -451,7 +521,7 @@ def _check_fit(epochs, patience, validation, resume, checkpoint_path):
 def _keyword_callbacks(schedule, callback, on_batch) -> list:
     """The callbacks that ``fit``'s keywords ask for, which come first: the schedule sets the epoch's lr,
     the divergence guard puts back the last good weights before anything else sees them."""
-    made = [cbs.Schedule(schedule)] if schedule is not None else []
+    made: list[cbs.Callback] = [cbs.Schedule(schedule)] if schedule is not None else []
     made.append(cbs.DivergenceGuard())
     made += [cbs.EpochEnd(callback)] if callback is not None else []
     return made + ([cbs.BatchEnd(on_batch)] if on_batch is not None else [])
@@ -532,7 +602,7 @@ def _each_batch(net, x, batch_size, then):
 
 
 @on_device_of_net
-def predict_proba(net, x, batch_size: int = 4096):
+def predict_proba(net: Network, x: ArrayLike, batch_size: int = 4096) -> Array:
     """Class probabilities (N, C) on the network's device, computed batch by batch in eval mode. A network
     that does not classify (see :func:`classifies`) is refused: :func:`predict` gives its outputs."""
     if not classifies(net):
@@ -544,7 +614,7 @@ def predict_proba(net, x, batch_size: int = 4096):
 
 
 @on_device_of_net
-def predict(net, x, batch_size: int = 4096):
+def predict(net: Network, x: ArrayLike, batch_size: int = 4096) -> Array:
     """A classifier's predicted class labels (N,) int64; any other network's outputs (N, outputs) in its
     dtype (see :func:`classifies`). On the network's device."""
     if classifies(net):
@@ -553,7 +623,8 @@ def predict(net, x, batch_size: int = 4096):
 
 
 @on_device_of_net
-def evaluate(net, loss, x, y, batch_size: int = 4096, metrics: bool = False, comm=None) -> dict:
+def evaluate(net: Network, loss: Loss, x: ArrayLike, y: ArrayLike, batch_size: int = 4096,
+             metrics: bool = False, comm: Any = None) -> dict:
     """Mean loss over ``x`` in batches, in eval mode; for classification the accuracy, for regression the
     mean squared and absolute errors (``mse``, ``mae``, over all N x outputs entries) and ``r2`` (the
     coefficient of determination, averaged over the outputs as scikit-learn's ``r2_score`` does).

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,12 @@ import pytest
 from gpunet import backend
 
 ROOT = Path(__file__).resolve().parents[1]
+# tests/unit, tests/system and tests/repo hold the tests; tests/support the helpers they import by their bare
+# names (``import fake_cupy``, ``from cuda_cpu import ...``), found here; ``from conftest import ...`` finds
+# this file, which pytest puts on sys.path (tests/ has no __init__.py: module names are the file names).
+SUPPORT = Path(__file__).resolve().parent / "support"
+if str(SUPPORT) not in sys.path:
+    sys.path.insert(0, str(SUPPORT))
 MNIST_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",

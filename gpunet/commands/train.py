@@ -421,6 +421,7 @@ def check_out_folder(out: Path, config: TrainConfig, resume: bool, overwrite: bo
         if not isinstance(saved, dict):
             raise checkpoint.CheckpointError(f"{ckpt} was not written by gpunet train (no run settings in it)")
         given = asdict(config)
+        check_run_record(ckpt, meta["run"], given)
         # a setting the checkpoint's gpunet did not have yet (--optimizer, --batch-norm, ...) had its default
         saved = asdict(TrainConfig(**{k: v for k, v in saved.items() if k in given}))
         for key in given:
@@ -443,6 +444,16 @@ def check_out_folder(out: Path, config: TrainConfig, resume: bool, overwrite: bo
     if overwrite and lead and (out / CHECKPOINT).exists():
         (out / CHECKPOINT).unlink()  # a new run must not resume into the old one's state
     return None
+
+
+def check_run_record(ckpt, run: dict, given: dict) -> None:
+    """The run record gpunet train stores in its checkpoints: ``config`` (settings this gpunet has; one
+    it lacks would be a newer gpunet's, whose run this one cannot continue as it was meant) and ``data``."""
+    unknown = [f"run.{k}" for k in run if k not in ("config", "data")]
+    unknown += [f"run.config.{k}" for k in run["config"] if k not in given]
+    if unknown:
+        raise checkpoint.CheckpointError(f"{ckpt}: {unknown[0]}: unexpected field (expected only run.config "
+                                         f"and run.data, the settings of this gpunet's train)")
 
 
 def _out_of_memory(exc, config, ckpt) -> ResourceError:
@@ -498,7 +509,7 @@ def train(config: TrainConfig, out, *, on_epoch=None, on_batch=None, log=print, 
     model = net if table is None else _table_model(net, table, config)
     # a --data model is tested as it is saved: raw features in, labels (or targets in their units) out
     raw_test = (x_test, y_test) if table is None else table["raw_test"]
-    test = evaluate(model, loss, *raw_test, metrics=True, comm=comm)
+    test = evaluate(model, loss, raw_test[0], raw_test[1], metrics=True, comm=comm)
     result = _metrics(config, device, info, why_not, history, test, ckpt, time.perf_counter() - started)
     if table is not None:
         result.update(task=table["task"], classes=table["classes"], feature_names=table["feature_names"])
@@ -541,8 +552,7 @@ def _table_model(net, table: dict, config: TrainConfig):
     if table["target_scaling"] is not None:  # y = z * std + mean, as Standardize: (z - (-mean/std)) / (1/std)
         mean, std = table["target_scaling"]
         layers.append(Standardize(-mean / std, 1 / std))
-    model = Sequential(*layers)
-    model.classifies = table["task"] != "regressor"
+    model = Sequential(*layers, classifies=net.classifies)  # the trained network's, as fit set it
     model.feature_names, model.classes = table["feature_names"], table["classes"]
     model.label_column = config.label_column if str(config.data).lower().endswith(".csv") else None
     return model

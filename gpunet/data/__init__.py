@@ -18,6 +18,6 @@ class DataError(ValueError):
 
 
 # After DataError: the modules below import it from here.
-from .datasets import MNIST_FILES, download_mnist, load_arrays, load_mnist, split_validation
+from .datasets import MNIST_FILES, download_mnist, load_arrays, load_mnist, split_validation  # noqa: E402
 
 __all__ = ["DataError", "MNIST_FILES", "download_mnist", "load_arrays", "load_mnist", "split_validation"]

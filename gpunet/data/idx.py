@@ -20,8 +20,9 @@ from . import DataError
 
 
 # IDX type code -> on-disk dtype (IDX stores multi-byte values big-endian).
-_IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
-              0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_TYPES: dict[int, np.dtype] = {
+    0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK_ROWS = 4096  # images decoded per step: a few MB of uint8 scratch, whatever the file size
 
@@ -88,7 +89,8 @@ def _alloc(shape, dtype, path) -> np.ndarray:
 
 def _fill(stream, buf: np.ndarray) -> int:
     """Read into the contiguous uint8 array `buf` until full or end of stream; return the bytes read."""
-    view, got = memoryview(buf.reshape(-1)), 0
+    # an ndarray is a buffer (NumPy's hints say so for Python 3.12 on only)
+    view, got = memoryview(buf.reshape(-1)), 0  # type: ignore[arg-type]
     while got < len(view) and (n := stream.readinto(view[got:])):
         got += n
     return got

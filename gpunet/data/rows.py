@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import device_of, get_array_module, to_device
+from ..backend import Array, DTypeLike, device_of, get_array_module, to_device
 from ..fast import gather_scaled
 from .arrays import features
 
@@ -35,7 +35,7 @@ class Pixels:
 
     divisor = 255
 
-    def __init__(self, raw, dtype=np.float32):
+    def __init__(self, raw: Array, dtype: DTypeLike = np.float32) -> None:
         if not hasattr(raw, "dtype") or not hasattr(raw, "shape"):
             raise TypeError(f"raw: expected a NumPy or CuPy uint8 array, got {type(raw).__name__}")
         if raw.dtype != np.uint8 or raw.ndim != 2:
@@ -63,21 +63,21 @@ class Pixels:
     def device(self) -> str:
         return device_of(self.raw)
 
-    def to(self, device) -> Pixels:
+    def to(self, device: str | None) -> Pixels:
         """The same pixels on ``device`` (no copy when they are already there)."""
         raw = to_device(self.raw, device)
         return self if raw is self.raw else Pixels(raw, self.dtype)
 
-    def _scaled(self, rows, out=None):
+    def _scaled(self, rows: Array, out: Array | None = None) -> Array:
         """``rows / 255`` computed in ``dtype`` (no float64 step), into ``out`` or a new array."""
         return get_array_module(rows).divide(rows, self.dtype.type(self.divisor), out=out, dtype=self.dtype)
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: slice) -> Array:
         if not isinstance(key, slice):
             raise TypeError(f"key: expected a slice of rows, got {type(key).__name__}; use take() for indices")
         return self._scaled(self.raw[key])
 
-    def take(self, idx, out):
+    def take(self, idx: Array | slice, out: Array) -> Array:
         """Rows ``idx`` ((K,) integers, or a slice of K rows) as floats, written into ``out[:K]``
         ((>= K, features), ``dtype``); returns ``out[:K]``."""
         k = len(range(*idx.indices(len(self)))) if isinstance(idx, slice) else len(idx)
@@ -92,14 +92,14 @@ class Pixels:
         """The whole float array on the host (N, features): what ``load_mnist`` returns as float32."""
         return self._scaled(to_device(self.raw, "cpu"))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Pixels(shape={self.shape}, dtype={self.dtype}, device={self.device})"
 
 
 class Rows:
     """A float array ``data`` (N, features) behind the same interface as :class:`Pixels`."""
 
-    def __init__(self, data):
+    def __init__(self, data: Array) -> None:
         if not hasattr(data, "shape") or not hasattr(data, "dtype") or data.ndim != 2:
             got = getattr(data, "shape", type(data).__name__)
             raise ValueError(f"x: expected a 2-D array of features (N, features), got {got}")
@@ -108,24 +108,35 @@ class Rows:
                             f"gpunet.Pixels(x), or scale them with x.astype(np.float32) / 255")
         self.data = data
 
-    shape = property(lambda self: tuple(self.data.shape))
-    dtype = property(lambda self: self.data.dtype)
-    ndim = property(lambda self: 2)
-    device = property(lambda self: device_of(self.data))
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def device(self) -> str:
+        return device_of(self.data)
 
     def __len__(self) -> int:
         return self.data.shape[0]
 
-    def to(self, device) -> Rows:
+    def to(self, device: str | None) -> Rows:
         data = to_device(self.data, device)
         return self if data is self.data else Rows(data)
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: slice) -> Array:
         if not isinstance(key, slice):
             raise TypeError(f"key: expected a slice of rows, got {type(key).__name__}; use take() for indices")
         return self.data[key]
 
-    def take(self, idx, out):
+    def take(self, idx: Array, out: Array) -> Array:
         """Rows ``idx`` ((K,) integers) written into ``out[:K]``; returns ``out[:K]``."""
         xp = get_array_module(self.data)
         # NumPy's default mode="raise" copies through a new temporary; the indices are a permutation, always

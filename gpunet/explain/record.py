@@ -56,11 +56,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import device_of, get_array_module, on_device_of_net, to_device, to_numpy
+from ..backend import ArrayLike, device_of, get_array_module, on_device_of_net, to_device, to_numpy
 from ..files import strict
 from ..data.arrays import features
-from ..layers import BatchNorm, Dropout, Linear, ReLU, Sigmoid, Softmax, Tanh
-from ..losses import MAELoss, MSELoss, SoftmaxCrossEntropy
+from ..layers import BatchNorm, Dropout, Layer, Linear, ReLU, Sigmoid, Softmax, Tanh
+from ..losses import Loss, MAELoss, MSELoss, SoftmaxCrossEntropy
 from ..optimizers import Optimizer
 
 SCHEMA = "gpunet-explain/2"
@@ -73,7 +73,7 @@ def _host(a):
 
 
 @on_device_of_net
-def explain_step(net, loss, optimizer, x, y) -> dict:
+def explain_step(net: Layer, loss: Loss, optimizer: Optimizer, x: ArrayLike, y: ArrayLike) -> dict:
     """Run one training step of ``net`` on ``(x, y)`` and return every quantity (see the module docstring).
 
     ``x``: (N, inputs) or (inputs,) array or list, cast to the network's dtype and moved to its device.

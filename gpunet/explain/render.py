@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import textwrap
+from typing import cast
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def latex(formula: str) -> str:
     elementwise product; other words are set upright as text; spaces and the rest are kept."""
     out, i = [], 0
     while i < len(formula):
-        m = _TOKEN.match(formula, i)
+        m = cast("re.Match[str]", _TOKEN.match(formula, i))  # its last branch takes any character
         i = m.end()
         if m["frac"]:
             out.append(r"\frac{\partial C}{\partial " + latex(m["of"]) + "}")

@@ -38,10 +38,9 @@ DROPOUT = ("uint64 key, uint64 start, uint32 threshold, T scale", "T y, T mask",
 # * (x > 0) (ReLU's), in one pass; y is the block's output after dropout, > 0 exactly where both let through.
 RELU_MASK_BACKWARD = ("T y, T mask", "T dy", "T t = dy * mask; dy = y > (T)0 ? t : t * (T)0;",
                       "gpunet_relu_mask_backward")
-# One layer's whole update in one launch, over W's elements: the rule on W from W.grad, and in the threads
-# i < cols also b's gradient dy.sum(0) (the column sums of dy, written to b.grad) and the rule on b.
-# The L2 term only where weight decay is on, as the core (optimizers.Optimizer.gradient) adds it: 0 * w
-# is NaN for an infinite weight, where the core's rule (skipping it) keeps the weight infinite.
+# The same update as an ElementwiseKernel over W's elements, the threads i < cols summing b's gradient
+# serially: no longer launched eagerly (layer_update's RawKernel below), kept as the source of the graph
+# step's variants (graph_kernels.variants reads its scalars from a buffer).
 _BIAS_SUM = ("T s = 0; for (int r = 0; r < rows; ++r) s += dy[r * cols + i]; gb[i] = s;"
              " T db = wd != (T)0 ? s + wd * b[i] : s;")
 LAYER_MOMENTUM = (
@@ -51,6 +50,73 @@ LAYER_MOMENTUM = (
     " b[i] -= nesterov ? gamma * vb[i] + lr * db : vb[i]; }", "gpunet_layer_momentum")
 LAYER_SGD = ("raw T dy, int32 rows, int32 cols, T lr, T wd", "T w, T g, raw T b, raw T gb",
              "w -= lr * (wd != (T)0 ? g + wd * w : g); if (i < cols) { " + _BIAS_SUM + " b[i] -= lr * db; }", "gpunet_layer_sgd")
+# One layer's whole update in one launch: the rule on W from W.grad, grid-stride over W's elements, and
+# b's gradient dy.sum(0) (written to b.grad) with the rule on b. The bias sum is a block-wide column
+# reduction: block k of the first ceil(cols / LAYER_COLUMNS) takes columns 32k..32k+31, its 8 x 32
+# threads each sum every 8th row of one column (neighbouring threads read neighbouring columns), then
+# the 8 partial sums of each column are added in shared memory in a fixed order (the same bits on every
+# run). One thread per column summing every row (128 dependent loads at batch 128) cost milliseconds at
+# full batch. The L2 term only where weight decay is on, as the core (optimizers.Optimizer.gradient) adds
+# it: 0 * w is NaN for an infinite weight, where the core's rule (skipping it) keeps the weight infinite.
+# LAYER_MOMENTUM (0 or 1) and LAYER_KERNEL are defined per kernel in RAW below.
+LAYER_THREADS, LAYER_COLUMNS = 256, 32
+LAYER_UPDATE = r"""
+#define LAYER_GROUPS (LAYER_THREADS / LAYER_COLUMNS)
+#if LAYER_MOMENTUM
+extern "C" __global__ void LAYER_KERNEL(T* w, const T* g, T* v, T* b, T* vb, T* gb, const T* dy,
+                                        const int rows, const int cols, const long long size,
+                                        const T lr, const T gamma, const T wd, const int nesterov) {
+#else
+extern "C" __global__ void LAYER_KERNEL(T* w, const T* g, T* b, T* gb, const T* dy, const int rows,
+                                        const int cols, const long long size, const T lr,
+                                        const T wd) {
+#endif
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < size;
+         i += (long long)blockDim.x * gridDim.x) {
+        const T d = wd != (T)0 ? g[i] + wd * w[i] : g[i];
+#if LAYER_MOMENTUM
+        v[i] = gamma * v[i] + lr * d;
+        w[i] -= nesterov ? gamma * v[i] + lr * d : v[i];
+#else
+        w[i] -= lr * d;
+#endif
+    }
+    if ((long long)blockIdx.x * LAYER_COLUMNS >= cols) return;  // the whole block: no barrier unmet
+    __shared__ T part[LAYER_GROUPS][LAYER_COLUMNS];
+    const int lane = threadIdx.x % LAYER_COLUMNS, group = threadIdx.x / LAYER_COLUMNS;
+    const int j = blockIdx.x * LAYER_COLUMNS + lane;
+    T s = 0;
+    if (j < cols)
+        for (int r = group; r < rows; r += LAYER_GROUPS) s += dy[(long long)r * cols + j];
+    part[group][lane] = s;
+    __syncthreads();
+    for (int k = LAYER_GROUPS / 2; k > 0; k >>= 1) {
+        if (group < k) part[group][lane] += part[group + k][lane];
+        __syncthreads();
+    }
+    if (group == 0 && j < cols) {
+        const T sum = part[0][lane];
+        gb[j] = sum;
+        const T db = wd != (T)0 ? sum + wd * b[j] : sum;
+#if LAYER_MOMENTUM
+        vb[j] = gamma * vb[j] + lr * db;
+        b[j] -= nesterov ? gamma * vb[j] + lr * db : vb[j];
+#else
+        b[j] -= lr * db;
+#endif
+    }
+}
+"""
+LAYER_MOMENTUM_NAME, LAYER_SGD_NAME = "gpunet_layer_momentum", "gpunet_layer_sgd"
+
+
+def _layer_source(momentum: bool) -> str:
+    name = LAYER_MOMENTUM_NAME if momentum else LAYER_SGD_NAME
+    return (f"#define LAYER_MOMENTUM {int(momentum)}\n#define LAYER_KERNEL {name}\n"
+            f"#define LAYER_THREADS {LAYER_THREADS}\n#define LAYER_COLUMNS {LAYER_COLUMNS}\n"
+            + LAYER_UPDATE)
+
+
 # The same rule when both gradients are already written (a distributed run's, summed over the ranks after
 # the backward pass; a BatchNorm's gamma and beta): over W's elements, and in the threads i < cols on b.
 LAYER_MOMENTUM_GIVEN = (
@@ -73,8 +139,8 @@ BATCH_NORM_APPLY = ("raw T b, raw T mu, raw T inv_sigma, raw T gamma, raw T beta
 # Pixels' gather: rows idx of the uint8 images, as floats divided by 255, in one pass (no uint8 temporary).
 GATHER_SCALED = ("raw uint8 src, raw int64 idx, int32 cols, T divisor", "T out",
                  "out = (T)src[idx[i / cols] * cols + i % cols] / divisor;", "gpunet_gather_scaled")
-ELEMENTWISE = {"bias_relu": BIAS_RELU, "relu_backward": RELU_BACKWARD, "dropout": DROPOUT, "relu_mask_backward": RELU_MASK_BACKWARD, "layer_momentum": LAYER_MOMENTUM,
-               "layer_sgd": LAYER_SGD, "gather_scaled": GATHER_SCALED, "adam": ADAM,
+ELEMENTWISE = {"bias_relu": BIAS_RELU, "relu_backward": RELU_BACKWARD, "dropout": DROPOUT,
+               "relu_mask_backward": RELU_MASK_BACKWARD, "gather_scaled": GATHER_SCALED, "adam": ADAM,
                "layer_momentum_given": LAYER_MOMENTUM_GIVEN, "layer_sgd_given": LAYER_SGD_GIVEN,
                "batch_norm_apply": BATCH_NORM_APPLY}
 
@@ -247,7 +313,8 @@ extern "C" __global__ void gpunet_batch_norm_backward(T* dy, const T* y, const T
 BATCH_NORM_BACKWARD_NAME = "gpunet_batch_norm_backward"
 COLUMN_THREADS = 128
 RAW = {RESAMPLE_NAME: RESAMPLE, BATCH_NORM_STATS_NAME: BATCH_NORM_STATS,
-       BATCH_NORM_BACKWARD_NAME: BATCH_NORM_BACKWARD}
+       BATCH_NORM_BACKWARD_NAME: BATCH_NORM_BACKWARD,
+       LAYER_MOMENTUM_NAME: _layer_source(True), LAYER_SGD_NAME: _layer_source(False)}
 
 
 def raw_source(ctype: str, name: str) -> str:
@@ -313,14 +380,28 @@ def relu_mask_backward(dy, y, mask):
 
 def layer_update(W, b, vW, vb, dy, lr, gamma, wd, nesterov):
     """One Linear's update in one launch, W.grad already written (x.T @ dy): b.grad = dy.sum(0), then
-    momentum (``vW``/``vb`` given) or SGD (``None``) on W and b, in place; scalars in W's dtype."""
-    rows, cols = np.int32(dy.shape[0]), np.int32(dy.shape[1])
-    flat = dy.reshape(-1)  # dy is C-contiguous (a buffer of the step): a view
+    momentum (``vW``/``vb`` given) or SGD (``None``) on W and b, in place; scalars in W's dtype. Every
+    array C-contiguous (the step's buffers are): the kernel reads them as dense."""
+    arrays = (W.data, W.grad, b.data, b.grad, dy) + (() if vW is None else (vW, vb))
+    if not all(a.flags.c_contiguous for a in arrays):
+        raise ValueError("layer_update: expected C-contiguous W, its gradient and velocity, b and dy")
+    name = LAYER_SGD_NAME if vW is None else LAYER_MOMENTUM_NAME
+    _raw(ctype(W.data.dtype), name)(*layer_update_launch(W, b, vW, vb, dy, lr, gamma, wd, nesterov))
+
+
+def layer_update_launch(W, b, vW, vb, dy, lr, gamma, wd, nesterov):
+    """``(grid, block, args)`` of the layer-update kernel: enough blocks of LAYER_THREADS for W's
+    elements and for the bias's column groups; arguments of the C types the kernel declares."""
+    rows, cols = dy.shape
+    size = W.data.size
+    grid = max(-(-size // LAYER_THREADS), -(-cols // LAYER_COLUMNS))
+    scalars = (np.int32(rows), np.int32(cols), np.int64(size))
     if vW is None:
-        _elementwise("layer_sgd")(flat, rows, cols, lr, wd, W.data, W.grad, b.data, b.grad)
+        args = (W.data, W.grad, b.data, b.grad, dy) + scalars + (lr, wd)
     else:
-        _elementwise("layer_momentum")(flat, rows, cols, lr, gamma, wd, bool(nesterov), W.data, W.grad, vW,
-                                       b.data, vb, b.grad)
+        args = (W.data, W.grad, vW, b.data, vb, b.grad, dy) + scalars + (lr, gamma, wd,
+                                                                         np.int32(bool(nesterov)))
+    return (grid,), (LAYER_THREADS,), args
 
 
 def gather_scaled(src, idx, out, divisor):

@@ -35,6 +35,8 @@ BatchNorm, batch transforms (augment), and everything :func:`gpunet.fast.why_not
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..backend import get_array_module
@@ -75,7 +77,7 @@ def why_not(net, data_x, callbacks_transform: bool) -> str | None:
 
 def _ptr(a) -> int:
     """Where a device array's data lives (CuPy's ``data.ptr``; the fake CuPy's NumPy address)."""
-    data = getattr(a, "data", None)
+    data: Any = getattr(a, "data", None)
     return data.ptr if hasattr(data, "ptr") else a.__array_interface__["data"][0]
 
 
@@ -118,7 +120,10 @@ class GraphStep:
         self.perm = self.xp.arange(self.n, dtype=np.int64)
         self.loss_sum = self.xp.zeros((), np.float64)
         self.correct = self.xp.zeros((), np.int64)
-        self.graphs, self.buffers, self.captures, self._held = {}, {}, [], None
+        self.graphs: dict[Any, Any] = {}  # batch shape -> the captured graph
+        self.buffers: dict[Any, Any] = {}
+        self.captures: list[Any] = []
+        self._held: tuple | None = None
         # data parallel: the graph writes this rank's share of the gradients (``fused.prescaled``);
         # the all-reduce (gradient_sum) and the update run after each replay, on the graph's stream
         self.gradient_sum, self.distributed = gradient_sum, gradient_sum is not None

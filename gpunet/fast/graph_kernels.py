@@ -6,7 +6,7 @@ Why our own kernels: CuPy's cuBLAS calls raise NotImplementedError while a strea
 The two ways out, and why this one:
 
 * **RawKernels (chosen).** They capture like every other kernel, need nothing beyond what CuPy
-  already compiles, and, above all, run on the CPU in tests/cuda_cpu.py against NumPy's matmul, so
+  already compiles, and, above all, run on the CPU in tests/support/cuda_cpu.py against NumPy's matmul, so
   that a machine without a GPU proves them (this session had none).
 * cuBLASLt through its C API (``cublasLtMatmul`` with the stream and a preallocated workspace set
   before capture): cuBLAS's own speed, but a ctypes binding that nothing here can run or test, and
@@ -247,10 +247,10 @@ def variants() -> dict:
         "gather_labels": GATHER_LABELS,
         "bias_grad": BIAS_GRAD,
         "layer_sgd": reading(
-            eager["layer_sgd"], ("lr", "wd"), "scalars_f", "gpunet_graph_layer_sgd"
+            cuda.LAYER_SGD, ("lr", "wd"), "scalars_f", "gpunet_graph_layer_sgd"
         ),
         "layer_momentum": reading(
-            eager["layer_momentum"],
+            cuda.LAYER_MOMENTUM,
             ("lr", "gamma", "wd"),
             "scalars_f",
             "gpunet_graph_layer_momentum",
