@@ -28,7 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from gpunet import backend
-from gpunet.fast import cuda, rules
+from gpunet.fast import cuda
+from gpunet.fast.step import adam_scalars
+from gpunet.layers import Parameter
+from gpunet.optimizers import Adam, AdamW
 
 ARCHS = ("80", "90", "120")  # Ampere, Hopper, Blackwell (consumer); 120 needs NVRTC >= 12.8
 DTYPES = ("float32", "float64")
@@ -95,10 +98,8 @@ def compile_program(source: str, name: str, arch: str, kernel_options: tuple = (
 def launch_all(dtype: str, xp=np) -> None:
     """Call each of gpunet.fast.cuda's elementwise wrappers as gpunet.fast.step does, on MNIST-sized arrays of
     ``xp`` in ``dtype``: activations (128, 512) and (1, 512) (online learning: another layout), W (784, 512)
-    and b (512,), a layer's update with momentum (with and without Nesterov) and SGD, every
-    optimizer rule's generated kernel (gpunet.fast.rules; scalars from the optimizer's begin_step,
-    as the fused
-    step passes them), dropout, the gather."""
+    and b (512,), a layer's update with momentum (with and without Nesterov) and SGD, Adam and AdamW (their
+    scalars from gpunet.fast.step.adam_scalars, as the fused step passes them), dropout, the gather."""
     t = np.dtype(dtype).type
     y, b, W = xp.zeros((128, 512), dtype), xp.zeros(512, dtype), xp.zeros((784, 512), dtype)
     cuda.bias_relu(y, b)
@@ -113,10 +114,12 @@ def launch_all(dtype: str, xp=np) -> None:
         cuda.layer_update_given(*params, W.copy(), b.copy(), t(0.05), t(0.9), t(1e-4), nesterov)
     cuda.layer_update_given(*params, None, None, t(0.05), t(0.0), t(1e-4), False)
     cuda.batch_norm_apply(y, y.copy(), b, b.copy(), b.copy(), b.copy(), b.copy(), True)
-    for opt in rules.examples().values():  # every optimizer rule's kernel, each of its variants
-        k = [t(c) for c in opt.begin_step().values()]
-        for p in (W, b):
-            cuda.rule(opt)(p, p.copy(), *[p.copy() for _ in opt.slots], *k)
+    adams = [cls([Parameter(np.zeros(2, dtype))], weight_decay=1e-4) for cls in (Adam, AdamW)]
+    for opt in adams:
+        opt.t = 1
+    for p in (W, b):
+        for opt in adams:
+            cuda.adam(p, p.copy(), p.copy(), p.copy(), adam_scalars(opt, dtype))
     cuda.dropout(y, y.copy(), 2**63 - 1, 52429, 1 / 0.8)
     cuda.gather_scaled(xp.zeros((1000, 784), np.uint8), xp.zeros(128, np.int64), xp.zeros((128, 784), dtype), 255)
 
@@ -129,12 +132,13 @@ def elementwise_launches(dtype: str) -> list:
     calls = []
     if dtype == "float32":
         calls.append((backend.PROBE_KERNEL, (np.zeros((4, 4), np.float32),)))
-    real = cuda._elementwise
+    real, raw = cuda._elementwise, cuda._raw
     cuda._elementwise = lambda name: (lambda *args: calls.append((cuda.ELEMENTWISE[name], args)))
+    cuda._raw = lambda ctype, name: (lambda grid, block, args: None)  # RawKernels: raw_programs
     try:
         launch_all(dtype)
     finally:
-        cuda._elementwise = real
+        cuda._elementwise, cuda._raw = real, raw
     return calls
 
 
@@ -232,7 +236,13 @@ def raw_programs(dtype: str, source: str | None = None) -> list:
         out += [(name, text), (f"{name}_signature", text + signature_check(name, args))]
     images, maps, col = np.zeros((128, 784), dtype), np.zeros((128, 2, 3), dtype), np.zeros(512, dtype)
     y = np.zeros((128, 512), dtype)
+    W = types.SimpleNamespace(data=np.zeros((784, 512), dtype), grad=np.zeros((784, 512), dtype))
+    b = types.SimpleNamespace(data=col.copy(), grad=col.copy())
+    t = np.dtype(dtype).type
+    layer = (cuda.layer_update_launch(W, b, v, vb, y, t(0.05), t(0.9), t(0), False)
+             for v, vb in ((np.zeros_like(W.data), col.copy()), (None, None)))
     for name, (_, _, args) in (
+            (cuda.LAYER_MOMENTUM_NAME, next(layer)), (cuda.LAYER_SGD_NAME, next(layer)),
             (cuda.RESAMPLE_NAME, cuda.resample_launch(images, maps, None, (28, 28), images.copy())),
             (cuda.BATCH_NORM_STATS_NAME, cuda.batch_norm_stats_launch(y, *[col.copy() for _ in range(5)],
                                                                       0.1, 1e-5)),

@@ -204,20 +204,53 @@ def _decayed(g, wd, w):
     return g + wd * w if wd != 0 else g
 
 
-def _layer_update(dy, rows, cols, lr, gamma, wd, nesterov, w, g, v, b, vb, gb):
+def _rows_sum(dy, rows, cols):
+    """The column sums of dy in the order of a serial loop over the rows (axis-0 sums add the rows
+    one after another), as the graph step's elementwise bias sums run."""
+    return dy.reshape(rows, cols).sum(axis=0, dtype=dy.dtype)
+
+
+def _block_sum(dy, rows, cols):
+    """The column sums of dy in the order of the layer-update RawKernel's block-wide reduction
+    (gpunet/fast/cuda.py LAYER_UPDATE, groups = LAYER_THREADS / LAYER_COLUMNS): row group k adds
+    rows k, k + groups, ... one after another, then the groups' sums are added as a tree (k += k +
+    groups / 2, ..., k += k + 1), so that the mirror has the kernel's bits, cancellation included."""
+    from gpunet.fast import cuda
+
+    groups = cuda.LAYER_THREADS // cuda.LAYER_COLUMNS
+    flat, part = dy.reshape(rows, cols), np.zeros((groups, cols), dy.dtype)
+    for r in range(0, rows, groups):
+        chunk = flat[r:r + groups]
+        part[:len(chunk)] += chunk
+    k = groups // 2
+    while k:
+        part[:k] += part[k:2 * k]
+        k //= 2
+    return part[0]
+
+
+def _layer_update(dy, rows, cols, lr, gamma, wd, nesterov, w, g, v, b, vb, gb, column_sum=_rows_sum):
     d = _decayed(g, wd, w)
     v[...] = gamma * v + lr * d
     w -= gamma * v + lr * d if nesterov else v
-    gb[...] = dy.reshape(rows, cols).sum(axis=0, dtype=gb.dtype)
+    gb[...] = column_sum(dy, rows, cols)
     db = _decayed(gb, wd, b)
     vb[...] = gamma * vb + lr * db
     b -= gamma * vb + lr * db if nesterov else vb
 
 
-def _layer_sgd(dy, rows, cols, lr, wd, w, g, b, gb):
+def _layer_sgd(dy, rows, cols, lr, wd, w, g, b, gb, column_sum=_rows_sum):
     w -= lr * _decayed(g, wd, w)
-    gb[...] = dy.reshape(rows, cols).sum(axis=0, dtype=gb.dtype)
+    gb[...] = column_sum(dy, rows, cols)
     b -= lr * _decayed(gb, wd, b)
+
+
+def _adam(g, b1, b2, c1, c2, step, root_c2, eps, wd, decay, w, m, v):
+    d = _decayed(g, wd, w)
+    w *= decay
+    m[...] = b1 * m + c1 * d
+    v[...] = b2 * v + c2 * d * d
+    w -= step * (m / (np.sqrt(v) / root_c2 + eps))
 
 
 def _dropout(key, start, threshold, scale, y, mask):
@@ -253,8 +286,7 @@ MIRRORS = {
     "gpunet_bias_relu": lambda b, y: y.__setitem__(..., np.where(y + b < 0, y.dtype.type(0), y + b)),
     "gpunet_relu_backward": lambda y, dy: dy.__setitem__(..., _relu_where(y, dy)),
     "gpunet_relu_mask_backward": lambda y, mask, dy: dy.__setitem__(..., _relu_where(y, dy * mask)),
-    "gpunet_layer_momentum": _layer_update,
-    "gpunet_layer_sgd": _layer_sgd,
+    "gpunet_adam": _adam,
     "gpunet_dropout": _dropout,
     "gpunet_layer_momentum_given": lambda cols, lr, gamma, wd, nesterov, w, g, v, b, vb, gb: _layer_given(
         lr, gamma, wd, nesterov, (w, g, v), (b, gb, vb)),
@@ -288,21 +320,10 @@ MIRRORS.update({  # the graph step's variants (gpunet/fast/graph_kernels.py): th
         dy, rows, cols, *_read(f, at, 2, w), w, g, b, gb),
     "gpunet_graph_layer_momentum": lambda dy, rows, cols, nesterov, f, at, w, g, v, b, vb, gb: _layer_update(
         dy, rows, cols, *_read(f, at, 3, w), nesterov, w, g, v, b, vb, gb),
+    "gpunet_graph_adam": lambda g, f, at, w, m, v: _adam(g, *_read(f, at, 9, w), w, m, v),
     "gpunet_graph_dropout": lambda start, threshold, scale, u, at, y, mask: _dropout(
         u[int(at)], start, threshold, scale, y, mask),
 })
-
-
-def _rule_mirrors():
-    """The mirror of each optimizer rule's kernel (gpunet.fast.rules), eager and graph (its scalars
-    read from the step's buffer): the core's rule itself, on NumPy arrays."""
-    from gpunet.fast import rules
-
-    for name, opt in rules.examples().items():
-        run, count = rules.mirror(opt), len(opt.constants())
-        MIRRORS[name] = run
-        MIRRORS["gpunet_graph_" + name[len("gpunet_"):]] = (
-            lambda g, f, at, w, *s, run=run, count=count: run(g, *_read(f, at, count, w), w, *s))
 
 
 def _softmax_rows(z, labels, grad, inv_n):
@@ -398,7 +419,13 @@ RAW_MIRRORS = {"gpunet_softmax_xent": _softmax_xent, "gpunet_softmax_xent_sums":
                "gpunet_resample": _resample, "gpunet_batch_norm_stats": _batch_norm_stats,
                "gpunet_batch_norm_backward": _batch_norm_backward,
                "gpunet_gemm_nn": _gemm(False, False), "gpunet_gemm_nt": _gemm(False, True),
-               "gpunet_gemm_tn": _gemm(True, False)}
+               "gpunet_gemm_tn": _gemm(True, False),
+               # the layer-update RawKernels' parameter order (gpunet/fast/cuda.py LAYER_UPDATE)
+               "gpunet_layer_momentum": lambda w, g, v, b, vb, gb, dy, rows, cols, size, lr, gamma, wd,
+               nesterov: _layer_update(dy, rows, cols, lr, gamma, wd, bool(nesterov), w, g, v, b, vb, gb,
+                                       _block_sum),
+               "gpunet_layer_sgd": lambda w, g, b, gb, dy, rows, cols, size, lr, wd:
+               _layer_sgd(dy, rows, cols, lr, wd, w, g, b, gb, _block_sum)}
 
 
 def _keep(ran, outputs):
@@ -463,8 +490,6 @@ class FakeCupy(types.ModuleType):
         return np.array(_base(a))
 
     def ElementwiseKernel(self, in_params, out_params, operation, name, **kwargs):
-        if name not in MIRRORS:  # an optimizer's rule kernel: its mirror is the core's rule itself
-            _rule_mirrors()
         spec, mirror = (in_params, out_params, operation, name), MIRRORS[name]
         counter = self.counter
 

@@ -44,8 +44,8 @@ def test_every_kernel_is_built_from_the_sources_checked_here():
         ("fast/cuda.py", "return cupy.RawKernel(raw_source(ctype, name), name)"),
         # the graph step's GEMMs: compiled in tests/unit/test_graph_kernels.py
         ("fast/graph_kernels.py", "return cupy.RawKernel(gemm_source(ctype_, variant), gemm_name(variant))"),
-        # the graph step's elementwise variants: compiled in tests/unit/test_graph_step.py
-        ("fast/graph_kernels.py", "return cupy.ElementwiseKernel(*spec(name))"),
+        # the graph step's ElementwiseKernels: compiled in tests/unit/test_graph_step.py
+        ("fast/graph_kernels.py", "return cupy.ElementwiseKernel(*variants()[name])"),
     }
 
 
@@ -80,13 +80,8 @@ def test_the_generated_sources_describe_the_launches(nvrtc):
         in sources["gpunet_bias_relu"][0]
     assert "const CArray<float, 1, 1, 1> _raw_b, CArray<float, 1, 1, 1> _raw_y, CIndexer<1, 1> _ind" \
         in sources["gpunet_bias_relu"][1]
-    assert ("const CArray<float, 1, 1, 1> dy, const int rows, const int cols, const float lr, const float gamma, "
-            "const float wd, const bool nesterov, CArray<float, 1, 1, 1> _raw_w") in sources["gpunet_layer_momentum"][0]
-    assert "CArray<float, 1, 1, 1> b, CArray<float, 1, 1, 1> vb, CArray<float, 1, 1, 1> gb" \
-        in sources["gpunet_layer_momentum"][0]
-    assert ("const float eps, const float decay, CArray<float, 1, 1, 1> _raw_w, "
-            "CArray<float, 1, 1, 1> _raw_m, CArray<float, 1, 1, 1> _raw_v") \
-        in sources["gpunet_adamw_wd"][0]
+    assert ("const float eps, const float wd, const float decay, CArray<float, 1, 1, 1> _raw_w, "
+            "CArray<float, 1, 1, 1> _raw_m, CArray<float, 1, 1, 1> _raw_v") in sources["gpunet_adam"][0]
     assert all(s.startswith("#include <cupy/") for group in sources.values() for s in group)
 
 
@@ -117,10 +112,10 @@ def test_a_typo_in_the_raw_kernel_fails(nvrtc):
 
 
 def test_a_declared_type_that_does_not_fit_the_arguments_fails(nvrtc):
-    """A layer's SGD update declaring its delta float64 while gpunet passes float32: CuPy's own type
+    """The pixels' gather declaring its images float64 while gpunet passes uint8: CuPy's own type
     decision refuses it (on a GPU this is the error the first training step would raise)."""
-    spec, args = _launch("gpunet_layer_sgd")
-    wrong = (spec[0].replace("raw T dy", "raw float64 dy"),) + spec[1:]
+    spec, args = _launch("gpunet_gather_scaled")
+    wrong = (spec[0].replace("raw uint8 src", "raw float64 src"),) + spec[1:]
     with pytest.raises(TypeError, match="Type is mismatched"):
         cc.elementwise_program(wrong, args)
 

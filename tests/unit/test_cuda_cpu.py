@@ -80,6 +80,8 @@ def test_every_kernel_runs_its_cuda_source(fake, dtype):
     want = {spec[3] for spec in cuda.ELEMENTWISE.values()} | {
         cuda.SOFTMAX_XENT_NAME,
         cuda.SOFTMAX_XENT_SUMS_NAME,
+        cuda.LAYER_MOMENTUM_NAME,
+        cuda.LAYER_SGD_NAME,
     }
     assert ran == want | ({backend.PROBE_KERNEL[3]} & ran), want ^ ran
 
@@ -216,16 +218,27 @@ SOFTMAX_BUGS = {
         "wrote outside argument 3",
     ),
 }
-ELEMENTWISE_BUGS = {  # in layer_sgd's bias sum, on W (784, 512) and b (512,)
+LAYER_BUGS = {  # in the layer update's bias reduction, on W (784, 510) and b (510,): 510 is not a
+    # multiple of the 32 columns a block sums, so the last block has lanes past the bias
     "wrong stride in the bias sum": (
-        ("dy[r * cols + i]", "dy[r * (cols - 1) + i]", 1),
+        ("dy[(long long)r * cols + j]", "dy[(long long)r * (cols - 1) + j]", 1),
         cuda_cpu.Mismatch,
         "mirror",
     ),
     "off-by-one bias bound": (
-        ("if (i < cols)", "if (i <= cols)", 1),
+        ("if (group == 0 && j < cols)", "if (group == 0 && j <= cols)", 1),
         cuda_cpu.KernelFault,
-        "wrote outside argument (b|gb)",
+        "wrote outside argument",
+    ),
+    "missing barrier in the bias reduction": (
+        ("        __syncthreads();\n    }", "    }", 1),
+        cuda_cpu.Mismatch,
+        "race|mirror",
+    ),
+    "bias reduction's barrier skipped by some threads": (
+        ("        __syncthreads();\n    }", "        if (group < k) __syncthreads();\n    }", 1),
+        cuda_cpu.KernelFault,
+        "not reached by every thread",
     ),
 }
 GUARDED = {
@@ -259,34 +272,23 @@ def test_a_planted_bug_in_the_softmax_kernel_is_caught(fake, monkeypatch, bug):
         _softmax(fake)
 
 
-@pytest.mark.parametrize("bug", sorted(ELEMENTWISE_BUGS))
-def test_a_planted_bug_in_an_elementwise_kernel_is_caught(fake, monkeypatch, bug):
-    _skip_guarded(bug)
-    (old, new, which), error, match = ELEMENTWISE_BUGS[bug]
-    spec = cuda.ELEMENTWISE["layer_sgd"]
-    monkeypatch.setitem(
-        cuda.ELEMENTWISE, "layer_sgd", (spec[0], spec[1], _plant(spec[2], old, new, which), spec[3])
-    )
+@pytest.mark.parametrize("bug", sorted(LAYER_BUGS))
+@pytest.mark.parametrize("momentum", [False, True])
+def test_a_planted_bug_in_the_layer_update_is_caught(fake, monkeypatch, bug, momentum):
     import types
 
-    W, b = (
-        types.SimpleNamespace(
-            data=fake.asarray(special(s, "float32", 2)), grad=fake.asarray(special(s, "float32", 3))
-        )
-        for s in ((784, 512), (512,))
-    )
+    _skip_guarded(bug)
+    (old, new, which), error, match = LAYER_BUGS[bug]
+    name = cuda.LAYER_MOMENTUM_NAME if momentum else cuda.LAYER_SGD_NAME
+    monkeypatch.setitem(cuda.RAW, name, _plant(cuda.RAW[name], old, new, which))
+    W, b = (types.SimpleNamespace(data=fake.asarray(special(s, "float32", 2, marks=False)),
+                                  grad=fake.asarray(special(s, "float32", 3, marks=False)))
+            for s in ((784, 510), (510,)))
+    v = (fake.zeros_like(W.data), fake.zeros_like(b.data)) if momentum else (None, None)
     with pytest.raises(error, match=match):
-        cuda.layer_update(
-            W,
-            b,
-            None,
-            None,
-            fake.asarray(special((128, 512), "float32", 4)),
-            np.float32(0.05),
-            np.float32(0),
-            np.float32(1e-4),
-            False,
-        )
+        cuda.layer_update(W, b, *v, fake.asarray(special((128, 510), "float32", 4, marks=False)),
+                          np.float32(0.05), np.float32(0.9 if momentum else 0), np.float32(1e-4),
+                          False)
 
 
 # ------------------------------------------------------------ the update kernels against the core
@@ -327,11 +329,51 @@ def test_layer_updates_match_the_core(fake, dtype, rows, cols, wd):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("cols", [1, 33, 1000])
+def test_the_bias_gradient_is_the_core_column_sum(fake, dtype, rows, cols):
+    """The layer update's block-wide bias reduction (CUDA) against the core: b.grad is dy.sum(0)
+    and b the core Momentum step's, at batches that are not multiples of the 8 row groups or the
+    256-thread block, bias widths past a 32-column group (33) and with more column blocks than W
+    has blocks (1000 columns, W of 7 x 1000). Both within the sums' rounding: n terms in any order
+    are within (n - 1) eps sum|dy| of the exact sum; here each thread adds ceil(n / 8) then 3
+    levels of the tree, so b.grad is within (ceil(n / 8) + 3) eps sum|dy| of the float64 sum; the
+    core adds dy's rows one after another (within (n - 1) eps sum|dy|), so b is within lr times
+    both bounds plus 2 eps |b| of the core's. W's rule is elementwise: 4 eps."""
+    import types
+
+    shape = (7, cols) if cols == 1000 else (5, cols)
+    W, b = special((2, *shape), dtype, seed=rows, marks=False), special((2, cols), dtype, seed=cols)
+    dy = special((rows, cols), dtype, seed=rows + cols, marks=False)
+    want_w, want_b = _core_step("Momentum", W, b, dy, lr=0.05, momentum=0.9)
+    p = [types.SimpleNamespace(data=fake.asarray(a[0].copy()), grad=fake.asarray(a[1].copy()))
+         for a in (W, b)]
+    before = cuda_cpu.stats["launches"]
+    t = np.dtype(dtype).type
+    cuda.layer_update(*p, fake.zeros_like(p[0].data), fake.zeros_like(p[1].data), fake.asarray(dy),
+                      t(0.05), t(0.9), t(0), False)
+    assert cuda_cpu.stats["launches"] == before + 1  # the CUDA source ran, not the mirror alone
+    eps = np.finfo(dtype).eps
+    bound = (-(-rows // 8) + 3) * eps * np.abs(dy.astype(np.float64)).sum(axis=0)
+    exact = dy.astype(np.float64).sum(axis=0)
+    got_grad = np.asarray(p[1].grad)
+    assert np.all(np.abs(got_grad - exact) <= bound), np.max(np.abs(got_grad - exact) - bound)
+    got_b = np.asarray(p[1].data)
+    core = (rows - 1) * eps * np.abs(dy.astype(np.float64)).sum(axis=0)
+    with np.errstate(invalid="ignore"):  # b has NaN and infinities: the same ones as the core's
+        close = np.abs(got_b - want_b) <= 0.05 * (bound + core) + 2 * eps * np.abs(want_b)
+    same = (got_b == want_b) | (np.isnan(got_b) & np.isnan(want_b))
+    assert np.all(np.where(np.isfinite(want_b), close, same)), (got_b, want_b)
+    np.testing.assert_allclose(np.asarray(p[0].data), want_w, rtol=4 * eps, atol=4 * eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rule", ["Adam", "AdamW"])
 def test_adam_skips_a_zero_weight_decay_as_the_core_does(fake, dtype, rule):
     """Adam's kernel with weight decay 0 on infinite and NaN-free weights: the core's values (an infinite
     weight stays infinite; ``g + 0 * w`` made it NaN). Tolerance 1e-6 relative (float32 sqrt/divide)."""
     import gpunet as gn
+    from gpunet.fast.step import adam_scalars
     from gpunet.layers import Parameter
 
     w = special((1000,), dtype, marks=False)
@@ -342,8 +384,7 @@ def test_adam_skips_a_zero_weight_decay_as_the_core_does(fake, dtype, rule):
     opt = getattr(gn, rule)([p], lr=1e-3, weight_decay=0.0)
     opt.step()
     dw, dm, dv = fake.asarray(w.copy()), fake.zeros(1000, dtype), fake.zeros(1000, dtype)
-    k = [np.dtype(dtype).type(c) for c in opt.constants().values()]  # after the core's step 1
-    cuda.rule(opt)(dw, fake.asarray(g), dm, dv, *k)
+    cuda.adam(dw, fake.asarray(g), dm, dv, adam_scalars(opt, dtype))
     np.testing.assert_allclose(np.asarray(dw), p.data, rtol=1e-6)
 
 

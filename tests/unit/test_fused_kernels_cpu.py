@@ -238,9 +238,7 @@ RAW_BUGS = {  # kernel, (anchor, replacement): a CUDA source that no longer matc
 ELEMENTWISE_BUGS = {  # kernel key, (anchor, replacement)
     "momentum_given's bias without weight decay": (
         "layer_momentum_given",
-        # the bias's step in the generated branch for weight decay on, Nesterov off (gpunet.fast.rules)
-        ("T o0 = (b[i] - ((vb[i] * gamma) + (lr * (gb[i] + (wd * b[i])))));",
-         "T o0 = (b[i] - ((vb[i] * gamma) + (lr * gb[i])));"),
+        ("gb[i] + wd * b[i] : gb[i]", "gb[i] : gb[i]"),
     ),
     "sgd_given updates only the first bias": ("layer_sgd_given", ("if (i < cols)", "if (i < 1)")),
 }
@@ -287,7 +285,9 @@ def _launch_each(fake, dtype="float32"):
 def test_the_unplanted_kernels_pass(fake):
     _launch_each(fake)
     assert ran_from_cuda(
-        *cuda.RAW,
+        cuda.RESAMPLE_NAME,
+        cuda.BATCH_NORM_STATS_NAME,
+        cuda.BATCH_NORM_BACKWARD_NAME,  # (RAW's layer updates: tests/test_cuda_cpu.py)
         "gpunet_batch_norm_apply",
         "gpunet_layer_momentum_given",
         "gpunet_layer_sgd_given",
