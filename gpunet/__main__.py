@@ -1,4 +1,5 @@
 """``python -m gpunet`` runs the command line."""
+
 import sys
 
 from .cli import main

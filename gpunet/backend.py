@@ -1,14 +1,16 @@
 """Device handling: NumPy on the CPU, CuPy on a CUDA GPU.
 
 Device names are ``"cpu"``, ``"gpu"`` (``"cuda"`` is accepted too) and ``"auto"``. The default is
-``"auto"`` unless the environment variable ``GPUNET_DEVICE`` says otherwise. Which array module (``xp``)
-a computation uses is always read off its arrays (:func:`get_array_module`), so NumPy and CuPy networks
-can live in one process; the default device only decides where *new* arrays are created.
+``"auto"`` unless the environment variable ``GPUNET_DEVICE`` says otherwise. Which array module
+(``xp``) a computation uses is always read off its arrays (:func:`get_array_module`), so NumPy and
+CuPy networks can live in one process; the default device only decides where *new* arrays are
+created.
 
-It also holds the one row-wise formula that layers, losses and training all need, :func:`log_softmax`
-(and :func:`softmax` from it): the core may import nothing but this module, so the rule lives here once.
-This module imports nothing else of gpunet.
+It also holds the one row-wise formula that layers, losses and training all need,
+:func:`log_softmax` (and :func:`softmax` from it): the core may import nothing but this module, so
+the rule lives here once. This module imports nothing else of gpunet.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,17 +62,21 @@ def _explain(exc: BaseException) -> str:
     if "nodevice" in low or "no cuda-capable device" in low or "devices unavailable" in low:
         return f"no CUDA device ({text})"
     if "failed to find cuda headers" in low or "vector_types.h" in low or "cuda_runtime" in low:
-        # CuPy 14 says this when NVRTC loads but no CUDA runtime headers are found (CUDA_PATH, NVIDIA's wheels)
-        return ("broken CUDA toolkit: CuPy finds no CUDA runtime headers to compile kernels with; install "
-                "them (apt package cuda-cudart-dev-12-X, or pip install nvidia-cuda-runtime-cu12 / "
-                f"'cupy-cuda12x[ctk]'), or set CUDA_PATH to a toolkit that has include/ ({text})")
+        # CuPy 14 says this when NVRTC loads but no CUDA runtime headers are found (CUDA_PATH,
+        # NVIDIA's wheels)
+        return (
+            "broken CUDA toolkit: CuPy finds no CUDA runtime headers to compile kernels with; "
+            "install "
+            "them (apt package cuda-cudart-dev-12-X, or pip install nvidia-cuda-runtime-cu12 / "
+            f"'cupy-cuda12x[ctk]'), or set CUDA_PATH to a toolkit that has include/ ({text})"
+        )
     if "nvrtc" in low or "compile" in low or "cuda_fp16" in low or "include" in low:
         return f"broken CUDA toolkit: CuPy cannot compile kernels ({text})"
     return f"CuPy is installed but the GPU check failed ({text})"
 
 
-# The probe's kernel (in_params, out_params, operation, name), compiled in CI like the fast path's kernels:
-# a typo here would silently turn every GPU into "no GPU".
+# The probe's kernel (in_params, out_params, operation, name), compiled in CI like the fast path's
+# kernels: a typo here would silently turn every GPU into "no GPU".
 PROBE_KERNEL = ("float32 x", "float32 y", "y = 2.0f * x + 1.0f", "gpunet_probe")
 
 
@@ -81,7 +87,9 @@ def _probe():
         try:
             import cupy
 
-            if _gpu_index is not None:  # probe the GPU that will be used, and create no context on another
+            if (
+                _gpu_index is not None
+            ):  # probe the GPU that will be used, and create no context on another
                 cupy.cuda.Device(_gpu_index).use()
             a_host = np.arange(16, dtype=np.float32).reshape(4, 4)
             a = cupy.asarray(a_host)
@@ -91,7 +99,9 @@ def _probe():
             if not np.allclose(got, want, rtol=1e-3):
                 raise RuntimeError("the GPU returned a wrong result for a 4x4 matmul")
             _probe_result = (cupy, None, None)
-        except Exception as exc:  # any failure (ImportError, CUDA runtime, NVRTC, ...) means: no GPU
+        except (
+            Exception
+        ) as exc:  # any failure (ImportError, CUDA runtime, NVRTC, ...) means: no GPU
             _probe_result = (None, _explain(exc), exc)
     return _probe_result
 
@@ -107,26 +117,33 @@ def gpu_unavailable_reason() -> str | None:
 
 
 def select_gpu(index: int | None = None, local_rank: int | None = None) -> None:
-    """Choose the GPU this process uses before anything touches one: GPU ``index``, or with ``local_rank``
-    (an MPI rank's place on its node) GPU ``local_rank % count``. Every later upload (:func:`to_device`)
-    and every :func:`device_scope` goes there, in any thread. Raises :class:`DeviceError` when the process
-    sees no such GPU. Without a usable CuPy and with ``local_rank``, nothing is chosen (the CPU runs)."""
+    """Choose the GPU this process uses before anything touches one: GPU ``index``, or with
+    ``local_rank`` (an MPI rank's place on its node) GPU ``local_rank % count``. Every later upload
+    (:func:`to_device`) and every :func:`device_scope` goes there, in any thread. Raises
+    :class:`DeviceError` when the process sees no such GPU. Without a usable CuPy and with
+    ``local_rank``, nothing is chosen (the CPU runs)."""
     global _gpu_index
     try:
         import cupy
 
-        count = cupy.cuda.runtime.getDeviceCount()  # counts devices without creating a context on any
+        count = (
+            cupy.cuda.runtime.getDeviceCount()
+        )  # counts devices without creating a context on any
     except Exception as exc:
         if index is None:
             return
-        raise DeviceError(f"device: 'cuda:{index}' was requested but no GPU is usable: {_explain(exc)}") from exc
+        raise DeviceError(
+            f"device: 'cuda:{index}' was requested but no GPU is usable: {_explain(exc)}"
+        ) from exc
     if index is None:
         if count == 0:
             return
         index = local_rank % count
     if not 0 <= index < count:
-        raise DeviceError(f"device: expected a GPU index below {count} (the CUDA devices this process "
-                          f"sees), got 'cuda:{index}'")
+        raise DeviceError(
+            f"device: expected a GPU index below {count} (the CUDA devices this process "
+            f"sees), got 'cuda:{index}'"
+        )
     _gpu_index = index
     cupy.cuda.Device(index).use()
 
@@ -137,22 +154,25 @@ def chosen_gpu() -> int | None:
 
 
 def device_scope(a: Any) -> contextlib.AbstractContextManager:
-    """A context manager making the GPU that holds ``a`` (a CuPy array) current in this thread, so that
-    work and uploads inside it land on that GPU whatever thread runs them; a no-op for NumPy arrays."""
+    """A context manager making the GPU that holds ``a`` (a CuPy array) current in this thread, so
+    that work and uploads inside it land on that GPU whatever thread runs them; a no-op for NumPy
+    arrays."""
     if _is_cupy(a):
         return a.device
     return contextlib.nullcontext()
 
 
 def on_device_of_net(fn: F) -> F:
-    """Decorator for entry points ``fn(net, ...)``: run inside :func:`device_scope` of the network's first
-    parameter (``cupy.cuda.Device.use()`` holds for one thread only: a server's request thread would
-    otherwise upload to GPU 0 and multiply with weights on another)."""
+    """Decorator for entry points ``fn(net, ...)``: run inside :func:`device_scope` of the network's
+    first parameter (``cupy.cuda.Device.use()`` holds for one thread only: a server's request thread
+    would otherwise upload to GPU 0 and multiply with weights on another)."""
+
     @functools.wraps(fn)
     def run(net: Any, *args: Any, **kwargs: Any) -> Any:
         params = net.parameters()
         with device_scope(params[0].data if params else None):
             return fn(net, *args, **kwargs)
+
     return cast(F, run)
 
 
@@ -162,7 +182,9 @@ def _split(name: str | None) -> tuple[str, int | None]:
         name = _default or os.environ.get(ENV_VAR) or "auto"
     key, sep, index = str(name).strip().lower().partition(":")
     if key not in _NAMES or (sep and (_NAMES[key] != "gpu" or not index.isdigit())):
-        raise ValueError(f"device: expected one of 'cpu', 'gpu', 'cuda', 'cuda:N' or 'auto', got {name!r}")
+        raise ValueError(
+            f"device: expected one of 'cpu', 'gpu', 'cuda', 'cuda:N' or 'auto', got {name!r}"
+        )
     return _NAMES[key], int(index) if sep else None
 
 
@@ -176,9 +198,10 @@ def resolve_device(name: str | None = None) -> str:
     """Resolve a device name to ``"cpu"`` or ``"gpu"``.
 
     ``"auto"`` falls back to the CPU when no GPU is usable; ``"gpu"`` raises :class:`DeviceError`
-    naming the cause. ``"gpu"`` means the GPU chosen by :func:`select_gpu` (CuPy's current one, 0, when
-    none was chosen); ``"cuda:N"`` chooses GPU N first (before the probe touches any GPU), so that arrays
-    created for ``"gpu"`` from then on live there, or raises :class:`DeviceError` when there is no GPU N.
+    naming the cause. ``"gpu"`` means the GPU chosen by :func:`select_gpu` (CuPy's current one, 0,
+    when none was chosen); ``"cuda:N"`` chooses GPU N first (before the probe touches any GPU), so
+    that arrays created for ``"gpu"`` from then on live there, or raises :class:`DeviceError` when
+    there is no GPU N.
     """
     dev, index = _split(name)
     if index is not None:
@@ -202,8 +225,11 @@ def set_default_device(name: str | None) -> None:
 
 def describe_device(name: str | None = None) -> dict:
     """What ``name`` resolves to and why: a dict for ``gpunet info`` and ``metrics.json``."""
-    info: dict[str, Any] = {"requested": normalize_device(name), "device": resolve_device(name),
-                            "reason": gpu_unavailable_reason()}
+    info: dict[str, Any] = {
+        "requested": normalize_device(name),
+        "device": resolve_device(name),
+        "reason": gpu_unavailable_reason(),
+    }
     info["backend"] = "cupy" if info["device"] == "gpu" else "numpy"
     if info["device"] == "gpu":
         cupy = _probe()[0]
@@ -219,13 +245,16 @@ def describe_device(name: str | None = None) -> dict:
 
 def _is_cupy(a: object) -> bool:
     t = type(a)
-    if t is np.ndarray:  # the common case, answered without string work (called several times a step)
+    if (
+        t is np.ndarray
+    ):  # the common case, answered without string work (called several times a step)
         return False
     return t.__module__.partition(".")[0] == "cupy"
 
 
 def get_array_module(*arrays: object) -> types.ModuleType:
-    """The array module (``numpy`` or ``cupy``) that owns ``arrays``; NumPy for plain Python values."""
+    """The array module (``numpy`` or ``cupy``) that owns ``arrays``; NumPy for plain Python
+    values."""
     for a in arrays:
         if _is_cupy(a):
             import cupy
@@ -245,7 +274,9 @@ def to_device(a: ArrayLike, device: str | None = None) -> Array:
         cupy = _probe()[0]
         if _gpu_index is None:
             return cupy.asarray(a)
-        with cupy.cuda.Device(_gpu_index):  # this thread's current device may be another (Device.use is per thread)
+        with cupy.cuda.Device(
+            _gpu_index
+        ):  # this thread's current device may be another (Device.use is per thread)
             return cupy.asarray(a)
     return to_numpy(a)
 
@@ -269,7 +300,8 @@ class HostCopy:
         arrays = list(arrays)
         self._host: list = [None if _is_cupy(a) else np.asarray(a) for a in arrays]
         self._shapes = [a.shape for a in arrays]
-        self._pending: list = []  # (event, pinned flat buffer, indices of its arrays, the device one)
+        # (event, pinned flat buffer, indices of its arrays, the device one)
+        self._pending: list = []
         groups: dict = {}
         for i, a in enumerate(arrays):
             if self._host[i] is None and a.size:
@@ -288,13 +320,14 @@ class HostCopy:
             self._pending.append((event, pinned, indices, flat))  # flat kept until the copy is done
 
     def wait(self) -> list:
-        """The host copies (NumPy arrays of the given shapes and dtypes), once the copies are done."""
+        """The host copies (NumPy arrays of the given shapes and dtypes), once the copies are
+        done."""
         for event, pinned, indices, _ in self._pending:
             event.synchronize()
             at = 0
             for i in indices:
                 size = int(np.prod(self._shapes[i], dtype=np.int64))
-                self._host[i] = pinned[at:at + size].reshape(self._shapes[i]).copy()
+                self._host[i] = pinned[at : at + size].reshape(self._shapes[i]).copy()
                 at += size
         self._pending = []
         return self._host
@@ -309,8 +342,8 @@ def log_softmax(z: Array) -> Array:
 
 
 def softmax(z: Array) -> Array:
-    """Row-wise ``exp(z_j) / sum_k exp(z_k)`` of a (N, C) float array, with the same shift (one exp per
-    entry, not the two of ``exp(log_softmax(z))``: predict_proba's hot path)."""
+    """Row-wise ``exp(z_j) / sum_k exp(z_k)`` of a (N, C) float array, with the same shift (one exp
+    per entry, not the two of ``exp(log_softmax(z))``: predict_proba's hot path)."""
     e = get_array_module(z).exp(_shifted(z))
     e /= e.sum(axis=1, keepdims=True)
     return e
@@ -332,8 +365,8 @@ def synchronize(a: Any = None) -> None:
 def set_tf32(enabled: bool) -> None:
     """Opt in (or out) of TF32 tensor-core float32 matmuls on the GPU.
 
-    TF32 keeps 10 mantissa bits instead of 23: several times the matmul rate on Ampere and Hopper, at
-    about 1e-3 relative error. Off by default; the CPU/GPU agreement tests assume it is off.
+    TF32 keeps 10 mantissa bits instead of 23: several times the matmul rate on Ampere and Hopper,
+    at about 1e-3 relative error. Off by default; the CPU/GPU agreement tests assume it is off.
     """
     cupy = _probe()[0]
     if cupy is None:

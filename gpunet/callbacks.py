@@ -1,18 +1,21 @@
-"""Callbacks: small objects that a training run calls at its fixed points (Keras' callbacks, Lightning's
-``Callback.state_dict``).
+"""Callbacks: small objects that a training run calls at its fixed points (Keras' callbacks,
+Lightning's ``Callback.state_dict``).
 
-A callback defines any of these methods; the run (:class:`gpunet.training.Run`) calls those it has, in
-the order of the list it was given:
+A callback defines any of these methods; the run (:class:`gpunet.training.Run`) calls those it has,
+in the order of the list it was given:
 
-- ``on_train_begin(run)``; ``on_epoch_begin(run, epoch)`` (``epoch`` 0-based, before the first batch);
+- ``on_train_begin(run)``; ``on_epoch_begin(run, epoch)`` (``epoch`` 0-based, before the first
+  batch);
 - ``transform_batch(run, xb) -> xb``: the training inputs of each batch (after the gather, on the
-  network's device; never the validation or test data). ``xb`` is the run's own buffer: writing into it
-  is allowed, and the returned array is what the step trains on;
+  network's device; never the validation or test data). ``xb`` is the run's own buffer: writing into
+  it is allowed, and the returned array is what the step trains on;
 - ``on_batch_end(run, epoch, step, steps)`` (``step`` of ``steps`` done, 1-based; no device sync);
-- ``on_epoch_end(run, record)``: ``record`` is the epoch's entry of ``run.history`` (validation included);
+- ``on_epoch_end(run, record)``: ``record`` is the epoch's entry of ``run.history`` (validation
+  included);
 - ``on_interrupt(run)``: ``interrupt()`` stopped the run at a step boundary (mid-epoch);
-- ``on_train_end(run)``; ``state_dict()`` / ``load_state_dict(state)``: the callback's own state, which a
-  checkpoint carries: JSON data plus an optional ``"arrays"`` key, ``{name: [host NumPy arrays]}``.
+- ``on_train_end(run)``; ``state_dict()`` / ``load_state_dict(state)``: the callback's own state,
+  which a checkpoint carries: JSON data plus an optional ``"arrays"`` key, ``{name: [host NumPy
+arrays]}``.
 
 A callback stops the run by setting ``run.stop_training = True`` (honoured after the epoch's
 ``on_epoch_end`` calls) and says why in ``run.history.stop_reason``; :func:`stop` does both, and the
@@ -20,10 +23,12 @@ first reason given wins. The run's attributes (``net``, ``optimizer``, ``history
 ``step``, ``epochs``, ``steps``) are the callbacks' to read.
 
 The callbacks behind ``fit``'s keywords live here too: :class:`Schedule`, :class:`DivergenceGuard`,
-:class:`EarlyStopping`, :class:`TargetLoss`, :class:`Checkpoint`, :class:`EpochEnd`, :class:`BatchEnd` and
-:class:`Progress` (``fit(verbose=...)``); the training logs people read elsewhere: :class:`CSVLogger` (one
-row per epoch) and :class:`TensorBoard` (event files for TensorBoard, written by tensorboardX).
+:class:`EarlyStopping`, :class:`TargetLoss`, :class:`Checkpoint`, :class:`EpochEnd`,
+:class:`BatchEnd` and :class:`Progress` (``fit(verbose=...)``); the training logs people read
+elsewhere: :class:`CSVLogger` (one row per epoch) and :class:`TensorBoard` (event files for
+TensorBoard, written by tensorboardX).
 """
+
 from __future__ import annotations
 
 import csv
@@ -44,12 +49,20 @@ from .backend import to_numpy
 Run = Any
 """The run a hook is given: a :class:`gpunet.training.Run` (not imported: training imports this)."""
 
-HOOKS = ("on_train_begin", "on_epoch_begin", "transform_batch", "on_batch_end", "on_epoch_end", "on_interrupt",
-         "on_train_end")  # what the run calls; state_dict and load_state_dict are for its checkpoints
+HOOKS = (
+    "on_train_begin",
+    "on_epoch_begin",
+    "transform_batch",
+    "on_batch_end",
+    "on_epoch_end",
+    "on_interrupt",
+    "on_train_end",
+)  # what the run calls; state_dict and load_state_dict are for its checkpoints
 
 
 def stop(run: Run, reason: str) -> None:
-    """Ask ``run`` to stop after this epoch, for ``reason`` (unless another callback already did)."""
+    """Ask ``run`` to stop after this epoch, for ``reason`` (unless another callback already
+    did)."""
     if not run.stop_training:
         run.stop_training, run.history.stop_reason = True, reason
 
@@ -59,7 +72,8 @@ def _finite(value: float | None) -> bool:
 
 
 class Callback:
-    """A base with every hook doing nothing (subclassing it is optional: the run calls what exists)."""
+    """A base with every hook doing nothing (subclassing it is optional: the run calls what
+    exists)."""
 
     def state_dict(self) -> dict:
         return {}
@@ -69,8 +83,8 @@ class Callback:
 
 
 class Schedule(Callback):
-    """``optimizer.lr = schedule(epoch)`` before each epoch (``schedule`` a function of the 0-based epoch,
-    see :mod:`gpunet.schedules`); it holds no state of its own: the epoch is the run's."""
+    """``optimizer.lr = schedule(epoch)`` before each epoch (``schedule`` a function of the 0-based
+    epoch, see :mod:`gpunet.schedules`); it holds no state of its own: the epoch is the run's."""
 
     def __init__(self, schedule: Callable[[int], float]) -> None:
         self.schedule = schedule
@@ -80,12 +94,13 @@ class Schedule(Callback):
 
 
 class DivergenceGuard(Callback):
-    """If an epoch's training loss is NaN or infinite, the weights and optimizer state of the last finished
-    epoch (or of the run's start) are put back and the run stops (``stop_reason == "diverged"``).
+    """If an epoch's training loss is NaN or infinite, the weights and optimizer state of the last
+    finished epoch (or of the run's start) are put back and the run stops (``stop_reason ==
+    "diverged"``).
 
-    It keeps copies of that state on the network's device (a GPU run copies no weights to the host for it).
-    A checkpoint written at an epoch's end needs none of them (they are the run's own state then); one
-    written mid-epoch carries them, so a resumed run falls back to the same.
+    It keeps copies of that state on the network's device (a GPU run copies no weights to the host
+    for it). A checkpoint written at an epoch's end needs none of them (they are the run's own state
+    then); one written mid-epoch carries them, so a resumed run falls back to the same.
     """
 
     def __init__(self) -> None:
@@ -118,9 +133,15 @@ class DivergenceGuard(Callback):
             return {"mid_epoch": False}
         weights, opt = self.last_good
         opt_arrays = {k: [to_numpy(a) for a in v] for k, v in opt.get("arrays", {}).items()}
-        return {"mid_epoch": True, "names": list(weights), "optimizer": {k: v for k, v in opt.items() if k != "arrays"},
-                "arrays": {"weights": [to_numpy(w) for w in weights.values()],
-                           **{f"optimizer.{k}": v for k, v in opt_arrays.items()}}}
+        return {
+            "mid_epoch": True,
+            "names": list(weights),
+            "optimizer": {k: v for k, v in opt.items() if k != "arrays"},
+            "arrays": {
+                "weights": [to_numpy(w) for w in weights.values()],
+                **{f"optimizer.{k}": v for k, v in opt_arrays.items()},
+            },
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self._mid_epoch = state["mid_epoch"]
@@ -128,19 +149,24 @@ class DivergenceGuard(Callback):
             self.last_good = None  # taken from the restored run by on_train_begin
             return
         arrays = state["arrays"]
-        opt = {**state["optimizer"], "arrays": {k[len("optimizer."):]: v for k, v in arrays.items()
-                                                 if k.startswith("optimizer.")}}
+        opt = {
+            **state["optimizer"],
+            "arrays": {
+                k[len("optimizer.") :]: v for k, v in arrays.items() if k.startswith("optimizer.")
+            },
+        }
         self.last_good = (dict(zip(state["names"], arrays["weights"])), opt)
 
     def fallback_states(self) -> list:
-        """``[(label, weights, optimizer state)]`` this guard may put back: the run checks them on resume."""
+        """``[(label, weights, optimizer state)]`` this guard may put back: the run checks them on
+        resume."""
         return [] if self.last_good is None else [("fallback", *self.last_good)]
 
 
 class EarlyStopping(Callback):
-    """Stop after ``patience`` epochs without a validation loss ``min_delta`` below the best, and put back
-    the best epoch's weights when training ends (host copies kept meanwhile). A NaN validation loss never
-    counts as the best."""
+    """Stop after ``patience`` epochs without a validation loss ``min_delta`` below the best, and
+    put back the best epoch's weights when training ends (host copies kept meanwhile). A NaN
+    validation loss never counts as the best."""
 
     def __init__(self, patience: int, min_delta: float = 0.0) -> None:
         self.patience, self.min_delta = patience, min_delta
@@ -151,8 +177,15 @@ class EarlyStopping(Callback):
 
     def on_epoch_end(self, run: Run, record: dict) -> None:
         val_loss = record["val_loss"]
-        if _finite(val_loss) and (self.best_loss is None or val_loss < self.best_loss - self.min_delta):
-            self.best_loss, self.best_epoch, self.best_state, self.wait = val_loss, record["epoch"], run.net.state_dict(), 0
+        if _finite(val_loss) and (
+            self.best_loss is None or val_loss < self.best_loss - self.min_delta
+        ):
+            self.best_loss, self.best_epoch, self.best_state, self.wait = (
+                val_loss,
+                record["epoch"],
+                run.net.state_dict(),
+                0,
+            )
         else:
             self.wait += 1
             if self.wait >= self.patience:
@@ -165,15 +198,25 @@ class EarlyStopping(Callback):
 
     def state_dict(self) -> dict:
         best: dict = self.best_state or {}
-        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "wait": self.wait,
-                "names": list(best), "arrays": {"best": list(best.values())}}
+        return {
+            "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "wait": self.wait,
+            "names": list(best),
+            "arrays": {"best": list(best.values())},
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.best_loss, self.best_epoch, self.wait = state["best_loss"], state["best_epoch"], state["wait"]
+        self.best_loss, self.best_epoch, self.wait = (
+            state["best_loss"],
+            state["best_epoch"],
+            state["wait"],
+        )
         self.best_state = dict(zip(state["names"], state["arrays"]["best"])) or None
 
     def fallback_states(self) -> list:
-        """``[(label, weights, None)]``: the best weights, put back at the end (the run checks them)."""
+        """``[(label, weights, None)]``: the best weights, put back at the end (the run checks
+        them)."""
         return [("best", self.best_state, None)] if self.best_state else []
 
 
@@ -210,14 +253,15 @@ class BatchEnd(Callback):
 
 class Checkpoint(Callback):
     """The run's whole state to ``path`` every ``every`` epochs, when the run stops, and when it is
-    interrupted mid-epoch (:mod:`gpunet.checkpoint`); ``restore(run)`` loads it back. Put it last: the state
-    it writes is the one the other callbacks leave. ``info`` (JSON data) is stored for the caller.
+    interrupted mid-epoch (:mod:`gpunet.checkpoint`); ``restore(run)`` loads it back. Put it last:
+    the state it writes is the one the other callbacks leave. ``info`` (JSON data) is stored for the
+    caller.
 
     On a GPU the epoch-end checkpoint stays off the training loop: the weights and the optimizer's
     arrays are snapshotted on the device and copied in one non-blocking transfer
     (:meth:`gpunet.training.Run.state_dict` with ``wait=False``), and a writer thread waits for that
-    copy and writes the file while the next epoch's steps are queued. The file is complete before the
-    next checkpoint starts, before ``fit`` returns and before an interrupted run raises."""
+    copy and writes the file while the next epoch's steps are queued. The file is complete before
+    the next checkpoint starts, before ``fit`` returns and before an interrupted run raises."""
 
     def __init__(self, path: str | os.PathLike, every: int = 1, info: dict | None = None) -> None:
         self.path, self.every, self.info = path, every, info
@@ -251,7 +295,9 @@ class Checkpoint(Callback):
         if run.rank == 0:
             meta = {"run": self.info, "finished": finished, **record}
             if background:
-                writer = threading.Thread(target=self._write, args=(meta, arrays), name="gpunet-checkpoint")
+                writer = threading.Thread(
+                    target=self._write, args=(meta, arrays), name="gpunet-checkpoint"
+                )
                 writer.start()
                 self._writer = writer
             else:
@@ -265,7 +311,8 @@ class Checkpoint(Callback):
             self._error = exc
 
     def restore(self, run: Run) -> dict:
-        """Load the checkpoint into ``run`` (position, weights, optimizer, random states, callbacks)."""
+        """Load the checkpoint into ``run`` (position, weights, optimizer, random states,
+        callbacks)."""
         self.wait()
         record, arrays = checkpoint.load(self.path)
         run.load_state_dict(record, arrays, self.path)
@@ -273,8 +320,8 @@ class Checkpoint(Callback):
 
 
 def epoch_line(record: dict, epochs: int) -> str:
-    """One epoch's record in one line: ``epoch   3/20  loss 0.1234  acc 0.9600  val_loss ...  lr 0.05  1.72s``
-    (no accuracy for a regression run)."""
+    """One epoch's record in one line: ``epoch   3/20  loss 0.1234  acc 0.9600  val_loss ...  lr
+    0.05  1.72s`` (no accuracy for a regression run)."""
     line = f"epoch {record['epoch']:>3}/{epochs}  loss {record['loss']:.4f}"
     if record.get("accuracy") is not None:
         line += f"  acc {record['accuracy']:.4f}"
@@ -289,11 +336,13 @@ VERBOSE = {0: "silent", 1: "a progress bar", 2: "one line per epoch"}
 
 
 def _tqdm_for(out: object) -> Any:
-    """tqdm.auto's bar class (the notebook's widget in Jupyter, the text bar elsewhere) if tqdm is installed
-    and ``out`` is a terminal or the run is in a Jupyter kernel; else None (the plain bar: a log file or a
-    captured stream gets no cursor codes)."""
+    """tqdm.auto's bar class (the notebook's widget in Jupyter, the text bar elsewhere) if tqdm is
+    installed and ``out`` is a terminal or the run is in a Jupyter kernel; else None (the plain bar:
+    a log file or a captured stream gets no cursor codes)."""
     ipython = sys.modules.get("IPython")  # imported already where a kernel runs this process
-    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    shell = (
+        ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    )
     in_kernel = hasattr(shell, "kernel")  # a Jupyter kernel's shell, not a terminal IPython's
     if not (in_kernel or (hasattr(out, "isatty") and out.isatty())):
         return None
@@ -305,8 +354,9 @@ def _tqdm_for(out: object) -> Any:
 
 
 def running_means(run: Run, step: int) -> dict:
-    """The epoch's mean training loss (and accuracy for a classifier) over its first ``step`` steps, from the
-    run's sums on the device (one wait for the device). This rank's rows only in a distributed run."""
+    """The epoch's mean training loss (and accuracy for a classifier) over its first ``step`` steps,
+    from the run's sums on the device (one wait for the device). This rank's rows only in a
+    distributed run."""
     rows = max(run.seen(step), 1)
     means = {"loss": float(run.loss_sum) / rows}
     if run.loss.classifies:
@@ -315,21 +365,34 @@ def running_means(run: Run, step: int) -> dict:
 
 
 class Progress(Callback):
-    """What ``fit(verbose=...)`` prints, as Keras does: 1 a progress bar over each epoch's batches with the
-    epoch's running loss and accuracy (redrawn at most ``refresh`` times a second, each redraw one wait for
-    the device), ended by the epoch's line; 2 only the line (:func:`epoch_line`). The bar is tqdm's
-    (``tqdm.auto``: the notebook's widget in Jupyter) when tqdm is installed and ``bar_file`` is a terminal
-    or the run is in a notebook, else a plain one. Rank 0 alone prints in a distributed run. Lines go to
-    ``file`` (default: standard output), the bar to ``bar_file`` (default: ``file``)."""
+    """What ``fit(verbose=...)`` prints, as Keras does: 1 a progress bar over each epoch's batches
+    with the epoch's running loss and accuracy (redrawn at most ``refresh`` times a second, each
+    redraw one wait for the device), ended by the epoch's line; 2 only the line
+    (:func:`epoch_line`). The bar is tqdm's (``tqdm.auto``: the notebook's widget in Jupyter) when
+    tqdm is installed and ``bar_file`` is a terminal or the run is in a notebook, else a plain one.
+    Rank 0 alone prints in a distributed run. Lines go to ``file`` (default: standard output), the
+    bar to ``bar_file`` (default: ``file``)."""
 
     WIDTH = 30
 
-    def __init__(self, verbose: int = 1, file: IO[str] | None = None, refresh: float = 10.0,
-                 bar_file: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        verbose: int = 1,
+        file: IO[str] | None = None,
+        refresh: float = 10.0,
+        bar_file: IO[str] | None = None,
+    ) -> None:
         if verbose not in (1, 2):
-            raise ValueError(f"verbose: expected one of {sorted(VERBOSE)} (0 {VERBOSE[0]}, 1 {VERBOSE[1]}, "
-                             f"2 {VERBOSE[2]}), got {verbose!r}")
-        self.verbose, self.file, self.bar_file, self.every = int(verbose), file, bar_file, 1.0 / refresh
+            raise ValueError(
+                f"verbose: expected one of {sorted(VERBOSE)} (0 {VERBOSE[0]}, 1 {VERBOSE[1]}, "
+                f"2 {VERBOSE[2]}), got {verbose!r}"
+            )
+        self.verbose, self.file, self.bar_file, self.every = (
+            int(verbose),
+            file,
+            bar_file,
+            1.0 / refresh,
+        )
         self._shown, self._bar = 0.0, None
 
     def _out(self, bar: bool = False) -> IO[str]:
@@ -350,8 +413,15 @@ class Progress(Callback):
         if self._bar is None:
             tqdm = _tqdm_for(self._out(bar=True))
             if tqdm is not None:
-                self._bar = tqdm(total=steps, initial=0, desc=f"epoch {epoch + 1}/{run.epochs}", unit="batch",
-                                 leave=False, file=self._out(bar=True), mininterval=self.every)
+                self._bar = tqdm(
+                    total=steps,
+                    initial=0,
+                    desc=f"epoch {epoch + 1}/{run.epochs}",
+                    unit="batch",
+                    leave=False,
+                    file=self._out(bar=True),
+                    mininterval=self.every,
+                )
         if self._bar is not None:
             self._bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()}, refresh=False)
             self._bar.update(step - self._bar.n)
@@ -359,7 +429,11 @@ class Progress(Callback):
         done = self.WIDTH * step // steps
         bar = "=" * done + (">" if done < self.WIDTH else "") + "." * (self.WIDTH - done - 1)
         live = "".join(f"  {k} {v:.4f}" for k, v in means.items())
-        self._write(run, f"\repoch {epoch + 1}/{run.epochs} [{bar[:self.WIDTH]}] {step}/{steps}{live}", bar=True)
+        self._write(
+            run,
+            f"\repoch {epoch + 1}/{run.epochs} [{bar[: self.WIDTH]}] {step}/{steps}{live}",
+            bar=True,
+        )
 
     def on_epoch_end(self, run: Run, record: dict) -> None:
         end = ""
@@ -379,7 +453,7 @@ class Progress(Callback):
             self._bar = None
 
 
-# --- training logs: a CSV file and TensorBoard's event files -------------------------------------------
+# --- training logs: a CSV file and TensorBoard's event files --------------------------------------
 def _count(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name}: expected a whole number >= 0 (0: never), got {value!r}")
@@ -387,11 +461,12 @@ def _count(name: str, value: int) -> int:
 
 
 class CSVLogger(Callback):
-    """One row per epoch in the CSV file ``path``: the columns of :data:`FIELDS` (an empty cell where the
-    record has None, e.g. no validation), floats written in full (``repr``). At the run's start the file is
-    written afresh from the run's history, so that a resumed run's file holds every finished epoch once
-    (rows an interrupted run wrote past its last checkpoint are replaced). Rank 0 alone writes. Its state is
-    the run's history, which the checkpoint carries: it keeps none of its own."""
+    """One row per epoch in the CSV file ``path``: the columns of :data:`FIELDS` (an empty cell
+    where the record has None, e.g. no validation), floats written in full (``repr``). At the run's
+    start the file is written afresh from the run's history, so that a resumed run's file holds
+    every finished epoch once (rows an interrupted run wrote past its last checkpoint are replaced).
+    Rank 0 alone writes. Its state is the run's history, which the checkpoint carries: it keeps none
+    of its own."""
 
     FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
 
@@ -403,7 +478,9 @@ class CSVLogger(Callback):
             writer = csv.writer(f)
             if mode == "w":
                 writer.writerow(self.FIELDS)
-            writer.writerows([("" if r.get(k) is None else r[k]) for k in self.FIELDS] for r in records)
+            writer.writerows(
+                [("" if r.get(k) is None else r[k]) for k in self.FIELDS] for r in records
+            )
 
     def on_train_begin(self, run: Run) -> None:
         if run.rank == 0:
@@ -420,14 +497,16 @@ def summary_writer() -> type:
     try:
         from tensorboardX import SummaryWriter
     except ImportError as exc:
-        raise ImportError("TensorBoard logs need tensorboardX: pip install 'gpunet[tensorboard]' "
-                          f"(or pip install tensorboardX); {exc}") from exc
+        raise ImportError(
+            "TensorBoard logs need tensorboardX: pip install 'gpunet[tensorboard]' "
+            f"(or pip install tensorboardX); {exc}"
+        ) from exc
     return SummaryWriter
 
 
 def probe_gradients(run: Run, rows: int) -> list[np.ndarray]:
-    """Host copies of each parameter's gradient of the loss on the first ``rows`` training rows, by the
-    core's formulas in eval mode (no dropout draws, BatchNorm's running statistics), with every
+    """Host copies of each parameter's gradient of the loss on the first ``rows`` training rows, by
+    the core's formulas in eval mode (no dropout draws, BatchNorm's running statistics), with every
     ``param.grad`` put back: the run goes on as if this had not happened."""
     net, k = run.net, min(rows, run.n)
     params = net.parameters()
@@ -448,41 +527,55 @@ def probe_gradients(run: Run, rows: int) -> list[np.ndarray]:
 
 class TensorBoard(Callback):
     """Event files for TensorBoard in ``log_dir`` (written by tensorboardX: ``pip install
-    'gpunet[tensorboard]'``), every point on one step axis: the optimizer steps done, ``epoch * steps + step``.
+    'gpunet[tensorboard]'``), every point on one step axis: the optimizer steps done, ``epoch *
+    steps + step``.
 
-    - every ``batch_every`` steps (0: never): ``batch/loss`` and ``batch/accuracy``, the means over the
-      rows since the last point, and ``batch/lr`` (each point is one wait for the device);
-    - after each epoch: ``epoch/loss``, ``epoch/accuracy``, ``epoch/val_loss``, ``epoch/val_accuracy``,
-      ``epoch/lr`` and ``epoch/seconds``, those the record has;
+    - every ``batch_every`` steps (0: never): ``batch/loss`` and ``batch/accuracy``, the means over
+      the rows since the last point, and ``batch/lr`` (each point is one wait for the device);
+    - after each epoch: ``epoch/loss``, ``epoch/accuracy``, ``epoch/val_loss``,
+      ``epoch/val_accuracy``, ``epoch/lr`` and ``epoch/seconds``, those the record has;
     - every ``histogram_every`` epochs (0: never): ``weights/NAME`` of each parameter (names as in
-      ``net.named_parameters()``) and ``gradients/NAME``, the gradient on a fixed probe batch, the first
-      ``probe`` training rows (:func:`probe_gradients`: the same rows at every point, so that the
-      histograms compare, where the step's own ``param.grad`` is the last batch's).
+      ``net.named_parameters()``) and ``gradients/NAME``, the gradient on a fixed probe batch, the
+      first ``probe`` training rows (:func:`probe_gradients`: the same rows at every point, so that
+      the histograms compare, where the step's own ``param.grad`` is the last batch's).
 
-    A run that starts after step s (0, or where a resumed run stands) writes TensorBoard's purge mark at
-    s + 1: the reader drops what an earlier run into the same folder logged past s, so that a resumed run
-    continues the same curves without a duplicate step, even after a kill past the last checkpoint. Its
-    own state (the sums at the last batch point) travels in the checkpoint, so that a run resumed mid-epoch
-    writes the batch points an unbroken run writes. Rank 0 alone writes; in a distributed run the batch
-    points are over rank 0's share of the batches.
+    A run that starts after step s (0, or where a resumed run stands) writes TensorBoard's purge
+    mark at s + 1: the reader drops what an earlier run into the same folder logged past s, so that
+    a resumed run continues the same curves without a duplicate step, even after a kill past the
+    last checkpoint. Its own state (the sums at the last batch point) travels in the checkpoint, so
+    that a run resumed mid-epoch writes the batch points an unbroken run writes. Rank 0 alone
+    writes; in a distributed run the batch points are over rank 0's share of the batches.
     """
 
-    def __init__(self, log_dir: str | os.PathLike, batch_every: int = 100, histogram_every: int = 1,
-                 probe: int = 256) -> None:
+    def __init__(
+        self,
+        log_dir: str | os.PathLike,
+        batch_every: int = 100,
+        histogram_every: int = 1,
+        probe: int = 256,
+    ) -> None:
         self.log_dir = Path(log_dir)
-        self.batch_every, self.histogram_every = _count("batch_every", batch_every), _count(
-            "histogram_every", histogram_every)
+        self.batch_every, self.histogram_every = (
+            _count("batch_every", batch_every),
+            _count("histogram_every", histogram_every),
+        )
         if _count("probe", probe) < 1:
             raise ValueError(f"probe: expected at least 1 row, got {probe!r}")
         self.probe, self.writer = probe, None
-        self._mark: tuple[int, float, int] | None = None  # (step, loss sum, correct) at the last batch point
+        self._mark: tuple[int, float, int] | None = (
+            None  # (step, loss sum, correct) at the last batch point
+        )
 
     def on_train_begin(self, run: Run) -> None:
         if run.rank == 0:
-            # the file's name carries the second it was made in; the nanoseconds after it keep two runs made
-            # in one second apart (tensorboardX would reopen the first's file) and in the reader's order
-            self.writer = summary_writer()(str(self.log_dir), purge_step=run.epoch * run.steps + run.step + 1,
-                                           filename_suffix=f".{time.time_ns():020d}")
+            # the file's name carries the second it was made in; the nanoseconds after it keep two
+            # runs made in one second apart (tensorboardX would reopen the first's file) and in the
+            # reader's order
+            self.writer = summary_writer()(
+                str(self.log_dir),
+                purge_step=run.epoch * run.steps + run.step + 1,
+                filename_suffix=f".{time.time_ns():020d}",
+            )
 
     def on_epoch_begin(self, run: Run, epoch: int) -> None:
         if run.step == 0:  # a run resumed mid-epoch keeps the mark its checkpoint carried
@@ -521,7 +614,9 @@ class TensorBoard(Callback):
             self.writer.close()
             self.writer = None
 
-    on_interrupt = on_train_end  # the run ends there: the files are complete, the writer's thread ends
+    on_interrupt = (
+        on_train_end  # the run ends there: the files are complete, the writer's thread ends
+    )
 
     def state_dict(self) -> dict:
         return {"mark": None if self._mark is None else list(self._mark)}

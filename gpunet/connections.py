@@ -20,6 +20,7 @@ buffered bytes, never a thread:
 Nothing here knows the routes: ``BufferedHandler`` is a BaseHTTPRequestHandler that reads its
 request from the bytes the reader gathered and writes its answer into a buffer.
 """
+
 from __future__ import annotations
 
 import collections
@@ -47,8 +48,17 @@ class Connection:
     """One client: its socket, the bytes read and not yet used, the answer not yet written, and
     its deadline."""
 
-    __slots__ = ("address", "closing", "deadline", "drain", "heard", "inbox", "outbox", "sock",
-                 "stamp")
+    __slots__ = (
+        "address",
+        "closing",
+        "deadline",
+        "drain",
+        "heard",
+        "inbox",
+        "outbox",
+        "sock",
+        "stamp",
+    )
 
     def __init__(self, sock, address):
         self.sock, self.address = sock, address
@@ -64,9 +74,12 @@ def answer_bytes(status: int, message: str, close: bool = True) -> bytes:
     """A whole HTTP/1.1 response with the JSON body {"error": message}."""
     body = json.dumps({"error": message}).encode()
     phrase = http.client.responses.get(status, "error")
-    head = (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
-            + ("Connection: close\r\n" if close else "") + "\r\n")
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+        + ("Connection: close\r\n" if close else "")
+        + "\r\n"
+    )
     return head.encode("latin-1") + body
 
 
@@ -117,9 +130,17 @@ class Server:
     # the listen backlog: 64 clients connecting at once overflowed socketserver's 5
     request_queue_size = 1024
 
-    def __init__(self, address, handler, *, deadline: float = DEADLINE, max_body: int,
-                 max_connections: int = MAX_CONNECTIONS, threads: int = THREADS,
-                 quiet: bool = False):
+    def __init__(
+        self,
+        address,
+        handler,
+        *,
+        deadline: float = DEADLINE,
+        max_body: int,
+        max_connections: int = MAX_CONNECTIONS,
+        threads: int = THREADS,
+        quiet: bool = False,
+    ):
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -147,8 +168,10 @@ class Server:
         self._listening, self._stop = True, False
         self._stopped = threading.Event()
         self._stopped.set()
-        self._pool = [threading.Thread(target=self._answer_loop, name=f"gpunet-serve-{i}",
-                                       daemon=True) for i in range(threads)]
+        self._pool = [
+            threading.Thread(target=self._answer_loop, name=f"gpunet-serve-{i}", daemon=True)
+            for i in range(threads)
+        ]
         for t in self._pool:
             t.start()
 
@@ -267,8 +290,8 @@ class Server:
             n = len(conn.inbox) - end
         elif len(conn.inbox) < end + n:
             return
-        request = bytes(conn.inbox[:end + n])
-        del conn.inbox[:end + n]
+        request = bytes(conn.inbox[: end + n])
+        del conn.inbox[: end + n]
         conn.stamp += 1  # its deadline is over: the pool has it
         self._selector.unregister(conn.sock)
         self._jobs.put((conn, request))
@@ -374,8 +397,9 @@ class Server:
 
     def handle_error(self, request, client_address) -> None:
         exc = sys.exc_info()[1]
-        sys.stderr.write(f"gpunet serve: error with {client_address[0]}: "
-                         f"{type(exc).__name__}: {exc}\n")
+        sys.stderr.write(
+            f"gpunet serve: error with {client_address[0]}: {type(exc).__name__}: {exc}\n"
+        )
 
     def log(self, address, message: str) -> None:
         if not self.quiet:

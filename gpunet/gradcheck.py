@@ -6,10 +6,11 @@ large parameters) and for the input. It works on a float64 copy of the model, so
 untouched. Students use it to debug their own layers: any object with ``forward``, ``backward`` and
 ``parameters`` works.
 
-Why float64 and eps = 1e-6: the central difference has truncation error O(eps^2) ~ 1e-12 and rounding
-error ~ 1e-16 / eps ~ 1e-10, so a correct gradient shows a relative error near 1e-8 or below, while a
-wrong one is off by far more than the default tolerance of 1e-6.
+Why float64 and eps = 1e-6: the central difference has truncation error O(eps^2) ~ 1e-12 and
+rounding error ~ 1e-16 / eps ~ 1e-10, so a correct gradient shows a relative error near 1e-8 or
+below, while a wrong one is off by far more than the default tolerance of 1e-6.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,11 +30,12 @@ def relative_error(a: ArrayLike, b: ArrayLike) -> float:
     return 0.0 if denom == 0 else float(np.linalg.norm(a - b) / denom)
 
 
-def numerical_gradient(f: Callable[[], Any], array: Array, eps: float = 1e-6,
-                       indices: Iterable[int] | None = None) -> np.ndarray:
-    """Central differences of the scalar function ``f()`` with respect to ``array`` (changed in place
-    and restored). ``indices`` (flat positions) limits the entries; returns a host float64 array shaped
-    like ``array`` (NaN where not computed)."""
+def numerical_gradient(
+    f: Callable[[], Any], array: Array, eps: float = 1e-6, indices: Iterable[int] | None = None
+) -> np.ndarray:
+    """Central differences of the scalar function ``f()`` with respect to ``array`` (changed in
+    place and restored). ``indices`` (flat positions) limits the entries; returns a host float64
+    array shaped like ``array`` (NaN where not computed)."""
     flat = array.reshape(-1)  # a view: writing through it perturbs the array f reads
     grad = np.full(flat.shape, np.nan)
     for i in range(flat.size) if indices is None else indices:
@@ -65,15 +67,25 @@ class GradCheckResult:
         return "\n".join(lines)
 
 
-def gradcheck(model: Any, loss: Any, x: Array, target: Array, eps: float = 1e-6, tol: float = 1e-6,
-              max_entries: int = 200, seed: int = 0, check_input: bool = True,
-              training: bool = False) -> GradCheckResult:
+def gradcheck(
+    model: Any,
+    loss: Any,
+    x: Array,
+    target: Array,
+    eps: float = 1e-6,
+    tol: float = 1e-6,
+    max_entries: int = 200,
+    seed: int = 0,
+    check_input: bool = True,
+    training: bool = False,
+) -> GradCheckResult:
     """Check ``model``'s backward pass against central differences of ``loss(model(x), target)``.
 
-    Runs on a float64 deep copy of ``model`` (buffers such as BatchNorm's running statistics included),
-    on the model's device, in eval mode (dropout off), or with ``training=True`` in training mode (batch
-    statistics: for networks without dropout, whose masks would change between evaluations). At most
-    ``max_entries`` entries of each array are checked, chosen at random from ``seed``.
+    Runs on a float64 deep copy of ``model`` (buffers such as BatchNorm's running statistics
+    included), on the model's device, in eval mode (dropout off), or with ``training=True`` in
+    training mode (batch statistics: for networks without dropout, whose masks would change between
+    evaluations). At most ``max_entries`` entries of each array are checked, chosen at random from
+    ``seed``.
     """
     model = copy.deepcopy(model)
     model.train(training) if hasattr(model, "train") else None

@@ -1,16 +1,17 @@
-"""Loss functions: ``forward(pred, target)`` returns the mean loss as a 0-d array on the predictions'
-device (reading it as a Python float is the caller's choice: on a GPU that waits for the device);
-``backward()`` returns the gradient with respect to ``pred``. ``classifies`` says whether the targets
-are class labels (so that accuracy means something).
+"""Loss functions: ``forward(pred, target)`` returns the mean loss as a 0-d array on the
+predictions' device (reading it as a Python float is the caller's choice: on a GPU that waits for
+the device); ``backward()`` returns the gradient with respect to ``pred``. ``classifies`` says
+whether the targets are class labels (so that accuracy means something).
 
 Formulas (course notes, point 7 and "Cross entropy"), with N rows and K outputs:
 
-- SoftmaxCrossEntropy: ``L = mean_i(logsumexp(z_i) - z_i[y_i])``; ``dL/dz = (softmax(z) - onehot) / N``.
-  This is the notes' output delta ``delta^L = y^D - y^L`` with the sign flipped (we subtract the update)
-  and divided by N (the cost is a mean over the batch).
+- SoftmaxCrossEntropy: ``L = mean_i(logsumexp(z_i) - z_i[y_i])``; ``dL/dz = (softmax(z) - onehot) /
+  N``. This is the notes' output delta ``delta^L = y^D - y^L`` with the sign flipped (we subtract
+  the update) and divided by N (the cost is a mean over the batch).
 - MSELoss: ``L = sum((p - t)**2) / (N*K)``; ``dL/dp = 2 (p - t) / (N*K)``
 - MAELoss: ``L = sum(|p - t|) / (N*K)``; ``dL/dp = sign(p - t) / (N*K)``
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -20,20 +21,28 @@ from .backend import Array, check_labels, device_of, get_array_module, log_softm
 
 def _check_pair(pred: Any, target: Any) -> None:
     if not hasattr(pred, "dtype") or pred.dtype.kind != "f":
-        raise TypeError(f"pred: expected a floating-point array, got {getattr(pred, 'dtype', type(pred).__name__)}")
+        raise TypeError(
+            f"pred: expected a floating-point array, got "
+            f"{getattr(pred, 'dtype', type(pred).__name__)}"
+        )
     if not hasattr(target, "shape"):
         raise TypeError(f"target: expected an array, got {type(target).__name__}")
     if device_of(pred) != device_of(target):
-        raise TypeError(f"target: expected an array on the {device_of(pred)} like the predictions, "
-                        f"got one on the {device_of(target)}")
+        raise TypeError(
+            f"target: expected an array on the {device_of(pred)} like the predictions, "
+            f"got one on the {device_of(target)}"
+        )
     if target.shape[:1] != pred.shape[:1]:
-        raise ValueError(f"target: expected {pred.shape[0]} rows to match the predictions, got {target.shape[0]}")
+        raise ValueError(
+            f"target: expected {pred.shape[0]} rows to match the predictions, got {target.shape[0]}"
+        )
 
 
 class Loss:
     classifies = False
 
     if TYPE_CHECKING:  # what every loss defines (the checker reads it; no default at run time)
+
         def forward(self, pred: Array, target: Array) -> Array: ...
 
     def __call__(self, pred: Array, target: Array) -> Array:
@@ -66,14 +75,21 @@ class SoftmaxCrossEntropy(Loss):
             onehot[xp.arange(n), target] = 1
         elif target.shape == logits.shape:
             if target.dtype != logits.dtype:
-                raise TypeError(f"target: expected dtype {logits.dtype} for one-hot rows, got {target.dtype}")
+                raise TypeError(
+                    f"target: expected dtype {logits.dtype} for one-hot rows, got {target.dtype}"
+                )
             onehot = target
         else:
-            raise ValueError(f"target: expected labels of shape ({n},) or one-hot rows of shape "
-                             f"{tuple(logits.shape)}, got {tuple(target.shape)}")
+            raise ValueError(
+                f"target: expected labels of shape ({n},) or one-hot rows of shape "
+                f"{tuple(logits.shape)}, got {tuple(target.shape)}"
+            )
         log_p = log_softmax(logits)
-        # rows of probabilities need not sum to 1: dL/dz = softmax * sum(t) - t, which for one-hot is the above
-        self._grad = (xp.exp(log_p) * onehot.sum(axis=1, keepdims=True) - onehot) / logits.dtype.type(n)
+        # rows of probabilities need not sum to 1: dL/dz = softmax * sum(t) - t, which for one-hot
+        # is the above
+        self._grad = (
+            xp.exp(log_p) * onehot.sum(axis=1, keepdims=True) - onehot
+        ) / logits.dtype.type(n)
         return -(onehot * log_p).sum() / logits.dtype.type(n)
 
     def backward(self) -> Array:
@@ -84,6 +100,7 @@ class SoftmaxCrossEntropy(Loss):
 
 class _Regression(Loss):
     if TYPE_CHECKING:  # each subclass's gradient of its loss, from the last _diff
+
         def _grad(self) -> Array: ...
 
     def _diff(self, pred: Array, target: Array) -> Array:
@@ -92,10 +109,14 @@ class _Regression(Loss):
             if target.ndim == 1 and pred.ndim == 2 and pred.shape[1] == 1:
                 target = target.reshape(-1, 1)
             else:
-                raise ValueError(f"target: expected shape {tuple(pred.shape)} like the predictions, "
-                                 f"got {tuple(target.shape)}")
+                raise ValueError(
+                    f"target: expected shape {tuple(pred.shape)} like the predictions, "
+                    f"got {tuple(target.shape)}"
+                )
         if target.dtype != pred.dtype:
-            raise TypeError(f"target: expected dtype {pred.dtype} like the predictions, got {target.dtype}")
+            raise TypeError(
+                f"target: expected dtype {pred.dtype} like the predictions, got {target.dtype}"
+            )
         self._d = pred - target
         self._nk = pred.dtype.type(max(pred.size, 1))
         return self._d

@@ -1,9 +1,11 @@
 """Classification metrics from a confusion matrix counted on the device.
 
-``cm[i, j]`` counts examples of true class ``i`` predicted as class ``j`` (scikit-learn's convention).
-For class k: precision = TP / (TP + FP), recall = TP / (TP + FN), F1 = 2 TP / (2 TP + FP + FN); a ratio
-with a zero denominator is reported as 0 (as scikit-learn does with ``zero_division=0``).
+``cm[i, j]`` counts examples of true class ``i`` predicted as class ``j`` (scikit-learn's
+convention). For class k: precision = TP / (TP + FP), recall = TP / (TP + FN), F1 = 2 TP / (2 TP +
+FP + FN); a ratio with a zero denominator is reported as 0 (as scikit-learn does with
+``zero_division=0``).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,19 +18,23 @@ def confusion_counts(y_true, y_pred, num_classes: int):
 
     y_true, y_pred (B,) integer labels in [0, C) on one device (labels outside are not counted: the
     callers check them). Counted as ``onehot(y_true).T @ onehot(y_pred)`` in float64, with no host
-    synchronisation (``bincount`` reads its input's maximum back to the host); exact, since every count
-    is a sum of ones far below 2**53.
+    synchronisation (``bincount`` reads its input's maximum back to the host); exact, since every
+    count is a sum of ones far below 2**53.
     """
     xp = get_array_module(y_true, y_pred)
     if y_true.shape != y_pred.shape:
-        raise ValueError(f"y_pred: expected shape {tuple(y_true.shape)} like y_true, got {tuple(y_pred.shape)}")
+        raise ValueError(
+            f"y_pred: expected shape {tuple(y_true.shape)} like y_true, got {tuple(y_pred.shape)}"
+        )
     classes = xp.arange(num_classes)
     true_hot = (y_true[:, None] == classes).astype(xp.float64)
     pred_hot = (y_pred[:, None] == classes).astype(xp.float64)
     return (true_hot.T @ pred_hot).astype(xp.int64)
 
 
-def confusion_matrix(y_true, y_pred, num_classes: int | None = None, batch_size: int = 65536) -> np.ndarray:
+def confusion_matrix(
+    y_true, y_pred, num_classes: int | None = None, batch_size: int = 65536
+) -> np.ndarray:
     """Host (C, C) int64 confusion matrix of label arrays on any device, counted in batches."""
     if len(y_true) != len(y_pred):
         raise ValueError(f"y_pred: expected {len(y_true)} labels like y_true, got {len(y_pred)}")
@@ -38,7 +44,9 @@ def confusion_matrix(y_true, y_pred, num_classes: int | None = None, batch_size:
     check_labels(y_pred, num_classes, "y_pred")
     total = None
     for start in range(0, len(y_true), batch_size):
-        part = confusion_counts(y_true[start:start + batch_size], y_pred[start:start + batch_size], num_classes)
+        part = confusion_counts(
+            y_true[start : start + batch_size], y_pred[start : start + batch_size], num_classes
+        )
         total = part if total is None else total + part
     if total is None:
         return np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -52,7 +60,8 @@ def _ratio(num, den):
 
 
 def report(cm) -> dict:
-    """Accuracy, per-class precision/recall/F1/support, and their macro averages, from a confusion matrix."""
+    """Accuracy, per-class precision/recall/F1/support, and their macro averages, from a confusion
+    matrix."""
     cm = np.asarray(cm, dtype=np.int64)
     tp = np.diag(cm).astype(np.float64)
     support = cm.sum(axis=1)
@@ -83,15 +92,25 @@ def accuracy(y_true, y_pred) -> float:
 
 def format_report(rep: dict, digits: int = 4) -> str:
     """A per-class table and the confusion matrix, as plain text."""
-    lines = [f"accuracy: {rep['accuracy']:.{digits}f}", "",
-             f"{'class':>5} {'precision':>10} {'recall':>10} {'f1':>10} {'support':>8}"]
-    for k, (p, r, f, s) in enumerate(zip(rep["precision"], rep["recall"], rep["f1"], rep["support"])):
+    lines = [
+        f"accuracy: {rep['accuracy']:.{digits}f}",
+        "",
+        f"{'class':>5} {'precision':>10} {'recall':>10} {'f1':>10} {'support':>8}",
+    ]
+    for k, (p, r, f, s) in enumerate(
+        zip(rep["precision"], rep["recall"], rep["f1"], rep["support"])
+    ):
         lines.append(f"{k:>5} {p:>10.{digits}f} {r:>10.{digits}f} {f:>10.{digits}f} {s:>8}")
-    lines.append(f"{'macro':>5} {rep['macro_precision']:>10.{digits}f} {rep['macro_recall']:>10.{digits}f} "
-                 f"{rep['macro_f1']:>10.{digits}f} {sum(rep['support']):>8}")
+    lines.append(
+        f"{'macro':>5} {rep['macro_precision']:>10.{digits}f} {rep['macro_recall']:>10.{digits}f} "
+        f"{rep['macro_f1']:>10.{digits}f} {sum(rep['support']):>8}"
+    )
     cm = rep["confusion_matrix"]
     width = max(5, max(len(str(v)) for row in cm for v in row) + 1)
-    lines += ["", "confusion matrix (rows: true class, columns: predicted)",
-              " " * 6 + "".join(f"{j:>{width}}" for j in range(len(cm)))]
+    lines += [
+        "",
+        "confusion matrix (rows: true class, columns: predicted)",
+        " " * 6 + "".join(f"{j:>{width}}" for j in range(len(cm))),
+    ]
     lines += [f"{i:>5} " + "".join(f"{v:>{width}}" for v in row) for i, row in enumerate(cm)]
     return "\n".join(lines)

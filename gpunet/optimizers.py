@@ -1,25 +1,29 @@
-"""Optimizers (course notes, "Parameters update"), one update rule each, applied parameter by parameter:
+"""Optimizers (course notes, "Parameters update"), one update rule each, applied parameter by
+parameter:
 
 - SGD:      ``w = w - lr * grad``
-- Momentum: ``v = gamma * v + lr * grad;  w = w - v``  (Nesterov: ``w = w - (gamma * v + lr * grad)``)
-- Adam:     ``m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  w -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)``
+- Momentum: ``v = gamma * v + lr * grad;  w = w - v``  (Nesterov: ``w = w - (gamma * v + lr *
+  grad)``)
+- Adam:     ``m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  w -= lr/(1-b1^t) * m /
+  (sqrt(v)/sqrt(1-b2^t) + eps)``
 - AdamW:    ``w *= 1 - lr * weight_decay``, then Adam's step on the bare gradient (decoupled decay)
-- RMSprop:  ``v = alpha v + (1-alpha) g^2;  w -= lr g / (sqrt(v) + eps)`` (centered: ``sqrt(v - gbar^2)``,
-  ``gbar = alpha gbar + (1-alpha) g``; momentum: ``b = mu b + g / (...); w -= lr b``)
+- RMSprop:  ``v = alpha v + (1-alpha) g^2;  w -= lr g / (sqrt(v) + eps)`` (centered: ``sqrt(v -
+  gbar^2)``, ``gbar = alpha gbar + (1-alpha) g``; momentum: ``b = mu b + g / (...); w -= lr b``)
 
-Adam, AdamW and RMSprop follow PyTorch's definitions (``torch.optim``) to the order of the operations, so
-that a recipe carries over. Optional L2 weight decay adds ``weight_decay * w`` to every gradient (AdamW's
-is decoupled instead). ``lr`` may change between steps (learning-rate schedules do). Per-parameter state
-(velocities, moments) lives beside each parameter, in order; ``state_dict()`` returns JSON-able scalars
-plus ``"arrays"``: name -> one host NumPy array per parameter, and ``load_state_dict`` takes the same.
-Scalars enter the formulas in the parameters' dtype (float32 stays float32); Adam's bias corrections are
-computed in float64 on the host and cast once per step.
+Adam, AdamW and RMSprop follow PyTorch's definitions (``torch.optim``) to the order of the
+operations, so that a recipe carries over. Optional L2 weight decay adds ``weight_decay * w`` to
+every gradient (AdamW's is decoupled instead). ``lr`` may change between steps (learning-rate
+schedules do). Per-parameter state (velocities, moments) lives beside each parameter, in order;
+``state_dict()`` returns JSON-able scalars plus ``"arrays"``: name -> one host NumPy array per
+parameter, and ``load_state_dict`` takes the same. Scalars enter the formulas in the parameters'
+dtype (float32 stays float32); Adam's bias corrections are computed in float64 on the host and cast
+once per step.
 """
+
 from __future__ import annotations
 
 import inspect
 import math
-
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,8 +33,9 @@ Params = Iterable[Any]
 """Parameters to train: :class:`gpunet.Parameter` objects (anything with ``.data``, ``.grad``)."""
 
 
-def _check_number(name: str, value: float, low: float, high: float = math.inf,
-                  low_open: bool = False) -> float:
+def _check_number(
+    name: str, value: float, low: float, high: float = math.inf, low_open: bool = False
+) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and value < high
     if not ok:
@@ -42,7 +47,8 @@ def _check_number(name: str, value: float, low: float, high: float = math.inf,
 class Optimizer:
     """The rules' common part: the parameters, ``lr``, L2 ``weight_decay`` and the state dict."""
 
-    # what a subclass names for state_dict: its scalars (options, step count) and its per-parameter arrays
+    # what a subclass names for state_dict: its scalars (options, step count) and its per-parameter
+    # arrays
     scalars: tuple = ()
     slots: tuple = ()
 
@@ -52,7 +58,10 @@ class Optimizer:
             raise ValueError("params: expected at least one parameter, got an empty list")
         for i, p in enumerate(params):
             if not (hasattr(p, "data") and hasattr(p, "grad")):
-                raise TypeError(f"params[{i}]: expected a Parameter (with .data and .grad), got {type(p).__name__}")
+                raise TypeError(
+                    f"params[{i}]: expected a Parameter (with .data and .grad), got "
+                    f"{type(p).__name__}"
+                )
             if any(p is q for q in params[:i]):
                 raise ValueError(f"params[{i}]: the same parameter is listed twice")
         self.params = params
@@ -81,9 +90,10 @@ class Optimizer:
         return [get_array_module(p.data).zeros_like(p.data) for p in self.params]
 
     def state_dict(self, host: bool = True) -> dict:
-        """What a resumed run needs: ``kind``, ``lr``, ``weight_decay``, the rule's other scalars, and
-        ``arrays``: slot name -> host copies of its arrays, one per parameter (``{"velocities": [...]}``);
-        with ``host=False`` copies on the arrays' own device (a GPU snapshot costs no transfer)."""
+        """What a resumed run needs: ``kind``, ``lr``, ``weight_decay``, the rule's other scalars,
+        and ``arrays``: slot name -> host copies of its arrays, one per parameter (``{"velocities":
+        [...]}``); with ``host=False`` copies on the arrays' own device (a GPU snapshot costs no
+        transfer)."""
         copy = (lambda a: to_numpy(a).copy()) if host else (lambda a: a.copy())
         state = {"kind": self.kind, "lr": self.lr, "weight_decay": self.weight_decay}
         state.update({name: getattr(self, name) for name in self.scalars})
@@ -91,9 +101,12 @@ class Optimizer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`'s values in place (same optimizer type, options, shapes and dtypes)."""
+        """Restore :meth:`state_dict`'s values in place (same optimizer type, options, shapes and
+        dtypes)."""
         if state.get("kind") != self.kind:
-            raise ValueError(f"state: expected the state of a {self.kind} optimizer, got {state.get('kind')!r}")
+            raise ValueError(
+                f"state: expected the state of a {self.kind} optimizer, got {state.get('kind')!r}"
+            )
         arrays = state.get("arrays", {})
         if sorted(arrays) != sorted(self.slots):
             raise ValueError(f"state: expected arrays {sorted(self.slots)}, got {sorted(arrays)}")
@@ -135,8 +148,14 @@ class Momentum(Optimizer):
     scalars = ("momentum", "nesterov")
     slots = ("velocities",)
 
-    def __init__(self, params: Params, lr: float, momentum: float = 0.9, nesterov: bool = False,
-                 weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Params,
+        lr: float,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ) -> None:
         self.momentum = _check_number("momentum", momentum, 0.0, 1.0)
         if not isinstance(nesterov, bool):
             raise TypeError(f"nesterov: expected True or False, got {nesterov!r}")
@@ -152,7 +171,9 @@ class Momentum(Optimizer):
 
     def step(self) -> None:
         for p, v in zip(self.params, self.velocities):
-            t = p.data.dtype.type  # scalars in the parameters' dtype: nothing is promoted to float64
+            t = (
+                p.data.dtype.type
+            )  # scalars in the parameters' dtype: nothing is promoted to float64
             lr_grad = t(self.lr) * self.gradient(p)
             v *= t(self.momentum)
             v += lr_grad
@@ -166,14 +187,14 @@ def _check_betas(betas: tuple[float, float]) -> tuple:
 
 
 class Adam(Optimizer):
-    """Adam (Kingma and Ba, 2015), as ``torch.optim.Adam``: with ``g = grad + weight_decay * w`` and t the
-    step count (1 at the first step),
+    """Adam (Kingma and Ba, 2015), as ``torch.optim.Adam``: with ``g = grad + weight_decay * w`` and
+    t the step count (1 at the first step),
 
         m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
         w = w - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
-    ``betas = (b1, b2)`` each in [0, 1). Moments ``m``, ``v`` start at zero, beside each parameter; the
-    bias corrections are computed in float64 on the host and cast once per step.
+    ``betas = (b1, b2)`` each in [0, 1). Moments ``m``, ``v`` start at zero, beside each parameter;
+    the bias corrections are computed in float64 on the host and cast once per step.
     """
 
     kind = "adam"
@@ -181,8 +202,14 @@ class Adam(Optimizer):
     slots = ("m", "v")
     decoupled = False  # AdamW: the weight decay shrinks w instead of entering g
 
-    def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
         self.betas = _check_betas(betas)
         self.eps = _check_number("eps", eps, 0.0)
         super().__init__(params, lr, weight_decay)
@@ -190,9 +217,10 @@ class Adam(Optimizer):
         self.m, self.v = self._zeros(), self._zeros()
 
     def corrections(self) -> tuple:
-        """``(lr / (1 - b1^t), sqrt(1 - b2^t))`` for the current step count, as Python floats (float64)."""
+        """``(lr / (1 - b1^t), sqrt(1 - b2^t))`` for the current step count, as Python floats
+        (float64)."""
         b1, b2 = self.betas
-        return self.lr / (1.0 - b1 ** self.t), math.sqrt(1.0 - b2 ** self.t)
+        return self.lr / (1.0 - b1**self.t), math.sqrt(1.0 - b2**self.t)
 
     def step(self) -> None:
         self.t += 1
@@ -217,26 +245,42 @@ class AdamW(Adam):
     kind = "adamw"
     decoupled = True
 
-    def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay)
 
 
 class RMSprop(Optimizer):
-    """RMSprop (Hinton's lecture 6e), as ``torch.optim.RMSprop``: with ``g = grad + weight_decay * w``,
+    """RMSprop (Hinton's lecture 6e), as ``torch.optim.RMSprop``: with ``g = grad + weight_decay *
+    w``,
 
         v = alpha v + (1 - alpha) g^2;   s = sqrt(v) + eps;   w = w - lr g / s
 
     ``centered=True`` divides by the variance instead: ``gbar = alpha gbar + (1 - alpha) g``,
-    ``s = sqrt(v - gbar^2) + eps``. ``momentum`` mu > 0 keeps a buffer: ``b = mu b + g / s; w = w - lr b``
-    (no Nesterov variant, as in PyTorch). State: ``v``, and ``grad_avg`` / ``buffer`` when used.
+    ``s = sqrt(v - gbar^2) + eps``. ``momentum`` mu > 0 keeps a buffer: ``b = mu b + g / s; w = w -
+    lr b`` (no Nesterov variant, as in PyTorch). State: ``v``, and ``grad_avg`` / ``buffer`` when
+    used.
     """
 
     kind = "rmsprop"
     scalars = ("alpha", "eps", "momentum", "centered")
 
-    def __init__(self, params: Params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
-                 momentum: float = 0.0, centered: bool = False, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        momentum: float = 0.0,
+        centered: bool = False,
+        weight_decay: float = 0.0,
+    ) -> None:
         self.alpha = _check_number("alpha", alpha, 0.0, 1.0)
         self.eps = _check_number("eps", eps, 0.0)
         self.momentum = _check_number("momentum", momentum, 0.0, 1.0)
@@ -244,7 +288,9 @@ class RMSprop(Optimizer):
             raise TypeError(f"centered: expected True or False, got {centered!r}")
         self.centered = centered
         super().__init__(params, lr, weight_decay)
-        self.slots = ("v",) + (("grad_avg",) if centered else ()) + (("buffer",) if self.momentum else ())
+        self.slots = (
+            ("v",) + (("grad_avg",) if centered else ()) + (("buffer",) if self.momentum else ())
+        )
         for name in self.slots:
             setattr(self, name, self._zeros())
 
@@ -270,26 +316,31 @@ class RMSprop(Optimizer):
                 p.data -= t(self.lr) * (g / s)
 
 
-# --- by name: the one factory of ``gpunet train``, ``gpunet explain`` and ``gpunet.sklearn`` -------------
+# --- by name: the one factory of ``gpunet train``, ``gpunet explain`` and ``gpunet.sklearn`` ------
 OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
 # each rule's settings, by their flat names (``beta1``/``beta2`` are Adam's ``betas``)
-SETTINGS = {"sgd": ("lr", "weight_decay"), "momentum": ("lr", "momentum", "nesterov", "weight_decay"),
-            "adam": ("lr", "beta1", "beta2", "eps", "weight_decay"),
-            "adamw": ("lr", "beta1", "beta2", "eps", "weight_decay"),
-            "rmsprop": ("lr", "alpha", "eps", "momentum", "centered", "weight_decay")}
+SETTINGS = {
+    "sgd": ("lr", "weight_decay"),
+    "momentum": ("lr", "momentum", "nesterov", "weight_decay"),
+    "adam": ("lr", "beta1", "beta2", "eps", "weight_decay"),
+    "adamw": ("lr", "beta1", "beta2", "eps", "weight_decay"),
+    "rmsprop": ("lr", "alpha", "eps", "momentum", "centered", "weight_decay"),
+}
 
 
 def make_optimizer(name: str, params: Params, **settings: Any) -> Optimizer:
-    """The optimizer ``name`` (a key of :data:`OPTIMIZERS`) on ``params``, with ``settings`` by their flat
-    names (:data:`SETTINGS`); a setting that is None (or a flag that is False) takes the rule's own default,
-    and one that is not the rule's own is refused, named."""
+    """The optimizer ``name`` (a key of :data:`OPTIMIZERS`) on ``params``, with ``settings`` by
+    their flat names (:data:`SETTINGS`); a setting that is None (or a flag that is False) takes the
+    rule's own default, and one that is not the rule's own is refused, named."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {name!r}")
     given = {k: v for k, v in settings.items() if v is not None and v is not False}
     foreign = [k for k in given if k not in SETTINGS[name]]
     if foreign:
-        raise ValueError(f"{foreign[0]}: expected a setting of {name} ({', '.join(SETTINGS[name])}), "
-                         f"got {foreign[0]}={given[foreign[0]]!r}")
+        raise ValueError(
+            f"{foreign[0]}: expected a setting of {name} ({', '.join(SETTINGS[name])}), "
+            f"got {foreign[0]}={given[foreign[0]]!r}"
+        )
     if "beta1" in given or "beta2" in given:
         default = inspect.signature(OPTIMIZERS[name]).parameters["betas"].default
         given["betas"] = (given.pop("beta1", default[0]), given.pop("beta2", default[1]))

@@ -1,8 +1,9 @@
 """Pictures of a training run, with matplotlib (an optional extra: ``pip install 'gpunet[cli]'``).
 
-Every function takes host data (lists, NumPy arrays) and writes one PNG; ``available()`` says whether
-matplotlib can be imported, so callers can print a note instead.
+Every function takes host data (lists, NumPy arrays) and writes one PNG; ``available()`` says
+whether matplotlib can be imported, so callers can print a note instead.
 """
+
 from __future__ import annotations
 
 import io
@@ -44,7 +45,10 @@ def curves(history: list, path) -> None:
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((ax_loss, "loss", "loss (cross-entropy)"), (ax_acc, "accuracy", "accuracy")):
+    for ax, key, title in (
+        (ax_loss, "loss", "loss (cross-entropy)"),
+        (ax_acc, "accuracy", "accuracy"),
+    ):
         ax.plot(epochs, [h[key] for h in history], marker="o", label="train")
         if any(h.get("val_" + key) is not None for h in history):
             ax.plot(epochs, [h.get("val_" + key) for h in history], marker="o", label="validation")
@@ -62,12 +66,20 @@ def confusion(cm, path, title: str = "confusion matrix (test set)") -> None:
     plt = _pyplot()
     cm = np.asarray(cm)
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    # log scale: the diagonal holds ~1000 per class, the errors a handful, and both should be visible
+    # log scale: the diagonal holds ~1000 per class, the errors a handful, and both should be
+    # visible
     im = ax.imshow(np.log1p(cm), cmap="viridis")
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                    color="black" if np.log1p(cm[i, j]) > np.log1p(cm.max()) * 0.6 else "white")
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if np.log1p(cm[i, j]) > np.log1p(cm.max()) * 0.6 else "white",
+            )
     ax.set_xticks(range(cm.shape[1]))
     ax.set_yticks(range(cm.shape[0]))
     ax.set_xlabel("predicted")
@@ -79,7 +91,8 @@ def confusion(cm, path, title: str = "confusion matrix (test set)") -> None:
 
 
 def misclassified(images, true, pred, path, limit: int = 36, side: int = 28) -> int:
-    """A grid of up to ``limit`` misclassified digits, each titled "true -> predicted"; returns the count shown."""
+    """A grid of up to ``limit`` misclassified digits, each titled "true -> predicted"; returns the
+    count shown."""
     plt = _pyplot()
     wrong = np.flatnonzero(np.asarray(true) != np.asarray(pred))[:limit]
     cols = 6

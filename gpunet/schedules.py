@@ -2,8 +2,10 @@
 
 - constant: ``lr``
 - step:     ``lr * gamma ** (epoch // step_size)``
-- cosine:   ``min_lr + (lr - min_lr) * (1 + cos(pi * epoch / epochs)) / 2``, optionally after a linear warm-up
+- cosine:   ``min_lr + (lr - min_lr) * (1 + cos(pi * epoch / epochs)) / 2``, optionally after a
+  linear warm-up
 """
+
 from __future__ import annotations
 
 import math
@@ -49,9 +51,9 @@ class Cosine:
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
-def make_schedule(name: str, lr: float, epochs: int,
-                  **kwargs: Any) -> Constant | Step | Cosine:
-    """Build a schedule by name: "constant", "step" (step_size, gamma) or "cosine" (min_lr, warmup)."""
+def make_schedule(name: str, lr: float, epochs: int, **kwargs: Any) -> Constant | Step | Cosine:
+    """Build a schedule by name: "constant", "step" (step_size, gamma) or "cosine" (min_lr,
+    warmup)."""
     if name == "constant":
         return Constant(lr)
     if name == "step":

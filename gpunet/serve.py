@@ -2,18 +2,20 @@
 internet, ever). The connections are gpunet.connections' (one reader thread, a fixed pool of
 handler threads, a deadline per request, a bound on open connections).
 
-    GET  /          the page (gpunet/page.html: a canvas, the predicted digit, ten bars, the input seen)
-    GET  /health    {"status": "ok", "model": NAME, "inputs": 784, "classes": 10, "image_size": [28, 28]}
-    POST /predict   body: PNG/JPEG bytes (any picture Pillow reads; made MNIST-style, see gpunet.data.pictures)
-                    or JSON {"pixels": [[...], ...]} (rows x cols numbers in [0, 1] or 0..255, used as is)
-                    -> {"digit": d, "top3": [{"digit", "probability"} x 3], "probabilities": [C floats],
-                        "warnings": [...], "input": [[rows x cols]]} (gpunet.predictions.prediction + input)
+    GET  /          the page (gpunet/page.html: a canvas, the predicted digit, ten bars, the input
+    seen) GET  /health    {"status": "ok", "model": NAME, "inputs": 784, "classes": 10,
+    "image_size": [28, 28]} POST /predict   body: PNG/JPEG bytes (any picture Pillow reads; made
+                    MNIST-style, see gpunet.data.pictures) or JSON {"pixels": [[...], ...]} (rows x
+                    cols numbers in [0, 1] or 0..255, used as is) -> {"digit": d, "top3": [{"digit",
+                        "probability"} x 3], "probabilities": [C floats], "warnings": [...],
+"input": [[rows x cols]]} (gpunet.predictions.prediction + input)
 
 Every error is JSON {"error": "one line"} with its status (400 bad body, 404, 405, 408 request not
 whole within the deadline, 411 no length, 413 too large, 431 headers too long, 500 a bug, 503 too
 many connections); no traceback reaches a client or the log. Only the command line imports this
 module.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,7 +36,9 @@ from .data.pictures import image_size, mnist_style, to_unit_scale
 from .predictions import prediction
 from .training import predict_proba
 
-MAX_BODY = 8 * 2**20  # bytes: a phone photo fits; anything bigger is refused (413) before it is read
+MAX_BODY = (
+    8 * 2**20
+)  # bytes: a phone photo fits; anything bigger is refused (413) before it is read
 MAX_ROWS = 256  # rows in one forward pass of the device worker, when that many requests wait
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -111,7 +115,7 @@ class DeviceWorker:
             self.batches += 1
             start = 0
             for job in batch:
-                job.result, start = probs[start:start + len(job.x)], start + len(job.x)
+                job.result, start = probs[start : start + len(job.x)], start + len(job.x)
         except Exception as exc:  # the request threads answer it (500, one line)
             for job in batch:
                 job.error = exc
@@ -134,21 +138,31 @@ class Predictor:
         self.worker = DeviceWorker(net, max_rows)
 
     def info(self) -> dict:
-        return {"status": "ok", "model": self.name, "inputs": int(self.net.in_features),
-                "classes": self.classes, "image_size": list(self.size)}
+        return {
+            "status": "ok",
+            "model": self.name,
+            "inputs": int(self.net.in_features),
+            "classes": self.classes,
+            "image_size": list(self.size),
+        }
 
     def from_picture(self, body: bytes) -> dict:
-        """PNG/JPEG (or any Pillow-readable) bytes -> the prediction dict (see the module docstring)."""
+        """PNG/JPEG (or any Pillow-readable) bytes -> the prediction dict (see the module
+        docstring)."""
         if min(self.size) < 4:
-            raise BadRequest(f"this model takes {self.net.in_features} inputs, not a square image: "
-                             f"send JSON pixels instead of a picture")
+            raise BadRequest(
+                f"this model takes {self.net.in_features} inputs, not a square image: "
+                f"send JSON pixels instead of a picture"
+            )
         from PIL import Image  # Pillow is needed for pictures only
 
         try:
             img = Image.open(io.BytesIO(body))
         except Exception as exc:  # Pillow raises many types for bytes that are no picture
-            raise BadRequest(f"the body is not a picture Pillow can read ({type(exc).__name__}); send PNG or "
-                             f"JPEG bytes, or JSON {{\"pixels\": [[...]]}} with Content-Type: application/json") from exc
+            raise BadRequest(
+                f"the body is not a picture Pillow can read ({type(exc).__name__}); send PNG or "
+                f'JPEG bytes, or JSON {{"pixels": [[...]]}} with Content-Type: application/json'
+            ) from exc
         try:
             with img:
                 pixels, warnings = mnist_style(img, self.size)
@@ -159,33 +173,44 @@ class Predictor:
         return self.predict(pixels, warnings)
 
     def from_json(self, body: bytes) -> dict:
-        """JSON {"pixels": rows x cols numbers} -> the prediction dict; the pixels are used as they are."""
+        """JSON {"pixels": rows x cols numbers} -> the prediction dict; the pixels are used as they
+        are."""
         try:
             doc = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BadRequest(f"the body is not valid JSON ({exc})") from exc
         if not isinstance(doc, dict) or "pixels" not in doc:
-            raise BadRequest(f"expected a JSON object {{\"pixels\": [[...]]}}, got {type(doc).__name__}"
-                             + (f" with keys {sorted(doc)}" if isinstance(doc, dict) else ""))
+            raise BadRequest(
+                f'expected a JSON object {{"pixels": [[...]]}}, got {type(doc).__name__}'
+                + (f" with keys {sorted(doc)}" if isinstance(doc, dict) else "")
+            )
         rows, cols = self.size
         try:
             arr = np.array(doc["pixels"], dtype=np.float64)
         except (TypeError, ValueError) as exc:
-            raise BadRequest(f"pixels: expected {rows} rows of {cols} numbers, got ragged or non-numeric "
-                             f"values") from exc
+            raise BadRequest(
+                f"pixels: expected {rows} rows of {cols} numbers, got ragged or non-numeric values"
+            ) from exc
         if arr.shape not in ((rows, cols), (rows * cols,)):
-            raise BadRequest(f"pixels: expected {rows} rows of {cols} numbers, got an array of shape {arr.shape}")
+            raise BadRequest(
+                f"pixels: expected {rows} rows of {cols} numbers, got an array of shape {arr.shape}"
+            )
         try:
             pixels = to_unit_scale(arr, "pixels")
         except DataError as exc:
             raise BadRequest(str(exc)) from exc
-        if np.ptp(pixels) < 0.5 / 255:  # not even half a byte's step between two pixels: a blank field
-            raise BadRequest(f"no ink found: the pixels are one flat shade ({float(pixels.flat[0]):g}); send "
-                             f"light ink on black, as MNIST's digits are")
+        if (
+            np.ptp(pixels) < 0.5 / 255
+        ):  # not even half a byte's step between two pixels: a blank field
+            raise BadRequest(
+                f"no ink found: the pixels are one flat shade ({float(pixels.flat[0]):g}); send "
+                f"light ink on black, as MNIST's digits are"
+            )
         return self.predict(pixels.reshape(rows, cols), [])
 
     def predict(self, pixels: np.ndarray, warnings: list) -> dict:
-        """pixels float32 (rows, cols) -> the prediction (see the module docstring) with its "input"."""
+        """pixels float32 (rows, cols) -> the prediction (see the module docstring) with its
+        "input"."""
         x = pixels.reshape(1, -1).astype(self.net.dtype, copy=False)
         probs = self.worker.probabilities(x)[0]
         return {**prediction(probs, warnings), "input": np.round(pixels, 3).tolist()}
@@ -202,7 +227,9 @@ class Handler(connections.BufferedHandler):
     server_version = "gpunet-serve"
     sys_version = ""
     protocol_version = "HTTP/1.1"  # keep-alive: the page sends a request per change while drawing
-    default_request_version = "HTTP/1.0"  # a malformed request line still gets a status line and JSON
+    default_request_version = (
+        "HTTP/1.0"  # a malformed request line still gets a status line and JSON
+    )
 
     # -- answers ------------------------------------------------------------------------------
     def _send(self, status: int, body: bytes, content_type: str, extra=()):
@@ -222,7 +249,8 @@ class Handler(connections.BufferedHandler):
         self._send(status, json.dumps(doc).encode(), "application/json", extra)
 
     def send_error(self, code, message=None, explain=None):
-        """The base class's own errors (malformed request line, headers too long, ...) as JSON too."""
+        """The base class's own errors (malformed request line, headers too long, ...) as JSON
+        too."""
         self.close_connection = True
         try:
             phrase = HTTPStatus(code).phrase
@@ -245,7 +273,11 @@ class Handler(connections.BufferedHandler):
         elif path == "/health":
             self._json(200, self.server.predictor.info())
         elif path == "/predict":
-            self._json(405, {"error": "/predict takes POST with a picture or JSON pixels"}, [("Allow", "POST")])
+            self._json(
+                405,
+                {"error": "/predict takes POST with a picture or JSON pixels"},
+                [("Allow", "POST")],
+            )
         else:
             self._json(404, {"error": f"no such page: {path} (try /, /health or POST /predict)"})
 
@@ -268,15 +300,20 @@ class Handler(connections.BufferedHandler):
             self._json(400, {"error": " ".join(str(exc).split())})
             return
         except Exception as exc:  # a bug: say so in one line, never a traceback
-            sys.stderr.write(f"gpunet serve: internal error on POST /predict: {type(exc).__name__}: {exc}\n")
+            sys.stderr.write(
+                f"gpunet serve: internal error on POST /predict: {type(exc).__name__}: {exc}\n"
+            )
             self._json(500, {"error": f"internal error ({type(exc).__name__})"})
             return
         self._json(200, result)
 
     def _not_allowed(self):
         self.close_connection = True
-        self._json(405, {"error": f"method {self.command} not allowed (GET /, GET /health, POST /predict)"},
-                   [("Allow", "GET, HEAD, POST")])
+        self._json(
+            405,
+            {"error": f"method {self.command} not allowed (GET /, GET /health, POST /predict)"},
+            [("Allow", "GET, HEAD, POST")],
+        )
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
@@ -285,7 +322,11 @@ class Handler(connections.BufferedHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             self.close_connection = True
-            kind = "chunked bodies are not supported: " if self.headers.get("Transfer-Encoding") else ""
+            kind = (
+                "chunked bodies are not supported: "
+                if self.headers.get("Transfer-Encoding")
+                else ""
+            )
             self._json(411, {"error": f"{kind}send a Content-Length header with the body"})
             return None
         try:
@@ -294,14 +335,20 @@ class Handler(connections.BufferedHandler):
                 raise ValueError
         except ValueError:
             self.close_connection = True
-            self._json(400, {"error": f"Content-Length: expected a non-negative integer, got {length!r}"})
+            self._json(
+                400, {"error": f"Content-Length: expected a non-negative integer, got {length!r}"}
+            )
             return None
         if n > self.server.max_body:  # the reader passed the headers alone, drops the body after
             self.close_connection = True
-            self._json(413, {"error": f"body of {n} bytes is too large (at most {self.server.max_body})"})
+            self._json(
+                413, {"error": f"body of {n} bytes is too large (at most {self.server.max_body})"}
+            )
             return None
         if n == 0:
-            self._json(400, {"error": "empty body: send PNG or JPEG bytes, or JSON {\"pixels\": [[...]]}"})
+            self._json(
+                400, {"error": 'empty body: send PNG or JPEG bytes, or JSON {"pixels": [[...]]}'}
+            )
             return None
         body = self.rfile.read(n)
         if len(body) < n:  # the client hung up mid-body: nobody to answer
@@ -313,8 +360,9 @@ class Handler(connections.BufferedHandler):
 class Server(connections.Server):
     """The connections of gpunet.connections, answered by Handler, holding the predictor."""
 
-    def __init__(self, address, predictor: Predictor, max_body: int = MAX_BODY,
-                 quiet: bool = False, **kwargs):
+    def __init__(
+        self, address, predictor: Predictor, max_body: int = MAX_BODY, quiet: bool = False, **kwargs
+    ):
         self.predictor = predictor
         super().__init__(address, Handler, max_body=max_body, quiet=quiet, **kwargs)
 
@@ -325,20 +373,35 @@ class Server(connections.Server):
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
         if not isinstance(exc, (ConnectionError, TimeoutError)):  # clients hanging up are not news
-            sys.stderr.write(f"gpunet serve: error with {client_address[0]}: {type(exc).__name__}: {exc}\n")
+            sys.stderr.write(
+                f"gpunet serve: error with {client_address[0]}: {type(exc).__name__}: {exc}\n"
+            )
 
 
-def make_server(net, host: str = "127.0.0.1", port: int = 8000, *, name: str = "model",
-                max_body: int = MAX_BODY, quiet: bool = False,
-                deadline: float = connections.DEADLINE,
-                max_connections: int = connections.MAX_CONNECTIONS) -> Server:
+def make_server(
+    net,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    name: str = "model",
+    max_body: int = MAX_BODY,
+    quiet: bool = False,
+    deadline: float = connections.DEADLINE,
+    max_connections: int = connections.MAX_CONNECTIONS,
+) -> Server:
     """A server for `net`, bound and ready (call ``serve_forever``); port 0 picks a free port.
     `deadline`: seconds a request may take to arrive whole (then 408); `max_connections`: open at
     once (then 503)."""
     predictor = Predictor(net, name)
     try:
-        return Server((host, port), predictor, max_body=max_body, quiet=quiet,
-                      deadline=deadline, max_connections=max_connections)
+        return Server(
+            (host, port),
+            predictor,
+            max_body=max_body,
+            quiet=quiet,
+            deadline=deadline,
+            max_connections=max_connections,
+        )
     except OSError as exc:
         predictor.worker.close()  # no server: its worker thread ends too
         raise OSError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from exc
@@ -369,22 +432,36 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run(net, host: str = "127.0.0.1", port: int = 8000, *, name: str = "model",
-        deadline: float = connections.DEADLINE,
-        max_connections: int = connections.MAX_CONNECTIONS) -> int:
-    """Serve until Ctrl+C or SIGTERM; prints the address first. Returns 0. Call from the main thread."""
+def run(
+    net,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    name: str = "model",
+    deadline: float = connections.DEADLINE,
+    max_connections: int = connections.MAX_CONNECTIONS,
+) -> int:
+    """Serve until Ctrl+C or SIGTERM; prints the address first. Returns 0. Call from the main
+    thread."""
     allowed = raise_file_limit(max_connections)
     server = make_server(net, host, port, name=name, deadline=deadline, max_connections=allowed)
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"gpunet serve: {name} on http://{shown}:{bound_port}/ (Ctrl+C to stop)", flush=True)
     if host not in LOOPBACK:
-        print(f"gpunet serve: note: listening on {host}, so other machines can reach this page", flush=True)
+        print(
+            f"gpunet serve: note: listening on {host}, so other machines can reach this page",
+            flush=True,
+        )
     if allowed < max_connections:
-        print(f"gpunet serve: note: at most {allowed} connections at once (the limit of open "
-              f"files, ulimit -n, allows no more)", flush=True)
-    # SIGTERM (`docker stop`, service managers) stops like Ctrl+C. As a container's PID 1, gpunet would
-    # otherwise ignore it: the kernel drops signals PID 1 has no handler for, and the engine kills it later.
+        print(
+            f"gpunet serve: note: at most {allowed} connections at once (the limit of open "
+            f"files, ulimit -n, allows no more)",
+            flush=True,
+        )
+    # SIGTERM (`docker stop`, service managers) stops like Ctrl+C. As a container's PID 1, gpunet
+    # would otherwise ignore it: the kernel drops signals PID 1 has no handler for, and the engine
+    # kills it later.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever()

@@ -1,4 +1,5 @@
 """Shared fixtures: the device list, the real MNIST folder, and helpers that compare on the host."""
+
 from __future__ import annotations
 
 import os
@@ -11,9 +12,10 @@ import pytest
 from gpunet import backend
 
 ROOT = Path(__file__).resolve().parents[1]
-# tests/unit, tests/system and tests/repo hold the tests; tests/support the helpers they import by their bare
-# names (``import fake_cupy``, ``from cuda_cpu import ...``), found here; ``from conftest import ...`` finds
-# this file, which pytest puts on sys.path (tests/ has no __init__.py: module names are the file names).
+# tests/unit, tests/system and tests/repo hold the tests; tests/support the helpers they import by
+# their bare names (``import fake_cupy``, ``from cuda_cpu import ...``), found here; ``from conftest
+# import ...`` finds this file, which pytest puts on sys.path (tests/ has no __init__.py: module
+# names are the file names).
 SUPPORT = Path(__file__).resolve().parent / "support"
 if str(SUPPORT) not in sys.path:
     sys.path.insert(0, str(SUPPORT))
@@ -33,8 +35,9 @@ def gpu_skip_reason():
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU tests skip with the reason where no GPU is usable; with GPUNET_REQUIRE_GPU=1 (on a machine that
-    must have one) they fail with it instead, so a broken GPU setup cannot pass as skipped."""
+    """GPU tests skip with the reason where no GPU is usable; with GPUNET_REQUIRE_GPU=1 (on a
+    machine that must have one) they fail with it instead, so a broken GPU setup cannot pass as
+    skipped."""
     reason = None
     require = os.environ.get("GPUNET_REQUIRE_GPU") == "1"
     for item in items:
@@ -65,10 +68,14 @@ def device(request):
 
 
 def optional(module: str, extra: str):
-    """Import ``module``, a part that is optional for users, or skip saying so and naming the extra that
-    brings it (the test extra brings most such parts; PyTorch comes with the bench extra, and CI installs it)."""
-    return pytest.importorskip(module, reason=f"{module} is optional for users (pip install 'gpunet[{extra}]') "
-                                              f"and not installed here; pip install -e '.[test,{extra}]' brings it")
+    """Import ``module``, a part that is optional for users, or skip saying so and naming the extra
+    that brings it (the test extra brings most such parts; PyTorch comes with the bench extra, and
+    CI installs it)."""
+    return pytest.importorskip(
+        module,
+        reason=f"{module} is optional for users (pip install 'gpunet[{extra}]') "
+        f"and not installed here; pip install -e '.[test,{extra}]' brings it",
+    )
 
 
 def assert_allclose(actual, desired, rtol=1e-7, atol=0.0, err_msg=""):
@@ -81,7 +88,9 @@ def assert_allclose(actual, desired, rtol=1e-7, atol=0.0, err_msg=""):
 def _find_mnist_dir():
     candidates = [os.environ.get("GPUNET_DATA"), str(ROOT.parent / "shared" / "data" / "mnist")]
     for c in candidates:
-        if c and all((Path(c) / f).exists() or (Path(c) / (f + ".gz")).exists() for f in MNIST_FILES):
+        if c and all(
+            (Path(c) / f).exists() or (Path(c) / (f + ".gz")).exists() for f in MNIST_FILES
+        ):
             return Path(c)
     return None
 
@@ -102,8 +111,8 @@ def mnist_dir():
 
 
 def make_fake_mnist(folder, n_train=600, n_test=200, seed=0, gz=True):
-    """Tiny MNIST-compatible files: each class is a fixed random 28x28 pattern plus noise, so a small
-    net can learn it in a few epochs. Returns the folder."""
+    """Tiny MNIST-compatible files: each class is a fixed random 28x28 pattern plus noise, so a
+    small net can learn it in a few epochs. Returns the folder."""
     from gpunet.data import MNIST_FILES
     from gpunet.data.idx import write_idx
 
@@ -128,9 +137,10 @@ def fake_mnist(tmp_path):
 
 @pytest.fixture(scope="session")
 def mnist_model(mnist_dir, tmp_path_factory):
-    """A small MLP (784-128-10, 3 epochs, a few seconds on 2 cores) trained on the real MNIST through the
-    public API, for the picture, server and browser tests. A namespace: path (the saved .npz), net (on
-    the CPU), accuracy (on the 10,000 test digits), x_test float32 (N, 784), y_test int64 (N,)."""
+    """A small MLP (784-128-10, 3 epochs, a few seconds on 2 cores) trained on the real MNIST
+    through the public API, for the picture, server and browser tests. A namespace: path (the saved
+    .npz), net (on the CPU), accuracy (on the 10,000 test digits), x_test float32 (N, 784), y_test
+    int64 (N,)."""
     import contextlib
     import types
 
@@ -145,10 +155,13 @@ def mnist_model(mnist_dir, tmp_path_factory):
     (x_train, y_train), (x_test, y_test) = load_mnist(mnist_dir, download=False)
     net = gn.mlp([784, 128, 10], seed=0, device="cpu")
     opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9)
-    # One BLAS thread: these small GEMMs took 2 s that way but 26 s with two threads on a busy 2-core box
+    # One BLAS thread: these small GEMMs took 2 s that way but 26 s with two threads on a busy
+    # 2-core box
     with threadpool_limits(1):
         fit(net, gn.SoftmaxCrossEntropy(), opt, x_train, y_train, epochs=3, batch_size=128, seed=0)
     path = tmp_path_factory.mktemp("model") / "mnist-128.npz"
     net.save(path)
     accuracy = float((gn.to_numpy(predict(net, x_test)) == y_test).mean())
-    return types.SimpleNamespace(path=path, net=net, accuracy=accuracy, x_test=x_test, y_test=y_test)
+    return types.SimpleNamespace(
+        path=path, net=net, accuracy=accuracy, x_test=x_test, y_test=y_test
+    )

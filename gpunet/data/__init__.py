@@ -1,7 +1,7 @@
 """Data, one module per thing it holds:
 
-- :mod:`gpunet.data.arrays`: arrays in, the front door: features and targets as the network's dtype and
-  device (``features``, ``targets``);
+- :mod:`gpunet.data.arrays`: arrays in, the front door: features and targets as the network's dtype
+  and device (``features``, ``targets``);
 - :mod:`gpunet.data.rows`: features read by row index, batch by batch (``Rows``; ``Pixels``, uint8
   images read as floats);
 - :mod:`gpunet.data.datasets`: data sets on disk: MNIST's four files (find, download, load), a
@@ -14,10 +14,24 @@ Data problems raise :class:`DataError`, naming the file or argument.
 
 
 class DataError(ValueError):
-    """A data file is missing, unreadable or malformed; the message names the file and the problem."""
+    """A data file is missing, unreadable or malformed; the message names the file and the
+    problem."""
 
 
 # After DataError: the modules below import it from here.
-from .datasets import MNIST_FILES, download_mnist, load_arrays, load_mnist, split_validation  # noqa: E402
+from .datasets import (  # noqa: E402
+    MNIST_FILES,
+    download_mnist,
+    load_arrays,
+    load_mnist,
+    split_validation,
+)
 
-__all__ = ["DataError", "MNIST_FILES", "download_mnist", "load_arrays", "load_mnist", "split_validation"]
+__all__ = [
+    "DataError",
+    "MNIST_FILES",
+    "download_mnist",
+    "load_arrays",
+    "load_mnist",
+    "split_validation",
+]

@@ -20,6 +20,7 @@ core's step rounds ``lr*grad`` once more (tests compare the two). ``routines(a)`
 another NumPy build (MKL, Accelerate), another dtype, or ``GPUNET_CPU_BLAS=0``: then the fast path
 writes the gradients with NumPy and the core optimizer steps.
 """
+
 from __future__ import annotations
 
 import functools
@@ -53,14 +54,17 @@ class _Blas:
 
 @functools.lru_cache(maxsize=None)
 def _openblas(dtype_char: str):
-    """The CBLAS routines of the OpenBLAS inside NumPy's wheel, or None (other builds: MKL, Accelerate)."""
+    """The CBLAS routines of the OpenBLAS inside NumPy's wheel, or None (other builds: MKL,
+    Accelerate)."""
     if os.environ.get("GPUNET_CPU_BLAS", "1") == "0":
         return None
     try:
         import ctypes
         import glob
 
-        libs = glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "libscipy_openblas64_*.so"))
+        libs = glob.glob(
+            os.path.join(os.path.dirname(np.__file__) + ".libs", "libscipy_openblas64_*.so")
+        )
         return _Blas(ctypes.CDLL(libs[0]), dtype_char) if libs else None
     except Exception:  # any surprise in a foreign library means: no BLAS path
         return None
@@ -76,7 +80,11 @@ def status() -> str:
     """In words, for ``gpunet info``."""
     if routines(np.float32) is not None:
         return "on (NumPy's OpenBLAS, called directly)"
-    return "off (GPUNET_CPU_BLAS=0)" if os.environ.get("GPUNET_CPU_BLAS") == "0" else "off (NumPy ships no OpenBLAS)"
+    return (
+        "off (GPUNET_CPU_BLAS=0)"
+        if os.environ.get("GPUNET_CPU_BLAS") == "0"
+        else "off (NumPy ships no OpenBLAS)"
+    )
 
 
 def _dense(a, dtype) -> bool:
@@ -95,11 +103,14 @@ class LinearUpdate:
         self.blas = routines(W.dtype)
         arrays = [a for a in (W, b, gW, gb, vW, vb) if a is not None]
         if self.blas is None or not all(_dense(a, W.dtype) for a in arrays):
-            raise ValueError("W, b, gW, gb: expected C-contiguous NumPy float arrays of one dtype "
-                             f"on NumPy's OpenBLAS, got {[a.dtype.name for a in arrays]}")
+            raise ValueError(
+                "W, b, gW, gb: expected C-contiguous NumPy float arrays of one dtype "
+                f"on NumPy's OpenBLAS, got {[a.dtype.name for a in arrays]}"
+            )
         if gW.shape != W.shape or gb.shape != b.shape:
-            raise ValueError(f"gW, gb: expected shapes {W.shape} and {b.shape}, "
-                             f"got {gW.shape} and {gb.shape}")
+            raise ValueError(
+                f"gW, gb: expected shapes {W.shape} and {b.shape}, got {gW.shape} and {gb.shape}"
+            )
         self.W, self.b, self.gW, self.gb, self.vW, self.vb = W, b, gW, gb, vW, vb
         self.n_in, self.n_out = W.shape
         self._ones = np.ones(0, dtype=W.dtype)
@@ -108,15 +119,31 @@ class LinearUpdate:
         """x (K, in) and dy (K, out), C-contiguous in W's dtype."""
         k, n_in, n_out, blas, dt = x.shape[0], self.n_in, self.n_out, self.blas, self.W.dtype
         if not (_dense(x, dt) and _dense(dy, dt)) or x.shape != (k, n_in) or dy.shape != (k, n_out):
-            raise ValueError(f"x, dy: expected C-contiguous ({k}, {n_in}) and ({k}, {n_out}) {dt} "
-                             f"arrays, got {x.shape} {x.dtype} and {dy.shape} {dy.dtype}")
+            raise ValueError(
+                f"x, dy: expected C-contiguous ({k}, {n_in}) and ({k}, {n_out}) {dt} "
+                f"arrays, got {x.shape} {x.dtype} and {dy.shape} {dy.dtype}"
+            )
         if self._ones.shape[0] != k:
             self._ones = np.ones(k, dtype=dt)
         lr, wd, size = float(lr), float(wd), n_in * n_out
         pW, pb, gW = self.W.ctypes.data, self.b.ctypes.data, self.gW.ctypes.data
         dyp, ones = dy.ctypes.data, self._ones.ctypes.data
-        blas.gemm(_ROW_MAJOR, _TRANS, _NO_TRANS, n_in, n_out, k, 1.0, x.ctypes.data, n_in,
-                  dyp, n_out, 0.0, gW, n_out)
+        blas.gemm(
+            _ROW_MAJOR,
+            _TRANS,
+            _NO_TRANS,
+            n_in,
+            n_out,
+            k,
+            1.0,
+            x.ctypes.data,
+            n_in,
+            dyp,
+            n_out,
+            0.0,
+            gW,
+            n_out,
+        )
         gb = self.gb.ctypes.data
         blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, 1.0, dyp, n_out, ones, 1, 0.0, gb, 1)
         if self.vW is None:  # SGD: w = (1 - lr*wd) w - lr * grad
@@ -136,12 +163,13 @@ class LinearUpdate:
         blas.axpy(n_out, -1.0, vb, 1, pb, 1)
 
 
-# --- threads by work ------------------------------------------------------------------------------------
-# OpenBLAS splits every product over all its threads, however small; on a shared 2-core machine a small
-# table's products (digits: 200 x 64 x 100) then wait on threads more than they compute (issue 35: digits
-# 19 s against 1.5 s on one thread). Below SMALL_WORK multiply-adds in the largest product of a step, one
-# thread; above it, OpenBLAS's own count. The figure is a first guess (about a millisecond of one core):
-# benchmarks/blas_threads.py times digits, wine and MNIST both ways, to be run on a quiet machine.
+# --- threads by work ------------------------------------------------------------------------------
+# OpenBLAS splits every product over all its threads, however small; on a shared 2-core machine a
+# small table's products (digits: 200 x 64 x 100) then wait on threads more than they compute (issue
+# 35: digits 19 s against 1.5 s on one thread). Below SMALL_WORK multiply-adds in the largest
+# product of a step, one thread; above it, OpenBLAS's own count. The figure is a first guess (about
+# a millisecond of one core): benchmarks/blas_threads.py times digits, wine and MNIST both ways, to
+# be run on a quiet machine.
 SMALL_WORK = 1 << 22
 
 
@@ -169,15 +197,20 @@ def threads() -> int | None:
 
 
 class threads_for:
-    """``with threads_for(work):`` one BLAS thread while the largest product of each call holds fewer
-    than :data:`SMALL_WORK` multiply-adds (``work``), OpenBLAS's own count otherwise; restored after."""
+    """``with threads_for(work):`` one BLAS thread while the largest product of each call holds
+    fewer than :data:`SMALL_WORK` multiply-adds (``work``), OpenBLAS's own count otherwise; restored
+    after."""
 
     def __init__(self, work: int):
         self.work, self.saved = int(work), None
 
     def __enter__(self):
         calls = _thread_calls()
-        if calls is not None and self.work < SMALL_WORK and os.environ.get("GPUNET_BLAS_THREADS") != "all":
+        if (
+            calls is not None
+            and self.work < SMALL_WORK
+            and os.environ.get("GPUNET_BLAS_THREADS") != "all"
+        ):
             self.saved = int(calls[0]())
             calls[1](1)
         return self

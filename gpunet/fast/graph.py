@@ -293,8 +293,9 @@ class GraphStep:
                 key += 1
             x = y
         shard = batch_rows if self.distributed else None  # a rank's share: 1 / the global rows
-        cuda.softmax_xent_sums(x, bufs["labels"], bufs["grad"], bufs["mean"], self.loss_sum,
-                               self.correct, rows=shard)
+        cuda.softmax_xent_sums(
+            x, bufs["labels"], bufs["grad"], bufs["mean"], self.loss_sum, self.correct, rows=shard
+        )
         self._backward(bufs)
 
     def _backward(self, bufs) -> None:

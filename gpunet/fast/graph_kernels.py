@@ -6,8 +6,8 @@ Why our own kernels: CuPy's cuBLAS calls raise NotImplementedError while a strea
 The two ways out, and why this one:
 
 * **RawKernels (chosen).** They capture like every other kernel, need nothing beyond what CuPy
-  already compiles, and, above all, run on the CPU in tests/support/cuda_cpu.py against NumPy's matmul, so
-  that a machine without a GPU proves them (this session had none).
+  already compiles, and, above all, run on the CPU in tests/support/cuda_cpu.py against NumPy's
+  matmul, so that a machine without a GPU proves them (this session had none).
 * cuBLASLt through its C API (``cublasLtMatmul`` with the stream and a preallocated workspace set
   before capture): cuBLAS's own speed, but a ctypes binding that nothing here can run or test, and
   one more library to find at run time.
@@ -106,8 +106,7 @@ def gemm_source(ctype_: str, variant: str) -> str:
     return (
         f"typedef {ctype_} T;\n#define NAME {gemm_name(variant)}\n#define TRANS_A {ta}\n"
         f"#define TRANS_B {tb}\n#define TILE {TILE}\n#define STEP {STEP}\n"
-        f"#define SIDE {THREADS_SIDE}\n"
-        + GEMM
+        f"#define SIDE {THREADS_SIDE}\n" + GEMM
     )
 
 
@@ -246,9 +245,7 @@ def variants() -> dict:
         "gather": GATHER_ROWS,
         "gather_labels": GATHER_LABELS,
         "bias_grad": BIAS_GRAD,
-        "layer_sgd": reading(
-            cuda.LAYER_SGD, ("lr", "wd"), "scalars_f", "gpunet_graph_layer_sgd"
-        ),
+        "layer_sgd": reading(cuda.LAYER_SGD, ("lr", "wd"), "scalars_f", "gpunet_graph_layer_sgd"),
         "layer_momentum": reading(
             cuda.LAYER_MOMENTUM,
             ("lr", "gamma", "wd"),

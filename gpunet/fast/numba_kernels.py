@@ -1,13 +1,15 @@
 """Compiled CPU kernels of the fast path (numba): the elementwise work of one step in one pass.
 
-Optional: imported only when numba is installed (``pip install gpunet[numba]``) and the fast path is on.
-Why: one NumPy call costs a few microseconds however small its array, and each elementwise step of a
-layer is two or three such calls, each a full pass over the array; a compiled loop does it in one pass
-and one call (timings in BENCHMARKS.md).
+Optional: imported only when numba is installed (``pip install gpunet[numba]``) and the fast path is
+on. Why: one NumPy call costs a few microseconds however small its array, and each elementwise step
+of a layer is two or three such calls, each a full pass over the array; a compiled loop does it in
+one pass and one call (timings in BENCHMARKS.md).
 
-Each kernel works in place on C-contiguous arrays of one float dtype (float32 or float64); the formulas
-are the core's, and tests check each kernel against them. Compiled on first use per dtype, cached on disk.
+Each kernel works in place on C-contiguous arrays of one float dtype (float32 or float64); the
+formulas are the core's, and tests check each kernel against them. Compiled on first use per dtype,
+cached on disk.
 """
+
 from __future__ import annotations
 
 import numba
@@ -28,8 +30,8 @@ def bias_relu(y, b):
 
 @_jit
 def relu_backward(dy, y):
-    """dy (N, C) = dy * (y > 0), with y the ReLU output (a NaN or inf in dy stays NaN where y <= 0, as
-    in the core's product)."""
+    """dy (N, C) = dy * (y > 0), with y the ReLU output (a NaN or inf in dy stays NaN where y <= 0,
+    as in the core's product)."""
     zero = dy.dtype.type(0)
     for i in range(dy.shape[0]):
         for j in range(dy.shape[1]):
@@ -38,14 +40,15 @@ def relu_backward(dy, y):
 
 @_jit
 def softmax_xent(z, labels, grad, loss_rows, inv_n):
-    """Per row i: loss_rows[i] = logsumexp(z[i]) - z[i, labels[i]]; grad[i] = (softmax(z[i]) - onehot) * inv_n."""
+    """Per row i: loss_rows[i] = logsumexp(z[i]) - z[i, labels[i]]; grad[i] = (softmax(z[i]) -
+    onehot) * inv_n."""
     for i in range(z.shape[0]):
         m = z[i, 0]
         for j in range(1, z.shape[1]):
             m = max(m, z[i, j])
         s = z.dtype.type(0)
         for j in range(z.shape[1]):
-            e = np.exp(z[i, j] - m)   # <= 1: the stable log-sum-exp, never exp of a large number
+            e = np.exp(z[i, j] - m)  # <= 1: the stable log-sum-exp, never exp of a large number
             grad[i, j] = e
             s += e
         scale = inv_n / s
@@ -60,8 +63,9 @@ def softmax_xent(z, labels, grad, loss_rows, inv_n):
 
 @_jit
 def adam(w, g, m, v, b1, b2, c1, c2, step, root_c2, eps, wd, decay):
-    """Adam's or AdamW's rule on flat (1-D) arrays, in place, with the core's operations in its order:
-    d = g + wd w; w *= decay; m = b1 m + c1 d; v = b2 v + c2 d d; w -= step (m / (sqrt(v) / root_c2 + eps))."""
+    """Adam's or AdamW's rule on flat (1-D) arrays, in place, with the core's operations in its
+    order: d = g + wd w; w *= decay; m = b1 m + c1 d; v = b2 v + c2 d d; w -= step (m / (sqrt(v) /
+    root_c2 + eps))."""
     for i in range(w.shape[0]):
         d = g[i] + wd * w[i]
         wi = w[i] * decay
@@ -73,7 +77,8 @@ def adam(w, g, m, v, b1, b2, c1, c2, step, root_c2, eps, wd, decay):
 
 @_jit
 def gather_scaled(src, idx, out, divisor):
-    """out[k] = src[idx[k]] / divisor for k < len(idx); src (N, F) integers (uint8 pixels), out (>=K, F) float."""
+    """out[k] = src[idx[k]] / divisor for k < len(idx); src (N, F) integers (uint8 pixels), out
+    (>=K, F) float."""
     n = src.shape[0]
     for k in range(idx.shape[0]):
         row = idx[k]

@@ -1,9 +1,11 @@
 """The elementwise steps of the fast path, each picked by where its arrays live: the CUDA kernel for
 CuPy arrays, the numba kernel for NumPy arrays when numba is installed, else in-place NumPy.
 
-All work in place on arrays the fast step owns (C-contiguous, one float dtype). Their formulas are the
-core's: ``max(x @ W + b, 0)``, ``dy * (x > 0)``, ``(softmax(z) - onehot) / N`` (tests compare them).
+All work in place on arrays the fast step owns (C-contiguous, one float dtype). Their formulas are
+the core's: ``max(x @ W + b, 0)``, ``dy * (x > 0)``, ``(softmax(z) - onehot) / N`` (tests compare
+them).
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,7 +28,9 @@ def numba_kernels():
     try:
         from . import numba_kernels as compiled
     except ImportError as exc:  # numba missing: in-place NumPy serves
-        _numba_why.append(f"{type(exc).__name__}: {exc}; pip install 'gpunet[numba]' for compiled ones")
+        _numba_why.append(
+            f"{type(exc).__name__}: {exc}; pip install 'gpunet[numba]' for compiled ones"
+        )
         return None
     except Exception as exc:  # numba unusable here, e.g. no writable folder for its on-disk cache
         hint = "; set NUMBA_CACHE_DIR to a writable folder" if "cannot cache" in str(exc) else ""
@@ -60,7 +64,8 @@ def bias_relu(y, b):
         compiled.bias_relu(y, b)
         return y
     y += b
-    # against a zero row rather than the scalar 0: NumPy's loop with a scalar operand is not vectorised
+    # against a zero row rather than the scalar 0: NumPy's loop with a scalar operand is not
+    # vectorised
     return np.maximum(y, np.zeros(y.shape[-1:], y.dtype), out=y)
 
 
@@ -83,10 +88,10 @@ def relu_backward(dy, y):
 
 
 def adam(w, g, m, v, scalars, scratch):
-    """Adam's or AdamW's rule on one parameter, in place: ``scalars`` = (b1, b2, c1, c2, step, root_c2,
-    eps, wd, decay) in w's dtype (:func:`gpunet.fast.step.adam_scalars`); w, g, m, v C-contiguous of one
-    shape and dtype; ``scratch`` two arrays like w (None on the GPU), for in-place NumPy (the core's operations, in its order,
-    without its temporaries)."""
+    """Adam's or AdamW's rule on one parameter, in place: ``scalars`` = (b1, b2, c1, c2, step,
+    root_c2, eps, wd, decay) in w's dtype (:func:`gpunet.fast.step.adam_scalars`); w, g, m, v
+    C-contiguous of one shape and dtype; ``scratch`` two arrays like w (None on the GPU), for
+    in-place NumPy (the core's operations, in its order, without its temporaries)."""
     if get_array_module(w) is not np:
         return cuda.adam(w, g, m, v, scalars)
     if (compiled := _cpu_kernels(w, g, m, v)) is not None:
@@ -116,9 +121,9 @@ def adam(w, g, m, v, scalars, scratch):
 
 
 def dropout(layer, y, mask):
-    """Layer ``layer``'s next mask applied to y (N, C) in place; returns the mask: on the GPU ``mask``, a
-    buffer shaped like y, which one kernel draws, scales and applies; on the CPU the core's own (``mask``
-    is None there: its NumPy draw is as fast)."""
+    """Layer ``layer``'s next mask applied to y (N, C) in place; returns the mask: on the GPU
+    ``mask``, a buffer shaped like y, which one kernel draws, scales and applies; on the CPU the
+    core's own (``mask`` is None there: its NumPy draw is as fast)."""
     if get_array_module(y) is not np:
         cuda.dropout(y, mask, layer.next_key(), layer.threshold, layer.scale, layer.mask_start(y))
         return mask
@@ -130,13 +135,16 @@ def dropout(layer, y, mask):
 def softmax_xent(z, labels, grad, loss_rows):
     """Per row ``loss_rows = logsumexp(z) - z[label]`` and ``grad = (softmax(z) - onehot) / N``.
 
-    z, grad (N, C) and loss_rows (N,) C-contiguous of one float dtype; labels (N,) integers in [0, C).
+    z, grad (N, C) and loss_rows (N,) C-contiguous of one float dtype; labels (N,) integers in [0,
+    C).
     """
     if get_array_module(z) is not np:
         return cuda.softmax_xent(z, labels, grad, loss_rows)
     n = z.shape[0]
     if (compiled := _cpu_kernels(z, grad, loss_rows)) is not None:
-        compiled.softmax_xent(z, np.ascontiguousarray(labels), grad, loss_rows, z.dtype.type(1.0 / n))
+        compiled.softmax_xent(
+            z, np.ascontiguousarray(labels), grad, loss_rows, z.dtype.type(1.0 / n)
+        )
         return grad, loss_rows
     rows = np.arange(n)
     m = z.max(axis=1, keepdims=True)
@@ -154,15 +162,23 @@ def softmax_xent(z, labels, grad, loss_rows):
 
 def gather_scaled(src, idx, out, divisor):
     """``out[:K] = src[idx] / divisor`` in ``out``'s dtype; src (N, F) uint8, idx (K,) integers, out
-    (>= K, F) float; returns ``out[:K]``. One pass: a CUDA kernel on the GPU, compiled on the CPU where numba
-    is installed."""
-    dst = out[:idx.shape[0]]
+    (>= K, F) float; returns ``out[:K]``. One pass: a CUDA kernel on the GPU, compiled on the CPU
+    where numba is installed."""
+    dst = out[: idx.shape[0]]
     xp = get_array_module(src)
     if xp is not np and src.dtype == np.uint8 and src.flags.c_contiguous and dst.flags.c_contiguous:
         return cuda.gather_scaled(src, xp.ascontiguousarray(idx, dtype=np.int64), dst, divisor)
-    if (type(src) is np.ndarray and type(idx) is np.ndarray and type(out) is np.ndarray and src.dtype == np.uint8
-            and idx.dtype.kind in "iu" and src.flags.c_contiguous and out.flags.c_contiguous
-            and out.dtype.char in "fd" and (compiled := numba_kernels()) is not None):
+    if (
+        type(src) is np.ndarray
+        and type(idx) is np.ndarray
+        and type(out) is np.ndarray
+        and src.dtype == np.uint8
+        and idx.dtype.kind in "iu"
+        and src.flags.c_contiguous
+        and out.flags.c_contiguous
+        and out.dtype.char in "fd"
+        and (compiled := numba_kernels()) is not None
+    ):
         compiled.gather_scaled(src, idx, out, out.dtype.type(divisor))
         return dst
     return xp.divide(xp.take(src, idx, axis=0), out.dtype.type(divisor), out=dst, dtype=out.dtype)
@@ -170,25 +186,40 @@ def gather_scaled(src, idx, out, divisor):
 
 @functools.lru_cache(maxsize=None)
 def _numba_resample():
-    """The compiled resampling kernel (:mod:`gpunet.fast.numba_resample`), or None where the CPU kernels are off."""
+    """The compiled resampling kernel (:mod:`gpunet.fast.numba_resample`), or None where the CPU
+    kernels are off."""
     if numba_kernels() is None:
         return None
     from . import numba_resample
+
     return numba_resample.affine_elastic_bilinear
 
 
 def resample(images, maps, fields, shape):
-    """The augmentation's resampling (:func:`gpunet.augment.bilinear` at :func:`gpunet.augment.source_points`)
-    in one pass: one CUDA kernel for CuPy arrays of one dtype, numba's for C-contiguous NumPy arrays of one
-    dtype; None elsewhere (the core's runs)."""
+    """The augmentation's resampling (:func:`gpunet.augment.bilinear` at
+    :func:`gpunet.augment.source_points`) in one pass: one CUDA kernel for CuPy arrays of one dtype,
+    numba's for C-contiguous NumPy arrays of one dtype; None elsewhere (the core's runs)."""
     arrays = (images, maps) if fields is None else (images, maps, fields)
     xp = get_array_module(images)
-    if xp is not np and all(a.dtype == images.dtype for a in arrays):  # the GPU: one RawKernel launch
-        return cuda.resample(xp.ascontiguousarray(images), xp.ascontiguousarray(maps),
-                             None if fields is None else xp.ascontiguousarray(fields), shape)
+    if xp is not np and all(
+        a.dtype == images.dtype for a in arrays
+    ):  # the GPU: one RawKernel launch
+        return cuda.resample(
+            xp.ascontiguousarray(images),
+            xp.ascontiguousarray(maps),
+            None if fields is None else xp.ascontiguousarray(fields),
+            shape,
+        )
     if xp is not np or (kernel := _numba_resample()) is None or _cpu_kernels(*arrays) is None:
         return None
     out = np.empty_like(images)
-    kernel(images, maps, np.zeros((1, 2, 1, 1), images.dtype) if fields is None else fields, fields is not None,
-           shape[0], shape[1], out)
+    kernel(
+        images,
+        maps,
+        np.zeros((1, 2, 1, 1), images.dtype) if fields is None else fields,
+        fields is not None,
+        shape[0],
+        shape[1],
+        out,
+    )
     return out

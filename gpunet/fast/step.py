@@ -1,17 +1,18 @@
 """One fused training step (forward, cost, backward, update) for the networks the fast path knows:
-chains of ``Linear [ReLU] [Dropout]`` blocks ending in a Linear, with ``SoftmaxCrossEntropy`` on integer
-labels, and ``SGD``, ``Momentum``, ``Adam`` or ``AdamW``.
+chains of ``Linear [ReLU] [Dropout]`` blocks ending in a Linear, with ``SoftmaxCrossEntropy`` on
+integer labels, and ``SGD``, ``Momentum``, ``Adam`` or ``AdamW``.
 
-Same formulas as the core, with the speed-ups: work buffers allocated once per batch shape, bias + ReLU
-in one pass, the softmax cross-entropy forward and gradient in one pass, dx computed into a buffer, each
-layer updated as soon as its delta is known (dx first, from the old W), and on the CPU with NumPy's
-OpenBLAS the SGD or momentum update in BLAS calls on the arrays (:mod:`gpunet.fast.blas`). Every
-path writes ``param.grad`` (the gradient's product goes straight into it), so the step leaves the
-state the core's step (:func:`gpunet.training.train_step`) would. Adam's and AdamW's update is one
-kernel per parameter on either device (CUDA, numba or in-place NumPy: :func:`gpunet.fast.ops.adam`).
-Dropout masks are the Dropout layer's own
+Same formulas as the core, with the speed-ups: work buffers allocated once per batch shape, bias +
+ReLU in one pass, the softmax cross-entropy forward and gradient in one pass, dx computed into a
+buffer, each layer updated as soon as its delta is known (dx first, from the old W), and on the CPU
+with NumPy's OpenBLAS the SGD or momentum update in BLAS calls on the arrays
+(:mod:`gpunet.fast.blas`). Every path writes ``param.grad`` (the gradient's product goes straight
+into it), so the step leaves the state the core's step (:func:`gpunet.training.train_step`) would.
+Adam's and AdamW's update is one kernel per parameter on either device (CUDA, numba or in-place
+NumPy: :func:`gpunet.fast.ops.adam`). Dropout masks are the Dropout layer's own
 (its keys, in the same order; on the GPU one kernel draws, scales and applies each).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,12 +25,16 @@ from . import blas, cuda, ops
 
 def plan(net, batch_norm: bool = False):
     """``[(linear, relu, dropout, batch_norm), ...]`` for a chain the fast step knows (``Linear
-    [BatchNorm] [ReLU] [Dropout]`` blocks, BatchNorm only when ``batch_norm``: the GPU fuses it, the CPU
-    runs the core's), else a string saying why not."""
+    [BatchNorm] [ReLU] [Dropout]`` blocks, BatchNorm only when ``batch_norm``: the GPU fuses it, the
+    CPU runs the core's), else a string saying why not."""
     blocks, layers, i = [], list(net.layers), 0
     while i < len(layers):
         if type(layers[i]) is not Linear:
-            where = " (fused on the GPU only: the CPU runs the core's step)" if type(layers[i]) is BatchNorm else ""
+            where = (
+                " (fused on the GPU only: the CPU runs the core's step)"
+                if type(layers[i]) is BatchNorm
+                else ""
+            )
             return f"layer {i} is {type(layers[i]).__name__}, where a Linear was expected{where}"
         linear, bn, relu, dropout = layers[i], None, False, None
         i += 1
@@ -66,16 +71,17 @@ def _affine(x, linear, relu, out=None):
 
 
 class FusedStep:
-    """``step(x, y, reduce=None, batch_rows=None) -> (mean loss as a 0-d array, logits)`` for x (N, in)
-    float, y (N,) integer labels; ``reduce()``, if given, runs between the gradients and the update
-    (``distributed``).
+    """``step(x, y, reduce=None, batch_rows=None) -> (mean loss as a 0-d array, logits)`` for x (N,
+    in) float, y (N,) integer labels; ``reduce()``, if given, runs between the gradients and the
+    update (``distributed``).
 
-    The optimizer must hold exactly the network's parameters, in order (``select`` checks it), so its
-    velocities (or Adam's moments) line up with the blocks: W then b of each Linear (then gamma and beta of
-    its BatchNorm). On the GPU a distributed step (:attr:`prescaled`) takes the global batch's rows
-    ``batch_rows``: its gradients are this rank's share of the global mean (1 / batch_rows in the softmax
-    kernel, so no pass weighs them before the all-reduce), its ``mean`` is its rows' loss sum over
-    ``batch_rows``, and after ``reduce()`` each layer is updated by one kernel.
+    The optimizer must hold exactly the network's parameters, in order (``select`` checks it), so
+    its velocities (or Adam's moments) line up with the blocks: W then b of each Linear (then gamma
+    and beta of its BatchNorm). On the GPU a distributed step (:attr:`prescaled`) takes the global
+    batch's rows ``batch_rows``: its gradients are this rank's share of the global mean (1 /
+    batch_rows in the softmax kernel, so no pass weighs them before the all-reduce), its ``mean`` is
+    its rows' loss sum over ``batch_rows``, and after ``reduce()`` each layer is updated by one
+    kernel.
     """
 
     def __init__(self, optimizer, blocks, distributed: bool = False):
@@ -87,39 +93,56 @@ class FusedStep:
         self.on_cpu = self.xp.__name__ == "numpy"
         params = optimizer.params
         velocities = optimizer.velocities if self.momentum else [None] * len(params)
-        # on the CPU with OpenBLAS (and not Nesterov) the SGD/momentum gradient folds into the update; Adam
-        # has a kernel on both devices; else the CPU runs the core rule once the walk is over
-        # distributed: the gradients must exist, to be summed over the ranks before the update (on the GPU
-        # the fused update runs after the sum; on the CPU the core rule)
+        # on the CPU with OpenBLAS (and not Nesterov) the SGD/momentum gradient folds into the
+        # update; Adam has a kernel on both devices; else the CPU runs the core rule once the walk
+        # is over distributed: the gradients must exist, to be summed over the ranks before the
+        # update (on the GPU the fused update runs after the sum; on the CPU the core rule)
         self.deferred = (self.on_cpu and not self.adam) or (distributed and self.on_cpu)
         self.prescaled = distributed and not self.on_cpu
-        self.fold = (self.on_cpu and not distributed and not self.adam and blas.routines(W0.dtype) is not None
-                     and not (self.momentum and optimizer.nesterov)
-                     and all(p.data.flags.c_contiguous and p.grad.flags.c_contiguous
-                             for p in params))
-        # (W, vW), (b, vb) of each block, then (gamma, vgamma), (beta, vbeta) of a BatchNorm's: their indices
+        self.fold = (
+            self.on_cpu
+            and not distributed
+            and not self.adam
+            and blas.routines(W0.dtype) is not None
+            and not (self.momentum and optimizer.nesterov)
+            and all(p.data.flags.c_contiguous and p.grad.flags.c_contiguous for p in params)
+        )
+        # (W, vW), (b, vb) of each block, then (gamma, vgamma), (beta, vbeta) of a BatchNorm's:
+        # their indices
         self.index, k = [], 0
         for block in blocks:
             self.index.append((k, k + 1, (k + 2, k + 3) if block[3] is not None else None))
             k += 4 if block[3] is not None else 2
-        self.pairs = [((params[i], velocities[i]), (params[j], velocities[j])) for i, j, _ in self.index]
-        self.bn_pairs = [None if bn is None else
-                         ((params[bn[0]], velocities[bn[0]]), (params[bn[1]], velocities[bn[1]]))
-                         for _, _, bn in self.index]
-        self.folded = ([blas.LinearUpdate(W.data, b.data, W.grad, b.grad, vW, vb)
-                        for (W, vW), (b, vb) in self.pairs] if self.fold else None)
+        self.pairs = [
+            ((params[i], velocities[i]), (params[j], velocities[j])) for i, j, _ in self.index
+        ]
+        self.bn_pairs = [
+            None
+            if bn is None
+            else ((params[bn[0]], velocities[bn[0]]), (params[bn[1]], velocities[bn[1]]))
+            for _, _, bn in self.index
+        ]
+        self.folded = (
+            [
+                blas.LinearUpdate(W.data, b.data, W.grad, b.grad, vW, vb)
+                for (W, vW), (b, vb) in self.pairs
+            ]
+            if self.fold
+            else None
+        )
         self._buffers = {}
         self.sums = None
 
     @property
     def sums_in_kernel(self) -> bool:
-        """True where the step itself adds each batch's loss and right answers to the epoch's sums (the
-        GPU: in the softmax kernel, saving the training loop's six launches a step); see :meth:`use_sums`."""
+        """True where the step itself adds each batch's loss and right answers to the epoch's sums
+        (the GPU: in the softmax kernel, saving the training loop's six launches a step); see
+        :meth:`use_sums`."""
         return not self.on_cpu
 
     def use_sums(self, loss_sum, correct) -> None:
-        """From now on add each batch's loss sum to ``loss_sum`` (0-d float64) and its right answers to
-        ``correct`` (0-d int64), on the device (only where :attr:`sums_in_kernel`)."""
+        """From now on add each batch's loss sum to ``loss_sum`` (0-d float64) and its right answers
+        to ``correct`` (0-d int64), on the device (only where :attr:`sums_in_kernel`)."""
         self.sums = (loss_sum, correct) if self.sums_in_kernel else None
 
     def _buffer(self, key, shape, dtype):
@@ -131,8 +154,8 @@ class FusedStep:
     def _update(self, i, x, dy):
         """Block i's W and b, whose gradients x.T @ dy and dy.sum(0) go into ``grad``: the update
         in BLAS calls on the CPU with OpenBLAS; else on the GPU, applied by one kernel each (on the
-        CPU the core optimizer steps once the walk is over; a distributed GPU step applies them after
-        the sum over the ranks, :meth:`_apply`)."""
+        CPU the core optimizer steps once the walk is over; a distributed GPU step applies them
+        after the sum over the ranks, :meth:`_apply`)."""
         opt = self.optimizer
         if self.fold:
             self.folded[i](x, dy, opt.lr, opt.momentum if self.momentum else 0.0, opt.weight_decay)
@@ -147,15 +170,26 @@ class FusedStep:
             self._adam(self.index[i][:2])
             return
         t = W.data.dtype.type  # the GPU: b.grad and both updates in one launch
-        cuda.layer_update(W, b, vW, vb, dy, t(opt.lr), t(opt.momentum if self.momentum else 0.0),
-                          t(opt.weight_decay), self.momentum and opt.nesterov)
+        cuda.layer_update(
+            W,
+            b,
+            vW,
+            vb,
+            dy,
+            t(opt.lr),
+            t(opt.momentum if self.momentum else 0.0),
+            t(opt.weight_decay),
+            self.momentum and opt.nesterov,
+        )
 
     def _adam(self, indices):
         opt = self.optimizer
         for k in indices:
             p = opt.params[k]
             scratch = None
-            if self.on_cpu:  # in-place NumPy's two work arrays, made once (CUDA and numba need none)
+            if (
+                self.on_cpu
+            ):  # in-place NumPy's two work arrays, made once (CUDA and numba need none)
                 scratch = [self._buffer(("adam", j, k), p.data.shape, p.data.dtype) for j in (0, 1)]
             ops.adam(p.data, p.grad, opt.m[k], opt.v[k], self._adam_scalars, scratch)
 
@@ -167,8 +201,16 @@ class FusedStep:
         opt = self.optimizer
         (W, vW), (b, vb) = pairs
         t = W.data.dtype.type
-        cuda.layer_update_given(W, b, vW, vb, t(opt.lr), t(opt.momentum if self.momentum else 0.0),
-                                t(opt.weight_decay), self.momentum and opt.nesterov)
+        cuda.layer_update_given(
+            W,
+            b,
+            vW,
+            vb,
+            t(opt.lr),
+            t(opt.momentum if self.momentum else 0.0),
+            t(opt.weight_decay),
+            self.momentum and opt.nesterov,
+        )
 
     def _forward(self, x, n):
         """Every block's input and dropout mask, and the logits."""
@@ -177,7 +219,11 @@ class FusedStep:
             inputs.append(x)
             W = linear.W.data
             out = self._buffer(("y", i), (n, W.shape[1]), W.dtype)
-            y_ = _affine(x, linear, relu, out) if bn is None else self._batch_norm(i, x, linear, bn, relu, out)
+            y_ = (
+                _affine(x, linear, relu, out)
+                if bn is None
+                else self._batch_norm(i, x, linear, bn, relu, out)
+            )
             mask = None
             if dropout is not None and dropout.active():
                 buf = None if self.on_cpu else self._buffer(("mask", i), y_.shape, y_.dtype)
@@ -187,26 +233,40 @@ class FusedStep:
         return inputs, masks, x
 
     def _batch_norm(self, i, x, linear, bn, relu, out):
-        """x @ W + b through BatchNorm (training mode) and the ReLU, in three launches (the GPU only)."""
+        """x @ W + b through BatchNorm (training mode) and the ReLU, in three launches (the GPU
+        only)."""
         if x.shape[0] < 2:  # the core's refusal, in its words
             return bn.forward(x @ linear.W.data)
         y = self.xp.matmul(x, linear.W.data, out=out)
         f = y.shape[1]
         mu, inv_sigma = (self._buffer((name, i), (f,), y.dtype) for name in ("mu", "inv_sigma"))
-        cuda.batch_norm_stats(y, linear.b.data, mu, inv_sigma, bn.running_mean, bn.running_var, bn.momentum,
-                              bn.eps)
+        cuda.batch_norm_stats(
+            y, linear.b.data, mu, inv_sigma, bn.running_mean, bn.running_var, bn.momentum, bn.eps
+        )
         xhat = self._buffer(("xhat", i), y.shape, y.dtype)
-        cuda.batch_norm_apply(y, xhat, linear.b.data, mu, inv_sigma, bn.gamma.data, bn.beta.data, relu)
+        cuda.batch_norm_apply(
+            y, xhat, linear.b.data, mu, inv_sigma, bn.gamma.data, bn.beta.data, relu
+        )
         return y
 
     def _backward_tail(self, i, dx, inputs, masks, after):
-        """dx (the gradient at block i's output) through its Dropout, ReLU and BatchNorm, in place."""
+        """dx (the gradient at block i's output) through its Dropout, ReLU and BatchNorm, in
+        place."""
         _, relu, _, bn = self.blocks[i]
         mask = masks[i]
         if bn is not None:
             (gamma, _), (beta, _) = self.bn_pairs[i]
-            cuda.batch_norm_backward(dx, inputs[i + 1], mask, self._buffers[("xhat", i)], gamma.data,
-                                     self._buffers[("inv_sigma", i)], gamma.grad, beta.grad, relu)
+            cuda.batch_norm_backward(
+                dx,
+                inputs[i + 1],
+                mask,
+                self._buffers[("xhat", i)],
+                gamma.data,
+                self._buffers[("inv_sigma", i)],
+                gamma.grad,
+                beta.grad,
+                relu,
+            )
             after.append((self.bn_pairs[i], self.index[i][2]))
         elif relu and mask is not None:
             ops.relu_mask_backward(dx, inputs[i + 1], mask)
@@ -222,27 +282,37 @@ class FusedStep:
         grad = self._buffer("grad", logits.shape, logits.dtype)
         if self.sums is not None:  # the GPU: the epoch's sums in the softmax kernel's launch
             value = self._buffer("mean", (), logits.dtype)
-            cuda.softmax_xent_sums(logits, y, grad, value, *self.sums,
-                                   rows=batch_rows if self.prescaled else None)
+            cuda.softmax_xent_sums(
+                logits, y, grad, value, *self.sums, rows=batch_rows if self.prescaled else None
+            )
         else:
             rows = self._buffer("rows", (n,), logits.dtype)
             ops.softmax_xent(logits, y, grad, rows)
             value = rows.sum() * logits.dtype.type(1.0 / n)
-        if self.adam and not self.deferred:  # this step's count and bias corrections, as the core's step
+        if (
+            self.adam and not self.deferred
+        ):  # this step's count and bias corrections, as the core's step
             self.optimizer.t += 1
             self._adam_scalars = adam_scalars(self.optimizer, logits.dtype)
 
-        dy, after = grad, []  # after: the updates that wait (a BatchNorm's; all of a distributed step's)
+        dy, after = (
+            grad,
+            [],
+        )  # after: the updates that wait (a BatchNorm's; all of a distributed step's)
         for i in range(len(self.blocks) - 1, -1, -1):
             linear = self.blocks[i][0]
             if i > 0:  # the delta of the layer below, from the weights before this step's update
-                dx = xp.matmul(dy, linear.W.data.T, out=self._buffer(("dx", i), inputs[i].shape, dy.dtype))
+                dx = xp.matmul(
+                    dy, linear.W.data.T, out=self._buffer(("dx", i), inputs[i].shape, dy.dtype)
+                )
             self._update(i, inputs[i], dy)
             if self.prescaled:
                 after.append((self.pairs[i], self.index[i][:2]))
             if i > 0:
                 self._backward_tail(i - 1, dx, inputs, masks, after)
-                if not self.prescaled:  # a BatchNorm's gamma and beta: their gradients are known now
+                if (
+                    not self.prescaled
+                ):  # a BatchNorm's gamma and beta: their gradients are known now
                     for pairs, indices in after:
                         self._apply(pairs, indices)
                     after = []
@@ -257,8 +327,9 @@ class FusedStep:
 
 
 class FusedForward:
-    """``forward(x) -> logits`` in eval mode for a chain ``plan`` knows: one matmul per layer, bias + ReLU
-    in one pass on its output (dropout is the identity in eval mode). For predict and evaluate."""
+    """``forward(x) -> logits`` in eval mode for a chain ``plan`` knows: one matmul per layer, bias
+    + ReLU in one pass on its output (dropout is the identity in eval mode). For predict and
+      evaluate."""
 
     def __init__(self, blocks):
         self.blocks = blocks

@@ -1,6 +1,7 @@
 """The docs hold to the code: README's formula table points at code that exists (every
 `gpunet/x.py`: `Name.attr` it names is found), every link resolves, the site's reference names real
 modules and CI builds the site strictly."""
+
 import importlib
 import importlib.util
 import os
@@ -14,15 +15,18 @@ def table_rows():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     start = text.index("## The formulas and where they live")
     end = text.find("\n## ", start + 1)
-    section = text[start:end if end > 0 else len(text)]
+    section = text[start : end if end > 0 else len(text)]
     return [line for line in section.splitlines() if line.startswith("| ") and "gpunet/" in line]
 
 
 def places(row):
-    """``[(module, [names...]), ...]`` from the last cell: each `gpunet/x.py` and the names after it."""
+    """``[(module, [names...]), ...]`` from the last cell: each `gpunet/x.py` and the names after
+    it."""
     cell = row.rstrip(" |").rsplit("|", 1)[1]
-    return [(m.group(1), re.findall(r"`([A-Za-z][\w.]*)`", m.group(2)))
-            for m in re.finditer(r"`gpunet/(\w+)\.py`:?(.*?)(?=`gpunet/|$)", cell)]
+    return [
+        (m.group(1), re.findall(r"`([A-Za-z][\w.]*)`", m.group(2)))
+        for m in re.finditer(r"`gpunet/(\w+)\.py`:?(.*?)(?=`gpunet/|$)", cell)
+    ]
 
 
 def test_formula_table_names_real_core_code():
@@ -35,7 +39,9 @@ def test_formula_table_names_real_core_code():
             for name in names:
                 obj = module
                 for part in name.split("."):
-                    assert hasattr(obj, part), f"README names {name} in gpunet/{path}.py, which has no {part}"
+                    assert hasattr(obj, part), (
+                        f"README names {name} in gpunet/{path}.py, which has no {part}"
+                    )
                     obj = getattr(obj, part)
                 checked += 1
     assert checked >= 20
@@ -45,7 +51,15 @@ def test_formula_table_points_only_at_the_core():
     for row in table_rows():
         place = row.rstrip(" |").rsplit("|", 1)[1]
         for path in re.findall(r"gpunet/([\w/]+)\.py", place):
-            assert path in {"layers", "losses", "optimizers", "network", "training", "callbacks", "metrics"}, row
+            assert path in {
+                "layers",
+                "losses",
+                "optimizers",
+                "network",
+                "training",
+                "callbacks",
+                "metrics",
+            }, row
 
 
 # --- Links: every relative link of README, the guide and the other top-level pages resolves
@@ -53,8 +67,14 @@ def test_formula_table_points_only_at_the_core():
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 FENCED = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 CODE_SPAN = re.compile(r"`[^`\n]*`")
-TOP_PAGES = ("README.md", "CHANGELOG.md", "BENCHMARKS.md", "CONTRIBUTING.md", "docker/README.md",
-             "benchmarks/README.md")
+TOP_PAGES = (
+    "README.md",
+    "CHANGELOG.md",
+    "BENCHMARKS.md",
+    "CONTRIBUTING.md",
+    "docker/README.md",
+    "benchmarks/README.md",
+)
 
 
 def prose(text):
@@ -70,8 +90,11 @@ def slug(heading):
 
 
 def anchors(path):
-    headings = [l.lstrip("#").strip() for l in prose(path.read_text(encoding="utf-8")).splitlines()
-                if re.match(r"#{1,6} ", l)]
+    headings = [
+        l.lstrip("#").strip()
+        for l in prose(path.read_text(encoding="utf-8")).splitlines()
+        if re.match(r"#{1,6} ", l)
+    ]
     return {slug(h) for h in headings}
 
 
@@ -115,20 +138,27 @@ def test_guide_links_stay_in_the_guide():
 
 
 def test_the_link_check_can_fail(tmp_path):
-    (tmp_path / "a.md").write_text("# Top\n\n## Some heading\n\n[ok](#some-heading) [x](b.md) "
-                                   "[y](#none) `[code](c.md)`\n", encoding="utf-8")
+    (tmp_path / "a.md").write_text(
+        "# Top\n\n## Some heading\n\n[ok](#some-heading) [x](b.md) [y](#none) `[code](c.md)`\n",
+        encoding="utf-8",
+    )
     expected = ["b.md: no such file", "#none: no heading #none in a.md"]
     assert broken_links(tmp_path / "a.md") == expected
 
 
 # --- The site: the reference's modules exist, CI builds it strictly, README stays short
 
+
 def test_reference_pages_name_modules_that_exist():
-    """Each ``::: gpunet.x`` of the API reference names a module that exists (a renamed module breaks
-    this fast test, not only CI's site build). Found, not imported: gpunet.sklearn and gpunet.onnx_export
-    need their extras to import, and this test runs with NumPy and pytest only too."""
-    names = [m.group(1) for page in (ROOT / "docs").rglob("*.md")
-             for m in re.finditer(r"^::: ([\w.]+)", page.read_text(encoding="utf-8"), re.M)]
+    """Each ``::: gpunet.x`` of the API reference names a module that exists (a renamed module
+    breaks this fast test, not only CI's site build). Found, not imported: gpunet.sklearn and
+    gpunet.onnx_export need their extras to import, and this test runs with NumPy and pytest only
+    too."""
+    names = [
+        m.group(1)
+        for page in (ROOT / "docs").rglob("*.md")
+        for m in re.finditer(r"^::: ([\w.]+)", page.read_text(encoding="utf-8"), re.M)
+    ]
     assert len(names) >= 8
     missing = [name for name in names if importlib.util.find_spec(name) is None]
     assert not missing, f"docs name modules that do not exist: {missing}"
@@ -153,10 +183,12 @@ def test_readme_is_short():
 
 
 def test_the_site_shows_the_course_notebook():
-    """The notebook README links is a page of the site too (mkdocs-jupyter renders it; the docs page is
-    a link to examples/, so the two cannot drift)."""
+    """The notebook README links is a page of the site too (mkdocs-jupyter renders it; the docs page
+    is a link to examples/, so the two cannot drift)."""
     page = ROOT / "docs" / "course.ipynb"
     assert page.resolve() == (ROOT / "examples" / "backprop_course.ipynb").resolve()
     site = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
-    assert re.search(r"^\s+- .*: course\.ipynb$", site, re.M), "the notebook is not in the site's nav"
+    assert re.search(r"^\s+- .*: course\.ipynb$", site, re.M), (
+        "the notebook is not in the site's nav"
+    )
     assert re.search(r"^  - mkdocs-jupyter:$", site, re.M), "no plugin renders the notebook"

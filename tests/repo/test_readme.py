@@ -2,28 +2,31 @@
 from the code.
 
 Each page's blocks run in order, in one namespace of that page's, all in one fresh interpreter and
-one temporary folder, as a reader would paste them (tests/support/readme_blocks.py); the pages in reading
-order (README, then mkdocs.yml's nav). ``/path/to/mnist`` becomes a folder holding the first 6,000
-training and 1,000 test images of the real MNIST (so the API page's 20 epochs take seconds: 1,000
-training images once its 5,000 are held out); the files the blocks name (photo.jpg, digits.npy,
-model.npz, model.onnx) are made from those images and the saved model. A block that needs an
-optional library not installed here skips, saying which; ``<!-- readme-test: skip WHY -->`` above a
-block skips it on purpose. Cost: one interpreter and a few small trainings, about 40 s on two busy
-cores.
+one temporary folder, as a reader would paste them (tests/support/readme_blocks.py); the pages in
+reading order (README, then mkdocs.yml's nav). ``/path/to/mnist`` becomes a folder holding the first
+6,000 training and 1,000 test images of the real MNIST (so the API page's 20 epochs take seconds:
+1,000 training images once its 5,000 are held out); the files the blocks name (photo.jpg,
+digits.npy, model.npz, model.onnx) are made from those images and the saved model. A block that
+needs an optional library not installed here skips, saying which; ``<!-- readme-test: skip WHY -->``
+above a block skips it on purpose. Cost: one interpreter and a few small trainings, about 40 s on
+two busy cores.
 """
+
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import readme_blocks  # noqa: E402  (tests/support/readme_blocks.py, on sys.path by conftest)
 from conftest import ROOT
 
-import readme_blocks  # noqa: E402  (tests/support/readme_blocks.py, on sys.path by conftest)
-
 PAGES = readme_blocks.pages(ROOT)
-BLOCKS = [dict(block, page=page) for page in PAGES
-          for block in readme_blocks.blocks((ROOT / page).read_text(encoding="utf-8"))]
+BLOCKS = [
+    dict(block, page=page)
+    for page in PAGES
+    for block in readme_blocks.blocks((ROOT / page).read_text(encoding="utf-8"))
+]
 IDS = [f"{b['page']}:{b['line']}" for b in BLOCKS]
 
 
@@ -35,11 +38,18 @@ def small_mnist(mnist_dir, folder, n_train=6000, n_test=1000):
     from gpunet.data.idx import write_idx
 
     (x, y), (xt, yt) = load_mnist(mnist_dir, download=False, dtype=np.uint8)
-    parts = {"train_images": x[:n_train], "train_labels": y[:n_train].astype(np.uint8),
-             "test_images": xt[:n_test], "test_labels": yt[:n_test].astype(np.uint8)}
+    parts = {
+        "train_images": x[:n_train],
+        "train_labels": y[:n_train].astype(np.uint8),
+        "test_images": xt[:n_test],
+        "test_labels": yt[:n_test].astype(np.uint8),
+    }
     folder.mkdir(parents=True)
     for key, array in parts.items():
-        write_idx(folder / MNIST_FILES[key], array.reshape(len(array), 28, 28) if "images" in key else array)
+        write_idx(
+            folder / MNIST_FILES[key],
+            array.reshape(len(array), 28, 28) if "images" in key else array,
+        )
     return folder
 
 

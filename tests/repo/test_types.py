@@ -1,6 +1,8 @@
 """Types: mypy checks gpunet/ with pyproject.toml's [tool.mypy] settings and finds no error, and the
-package carries the py.typed marker that tells checkers and editors to read its hints (the wheel ships it:
-tests/system/test_install.py). mypy is in the test extra; without it this skips, unless GPUNET_REQUIRE_TOOLS=1."""
+package carries the py.typed marker that tells checkers and editors to read its hints (the wheel
+ships it: tests/system/test_install.py). mypy is in the test extra; without it this skips, unless
+GPUNET_REQUIRE_TOOLS=1."""
+
 import importlib.util
 import inspect
 import os
@@ -21,15 +23,24 @@ def test_mypy_finds_no_error_in_the_package():
             pytest.fail("mypy is not installed (GPUNET_REQUIRE_TOOLS=1; the test extra brings it)")
         pytest.skip("mypy is not installed (pip install -e '.[test]' brings it)")
     env = {k: v for k, v in os.environ.items() if k != "MYPYPATH"}
-    proc = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-incremental"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("Success: no issues found"), (
-        f"mypy (settings: pyproject.toml [tool.mypy]) found errors; fix them, or annotate where it cannot "
-        f"infer:\n{proc.stdout[-6000:]}{proc.stderr[-2000:]}")
+        f"mypy (settings: pyproject.toml [tool.mypy]) found errors; fix them, or annotate where it "
+        f"cannot "
+        f"infer:\n{proc.stdout[-6000:]}{proc.stderr[-2000:]}"
+    )
 
 
 def test_the_package_has_the_py_typed_marker():
     import tomllib
+
     assert (ROOT / "gpunet" / "py.typed").is_file()
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     assert "py.typed" in config["tool"]["setuptools"]["package-data"]["gpunet"]
@@ -61,8 +72,13 @@ def _functions_of(owner):
 
 def _defined_in(module) -> list:
     """The public classes and functions that ``module`` defines (not those it imports)."""
-    return [v for k, v in vars(module).items() if not k.startswith("_")
-            and (inspect.isclass(v) or inspect.isfunction(v)) and v.__module__ == module.__name__]
+    return [
+        v
+        for k, v in vars(module).items()
+        if not k.startswith("_")
+        and (inspect.isclass(v) or inspect.isfunction(v))
+        and v.__module__ == module.__name__
+    ]
 
 
 def _public_api():
@@ -93,18 +109,27 @@ def missing_hints(fn) -> list:
     """The parameters of ``fn`` without an annotation (self and cls excepted; ``*args`` and
     ``**kwargs`` too, which may stay bare), and ``"return"`` when the return is not annotated."""
     sig = inspect.signature(fn)
-    missing = [name for i, (name, p) in enumerate(sig.parameters.items())
-               if p.annotation is inspect.Parameter.empty
-               and not (i == 0 and name in ("self", "cls"))
-               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    missing = [
+        name
+        for i, (name, p) in enumerate(sig.parameters.items())
+        if p.annotation is inspect.Parameter.empty
+        and not (i == 0 and name in ("self", "cls"))
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
     return missing + (["return"] if sig.return_annotation is inspect.Signature.empty else [])
 
 
 def test_every_public_function_and_method_is_annotated():
     functions = _public_api()
     assert len(functions) > 150, sorted(functions)  # the walk reaches the API (not a vacuous pass)
-    must = ["fit", "Sequential.forward", "Checkpoint.on_epoch_end", "Callback.state_dict",
-            "TensorBoard.load_state_dict", "Cosine.__call__"]
+    must = [
+        "fit",
+        "Sequential.forward",
+        "Checkpoint.on_epoch_end",
+        "Callback.state_dict",
+        "TensorBoard.load_state_dict",
+        "Cosine.__call__",
+    ]
     if importlib.util.find_spec("sklearn") is not None:
         must += ["MLPClassifier.fit", "MLPClassifier.__init__", "MLPRegressor.predict"]
     assert not [m for m in must if m not in functions], sorted(functions)
@@ -126,10 +151,13 @@ def test_missing_hints_sees_a_bare_parameter_and_return():
 def test_the_array_aliases_need_no_cupy_at_run_time():
     """backend's Array, ArrayLike and DTypeLike exist at run time (users may annotate with them),
     and importing gpunet imports no CuPy (the core needs NumPy alone)."""
-    code = ("import sys, gpunet, gpunet.backend as b; "
-            "assert b.Array and b.ArrayLike and b.DTypeLike; "
-            "assert 'cupy' not in sys.modules, 'cupy imported'")
+    code = (
+        "import sys, gpunet, gpunet.backend as b; "
+        "assert b.Array and b.ArrayLike and b.DTypeLike; "
+        "assert 'cupy' not in sys.modules, 'cupy imported'"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GPUNET_DEVICE": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]

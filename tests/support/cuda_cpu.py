@@ -1,15 +1,16 @@
-"""gpunet's CUDA sources executed on the CPU: every kernel the fake CuPy (tests/support/fake_cupy.py)
-launches also runs its real CUDA source, compiled with g++, and is held to the NumPy mirror beside
-it.
+"""gpunet's CUDA sources executed on the CPU: every kernel the fake CuPy
+(tests/support/fake_cupy.py) launches also runs its real CUDA source, compiled with g++, and is held
+to the NumPy mirror beside it.
 
 How a launch runs here, as on a GPU through CuPy (13/14):
 
 * the source: for an ElementwiseKernel the code CuPy itself generates for these arguments
-  (tests/support/cuda_compile.py ``elementwise_program``: CArray types, the index loop, the broadcast and
-  merged dimensions), for a RawKernel the source as written; compiled with g++ against CuPy's own
-  headers (carray.cuh, complex.cuh, atomics.cuh from the installed package) and
-  tests/support/cuda_cpu_device.h (CUDA's device-side names: threadIdx, blockIdx, __syncthreads, atomics,
-  the float overloads of the math functions), with tests/support/cuda_cpu_launch.h appended (the launcher);
+  (tests/support/cuda_compile.py ``elementwise_program``: CArray types, the index loop, the
+  broadcast and merged dimensions), for a RawKernel the source as written; compiled with g++ against
+  CuPy's own headers (carray.cuh, complex.cuh, atomics.cuh from the installed package) and
+  tests/support/cuda_cpu_device.h (CUDA's device-side names: threadIdx, blockIdx, __syncthreads,
+  atomics, the float overloads of the math functions), with tests/support/cuda_cpu_launch.h appended
+(the launcher);
 * the arguments: CuPy's layout, packed here byte for byte (an ElementwiseKernel's array as a CArray:
   data pointer, size, shape, strides, a broadcast dimension with stride 0; its loop as a CIndexer;
   scalars in their parameter's type; a RawKernel's arrays as pointers and scalars as their own
@@ -100,8 +101,8 @@ class KernelFault(AssertionError):
 
 
 class Mismatch(AssertionError):
-    """A kernel's result changed with the order of its threads (a race), or differs from its mirror.
-    """
+    """A kernel's result changed with the order of its threads (a race), or differs from its
+    mirror."""
 
 
 def sanitizing() -> bool:
@@ -345,7 +346,14 @@ def orders_for(source: str, raw_writes: bool) -> tuple:
 
 
 def _run_orders(
-    name: str, source: str, grid: tuple, block: tuple, arrays: list, names: list, pack, flush: bool,
+    name: str,
+    source: str,
+    grid: tuple,
+    block: tuple,
+    arrays: list,
+    names: list,
+    pack,
+    flush: bool,
     orders: tuple = ORDERS,
 ) -> Buffers:
     """Run the kernel in each of ``orders`` on fresh copies of ``arrays`` (None for a scalar);
@@ -499,7 +507,14 @@ def raw_kernel(source: str, name: str, grid: tuple, block: tuple, args: tuple) -
         f"{k} ({a.dtype}{list(a.shape)})" if a is not None else str(k) for k, a in enumerate(arrays)
     ]
     done = _run_orders(
-        name, source, tuple(grid), tuple(block), arrays, names, pack, _flushes(arrays),
+        name,
+        source,
+        tuple(grid),
+        tuple(block),
+        arrays,
+        names,
+        pack,
+        _flushes(arrays),
         orders_for(source, True),
     )
     return [None if a is None else done.array(k) for k, a in enumerate(arrays)]

@@ -1,11 +1,12 @@
 """What the CUDA tests share: their toolchains found or skipped (or failed, where CI requires them),
 and the fake CuPy put in place with gpunet's kernel caches cleared around it.
 
-* ``cxx_or_skip`` (tests/support/cuda_cpu.py's g++ and CuPy headers; GPUNET_REQUIRE_CXX=1 fails instead),
-  ``nvrtc_or_skip`` (tests/support/cuda_compile.py's NVRTC and runtime headers; GPUNET_REQUIRE_NVRTC=1);
+* ``cxx_or_skip`` (tests/support/cuda_cpu.py's g++ and CuPy headers; GPUNET_REQUIRE_CXX=1 fails
+  instead), ``nvrtc_or_skip`` (tests/support/cuda_compile.py's NVRTC and runtime headers;
+GPUNET_REQUIRE_NVRTC=1);
 * ``clear_kernel_caches``: every cached kernel constructor of gpunet.fast's loaded modules, so
-  that a test's fake CuPy builds its own kernels and the next test's CuPy never sees them (found, not
-  listed: a new cache needs no edit here);
+  that a test's fake CuPy builds its own kernels and the next test's CuPy never sees them (found,
+  not listed: a new cache needs no edit here);
 * ``fake_cupy``: the counting stand-in installed as ``cupy`` for one test.
 """
 
@@ -64,10 +65,10 @@ def clear_kernel_caches() -> None:
 
 @contextmanager
 def fake_cupy(monkeypatch, harness: bool = False):
-    """The counting fake CuPy as ``cupy`` (tests/support/launch_counts.install: the backend's probe finds a
-    "GPU"; the kernel caches cleared before and after). Every launch runs its CUDA source on the CPU
-    where g++ is here (tests/support/cuda_cpu.py); ``harness`` requires it (skips or fails without) and
-    undoes a GPUNET_CUDA_CPU=0."""
+    """The counting fake CuPy as ``cupy`` (tests/support/launch_counts.install: the backend's probe
+    finds a "GPU"; the kernel caches cleared before and after). Every launch runs its CUDA source on
+    the CPU where g++ is here (tests/support/cuda_cpu.py); ``harness`` requires it (skips or fails
+    without) and undoes a GPUNET_CUDA_CPU=0."""
     import launch_counts
 
     if harness:

@@ -1,17 +1,19 @@
-"""A stand-in for CuPy on the CPU that counts device launches: gpunet's GPU code path, run without a GPU.
+"""A stand-in for CuPy on the CPU that counts device launches: gpunet's GPU code path, run without a
+GPU.
 
-``FakeCupy()`` is a module object to put in ``sys.modules["cupy"]``: its arrays are a NumPy subclass whose
-type lives in a module named ``cupy`` (so gpunet's backend takes them for CuPy arrays and picks the GPU
-branches), and every operation that would launch work on a GPU adds one to ``launches`` (with its name in
-``log``): each ufunc call (elementwise operations, reductions such as ``sum``, ``matmul``), each
-array function that makes or writes data (``take``, ``empty`` is free, a copying ``ascontiguousarray``),
-the data-moving array methods (``argmax``, ``copy``, ``astype``, fancy indexing, writes through ``[]=``),
-and each ``ElementwiseKernel``/``RawKernel`` call. Kernels run a NumPy mirror of their CUDA source, kept
-below beside each kernel's name, and (where g++ and CuPy's headers are here) the CUDA source
-itself, compiled for the CPU by tests/support/cuda_cpu.py, run in three orders of threads and held to the
-mirror; its result is what the arrays hold afterwards. A new kernel needs only its mirror here
-(CONTRIBUTING.md says how it joins).
+``FakeCupy()`` is a module object to put in ``sys.modules["cupy"]``: its arrays are a NumPy subclass
+whose type lives in a module named ``cupy`` (so gpunet's backend takes them for CuPy arrays and
+picks the GPU branches), and every operation that would launch work on a GPU adds one to
+``launches`` (with its name in ``log``): each ufunc call (elementwise operations, reductions such as
+``sum``, ``matmul``), each array function that makes or writes data (``take``, ``empty`` is free, a
+copying ``ascontiguousarray``), the data-moving array methods (``argmax``, ``copy``, ``astype``,
+fancy indexing, writes through ``[]=``), and each ``ElementwiseKernel``/``RawKernel`` call. Kernels
+run a NumPy mirror of their CUDA source, kept below beside each kernel's name, and (where g++ and
+CuPy's headers are here) the CUDA source itself, compiled for the CPU by tests/support/cuda_cpu.py,
+run in three orders of threads and held to the mirror; its result is what the arrays hold
+afterwards. A new kernel needs only its mirror here (CONTRIBUTING.md says how it joins).
 """
+
 from __future__ import annotations
 
 import threading
@@ -23,29 +25,46 @@ import numpy as np
 
 from gpunet import layers
 
-FREE_FUNCTIONS = {"empty", "empty_like", "reshape", "ravel", "shape", "ndim", "result_type", "may_share_memory",
-                  "shares_memory", "broadcast_to", "transpose", "iscomplexobj", "isscalar", "size",
-                  "array_equal", "can_cast", "dtype"}
+FREE_FUNCTIONS = {
+    "empty",
+    "empty_like",
+    "reshape",
+    "ravel",
+    "shape",
+    "ndim",
+    "result_type",
+    "may_share_memory",
+    "shares_memory",
+    "broadcast_to",
+    "transpose",
+    "iscomplexobj",
+    "isscalar",
+    "size",
+    "array_equal",
+    "can_cast",
+    "dtype",
+}
 
 
 class Counter:
-    """``launches`` and their names (``log``); ``downloads``: the shapes copied to the host; ``reads``:
-    ``(what, shape, thread id)`` of every read that makes the host wait for the device on a GPU
-    (``float()``, ``int()``, ``bool()``, ``.item()``, ``.tolist()``, a blocking ``.get()``,
+    """``launches`` and their names (``log``); ``downloads``: the shapes copied to the host;
+    ``reads``: ``(what, shape, thread id)`` of every read that makes the host wait for the device on
+    a GPU (``float()``, ``int()``, ``bool()``, ``.item()``, ``.tolist()``, a blocking ``.get()``,
     ``asnumpy``, a stream's or an event's ``synchronize``); ``async_reads``: the non-blocking
     ``.get(blocking=False)`` copies, which do not."""
 
     def __init__(self):
         self.launches, self.log, self.downloads, self.reads, self.async_reads = 0, [], [], [], []
-        # stream capture (see _Stream): the launches being captured (None when not capturing), one entry
-        # per finished capture (its stream and launch names), graph replays, host-to-device copies
-        # (stream, bytes), synchronizations, and what a capture must not do (allocate, read the host)
+        # stream capture (see _Stream): the launches being captured (None when not capturing), one
+        # entry per finished capture (its stream and launch names), graph replays, host-to-device
+        # copies (stream, bytes), synchronizations, and what a capture must not do (allocate, read
+        # the host)
         self.capturing, self.capture_stream, self.captures, self.replays = None, None, [], 0
         self.copies, self.syncs, self.violations = [], 0, []
 
     def defer(self, what, run):
-        """During a capture: record ``run`` (a launch's work) for the graph's replays instead of running
-        it, and return True; else False (the caller runs it now)."""
+        """During a capture: record ``run`` (a launch's work) for the graph's replays instead of
+        running it, and return True; else False (the caller runs it now)."""
         if self.capturing is None:
             return False
         if _STREAM["current"] is not self.capture_stream:
@@ -88,7 +107,9 @@ def make_array_type(counter):
                 counter.violation(f"allocation: {ufunc.__name__} without out=")
             if out is not None:
                 kwargs["out"] = _bases(out)
-                if counter.defer(ufunc.__name__, lambda: getattr(ufunc, method)(*_bases(inputs), **kwargs)):
+                if counter.defer(
+                    ufunc.__name__, lambda: getattr(ufunc, method)(*_bases(inputs), **kwargs)
+                ):
                     return out[0] if len(out) == 1 else out
             result = getattr(ufunc, method)(*_bases(inputs), **kwargs)
             if out is not None:
@@ -143,14 +164,18 @@ def make_array_type(counter):
             return np.array(self.view(np.ndarray))
 
         def __getitem__(self, key):
-            if isinstance(key, np.ndarray) or (isinstance(key, tuple) and any(isinstance(k, np.ndarray) for k in key)):
+            if isinstance(key, np.ndarray) or (
+                isinstance(key, tuple) and any(isinstance(k, np.ndarray) for k in key)
+            ):
                 counter.add("gather")
             result = self.view(np.ndarray)[_base(key) if isinstance(key, np.ndarray) else key]
             return _wrap(result)
 
         def __setitem__(self, key, value):
             counter.add("setitem")
-            if not counter.defer("setitem", lambda: self.view(np.ndarray).__setitem__(key, _base(value))):
+            if not counter.defer(
+                "setitem", lambda: self.view(np.ndarray).__setitem__(key, _base(value))
+            ):
                 self.view(np.ndarray)[key] = _base(value)
 
         def _read(self, what, convert):  # a read the host waits for (and a capture cannot hold)
@@ -189,7 +214,9 @@ _ARRAY_TYPE = {}
 
 def _wrap(result):
     cls = _ARRAY_TYPE.get("cls")
-    if isinstance(result, np.generic):  # CuPy's reductions and elementwise results stay 0-d device arrays
+    if isinstance(
+        result, np.generic
+    ):  # CuPy's reductions and elementwise results stay 0-d device arrays
         return np.asarray(result).view(cls)
     if isinstance(result, np.ndarray) and not isinstance(result, cls):
         return result.view(cls)
@@ -198,7 +225,7 @@ def _wrap(result):
     return result
 
 
-# ------------------------------------------------------------------ NumPy mirrors of gpunet's CUDA kernels
+# ----------------------------------------------------------- NumPy mirrors of gpunet's CUDA kernels
 def _decayed(g, wd, w):
     """The update kernels' gradient: the L2 term only where weight decay is on (as the core's)."""
     return g + wd * w if wd != 0 else g
@@ -214,22 +241,25 @@ def _block_sum(dy, rows, cols):
     """The column sums of dy in the order of the layer-update RawKernel's block-wide reduction
     (gpunet/fast/cuda.py LAYER_UPDATE, groups = LAYER_THREADS / LAYER_COLUMNS): row group k adds
     rows k, k + groups, ... one after another, then the groups' sums are added as a tree (k += k +
-    groups / 2, ..., k += k + 1), so that the mirror has the kernel's bits, cancellation included."""
+    groups / 2, ..., k += k + 1), so that the mirror has the kernel's bits, cancellation
+    included."""
     from gpunet.fast import cuda
 
     groups = cuda.LAYER_THREADS // cuda.LAYER_COLUMNS
     flat, part = dy.reshape(rows, cols), np.zeros((groups, cols), dy.dtype)
     for r in range(0, rows, groups):
-        chunk = flat[r:r + groups]
-        part[:len(chunk)] += chunk
+        chunk = flat[r : r + groups]
+        part[: len(chunk)] += chunk
     k = groups // 2
     while k:
-        part[:k] += part[k:2 * k]
+        part[:k] += part[k : 2 * k]
         k //= 2
     return part[0]
 
 
-def _layer_update(dy, rows, cols, lr, gamma, wd, nesterov, w, g, v, b, vb, gb, column_sum=_rows_sum):
+def _layer_update(
+    dy, rows, cols, lr, gamma, wd, nesterov, w, g, v, b, vb, gb, column_sum=_rows_sum
+):
     d = _decayed(g, wd, w)
     v[...] = gamma * v + lr * d
     w -= gamma * v + lr * d if nesterov else v
@@ -283,23 +313,27 @@ def _relu_where(y, t):
 
 MIRRORS = {
     "gpunet_probe": lambda x: 2 * x + 1,  # its output is allocated by the kernel: returned
-    "gpunet_bias_relu": lambda b, y: y.__setitem__(..., np.where(y + b < 0, y.dtype.type(0), y + b)),
+    "gpunet_bias_relu": lambda b, y: y.__setitem__(
+        ..., np.where(y + b < 0, y.dtype.type(0), y + b)
+    ),
     "gpunet_relu_backward": lambda y, dy: dy.__setitem__(..., _relu_where(y, dy)),
     "gpunet_relu_mask_backward": lambda y, mask, dy: dy.__setitem__(..., _relu_where(y, dy * mask)),
     "gpunet_adam": _adam,
     "gpunet_dropout": _dropout,
-    "gpunet_layer_momentum_given": lambda cols, lr, gamma, wd, nesterov, w, g, v, b, vb, gb: _layer_given(
-        lr, gamma, wd, nesterov, (w, g, v), (b, gb, vb)),
+    "gpunet_layer_momentum_given": lambda cols, lr, gamma, wd, nesterov, w, g, v, b, vb, gb: (
+        _layer_given(lr, gamma, wd, nesterov, (w, g, v), (b, gb, vb))
+    ),
     "gpunet_layer_sgd_given": _layer_sgd_given,
     "gpunet_batch_norm_apply": _batch_norm_apply,
     "gpunet_gather_scaled": lambda src, idx, cols, divisor, out: out.__setitem__(
-        ..., np.divide(src[idx], divisor, dtype=out.dtype)),
+        ..., np.divide(src[idx], divisor, dtype=out.dtype)
+    ),
 }
 
 
 def _rows_at(perm, u, n):
     """The graph step's batch: n entries of the permutation from the offset in scalar slot 0."""
-    return perm[int(u[0]):int(u[0]) + n]
+    return perm[int(u[0]) : int(u[0]) + n]
 
 
 def _read(f, at, count, like):
@@ -307,23 +341,33 @@ def _read(f, at, count, like):
     return [like.dtype.type(f[int(at) + k]) for k in range(count)]
 
 
-MIRRORS.update({  # the graph step's variants (gpunet/fast/graph_kernels.py): the eager mirrors, reading
-    # their per-step scalars from the device buffer
-    "gpunet_graph_gather_scaled": lambda src, perm, u, cols, divisor, out: out.__setitem__(
-        ..., np.divide(src[_rows_at(perm, u, out.shape[0])], divisor, dtype=out.dtype)),
-    "gpunet_graph_gather": lambda src, perm, u, cols, out: out.__setitem__(
-        ..., src[_rows_at(perm, u, out.shape[0])]),
-    "gpunet_graph_gather_labels": lambda y, perm, u, out: out.__setitem__(..., y[_rows_at(perm, u, out.size)]),
-    "gpunet_graph_bias_grad": lambda dy, rows, cols, gb: gb.__setitem__(
-        ..., dy.reshape(rows, cols).sum(axis=0, dtype=gb.dtype)),
-    "gpunet_graph_layer_sgd": lambda dy, rows, cols, f, at, w, g, b, gb: _layer_sgd(
-        dy, rows, cols, *_read(f, at, 2, w), w, g, b, gb),
-    "gpunet_graph_layer_momentum": lambda dy, rows, cols, nesterov, f, at, w, g, v, b, vb, gb: _layer_update(
-        dy, rows, cols, *_read(f, at, 3, w), nesterov, w, g, v, b, vb, gb),
-    "gpunet_graph_adam": lambda g, f, at, w, m, v: _adam(g, *_read(f, at, 9, w), w, m, v),
-    "gpunet_graph_dropout": lambda start, threshold, scale, u, at, y, mask: _dropout(
-        u[int(at)], start, threshold, scale, y, mask),
-})
+MIRRORS.update(
+    {  # the graph step's variants (gpunet/fast/graph_kernels.py): the eager mirrors, reading
+        # their per-step scalars from the device buffer
+        "gpunet_graph_gather_scaled": lambda src, perm, u, cols, divisor, out: out.__setitem__(
+            ..., np.divide(src[_rows_at(perm, u, out.shape[0])], divisor, dtype=out.dtype)
+        ),
+        "gpunet_graph_gather": lambda src, perm, u, cols, out: out.__setitem__(
+            ..., src[_rows_at(perm, u, out.shape[0])]
+        ),
+        "gpunet_graph_gather_labels": lambda y, perm, u, out: out.__setitem__(
+            ..., y[_rows_at(perm, u, out.size)]
+        ),
+        "gpunet_graph_bias_grad": lambda dy, rows, cols, gb: gb.__setitem__(
+            ..., dy.reshape(rows, cols).sum(axis=0, dtype=gb.dtype)
+        ),
+        "gpunet_graph_layer_sgd": lambda dy, rows, cols, f, at, w, g, b, gb: _layer_sgd(
+            dy, rows, cols, *_read(f, at, 2, w), w, g, b, gb
+        ),
+        "gpunet_graph_layer_momentum": lambda dy, rows, cols, nesterov, f, at, w, g, v, b, vb, gb: (
+            _layer_update(dy, rows, cols, *_read(f, at, 3, w), nesterov, w, g, v, b, vb, gb)
+        ),
+        "gpunet_graph_adam": lambda g, f, at, w, m, v: _adam(g, *_read(f, at, 9, w), w, m, v),
+        "gpunet_graph_dropout": lambda start, threshold, scale, u, at, y, mask: _dropout(
+            u[int(at)], start, threshold, scale, y, mask
+        ),
+    }
+)
 
 
 def _softmax_rows(z, labels, grad, inv_n):
@@ -369,7 +413,9 @@ def _resample(images, maps, fields, out, b, h, w, elastic):
 
     def pixel(rr, cc_):
         inside = (rr >= 0) & (rr < h) & (cc_ >= 0) & (cc_ < w)
-        return np.where(inside, np.take_along_axis(flat, np.where(inside, rr * w + cc_, 0), 1), t(0))
+        return np.where(
+            inside, np.take_along_axis(flat, np.where(inside, rr * w + cc_, 0), 1), t(0)
+        )
 
     v00, v01, v10, v11 = pixel(ri, ci), pixel(ri, ci + 1), pixel(ri + 1, ci), pixel(ri + 1, ci + 1)
     top = v00 + fc * (v01 - v00)
@@ -377,7 +423,9 @@ def _resample(images, maps, fields, out, b, h, w, elastic):
     out[...] = (top + fr * (bottom - top)).reshape(out.shape)
 
 
-def _batch_norm_stats(z, b, mu, inv_sigma, running_mean, running_var, n, f, momentum, keep, unbiased, eps):
+def _batch_norm_stats(
+    z, b, mu, inv_sigma, running_mean, running_var, n, f, momentum, keep, unbiased, eps
+):
     y = z + b
     mean = y.sum(axis=0) / y.dtype.type(n)
     var = ((y - mean) ** 2).sum(axis=0) / y.dtype.type(n)
@@ -400,6 +448,7 @@ def _batch_norm_backward(dy, y, mask, xhat, gamma, inv_sigma, dgamma, dbeta, n, 
 def _gemm(trans_a, trans_b):
     """The graph step's GEMM (gpunet/fast/graph_kernels.py): c = op(a) @ op(b), accumulated in the
     arrays' dtype as the kernel does."""
+
     def mirror(a, b, c, m, n, k):
         a2 = a.reshape((k, m) if trans_a else (m, k))
         b2 = b.reshape((n, k) if trans_b else (k, n))
@@ -410,28 +459,40 @@ def _gemm(trans_a, trans_b):
                 # depends on the order of the sum: the kernel's, k ascending in one accumulator
                 out = np.zeros_like(out)
                 for j in range(left.shape[1]):
-                    out += left[:, j:j + 1] * right[j:j + 1, :]
+                    out += left[:, j : j + 1] * right[j : j + 1, :]
         c[...] = out.reshape(c.shape)
+
     return mirror
 
 
-RAW_MIRRORS = {"gpunet_softmax_xent": _softmax_xent, "gpunet_softmax_xent_sums": _softmax_xent_sums,
-               "gpunet_resample": _resample, "gpunet_batch_norm_stats": _batch_norm_stats,
-               "gpunet_batch_norm_backward": _batch_norm_backward,
-               "gpunet_gemm_nn": _gemm(False, False), "gpunet_gemm_nt": _gemm(False, True),
-               "gpunet_gemm_tn": _gemm(True, False),
-               # the layer-update RawKernels' parameter order (gpunet/fast/cuda.py LAYER_UPDATE)
-               "gpunet_layer_momentum": lambda w, g, v, b, vb, gb, dy, rows, cols, size, lr, gamma, wd,
-               nesterov: _layer_update(dy, rows, cols, lr, gamma, wd, bool(nesterov), w, g, v, b, vb, gb,
-                                       _block_sum),
-               "gpunet_layer_sgd": lambda w, g, b, gb, dy, rows, cols, size, lr, wd:
-               _layer_sgd(dy, rows, cols, lr, wd, w, g, b, gb, _block_sum)}
+def _layer_momentum(w, g, v, b, vb, gb, dy, rows, cols, size, lr, gamma, wd, nesterov):
+    """gpunet_layer_momentum's mirror, in the RawKernel's parameter order."""
+    return _layer_update(
+        dy, rows, cols, lr, gamma, wd, bool(nesterov), w, g, v, b, vb, gb, _block_sum
+    )
+
+
+RAW_MIRRORS = {
+    "gpunet_softmax_xent": _softmax_xent,
+    "gpunet_softmax_xent_sums": _softmax_xent_sums,
+    "gpunet_resample": _resample,
+    "gpunet_batch_norm_stats": _batch_norm_stats,
+    "gpunet_batch_norm_backward": _batch_norm_backward,
+    "gpunet_gemm_nn": _gemm(False, False),
+    "gpunet_gemm_nt": _gemm(False, True),
+    "gpunet_gemm_tn": _gemm(True, False),
+    # the layer-update RawKernels' parameter order (gpunet/fast/cuda.py LAYER_UPDATE)
+    "gpunet_layer_momentum": _layer_momentum,
+    "gpunet_layer_sgd": lambda w, g, b, gb, dy, rows, cols, size, lr, wd: _layer_sgd(
+        dy, rows, cols, lr, wd, w, g, b, gb, _block_sum
+    ),
+}
 
 
 def _keep(ran, outputs):
-    """The CUDA source's results (tests/support/cuda_cpu.py) written into the launch's arrays (the mirror's
-    output included), so that what follows, and the tests' comparisons with the core, see what the
-    CUDA code computed."""
+    """The CUDA source's results (tests/support/cuda_cpu.py) written into the launch's arrays (the
+    mirror's output included), so that what follows, and the tests' comparisons with the core, see
+    what the CUDA code computed."""
     for got, array in zip(ran, outputs):
         if got is not None and isinstance(array, np.ndarray) and array.flags.writeable:
             array[...] = got
@@ -449,11 +510,19 @@ class FakeCupy(types.ModuleType):
         _STREAM["counter"] = counter
         _STREAM["current"] = _STREAM["null"] = _Stream(null=True)
         self.cuda = types.SimpleNamespace(
-            Device=lambda i=None: _Device(), get_current_stream=lambda: _STREAM["current"], Event=_Event,
-            runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, streamCaptureModeGlobal=0,
-                                          streamCaptureModeThreadLocal=1, streamCaptureModeRelaxed=2),
-            alloc_pinned_memory=lambda size: bytearray(size), Stream=_Stream,
-            get_elapsed_time=lambda start, end: (end.at - start.at) * 1e3)
+            Device=lambda i=None: _Device(),
+            get_current_stream=lambda: _STREAM["current"],
+            Event=_Event,
+            runtime=types.SimpleNamespace(
+                getDeviceCount=lambda: 1,
+                streamCaptureModeGlobal=0,
+                streamCaptureModeThreadLocal=1,
+                streamCaptureModeRelaxed=2,
+            ),
+            alloc_pinned_memory=lambda size: bytearray(size),
+            Stream=_Stream,
+            get_elapsed_time=lambda start, end: (end.at - start.at) * 1e3,
+        )
 
     def __getattr__(self, name):
         value = getattr(np, name)
@@ -462,10 +531,15 @@ class FakeCupy(types.ModuleType):
 
         def call(*args, **kwargs):
             if name not in FREE_FUNCTIONS or name in ALLOCATING:
-                self.counter.violation(f"cupy.{name} (allocates or launches outside the graph's kernels)")
+                self.counter.violation(
+                    f"cupy.{name} (allocates or launches outside the graph's kernels)"
+                )
             if name not in FREE_FUNCTIONS:
                 self.counter.add(name)
-            return _wrap(value(*(_base(a) for a in args), **{k: _base(v) for k, v in kwargs.items()}))
+            return _wrap(
+                value(*(_base(a) for a in args), **{k: _base(v) for k, v in kwargs.items()})
+            )
+
         return call
 
     def asarray(self, a, dtype=None):
@@ -476,7 +550,11 @@ class FakeCupy(types.ModuleType):
         return np.array(_base(a), dtype=dtype).view(self.ndarray)
 
     def ascontiguousarray(self, a, dtype=None):
-        if isinstance(a, self.ndarray) and a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
+        if (
+            isinstance(a, self.ndarray)
+            and a.flags.c_contiguous
+            and (dtype is None or np.dtype(dtype) == a.dtype)
+        ):
             return a
         self.counter.violation("a copy (ascontiguousarray)")
         self.counter.add("ascontiguousarray")
@@ -503,8 +581,11 @@ class FakeCupy(types.ModuleType):
 
         def run(*args):
             args = [_base(a) for a in args]
-            ran = cuda_cpu.elementwise(spec + ((kwargs,) if kwargs else ()), args) \
-                if cuda_cpu.enabled() else None
+            ran = (
+                cuda_cpu.elementwise(spec + ((kwargs,) if kwargs else ()), args)
+                if cuda_cpu.enabled()
+                else None
+            )
             made = mirror(*args)
             if ran is not None:
                 outputs = args + ([] if made is None else [made])
@@ -512,6 +593,7 @@ class FakeCupy(types.ModuleType):
                 cuda_cpu.compare(name, names, ran, outputs)
                 _keep(ran, outputs)
             return _wrap(args[-1]) if made is None else _wrap(made)
+
         return launch
 
     def RawKernel(self, source, name, **kwargs):
@@ -524,12 +606,14 @@ class FakeCupy(types.ModuleType):
 
         def run(grid, block, args):
             args = [_base(a) for a in args]
-            ran = cuda_cpu.raw_kernel(source, name, grid, block, args) \
-                if cuda_cpu.enabled() else None
+            ran = (
+                cuda_cpu.raw_kernel(source, name, grid, block, args) if cuda_cpu.enabled() else None
+            )
             mirror(*args)
             if ran is not None:
                 cuda_cpu.compare(name, [str(k) for k in range(len(args))], ran, args)
                 _keep(ran, args)
+
         return launch
 
 
@@ -567,7 +651,7 @@ class _Event:
         _STREAM["counter"].read("event.synchronize")
 
 
-# ------------------------------------------------------------------------------ streams and CUDA graphs
+# -------------------------------------------------------------------------- streams and CUDA graphs
 ALLOCATING = {"empty", "empty_like"}  # free of launches, but an allocation: not inside a capture
 _STREAM = {}  # the counter, the null (legacy default) stream and the current one
 
@@ -577,12 +661,18 @@ class CaptureError(RuntimeError):
 
 
 class _Stream:
-    """CuPy's Stream: ``with stream:`` makes it current; ``begin_capture``/``end_capture`` record the
-    launches made on it meanwhile (not run) into a :class:`_Graph`. As CuPy, the null stream refuses
-    to capture; every capture is kept in ``counter.captures`` as (stream, mode, launch names)."""
+    """CuPy's Stream: ``with stream:`` makes it current; ``begin_capture``/``end_capture`` record
+    the launches made on it meanwhile (not run) into a :class:`_Graph`. As CuPy, the null stream
+    refuses to capture; every capture is kept in ``counter.captures`` as (stream, mode, launch
+    names)."""
 
     def __init__(self, null=False, non_blocking=False, ptr=None):
-        self.null, self.non_blocking, self.ptr, self._outer = null, non_blocking, 0 if null else id(self), []
+        self.null, self.non_blocking, self.ptr, self._outer = (
+            null,
+            non_blocking,
+            0 if null else id(self),
+            [],
+        )
         self.mode = None
 
     def __enter__(self):
@@ -610,7 +700,9 @@ class _Stream:
     def begin_capture(self, mode=None):
         counter = _STREAM["counter"]
         if self.null:
-            raise RuntimeError("cudaErrorStreamCaptureUnsupported: the legacy default stream cannot capture")
+            raise RuntimeError(
+                "cudaErrorStreamCaptureUnsupported: the legacy default stream cannot capture"
+            )
         if counter.capturing is not None:
             raise RuntimeError("a capture is already running")
         counter.capturing, counter.capture_stream, self.mode = [], self, mode
@@ -625,8 +717,8 @@ class _Stream:
 
 
 class _Graph:
-    """A captured graph: ``launch(stream)`` runs its recorded work in order, one host call (counted as
-    one launch named ``graph``, and in ``counter.replays``)."""
+    """A captured graph: ``launch(stream)`` runs its recorded work in order, one host call (counted
+    as one launch named ``graph``, and in ``counter.replays``)."""
 
     def __init__(self, work):
         self.work = work

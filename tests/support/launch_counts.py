@@ -1,11 +1,13 @@
-"""Device launches of one training step of ``fit`` on the counting stand-in for CuPy (tests/support/fake_cupy.py),
-for every path that has a launch budget: the source of tests/unit/test_gpu_launches.py's budgets and of
-BENCHMARKS.md's launch table (benchmarks/launch_table.py writes it from :func:`table`; a test checks it).
+"""Device launches of one training step of ``fit`` on the counting stand-in for CuPy
+(tests/support/fake_cupy.py), for every path that has a launch budget: the source of
+tests/unit/test_gpu_launches.py's budgets and of BENCHMARKS.md's launch table
+(benchmarks/launch_table.py writes it from :func:`table`; a test checks it).
 
 A step's count is the difference between epochs of 5 and 3 steps at batch 128 of the default network
-(784-512-512-10, ReLU), divided by 2, so that per-epoch work (the order's upload, the sums' read-back) is
-left out. ``rank`` runs as rank 0 of a two-rank job through :class:`TwinComm`.
+(784-512-512-10, ReLU), divided by 2, so that per-epoch work (the order's upload, the sums'
+read-back) is left out. ``rank`` runs as rank 0 of a two-rank job through :class:`TwinComm`.
 """
+
 from __future__ import annotations
 
 import sys
@@ -33,17 +35,18 @@ PATHS = [
 ]
 
 
-# blocking device->host reads an epoch on the main thread, a GPU run of the CLI's shape (784-512-512-10,
-# dropout, momentum, validation, a checkpoint every epoch): the epoch's loss and right answers (2), the
-# stream's sync before them (the epoch's seconds), validation's loss, right-answer count and confusion
-# counts (3), and the record's row count; the checkpoint's weights and velocities none (one non-blocking
-# batched copy, collected by the writer thread)
+# blocking device->host reads an epoch on the main thread, a GPU run of the CLI's shape
+# (784-512-512-10, dropout, momentum, validation, a checkpoint every epoch): the epoch's loss and
+# right answers (2), the stream's sync before them (the epoch's seconds), validation's loss,
+# right-answer count and confusion counts (3), and the record's row count; the checkpoint's weights
+# and velocities none (one non-blocking batched copy, collected by the writer thread)
 READS_PER_EPOCH = 7
 
 
 class TwinComm:
-    """Rank 0 of two whose twin computed the very same gradients: the all-reduce doubles the buffer (one
-    NCCL launch on the GPU: counted as one); what fit asks of a communicator besides, on one process."""
+    """Rank 0 of two whose twin computed the very same gradients: the all-reduce doubles the buffer
+    (one NCCL launch on the GPU: counted as one); what fit asks of a communicator besides, on one
+    process."""
 
     rank, size, local_rank = 0, 2, 0
 
@@ -51,20 +54,26 @@ class TwinComm:
         self.counter = counter
 
     def allreduce(self, buf):
-        if self.counter is not None and type(buf) is not np.ndarray:  # a device buffer: NCCL's one launch
+        if (
+            self.counter is not None and type(buf) is not np.ndarray
+        ):  # a device buffer: NCCL's one launch
             self.counter.add("nccl_allreduce")
-        plain = buf.view(np.ndarray)  # the doubling stands for the other rank's sum: no launch of this rank
+        plain = buf.view(
+            np.ndarray
+        )  # the doubling stands for the other rank's sum: no launch of this rank
         plain *= buf.dtype.type(2)
 
     def allgather(self, obj):
         return [obj, obj]
 
     def agree(self, device, dtype):
-        """The twin is this rank's copy: same device, dtype and GPU (no host collective to count)."""
+        """The twin is this rank's copy: same device, dtype and GPU (no host collective to
+        count)."""
 
 
 def install(monkeypatch=None):
-    """CuPy replaced by a fresh counting stand-in (through ``monkeypatch`` when given); returns it."""
+    """CuPy replaced by a fresh counting stand-in (through ``monkeypatch`` when given); returns
+    it."""
     fake = FakeCupy()
     if monkeypatch is not None:
         monkeypatch.setitem(sys.modules, "cupy", fake)
@@ -78,23 +87,29 @@ def install(monkeypatch=None):
 
 
 def mnist_like(n, seed=0):
-    """n rows of 784 uint8 pixels and 10-class labels (random: this counts launches, it learns nothing)."""
+    """n rows of 784 uint8 pixels and 10-class labels (random: this counts launches, it learns
+    nothing)."""
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (n, 784), dtype=np.uint8), rng.integers(0, 10, n)
 
 
 def make_optimizer(net, optimizer):
     params = net.parameters()
-    return {"momentum": lambda: gn.Momentum(params, lr=0.05, momentum=0.9),
-            "sgd": lambda: gn.SGD(params, lr=0.05), "adam": lambda: gn.Adam(params)}[optimizer]()
+    return {
+        "momentum": lambda: gn.Momentum(params, lr=0.05, momentum=0.9),
+        "sgd": lambda: gn.SGD(params, lr=0.05),
+        "adam": lambda: gn.Adam(params),
+    }[optimizer]()
 
 
 _COUNTED: dict = {}  # settings -> (launches, log): a property of the code, counted once a process
 
 
-def per_step(fake, dropout=0.0, pixels=True, optimizer="momentum", ranks=1, augment=False, batch_norm=False):
-    """``(launches of one step, the log of the longer epoch)`` for these settings (see the module doc);
-    counted once a process (the budget tests and BENCHMARKS.md's table share the count)."""
+def per_step(
+    fake, dropout=0.0, pixels=True, optimizer="momentum", ranks=1, augment=False, batch_norm=False
+):
+    """``(launches of one step, the log of the longer epoch)`` for these settings (see the module
+    doc); counted once a process (the budget tests and BENCHMARKS.md's table share the count)."""
     key = (dropout, pixels, optimizer, ranks, augment, batch_norm)
     if key not in _COUNTED:
         _COUNTED[key] = _count(fake, *key)
@@ -111,8 +126,17 @@ def _count(fake, dropout, pixels, optimizer, ranks, augment, batch_norm):
         assert gn.get_array_module(net.parameters()[0].data) is fake
         data = Pixels(x) if pixels else x.astype(np.float32) / 255
         before = fake.counter.launches
-        fit(net, gn.SoftmaxCrossEntropy(), make_optimizer(net, optimizer), data, y, epochs=1, batch_size=BATCH,
-            comm=TwinComm(fake.counter) if ranks > 1 else None, augment=Augment(seed=1) if augment else None)
+        fit(
+            net,
+            gn.SoftmaxCrossEntropy(),
+            make_optimizer(net, optimizer),
+            data,
+            y,
+            epochs=1,
+            batch_size=BATCH,
+            comm=TwinComm(fake.counter) if ranks > 1 else None,
+            augment=Augment(seed=1) if augment else None,
+        )
         counts.append((fake.counter.launches - before, list(fake.counter.log[before:])))
     (few, _), (more, log) = counts
     assert (more - few) % 2 == 0, "every step should make the same launches"
@@ -129,10 +153,14 @@ def table(fake) -> str:
         lines.append(f"| {name} | {per_step(fake, **settings)[0]} | {budget} |")
     with tempfile.TemporaryDirectory() as folder:
         reads, other, _ = reads_per_epoch(fake, folder)
-    lines += ["", "| an epoch (dropout 0.2, validation, a checkpoint every epoch) | blocking reads | budget |",
-              "|---|---:|---:|",
-              f"| on the training thread | {reads} | {READS_PER_EPOCH} |",
-              f"| on the checkpoint writer's thread (its copy's event) | {other} | - |"]
+    lines += [
+        "",
+        "| an epoch (dropout 0.2, validation, a checkpoint every epoch) | blocking reads | budget "
+        "|",
+        "|---|---:|---:|",
+        f"| on the training thread | {reads} | {READS_PER_EPOCH} |",
+        f"| on the checkpoint writer's thread (its copy's event) | {other} | - |",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -147,8 +175,17 @@ def reads_per_epoch(fake, checkpoint_dir=None, validation=True):
         fake.counter.reads.clear()
         path = None if checkpoint_dir is None else f"{checkpoint_dir}/{epochs}.npz"
         xv, yv = mnist_like(300, seed=1)
-        fit(net, gn.SoftmaxCrossEntropy(), make_optimizer(net, "momentum"), Pixels(x), y, epochs=epochs,
-            batch_size=BATCH, validation=(Pixels(xv), yv) if validation else None, checkpoint_path=path)
+        fit(
+            net,
+            gn.SoftmaxCrossEntropy(),
+            make_optimizer(net, "momentum"),
+            Pixels(x),
+            y,
+            epochs=epochs,
+            batch_size=BATCH,
+            validation=(Pixels(xv), yv) if validation else None,
+            checkpoint_path=path,
+        )
         main = fake.counter.main_thread_reads()
         counts.append((len(main), len(fake.counter.reads) - len(main), main))
     (few, few_other, _), (more, more_other, log) = counts

@@ -11,6 +11,7 @@ files a block names and a reader would have are made beside it first (see ``FILE
 needs an optional library which is not installed is skipped, saying so;
 ``<!-- readme-test: skip WHY -->`` on the line above a block skips it.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,12 +27,12 @@ CORE_MODULES = {"gpunet", "numpy"}  # never optional: a block that cannot import
 
 
 def blocks(text: str) -> list[dict]:
-    """Every ```python block: its first line's number (1-based, the fence's), its code, and a skip reason
-    from a marker on the line above (or None)."""
+    """Every ```python block: its first line's number (1-based, the fence's), its code, and a skip
+    reason from a marker on the line above (or None)."""
     found = []
     for m in FENCE.finditer(text):
         line = text.count("\n", 0, m.start()) + 1
-        above = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        above = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
         skip = SKIP.search(above)
         found.append({"line": line, "code": m.group(1), "skip": skip.group(1) if skip else None})
     return found
@@ -44,8 +45,11 @@ NAV_PAGE = re.compile(r"^\s*- .*?([\w./-]+\.md)\s*$")
 def pages(root: Path) -> list[str]:
     """README.md, then every page of the guide in the order of mkdocs.yml's nav, as paths from
     ``root``."""
-    nav = [m.group(1) for line in (root / "mkdocs.yml").read_text(encoding="utf-8").splitlines()
-           if (m := NAV_PAGE.match(line))]
+    nav = [
+        m.group(1)
+        for line in (root / "mkdocs.yml").read_text(encoding="utf-8").splitlines()
+        if (m := NAV_PAGE.match(line))
+    ]
     return ["README.md"] + [f"docs/{page}" for page in nav]
 
 
@@ -62,7 +66,9 @@ def _photo(mnist, path):
     from PIL import Image
 
     digit = 255 - _digits(mnist)[0]  # dark ink on white paper, as photographed
-    Image.fromarray(digit).resize((112, 112), Image.Resampling.BICUBIC).convert("RGB").save(path, quality=90)
+    Image.fromarray(digit).resize((112, 112), Image.Resampling.BICUBIC).convert("RGB").save(
+        path, quality=90
+    )
 
 
 def _model(mnist, path):
@@ -97,7 +103,11 @@ FILES = {
 
 def _optional(exc: BaseException) -> str | None:
     """The name of an optional module whose absence ``exc`` reports, else None."""
-    if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] not in CORE_MODULES:
+    if (
+        isinstance(exc, ModuleNotFoundError)
+        and exc.name
+        and exc.name.split(".")[0] not in CORE_MODULES
+    ):
         return exc.name
     return None
 
@@ -114,7 +124,10 @@ def run_block(block: dict, mnist: str, namespace: dict, page: str = "README.md")
     except Exception as exc:  # the report says what failed; the test shows it
         missing = _optional(exc)
         if missing:
-            return {"status": "skipped", "detail": f"needs {missing}, an optional library not installed here"}
+            return {
+                "status": "skipped",
+                "detail": f"needs {missing}, an optional library not installed here",
+            }
         return {"status": "failed", "detail": traceback.format_exc(limit=-8)}
     return {"status": "ok", "detail": ""}
 

@@ -1,4 +1,6 @@
-"""The command line, run for real through its entry points (`python -m gpunet` and the `gpunet` script)."""
+"""The command line, run for real through its entry points (`python -m gpunet` and the `gpunet`
+script)."""
+
 import json
 import os
 import subprocess
@@ -7,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import optional
 
 import gpunet as gn
 import gpunet.training  # noqa: F401  (gn.training below)
 from gpunet import backend
-from conftest import optional
 
 SCRIPT = Path(sys.executable).with_name("gpunet")
 
@@ -19,8 +21,13 @@ SCRIPT = Path(sys.executable).with_name("gpunet")
 def run(*args, env_extra=None, timeout=600):
     env = dict(os.environ, **(env_extra or {}))
     env.pop("GPUNET_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "gpunet", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "gpunet", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +38,25 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     data = make_fake_mnist(root / "data")
     out = root / "run"
-    res = run("train", "--data-dir", data, "--hidden", 32, "--epochs", 3, "--batch-size", 32, "--val-size", 100,
-              "--out", out, "--seed", 0, "--device", "cpu")
+    res = run(
+        "train",
+        "--data-dir",
+        data,
+        "--hidden",
+        32,
+        "--epochs",
+        3,
+        "--batch-size",
+        32,
+        "--val-size",
+        100,
+        "--out",
+        out,
+        "--seed",
+        0,
+        "--device",
+        "cpu",
+    )
     assert res.returncode == 0, res.stderr
     return data, out, res
 
@@ -59,10 +83,33 @@ def test_console_script_and_help():
     res = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "train" in res.stdout and "predict" in res.stdout
     res = run("train", "--help")
-    for flag in ("--data-dir", "--hidden", "--activation", "--epochs", "--batch-size", "--lr", "--momentum",
-                 "--nesterov", "--weight-decay", "--optimizer", "--beta1", "--beta2", "--eps", "--alpha", "--centered",
-                 "--batch-norm", "--dropout", "--init", "--schedule", "--val-size", "--patience",
-                 "--target-loss", "--seed", "--device", "--out"):
+    for flag in (
+        "--data-dir",
+        "--hidden",
+        "--activation",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--momentum",
+        "--nesterov",
+        "--weight-decay",
+        "--optimizer",
+        "--beta1",
+        "--beta2",
+        "--eps",
+        "--alpha",
+        "--centered",
+        "--batch-norm",
+        "--dropout",
+        "--init",
+        "--schedule",
+        "--val-size",
+        "--patience",
+        "--target-loss",
+        "--seed",
+        "--device",
+        "--out",
+    ):
         assert flag in res.stdout, flag
 
 
@@ -96,7 +143,9 @@ def test_evaluate_text_and_json(trained):
     assert res.returncode == 0, res.stderr
     assert "accuracy: " in res.stdout and "confusion matrix" in res.stdout and "macro" in res.stdout
     rep = json.loads(run("evaluate", out / "model.npz", "--data-dir", data, "--json").stdout)
-    assert rep["accuracy"] == pytest.approx(json.loads((out / "metrics.json").read_text())["test_accuracy"])
+    assert rep["accuracy"] == pytest.approx(
+        json.loads((out / "metrics.json").read_text())["test_accuracy"]
+    )
 
 
 def test_predict_images_and_npy(trained, tmp_path):
@@ -108,10 +157,17 @@ def test_predict_images_and_npy(trained, tmp_path):
     big = Image.fromarray((x_test[0].reshape(28, 28) * 255).astype(np.uint8)).resize((56, 56))
     big.save(tmp_path / "digit.png")
     np.save(tmp_path / "three.npy", x_test[1:4].reshape(3, 28, 28))
-    res = run("predict", out / "model.npz", tmp_path / "digit.png", tmp_path / "three.npy", "--json")
+    res = run(
+        "predict", out / "model.npz", tmp_path / "digit.png", tmp_path / "three.npy", "--json"
+    )
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)
-    assert [r["file"].split(os.sep)[-1] for r in rows] == ["digit.png", "three.npy[0]", "three.npy[1]", "three.npy[2]"]
+    assert [r["file"].split(os.sep)[-1] for r in rows] == [
+        "digit.png",
+        "three.npy[0]",
+        "three.npy[1]",
+        "three.npy[2]",
+    ]
     net = gn.load(out / "model.npz", device="cpu")
     expected = gn.to_numpy(gn.training.predict(net, x_test[1:4]))
     assert [r["digit"] for r in rows[1:]] == expected.tolist()
@@ -121,7 +177,8 @@ def test_predict_images_and_npy(trained, tmp_path):
 
 
 def test_predict_keeps_going_past_files_it_cannot_read(trained, tmp_path):
-    """One line per file that cannot be read, a result for every other file (in the order given), exit 1."""
+    """One line per file that cannot be read, a result for every other file (in the order given),
+    exit 1."""
     from gpunet.data import load_mnist
 
     data, out, _ = trained
@@ -134,19 +191,32 @@ def test_predict_keeps_going_past_files_it_cannot_read(trained, tmp_path):
     res = run("predict", out / "model.npz", *files)
     assert res.returncode == 1, res.stderr
     errors = res.stderr.splitlines()
-    assert len(errors) == 3 and all(e.startswith("gpunet predict: error: ") for e in errors), res.stderr
+    assert len(errors) == 3 and all(e.startswith("gpunet predict: error: ") for e in errors), (
+        res.stderr
+    )
     for name, line in zip(("missing.png", "notes.txt", "short.npy"), errors):
         assert str(tmp_path / name) in line and "Traceback" not in line
     lines = res.stdout.splitlines()
-    assert [line.split(": ")[0] for line in lines] == [str(files[0]), f"{files[2]}[0]", f"{files[2]}[1]"]
-    expected = gn.to_numpy(gn.training.predict(gn.load(out / "model.npz", device="cpu"), x_test[:3]))
+    assert [line.split(": ")[0] for line in lines] == [
+        str(files[0]),
+        f"{files[2]}[0]",
+        f"{files[2]}[1]",
+    ]
+    expected = gn.to_numpy(
+        gn.training.predict(gn.load(out / "model.npz", device="cpu"), x_test[:3])
+    )
     assert [int(line.split(": ")[1].split()[0]) for line in lines] == expected.tolist()
     js = run("predict", out / "model.npz", *files, "--json")
     assert js.returncode == 1
     rows = json.loads(js.stdout)
     assert [("error" in r, r["file"]) for r in rows] == [
-        (False, str(files[0])), (True, str(files[1])), (False, f"{files[2]}[0]"), (False, f"{files[2]}[1]"),
-        (True, str(files[3])), (True, str(files[4]))]
+        (False, str(files[0])),
+        (True, str(files[1])),
+        (False, f"{files[2]}[0]"),
+        (False, f"{files[2]}[1]"),
+        (True, str(files[3])),
+        (True, str(files[4])),
+    ]
     assert [r["digit"] for r in rows if "digit" in r] == expected.tolist()
     alone = run("predict", out / "model.npz", tmp_path / "missing.png")
     assert alone.returncode == 1 and alone.stdout == "" and alone.stderr.count("\n") == 1
@@ -154,60 +224,134 @@ def test_predict_keeps_going_past_files_it_cannot_read(trained, tmp_path):
 
 @pytest.mark.parametrize("command", ["info", "evaluate", "predict"])
 def test_a_closed_pipe_ends_any_command_quietly(trained, tmp_path, command):
-    """`gpunet evaluate MODEL --json | head -3` once printed "error: [Errno 32] Broken pipe" and exited 2.
-    Here the reader is gone before the command writes anything, so every write meets the closed pipe."""
+    """`gpunet evaluate MODEL --json | head -3` once printed "error: [Errno 32] Broken pipe" and
+    exited 2. Here the reader is gone before the command writes anything, so every write meets the
+    closed pipe."""
     data, out, _ = trained
     np.save(tmp_path / "x.npy", np.zeros((50, 784), np.float32))
-    args = {"info": ["info", "--json"], "evaluate": ["evaluate", out / "model.npz", "--data-dir", data, "--json"],
-            "predict": ["predict", out / "model.npz", tmp_path / "x.npy"]}[command]
-    proc = subprocess.Popen([sys.executable, "-m", "gpunet", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    args = {
+        "info": ["info", "--json"],
+        "evaluate": ["evaluate", out / "model.npz", "--data-dir", data, "--json"],
+        "predict": ["predict", out / "model.npz", tmp_path / "x.npy"],
+    }[command]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpunet", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc.stdout.close()  # like head, gone
     err = proc.stderr.read()
-    assert proc.wait(timeout=120) == 141 and err == ""  # 128 + SIGPIPE: what a shell reports for such a writer
+    assert (
+        proc.wait(timeout=120) == 141 and err == ""
+    )  # 128 + SIGPIPE: what a shell reports for such a writer
 
 
-@pytest.mark.parametrize("flags, optimizer, fused", [
-    (["--optimizer", "adam", "--batch-norm"], gn.Adam, "layer 1 is BatchNorm, where a Linear was expected (fused on the GPU only: the CPU runs the core's step)"),
-    (["--optimizer", "adamw", "--beta2", "0.99", "--lr", "0.003"], gn.AdamW, None),
-    (["--optimizer", "rmsprop", "--centered"], gn.RMSprop, "the optimizer is RMSprop, not SGD, Momentum, Adam or AdamW"),
-])
+@pytest.mark.parametrize(
+    "flags, optimizer, fused",
+    [
+        (
+            ["--optimizer", "adam", "--batch-norm"],
+            gn.Adam,
+            "layer 1 is BatchNorm, where a Linear was expected (fused on the GPU only: the CPU "
+            "runs the core's step)",
+        ),
+        (["--optimizer", "adamw", "--beta2", "0.99", "--lr", "0.003"], gn.AdamW, None),
+        (
+            ["--optimizer", "rmsprop", "--centered"],
+            gn.RMSprop,
+            "the optimizer is RMSprop, not SGD, Momentum, Adam or AdamW",
+        ),
+    ],
+)
 def test_train_with_each_optimizer_and_batch_norm(tmp_path, flags, optimizer, fused):
-    """--optimizer and --batch-norm reach the run: its settings (the optimizer's defaults filled in), the
-    model file's layers, and whether the fused step ran, in the log line and metrics.json."""
+    """--optimizer and --batch-norm reach the run: its settings (the optimizer's defaults filled
+    in), the model file's layers, and whether the fused step ran, in the log line and
+    metrics.json."""
     from conftest import make_fake_mnist
 
     data = make_fake_mnist(tmp_path / "data", n_train=300, n_test=100)
-    res = run("train", "--data-dir", data, "--hidden", 16, "--epochs", 2, "--batch-size", 32, "--val-size", 50,
-              "--out", tmp_path / "run", "--device", "cpu", "--no-plots", *flags)
+    res = run(
+        "train",
+        "--data-dir",
+        data,
+        "--hidden",
+        16,
+        "--epochs",
+        2,
+        "--batch-size",
+        32,
+        "--val-size",
+        50,
+        "--out",
+        tmp_path / "run",
+        "--device",
+        "cpu",
+        "--no-plots",
+        *flags,
+    )
     assert res.returncode == 0, res.stderr
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["config"]["optimizer"] == flags[1] and m["config"]["batch_norm"] == ("--batch-norm" in flags)
+    assert m["config"]["optimizer"] == flags[1] and m["config"]["batch_norm"] == (
+        "--batch-norm" in flags
+    )
     assert m["config"]["lr"] == (0.003 if "--lr" in flags else 0.001)
     assert m["fused_step"] == {"used": fused is None, "why_not": fused}
-    assert (f"the core's step runs (no fused step: {fused})" in res.stdout) == (fused is not None), res.stdout
+    assert (f"the core's step runs (no fused step: {fused})" in res.stdout) == (
+        fused is not None
+    ), res.stdout
     assert m["test_accuracy"] > 0.5  # learns (the fake classes are well separated)
     net = gn.load(tmp_path / "run" / "model.npz", device="cpu")
     assert any(isinstance(l, gn.BatchNorm) for l in net.layers) == ("--batch-norm" in flags)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--data-dir", "/nonexistent/mnist"], "data folder not found: /nonexistent/mnist"),
-    (["train", "--epochs", "-3"], "argument --epochs: expected a positive integer, got '-3'"),
-    (["train", "--lr", "fast"], "argument --lr: expected a positive number, got 'fast'"),
-    (["train", "--momentum", "1.5"], r"argument --momentum: expected a number in [0, 1), got '1.5'"),
-    (["train", "--batch-size", "0"], "argument --batch-size: expected a positive integer, got '0'"),
-    (["train", "--optimizer", "nadam"], "argument --optimizer: invalid choice: 'nadam'"),
-    (["train", "--beta1", "0.5"], "--beta1: a setting of --optimizer adam or adamw, got --optimizer momentum"),
-    (["train", "--optimizer", "adam", "--centered"], "--centered: a setting of --optimizer rmsprop, got --optimizer adam"),
-    (["train", "--device", "tpu"], "device: expected one of 'cpu', 'gpu', 'cuda', 'cuda:N' or 'auto', got 'tpu'"),
-    (["train", "--augment", "--aug-rotation", "200"], r"--aug-rotation: expected a number in [0, 180), got 200.0"),
-    (["train", "--aug-scale", "1.5"], r"argument --aug-scale: expected a number in [0, 1), got '1.5'"),
-    (["train", "--preset", "fastest"], "argument --preset: invalid choice: 'fastest'"),
-    (["train", "--aug-alpha", "0", "--aug-shift=1"], "--aug-alpha, --aug-shift: a setting of --augment, got no --augment"),
-    (["evaluate", "/nonexistent/model.npz"], "model file not found: /nonexistent/model.npz"),
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["train", "--data-dir", "/nonexistent/mnist"],
+            "data folder not found: /nonexistent/mnist",
+        ),
+        (["train", "--epochs", "-3"], "argument --epochs: expected a positive integer, got '-3'"),
+        (["train", "--lr", "fast"], "argument --lr: expected a positive number, got 'fast'"),
+        (
+            ["train", "--momentum", "1.5"],
+            r"argument --momentum: expected a number in [0, 1), got '1.5'",
+        ),
+        (
+            ["train", "--batch-size", "0"],
+            "argument --batch-size: expected a positive integer, got '0'",
+        ),
+        (["train", "--optimizer", "nadam"], "argument --optimizer: invalid choice: 'nadam'"),
+        (
+            ["train", "--beta1", "0.5"],
+            "--beta1: a setting of --optimizer adam or adamw, got --optimizer momentum",
+        ),
+        (
+            ["train", "--optimizer", "adam", "--centered"],
+            "--centered: a setting of --optimizer rmsprop, got --optimizer adam",
+        ),
+        (
+            ["train", "--device", "tpu"],
+            "device: expected one of 'cpu', 'gpu', 'cuda', 'cuda:N' or 'auto', got 'tpu'",
+        ),
+        (
+            ["train", "--augment", "--aug-rotation", "200"],
+            r"--aug-rotation: expected a number in [0, 180), got 200.0",
+        ),
+        (
+            ["train", "--aug-scale", "1.5"],
+            r"argument --aug-scale: expected a number in [0, 1), got '1.5'",
+        ),
+        (["train", "--preset", "fastest"], "argument --preset: invalid choice: 'fastest'"),
+        (
+            ["train", "--aug-alpha", "0", "--aug-shift=1"],
+            "--aug-alpha, --aug-shift: a setting of --augment, got no --augment",
+        ),
+        (["evaluate", "/nonexistent/model.npz"], "model file not found: /nonexistent/model.npz"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
 def test_user_mistakes_print_one_line(args, message):
     res = run(*args)
     assert res.returncode == 2
@@ -222,13 +366,36 @@ def test_more_user_mistakes(trained, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     cases = [
         (["evaluate", garbage, "--data-dir", data], "not a gpunet model file"),
-        (["train", "--data-dir", data, "--val-size", "100000", "--out", tmp_path / "o"], "--val-size: expected fewer than 600"),
+        (
+            ["train", "--data-dir", data, "--val-size", "100000", "--out", tmp_path / "o"],
+            "--val-size: expected fewer than 600",
+        ),
         (["train", "--data-dir", tmp_path, "--out", tmp_path / "o"], "missing"),
-        (["train", "--data-dir", data, "--hidden", "8", "8", "--activation", "relu", "tanh", "relu",
-          "--out", tmp_path / "o"], "--activation: expected 1 or 2 names"),
+        (
+            [
+                "train",
+                "--data-dir",
+                data,
+                "--hidden",
+                "8",
+                "8",
+                "--activation",
+                "relu",
+                "tanh",
+                "relu",
+                "--out",
+                tmp_path / "o",
+            ],
+            "--activation: expected 1 or 2 names",
+        ),
     ]
     if not backend.gpu_available():
-        cases.append((["train", "--data-dir", data, "--device", "gpu", "--out", tmp_path / "o"], "no GPU is usable"))
+        cases.append(
+            (
+                ["train", "--data-dir", data, "--device", "gpu", "--out", tmp_path / "o"],
+                "no GPU is usable",
+            )
+        )
     for args, message in cases:
         res = run(*args)
         assert res.returncode == 2, (args, res.stderr)
@@ -236,7 +403,8 @@ def test_more_user_mistakes(trained, tmp_path):
         assert message in res.stderr, (args, res.stderr)
 
 
-# --- gpunet train --data FILE.npz|.csv: one's own data, scaled, the scaling kept in the model file -------
+# --- gpunet train --data FILE.npz|.csv: one's own data, scaled, the scaling kept in the model file
+# -------
 @pytest.fixture(scope="module")
 def own_data(tmp_path_factory):
     """scikit-learn's digits-like data without scikit-learn: 8x8 class patterns 0..16 plus noise."""
@@ -254,34 +422,81 @@ def own_data(tmp_path_factory):
 
 def test_train_on_an_npz_file_keeps_the_scaling_in_the_model(own_data, tmp_path):
     root, x, y = own_data
-    res = run("train", "--data", root / "d.npz", "--val-size", 50, "--hidden", 16, "--epochs", 3,
-              "--out", tmp_path / "run", "--device", "cpu", "--no-plots")
+    res = run(
+        "train",
+        "--data",
+        root / "d.npz",
+        "--val-size",
+        50,
+        "--hidden",
+        16,
+        "--epochs",
+        3,
+        "--out",
+        tmp_path / "run",
+        "--device",
+        "cpu",
+        "--no-plots",
+    )
     assert res.returncode == 0, res.stderr
     assert "250 train / 50 validation / 100 test examples" in res.stdout
     net = gn.load(tmp_path / "run" / "model.npz", device="cpu")
     first = net.layers[0]
     assert isinstance(first, gn.Standardize) and net.classifies is True
-    (rows, _), _ = gn.data.split_validation(x[:300], y[:300], 50, seed=0)  # --data draws its validation rows
-    np.testing.assert_allclose(first.shift, rows.mean(axis=0), rtol=1e-12)  # the training rows' statistics
-    np.testing.assert_allclose(first.scale, np.where(rows.std(axis=0) > 0, rows.std(axis=0), 1), rtol=1e-12)
+    (rows, _), _ = gn.data.split_validation(
+        x[:300], y[:300], 50, seed=0
+    )  # --data draws its validation rows
+    np.testing.assert_allclose(
+        first.shift, rows.mean(axis=0), rtol=1e-12
+    )  # the training rows' statistics
+    np.testing.assert_allclose(
+        first.scale, np.where(rows.std(axis=0) > 0, rows.std(axis=0), 1), rtol=1e-12
+    )
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    raw = gn.evaluate(net, gn.SoftmaxCrossEntropy(), x[300:], y[300:])  # the model takes the features as they are
+    raw = gn.evaluate(
+        net, gn.SoftmaxCrossEntropy(), x[300:], y[300:]
+    )  # the model takes the features as they are
     assert abs(m["test_accuracy"] - raw["accuracy"]) < 1e-12 and m["test_accuracy"] > 0.9
     np.save(tmp_path / "rows.npy", x[300:305])
     pred = run("predict", tmp_path / "run" / "model.npz", tmp_path / "rows.npy", "--json")
     assert pred.returncode == 0, pred.stderr
-    assert [r["class"] for r in json.loads(pred.stdout)] == gn.to_numpy(gn.predict(net, x[300:305])).tolist()
+    assert [r["class"] for r in json.loads(pred.stdout)] == gn.to_numpy(
+        gn.predict(net, x[300:305])
+    ).tolist()
     ev = run("evaluate", tmp_path / "run" / "model.npz", "--data", root / "d.npz", "--json")
     assert ev.returncode == 0, ev.stderr
-    assert json.loads(ev.stdout)["accuracy"] == m["test_accuracy"]  # the file's test set, read as it is
+    assert (
+        json.loads(ev.stdout)["accuracy"] == m["test_accuracy"]
+    )  # the file's test set, read as it is
 
 
 def test_train_on_a_csv_file_with_minmax_scaling(own_data, tmp_path):
     root, x, y = own_data
-    res = run("train", "--data", root / "d.csv", "--label-column", "digit", "--scale", "minmax", "--val-size", 60,
-              "--hidden", 16, "--epochs", 3, "--out", tmp_path / "run", "--device", "cpu", "--no-plots")
+    res = run(
+        "train",
+        "--data",
+        root / "d.csv",
+        "--label-column",
+        "digit",
+        "--scale",
+        "minmax",
+        "--val-size",
+        60,
+        "--hidden",
+        16,
+        "--epochs",
+        3,
+        "--out",
+        tmp_path / "run",
+        "--device",
+        "cpu",
+        "--no-plots",
+    )
     assert res.returncode == 0, res.stderr
-    assert "holds no test set (x_test, y_test): the test figures are the validation set's" in res.stdout
+    assert (
+        "holds no test set (x_test, y_test): the test figures are the validation set's"
+        in res.stdout
+    )
     net = gn.load(tmp_path / "run" / "model.npz", device="cpu")
     (rows, _), _ = gn.data.split_validation(x[:300], y[:300], 60, seed=0)
     lo, hi = rows.min(axis=0), rows.max(axis=0)
@@ -293,24 +508,36 @@ def test_train_on_a_csv_file_with_minmax_scaling(own_data, tmp_path):
     assert pred.returncode == 0 and len(pred.stdout.splitlines()) == 300, pred.stderr
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--data", "/nonexistent/d.npz"], "data file not found: /nonexistent/d.npz"),
-    (["--data", "{root}/d.npz", "--data-dir", "{root}"], "--data: a file of your own replaces the MNIST folder"),
-    (["--data", "{root}/d.csv"], "no column named 'label' for the labels (--label-column)"),
-    (["--data", "{root}/d.csv", "--label-column", "digit", "--val-size", "0"],
-     "--val-size: expected at least 1: {root}/d.csv holds no test set"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--data", "/nonexistent/d.npz"], "data file not found: /nonexistent/d.npz"),
+        (
+            ["--data", "{root}/d.npz", "--data-dir", "{root}"],
+            "--data: a file of your own replaces the MNIST folder",
+        ),
+        (["--data", "{root}/d.csv"], "no column named 'label' for the labels (--label-column)"),
+        (
+            ["--data", "{root}/d.csv", "--label-column", "digit", "--val-size", "0"],
+            "--val-size: expected at least 1: {root}/d.csv holds no test set",
+        ),
+    ],
+)
 def test_train_data_file_mistakes_print_one_line(own_data, tmp_path, flags, message):
     root = own_data[0]
-    res = run("train", *[f.format(root=root) for f in flags], "--out", tmp_path / "o", "--device", "cpu")
+    res = run(
+        "train", *[f.format(root=root) for f in flags], "--out", tmp_path / "o", "--device", "cpu"
+    )
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert message.format(root=root) in res.stderr, res.stderr
 
 
 def test_preset_best_sets_the_recipe_and_flags_given_win():
-    """--preset best is train_command.PRESETS["best"] as train's defaults; a flag given beside it is kept."""
+    """--preset best is train_command.PRESETS["best"] as train's defaults; a flag given beside it is
+    kept."""
     from gpunet import cli
     from gpunet.commands import train as train_command
+
     best = train_command.PRESETS["best"]
     args = cli.build_parser().parse_args(["train", "--preset", "best", "--epochs", "3"])
     config = cli.train_config(args)
@@ -321,12 +548,15 @@ def test_preset_best_sets_the_recipe_and_flags_given_win():
 
 
 def test_augment_defaults_are_one_set_everywhere():
-    """``gpunet train --augment``, ``commands.train.TrainConfig`` (train() from Python, and the settings a checkpoint
-    from before the --aug-* flags resumes with) and ``Augment`` itself distort alike by default."""
+    """``gpunet train --augment``, ``commands.train.TrainConfig`` (train() from Python, and the
+    settings a checkpoint from before the --aug-* flags resumes with) and ``Augment`` itself distort
+    alike by default."""
     from gpunet.augment import Augment
     from gpunet.cli import build_parser
     from gpunet.commands.train import TrainConfig
 
     parsed, config, aug = build_parser().parse_args(["train"]), TrainConfig(), Augment()
     for name in ("rotation", "scale", "shear", "shift", "sigma", "alpha"):
-        assert getattr(parsed, f"aug_{name}") == getattr(config, f"aug_{name}") == getattr(aug, name), name
+        assert (
+            getattr(parsed, f"aug_{name}") == getattr(config, f"aug_{name}") == getattr(aug, name)
+        ), name

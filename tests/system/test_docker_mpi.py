@@ -5,14 +5,15 @@ shared files: the ranks meet through MPICH's TCP transport only. mpiexec runs in
 Hydra's manual launcher, and each proxy is started in its container with `podman exec` (no sshd).
 
 The result is the one process's: 2 ranks (one a host) at global batch B against 1 process at B, with
-dropout and --augment on, to the tolerance of tests/system/test_parallel.py (rtol 1e-4, atol 1e-5: the
-gradient sum's float32 rounding in another order; measured here 4.5e-7 after 52 steps).
+dropout and --augment on, to the tolerance of tests/system/test_parallel.py (rtol 1e-4, atol 1e-5:
+the gradient sum's float32 rounding in another order; measured here 4.5e-7 after 52 steps).
 
 Skips without an engine, or without a gpunet:local built from this checkout's files;
 GPUNET_REQUIRE_CONTAINER=1 (CI) makes both a failure. Cost: 32-49 s on the shared 2-core machine
 (two containers, two MPI probes, numba's first compile in each, three short trainings on a fake
 MNIST of 600 digits); the image is CI's image step's, not rebuilt.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,12 +33,30 @@ import two_hosts  # noqa: E402  (docker/two_hosts.py)
 
 IMAGE = "gpunet:local"
 REQUIRE_CONTAINER = os.environ.get("GPUNET_REQUIRE_CONTAINER") == "1"
-# tests/system/test_parallel.py's RANDOM_FLAGS: dropout and --augment keyed by the row's place in the
-# global batch; hidden sizes not multiples of 4, 502 training rows in batches of 20 (10 rows a rank;
-# a last batch of 2)
-FLAGS = ["--data-dir", "/data", "--hidden", "30", "14", "--epochs", "2", "--batch-size", "20",
-         "--val-size", "98", "--no-plots", "--device", "cpu", "--dropout", "0.3", "--augment",
-         "--schedule", "constant"]
+# tests/system/test_parallel.py's RANDOM_FLAGS: dropout and --augment keyed by the row's place in
+# the global batch; hidden sizes not multiples of 4, 502 training rows in batches of 20 (10 rows a
+# rank; a last batch of 2)
+FLAGS = [
+    "--data-dir",
+    "/data",
+    "--hidden",
+    "30",
+    "14",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "20",
+    "--val-size",
+    "98",
+    "--no-plots",
+    "--device",
+    "cpu",
+    "--dropout",
+    "0.3",
+    "--augment",
+    "--schedule",
+    "constant",
+]
 # Each rank writes into its own host's folder: its rank, every rank's host name, its place on its
 # host, a sum over the ranks, and the TCP ports listening in its container once the ranks are
 # connected (mpiexec's control port in host a's, the ranks' own in both).
@@ -58,9 +77,15 @@ json.dump([c.rank, names, os.environ.get("MPI_LOCALRANKID"), total, sorted(liste
 """
 # docker/README.md's port table: the ranges that, set on mpiexec's environment, hold every listener
 CONTROL, RANKS = range(50000, 50011), range(50100, 50111)
-NETMODS = {"ucx": ["UCX_TCP_PORT_RANGE=50100-50110"],  # the mpich wheel's default netmod
-           "ofi": ["MPIR_CVAR_CH4_NETMOD=ofi", "FI_PROVIDER=tcp", "FI_TCP_PORT_LOW_RANGE=50100",
-                   "FI_TCP_PORT_HIGH_RANGE=50110"]}
+NETMODS = {
+    "ucx": ["UCX_TCP_PORT_RANGE=50100-50110"],  # the mpich wheel's default netmod
+    "ofi": [
+        "MPIR_CVAR_CH4_NETMOD=ofi",
+        "FI_PROVIDER=tcp",
+        "FI_TCP_PORT_LOW_RANGE=50100",
+        "FI_TCP_PORT_HIGH_RANGE=50110",
+    ],
+}
 ADDRESS = "import socket; h = socket.gethostname(); print(h, socket.gethostbyname(h))"
 
 
@@ -72,9 +97,14 @@ def _no_image(msg: str):
 
 def _image_source(engine: list) -> str | None:
     """IMAGE's label org.gpunet.source (docker/build_inputs.py's digest); None without IMAGE."""
-    found = subprocess.run(engine + ["image", "inspect", "--format",
-                                     '{{index .Config.Labels "org.gpunet.source"}}', IMAGE],
-                           check=False, capture_output=True, text=True, timeout=120)
+    found = subprocess.run(
+        engine
+        + ["image", "inspect", "--format", '{{index .Config.Labels "org.gpunet.source"}}', IMAGE],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return found.stdout.strip() if found.returncode == 0 else None
 
 
@@ -88,8 +118,10 @@ def hosts(tmp_path_factory):
     if built_from is None:
         _no_image(f"no image {IMAGE}: run docker/test-image.sh first")
     if built_from != here:
-        _no_image(f"{IMAGE} was built from other files (source {built_from}) than this checkout's "
-                  f"({here}): run docker/test-image.sh")
+        _no_image(
+            f"{IMAGE} was built from other files (source {built_from}) than this checkout's "
+            f"({here}): run docker/test-image.sh"
+        )
     base = tmp_path_factory.mktemp("two-hosts")
     data = make_fake_mnist(base / "data", n_train=600, n_test=100)
     runs = [base / "a", base / "b"]
@@ -130,9 +162,15 @@ def test_the_ranks_are_on_two_hosts_that_meet_over_the_network(hosts, netmod):
 def trained(hosts):
     """One process on each host (the reference; numba compiles its kernels in both), 2 ranks."""
     train = ["gpunet", "train", *FLAGS, "--out"]
-    single = [subprocess.Popen(hosts.engine + ["exec", host, *train, "/runs/one"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-              for host in hosts.hosts]
+    single = [
+        subprocess.Popen(
+            hosts.engine + ["exec", host, *train, "/runs/one"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for host in hosts.hosts
+    ]
     for proc in single:
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out

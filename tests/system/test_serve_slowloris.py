@@ -3,6 +3,7 @@ thread count is read from /proc): 3,000 connections each trickle one header byte
 again as soon as the server cuts one off) while 64 clients post 20 pictures each. Before the
 connection loop of gpunet/connections.py, the 3,000 held 3,003 server threads and never timed out
 (the 30 s were per read). About 20 s on 2 cores."""
+
 from __future__ import annotations
 
 import io
@@ -16,17 +17,16 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import optional
 
 Image = optional("PIL.Image", "cli")
 resource = pytest.importorskip("resource")
 
+import serve_load  # noqa: E402  (tests/support/serve_load.py)
+
 import gpunet as gn  # noqa: E402
 from gpunet.data.pictures import mnist_style  # noqa: E402
 from gpunet.training import predict_proba  # noqa: E402
-
-import serve_load  # noqa: E402  (tests/support/serve_load.py)
 
 TRICKLING = 3000
 DEADLINE = 2.0  # seconds: short, so that the test sees many 408s in a few seconds (default 30)
@@ -49,8 +49,13 @@ def threads_of(pid: int) -> int:
 
 def pictures(net) -> tuple:
     """Five strokes as PNG bodies, and the digit the net reads in each."""
-    strokes = [[[0 if (6 <= r < 22 and abs(c - 14 - k * (r - 14) // 4) < 2) else 255
-                 for c in range(28)] for r in range(28)] for k in range(-2, 3)]
+    strokes = [
+        [
+            [0 if (6 <= r < 22 and abs(c - 14 - k * (r - 14) // 4) < 2) else 255 for c in range(28)]
+            for r in range(28)
+        ]
+        for k in range(-2, 3)
+    ]
     bodies = [serve_load.png(rows) for rows in strokes]
     digits = {}
     for i, body in enumerate(bodies):
@@ -71,9 +76,19 @@ def attack(pid: int, port: int, bodies: list) -> tuple:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     script = Path(serve_load.__file__)
-    tricklers = subprocess.Popen([sys.executable, script, "--url", f"http://127.0.0.1:{port}",
-                                  "--slowloris", str(TRICKLING)], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True)
+    tricklers = subprocess.Popen(
+        [
+            sys.executable,
+            script,
+            "--url",
+            f"http://127.0.0.1:{port}",
+            "--slowloris",
+            str(TRICKLING),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(2)  # the 3,000 are open and trickling before the load starts
         started = time.perf_counter()
@@ -95,8 +110,17 @@ def test_3000_trickling_connections_and_the_load_at_once(tmp_path):
     bodies, digits = pictures(net)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     env.pop("GPUNET_DEBUG", None)
-    command = [sys.executable, "-m", "gpunet", "serve", tmp_path / "m.npz", "--port", "0",
-               "--deadline", str(DEADLINE)]
+    command = [
+        sys.executable,
+        "-m",
+        "gpunet",
+        "serve",
+        tmp_path / "m.npz",
+        "--port",
+        "0",
+        "--deadline",
+        str(DEADLINE),
+    ]
     with open(tmp_path / "serve.log", "w") as log:  # a line per request and per 408: no pipe
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         try:

@@ -1,7 +1,8 @@
 """gpunet serve's device worker (gpunet/serve.py, DeviceWorker): one thread runs the network, fed
 by a queue; requests that wait together go through one forward pass, and each gets what predicting
-it alone gives. On the CPU with real MNIST test digits, and on the counting fake CuPy (only the worker
-thread may touch the "GPU")."""
+it alone gives. On the CPU with real MNIST test digits, and on the counting fake CuPy (only the
+worker thread may touch the "GPU")."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import cuda_support  # (tests/support/cuda_support.py)
 import numpy as np
 import pytest
+from test_serve import Running  # the in-process server on a free loopback port
 
 import gpunet as gn
 from gpunet import serve
 from gpunet.training import predict, predict_proba
-
-import cuda_support  # (tests/support/cuda_support.py)
-from test_serve import Running  # the in-process server on a free loopback port
 
 # A batch's rows and the same rows alone go through different BLAS kernels (gemm over k rows, or
 # one): float32 sums in another order. Measured on 200 MNIST test digits through 784-128-10: at most
@@ -78,7 +78,7 @@ def test_waiting_requests_share_a_forward_pass_and_get_what_alone_gives(mnist_mo
         with ThreadPoolExecutor(40) as pool:
             first = pool.submit(worker.probabilities, x[:1])
             assert gate.started.wait(30)
-            rest = [pool.submit(worker.probabilities, x[i:i + 1]) for i in range(1, 40)]
+            rest = [pool.submit(worker.probabilities, x[i : i + 1]) for i in range(1, 40)]
             assert queued(worker, 39) == 39
             gate.open()
             got = np.concatenate([first.result(30)] + [f.result(30) for f in rest])
@@ -119,7 +119,7 @@ def test_a_failed_forward_pass_fails_each_of_its_requests(monkeypatch):
         with ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(worker.probabilities, x[:1])]
             assert gate.started.wait(30)
-            futures += [pool.submit(worker.probabilities, x[i:i + 1]) for i in (1, 2)]
+            futures += [pool.submit(worker.probabilities, x[i : i + 1]) for i in (1, 2)]
             assert queued(worker, 2) == 2
             gate.open()
             for f in futures:
@@ -137,6 +137,7 @@ def test_answers_over_http_equal_predict_on_mnist(mnist_model):
     net, x = mnist_model.net, mnist_model.x_test[:200]
     running = Running(net)
     try:
+
         def ask(i):
             body = json.dumps({"pixels": x[i].reshape(28, 28).tolist()})
             return running.request("POST", "/predict", body, {"Content-Type": "application/json"})
@@ -168,8 +169,11 @@ def test_only_the_worker_thread_touches_the_device(monkeypatch):
                 super().append(shape)
 
         add = fake.counter.add
-        monkeypatch.setattr(fake.counter, "add",
-                            lambda what: (where.append(threading.current_thread().name), add(what)))
+        monkeypatch.setattr(
+            fake.counter,
+            "add",
+            lambda what: (where.append(threading.current_thread().name), add(what)),
+        )
         monkeypatch.setattr(fake.counter, "downloads", Downloads())
         running = Running(net)
         try:
@@ -178,8 +182,9 @@ def test_only_the_worker_thread_touches_the_device(monkeypatch):
             body = json.dumps({"pixels": pixels.tolist()})
 
             def ask(_):
-                return running.request("POST", "/predict", body,
-                                       {"Content-Type": "application/json"})[0]
+                return running.request(
+                    "POST", "/predict", body, {"Content-Type": "application/json"}
+                )[0]
 
             with ThreadPoolExecutor(8) as pool:
                 assert list(pool.map(ask, range(24))) == [200] * 24
@@ -191,6 +196,7 @@ def test_only_the_worker_thread_touches_the_device(monkeypatch):
 def test_no_worker_thread_is_left_when_the_port_is_taken():
     """make_server that cannot listen raises and leaves no worker behind. Mutation: the worker not
     closed on that error leaves one thread per failed try."""
+
     def workers():
         return sum(t.name == "gpunet-serve-device" for t in threading.enumerate())
 

@@ -1,7 +1,8 @@
-"""Tables as a first-class job (issue 35), on scikit-learn's bundled data sets (no download): feature
-names kept and used, the NaN front door, the feature count, through Python, the estimators and the
-command line. Expectations come from the data themselves (the same rows in another column order must
-give the same predictions) or from scikit-learn's own encoders and metrics."""
+"""Tables as a first-class job (issue 35), on scikit-learn's bundled data sets (no download):
+feature names kept and used, the NaN front door, the feature count, through Python, the estimators
+and the command line. Expectations come from the data themselves (the same rows in another column
+order must give the same predictions) or from scikit-learn's own encoders and metrics."""
+
 import json
 import os
 import subprocess
@@ -9,10 +10,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import optional
 
 import gpunet as gn
 from gpunet.training import evaluate, fit, predict
-from conftest import optional
 
 datasets = optional("sklearn.datasets", "sklearn")
 
@@ -30,11 +31,11 @@ def _trained(x, y, epochs=15):
     return net
 
 
-# --- feature names ------------------------------------------------------------------------------------
+# --- feature names --------------------------------------------------------------------------------
 def test_frame_columns_are_kept_and_reordered_by_name(tmp_path):
-    """A model fitted on a DataFrame keeps its columns (in the model file too) and predicts a frame of
-    the same columns in another order by name: the same predictions as in the training order (taking
-    them by position instead fails it)."""
+    """A model fitted on a DataFrame keeps its columns (in the model file too) and predicts a frame
+    of the same columns in another order by name: the same predictions as in the training order
+    (taking them by position instead fails it)."""
     x, y = _frame()
     net = _trained(x, y)
     assert net.feature_names == list(x.columns)
@@ -46,7 +47,8 @@ def test_frame_columns_are_kept_and_reordered_by_name(tmp_path):
     shuffled = x[list(np.random.default_rng(0).permutation(x.columns))]
     np.testing.assert_array_equal(predict(loaded, shuffled), want)
     assert evaluate(loaded, gn.SoftmaxCrossEntropy(), shuffled, y)["accuracy"] == pytest.approx(
-        float((want == y.to_numpy()).mean()))
+        float((want == y.to_numpy()).mean())
+    )
 
 
 def test_other_columns_are_refused_naming_them():
@@ -58,8 +60,8 @@ def test_other_columns_are_refused_naming_them():
 
 
 def test_estimator_keeps_names_and_onnx_metadata(tmp_path):
-    """gpunet.sklearn's classifier passes feature_names_in_ and classes_ to its network, so the model
-    file and the ONNX metadata hold them, and a reordered frame is predicted by name."""
+    """gpunet.sklearn's classifier passes feature_names_in_ and classes_ to its network, so the
+    model file and the ONNX metadata hold them, and a reordered frame is predicted by name."""
     from gpunet.sklearn import MLPClassifier
 
     x, y = _frame()
@@ -76,11 +78,11 @@ def test_estimator_keeps_names_and_onnx_metadata(tmp_path):
     assert json.loads(meta["classes"]) == ["benign", "malignant"]
 
 
-# --- one front door: finite numbers, the right width --------------------------------------------------
+# --- one front door: finite numbers, the right width ----------------------------------------------
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e300])
 def test_fit_refuses_non_finite_x_naming_row_and_column(bad):
-    """NaN, +-inf, and a float64 too large for float32 (inf after the cast) are refused before training
-    (today's fit trained on them and returned stop_reason 'diverged')."""
+    """NaN, +-inf, and a float64 too large for float32 (inf after the cast) are refused before
+    training (today's fit trained on them and returned stop_reason 'diverged')."""
     x, y = datasets.load_wine(return_X_y=True)
     x = x.copy()
     x[17, 4] = bad
@@ -118,7 +120,9 @@ def test_fit_with_the_wrong_feature_count_says_so():
     """Today: NumPy's 'matmul: Input operand 1 has a mismatch in its core dimension'."""
     x, y = datasets.load_digits(return_X_y=True)
     net = gn.mlp([63, 10], seed=0)
-    with pytest.raises(ValueError, match=r"x: expected 63 features \(the network's inputs\), got 64"):
+    with pytest.raises(
+        ValueError, match=r"x: expected 63 features \(the network's inputs\), got 64"
+    ):
         fit(net, gn.SoftmaxCrossEntropy(), gn.Adam(net.parameters()), x, y, epochs=1)
 
 
@@ -130,12 +134,18 @@ def test_a_text_file_is_not_a_model_file(tmp_path):
     assert "pickled" not in str(info.value)
 
 
-# --- the command line for your own table --------------------------------------------------------------
+# --- the command line for your own table ----------------------------------------------------------
 def gpunet(*args, cwd):
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     env.pop("GPUNET_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "gpunet", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "gpunet", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -148,19 +158,38 @@ def wine_run(tmp_path_factory):
     frame["target"] = [f"kind_{'abc'[t]}" for t in bunch.target]
     frame.to_csv(work / "wine.csv", index=False)
     frame[frame.columns[::-1]].to_csv(work / "wine_reversed.csv", index=False)
-    res = gpunet("train", "--data", "wine.csv", "--label-column", "target", "--hidden", "32", "--epochs", "30",
-                 "--no-plots", cwd=work)
+    res = gpunet(
+        "train",
+        "--data",
+        "wine.csv",
+        "--label-column",
+        "target",
+        "--hidden",
+        "32",
+        "--epochs",
+        "30",
+        "--no-plots",
+        cwd=work,
+    )
     assert res.returncode == 0, res.stderr
     return work, frame, res
 
 
 def test_data_runs_get_their_own_defaults(wine_run):
-    """Out folder runs/wine (not runs/mnist) and a validation share of 0.2 (178 rows < 5000 were refused)."""
+    """Out folder runs/wine (not runs/mnist) and a validation share of 0.2 (178 rows < 5000 were
+    refused)."""
     work, frame, res = wine_run
     metrics = json.loads((work / "runs" / "wine" / "metrics.json").read_text())
     assert metrics["config"]["val_size"] == 0.2
-    assert f"{len(frame) - round(0.2 * len(frame))} train / {round(0.2 * len(frame))} validation" in res.stdout
-    assert metrics["classes"] == ["kind_a", "kind_b", "kind_c"]  # sorted, as the estimator's classes_
+    assert (
+        f"{len(frame) - round(0.2 * len(frame))} train / {round(0.2 * len(frame))} validation"
+        in res.stdout
+    )
+    assert metrics["classes"] == [
+        "kind_a",
+        "kind_b",
+        "kind_c",
+    ]  # sorted, as the estimator's classes_
     # wine.csv is sorted by class: its last 0.2 would all be kind_c; the drawn rows hold every class
     assert all(c > 0 for c in metrics["per_class"]["support"])
 
@@ -186,9 +215,9 @@ def test_evaluate_and_predict_use_what_the_model_keeps(wine_run):
 
 
 def test_save_inputs_of_a_table_model_writes_the_rows_it_read(wine_run):
-    """predict --save-inputs on a table model writes the rows the network read, in the model's column
-    order (the file's columns were reversed and held the label), into DIR/inputs.csv: before, the flag
-    was ignored for a table model without a word."""
+    """predict --save-inputs on a table model writes the rows the network read, in the model's
+    column order (the file's columns were reversed and held the label), into DIR/inputs.csv: before,
+    the flag was ignored for a table model without a word."""
     pd = optional("pandas", "sklearn")
     work, frame, _ = wine_run
     model = work / "runs" / "wine" / "model.npz"
@@ -223,8 +252,23 @@ def test_a_regression_csv_trains_evaluates_and_exports(tmp_path):
 
     bunch = datasets.load_diabetes(as_frame=True)
     bunch.frame.to_csv(tmp_path / "diabetes.csv", index=False)
-    res = gpunet("train", "--data", "diabetes.csv", "--label-column", "target", "--task", "regressor",
-                 "--hidden", "32", "--epochs", "40", "--lr", "0.01", "--no-plots", cwd=tmp_path)
+    res = gpunet(
+        "train",
+        "--data",
+        "diabetes.csv",
+        "--label-column",
+        "target",
+        "--task",
+        "regressor",
+        "--hidden",
+        "32",
+        "--epochs",
+        "40",
+        "--lr",
+        "0.01",
+        "--no-plots",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     model = tmp_path / "runs" / "diabetes" / "model.npz"
     res = gpunet("evaluate", model, "--data", "diabetes.csv", "--json", cwd=tmp_path)
@@ -249,13 +293,16 @@ def test_history_indexes_epochs_like_a_list():
 
 
 def test_blas_threads_follow_the_work_per_call():
-    """A small table's fit runs OpenBLAS on one thread, MNIST-sized products keep OpenBLAS's count, and
-    the count is put back after fit (a threshold of 0 fails the first assertion; no restore, the last)."""
-    from gpunet.fast import blas
+    """A small table's fit runs OpenBLAS on one thread, MNIST-sized products keep OpenBLAS's count,
+    and the count is put back after fit (a threshold of 0 fails the first assertion; no restore, the
+    last)."""
     from gpunet import callbacks
+    from gpunet.fast import blas
 
     if blas.threads() is None:
-        pytest.skip("NumPy's OpenBLAS is not the BLAS here (another build): no thread count to choose")
+        pytest.skip(
+            "NumPy's OpenBLAS is not the BLAS here (another build): no thread count to choose"
+        )
     seen = []
 
     class Watch(callbacks.Callback):
@@ -265,8 +312,16 @@ def test_blas_threads_follow_the_work_per_call():
     before = blas.threads()
     x, y = datasets.load_digits(return_X_y=True)
     net = gn.mlp([64, 100, 10], seed=0)
-    fit(net, gn.SoftmaxCrossEntropy(), gn.Adam(net.parameters()), x / 16, y, epochs=1, batch_size=200,
-        callbacks=[Watch()])
+    fit(
+        net,
+        gn.SoftmaxCrossEntropy(),
+        gn.Adam(net.parameters()),
+        x / 16,
+        y,
+        epochs=1,
+        batch_size=200,
+        callbacks=[Watch()],
+    )
     assert gn.training.largest_product(net, 200) == 200 * 64 * 100 < blas.SMALL_WORK
     assert seen == [1]
     big = gn.mlp([784, 512, 10], seed=0)

@@ -1,19 +1,21 @@
 """CPU vs GPU agreement, written once: gpunet (float32, on `device`) against a plain NumPy float64
-implementation of the same formulas. The CPU entry and the GPU twin face the same reference, so passing
-both means the two devices agree with each other within twice these tolerances.
+implementation of the same formulas. The CPU entry and the GPU twin face the same reference, so
+passing both means the two devices agree with each other within twice these tolerances.
 
 Tolerances: float32 has a 6e-8 unit roundoff; a 784-term dot product accumulates a relative error of
-order sqrt(784) * 6e-8 ~ 2e-6 in the typical case. We allow 1e-4 relative (atol scaled to each array's
-largest entry), which is loose enough for blocked BLAS/cuBLAS summation orders and tight enough to catch
-any real bug (a wrong formula is off by O(1)). TF32 stays off (CuPy's default; CUPY_TF32 unset).
+order sqrt(784) * 6e-8 ~ 2e-6 in the typical case. We allow 1e-4 relative (atol scaled to each
+array's largest entry), which is loose enough for blocked BLAS/cuBLAS summation orders and tight
+enough to catch any real bug (a wrong formula is off by O(1)). TF32 stays off (CuPy's default;
+CUPY_TF32 unset).
 """
+
 import os
 
 import numpy as np
 import pytest
+from conftest import assert_allclose
 
 import gpunet as gn
-from conftest import assert_allclose
 
 SIZES = [784, 64, 32, 10]
 ACTS = ["relu", "tanh"]
@@ -24,8 +26,10 @@ def reference(weights, x, y):
     """Forward, loss, gradients and 5 momentum steps, straight from the notes, in float64."""
     W = [w.astype(np.float64) for w in weights]
     v = [np.zeros_like(w) for w in W]
-    acts = {"relu": (lambda z: np.maximum(z, 0), lambda a: (a > 0).astype(np.float64)),
-            "tanh": (np.tanh, lambda a: 1 - a * a)}
+    acts = {
+        "relu": (lambda z: np.maximum(z, 0), lambda a: (a > 0).astype(np.float64)),
+        "tanh": (np.tanh, lambda a: 1 - a * a),
+    }
     record = {}
     for step in range(STEPS):
         hs, a = [x], x
@@ -87,23 +91,25 @@ def test_device_matches_numpy_reference(device):
         close(p.data, w, f"{name} after {STEPS} momentum steps")
 
 
-# ------------------------------------------------------------------------ agreement as a user sees it
-# fit, evaluate, predict, save and load, on the CPU and the GPU, from the same weights and the same batch
-# order (drawn on the host, so identical), with dropout: its masks are a function of host-drawn keys, the
-# same bits on every device (gpunet.layers.dropout_bits).
+# ---------------------------------------------------------------------- agreement as a user sees it
+# fit, evaluate, predict, save and load, on the CPU and the GPU, from the same weights and the same
+# batch order (drawn on the host, so identical), with dropout: its masks are a function of
+# host-drawn keys, the same bits on every device (gpunet.layers.dropout_bits).
 #
-# Tolerances: every float32 trajectory here stays within about 1e-6 (relative to each array's largest entry)
-# of the float64 trajectory from the same weights; measured on the CPU: 5e-7 for the weights after 40
-# momentum steps with the fast path, 1.2e-6 with the core's, 1e-7 for the losses. The CPU and GPU sum in
-# other orders (OpenBLAS and the numba kernels against cuBLAS and the CUDA kernels), so each lands somewhere
-# in that band. We allow 1e-4: a hundred times the band, and far below what a wrong formula, a skipped
-# update or a wrong batch order gives (1e-2 and more). Counts (accuracy, confusion, predicted classes) may
-# flip only on an example at a near tie: at most one per epoch and 0.5% of predictions.
+# Tolerances: every float32 trajectory here stays within about 1e-6 (relative to each array's
+# largest entry) of the float64 trajectory from the same weights; measured on the CPU: 5e-7 for the
+# weights after 40 momentum steps with the fast path, 1.2e-6 with the core's, 1e-7 for the losses.
+# The CPU and GPU sum in other orders (OpenBLAS and the numba kernels against cuBLAS and the CUDA
+# kernels), so each lands somewhere in that band. We allow 1e-4: a hundred times the band, and far
+# below what a wrong formula, a skipped update or a wrong batch order gives (1e-2 and more). Counts
+# (accuracy, confusion, predicted classes) may flip only on an example at a near tie: at most one
+# per epoch and 0.5% of predictions.
 FIT_SIZES, FIT_EPOCHS, FIT_TOL = [784, 64, 32, 10], 4, 1e-4
 
 
 def fit_problem():
-    """1,200 noisy examples of 10 random prototypes: hard enough that the loss stays well above zero."""
+    """1,200 noisy examples of 10 random prototypes: hard enough that the loss stays well above
+    zero."""
     rng = np.random.default_rng(0)
     protos = rng.random((10, 784))
     y = rng.integers(0, 10, 1200)
@@ -117,23 +123,43 @@ def fit_on(device, dtype=np.float32):
 
     x, y, xv, yv = fit_problem()
     net = gn.mlp(FIT_SIZES, seed=1, dropout=0.2, device=device, dtype=dtype)
-    net.load_state_dict({k: v.astype(dtype) for k, v in gn.mlp(FIT_SIZES, seed=1, dropout=0.2, device="cpu").state_dict().items()})
+    net.load_state_dict(
+        {
+            k: v.astype(dtype)
+            for k, v in gn.mlp(FIT_SIZES, seed=1, dropout=0.2, device="cpu").state_dict().items()
+        }
+    )
     opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9)
-    history = fit(net, gn.SoftmaxCrossEntropy(), opt, x.astype(dtype), y, epochs=FIT_EPOCHS, batch_size=100,
-                  validation=(xv.astype(dtype), yv), seed=3)
+    history = fit(
+        net,
+        gn.SoftmaxCrossEntropy(),
+        opt,
+        x.astype(dtype),
+        y,
+        epochs=FIT_EPOCHS,
+        batch_size=100,
+        validation=(xv.astype(dtype), yv),
+        seed=3,
+    )
     return net, history
 
 
 def assert_same_training(a, b, what):
-    """Two (net, history) pairs trained alike agree within FIT_TOL, counts within one example per epoch."""
+    """Two (net, history) pairs trained alike agree within FIT_TOL, counts within one example per
+    epoch."""
     (net_a, hist_a), (net_b, hist_b) = a, b
     for (name, wa), wb in zip(net_a.state_dict().items(), net_b.state_dict().values()):
         close_to(wa, wb, f"{what}: {name} after {FIT_EPOCHS} epochs")
     assert len(hist_a) == len(hist_b) == FIT_EPOCHS
     for ea, eb in zip(hist_a.epochs, hist_b.epochs):
         for key in ("loss", "val_loss"):
-            assert ea[key] == pytest.approx(eb[key], rel=FIT_TOL), f"{what}: epoch {ea['epoch']} {key}"
-        assert abs(ea["accuracy"] - eb["accuracy"]) <= 1 / 1000 and abs(ea["val_accuracy"] - eb["val_accuracy"]) <= 1 / 200
+            assert ea[key] == pytest.approx(eb[key], rel=FIT_TOL), (
+                f"{what}: epoch {ea['epoch']} {key}"
+            )
+        assert (
+            abs(ea["accuracy"] - eb["accuracy"]) <= 1 / 1000
+            and abs(ea["val_accuracy"] - eb["val_accuracy"]) <= 1 / 200
+        )
         assert ea["lr"] == eb["lr"]
 
 
@@ -144,8 +170,11 @@ def close_to(actual, expected, what):
 
 
 def test_fit_in_float32_follows_float64(device):
-    """The band the tolerances rest on, on each device: float32 ``fit`` against float64 ``fit`` on the CPU."""
-    assert_same_training(fit_on(device), fit_on("cpu", np.float64), f"float32 on {device} vs float64")
+    """The band the tolerances rest on, on each device: float32 ``fit`` against float64 ``fit`` on
+    the CPU."""
+    assert_same_training(
+        fit_on(device), fit_on("cpu", np.float64), f"float32 on {device} vs float64"
+    )
 
 
 @pytest.mark.gpu
@@ -168,8 +197,8 @@ def test_fit_evaluate_predict_agree_between_cpu_and_gpu():
 
 @pytest.mark.gpu
 def test_a_cpu_model_loads_on_the_gpu_and_back(tmp_path):
-    """Saved on the CPU, loaded on the GPU: the same weights bit for bit and the same predictions; saved
-    there and loaded on the CPU again: still the same bits."""
+    """Saved on the CPU, loaded on the GPU: the same weights bit for bit and the same predictions;
+    saved there and loaded on the CPU again: still the same bits."""
     from gpunet.training import predict_proba
 
     net, _ = fit_on("cpu")
@@ -188,9 +217,9 @@ def test_a_cpu_model_loads_on_the_gpu_and_back(tmp_path):
 
 
 def check_resume_across_devices(first, second, tmp_path):
-    """A run interrupted on ``first`` resumes on ``second`` from the checkpoint (weights, velocities,
-    order and dropout keys are host data) and ends where an uninterrupted run on ``first`` ends, within
-    the agreement tolerance (bit for bit when both are the CPU)."""
+    """A run interrupted on ``first`` resumes on ``second`` from the checkpoint (weights,
+    velocities, order and dropout keys are host data) and ends where an uninterrupted run on
+    ``first`` ends, within the agreement tolerance (bit for bit when both are the CPU)."""
     from gpunet.training import Interrupted, fit
 
     x, y, xv, yv = fit_problem()
@@ -199,8 +228,19 @@ def check_resume_across_devices(first, second, tmp_path):
     def train(device, **kw):
         net = gn.mlp(FIT_SIZES, seed=1, dropout=0.2, device=device)
         opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9)
-        history = fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, epochs=3, batch_size=100, validation=(xv, yv),
-                      seed=3, checkpoint_path=path, **kw)
+        history = fit(
+            net,
+            gn.SoftmaxCrossEntropy(),
+            opt,
+            x,
+            y,
+            epochs=3,
+            batch_size=100,
+            validation=(xv, yv),
+            seed=3,
+            checkpoint_path=path,
+            **kw,
+        )
         return net, history
 
     whole = train(first)

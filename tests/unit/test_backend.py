@@ -1,18 +1,19 @@
 """Device selection: names, the GPUNET_DEVICE override, the CuPy probe and its fallback reasons."""
+
 import importlib.util
 import os
 import subprocess
-import threading
 import sys
+import threading
 import types
 
 import numpy as np
 import pytest
+from conftest import assert_allclose
 
 import gpunet as gn
 from gpunet import backend
 from gpunet.backend import DeviceError
-from conftest import assert_allclose
 
 
 def test_device_names_and_env_override(monkeypatch):
@@ -33,7 +34,8 @@ def test_device_names_and_env_override(monkeypatch):
 
 class FakeCupy(types.ModuleType):
     """Just enough of CuPy for the probe and the uploads, on NumPy, recording on which device (the
-    thread's current one, as CUDA keeps it) each call ran: a fake multi-GPU machine with ``count`` devices."""
+    thread's current one, as CUDA keeps it) each call ran: a fake multi-GPU machine with ``count``
+    devices."""
 
     def __init__(self, count):
         super().__init__("cupy")
@@ -60,15 +62,17 @@ class FakeCupy(types.ModuleType):
         def kernel(*source):
             return lambda x: (record("kernel"), 2 * x + 1)[1]
 
-        self.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: count),
-                                          Device=Device)
+        self.cuda = types.SimpleNamespace(
+            runtime=types.SimpleNamespace(getDeviceCount=lambda: count), Device=Device
+        )
         self.asarray = lambda a: (record("asarray"), np.asarray(a))[1]
         self.asnumpy, self.ElementwiseKernel = np.asarray, kernel
 
 
 @pytest.fixture
 def fake_gpus(monkeypatch):
-    """A fake CuPy seeing two GPUs, with the backend's probe and GPU choice reset around the test."""
+    """A fake CuPy seeing two GPUs, with the backend's probe and GPU choice reset around the
+    test."""
     fake = FakeCupy(2)
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(backend, "_probe_result", None)
@@ -77,8 +81,9 @@ def fake_gpus(monkeypatch):
 
 
 def test_a_gpu_index_is_chosen_before_anything_touches_a_gpu(fake_gpus):
-    """``cuda:N`` selects GPU N before the probe runs its upload, kernel and matmul, so no context is made
-    on GPU 0; later uploads from another thread (a server's request thread) land on GPU N too."""
+    """``cuda:N`` selects GPU N before the probe runs its upload, kernel and matmul, so no context
+    is made on GPU 0; later uploads from another thread (a server's request thread) land on GPU N
+    too."""
     assert backend.resolve_device("cuda:1") == "gpu"
     touched = [dev for what, dev in fake_gpus.events if what != "use"]
     assert fake_gpus.events[0] == ("use", 1) and touched and set(touched) == {1}, fake_gpus.events
@@ -87,7 +92,9 @@ def test_a_gpu_index_is_chosen_before_anything_touches_a_gpu(fake_gpus):
     thread.start()
     thread.join()
     assert done and fake_gpus.events[-1] == ("asarray", 1), fake_gpus.events
-    assert backend.resolve_device("gpu") == "gpu"  # plain "gpu" afterwards: the chosen GPU, no new choice
+    assert (
+        backend.resolve_device("gpu") == "gpu"
+    )  # plain "gpu" afterwards: the chosen GPU, no new choice
     assert {dev for what, dev in fake_gpus.events} == {1}, fake_gpus.events  # GPU 0 never touched
     with pytest.raises(DeviceError, match=r"expected a GPU index below 2 .* got 'cuda:2'"):
         backend.resolve_device("cuda:2")
@@ -104,7 +111,9 @@ def test_an_mpi_rank_takes_its_local_gpu_before_the_probe(fake_gpus):
 def test_a_gpu_index_without_a_gpu_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(backend, "_gpu_index", None)
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
-    with pytest.raises(DeviceError, match="'cuda:1' was requested but no GPU is usable: CuPy is not installed"):
+    with pytest.raises(
+        DeviceError, match="'cuda:1' was requested but no GPU is usable: CuPy is not installed"
+    ):
         backend.resolve_device("cuda:1")
     backend.select_gpu(local_rank=0)  # an MPI rank without CuPy: nothing chosen, the CPU runs
     assert backend._gpu_index is None
@@ -125,17 +134,20 @@ def test_array_helpers_on_cpu():
     assert backend.get_array_module(a) is np
     assert backend.get_array_module(1.0, [1, 2]) is np
     assert backend.device_of(a) == "cpu"
-    assert backend.to_device(a, "cpu") is a          # no copy when already there
+    assert backend.to_device(a, "cpu") is a  # no copy when already there
     assert isinstance(backend.to_numpy([1, 2]), np.ndarray)
 
 
 def test_softmax_is_written_once_and_is_stable(device):
-    """backend.log_softmax / softmax, the one softmax of layers, losses and predict_proba, against another
-    formula for two classes, ``log p0 = -log1p(exp(z1 - z0))`` in float64: logits near 0 and the same
-    shifted by 1000 (exp(1000) overflows any float: only the shift inside keeps them finite); dtype and
-    device kept. rtol 1e-6 (a few float32 ulps) and atol 1e-7: ``log(sum)`` of a sum near 1 keeps float32's
-    absolute error there (6e-8), which dominates a log-probability as small as -6e-6."""
-    z = np.array([[0.0, np.log(3.0)], [1000.0, 1000.0 + np.log(3.0)], [-5.0, 7.0]], dtype=np.float32)
+    """backend.log_softmax / softmax, the one softmax of layers, losses and predict_proba, against
+    another formula for two classes, ``log p0 = -log1p(exp(z1 - z0))`` in float64: logits near 0 and
+    the same shifted by 1000 (exp(1000) overflows any float: only the shift inside keeps them
+    finite); dtype and device kept. rtol 1e-6 (a few float32 ulps) and atol 1e-7: ``log(sum)`` of a
+    sum near 1 keeps float32's absolute error there (6e-8), which dominates a log-probability as
+    small as -6e-6."""
+    z = np.array(
+        [[0.0, np.log(3.0)], [1000.0, 1000.0 + np.log(3.0)], [-5.0, 7.0]], dtype=np.float32
+    )
     d = z[:, 1].astype(np.float64) - z[:, 0]
     want_log = np.stack([-np.log1p(np.exp(d)), -np.log1p(np.exp(-d))], axis=1)
     zd = backend.to_device(z, device)
@@ -144,7 +156,11 @@ def test_softmax_is_written_once_and_is_stable(device):
         assert got.dtype == np.float32 and backend.device_of(got) == device
         assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert_allclose(backend.softmax(zd)[0], [0.25, 0.75], rtol=1e-6)  # by hand: e^0 : e^ln3 = 1 : 3
-    p = backend.to_numpy(backend.softmax(backend.to_device(np.random.default_rng(0).normal(size=(5, 7)) * 50, device)))
+    p = backend.to_numpy(
+        backend.softmax(
+            backend.to_device(np.random.default_rng(0).normal(size=(5, 7)) * 50, device)
+        )
+    )
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-12)  # float64 rows: one up to rounding
     assert np.isfinite(p).all()
 
@@ -177,14 +193,27 @@ def test_probe_without_cupy(monkeypatch):
     assert isinstance(err.value.__cause__, ImportError)
 
 
-@pytest.mark.parametrize("message, cause", [
-    ("CUDA driver version is insufficient for CUDA runtime version (cudaErrorInsufficientDriver)", "NVIDIA driver"),
-    ("cudaErrorNoDevice: no CUDA-capable device is detected", "no CUDA device"),
-    ("NVRTC_ERROR_COMPILATION: catastrophic error: cannot open source file \"cuda_fp16.h\"", "broken CUDA toolkit"),
-    # CuPy 14, NVRTC found but no runtime headers: the fix is named
-    ("Failed to find CUDA headers. Please install the CUDA Toolkit or set CUDA_PATH",
-     "broken CUDA toolkit: .*no CUDA runtime headers.*cuda-cudart-dev.*nvidia-cuda-runtime-cu12"),
-])
+@pytest.mark.parametrize(
+    "message, cause",
+    [
+        (
+            "CUDA driver version is insufficient for CUDA runtime version "
+            "(cudaErrorInsufficientDriver)",
+            "NVIDIA driver",
+        ),
+        ("cudaErrorNoDevice: no CUDA-capable device is detected", "no CUDA device"),
+        (
+            'NVRTC_ERROR_COMPILATION: catastrophic error: cannot open source file "cuda_fp16.h"',
+            "broken CUDA toolkit",
+        ),
+        # CuPy 14, NVRTC found but no runtime headers: the fix is named
+        (
+            "Failed to find CUDA headers. Please install the CUDA Toolkit or set CUDA_PATH",
+            "broken CUDA toolkit: .*no CUDA runtime "
+            "headers.*cuda-cudart-dev.*nvidia-cuda-runtime-cu12",
+        ),
+    ],
+)
 def test_probe_names_the_cause(monkeypatch, message, cause):
     fake = types.ModuleType("cupy")
 
@@ -203,7 +232,7 @@ def test_probe_rejects_wrong_matmul(monkeypatch):
     fake = types.ModuleType("cupy")
     fake.asarray = lambda a: np.asarray(a)
     fake.asnumpy = lambda a: np.asarray(a) * 0
-    fake.ElementwiseKernel = lambda *a, **k: (lambda x: 2 * x + 1)
+    fake.ElementwiseKernel = lambda *a, **k: lambda x: 2 * x + 1
     _fake_probe(monkeypatch, fake)
     assert backend.resolve_device("auto") == "cpu"
     assert "wrong result" in backend.gpu_unavailable_reason()
@@ -212,8 +241,8 @@ def test_probe_rejects_wrong_matmul(monkeypatch):
 def test_real_cupy_falls_back_on_a_machine_without_gpu():
     """With a real CuPy wheel installed but no usable GPU, auto falls back and gpu raises.
 
-    .ci/run installs CuPy on the GPU-less CI machine and sets GPUNET_REQUIRE_CUPY=1, so there this test
-    cannot skip. It runs in a fresh interpreter so no earlier probe result is reused.
+    .ci/run installs CuPy on the GPU-less CI machine and sets GPUNET_REQUIRE_CUPY=1, so there this
+    test cannot skip. It runs in a fresh interpreter so no earlier probe result is reused.
     """
     if importlib.util.find_spec("cupy") is None:
         if os.environ.get("GPUNET_REQUIRE_CUPY") == "1":
@@ -231,7 +260,9 @@ def test_real_cupy_falls_back_on_a_machine_without_gpu():
         "    print('ERROR', e)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "GPUNET_DEVICE"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     if out.stdout.startswith("GPU"):
         pytest.skip("a GPU is usable here: the fallback path cannot be shown")

@@ -1,17 +1,19 @@
-"""gpunet.data.rows: Pixels (uint8 images read as floats batch by batch) against the float32 arrays they
-stand for, and Rows, the same interface over a float array.
+"""gpunet.data.rows: Pixels (uint8 images read as floats batch by batch) against the float32 arrays
+they stand for, and Rows, the same interface over a float array.
 
-The conversion is float32(pixel) / float32(255) on every path (the loader, the compiled gather, the twin,
-CuPy), a single correctly rounded division: results are compared for exact equality, not a tolerance.
+The conversion is float32(pixel) / float32(255) on every path (the loader, the compiled gather, the
+twin, CuPy), a single correctly rounded division: results are compared for exact equality, not a
+tolerance.
 """
+
 import numpy as np
 import pytest
+from conftest import assert_allclose, make_fake_mnist, optional
 
 import gpunet as gn
 from gpunet.data import datasets as data
 from gpunet.fast import ops
 from gpunet.training import evaluate, fit, predict, predict_proba
-from conftest import assert_allclose, make_fake_mnist, optional
 
 
 def pixels(n=300, f=784, seed=0):
@@ -26,7 +28,7 @@ def test_gather_scaled_compiled_and_numpy_match_formula(monkeypatch):
     raw, idx = pixels(), np.random.default_rng(1).permutation(300)[:37]
     expected = as_float(raw)[idx]
     out = np.full((40, 784), np.nan, np.float32)
-    got = ops.gather_scaled(raw, idx, out, 255)          # compiled where numba is installed
+    got = ops.gather_scaled(raw, idx, out, 255)  # compiled where numba is installed
     assert got.shape == (37, 784) and np.array_equal(got, expected)
     assert np.isnan(out[37:]).all(), "rows past len(idx) must stay untouched"
     with monkeypatch.context() as m:
@@ -69,11 +71,14 @@ def test_pixels_read_as_floats_gpu():
     check_pixels_read_as_floats("gpu")
 
 
-@pytest.mark.parametrize("raw, match", [
-    (np.zeros((3, 4), np.float32), "raw: expected a 2-D uint8 array.*got 2-D float32"),
-    (np.zeros((3, 4, 4), np.uint8), "raw: expected a 2-D uint8 array.*got 3-D uint8"),
-    ([[1, 2]], "raw: expected a NumPy or CuPy uint8 array, got list"),
-])
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (np.zeros((3, 4), np.float32), "raw: expected a 2-D uint8 array.*got 2-D float32"),
+        (np.zeros((3, 4, 4), np.uint8), "raw: expected a 2-D uint8 array.*got 3-D uint8"),
+        ([[1, 2]], "raw: expected a NumPy or CuPy uint8 array, got list"),
+    ],
+)
 def test_pixels_reject_what_is_not_2d_uint8(raw, match):
     with pytest.raises(TypeError, match=match):
         gn.Pixels(raw)
@@ -83,9 +88,13 @@ def test_pixels_errors_name_argument_expected_and_actual():
     px = gn.Pixels(pixels(n=5, f=4))
     with pytest.raises(TypeError, match="dtype: expected a floating type, got int32"):
         gn.Pixels(pixels(n=5, f=4), dtype=np.int32)
-    with pytest.raises(ValueError, match=r"out: expected a \(3\+, 4\) float32 array, got \(2, 4\) float32"):
+    with pytest.raises(
+        ValueError, match=r"out: expected a \(3\+, 4\) float32 array, got \(2, 4\) float32"
+    ):
         px.take(np.array([0, 1, 2]), np.empty((2, 4), np.float32))
-    with pytest.raises(ValueError, match=r"out: expected a \(2\+, 4\) float32 array, got \(2, 4\) float64"):
+    with pytest.raises(
+        ValueError, match=r"out: expected a \(2\+, 4\) float32 array, got \(2, 4\) float64"
+    ):
         px.take(slice(0, 2), np.empty((2, 4), np.float64))
     with pytest.raises(TypeError, match="key: expected a slice of rows, got int"):
         px[0]
@@ -102,8 +111,8 @@ def test_load_raw_pixels(tmp_path):
 
 
 def check_training_on_pixels_equals_floats(device, tmp_path):
-    """Same weights bit for bit: the batches hold the same float32 values, in the same order. Shuffled
-    mini-batches with a partial last one, then unshuffled full batches (the slice path)."""
+    """Same weights bit for bit: the batches hold the same float32 values, in the same order.
+    Shuffled mini-batches with a partial last one, then unshuffled full batches (the slice path)."""
     folder = make_fake_mnist(tmp_path / "m", n_train=203, n_test=50)
     (x8, y), (xt8, yt) = data.load_mnist(folder, download=False, dtype=np.uint8)
     x, xt = as_float(x8), as_float(xt8)
@@ -113,8 +122,15 @@ def check_training_on_pixels_equals_floats(device, tmp_path):
         opt, loss = gn.Momentum(net.parameters(), lr=0.05), gn.SoftmaxCrossEntropy()
         hist = fit(net, loss, opt, feats, y, epochs=2, batch_size=64, validation=(val, yt), seed=1)
         fit(net, loss, opt, feats, y, epochs=1, batch_size=None, shuffle=False)
-        results.append((net.state_dict(), hist.epochs, evaluate(net, loss, val, yt, batch_size=16),
-                        gn.to_numpy(predict_proba(net, val, batch_size=16)), gn.to_numpy(predict(net, val))))
+        results.append(
+            (
+                net.state_dict(),
+                hist.epochs,
+                evaluate(net, loss, val, yt, batch_size=16),
+                gn.to_numpy(predict_proba(net, val, batch_size=16)),
+                gn.to_numpy(predict(net, val)),
+            )
+        )
     (s1, h1, e1, p1, c1), (s2, h2, e2, p2, c2) = results
     for k in s1:
         assert np.array_equal(s1[k], s2[k]), k

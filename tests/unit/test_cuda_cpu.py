@@ -1,7 +1,8 @@
-"""gpunet's CUDA sources executed on the CPU (tests/support/cuda_cpu.py): every kernel, launched through the
-fake CuPy, runs its real CUDA source in three orders of threads and is held to its NumPy mirror
-there; here also to the core's formula, over shapes that are not multiples of the block, with zeros,
--0, NaN and infinities, in float32 and float64; and the planted bugs below must each be caught.
+"""gpunet's CUDA sources executed on the CPU (tests/support/cuda_cpu.py): every kernel, launched
+through the fake CuPy, runs its real CUDA source in three orders of threads and is held to its NumPy
+mirror there; here also to the core's formula, over shapes that are not multiples of the block, with
+zeros, -0, NaN and infinities, in float32 and float64; and the planted bugs below must each be
+caught.
 
 Skips without g++ or CuPy (headers and code generator; no GPU); GPUNET_REQUIRE_CXX=1 (set by
 .ci/run) makes that a failure. .ci/run also runs this file under AddressSanitizer and UBSan
@@ -61,9 +62,9 @@ def special(shape, dtype, seed=0, marks=True):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_kernel_runs_its_cuda_source(fake, dtype):
-    """Each kernel gpunet builds (tests/support/cuda_compile.py's list) runs from its CUDA source on the CPU
-    when called through the fake CuPy: the harness picks up every launch, nothing is registered by
-    hand."""
+    """Each kernel gpunet builds (tests/support/cuda_compile.py's list) runs from its CUDA source on
+    the CPU when called through the fake CuPy: the harness picks up every launch, nothing is
+    registered by hand."""
     cuda_cpu.stats["names"].clear()
     cc.launch_all(dtype, fake)
     z, y = fake.asarray(special((129, 10), dtype)), fake.asarray(np.arange(129) % 10)
@@ -281,19 +282,31 @@ def test_a_planted_bug_in_the_layer_update_is_caught(fake, monkeypatch, bug, mom
     (old, new, which), error, match = LAYER_BUGS[bug]
     name = cuda.LAYER_MOMENTUM_NAME if momentum else cuda.LAYER_SGD_NAME
     monkeypatch.setitem(cuda.RAW, name, _plant(cuda.RAW[name], old, new, which))
-    W, b = (types.SimpleNamespace(data=fake.asarray(special(s, "float32", 2, marks=False)),
-                                  grad=fake.asarray(special(s, "float32", 3, marks=False)))
-            for s in ((784, 510), (510,)))
+    W, b = (
+        types.SimpleNamespace(
+            data=fake.asarray(special(s, "float32", 2, marks=False)),
+            grad=fake.asarray(special(s, "float32", 3, marks=False)),
+        )
+        for s in ((784, 510), (510,))
+    )
     v = (fake.zeros_like(W.data), fake.zeros_like(b.data)) if momentum else (None, None)
     with pytest.raises(error, match=match):
-        cuda.layer_update(W, b, *v, fake.asarray(special((128, 510), "float32", 4, marks=False)),
-                          np.float32(0.05), np.float32(0.9 if momentum else 0), np.float32(1e-4),
-                          False)
+        cuda.layer_update(
+            W,
+            b,
+            *v,
+            fake.asarray(special((128, 510), "float32", 4, marks=False)),
+            np.float32(0.05),
+            np.float32(0.9 if momentum else 0),
+            np.float32(1e-4),
+            False,
+        )
 
 
 # ------------------------------------------------------------ the update kernels against the core
 def _core_step(opt_cls, W, b, dy, **kw):
-    """The core optimizer's step on copies of W, b (float arrays) with W.grad given and b.grad = dy.sum(0)."""
+    """The core optimizer's step on copies of W, b (float arrays) with W.grad given and b.grad =
+    dy.sum(0)."""
     import gpunet as gn
     from gpunet.layers import Parameter
 
@@ -307,23 +320,35 @@ def _core_step(opt_cls, W, b, dy, **kw):
 @pytest.mark.parametrize("rows,cols", [(1, 1), (3, 3), (129, 10), (257, 1000), (1000, 3)])
 @pytest.mark.parametrize("wd", [0.0, 1e-4])
 def test_layer_updates_match_the_core(fake, dtype, rows, cols, wd):
-    """SGD and momentum's one-launch layer update (CUDA, held to the mirror by the harness) against the
-    core's optimizers, with zeros, -0, NaN and infinite weights. With weight decay 0 the L2 term is
-    skipped, as the core skips it: an infinite weight stays infinite (the kernels computed g + 0 * w, NaN).
-    Tolerance: 1e-5 relative in float32 (the bias sum's order), 1e-12 in float64."""
+    """SGD and momentum's one-launch layer update (CUDA, held to the mirror by the harness) against
+    the core's optimizers, with zeros, -0, NaN and infinite weights. With weight decay 0 the L2 term
+    is skipped, as the core skips it: an infinite weight stays infinite (the kernels computed g + 0
+    * w, NaN). Tolerance: 1e-5 relative in float32 (the bias sum's order), 1e-12 in float64."""
     import types
 
     W = special((2, 784 if cols != 1000 else 7, cols), dtype, seed=rows)
-    W[0].reshape(-1)[:6] = np.array([np.inf, -np.inf, 0, -0.0, 1, 2], dtype)  # weights, not gradients
+    W[0].reshape(-1)[:6] = np.array(
+        [np.inf, -np.inf, 0, -0.0, 1, 2], dtype
+    )  # weights, not gradients
     W[1].reshape(-1)[:6] = 1
-    b, dy = special((2, cols), dtype, seed=cols, marks=False), special((rows, cols), dtype, marks=False)
+    b, dy = (
+        special((2, cols), dtype, seed=cols, marks=False),
+        special((rows, cols), dtype, marks=False),
+    )
     tol = {"float32": 1e-5, "float64": 1e-12}[dtype]
     t = np.dtype(dtype).type
     for rule, kw in (("SGD", {}), ("Momentum", {"momentum": 0.9})):
         want = _core_step(rule, W, b, dy, lr=0.05, weight_decay=wd, **kw)
-        p = [types.SimpleNamespace(data=fake.asarray(a[0].copy()), grad=fake.asarray(a[1].copy())) for a in (W, b)]
-        velocities = (fake.zeros_like(p[0].data), fake.zeros_like(p[1].data)) if kw else (None, None)
-        cuda.layer_update(*p, *velocities, fake.asarray(dy), t(0.05), t(kw.get("momentum", 0)), t(wd), False)
+        p = [
+            types.SimpleNamespace(data=fake.asarray(a[0].copy()), grad=fake.asarray(a[1].copy()))
+            for a in (W, b)
+        ]
+        velocities = (
+            (fake.zeros_like(p[0].data), fake.zeros_like(p[1].data)) if kw else (None, None)
+        )
+        cuda.layer_update(
+            *p, *velocities, fake.asarray(dy), t(0.05), t(kw.get("momentum", 0)), t(wd), False
+        )
         for got, w in zip((p[0].data, p[1].data), want):
             np.testing.assert_allclose(np.asarray(got), w, rtol=tol, atol=tol, err_msg=rule)
 
@@ -346,12 +371,22 @@ def test_the_bias_gradient_is_the_core_column_sum(fake, dtype, rows, cols):
     W, b = special((2, *shape), dtype, seed=rows, marks=False), special((2, cols), dtype, seed=cols)
     dy = special((rows, cols), dtype, seed=rows + cols, marks=False)
     want_w, want_b = _core_step("Momentum", W, b, dy, lr=0.05, momentum=0.9)
-    p = [types.SimpleNamespace(data=fake.asarray(a[0].copy()), grad=fake.asarray(a[1].copy()))
-         for a in (W, b)]
+    p = [
+        types.SimpleNamespace(data=fake.asarray(a[0].copy()), grad=fake.asarray(a[1].copy()))
+        for a in (W, b)
+    ]
     before = cuda_cpu.stats["launches"]
     t = np.dtype(dtype).type
-    cuda.layer_update(*p, fake.zeros_like(p[0].data), fake.zeros_like(p[1].data), fake.asarray(dy),
-                      t(0.05), t(0.9), t(0), False)
+    cuda.layer_update(
+        *p,
+        fake.zeros_like(p[0].data),
+        fake.zeros_like(p[1].data),
+        fake.asarray(dy),
+        t(0.05),
+        t(0.9),
+        t(0),
+        False,
+    )
     assert cuda_cpu.stats["launches"] == before + 1  # the CUDA source ran, not the mirror alone
     eps = np.finfo(dtype).eps
     bound = (-(-rows // 8) + 3) * eps * np.abs(dy.astype(np.float64)).sum(axis=0)
@@ -370,8 +405,9 @@ def test_the_bias_gradient_is_the_core_column_sum(fake, dtype, rows, cols):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rule", ["Adam", "AdamW"])
 def test_adam_skips_a_zero_weight_decay_as_the_core_does(fake, dtype, rule):
-    """Adam's kernel with weight decay 0 on infinite and NaN-free weights: the core's values (an infinite
-    weight stays infinite; ``g + 0 * w`` made it NaN). Tolerance 1e-6 relative (float32 sqrt/divide)."""
+    """Adam's kernel with weight decay 0 on infinite and NaN-free weights: the core's values (an
+    infinite weight stays infinite; ``g + 0 * w`` made it NaN). Tolerance 1e-6 relative (float32
+    sqrt/divide)."""
     import gpunet as gn
     from gpunet.fast.step import adam_scalars
     from gpunet.layers import Parameter
@@ -390,23 +426,48 @@ def test_adam_skips_a_zero_weight_decay_as_the_core_does(fake, dtype, rule):
 
 def test_a_float16_network_is_refused_in_one_line(fake):
     z = fake.asarray(np.zeros((4, 3), np.float16))
-    with pytest.raises(TypeError, match="^dtype: gpunet's CUDA kernels run float32 and float64 networks, "
-                                        "got float16$"):
-        cuda.softmax_xent_sums(z, fake.asarray(np.zeros(4, np.int64)), fake.zeros_like(z), fake.zeros((), z.dtype),
-                               fake.zeros((), np.float64), fake.zeros((), np.int64))
+    with pytest.raises(
+        TypeError,
+        match="^dtype: gpunet's CUDA kernels run float32 and float64 networks, got float16$",
+    ):
+        cuda.softmax_xent_sums(
+            z,
+            fake.asarray(np.zeros(4, np.int64)),
+            fake.zeros_like(z),
+            fake.zeros((), z.dtype),
+            fake.zeros((), np.float64),
+            fake.zeros((), np.int64),
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 3), (127, 10), (128, 10), (129, 1000), (255, 3),
-                                       (256, 10), (257, 10), (1000, 10), (5000, 3)])
+@pytest.mark.parametrize(
+    "rows,cols",
+    [
+        (1, 1),
+        (3, 3),
+        (127, 10),
+        (128, 10),
+        (129, 1000),
+        (255, 3),
+        (256, 10),
+        (257, 10),
+        (1000, 10),
+        (5000, 3),
+    ],
+)
 def test_relu_kernels_match_the_core(fake, dtype, rows, cols):
-    """bias_relu (b broadcast with stride 0 over the rows, or one flat loop for a single row), relu_backward
-    and relu_mask_backward from CUDA against the core's ReLU forward and backward, with zeros, -0, NaN and
-    infinities in activations, bias and gradients: equal, NaN where the core has NaN (ReLU is exact)."""
+    """bias_relu (b broadcast with stride 0 over the rows, or one flat loop for a single row),
+    relu_backward and relu_mask_backward from CUDA against the core's ReLU forward and backward,
+    with zeros, -0, NaN and infinities in activations, bias and gradients: equal, NaN where the core
+    has NaN (ReLU is exact)."""
     from gpunet.layers import ReLU
 
     x, b = special((rows, cols), dtype, seed=rows), special((cols,), dtype, seed=cols)
-    dy, mask = special((rows, cols), dtype, seed=rows + 1), special((rows, cols), dtype, seed=7, marks=False)
+    dy, mask = (
+        special((rows, cols), dtype, seed=rows + 1),
+        special((rows, cols), dtype, seed=7, marks=False),
+    )
     relu = ReLU()
     want = relu.forward(x + b)
     y = fake.asarray(x)
@@ -435,26 +496,46 @@ def test_the_gather_kernel_matches_numpy(fake, dtype, rows):
 
 
 def test_an_out_of_bounds_write_is_named_at_its_line_under_asan():
-    """Under AddressSanitizer (.ci/run's GPUNET_CXX_SANITIZE=1 step) a write one element past the loss
-    array ends a child process with ASan's report naming the kernel's source line. Runs only there: the
-    sanitized build costs seconds, and the ordinary run catches the same bug with its guard bytes."""
+    """Under AddressSanitizer (.ci/run's GPUNET_CXX_SANITIZE=1 step) a write one element past the
+    loss array ends a child process with ASan's report naming the kernel's source line. Runs only
+    there: the sanitized build costs seconds, and the ordinary run catches the same bug with its
+    guard bytes."""
     import subprocess
 
     if not cuda_cpu.sanitizing():
-        pytest.skip("runs in .ci/run's AddressSanitizer step (GPUNET_CXX_SANITIZE=1, libasan preloaded)")
+        pytest.skip(
+            "runs in .ci/run's AddressSanitizer step (GPUNET_CXX_SANITIZE=1, libasan preloaded)"
+        )
     toolchain_or_skip()
     planted = cuda.SOFTMAX_XENT.replace("loss[i] = ", "loss[i + 1] = ")
-    line = cuda.softmax_xent_source("float", planted).split("\n").index(
-        next(l for l in planted.split("\n") if "loss[i + 1]" in l)) + 1
-    code = (f"import numpy as np, cuda_cpu\nfrom gpunet.fast import cuda\n"
-            f"src = cuda.softmax_xent_source('float', {planted!r})\n"
-            "z = np.zeros((129, 10), np.float32)\n"
-            "grid, block, args = cuda.softmax_xent_launch(z, np.zeros(129, np.int64), np.zeros_like(z), "
-            "np.zeros(129, np.float32))\n"
-            "cuda_cpu.raw_kernel(src, cuda.SOFTMAX_XENT_NAME, grid, block, args)\n")
-    path = os.pathsep.join([str(cuda_cpu.HERE), str(cuda_cpu.HERE.parents[1]), os.environ.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": path}, check=False)
+    line = (
+        cuda.softmax_xent_source("float", planted)
+        .split("\n")
+        .index(next(l for l in planted.split("\n") if "loss[i + 1]" in l))
+        + 1
+    )
+    code = (
+        f"import numpy as np, cuda_cpu\nfrom gpunet.fast import cuda\n"
+        f"src = cuda.softmax_xent_source('float', {planted!r})\n"
+        "z = np.zeros((129, 10), np.float32)\n"
+        "grid, block, args = cuda.softmax_xent_launch(z, np.zeros(129, np.int64), "
+        "np.zeros_like(z), "
+        "np.zeros(129, np.float32))\n"
+        "cuda_cpu.raw_kernel(src, cuda.SOFTMAX_XENT_NAME, grid, block, args)\n"
+    )
+    path = os.pathsep.join(
+        [str(cuda_cpu.HERE), str(cuda_cpu.HERE.parents[1]), os.environ.get("PYTHONPATH", "")]
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": path},
+        check=False,
+    )
     assert done.returncode != 0, done.stderr[-3000:]
-    assert "heap-buffer-overflow" in done.stderr and "WRITE of size 4" in done.stderr, done.stderr[-3000:]
+    assert "heap-buffer-overflow" in done.stderr and "WRITE of size 4" in done.stderr, done.stderr[
+        -3000:
+    ]
     assert f"{cuda.SOFTMAX_XENT_NAME}.cu:{line}" in done.stderr, done.stderr[-3000:]

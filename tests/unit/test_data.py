@@ -1,4 +1,5 @@
 """Tests of gpunet.data.datasets: the MNIST loader and downloader, splits, image files."""
+
 from __future__ import annotations
 
 import functools
@@ -13,8 +14,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from gpunet.data import datasets as data, idx
-from gpunet.data import DataError
+from gpunet.data import DataError, datasets as data, idx
 
 NAMES = list(data.MNIST_FILES.values())
 
@@ -23,13 +23,16 @@ def listing(folder):
     return sorted(p.name for p in folder.iterdir())
 
 
-# ---------------------------------------------------------------------------------------- load_mnist
+# --------------------------------------------------------------------------------------- load_mnist
 def make_fake_mnist(folder, n_train=20, n_test=5, gz=(True, True, True, True), seed=0):
     """Write tiny MNIST-compatible files; return the decompressed bytes of each by name."""
     rng = np.random.default_rng(seed)
     arrays = []
     for n in (n_train, n_test):
-        arrays += [rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)]
+        arrays += [
+            rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+            rng.integers(0, 10, n, dtype=np.uint8),
+        ]
     folder.mkdir(parents=True, exist_ok=True)
     raw = {}
     for name, array, zipped in zip(NAMES, arrays, gz):
@@ -107,7 +110,9 @@ def test_load_mnist_downloads_missing(tmp_path, monkeypatch):
 
 def test_verify(tmp_path, monkeypatch):
     raw = make_fake_mnist(tmp_path, gz=(True, False, True, False))
-    with pytest.raises(DataError, match=f"{NAMES[0]}.gz: MD5 .* expected {data.MNIST_MD5[NAMES[0]]}"):
+    with pytest.raises(
+        DataError, match=f"{NAMES[0]}.gz: MD5 .* expected {data.MNIST_MD5[NAMES[0]]}"
+    ):
         data.load_mnist(tmp_path, download=False, verify=True)
     fake_md5 = {name: hashlib.md5(idx_file_bytes(raw[name])).hexdigest() for name in NAMES}
     monkeypatch.setattr(data, "MNIST_MD5", fake_md5)
@@ -120,7 +125,11 @@ def test_verify(tmp_path, monkeypatch):
 def idx_file_bytes(array):
     """The decompressed bytes of `array` as an IDX file, built by hand."""
     code = {np.dtype(np.uint8): 0x08}[array.dtype]
-    return bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    return (
+        bytes([0, 0, code, array.ndim])
+        + struct.pack(f">{array.ndim}I", *array.shape)
+        + array.tobytes()
+    )
 
 
 def test_default_data_dir(monkeypatch, tmp_path):
@@ -138,10 +147,12 @@ def test_default_data_dir(monkeypatch, tmp_path):
 def test_constants():
     assert set(data.MNIST_FILES) == {"train_images", "train_labels", "test_images", "test_labels"}
     assert set(data.MNIST_MD5) == set(NAMES)
-    assert data.MNIST_MIRRORS[0].startswith("https://ossci-datasets") and len(data.MNIST_MIRRORS) == 3
+    assert (
+        data.MNIST_MIRRORS[0].startswith("https://ossci-datasets") and len(data.MNIST_MIRRORS) == 3
+    )
 
 
-# ------------------------------------------------------------------------------------ download_mnist
+# ----------------------------------------------------------------------------------- download_mnist
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
@@ -149,7 +160,8 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def mirrors(tmp_path_factory, monkeypatch):
-    """A local HTTP server on 127.0.0.1 serving good/ (fake MNIST .gz), bad/ (corrupt payloads), empty/."""
+    """A local HTTP server on 127.0.0.1 serving good/ (fake MNIST .gz), bad/ (corrupt payloads),
+    empty/."""
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     root = tmp_path_factory.mktemp("srv")
@@ -166,14 +178,22 @@ def mirrors(tmp_path_factory, monkeypatch):
         md5[name] = hashlib.md5(payload).hexdigest()
     handler = functools.partial(QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     base = f"http://127.0.0.1:{server.server_address[1]}/"
-    yield {"good": base + "good/", "bad": base + "bad/", "404": base + "empty/",
-           "closed": f"http://127.0.0.1:{closed}/", "md5": md5, "raw": raw}
+    yield {
+        "good": base + "good/",
+        "bad": base + "bad/",
+        "404": base + "empty/",
+        "closed": f"http://127.0.0.1:{closed}/",
+        "md5": md5,
+        "raw": raw,
+    }
     server.shutdown()
     server.server_close()
     thread.join(timeout=5)
@@ -181,8 +201,12 @@ def mirrors(tmp_path_factory, monkeypatch):
 
 def test_download_skips_404_and_closed_port(tmp_path, mirrors):
     dest = tmp_path / "a" / "b"  # created on demand
-    out = data.download_mnist(dest, mirrors=(mirrors["404"], mirrors["closed"], mirrors["good"]),
-                              timeout=5, md5=mirrors["md5"])
+    out = data.download_mnist(
+        dest,
+        mirrors=(mirrors["404"], mirrors["closed"], mirrors["good"]),
+        timeout=5,
+        md5=mirrors["md5"],
+    )
     assert out == dest
     assert listing(dest) == sorted(n + ".gz" for n in NAMES)
     (x_train, y_train), (x_test, _) = data.load_mnist(dest, download=False)
@@ -191,8 +215,12 @@ def test_download_skips_404_and_closed_port(tmp_path, mirrors):
 
 
 def test_download_skips_corrupt_mirror_and_keeps_present_files(tmp_path, mirrors):
-    idx.write_idx(tmp_path / NAMES[0], np.zeros((20, 28, 28), np.uint8))  # present: not fetched again
-    data.download_mnist(tmp_path, mirrors=(mirrors["bad"], mirrors["good"]), timeout=5, md5=mirrors["md5"])
+    idx.write_idx(
+        tmp_path / NAMES[0], np.zeros((20, 28, 28), np.uint8)
+    )  # present: not fetched again
+    data.download_mnist(
+        tmp_path, mirrors=(mirrors["bad"], mirrors["good"]), timeout=5, md5=mirrors["md5"]
+    )
     assert listing(tmp_path) == sorted([NAMES[0]] + [n + ".gz" for n in NAMES[1:]])
     assert idx.read_idx(tmp_path / NAMES[0]).max() == 0
     for name in NAMES[1:]:
@@ -201,8 +229,12 @@ def test_download_skips_corrupt_mirror_and_keeps_present_files(tmp_path, mirrors
 
 def test_download_all_mirrors_fail(tmp_path, mirrors):
     with pytest.raises(DataError) as info:
-        data.download_mnist(tmp_path, mirrors=(mirrors["404"], mirrors["bad"], mirrors["closed"]),
-                            timeout=5, md5=mirrors["md5"])
+        data.download_mnist(
+            tmp_path,
+            mirrors=(mirrors["404"], mirrors["bad"], mirrors["closed"]),
+            timeout=5,
+            md5=mirrors["md5"],
+        )
     msg = str(info.value)
     assert "failed" in msg and NAMES[0] in msg and "404" in msg and "MD5 mismatch" in msg
     assert str(tmp_path) in msg and all(n in msg for n in NAMES)
@@ -220,7 +252,7 @@ def test_download_write_failure_leaves_nothing(tmp_path, mirrors, monkeypatch):
     assert listing(tmp_path) == []
 
 
-# ---------------------------------------------------------------------------------- split_validation
+# --------------------------------------------------------------------------------- split_validation
 def test_split_tail_views():
     x, y = np.arange(20.0).reshape(10, 2), np.arange(10)
     (xt, yt), (xv, yv) = data.split_validation(x, y, 3)
@@ -255,13 +287,15 @@ def test_split_bad_val_size(bad):
     assert repr(bad) in str(info.value)
 
 
-# ------------------------------------------------------------------------------------------ real MNIST
+# --------------------------------------------------------------------------------------- real MNIST
 @pytest.mark.slow
 def test_real_mnist(mnist_dir):
     (x_train, y_train), (x_test, y_test) = data.load_mnist(mnist_dir, download=False, verify=True)
     assert x_train.shape == (60000, 784) and x_test.shape == (10000, 784)
     assert x_train.dtype == np.float32 and y_train.dtype == np.int64 and y_test.dtype == np.int64
-    assert np.unique(y_train).tolist() == list(range(10)) and np.unique(y_test).tolist() == list(range(10))
+    assert np.unique(y_train).tolist() == list(range(10)) and np.unique(y_test).tolist() == list(
+        range(10)
+    )
     assert x_train.min() == 0.0 and x_train.max() == 1.0
     total = total_sq = 0.0
     for chunk in np.array_split(x_train, 10):  # float64 sums without a float64 copy of the set
@@ -284,10 +318,12 @@ def test_real_mnist_images_memory(mnist_dir):
     finally:
         tracemalloc.stop()
     assert x.nbytes == output_bytes
-    assert peak < 1.25 * output_bytes, f"peak {peak / 1e6:.1f} MB for a {output_bytes / 1e6:.1f} MB output"
+    assert peak < 1.25 * output_bytes, (
+        f"peak {peak / 1e6:.1f} MB for a {output_bytes / 1e6:.1f} MB output"
+    )
 
 
-# --- data sets of one's own: .npz and CSV files (gpunet train --data) ----------------------------------
+# --- data sets of one's own: .npz and CSV files (gpunet train --data) -----------------------------
 def test_load_arrays_reads_npz_and_csv(tmp_path):
     from gpunet.data import load_arrays
 
@@ -300,7 +336,9 @@ def test_load_arrays_reads_npz_and_csv(tmp_path):
     np.testing.assert_array_equal(yt, y[15:])
     np.savez(tmp_path / "train-only.npz", x_train=x, y_train=y)
     assert load_arrays(tmp_path / "train-only.npz")[1] is None
-    lines = ["a,kind,b,c"] + [f"{r[0]},{k}.0,{r[1]},{r[2]}" for r, k in zip(x, y)]  # label in the middle, as floats
+    lines = ["a,kind,b,c"] + [
+        f"{r[0]},{k}.0,{r[1]},{r[2]}" for r, k in zip(x, y)
+    ]  # label in the middle, as floats
     (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
     (xc, yc), test = load_arrays(tmp_path / "d.csv", label_column="kind")
     assert test is None
@@ -308,18 +346,40 @@ def test_load_arrays_reads_npz_and_csv(tmp_path):
     np.testing.assert_array_equal(yc, y)
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("a.npz", {"x_train": np.ones((3, 2))}, r"expected arrays x_train, y_train and optionally x_test with "
-                                            r"y_test, got \['x_train'\]"),
-    ("b.npz", {"x_train": np.ones((3, 2)), "y_train": np.arange(3), "x_test": np.ones((2, 2))},
-     "optionally x_test with y_test"),
-    ("c.npz", {"x_train": np.ones((3, 2)), "y_train": np.array([0.5, 1, 2])}, "expected integer class labels"),
-    ("d.npz", {"x_train": np.ones((3, 2)), "y_train": np.arange(4)}, r"shaped \(N, features\) and \(N,\)"),
-    ("e.csv", "a,b\n1,2\n", "no column named 'label' for the labels \\(--label-column\\); the columns are"),
-    ("f.csv", "a,label\n1,0\nx,1\n", "line 3, column 'a': expected a number, got 'x'"),
-    ("g.csv", "a,label\n1,0\n1\n", "line 3: expected 2 values like the header, got 1"),
-    ("h.txt", "1,2", "expected a .npz or .csv file, got .txt"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        (
+            "a.npz",
+            {"x_train": np.ones((3, 2))},
+            r"expected arrays x_train, y_train and optionally x_test with "
+            r"y_test, got \['x_train'\]",
+        ),
+        (
+            "b.npz",
+            {"x_train": np.ones((3, 2)), "y_train": np.arange(3), "x_test": np.ones((2, 2))},
+            "optionally x_test with y_test",
+        ),
+        (
+            "c.npz",
+            {"x_train": np.ones((3, 2)), "y_train": np.array([0.5, 1, 2])},
+            "expected integer class labels",
+        ),
+        (
+            "d.npz",
+            {"x_train": np.ones((3, 2)), "y_train": np.arange(4)},
+            r"shaped \(N, features\) and \(N,\)",
+        ),
+        (
+            "e.csv",
+            "a,b\n1,2\n",
+            "no column named 'label' for the labels \\(--label-column\\); the columns are",
+        ),
+        ("f.csv", "a,label\n1,0\nx,1\n", "line 3, column 'a': expected a number, got 'x'"),
+        ("g.csv", "a,label\n1,0\n1\n", "line 3: expected 2 values like the header, got 1"),
+        ("h.txt", "1,2", "expected a .npz or .csv file, got .txt"),
+    ],
+)
 def test_load_arrays_names_what_is_wrong(tmp_path, name, content, message):
     from gpunet.data import load_arrays
 

@@ -5,6 +5,7 @@ product folded into its update): the same rule with fewer roundings, so float32 
 to a few ulps of the largest term (rtol 1e-5, atol 1e-6), float64 to 1e-12; the gradients are the
 core's own product (the same sgemm), so they agree at least as closely.
 """
+
 import numpy as np
 import pytest
 
@@ -17,11 +18,15 @@ TOL = {np.float32: (1e-5, 1e-6), np.float64: (1e-12, 1e-13)}
 @pytest.fixture(autouse=True)
 def _needs_openblas():
     if blas.routines(np.float32) is None:
-        pytest.skip("NumPy here ships no OpenBLAS (or GPUNET_CPU_BLAS=0): the folded update does not exist")
+        pytest.skip(
+            "NumPy here ships no OpenBLAS (or GPUNET_CPU_BLAS=0): the folded update does not exist"
+        )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("kind, wd", [("sgd", 0.0), ("sgd", 1e-2), ("momentum", 0.0), ("momentum", 1e-2)])
+@pytest.mark.parametrize(
+    "kind, wd", [("sgd", 0.0), ("sgd", 1e-2), ("momentum", 0.0), ("momentum", 1e-2)]
+)
 def test_folded_update_is_the_core_rule(dtype, kind, wd):
     rtol, atol = TOL[dtype]
     rng = np.random.default_rng(0)
@@ -41,9 +46,12 @@ def test_folded_update_is_the_core_rule(dtype, kind, wd):
         opt.step()
         update(x, dy, 0.1, 0.9 if kind == "momentum" else 0.0, wd)
         for p, q in zip(core.parameters(), fast.parameters()):
-            np.testing.assert_allclose(q.data, p.data, rtol=rtol, atol=atol, err_msg=f"{p.name} after step {step}")
-            np.testing.assert_allclose(q.grad, p.grad, rtol=rtol, atol=atol,
-                                       err_msg=f"{p.name}.grad, step {step}")
+            np.testing.assert_allclose(
+                q.data, p.data, rtol=rtol, atol=atol, err_msg=f"{p.name} after step {step}"
+            )
+            np.testing.assert_allclose(
+                q.grad, p.grad, rtol=rtol, atol=atol, err_msg=f"{p.name}.grad, step {step}"
+            )
         if kind == "momentum":
             for vc, vf in zip(opt.velocities, v):
                 np.testing.assert_allclose(vf, vc, rtol=rtol, atol=atol)

@@ -1,19 +1,21 @@
 """The fast path's elementwise steps (gpunet.fast.ops: numba kernels, in-place NumPy, CUDA kernels)
 against the core's formulas (gpunet.layers, gpunet.losses) on the same arrays.
 
-One checker, entry points per device and per CPU kernel kind. Tolerances: the same float32 operations in
-another order, or another exp/log implementation, differ by a few ulps: rtol 1e-5, atol 1e-6 (float64:
-1e-12, 1e-13). bias + ReLU and the ReLU backward have one rounding each, so they must agree exactly.
+One checker, entry points per device and per CPU kernel kind. Tolerances: the same float32
+operations in another order, or another exp/log implementation, differ by a few ulps: rtol 1e-5,
+atol 1e-6 (float64: 1e-12, 1e-13). bias + ReLU and the ReLU backward have one rounding each, so they
+must agree exactly.
 """
+
 import os
 import sys
 
 import numpy as np
 import pytest
+from conftest import assert_allclose
 
 import gpunet as gn
 from gpunet.fast import ops
-from conftest import assert_allclose
 
 TOL = {np.float32: (1e-5, 1e-6), np.float64: (1e-12, 1e-13)}
 
@@ -33,11 +35,14 @@ def check_ops_match_core(device, dtype):
     b = gn.to_device(rng.normal(size=z.shape[1]).astype(dtype), device)
     relu = gn.ReLU()
     pre = z.copy()
-    pre[0, :3] = xp.asarray([np.nan, np.inf, -np.inf], dtype=dtype)  # NaN and inf pass as in the core
+    pre[0, :3] = xp.asarray(
+        [np.nan, np.inf, -np.inf], dtype=dtype
+    )  # NaN and inf pass as in the core
     want = relu.forward(pre + b)
     got = ops.bias_relu(pre.copy(), b)
     assert xp.array_equal(got, want, equal_nan=True) and bool(xp.isnan(got[0, 0]))
-    # ReLU backward from the output: dy * (x > 0), NaN and inf in dy kept where the core's product keeps them
+    # ReLU backward from the output: dy * (x > 0), NaN and inf in dy kept where the core's product
+    # keeps them
     dy = gn.to_device(rng.normal(size=z.shape).astype(dtype), device)
     dy[1, :3] = xp.asarray([np.nan, np.inf, -np.inf], dtype=dtype)
     assert xp.array_equal(ops.relu_backward(dy.copy(), got), relu.backward(dy), equal_nan=True)
@@ -48,7 +53,8 @@ def check_ops_match_core(device, dtype):
     ops.softmax_xent(z, labels, grad, rows)
     assert_allclose(grad, loss.backward(), rtol, atol)
     assert_allclose(rows.mean(), value, rtol, atol)
-    # strided labels (a view such as y[::2]) must be read as the values they hold, not as dense memory
+    # strided labels (a view such as y[::2]) must be read as the values they hold, not as dense
+    # memory
     z2, grad2, rows2 = z[:19].copy(), xp.empty_like(z[:19]), xp.empty(19, dtype)
     ops.softmax_xent(z2, labels[::2], grad2, rows2)
     loss.forward(z2, labels[::2].copy())
@@ -60,8 +66,13 @@ def compiled_kernels():
     compiled = ops.numba_kernels()
     if compiled is None:
         if os.environ.get("GPUNET_REQUIRE_NUMBA") == "1":
-            pytest.fail("GPUNET_REQUIRE_NUMBA=1 but the compiled CPU kernels are unavailable (numba missing?)")
-        pytest.skip("numba is optional for users (pip install 'gpunet[numba]') and not installed here")
+            pytest.fail(
+                "GPUNET_REQUIRE_NUMBA=1 but the compiled CPU kernels are unavailable (numba "
+                "missing?)"
+            )
+        pytest.skip(
+            "numba is optional for users (pip install 'gpunet[numba]') and not installed here"
+        )
     return compiled
 
 
@@ -115,16 +126,26 @@ class _FailingImport:
         return None
 
 
-@pytest.mark.parametrize("error, says, not_says", [
-    (ImportError("No module named 'numba'"), "pip install 'gpunet[numba]'", "NUMBA_CACHE_DIR"),
-    # what numba raises at decoration time when no folder for its on-disk cache is writable
-    (RuntimeError("cannot cache function 'bias_relu': no locator available for file 'x.py'"),
-     "set NUMBA_CACHE_DIR to a writable folder", "pip install"),
-    (OSError("libllvmlite.so: cannot open shared object file"), "libllvmlite.so", "pip install"),
-])
+@pytest.mark.parametrize(
+    "error, says, not_says",
+    [
+        (ImportError("No module named 'numba'"), "pip install 'gpunet[numba]'", "NUMBA_CACHE_DIR"),
+        # what numba raises at decoration time when no folder for its on-disk cache is writable
+        (
+            RuntimeError("cannot cache function 'bias_relu': no locator available for file 'x.py'"),
+            "set NUMBA_CACHE_DIR to a writable folder",
+            "pip install",
+        ),
+        (
+            OSError("libllvmlite.so: cannot open shared object file"),
+            "libllvmlite.so",
+            "pip install",
+        ),
+    ],
+)
 def test_compiled_kernels_fall_back_and_say_why(monkeypatch, error, says, not_says):
-    """Without usable compiled kernels in-place NumPy serves, and ``gpunet info`` gives the cause and
-    the cure that fits it: a pip hint only when numba is missing."""
+    """Without usable compiled kernels in-place NumPy serves, and ``gpunet info`` gives the cause
+    and the cure that fits it: a pip hint only when numba is missing."""
     import gpunet.fast
 
     monkeypatch.delitem(sys.modules, "gpunet.fast.numba_kernels", raising=False)
@@ -137,7 +158,7 @@ def test_compiled_kernels_fall_back_and_say_why(monkeypatch, error, says, not_sa
     assert says in why and not_says not in why, why
 
 
-# ------------------------------------------------------------------------------------ Adam and AdamW
+# ----------------------------------------------------------------------------------- Adam and AdamW
 ADAM_RULES = {
     "adam": lambda p: gn.Adam(p, lr=1e-2, betas=(0.8, 0.99)),
     "adam-l2": lambda p: gn.Adam(p, lr=1e-2, eps=1e-6, weight_decay=0.05),
@@ -146,9 +167,10 @@ ADAM_RULES = {
 
 
 def check_adam_matches_core(device, dtype, rule, exact):
-    """Five steps of ops.adam (scalars from fast.step.adam_scalars) against five of the core's rule, on a
-    matrix and a vector, from the same weights and gradients. ``exact``: the same operations in the same
-    order (numba, in-place NumPy) give the same bits; CUDA may contract a multiply-add (TOL then)."""
+    """Five steps of ops.adam (scalars from fast.step.adam_scalars) against five of the core's rule,
+    on a matrix and a vector, from the same weights and gradients. ``exact``: the same operations in
+    the same order (numba, in-place NumPy) give the same bits; CUDA may contract a multiply-add (TOL
+    then)."""
     from gpunet.fast.step import adam_scalars
 
     rng = np.random.default_rng(2)
@@ -166,7 +188,14 @@ def check_adam_matches_core(device, dtype, rule, exact):
         assert all(type(a) is np.dtype(dtype).type for a in scalars)
         for k, q in enumerate(fused):
             xp = gn.get_array_module(q.data)
-            ops.adam(q.data, q.grad, fused_opt.m[k], fused_opt.v[k], scalars, [xp.empty_like(q.data) for _ in "ds"])
+            ops.adam(
+                q.data,
+                q.grad,
+                fused_opt.m[k],
+                fused_opt.v[k],
+                scalars,
+                [xp.empty_like(q.data) for _ in "ds"],
+            )
     rtol, atol = TOL[dtype]
     for p, q, m1, m2, v1, v2 in zip(core, fused, core_opt.m, fused_opt.m, core_opt.v, fused_opt.v):
         for a, b in ((q.data, p.data), (m2, m1), (v2, v1)):

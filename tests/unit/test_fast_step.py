@@ -1,18 +1,20 @@
 """The fused training step (gpunet.fast) against the core's step (forward, cost, backward, update),
 step by step, and the choice of one or the other.
 
-Tolerance: per step, float32 weights agree within rtol 1e-5, atol 1e-6 (the same operations in another
-order, the gradient folded into the update with one rounding fewer); after several steps and epochs of
-training the differences grow through the dynamics, so whole runs compare at rtol 1e-4, atol 1e-5.
+Tolerance: per step, float32 weights agree within rtol 1e-5, atol 1e-6 (the same operations in
+another order, the gradient folded into the update with one rounding fewer); after several steps and
+epochs of training the differences grow through the dynamics, so whole runs compare at rtol 1e-4,
+atol 1e-5.
 """
+
 import numpy as np
 import pytest
+from conftest import assert_allclose
 
 import gpunet as gn
 from gpunet import fast
 from gpunet.fast import blas, ops
 from gpunet.training import fit
-from conftest import assert_allclose
 
 STEP_TOL = dict(rtol=1e-5, atol=1e-6)
 RUN_TOL = dict(rtol=1e-4, atol=1e-5)
@@ -62,8 +64,9 @@ def check_fused_step_is_the_core_step(device, opt_name, dropout, fold):
             else:
                 value, logits = step(x, y)
                 logits = gn.to_numpy(logits).copy() if not dropout else None
-            grads = {f"{j}:{p.name}": gn.to_numpy(p.grad).copy()
-                     for j, p in enumerate(net.parameters())}
+            grads = {
+                f"{j}:{p.name}": gn.to_numpy(p.grad).copy() for j, p in enumerate(net.parameters())
+            }
             trace.append((float(value), logits, net.state_dict(), grads, opt.state_dict()))
         runs[kind] = trace
     for i, (core, fused) in enumerate(zip(runs["core"], runs["fast"])):
@@ -104,14 +107,18 @@ def test_fused_step_is_the_core_step_gpu(opt_name, dropout):
 
 
 def test_fit_fast_and_core_agree_and_keep_the_last_gradients(device):
-    """Nesterov is never folded: after fit, param.grad holds the last step's gradients on either path."""
+    """Nesterov is never folded: after fit, param.grad holds the last step's gradients on either
+    path."""
     x, y, make = problem(device, n=200, dropout=0.2)
     weights = {}
     for fast_on in (True, False):
         net = make()
         opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
         fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, epochs=3, batch_size=32, seed=5, fast=fast_on)
-        weights[fast_on] = (net.state_dict(), [gn.to_numpy(p.grad).copy() for p in net.parameters()])
+        weights[fast_on] = (
+            net.state_dict(),
+            [gn.to_numpy(p.grad).copy() for p in net.parameters()],
+        )
         assert all(np.abs(g).max() > 0 for g in weights[fast_on][1])
     for k in weights[True][0]:
         assert_allclose(weights[True][0][k], weights[False][0][k], err_msg=k, **RUN_TOL)
@@ -126,7 +133,9 @@ def test_fit_fast_folded_and_core_agree_cpu():
     for fast_on in (True, False):
         net = make()
         opt = gn.Momentum(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-        h = fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, epochs=3, batch_size=32, seed=5, fast=fast_on)
+        h = fit(
+            net, gn.SoftmaxCrossEntropy(), opt, x, y, epochs=3, batch_size=32, seed=5, fast=fast_on
+        )
         weights.append((net.state_dict(), h["loss"], [p.grad.copy() for p in net.parameters()]))
     for k in weights[0][0]:
         assert_allclose(weights[0][0][k], weights[1][0][k], err_msg=k, **RUN_TOL)
@@ -136,19 +145,42 @@ def test_fit_fast_folded_and_core_agree_cpu():
     np.testing.assert_allclose(weights[0][1], weights[1][1], rtol=1e-5)
 
 
-@pytest.mark.parametrize("change, reason", [
-    (lambda net, loss, opt, y: ("off", loss, opt, y), "GPUNET_FAST=0"),
-    (lambda net, loss, opt, y: (net, gn.MSELoss(), opt, y), "MSELoss"),
-    (lambda net, loss, opt, y: (net, loss, gn.SGD(net.parameters()[:2], lr=0.1), y), "exactly the network's"),
-    (lambda net, loss, opt, y: (net, loss, opt, np.eye(10, dtype=np.float32)[y]), "integer class labels"),
-    (lambda net, loss, opt, y: (gn.Sequential(gn.Linear(50, 10), gn.Sigmoid(), gn.Linear(10, 10)), loss,
-                                None, y), "Sigmoid"),
-    (lambda net, loss, opt, y: (gn.Sequential(gn.Linear(50, 10), gn.ReLU()), loss, None, y), "does not end"),
-    (lambda net, loss, opt, y: (gn.mlp([50, 10, 10], batch_norm=True), loss, None, y),
-     "layer 1 is BatchNorm, where a Linear was expected"),
-    (lambda net, loss, opt, y: (net, loss, gn.RMSprop(net.parameters()), y),
-     "the optimizer is RMSprop, not SGD, Momentum, Adam or AdamW"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda net, loss, opt, y: ("off", loss, opt, y), "GPUNET_FAST=0"),
+        (lambda net, loss, opt, y: (net, gn.MSELoss(), opt, y), "MSELoss"),
+        (
+            lambda net, loss, opt, y: (net, loss, gn.SGD(net.parameters()[:2], lr=0.1), y),
+            "exactly the network's",
+        ),
+        (
+            lambda net, loss, opt, y: (net, loss, opt, np.eye(10, dtype=np.float32)[y]),
+            "integer class labels",
+        ),
+        (
+            lambda net, loss, opt, y: (
+                gn.Sequential(gn.Linear(50, 10), gn.Sigmoid(), gn.Linear(10, 10)),
+                loss,
+                None,
+                y,
+            ),
+            "Sigmoid",
+        ),
+        (
+            lambda net, loss, opt, y: (gn.Sequential(gn.Linear(50, 10), gn.ReLU()), loss, None, y),
+            "does not end",
+        ),
+        (
+            lambda net, loss, opt, y: (gn.mlp([50, 10, 10], batch_norm=True), loss, None, y),
+            "layer 1 is BatchNorm, where a Linear was expected",
+        ),
+        (
+            lambda net, loss, opt, y: (net, loss, gn.RMSprop(net.parameters()), y),
+            "the optimizer is RMSprop, not SGD, Momentum, Adam or AdamW",
+        ),
+    ],
+)
 def test_select_says_why_it_does_not_apply(change, reason, monkeypatch):
     x, y, make = problem("cpu")
     net = make()
@@ -164,18 +196,23 @@ def test_select_says_why_it_does_not_apply(change, reason, monkeypatch):
 
 
 def test_fused_forward_and_loss_are_the_core_ones(device):
-    """Inference and evaluation take the fused forward pass and loss; on the CPU the forward is the same
-    float operations as the core's (bit for bit), the loss agrees to float32 rounding."""
+    """Inference and evaluation take the fused forward pass and loss; on the CPU the forward is the
+    same float operations as the core's (bit for bit), the loss agrees to float32 rounding."""
     x, y, make = problem(device, dropout=0.3)
     net = make().eval()
     fused = fast.forward_for(net)
-    assert fused is not None and fast.forward_for(make()) is None  # a training-mode network: the core
+    assert (
+        fused is not None and fast.forward_for(make()) is None
+    )  # a training-mode network: the core
     want = net.forward(x)
     if device == "cpu":
         assert np.array_equal(fused(x), want)
     assert_allclose(fused(x), want, **STEP_TOL)
-    assert_allclose(fast.loss_for(gn.SoftmaxCrossEntropy(), y)(want, y), gn.SoftmaxCrossEntropy().forward(want, y),
-                    **STEP_TOL)
+    assert_allclose(
+        fast.loss_for(gn.SoftmaxCrossEntropy(), y)(want, y),
+        gn.SoftmaxCrossEntropy().forward(want, y),
+        **STEP_TOL,
+    )
     assert fast.loss_for(gn.MSELoss(), y) is None
     with pytest.raises(ValueError, match=r"x: expected shape \(batch, 50\)"):
         fused(x[:, :10])
@@ -186,20 +223,35 @@ def test_predict_and_evaluate_agree_with_the_fast_path_off(monkeypatch):
 
     x, y, make = problem("cpu", n=300, dropout=0.3)
     net = make()
-    fit(net, gn.SoftmaxCrossEntropy(), gn.SGD(net.parameters(), lr=0.1), x, y, epochs=2, batch_size=32)
-    on = predict_proba(net, x), evaluate(net, gn.SoftmaxCrossEntropy(), x, y, batch_size=64, metrics=True)
+    fit(
+        net,
+        gn.SoftmaxCrossEntropy(),
+        gn.SGD(net.parameters(), lr=0.1),
+        x,
+        y,
+        epochs=2,
+        batch_size=32,
+    )
+    on = (
+        predict_proba(net, x),
+        evaluate(net, gn.SoftmaxCrossEntropy(), x, y, batch_size=64, metrics=True),
+    )
     monkeypatch.setenv("GPUNET_FAST", "0")
-    off = predict_proba(net, x), evaluate(net, gn.SoftmaxCrossEntropy(), x, y, batch_size=64, metrics=True)
+    off = (
+        predict_proba(net, x),
+        evaluate(net, gn.SoftmaxCrossEntropy(), x, y, batch_size=64, metrics=True),
+    )
     assert_allclose(on[0], off[0], **STEP_TOL)
     assert on[1]["confusion_matrix"] == off[1]["confusion_matrix"]
     np.testing.assert_allclose(on[1]["loss"], off[1]["loss"], rtol=1e-6)
 
 
 def check_nan_diverges_on_every_path(device):
-    """A NaN reaching the network must reach the loss on the fused path as on the core's (maximum(x, 0)
-    keeps NaN), so that the divergence guard stops both runs at the same epoch. The front door refuses NaN
-    in x (tests/system/test_tables.py), so here one first-layer weight is NaN (a damaged start, as a NaN input
-    was): both runs stop as "diverged" in epoch 1, with the initial weights restored."""
+    """A NaN reaching the network must reach the loss on the fused path as on the core's (maximum(x,
+    0) keeps NaN), so that the divergence guard stops both runs at the same epoch. The front door
+       refuses NaN
+    in x (tests/system/test_tables.py), so here one first-layer weight is NaN (a damaged start, as a
+    NaN input was): both runs stop as "diverged" in epoch 1, with the initial weights restored."""
     x, y, make = problem(device)
     histories = {}
     for fast_on in (False, True):
@@ -209,8 +261,15 @@ def check_nan_diverges_on_every_path(device):
         start = net.state_dict()
         h = fit(net, gn.SoftmaxCrossEntropy(), opt, x, y, epochs=4, batch_size=16, fast=fast_on)
         histories[fast_on] = h
-        assert h.stop_reason == "diverged" and h.diverged_epoch == 1, (fast_on, h.stop_reason, h["loss"])
-        for k, v in net.state_dict().items():  # the last finished epoch is none: the initial weights
+        assert h.stop_reason == "diverged" and h.diverged_epoch == 1, (
+            fast_on,
+            h.stop_reason,
+            h["loss"],
+        )
+        for (
+            k,
+            v,
+        ) in net.state_dict().items():  # the last finished epoch is none: the initial weights
             np.testing.assert_array_equal(v, start[k])
     assert len(histories[True]) == len(histories[False])
 

@@ -1,6 +1,6 @@
 """The kernels of issue 33's launch budgets, run from their CUDA sources on the CPU
-(tests/support/cuda_cpu.py, through the fake CuPy, which also holds each launch to its NumPy mirror) and
-compared here with the core's formulas: the updates after a distributed step's all-reduce
+(tests/support/cuda_cpu.py, through the fake CuPy, which also holds each launch to its NumPy mirror)
+and compared here with the core's formulas: the updates after a distributed step's all-reduce
 (gpunet_layer_momentum_given, gpunet_layer_sgd_given: core Momentum and SGD), BatchNorm's
 statistics, normalisation and backward (gpunet_batch_norm_stats/apply/backward: core BatchNorm,
 ReLU and Dropout's mask) and the augmentation's resampling (gpunet_resample: core bilinear at

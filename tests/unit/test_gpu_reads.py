@@ -1,9 +1,10 @@
-"""Blocking device->host reads of a GPU training run, counted on the fake CuPy (tests/support/fake_cupy.py:
-``float()``, ``int()``, ``bool()``, ``.item()``, a blocking ``.get()``, a stream's or an event's
-``synchronize``): each one makes the host wait for every queued launch, so the loop stops feeding
-the GPU. Issue 33: about 20 an epoch, 12 of them the checkpoint's; now tests/support/launch_counts.py's
-READS_PER_EPOCH on the training thread, none of them the checkpoint's (one non-blocking batched copy
-that a writer thread collects)."""
+"""Blocking device->host reads of a GPU training run, counted on the fake CuPy
+(tests/support/fake_cupy.py: ``float()``, ``int()``, ``bool()``, ``.item()``, a blocking ``.get()``,
+a stream's or an event's ``synchronize``): each one makes the host wait for every queued launch, so
+the loop stops feeding the GPU. Issue 33: about 20 an epoch, 12 of them the checkpoint's; now
+tests/support/launch_counts.py's READS_PER_EPOCH on the training thread, none of them the
+checkpoint's (one non-blocking batched copy that a writer thread collects)."""
+
 import cuda_support
 import launch_counts
 import numpy as np
@@ -31,7 +32,9 @@ def test_an_epoch_stays_within_its_read_budget_and_the_checkpoint_adds_none(fake
     with_ckpt, other, log = launch_counts.reads_per_epoch(fake_gpu, tmp_path)
     without, _, _ = launch_counts.reads_per_epoch(fake_gpu, None)
     assert with_ckpt <= launch_counts.READS_PER_EPOCH, f"{with_ckpt} blocking reads an epoch: {log}"
-    assert with_ckpt == without, f"the checkpoint reads {with_ckpt - without} times on the main thread"
+    assert with_ckpt == without, (
+        f"the checkpoint reads {with_ckpt - without} times on the main thread"
+    )
     assert other == 1  # the writer waits for the one batched copy's event
     assert fake_gpu.counter.async_reads, "the checkpoint's copy should be a non-blocking get"
 
@@ -54,9 +57,15 @@ def test_the_background_checkpoint_holds_the_state_of_its_epoch(fake_gpu, tmp_pa
             stepped[epoch].set()
 
         def on_epoch_end(self, run, record):
-            at_end.append({**{f"net/{k}": v for k, v in run.net.state_dict().items()},
-                           **{f"optimizer/velocities/{i}": gn.to_numpy(v).copy()
-                              for i, v in enumerate(run.optimizer.velocities)}})
+            at_end.append(
+                {
+                    **{f"net/{k}": v for k, v in run.net.state_dict().items()},
+                    **{
+                        f"optimizer/velocities/{i}": gn.to_numpy(v).copy()
+                        for i, v in enumerate(run.optimizer.velocities)
+                    },
+                }
+            )
 
     real_save, real_wait, waits = checkpoint.save, HostCopy.wait, []
 
@@ -73,9 +82,17 @@ def test_the_background_checkpoint_holds_the_state_of_its_epoch(fake_gpu, tmp_pa
     monkeypatch.setattr(HostCopy, "wait", slow_wait)
     monkeypatch.setattr(checkpoint, "save", save)
     path = tmp_path / "c.npz"
-    fit(net, gn.SoftmaxCrossEntropy(), opt, Pixels(x), y, epochs=3, batch_size=64,
+    fit(
+        net,
+        gn.SoftmaxCrossEntropy(),
+        opt,
+        Pixels(x),
+        y,
+        epochs=3,
+        batch_size=64,
         checkpoint_path=path,
-        callbacks=[Snapshot()])
+        callbacks=[Snapshot()],
+    )
     assert [(e, h) for e, h, _ in written] == [(1, 1), (2, 2), (3, 3)]
     assert waits == ["gpunet-checkpoint"] * 3
     for (_, _, arrays), want in zip(written, at_end):

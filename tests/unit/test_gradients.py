@@ -3,6 +3,7 @@
 Tolerance 1e-6 on the relative error ||analytic - numeric|| / (||analytic|| + ||numeric||): with
 eps = 1e-6 in float64 a correct gradient lands near 1e-9 (see gpunet.gradcheck), a wrong one near 1.
 """
+
 import numpy as np
 import pytest
 
@@ -59,7 +60,9 @@ def test_layer_gradients(device, layer):
     assert "input" in res.errors
 
 
-@pytest.mark.parametrize("loss_name", ["SoftmaxCrossEntropy-labels", "SoftmaxCrossEntropy-onehot", "MSELoss", "MAELoss"])
+@pytest.mark.parametrize(
+    "loss_name", ["SoftmaxCrossEntropy-labels", "SoftmaxCrossEntropy-onehot", "MSELoss", "MAELoss"]
+)
 def test_loss_gradients(device, loss_name):
     """Each loss checked on a small net, so the loss gradient flows through real layers."""
     rng = np.random.default_rng(4)
@@ -84,8 +87,11 @@ def test_loss_gradient_alone_matches_central_differences():
     rng = np.random.default_rng(5)
     z = rng.normal(size=(6, 4))
     labels = rng.integers(0, 4, size=6)
-    for loss, target in [(gn.SoftmaxCrossEntropy(), labels), (gn.MSELoss(), rng.normal(size=(6, 4))),
-                         (gn.MAELoss(), z + away_from_zero(rng, z.shape, 0.2))]:
+    for loss, target in [
+        (gn.SoftmaxCrossEntropy(), labels),
+        (gn.MSELoss(), rng.normal(size=(6, 4))),
+        (gn.MAELoss(), z + away_from_zero(rng, z.shape, 0.2)),
+    ]:
         loss.forward(z, target)
         analytic = loss.backward().copy()
         numeric = numerical_gradient(lambda: loss.forward(z, target), z)
@@ -94,8 +100,13 @@ def test_loss_gradient_alone_matches_central_differences():
 
 def test_three_layer_network_with_mixed_activations(device):
     rng = np.random.default_rng(6)
-    net = gn.mlp([6, 8, 7, 5, 3], activation=["relu", "sigmoid", "tanh"], seed=7, dtype=np.float64,
-                 device="cpu")
+    net = gn.mlp(
+        [6, 8, 7, 5, 3],
+        activation=["relu", "sigmoid", "tanh"],
+        seed=7,
+        dtype=np.float64,
+        device="cpu",
+    )
     x = rng.normal(size=(9, 6))
     y = rng.integers(0, 3, size=9)
     res = check(device, net, gn.SoftmaxCrossEntropy(), x, y)
@@ -107,8 +118,12 @@ def test_float32_network_is_checked_in_float64():
     net = gn.mlp([3, 4, 2], seed=0, device="cpu")
     assert net.dtype == np.float32
     rng = np.random.default_rng(0)
-    res = gn.gradcheck(net, gn.SoftmaxCrossEntropy(), rng.normal(size=(5, 3)).astype(np.float32),
-                       rng.integers(0, 2, size=5))
+    res = gn.gradcheck(
+        net,
+        gn.SoftmaxCrossEntropy(),
+        rng.normal(size=(5, 3)).astype(np.float32),
+        rng.integers(0, 2, size=5),
+    )
     assert res.ok and net.dtype == np.float32
 
 
@@ -130,7 +145,8 @@ def test_dropout_gradient_with_its_mask():
 
 @pytest.mark.parametrize("p", [0.2, 0.5, 0.9])
 def test_dropout_keeps_the_right_fraction(device, p):
-    """Over 65,536 units the kept fraction has a standard deviation of at most 0.002: 0.01 is 5 sigma."""
+    """Over 65,536 units the kept fraction has a standard deviation of at most 0.002: 0.01 is 5
+    sigma."""
     drop = gn.Dropout(p, seed=1)
     x = gn.to_device(np.ones((128, 512), np.float32), device)
     y = gn.to_numpy(drop.forward(x))
@@ -146,12 +162,19 @@ def test_gradcheck_catches_a_wrong_backward():
         def backward(self, dy):
             return dy * (1 + self._y * self._y)  # wrong: should be 1 - y**2
 
-    net = gn.Sequential(gn.Linear(3, 4, rng=0, dtype=np.float64, device="cpu"), BrokenTanh(),
-                        gn.Linear(4, 2, rng=1, dtype=np.float64, device="cpu"))
+    net = gn.Sequential(
+        gn.Linear(3, 4, rng=0, dtype=np.float64, device="cpu"),
+        BrokenTanh(),
+        gn.Linear(4, 2, rng=1, dtype=np.float64, device="cpu"),
+    )
     rng = np.random.default_rng(8)
-    res = gn.gradcheck(net, gn.SoftmaxCrossEntropy(), rng.normal(size=(5, 3)), rng.integers(0, 2, size=5))
+    res = gn.gradcheck(
+        net, gn.SoftmaxCrossEntropy(), rng.normal(size=(5, 3)), rng.integers(0, 2, size=5)
+    )
     assert not res.ok
-    assert res.errors["0.W"] > 1e-3 and res.errors["2.W"] < TOL  # only what lies below the bug is wrong
+    assert (
+        res.errors["0.W"] > 1e-3 and res.errors["2.W"] < TOL
+    )  # only what lies below the bug is wrong
     assert "FAIL" in str(res)
 
 
@@ -159,15 +182,23 @@ def test_batchnorm_gradients_in_training_mode(device):
     """BatchNorm's matrix-form backward (batch statistics: every row's output depends on every row's
     input) by central differences, inside a network: Linear -> BatchNorm -> tanh -> Linear."""
     rng = np.random.default_rng(10)
-    net = gn.mlp([4, 6, 3], activation="tanh", batch_norm=True, seed=3, dtype=np.float64, device="cpu")
+    net = gn.mlp(
+        [4, 6, 3], activation="tanh", batch_norm=True, seed=3, dtype=np.float64, device="cpu"
+    )
     bn = net.layers[1]
     bn.gamma.data[...] = rng.uniform(0.5, 2.0, 6)
     bn.beta.data[...] = rng.normal(size=6)
     x, y = rng.normal(size=(9, 4)), rng.integers(0, 3, size=9)
-    result = gn.gradcheck(net.to(device), gn.SoftmaxCrossEntropy(), to_device(x, device), to_device(y, device),
-                          training=True)
-    # the bias of the Linear before BatchNorm has no effect (the batch mean removes it): its gradient is 0 up
-    # to rounding on both sides, where a relative error means nothing; its size is checked instead
+    result = gn.gradcheck(
+        net.to(device),
+        gn.SoftmaxCrossEntropy(),
+        to_device(x, device),
+        to_device(y, device),
+        training=True,
+    )
+    # the bias of the Linear before BatchNorm has no effect (the batch mean removes it): its
+    # gradient is 0 up to rounding on both sides, where a relative error means nothing; its size is
+    # checked instead
     errors = {k: e for k, e in result.errors.items() if k != "0.b"}
     assert all(e <= TOL for e in errors.values()), f"\n{result}"
     assert {"input", "0.W", "1.gamma", "1.beta", "3.W", "3.b"} <= set(errors)
@@ -175,7 +206,11 @@ def test_batchnorm_gradients_in_training_mode(device):
     net.train()
     loss.forward(net.forward(to_device(x, device)), to_device(y, device))
     net.backward(loss.backward())
-    assert float(np.abs(to_numpy(net.layers[0].b.grad)).max()) < 1e-12 < float(np.abs(to_numpy(net.layers[0].W.grad)).max())
+    assert (
+        float(np.abs(to_numpy(net.layers[0].b.grad)).max())
+        < 1e-12
+        < float(np.abs(to_numpy(net.layers[0].W.grad)).max())
+    )
     # the eval-mode pass (running statistics: an affine map) checks too
     check(device, net, gn.SoftmaxCrossEntropy(), x, y)
 
@@ -190,8 +225,17 @@ def test_gradcheck_in_training_mode_catches_a_batchnorm_backward_without_the_mea
             return dy * self.gamma.data * self._inv_sigma
 
     rng = np.random.default_rng(11)
-    net = gn.Sequential(gn.Linear(4, 5, rng=0, dtype=np.float64, device="cpu"), Forgetful(5, dtype=np.float64),
-                        gn.Tanh(), gn.Linear(5, 3, rng=1, dtype=np.float64, device="cpu"))
-    res = gn.gradcheck(net, gn.SoftmaxCrossEntropy(), rng.normal(size=(8, 4)), rng.integers(0, 3, size=8),
-                       training=True)
+    net = gn.Sequential(
+        gn.Linear(4, 5, rng=0, dtype=np.float64, device="cpu"),
+        Forgetful(5, dtype=np.float64),
+        gn.Tanh(),
+        gn.Linear(5, 3, rng=1, dtype=np.float64, device="cpu"),
+    )
+    res = gn.gradcheck(
+        net,
+        gn.SoftmaxCrossEntropy(),
+        rng.normal(size=(8, 4)),
+        rng.integers(0, 3, size=8),
+        training=True,
+    )
     assert not res.ok and res.errors["0.W"] > 1e-3 and res.errors["1.gamma"] < TOL

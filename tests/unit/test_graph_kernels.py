@@ -1,7 +1,7 @@
 """The graph step's GEMM RawKernels (gpunet/fast/graph_kernels.py): each variant's CUDA source run
-on the CPU (tests/support/cuda_cpu.py: three orders of threads, guard bytes, held to NumPy's matmul by the
-fake CuPy's mirror) and here against NumPy's matmul in float64 with a rigorous error bound, at
-shapes that are not multiples of the 32x32 tile; and compiled with NVRTC like every other kernel.
+on the CPU (tests/support/cuda_cpu.py: three orders of threads, guard bytes, held to NumPy's matmul
+by the fake CuPy's mirror) and here against NumPy's matmul in float64 with a rigorous error bound,
+at shapes that are not multiples of the 32x32 tile; and compiled with NVRTC like every other kernel.
 
 Skips without g++ and CuPy's headers (GPUNET_REQUIRE_CXX=1 fails instead), and the NVRTC test
 without NVRTC (GPUNET_REQUIRE_NVRTC=1 fails instead).
@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from cuda_support import nvrtc_or_skip
 
-from gpunet.fast import cuda
-from gpunet.fast import graph_kernels as gk
+from gpunet.fast import cuda, graph_kernels as gk
 
 ROWS = (1, 3, 127, 128, 129)
 # (dtype, rows, inputs, outputs) of a layer: every awkward batch with the default network's widths

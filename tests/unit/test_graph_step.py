@@ -1,6 +1,6 @@
-"""The CUDA graph step (gpunet/fast/graph.py) on the fake CuPy (tests/support/fake_cupy.py), which records
-stream capture: the launches made while a stream captures are kept (not run) and run at each replay;
-an allocation, a host read, a copy or a synchronization during a capture raises there.
+"""The CUDA graph step (gpunet/fast/graph.py) on the fake CuPy (tests/support/fake_cupy.py), which
+records stream capture: the launches made while a stream captures are kept (not run) and run at each
+replay; an allocation, a host read, a copy or a synchronization during a capture raises there.
 
 Checked without a GPU: one capture per batch shape (full batches and the last partial one), on a
 non-blocking stream, nothing allocated or read inside it, one replay per step, one host-to-device
@@ -8,8 +8,8 @@ copy of the step's scalars before each; the scalars are what the eager fused ste
 kernels; and the graph run leaves the eager run's weights, optimizer state and history over whole
 epochs with dropout, Adam and a schedule (float tolerance: the GEMMs are other kernels than
 cuBLAS's; the rest are the same kernels). Where g++ and CuPy's headers are here every kernel also
-runs its CUDA source (tests/support/cuda_cpu.py); the networks are small so that the CPU runs them in
-seconds.
+runs its CUDA source (tests/support/cuda_cpu.py); the networks are small so that the CPU runs them
+in seconds.
 """
 
 import json
@@ -362,11 +362,12 @@ def test_the_comparison_table_puts_each_step_against_pytorch_eager():
 
 @pytest.mark.parametrize("optimizer,rows", [("momentum", 70), ("adam", 70), ("adam", 65)])
 def test_a_data_parallel_graph_run_trains_as_the_eager_one(fake_gpu, optimizer, rows):
-    """Rank 0 of two (tests/support/launch_counts.TwinComm: the twin has the same gradients), dropout on:
-    the graph writes the shard's share of the gradients, the all-reduce and the update run after
-    each replay on the graph's stream; the same state as the eager distributed step. 70 rows in
-    batches of 16: shards of 8 rows, and of 3 in the last batch of 6 (its own capture); 65 rows: the
-    last batch's one row is the twin's, this rank adds a zero gradient and takes the core's step."""
+    """Rank 0 of two (tests/support/launch_counts.TwinComm: the twin has the same gradients),
+    dropout on: the graph writes the shard's share of the gradients, the all-reduce and the update
+    run after each replay on the graph's stream; the same state as the eager distributed step. 70
+    rows in batches of 16: shards of 8 rows, and of 3 in the last batch of 6 (its own capture); 65
+    rows: the last batch's one row is the twin's, this rank adds a zero gradient and takes the
+    core's step."""
     from launch_counts import TwinComm
 
     eager = run(fake_gpu, graph_on=False, optimizer=optimizer, comm=TwinComm(), rows=rows)
@@ -403,13 +404,21 @@ def test_the_graph_kernels_compile_with_nvrtc(fake_gpu, monkeypatch):
         return real(name, *args)
 
     monkeypatch.setattr(graph_kernels, "launch", record)
-    for optimizer, pixels, dtype in (("adam", True, np.float32), ("momentum", False, np.float32),
-                                     ("sgd", True, np.float64)):
+    for optimizer, pixels, dtype in (
+        ("adam", True, np.float32),
+        ("momentum", False, np.float32),
+        ("sgd", True, np.float64),
+    ):
         x, y = data()
         net = gn.mlp([12, 10, 8, 4], dropout=0.25, seed=3, device="gpu", dtype=dtype)
         params = net.parameters()
-        opt = (gn.Adam(params) if optimizer == "adam" else gn.SGD(params, lr=0.05)
-               if optimizer == "sgd" else gn.Momentum(params, lr=0.05, nesterov=True))
+        opt = (
+            gn.Adam(params)
+            if optimizer == "adam"
+            else gn.SGD(params, lr=0.05)
+            if optimizer == "sgd"
+            else gn.Momentum(params, lr=0.05, nesterov=True)
+        )
         xs = Pixels(x, dtype) if pixels else (x / 255).astype(dtype)
         fit(net, gn.SoftmaxCrossEntropy(), opt, xs, y, epochs=1, batch_size=16, cuda_graph=True)
     assert set(launched.values()) == set(graph_kernels.variants())
@@ -427,8 +436,8 @@ def test_the_graph_kernels_compile_with_nvrtc(fake_gpu, monkeypatch):
 def test_a_graph_step_is_one_launch_from_the_host(fake_gpu):
     """In steady state a step costs the host one graph launch and one scalar copy, nothing else: an
     epoch's launches (third epoch minus second) are the steps plus a per-epoch constant (the
-    permutation's upload and copy, the sums, the divergence guard's copies), for 5 and for 10 steps an
-    epoch."""
+    permutation's upload and copy, the sums, the divergence guard's copies), for 5 and for 10 steps
+    an epoch."""
     run(fake_gpu, graph_on=True, epochs=1)  # the backend's probe (its launches) comes first
     per_epoch = {}
     for rows in (70, 150):  # 5 and 10 steps of 16 rows, the last of 6 in both

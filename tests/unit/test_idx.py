@@ -1,4 +1,5 @@
 """Tests of gpunet.data.idx: reading and writing the IDX format, raw and gzipped, and its errors."""
+
 from __future__ import annotations
 
 import gzip
@@ -60,21 +61,26 @@ def test_idx_zero_items_allowed(tmp_path):
 
 def idx_bytes(code=0x08, dims=(2, 3), payload=None):
     header = bytes([0, 0, code, len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
-    return header + (bytes(i % 251 for i in range(int(np.prod(dims)))) if payload is None else payload)
+    return header + (
+        bytes(i % 251 for i in range(int(np.prod(dims)))) if payload is None else payload
+    )
 
 
 @pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
-@pytest.mark.parametrize("blob, problem", [
-    (b"\x08\x03\x00\x00" + bytes(20), "bad magic number"),
-    (idx_bytes(code=0x0A), "unknown IDX type code 0x0A"),
-    (bytes([0, 0, 8, 5]) + bytes(40), "dimension count 5"),
-    (bytes([0, 0, 8, 0]), "dimension count 0"),
-    (idx_bytes(dims=(2, 0), payload=b""), "must be > 0"),
-    (idx_bytes(payload=bytes(4)), "truncated: expected 6 bytes of data, found 4"),
-    (idx_bytes(payload=bytes(9)), "has 3 unexpected trailing bytes"),
-    (b"\x00\x00", "truncated"),
-    (bytes([0, 0, 8, 3, 0, 0]), "truncated"),
-])
+@pytest.mark.parametrize(
+    "blob, problem",
+    [
+        (b"\x08\x03\x00\x00" + bytes(20), "bad magic number"),
+        (idx_bytes(code=0x0A), "unknown IDX type code 0x0A"),
+        (bytes([0, 0, 8, 5]) + bytes(40), "dimension count 5"),
+        (bytes([0, 0, 8, 0]), "dimension count 0"),
+        (idx_bytes(dims=(2, 0), payload=b""), "must be > 0"),
+        (idx_bytes(payload=bytes(4)), "truncated: expected 6 bytes of data, found 4"),
+        (idx_bytes(payload=bytes(9)), "has 3 unexpected trailing bytes"),
+        (b"\x00\x00", "truncated"),
+        (bytes([0, 0, 8, 3, 0, 0]), "truncated"),
+    ],
+)
 def test_idx_errors_name_file_and_problem(tmp_path, blob, problem, gz):
     path = tmp_path / "broken-idx1-ubyte"
     path.write_bytes(gzip.compress(blob) if gz else blob)
@@ -153,14 +159,18 @@ def test_load_idx_images_and_labels(tmp_path):
         idx.load_idx_labels(tmp_path / "neg")
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.uint8])  # uint8: the bytes stream straight into the output
+@pytest.mark.parametrize(
+    "dtype", [np.float32, np.uint8]
+)  # uint8: the bytes stream straight into the output
 def test_load_idx_images_chunked_truncation(tmp_path, monkeypatch, dtype):
     monkeypatch.setattr(idx, "_CHUNK_ROWS", 3)  # several chunks, truncation inside the second
     blob = idx_bytes(dims=(7, 2, 2), payload=bytes(range(20)))
     (tmp_path / "img.gz").write_bytes(gzip.compress(blob))
     with pytest.raises(DataError, match="img.gz: truncated: expected 28 bytes of data, found 20"):
         idx.load_idx_images(tmp_path / "img.gz", dtype=dtype)
-    (tmp_path / "ok.gz").write_bytes(gzip.compress(idx_bytes(dims=(7, 2, 2), payload=bytes(range(28)))))
+    (tmp_path / "ok.gz").write_bytes(
+        gzip.compress(idx_bytes(dims=(7, 2, 2), payload=bytes(range(28))))
+    )
     x = idx.load_idx_images(tmp_path / "ok.gz", dtype=dtype)
     assert x.shape == (7, 4) and x.dtype == dtype
     if dtype == np.uint8:

@@ -1,6 +1,8 @@
-"""The training logs (gpunet/callbacks.py): CSVLogger's rows and TensorBoard's event files, read back with
-TensorBoard's own event reader (tensorboard's EventAccumulator); the values against a step-by-step oracle
-loop and NumPy; a resumed run's logs against an unbroken run's; the live values of the progress bar."""
+"""The training logs (gpunet/callbacks.py): CSVLogger's rows and TensorBoard's event files, read
+back with TensorBoard's own event reader (tensorboard's EventAccumulator); the values against a
+step-by-step oracle loop and NumPy; a resumed run's logs against an unbroken run's; the live values
+of the progress bar."""
+
 import csv
 import io
 import sys
@@ -8,9 +10,9 @@ import types
 
 import numpy as np
 import pytest
+from conftest import optional
 
 import gpunet as gn
-from conftest import optional
 from gpunet import callbacks
 from gpunet.training import Interrupted, fit
 
@@ -31,14 +33,26 @@ def setup():
 
 
 def halving(epoch):
-    return 0.05 * 0.5 ** epoch
+    return 0.05 * 0.5**epoch
 
 
 def train(callbacks_=(), **kw):
     x, y = blobs()
     net, opt, loss = setup()
-    history = fit(net, loss, opt, x, y, epochs=EPOCHS, batch_size=BATCH, shuffle=False, validation=(x, y),
-                  schedule=halving, callbacks=list(callbacks_), **kw)
+    history = fit(
+        net,
+        loss,
+        opt,
+        x,
+        y,
+        epochs=EPOCHS,
+        batch_size=BATCH,
+        shuffle=False,
+        validation=(x, y),
+        schedule=halving,
+        callbacks=list(callbacks_),
+        **kw,
+    )
     return net, history
 
 
@@ -51,7 +65,7 @@ def oracle_steps():
         opt.lr = halving(epoch)
         net.train()
         for lo in range(0, ROWS, BATCH):
-            xb, yb = x[lo:lo + BATCH], y[lo:lo + BATCH]
+            xb, yb = x[lo : lo + BATCH], y[lo : lo + BATCH]
             out = net.forward(xb)
             value = loss.forward(out, yb)
             net.backward(loss.backward())
@@ -76,8 +90,9 @@ def test_tensorboard_scalars_are_the_steps_and_epochs_of_the_run(tmp_path):
     _, history = train([callbacks.TensorBoard(tmp_path, batch_every=3, histogram_every=0)])
     acc = events(tmp_path)
     steps = oracle_steps()
-    # batch points every 3 optimizer steps, each the mean over the rows since the last point (an epoch's
-    # first point starts at the epoch). float32 sums of 8 terms: 1e-5 relative covers the fast path's rounding
+    # batch points every 3 optimizer steps, each the mean over the rows since the last point (an
+    # epoch's first point starts at the epoch). float32 sums of 8 terms: 1e-5 relative covers the
+    # fast path's rounding
     want_loss, want_acc, want_lr, start = [], [], [], 0
     for at in range(1, EPOCHS * STEPS + 1):
         if (at - 1) % STEPS == 0:
@@ -89,10 +104,16 @@ def test_tensorboard_scalars_are_the_steps_and_epochs_of_the_run(tmp_path):
             want_acc.append((at, sum(s[1] for s in part) / rows))
             want_lr.append((at, part[-1][3]))
             start = at
-    for tag, want in (("batch/loss", want_loss), ("batch/accuracy", want_acc), ("batch/lr", want_lr)):
+    for tag, want in (
+        ("batch/loss", want_loss),
+        ("batch/accuracy", want_acc),
+        ("batch/lr", want_lr),
+    ):
         got = scalars(acc, tag)
         assert [s for s, _ in got] == [s for s, _ in want], tag
-        np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-5, err_msg=tag)
+        np.testing.assert_allclose(
+            [v for _, v in got], [v for _, v in want], rtol=1e-5, err_msg=tag
+        )
     # the epoch points at the epoch's last step: the history's values (float32 in the event file)
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
         got = scalars(acc, f"epoch/{key}")
@@ -117,7 +138,9 @@ def test_tensorboard_histograms_of_weights_and_probe_gradients_leave_the_run_as_
     optional("tensorboardX", "tensorboard")
     snapshots = {}
     keep = callbacks.EpochEnd(lambda record: None)
-    keep.on_epoch_end = lambda run, record: snapshots.setdefault(record["epoch"], run.net.state_dict())
+    keep.on_epoch_end = lambda run, record: snapshots.setdefault(
+        record["epoch"], run.net.state_dict()
+    )
     board = callbacks.TensorBoard(tmp_path, batch_every=0, histogram_every=2, probe=20)
     net, _ = train([keep, board])
     plain, _ = train()
@@ -131,12 +154,21 @@ def test_tensorboard_histograms_of_weights_and_probe_gradients_leave_the_run_as_
         grads = _forward_backward_by_hand(weights, x[:20].astype(np.float64), y[:20])
         for name in ("0.W", "0.b", "2.W", "2.b"):
             for kind, values in (("weights", weights[name]), ("gradients", grads[name])):
-                (h,) = [e.histogram_value for e in acc.Histograms(f"{kind}/{name}") if e.step == STEPS * epoch]
+                (h,) = [
+                    e.histogram_value
+                    for e in acc.Histograms(f"{kind}/{name}")
+                    if e.step == STEPS * epoch
+                ]
                 assert h.num == values.size, (kind, name)
-                # float32 weights and a float32 probe pass against float64 NumPy: 1e-5 of the largest value
+                # float32 weights and a float32 probe pass against float64 NumPy: 1e-5 of the
+                # largest value
                 scale = np.abs(values).max()
-                np.testing.assert_allclose([h.sum, h.min, h.max], [values.sum(), values.min(), values.max()],
-                                           atol=1e-5 * scale * values.size ** 0.5, err_msg=f"{kind}/{name}")
+                np.testing.assert_allclose(
+                    [h.sum, h.min, h.max],
+                    [values.sum(), values.min(), values.max()],
+                    atol=1e-5 * scale * values.size**0.5,
+                    err_msg=f"{kind}/{name}",
+                )
         assert len(acc.Histograms("weights/0.W")) == 2  # epochs 2 and 4 only
 
 
@@ -151,25 +183,39 @@ def crash_at(step):
     def on_batch_end(run, epoch, s, steps):
         if epoch * steps + s == step:
             raise Crash
+
     cb.on_batch_end = on_batch_end
     return cb
 
 
 def test_a_resumed_run_continues_the_same_curves_without_a_duplicate_step(tmp_path):
     """Killed in epoch 4 (its events of epoch 3 written, its checkpoint of epoch 2 the last), then
-    interrupted mid-epoch 3, then finished: the reader sees the unbroken run's points, each step once."""
+    interrupted mid-epoch 3, then finished: the reader sees the unbroken run's points, each step
+    once."""
     optional("tensorboardX", "tensorboard")
     whole = tmp_path / "whole"
     train([callbacks.TensorBoard(whole, batch_every=3, histogram_every=1, probe=8)])
     parts, ckpt = tmp_path / "parts", tmp_path / "ck.npz"
     with pytest.raises(Crash):
-        train([callbacks.TensorBoard(parts, batch_every=3, histogram_every=1, probe=8), crash_at(29)],
-              checkpoint_path=ckpt, checkpoint_every=2)
-    with pytest.raises(Interrupted):  # from epoch 2's checkpoint, stopped at step 20 (epoch 3's 4th)
-        train([callbacks.TensorBoard(parts, batch_every=3, histogram_every=1, probe=8)], checkpoint_path=ckpt,
-              resume=True, interrupt=iter([False, False, False, True]).__next__)
-    train([callbacks.TensorBoard(parts, batch_every=3, histogram_every=1, probe=8)], checkpoint_path=ckpt,
-          resume=True)
+        train(
+            [callbacks.TensorBoard(parts, batch_every=3, histogram_every=1, probe=8), crash_at(29)],
+            checkpoint_path=ckpt,
+            checkpoint_every=2,
+        )
+    with pytest.raises(
+        Interrupted
+    ):  # from epoch 2's checkpoint, stopped at step 20 (epoch 3's 4th)
+        train(
+            [callbacks.TensorBoard(parts, batch_every=3, histogram_every=1, probe=8)],
+            checkpoint_path=ckpt,
+            resume=True,
+            interrupt=iter([False, False, False, True]).__next__,
+        )
+    train(
+        [callbacks.TensorBoard(parts, batch_every=3, histogram_every=1, probe=8)],
+        checkpoint_path=ckpt,
+        resume=True,
+    )
     a, b = events(whole), events(parts)
     assert sorted(a.Tags()["scalars"]) == sorted(b.Tags()["scalars"])
     for tag in a.Tags()["scalars"]:
@@ -179,13 +225,16 @@ def test_a_resumed_run_continues_the_same_curves_without_a_duplicate_step(tmp_pa
             assert [v for _, v in got] == [v for _, v in want], tag
     for tag in a.Tags()["histograms"]:
         assert [(e.step, e.histogram_value.sum) for e in b.Histograms(tag)] == [
-            (e.step, e.histogram_value.sum) for e in a.Histograms(tag)], tag
+            (e.step, e.histogram_value.sum) for e in a.Histograms(tag)
+        ], tag
 
 
 def test_csv_logger_writes_each_epoch_once_also_across_a_resume(tmp_path):
     _, history = train([callbacks.CSVLogger(tmp_path / "whole.csv")])
     path, ckpt = tmp_path / "log" / "parts.csv", tmp_path / "ck.npz"
-    with pytest.raises(Crash):  # killed in epoch 4 after writing epoch 3's row; checkpoint of epoch 2
+    with pytest.raises(
+        Crash
+    ):  # killed in epoch 4 after writing epoch 3's row; checkpoint of epoch 2
         train([callbacks.CSVLogger(path), crash_at(29)], checkpoint_path=ckpt, checkpoint_every=2)
     assert len(path.read_text().splitlines()) == 1 + 3
     train([callbacks.CSVLogger(path)], checkpoint_path=ckpt, resume=True)
@@ -197,13 +246,24 @@ def test_csv_logger_writes_each_epoch_once_also_across_a_resume(tmp_path):
             assert [float(r[key]) for r in rows] == history[key], key  # repr: the float itself
     x = np.random.default_rng(0).normal(size=(16, 2))
     net = gn.mlp([2, 3, 1], seed=0, device="cpu")  # a regression run: no accuracy, no validation
-    fit(net, gn.MSELoss(), gn.SGD(net.parameters(), lr=0.01), x, x.sum(axis=1), epochs=1,
-        callbacks=[callbacks.CSVLogger(tmp_path / "r.csv")])
+    fit(
+        net,
+        gn.MSELoss(),
+        gn.SGD(net.parameters(), lr=0.01),
+        x,
+        x.sum(axis=1),
+        epochs=1,
+        callbacks=[callbacks.CSVLogger(tmp_path / "r.csv")],
+    )
     (row,) = csv.DictReader((tmp_path / "r.csv").open())
-    assert row["accuracy"] == row["val_loss"] == row["val_accuracy"] == "" and float(row["loss"]) > 0
+    assert (
+        row["accuracy"] == row["val_loss"] == row["val_accuracy"] == "" and float(row["loss"]) > 0
+    )
 
 
-@pytest.mark.parametrize("name,value", [("batch_every", -1), ("histogram_every", 1.5), ("probe", 0)])
+@pytest.mark.parametrize(
+    "name,value", [("batch_every", -1), ("histogram_every", 1.5), ("probe", 0)]
+)
 def test_tensorboard_refuses_counts_that_are_not_counts(name, value, tmp_path):
     with pytest.raises(ValueError, match=name):
         callbacks.TensorBoard(tmp_path, **{name: value})
@@ -223,8 +283,8 @@ def test_the_progress_bar_shows_the_running_loss_and_accuracy(capsys):
 
 
 def test_in_a_notebook_the_bar_is_tqdm_autos(monkeypatch):
-    """In a Jupyter kernel (IPython's shell has a kernel), Progress draws with tqdm.auto's class, which is the
-    notebook's widget there; the postfix carries the running loss and accuracy."""
+    """In a Jupyter kernel (IPython's shell has a kernel), Progress draws with tqdm.auto's class,
+    which is the notebook's widget there; the postfix carries the running loss and accuracy."""
     tqdm_auto = optional("tqdm.auto", "cli")
     made = []
 
@@ -243,32 +303,70 @@ def test_in_a_notebook_the_bar_is_tqdm_autos(monkeypatch):
             self.closed = True
 
     monkeypatch.setattr(tqdm_auto, "tqdm", Bar)
-    kernel_shell = types.SimpleNamespace(kernel=object())  # what get_ipython() is inside a Jupyter kernel
-    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: kernel_shell))
+    kernel_shell = types.SimpleNamespace(
+        kernel=object()
+    )  # what get_ipython() is inside a Jupyter kernel
+    monkeypatch.setitem(
+        sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: kernel_shell)
+    )
     x, y = blobs()
     net, opt, loss = setup()
     out = io.StringIO()
-    fit(net, loss, opt, x, y, epochs=2, batch_size=BATCH, shuffle=False,
-        callbacks=[callbacks.Progress(1, file=out, refresh=1e9)])
-    assert len(made) == 2 and all(b.closed and b.n == STEPS and b.kw["total"] == STEPS for b in made)
+    fit(
+        net,
+        loss,
+        opt,
+        x,
+        y,
+        epochs=2,
+        batch_size=BATCH,
+        shuffle=False,
+        callbacks=[callbacks.Progress(1, file=out, refresh=1e9)],
+    )
+    assert len(made) == 2 and all(
+        b.closed and b.n == STEPS and b.kw["total"] == STEPS for b in made
+    )
     assert set(made[0].postfix) == {"loss", "acc"}
     assert out.getvalue().count("\n") == 2 and "\r" not in out.getvalue()  # the lines, no plain bar
 
 
 def test_gpunet_train_log_dir_writes_both_logs_and_a_resume_continues_them(tmp_path):
-    """gpunet train --log-dir: epochs.csv and the event files hold the run's history (metrics.json's), and
-    `--epochs 3 --resume` after a 2-epoch run adds epoch 3 to both, each epoch once."""
+    """gpunet train --log-dir: epochs.csv and the event files hold the run's history
+    (metrics.json's), and `--epochs 3 --resume` after a 2-epoch run adds epoch 3 to both, each epoch
+    once."""
     optional("tensorboardX", "tensorboard")
     import json
     import subprocess
     import sys
 
     from conftest import make_fake_mnist
+
     data, out, logs = make_fake_mnist(tmp_path / "data"), tmp_path / "run", tmp_path / "logs"
-    base = [sys.executable, "-m", "gpunet", "train", "--data-dir", data, "--hidden", 16, "--batch-size", 64,
-            "--val-size", 100, "--out", out, "--device", "cpu", "--no-plots", "--log-dir", logs]
+    base = [
+        sys.executable,
+        "-m",
+        "gpunet",
+        "train",
+        "--data-dir",
+        data,
+        "--hidden",
+        16,
+        "--batch-size",
+        64,
+        "--val-size",
+        100,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "--no-plots",
+        "--log-dir",
+        logs,
+    ]
     for more in (["--epochs", 2], ["--epochs", 3, "--resume"]):
-        res = subprocess.run([str(a) for a in base + more], capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [str(a) for a in base + more], capture_output=True, text=True, timeout=300
+        )
         assert res.returncode == 0, res.stderr
     history = json.loads((out / "metrics.json").read_text())["history"]
     rows = list(csv.DictReader((logs / "epochs.csv").open()))
@@ -277,5 +375,7 @@ def test_gpunet_train_log_dir_writes_both_logs_and_a_resume_continues_them(tmp_p
     acc = events(logs)
     steps = [s for s, _ in scalars(acc, "epoch/val_accuracy")]
     assert len(steps) == 3 and steps == sorted(set(steps)) and steps[2] == 3 * steps[0]
-    np.testing.assert_allclose([v for _, v in scalars(acc, "epoch/loss")], [h["loss"] for h in history], rtol=1e-6)
+    np.testing.assert_allclose(
+        [v for _, v in scalars(acc, "epoch/loss")], [h["loss"] for h in history], rtol=1e-6
+    )
     assert "weights/0.W" in acc.Tags()["histograms"]

@@ -1,9 +1,10 @@
 """Metrics against scikit-learn as the oracle (a test-only dependency)."""
+
 import numpy as np
 import pytest
+from conftest import optional
 
 import gpunet as gn
-from conftest import optional
 from gpunet.metrics import accuracy, confusion_counts, confusion_matrix, format_report, report
 
 
@@ -20,29 +21,38 @@ def labels(seed, n=1000, classes=10):
 def test_metrics_match_sklearn(device, seed):
     sk = optional("sklearn.metrics", "sklearn")  # the oracle
     y_true, y_pred = labels(seed)
-    cm = confusion_matrix(gn.to_device(y_true, device), gn.to_device(y_pred, device), 10, batch_size=64)
+    cm = confusion_matrix(
+        gn.to_device(y_true, device), gn.to_device(y_pred, device), 10, batch_size=64
+    )
     assert isinstance(cm, np.ndarray) and cm.dtype == np.int64
     np.testing.assert_array_equal(cm, sk.confusion_matrix(y_true, y_pred, labels=range(10)))
     rep = report(cm)
-    p, r, f, s = sk.precision_recall_fscore_support(y_true, y_pred, labels=range(10), zero_division=0)
+    p, r, f, s = sk.precision_recall_fscore_support(
+        y_true, y_pred, labels=range(10), zero_division=0
+    )
     np.testing.assert_allclose(rep["precision"], p, rtol=1e-12)
     np.testing.assert_allclose(rep["recall"], r, rtol=1e-12)
     np.testing.assert_allclose(rep["f1"], f, rtol=1e-12)
     np.testing.assert_array_equal(rep["support"], s)
     assert rep["precision"][9] == 0.0
     for avg in ("precision", "recall", "f1"):
-        want = getattr(sk, f"{avg}_score" if avg != "f1" else "f1_score")(y_true, y_pred, average="macro",
-                                                                          labels=range(10), zero_division=0)
+        want = getattr(sk, f"{avg}_score" if avg != "f1" else "f1_score")(
+            y_true, y_pred, average="macro", labels=range(10), zero_division=0
+        )
         assert rep[f"macro_{avg}"] == pytest.approx(want, rel=1e-12)
     assert rep["accuracy"] == pytest.approx(sk.accuracy_score(y_true, y_pred), rel=1e-12)
-    assert accuracy(gn.to_device(y_true, device), gn.to_device(y_pred, device)) == pytest.approx(rep["accuracy"])
+    assert accuracy(gn.to_device(y_true, device), gn.to_device(y_pred, device)) == pytest.approx(
+        rep["accuracy"]
+    )
 
 
 def test_report_text_lists_every_class():
     y_true, y_pred = labels(2, n=200)
     text = format_report(report(confusion_matrix(y_true, y_pred, 10)))
     assert text.startswith("accuracy: ")
-    assert sum(line.strip().split(" ")[0].isdigit() for line in text.splitlines()) >= 20  # 10 table + 10 matrix rows
+    assert (
+        sum(line.strip().split(" ")[0].isdigit() for line in text.splitlines()) >= 20
+    )  # 10 table + 10 matrix rows
     assert "macro" in text and "confusion matrix" in text
 
 
@@ -61,7 +71,10 @@ def test_labels_outside_the_classes_are_refused():
 
 def test_confusion_counts_match_bincount():
     rng = np.random.default_rng(5)
-    y_true, y_pred = rng.integers(0, 7, size=100_000), rng.integers(0, 7, size=100_000).astype(np.int32)
+    y_true, y_pred = (
+        rng.integers(0, 7, size=100_000),
+        rng.integers(0, 7, size=100_000).astype(np.int32),
+    )
     cm = confusion_counts(y_true, y_pred, 7)
     assert cm.dtype == np.int64
     np.testing.assert_array_equal(cm, np.bincount(y_true * 7 + y_pred, minlength=49).reshape(7, 7))
@@ -69,7 +82,8 @@ def test_confusion_counts_match_bincount():
 
 @pytest.mark.gpu
 def test_confusion_counts_never_wait_for_the_host():
-    """evaluate sums these per batch: no device-to-host read may hide inside (bincount reads its max)."""
+    """evaluate sums these per batch: no device-to-host read may hide inside (bincount reads its
+    max)."""
     sk = optional("sklearn.metrics", "sklearn")  # the oracle
     import warnings
 
@@ -79,9 +93,14 @@ def test_confusion_counts_never_wait_for_the_host():
     y_true, y_pred = labels(3)
     yt, yp = cupy.asarray(y_true), cupy.asarray(y_pred)
     with warnings.catch_warnings():
-        # allow_synchronize is deprecated but still works; CuPy says so with a plain UserWarning (syncdetect.py)
-        warnings.filterwarnings("ignore", message="cupyx.allow_synchronize will be removed", category=UserWarning)
+        # allow_synchronize is deprecated but still works; CuPy says so with a plain UserWarning
+        # (syncdetect.py)
+        warnings.filterwarnings(
+            "ignore", message="cupyx.allow_synchronize will be removed", category=UserWarning
+        )
         with cupyx.allow_synchronize(False):
             counts = confusion_counts(yt, yp, 10)
             counts = counts + confusion_counts(yt, yp, 10)
-    np.testing.assert_array_equal(counts.get(), 2 * sk.confusion_matrix(y_true, y_pred, labels=range(10)))
+    np.testing.assert_array_equal(
+        counts.get(), 2 * sk.confusion_matrix(y_true, y_pred, labels=range(10))
+    )

@@ -1,21 +1,30 @@
-"""Optimizers: a momentum step worked out by hand, SGD, Nesterov, weight decay, validation, lr changes;
-Adam, AdamW and RMSprop against their formulas written out in float64 over 20 steps (every option), the
-first Adam step by hand, their state round trip (a resumed rule continues bit for bit), and, where
-PyTorch is installed, torch.optim itself."""
+"""Optimizers: a momentum step worked out by hand, SGD, Nesterov, weight decay, validation, lr
+changes; Adam, AdamW and RMSprop against their formulas written out in float64 over 20 steps (every
+option), the first Adam step by hand, their state round trip (a resumed rule continues bit for bit),
+and, where PyTorch is installed, torch.optim itself."""
+
 import numpy as np
 import pytest
+from conftest import assert_allclose, optional
 
 import gpunet as gn
-from conftest import assert_allclose, optional
 
 
 def tiny_net(dtype=np.float64):
     """2-2-1 net with hand-picked weights: Linear(2,2) -> ReLU -> Linear(2,1)."""
-    net = gn.Sequential(gn.Linear(2, 2, dtype=dtype, device="cpu"), gn.ReLU(), gn.Linear(2, 1, dtype=dtype, device="cpu"))
-    net.load_state_dict({
-        "0.W": np.array([[0.1, 0.2], [0.3, 0.4]], dtype), "0.b": np.array([0.0, 0.0], dtype),
-        "2.W": np.array([[0.5], [-0.25]], dtype), "2.b": np.array([0.1], dtype),
-    })
+    net = gn.Sequential(
+        gn.Linear(2, 2, dtype=dtype, device="cpu"),
+        gn.ReLU(),
+        gn.Linear(2, 1, dtype=dtype, device="cpu"),
+    )
+    net.load_state_dict(
+        {
+            "0.W": np.array([[0.1, 0.2], [0.3, 0.4]], dtype),
+            "0.b": np.array([0.0, 0.0], dtype),
+            "2.W": np.array([[0.5], [-0.25]], dtype),
+            "2.b": np.array([0.1], dtype),
+        }
+    )
     return net
 
 
@@ -32,8 +41,8 @@ def test_two_momentum_steps_by_hand(dtype, rtol):
     """x = [1, 2], target 1, lr = 0.1, gamma = 0.9, MSE; every number below was worked out by hand.
 
     Step 1: z1 = [0.7, 1.0], out = 0.2, L = 0.64, dL/dout = -1.6;
-            dW2 = [[-1.12], [-1.6]], db2 = -1.6; dz1 = [-0.8, 0.4]; dW1 = [[-0.8, 0.4], [-1.6, 0.8]].
-            v = 0.1 * grad, w = w - v.
+            dW2 = [[-1.12], [-1.6]], db2 = -1.6; dz1 = [-0.8, 0.4]; dW1 = [[-0.8, 0.4], [-1.6,
+            0.8]]. v = 0.1 * grad, w = w - v.
     Step 2: z1 = [1.18, 0.76], out = 0.91376, dL/dout = -0.17248; v = 0.9 v + 0.1 grad; w = w - v.
     """
     net = tiny_net(dtype)
@@ -66,18 +75,26 @@ def reference_run(steps, lr, momentum, nesterov, wd, seed=0):
         for i, g in enumerate(g_step):
             d = g + wd * w[i]
             v[i] = momentum * v[i] + lr * d
-            w[i] = w[i] - (momentum * v[i] + lr * d if nesterov else v[i]) if momentum else w[i] - lr * d
+            w[i] = (
+                w[i] - (momentum * v[i] + lr * d if nesterov else v[i])
+                if momentum
+                else w[i] - lr * d
+            )
     return w, grads, rng
 
 
-@pytest.mark.parametrize("momentum, nesterov, wd", [(0.0, False, 0.0), (0.0, False, 0.01), (0.9, False, 0.0),
-                                                     (0.9, True, 0.0), (0.8, True, 5e-3)])
+@pytest.mark.parametrize(
+    "momentum, nesterov, wd",
+    [(0.0, False, 0.0), (0.0, False, 0.01), (0.9, False, 0.0), (0.9, True, 0.0), (0.8, True, 5e-3)],
+)
 def test_updates_match_the_formulas(device, momentum, nesterov, wd):
     steps = 4
     expect, grads, _ = reference_run(steps, 0.05, momentum, nesterov, wd)
     rng = np.random.default_rng(0)
-    params = [gn.Parameter(gn.to_device(rng.normal(size=(3, 2)).astype(np.float32), device)),
-              gn.Parameter(gn.to_device(rng.normal(size=2).astype(np.float32), device))]
+    params = [
+        gn.Parameter(gn.to_device(rng.normal(size=(3, 2)).astype(np.float32), device)),
+        gn.Parameter(gn.to_device(rng.normal(size=2).astype(np.float32), device)),
+    ]
     if momentum:
         opt = gn.Momentum(params, lr=0.05, momentum=momentum, nesterov=nesterov, weight_decay=wd)
     else:
@@ -102,15 +119,18 @@ def test_lr_can_change_between_steps():
     assert_allclose(p.data, [0.25, 0.25, 0.25])
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"lr": 0.0}, r"lr: expected a number in \(0.0"),
-    ({"lr": float("nan")}, "lr: expected"),
-    ({"lr": "0.1"}, "lr: expected"),
-    ({"lr": 0.1, "momentum": 1.0}, r"momentum: expected a number in \[0.0, 1.0\), got 1.0"),
-    ({"lr": 0.1, "momentum": -0.1}, "momentum: expected"),
-    ({"lr": 0.1, "weight_decay": -1.0}, "weight_decay: expected"),
-    ({"lr": 0.1, "momentum": 0.0, "nesterov": True}, "nesterov: expected momentum > 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lr": 0.0}, r"lr: expected a number in \(0.0"),
+        ({"lr": float("nan")}, "lr: expected"),
+        ({"lr": "0.1"}, "lr: expected"),
+        ({"lr": 0.1, "momentum": 1.0}, r"momentum: expected a number in \[0.0, 1.0\), got 1.0"),
+        ({"lr": 0.1, "momentum": -0.1}, "momentum: expected"),
+        ({"lr": 0.1, "weight_decay": -1.0}, "weight_decay: expected"),
+        ({"lr": 0.1, "momentum": 0.0, "nesterov": True}, "nesterov: expected momentum > 0"),
+    ],
+)
 def test_hyperparameters_are_validated(kwargs, message):
     p = gn.Parameter(np.ones(2, np.float32))
     with pytest.raises(ValueError, match=message):
@@ -124,8 +144,8 @@ def test_lr_setter_validates():
 
 
 def test_optimizers_update_the_parameters_in_place_and_keep_one_velocity_each():
-    """Nothing is rebound: the arrays a user holds are the ones updated, and each parameter has its own
-    velocity, shaped like it, in the order of the parameters."""
+    """Nothing is rebound: the arrays a user holds are the ones updated, and each parameter has its
+    own velocity, shaped like it, in the order of the parameters."""
     net = gn.mlp([4, 3, 2], seed=0, device="cpu")
     held = [p.data for p in net.parameters()]
     opt = gn.Momentum(net.parameters(), lr=0.1)
@@ -149,9 +169,21 @@ def test_optimizer_argument_errors():
 
 
 # ----------------------------------------------------------------------------- Adam, AdamW, RMSprop
-def adaptive_reference(rule, steps, w, grads, lr, wd=0.0, betas=(0.9, 0.999), eps=1e-8, alpha=0.99,
-                       momentum=0.0, centered=False):
-    """The rules' formulas (the issue's and PyTorch's documentation's), written out on float64 arrays."""
+def adaptive_reference(
+    rule,
+    steps,
+    w,
+    grads,
+    lr,
+    wd=0.0,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    alpha=0.99,
+    momentum=0.0,
+    centered=False,
+):
+    """The rules' formulas (the issue's and PyTorch's documentation's), written out on float64
+    arrays."""
     w = [a.copy() for a in w]
     m, v, gbar, buf = ([np.zeros_like(a) for a in w] for _ in range(4))
     b1, b2 = betas
@@ -163,10 +195,10 @@ def adaptive_reference(rule, steps, w, grads, lr, wd=0.0, betas=(0.9, 0.999), ep
                 g = g + wd * w[i]
             if rule in ("adam", "adamw"):
                 m[i] = b1 * m[i] + (1 - b1) * g
-                v[i] = b2 * v[i] + (1 - b2) * g ** 2
-                w[i] = w[i] - lr / (1 - b1 ** t) * m[i] / (np.sqrt(v[i]) / np.sqrt(1 - b2 ** t) + eps)
+                v[i] = b2 * v[i] + (1 - b2) * g**2
+                w[i] = w[i] - lr / (1 - b1**t) * m[i] / (np.sqrt(v[i]) / np.sqrt(1 - b2**t) + eps)
                 continue
-            v[i] = alpha * v[i] + (1 - alpha) * g ** 2
+            v[i] = alpha * v[i] + (1 - alpha) * g**2
             if centered:
                 gbar[i] = alpha * gbar[i] + (1 - alpha) * g
             s = np.sqrt(v[i] - gbar[i] ** 2 if centered else v[i]) + eps
@@ -188,12 +220,16 @@ ADAPTIVE = {  # name: (class, keyword arguments); every option of each rule
     "rmsprop-alpha-l2": (gn.RMSprop, dict(lr=0.01, alpha=0.9, eps=1e-4, weight_decay=0.1)),
     "rmsprop-momentum": (gn.RMSprop, dict(lr=0.01, momentum=0.9)),
     "rmsprop-centered": (gn.RMSprop, dict(lr=0.01, centered=True)),
-    "rmsprop-all": (gn.RMSprop, dict(lr=0.005, alpha=0.95, momentum=0.8, centered=True, weight_decay=0.05)),
+    "rmsprop-all": (
+        gn.RMSprop,
+        dict(lr=0.005, alpha=0.95, momentum=0.8, centered=True, weight_decay=0.05),
+    ),
 }
 
 
 def adaptive_problem(steps=20, seed=0):
-    """Two parameters (a matrix and a vector) and a gradient per step, all float64, drawn on the host."""
+    """Two parameters (a matrix and a vector) and a gradient per step, all float64, drawn on the
+    host."""
     rng = np.random.default_rng(seed)
     w = [rng.normal(size=(3, 4)), rng.normal(size=4)]
     return w, [[rng.normal(size=a.shape) for a in w] for _ in range(steps)]
@@ -219,9 +255,9 @@ def reference_kwargs(name):
 
 @pytest.mark.parametrize("name", sorted(ADAPTIVE))
 def test_adaptive_rules_follow_their_formulas_over_20_steps(device, name):
-    """float64: the same formulas in the same order, so only the last bits may differ (rtol 1e-12 after
-    20 steps, against |w| ~ 1); float32 stays float32 and follows within 1e-5 (a few float32 ulps per
-    step, accumulated)."""
+    """float64: the same formulas in the same order, so only the last bits may differ (rtol 1e-12
+    after 20 steps, against |w| ~ 1); float32 stays float32 and follows within 1e-5 (a few float32
+    ulps per step, accumulated)."""
     w, grads = adaptive_problem()
     rule, kwargs = reference_kwargs(name)
     expect = adaptive_reference(rule, 20, w, grads, **kwargs)
@@ -232,12 +268,15 @@ def test_adaptive_rules_follow_their_formulas_over_20_steps(device, name):
     for p, e in zip(params, expect):
         assert p.data.dtype == np.float32  # scalars cast, nothing promoted
         assert_allclose(p.data, e, rtol=1e-5, atol=1e-5)
-    assert all(a.dtype == np.float32 for arrays in opt.state_dict()["arrays"].values() for a in arrays)
+    assert all(
+        a.dtype == np.float32 for arrays in opt.state_dict()["arrays"].values() for a in arrays
+    )
 
 
 def test_adam_first_step_by_hand():
-    """At t = 1 the bias corrections undo the zero start: m/(1-b1) = g and v/(1-b2) = g^2, so each weight
-    moves by lr * g / (|g| + eps): by lr, against the sign of its gradient, whatever the gradient's size."""
+    """At t = 1 the bias corrections undo the zero start: m/(1-b1) = g and v/(1-b2) = g^2, so each
+    weight moves by lr * g / (|g| + eps): by lr, against the sign of its gradient, whatever the
+    gradient's size."""
     p = gn.Parameter(np.array([1.0, -2.0, 0.5], np.float64))
     p.grad[...] = [4.0, -0.001, 0.0]
     opt = gn.Adam([p], lr=0.1, eps=1e-8)
@@ -250,7 +289,8 @@ def test_adam_first_step_by_hand():
 
 
 def test_adamw_decays_the_weights_before_the_step():
-    """A zero gradient leaves only the decay: w = w * (1 - lr * wd) exactly (Adam's step is 0 / eps = 0)."""
+    """A zero gradient leaves only the decay: w = w * (1 - lr * wd) exactly (Adam's step is 0 / eps
+    = 0)."""
     p = gn.Parameter(np.array([2.0, -1.0], np.float64))
     gn.AdamW([p], lr=0.1, weight_decay=0.5).step()
     assert_allclose(p.data, [2.0 * 0.95, -0.95], rtol=1e-15)
@@ -258,8 +298,8 @@ def test_adamw_decays_the_weights_before_the_step():
 
 @pytest.mark.parametrize("name", sorted(ADAPTIVE))
 def test_adaptive_state_round_trip_continues_bit_for_bit(device, name):
-    """10 steps, state_dict, a fresh optimizer (other options) loads it and takes 10 more: the very bits of
-    20 uninterrupted steps; the state is JSON scalars plus host arrays."""
+    """10 steps, state_dict, a fresh optimizer (other options) loads it and takes 10 more: the very
+    bits of 20 uninterrupted steps; the state is JSON scalars plus host arrays."""
     import json
 
     w, grads = adaptive_problem()
@@ -271,7 +311,10 @@ def test_adaptive_state_round_trip_continues_bit_for_bit(device, name):
     cls, kwargs = ADAPTIVE[name]
     params = [gn.Parameter(p.data.copy()) for p in first]
     opt2 = cls(params, **{**kwargs, "lr": 0.5})
-    opt2.load_state_dict(json.loads(json.dumps({k: v for k, v in state.items() if k != "arrays"})) | {"arrays": state["arrays"]})
+    opt2.load_state_dict(
+        json.loads(json.dumps({k: v for k, v in state.items() if k != "arrays"}))
+        | {"arrays": state["arrays"]}
+    )
     for g_step in grads[10:]:
         for p, g in zip(params, g_step):
             p.grad[...] = gn.to_device(g.astype(np.float32), device)
@@ -290,15 +333,21 @@ def test_adaptive_state_of_another_shape_is_refused():
         gn.Adam([p]).load_state_dict(gn.Adam([gn.Parameter(np.ones(3))]).state_dict())
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: gn.Adam(p, betas=(0.9, 1.0)), r"betas\[1\]: expected a number in \[0.0, 1.0\), got 1.0"),
-    (lambda p: gn.Adam(p, betas=0.9), r"betas: expected a pair \(beta1, beta2\), got 0.9"),
-    (lambda p: gn.AdamW(p, eps=-1.0), r"eps: expected a number in \[0.0, inf\), got -1.0"),
-    (lambda p: gn.AdamW(p, lr=0.0), r"lr: expected a number in \(0.0"),
-    (lambda p: gn.RMSprop(p, alpha=1.0), r"alpha: expected a number in \[0.0, 1.0\), got 1.0"),
-    (lambda p: gn.RMSprop(p, momentum=-0.5), "momentum: expected"),
-    (lambda p: gn.RMSprop(p, weight_decay=-1), "weight_decay: expected"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda p: gn.Adam(p, betas=(0.9, 1.0)),
+            r"betas\[1\]: expected a number in \[0.0, 1.0\), got 1.0",
+        ),
+        (lambda p: gn.Adam(p, betas=0.9), r"betas: expected a pair \(beta1, beta2\), got 0.9"),
+        (lambda p: gn.AdamW(p, eps=-1.0), r"eps: expected a number in \[0.0, inf\), got -1.0"),
+        (lambda p: gn.AdamW(p, lr=0.0), r"lr: expected a number in \(0.0"),
+        (lambda p: gn.RMSprop(p, alpha=1.0), r"alpha: expected a number in \[0.0, 1.0\), got 1.0"),
+        (lambda p: gn.RMSprop(p, momentum=-0.5), "momentum: expected"),
+        (lambda p: gn.RMSprop(p, weight_decay=-1), "weight_decay: expected"),
+    ],
+)
 def test_adaptive_hyperparameters_are_validated(make, message):
     with pytest.raises(ValueError, match=message):
         make([gn.Parameter(np.ones(2, np.float32))])
@@ -307,16 +356,23 @@ def test_adaptive_hyperparameters_are_validated(make, message):
 
 
 TORCH = {  # our rule -> torch.optim's, keyword for keyword
-    "adam": "Adam", "adam-betas-eps": "Adam", "adam-l2": "Adam", "adamw": "AdamW", "adamw-strong": "AdamW",
-    "rmsprop": "RMSprop", "rmsprop-alpha-l2": "RMSprop", "rmsprop-momentum": "RMSprop",
-    "rmsprop-centered": "RMSprop", "rmsprop-all": "RMSprop",
+    "adam": "Adam",
+    "adam-betas-eps": "Adam",
+    "adam-l2": "Adam",
+    "adamw": "AdamW",
+    "adamw-strong": "AdamW",
+    "rmsprop": "RMSprop",
+    "rmsprop-alpha-l2": "RMSprop",
+    "rmsprop-momentum": "RMSprop",
+    "rmsprop-centered": "RMSprop",
+    "rmsprop-all": "RMSprop",
 }
 
 
 @pytest.mark.parametrize("name", sorted(ADAPTIVE))
 def test_adaptive_rules_equal_torch_optim(name):
-    """torch.optim (the bench extra) as an independent oracle, in float64: within 1e-12 after 20 steps
-    (PyTorch writes m's update as a lerp, one rounding apart)."""
+    """torch.optim (the bench extra) as an independent oracle, in float64: within 1e-12 after 20
+    steps (PyTorch writes m's update as a lerp, one rounding apart)."""
     torch = optional("torch", "bench")
     w, grads = adaptive_problem()
     ours, _ = run_rule(name, w, grads, "cpu", np.float64)

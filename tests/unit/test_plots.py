@@ -1,4 +1,5 @@
 """gpunet.plots: the training curves' epoch axis."""
+
 import pytest
 from conftest import optional
 
@@ -14,10 +15,21 @@ def test_the_curves_tick_whole_epochs_only(tmp_path, monkeypatch, epochs):
     optional("matplotlib", "cli")
     kept = []
     real_save = plots._save
-    monkeypatch.setattr(plots, "_save", lambda plt, fig, path: (kept.append(fig), fig.canvas.draw(),
-                                                                real_save(plt, fig, path)))
-    history = [{"epoch": e, "loss": 1.0 / e, "accuracy": 1 - 0.5 / e, "val_loss": 1.2 / e,
-                "val_accuracy": 1 - 0.6 / e} for e in range(1, epochs + 1)]
+    monkeypatch.setattr(
+        plots,
+        "_save",
+        lambda plt, fig, path: (kept.append(fig), fig.canvas.draw(), real_save(plt, fig, path)),
+    )
+    history = [
+        {
+            "epoch": e,
+            "loss": 1.0 / e,
+            "accuracy": 1 - 0.5 / e,
+            "val_loss": 1.2 / e,
+            "val_accuracy": 1 - 0.6 / e,
+        }
+        for e in range(1, epochs + 1)
+    ]
     plots.curves(history, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
     (fig,) = kept

@@ -3,6 +3,7 @@ model file's record, the sklearn estimators' task) or by the first ``fit`` from 
 kept: a second value is refused, naming the setting, the expected and the given value, before
 ``fit`` does any work. predict, ONNX export and the train command read it; no module but network.py
 and fit write it."""
+
 import ast
 import pickle
 from pathlib import Path
@@ -37,13 +38,17 @@ def test_the_first_fit_sets_it_and_a_fit_of_the_same_task_keeps_it():
     assert net.classifies is True
 
 
-@pytest.mark.parametrize("given, loss, y", [(True, gn.MSELoss, 2),
-                                            (False, gn.SoftmaxCrossEntropy, 1)])
+@pytest.mark.parametrize(
+    "given, loss, y", [(True, gn.MSELoss, 2), (False, gn.SoftmaxCrossEntropy, 1)]
+)
 def test_a_fit_of_another_task_is_refused_before_any_step(given, loss, y):
     net = gn.Sequential(gn.Linear(3, 2, rng=0, device="cpu"), classifies=given)
     before = [p.data.copy() for p in net.parameters()]
-    with pytest.raises(ValueError, match=rf"^classifies: expected {given} \(the network is .*\), "
-                                         rf"got {not given}$"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^classifies: expected {given} \(the network is .*\), "
+        rf"got {not given}$",
+    ):
         fit(net, loss(), data()[y])
     assert net.classifies is given
     assert all(np.array_equal(b, p.data) for b, p in zip(before, net.parameters()))
@@ -54,8 +59,9 @@ def test_a_value_that_is_not_a_bool_is_refused():
         gn.Sequential(gn.Linear(3, 2, rng=0, device="cpu"), classifies=1)
 
 
-@pytest.mark.parametrize("loss, y, other", [(gn.SoftmaxCrossEntropy, 1, False),
-                                            (gn.MSELoss, 2, True)])
+@pytest.mark.parametrize(
+    "loss, y, other", [(gn.SoftmaxCrossEntropy, 1, False), (gn.MSELoss, 2, True)]
+)
 def test_a_model_file_keeps_it_and_the_loaded_network_holds_it(tmp_path, loss, y, other):
     net = gn.mlp([3, 4, 2], seed=0, device="cpu")
     fit(net, loss(), data()[y])
