@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import get_array_module, to_numpy
+from .backend import check_labels, get_array_module, to_numpy
 
 
 def confusion_counts(y_true, y_pred, num_classes: int):
@@ -32,14 +32,10 @@ def confusion_matrix(y_true, y_pred, num_classes: int | None = None, batch_size:
     """Host (C, C) int64 confusion matrix of label arrays on any device, counted in batches."""
     if len(y_true) != len(y_pred):
         raise ValueError(f"y_pred: expected {len(y_true)} labels like y_true, got {len(y_pred)}")
-    if len(y_true):
-        lo, hi = min(int(y_true.min()), int(y_pred.min())), max(int(y_true.max()), int(y_pred.max()))
-        if num_classes is None:
-            num_classes = hi + 1
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(f"y_true, y_pred: expected labels in [0, {num_classes - 1}], got values from {lo} to {hi}")
-    elif num_classes is None:
-        num_classes = 1
+    if num_classes is None:  # the labels' own classes: the largest label + 1
+        num_classes = max(int(y_true.max()), int(y_pred.max())) + 1 if len(y_true) else 1
+    check_labels(y_true, num_classes, "y_true")
+    check_labels(y_pred, num_classes, "y_pred")
     total = None
     for start in range(0, len(y_true), batch_size):
         part = confusion_counts(y_true[start:start + batch_size], y_pred[start:start + batch_size], num_classes)

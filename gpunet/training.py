@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -486,18 +487,16 @@ def fit(net: Network, loss: Loss, optimizer: Optimizer, x: ArrayLike, y: ArrayLi
     if validation is not None:
         validation = _dataset(*validation, net, loss.classifies, "validation x")
     saver = cbs.Checkpoint(checkpoint_path, checkpoint_every, run_info) if checkpoint_path is not None else None
+    stops = [*([cbs.EarlyStopping(patience, min_delta)] if patience is not None else []),
+             *([cbs.TargetLoss(target_loss)] if target_loss is not None else [])]
     run = Run(net, loss, optimizer, data, validation=validation, batch_size=batch_size, shuffle=shuffle, seed=seed,
               eval_batch_size=eval_batch_size, fast=fast, interrupt=interrupt, comm=comm, cuda_graph=cuda_graph,
               callbacks=[*_keyword_callbacks(schedule, callback, on_batch), *shown, *callbacks,
-                         *([augment] if augment is not None else []),
-                         *([cbs.EarlyStopping(patience, min_delta)] if patience is not None else []),
-                         *([cbs.TargetLoss(target_loss)] if target_loss is not None else []),
-                         *([saver] if saver is not None else [])])
+                         *([augment] if augment is not None else []), *stops, *([saver] if saver else [])])
     if resume:  # with a checkpoint_path: _check_fit refuses resume without one
         saver.restore(run)  # type: ignore[union-attr]
-    if net.device != "cpu":
-        return run.fit(epochs)
-    with fast_path.blas.threads_for(largest_product(net, run.batch_size)):  # small problems: one thread
+    on_cpu = net.device == "cpu"  # small problems: one BLAS thread
+    with fast_path.blas.threads_for(largest_product(net, run.batch_size)) if on_cpu else nullcontext():
         return run.fit(epochs)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import device_of, get_array_module, to_device, to_numpy
+from ..backend import check_labels, device_of, get_array_module, to_device, to_numpy
 
 
 def _host_array(x, name: str):
@@ -96,28 +96,15 @@ def features(x, dtype=np.float32, device: str = "cpu", name: str = "x"):
     return to_device(a, device)
 
 
-def _unique_preview(y) -> str:
-    values = np.unique(to_numpy(y).ravel())
-    shown = ", ".join(repr(v.item() if hasattr(v, "item") else v) for v in values[:5])
-    return shown + (", ..." if len(values) > 5 else "")
-
-
 def labels(y, classes: int, device: str = "cpu", name: str = "y"):
     """Integer class labels (N,) in [0, classes) -> int64 (N,) on ``device``; anything else refused."""
     a = _host_array(y, name)
     encode = (f"encode them as 0..{classes - 1} first, e.g. classes, {name} = np.unique({name}, "
               f"return_inverse=True) (gpunet.sklearn's classifiers do this for you)")
-    if a.dtype.kind not in "biu":
-        what = "strings" if a.dtype.kind in "USO" else f"{a.dtype} values"
-        raise TypeError(f"{name}: expected integer class labels 0..{classes - 1}, got {what} "
-                        f"({_unique_preview(a)}); {encode}")
-    a = get_array_module(a).ascontiguousarray(a, dtype=np.int64)
-    if len(a):
-        lo, hi = int(a.min()), int(a.max())
-        if lo < 0 or hi >= classes:
-            raise ValueError(f"{name}: expected labels in [0, {classes - 1}] for {classes} classes, got values "
-                             f"from {lo} to {hi} ({_unique_preview(a)}; the network has {classes} outputs); {encode}")
-    return to_device(a, device)
+    if a.dtype.kind == "b":  # True and False as classes 1 and 0
+        a = a.astype(np.int64)
+    check_labels(a, classes, name, f"; the network has {classes} outputs", encode)
+    return to_device(get_array_module(a).ascontiguousarray(a, dtype=np.int64), device)
 
 
 def targets(y, n: int, classify: bool, classes: int, dtype=np.float32, device: str = "cpu", name: str = "y"):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import DataError
+from .arrays import check_labels
 from .idx import GZIP_MAGIC, atomic_write, load_idx_images, load_idx_labels, open_idx
 
 MNIST_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
@@ -189,14 +190,13 @@ def _xy(path: Path, x, y, names: str):
                         f"{x.shape} and {y.shape}")
     if x.dtype.kind not in "biuf" or not np.isfinite(x.astype(np.float64)).all():
         raise DataError(f"{path}: expected finite real features, got {x.dtype} values that are not")
-    if y.dtype.kind not in "biu" and not (y.dtype.kind == "f" and np.array_equal(y, np.round(y))):
-        shown = ", ".join(map(repr, np.unique(y)[:4].tolist()))
-        raise DataError(f"{path}: expected integer class labels 0..C-1, got {y.dtype} values ({shown}, ...); "
-                        f"number the classes first")
-    y = y.astype(np.int64)
-    if y.min() < 0:
-        raise DataError(f"{path}: expected class labels 0..C-1, got {int(y.min())}")
-    return x.astype(np.float64), y
+    if y.dtype.kind == "b" or y.dtype.kind == "f" and np.array_equal(y, np.round(y)):
+        y = y.astype(np.int64)  # whole numbers written as floats (a CSV's 1.0) are labels too
+    try:
+        check_labels(y, None, names.split(" and ")[-1], hint="number the classes first")
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: {exc}") from None
+    return x.astype(np.float64), y.astype(np.int64)
 
 
 def _npz_arrays(path: Path):
