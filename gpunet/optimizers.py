@@ -18,6 +18,15 @@ schedules do). Per-parameter state (velocities, moments) lives beside each param
 parameter, and ``load_state_dict`` takes the same. Scalars enter the formulas in the parameters'
 dtype (float32 stays float32); Adam's bias corrections are computed in float64 on the host and cast
 once per step.
+
+Each rule is written once, as DeZero writes it: ``update_one(xp, w, g, state, k)`` is the rule for
+one parameter (w its weights, g the gradient the rule sees, ``state`` its arrays, ``k`` the step's
+numbers by name), weight decay a hook before it (:meth:`Optimizer.decay`), and ``step`` the loop
+over the parameters. The same definition runs on NumPy or CuPy arrays (the core), and the fast path
+generates its compiled CPU and CUDA kernels from it (:mod:`gpunet.fast.rules`): it may use
+``+ - * /``, ``xp.sqrt``, the names of ``k`` and branches on the optimizer's own settings, never a
+bare number or a branch on the arrays' values. An optimizer in :data:`OPTIMIZERS` with such a rule
+is on the fused path.
 """
 
 from __future__ import annotations
@@ -76,14 +85,62 @@ class Optimizer:
     def lr(self, value: float) -> None:
         self._lr = _check_number("lr", value, 0.0, low_open=True)
 
-    def gradient(self, p: Any) -> Array:
-        """The gradient the rule uses: ``grad + weight_decay * w``."""
-        if not self.weight_decay:
-            return p.grad
-        return p.grad + p.data.dtype.type(self.weight_decay) * p.data
+    # the settings that change the rule's code (a kernel is generated for each combination), and
+    # settings covering every combination, for the kernels' compile tests; a subclass extends both
+    def flags(self) -> tuple:
+        """``((name, on), ...)``: the choices of the rule's code, here: is weight decay on."""
+        return (("wd", bool(self.weight_decay)),)
+
+    examples: tuple = ({}, {"weight_decay": 1e-4})
+
+    def constants(self) -> dict:
+        """The step's numbers by name, as Python floats (cast once to the parameters' dtype)."""
+        return {"lr": self.lr, **({"wd": self.weight_decay} if self.weight_decay else {})}
+
+    def decay(self, xp: Any, w: Array, g: Array, k: dict) -> tuple:
+        """The weight-decay hook, run before the rule where ``weight_decay`` is on: L2 adds
+        ``weight_decay * w`` to the gradient the rule sees (``param.grad`` stays the loss's)."""
+        return w, g + k["wd"] * w
+
+    def update_one(self, xp: Any, w: Array, g: Array, state: list, k: dict) -> tuple:
+        """The rule on one parameter: ``(w, *state)`` updated (in place where arrays allow)."""
+        raise NotImplementedError
+
+    def rule(self, xp: Any, w: Array, g: Array, state: list, k: dict) -> tuple:
+        """The hook, then the rule: what the core runs and the fast path's kernels are made of."""
+        if self.weight_decay:
+            w, g = self.decay(xp, w, g, k)
+        return self.update_one(xp, w, g, list(state), k)
+
+    def begin_step(self) -> dict:
+        """A step's bookkeeping (Adam counts its steps here), then :meth:`constants`. The fast path
+        calls it once per step, as ``step`` does, and never writes the optimizer's state itself."""
+        return self.constants()
+
+    def buffers(self, i: int) -> list:
+        """The state arrays of ``params[i]`` in the order of ``slots``: what a kernel updates."""
+        return [getattr(self, name)[i] for name in self.slots]
+
+    def update(self, i: int, k: dict, kernel: Any = None) -> None:
+        """``params[i]`` updated by the rule with this step's numbers ``k`` (:meth:`begin_step`), in
+        its dtype; ``kernel(w, g, *state, *scalars)``, given by the fast path, runs the rule in
+        its place (the optimizer hands its own arrays to it)."""
+        p = self.params[i]
+        xp, t = get_array_module(p.data), p.data.dtype.type
+        k = {name: t(value) for name, value in k.items()}  # nothing is promoted to float64
+        state = self.buffers(i)
+        if kernel is not None:
+            kernel(p.data, p.grad, *state, *k.values())
+            return
+        for a, new in zip([p.data, *state], self.rule(xp, p.data, p.grad, state, k)):
+            if new is not a:
+                a[...] = new
 
     def step(self) -> None:
-        raise NotImplementedError
+        """One update of every parameter from its ``grad``."""
+        k = self.begin_step()
+        for i in range(len(self.params)):
+            self.update(i, k)
 
     def _zeros(self) -> list:
         """One zero array beside each parameter (same shape, dtype and device)."""
@@ -132,9 +189,9 @@ class SGD(Optimizer):
 
     kind = "sgd"
 
-    def step(self) -> None:
-        for p in self.params:
-            p.data -= p.data.dtype.type(self.lr) * self.gradient(p)
+    def update_one(self, xp: Any, w: Array, g: Array, state: list, k: dict) -> tuple:
+        w -= k["lr"] * g
+        return (w,)
 
 
 class Momentum(Optimizer):
@@ -165,19 +222,30 @@ class Momentum(Optimizer):
         super().__init__(params, lr, weight_decay)
         self.velocities = self._zeros()
 
+    examples = (
+        {},
+        {"weight_decay": 1e-4},
+        {"nesterov": True},
+        {"nesterov": True, "weight_decay": 1e-4},
+    )
+
     def velocity(self, i: int) -> Array:
         """The velocity of ``params[i]``, shaped like it."""
         return self.velocities[i]
 
-    def step(self) -> None:
-        for p, v in zip(self.params, self.velocities):
-            t = (
-                p.data.dtype.type
-            )  # scalars in the parameters' dtype: nothing is promoted to float64
-            lr_grad = t(self.lr) * self.gradient(p)
-            v *= t(self.momentum)
-            v += lr_grad
-            p.data -= t(self.momentum) * v + lr_grad if self.nesterov else v
+    def flags(self) -> tuple:
+        return super().flags() + (("nesterov", self.nesterov),)
+
+    def constants(self) -> dict:
+        return {**super().constants(), "gamma": self.momentum}
+
+    def update_one(self, xp: Any, w: Array, g: Array, state: list, k: dict) -> tuple:
+        (v,), gamma = state, k["gamma"]
+        lr_grad = k["lr"] * g
+        v *= gamma
+        v += lr_grad
+        w -= gamma * v + lr_grad if self.nesterov else v
+        return w, v
 
 
 def _check_betas(betas: tuple[float, float]) -> tuple:
@@ -222,20 +290,39 @@ class Adam(Optimizer):
         b1, b2 = self.betas
         return self.lr / (1.0 - b1**self.t), math.sqrt(1.0 - b2**self.t)
 
-    def step(self) -> None:
+    def begin_step(self) -> dict:
         self.t += 1
-        step_size, root_c2 = self.corrections()
+        return self.constants()
+
+    def constants(self) -> dict:
         b1, b2 = self.betas
-        for p, m, v in zip(self.params, self.m, self.v):
-            t = p.data.dtype.type
-            if self.decoupled:
-                p.data *= t(1.0 - self.lr * self.weight_decay)
-            g = p.grad if self.decoupled else self.gradient(p)
-            m *= t(b1)
-            m += t(1.0 - b1) * g
-            v *= t(b2)
-            v += t(1.0 - b2) * g * g
-            p.data -= t(step_size) * (m / (get_array_module(v).sqrt(v) / t(root_c2) + t(self.eps)))
+        # before the first step there is no correction yet (a kernel's trace needs only the names)
+        step, root_c2 = self.corrections() if self.t else (math.nan, math.nan)
+        k = {
+            "b1": b1,
+            "b2": b2,
+            "c1": 1.0 - b1,
+            "c2": 1.0 - b2,
+            "step": step,
+            "root_c2": root_c2,
+            "eps": self.eps,
+        }
+        if self.weight_decay:
+            k.update(
+                {"decay": 1.0 - self.lr * self.weight_decay}
+                if self.decoupled
+                else {"wd": self.weight_decay}
+            )
+        return k
+
+    def update_one(self, xp: Any, w: Array, g: Array, state: list, k: dict) -> tuple:
+        m, v = state
+        m *= k["b1"]
+        m += k["c1"] * g
+        v *= k["b2"]
+        v += k["c2"] * g * g
+        w -= k["step"] * (m / (xp.sqrt(v) / k["root_c2"] + k["eps"]))
+        return w, m, v
 
 
 class AdamW(Adam):
@@ -244,6 +331,12 @@ class AdamW(Adam):
 
     kind = "adamw"
     decoupled = True
+    examples = ({"weight_decay": 0.0}, {})
+
+    def decay(self, xp: Any, w: Array, g: Array, k: dict) -> tuple:
+        """Decoupled: the weights shrink, ``w = w * (1 - lr * weight_decay)``; g stays bare."""
+        w *= k["decay"]
+        return w, g
 
     def __init__(
         self,
@@ -294,30 +387,51 @@ class RMSprop(Optimizer):
         for name in self.slots:
             setattr(self, name, self._zeros())
 
-    def step(self) -> None:
-        for i, p in enumerate(self.params):
-            t, xp = p.data.dtype.type, get_array_module(p.data)
-            g, v, alpha = self.gradient(p), self.v[i], self.alpha
-            v *= t(alpha)
-            v += t(1.0 - alpha) * g * g
-            if self.centered:
-                gbar = self.grad_avg[i]
-                gbar *= t(alpha)
-                gbar += t(1.0 - alpha) * g
-                s = xp.sqrt(v - gbar * gbar) + t(self.eps)
-            else:
-                s = xp.sqrt(v) + t(self.eps)
-            if self.momentum:
-                b = self.buffer[i]
-                b *= t(self.momentum)
-                b += g / s
-                p.data -= t(self.lr) * b
-            else:
-                p.data -= t(self.lr) * (g / s)
+    examples = tuple(
+        {"weight_decay": wd, "centered": c, "momentum": mu}
+        for wd in (0.0, 1e-4)
+        for c in (False, True)
+        for mu in (0.0, 0.9)
+    )
+
+    def flags(self) -> tuple:
+        return super().flags() + (("centered", self.centered), ("momentum", bool(self.momentum)))
+
+    def constants(self) -> dict:
+        k = {**super().constants(), "alpha": self.alpha, "c": 1.0 - self.alpha, "eps": self.eps}
+        return {**k, "mu": self.momentum} if self.momentum else k
+
+    def update_one(self, xp: Any, w: Array, g: Array, state: list, k: dict) -> tuple:
+        v, alpha, out = state[0], k["alpha"], []
+        v *= alpha
+        v += k["c"] * g * g
+        if self.centered:
+            gbar = state[1]
+            gbar *= alpha
+            gbar += k["c"] * g
+            s = xp.sqrt(v - gbar * gbar) + k["eps"]
+            out.append(gbar)
+        else:
+            s = xp.sqrt(v) + k["eps"]
+        if self.momentum:
+            b = state[-1]
+            b *= k["mu"]
+            b += g / s
+            w -= k["lr"] * b
+            out.append(b)
+        else:
+            w -= k["lr"] * (g / s)
+        return (w, v, *out)
 
 
 # --- by name: the one factory of ``gpunet train``, ``gpunet explain`` and ``gpunet.sklearn`` ------
-OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
+OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "sgd": SGD,
+    "momentum": Momentum,
+    "adam": Adam,
+    "adamw": AdamW,
+    "rmsprop": RMSprop,
+}
 # each rule's settings, by their flat names (``beta1``/``beta2`` are Adam's ``betas``)
 SETTINGS = {
     "sgd": ("lr", "weight_decay"),

@@ -23,6 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -462,57 +463,6 @@ class Run:
 
         return record, (fetch() if wait else fetch)
 
-    def _load_callback(self, where: str, c, given: dict, arrays: dict, name: str) -> None:
-        """Callback ``c``'s state from a checkpoint: its fields of the kinds of its own, then
-        loaded, then the weights and optimizer states it may put back later checked against this
-        run's now."""
-        own = c.state_dict()
-        for key in sorted(set(own) & set(given) - {"arrays", "names", "optimizer"}):
-            if not _same_kind(own[key], given[key]):
-                raise checkpoint.CheckpointError(
-                    f"{where}.{key}: expected {type(own[key]).__name__}, got {given[key]!r:.60}"
-                )
-        try:
-            c.load_state_dict(checkpoint.join(f"callbacks/{name}", given, arrays))
-            for label, weights, opt in getattr(c, "fallback_states", list)():
-                self._check_like_mine(f"{where} ({label})", weights, opt)
-        except KeyError as exc:  # a field the callback's state needs, by its bare name
-            raise checkpoint.CheckpointError(f"{where}.{exc.args[0]}: missing") from None
-        except (ValueError, TypeError) as exc:
-            raise checkpoint.CheckpointError(f"{where}: does not fit this run ({exc})") from None
-
-    def _check_like_mine(self, where: str, weights: dict, opt) -> None:
-        """Raise CheckpointError unless ``weights`` (name -> array) and ``opt`` (an optimizer state,
-        or None) have the names, shapes and dtypes of this run's network and optimizer."""
-        mine = self.net.state_dict(host=False)
-        got = {k: (tuple(v.shape), v.dtype) for k, v in weights.items()}
-        if got != {k: (tuple(v.shape), v.dtype) for k, v in mine.items()}:
-            raise checkpoint.CheckpointError(
-                f"{where}: expected weights {[(k, v.shape) for k, v in mine.items()]}, "
-                f"got {list(got.items())[:6]}"
-            )
-        if opt is None:
-            return
-        own = self.optimizer.state_dict(host=False)
-        for key in sorted(set(own) | set(opt)):
-            if (
-                key not in own
-                or key not in opt
-                or key != "arrays"
-                and not _same_kind(own[key], opt[key])
-            ):
-                raise checkpoint.CheckpointError(
-                    f"{where}: optimizer field {key!r:.40}: expected "
-                    f"{own.get(key, 'none')!r:.40}'s kind, got {opt.get(key)!r:.40}"
-                )
-        for slot, values in own["arrays"].items():
-            if [(a.shape, a.dtype) for a in opt["arrays"].get(slot, [])] != [
-                (a.shape, a.dtype) for a in values
-            ]:
-                raise checkpoint.CheckpointError(
-                    f"{where}: optimizer arrays {slot!r}: not this run's shapes"
-                )
-
     def _check_fits(self, record: dict, path) -> None:
         """The fields of a checked record (:func:`gpunet.records.check_checkpoint`) that only this
         run can judge: the step within an epoch of its steps, the optimizer's fields those of its
@@ -528,8 +478,7 @@ class Run:
             if key == "arrays" or key == "kind" and given.get(key) != mine[key]:
                 # the arrays are counted by the schema; another kind is named by load_state_dict
                 continue
-            # one line, whatever the key
-            where = f"{path}: optimizer.{key if key.isidentifier() else repr(key)}"
+            where = f"{path}: optimizer.{key}"
             if key not in given or key not in mine:
                 raise checkpoint.CheckpointError(
                     f"{where}: {'missing' if key in mine else 'unexpected field'} "
@@ -566,9 +515,18 @@ class Run:
             raise checkpoint.CheckpointError(f"{path}: does not fit this run ({exc})") from None
         for name, c in self._stateful():
             if name in record["callbacks"]:
-                self._load_callback(
-                    f"{path}: callbacks.{name}", c, record["callbacks"][name], arrays, name
-                )
+                try:
+                    c.load_state_dict(
+                        checkpoint.join(f"callbacks/{name}", record["callbacks"][name], arrays)
+                    )
+                except KeyError as exc:  # a field the callback's state needs, by its bare name
+                    raise checkpoint.CheckpointError(
+                        f"{path}: callbacks.{name}.{exc.args[0]}: missing"
+                    ) from None
+                except (ValueError, TypeError) as exc:
+                    raise checkpoint.CheckpointError(
+                        f"{path}: callbacks.{name}: does not fit this run ({exc})"
+                    ) from None
         self.order_rng.bit_generator.state = record["order_rng"]
         self.epoch, self.step, self._partial = (
             record["epoch"],
@@ -678,6 +636,10 @@ def fit(
         if checkpoint_path is not None
         else None
     )
+    stops = [
+        *([cbs.EarlyStopping(patience, min_delta)] if patience is not None else []),
+        *([cbs.TargetLoss(target_loss)] if target_loss is not None else []),
+    ]
     run = Run(
         net,
         loss,
@@ -697,18 +659,18 @@ def fit(
             *shown,
             *callbacks,
             *([augment] if augment is not None else []),
-            *([cbs.EarlyStopping(patience, min_delta)] if patience is not None else []),
-            *([cbs.TargetLoss(target_loss)] if target_loss is not None else []),
-            *([saver] if saver is not None else []),
+            *stops,
+            *([saver] if saver else []),
         ],
     )
     if resume:  # with a checkpoint_path: _check_fit refuses resume without one
         saver.restore(run)  # type: ignore[union-attr]
-    if net.device != "cpu":
-        return run.fit(epochs)
-    with fast_path.blas.threads_for(
-        largest_product(net, run.batch_size)
-    ):  # small problems: one thread
+    on_cpu = net.device == "cpu"  # small problems: one BLAS thread
+    with (
+        fast_path.blas.threads_for(largest_product(net, run.batch_size))
+        if on_cpu
+        else nullcontext()
+    ):
         return run.fit(epochs)
 
 

@@ -3,11 +3,11 @@ core's.
 
 ``select(net, loss, optimizer, y)`` returns a fused step (:class:`gpunet.fast.step.FusedStep`) for
 the training runs it can speed up (``Linear [ReLU] [Dropout]`` chains, ``SoftmaxCrossEntropy`` on
-integer labels, ``SGD``/``Momentum``/``Adam``/``AdamW`` holding exactly the network's parameters; on
-a GPU also ``Linear BatchNorm [ReLU] [Dropout]`` blocks), or None, and then the core's
-``forward``/``backward``/``step`` run (``why_not`` says why: a BatchNorm layer on the CPU, RMSprop,
-...). ``GPUNET_FAST=0`` turns the fast path off everywhere; ``GPUNET_NUMBA=0`` only its compiled CPU
-kernels, ``GPUNET_CPU_BLAS=0`` only its folded CPU update.
+integer labels, an optimizer of ``optimizers.OPTIMIZERS`` holding exactly the network's parameters;
+on a GPU also ``Linear BatchNorm [ReLU] [Dropout]`` blocks), or None, and then the core's
+``forward``/ ``backward``/``step`` run (``why_not`` says why: a BatchNorm layer on the CPU, an
+optimizer of one's own, ...). ``GPUNET_FAST=0`` turns the fast path off everywhere;
+``GPUNET_NUMBA=0`` only its compiled CPU kernels, ``GPUNET_CPU_BLAS=0`` only its BLAS CPU update.
 
 The core (layers, losses, optimizers, network) imports nothing from here; this package imports the
 core.
@@ -21,7 +21,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..losses import SoftmaxCrossEntropy
-from ..optimizers import SGD, Adam, AdamW, Momentum
+from ..optimizers import OPTIMIZERS
 from . import blas, ops
 from .ops import gather_scaled, resample
 from .step import FusedForward, FusedStep, mean_softmax_xent, plan
@@ -41,8 +41,8 @@ def why_not(net, loss, optimizer, y) -> str | None:
         return f"the loss is {type(loss).__name__}, not SoftmaxCrossEntropy"
     if getattr(y, "ndim", None) != 1 or y.dtype.kind not in "iu":
         return "the targets are not integer class labels"
-    if type(optimizer) not in (SGD, Momentum, Adam, AdamW):
-        return f"the optimizer is {type(optimizer).__name__}, not SGD, Momentum, Adam or AdamW"
+    if type(optimizer) not in OPTIMIZERS.values():  # each has a rule its kernels are generated from
+        return f"the optimizer is {type(optimizer).__name__}, not one of {', '.join(OPTIMIZERS)}"
     params = net.parameters()
     if len(params) != len(optimizer.params) or any(
         p is not q for p, q in zip(params, optimizer.params)

@@ -14,21 +14,13 @@ import functools
 
 import numpy as np
 
+from . import rules
+
 # (in_params, out_params, operation, name) of each cupy.ElementwiseKernel
 # NaN passes through both, as through the core's maximum(x, 0) and dy * (x > 0): a diverging run
 # must reach the loss as NaN on every path, or the divergence guard misses it.
 BIAS_RELU = ("T b", "T y", "T t = y + b; y = t < (T)0 ? (T)0 : t;", "gpunet_bias_relu")
 RELU_BACKWARD = ("T y", "T dy", "dy = y > (T)0 ? dy : dy * (T)0;", "gpunet_relu_backward")
-# Adam and AdamW in one kernel: wd is Adam's L2 term (0 for AdamW), decay AdamW's factor 1 - lr*wd
-# (1 for Adam); c1 = 1 - b1, c2 = 1 - b2, step = lr / (1 - b1^t), root_c2 = sqrt(1 - b2^t), computed
-# on the host
-ADAM = (
-    "T g, T b1, T b2, T c1, T c2, T step, T root_c2, T eps, T wd, T decay",
-    "T w, T m, T v",
-    "T d = wd != (T)0 ? g + wd * w : g; w *= decay; m = b1 * m + c1 * d; v = b2 * v + c2 * d * d; "
-    "w -= step * (m / (sqrt(v) / root_c2 + eps));",
-    "gpunet_adam",
-)
 # Dropout's draw, scale and mask in one launch: the bits of gpunet.layers.dropout_bits (SplitMix64
 # word j / 4 of the stream keyed ``key``, 16-bit lane j % 4; j = start + i, the flat C-order index
 # in the global batch: a data-parallel rank's shard starts at unit ``start``), the scaled keep-mask
@@ -53,38 +45,49 @@ RELU_MASK_BACKWARD = (
     "T t = dy * mask; dy = y > (T)0 ? t : t * (T)0;",
     "gpunet_relu_mask_backward",
 )
-# The same update as an ElementwiseKernel over W's elements, the threads i < cols summing b's
-# gradient serially: no longer launched eagerly (layer_update's RawKernel below), kept as the source
-# of the graph step's variants (graph_kernels.variants reads its scalars from a buffer).
-_BIAS_SUM = (
-    "T s = 0; for (int r = 0; r < rows; ++r) s += dy[r * cols + i]; gb[i] = s;"
-    " T db = wd != (T)0 ? s + wd * b[i] : s;"
-)
+# One layer's whole update in one launch, over W's elements: the rule on W from W.grad, and in the
+# threads i < cols also b's gradient dy.sum(0) (the column sums of dy, written to b.grad) and the
+# rule on b;
+_BIAS_SUM = "T s = 0; for (int r = 0; r < rows; ++r) s += dy[r * cols + i]; gb[i] = s; "
+# the rule itself is generated from the optimizer's (gpunet.fast.rules.dispatch), its flags chosen
+# by the kernel's parameters: the L2 term only where weight decay is on, as the core adds it (0 * w
+# is NaN for an infinite weight, where the core's rule, skipping it, keeps the weight infinite)
+_RUN_TIME = {"wd": "wd != (T)0", "nesterov": "nesterov"}
+
+
+def _layer_rule(kind: str, given: bool) -> str:
+    """The operation of a layer kernel: the rule on W's element i, then in the threads i < cols b's
+    gradient (the column sum of dy, unless ``given``) and the rule on b[i]."""
+    on_w = rules.dispatch(kind, _RUN_TIME, lambda r: {"velocities": "v"}.get(r, r))
+    names = {"w": "b[i]", "g": "gb[i]" if given else "s", "velocities": "vb[i]"}
+    on_b = rules.dispatch(kind, _RUN_TIME, lambda r: names.get(r, r))
+    return f"{on_w} if (i < cols) {{ {'' if given else _BIAS_SUM}{on_b} }}"
+
+
 LAYER_MOMENTUM = (
     "raw T dy, int32 rows, int32 cols, T lr, T gamma, T wd, bool nesterov",
     "T w, T g, T v, raw T b, raw T vb, raw T gb",
-    "T d = wd != (T)0 ? g + wd * w : g; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d "
-    ": v;"
-    " if (i < cols) { " + _BIAS_SUM + " vb[i] = gamma * vb[i] + lr * db;"
-    " b[i] -= nesterov ? gamma * vb[i] + lr * db : vb[i]; }",
+    _layer_rule("momentum", False),
     "gpunet_layer_momentum",
 )
 LAYER_SGD = (
     "raw T dy, int32 rows, int32 cols, T lr, T wd",
     "T w, T g, raw T b, raw T gb",
-    "w -= lr * (wd != (T)0 ? g + wd * w : g); if (i < cols) { " + _BIAS_SUM + " b[i] -= lr * db; }",
+    _layer_rule("sgd", False),
     "gpunet_layer_sgd",
 )
+# (LAYER_MOMENTUM and LAYER_SGD are no longer launched eagerly: layer_update's RawKernel below sums
+# the bias block-wide; they stay the source of the graph step's variants, graph_kernels.variants.)
 # One layer's whole update in one launch: the rule on W from W.grad, grid-stride over W's elements,
 # and b's gradient dy.sum(0) (written to b.grad) with the rule on b. The bias sum is a block-wide
 # column reduction: block k of the first ceil(cols / LAYER_COLUMNS) takes columns 32k..32k+31, its 8
 # x 32 threads each sum every 8th row of one column (neighbouring threads read neighbouring
 # columns), then the 8 partial sums of each column are added in shared memory in a fixed order (the
 # same bits on every run). One thread per column summing every row (128 dependent loads at batch
-# 128) cost milliseconds at full batch. The L2 term only where weight decay is on, as the core
-#      (optimizers.Optimizer.gradient) adds
-# it: 0 * w is NaN for an infinite weight, where the core's rule (skipping it) keeps the weight
-# infinite. LAYER_MOMENTUM (0 or 1) and LAYER_KERNEL are defined per kernel in RAW below.
+# 128) cost milliseconds at full batch. The rules on W's element i and b's element j
+# (LAYER_RULE_W, LAYER_RULE_B) are generated from the optimizer's as the elementwise kernels' are
+# (rules.dispatch, _RUN_TIME's flags); they, LAYER_MOMENTUM (0 or 1) and LAYER_KERNEL are defined
+# per kernel by _layer_source.
 LAYER_THREADS, LAYER_COLUMNS = 256, 32
 LAYER_UPDATE = r"""
 #define LAYER_GROUPS (LAYER_THREADS / LAYER_COLUMNS)
@@ -99,13 +102,7 @@ extern "C" __global__ void LAYER_KERNEL(T* w, const T* g, T* b, T* gb, const T* 
 #endif
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < size;
          i += (long long)blockDim.x * gridDim.x) {
-        const T d = wd != (T)0 ? g[i] + wd * w[i] : g[i];
-#if LAYER_MOMENTUM
-        v[i] = gamma * v[i] + lr * d;
-        w[i] -= nesterov ? gamma * v[i] + lr * d : v[i];
-#else
-        w[i] -= lr * d;
-#endif
+        LAYER_RULE_W
     }
     if ((long long)blockIdx.x * LAYER_COLUMNS >= cols) return;  // the whole block: no barrier unmet
     __shared__ T part[LAYER_GROUPS][LAYER_COLUMNS];
@@ -123,13 +120,7 @@ extern "C" __global__ void LAYER_KERNEL(T* w, const T* g, T* b, T* gb, const T* 
     if (group == 0 && j < cols) {
         const T sum = part[0][lane];
         gb[j] = sum;
-        const T db = wd != (T)0 ? sum + wd * b[j] : sum;
-#if LAYER_MOMENTUM
-        vb[j] = gamma * vb[j] + lr * db;
-        b[j] -= nesterov ? gamma * vb[j] + lr * db : vb[j];
-#else
-        b[j] -= lr * db;
-#endif
+        LAYER_RULE_B
     }
 }
 """
@@ -137,9 +128,16 @@ LAYER_MOMENTUM_NAME, LAYER_SGD_NAME = "gpunet_layer_momentum", "gpunet_layer_sgd
 
 
 def _layer_source(momentum: bool) -> str:
-    name = LAYER_MOMENTUM_NAME if momentum else LAYER_SGD_NAME
+    name, kind = (LAYER_MOMENTUM_NAME, "momentum") if momentum else (LAYER_SGD_NAME, "sgd")
+    on_w = rules.dispatch(
+        kind, _RUN_TIME, lambda r: {"w": "w[i]", "g": "g[i]", "velocities": "v[i]"}.get(r, r)
+    )
+    on_b = rules.dispatch(
+        kind, _RUN_TIME, lambda r: {"w": "b[j]", "g": "sum", "velocities": "vb[j]"}.get(r, r)
+    )
     return (
         f"#define LAYER_MOMENTUM {int(momentum)}\n#define LAYER_KERNEL {name}\n"
+        f"#define LAYER_RULE_W {on_w}\n#define LAYER_RULE_B {on_b}\n"
         f"#define LAYER_THREADS {LAYER_THREADS}\n#define LAYER_COLUMNS {LAYER_COLUMNS}\n"
         + LAYER_UPDATE
     )
@@ -151,18 +149,13 @@ def _layer_source(momentum: bool) -> str:
 LAYER_MOMENTUM_GIVEN = (
     "int32 cols, T lr, T gamma, T wd, bool nesterov",
     "T w, T g, T v, raw T b, raw T vb, raw T gb",
-    "T d = wd != (T)0 ? g + wd * w : g; v = gamma * v + lr * d; w -= nesterov ? gamma * v + lr * d "
-    ": v;"
-    " if (i < cols) { T db = wd != (T)0 ? gb[i] + wd * b[i] : gb[i]; vb[i] = gamma * vb[i] + lr * "
-    "db;"
-    " b[i] -= nesterov ? gamma * vb[i] + lr * db : vb[i]; }",
+    _layer_rule("momentum", True),
     "gpunet_layer_momentum_given",
 )
 LAYER_SGD_GIVEN = (
     "int32 cols, T lr, T wd",
     "T w, T g, raw T b, raw T gb",
-    "w -= lr * (wd != (T)0 ? g + wd * w : g);"
-    " if (i < cols) { b[i] -= lr * (wd != (T)0 ? gb[i] + wd * b[i] : gb[i]); }",
+    _layer_rule("sgd", True),
     "gpunet_layer_sgd_given",
 )
 # BatchNorm's normalisation of a block in training mode, after the column statistics
@@ -191,11 +184,15 @@ ELEMENTWISE = {
     "dropout": DROPOUT,
     "relu_mask_backward": RELU_MASK_BACKWARD,
     "gather_scaled": GATHER_SCALED,
-    "adam": ADAM,
     "layer_momentum_given": LAYER_MOMENTUM_GIVEN,
     "layer_sgd_given": LAYER_SGD_GIVEN,
     "batch_norm_apply": BATCH_NORM_APPLY,
 }
+# Each optimizer's update rule on one parameter, generated from its one definition
+# (gpunet.fast.rules): a kernel per combination of its settings, gpunet_<kind>[_<flag>...], e.g.
+# gpunet_adamw_wd
+RULES = {name[len("gpunet_") :]: rules.kernel_spec(opt) for name, opt in rules.examples().items()}
+ELEMENTWISE.update(RULES)
 
 # softmax cross-entropy, forward and gradient in one pass: one thread per row (MNIST has 10 classes,
 # so a row fits in registers). T, EXP and LOG are defined per dtype by softmax_xent_source.
@@ -473,13 +470,10 @@ def layer_update_launch(W, b, vW, vb, dy, lr, gamma, wd, nesterov):
     grid = max(-(-size // LAYER_THREADS), -(-cols // LAYER_COLUMNS))
     scalars = (np.int32(rows), np.int32(cols), np.int64(size))
     if vW is None:
-        args = (W.data, W.grad, b.data, b.grad, dy) + scalars + (lr, wd)
+        args = (W.data, W.grad, b.data, b.grad, dy, *scalars, lr, wd)
     else:
-        args = (
-            (W.data, W.grad, vW, b.data, vb, b.grad, dy)
-            + scalars
-            + (lr, gamma, wd, np.int32(bool(nesterov)))
-        )
+        flag = np.int32(bool(nesterov))
+        args = (W.data, W.grad, vW, b.data, vb, b.grad, dy, *scalars, lr, gamma, wd, flag)
     return (grid,), (LAYER_THREADS,), args
 
 
@@ -490,10 +484,17 @@ def gather_scaled(src, idx, out, divisor):
     return out
 
 
-def adam(w, g, m, v, scalars):
-    """Adam's or AdamW's rule on one parameter, in place; ``scalars`` = (b1, b2, c1, c2, step,
-    root_c2, eps, wd, decay) in w's dtype (see :data:`ADAM`)."""
-    _elementwise("adam")(g, *scalars, w, m, v)
+def rule(opt):
+    """``kernel(w, g, *state, *scalars)``: ``opt``'s rule on one parameter in one launch, in place
+    (the kernel of :data:`RULES` for its settings; ``Optimizer.update`` passes the arrays)."""
+    name = rules.variant(opt)[len("gpunet_") :]
+    ELEMENTWISE.setdefault(name, rules.kernel_spec(opt))  # RULES has every variant of the examples
+    kernel, slots = _elementwise(name), len(opt.slots)
+
+    def launch(w, g, *args):
+        kernel(g, *args[slots:], w, *args[:slots])
+
+    return launch
 
 
 def dropout(y, mask, key, threshold, scale, start=0):

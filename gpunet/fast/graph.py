@@ -11,9 +11,9 @@ same, the GEMMs to float tolerance).
 What changes between steps is read by the kernels from the step's scalars, a small device buffer
 (uint64 slots, read as float64 where they hold a float) filled by one asynchronous copy from pinned
 memory before each replay: slot 0 the batch's offset into the permutation, then each active Dropout
-layer's key, then the update's scalars (SGD: lr, wd; momentum: lr, gamma, wd; Adam and AdamW: the
-nine of :func:`gpunet.fast.step.adam_scalars`, its t and bias corrections and a schedule's lr
-included; one set for all layers, as the optimizer has one). The host computes them as the eager
+layer's key, then the update's scalars (SGD: lr, wd; momentum: lr, gamma, wd; any other rule: the
+numbers of its ``begin_step()``, Adam's t and bias corrections and a schedule's lr included; one set
+for all layers, as the optimizer has one). The host computes them as the eager
 step would (the same draws, in the same order), into row ``b`` of a pinned (steps, slots) array, so
 that no row is rewritten while an earlier copy may still read it (the epoch ends with a
 synchronization). The epoch's loss sum and right answers are the step's own device arrays, zeroed in
@@ -41,9 +41,8 @@ import numpy as np
 
 from ..backend import get_array_module
 from . import cuda, graph_kernels
-from .step import adam_scalars
 
-UPDATE_SLOTS = {"sgd": 2, "momentum": 3, "adam": 9}
+UPDATE_SLOTS = {"sgd": 2, "momentum": 3}  # any other rule: as many as its constants
 
 
 def available() -> str | None:
@@ -99,7 +98,7 @@ class GraphStep:
             fused.blocks,
             fused.optimizer,
         )
-        self.rule = "adam" if fused.adam else "momentum" if fused.momentum else "sgd"
+        self.rule = "rule" if fused.per_parameter else "momentum" if fused.momentum else "sgd"
         self.x, self.y, self.batch_size, self.n = x, y, batch_size, len(x)
         self.steps = -(-self.n // batch_size)
         self.dtype = np.dtype(self.blocks[0][0].W.data.dtype)
@@ -107,8 +106,8 @@ class GraphStep:
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.dropouts = [block[2] for block in self.blocks if block[2] is not None]
         self.update_at = 1 + len(self.dropouts)
-        self.slots = (
-            self.update_at + UPDATE_SLOTS[self.rule]
+        self.slots = self.update_at + UPDATE_SLOTS.get(
+            self.rule, len(self.optimizer.constants())
         )  # one optimizer: the same scalars for every layer
         self.device_u = self.xp.zeros(self.slots, np.uint64)
         self.device_f = self.device_u.view(np.float64)
@@ -134,10 +133,8 @@ class GraphStep:
     def held(self) -> tuple:
         """The addresses of every array a graph reads or writes that the run could replace."""
         arrays = [self.x.raw if hasattr(self.x, "raw") else self.x.data, self.y]
-        for p in self.optimizer.params:
-            arrays += [p.data, p.grad]
-        for name in self.optimizer.slots:
-            arrays += list(getattr(self.optimizer, name))
+        for i, p in enumerate(self.optimizer.params):
+            arrays += [p.data, p.grad, *self.optimizer.buffers(i)]
         return tuple(_ptr(a) for a in arrays)
 
     def begin_epoch(self, order, loss_sum=0.0, correct=0) -> tuple:
@@ -171,9 +168,9 @@ class GraphStep:
         for j, layer in enumerate(self.dropouts):
             u[1 + j] = layer.next_key() if layer.active() else 0
         opt, at = self.optimizer, self.update_at
-        if self.rule == "adam":
-            opt.t += 1
-            f[at:] = adam_scalars(opt, self.dtype)  # T values, stored exactly as float64
+        if self.rule == "rule":  # the optimizer's own bookkeeping (Adam's t), as the eager step's
+            self.constants = opt.begin_step()  # also the eager update's after an all-reduce
+            f[at:] = [t(c) for c in self.constants.values()]  # T values, exact as float64
         elif self.rule == "momentum":
             f[at:] = (t(opt.lr), t(opt.momentum), t(opt.weight_decay))
         else:
@@ -204,8 +201,8 @@ class GraphStep:
         fused = self.fused
         with self.stream:
             stop = self.gradient_sum(rows, batch_rows, stop, scaled=True)
-            if fused.adam:
-                fused._adam_scalars = adam_scalars(self.optimizer, self.dtype)
+            if fused.per_parameter:  # this step's numbers, as scalars() had them of the optimizer
+                fused._constants = self.constants
             for i in range(len(self.blocks) - 1, -1, -1):
                 fused._apply(fused.pairs[i], fused.index[i][:2])
         return stop
@@ -323,13 +320,11 @@ class GraphStep:
         if self.distributed:  # the gradients only: summed over the ranks before the update
             graph_kernels.launch("bias_grad", flat, rows, cols, b.grad)
             return
-        if self.rule == "adam":
+        if self.rule == "rule":
             graph_kernels.launch("bias_grad", flat, rows, cols, b.grad)
-            for k in self.fused.index[i][:2]:
-                p = opt.params[k]
-                graph_kernels.launch(
-                    "adam", p.grad, f, np.int32(self.update_at), p.data, opt.m[k], opt.v[k]
-                )
+            name, at = graph_kernels.rule(opt), np.int32(self.update_at)
+            for k in self.fused.index[i][:2]:  # the optimizer hands its arrays to the kernel
+                opt.update(k, {}, lambda w, g, *s: graph_kernels.launch(name, g, f, at, w, *s))
         elif self.rule == "momentum":
             graph_kernels.launch(
                 "layer_momentum",

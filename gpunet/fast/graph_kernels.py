@@ -252,21 +252,36 @@ def variants() -> dict:
             "scalars_f",
             "gpunet_graph_layer_momentum",
         ),
-        "adam": reading(
-            eager["adam"],
-            ("b1", "b2", "c1", "c2", "step", "root_c2", "eps", "wd", "decay"),
-            "scalars_f",
-            "gpunet_graph_adam",
-        ),
         "dropout": reading(eager["dropout"], ("key",), "scalars_u", "gpunet_graph_dropout"),
     }
+
+
+_RULES: dict = {}  # the graph variants of the optimizers' rule kernels, by name, made on first use
+
+
+def rule(opt) -> str:
+    """The name of the graph variant of ``opt``'s rule kernel (gpunet.fast.rules: its scalars read
+    from the step's buffer, in the order of ``opt.constants()``), made on first use."""
+    from . import rules
+
+    name = rules.variant(opt)[len("gpunet_") :]
+    if name not in _RULES:
+        _RULES[name] = reading(
+            rules.kernel_spec(opt), tuple(opt.constants()), "scalars_f", "gpunet_graph_" + name
+        )
+    return name
+
+
+def spec(name: str) -> tuple:
+    """The ElementwiseKernel spec of graph variant ``name``: of :func:`variants`, or a rule's."""
+    return _RULES[name] if name in _RULES else variants()[name]
 
 
 @functools.cache
 def _elementwise(name: str):
     import cupy
 
-    return cupy.ElementwiseKernel(*variants()[name])
+    return cupy.ElementwiseKernel(*spec(name))
 
 
 def launch(name: str, *args):

@@ -61,18 +61,13 @@ def softmax_xent(z, labels, grad, loss_rows, inv_n):
         loss_rows[i] = np.log(s) + m - z[i, t]
 
 
-@_jit
-def adam(w, g, m, v, b1, b2, c1, c2, step, root_c2, eps, wd, decay):
-    """Adam's or AdamW's rule on flat (1-D) arrays, in place, with the core's operations in its
-    order: d = g + wd w; w *= decay; m = b1 m + c1 d; v = b2 v + c2 d d; w -= step (m / (sqrt(v) /
-    root_c2 + eps))."""
-    for i in range(w.shape[0]):
-        d = g[i] + wd * w[i]
-        wi = w[i] * decay
-        mi = b1 * m[i] + c1 * d
-        vi = b2 * v[i] + c2 * d * d
-        m[i], v[i] = mi, vi
-        w[i] = wi - step * (mi / (np.sqrt(vi) / root_c2 + eps))
+def rule(source: str):
+    """The optimizer rule's CPU kernel, compiled from its generated text (:func:`gpunet.fast.rules.
+    numba_source`: a loop over flat arrays, the core's operations in its order). Compiled once per
+    process and dtype, on first use (generated text has no file for numba's on-disk cache)."""
+    space = {"sqrt": np.sqrt}
+    exec(compile(source, "<gpunet rule kernel>", "exec"), space)  # text made by gpunet.fast.rules
+    return numba.njit(nogil=True, error_model="numpy")(space["kernel"])
 
 
 @_jit

@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from ..backend import get_array_module
-from . import cuda
+from . import cuda, rules
 
 _numba_why = []  # why the compiled CPU kernels are off, once known
 
@@ -87,37 +87,33 @@ def relu_backward(dy, y):
     return np.multiply(dy, y > 0, out=dy)
 
 
-def adam(w, g, m, v, scalars, scratch):
-    """Adam's or AdamW's rule on one parameter, in place: ``scalars`` = (b1, b2, c1, c2, step,
-    root_c2, eps, wd, decay) in w's dtype (:func:`gpunet.fast.step.adam_scalars`); w, g, m, v
-    C-contiguous of one shape and dtype; ``scratch`` two arrays like w (None on the GPU), for
-    in-place NumPy (the core's operations, in its order, without its temporaries)."""
-    if get_array_module(w) is not np:
-        return cuda.adam(w, g, m, v, scalars)
-    if (compiled := _cpu_kernels(w, g, m, v)) is not None:
-        compiled.adam(w.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), *scalars)
+def update(opt, i: int, k: dict) -> None:
+    """``opt.params[i]`` stepped by the optimizer's own rule, ``k`` its step's numbers
+    (``opt.begin_step()``), through the kernel generated from that rule (:mod:`gpunet.fast.rules`):
+    CUDA for CuPy arrays, numba for C-contiguous NumPy arrays of one dtype, else the core's rule
+    itself. The optimizer hands its arrays to the kernel (``Optimizer.update``): nothing here
+    touches its state."""
+    p = opt.params[i]
+    if get_array_module(p.data) is not np:
+        opt.update(i, k, cuda.rule(opt))
         return
-    b1, b2, c1, c2, step, root_c2, eps, wd, decay = scalars
-    d, s = scratch
-    if wd:
-        np.multiply(w, wd, out=d)
-        d += g
-    else:
-        d[...] = g
-    if decay != 1:
-        w *= decay
-    m *= b1
-    m += np.multiply(d, c1, out=s)
-    v *= b2
-    np.multiply(d, c2, out=s)
-    s *= d
-    v += s
-    np.sqrt(v, out=s)
-    s /= root_c2
-    s += eps
-    np.divide(m, s, out=s)
-    s *= step
-    w -= s
+    compiled = _cpu_kernels(p.data, p.grad, *opt.buffers(i))
+    if compiled is None:
+        opt.update(i, k)
+        return
+    kernel = _numba_rule(rules.variant(opt), rules.numba_source(opt))
+    arrays = 2 + len(opt.slots)  # w, g, the state; then the scalars
+    opt.update(i, k, lambda *args: kernel(*_flat(args, arrays)))
+
+
+def _flat(args, arrays: int):
+    return [a.reshape(-1) for a in args[:arrays]] + list(args[arrays:])
+
+
+@functools.lru_cache(maxsize=None)
+def _numba_rule(name: str, source: str):
+    """The compiled kernel of one rule variant (``name``), made once per process."""
+    return numba_kernels().rule(source)
 
 
 def dropout(layer, y, mask):

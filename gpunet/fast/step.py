@@ -8,18 +8,17 @@ buffer, each layer updated as soon as its delta is known (dx first, from the old
 with NumPy's OpenBLAS the SGD or momentum update in BLAS calls on the arrays
 (:mod:`gpunet.fast.blas`). Every path writes ``param.grad`` (the gradient's product goes straight
 into it), so the step leaves the state the core's step (:func:`gpunet.training.train_step`) would.
-Adam's and AdamW's update is one kernel per parameter on either device (CUDA, numba or in-place
-NumPy: :func:`gpunet.fast.ops.adam`). Dropout masks are the Dropout layer's own
+Any other rule (Adam, AdamW, RMSprop) is one kernel per parameter, generated from the optimizer's
+rule (:func:`gpunet.fast.ops.update`).
+Dropout masks are the Dropout layer's own
 (its keys, in the same order; on the GPU one kernel draws, scales and applies each).
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..backend import get_array_module
 from ..layers import BatchNorm, Dropout, Linear, ReLU
-from ..optimizers import Adam, Momentum
+from ..optimizers import SGD, Momentum
 from . import blas, cuda, ops
 
 
@@ -51,16 +50,6 @@ def plan(net, batch_norm: bool = False):
     return blocks
 
 
-def adam_scalars(opt, dtype) -> tuple:
-    """The scalars of Adam's kernel for the optimizer's current step count ``opt.t``, in ``dtype``:
-    (b1, b2, 1 - b1, 1 - b2, lr / (1 - b1^t), sqrt(1 - b2^t), eps, L2 weight decay, AdamW's decay
-    factor), the bias corrections from the core's own float64 computation, each cast once."""
-    t, (b1, b2) = np.dtype(dtype).type, opt.betas
-    step, root_c2 = opt.corrections()
-    wd, decay = (0.0, 1.0 - opt.lr * opt.weight_decay) if opt.decoupled else (opt.weight_decay, 1.0)
-    return tuple(t(a) for a in (b1, b2, 1.0 - b1, 1.0 - b2, step, root_c2, opt.eps, wd, decay))
-
-
 def _affine(x, linear, relu, out=None):
     """``x @ W + b``, then ReLU if ``relu``, with the bias and ReLU in one pass over the product."""
     y = get_array_module(x).matmul(x, linear.W.data, out=out)
@@ -87,26 +76,30 @@ class FusedStep:
     def __init__(self, optimizer, blocks, distributed: bool = False):
         self.blocks, self.optimizer = blocks, optimizer
         self.momentum = isinstance(optimizer, Momentum)
-        self.adam = isinstance(optimizer, Adam)  # AdamW too
+        layered = type(optimizer) in (SGD, Momentum)  # W and b in one kernel, or BLAS calls
         W0 = blocks[0][0].W.data
         self.xp = get_array_module(W0)
         self.on_cpu = self.xp.__name__ == "numpy"
         params = optimizer.params
-        velocities = optimizer.velocities if self.momentum else [None] * len(params)
-        # on the CPU with OpenBLAS (and not Nesterov) the SGD/momentum gradient folds into the
-        # update; Adam has a kernel on both devices; else the CPU runs the core rule once the walk
-        # is over distributed: the gradients must exist, to be summed over the ranks before the
-        # update (on the GPU the fused update runs after the sum; on the CPU the core rule)
-        self.deferred = (self.on_cpu and not self.adam) or (distributed and self.on_cpu)
+        velocities = [
+            optimizer.buffers(i)[0] if self.momentum else None for i in range(len(params))
+        ]
+        # SGD and momentum: on the GPU one kernel a layer (cuda.LAYER_*), on the CPU with OpenBLAS
+        # (not Nesterov) BLAS calls (blas.LinearUpdate); any other case: the kernel generated from
+        # the optimizer's rule, one a parameter (ops.update: CUDA, numba, or the core's rule itself)
+        # distributed: the gradients must exist, to be summed over the ranks before the update (on
+        # the GPU the fused update runs after the sum; on the CPU the core's step)
+        self.deferred = distributed and self.on_cpu
         self.prescaled = distributed and not self.on_cpu
         self.fold = (
             self.on_cpu
             and not distributed
-            and not self.adam
+            and layered
             and blas.routines(W0.dtype) is not None
             and not (self.momentum and optimizer.nesterov)
             and all(p.data.flags.c_contiguous and p.grad.flags.c_contiguous for p in params)
         )
+        self.per_parameter = not self.fold and not (layered and not self.on_cpu)
         # (W, vW), (b, vb) of each block, then (gamma, vgamma), (beta, vbeta) of a BatchNorm's:
         # their indices
         self.index, k = [], 0
@@ -152,22 +145,23 @@ class FusedStep:
         return buf
 
     def _update(self, i, x, dy):
-        """Block i's W and b, whose gradients x.T @ dy and dy.sum(0) go into ``grad``: the update
-        in BLAS calls on the CPU with OpenBLAS; else on the GPU, applied by one kernel each (on the
-        CPU the core optimizer steps once the walk is over; a distributed GPU step applies them
-        after the sum over the ranks, :meth:`_apply`)."""
+        """Block i's W and b, whose gradients x.T @ dy and dy.sum(0) go into ``grad``, then the
+        rule: in BLAS calls (the CPU with OpenBLAS), one kernel for both (SGD and momentum on the
+        GPU), or one generated kernel each (:meth:`_rule`); a distributed step's waits for the sum
+        over the
+        ranks (the core's step on the CPU, :meth:`_apply` on the GPU)."""
         opt = self.optimizer
         if self.fold:
             self.folded[i](x, dy, opt.lr, opt.momentum if self.momentum else 0.0, opt.weight_decay)
             return
         (W, vW), (b, vb) = self.pairs[i]
         self.xp.matmul(x.T, dy, out=W.grad)
-        if self.deferred or self.adam or self.prescaled:
+        if self.deferred or self.per_parameter or self.prescaled:
             dy.sum(axis=0, out=b.grad)
         if self.deferred or self.prescaled:
             return
-        if self.adam:
-            self._adam(self.index[i][:2])
+        if self.per_parameter:
+            self._rule(self.index[i][:2])
             return
         t = W.data.dtype.type  # the GPU: b.grad and both updates in one launch
         cuda.layer_update(
@@ -182,21 +176,15 @@ class FusedStep:
             self.momentum and opt.nesterov,
         )
 
-    def _adam(self, indices):
-        opt = self.optimizer
+    def _rule(self, indices):
+        """The parameters ``indices`` stepped by the optimizer's rule (its generated kernel)."""
         for k in indices:
-            p = opt.params[k]
-            scratch = None
-            if (
-                self.on_cpu
-            ):  # in-place NumPy's two work arrays, made once (CUDA and numba need none)
-                scratch = [self._buffer(("adam", j, k), p.data.shape, p.data.dtype) for j in (0, 1)]
-            ops.adam(p.data, p.grad, opt.m[k], opt.v[k], self._adam_scalars, scratch)
+            ops.update(self.optimizer, k, self._constants)
 
     def _apply(self, pairs, indices):
         """The GPU's update of two parameters whose gradients are written (W, b or gamma, beta)."""
-        if self.adam:
-            self._adam(indices)
+        if self.per_parameter:
+            self._rule(indices)
             return
         opt = self.optimizer
         (W, vW), (b, vb) = pairs
@@ -289,11 +277,8 @@ class FusedStep:
             rows = self._buffer("rows", (n,), logits.dtype)
             ops.softmax_xent(logits, y, grad, rows)
             value = rows.sum() * logits.dtype.type(1.0 / n)
-        if (
-            self.adam and not self.deferred
-        ):  # this step's count and bias corrections, as the core's step
-            self.optimizer.t += 1
-            self._adam_scalars = adam_scalars(self.optimizer, logits.dtype)
+        if self.per_parameter and not self.deferred:  # the optimizer's bookkeeping (Adam's t), once
+            self._constants = self.optimizer.begin_step()
 
         dy, after = (
             grad,
@@ -321,8 +306,8 @@ class FusedStep:
             reduce()  # e.g. the sum over the ranks of a distributed run
         for pairs, indices in after:
             self._apply(pairs, indices)
-        if self.deferred and not self.fold:
-            self.optimizer.step()  # the core rule, on the gradients written above
+        if self.deferred:
+            self.optimizer.step()  # the core rule, on the gradients summed above
         return value, logits
 
 

@@ -33,10 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from gpunet import backend
-from gpunet.fast import cuda
-from gpunet.fast.step import adam_scalars
-from gpunet.layers import Parameter
-from gpunet.optimizers import Adam, AdamW
+from gpunet.fast import cuda, rules
 
 ARCHS = ("80", "90", "120")  # Ampere, Hopper, Blackwell (consumer); 120 needs NVRTC >= 12.8
 DTYPES = ("float32", "float64")
@@ -130,8 +127,9 @@ def launch_all(dtype: str, xp=np) -> None:
     """Call each of gpunet.fast.cuda's elementwise wrappers as gpunet.fast.step does, on MNIST-sized
     arrays of ``xp`` in ``dtype``: activations (128, 512) and (1, 512) (online learning: another
     layout), W (784, 512) and b (512,), a layer's update with momentum (with and without Nesterov)
-    and SGD, Adam and AdamW (their scalars from gpunet.fast.step.adam_scalars, as the fused step
-    passes them), dropout, the gather."""
+    and SGD, every optimizer rule's generated kernel (gpunet.fast.rules; scalars from the
+    optimizer's begin_step, as the fused
+    step passes them), dropout, the gather."""
     t = np.dtype(dtype).type
     y, b, W = xp.zeros((128, 512), dtype), xp.zeros(512, dtype), xp.zeros((784, 512), dtype)
     cuda.bias_relu(y, b)
@@ -149,12 +147,10 @@ def launch_all(dtype: str, xp=np) -> None:
         cuda.layer_update_given(*params, W.copy(), b.copy(), t(0.05), t(0.9), t(1e-4), nesterov)
     cuda.layer_update_given(*params, None, None, t(0.05), t(0.0), t(1e-4), False)
     cuda.batch_norm_apply(y, y.copy(), b, b.copy(), b.copy(), b.copy(), b.copy(), True)
-    adams = [cls([Parameter(np.zeros(2, dtype))], weight_decay=1e-4) for cls in (Adam, AdamW)]
-    for opt in adams:
-        opt.t = 1
-    for p in (W, b):
-        for opt in adams:
-            cuda.adam(p, p.copy(), p.copy(), p.copy(), adam_scalars(opt, dtype))
+    for opt in rules.examples().values():  # every optimizer rule's kernel, each of its variants
+        k = [t(c) for c in opt.begin_step().values()]
+        for p in (W, b):
+            cuda.rule(opt)(p, p.copy(), *[p.copy() for _ in opt.slots], *k)
     cuda.dropout(y, y.copy(), 2**63 - 1, 52429, 1 / 0.8)
     cuda.gather_scaled(
         xp.zeros((1000, 784), np.uint8), xp.zeros(128, np.int64), xp.zeros((128, 784), dtype), 255

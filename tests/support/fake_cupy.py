@@ -275,14 +275,6 @@ def _layer_sgd(dy, rows, cols, lr, wd, w, g, b, gb, column_sum=_rows_sum):
     b -= lr * _decayed(gb, wd, b)
 
 
-def _adam(g, b1, b2, c1, c2, step, root_c2, eps, wd, decay, w, m, v):
-    d = _decayed(g, wd, w)
-    w *= decay
-    m[...] = b1 * m + c1 * d
-    v[...] = b2 * v + c2 * d * d
-    w -= step * (m / (np.sqrt(v) / root_c2 + eps))
-
-
 def _dropout(key, start, threshold, scale, y, mask):
     kept = layers.dropout_bits(np, int(key), y.size, int(start)).reshape(y.shape) < threshold
     mask[...] = kept * scale
@@ -318,7 +310,6 @@ MIRRORS = {
     ),
     "gpunet_relu_backward": lambda y, dy: dy.__setitem__(..., _relu_where(y, dy)),
     "gpunet_relu_mask_backward": lambda y, mask, dy: dy.__setitem__(..., _relu_where(y, dy * mask)),
-    "gpunet_adam": _adam,
     "gpunet_dropout": _dropout,
     "gpunet_layer_momentum_given": lambda cols, lr, gamma, wd, nesterov, w, g, v, b, vb, gb: (
         _layer_given(lr, gamma, wd, nesterov, (w, g, v), (b, gb, vb))
@@ -362,12 +353,24 @@ MIRRORS.update(
         "gpunet_graph_layer_momentum": lambda dy, rows, cols, nesterov, f, at, w, g, v, b, vb, gb: (
             _layer_update(dy, rows, cols, *_read(f, at, 3, w), nesterov, w, g, v, b, vb, gb)
         ),
-        "gpunet_graph_adam": lambda g, f, at, w, m, v: _adam(g, *_read(f, at, 9, w), w, m, v),
         "gpunet_graph_dropout": lambda start, threshold, scale, u, at, y, mask: _dropout(
             u[int(at)], start, threshold, scale, y, mask
         ),
     }
 )
+
+
+def _rule_mirrors():
+    """The mirror of each optimizer rule's kernel (gpunet.fast.rules), eager and graph (its scalars
+    read from the step's buffer): the core's rule itself, on NumPy arrays."""
+    from gpunet.fast import rules
+
+    for name, opt in rules.examples().items():
+        run, count = rules.mirror(opt), len(opt.constants())
+        MIRRORS[name] = run
+        MIRRORS["gpunet_graph_" + name[len("gpunet_") :]] = (
+            lambda g, f, at, w, *s, run=run, count=count: run(g, *_read(f, at, count, w), w, *s)
+        )
 
 
 def _softmax_rows(z, labels, grad, inv_n):
@@ -568,6 +571,8 @@ class FakeCupy(types.ModuleType):
         return np.array(_base(a))
 
     def ElementwiseKernel(self, in_params, out_params, operation, name, **kwargs):
+        if name not in MIRRORS:  # an optimizer's rule kernel: its mirror is the core's rule itself
+            _rule_mirrors()
         spec, mirror = (in_params, out_params, operation, name), MIRRORS[name]
         counter = self.counter
 

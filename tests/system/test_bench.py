@@ -16,7 +16,7 @@ import gpunet as gn
 from gpunet.data import load_mnist
 from gpunet.training import fit
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.append(str(ROOT / "benchmarks"))  # after tests/support: both have a pictures.py
 import memory  # noqa: E402
 import report  # noqa: E402
 import speed  # noqa: E402

@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 import pytest
 from conftest import ROOT, make_fake_mnist
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.append(str(ROOT / "benchmarks"))  # after tests/support: both have a pictures.py
 import report  # noqa: E402
 
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"

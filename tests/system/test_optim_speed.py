@@ -9,7 +9,7 @@ import sys
 import numpy as np
 from conftest import ROOT, make_fake_mnist, optional
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.append(str(ROOT / "benchmarks"))  # after tests/support: both have a pictures.py
 import optim_speed  # noqa: E402
 
 

@@ -58,8 +58,8 @@ def test_every_kernel_is_built_from_the_sources_checked_here():
             "fast/graph_kernels.py",
             "return cupy.RawKernel(gemm_source(ctype_, variant), gemm_name(variant))",
         ),
-        # the graph step's ElementwiseKernels: compiled in tests/unit/test_graph_step.py
-        ("fast/graph_kernels.py", "return cupy.ElementwiseKernel(*variants()[name])"),
+        # the graph step's elementwise variants: compiled in tests/unit/test_graph_step.py
+        ("fast/graph_kernels.py", "return cupy.ElementwiseKernel(*spec(name))"),
     }
 
 
@@ -102,9 +102,9 @@ def test_the_generated_sources_describe_the_launches(nvrtc):
         in sources["gpunet_bias_relu"][1]
     )
     assert (
-        "const float eps, const float wd, const float decay, CArray<float, 1, 1, 1> _raw_w, "
+        "const float eps, const float decay, CArray<float, 1, 1, 1> _raw_w, "
         "CArray<float, 1, 1, 1> _raw_m, CArray<float, 1, 1, 1> _raw_v"
-    ) in sources["gpunet_adam"][0]
+    ) in sources["gpunet_adamw_wd"][0]
     assert all(s.startswith("#include <cupy/") for group in sources.values() for s in group)
 
 

@@ -409,7 +409,6 @@ def test_adam_skips_a_zero_weight_decay_as_the_core_does(fake, dtype, rule):
     infinite weight stays infinite; ``g + 0 * w`` made it NaN). Tolerance 1e-6 relative (float32
     sqrt/divide)."""
     import gpunet as gn
-    from gpunet.fast.step import adam_scalars
     from gpunet.layers import Parameter
 
     w = special((1000,), dtype, marks=False)
@@ -420,7 +419,8 @@ def test_adam_skips_a_zero_weight_decay_as_the_core_does(fake, dtype, rule):
     opt = getattr(gn, rule)([p], lr=1e-3, weight_decay=0.0)
     opt.step()
     dw, dm, dv = fake.asarray(w.copy()), fake.zeros(1000, dtype), fake.zeros(1000, dtype)
-    cuda.adam(dw, fake.asarray(g), dm, dv, adam_scalars(opt, dtype))
+    k = [np.dtype(dtype).type(c) for c in opt.constants().values()]  # after the core's step 1
+    cuda.rule(opt)(dw, fake.asarray(g), dm, dv, *k)
     np.testing.assert_allclose(np.asarray(dw), p.data, rtol=1e-6)
 
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import assert_allclose
 
 import gpunet as gn
-from gpunet.fast import ops
+from gpunet.fast import ops, rules
 
 TOL = {np.float32: (1e-5, 1e-6), np.float64: (1e-12, 1e-13)}
 
@@ -158,69 +158,54 @@ def test_compiled_kernels_fall_back_and_say_why(monkeypatch, error, says, not_sa
     assert says in why and not_says not in why, why
 
 
-# ----------------------------------------------------------------------------------- Adam and AdamW
-ADAM_RULES = {
-    "adam": lambda p: gn.Adam(p, lr=1e-2, betas=(0.8, 0.99)),
-    "adam-l2": lambda p: gn.Adam(p, lr=1e-2, eps=1e-6, weight_decay=0.05),
-    "adamw": lambda p: gn.AdamW(p, lr=1e-2, weight_decay=0.1),
-}
+# ------------------------------------------------------------------ every optimizer rule's kernel
+RULES = sorted(rules.examples())  # each kind of optimizers.OPTIMIZERS, each combination of flags
 
 
-def check_adam_matches_core(device, dtype, rule, exact):
-    """Five steps of ops.adam (scalars from fast.step.adam_scalars) against five of the core's rule,
-    on a matrix and a vector, from the same weights and gradients. ``exact``: the same operations in
-    the same order (numba, in-place NumPy) give the same bits; CUDA may contract a multiply-add (TOL
-    then)."""
-    from gpunet.fast.step import adam_scalars
-
+def check_rule_matches_core(device, dtype, name, exact):
+    """Five steps of ops.update (the kernel generated from the optimizer's rule) against five of the
+    core's step, on a matrix and a vector, from the same weights and gradients. ``exact``: the same
+    operations in the same order (numba, or the core's rule itself) give the same bits; CUDA may
+    contract a multiply-add (TOL then)."""
     rng = np.random.default_rng(2)
     start = [rng.normal(size=(7, 5)).astype(dtype), rng.normal(size=5).astype(dtype)]
     grads = [[rng.normal(size=a.shape).astype(dtype) for a in start] for _ in range(5)]
-    core = [gn.Parameter(gn.to_device(a.copy(), device)) for a in start]
-    fused = [gn.Parameter(gn.to_device(a.copy(), device)) for a in start]
-    core_opt, fused_opt = ADAM_RULES[rule](core), ADAM_RULES[rule](fused)
+    runs = []
+    for _ in ("core", "fused"):
+        params = [gn.Parameter(gn.to_device(a.copy(), device)) for a in start]
+        runs.append((params, rules.examples(lambda: params)[name]))
+    (core, core_opt), (fused, fused_opt) = runs
     for step in grads:
         for p, q, g in zip(core, fused, step):
             p.grad[...] = q.grad[...] = gn.to_device(g, device)
         core_opt.step()
-        fused_opt.t += 1
-        scalars = adam_scalars(fused_opt, dtype)
-        assert all(type(a) is np.dtype(dtype).type for a in scalars)
-        for k, q in enumerate(fused):
-            xp = gn.get_array_module(q.data)
-            ops.adam(
-                q.data,
-                q.grad,
-                fused_opt.m[k],
-                fused_opt.v[k],
-                scalars,
-                [xp.empty_like(q.data) for _ in "ds"],
-            )
+        k = fused_opt.begin_step()
+        for i in range(len(fused)):
+            ops.update(fused_opt, i, k)
     rtol, atol = TOL[dtype]
-    for p, q, m1, m2, v1, v2 in zip(core, fused, core_opt.m, fused_opt.m, core_opt.v, fused_opt.v):
-        for a, b in ((q.data, p.data), (m2, m1), (v2, v1)):
+    for i, (p, q) in enumerate(zip(core, fused)):
+        for a, b in zip([q.data, *fused_opt.buffers(i)], [p.data, *core_opt.buffers(i)]):
             assert a.dtype == dtype
             if exact:
-                assert np.array_equal(gn.to_numpy(a), gn.to_numpy(b))
+                assert np.array_equal(gn.to_numpy(a), gn.to_numpy(b)), name
             assert_allclose(a, b, rtol, atol)
 
 
-@pytest.mark.parametrize("rule", sorted(ADAM_RULES))
+@pytest.mark.parametrize("name", RULES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_numba_adam_is_the_core_rule(rule, dtype):
+def test_numba_rule_is_the_core_rule(name, dtype):
     compiled_kernels()
-    check_adam_matches_core("cpu", dtype, rule, exact=True)
+    check_rule_matches_core("cpu", dtype, name, exact=True)
 
 
-@pytest.mark.parametrize("rule", sorted(ADAM_RULES))
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_numpy_adam_is_the_core_rule(rule, dtype, monkeypatch):
+@pytest.mark.parametrize("name", ["gpunet_adamw_wd", "gpunet_rmsprop_wd_centered_momentum"])
+def test_without_numba_the_core_rule_runs(name, monkeypatch):
     monkeypatch.setattr(ops, "numba_kernels", lambda: None)
-    check_adam_matches_core("cpu", dtype, rule, exact=True)
+    check_rule_matches_core("cpu", np.float32, name, exact=True)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rule", sorted(ADAM_RULES))
+@pytest.mark.parametrize("name", RULES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_cuda_adam_is_the_core_rule(rule, dtype):
-    check_adam_matches_core("gpu", dtype, rule, exact=False)
+def test_cuda_rule_is_the_core_rule(name, dtype):
+    check_rule_matches_core("gpu", dtype, name, exact=False)

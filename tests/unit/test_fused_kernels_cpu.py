@@ -238,7 +238,12 @@ RAW_BUGS = {  # kernel, (anchor, replacement): a CUDA source that no longer matc
 ELEMENTWISE_BUGS = {  # kernel key, (anchor, replacement)
     "momentum_given's bias without weight decay": (
         "layer_momentum_given",
-        ("gb[i] + wd * b[i] : gb[i]", "gb[i] : gb[i]"),
+        # the bias's step in the generated branch for weight decay on, Nesterov off
+        # (gpunet.fast.rules)
+        (
+            "T o0 = (b[i] - ((vb[i] * gamma) + (lr * (gb[i] + (wd * b[i])))));",
+            "T o0 = (b[i] - ((vb[i] * gamma) + (lr * gb[i])));",
+        ),
     ),
     "sgd_given updates only the first bias": ("layer_sgd_given", ("if (i < cols)", "if (i < 1)")),
 }

@@ -84,7 +84,7 @@ def test_the_table_in_benchmarks_is_what_the_code_counts(fake_gpu, monkeypatch):
 
     from conftest import ROOT
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.append(str(ROOT / "benchmarks"))  # after tests/support: both have a pictures.py
     import launch_table
 
     monkeypatch.setenv("GPUNET_CUDA_CPU", "0")  # counts only (the CUDA sources run in other tests)

@@ -10,7 +10,7 @@ import launch_counts
 import pytest
 from conftest import ROOT, optional
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.append(str(ROOT / "benchmarks"))  # after tests/support: both have a pictures.py
 import gpu_step
 
 # the kernels that tell each path's step from the plain one

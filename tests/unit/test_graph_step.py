@@ -80,6 +80,7 @@ def run(
     opt = {
         "adam": lambda: gn.Adam(params, lr=0.01),
         "adamw": lambda: gn.AdamW(params, lr=0.01, weight_decay=0.1),
+        "rmsprop": lambda: gn.RMSprop(params, lr=0.01, momentum=0.9, centered=True),
         "momentum": lambda: gn.Momentum(params, lr=0.05, momentum=0.9, nesterov=True),
         "sgd": lambda: gn.SGD(params, lr=0.05, weight_decay=1e-3),
     }[optimizer]()
@@ -118,7 +119,7 @@ def assert_same_run(a, b):
         np.testing.assert_allclose(ra["loss"], rb["loss"], rtol=RTOL)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adamw", "momentum", "sgd"])
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "rmsprop", "momentum", "sgd"])
 def test_graph_and_eager_steps_agree_over_epochs(fake_gpu, optimizer):
     """Two epochs of 5 steps (4 of 16 rows, the last of 6) with dropout and a schedule: same
     weights, gradients, optimizer state, Adam's t, losses and accuracies as the eager fused step."""
@@ -167,21 +168,27 @@ def test_one_capture_per_batch_shape_and_one_replay_per_step(fake_gpu):
 
 
 def test_the_scalars_are_what_the_eager_step_passes(fake_gpu, monkeypatch):
-    """Per step: slot 0 the batch's offset, then the two dropout layers' keys, then Adam's nine
-    scalars, bit for bit those the eager step hands cuda.dropout and cuda.adam (its t and bias
-    corrections, the schedule's lr); the permutation's offsets are b * batch_size."""
+    """Per step: slot 0 the batch's offset, then the two dropout layers' keys, then Adam's
+    scalars (the seven of its begin_step without weight decay), bit for bit those the eager step
+    hands cuda.dropout and Adam's rule kernel (its t and bias corrections, the schedule's lr); the
+    permutation's offsets are b * batch_size."""
     calls = {"adam": [], "dropout": []}
-    real_adam, real_dropout = cuda.adam, cuda.dropout
+    real_rule, real_dropout = cuda.rule, cuda.dropout
 
-    def adam(w, g, m, v, scalars):
-        calls["adam"].append(tuple(np.float64(s) for s in scalars))
-        return real_adam(w, g, m, v, scalars)
+    def rule(opt):
+        launch, slots = real_rule(opt), len(opt.slots)
+
+        def recorded(w, g, *args):
+            calls["adam"].append(tuple(np.float64(s) for s in args[slots:]))
+            return launch(w, g, *args)
+
+        return recorded
 
     def dropout(y, mask, key, threshold, scale, start=0):
         calls["dropout"].append(int(key))
         return real_dropout(y, mask, key, threshold, scale, start)
 
-    monkeypatch.setattr(cuda, "adam", adam)
+    monkeypatch.setattr(cuda, "rule", rule)
     monkeypatch.setattr(cuda, "dropout", dropout)
     schedule = lambda epoch: 0.01 * 0.5**epoch
     run(fake_gpu, graph_on=False, schedule=schedule)
@@ -199,7 +206,8 @@ def test_the_scalars_are_what_the_eager_step_passes(fake_gpu, monkeypatch):
     for k, row in enumerate(rows):
         assert row[0] == 16 * (k % 5)
         assert [int(v) for v in row[1:3]] == keys[2 * k : 2 * k + 2]
-        assert tuple(row[3:12].view(np.float64)) == adam_steps[k]
+        assert len(adam_steps[k]) == 7 and len(row) == 10
+        assert tuple(row[3:10].view(np.float64)) == adam_steps[k]
 
 
 def test_the_fake_refuses_what_a_capture_cannot_hold(fake_gpu):
@@ -233,13 +241,13 @@ def test_the_fake_refuses_what_a_capture_cannot_hold(fake_gpu):
 
 
 def test_a_run_the_graph_cannot_take_is_refused_in_one_line(fake_gpu):
-    with pytest.raises(ValueError, match="cuda_graph: .*RMSprop|cuda_graph: .*the optimizer"):
+    with pytest.raises(ValueError, match="cuda_graph: .*the optimizer is MySGD"):
         x, y = data()
         net = gn.mlp([12, 10, 4], seed=3, device="gpu")
         fit(
             net,
             gn.SoftmaxCrossEntropy(),
-            gn.RMSprop(net.parameters(), lr=0.01),
+            type("MySGD", (gn.SGD,), {})(net.parameters(), lr=0.01),  # not in OPTIMIZERS
             Pixels(x),
             y,
             epochs=1,
@@ -339,7 +347,7 @@ def test_the_comparison_table_puts_each_step_against_pytorch_eager():
     """benchmarks/gpu_graph.py's table: ms per step from the events and the wall clock, and the
     ratio to PyTorch eager's ms per step (the session's one table; its dry run is in
     test_gpu_session.py)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import gpu_graph
 
     rows = {
@@ -398,7 +406,7 @@ def test_the_graph_kernels_compile_with_nvrtc(fake_gpu, monkeypatch):
     launched, real = {}, graph_kernels.launch
 
     def record(name, *args):
-        spec = graph_kernels.variants()[name]
+        spec = graph_kernels.spec(name)
         plain = tuple(a.view(np.ndarray) if isinstance(a, np.ndarray) else a for a in args)
         launched.setdefault(cc.elementwise_program(spec, plain)[:2], name)
         return real(name, *args)
@@ -421,7 +429,8 @@ def test_the_graph_kernels_compile_with_nvrtc(fake_gpu, monkeypatch):
         )
         xs = Pixels(x, dtype) if pixels else (x / 255).astype(dtype)
         fit(net, gn.SoftmaxCrossEntropy(), opt, xs, y, epochs=1, batch_size=16, cuda_graph=True)
-    assert set(launched.values()) == set(graph_kernels.variants())
+    # every variant, and Adam's rule kernel (the graph variant of gpunet.fast.rules' gpunet_adam)
+    assert set(launched.values()) == set(graph_kernels.variants()) | {"adam"}
     failures = []
     monkeypatch.setitem(sys.modules, "cupy", cuda_cpu._cupy)
     for name, source in launched:
