@@ -377,8 +377,9 @@ def set_tf32(enabled: bool) -> None:
     linalg.set_compute_type(np.dtype(np.float32), mode)
 
 
-def check_labels(y: Array, classes: int | None = None, name: str = "y", context: str = "",
-                 hint: str = "") -> None:
+def check_labels(
+    y: Array, classes: int | None = None, name: str = "y", context: str = "", hint: str = ""
+) -> None:
     """The one check of class labels, on any device: ``y`` (N,) integers in [0, classes)
     (``classes`` None: >= 0, the class count not known yet). A TypeError (not integers) or
     ValueError (out of range, the first distinct values followed by ``context``) names ``name``, the
@@ -389,15 +390,21 @@ def check_labels(y: Array, classes: int | None = None, name: str = "y", context:
     tail = f"; {hint}" if hint else ""
     if y.dtype.kind not in "iu":  # booleans index as masks: the front door makes them 0 and 1 first
         what = "strings" if y.dtype.kind in "USO" else f"{y.dtype} values"
-        raise TypeError(f"{name}: expected integer class labels{span}, got {what} "
-                        f"({_distinct(y)}){tail}")
+        raise TypeError(
+            f"{name}: expected integer class labels{span}, got {what} ({_distinct(y)}){tail}"
+        )
     if len(y):
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or (classes is not None and hi >= classes):
-            expected = (f"labels in [0, {classes - 1}] for {classes} classes" if classes is not None
-                        else "class labels 0..C-1 (none negative)")
-            raise ValueError(f"{name}: expected {expected}, got values from {lo} to {hi} "
-                             f"({_distinct(y)}{context}){tail}")
+            expected = (
+                f"labels in [0, {classes - 1}] for {classes} classes"
+                if classes is not None
+                else "class labels 0..C-1 (none negative)"
+            )
+            raise ValueError(
+                f"{name}: expected {expected}, got values from {lo} to {hi} "
+                f"({_distinct(y)}{context}){tail}"
+            )
 
 
 def _distinct(y: Array) -> str:

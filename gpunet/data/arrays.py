@@ -128,8 +128,10 @@ def labels(y, classes: int, device: str = "cpu", name: str = "y"):
     """Integer class labels (N,) in [0, classes) -> int64 (N,) on ``device``; anything else
     refused."""
     a = _host_array(y, name)
-    encode = (f"encode them as 0..{classes - 1} first, e.g. classes, {name} = np.unique({name}, "
-              f"return_inverse=True) (gpunet.sklearn's classifiers do this for you)")
+    encode = (
+        f"encode them as 0..{classes - 1} first, e.g. classes, {name} = np.unique({name}, "
+        f"return_inverse=True) (gpunet.sklearn's classifiers do this for you)"
+    )
     if a.dtype.kind == "b":  # True and False as classes 1 and 0
         a = a.astype(np.int64)
     check_labels(a, classes, name, f"; the network has {classes} outputs", encode)

@@ -64,8 +64,11 @@ def test_mismatched_lengths_are_refused():
 
 
 def test_labels_outside_the_classes_are_refused():
-    with pytest.raises(ValueError, match=r"y_pred: expected labels in \[0, 2\] for 3 classes, got "
-                                         r"values from 0 to 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"y_pred: expected labels in \[0, 2\] for 3 classes, got "
+        r"values from 0 to 3",
+    ):
         confusion_matrix(np.array([0, 1, 2]), np.array([0, 3, 1]), 3)
 
 

@@ -1,5 +1,6 @@
 """One progress printer: ``gpunet train`` shows ``callbacks.Progress`` (the one ``fit(verbose=...)``
 uses), and no other module of gpunet words an epoch line of its own."""
+
 import ast
 from pathlib import Path
 
