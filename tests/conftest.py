@@ -19,6 +19,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SUPPORT = Path(__file__).resolve().parent / "support"
 if str(SUPPORT) not in sys.path:
     sys.path.insert(0, str(SUPPORT))
+
+
+def pytest_collectstart(collector):
+    """tests/support first on sys.path as each test module is imported: a test that puts
+    benchmarks/ in front (whose pictures.py is not ours) must not change what a later module's
+    ``import pictures`` finds."""
+    if isinstance(collector, pytest.Module) and sys.path[:1] != [str(SUPPORT)]:
+        if str(SUPPORT) in sys.path:
+            sys.path.remove(str(SUPPORT))
+        sys.path.insert(0, str(SUPPORT))
+
+
 MNIST_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
