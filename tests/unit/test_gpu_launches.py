@@ -334,7 +334,10 @@ def test_the_data_parallel_gpu_step_trains_as_the_cpu_rank_does(monkeypatch, opt
     (core, gpu), fake = _train_both(monkeypatch, make, {"comm": launch_counts.TwinComm()})
     assert any(name.endswith("_given") for name in fake.counter.log) or optimizer == "adam"
     assert "multiply" not in fake.counter.log  # no weighing pass over the gradients on the GPU
-    _assert_same_state(core, gpu)
+    # Adam steps about lr (1e-3) whatever the gradient's size, so for a weight whose gradient is
+    # near 0 the two summation orders can change a step by a good part of lr: 5.8e-5 was seen with
+    # the kernels' NumPy mirrors (no g++ harness); the 1/N mutation moved 92% of W, far beyond it
+    _assert_same_state(core, gpu, atol=1e-4 if optimizer == "adam" else 1e-5)
     # the gradients are the all-reduce's one buffer itself: each starts where the one before ends
     grads = [p.grad for p in gpu[1].params]
     starts = [g.__array_interface__["data"][0] for g in grads]
