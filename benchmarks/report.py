@@ -44,6 +44,18 @@ def side_seconds(config, side):
     return median_after_warmup([seconds(r[side]) for r in rounds]) if side in rounds[0] else None
 
 
+def interval(values, draws=2000, seed=0):
+    """A 95% bootstrap interval (low, high) of the median of ``values`` (None for fewer than 3): a
+    change of the code shows when its ratio's interval leaves the other's."""
+    if len(values) < 3:
+        return None
+    import random
+
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
+
+
 def _ratio(a, b):
     return None if a is None or b is None else a / b
 
@@ -65,6 +77,12 @@ def ratios(config) -> dict:
         if "torch" in rounds[0]:
             out["step gpunet/torch"] = median_after_warmup([r["gpunet"]["step_median"] / r["torch"]["step_median"]
                                                             for r in rounds])
+    out["gpunet/floor 95% interval"] = interval(out["gpunet/floor by round"])
+    if "handicapped" in rounds[0]:  # the known slowdown, as the run measures it
+        by_round = [seconds(r["handicapped"]) / seconds(r["gpunet"]) for r in timed]
+        out["handicapped/gpunet by round"] = by_round
+        out["handicapped/gpunet"] = statistics.median(by_round)
+        out["handicapped/gpunet 95% interval"] = interval(by_round)
     flops = config.get("gemm_flops_per_epoch") or config.get("gemm_flops")
     if flops and g:
         out["gpunet GFLOP/s"], out["floor GFLOP/s"] = flops / g / 1e9, flops / floor / 1e9
@@ -119,6 +137,10 @@ def memory_sides(results) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- tables
+def _interval(pair):
+    return "-" if pair is None else f"[{pair[0]:.3f}, {pair[1]:.3f}]"
+
+
 def _f(v, fmt="{:.3f}"):
     return "-" if v is None else fmt.format(v)
 
@@ -138,8 +160,12 @@ def _train_tables(train):
              " ".join(f"{v:.2f}" for v in ratios(c)["gpunet/torch by round"]),
              _f(ratios(c).get("step gpunet/floor"), "{:.2f}"), _f(ratios(c).get("step gpunet/torch"), "{:.2f}")]
             for c in train]
+    rows = [r + [_interval(ratios(c).get("gpunet/floor 95% interval")),
+                 _f(ratios(c).get("handicapped/gpunet"), "{:.3f}")
+                 + f" {_interval(ratios(c).get('handicapped/gpunet 95% interval'))}"]
+            for r, c in zip(rows, train)]
     header = ["config", "gpunet/floor by round", "gpunet/torch by round", "step medians: gpunet/floor",
-              "gpunet/torch"]
+              "gpunet/torch", "gpunet/floor: 95% interval", "handicapped/gpunet (--handicap) and interval"]
     tables.append(("Training: the ratios round by round (rounds 2..E), and from each round's median step "
                    "time (a burst of noise slows a few steps, which a median step ignores)", header, rows))
     return tables

@@ -79,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--pixels", choices=("uint8", "float32"), default="uint8",
                    help="how both sides hold the images: uint8 bytes scaled to float32 batch by batch "
                         "(gpunet.Pixels; torch index_select then div), or one float32 array")
+    p.add_argument("--handicap", type=float, default=0.0,
+                   help="also time gpunet with every step made (1 + H) times as long (CPU training; e.g. 0.05): "
+                        "report.py then shows whether the run resolves a change of that size")
     p.add_argument("--no-torch", action="store_true", help="time gpunet alone even when torch is installed")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: 2 rounds, configs {', '.join(QUICK_CONFIGS)}, 3 inference runs")
@@ -311,14 +314,22 @@ class GpunetSide:
             self.opt = gpunet.Momentum(self.net.parameters(), lr=args.lr, momentum=args.momentum)
         self.x, self.y, self.xt, self.yt = data
 
-    def epoch(self, seed, sync) -> dict:
-        # on the CPU, the clock after each step through fit's on_batch hook (a GPU step is only queued then)
+    def epoch(self, seed, sync, handicap=0.0) -> dict:
+        # on the CPU, the clock after each step through fit's on_batch hook (a GPU step is only queued then);
+        # a handicap h makes every step (1 + h) times as long: a busy wait of h times its own length, so
+        # that the benchmark's sensitivity shows as a known slowdown among the measured ones
         stamps, on_batch = None, None
         if self.device == "cpu":
             stamps = []
 
             def on_batch(epoch, done, total, clock=time.perf_counter, stamp=stamps.append):
-                stamp(clock())
+                now = clock()
+                if handicap and stamps:
+                    until = now + handicap * (now - stamps[-1])
+                    while clock() < until:
+                        pass
+                    now = clock()
+                stamp(now)
         sync()
         start = time.perf_counter()
         hist = fit(self.net, self.loss, self.opt, self.x, self.y, epochs=1, batch_size=self.bs,
@@ -458,6 +469,7 @@ def run_train_config(name, sizes, bs, data, device, args, xp):
     g = GpunetSide(sizes, bs, data, device, args)
     t = TorchSide(sizes, bs, data, device, g.initial_state, args) if torch is not None and not args.no_torch else None
     floor = Floor(sizes, n, bs, xp, train=True)
+    h = GpunetSide(sizes, bs, data, device, args) if getattr(args, "handicap", 0.0) else None
     rounds, check = [], {}
     for r in range(args.epochs):
         seed = r  # a fresh seed per epoch: both sides see permutation(seed) for this round
@@ -467,6 +479,9 @@ def run_train_config(name, sizes, bs, data, device, args, xp):
         row["floor_step_median"] = step_median(stamps)
         settle(args.pause)
         row["gpunet"] = g.epoch(seed, sync)
+        if h is not None:  # the same training, each step made (1 + handicap) times as long
+            settle(args.pause)
+            row["handicapped"] = h.epoch(seed, sync, args.handicap)
         if t is not None:
             settle(args.pause)
             row["torch"] = t.epoch(seed, sync)

@@ -5,6 +5,7 @@ Speed itself is never asserted: speed claims live in BENCHMARKS.md, measured aga
 same run."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -117,6 +118,23 @@ def test_the_report_computes_ratios_from_raw_seconds_without_the_warm_up_round()
     }
 
 
+def test_the_report_resolves_a_known_slowdown_with_its_interval():
+    """--handicap's side: its ratio to gpunet round by round, median and 95% interval from the raw
+    seconds; an interval brackets the median and shrinks to a point for identical rounds."""
+    c = _raw_config([50, 1, 2, 3, 2], [90, 2, 4, 6, 4], [70, 4, 8, 2, 2])
+    for r, h in zip(c["rounds"], [99, 2.1, 4.2, 6.3, 4.2]):  # 5% on every timed round
+        r["handicapped"] = {"seconds": h}
+    q = report.ratios(c)
+    assert q["handicapped/gpunet by round"] == pytest.approx([1.05] * 4)
+    assert q["handicapped/gpunet"] == pytest.approx(1.05)
+    assert q["handicapped/gpunet 95% interval"] == pytest.approx((1.05, 1.05))
+    low, high = q["gpunet/floor 95% interval"]  # by round 2, 2, 2, 2: a point again
+    assert low == high == 2.0
+    spread = report.interval([1.0, 1.1, 0.9, 1.3, 1.05, 0.95, 1.2])
+    assert spread[0] <= statistics.median([1.0, 1.1, 0.9, 1.3, 1.05, 0.95, 1.2]) <= spread[1]
+    assert spread[0] < spread[1] and report.interval([1.0, 2.0]) is None
+
+
 def test_the_report_reads_older_files_as_their_own_script_did():
     """bench_mlp.py (the script before speed.py) stored its ratios beside the raw rounds: the
     report, from the raw rounds alone, finds the very ratios that script computed (an independent
@@ -153,6 +171,8 @@ def test_a_quick_run_trains_and_stores_raw_seconds_only(tmp_path):
             "3",
             "--data-dir",
             str(data),
+            "--handicap",
+            "0.05",
             "--json",
             str(out),
             "--markdown",
@@ -170,6 +190,8 @@ def test_a_quick_run_trains_and_stores_raw_seconds_only(tmp_path):
         train["steps_per_epoch"] == 5 and len(train["rounds"]) == 3
     )  # 600 images, batch 128, --epochs 3
     assert len(infer["rounds"]) == 4  # --quick: 3 timed inference runs after a warm-up run
+    # --handicap: the same training again each round, its steps made 5% longer
+    assert all(r["handicapped"]["train_loss"] == r["gpunet"]["train_loss"] for r in train["rounds"])
     # each timed epoch trains the same network on, as three epochs of fit with seeds 0, 1, 2 do
     net = gn.mlp([784, 100, 10], activation="relu", seed=0, device="cpu")
     opt, loss = gn.Momentum(net.parameters(), lr=0.01, momentum=0.9), gn.SoftmaxCrossEntropy()
