@@ -19,7 +19,6 @@ ARGPARSE_DECLARATIONS = {("cli.py", "build_parser")}
 TOO_LONG_FOR_NOW = {
     ("commands/train.py", "_load"): 66,
     ("commands/train.py", "train"): 107,
-    ("fast/numba_resample.py", "affine_elastic_bilinear"): 64,
     ("training.py", "fit"): 109,
 }
 
