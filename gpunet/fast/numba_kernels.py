@@ -15,7 +15,49 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ..layers import GOLDEN, MIX1, MIX2
+
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+
+
+@_jit
+def _splitmix_words(out, first, key):
+    """out[j] = SplitMix64's word ``first + j + 1`` for ``key`` (uint64, wrapping)."""
+    for j in range(out.shape[0]):
+        x = (first + np.uint64(j + 1)) * np.uint64(GOLDEN) + key
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(MIX1)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(MIX2)
+        out[j] = x ^ (x >> np.uint64(31))
+
+
+@_jit
+def dropout(y, mask, key, start, threshold, scale):
+    """``mask = (bits < threshold) * scale; y *= mask`` over y, mask (N, C), with the bits of
+    :func:`gpunet.layers.dropout_bits` (key, start, threshold uint64): unit u's are the 16 bits
+    ``u % 4`` (little-endian lanes) of word ``u // 4 + 1``. The words first, then the mask: two
+    simple loops run several times faster than one that mixes 64-bit words and float lanes."""
+    flat_y, flat_m = y.reshape(-1), mask.reshape(-1)
+    n, lane = flat_y.shape[0], int(start & np.uint64(3))
+    words = np.empty((lane + n + 3) // 4, dtype=np.uint64)
+    _splitmix_words(words, start >> np.uint64(2), key)
+    bits = words.view(np.uint16)[lane : lane + n]
+    zero = mask.dtype.type(0)
+    for k in range(n):
+        m = scale if bits[k] < threshold else zero
+        flat_m[k] = m
+        flat_y[k] = flat_y[k] * m
+
+
+@_jit
+def relu_mask_backward(dy, y, mask):
+    """dy (N, C) = (dy * mask) * (y > 0), y the ReLU's output after the dropout."""
+    zero = dy.dtype.type(0)
+    for i in range(dy.shape[0]):
+        for j in range(dy.shape[1]):
+            t = dy[i, j] * mask[i, j]
+            dy[i, j] = t if y[i, j] > zero else t * zero
 
 
 @_jit

@@ -214,7 +214,7 @@ class FusedStep:
             )
             mask = None
             if dropout is not None and dropout.active():
-                buf = None if self.on_cpu else self._buffer(("mask", i), y_.shape, y_.dtype)
+                buf = self._buffer(("mask", i), y_.shape, y_.dtype)
                 mask = ops.dropout(dropout, y_, buf)
             masks.append(mask)
             x = y_

@@ -46,6 +46,7 @@ def check_ops_match_core(device, dtype):
     dy = gn.to_device(rng.normal(size=z.shape).astype(dtype), device)
     dy[1, :3] = xp.asarray([np.nan, np.inf, -np.inf], dtype=dtype)
     assert xp.array_equal(ops.relu_backward(dy.copy(), got), relu.backward(dy), equal_nan=True)
+    check_dropout_matches_core(xp, got, dy, device)
     # softmax cross-entropy: per-row losses averaged, and (softmax - onehot) / N
     loss = gn.SoftmaxCrossEntropy()
     value = loss.forward(z, labels)
@@ -59,6 +60,26 @@ def check_ops_match_core(device, dtype):
     ops.softmax_xent(z2, labels[::2], grad2, rows2)
     loss.forward(z2, labels[::2].copy())
     assert_allclose(grad2, loss.backward(), rtol, atol)
+
+
+def check_dropout_matches_core(xp, y, dy, device):
+    """Dropout's mask and its backward through the ReLU: the core's bits exactly (the mask is 0 or
+    1/(1-p), each product one rounding), for a shard whose first unit is not a word's first lane
+    (row_start 3 of rows of 10 units: unit 30, lane 2)."""
+    for row_start in (0, 3):
+        core, fast = gn.Dropout(0.3, seed=7), gn.Dropout(0.3, seed=7)
+        core.row_start = fast.row_start = row_start
+        for _ in range(2):  # the second mask from the next key
+            want_mask = core.new_mask(y)
+            buf = xp.empty_like(y)
+            got_y = y.copy()
+            mask = ops.dropout(fast, got_y, buf)
+            assert xp.array_equal(mask, want_mask)
+            assert xp.array_equal(got_y, y * want_mask, equal_nan=True)
+        relu_out = got_y  # the ReLU's output after the dropout, as the fast step keeps it
+        want = (dy * want_mask) * (relu_out > 0)
+        got = ops.relu_mask_backward(dy.copy(), relu_out, mask)
+        assert xp.array_equal(got, want, equal_nan=True), device
 
 
 def compiled_kernels():
