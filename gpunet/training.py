@@ -559,37 +559,18 @@ def _same_kind(mine, given) -> bool:
 
 
 @on_device_of_net
-def fit(
-    net: Network,
-    loss: Loss,
-    optimizer: Optimizer,
-    x: ArrayLike,
-    y: ArrayLike,
-    *,
-    epochs: int = 10,
-    batch_size: int | str | None = 128,
-    validation: tuple[ArrayLike, ArrayLike] | None = None,
-    shuffle: bool = True,
-    seed: int | None = 0,
-    target_loss: float | None = None,
-    patience: int | None = None,
-    min_delta: float = 0.0,
-    schedule: Callable[[int], float] | None = None,
-    callback: Callable[[dict], object] | None = None,
-    on_batch: Callable[[int, int, int], object] | None = None,
-    eval_batch_size: int = 4096,
-    fast: bool = True,
-    checkpoint_path: str | os.PathLike | None = None,
-    resume: bool = False,
-    checkpoint_every: int = 1,
-    interrupt: Callable[[], bool] | None = None,
-    run_info: dict | None = None,
-    comm: Any = None,
-    callbacks: Iterable[object] = (),
-    augment: object | None = None,
-    verbose: int = 0,
-    cuda_graph: bool = False,
-) -> History:
+def fit(net: Network, loss: Loss, optimizer: Optimizer, x: ArrayLike, y: ArrayLike, *,
+        epochs: int = 10, batch_size: int | str | None = 128,
+        validation: tuple[ArrayLike, ArrayLike] | None = None, shuffle: bool = True,
+        seed: int | None = 0, target_loss: float | None = None, patience: int | None = None,
+        min_delta: float = 0.0, schedule: Callable[[int], float] | None = None,
+        callback: Callable[[dict], object] | None = None,
+        on_batch: Callable[[int, int, int], object] | None = None, eval_batch_size: int = 4096,
+        fast: bool = True, checkpoint_path: str | os.PathLike | None = None,
+        resume: bool = False, checkpoint_every: int = 1,
+        interrupt: Callable[[], bool] | None = None, run_info: dict | None = None,
+        comm: Any = None, callbacks: Iterable[object] = (), augment: object | None = None,
+        verbose: int = 0, cuda_graph: bool = False) -> History:  # fmt: skip
     """Train ``net`` on ``x`` (N, features): any 2-D real array-like (converted once to the
     network's dtype and device, :mod:`gpunet.data.arrays`) or ``Pixels``; and ``y``: (N,) integer
     labels 0..C-1 or (N, outputs) targets.
@@ -622,52 +603,57 @@ def fit(
     that step, whichever step ran (the core's :func:`train_step` or the fast path's fused one).
     """
     _check_fit(epochs, patience, validation, resume, checkpoint_path)
-    shown = (
-        [cbs.Progress(verbose)] if verbose != 0 else []
-    )  # refuses what is not 0, 1 or 2, before any work
+    shown = [cbs.Progress(verbose)] if verbose != 0 else []  # a bad verbose fails before any work
+    data, validation = _fit_data(net, loss, x, y, validation)
+    saver = _checkpoint(checkpoint_path, checkpoint_every, run_info)
+    stops = _stopping(patience, min_delta, target_loss)
+    # hooks are called in this order: the keywords' callbacks first (see _keyword_callbacks), the
+    # checkpoint last (it writes the state the others leave)
+    ordered = [*_keyword_callbacks(schedule, callback, on_batch), *shown, *callbacks]
+    ordered += [*([augment] if augment is not None else []), *stops, *([saver] if saver else [])]
+    run = Run(net, loss, optimizer, data, validation=validation, batch_size=batch_size,
+              shuffle=shuffle, seed=seed, eval_batch_size=eval_batch_size, fast=fast,
+              interrupt=interrupt, comm=comm, cuda_graph=cuda_graph, callbacks=ordered)  # fmt: skip
+    return _resume_and_fit(run, saver if resume else None, epochs)
+
+
+def _fit_data(net, loss, x, y, validation):
+    """``(data, validation)``: ``(x, y)`` and the ``validation`` pair (or None) as the run reads
+    them (:func:`_dataset`: x in the network's dtype on its device, y checked for ``loss``).
+    Records on ``net`` whether it classifies and, for a data frame, its column names."""
     net.classifies = loss.classifies  # set once (another task is refused): predict reads it
     if getattr(net, "feature_names", None) is None and columns_of(x) is not None:
         net.feature_names = columns_of(x)  # a data frame's columns: model files and ONNX keep them
     data = _dataset(x, y, net, loss.classifies)
     if validation is not None:
         validation = _dataset(*validation, net, loss.classifies, "validation x")
-    saver = (
-        cbs.Checkpoint(checkpoint_path, checkpoint_every, run_info)
-        if checkpoint_path is not None
-        else None
-    )
-    stops = [
+    return data, validation
+
+
+def _checkpoint(path, every: int, info) -> cbs.Checkpoint | None:
+    """``fit``'s checkpoint callback (``checkpoint_path``, ``checkpoint_every``, ``run_info``), or
+    None without a path."""
+    return cbs.Checkpoint(path, every, info) if path is not None else None
+
+
+def _stopping(patience, min_delta: float, target_loss) -> list:
+    """The callbacks that ``fit``'s stopping keywords ask for: early stopping on the validation
+    loss, then the target loss."""
+    return [
         *([cbs.EarlyStopping(patience, min_delta)] if patience is not None else []),
         *([cbs.TargetLoss(target_loss)] if target_loss is not None else []),
     ]
-    run = Run(
-        net,
-        loss,
-        optimizer,
-        data,
-        validation=validation,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        eval_batch_size=eval_batch_size,
-        fast=fast,
-        interrupt=interrupt,
-        comm=comm,
-        cuda_graph=cuda_graph,
-        callbacks=[
-            *_keyword_callbacks(schedule, callback, on_batch),
-            *shown,
-            *callbacks,
-            *([augment] if augment is not None else []),
-            *stops,
-            *([saver] if saver else []),
-        ],
-    )
-    if resume:  # with a checkpoint_path: _check_fit refuses resume without one
-        saver.restore(run)  # type: ignore[union-attr]
-    on_cpu = net.device == "cpu"  # small problems: one BLAS thread
+
+
+def _resume_and_fit(run: Run, saver: cbs.Checkpoint | None, epochs: int) -> History:
+    """``run.fit(epochs)``, first restoring the run from ``saver``'s checkpoint when given
+    (``fit(resume=True)``: ``_check_fit`` refuses it without a checkpoint_path). On the CPU the
+    BLAS threads are chosen by the largest matrix product (small problems: one thread)."""
+    if saver is not None:
+        saver.restore(run)
+    on_cpu = run.net.device == "cpu"
     with (
-        fast_path.blas.threads_for(largest_product(net, run.batch_size))
+        fast_path.blas.threads_for(largest_product(run.net, run.batch_size))
         if on_cpu
         else nullcontext()
     ):

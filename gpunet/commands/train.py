@@ -595,31 +595,58 @@ def train(
     ckpt = out / CHECKPOINT
     meta = check_out_folder(out, config, resume, overwrite, lead)
     started = time.perf_counter()
-    (x_tr, y_tr), (x_val, y_val), (x_test, y_test), data, table = _load(
-        config, out, meta, comm, log
+    *sets, data, table = _load(config, out, meta, comm, log)  # sets: train, validation, test
+    trainee, why_not, info = _build_and_announce(config, device, sets, table, meta, comm, log)
+    hooks = {
+        "callback": on_epoch,
+        "on_batch": on_batch,
+        "checkpoint_every": checkpoint_every,
+        "interrupt": interrupt,
+        "callbacks": callbacks,
+    }
+    history = _fit(config, trainee, sets[:2], ckpt, meta, data, comm, log, hooks)
+    net, loss = trainee[:2]
+    model = net if table is None else _table_model(net, table, config)
+    # a --data model is tested as it is saved: raw features in, labels (or targets in their units)
+    # out
+    raw_test = sets[2] if table is None else table["raw_test"]
+    test = evaluate(model, loss, raw_test[0], raw_test[1], metrics=True, comm=comm)
+    result = _metrics(
+        config, device, info, why_not, history, test, ckpt, time.perf_counter() - started
     )
+    _write_outputs(config, out, lead, log, comm, result, model, table, history, test, net, sets[2])
+    return result
+
+
+def _build_and_announce(config: TrainConfig, device: str, sets, table, meta, comm, log):
+    """``((net, loss, optimizer, schedule), why_not, info)`` for the loaded ``sets`` (train,
+    validation, test): what ``config`` builds (:func:`build`; the outputs and loss from the
+    labels, :func:`_outputs`), why the fused step does not run (None when it does) and the
+    device's description; the run's first line is logged."""
+    (x_tr, y_tr), (x_val, y_val), (x_test, y_test) = sets
     classes, loss = _outputs(table, y_tr, y_val, y_test)
     net, opt, schedule = build(config, x_tr.shape[1], classes, device)
-    why_not = fast.why_not(
-        net, loss, opt, y_tr
-    )  # a BatchNorm network or RMSprop runs the core's step
+    # a BatchNorm network or RMSprop runs the core's step
+    why_not = fast.why_not(net, loss, opt, y_tr)
     if config.cuda_graph:
         _check_cuda_graph(net, why_not, config)
     info = backend.describe_device(device)
-    log(
-        _start_line(
-            config,
-            device,
-            info,
-            [x_tr.shape[1], *config.hidden, classes],
-            (len(x_tr), len(x_val), len(x_test)),
-            meta,
-            comm,
-            why_not,
-        )
-    )
+    sizes, counts = [x_tr.shape[1], *config.hidden, classes], (len(x_tr), len(x_val), len(x_test))
+    log(_start_line(config, device, info, sizes, counts, meta, comm, why_not))
+    return (net, loss, opt, schedule), why_not, info
+
+
+def _fit(config: TrainConfig, trainee, sets, ckpt: Path, meta, data, comm, log, hooks: dict):
+    """``fit`` ``trainee`` (net, loss, optimizer, schedule) on ``sets`` (train, validation) as
+    ``config`` says, checkpointing into ``ckpt`` (resumed when ``meta``, the checkpoint's record,
+    is given; ``data``, the data's fingerprint, is kept in it). ``hooks``: train's ``callback``
+    (its on_epoch), ``on_batch``, ``checkpoint_every``, ``interrupt`` and ``callbacks`` (the logs
+    of ``config.log_dir`` come after those). Running out of memory raises a
+    :class:`ResourceError` that names the cure."""
+    net, loss, opt, schedule = trainee
+    (x_tr, y_tr), (x_val, y_val) = sets
     try:
-        history = fit(
+        return fit(
             net,
             loss,
             opt,
@@ -632,44 +659,44 @@ def train(
             target_loss=config.target_loss,
             patience=config.patience,
             schedule=schedule,
-            callback=on_epoch,
-            on_batch=on_batch,
+            callback=hooks["callback"],
+            on_batch=hooks["on_batch"],
             checkpoint_path=ckpt,
             resume=meta is not None,
-            checkpoint_every=checkpoint_every,
-            interrupt=interrupt,
+            checkpoint_every=hooks["checkpoint_every"],
+            interrupt=hooks["interrupt"],
             cuda_graph=config.cuda_graph,
             run_info={"config": asdict(config), "data": data},
             comm=comm,
             augment=augmentation(config, x_tr.shape[1]),
-            callbacks=[*callbacks, *training_logs(config.log_dir, log)],
+            callbacks=[*hooks["callbacks"], *training_logs(config.log_dir, log)],
         )
     except Exception as exc:
         # MemoryError, or CuPy's OutOfMemoryError (tested by name: CuPy may not be installed)
         if not isinstance(exc, MemoryError) and type(exc).__name__ != "OutOfMemoryError":
             raise
         raise _out_of_memory(exc, config, ckpt) from exc
-    model = net if table is None else _table_model(net, table, config)
-    # a --data model is tested as it is saved: raw features in, labels (or targets in their units)
-    # out
-    raw_test = (x_test, y_test) if table is None else table["raw_test"]
-    test = evaluate(model, loss, raw_test[0], raw_test[1], metrics=True, comm=comm)
-    result = _metrics(
-        config, device, info, why_not, history, test, ckpt, time.perf_counter() - started
-    )
+
+
+def _write_outputs(
+    config, out: Path, lead, log, comm, result, model, table, history, test, net, test_set
+) -> None:
+    """Complete ``result`` (metrics.json's content: a --data table's task, classes and feature
+    names, the pictures drawn, the process count) and write the run's files into ``out``
+    (``model`` as model.npz, metrics.json: rank 0 only); the last lines are logged. ``net``, the
+    trained network, predicts the ``test_set`` (features, labels) for misclassified.png."""
     if table is not None:
         result.update(
             task=table["task"], classes=table["classes"], feature_names=table["feature_names"]
         )
     if lead:
         model.save(result["model"])
-    result["pictures"] = _pictures(config, lead, log, out, history, test, net, x_test, y_test)
+    result["pictures"] = _pictures(config, lead, log, out, history, test, net, *test_set)
     if comm is not None:
         result["processes"] = comm.size
     if lead:
         write_json(out / "metrics.json", result)
     _last_lines(log, result, out)
-    return result
 
 
 def _outputs(table, y_tr, y_val, y_test):
@@ -746,10 +773,10 @@ def _join_ranks(config: TrainConfig, out, resume: bool, overwrite: bool):
 
 
 def _load(config: TrainConfig, out: Path, meta, comm, log=print):
-    """``(train, validation, test, fingerprint, scaling)``: each set ``(features, labels)``
-    (``Pixels`` for IDX images; a --data file's features scaled by ``scaling``, a
-    :class:`Standardize` or None), the data checked to be the checkpoint's (when resuming) and every
-    rank's. A --data file without a test set is tested on the validation set."""
+    """``(train, validation, test, fingerprint, table)``: each set ``(features, labels)``
+    (``Pixels`` for IDX images, whose table is None; a --data file's features scaled as its table's
+    ``scaling`` says, a :class:`Standardize` or None), the data checked to be the checkpoint's (when
+    resuming) and every rank's. A --data file without a test set is tested on the validation set."""
     table = None
     if config.data is not None:
         table = load_table(config.data, config.label_column, config.task)
@@ -757,6 +784,21 @@ def _load(config: TrainConfig, out: Path, meta, comm, log=print):
     else:
         (x_train, y_train), test = load_data(config.data_dir, config.download)
     data = fingerprint(x_train, y_train, x_train[:0] if test is None else test[0])
+    _check_data(config, out, meta, comm, data, len(x_train), test is not None)
+    # a table's rows are often sorted by class: its validation rows are drawn (seeded by --seed),
+    # MNIST's are its last 5,000 as always
+    seed = None if config.data is None else config.seed
+    train_set, val_set = split_validation(x_train, y_train, config.val_size, seed=seed)
+    if config.data is None or table is None:
+        (x_tr, y_tr), (x_val, y_val) = train_set, val_set
+        return (Pixels(x_tr), y_tr), (Pixels(x_val), y_val), (Pixels(test[0]), test[1]), data, None
+    return (*_table_sets(config, table, train_set, val_set, test, log), data, table)
+
+
+def _check_data(config: TrainConfig, out: Path, meta, comm, data: dict, rows: int, has_test: bool):
+    """Refuse data that is not every rank's or (when resuming) the checkpoint's, by its
+    ``data`` fingerprint, and a --val-size that leaves none of the ``rows`` training rows, or no
+    validation set to test on when the data has no test set."""
     if comm is not None:
         comm.same_everywhere("the data", data)
     if meta is not None and meta["run"].get("data") != data:
@@ -764,29 +806,27 @@ def _load(config: TrainConfig, out: Path, meta, comm, log=print):
             f"--data-dir: the checkpoint in {out} was trained on other data "
             f"({meta['run'].get('data')}), got {data}; resume with the same files"
         )
-    if config.val_size >= len(x_train):
+    if config.val_size >= rows:
         raise ConfigError(
-            f"--val-size: expected fewer than {len(x_train)} (the training set), got "
-            f"{config.val_size}"
+            f"--val-size: expected fewer than {rows} (the training set), got {config.val_size}"
         )
-    if test is None and not config.val_size:
+    if not has_test and not config.val_size:
         raise ConfigError(
             f"--val-size: expected at least 1: {config.data} holds no test set, so the validation "
             f"set is the test set, got 0"
         )
-    # a table's rows are often sorted by class: its validation rows are drawn (seeded by --seed),
-    # MNIST's are its last 5,000 as always
-    seed = None if config.data is None else config.seed
-    (x_tr, y_tr), (x_val, y_val) = split_validation(x_train, y_train, config.val_size, seed=seed)
-    if config.data is None or table is None:
-        return (Pixels(x_tr), y_tr), (Pixels(x_val), y_val), (Pixels(test[0]), test[1]), data, None
+
+
+def _table_sets(config: TrainConfig, table: dict, train_set, val_set, test, log) -> list:
+    """A --data ``table``'s (train, validation, test) sets as the network sees them: features
+    scaled by ``config.scale`` (from the training rows), a regressor's targets standardised
+    likewise; ``test`` None: the validation set. ``table`` records what the model file needs:
+    ``scaling``, ``target_scaling`` (mean, std) or None, ``raw_test`` (the unscaled test set)."""
+    (x_tr, y_tr), (x_val, y_val) = train_set, val_set
+    inferred = config.task == "auto" and table["task"] == "regressor"
     log(
         f"task: {table['task']}"
-        + (
-            " (inferred: the labels are numbers, not all whole; --task sets it)"
-            if config.task == "auto" and table["task"] == "regressor"
-            else ""
-        )
+        + (" (inferred: the labels are numbers, not all whole; --task sets it)" if inferred else "")
     )
     if test is None:
         log(
@@ -798,7 +838,7 @@ def _load(config: TrainConfig, out: Path, meta, comm, log=print):
     table.update(scaling=scaled, raw_test=test, target_scaling=None)
     if (
         table["task"] == "regressor"
-    ):  # trained on standard targets; the model file's last layer undoes it
+    ):  # trained on standard targets; the model's last layer undoes it
         mean, std = y_tr.mean(axis=0), np.where(y_tr.std(axis=0) > 0, y_tr.std(axis=0), 1.0)
         table["target_scaling"] = (np.atleast_1d(mean), np.atleast_1d(std))
         y_tr, y_val, test = (
@@ -806,11 +846,10 @@ def _load(config: TrainConfig, out: Path, meta, comm, log=print):
             (y_val - mean) / std,
             (test[0], (test[1] - mean) / std),
         )
-    sets = [
+    return [
         (x, y) if scaled is None else ((x - scaled.shift) / scaled.scale, y)
         for x, y in ((x_tr, y_tr), (x_val, y_val), test)
     ]
-    return (*sets, data, table)
 
 
 def _start_line(config, device, info, sizes, counts, meta, comm, why_not) -> str:
