@@ -1,6 +1,6 @@
 """benchmarks/epoch_budget.py sees every piece of the fused step: each kind of product as often as
-an epoch has it, the dropout draws and update calls, and pieces that add up to no more than the epoch
-(what is left is "the rest"). Its seconds are never asserted."""
+an epoch has it, the dropout draws and the batch gathers, and pieces that add up to no more than
+the epoch (what is left is "the rest"). Its seconds are never asserted."""
 
 import json
 import subprocess
