@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_fake_mnist
+from random_runs import RANDOM_FLAGS
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "docker"))
@@ -33,30 +34,7 @@ import two_hosts  # noqa: E402  (docker/two_hosts.py)
 
 IMAGE = "gpunet:local"
 REQUIRE_CONTAINER = os.environ.get("GPUNET_REQUIRE_CONTAINER") == "1"
-# tests/system/test_parallel.py's RANDOM_FLAGS: dropout and --augment keyed by the row's place in
-# the global batch; hidden sizes not multiples of 4, 502 training rows in batches of 20 (10 rows a
-# rank; a last batch of 2)
-FLAGS = [
-    "--data-dir",
-    "/data",
-    "--hidden",
-    "30",
-    "14",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "20",
-    "--val-size",
-    "98",
-    "--no-plots",
-    "--device",
-    "cpu",
-    "--dropout",
-    "0.3",
-    "--augment",
-    "--schedule",
-    "constant",
-]
+FLAGS = ["--data-dir", "/data", *RANDOM_FLAGS]  # tests/support/random_runs.py
 # Each rank writes into its own host's folder: its rank, every rank's host name, its place on its
 # host, a sum over the ranks, and the TCP ports listening in its container once the ranks are
 # connected (mpiexec's control port in host a's, the ranks' own in both).

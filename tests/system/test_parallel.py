@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SUPPORT, make_fake_mnist
+from random_runs import RANDOM_FLAGS
 
 MPIEXEC = Path(sys.executable).with_name("mpiexec")
 FLAGS = [
@@ -131,29 +132,8 @@ def test_two_processes_train_the_model_of_one(runs):
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4)
 
 
-# Dropout and augmentation on: hidden sizes that are not multiples of 4 (a shard's mask then starts
-# inside a 64-bit word of the draw), 502 training rows in batches of 20 (20 rows split 10/10 and
-# 6/7/7; a last batch of 2 rows leaves rank 0 of 3 without rows, which must still draw its mask keys
-# and distortions).
-RANDOM_FLAGS = [
-    "--hidden",
-    "30",
-    "14",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "20",
-    "--val-size",
-    "98",
-    "--no-plots",
-    "--device",
-    "cpu",
-    "--dropout",
-    "0.3",
-    "--augment",
-    "--schedule",
-    "constant",
-]
+# Dropout and augmentation on (RANDOM_FLAGS, tests/support/random_runs.py): a shard's mask then
+# starts inside a 64-bit word of the draw, and rank 0 of 3 gets no rows in the last batch.
 
 
 @pytest.fixture(scope="module")
