@@ -328,3 +328,21 @@ def test_train_step_is_the_notes_step_and_fit_runs_it():
     )
     for p, q in zip(net.parameters(), again.parameters()):
         assert np.array_equal(p.data, q.data) and np.array_equal(p.grad, q.grad)
+
+
+def test_evaluation_batches_default_to_the_devices_rows(monkeypatch):
+    """predict and evaluate without a batch size take EVAL_ROWS of the data's device: 1024 rows on
+    the CPU (a block's activations stay in cache: BENCHMARKS.md, Inference)."""
+    import gpunet.training as training
+
+    net = gn.mlp([6, 5, 3], seed=0)
+    seen = []
+    forward = net.forward
+    monkeypatch.setattr(training.fast_path, "forward_for", lambda net: None)
+    monkeypatch.setattr(net, "forward", lambda x: seen.append(len(x)) or forward(x))
+    x = np.random.default_rng(0).normal(size=(2500, 6)).astype(np.float32)
+    training.predict(net, x)
+    assert seen == [1024, 1024, 452]
+    seen.clear()
+    training.predict(net, x, batch_size=2000)
+    assert seen == [2000, 500]
