@@ -167,9 +167,10 @@ class LinearUpdate:
 # OpenBLAS splits every product over all its threads, however small; on a shared 2-core machine a
 # small table's products (digits: 200 x 64 x 100) then wait on threads more than they compute (issue
 # 35: digits 19 s against 1.5 s on one thread). Below SMALL_WORK multiply-adds in the largest
-# product of a step, one thread; above it, OpenBLAS's own count. The figure is a first guess (about
-# a millisecond of one core): benchmarks/blas_threads.py times digits, wine and MNIST both ways, to
-# be run on a quiet machine.
+# product of a step, one thread; above it, OpenBLAS's own count. Measured on a quiet 2-core machine
+# (benchmarks/blas_threads.py --sweep, BENCHMARKS.md 2026-12-07): two threads win from 2**20 on, by
+# 6-18% up to 2**22 and 28-60% above it; on a busy machine one thread wins by far more, so the
+# threshold leans to one thread in between.
 SMALL_WORK = 1 << 22
 
 
