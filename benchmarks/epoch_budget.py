@@ -53,8 +53,13 @@ def timed(name, fn, clock=time.perf_counter):
 
 
 def _matmul_kind(a, b):
-    """forward (x @ W), dx (dy @ W.T): told apart by the second operand's layout."""
-    return "product: dx = dy @ W.T" if not b.flags.c_contiguous else "product: forward x @ W"
+    """forward (x @ W), dx (dy @ W.T), and dW (x.T @ dy, where the step writes it with NumPy, not
+    its sgemm): told apart by which operand is a transposed view."""
+    if not b.flags.c_contiguous:
+        return "product: dx = dy @ W.T"
+    return (
+        "product: dW = x.T @ dy (sgemm)" if not a.flags.c_contiguous else "product: forward x @ W"
+    )
 
 
 def instrument():

@@ -756,12 +756,11 @@ def _stepper(step, optimizer, interrupt, comm, row_keyed=()):
 EVAL_ROWS = {"cpu": 1024, "gpu": 4096}
 
 
-def _batches(x, batch_size):
-    """``(start, rows)`` of ``x`` in batches of ``batch_size`` rows (None: ``EVAL_ROWS`` of x's
-    device)."""
+def _batches(x, batch_size, net):
+    """``(start, rows)`` of ``x`` in batches of ``batch_size`` rows (None: ``EVAL_ROWS`` of the
+    device of ``net``, where x lies)."""
     if batch_size is None:
-        on_cpu = get_array_module(getattr(x, "raw", x)) is np  # Pixels hold their bytes in .raw
-        batch_size = EVAL_ROWS["cpu" if on_cpu else "gpu"]
+        batch_size = EVAL_ROWS[net.device]
     for start in range(0, len(x), batch_size):
         yield start, x[start : start + batch_size]
 
@@ -784,7 +783,7 @@ def _each_batch(net, x, batch_size, then):
     forward = fast_path.forward_for(net) or net.forward
     out = None
     try:
-        for start, xb in _batches(x, batch_size):
+        for start, xb in _batches(x, batch_size, net):
             z = then(forward(xb))
             if out is None:
                 out = xp.empty((len(x),) + z.shape[1:], dtype=z.dtype)
@@ -855,7 +854,7 @@ def evaluate(
     )
     loss_sum = xp.zeros((), dtype=np.float64)
     counts = xp.zeros((classes, classes), dtype=np.int64) if classify else 0
-    for start, xb in _batches(x, batch_size):
+    for start, xb in _batches(x, batch_size, net):
         yb = y[start : start + len(xb)]
         out = forward(xb)
         loss_sum += mean_loss(out, yb) * len(xb)

@@ -122,7 +122,8 @@ def _numba_rule(name: str, source: str):
 def dropout(layer, y, mask):
     """Layer ``layer``'s next mask applied to y (N, C) in place; returns the mask: ``mask``, a
     buffer shaped like y, which one kernel draws, scales and applies (CUDA, or numba on the CPU:
-    the core's bits, one pass instead of NumPy's ten); without numba the core's own mask."""
+    the core's bits in one call, where NumPy makes about ten passes); without numba the core's own
+    mask."""
     if get_array_module(y) is not np:
         cuda.dropout(y, mask, layer.next_key(), layer.threshold, layer.scale, layer.mask_start(y))
         return mask
