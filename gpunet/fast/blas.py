@@ -13,7 +13,10 @@ For one Linear layer with input x (K, in) and output delta dy (K, out), the note
     w  -= v                                 one axpy each
 
 and plain gradient descent ``w = (1 - lr*wd) w - lr*grad`` is a scal (weight decay only) and an axpy
-after the gradient's product (the bias's product again folded into its update). The arithmetic is
+after the gradient's product (the bias's product again folded into its update). With numba, the
+fused step passes ``step_w``: W is stepped by the optimizer's own rule (its generated kernel, the
+core's operations, one pass over W, v and W.grad where scal and two axpy make three), and only the
+bias stays in BLAS calls here. The arithmetic is
 the earlier folded update's (the sgemm's ``C = alpha*acc + beta*C`` is the scal and the fused axpy),
 so the weights are the same bits where OpenBLAS's sgemm kernel rounds that way (MNIST's layers); the
 core's step rounds ``lr*grad`` once more (tests compare the two). ``routines(a)`` is None for
@@ -115,8 +118,10 @@ class LinearUpdate:
         self.n_in, self.n_out = W.shape
         self._ones = np.ones(0, dtype=W.dtype)
 
-    def __call__(self, x, dy, lr, gamma=0.0, wd=0.0):
-        """x (K, in) and dy (K, out), C-contiguous in W's dtype."""
+    def __call__(self, x, dy, lr, gamma=0.0, wd=0.0, step_w=None):
+        """x (K, in) and dy (K, out), C-contiguous in W's dtype. ``step_w``: a callable that steps W
+        from ``W.grad`` by the optimizer's generated rule kernel (one pass over W, its velocity and
+        its gradient, where the BLAS calls make three); None: W too in BLAS calls."""
         k, n_in, n_out, blas, dt = x.shape[0], self.n_in, self.n_out, self.blas, self.W.dtype
         if not (_dense(x, dt) and _dense(dy, dt)) or x.shape != (k, n_in) or dy.shape != (k, n_out):
             raise ValueError(
@@ -146,21 +151,28 @@ class LinearUpdate:
         )
         gb = self.gb.ctypes.data
         blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, 1.0, dyp, n_out, ones, 1, 0.0, gb, 1)
+        w = step_w is None  # W in BLAS calls here, else by step_w
         if self.vW is None:  # SGD: w = (1 - lr*wd) w - lr * grad
-            if wd:
+            if wd and w:
                 blas.scal(size, 1.0 - lr * wd, pW, 1)
-            blas.axpy(size, -lr, gW, 1, pW, 1)
+            if w:
+                blas.axpy(size, -lr, gW, 1, pW, 1)
             blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, -lr, dyp, n_out, ones, 1, 1.0 - lr * wd, pb, 1)
-            return
-        vW, vb = self.vW.ctypes.data, self.vb.ctypes.data
-        blas.scal(size, float(gamma), vW, 1)
-        blas.axpy(size, lr, gW, 1, vW, 1)
-        blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, lr, dyp, n_out, ones, 1, float(gamma), vb, 1)
-        if wd:
-            blas.axpy(size, lr * wd, pW, 1, vW, 1)
-            blas.axpy(n_out, lr * wd, pb, 1, vb, 1)
-        blas.axpy(size, -1.0, vW, 1, pW, 1)
-        blas.axpy(n_out, -1.0, vb, 1, pb, 1)
+        else:
+            vW, vb = self.vW.ctypes.data, self.vb.ctypes.data
+            if w:
+                blas.scal(size, float(gamma), vW, 1)
+                blas.axpy(size, lr, gW, 1, vW, 1)
+            blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, lr, dyp, n_out, ones, 1, float(gamma), vb, 1)
+            if wd:
+                if w:
+                    blas.axpy(size, lr * wd, pW, 1, vW, 1)
+                blas.axpy(n_out, lr * wd, pb, 1, vb, 1)
+            if w:
+                blas.axpy(size, -1.0, vW, 1, pW, 1)
+            blas.axpy(n_out, -1.0, vb, 1, pb, 1)
+        if not w:
+            step_w()
 
 
 # --- threads by work ------------------------------------------------------------------------------

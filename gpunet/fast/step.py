@@ -5,11 +5,12 @@ integer labels, and ``SGD``, ``Momentum``, ``Adam`` or ``AdamW``.
 Same formulas as the core, with the speed-ups: work buffers allocated once per batch shape, bias +
 ReLU in one pass, the softmax cross-entropy forward and gradient in one pass, dx computed into a
 buffer, each layer updated as soon as its delta is known (dx first, from the old W), and on the CPU
-with NumPy's OpenBLAS the SGD or momentum update in BLAS calls on the arrays
-(:mod:`gpunet.fast.blas`). Every path writes ``param.grad`` (the gradient's product goes straight
-into it), so the step leaves the state the core's step (:func:`gpunet.training.train_step`) would.
-Any other rule (Adam, AdamW, RMSprop) is one kernel per parameter, generated from the optimizer's
-rule (:func:`gpunet.fast.ops.update`).
+with NumPy's OpenBLAS the gradients' products and the SGD or momentum update in BLAS calls on the
+arrays (:mod:`gpunet.fast.blas`), W's update by the rule's generated kernel where numba is
+installed. Every path writes ``param.grad`` (the gradient's product goes straight into it), so the
+step leaves the state the core's step (:func:`gpunet.training.train_step`) would. Any other rule
+(Adam, AdamW, RMSprop) is one kernel per parameter, generated from the optimizer's rule
+(:func:`gpunet.fast.ops.update`).
 Dropout masks are the Dropout layer's own
 (its keys, in the same order; on the GPU one kernel draws, scales and applies each).
 """
@@ -100,6 +101,8 @@ class FusedStep:
             and all(p.data.flags.c_contiguous and p.grad.flags.c_contiguous for p in params)
         )
         self.per_parameter = not self.fold and not (layered and not self.on_cpu)
+        # the fold with numba: W stepped by the rule's generated kernel, one pass (BLAS makes three)
+        self.fold_rule = self.fold and ops.numba_kernels() is not None
         # (W, vW), (b, vb) of each block, then (gamma, vgamma), (beta, vbeta) of a BatchNorm's:
         # their indices
         self.index, k = [], 0
@@ -152,7 +155,10 @@ class FusedStep:
         ranks (the core's step on the CPU, :meth:`_apply` on the GPU)."""
         opt = self.optimizer
         if self.fold:
-            self.folded[i](x, dy, opt.lr, opt.momentum if self.momentum else 0.0, opt.weight_decay)
+            w = self.index[i][0]
+            step_w = (lambda: ops.update(opt, w, self._constants)) if self.fold_rule else None
+            gamma = opt.momentum if self.momentum else 0.0
+            self.folded[i](x, dy, opt.lr, gamma, opt.weight_decay, step_w)
             return
         (W, vW), (b, vb) = self.pairs[i]
         self.xp.matmul(x.T, dy, out=W.grad)
@@ -277,7 +283,8 @@ class FusedStep:
             rows = self._buffer("rows", (n,), logits.dtype)
             ops.softmax_xent(logits, y, grad, rows)
             value = rows.sum() * logits.dtype.type(1.0 / n)
-        if self.per_parameter and not self.deferred:  # the optimizer's bookkeeping (Adam's t), once
+        # the optimizer's bookkeeping (Adam's t), once a step
+        if (self.per_parameter or self.fold_rule) and not self.deferred:
             self._constants = self.optimizer.begin_step()
 
         dy, after = (

@@ -35,6 +35,7 @@ ALLOWED = {
         "records",
         "onnx_export",
     },  # to_onnx, loaded when called
+    "committee": {"backend", "layers", "network"},  # members joined into one network
     "records": {"layers"},  # the model's and the checkpoint's record schema: the layers' fields
     "onnx_export": {"__init__", "backend", "layers", "files", "training"},
     "sklearn": {"backend", "callbacks", "layers", "losses", "network", "optimizers", "training"},

@@ -68,3 +68,40 @@ def test_refuses_what_it_cannot_address():
         update(np.zeros((2, 4), np.float64), np.zeros((2, 3), np.float32), 0.1)
     with pytest.raises(ValueError, match=r"x, dy"):
         update(np.zeros((2, 5), np.float32), np.zeros((2, 3), np.float32), 0.1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "kind, wd", [("sgd", 0.0), ("sgd", 1e-2), ("momentum", 0.0), ("momentum", 1e-2)]
+)
+def test_with_numba_w_is_stepped_by_the_core_rule_itself(dtype, kind, wd):
+    """``step_w`` (the optimizer's generated kernel, as the fused step passes it with numba): W and
+    its velocity come out the core rule's bits exactly, from the same gradient (the same sgemm);
+    the bias stays in BLAS calls (the tolerance above). W stepped by scal/axpy instead fails the
+    equality: OpenBLAS's axpy fuses the multiply-add, the core's rule rounds lr * grad first."""
+    from gpunet.fast import ops
+
+    if ops.numba_kernels() is None:
+        pytest.skip("numba is not installed: the generated kernels do not exist")
+    rng = np.random.default_rng(3)
+    core, fast = (gn.Linear(64, 32, rng=1, dtype=dtype, device="cpu") for _ in range(2))
+    settings = {"lr": 0.1, "weight_decay": wd} | ({"momentum": 0.9} if kind == "momentum" else {})
+    make = gn.SGD if kind == "sgd" else gn.Momentum
+    opt, opt_fast = make(core.parameters(), **settings), make(fast.parameters(), **settings)
+    v = [opt_fast.buffers(i)[0] for i in range(2)] if kind == "momentum" else []
+    update = blas.LinearUpdate(fast.W.data, fast.b.data, fast.W.grad, fast.b.grad, *v)
+    for step in range(3):
+        x = rng.normal(size=(16, 64)).astype(dtype)
+        dy = rng.normal(size=(16, 32)).astype(dtype)
+        core.forward(x)
+        core.backward(dy)
+        opt.step()
+        k = opt_fast.begin_step()
+        gamma = 0.9 if kind == "momentum" else 0.0
+        update(x, dy, 0.1, gamma, wd, lambda: ops.update(opt_fast, 0, k))
+        assert np.array_equal(fast.W.grad, core.W.grad), f"W.grad, step {step}"
+        assert np.array_equal(fast.W.data, core.W.data), f"W after step {step}"
+        if kind == "momentum":
+            assert np.array_equal(v[0], opt.velocities[0]), f"W's velocity after step {step}"
+        rtol, atol = TOL[dtype]
+        np.testing.assert_allclose(fast.b.data, core.b.data, rtol=rtol, atol=atol)
