@@ -17,6 +17,8 @@ Dropout masks are the Dropout layer's own
 
 from __future__ import annotations
 
+import functools
+
 from ..backend import get_array_module
 from ..layers import BatchNorm, Dropout, Linear, ReLU
 from ..optimizers import SGD, Momentum
@@ -101,8 +103,6 @@ class FusedStep:
             and all(p.data.flags.c_contiguous and p.grad.flags.c_contiguous for p in params)
         )
         self.per_parameter = not self.fold and not (layered and not self.on_cpu)
-        # the fold with numba: W stepped by the rule's generated kernel, one pass (BLAS makes three)
-        self.fold_rule = self.fold and ops.numba_kernels() is not None
         # (W, vW), (b, vb) of each block, then (gamma, vgamma), (beta, vbeta) of a BatchNorm's:
         # their indices
         self.index, k = [], 0
@@ -140,6 +140,13 @@ class FusedStep:
         """From now on add each batch's loss sum to ``loss_sum`` (0-d float64) and its right answers
         to ``correct`` (0-d int64), on the device (only where :attr:`sums_in_kernel`)."""
         self.sums = (loss_sum, correct) if self.sums_in_kernel else None
+
+    @functools.cached_property
+    def fold_rule(self) -> bool:
+        """The fold with numba: W stepped by the rule's generated kernel, one pass (BLAS makes
+        three). Asked at the first step, not when the step is built, so that a run refused before
+        it (a crafted checkpoint) never loads numba and LLVM (about 60 MB)."""
+        return self.fold and ops.numba_kernels() is not None
 
     def _buffer(self, key, shape, dtype):
         buf = self._buffers.get(key)

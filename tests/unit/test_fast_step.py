@@ -7,6 +7,11 @@ epochs of training the differences grow through the dynamics, so whole runs comp
 atol 1e-5.
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 from conftest import assert_allclose
@@ -207,6 +212,37 @@ def test_select_says_why_it_does_not_apply(change, reason, monkeypatch):
         opt = gn.SGD(net.parameters(), lr=0.1)
     assert reason in fast.why_not(net, loss, opt, y)
     assert fast.select(net, loss, opt, y) is None
+
+
+def test_building_the_folded_step_loads_no_numba():
+    """Choosing and building the CPU's folded step imports no numba (LLVM, about 60 MB): a run
+    refused before its first step (a crafted checkpoint, tests/unit/test_untrusted_files.py) stays
+    under its memory bound; the first step loads it (where installed), and the step is the fold."""
+    if blas.routines(np.float32) is None:
+        pytest.skip("no OpenBLAS in this NumPy: the CPU step does not fold")
+    code = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        import gpunet as gn
+        from gpunet import fast
+        net = gn.mlp([20, 16, 10], seed=0, device="cpu")
+        x = np.ones((8, 20), np.float32)
+        y = np.arange(8) % 10
+        step = fast.select(net, gn.SoftmaxCrossEntropy(), gn.Momentum(net.parameters(), lr=0.1), y)
+        print(step.fold, "numba" in sys.modules)
+        step(x, y)
+        print("numba" in sys.modules)
+        """
+    )
+    env = dict(os.environ, GPUNET_NUMBA="1")
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    built, stepped = done.stdout.split("\n")[:2]
+    assert built == "True False", done.stdout
+    assert stepped == str(ops.numba_kernels() is not None), done.stdout
 
 
 def test_fused_forward_and_loss_are_the_core_ones(device):
