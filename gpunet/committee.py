@@ -73,11 +73,12 @@ def committee(nets: Sequence[Sequential]) -> Sequential:
     kinds = [_shape(n) for n in nets]
     for i, (net, k) in enumerate(zip(nets, kinds)):
         same = (k, net.in_features, net.out_features, net.dtype, net.classifies)
-        want = (kinds[0], nets[0].in_features, nets[0].out_features, nets[0].dtype)
-        if same[:4] != want or net.classifies != nets[0].classifies:
+        first = nets[0]
+        want = (kinds[0], first.in_features, first.out_features, first.dtype, first.classifies)
+        if same != want:
             raise ValueError(
                 f"nets[{i}]: expected the chain {want[0]} from {want[1]} to {want[2]} "
-                f"inputs/outputs in {want[3]} (classifies={nets[0].classifies}), got {k} from "
+                f"inputs/outputs in {want[3]} (classifies={want[4]}), got {k} from "
                 f"{same[1]} to {same[2]} in {same[3]} (classifies={same[4]})"
             )
     linears = [[layer for layer in n.layers if isinstance(layer, Linear)] for n in nets]

@@ -16,12 +16,11 @@ and plain gradient descent ``w = (1 - lr*wd) w - lr*grad`` is a scal (weight dec
 after the gradient's product (the bias's product again folded into its update). With numba, the
 fused step passes ``step_w``: W is stepped by the optimizer's own rule (its generated kernel, the
 core's operations, one pass over W, v and W.grad where scal and two axpy make three), and only the
-bias stays in BLAS calls here. The arithmetic is
-the earlier folded update's (the sgemm's ``C = alpha*acc + beta*C`` is the scal and the fused axpy),
-so the weights are the same bits where OpenBLAS's sgemm kernel rounds that way (MNIST's layers); the
-core's step rounds ``lr*grad`` once more (tests compare the two). ``routines(a)`` is None for
-another NumPy build (MKL, Accelerate), another dtype, or ``GPUNET_CPU_BLAS=0``: then the fast path
-writes the gradients with NumPy and the core optimizer steps.
+bias stays in BLAS calls here. In BLAS calls the rule's ``v + lr*grad`` is one fused multiply-add
+(axpy), where the core rounds ``lr*grad`` first, so those weights can differ from the core's in the
+last bits (tests compare the two); the rule's kernel gives the core's bits. ``routines(a)`` is
+None for another NumPy build (MKL, Accelerate), another dtype, or ``GPUNET_CPU_BLAS=0``: then the
+fast path writes the gradients with NumPy and the core optimizer steps.
 """
 
 from __future__ import annotations
@@ -130,8 +129,7 @@ class LinearUpdate:
             )
         if self._ones.shape[0] != k:
             self._ones = np.ones(k, dtype=dt)
-        lr, wd, size = float(lr), float(wd), n_in * n_out
-        pW, pb, gW = self.W.ctypes.data, self.b.ctypes.data, self.gW.ctypes.data
+        lr, wd, gW = float(lr), float(wd), self.gW.ctypes.data
         dyp, ones = dy.ctypes.data, self._ones.ctypes.data
         blas.gemm(
             _ROW_MAJOR,
@@ -151,28 +149,41 @@ class LinearUpdate:
         )
         gb = self.gb.ctypes.data
         blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, 1.0, dyp, n_out, ones, 1, 0.0, gb, 1)
-        w = step_w is None  # W in BLAS calls here, else by step_w
-        if self.vW is None:  # SGD: w = (1 - lr*wd) w - lr * grad
-            if wd and w:
-                blas.scal(size, 1.0 - lr * wd, pW, 1)
-            if w:
-                blas.axpy(size, -lr, gW, 1, pW, 1)
-            blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, -lr, dyp, n_out, ones, 1, 1.0 - lr * wd, pb, 1)
+        self._step_b(dyp, k, lr, float(gamma), wd)
+        if step_w is None:
+            self._step_w(lr, float(gamma), wd)
         else:
-            vW, vb = self.vW.ctypes.data, self.vb.ctypes.data
-            if w:
-                blas.scal(size, float(gamma), vW, 1)
-                blas.axpy(size, lr, gW, 1, vW, 1)
-            blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, lr, dyp, n_out, ones, 1, float(gamma), vb, 1)
-            if wd:
-                if w:
-                    blas.axpy(size, lr * wd, pW, 1, vW, 1)
-                blas.axpy(n_out, lr * wd, pb, 1, vb, 1)
-            if w:
-                blas.axpy(size, -1.0, vW, 1, pW, 1)
-            blas.axpy(n_out, -1.0, vb, 1, pb, 1)
-        if not w:
             step_w()
+
+    def _step_w(self, lr: float, gamma: float, wd: float) -> None:
+        """W from W.grad in BLAS calls: SGD ``w = (1 - lr*wd) w - lr*grad`` (scal, axpy), momentum
+        ``v = gamma*v + lr*grad (+ lr*wd*w); w -= v`` (scal, axpy, axpy)."""
+        blas, size = self.blas, self.n_in * self.n_out
+        pW, gW = self.W.ctypes.data, self.gW.ctypes.data
+        if self.vW is None:
+            if wd:
+                blas.scal(size, 1.0 - lr * wd, pW, 1)
+            blas.axpy(size, -lr, gW, 1, pW, 1)
+            return
+        vW = self.vW.ctypes.data
+        blas.scal(size, gamma, vW, 1)
+        blas.axpy(size, lr, gW, 1, vW, 1)
+        if wd:
+            blas.axpy(size, lr * wd, pW, 1, vW, 1)
+        blas.axpy(size, -1.0, vW, 1, pW, 1)
+
+    def _step_b(self, dyp: int, k: int, lr: float, gamma: float, wd: float) -> None:
+        """b with the gradient's product ``dy.T @ ones`` folded into one sgemv (``dyp``: dy's
+        address, k its rows), then the weight decay and ``b -= v`` for momentum."""
+        blas, n_out, pb, ones = self.blas, self.n_out, self.b.ctypes.data, self._ones.ctypes.data
+        if self.vb is None:  # SGD: b = (1 - lr*wd) b - lr * dy.T @ ones
+            blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, -lr, dyp, n_out, ones, 1, 1.0 - lr * wd, pb, 1)
+            return
+        vb = self.vb.ctypes.data
+        blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, lr, dyp, n_out, ones, 1, gamma, vb, 1)
+        if wd:
+            blas.axpy(n_out, lr * wd, pb, 1, vb, 1)
+        blas.axpy(n_out, -1.0, vb, 1, pb, 1)
 
 
 # --- threads by work ------------------------------------------------------------------------------

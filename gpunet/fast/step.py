@@ -148,6 +148,14 @@ class FusedStep:
         it (a crafted checkpoint) never loads numba and LLVM (about 60 MB)."""
         return self.fold and ops.numba_kernels() is not None
 
+    @functools.cached_property
+    def _w_steps(self) -> list:
+        """Each block's ``step_w`` for its LinearUpdate: W by the rule's kernel, or None (BLAS
+        calls); made once, not a closure per layer per step."""
+        if not self.fold_rule:
+            return [None] * len(self.blocks)
+        return [functools.partial(self._rule, (w,)) for w, _, _ in self.index]
+
     def _buffer(self, key, shape, dtype):
         buf = self._buffers.get(key)
         if buf is None or buf.shape != shape:
@@ -162,10 +170,8 @@ class FusedStep:
         ranks (the core's step on the CPU, :meth:`_apply` on the GPU)."""
         opt = self.optimizer
         if self.fold:
-            w = self.index[i][0]
-            step_w = (lambda: ops.update(opt, w, self._constants)) if self.fold_rule else None
             gamma = opt.momentum if self.momentum else 0.0
-            self.folded[i](x, dy, opt.lr, gamma, opt.weight_decay, step_w)
+            self.folded[i](x, dy, opt.lr, gamma, opt.weight_decay, self._w_steps[i])
             return
         (W, vW), (b, vb) = self.pairs[i]
         self.xp.matmul(x.T, dy, out=W.grad)

@@ -108,7 +108,11 @@ RULE_TEXT = [
         r"(?<![\w.\[])(vb|vW|velocities|buffer|grad_avg)(\[i\])?\s*[-+*/]?=(?!=)",
     )
 ]
-BACKEND_WRITINGS = {("fast/blas.py", "LinearUpdate.__call__")}
+# the BLAS back-end of SGD and momentum: its W and its bias halves (blas.LinearUpdate)
+BACKEND_WRITINGS = {
+    ("fast/blas.py", "LinearUpdate._step_w"),
+    ("fast/blas.py", "LinearUpdate._step_b"),
+}
 
 
 def rule_writings(package=PACKAGE) -> dict:

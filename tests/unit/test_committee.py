@@ -49,3 +49,8 @@ def test_refusals_name_the_member_and_what_differs():
         committee([a, members(np.float32)[1]])
     with pytest.raises(ValueError, match="got a BatchNorm"):
         committee([a, gn.mlp([6, 7, 9, 4], batch_norm=True, seed=1, dtype=np.float64)])
+    regressor = members(np.float64)[1]
+    regressor.classifies = False  # its task, set once (as fit sets it from a regression loss)
+    a.classifies = True
+    with pytest.raises(ValueError, match=r"nets\[1\].*\(classifies=True\), got .*classifies=False"):
+        committee([a, regressor])
