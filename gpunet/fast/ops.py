@@ -104,9 +104,23 @@ def update(opt, i: int, k: dict) -> None:
     if compiled is None:
         opt.update(i, k)
         return
-    kernel = _numba_rule(rules.variant(opt), rules.numba_source(opt))
-    arrays = 2 + len(opt.slots)  # w, g, the state; then the scalars
-    opt.update(i, k, lambda *args: kernel(*_flat(args, arrays)))
+    opt.update(i, k, _flat_rule(opt))
+
+
+_FLAT_RULES: dict = {}  # (optimizer class, variant) -> its kernel on the parameter's own arrays
+
+
+def _flat_rule(opt):
+    """``run(w, g, *state, *scalars)``: the rule's numba kernel on flat views of the arrays. Made
+    once per optimizer class and variant (a rule's text follows from them alone), not at every
+    parameter's step: generating the text took about as long as stepping a bias."""
+    key = (type(opt), rules.variant(opt))
+    run = _FLAT_RULES.get(key)
+    if run is None:
+        kernel = _numba_rule(key[1], rules.numba_source(opt))
+        arrays = 2 + len(opt.slots)  # w, g, the state; then the scalars
+        run = _FLAT_RULES[key] = lambda *args: kernel(*_flat(args, arrays))
+    return run
 
 
 def _flat(args, arrays: int):
