@@ -114,8 +114,13 @@ class LinearUpdate:
                 f"gW, gb: expected shapes {W.shape} and {b.shape}, got {gW.shape} and {gb.shape}"
             )
         self.W, self.b, self.gW, self.gb, self.vW, self.vb = W, b, gW, gb, vW, vb
+        # their addresses, once: they are held here, so they stay put (``.ctypes`` costs about a
+        # microsecond a look, eight looks a layer a step)
+        named = zip(("W", "b", "gW", "gb", "vW", "vb"), (W, b, gW, gb, vW, vb))
+        self._at = {n: a.ctypes.data for n, a in named if a is not None}
         self.n_in, self.n_out = W.shape
         self._ones = np.ones(0, dtype=W.dtype)
+        self._at["ones"] = self._ones.ctypes.data
 
     def __call__(self, x, dy, lr, gamma=0.0, wd=0.0, step_w=None):
         """x (K, in) and dy (K, out), C-contiguous in W's dtype. ``step_w``: a callable that steps W
@@ -127,10 +132,11 @@ class LinearUpdate:
                 f"x, dy: expected C-contiguous ({k}, {n_in}) and ({k}, {n_out}) {dt} "
                 f"arrays, got {x.shape} {x.dtype} and {dy.shape} {dy.dtype}"
             )
+        at = self._at
         if self._ones.shape[0] != k:
             self._ones = np.ones(k, dtype=dt)
-        lr, wd, gW = float(lr), float(wd), self.gW.ctypes.data
-        dyp, ones = dy.ctypes.data, self._ones.ctypes.data
+            at["ones"] = self._ones.ctypes.data
+        lr, wd, dyp, ones = float(lr), float(wd), dy.ctypes.data, at["ones"]
         blas.gemm(
             _ROW_MAJOR,
             _TRANS,
@@ -144,11 +150,10 @@ class LinearUpdate:
             dyp,
             n_out,
             0.0,
-            gW,
+            at["gW"],
             n_out,
         )
-        gb = self.gb.ctypes.data
-        blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, 1.0, dyp, n_out, ones, 1, 0.0, gb, 1)
+        blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, 1.0, dyp, n_out, ones, 1, 0.0, at["gb"], 1)
         self._step_b(dyp, k, lr, float(gamma), wd)
         if step_w is None:
             self._step_w(lr, float(gamma), wd)
@@ -159,13 +164,13 @@ class LinearUpdate:
         """W from W.grad in BLAS calls: SGD ``w = (1 - lr*wd) w - lr*grad`` (scal, axpy), momentum
         ``v = gamma*v + lr*grad (+ lr*wd*w); w -= v`` (scal, axpy, axpy)."""
         blas, size = self.blas, self.n_in * self.n_out
-        pW, gW = self.W.ctypes.data, self.gW.ctypes.data
+        pW, gW = self._at["W"], self._at["gW"]
         if self.vW is None:
             if wd:
                 blas.scal(size, 1.0 - lr * wd, pW, 1)
             blas.axpy(size, -lr, gW, 1, pW, 1)
             return
-        vW = self.vW.ctypes.data
+        vW = self._at["vW"]
         blas.scal(size, gamma, vW, 1)
         blas.axpy(size, lr, gW, 1, vW, 1)
         if wd:
@@ -175,11 +180,11 @@ class LinearUpdate:
     def _step_b(self, dyp: int, k: int, lr: float, gamma: float, wd: float) -> None:
         """b with the gradient's product ``dy.T @ ones`` folded into one sgemv (``dyp``: dy's
         address, k its rows), then the weight decay and ``b -= v`` for momentum."""
-        blas, n_out, pb, ones = self.blas, self.n_out, self.b.ctypes.data, self._ones.ctypes.data
+        blas, n_out, pb, ones = self.blas, self.n_out, self._at["b"], self._at["ones"]
         if self.vb is None:  # SGD: b = (1 - lr*wd) b - lr * dy.T @ ones
             blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, -lr, dyp, n_out, ones, 1, 1.0 - lr * wd, pb, 1)
             return
-        vb = self.vb.ctypes.data
+        vb = self._at["vb"]
         blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, lr, dyp, n_out, ones, 1, gamma, vb, 1)
         if wd:
             blas.axpy(n_out, lr * wd, pb, 1, vb, 1)
