@@ -79,10 +79,10 @@ def instrument():
     routines = blas.routines(np.float32)
     names = {"gemm": "product: dW = x.T @ dy (sgemm)", "gemv": "update: bias sums (sgemv)"}
     for call in ("gemm", "gemv", "scal", "axpy"):
-        label = names.get(call, f"update: {call} (velocity, weights; bias only with numba)")
+        label = names.get(call, f"update: {call} (velocity, weights; none with numba)")
         setattr(routines, call, timed(label, getattr(routines, call)))
-    # with numba, W (not b) is stepped by the rule's generated kernel, one call a layer a step
-    ops.update = timed("update: W by the rule's kernel (numba)", ops.update)
+    # with numba, W and b are stepped by the rule's generated kernel, one call each a layer a step
+    ops.update = timed("update: W and b by the rule's kernel (numba)", ops.update)
     np.take = timed("gather: labels (np.take)", np.take)
     Pixels.take = timed("gather: images (uint8 to float32)", Pixels.take)
 

@@ -14,13 +14,14 @@ For one Linear layer with input x (K, in) and output delta dy (K, out), the note
 
 and plain gradient descent ``w = (1 - lr*wd) w - lr*grad`` is a scal (weight decay only) and an axpy
 after the gradient's product (the bias's product again folded into its update). With numba, the
-fused step passes ``step_w``: W is stepped by the optimizer's own rule (its generated kernel, the
-core's operations, one pass over W, v and W.grad where scal and two axpy make three), and only the
-bias stays in BLAS calls here. In BLAS calls the rule's ``v + lr*grad`` is one fused multiply-add
-(axpy), where the core rounds ``lr*grad`` first, so those weights can differ from the core's in the
-last bits (tests compare the two); the rule's kernel gives the core's bits. ``routines(a)`` is
-None for another NumPy build (MKL, Accelerate), another dtype, or ``GPUNET_CPU_BLAS=0``: then the
-fast path writes the gradients with NumPy and the core optimizer steps.
+fused step passes ``rule``: after the gradients' products, W and b are stepped by the optimizer's
+own rule (its generated kernel, the core's operations, one pass over W, v and W.grad where scal and
+two axpy make three; for b one call where two BLAS calls make two). In BLAS calls the rule's
+``v + lr*grad`` is one fused multiply-add (axpy), where the core rounds ``lr*grad`` first, so those
+weights can differ from the core's in the last bits (tests compare the two); the rule's kernel gives
+the core's bits. ``routines(a)`` is None for another NumPy build (MKL, Accelerate), another dtype,
+or ``GPUNET_CPU_BLAS=0``: then the fast path writes the gradients with NumPy and the core optimizer
+steps.
 """
 
 from __future__ import annotations
@@ -122,10 +123,10 @@ class LinearUpdate:
         self._ones = np.ones(0, dtype=W.dtype)
         self._at["ones"] = self._ones.ctypes.data
 
-    def __call__(self, x, dy, lr, gamma=0.0, wd=0.0, step_w=None):
-        """x (K, in) and dy (K, out), C-contiguous in W's dtype. ``step_w``: a callable that steps W
-        from ``W.grad`` by the optimizer's generated rule kernel (one pass over W, its velocity and
-        its gradient, where the BLAS calls make three); None: W too in BLAS calls."""
+    def __call__(self, x, dy, lr, gamma=0.0, wd=0.0, rule=None):
+        """x (K, in) and dy (K, out), C-contiguous in W's dtype. ``rule``: a callable that steps W
+        and b from ``W.grad`` and ``b.grad`` by the optimizer's generated rule kernel (one pass over
+        each parameter, its velocity and its gradient); None: the update in BLAS calls."""
         k, n_in, n_out, blas, dt = x.shape[0], self.n_in, self.n_out, self.blas, self.W.dtype
         if not (_dense(x, dt) and _dense(dy, dt)) or x.shape != (k, n_in) or dy.shape != (k, n_out):
             raise ValueError(
@@ -154,11 +155,11 @@ class LinearUpdate:
             n_out,
         )
         blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, 1.0, dyp, n_out, ones, 1, 0.0, at["gb"], 1)
+        if rule is not None:
+            rule()
+            return
         self._step_b(dyp, k, lr, float(gamma), wd)
-        if step_w is None:
-            self._step_w(lr, float(gamma), wd)
-        else:
-            step_w()
+        self._step_w(lr, float(gamma), wd)
 
     def _step_w(self, lr: float, gamma: float, wd: float) -> None:
         """W from W.grad in BLAS calls: SGD ``w = (1 - lr*wd) w - lr*grad`` (scal, axpy), momentum

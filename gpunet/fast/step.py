@@ -6,7 +6,7 @@ Same formulas as the core, with the speed-ups: work buffers allocated once per b
 ReLU in one pass, the softmax cross-entropy forward and gradient in one pass, dx computed into a
 buffer, each layer updated as soon as its delta is known (dx first, from the old W), and on the CPU
 with NumPy's OpenBLAS the gradients' products and the SGD or momentum update in BLAS calls on the
-arrays (:mod:`gpunet.fast.blas`), W's update by the rule's generated kernel where numba is
+arrays (:mod:`gpunet.fast.blas`), the update itself by the rule's generated kernel where numba is
 installed. Every path writes ``param.grad`` (the gradient's product goes straight into it), so the
 step leaves the state the core's step (:func:`gpunet.training.train_step`) would. Any other rule
 (Adam, AdamW, RMSprop) is one kernel per parameter, generated from the optimizer's rule
@@ -143,18 +143,18 @@ class FusedStep:
 
     @functools.cached_property
     def fold_rule(self) -> bool:
-        """The fold with numba: W stepped by the rule's generated kernel, one pass (BLAS makes
-        three). Asked at the first step, not when the step is built, so that a run refused before
-        it (a crafted checkpoint) never loads numba and LLVM (about 60 MB)."""
+        """The fold with numba: W and b stepped by the rule's generated kernel, one pass each (BLAS
+        makes three for W). Asked at the first step, not when the step is built, so that a run
+        refused before it (a crafted checkpoint) never loads numba and LLVM (about 60 MB)."""
         return self.fold and ops.numba_kernels() is not None
 
     @functools.cached_property
-    def _w_steps(self) -> list:
-        """Each block's ``step_w`` for its LinearUpdate: W by the rule's kernel, or None (BLAS
+    def _rule_steps(self) -> list:
+        """Each block's ``rule`` for its LinearUpdate: W and b by the rule's kernel, or None (BLAS
         calls); made once, not a closure per layer per step."""
         if not self.fold_rule:
             return [None] * len(self.blocks)
-        return [functools.partial(self._rule, (w,)) for w, _, _ in self.index]
+        return [functools.partial(self._rule, (w, b)) for w, b, _ in self.index]
 
     def _buffer(self, key, shape, dtype):
         buf = self._buffers.get(key)
@@ -171,7 +171,7 @@ class FusedStep:
         opt = self.optimizer
         if self.fold:
             gamma = opt.momentum if self.momentum else 0.0
-            self.folded[i](x, dy, opt.lr, gamma, opt.weight_decay, self._w_steps[i])
+            self.folded[i](x, dy, opt.lr, gamma, opt.weight_decay, self._rule_steps[i])
             return
         (W, vW), (b, vb) = self.pairs[i]
         self.xp.matmul(x.T, dy, out=W.grad)

@@ -74,11 +74,13 @@ def test_refuses_what_it_cannot_address():
 @pytest.mark.parametrize(
     "kind, wd", [("sgd", 0.0), ("sgd", 1e-2), ("momentum", 0.0), ("momentum", 1e-2)]
 )
-def test_with_numba_w_is_stepped_by_the_core_rule_itself(dtype, kind, wd):
-    """``step_w`` (the optimizer's generated kernel, as the fused step passes it with numba): W and
+def test_with_numba_w_and_b_are_stepped_by_the_core_rule_itself(dtype, kind, wd):
+    """``rule`` (the optimizer's generated kernel, as the fused step passes it with numba): W and
     its velocity come out the core rule's bits exactly, from the same gradient (the same sgemm);
-    the bias stays in BLAS calls (the tolerance above). W stepped by scal/axpy instead fails the
-    equality: OpenBLAS's axpy fuses the multiply-add, the core's rule rounds lr * grad first."""
+    b and its velocity are the core rule's bits from b.grad (the sgemv's sum, which is close to
+    the core's ``dy.sum(0)``, not equal). W stepped by scal/axpy instead fails the equality:
+    OpenBLAS's axpy fuses the multiply-add, the core's rule rounds lr * grad first; b by its two
+    sgemv and axpy fails the b equality."""
     from gpunet.fast import ops
 
     if ops.numba_kernels() is None:
@@ -98,10 +100,16 @@ def test_with_numba_w_is_stepped_by_the_core_rule_itself(dtype, kind, wd):
         opt.step()
         k = opt_fast.begin_step()
         gamma = 0.9 if kind == "momentum" else 0.0
-        update(x, dy, 0.1, gamma, wd, lambda: ops.update(opt_fast, 0, k))
+        b_before, vb_before = fast.b.data.copy(), [a.copy() for a in v[1:]]
+        update(x, dy, 0.1, gamma, wd, lambda: [ops.update(opt_fast, i, k) for i in (0, 1)])
         assert np.array_equal(fast.W.grad, core.W.grad), f"W.grad, step {step}"
         assert np.array_equal(fast.W.data, core.W.data), f"W after step {step}"
         if kind == "momentum":
             assert np.array_equal(v[0], opt.velocities[0]), f"W's velocity after step {step}"
         rtol, atol = TOL[dtype]
+        np.testing.assert_allclose(fast.b.grad, core.b.grad, rtol=rtol, atol=atol)
+        # b: the core's rule itself, from the same b.grad and the same b and velocity before
+        ks = {name: dtype(value) for name, value in k.items()}
+        want = opt.rule(np, b_before, fast.b.grad, vb_before, ks)
+        assert np.array_equal(fast.b.data, want[0]), f"b after step {step}"
         np.testing.assert_allclose(fast.b.data, core.b.data, rtol=rtol, atol=atol)
