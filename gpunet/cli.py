@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import platform
+import re
 import shlex
 import signal
 import sys
@@ -199,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEXT",
         help="what the inputs are, for the file's metadata (default: pixel / 255 for image models)",
     )
+
+    c = sub.add_parser(
+        "committee",
+        help="join saved models into one model file whose outputs are the mean of theirs",
+    )
+    c.add_argument("models", nargs="+", metavar="MODEL", help="two or more model files")
+    c.add_argument("--out", required=True, metavar="OUT.npz", help="the model file to write")
 
     x = sub.add_parser(
         "explain",
@@ -647,6 +655,32 @@ def cmd_export(args):
     return 0
 
 
+def cmd_committee(args):
+    from .committee import committee
+
+    if len(args.models) < 2:
+        raise UserError(f"MODEL: expected two or more model files, got {len(args.models)}")
+    out = Path(args.out).expanduser().resolve()
+    if not out.parent.is_dir():
+        raise UserError(f"--out: the folder {out.parent} does not exist (make it first)")
+    if any(Path(m).expanduser().resolve() == out for m in args.models):
+        raise UserError(f"--out: expected a new file, got {args.out}, one of the members")
+    nets = [_load_model(m, "cpu") for m in args.models]
+    try:
+        joined = committee(nets)
+    except ValueError as exc:  # "nets[i]: ..." names a member: here by its file
+        raise UserError(
+            re.sub(r"nets\[(\d+)\]", lambda m: f"MODEL {args.models[int(m[1])]}", str(exc))
+        ) from None
+    joined.save(out)
+    size = sum(int(p.data.size) for p in joined.parameters())
+    print(
+        f"wrote {args.out}: the mean of {len(nets)} models' outputs, {len(joined.layers)} layers, "
+        f"{size:,} parameters (gpunet evaluate {args.out} tests it)"
+    )
+    return 0
+
+
 def _flag(call, *args, **kwargs):
     """explain's helpers name their parameter first ("sizes: ..."); here that parameter is a
     flag."""
@@ -844,6 +878,7 @@ COMMANDS = {
     "info": cmd_info,
     "serve": cmd_serve,
     "export": cmd_export,
+    "committee": cmd_committee,
 }
 
 

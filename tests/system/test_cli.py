@@ -400,6 +400,51 @@ def test_more_user_mistakes(trained, tmp_path):
         assert message in res.stderr, (args, res.stderr)
 
 
+def test_committee_writes_one_model_whose_outputs_are_the_members_mean(trained, tmp_path):
+    """Two members (the trained model and a copy with other weights) joined by ``gpunet committee``:
+    the file it writes loads as one network whose logits are the members' mean (float32, summed
+    in another order: 1e-5 of the largest logit), and gpunet evaluate reads it as any model."""
+    data, out, _ = trained
+    first = gn.load(out / "model.npz")
+    second = gn.load(out / "model.npz")
+    rng = np.random.default_rng(0)
+    for p in second.parameters():
+        noise = rng.normal(0, 0.01, p.data.shape).astype(p.data.dtype)
+        p.data[...] = p.data * np.float32(0.5) + noise
+    second.save(tmp_path / "second.npz")
+    res = run("committee", out / "model.npz", tmp_path / "second.npz", "--out", tmp_path / "c.npz")
+    assert res.returncode == 0, res.stderr
+    assert "the mean of 2 models' outputs" in res.stdout, res.stdout
+    x = rng.random((20, first.in_features), dtype=np.float32)
+    want = (first.eval().forward(x) + second.eval().forward(x)) / 2
+    got = gn.load(tmp_path / "c.npz").eval().forward(x)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    res = run("evaluate", tmp_path / "c.npz", "--data-dir", data, "--json")
+    assert res.returncode == 0 and 0.0 <= json.loads(res.stdout)["accuracy"] <= 1.0, res.stderr
+
+
+def test_committee_mistakes_print_one_line(trained, tmp_path):
+    _, out, _ = trained
+    model = out / "model.npz"
+    gn.mlp([gn.load(model).in_features, 8, 8, 10], seed=1).save(tmp_path / "deeper.npz")
+    cases = [
+        (["committee", model, "--out", tmp_path / "c.npz"], "expected two or more model files"),
+        (
+            ["committee", model, tmp_path / "deeper.npz", "--out", tmp_path / "c.npz"],
+            f"MODEL {tmp_path / 'deeper.npz'}: expected the chain",
+        ),
+        (["committee", model, model, "--out", model], "--out: expected a new file"),
+        (["committee", model, model, "--out", tmp_path / "no" / "c.npz"], "does not exist"),
+        (["committee", model, tmp_path / "missing.npz", "--out", tmp_path / "c.npz"], "not found"),
+    ]
+    for args, message in cases:
+        res = run(*args)
+        assert res.returncode == 2, (args, res.stderr)
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+        assert message in res.stderr, (args, res.stderr)
+    assert not (tmp_path / "c.npz").exists()
+
+
 # --- gpunet train --data FILE.npz|.csv: one's own data, scaled, the scaling kept in the model file
 # -------
 @pytest.fixture(scope="module")
