@@ -15,7 +15,10 @@ buffered bytes, never a thread:
 - at most ``max_connections`` are open at once. One more is answered 503 at once and closed, rather
   than left in the listen queue: slow clients cost no thread here, so the bound is one of file
   descriptors and memory, set far above what good clients open; past it, a client learns at once
-  instead of waiting unseen behind connections that may each hold their place for a whole deadline.
+  instead of waiting unseen behind connections that may each hold their place for a whole deadline;
+- at most ``max_buffered`` bytes of requests not yet whole are held, all connections together: each
+  may hold a whole body (8 MiB) and its headers, so 4,096 slow uploads could otherwise hold 59 GB.
+  The connection whose bytes would pass the bound is answered 503 and closed; the others go on.
 
 Nothing here knows the routes: ``BufferedHandler`` is a BaseHTTPRequestHandler that reads its
 request from the bytes the reader gathered and writes its answer into a buffer.
@@ -38,6 +41,7 @@ from http.server import BaseHTTPRequestHandler
 
 DEADLINE = 30.0  # seconds for a whole request; 8 MiB in 30 s needs 2.2 Mbit/s of upload
 MAX_CONNECTIONS = 4096  # open at once; each costs a file descriptor (serve raises the soft limit)
+MAX_BUFFERED = 512 * 2**20  # bytes of unfinished requests held at once, all connections together
 THREADS = 8  # handler threads: pictures are decoded and JSON parsed there
 MAX_HEAD = 65536 + 100 * 65536  # bytes of request line and headers, as BaseHTTPRequestHandler
 DRAIN_LIMIT = 64 * 2**20  # bytes read and dropped after a connection's last answer (a 413's body)
@@ -124,7 +128,8 @@ class Server:
     """An HTTP server on ``address`` whose requests ``handler`` (a BufferedHandler subclass)
     answers. ``serve_forever`` runs the reader in the calling thread; ``shutdown`` (from another
     thread) stops it; ``server_close`` closes every socket and stops the pool. ``deadline``,
-    ``max_body`` and ``max_connections`` may be changed while it runs.
+    ``max_body``, ``max_connections`` and ``max_buffered`` may be changed while it runs;
+    ``buffered`` is the bytes held now.
     """
 
     # the listen backlog: 64 clients connecting at once overflowed socketserver's 5
@@ -138,6 +143,7 @@ class Server:
         deadline: float = DEADLINE,
         max_body: int,
         max_connections: int = MAX_CONNECTIONS,
+        max_buffered: int = MAX_BUFFERED,
         threads: int = THREADS,
         quiet: bool = False,
     ):
@@ -154,6 +160,7 @@ class Server:
         self.server_address = self.socket.getsockname()
         self.handler, self.deadline, self.max_body = handler, deadline, max_body
         self.max_connections, self.quiet = max_connections, quiet
+        self.max_buffered, self.buffered = max_buffered, 0
         self.open: set = set()
         # (deadline, stamp, conn), oldest first: every deadline is `deadline` after its start
         self._deadlines: collections.deque = collections.deque()
@@ -272,10 +279,27 @@ class Server:
             conn.drain -= len(data)
             if conn.drain <= 0:
                 self._close(conn)
+        elif self.buffered + len(data) > self.max_buffered:
+            self._overfull(conn)
         else:
             conn.heard = True
             conn.inbox += data
+            self.buffered += len(data)
             self._parse(conn)
+
+    def _overfull(self, conn: Connection) -> None:
+        """503 and close: this connection's bytes would pass ``max_buffered``."""
+        self.log(conn.address, f"503 more than {self.max_buffered} bytes of requests held")
+        self._forget_inbox(conn)
+        busy = "busy: too many bytes of requests are arriving at once; try again"
+        self._send(conn, answer_bytes(503, busy), close=True)
+
+    def _forget_inbox(self, conn: Connection, upto: int | None = None) -> None:
+        """Drop the first ``upto`` bytes of ``conn``'s inbox (all of them by default), and count
+        them off ``buffered``."""
+        upto = len(conn.inbox) if upto is None else upto
+        del conn.inbox[:upto]
+        self.buffered -= upto
 
     def _parse(self, conn: Connection) -> None:
         """Hand the request to the pool once its headers and body are all here."""
@@ -291,7 +315,7 @@ class Server:
         elif len(conn.inbox) < end + n:
             return
         request = bytes(conn.inbox[: end + n])
-        del conn.inbox[: end + n]
+        self._forget_inbox(conn, end + n)
         conn.stamp += 1  # its deadline is over: the pool has it
         self._selector.unregister(conn.sock)
         self._jobs.put((conn, request))
@@ -330,7 +354,7 @@ class Server:
             self._close(conn)
             return
         conn.drain = DRAIN_LIMIT
-        conn.inbox.clear()
+        self._forget_inbox(conn)
         conn.stamp += 1
         conn.deadline = time.monotonic() + self.deadline
         self._deadlines.append((conn.deadline, conn.stamp, conn))
@@ -352,6 +376,7 @@ class Server:
         if conn not in self.open:
             return
         self.open.discard(conn)
+        self._forget_inbox(conn)
         conn.stamp += 1
         try:
             self._selector.unregister(conn.sock)

@@ -388,10 +388,12 @@ def make_server(
     quiet: bool = False,
     deadline: float = connections.DEADLINE,
     max_connections: int = connections.MAX_CONNECTIONS,
+    max_buffered: int = connections.MAX_BUFFERED,
 ) -> Server:
     """A server for `net`, bound and ready (call ``serve_forever``); port 0 picks a free port.
     `deadline`: seconds a request may take to arrive whole (then 408); `max_connections`: open at
-    once (then 503)."""
+    once (then 503); `max_buffered`: bytes of unfinished requests held, all connections together
+    (the one that would pass it: 503)."""
     predictor = Predictor(net, name)
     try:
         return Server(
@@ -401,6 +403,7 @@ def make_server(
             quiet=quiet,
             deadline=deadline,
             max_connections=max_connections,
+            max_buffered=max_buffered,
         )
     except OSError as exc:
         predictor.worker.close()  # no server: its worker thread ends too

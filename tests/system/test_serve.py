@@ -461,6 +461,50 @@ def test_connections_beyond_the_bound_get_503_at_once():
         running.close()
 
 
+def test_bytes_beyond_the_buffered_bound_get_503_and_the_count_returns_to_zero():
+    """With at most 1 MiB of unfinished requests held: one upload holds 500 kB of its 600 kB body;
+    a second upload's bytes would pass the bound, so it is answered 503 and closed, while the first,
+    once whole, is answered as usual; a third hangs up halfway; after they close, nothing is held.
+    Mutations: no bound (the second is answered 400 after its body), the count not taken off when a
+    connection closes."""
+    running = Running(gn.mlp([784, 16, 10], seed=0, device="cpu"), max_buffered=2**20)
+    server = running.server
+
+    def held(at_least=None, exactly=None, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            n = server.buffered
+            if (at_least is not None and n >= at_least) or (exactly is not None and n == exactly):
+                return n
+            time.sleep(0.01)
+        return server.buffered
+
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 600000\r\n\r\n"
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=30) as first:
+            first.sendall(head + b" " * 500_000)
+            assert held(at_least=500_000) >= 500_000
+            with socket.create_connection(("127.0.0.1", running.port), timeout=30) as second:
+                second.sendall(head + b" " * 600_000)
+                answer = read_all(second).decode("latin-1")
+            status, _, body = answer.partition("\r\n\r\n")
+            assert status.startswith("HTTP/1.1 503 ") and "Connection: close" in status, answer
+            busy = "busy: too many bytes of requests are arriving at once; try again"
+            assert json.loads(body) == {"error": busy}
+            first.sendall(b" " * 100_000)  # whole now: an empty JSON document, 400
+            reply = first.recv(65536).decode("latin-1")
+            assert reply.startswith("HTTP/1.1 400 "), reply
+        with socket.create_connection(("127.0.0.1", running.port), timeout=30) as third:
+            third.sendall(head + b" " * 1000)  # then it hangs up with its request unfinished
+            assert held(at_least=1000) >= 1000
+        assert held(exactly=0) == 0
+    finally:
+        running.close()
+
+
 def test_headers_too_long_get_431(tiny, monkeypatch):
     monkeypatch.setattr(serve.connections, "MAX_HEAD", 1000)
     answer = tiny.raw(b"GET /health HTTP/1.1\r\nX-Long: " + b"a" * 2000).decode("latin-1")
