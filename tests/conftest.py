@@ -31,6 +31,18 @@ def pytest_collectstart(collector):
         sys.path.insert(0, str(SUPPORT))
 
 
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def benchmarks_on_path():
+    """Put benchmarks/ on sys.path, so that a test can import a benchmark script by its bare name
+    (``import speed``), as tests/support's helpers are."""
+    # appended, behind tests/support: benchmarks/ has a pictures.py of its own, and a test's
+    # ``import pictures`` must still find ours
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.append(str(BENCHMARKS))
+
+
 MNIST_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fresh_python import run_code
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -157,7 +158,5 @@ def test_the_array_aliases_need_no_cupy_at_run_time():
         "assert 'cupy' not in sys.modules, 'cupy imported'"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GPUNET_DEVICE": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
+    proc = run_code(code, cwd=ROOT, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -11,13 +11,13 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, make_fake_mnist
+from conftest import ROOT, benchmarks_on_path, make_fake_mnist
 
 import gpunet as gn
 from gpunet.data import load_mnist
 from gpunet.training import fit
 
-sys.path.append(str(ROOT / "benchmarks"))  # after tests/support: both have a pictures.py
+benchmarks_on_path()
 import memory  # noqa: E402
 import report  # noqa: E402
 import speed  # noqa: E402

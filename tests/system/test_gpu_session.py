@@ -12,9 +12,9 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
-from conftest import ROOT, make_fake_mnist
+from conftest import ROOT, benchmarks_on_path, make_fake_mnist
 
-sys.path.append(str(ROOT / "benchmarks"))  # after tests/support: both have a pictures.py
+benchmarks_on_path()
 import report  # noqa: E402
 
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"

@@ -4,12 +4,11 @@ start from the same weights and see the same batches (the figures themselves are
 they live in BENCHMARKS.md). A few seconds on two idle cores."""
 
 import json
-import sys
 
 import numpy as np
-from conftest import ROOT, make_fake_mnist, optional
+from conftest import benchmarks_on_path, make_fake_mnist, optional
 
-sys.path.append(str(ROOT / "benchmarks"))  # after tests/support: both have a pictures.py
+benchmarks_on_path()
 import optim_speed  # noqa: E402
 
 

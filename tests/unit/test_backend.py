@@ -2,7 +2,6 @@
 
 import importlib.util
 import os
-import subprocess
 import sys
 import threading
 import types
@@ -10,6 +9,7 @@ import types
 import numpy as np
 import pytest
 from conftest import assert_allclose
+from fresh_python import run_code
 
 import gpunet as gn
 from gpunet import backend
@@ -260,9 +260,7 @@ def test_real_cupy_falls_back_on_a_machine_without_gpu():
         "    print('ERROR', e)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "GPUNET_DEVICE"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
+    out = run_code(code, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     if out.stdout.startswith("GPU"):
         pytest.skip("a GPU is usable here: the fallback path cannot be shown")

@@ -10,13 +10,13 @@ Skips without g++ or CuPy (headers and code generator; no GPU); GPUNET_REQUIRE_C
 """
 
 import os
-import sys
 
 import cuda_compile as cc
 import cuda_cpu
 import cuda_support
 import numpy as np
 import pytest
+from fresh_python import run_code
 
 from gpunet import backend, losses
 from gpunet.fast import cuda
@@ -500,8 +500,6 @@ def test_an_out_of_bounds_write_is_named_at_its_line_under_asan():
     loss array ends a child process with ASan's report naming the kernel's source line. Runs only
     there: the sanitized build costs seconds, and the ordinary run catches the same bug with its
     guard bytes."""
-    import subprocess
-
     if not cuda_cpu.sanitizing():
         pytest.skip(
             "runs in .ci/run's AddressSanitizer step (GPUNET_CXX_SANITIZE=1, libasan preloaded)"
@@ -526,14 +524,7 @@ def test_an_out_of_bounds_write_is_named_at_its_line_under_asan():
     path = os.pathsep.join(
         [str(cuda_cpu.HERE), str(cuda_cpu.HERE.parents[1]), os.environ.get("PYTHONPATH", "")]
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": path},
-        check=False,
-    )
+    done = run_code(code, timeout=300, env={**os.environ, "PYTHONPATH": path})
     assert done.returncode != 0, done.stderr[-3000:]
     assert "heap-buffer-overflow" in done.stderr and "WRITE of size 4" in done.stderr, done.stderr[
         -3000:

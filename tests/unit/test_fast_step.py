@@ -8,13 +8,12 @@ atol 1e-5.
 """
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 from conftest import assert_allclose
+from fresh_python import run_code
 
 import gpunet as gn
 from gpunet import fast
@@ -236,9 +235,7 @@ def test_building_the_folded_step_loads_no_numba():
         """
     )
     env = dict(os.environ, GPUNET_NUMBA="1")
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
+    done = run_code(code, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     built, stepped = done.stdout.split("\n")[:2]
     assert built == "True False", done.stdout

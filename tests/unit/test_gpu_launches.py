@@ -80,11 +80,9 @@ def test_the_table_in_benchmarks_is_what_the_code_counts(fake_gpu, monkeypatch):
     launch_counts' counts and budgets, between its markers; writing it replaces only what lies
     between them. Mutation: a budget in launch_counts.PATHS changed (augment's 27 -> 28) without
     rerunning the script fails it."""
-    import sys
+    from conftest import benchmarks_on_path
 
-    from conftest import ROOT
-
-    sys.path.append(str(ROOT / "benchmarks"))  # after tests/support: both have a pictures.py
+    benchmarks_on_path()
     import launch_table
 
     monkeypatch.setenv("GPUNET_CUDA_CPU", "0")  # counts only (the CUDA sources run in other tests)

@@ -3,15 +3,13 @@ timed by events around N steps and one synchronization, as PyTorch eager is) for
 launch budget, each launching its own kernels. The script it replaced handed a FusedStep instance to
 cupyx.profiler.benchmark, which reads ``func.__name__``: AttributeError on the first GPU."""
 
-import sys
-
 import cuda_support
 import launch_counts
 import pytest
-from conftest import ROOT, optional
+from conftest import benchmarks_on_path, optional
 
-sys.path.append(str(ROOT / "benchmarks"))  # after tests/support: both have a pictures.py
-import gpu_step
+benchmarks_on_path()
+import gpu_step  # noqa: E402
 
 # the kernels that tell each path's step from the plain one
 OWN = {

@@ -14,10 +14,10 @@ in seconds.
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import benchmarks_on_path
 from fake_cupy import CaptureError, FakeCupy
 
 import gpunet as gn
@@ -347,7 +347,7 @@ def test_the_comparison_table_puts_each_step_against_pytorch_eager():
     """benchmarks/gpu_graph.py's table: ms per step from the events and the wall clock, and the
     ratio to PyTorch eager's ms per step (the session's one table; its dry run is in
     test_gpu_session.py)."""
-    sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    benchmarks_on_path()
     import gpu_graph
 
     rows = {

@@ -1,11 +1,10 @@
 """Networks: learning XOR, save/load round trips, and the errors users get for wrong inputs."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from fresh_python import run_code
 
 import gpunet as gn
 
@@ -68,12 +67,7 @@ def check_loads_without_cupy(tmp_path, device):
     net = gn.mlp([5, 4, 2], seed=1, device=device)
     path = tmp_path / "m.npz"
     net.save(path)
-    out = subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_CUPY, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_code(LOAD_WITHOUT_CUPY, str(path), timeout=120)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) == float(net.state_dict()["0.W"].sum())
 

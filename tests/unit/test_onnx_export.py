@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import assert_allclose, optional
+from fresh_python import run_code
 
 import gpunet as gn
 from gpunet import layers
@@ -268,9 +269,7 @@ def test_the_command_line_says_one_line(tmp_path):
         "import sys; sys.modules['onnx'] = None; from gpunet.cli import main; "
         f"sys.exit(main(['export', {str(tmp_path / 'm.npz')!r}, {str(tmp_path / 'y.onnx')!r}]))"
     )
-    res = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
-    )
+    res = run_code(script, timeout=120)
     assert res.returncode == 2 and res.stderr == (
         "gpunet export: error: ONNX export needs the onnx package: pip install 'gpunet[onnx]'\n"
     )

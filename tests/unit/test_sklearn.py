@@ -6,13 +6,12 @@ hidden sizes and epochs."""
 import contextlib
 import pickle
 import re
-import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
 from conftest import optional
+from fresh_python import run_code
 
 sklearn = optional("sklearn", "sklearn")
 from sklearn import neural_network  # noqa: E402
@@ -160,9 +159,7 @@ def test_results_are_numpy_and_a_pickle_holds_host_arrays_only(device, tmp_path,
         f"est.predict_proba(np.load({str(tmp_path / 'x.npy')!r}))); "
         "print(est.net_.device)"
     )
-    res = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
-    )
+    res = run_code(script, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "cpu", res.stderr
     np.testing.assert_allclose(
         np.load(tmp_path / "p.npy"), proba, atol=1e-6

@@ -41,6 +41,7 @@ from crafted_files import (
     tiny_run,
     valid_model,
 )
+from fresh_python import run_code
 
 import gpunet as gn
 
@@ -81,8 +82,10 @@ def gpunet_peak(args, cwd, timeout=120) -> tuple[int, str, str, int]:
     out, err, peak = cwd / "stdout.txt", cwd / "stderr.txt", cwd / "peak.txt"
     with open(out, "wb") as o, open(err, "wb") as e:
         try:
-            code = subprocess.run(
-                [sys.executable, "-c", PEAK_LAUNCH, str(peak), *map(str, args)],
+            code = run_code(
+                PEAK_LAUNCH,
+                str(peak),
+                *map(str, args),
                 stdout=o,
                 stderr=e,
                 cwd=cwd,
