@@ -290,9 +290,10 @@ def test_serve_gives_the_page_from_the_installed_package(installed, workdir):
 
 
 # unit tests that need gpunet and NumPy only (their optional oracles skip), copied out of the source
-# tree
+# tree into one folder, with the support module they import (test_network: a fresh interpreter)
 OUTSIDE_TESTS = (
     "conftest.py",
+    "support/fresh_python.py",
     "unit/test_layers.py",
     "unit/test_gradients.py",
     "unit/test_network.py",
