@@ -25,6 +25,7 @@ from . import __version__, backend, callbacks, fast, parallel
 from .backend import DeviceError
 from .commands import flags, train as train_command
 from .commands.flags import (
+    buffer_mib,
     finite_float,
     non_negative_int,
     positive_float,
@@ -181,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=4096,
         metavar="N",
         help="connections open at once; one more is answered 503 (default: 4096)",
+    )
+    v.add_argument(
+        "--max-buffered",
+        type=buffer_mib,
+        default=512,
+        metavar="MIB",
+        help="MiB of unfinished requests held, all connections together; the connection whose "
+        "bytes would pass it is answered 503 (default: 512; at least 16)",
     )
 
     o = sub.add_parser(
@@ -619,6 +628,7 @@ def cmd_serve(args):
         name=Path(args.model).name,
         deadline=args.deadline,
         max_connections=args.max_connections,
+        max_buffered=args.max_buffered * 2**20,
     )
 
 

@@ -443,11 +443,20 @@ def run(
     name: str = "model",
     deadline: float = connections.DEADLINE,
     max_connections: int = connections.MAX_CONNECTIONS,
+    max_buffered: int = connections.MAX_BUFFERED,
 ) -> int:
     """Serve until Ctrl+C or SIGTERM; prints the address first. Returns 0. Call from the main
     thread."""
     allowed = raise_file_limit(max_connections)
-    server = make_server(net, host, port, name=name, deadline=deadline, max_connections=allowed)
+    server = make_server(
+        net,
+        host,
+        port,
+        name=name,
+        deadline=deadline,
+        max_connections=allowed,
+        max_buffered=max_buffered,
+    )
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"gpunet serve: {name} on http://{shown}:{bound_port}/ (Ctrl+C to stop)", flush=True)

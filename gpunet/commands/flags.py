@@ -33,6 +33,8 @@ positive_int = _number(int, lambda v: v > 0, "a positive integer")
 non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = _number(float, lambda v: v > 0 and np.isfinite(v), "a positive number")
 non_negative_float = _number(float, lambda v: v >= 0 and np.isfinite(v), "a number >= 0")
+# gpunet serve --max-buffered: room for one whole request at least (an 8 MiB body and its headers)
+buffer_mib = _number(int, lambda v: v >= 16, "a whole number of MiB >= 16")
 unit_interval = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 finite_float = _number(float, np.isfinite, "a finite number")
 

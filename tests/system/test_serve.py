@@ -610,3 +610,33 @@ def test_serve_command_mistakes(tmp_path):
         res.returncode == 2
         and "argument --port: expected a non-negative integer, got 'http'" in err
     ), err
+    res = gpunet("serve", tmp_path / "m.npz", "--max-buffered", "8")
+    _, err = res.communicate(timeout=60)
+    assert res.returncode == 2 and err.count("\n") == 1, err
+    assert "argument --max-buffered: expected a whole number of MiB >= 16, got '8'" in err, err
+
+
+def test_serve_command_holds_at_most_max_buffered_mib(tmp_path):
+    """``gpunet serve --max-buffered 16``: three unfinished 7 MB uploads would hold 21 MB, so the
+    one whose bytes pass 16 MiB is answered 503 (whichever the server reads last) and the other
+    two wait for the rest of their bodies. Mutation: the flag not passed on (512 MiB: all three
+    wait, none is answered)."""
+    gn.mlp([784, 16, 10], seed=0, device="cpu").save(tmp_path / "m.npz")
+    proc = gpunet("serve", tmp_path / "m.npz", "--port", "0", "--max-buffered", "16")
+    uploads = []
+    try:
+        port = int(re.search(r":(\d+)/", proc.stdout.readline()).group(1))
+        head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 7500000\r\n\r\n"
+        for _ in range(3):
+            uploads.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+            uploads[-1].sendall(head + b" " * 7_000_000)
+        answered, _, _ = select.select(uploads, [], [], 10)
+        assert len(answered) == 1, f"{len(answered)} of 3 uploads answered, expected 1"
+        answer = read_all(answered[0]).decode("latin-1")
+        assert answer.startswith("HTTP/1.1 503 ") and "too many bytes" in answer, answer
+        assert select.select(uploads, [], [], 0.5)[0] == answered  # the other two still wait
+    finally:
+        for s in uploads:
+            s.close()
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
