@@ -111,13 +111,14 @@ _FLAT_RULES: dict = {}  # (optimizer class, variant) -> its kernel on the parame
 
 
 def _flat_rule(opt):
-    """``run(w, g, *state, *scalars)``: the rule's numba kernel on flat views of the arrays. Made
-    once per optimizer class and variant (a rule's text follows from them alone), not at every
-    parameter's step: generating the text took about as long as stepping a bias."""
+    """``run(w, g, *state, *scalars)``: the rule's numba kernel on flat views of the arrays,
+    compiled once per process for each optimizer class and variant (a rule's text follows from
+    them alone), not looked up at every parameter's step: generating the text took about as long
+    as stepping a bias."""
     key = (type(opt), rules.variant(opt))
     run = _FLAT_RULES.get(key)
     if run is None:
-        kernel = _numba_rule(key[1], rules.numba_source(opt))
+        kernel = numba_kernels().rule(rules.numba_source(opt))
         arrays = 2 + len(opt.slots)  # w, g, the state; then the scalars
         run = _FLAT_RULES[key] = lambda *args: kernel(*_flat(args, arrays))
     return run
@@ -125,12 +126,6 @@ def _flat_rule(opt):
 
 def _flat(args, arrays: int):
     return [a.reshape(-1) for a in args[:arrays]] + list(args[arrays:])
-
-
-@functools.lru_cache(maxsize=None)
-def _numba_rule(name: str, source: str):
-    """The compiled kernel of one rule variant (``name``), made once per process."""
-    return numba_kernels().rule(source)
 
 
 def dropout(layer, y, mask):
