@@ -137,7 +137,7 @@ class LinearUpdate:
         if self._ones.shape[0] != k:
             self._ones = np.ones(k, dtype=dt)
             at["ones"] = self._ones.ctypes.data
-        lr, wd, dyp, ones = float(lr), float(wd), dy.ctypes.data, at["ones"]
+        lr, gamma, wd, dyp, ones = float(lr), float(gamma), float(wd), dy.ctypes.data, at["ones"]
         blas.gemm(
             _ROW_MAJOR,
             _TRANS,
@@ -158,8 +158,8 @@ class LinearUpdate:
         if rule is not None:
             rule()
             return
-        self._step_b(dyp, k, lr, float(gamma), wd)
-        self._step_w(lr, float(gamma), wd)
+        self._step_b(dyp, k, lr, gamma, wd)
+        self._step_w(lr, gamma, wd)
 
     def _step_w(self, lr: float, gamma: float, wd: float) -> None:
         """W from W.grad in BLAS calls: SGD ``w = (1 - lr*wd) w - lr*grad`` (scal, axpy), momentum
