@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpunet  # noqa: E402
 from gpunet.data.datasets import load_mnist  # noqa: E402
 from gpunet.data.rows import Pixels  # noqa: E402
-from gpunet.fast import blas, ops  # noqa: E402
+from gpunet.fast import blas, columns, ops  # noqa: E402
 
 _MATMUL = np.matmul
 TOTALS: dict = defaultdict(float)
@@ -84,6 +84,13 @@ def instrument():
     # with numba, W and b are stepped by the rule's generated kernel, one call each a layer a step
     ops.update = timed("update: W and b by the rule's kernel (numba)", ops.update)
     np.take = timed("gather: labels (np.take)", np.take)
+    # the first layer over its input's lit columns (gpunet.fast.columns; GPUNET_SKIP_ZEROS=0: off)
+    for name, label in (
+        ("_lit", "zero columns: which are lit"),
+        ("_take", "zero columns: gather x[:, lit], W[lit]"),
+        ("_put", "zero columns: W.grad's rows put"),
+    ):
+        setattr(columns, name, timed(label, getattr(columns, name)))
     Pixels.take = timed("gather: images (uint8 to float32)", Pixels.take)
 
 
@@ -118,6 +125,7 @@ def run(args) -> dict:
         "numpy": np.__version__,
         "numba": ops.numba_status(),
         "blas": blas.status(),
+        "zero_columns_skipped": columns.status(),
     }
 
 

@@ -862,7 +862,8 @@ def cmd_info(args):
     print(
         f"fast path: {'on' if fp['enabled'] else 'off (GPUNET_FAST=0)'}; CPU kernels "
         f"{fp['cpu_kernels']}; "
-        f"CPU folded update {fp['cpu_blas_update']}"
+        f"CPU folded update {fp['cpu_blas_update']}; "
+        f"CPU first layer skips zero input columns: {fp['cpu_zero_columns_skipped']}"
     )
     cg = result["cuda_graph"]
     state = "available" if cg["available"] else "not available: " + cg["why_not"]

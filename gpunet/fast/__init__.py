@@ -7,7 +7,9 @@ integer labels, an optimizer of ``optimizers.OPTIMIZERS`` holding exactly the ne
 on a GPU also ``Linear BatchNorm [ReLU] [Dropout]`` blocks), or None, and then the core's
 ``forward``/ ``backward``/``step`` run (``why_not`` says why: a BatchNorm layer on the CPU, an
 optimizer of one's own, ...). ``GPUNET_FAST=0`` turns the fast path off everywhere;
-``GPUNET_NUMBA=0`` only its compiled CPU kernels, ``GPUNET_CPU_BLAS=0`` only its BLAS CPU update.
+``GPUNET_NUMBA=0`` only its compiled CPU kernels, ``GPUNET_CPU_BLAS=0`` only its BLAS CPU update,
+``GPUNET_SKIP_ZEROS=0`` only the CPU's skipping of the input's zero columns
+(:mod:`gpunet.fast.columns`).
 
 The core (layers, losses, optimizers, network) imports nothing from here; this package imports the
 core.
@@ -22,7 +24,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..losses import SoftmaxCrossEntropy
 from ..optimizers import OPTIMIZERS
-from . import blas, ops
+from . import blas, columns, ops
 from .ops import gather_scaled, resample
 from .step import FusedForward, FusedStep, mean_softmax_xent, plan
 
@@ -97,6 +99,7 @@ def status() -> dict:
         "enabled": enabled(),
         "cpu_kernels": ops.numba_status(),
         "cpu_blas_update": blas.status(),
+        "cpu_zero_columns_skipped": columns.status(),
         "gpu_kernels": "CUDA kernels through CuPy (when the device is a GPU)",
     }
 

@@ -133,11 +133,6 @@ class LinearUpdate:
                 f"x, dy: expected C-contiguous ({k}, {n_in}) and ({k}, {n_out}) {dt} "
                 f"arrays, got {x.shape} {x.dtype} and {dy.shape} {dy.dtype}"
             )
-        at = self._at
-        if self._ones.shape[0] != k:
-            self._ones = np.ones(k, dtype=dt)
-            at["ones"] = self._ones.ctypes.data
-        lr, gamma, wd, dyp, ones = float(lr), float(gamma), float(wd), dy.ctypes.data, at["ones"]
         blas.gemm(
             _ROW_MAJOR,
             _TRANS,
@@ -148,13 +143,30 @@ class LinearUpdate:
             1.0,
             x.ctypes.data,
             n_in,
-            dyp,
+            dy.ctypes.data,
             n_out,
             0.0,
-            at["gW"],
+            self._at["gW"],
             n_out,
         )
-        blas.gemv(_ROW_MAJOR, _TRANS, k, n_out, 1.0, dyp, n_out, ones, 1, 0.0, at["gb"], 1)
+        self.update(dy, lr, gamma, wd, rule)
+
+    def update(self, dy, lr, gamma=0.0, wd=0.0, rule=None):
+        """What follows ``W.grad``'s product (written by :meth:`__call__`, or by the caller, e.g.
+        over the lit columns, :mod:`gpunet.fast.columns`): ``b.grad = dy.sum(0)`` and the step of W
+        and b. dy (K, out) C-contiguous in W's dtype."""
+        k, n_out, dt, at = dy.shape[0], self.n_out, self.W.dtype, self._at
+        if not _dense(dy, dt) or dy.shape[1:] != (n_out,):
+            raise ValueError(
+                f"dy: expected C-contiguous (K, {n_out}) {dt}, got {dy.shape} {dy.dtype}"
+            )
+        if self._ones.shape[0] != k:
+            self._ones = np.ones(k, dtype=dt)
+            at["ones"] = self._ones.ctypes.data
+        lr, gamma, wd, dyp = float(lr), float(gamma), float(wd), dy.ctypes.data
+        self.blas.gemv(
+            _ROW_MAJOR, _TRANS, k, n_out, 1.0, dyp, n_out, at["ones"], 1, 0.0, at["gb"], 1
+        )
         if rule is not None:
             rule()
             return

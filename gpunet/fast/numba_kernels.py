@@ -123,3 +123,67 @@ def gather_scaled(src, idx, out, divisor):
             raise IndexError("gather_scaled: an index lies outside [0, rows)")
         for j in range(src.shape[1]):
             out[k, j] = out.dtype.type(src[row, j]) / divisor
+
+
+@_jit
+def lit_columns(x, cols):
+    """cols[:k] = the columns of x (N, F) with a nonzero (or NaN) in some row, ascending; returns
+    k. cols (F,) int64."""
+    f = x.shape[1]
+    lit = np.zeros(f, dtype=np.uint8)
+    zero = x.dtype.type(0)
+    for i in range(x.shape[0]):
+        for j in range(f):
+            lit[j] |= x[i, j] != zero  # no branch: the loop vectorises
+    k = 0
+    for j in range(f):
+        if lit[j]:
+            cols[k] = j
+            k += 1
+    return k
+
+
+@_jit
+def take_lit(x, W, cols, xc, Wc):
+    """xc (N, k) = x[:, cols], Wc (k, M) = W[cols] for k = len(cols); returns False, gathering
+    nothing, where a row of W outside cols is not finite (the dense product's 0 * inf is NaN)."""
+    f, m, k = W.shape[0], W.shape[1], cols.shape[0]
+    zero = W.dtype.type(0)
+    probe = np.zeros(m, dtype=W.dtype)  # w * 0 is 0 for a finite w, else NaN: one add a weight
+    r = 0
+    for j in range(f):
+        if r < k and cols[r] == j:
+            for c in range(m):
+                Wc[r, c] = W[j, c]
+            r += 1
+        else:
+            for c in range(m):
+                probe[c] += W[j, c] * zero
+    for c in range(m):
+        if probe[c] != zero:
+            return False
+    for i in range(x.shape[0]):
+        for r in range(k):
+            xc[i, r] = x[i, cols[r]]
+    return True
+
+
+@_jit
+def put_lit(gc, cols, dy, g):
+    """g (F, M): rows cols = gc (k, M), the others what x.T @ dy gives for a zero column of x: 0,
+    or NaN in a column of dy (N, M) with a NaN or inf."""
+    m = g.shape[1]
+    zero = g.dtype.type(0)
+    fill = np.zeros(m, dtype=g.dtype)  # 0 * dy summed: 0, or NaN where dy is not finite
+    for i in range(dy.shape[0]):
+        for c in range(m):
+            fill[c] += dy[i, c] * zero
+    r, k = 0, cols.shape[0]
+    for j in range(g.shape[0]):
+        if r < k and cols[r] == j:
+            for c in range(m):
+                g[j, c] = gc[r, c]
+            r += 1
+        else:
+            for c in range(m):
+                g[j, c] = fill[c]

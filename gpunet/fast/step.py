@@ -22,7 +22,7 @@ import functools
 from ..backend import get_array_module
 from ..layers import BatchNorm, Dropout, Linear, ReLU
 from ..optimizers import SGD, Momentum
-from . import blas, cuda, ops
+from . import blas, columns, cuda, ops
 
 
 def plan(net, batch_norm: bool = False):
@@ -53,9 +53,11 @@ def plan(net, batch_norm: bool = False):
     return blocks
 
 
-def _affine(x, linear, relu, out=None):
-    """``x @ W + b``, then ReLU if ``relu``, with the bias and ReLU in one pass over the product."""
-    y = get_array_module(x).matmul(x, linear.W.data, out=out)
+def _affine(x, linear, relu, out=None, y=None):
+    """``x @ W + b``, then ReLU if ``relu``, with the bias and ReLU in one pass over the product
+    (``y``: the product x @ W, where the caller made it)."""
+    if y is None:
+        y = get_array_module(x).matmul(x, linear.W.data, out=out)
     if relu:
         return ops.bias_relu(y, linear.b.data)
     y += linear.b.data
@@ -128,6 +130,8 @@ class FusedStep:
         )
         self._buffers = {}
         self.sums = None
+        # the CPU: the first layer multiplies only its input's lit columns (gpunet.fast.columns)
+        self.columns = columns.LitColumns() if self.on_cpu else None
 
     @property
     def sums_in_kernel(self) -> bool:
@@ -169,12 +173,20 @@ class FusedStep:
         over the
         ranks (the core's step on the CPU, :meth:`_apply` on the GPU)."""
         opt = self.optimizer
+        (W, vW), (b, vb) = self.pairs[i]
+        lit = i == 0 and self.columns is not None and self.columns.lit is not None
+        if lit:  # W.grad over the columns the forward multiplied
+            self.columns.gradient(dy, W.grad)
         if self.fold:
             gamma = opt.momentum if self.momentum else 0.0
-            self.folded[i](x, dy, opt.lr, gamma, opt.weight_decay, self._rule_steps[i])
+            args = (dy, opt.lr, gamma, opt.weight_decay, self._rule_steps[i])
+            if lit:
+                self.folded[i].update(*args)
+            else:
+                self.folded[i](x, *args)
             return
-        (W, vW), (b, vb) = self.pairs[i]
-        self.xp.matmul(x.T, dy, out=W.grad)
+        if not lit:
+            self.xp.matmul(x.T, dy, out=W.grad)
         if self.deferred or self.per_parameter or self.prescaled:
             dy.sum(axis=0, out=b.grad)
         if self.deferred or self.prescaled:
@@ -222,15 +234,19 @@ class FusedStep:
     def _forward(self, x, n):
         """Every block's input and dropout mask, and the logits."""
         inputs, masks = [], []
+        if self.columns is not None:
+            self.columns.lit = None  # set again by block 0's forward where it skips columns
         for i, (linear, relu, dropout, bn) in enumerate(self.blocks):
             inputs.append(x)
             W = linear.W.data
             out = self._buffer(("y", i), (n, W.shape[1]), W.dtype)
-            y_ = (
-                _affine(x, linear, relu, out)
-                if bn is None
-                else self._batch_norm(i, x, linear, bn, relu, out)
-            )
+            if bn is not None:
+                y_ = self._batch_norm(i, x, linear, bn, relu, out)
+            else:
+                lit = (
+                    self.columns.forward(x, W, out) if i == 0 and self.columns is not None else None
+                )
+                y_ = _affine(x, linear, relu, out, lit)
             mask = None
             if dropout is not None and dropout.active():
                 buf = self._buffer(("mask", i), y_.shape, y_.dtype)

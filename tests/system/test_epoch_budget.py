@@ -26,5 +26,6 @@ def test_the_budget_counts_every_piece_of_an_epoch(tmp_path):
         assert calls["product: dx = dy @ W.T"] == 2 * steps
         assert calls["elementwise: dropout"] == 2 * steps
         assert calls["gather: images (uint8 to float32)"] == steps
+        assert calls["zero columns: which are lit"] == steps  # the first layer's, every batch
         assert sum(pieces.values()) <= r["epoch"]
     assert "| **epoch** (fit's clock) |" in proc.stdout and "products / epoch" in proc.stdout

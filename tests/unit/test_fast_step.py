@@ -24,9 +24,14 @@ STEP_TOL = dict(rtol=1e-5, atol=1e-6)
 RUN_TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-def problem(device, n=64, sizes=(50, 40, 30, 10), dropout=0.0, seed=3):
+def problem(device, n=64, sizes=(50, 40, 30, 10), dropout=0.0, seed=3, zero_columns=0.0):
+    """x (n, inputs) in [0, 1), a ``zero_columns`` share of its columns zero (as MNIST's border
+    pixels), y labels, and a maker of the network."""
     rng = np.random.default_rng(1)
-    x = gn.to_device(rng.random((n, sizes[0]), dtype=np.float32), device)
+    x = rng.random((n, sizes[0]), dtype=np.float32)
+    if zero_columns:  # (drawn only here: the other problems keep their labels)
+        x[:, rng.random(sizes[0]) < zero_columns] = 0
+    x = gn.to_device(x, device)
     y = gn.to_device(rng.integers(0, sizes[-1], size=n), device)
     return x, y, lambda: gn.mlp(list(sizes), dropout=dropout, seed=seed, device=device)
 
@@ -50,11 +55,14 @@ OPTIMIZERS = {
 ADAM = ("adam", "adam-l2", "adamw", "rmsprop", "rmsprop-mw")
 
 
-def check_fused_step_is_the_core_step(device, opt_name, dropout, fold):
+def check_fused_step_is_the_core_step(device, opt_name, dropout, fold, zero_columns=0.0):
     """Three steps of gn.train_step against three of the fused step: loss, logits, weights, every
     param.grad (the fused step must write them too: it leaves the state train_step would) and the
-    optimizer's state (scalars exactly, arrays within STEP_TOL)."""
-    x, y, make = problem(device, dropout=dropout)
+    optimizer's state (scalars exactly, arrays within STEP_TOL). With ``zero_columns``, a first
+    layer large enough that the CPU's step multiplies only the lit columns (gpunet.fast.columns),
+    which it must have done at every step."""
+    sizes = (400, 64, 32, 10) if zero_columns else (50, 40, 30, 10)
+    x, y, make = problem(device, sizes=sizes, dropout=dropout, zero_columns=zero_columns)
     runs = {}
     for kind in ("core", "fast"):
         net, loss = make(), gn.SoftmaxCrossEntropy()
@@ -74,6 +82,8 @@ def check_fused_step_is_the_core_step(device, opt_name, dropout, fold):
             else:
                 value, logits = step(x, y)
                 logits = gn.to_numpy(logits).copy() if not dropout else None
+                if zero_columns:
+                    assert step.columns.lit is not None, "the lit columns' products did not run"
             grads = {
                 f"{j}:{p.name}": gn.to_numpy(p.grad).copy() for j, p in enumerate(net.parameters())
             }
@@ -103,6 +113,21 @@ def check_fused_step_is_the_core_step(device, opt_name, dropout, fold):
 def test_fused_step_is_the_core_step_cpu(opt_name, dropout):
     fold = blas.routines(np.float32) is not None and opt_name not in ("nesterov",) + ADAM
     check_fused_step_is_the_core_step("cpu", opt_name, dropout, fold)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "momentum-wd", "nesterov", "sgd-wd"])
+@pytest.mark.parametrize("kernels", ["numba", "numpy"])
+def test_fused_step_over_lit_columns_is_the_core_step_cpu(opt_name, kernels, monkeypatch):
+    """A third of the inputs zero in every row: the first layer's products skip them (the fold,
+    and Nesterov's per-parameter kernels). Not Adam or RMSprop: their first step is lr * g /
+    (|g| + eps), so a gradient that cancels to nearly zero carries the rounding of its sum (whose
+    blocks differ here) whole, at lr's scale."""
+    if kernels == "numpy":
+        monkeypatch.setattr(ops, "numba_kernels", lambda: None)
+    elif ops.numba_kernels() is None:
+        pytest.skip("numba is not installed")
+    fold = blas.routines(np.float32) is not None and opt_name != "nesterov"
+    check_fused_step_is_the_core_step("cpu", opt_name, 0.3, fold, zero_columns=0.35)
 
 
 @pytest.mark.parametrize("opt_name", ["sgd-wd", "momentum-wd", "adam-l2", "adamw"])
