@@ -83,6 +83,14 @@ def ratios(config) -> dict:
         out["handicapped/gpunet by round"] = by_round
         out["handicapped/gpunet"] = statistics.median(by_round)
         out["handicapped/gpunet 95% interval"] = interval(by_round)
+    if "dense" in rounds[0]:  # speed.py --dense: gpunet with every product dense, same rounds
+        for name, by_round in (
+            ("gpunet/dense", [seconds(r["gpunet"]) / seconds(r["dense"]) for r in timed]),
+            ("dense/floor", [seconds(r["dense"]) / r["floor"] for r in timed]),
+        ):
+            out[f"{name} by round"] = by_round
+            out[name] = statistics.median(by_round)
+            out[f"{name} 95% interval"] = interval(by_round)
     flops = config.get("gemm_flops_per_epoch") or config.get("gemm_flops")
     if flops and g:
         out["gpunet GFLOP/s"], out["floor GFLOP/s"] = flops / g / 1e9, flops / floor / 1e9
@@ -168,6 +176,13 @@ def _train_tables(train):
               "gpunet/torch", "gpunet/floor: 95% interval", "handicapped/gpunet (--handicap) and interval"]
     tables.append(("Training: the ratios round by round (rounds 2..E), and from each round's median step "
                    "time (a burst of noise slows a few steps, which a median step ignores)", header, rows))
+    dense = [c for c in train if "dense/floor" in ratios(c)]
+    if dense:
+        rows = [[c["name"]] + [_f(ratios(c)[k]) + f" {_interval(ratios(c)[k + ' 95% interval'])}"
+                               for k in ("gpunet/floor", "dense/floor", "gpunet/dense")] for c in dense]
+        tables.append(("Training: gpunet with its zero-column skipping (gpunet.fast.columns) and with every product "
+                       "dense (--dense), in the same rounds; medians and 95% intervals",
+                       ["config", "gpunet/floor", "dense/floor", "gpunet/dense"], rows))
     return tables
 
 

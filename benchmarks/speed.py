@@ -82,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--handicap", type=float, default=0.0,
                    help="also time gpunet with every step made (1 + H) times as long (CPU training; e.g. 0.05): "
                         "report.py then shows whether the run resolves a change of that size")
+    p.add_argument("--dense", action="store_true",
+                   help="CPU: also time gpunet with its zero-column skipping off (GPUNET_SKIP_ZEROS=0 around "
+                        "that side's epochs), the same network from the same start, in the same rounds")
     p.add_argument("--no-torch", action="store_true", help="time gpunet alone even when torch is installed")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: 2 rounds, configs {', '.join(QUICK_CONFIGS)}, 3 inference runs")
@@ -470,6 +473,7 @@ def run_train_config(name, sizes, bs, data, device, args, xp):
     t = TorchSide(sizes, bs, data, device, g.initial_state, args) if torch is not None and not args.no_torch else None
     floor = Floor(sizes, n, bs, xp, train=True)
     h = GpunetSide(sizes, bs, data, device, args) if getattr(args, "handicap", 0.0) else None
+    dense = GpunetSide(sizes, bs, data, device, args) if getattr(args, "dense", False) else None
     rounds, check = [], {}
     for r in range(args.epochs):
         seed = r  # a fresh seed per epoch: both sides see permutation(seed) for this round
@@ -482,6 +486,13 @@ def run_train_config(name, sizes, bs, data, device, args, xp):
         if h is not None:  # the same training, each step made (1 + handicap) times as long
             settle(args.pause)
             row["handicapped"] = h.epoch(seed, sync, args.handicap)
+        if dense is not None:  # every product dense: what skipping the zero columns buys
+            settle(args.pause)
+            os.environ["GPUNET_SKIP_ZEROS"] = "0"
+            try:
+                row["dense"] = dense.epoch(seed, sync)
+            finally:
+                del os.environ["GPUNET_SKIP_ZEROS"]
         if t is not None:
             settle(args.pause)
             row["torch"] = t.epoch(seed, sync)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
-
 from ..backend import get_array_module
 from ..layers import BatchNorm, Dropout, Linear, ReLU
 from ..optimizers import SGD, Momentum
@@ -356,19 +354,11 @@ class FusedForward:
 
     def __init__(self, blocks):
         self.blocks = blocks
-        W0 = blocks[0][0].W.data
-        # the CPU: the first layer multiplies only its input's lit columns (one per forward_for
-        # call, so that threads predicting at once never share its buffers)
-        self.columns = columns.LitColumns() if get_array_module(W0).__name__ == "numpy" else None
 
     def __call__(self, x):
         self.blocks[0][0].check_input(x)  # the core's own checks, once: the widths match after it
-        for i, (linear, relu, _, _) in enumerate(self.blocks):
-            y = None
-            if i == 0 and self.columns is not None:
-                W = linear.W.data
-                y = self.columns.forward(x, W, np.empty((x.shape[0], W.shape[1]), W.dtype))
-            x = _affine(x, linear, relu, y=y)
+        for linear, relu, _, _ in self.blocks:
+            x = _affine(x, linear, relu)
         return x
 
 

@@ -267,27 +267,6 @@ def test_building_the_folded_step_loads_no_numba():
     assert stepped == str(ops.numba_kernels() is not None), done.stdout
 
 
-def test_fused_forward_over_lit_columns_is_the_core_one_cpu():
-    """Inference skips the input's zero columns too (gpunet.fast.columns): within float32 rounding
-    of the core's forward (the same terms in other blocks); a NaN weight in a skipped row makes
-    the outputs NaN where the core's are (the dense product runs)."""
-    x, _, make = problem("cpu", sizes=(400, 64, 32, 10), zero_columns=0.35)
-    net = make().eval()
-    fused = fast.forward_for(net)
-    assert_allclose(fused(x), net.forward(x), **STEP_TOL)
-    assert fused.columns.lit is not None, "the lit columns' product did not run"
-    # one Linear layer, so that the NaN stays in its column; new rows (the same zero columns), so
-    # that nothing of the first call's gather can stand in for this one's
-    layer = gn.mlp([400, 64], seed=4).eval()
-    skipped = np.flatnonzero(~(x != 0).any(axis=0))[0]
-    layer.parameters()[0].data[skipped, 3] = np.nan
-    x2 = np.ascontiguousarray(x[::-1] * 0.5)
-    with np.errstate(invalid="ignore"):
-        want, got = layer.forward(x2), fast.forward_for(layer)(x2)
-    assert np.isnan(want[:, 3]).all() and np.isfinite(np.delete(want, 3, axis=1)).all()
-    assert_allclose(got, want, **STEP_TOL)  # NaN where the core's is, the rest equal
-
-
 def test_fused_forward_and_loss_are_the_core_ones(device):
     """Inference and evaluation take the fused forward pass and loss; on the CPU the forward is the
     same float operations as the core's (bit for bit), the loss agrees to float32 rounding."""
